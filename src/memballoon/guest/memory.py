@@ -1,0 +1,596 @@
+"""The guest memory model: one guest's page frames, allocation, reclaim, swap, faults and OOM.
+
+Theory of operation
+-------------------
+A guest has ``total_pages`` frames of 4 KiB. Each frame is in one ``PageState`` (one byte per
+page in ``state``). Reserved frames (kernel, firmware, driver rings) sit at the bottom.
+Anonymous and page-cache frames are kept in LRU order (``PfnDeque``: cold at the front). Free
+frames are found through per-block free counts over 2 MiB blocks (512 pages, the x86-64
+``page_reporting_order``), so finding free pages costs the blocks visited, not the guest size;
+blocks that free page reporting handed to the host are used last, as Linux puts reported pages
+at the tail of its free lists.
+
+Watermarks follow Linux (mm/page_alloc.c, ``__setup_per_zone_wmarks`` before 5.x's scale
+factor): ``min = sqrt(16 * lowmem_kbytes)`` KiB clamped to [128 KiB, 256 MiB], ``low = min *
+5/4``, ``high = min * 3/2``.
+
+Allocations (what the balloon drivers call):
+- ``alloc_nosleep(n)``: free frames above the min watermark only; never reclaims, never waits
+  (the seed's ``__GFP_HIGHMEM|__GFP_NOWARN``).
+- ``alloc_sleep(n)``: may reclaim (page cache coldest first, then anonymous pages to swap when
+  the guest has swap), never from the reserves under the min watermark (``GFP_HIGHUSER``).
+  Direct reclaim is stall time.
+
+The workload (``step``) grows and shrinks the anonymous working set, reads files into the
+page cache, and touches hot and cold pages: swapped-out or evicted pages that are touched
+refault (major faults). When anonymous demand cannot be met even after reclaim and after the
+OOM notifiers (virtio's deflate-on-OOM) had their say, the guest OOM-kills its workload.
+kswapd reclaims in the background at the end of each step when free memory is under the low
+watermark, up to the high watermark (not stall time, as in PSI).
+
+Stall accounting in the spirit of PSI ``some``: time a task waited on direct reclaim, swap-out
+or a major fault, using the per-page costs below, capped at the step length.
+
+Cost: a step with unchanged demand and nothing to refault returns at once; otherwise work is
+proportional to the pages that change. A mostly idle 8 GiB guest costs about what a 1 GiB one
+does.
+
+This module does no I/O and reads no clock: ``now`` and ``dt`` are passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.guest.pfndeque import PfnDeque
+from memballoon.guest.workload import Demand
+from memballoon.host.ram import PageStore, PfnArray
+from memballoon.model.errors import UsageError
+from memballoon.model.units import MIB, PAGE_SIZE, PageState
+
+BLOCK_ORDER = 9  # 2 MiB blocks: Linux page_reporting_order on x86-64
+BLOCK_PAGES = 1 << BLOCK_ORDER
+
+# Per-page costs of the stall accounting (seconds). Chosen for a guest on SSD-backed swap:
+# dropping a clean cache page ~2 us, writing a page to swap ~10 us, a 4 KiB random read
+# (swap-in or file refault) ~100 us.
+DIRECT_RECLAIM_S_PER_PAGE = 2e-6
+SWAP_OUT_S_PER_PAGE = 10e-6
+MAJOR_FAULT_S = 100e-6
+
+# kswapd and direct reclaim work in batches of SWAP_CLUSTER_MAX pages (include/linux/swap.h).
+SWAP_CLUSTER_MAX = 32
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Watermarks:
+    min: int
+    low: int
+    high: int
+
+
+def linux_watermarks(managed_pages: int) -> Watermarks:
+    """Linux's zone watermarks for ``managed_pages`` of low memory (see module docstring)."""
+    lowmem_kb = managed_pages * (PAGE_SIZE // 1024)
+    min_kb = int(math.sqrt(lowmem_kb * 16))
+    min_kb = max(128, min(min_kb, 262144))
+    wmin = min_kb // (PAGE_SIZE // 1024)
+    return Watermarks(min=wmin, low=wmin + wmin // 4, high=wmin + wmin // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class MemInfo:
+    """A snapshot of /proc/meminfo-like figures, in pages."""
+
+    total_pages: int  # frames the guest has (its RAM)
+    managed_pages: int  # MemTotal: total minus reserved minus what the balloon took out of it
+    free_pages: int  # MemFree (isolated frames under reporting excluded)
+    available_pages: int  # MemAvailable (si_mem_available)
+    anon_pages: int
+    cache_pages: int
+    balloon_pages: int
+    reserved_pages: int
+    swap_total_pages: int
+    swapped_pages: int
+
+
+@dataclass(slots=True)
+class VmEvents:
+    """Cumulative /proc/vmstat-like counters (the virtio stat tags are read from these)."""
+
+    swap_in: int = 0  # pages
+    swap_out: int = 0  # pages
+    major_faults: int = 0
+    minor_faults: int = 0
+    oom_kills: int = 0
+    alloc_stalls: int = 0  # allocations that entered direct reclaim
+    async_scan: int = 0  # pages scanned by kswapd
+    direct_scan: int = 0
+    async_reclaim: int = 0  # pages reclaimed by kswapd
+    direct_reclaim: int = 0
+    stall_us: int = 0  # PSI-like "some" stall, microseconds, cumulative
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What one ``step`` did: enough for a pressure report and for the tests."""
+
+    now: float
+    dt: float
+    stall_s: float
+    major_faults: int
+    swap_in: int
+    swap_out: int
+    oom_killed: bool
+    oom_deflated_pages: int
+    idle: bool  # nothing changed: the fast path
+
+    @property
+    def stall_pct(self) -> float:
+        return 100.0 * self.stall_s / self.dt if self.dt > 0 else 0.0
+
+
+OomNotifier = Callable[[], int]
+
+
+@dataclass
+class _Tally:
+    stall_s: float = 0.0
+    major: int = 0
+    swap_in: int = 0
+    swap_out: int = 0
+    oom_deflated: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class GuestMemory:
+    """One guest's physical memory (see the module docstring)."""
+
+    def __init__(
+        self,
+        total_pages: int,
+        *,
+        reserved_pages: int | None = None,
+        swap_pages: int = 0,
+        store: PageStore | None = None,
+    ) -> None:
+        if total_pages < 4 * BLOCK_PAGES:
+            raise ValueError(f"a guest needs at least {4 * BLOCK_PAGES} pages, got {total_pages}")
+        if reserved_pages is None:
+            # kernel image, page tables, struct pages (~1.6%): at least 16 MiB
+            reserved_pages = max(16 * MIB // PAGE_SIZE, total_pages // 64)
+        if not 0 < reserved_pages < total_pages // 2:
+            raise ValueError(f"reserved_pages {reserved_pages} out of range")
+        if swap_pages < 0:
+            raise ValueError("swap_pages must be >= 0")
+        self.total_pages = total_pages
+        self.reserved_pages = reserved_pages
+        self.swap_total_pages = swap_pages
+        self.store = store
+        self.state: npt.NDArray[np.uint8] = np.zeros(total_pages, dtype=np.uint8)
+        self.state[:reserved_pages] = PageState.RESERVED
+        nblocks = -(-total_pages // BLOCK_PAGES)
+        self._bfree: npt.NDArray[np.int32] = np.full(nblocks, BLOCK_PAGES, dtype=np.int32)
+        self._bfree[-1] = total_pages - (nblocks - 1) * BLOCK_PAGES
+        self._block_sub(np.arange(reserved_pages, dtype=np.int64))
+        self.reported: npt.NDArray[np.bool_] = np.zeros(nblocks, dtype=np.bool_)
+        self._free = total_pages - reserved_pages
+        self._hint = 0  # block the last allocation took from
+        self._isolated = 0
+        self._balloon = 0
+        self._managed_adjust = 0  # pages the balloon took out of MemTotal
+        self.anon = PfnDeque()
+        self.cache = PfnDeque()
+        self.swapped = 0
+        self.events = VmEvents()
+        self.watermarks = linux_watermarks(total_pages - reserved_pages)
+        self._oom_notifiers: list[OomNotifier] = []
+        self._last_demand: Demand | None = None
+        self._carry_anon = 0.0  # fractional cold refaults carried to the next step
+        self._carry_file = 0.0
+        self.generation = 0  # stamps page contents written by the workload
+
+    # ------------------------------------------------------------------ figures
+    @property
+    def free_pages(self) -> int:
+        return self._free
+
+    @property
+    def balloon_pages(self) -> int:
+        """Frames owned by the balloon driver (in the balloon, refused, or in flight)."""
+        return self._balloon
+
+    @property
+    def managed_pages(self) -> int:
+        return self.total_pages - self.reserved_pages - self._managed_adjust
+
+    def available_pages(self) -> int:
+        # si_mem_available(): free minus reserves, plus the page cache that can go
+        cache = len(self.cache)
+        wm = self.watermarks
+        avail = self._free - wm.high + cache - min(cache // 2, wm.low)
+        return max(0, avail)
+
+    def meminfo(self) -> MemInfo:
+        return MemInfo(
+            total_pages=self.total_pages,
+            managed_pages=self.managed_pages,
+            free_pages=self._free,
+            available_pages=self.available_pages(),
+            anon_pages=len(self.anon),
+            cache_pages=len(self.cache),
+            balloon_pages=self._balloon,
+            reserved_pages=self.reserved_pages,
+            swap_total_pages=self.swap_total_pages,
+            swapped_pages=self.swapped,
+        )
+
+    # ------------------------------------------------------------------ block bookkeeping
+    def _block_sub(self, pfns: PfnArray) -> None:
+        self._block_add(pfns, -1)
+
+    def _block_add(self, pfns: PfnArray, sign: int = 1) -> None:
+        if pfns.size == 0:
+            return
+        blocks = pfns >> BLOCK_ORDER
+        if blocks[0] == blocks[-1] and (pfns.size == 1 or bool((blocks == blocks[0]).all())):
+            self._bfree[blocks[0]] += sign * int(pfns.size)
+            return
+        ub, counts = np.unique(blocks, return_counts=True)
+        self._bfree[ub] += sign * counts.astype(np.int32)
+
+    def _set(self, pfns: PfnArray, new: PageState) -> None:
+        self.state[pfns] = new
+
+    # ------------------------------------------------------------------ raw allocation
+    def _take_free(self, n: int, floor: int) -> PfnArray:
+        """Take up to ``n`` free frames leaving at least ``floor`` free (no reclaim).
+
+        The frames come back in ascending order within each block, so runs coalesce well.
+        """
+        n = min(n, self._free - floor)
+        if n <= 0:
+            return _EMPTY
+        b = self._hint
+        if n <= self._bfree[b] and not self.reported[b]:
+            # fast path: the block we last took from still has room (the seed's page-at-a-time
+            # loop lands here)
+            lo = b * BLOCK_PAGES
+            idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == PageState.FREE)[:n] + lo
+            self._bfree[b] -= n
+            self._free -= n
+            return idx
+        cand = np.flatnonzero(self._bfree > 0)
+        if self.reported.any():
+            rep = self.reported[cand]
+            cand = np.concatenate((cand[~rep], cand[rep]))
+        parts: list[PfnArray] = []
+        got = 0
+        for b in cand.tolist():
+            lo = b * BLOCK_PAGES
+            if self._bfree[b] == BLOCK_PAGES:
+                idx = np.arange(lo, lo + BLOCK_PAGES, dtype=np.int64)
+            else:
+                idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == PageState.FREE) + lo
+            if idx.size > n - got:
+                idx = idx[: n - got]
+            parts.append(idx)
+            got += idx.size
+            self._hint = b
+            self._bfree[b] -= idx.size
+            self.reported[b] = False  # the host refaults this block's pages on touch
+            if got >= n:
+                break
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._free -= got
+        return out
+
+    def _give_free(self, pfns: PfnArray) -> None:
+        self._set(pfns, PageState.FREE)
+        self._block_add(pfns)
+        self._free += int(pfns.size)
+
+    # ------------------------------------------------------------------ reclaim
+    def _reclaim(self, n: int, *, direct: bool, tally: _Tally) -> int:
+        """Free up to ``n`` frames: coldest page cache first, then anonymous pages to swap."""
+        freed = 0
+        victims = self.cache.pop_front(n)
+        if victims.size:
+            self._give_free(victims)
+            freed += int(victims.size)
+        swap_room = self.swap_total_pages - self.swapped
+        if freed < n and swap_room > 0:
+            out = self.anon.pop_front(min(n - freed, swap_room))
+            if out.size:
+                self._give_free(out)
+                self.swapped += int(out.size)
+                self.events.swap_out += int(out.size)
+                tally.swap_out += int(out.size)
+                freed += int(out.size)
+                if direct:
+                    tally.stall_s += out.size * SWAP_OUT_S_PER_PAGE
+        ev = self.events
+        if direct:
+            ev.direct_scan += freed
+            ev.direct_reclaim += freed
+            tally.stall_s += freed * DIRECT_RECLAIM_S_PER_PAGE
+        else:
+            ev.async_scan += freed
+            ev.async_reclaim += freed
+        return freed
+
+    def _alloc(self, n: int, floor: int, *, reclaim: bool, tally: _Tally) -> PfnArray:
+        got = self._take_free(n, floor)
+        if got.size >= n or not reclaim:
+            return got
+        self.events.alloc_stalls += 1
+        short = n - int(got.size)
+        batch = max(short, SWAP_CLUSTER_MAX)
+        self._reclaim(batch, direct=True, tally=tally)
+        more = self._take_free(short, floor)
+        return np.concatenate((got, more)) if got.size else more
+
+    # ------------------------------------------------------------------ the balloon's API
+    def alloc_nosleep(self, n: int) -> PfnArray:
+        """Up to ``n`` frames for the balloon from free memory above the min watermark."""
+        pfns = self._take_free(n, self.watermarks.min)
+        if pfns.size:
+            self._set(pfns, PageState.BALLOON)
+            self._balloon += int(pfns.size)
+        return pfns
+
+    def alloc_sleep(self, n: int) -> PfnArray:
+        """Up to ``n`` frames for the balloon; may reclaim, never below the min watermark."""
+        tally = _Tally()
+        pfns = self._alloc(n, self.watermarks.min, reclaim=True, tally=tally)
+        self._account_stall(tally.stall_s)
+        if pfns.size:
+            self._set(pfns, PageState.BALLOON)
+            self._balloon += int(pfns.size)
+        return pfns
+
+    def free_balloon(self, pfns: PfnArray) -> None:
+        """Give frames the balloon driver owns back to the guest's free memory."""
+        if pfns.size == 0:
+            return
+        if not bool((self.state[pfns] == PageState.BALLOON).all()):
+            raise UsageError("free_balloon: a frame that the balloon does not own")
+        if np.unique(pfns).size != pfns.size:
+            raise UsageError("free_balloon: a frame given twice")
+        self._give_free(pfns)
+        self._balloon -= int(pfns.size)
+
+    def adjust_managed(self, delta_pages: int) -> None:
+        """The balloon took (positive) or gave back (negative) pages of MemTotal."""
+        self._managed_adjust += delta_pages
+
+    def add_oom_notifier(self, fn: OomNotifier) -> None:
+        """``fn()`` runs before an OOM kill and returns the frames it freed (deflate-on-OOM)."""
+        self._oom_notifiers.append(fn)
+
+    # ------------------------------------------------------------------ free page reporting
+    def isolate_reportable(self, max_blocks: int, keep_free: int) -> npt.NDArray[np.int64]:
+        """Take up to ``max_blocks`` wholly free, not yet reported 2 MiB blocks off the free lists.
+
+        Leaves at least ``keep_free`` frames free. Returns the block indices; their frames are
+        ``ISOLATED`` until ``return_isolated``.
+        """
+        room = (self._free - keep_free) // BLOCK_PAGES
+        k = min(max_blocks, room)
+        if k <= 0:
+            return _EMPTY
+        blocks = np.flatnonzero((self._bfree == BLOCK_PAGES) & ~self.reported)[:k]
+        for b in blocks.tolist():
+            self.state[b * BLOCK_PAGES : (b + 1) * BLOCK_PAGES] = PageState.ISOLATED
+        self._bfree[blocks] = 0
+        n = int(blocks.size) * BLOCK_PAGES
+        self._free -= n
+        self._isolated += n
+        return blocks.astype(np.int64)
+
+    def return_isolated(self, blocks: npt.NDArray[np.int64], reported: bool) -> None:
+        """Put isolated blocks back on the free lists, marked reported if the host took them."""
+        for b in blocks.tolist():
+            seg = self.state[b * BLOCK_PAGES : (b + 1) * BLOCK_PAGES]
+            if not bool((seg == PageState.ISOLATED).all()):
+                raise UsageError(f"return_isolated: block {b} is not isolated")
+            seg[:] = PageState.FREE
+        self._bfree[blocks] = BLOCK_PAGES
+        self.reported[blocks] = reported
+        n = int(blocks.size) * BLOCK_PAGES
+        self._free += n
+        self._isolated -= n
+
+    # ------------------------------------------------------------------ the workload
+    def _account_stall(self, stall_s: float) -> None:
+        self.events.stall_us += int(stall_s * 1e6)
+
+    def _touch(self, pfns: PfnArray) -> None:
+        if self.store is not None and pfns.size:
+            self.store.touch(pfns, self.generation)
+
+    def _user_alloc(self, n: int, tally: _Tally) -> tuple[PfnArray, bool]:
+        """Frames for the workload's anonymous memory: reclaim, then OOM notifiers, then OOM.
+
+        Returns the frames (state still FREE-taken) and whether an OOM kill happened.
+        """
+        pfns = self._alloc(n, self.watermarks.min, reclaim=True, tally=tally)
+        oom = False
+        while pfns.size < n:
+            freed = 0
+            for fn in self._oom_notifiers:
+                freed += fn()
+            tally.oom_deflated += freed
+            if freed > 0:
+                more = self._alloc(n - int(pfns.size), self.watermarks.min, reclaim=True,
+                                   tally=tally)
+                pfns = np.concatenate((pfns, more))
+                continue
+            oom = True
+            break
+        return pfns, oom
+
+    def _oom_kill(self) -> None:
+        """Kill the workload: its anonymous memory (resident and swapped) goes away."""
+        victims = self.anon.pop_front(len(self.anon))
+        if victims.size:
+            self._give_free(victims)
+        self.swapped = 0
+        self.events.oom_kills += 1
+
+    def _grow_anon(self, n: int, tally: _Tally) -> bool:
+        pfns, oom = self._user_alloc(n, tally)
+        if pfns.size:
+            self._set(pfns, PageState.ANON)
+            self.anon.push_back(pfns)
+            self._touch(pfns)
+            self.events.minor_faults += int(pfns.size)
+        return oom
+
+    def _swap_in(self, n: int, tally: _Tally) -> bool:
+        n = min(n, self.swapped)
+        if n <= 0:
+            return False
+        pfns, oom = self._user_alloc(n, tally)
+        if pfns.size:
+            k = int(pfns.size)
+            self._set(pfns, PageState.ANON)
+            self.anon.push_back(pfns)
+            self._touch(pfns)
+            self.swapped -= k
+            self.events.swap_in += k
+            self.events.major_faults += k
+            tally.swap_in += k
+            tally.major += k
+            tally.stall_s += k * MAJOR_FAULT_S
+        return oom
+
+    def _read_file(self, n: int, tally: _Tally) -> None:
+        """Read ``n`` file pages into the page cache (major faults); evicts cold cache if full."""
+        if n <= 0:
+            return
+        pfns = self._take_free(n, self.watermarks.low)
+        short = n - int(pfns.size)
+        if short > 0:
+            # the cache recycles its own coldest pages rather than push the guest to OOM
+            victims = self.cache.pop_front(short)
+            if victims.size:
+                self._give_free(victims)
+                self.events.direct_reclaim += int(victims.size)
+                tally.stall_s += victims.size * DIRECT_RECLAIM_S_PER_PAGE
+                more = self._take_free(int(victims.size), 0)
+                pfns = np.concatenate((pfns, more)) if pfns.size else more
+        k = int(pfns.size)
+        self.events.major_faults += n
+        tally.major += n
+        tally.stall_s += n * MAJOR_FAULT_S
+        if k:
+            self._set(pfns, PageState.CACHE)
+            self.cache.push_back(pfns)
+            self._touch(pfns)
+
+    def step(self, now: float, dt: float, demand: Demand) -> StepReport:
+        """Run the workload's demand for ``dt`` seconds ending at ``now``."""
+        if dt <= 0:
+            raise UsageError(f"step: dt must be positive, got {dt}")
+        anon_have = len(self.anon) + self.swapped
+        cache_have = len(self.cache)
+        wm = self.watermarks
+        if (
+            demand == self._last_demand
+            and anon_have == demand.anon_pages
+            and self.swapped == 0
+            and cache_have >= demand.file_pages
+            and self._free >= wm.low
+        ):
+            return StepReport(now, dt, 0.0, 0, 0, 0, False, 0, True)
+        self._last_demand = demand
+        self.generation += 1
+        tally = _Tally()
+        oom = False
+        # 1. the anonymous working set grows or shrinks
+        if demand.anon_pages > anon_have:
+            oom = self._grow_anon(demand.anon_pages - anon_have, tally)
+        elif demand.anon_pages < anon_have:
+            drop = anon_have - demand.anon_pages
+            gone = self.anon.pop_back(drop)
+            if gone.size:
+                self._give_free(gone)
+            self.swapped -= min(self.swapped, drop - int(gone.size))
+        # 2. touched swapped-out pages refault: the hot part at once, the cold part at a rate
+        if not oom and self.swapped:
+            resident = len(self.anon)
+            hot_missing = max(0, min(demand.hot_anon_pages, demand.anon_pages) - resident)
+            cold_swapped = max(0, self.swapped - hot_missing)
+            self._carry_anon += cold_swapped * demand.cold_access_per_s * dt
+            cold = int(self._carry_anon)
+            self._carry_anon -= cold
+            oom = self._swap_in(min(self.swapped, hot_missing + cold), tally)
+        if oom:
+            self._oom_kill()
+        # 3. file reads: hot file data not in the cache is read now, cold data at a rate
+        cache = len(self.cache)
+        if demand.file_pages > cache:
+            hot_missing = max(0, demand.hot_file_pages - cache)
+            cold_missing = demand.file_pages - cache - hot_missing
+            self._carry_file += cold_missing * demand.cold_access_per_s * dt
+            cold = int(self._carry_file)
+            self._carry_file -= cold
+            self._read_file(hot_missing + cold, tally)
+        # 4. kswapd: background reclaim up to the high watermark
+        if self._free < wm.low:
+            self._reclaim(wm.high - self._free, direct=False, tally=tally)
+        stall = min(tally.stall_s, dt)
+        self._account_stall(stall)
+        return StepReport(
+            now, dt, stall, tally.major, tally.swap_in, tally.swap_out, oom, tally.oom_deflated,
+            False,
+        )
+
+    # ------------------------------------------------------------------ checks
+    def verify_contents(self) -> int:
+        """Pages in use (anonymous and cache) whose content the store says was lost."""
+        if self.store is None:
+            return 0
+        used = np.concatenate((self.anon.to_array(), self.cache.to_array()))
+        return self.store.verify(used)
+
+    def check_invariants(self) -> list[str]:
+        """Every broken invariant, as a sentence (empty when the model is consistent)."""
+        errs: list[str] = []
+        counts = np.bincount(self.state, minlength=len(PageState))
+        want = {
+            PageState.FREE: self._free,
+            PageState.ANON: len(self.anon),
+            PageState.CACHE: len(self.cache),
+            PageState.BALLOON: self._balloon,
+            PageState.RESERVED: self.reserved_pages,
+            PageState.ISOLATED: self._isolated,
+        }
+        for st, n in want.items():
+            if counts[st] != n:
+                errs.append(f"{st.name}: {counts[st]} frames in that state, {n} accounted")
+        if counts.sum() != self.total_pages or counts.size > len(PageState):
+            errs.append("page states do not partition the guest's frames")
+        for name, dq, st in (("anon", self.anon, PageState.ANON),
+                             ("cache", self.cache, PageState.CACHE)):
+            arr = dq.to_array()
+            if np.unique(arr).size != arr.size:
+                errs.append(f"{name} list holds a frame twice")
+            if arr.size and not bool((self.state[arr] == st).all()):
+                errs.append(f"{name} list holds a frame in another state")
+        free = (self.state == PageState.FREE).astype(np.int32)
+        pad = (-free.size) % BLOCK_PAGES
+        per_block = np.concatenate((free, np.zeros(pad, np.int32))).reshape(-1, BLOCK_PAGES)
+        if not np.array_equal(per_block.sum(axis=1), self._bfree):
+            errs.append("per-block free counts disagree with page states")
+        if not 0 <= self.swapped <= self.swap_total_pages:
+            errs.append(f"swapped {self.swapped} outside [0, {self.swap_total_pages}]")
+        return errs

@@ -1,0 +1,48 @@
+"""The exception tree.
+
+    MemballoonError
+    ├── UsageError              we (the caller) misused an API: a bug on our side
+    ├── ConfigError             a config file or CLI argument is wrong (names key, value, unit)
+    └── PeerError               the other side misbehaved: untrusted input
+        ├── FrameError          a malformed VMware backdoor frame
+        ├── DescriptorError     a malformed virtqueue descriptor, chain or ring
+        ├── GuestAddressError   an address, length or PFN outside the guest's memory
+        └── StatsError          a malformed stats buffer (bad length, unknown tag)
+
+A PeerError is always caught at the boundary that received the input, counted in a
+``Counters`` bag, and answered with the protocol's own status where it has one.
+"""
+
+from __future__ import annotations
+
+
+class MemballoonError(Exception):
+    """Base of every error memballoon raises on purpose."""
+
+
+class UsageError(MemballoonError):
+    """An API was used in a way it does not allow (a bug in the caller)."""
+
+
+class ConfigError(MemballoonError):
+    """A config file or command-line value is wrong."""
+
+
+class PeerError(MemballoonError):
+    """The peer (guest, device, hypervisor, QEMU) sent something malformed or hostile."""
+
+
+class FrameError(PeerError):
+    """A VMware backdoor frame that cannot be decoded."""
+
+
+class DescriptorError(PeerError):
+    """A virtqueue descriptor, chain or ring entry that breaks the VIRTIO rules."""
+
+
+class GuestAddressError(PeerError):
+    """An address, length or page frame number outside the guest's memory."""
+
+
+class StatsError(PeerError):
+    """A balloon statistics buffer that cannot be decoded."""
