@@ -250,10 +250,11 @@ class GuestMemory:
         self.state[pfns] = new
 
     # ------------------------------------------------------------------ raw allocation
-    def _take_free(self, n: int, floor: int) -> PfnArray:
-        """Take up to ``n`` free frames leaving at least ``floor`` free (no reclaim).
+    def _take_free(self, n: int, floor: int, new: PageState) -> PfnArray:
+        """Take up to ``n`` free frames into state ``new``, leaving ``floor`` free (no reclaim).
 
-        The frames come back in ascending order within each block, so runs coalesce well.
+        The state is set here, at once, so that a second take in the same allocation cannot
+        find the same frames. They come back ascending within each block: runs coalesce well.
         """
         n = min(n, self._free - floor)
         if n <= 0:
@@ -266,6 +267,7 @@ class GuestMemory:
             idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == PageState.FREE)[:n] + lo
             self._bfree[b] -= n
             self._free -= n
+            self.state[idx] = new
             return idx
         cand = np.flatnonzero(self._bfree > 0)
         if self.reported.any():
@@ -290,6 +292,7 @@ class GuestMemory:
                 break
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._free -= got
+        self.state[out] = new
         return out
 
     def _give_free(self, pfns: PfnArray) -> None:
@@ -326,34 +329,32 @@ class GuestMemory:
             ev.async_reclaim += freed
         return freed
 
-    def _alloc(self, n: int, floor: int, *, reclaim: bool, tally: _Tally) -> PfnArray:
-        got = self._take_free(n, floor)
+    def _alloc(
+        self, n: int, floor: int, new: PageState, *, reclaim: bool, tally: _Tally
+    ) -> PfnArray:
+        got = self._take_free(n, floor, new)
         if got.size >= n or not reclaim:
             return got
         self.events.alloc_stalls += 1
         short = n - int(got.size)
         batch = max(short, SWAP_CLUSTER_MAX)
         self._reclaim(batch, direct=True, tally=tally)
-        more = self._take_free(short, floor)
+        more = self._take_free(short, floor, new)
         return np.concatenate((got, more)) if got.size else more
 
     # ------------------------------------------------------------------ the balloon's API
     def alloc_nosleep(self, n: int) -> PfnArray:
         """Up to ``n`` frames for the balloon from free memory above the min watermark."""
-        pfns = self._take_free(n, self.watermarks.min)
-        if pfns.size:
-            self._set(pfns, PageState.BALLOON)
-            self._balloon += int(pfns.size)
+        pfns = self._take_free(n, self.watermarks.min, PageState.BALLOON)
+        self._balloon += int(pfns.size)
         return pfns
 
     def alloc_sleep(self, n: int) -> PfnArray:
         """Up to ``n`` frames for the balloon; may reclaim, never below the min watermark."""
         tally = _Tally()
-        pfns = self._alloc(n, self.watermarks.min, reclaim=True, tally=tally)
+        pfns = self._alloc(n, self.watermarks.min, PageState.BALLOON, reclaim=True, tally=tally)
         self._account_stall(tally.stall_s)
-        if pfns.size:
-            self._set(pfns, PageState.BALLOON)
-            self._balloon += int(pfns.size)
+        self._balloon += int(pfns.size)
         return pfns
 
     def free_balloon(self, pfns: PfnArray) -> None:
@@ -419,9 +420,9 @@ class GuestMemory:
     def _user_alloc(self, n: int, tally: _Tally) -> tuple[PfnArray, bool]:
         """Frames for the workload's anonymous memory: reclaim, then OOM notifiers, then OOM.
 
-        Returns the frames (state still FREE-taken) and whether an OOM kill happened.
+        Returns the frames (already ``ANON``) and whether the guest is out of memory.
         """
-        pfns = self._alloc(n, self.watermarks.min, reclaim=True, tally=tally)
+        pfns = self._alloc(n, self.watermarks.min, PageState.ANON, reclaim=True, tally=tally)
         oom = False
         while pfns.size < n:
             freed = 0
@@ -429,8 +430,8 @@ class GuestMemory:
                 freed += fn()
             tally.oom_deflated += freed
             if freed > 0:
-                more = self._alloc(n - int(pfns.size), self.watermarks.min, reclaim=True,
-                                   tally=tally)
+                more = self._alloc(n - int(pfns.size), self.watermarks.min, PageState.ANON,
+                                   reclaim=True, tally=tally)
                 pfns = np.concatenate((pfns, more))
                 continue
             oom = True
@@ -448,7 +449,6 @@ class GuestMemory:
     def _grow_anon(self, n: int, tally: _Tally) -> bool:
         pfns, oom = self._user_alloc(n, tally)
         if pfns.size:
-            self._set(pfns, PageState.ANON)
             self.anon.push_back(pfns)
             self._touch(pfns)
             self.events.minor_faults += int(pfns.size)
@@ -461,7 +461,6 @@ class GuestMemory:
         pfns, oom = self._user_alloc(n, tally)
         if pfns.size:
             k = int(pfns.size)
-            self._set(pfns, PageState.ANON)
             self.anon.push_back(pfns)
             self._touch(pfns)
             self.swapped -= k
@@ -476,7 +475,7 @@ class GuestMemory:
         """Read ``n`` file pages into the page cache (major faults); evicts cold cache if full."""
         if n <= 0:
             return
-        pfns = self._take_free(n, self.watermarks.low)
+        pfns = self._take_free(n, self.watermarks.low, PageState.CACHE)
         short = n - int(pfns.size)
         if short > 0:
             # the cache recycles its own coldest pages rather than push the guest to OOM
@@ -485,32 +484,36 @@ class GuestMemory:
                 self._give_free(victims)
                 self.events.direct_reclaim += int(victims.size)
                 tally.stall_s += victims.size * DIRECT_RECLAIM_S_PER_PAGE
-                more = self._take_free(int(victims.size), 0)
+                more = self._take_free(int(victims.size), 0, PageState.CACHE)
                 pfns = np.concatenate((pfns, more)) if pfns.size else more
         k = int(pfns.size)
         self.events.major_faults += n
         tally.major += n
         tally.stall_s += n * MAJOR_FAULT_S
         if k:
-            self._set(pfns, PageState.CACHE)
             self.cache.push_back(pfns)
             self._touch(pfns)
+
+    def _quiet(self, d: Demand) -> bool:
+        """Nothing to do for ``d``: no growth or shrink, no refault, no read, kswapd asleep."""
+        if d != self._last_demand or self._free < self.watermarks.low:
+            return False
+        resident = len(self.anon)
+        if resident + self.swapped != d.anon_pages:
+            return False
+        if self.swapped and (resident < d.hot_anon_pages or d.cold_access_per_s > 0):
+            return False
+        cache = len(self.cache)
+        return cache >= d.file_pages or (cache >= d.hot_file_pages and d.cold_access_per_s == 0)
 
     def step(self, now: float, dt: float, demand: Demand) -> StepReport:
         """Run the workload's demand for ``dt`` seconds ending at ``now``."""
         if dt <= 0:
             raise UsageError(f"step: dt must be positive, got {dt}")
-        anon_have = len(self.anon) + self.swapped
-        cache_have = len(self.cache)
-        wm = self.watermarks
-        if (
-            demand == self._last_demand
-            and anon_have == demand.anon_pages
-            and self.swapped == 0
-            and cache_have >= demand.file_pages
-            and self._free >= wm.low
-        ):
+        if self._quiet(demand):
             return StepReport(now, dt, 0.0, 0, 0, 0, False, 0, True)
+        anon_have = len(self.anon) + self.swapped
+        wm = self.watermarks
         self._last_demand = demand
         self.generation += 1
         tally = _Tally()

@@ -1,0 +1,195 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memballoon.guest.memory import (
+    BLOCK_PAGES,
+    MAJOR_FAULT_S,
+    GuestMemory,
+    linux_watermarks,
+)
+from memballoon.guest.workload import Demand
+from memballoon.host.ram import NullRam
+from memballoon.model.errors import UsageError
+from memballoon.model.units import PageState, mib_to_pages
+
+G64 = mib_to_pages(64)
+
+
+def demand(anon: int, file: int = 0, hot: float = 1.0, cold: float = 0.0) -> Demand:
+    return Demand(anon, int(anon * hot), file, int(file * hot), cold)
+
+
+def test_watermarks_follow_linux_min_free_kbytes() -> None:
+    # 1 GiB of low memory: min_free_kbytes = sqrt(1048576 * 16) = 4096 KiB = 1024 pages
+    wm = linux_watermarks(mib_to_pages(1024))
+    assert (wm.min, wm.low, wm.high) == (1024, 1280, 1536)
+    assert linux_watermarks(100).min == 32  # clamped up to 128 KiB
+    assert linux_watermarks(mib_to_pages(16 * 1024 * 1024)).min == 65536  # clamped: 256 MiB
+
+
+def test_a_new_guest_is_free_but_for_its_reserved_frames() -> None:
+    m = GuestMemory(G64)
+    info = m.meminfo()
+    assert info.free_pages == G64 - m.reserved_pages
+    assert bool((m.state[: m.reserved_pages] == PageState.RESERVED).all())
+    assert m.check_invariants() == []
+
+
+def test_nosleep_allocation_stops_at_the_min_watermark_and_never_reclaims() -> None:
+    m = GuestMemory(G64)
+    m.step(1.0, 1.0, demand(0, file=mib_to_pages(8)))
+    cache = m.meminfo().cache_pages
+    got = m.alloc_nosleep(G64)
+    assert m.free_pages == m.watermarks.min
+    assert got.size == G64 - m.reserved_pages - cache - m.watermarks.min
+    assert m.meminfo().cache_pages == cache
+    assert m.alloc_nosleep(1).size == 0
+    assert m.events.direct_reclaim == 0
+    assert m.check_invariants() == []
+
+
+def test_sleeping_allocation_reclaims_the_coldest_cache_first() -> None:
+    m = GuestMemory(G64)
+    m.step(1.0, 1.0, demand(0, file=mib_to_pages(16)))
+    oldest = m.cache.to_array()[:100]
+    m.alloc_nosleep(G64)
+    before = m.events.stall_us
+    got = m.alloc_sleep(100)
+    assert got.size == 100
+    assert bool((m.state[oldest] != PageState.CACHE).all())
+    assert m.events.direct_reclaim >= 100 and m.events.alloc_stalls == 1
+    assert m.events.stall_us > before
+    assert m.check_invariants() == []
+
+
+def test_sleeping_allocation_swaps_anonymous_pages_only_with_swap() -> None:
+    for swap, expect_swapped in ((0, False), (mib_to_pages(32), True)):
+        m = GuestMemory(G64, swap_pages=swap)
+        m.step(1.0, 1.0, demand(mib_to_pages(32), hot=0.1))
+        m.alloc_nosleep(G64)
+        got = m.alloc_sleep(1000)
+        assert (m.swapped > 0) is expect_swapped
+        assert (got.size == 1000) is expect_swapped
+        assert m.check_invariants() == []
+
+
+def test_swapped_hot_pages_refault_as_major_faults_and_stall() -> None:
+    m = GuestMemory(G64, swap_pages=mib_to_pages(64))
+    d = demand(mib_to_pages(32), hot=1.0)
+    m.step(1.0, 1.0, d)
+    balloon = m.alloc_nosleep(G64)
+    m.alloc_sleep(mib_to_pages(8))  # pushes 8 MiB of the hot set out to swap
+    assert m.swapped > 0
+    m.free_balloon(balloon)  # room again: the hot pages come back at once
+    r = m.step(2.0, 1.0, d)
+    assert r.swap_in > 0 and r.major_faults == r.swap_in
+    assert r.stall_s >= min(1.0, r.swap_in * MAJOR_FAULT_S) - 1e-9
+    assert m.swapped == 0
+    assert m.check_invariants() == []
+
+
+def test_anonymous_demand_beyond_memory_ooms_unless_a_notifier_frees_pages() -> None:
+    m = GuestMemory(G64)
+    r = m.step(1.0, 1.0, demand(G64))
+    assert r.oom_killed and m.events.oom_kills == 1
+    assert len(m.anon) == 0  # the workload died with its memory
+    assert m.check_invariants() == []
+
+    m = GuestMemory(G64)
+    balloon = m.alloc_nosleep(mib_to_pages(32))
+    held = [balloon]
+
+    def deflate() -> int:  # what virtio's deflate-on-OOM does: give 256 pages back
+        if held[0].size == 0:
+            return 0
+        part, held[0] = held[0][:256], held[0][256:]
+        m.free_balloon(part)
+        return int(part.size)
+
+    m.add_oom_notifier(deflate)
+    r = m.step(1.0, 1.0, demand(mib_to_pages(40)))
+    assert not r.oom_killed and r.oom_deflated_pages > 0
+    assert m.check_invariants() == []
+
+
+def test_an_unchanged_demand_takes_the_fast_path() -> None:
+    m = GuestMemory(G64)
+    d = demand(mib_to_pages(8), file=mib_to_pages(4), hot=0.5)
+    assert not m.step(1.0, 1.0, d).idle
+    r = m.step(2.0, 1.0, d)
+    assert r.idle and r.stall_s == 0.0
+
+
+def test_free_balloon_refuses_frames_the_balloon_does_not_own() -> None:
+    m = GuestMemory(G64)
+    p = m.alloc_nosleep(10)
+    with pytest.raises(UsageError):
+        m.free_balloon(np.array([0], dtype=np.int64))  # a reserved frame
+    with pytest.raises(UsageError):
+        m.free_balloon(np.concatenate((p[:1], p[:1])))
+    m.free_balloon(p)
+    assert m.balloon_pages == 0
+
+
+def test_reporting_isolates_whole_free_blocks_and_reported_blocks_go_last() -> None:
+    m = GuestMemory(G64)
+    blocks = m.isolate_reportable(4, keep_free=m.watermarks.low)
+    assert blocks.size == 4
+    assert bool((m.state[blocks[0] * BLOCK_PAGES : (blocks[0] + 1) * BLOCK_PAGES]
+                 == PageState.ISOLATED).all())
+    assert m.check_invariants() == []
+    m.return_isolated(blocks, reported=True)
+    assert m.check_invariants() == []
+    # allocations prefer unreported blocks
+    got = m.alloc_nosleep(BLOCK_PAGES)
+    assert not np.isin(got >> 9, blocks).any()
+    # a reported block that gets allocated is no longer reported
+    m.alloc_nosleep(m.free_pages)
+    assert not m.reported.any()
+
+
+def test_pages_get_content_through_the_store() -> None:
+    ram = NullRam(G64)
+    m = GuestMemory(G64, store=ram)
+    m.step(1.0, 1.0, demand(mib_to_pages(8), file=mib_to_pages(2)))
+    assert ram.resident_bytes() == (mib_to_pages(10)) * 4096
+    assert m.verify_contents() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("step"), st.integers(0, 60), st.integers(0, 30), st.floats(0, 1)),
+            st.tuples(st.just("nosleep"), st.integers(0, 9000), st.just(0), st.just(0.0)),
+            st.tuples(st.just("sleep"), st.integers(0, 9000), st.just(0), st.just(0.0)),
+            st.tuples(st.just("free"), st.integers(0, 9000), st.just(0), st.just(0.0)),
+            st.tuples(st.just("report"), st.integers(0, 8), st.just(0), st.just(0.0)),
+        ),
+        max_size=25,
+    ),
+    st.sampled_from([0, mib_to_pages(16)]),
+)
+def test_invariants_hold_under_any_sequence(script: list[tuple[str, int, int, float]],
+                                            swap: int) -> None:
+    m = GuestMemory(G64, swap_pages=swap, store=NullRam(G64))
+    held = np.empty(0, dtype=np.int64)
+    now = 0.0
+    for op, a, b, f in script:
+        if op == "step":
+            now += 1.0
+            m.step(now, 1.0, demand(mib_to_pages(a), mib_to_pages(b), hot=f, cold=f / 2))
+        elif op == "nosleep":
+            held = np.concatenate((held, m.alloc_nosleep(a)))
+        elif op == "sleep":
+            held = np.concatenate((held, m.alloc_sleep(a)))
+        elif op == "free":
+            m.free_balloon(held[:a])
+            held = held[a:]
+        else:
+            blocks = m.isolate_reportable(a, keep_free=m.watermarks.low)
+            m.return_isolated(blocks, reported=True)
+        assert m.check_invariants() == []
+        assert m.free_pages >= 0 and m.balloon_pages == held.size

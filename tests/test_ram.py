@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memballoon.host.ram import NullRam, check_ranges, coalesce, range_pages
+from memballoon.model.errors import GuestAddressError
+from memballoon.model.units import PAGE_SIZE
+
+
+def test_coalesce_folds_runs() -> None:
+    assert coalesce([7, 3, 4, 5, 9]).tolist() == [[3, 6], [7, 8], [9, 10]]
+    assert coalesce([]).shape == (0, 2)
+
+
+@given(st.sets(st.integers(0, 5000), max_size=300))
+def test_coalesce_covers_exactly_the_pfns(pfns: set[int]) -> None:
+    r = coalesce(sorted(pfns))
+    covered = {p for s, e in r.tolist() for p in range(s, e)}
+    assert covered == pfns
+    assert range_pages(r) == len(pfns)
+    if len(r) > 1:
+        assert bool((r[1:, 0] > r[:-1, 1]).all())  # maximal: no two ranges touch
+
+
+def test_ranges_outside_the_guest_are_refused_before_anything_is_released() -> None:
+    ram = NullRam(1024)
+    ram.touch(np.arange(1024, dtype=np.int64), 1)
+    with pytest.raises(GuestAddressError):
+        ram.release(np.array([[10, 20], [1000, 1025]], dtype=np.int64))
+    assert ram.resident_bytes() == 1024 * PAGE_SIZE
+    with pytest.raises(GuestAddressError):
+        check_ranges(np.array([[-1, 3]], dtype=np.int64), 1024)
+    with pytest.raises(GuestAddressError):
+        check_ranges(np.array([[5, 5]], dtype=np.int64), 1024)
+
+
+def test_null_ram_counts_resident_pages() -> None:
+    ram = NullRam(1024)
+    ram.touch(np.arange(100, dtype=np.int64), 1)
+    ram.touch(np.arange(50, 150, dtype=np.int64), 2)
+    assert ram.resident_bytes() == 150 * PAGE_SIZE
+    assert ram.release(coalesce(np.arange(0, 10))) == 10
+    assert ram.resident_bytes() == 140 * PAGE_SIZE
+    # readmit does not repopulate: the host faults pages in only when touched, as QEMU does
+    ram.readmit(coalesce(np.arange(0, 10)))
+    assert ram.resident_bytes() == 140 * PAGE_SIZE
+    assert ram.verify(np.arange(10, dtype=np.int64)) == 0
