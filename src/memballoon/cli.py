@@ -1,0 +1,115 @@
+"""The ``memballoon`` command.
+
+Every subcommand validates its arguments up front and answers a wrong one with a one-line
+error naming the argument (exit status 2); results go to stdout (JSON with ``--json``),
+progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from memballoon import __version__
+from memballoon.model.errors import MemballoonError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=False))
+        return
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {json.dumps(v) if isinstance(v, dict | list) else v}")
+
+
+def _progress(msg: str) -> None:
+    print(f"memballoon: {msg}", file=sys.stderr, flush=True)
+
+
+def _cmd_bench_protocol(args: argparse.Namespace) -> int:
+    from memballoon.bench.protocol import run_many, run_single
+
+    if args.guests:
+        result = run_many(args.protocol, args.guests, args.simulated_seconds,
+                          seed=args.seed, progress=_progress)
+    else:
+        if args.guest_mib is None or args.balloon_mib is None:
+            raise MemballoonError("bench protocol: give --guest-mib and --balloon-mib "
+                                  "(or --guests K --simulated-seconds T)")
+        result = run_single(args.protocol, args.guest_mib, args.balloon_mib,
+                            workload=args.workload, max_cycles=args.max_cycles)
+    _emit(result, args.json)
+    return 0 if result["invariant_violations"] == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memballoon",
+        description="Memory ballooning for virtual machines: move memory between guests.",
+    )
+    p.add_argument("--version", action="version", version=f"memballoon {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON out with --json)")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    bp = bsub.add_parser(
+        "protocol",
+        help="a driver/device pair (or many) on the virtual clock",
+        description="Inflate one guest's balloon on the virtual clock, or run many guests.",
+    )
+    bp.add_argument("--protocol", choices=["vmw", "vmw-batched", "virtio"], default="virtio")
+    bp.add_argument("--guest-mib", type=_positive_int, help="guest RAM, MiB")
+    bp.add_argument("--balloon-mib", type=_nonneg_int, help="balloon size to reach, MiB")
+    bp.add_argument("--workload", choices=["idle", "busy"], default="idle")
+    bp.add_argument("--max-cycles", type=_positive_int, default=10_000,
+                    help="stop after this many driver work periods (default 10000)")
+    bp.add_argument("--guests", type=_nonneg_int, default=0,
+                    help="run K independent guests instead of one pair")
+    bp.add_argument("--simulated-seconds", type=_positive_int, default=60,
+                    help="with --guests: simulated time to run (default 60)")
+    bp.add_argument("--seed", type=int, default=1)
+    bp.add_argument("--json", action="store_true", help="print one JSON object")
+    bp.set_defaults(func=_cmd_bench_protocol)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (MemballoonError, ValueError) as exc:
+        print(f"memballoon: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memballoon: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

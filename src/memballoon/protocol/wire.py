@@ -1,0 +1,93 @@
+"""Message framing between a local guest process and the host, over a Unix stream socket.
+
+Frame: ``u32 length`` (little-endian, of what follows) ``| u8 kind | payload``. The decoder is
+incremental and does no I/O: feed it bytes as they arrive (one at a time or all at once), take
+whole messages out. A frame longer than ``MAX_FRAME`` or of an unknown kind is a ``FrameError``:
+the peer is broken or hostile, and the connection is dropped after the error is counted.
+
+Kinds:
+    HELLO   guest -> host   JSON: {"v": 1, "guest": name, "protocol": ..., "pages": N}
+    VMW     both ways       one VMware backdoor frame (memballoon.protocol.vmw)
+    CONFIG  host -> guest   virtio: the device's config space changed (bytes of config)
+    STATUS  guest -> host   JSON pressure report (memballoon.protocol.pressure)
+    NOTIFY  guest -> host   virtio doorbell without an eventfd: u16 queue index
+    BYE     either          orderly close
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from memballoon.model.errors import FrameError
+
+MAX_FRAME = 1 << 20  # 1 MiB: a batched VMware frame is ~4 KiB, a status report < 4 KiB
+_HDR = struct.Struct("<IB")
+
+
+class Kind(IntEnum):
+    HELLO = 1
+    VMW = 2
+    CONFIG = 3
+    STATUS = 4
+    NOTIFY = 5
+    BYE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: Kind
+    payload: bytes
+
+
+def encode(kind: Kind, payload: bytes = b"") -> bytes:
+    if len(payload) + 1 > MAX_FRAME:
+        raise FrameError(f"message of {len(payload)} bytes exceeds the {MAX_FRAME} byte limit")
+    return _HDR.pack(len(payload) + 1, kind) + payload
+
+
+class Decoder:
+    """Incremental decoder: ``feed(data)`` then ``next()`` until it returns None."""
+
+    __slots__ = ("_buf", "broken")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.broken = False
+
+    def feed(self, data: bytes) -> None:
+        if self.broken:
+            raise FrameError("decoder already failed; drop the connection")
+        self._buf += data
+
+    def next(self) -> Message | None:
+        if len(self._buf) < _HDR.size:
+            return None
+        length, kind = _HDR.unpack_from(self._buf)
+        if length == 0 or length > MAX_FRAME:
+            self.broken = True
+            raise FrameError(f"frame length {length} outside [1, {MAX_FRAME}]")
+        try:
+            k = Kind(kind)
+        except ValueError:
+            self.broken = True
+            raise FrameError(f"unknown message kind {kind}") from None
+        end = 4 + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[_HDR.size:end])
+        del self._buf[:end]
+        return Message(k, payload)
+
+    def messages(self, data: bytes) -> list[Message]:
+        """Feed ``data`` and return every whole message it completes."""
+        self.feed(data)
+        out: list[Message] = []
+        while (m := self.next()) is not None:
+            out.append(m)
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
