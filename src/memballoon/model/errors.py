@@ -7,7 +7,8 @@
         ├── FrameError          a malformed VMware backdoor frame
         ├── DescriptorError     a malformed virtqueue descriptor, chain or ring
         ├── GuestAddressError   an address, length or PFN outside the guest's memory
-        └── StatsError          a malformed stats buffer (bad length, unknown tag)
+        ├── StatsError          a malformed stats buffer (bad length, unknown tag)
+        └── DeviceConfigError   a malformed device config space (virtio: bad length)
 
 A PeerError is always caught at the boundary that received the input, counted in a
 ``Counters`` bag, and answered with the protocol's own status where it has one.
@@ -46,3 +47,7 @@ class GuestAddressError(PeerError):
 
 class StatsError(PeerError):
     """A balloon statistics buffer that cannot be decoded."""
+
+
+class DeviceConfigError(PeerError):
+    """A device configuration space that cannot be decoded (wrong size, impossible value)."""
