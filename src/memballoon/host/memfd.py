@@ -76,6 +76,17 @@ def _load_fallocate() -> Callable[[int, int, int, int], int]:
 _fallocate: Final = _load_fallocate()
 
 
+def _load_mincore() -> Callable[[int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = libc.mincore
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], fn)
+
+
+_mincore: Final = _load_mincore()
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free ``[offset, offset + length)`` of the file behind ``fd``, keeping its size."""
     if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
@@ -283,9 +294,8 @@ class MemfdRam:
     def verify(self, pfns: PfnArray) -> int:
         """How many of these pages lost their last stamp (a punched page reads zeros).
 
-        Pages never stamped here have nothing to lose and are not counted. Reading a punched
-        page through the mapping faults a zero page back in: verify in-use pages, not balloon
-        ones.
+        Pages never stamped here have nothing to lose and are not counted. Pages no longer in
+        the memfd count as lost without being read, so checking does not fault them back in.
         """
         p = self._checked_pfns(pfns)
         exp = self._expect[p]
@@ -293,24 +303,43 @@ class MemfdRam:
         want = exp[exp != 0].astype(np.int64) - 1
         return int(np.count_nonzero(self.stamped_generations(p) != want))
 
+    def resident_mask(self, pfns: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which of these pages the memfd holds now (``mincore(2)`` over the shared mapping:
+        it reports the file's page cache, so what another process touched counts too)."""
+        words = self._live_words()
+        p = self._checked_pfns(pfns)
+        if p.size == 0:
+            return np.zeros(0, dtype=np.bool_)
+        lo, hi = int(p.min()), int(p.max()) + 1
+        vec = np.empty(hi - lo, dtype=np.uint8)
+        addr = words.ctypes.data + (lo << PAGE_SHIFT)
+        if _mincore(addr, (hi - lo) << PAGE_SHIFT, vec.ctypes.data) != 0:
+            err = ctypes.get_errno()
+            raise MemballoonError(f"mincore over PFNs [{lo}, {hi}): {os.strerror(err)}")
+        return (vec[p - lo] & 1).astype(np.bool_)
+
     def stamped_generations(self, pfns: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """The generation each page's stamp carries, or -1 where there is no intact stamp.
 
         Reads the memory itself, not this process's expectations: what another process that
-        maps the same RAM wrote is seen here.
+        maps the same RAM wrote is seen here. Pages not in the memfd are not read (-1).
         """
         words = self._live_words()
         p = self._checked_pfns(pfns)
         out = np.full(p.size, -1, dtype=np.int64)
         for lo in range(0, p.size, STAMP_CHUNK_PAGES):
             chunk = p[lo : lo + STAMP_CHUNK_PAGES]
-            got = words[np.ix_(chunk, STAMP_COLUMNS)]
-            u = chunk.astype(np.uint64)
+            here = self.resident_mask(chunk)
+            c = chunk[here]
+            got = words[np.ix_(c, STAMP_COLUMNS)]
+            u = c.astype(np.uint64)
             gen = got[:, 1]
             want = np.stack((u, gen, stamp_checksum(u, gen)), axis=1)
             ok = (got[:, :3] == want).all(axis=1) & (got[:, 3:] == want).all(axis=1)
             ok &= gen < np.uint64(2**63)  # touch() never writes more; keeps the int64 cast exact
-            out[lo : lo + chunk.size] = np.where(ok, gen.astype(np.int64), -1)
+            res = np.full(chunk.size, -1, dtype=np.int64)
+            res[here] = np.where(ok, gen.astype(np.int64), -1)
+            out[lo : lo + chunk.size] = res
         return out
 
     def expected_generation(self, pfn: int) -> int | None:

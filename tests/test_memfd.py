@@ -1,0 +1,330 @@
+"""MemfdRam: real memory, really released (st_blocks is the truth), stamps that catch loss."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memballoon.host.memfd import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    STAMP_COLUMNS,
+    MemfdRam,
+    punch_hole,
+)
+from memballoon.host.ram import PageStore, RamBackend, coalesce
+from memballoon.model.counters import Counters
+from memballoon.model.errors import GuestAddressError, PeerError, UsageError
+from memballoon.model.units import MIB, PAGE_SIZE
+
+PAGES = 4096  # 16 MiB
+
+
+@pytest.fixture
+def ram() -> Iterator[MemfdRam]:
+    with MemfdRam(PAGES, name="test-memfd") as r:
+        yield r
+
+
+def rng(*pairs: tuple[int, int]) -> np.ndarray:
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def test_constants_are_the_kernel_values() -> None:
+    # include/uapi/linux/falloc.h
+    assert FALLOC_FL_KEEP_SIZE == 0x01
+    assert FALLOC_FL_PUNCH_HOLE == 0x02
+    assert STAMP_COLUMNS.tolist() == [0, 1, 2, 509, 510, 511]
+
+
+def test_it_is_both_a_ram_backend_and_a_page_store(ram: MemfdRam) -> None:
+    backend: RamBackend = ram
+    store: PageStore = ram
+    assert backend.guest_pages == PAGES
+    assert store.verify(np.arange(PAGES, dtype=np.int64)) == 0
+
+
+def test_fresh_ram_holds_nothing_and_has_the_guest_size(ram: MemfdRam) -> None:
+    assert ram.resident_bytes() == 0
+    assert os.fstat(ram.fd).st_size == PAGES * PAGE_SIZE == ram.size_bytes
+    assert len(ram.mapping) == PAGES * PAGE_SIZE
+
+
+def test_bad_size_is_a_usage_error() -> None:
+    with pytest.raises(UsageError):
+        MemfdRam(0)
+
+
+def test_touched_pages_are_resident(ram: MemfdRam) -> None:
+    ram.touch(np.arange(100, 356, dtype=np.int64), 1)
+    assert ram.resident_bytes() == 256 * PAGE_SIZE
+    ram.touch(np.arange(100, 356, dtype=np.int64), 2)  # touching again costs nothing more
+    assert ram.resident_bytes() == 256 * PAGE_SIZE
+
+
+def test_release_lowers_st_blocks_by_the_released_amount(ram: MemfdRam) -> None:
+    ram.touch(np.arange(PAGES, dtype=np.int64), 1)
+    assert ram.resident_bytes() == PAGES * PAGE_SIZE
+    ranges = rng((0, 256), (1000, 1001), (2048, 4096))
+    assert ram.release(ranges) == 256 + 1 + 2048
+    assert ram.resident_bytes() == (PAGES - 256 - 1 - 2048) * PAGE_SIZE
+    assert ram.released_pages_total == 2305
+    assert ram.release_calls_total == 3  # one fallocate per range
+    assert os.fstat(ram.fd).st_size == PAGES * PAGE_SIZE  # KEEP_SIZE
+
+
+def test_released_pages_read_back_zeros_and_verify_catches_them(ram: MemfdRam) -> None:
+    used = np.arange(1000, dtype=np.int64)
+    ram.touch(used, 7)
+    assert ram.verify(used) == 0
+    ram.release(rng((500, 510)))  # punched while the guest still uses them
+    off = 500 * PAGE_SIZE
+    assert bytes(ram.mapping[off : off + 10 * PAGE_SIZE]) == bytes(10 * PAGE_SIZE)
+    assert ram.verify(used) == 10
+    assert ram.stamped_generations(np.arange(498, 512)).tolist() == [7, 7] + [-1] * 10 + [7, 7]
+
+
+def test_release_of_untouched_pages_is_harmless(ram: MemfdRam) -> None:
+    assert ram.release(rng((0, PAGES))) == PAGES
+    assert ram.resident_bytes() == 0
+
+
+def test_readmit_does_not_repopulate(ram: MemfdRam) -> None:
+    ram.touch(np.arange(PAGES, dtype=np.int64), 1)
+    ram.release(rng((0, 2048)))
+    before = ram.resident_bytes()
+    assert ram.readmit(rng((0, 2048))) == 2048
+    assert ram.resident_bytes() == before == 2048 * PAGE_SIZE
+    # The page comes back when the guest touches it, with fresh content.
+    ram.touch(np.arange(0, 16, dtype=np.int64), 2)
+    assert ram.resident_bytes() == before + 16 * PAGE_SIZE
+    assert ram.verify(np.arange(0, 16, dtype=np.int64)) == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        rng((10, 20), (4000, PAGES + 1)),  # one good range, one past the end
+        rng((-1, 5)),
+        rng((30, 30)),  # empty
+        rng((40, 35)),  # inverted
+        np.array([10, 20], dtype=np.int64),  # not (k, 2)
+        np.array([[10.0, 20.0]]),  # not integers
+        rng((0, 2**40)),
+    ],
+)
+def test_ranges_outside_the_guest_raise_and_release_nothing(ram: MemfdRam, bad: np.ndarray) -> None:
+    ram.touch(np.arange(PAGES, dtype=np.int64), 3)
+    with pytest.raises(GuestAddressError):
+        ram.release(bad)
+    with pytest.raises(GuestAddressError):
+        ram.readmit(bad)
+    assert ram.resident_bytes() == PAGES * PAGE_SIZE
+    assert ram.released_pages_total == 0
+    assert ram.verify(np.arange(PAGES, dtype=np.int64)) == 0
+
+
+@pytest.mark.parametrize("pfns", [[-1], [PAGES], [0, 5, PAGES + 10]])
+def test_touch_and_verify_refuse_pfns_outside_the_guest(ram: MemfdRam, pfns: list[int]) -> None:
+    with pytest.raises(GuestAddressError):
+        ram.touch(np.array(pfns, dtype=np.int64), 1)
+    assert ram.resident_bytes() == 0  # nothing written, not even the valid PFNs
+    with pytest.raises(GuestAddressError):
+        ram.verify(np.array(pfns, dtype=np.int64))
+
+
+def test_stamp_sits_at_both_ends_and_a_torn_page_is_caught(ram: MemfdRam) -> None:
+    ram.touch(np.array([3, 4], dtype=np.int64), 9)
+    words = np.frombuffer(ram.mapping, dtype=np.uint64).reshape(PAGES, 512)
+    assert words[3, 0] == 3 and words[3, 1] == 9
+    assert words[3, 509] == 3 and words[3, 510] == 9
+    assert words[3, 2] == words[3, 511] != 0
+    words[4, 511] ^= np.uint64(1)  # only the tail changed
+    del words
+    assert ram.verify(np.array([3, 4], dtype=np.int64)) == 1
+
+
+def test_pages_never_stamped_are_not_counted_lost(ram: MemfdRam) -> None:
+    ram.touch(np.array([1], dtype=np.int64), 0)
+    assert ram.expected_generation(1) == 0
+    assert ram.expected_generation(2) is None
+    assert ram.verify(np.arange(10, dtype=np.int64)) == 0
+
+
+def test_an_old_generation_counts_as_lost(ram: MemfdRam) -> None:
+    ram.touch(np.array([5], dtype=np.int64), 1)
+    words = np.frombuffer(ram.mapping, dtype=np.uint64).reshape(PAGES, 512)
+    saved = words[5].copy()
+    ram.touch(np.array([5], dtype=np.int64), 2)
+    words[5] = saved  # stale content: a valid stamp, of the wrong generation
+    del words
+    assert ram.stamped_generations([5]).tolist() == [1]
+    assert ram.verify(np.array([5], dtype=np.int64)) == 1
+
+
+def test_writes_through_the_mapping_are_the_same_memory(ram: MemfdRam) -> None:
+    ram.mapping[PAGE_SIZE * 7 : PAGE_SIZE * 7 + 4] = b"abcd"
+    assert os.pread(ram.fd, 4, PAGE_SIZE * 7) == b"abcd"
+    assert ram.resident_bytes() == PAGE_SIZE
+
+
+def test_the_size_is_sealed_so_a_guest_cannot_shrink_it_under_the_host(ram: MemfdRam) -> None:
+    ram.touch(np.arange(PAGES, dtype=np.int64), 1)
+    with pytest.raises(PermissionError):
+        os.ftruncate(ram.fd, PAGE_SIZE)
+    with pytest.raises(PermissionError):
+        os.ftruncate(ram.fd, 2 * PAGES * PAGE_SIZE)
+    assert ram.verify(np.arange(PAGES, dtype=np.int64)) == 0  # and no SIGBUS here
+
+
+def test_punch_hole_reports_errno() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError):
+            punch_hole(r, 0, PAGE_SIZE)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_close_is_idempotent_and_then_everything_is_refused() -> None:
+    r = MemfdRam(16)
+    fd = r.fd
+    r.close()
+    r.close()
+    assert r.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    for call in (
+        lambda: r.fd,
+        lambda: r.mapping,
+        r.resident_bytes,
+        lambda: r.release(rng((0, 1))),
+        lambda: r.touch(np.array([0], dtype=np.int64), 1),
+        lambda: r.verify(np.array([0], dtype=np.int64)),
+    ):
+        with pytest.raises(UsageError):
+            call()
+
+
+def test_close_with_a_live_view_is_refused_and_keeps_the_ram_usable() -> None:
+    with MemfdRam(16) as r:
+        view = r.mapping[0:PAGE_SIZE]
+        with pytest.raises(UsageError):
+            r.close()
+        r.touch(np.array([0], dtype=np.int64), 4)
+        assert r.verify(np.array([0], dtype=np.int64)) == 0
+        view.release()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from memballoon.host.memfd import MemfdRam
+
+    fd, pages = int(sys.argv[1]), int(sys.argv[2])
+    with MemfdRam.attach(fd, pages) as ram:
+        seen = ram.stamped_generations(np.arange(0, 100))
+        ram.touch(np.arange(100, 300, dtype=np.int64), 9)
+        print(int((seen == 5).sum()), ram.resident_bytes())
+    """
+)
+
+
+def test_attach_from_another_process_shares_the_same_memory(ram: MemfdRam) -> None:
+    ram.touch(np.arange(0, 100, dtype=np.int64), 5)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(ram.fd), str(PAGES)],
+        pass_fds=(ram.fd,),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["100", str(300 * PAGE_SIZE)]  # the guest saw the host's data
+    # The guest's touches are visible to the host: in st_blocks and in the memory itself.
+    assert ram.resident_bytes() == 300 * PAGE_SIZE
+    assert (ram.stamped_generations(np.arange(100, 300)) == 9).all()
+    # The host releases what the guest touched, and the guest's data is gone.
+    ram.release(rng((100, 300)))
+    assert ram.resident_bytes() == 100 * PAGE_SIZE
+    assert (ram.stamped_generations(np.arange(100, 300)) == -1).all()
+
+
+def test_attach_in_process_sees_the_same_pages(ram: MemfdRam) -> None:
+    with MemfdRam.attach(os.dup(ram.fd), PAGES) as guest:
+        guest.touch(np.arange(10, dtype=np.int64), 3)
+        assert ram.resident_bytes() == 10 * PAGE_SIZE
+        ram.release(rng((0, 5)))
+        assert guest.verify(np.arange(10, dtype=np.int64)) == 5
+
+
+def test_attach_refuses_a_file_of_the_wrong_size_or_unsealed() -> None:
+    counters = Counters()
+    with MemfdRam(16) as r, pytest.raises(PeerError):
+        MemfdRam.attach(r.fd, 32, counters=counters)
+    unsealed = os.memfd_create("unsealed")
+    try:
+        os.ftruncate(unsealed, 16 * PAGE_SIZE)
+        with pytest.raises(PeerError):
+            MemfdRam.attach(unsealed, 16, counters=counters)
+    finally:
+        os.close(unsealed)
+    rd, wr = os.pipe()
+    try:
+        with pytest.raises(PeerError):
+            MemfdRam.attach(rd, 16, counters=counters)
+    finally:
+        os.close(rd)
+        os.close(wr)
+    assert counters["memfd_attach_rejected"] == 3
+
+
+def test_a_mebibyte_range_is_one_call_and_frees_a_mebibyte() -> None:
+    pages = 4 * MIB // PAGE_SIZE
+    with MemfdRam(pages) as r:
+        r.touch(np.arange(pages, dtype=np.int64), 1)
+        starts = np.arange(0, pages, 256, dtype=np.int64)
+        r.release(np.stack((starts, starts + 256), axis=1))
+        assert r.release_calls_total == 4
+        assert r.resident_bytes() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    touched=st.sets(st.integers(0, 511), max_size=200),
+    released=st.sets(st.integers(0, 511), max_size=200),
+)
+def test_loss_and_residency_follow_exactly_what_was_released(
+    touched: set[int], released: set[int]
+) -> None:
+    with MemfdRam(512) as r:
+        t = np.array(sorted(touched), dtype=np.int64)
+        r.touch(t, 1)
+        r.release(coalesce(sorted(released)))
+        assert r.verify(t) == len(touched & released)
+        assert r.resident_bytes() == len(touched - released) * PAGE_SIZE
+
+
+def test_resident_mask_follows_touch_and_release(ram: MemfdRam) -> None:
+    ram.touch(np.arange(0, 64, dtype=np.int64), 1)
+    ram.release(rng((10, 20)))
+    mask = ram.resident_mask(np.arange(0, 70))
+    assert mask.tolist() == [True] * 10 + [False] * 10 + [True] * 44 + [False] * 6
+    assert ram.resident_mask([]).size == 0
+
+
+def test_verify_does_not_fault_released_pages_back_in(ram: MemfdRam) -> None:
+    used = np.arange(0, 512, dtype=np.int64)
+    ram.touch(used, 2)
+    ram.release(rng((0, 256)))
+    assert ram.verify(used) == 256
+    assert ram.resident_bytes() == 256 * PAGE_SIZE
