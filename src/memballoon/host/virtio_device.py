@@ -1,0 +1,451 @@
+"""The host's virtio-balloon device: queues in, RAM backend calls out.
+
+Theory of operation
+-------------------
+The device offers features, keeps the config space (``num_pages`` is ours, ``actual`` the
+driver's) and processes its queues when the driver rings the doorbell (``notify``):
+
+- inflateq: chains of device-readable u32 PFN arrays (VIRTIO 1.2 5.5.6). Every PFN is checked
+  (inside the guest, not already in the balloon, not refused); the accepted ones are released
+  through the backend in ONE ``release`` call per buffer, after ``coalesce``.
+- deflateq: the same arrays; PFNs in the balloon are readmitted, the rest counted.
+- statsq: the driver's one stats buffer. We keep the latest values by tag name and hold the
+  buffer; ``request_stats`` hands it back (used), which asks the driver for fresh values.
+- reporting_vq: device-writable buffers, one per free block the guest reports
+  (Linux mm/page_reporting.c, QEMU virtio_balloon_handle_report): released, not ballooned.
+
+The seed-001 extensions (private feature bits, see protocol/virtio_balloon.py): with
+HOST_REFUSE the inflate chain carries a status byte per PFN and the device refuses pinned
+frames (and any PFN it would not take anyway); with HOST_RESET, ``request_reset`` first
+drains the inflate and deflate queues, then readmits the whole balloon, bumps
+``x_reset_generation`` and raises a config change: buffers the driver sees used before the new
+generation belong to the old balloon, which the driver then drops without telling us.
+
+Everything in the queues is untrusted. A malformed chain is counted, returned used with length
+0 and nothing in it is acted on. A broken ring (avail.idx running ahead, a layout outside
+guest memory) marks that queue broken, the spec's DEVICE_NEEDS_RESET (VIRTIO 1.2 2.1.2): we
+stop processing it until the driver sets it up again; the rest of the device keeps working.
+No exception leaves ``notify``; the backend is only asked to release PFNs inside the guest
+(and checks again itself).
+
+Counter names (``counters``) are the Firecracker-style metrics of this device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.host.ram import PfnArray, RamBackend, coalesce
+from memballoon.model.counters import Counters
+from memballoon.model.errors import DescriptorError, PeerError, UsageError
+from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
+from memballoon.protocol.virtio_balloon import (
+    CONFIG_BYTES,
+    CONFIG_X_BYTES,
+    OFFSET_ACTUAL,
+    OFFSET_POISON_VAL,
+    OFFSET_X_RESET_ACK,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_X_F_HOST_REFUSE,
+    VIRTIO_BALLOON_X_F_HOST_RESET,
+    VIRTIO_BALLOON_X_STATUS_REFUSED,
+    VIRTIO_BALLOON_X_STATUS_TAKEN,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    BalloonConfig,
+    BalloonQueue,
+    decode_stats,
+    features_of,
+    has,
+    queue_indices,
+    stat_name,
+)
+from memballoon.protocol.virtio_transport import InterruptSink
+from memballoon.protocol.virtqueue import Chain, DeviceQueue, GuestRamView, QueueLayout
+
+#: What this device can offer; FREE_PAGE_HINT and PAGE_POISON are not implemented.
+SUPPORTED_FEATURES = features_of(
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_X_F_HOST_REFUSE,
+    VIRTIO_BALLOON_X_F_HOST_RESET,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
+#: Largest PFN buffer we read from one chain (Linux sends 1 KiB; bound what a guest can make
+#: us copy, as Firecracker bounds its stats buffer).
+MAX_PFN_BUFFER_BYTES = 64 * 1024
+MAX_STATS_BUFFER_BYTES = 4096
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class VirtioBalloonDevice:
+    """A virtio-balloon device over ``ram`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        ram: RamBackend,
+        view: GuestRamView,
+        *,
+        features: int,
+        queue_size: int = 128,
+    ) -> None:
+        if features & ~SUPPORTED_FEATURES:
+            raise UsageError(f"unsupported feature bits {features & ~SUPPORTED_FEATURES:#x}")
+        if queue_size <= 0 or queue_size & (queue_size - 1) or queue_size > 32768:
+            raise UsageError(f"queue_size {queue_size} is not a power of two <= 32768")
+        if view.guest_bytes != ram.guest_pages * PAGE_SIZE:
+            raise UsageError("view and RAM backend disagree on the guest's size")
+        self.ram = ram
+        self._view = view
+        self.queue_size = queue_size
+        self.counters = Counters()
+        self._offered = features | (1 << VIRTIO_F_VERSION_1)
+        self.features = 0  # negotiated
+        self._guest_pages = ram.guest_pages
+        self._inflated = np.zeros(self._guest_pages, dtype=np.bool_)
+        self._inflated_count = 0
+        self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
+        self._num_pages = 0
+        self._actual = 0
+        self._poison_val = 0
+        self._reset_generation = 0
+        self._reset_ack = 0
+        self._roles: dict[int, BalloonQueue] = {}
+        self._queues: dict[int, DeviceQueue] = {}
+        self.broken_queues: set[int] = set()
+        self._stats_head: int | None = None
+        self.stats: dict[str, int] = {}
+        self.stats_seq = 0  # bumps each time the driver delivers a stats buffer
+        self.reported_pages_total = 0
+        self._irq: InterruptSink | None = None
+
+    # ------------------------------------------------------------------ transport side
+    @property
+    def view(self) -> GuestRamView:
+        return self._view
+
+    def attach(self, irq: InterruptSink) -> None:
+        self._irq = irq
+
+    def device_features(self) -> int:
+        return self._offered
+
+    def set_driver_features(self, features: int) -> None:
+        if features & ~self._offered:
+            self.counters.inc("driver_features_not_offered")
+        self.features = features & self._offered
+        self._roles = {i: q for q, i in queue_indices(self.features).items()}
+        self._queues.clear()
+        self.broken_queues.clear()
+        self._stats_head = None
+
+    def queue_max_size(self, queue: int) -> int:
+        return self.queue_size if queue in self._roles else 0
+
+    def setup_queue(self, queue: int, layout: QueueLayout) -> None:
+        role = self._roles.get(queue)
+        if role is None:
+            self.counters.inc("setup_unknown_queue")
+            return
+        if layout.size > self.queue_size:
+            self.counters.inc("setup_queue_too_large")
+            self.broken_queues.add(queue)
+            return
+        refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
+        readable = role is not BalloonQueue.REPORTING_VQ
+        writable = role is BalloonQueue.REPORTING_VQ or (role is BalloonQueue.INFLATEQ and refuse)
+        try:
+            self._queues[queue] = DeviceQueue(
+                self._view,
+                layout,
+                readable=readable,
+                writable=writable,
+                indirect=self._has(VIRTIO_F_INDIRECT_DESC),
+            )
+            self.broken_queues.discard(queue)
+        except PeerError:
+            self.counters.inc("setup_bad_layout")
+            self.broken_queues.add(queue)
+
+    def read_config(self) -> bytes:
+        cfg = BalloonConfig(
+            self._num_pages,
+            self._actual,
+            0,
+            self._poison_val,
+            self._reset_generation,
+            self._reset_ack,
+        )
+        return cfg.encode(extended=has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        size = CONFIG_X_BYTES if has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET) else (
+            CONFIG_BYTES
+        )
+        if len(data) != 4 or offset % 4 or not 0 <= offset < size:
+            self.counters.inc("config_write_bad")
+            return
+        value = int.from_bytes(data, "little")
+        if offset == OFFSET_ACTUAL:
+            self._actual = value
+        elif offset == OFFSET_POISON_VAL:
+            self._poison_val = value
+        elif offset == OFFSET_X_RESET_ACK:
+            self._reset_ack = value
+        else:
+            self.counters.inc("config_write_readonly")
+
+    def notify(self, queue: int) -> None:
+        """The doorbell. Processes every available chain; never raises."""
+        dq = self._queues.get(queue)
+        if dq is None or queue in self.broken_queues:
+            self.counters.inc("notify_dead_queue")
+            return
+        role = self._roles[queue]
+        used = 0
+        while True:
+            try:
+                chain = dq.pop()
+            except PeerError:
+                used += self._bad_chain(queue, dq)
+                if queue in self.broken_queues:
+                    break
+                continue
+            if chain is None:
+                break
+            try:
+                length = self._process(role, chain)
+            except PeerError:
+                self.counters.inc(f"{role.name.lower()}_bad_buffer")
+                length = 0
+            if length is None:  # held (the stats buffer)
+                continue
+            dq.push_used(chain.head, length)
+            used += 1
+        if used:
+            self._interrupt_used(queue)
+
+    # ------------------------------------------------------------------ host side
+    def _has(self, feature: int) -> bool:
+        return has(self.features, feature)
+
+    def set_target(self, pages: int) -> None:
+        if not 0 <= pages <= min(self._guest_pages, PFN32_MAX):
+            raise UsageError(f"target {pages} pages outside [0, {self._guest_pages}]")
+        self._num_pages = pages
+        self._config_interrupt()
+
+    @property
+    def target_pages(self) -> int:
+        return self._num_pages
+
+    @property
+    def actual_pages(self) -> int:
+        return self._actual
+
+    @property
+    def inflated_pages(self) -> int:
+        return self._inflated_count
+
+    @property
+    def reset_pending(self) -> bool:
+        return self._reset_ack != self._reset_generation
+
+    def balloon_pfns(self) -> PfnArray:
+        return np.flatnonzero(self._inflated).astype(np.int64)
+
+    def pin(self, pfns: npt.ArrayLike) -> None:
+        """Frames the host will not take (refused when HOST_REFUSE is negotiated)."""
+        p = np.asarray(pfns, dtype=np.int64)
+        if p.size and (p.min() < 0 or p.max() >= self._guest_pages):
+            raise UsageError("pin: PFN outside the guest")
+        self._pinned[p] = True
+
+    def unpin(self, pfns: npt.ArrayLike) -> None:
+        self._pinned[np.asarray(pfns, dtype=np.int64)] = False
+
+    def request_stats(self) -> bool:
+        """Hand the stats buffer back so the driver refills it; False if we do not hold one."""
+        head = self._stats_head
+        q = self._index_of(BalloonQueue.STATSQ)
+        if head is None or q is None or q in self.broken_queues:
+            return False
+        self._stats_head = None
+        self._queues[q].push_used(head, 0)
+        self._interrupt_used(q)
+        return True
+
+    def request_reset(self) -> None:
+        """Reset the balloon (seed 001): take every balloon frame back, tell the driver."""
+        if not self._has(VIRTIO_BALLOON_X_F_HOST_RESET):
+            raise UsageError("request_reset: HOST_RESET was not negotiated")
+        for role in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ):
+            q = self._index_of(role)
+            if q is not None and q in self._queues:
+                self.notify(q)  # drain: what is already queued belongs to the old balloon
+        pfns = self.balloon_pfns()
+        if pfns.size:
+            self.ram.readmit(coalesce(pfns))
+        self._inflated[:] = False
+        self._inflated_count = 0
+        self._reset_generation = (self._reset_generation + 1) & PFN32_MAX
+        self.counters.inc("resets")
+        self._config_interrupt()
+
+    # ------------------------------------------------------------------ queue processing
+    def _index_of(self, role: BalloonQueue) -> int | None:
+        for i, r in self._roles.items():
+            if r is role:
+                return i
+        return None
+
+    def _interrupt_used(self, queue: int) -> None:
+        if self._irq is not None:
+            self._irq.used_buffers(queue)
+
+    def _config_interrupt(self) -> None:
+        if self._irq is not None:
+            self._irq.config_changed()
+
+    def _bad_chain(self, queue: int, dq: DeviceQueue) -> int:
+        """Count a chain ``pop`` rejected; return it used (len 0) if its head was valid."""
+        name = self._roles[queue].name.lower()
+        if dq.failed_head is not None:
+            self.counters.inc(f"{name}_bad_descriptor")
+            dq.push_used(dq.failed_head, 0)
+            return 1
+        if dq.broken:
+            self.counters.inc(f"{name}_broken_ring")
+            self.broken_queues.add(queue)  # DEVICE_NEEDS_RESET for this queue
+        else:
+            self.counters.inc(f"{name}_bad_head")
+        return 0
+
+    def _process(self, role: BalloonQueue, chain: Chain) -> int | None:
+        match role:
+            case BalloonQueue.INFLATEQ:
+                return self._inflate(chain)
+            case BalloonQueue.DEFLATEQ:
+                return self._deflate(chain)
+            case BalloonQueue.STATSQ:
+                return self._stats(chain)
+            case BalloonQueue.REPORTING_VQ:
+                return self._report(chain)
+            case _:
+                self.counters.inc("unsupported_queue")
+                return 0
+
+    def _read_pfns(self, chain: Chain, name: str) -> PfnArray:
+        data = chain.read_all(self._view, MAX_PFN_BUFFER_BYTES)
+        if len(data) % 4:
+            raise DescriptorError(f"{name}: {len(data)} bytes is not a whole number of u32 PFNs")
+        return np.frombuffer(data, dtype="<u4").astype(np.int64)
+
+    def _valid_mask(self, pfns: PfnArray, name: str) -> npt.NDArray[np.bool_]:
+        """PFNs inside the guest and first of their kind in this buffer."""
+        ok = pfns < self._guest_pages  # u32 on the wire: always < 2**32 and >= 0
+        bad = int(pfns.size - int(ok.sum()))
+        if bad:
+            self.counters.inc(f"{name}_pfn_outside_guest", bad)
+        if pfns.size > 1:
+            _, first = np.unique(pfns, return_index=True)
+            once = np.zeros(pfns.size, dtype=np.bool_)
+            once[first] = True
+            dup = int(pfns.size - first.size)
+            if dup:
+                self.counters.inc(f"{name}_pfn_duplicate", dup)
+            ok &= once
+        return ok
+
+    def _inflate(self, chain: Chain) -> int:
+        pfns = self._read_pfns(chain, "inflate")
+        n = int(pfns.size)
+        refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
+        if refuse and chain.writable_bytes < n:
+            raise DescriptorError(f"inflate: {chain.writable_bytes} status bytes for {n} PFNs")
+        if not refuse and chain.writable:
+            raise DescriptorError("inflate: device-writable buffer without HOST_REFUSE")
+        ok = self._valid_mask(pfns, "inflate")
+        safe = np.where(ok, pfns, 0)
+        already = ok & self._inflated[safe]
+        if already.any():
+            self.counters.inc("inflate_pfn_already_in_balloon", int(already.sum()))
+            ok &= ~already
+        pinned = ok & self._pinned[safe]
+        if pinned.any():
+            if refuse:
+                self.counters.inc("inflate_refused_pinned", int(pinned.sum()))
+                ok &= ~pinned
+            else:
+                self.counters.inc("inflate_pinned_taken", int(pinned.sum()))
+        take = pfns[ok]
+        if take.size:
+            self.ram.release(coalesce(take))
+            self._inflated[take] = True
+            self._inflated_count += int(take.size)
+        self.counters.inc("inflate_buffers")
+        self.counters.inc("inflated_pages", int(take.size))
+        if not refuse:
+            return 0
+        status = np.where(ok, VIRTIO_BALLOON_X_STATUS_TAKEN, VIRTIO_BALLOON_X_STATUS_REFUSED)
+        return chain.write_all(self._view, status.astype(np.uint8).tobytes())
+
+    def _deflate(self, chain: Chain) -> int:
+        pfns = self._read_pfns(chain, "deflate")
+        ok = self._valid_mask(pfns, "deflate")
+        safe = np.where(ok, pfns, 0)
+        absent = ok & ~self._inflated[safe]
+        if absent.any():
+            self.counters.inc("deflate_pfn_not_in_balloon", int(absent.sum()))
+            ok &= ~absent
+        give = pfns[ok]
+        if give.size:
+            self.ram.readmit(coalesce(give))
+            self._inflated[give] = False
+            self._inflated_count -= int(give.size)
+        self.counters.inc("deflate_buffers")
+        self.counters.inc("deflated_pages", int(give.size))
+        return 0
+
+    def _stats(self, chain: Chain) -> int | None:
+        data = chain.read_all(self._view, MAX_STATS_BUFFER_BYTES)
+        values = decode_stats(data, counters=self.counters)
+        self.stats = {stat_name(tag): val for tag, val in sorted(values.items())}
+        self.stats_seq += 1
+        if self._stats_head is not None:
+            # a second buffer while we hold one: give the old one back rather than leak it
+            self.counters.inc("stats_extra_buffer")
+            q = self._index_of(BalloonQueue.STATSQ)
+            if q is not None:
+                self._queues[q].push_used(self._stats_head, 0)
+        self._stats_head = chain.head
+        return None
+
+    def _report(self, chain: Chain) -> int:
+        starts: list[int] = []
+        ends: list[int] = []
+        if chain.writable_bytes > self._view.guest_bytes:
+            raise DescriptorError("reported ranges larger than the guest")
+        for gpa, length in chain.writable:
+            if gpa % PAGE_SIZE or length % PAGE_SIZE or length == 0:
+                raise DescriptorError(f"reported range [{gpa:#x}, +{length:#x}) not page-aligned")
+            starts.append(gpa >> PAGE_SHIFT)
+            ends.append((gpa + length) >> PAGE_SHIFT)
+        if not starts:
+            return 0
+        pfns = np.concatenate(
+            [np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends, strict=True)]
+        )
+        released = self.ram.release(coalesce(pfns))
+        self.counters.inc("report_buffers")
+        self.counters.inc("reported_pages", released)
+        self.reported_pages_total += released
+        return 0

@@ -1,0 +1,168 @@
+"""What a virtio driver talks through, and the in-process link used by tests and the simulator.
+
+A transport carries what virtio-pci's common config, notify and ISR regions carry (VIRTIO 1.2
+section 4.1): feature negotiation, queue set-up, the device config space, the doorbell
+(``notify``) and interrupts back (config changed, buffers used). The rings themselves live in
+guest memory (``ram``), which driver and device share.
+
+Interrupts are callbacks the transport delivers to the driver. A driver must treat them as
+what they are in a kernel: a wake-up that only records that something happened, so it can
+never be re-entered from inside its own ``notify``. It must also never assume the device is
+synchronous: after ``notify`` and ``wait`` it reads the used ring, and whatever is not there
+yet is still in flight (the local world's device runs in another process).
+
+``DirectTransport`` links a driver to a device object in the same process. By default
+``notify`` runs the device at once (a synchronous device); with ``deferred=True`` kicks are
+queued until ``run_device()``, which lets tests hold buffers in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from memballoon.protocol.virtqueue import GuestRamView, QueueLayout
+
+ConfigHandler = Callable[[], None]
+UsedHandler = Callable[[int], None]
+
+
+class VirtioTransport(Protocol):
+    """The driver's view of one virtio device."""
+
+    @property
+    def ram(self) -> GuestRamView: ...
+
+    def device_features(self) -> int: ...
+
+    def set_driver_features(self, features: int) -> None: ...
+
+    def queue_max_size(self, queue: int) -> int:
+        """The device's largest size for ``queue`` (0: no such queue)."""
+        ...
+
+    def setup_queue(self, queue: int, layout: QueueLayout) -> None:
+        """Tell the device where ``queue``'s rings are (and enable it)."""
+        ...
+
+    def read_config(self) -> bytes: ...
+
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    def notify(self, queue: int) -> None:
+        """The doorbell: new buffers are available on ``queue``."""
+        ...
+
+    def wait(self, queue: int) -> None:
+        """Block until the device has used what was kicked on ``queue`` (may return early)."""
+        ...
+
+    def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
+        ...
+
+
+class InterruptSink(Protocol):
+    """What a device raises interrupts on."""
+
+    def config_changed(self) -> None: ...
+
+    def used_buffers(self, queue: int) -> None: ...
+
+
+class VirtioDeviceModel(Protocol):
+    """What ``DirectTransport`` needs of a device implemented in this process."""
+
+    @property
+    def view(self) -> GuestRamView: ...
+
+    def device_features(self) -> int: ...
+
+    def set_driver_features(self, features: int) -> None: ...
+
+    def queue_max_size(self, queue: int) -> int: ...
+
+    def setup_queue(self, queue: int, layout: QueueLayout) -> None: ...
+
+    def read_config(self) -> bytes: ...
+
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    def notify(self, queue: int) -> None: ...
+
+    def attach(self, irq: InterruptSink) -> None: ...
+
+
+class DirectTransport:
+    """An in-process transport: the device is an object, interrupts are plain calls."""
+
+    def __init__(self, device: VirtioDeviceModel, *, deferred: bool = False) -> None:
+        self.device = device
+        self.deferred = deferred
+        self._kicks: list[int] = []
+        self._on_config: ConfigHandler | None = None
+        self._on_used: UsedHandler | None = None
+        self.notifies = 0
+        self.config_interrupts = 0
+        self.used_interrupts = 0
+        device.attach(self)
+
+    # -------------------------------------------------------------- the driver's side
+    @property
+    def ram(self) -> GuestRamView:
+        return self.device.view
+
+    def device_features(self) -> int:
+        return self.device.device_features()
+
+    def set_driver_features(self, features: int) -> None:
+        self.device.set_driver_features(features)
+
+    def queue_max_size(self, queue: int) -> int:
+        return self.device.queue_max_size(queue)
+
+    def setup_queue(self, queue: int, layout: QueueLayout) -> None:
+        self.device.setup_queue(queue, layout)
+
+    def read_config(self) -> bytes:
+        return self.device.read_config()
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.device.write_config(offset, data)
+
+    def notify(self, queue: int) -> None:
+        self.notifies += 1
+        if self.deferred:
+            if queue not in self._kicks:
+                self._kicks.append(queue)
+        else:
+            self.device.notify(queue)
+
+    def wait(self, queue: int) -> None:
+        """Synchronous device: already done. Deferred: the device has not run; return."""
+
+    def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
+        self._on_config = config_changed
+        self._on_used = used
+
+    # -------------------------------------------------------------- the device's side
+    def config_changed(self) -> None:
+        self.config_interrupts += 1
+        if self._on_config is not None:
+            self._on_config()
+
+    def used_buffers(self, queue: int) -> None:
+        self.used_interrupts += 1
+        if self._on_used is not None:
+            self._on_used(queue)
+
+    # -------------------------------------------------------------- deferred mode
+    @property
+    def pending_kicks(self) -> tuple[int, ...]:
+        return tuple(self._kicks)
+
+    def run_device(self) -> int:
+        """Deliver queued kicks to the device; returns how many queues it ran."""
+        kicks, self._kicks = self._kicks, []
+        for q in kicks:
+            self.device.notify(q)
+        return len(kicks)

@@ -1,0 +1,475 @@
+"""Split virtqueues (VIRTIO 1.x, section 2.7 "Split Virtqueues") living in guest memory.
+
+Theory of operation
+-------------------
+A virtqueue is three areas in guest-physical memory, all little-endian:
+
+- the descriptor table: ``size`` entries of 16 bytes ``{u64 addr; u32 len; u16 flags;
+  u16 next}`` (alignment 16);
+- the available ring, written by the driver: ``{u16 flags; u16 idx; u16 ring[size];
+  u16 used_event}`` (alignment 2);
+- the used ring, written by the device: ``{u16 flags; u16 idx; {u32 id; u32 len}
+  ring[size]; u16 avail_event}`` (alignment 4).
+
+The driver (``DriverQueue``) writes a chain of descriptors, puts its head in the next
+available slot and then publishes the new ``avail.idx``; the device (``DeviceQueue``) pops
+heads between its own ``last_avail`` and ``avail.idx``, walks each chain, and returns it by
+writing ``{id, len}`` into the used ring and bumping ``used.idx``. Both indexes are free
+running 16-bit counters; slots are ``idx % size``.
+
+Everything the device reads was written by the driver and is untrusted (and the other way
+round for the used ring): every index, flag, address and length is checked here and a
+violation raises ``DescriptorError`` or ``GuestAddressError`` (both ``PeerError``), never
+anything else. A queue's memory is read through ``GuestRamView``: the part of guest memory
+this process can see.
+
+No I/O, no clock: the caller owns the buffer.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.model.counters import Counters
+from memballoon.model.errors import DescriptorError, GuestAddressError, UsageError
+
+# VIRTIO 1.x 2.7.5 "The Virtqueue Descriptor Table" (struct virtq_desc flags)
+VIRTQ_DESC_F_NEXT: Final = 1
+VIRTQ_DESC_F_WRITE: Final = 2
+VIRTQ_DESC_F_INDIRECT: Final = 4
+# 2.7.6 / 2.7.8: ring flags (we never suppress notifications, but decode them)
+VIRTQ_AVAIL_F_NO_INTERRUPT: Final = 1
+VIRTQ_USED_F_NO_NOTIFY: Final = 1
+
+VIRTQ_MAX_SIZE: Final = 32768  # 2.7: "Queue Size ... maximum 32768"
+VIRTQ_DESC_BYTES: Final = 16
+VIRTQ_DESC_ALIGN: Final = 16
+VIRTQ_AVAIL_ALIGN: Final = 2
+VIRTQ_USED_ALIGN: Final = 4
+_U16: Final = 0xFFFF
+
+_DESC = struct.Struct("<QIHH")
+_U16S = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_U16_DTYPE = np.dtype("<u2")
+_USED_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+
+Buffer = bytearray | memoryview | mmap.mmap
+
+
+class GuestRamView:
+    """A writable window ``[base_gpa, base_gpa + len(buf))`` onto a guest of ``guest_bytes``.
+
+    Accesses outside the guest, or inside it but outside this window, raise
+    ``GuestAddressError``: the address came from the peer, so a bad one is the peer's fault.
+    """
+
+    __slots__ = ("_mem", "base_gpa", "guest_bytes")
+
+    def __init__(self, buf: Buffer, *, base_gpa: int, guest_bytes: int) -> None:
+        mem = memoryview(buf).cast("B")
+        if mem.readonly:
+            raise UsageError("GuestRamView needs a writable buffer")
+        if base_gpa < 0 or guest_bytes <= 0 or base_gpa + len(mem) > guest_bytes:
+            raise UsageError(
+                f"view [{base_gpa:#x}, {base_gpa + len(mem):#x}) outside a guest of "
+                f"{guest_bytes:#x} bytes"
+            )
+        self._mem = mem
+        self.base_gpa = base_gpa
+        self.guest_bytes = guest_bytes
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self._mem)
+
+    @property
+    def end_gpa(self) -> int:
+        return self.base_gpa + len(self._mem)
+
+    def in_guest(self, gpa: int, length: int) -> bool:
+        return gpa >= 0 and length >= 0 and gpa + length <= self.guest_bytes
+
+    def check_guest(self, gpa: int, length: int) -> None:
+        """Raise unless ``[gpa, gpa + length)`` lies inside the guest's memory."""
+        if not self.in_guest(gpa, length):
+            raise GuestAddressError(
+                f"[{gpa:#x}, +{length:#x}) outside guest memory of {self.guest_bytes:#x} bytes"
+            )
+
+    def _offset(self, gpa: int, length: int) -> int:
+        self.check_guest(gpa, length)
+        off = gpa - self.base_gpa
+        if off < 0 or off + length > len(self._mem):
+            raise GuestAddressError(
+                f"[{gpa:#x}, +{length:#x}) is guest memory this view does not map "
+                f"([{self.base_gpa:#x}, {self.end_gpa:#x}))"
+            )
+        return off
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = self._offset(gpa, length)
+        return self._mem[off : off + length].tobytes()
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        off = self._offset(gpa, n)
+        self._mem[off : off + n] = data
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        off = self._offset(gpa, length)
+        self._mem[off : off + length] = bytes([value]) * length
+
+    def read_u16(self, gpa: int) -> int:
+        return int(_U16S.unpack_from(self._mem, self._offset(gpa, 2))[0])
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16S.pack_into(self._mem, self._offset(gpa, 2), value & _U16)
+
+    def read_array(self, gpa: int, count: int, dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
+        """``count`` items of ``dtype`` at ``gpa`` (a copy: the peer may change the memory)."""
+        dt = np.dtype(dtype)
+        off = self._offset(gpa, count * dt.itemsize)
+        return np.frombuffer(self._mem, dtype=dt, count=count, offset=off).copy()
+
+    def write_array(self, gpa: int, arr: npt.NDArray[np.generic]) -> None:
+        self.write(gpa, np.ascontiguousarray(arr).tobytes())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def desc_table_bytes(size: int) -> int:
+    return VIRTQ_DESC_BYTES * size
+
+
+def avail_ring_bytes(size: int) -> int:
+    return 6 + 2 * size  # flags, idx, ring[size], used_event
+
+
+def used_ring_bytes(size: int) -> int:
+    return 6 + 8 * size  # flags, idx, ring[size], avail_event
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLayout:
+    """Where one queue's three areas sit in guest-physical memory (what the driver tells the
+    device through the transport; untrusted on the device's side until ``check`` passes)."""
+
+    size: int
+    desc_gpa: int
+    avail_gpa: int
+    used_gpa: int
+
+    @classmethod
+    def packed(cls, gpa: int, size: int) -> QueueLayout:
+        """Descriptor table at ``gpa``, available ring right after it, used ring aligned to 4."""
+        avail = gpa + desc_table_bytes(size)
+        used = -(-(avail + avail_ring_bytes(size)) // VIRTQ_USED_ALIGN) * VIRTQ_USED_ALIGN
+        layout = cls(size, gpa, avail, used)
+        layout.check_shape()
+        return layout
+
+    @property
+    def end_gpa(self) -> int:
+        return max(
+            self.desc_gpa + desc_table_bytes(self.size),
+            self.avail_gpa + avail_ring_bytes(self.size),
+            self.used_gpa + used_ring_bytes(self.size),
+        )
+
+    def check_shape(self) -> None:
+        """Size a power of two within the maximum; areas aligned (2.7 "Virtqueues")."""
+        if not _is_pow2(self.size) or self.size > VIRTQ_MAX_SIZE:
+            raise DescriptorError(f"queue size {self.size} is not a power of two <= 32768")
+        for name, gpa, align in (
+            ("descriptor table", self.desc_gpa, VIRTQ_DESC_ALIGN),
+            ("available ring", self.avail_gpa, VIRTQ_AVAIL_ALIGN),
+            ("used ring", self.used_gpa, VIRTQ_USED_ALIGN),
+        ):
+            if gpa < 0 or gpa % align:
+                raise DescriptorError(f"{name} at {gpa:#x} is not {align}-byte aligned")
+
+    def check(self, view: GuestRamView) -> None:
+        """``check_shape`` plus: every area is memory ``view`` maps."""
+        self.check_shape()
+        view.read(self.desc_gpa, desc_table_bytes(self.size))
+        view.read(self.avail_gpa, avail_ring_bytes(self.size))
+        view.read(self.used_gpa, used_ring_bytes(self.size))
+
+
+@dataclass(frozen=True, slots=True)
+class UsedElem:
+    """One returned chain: its head and the bytes the device wrote into it."""
+
+    head: int
+    length: int
+
+
+@dataclass(slots=True)
+class _Flight:
+    descs: list[int]
+    writable_bytes: int
+
+
+class DriverQueue:
+    """The driver's end of a split virtqueue: it owns the descriptor table and the avail ring.
+
+    ``add`` writes a chain and queues its head; ``publish`` makes queued heads visible to the
+    device (one ``avail.idx`` store, after the ring slots, as 2.7.13 orders it); ``collect``
+    reads what the device used. Bad used entries are counted in ``counters`` and skipped; a
+    used index that runs more than ``size`` ahead breaks the queue (``DescriptorError``).
+    """
+
+    def __init__(self, view: GuestRamView, layout: QueueLayout, counters: Counters) -> None:
+        layout.check(view)
+        self.view = view
+        self.layout = layout
+        self.size = layout.size
+        self.counters = counters
+        view.fill(layout.desc_gpa, desc_table_bytes(self.size))
+        view.fill(layout.avail_gpa, avail_ring_bytes(self.size))
+        view.fill(layout.used_gpa, used_ring_bytes(self.size))
+        self._free: list[int] = list(range(self.size - 1, -1, -1))  # stack: 0 first
+        self._avail_idx = 0  # shadow of avail.idx including unpublished heads
+        self._last_used = 0
+        self._flight: dict[int, _Flight] = {}
+        self.broken = False
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flight)
+
+    def add(self, bufs: list[tuple[int, int, bool]]) -> int:
+        """Queue a chain of ``(gpa, len, device_writable)`` buffers; returns its head index."""
+        n = len(bufs)
+        if n == 0 or n > len(self._free):
+            raise UsageError(f"add: {n} buffers, {len(self._free)} free descriptors")
+        if self.broken:
+            raise UsageError("add: the queue is broken")
+        ids = [self._free.pop() for _ in range(n)]
+        mem = bytearray(VIRTQ_DESC_BYTES)
+        wbytes = 0
+        seen_w = False
+        for i, (gpa, length, writable) in enumerate(bufs):
+            if seen_w and not writable:
+                raise UsageError("add: device-readable buffer after a device-writable one")
+            seen_w = seen_w or writable
+            wbytes += length if writable else 0
+            flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
+                VIRTQ_DESC_F_NEXT if i + 1 < n else 0
+            )
+            _DESC.pack_into(mem, 0, gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
+            self.view.write(self.layout.desc_gpa + VIRTQ_DESC_BYTES * ids[i], mem)
+        head = ids[0]
+        slot = self._avail_idx % self.size
+        self.view.write_u16(self.layout.avail_gpa + 4 + 2 * slot, head)
+        self._avail_idx = (self._avail_idx + 1) & _U16
+        self._flight[head] = _Flight(ids, wbytes)
+        return head
+
+    def publish(self) -> None:
+        self.view.write_u16(self.layout.avail_gpa + 2, self._avail_idx)
+
+    def collect(self) -> list[UsedElem]:
+        """Every chain the device returned since the last call, in used-ring order."""
+        if self.broken:
+            return []
+        used_idx = self.view.read_u16(self.layout.used_gpa + 2)
+        n = (used_idx - self._last_used) & _U16
+        if n == 0:
+            return []
+        if n > len(self._flight):
+            self.broken = True
+            self.counters.inc("used_idx_jump")
+            raise DescriptorError(
+                f"used.idx {used_idx} is {n} ahead with {len(self._flight)} chains in flight"
+            )
+        out: list[UsedElem] = []
+        ring = self.layout.used_gpa + 4
+        for k in range(n):
+            slot = (self._last_used + k) % self.size
+            head, length = _USED_ELEM.unpack(self.view.read(ring + 8 * slot, 8))
+            fl = self._flight.pop(head, None)
+            if fl is None:
+                self.counters.inc("used_unknown_head")
+                continue
+            if length > fl.writable_bytes:
+                self.counters.inc("used_len_too_long")
+                length = fl.writable_bytes
+            self._free.extend(reversed(fl.descs))
+            out.append(UsedElem(head, length))
+        self._last_used = used_idx
+        return out
+
+
+@dataclass(slots=True)
+class Chain:
+    """A validated descriptor chain as the device sees it (buffers as ``(gpa, len)``)."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_bytes(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_bytes(self) -> int:
+        return sum(n for _, n in self.writable)
+
+    def read_all(self, view: GuestRamView, limit: int) -> bytes:
+        """The readable buffers, concatenated (``DescriptorError`` beyond ``limit`` bytes)."""
+        if self.readable_bytes > limit:
+            raise DescriptorError(f"chain carries {self.readable_bytes} bytes, limit {limit}")
+        return b"".join(view.read(gpa, n) for gpa, n in self.readable)
+
+    def write_all(self, view: GuestRamView, data: bytes) -> int:
+        """Scatter ``data`` over the writable buffers; returns bytes written."""
+        done = 0
+        for gpa, n in self.writable:
+            if done >= len(data):
+                break
+            part = data[done : done + n]
+            view.write(gpa, part)
+            done += len(part)
+        return done
+
+
+class DeviceQueue:
+    """The device's end of a split virtqueue: pops validated chains, pushes used entries.
+
+    ``readable`` / ``writable`` say which buffer directions this queue's use allows (the
+    balloon's inflateq carries only device-readable PFN arrays, the reporting queue only
+    device-writable ranges); a chain with the other kind is a ``DescriptorError``.
+    ``indirect`` is whether VIRTIO_F_INDIRECT_DESC was negotiated.
+
+    After a failed ``pop`` the head that was consumed, if it was a valid index, is in
+    ``failed_head`` so the caller can return it used with length 0. An available index that
+    runs more than ``size`` ahead sets ``broken``: the ring can no longer be trusted.
+    """
+
+    def __init__(
+        self,
+        view: GuestRamView,
+        layout: QueueLayout,
+        *,
+        readable: bool = True,
+        writable: bool = True,
+        indirect: bool = False,
+    ) -> None:
+        layout.check(view)
+        self.view = view
+        self.layout = layout
+        self.size = layout.size
+        self.readable = readable
+        self.writable = writable
+        self.indirect = indirect
+        self.last_avail = 0
+        self.used_idx = 0  # our own shadow: the driver could scribble on the ring
+        self.failed_head: int | None = None
+        self.broken = False  # the avail ring itself is corrupt: nothing more can be trusted
+
+    def pending(self) -> int:
+        """Heads made available and not popped yet (``DescriptorError`` if more than size)."""
+        avail_idx = self.view.read_u16(self.layout.avail_gpa + 2)
+        n = (avail_idx - self.last_avail) & _U16
+        if n > self.size:
+            self.broken = True
+            raise DescriptorError(
+                f"avail.idx {avail_idx} runs {n} ahead of {self.last_avail}, queue size "
+                f"{self.size}"
+            )
+        return n
+
+    def pop(self) -> Chain | None:
+        """The next available chain, fully validated, or None when there is none."""
+        self.failed_head = None
+        if self.pending() == 0:
+            return None
+        slot = self.last_avail % self.size
+        head = self.view.read_u16(self.layout.avail_gpa + 4 + 2 * slot)
+        self.last_avail = (self.last_avail + 1) & _U16
+        if head >= self.size:
+            raise DescriptorError(f"head index {head} out of range (queue size {self.size})")
+        self.failed_head = head
+        chain = Chain(head)
+        self._walk(chain, self.layout.desc_gpa, self.size, head, top=True)
+        self.failed_head = None
+        return chain
+
+    def _walk(self, chain: Chain, table: int, count: int, first: int, *, top: bool) -> None:
+        idx = first
+        steps = 0
+        while True:
+            if idx >= count:
+                raise DescriptorError(f"descriptor index {idx} out of range ({count})")
+            steps += 1
+            if steps > count:
+                raise DescriptorError(f"chain from {first} loops or exceeds {count} entries")
+            addr, length, flags, nxt = _DESC.unpack(
+                self.view.read(table + VIRTQ_DESC_BYTES * idx, VIRTQ_DESC_BYTES)
+            )
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                self._indirect(chain, addr, length, flags, top=top)
+            else:
+                self._buffer(chain, addr, length, flags)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            idx = nxt
+
+    def _indirect(self, chain: Chain, addr: int, length: int, flags: int, *, top: bool) -> None:
+        # 2.7.5.3: only if negotiated; never nested; never combined with NEXT; a whole
+        # number of descriptors
+        if not self.indirect:
+            raise DescriptorError("INDIRECT descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
+        if not top:
+            raise DescriptorError("nested INDIRECT descriptor")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise DescriptorError("INDIRECT descriptor with NEXT set")
+        if length == 0 or length % VIRTQ_DESC_BYTES or length // VIRTQ_DESC_BYTES > VIRTQ_MAX_SIZE:
+            raise DescriptorError(f"indirect table of {length} bytes")
+        self.view.read(addr, length)  # mapped?
+        self._walk(chain, addr, length // VIRTQ_DESC_BYTES, 0, top=False)
+
+    def _buffer(self, chain: Chain, addr: int, length: int, flags: int) -> None:
+        self.view.check_guest(addr, length)
+        if flags & VIRTQ_DESC_F_WRITE:
+            if not self.writable:
+                raise DescriptorError("device-writable buffer on a device-read-only queue")
+            chain.writable.append((addr, length))
+        else:
+            if not self.readable:
+                raise DescriptorError("device-readable buffer on a device-write-only queue")
+            if chain.writable:
+                raise DescriptorError("device-readable buffer after a device-writable one")
+            chain.readable.append((addr, length))
+
+    def push_used(self, head: int, length: int) -> None:
+        """Return chain ``head`` with ``length`` bytes written (2.7.8: entry, then idx)."""
+        if not 0 <= head < self.size:
+            raise UsageError(f"push_used: head {head} out of range")
+        slot = self.used_idx % self.size
+        buf = _USED_ELEM.pack(head, length & 0xFFFF_FFFF)
+        self.view.write(self.layout.used_gpa + 4 + 8 * slot, buf)
+        self.used_idx = (self.used_idx + 1) & _U16
+        self.view.write_u16(self.layout.used_gpa + 2, self.used_idx)
+
+    def used_ring(self) -> npt.NDArray[np.generic]:
+        """The used ring's entries (for tests and debugging)."""
+        return self.view.read_array(self.layout.used_gpa + 4, self.size, _USED_DTYPE)
+
+    def avail_ring(self) -> npt.NDArray[np.generic]:
+        return self.view.read_array(self.layout.avail_gpa + 4, self.size, _U16_DTYPE)
