@@ -1,0 +1,281 @@
+"""The in-guest agent's reports: parsing (pure) and the virtio-serial channel (I/O).
+
+The guest writes ONE JSON line a second (schema v1, written by initscript.py's agent):
+    {"v": 1, "t": <guest uptime s>,
+     "meminfo": {"MemTotal", "MemFree", "MemAvailable", "Cached", "SwapTotal", "SwapFree"} (kB),
+     "psi": {"some_avg10", "some_total", "full_avg10", "full_total"} | null,
+     "vmstat": {"pswpin", "pswpout", "pgmajfault", "oom_kill"}}
+PSI is Linux's /proc/pressure/memory (Documentation/accounting/psi.rst: avg10 in percent,
+total in microseconds); vmstat counters are /proc/vmstat's (pswpin/pswpout in pages).
+Any field may be null or absent (older kernels, no PSI): it becomes None.
+
+The guest is untrusted: a line that is not valid JSON, has the wrong shape or version, holds
+out-of-range numbers or is longer than ``MAX_LINE_BYTES`` raises AgentError after bumping a
+named counter; nothing else escapes. The channel keeps only the latest report, so a guest
+that floods costs a bounded buffer and CPU, never unbounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+from memballoon.model.units import KIB
+from memballoon.qemu.errors import AgentError, GuestGoneError
+
+AGENT_SCHEMA_VERSION = 1
+#: A real report is about 330 bytes; anything past this is a flood or garbage.
+MAX_LINE_BYTES = 4096
+#: Counters, kB and microsecond totals above this are not believable (2^53: exact in JSON).
+_MAX_VALUE = 2**53
+
+
+@dataclass(frozen=True)
+class PressureReport:
+    """One agent report, in bytes and counts. None = the guest did not report it."""
+
+    guest: str
+    uptime_s: float
+    mem_total_bytes: int | None = None
+    mem_free_bytes: int | None = None
+    mem_available_bytes: int | None = None
+    cached_bytes: int | None = None
+    swap_total_bytes: int | None = None
+    swap_free_bytes: int | None = None
+    swap_in_pages: int | None = None  # vmstat pswpin (cumulative)
+    swap_out_pages: int | None = None  # vmstat pswpout (cumulative)
+    major_faults: int | None = None  # vmstat pgmajfault (cumulative)
+    oom_kills: int | None = None  # vmstat oom_kill (cumulative)
+    psi_some_avg10: float | None = None  # percent of the last 10 s some task stalled on memory
+    psi_some_total_us: int | None = None
+    psi_full_avg10: float | None = None  # percent of the last 10 s all tasks stalled
+    psi_full_total_us: int | None = None
+
+
+_MEMINFO: Mapping[str, str] = {
+    "MemTotal": "mem_total_bytes",
+    "MemFree": "mem_free_bytes",
+    "MemAvailable": "mem_available_bytes",
+    "Cached": "cached_bytes",
+    "SwapTotal": "swap_total_bytes",
+    "SwapFree": "swap_free_bytes",
+}
+_VMSTAT: Mapping[str, str] = {
+    "pswpin": "swap_in_pages",
+    "pswpout": "swap_out_pages",
+    "pgmajfault": "major_faults",
+    "oom_kill": "oom_kills",
+}
+_PSI_TOTALS: Mapping[str, str] = {"some_total": "psi_some_total_us",
+                                  "full_total": "psi_full_total_us"}
+_PSI_AVGS: Mapping[str, str] = {"some_avg10": "psi_some_avg10", "full_avg10": "psi_full_avg10"}
+
+
+class _Reject(Exception):
+    """Internal: carries the counter name out of the validators."""
+
+    def __init__(self, counter: str, why: str) -> None:
+        super().__init__(why)
+        self.counter = counter
+
+
+def _reject_constant(name: str) -> float:
+    raise _Reject("agent_bad_json", f"non-JSON constant {name}")
+
+
+def _count(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_VALUE:
+        raise _Reject("agent_bad_value", f"{what} is not a count: {value!r:.40}")
+    return value
+
+
+def _percent(value: object, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Reject("agent_bad_value", f"{what} is not a number: {value!r:.40}")
+    number = float(value)
+    if not (math.isfinite(number) and 0.0 <= number <= 100.0):
+        raise _Reject("agent_bad_value", f"{what} is not a percentage: {number}")
+    return number
+
+
+def _section(doc: Mapping[str, object], key: str, required: bool) -> Mapping[str, object]:
+    value = doc.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise _Reject("agent_bad_schema", f"{key} is not an object")
+    return value
+
+
+def _parse(line: bytes | str, guest: str) -> PressureReport:
+    if len(line) > MAX_LINE_BYTES:
+        raise _Reject("agent_line_too_long", f"line of {len(line)} bytes")
+    try:
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, depth
+        raise _Reject("agent_bad_json", f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise _Reject("agent_bad_schema", "not a JSON object")
+    version = doc.get("v")
+    if isinstance(version, bool) or version != AGENT_SCHEMA_VERSION:
+        raise _Reject("agent_bad_version", f"schema version {version!r:.20}, want 1")
+    uptime = doc.get("t")
+    if isinstance(uptime, bool) or not isinstance(uptime, int | float):
+        raise _Reject("agent_bad_schema", "t (uptime) missing or not a number")
+    uptime_s = float(uptime)
+    if not (math.isfinite(uptime_s) and 0.0 <= uptime_s < _MAX_VALUE):
+        raise _Reject("agent_bad_value", f"uptime {uptime_s} out of range")
+    fields: dict[str, int | float | None] = {}
+    meminfo = _section(doc, "meminfo", required=True)
+    for key, name in _MEMINFO.items():
+        kib = _count(meminfo.get(key), key)
+        fields[name] = None if kib is None else kib * KIB
+    vmstat = _section(doc, "vmstat", required=False)
+    for key, name in _VMSTAT.items():
+        fields[name] = _count(vmstat.get(key), key)
+    psi = _section(doc, "psi", required=False)
+    for key, name in _PSI_TOTALS.items():
+        fields[name] = _count(psi.get(key), key)
+    for key, name in _PSI_AVGS.items():
+        fields[name] = _percent(psi.get(key), key)
+    return PressureReport(guest, uptime_s, **fields)  # type: ignore[arg-type]
+
+
+def parse_report(line: bytes | str, *, guest: str, counters: Counters) -> PressureReport:
+    """One agent line -> PressureReport; AgentError (counted) for anything else."""
+    try:
+        report = _parse(line, guest)
+    except _Reject as exc:
+        counters.inc(exc.counter)
+        raise AgentError(f"{guest}: agent line rejected: {exc}") from None
+    counters.inc("agent_reports")
+    return report
+
+
+class LineSplitter:
+    """Splits a byte stream into lines of at most ``max_line_bytes`` (newline excluded).
+
+    A longer line is dropped whole (counted once as ``agent_line_too_long``) and the
+    splitter resynchronises at the next newline, holding at most ``max_line_bytes`` bytes.
+    """
+
+    def __init__(self, counters: Counters, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._counters = counters
+        self._max = max_line_bytes
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        start = 0
+        while start < len(data):
+            nl = data.find(b"\n", start)
+            chunk = data[start:] if nl < 0 else data[start:nl]
+            if not self._skipping:
+                if len(self._buf) + len(chunk) > self._max:
+                    self._counters.inc("agent_line_too_long")
+                    self._buf.clear()
+                    self._skipping = True
+                else:
+                    self._buf += chunk
+            if nl < 0:
+                break
+            if not self._skipping:
+                lines.append(bytes(self._buf))
+            self._buf.clear()
+            self._skipping = False
+            start = nl + 1
+        return lines
+
+
+class AgentChannel:
+    """The host end of a guest's agent port (QEMU's ``agent.sock`` chardev).
+
+    ``read_report`` returns the next valid report; garbage is counted and skipped. Commands
+    for the test image's init (``hog N``, ``unhog``, ``mark X``...) go the other way."""
+
+    def __init__(
+        self, socket_path: str | Path, *, guest: str, counters: Counters | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
+        self.socket_path = str(socket_path)
+        self.guest = guest
+        self.counters = counters if counters is not None else Counters()
+        self._splitter = LineSplitter(self.counters, max_line_bytes)
+        self._pending: list[bytes] = []
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self.latest: PressureReport | None = None
+
+    async def connect(self, *, wait_s: float = 0.0) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+                return
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    self.counters.inc("agent_connect_failed")
+                    raise GuestGoneError(
+                        f"{self.guest}: cannot reach the agent socket {self.socket_path}: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.05)
+
+    async def read_report(self, timeout_s: float) -> PressureReport:
+        """The next valid report. GuestGoneError at EOF, TimeoutError after ``timeout_s``."""
+        if self._reader is None:
+            await self.connect()
+        reader = self._reader
+        assert reader is not None
+        async with asyncio.timeout(timeout_s):
+            while True:
+                while self._pending:
+                    line = self._pending.pop(0)
+                    try:
+                        report = parse_report(line, guest=self.guest, counters=self.counters)
+                    except AgentError:
+                        continue
+                    self.latest = report
+                    return report
+                try:
+                    data = await reader.read(65536)
+                except OSError as exc:
+                    raise GuestGoneError(f"{self.guest}: agent socket failed: {exc}") from exc
+                if not data:
+                    self.counters.inc("agent_eof")
+                    raise GuestGoneError(f"{self.guest}: agent socket closed (QEMU gone?)")
+                # Only the newest lines matter: a backlog is stale pressure.
+                self._pending = (self._pending + self._splitter.feed(data))[-8:]
+
+    async def send_command(self, command: str) -> None:
+        if "\n" in command or len(command) > 200:
+            raise UsageError(f"bad agent command {command!r:.60}")
+        if self._writer is None:
+            await self.connect()
+        writer = self._writer
+        assert writer is not None
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+        except OSError as exc:
+            raise GuestGoneError(f"{self.guest}: agent socket failed: {exc}") from exc
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
