@@ -1,0 +1,627 @@
+"""The VMware balloon driver, guest side: the seed's algorithm over the guest memory model.
+
+Source: Linux ``drivers/misc/vmw_balloon.c`` v2.6.34 ("1.2.1.0-K", seed 004), whole algorithm
+in ../shared/notes/vmw-balloon-legacy.md; batched mode after v4.20+.
+
+Theory of operation
+-------------------
+The driver talks to the host through a ``Backdoor``: request frame in, response frame out (the
+pure stand-in for the ``inl`` instruction). ``load`` sends START then GUEST_ID; the caller then
+runs ``work`` at once and every ``period_s`` (the seed queues its work with delay 0, then 1 s).
+
+``work``: count the timer; if a RESET was seen, *reset* (pop every page without UNLOCK, START,
+GUEST_ID); decrement ``slow_allocation_cycles``; GET_TARGET with the guest's RAM as limit; then
+inflate or deflate by at most one cycle.
+
+Version 2 (the seed, one page per command), kept line for line:
+- inflate: ``rate`` is 16384 (non-sleeping allocations) unless the guest was under pressure in
+  the last 4 cycles (then ``rate_alloc``). The loop index ``i`` counts from 0 and the cycle
+  stops once ``i >= rate`` after an allocation, so a full cycle takes ``rate + 1`` pages.
+  Each page: allocate, LOCK. A refusal with RESET or PPN_NOTNEEDED frees the page and ends
+  the cycle; any other refusal parks it on ``refused_pages`` and takes another page, until 16
+  are parked (then the cycle ends). A failed non-sleeping allocation sets
+  ``slow_allocation_cycles = 4`` and, unless ``i >= rate_alloc`` already, switches to sleeping
+  allocations at ``rate = rate_alloc``; a failed sleeping allocation halves ``rate_alloc``
+  (floor 512) and ends the cycle. ``cond_resched`` runs when more than 1024 loop iterations
+  passed since the last one. A cycle without error that reached ``i >= rate_alloc`` raises
+  ``rate_alloc`` by ``(i // rate_alloc) * 16`` (cap 2048). Refused pages are freed at the end.
+- deflate: ``min(size - target, rate_free)`` pages, newest first, UNLOCK *then* free; an UNLOCK
+  failure halves ``rate_free`` (floor 512) and ends the cycle, else ``rate_free += 16`` (cap
+  16384).
+- Any reply RESET (to GUEST_ID, GET_TARGET, LOCK, UNLOCK; START is checked for SUCCESS only)
+  sets ``reset_required``. Until the next ``work`` pops them, the host no longer holds the
+  driver's pages: they count as transient, not as balloon.
+- unload: START (the host forgets the balloon), then pop without UNLOCK.
+
+Batched mode (``batched=True``) offers BASIC_CMDS|BATCHED_CMDS at START. If the host grants
+BATCHED_CMDS (SUCCESS_WITH_CAPABILITIES), LOCK and UNLOCK go in batches of up to 512 PFNs, as
+v4.20+ does; otherwise the driver is the version-2 driver above. What follows v4.20+: a batch
+is allocated, then locked in one command; the batch's overall status overrides the per-page
+ones; a successful LOCK/UNLOCK reply updates ``target`` from ``result``; the cycle goes on while
+``size < target`` and no reset is pending, so the per-cycle cap is the goal, not 16384;
+deflation unlocks up to 512 pages per command down to the target; pages the host would not
+unlock go back into the balloon. What stays from the seed: non-sleeping allocations first, the
+switch to sleeping ones at ``rate_alloc`` pages a cycle after a failure (``i`` counts pages
+here, with no off-by-one), the halving of ``rate_alloc`` and ``rate_free``, at most 16 refused
+pages held (refusals past 16 in one batch are freed at once) and all freed at cycle end,
+RESET and PPN_NOTNEEDED ending a cycle, the reset sequence and unload. Not followed: 2 MiB
+pages, the doorbell, the shrinker and v4.20's 2 MiB deflate slack.
+
+Replies that do not decode are counted in ``counters`` and treated as FAILURE; ``work`` never
+raises for anything the host sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.guest.memory import GuestMemory
+from memballoon.host.ram import PfnArray
+from memballoon.model.counters import Counters
+from memballoon.model.errors import PeerError
+from memballoon.model.units import PFN32_MAX
+from memballoon.protocol.vmw import (
+    VMW_BALLOON_BATCH_MAX_PAGES,
+    VMW_BALLOON_GUEST_ID,
+    VMW_BALLOON_PROTOCOL_VERSION,
+    Capability,
+    Command,
+    Request,
+    Response,
+    Status,
+    VmwFrameError,
+    batch_request,
+    decode_response,
+    encode_request,
+)
+
+# The seed's constants (vmw_balloon.c v2.6.34), in pages or pages per second.
+VMW_BALLOON_NOSLEEP_ALLOC_MAX = 16384
+VMW_BALLOON_RATE_ALLOC_MIN = 512
+VMW_BALLOON_RATE_ALLOC_MAX = 2048
+VMW_BALLOON_RATE_ALLOC_INC = 16
+VMW_BALLOON_RATE_FREE_MIN = 512
+VMW_BALLOON_RATE_FREE_MAX = 16384
+VMW_BALLOON_RATE_FREE_INC = 16
+VMW_BALLOON_SLOW_CYCLES = 4
+VMW_BALLOON_YIELD_THRESHOLD = 1024  # page allocations without yielding the CPU
+VMW_BALLOON_MAX_REFUSED = 16  # refused pages held before a cycle gives up
+
+#: What a batched driver offers at START.
+BATCHED_DRIVER_CAPABILITIES = Capability.BASIC_CMDS | Capability.BATCHED_CMDS
+
+
+class Backdoor(Protocol):
+    """Frames in, frames out: the guest's ``inl`` to the hypervisor."""
+
+    def call(self, request: bytes) -> bytes: ...
+
+
+@dataclass(slots=True)
+class VmwBalloonStats:
+    """The seed's ``struct vmballoon_stats`` (field names as in the seed)."""
+
+    timer: int = 0
+    alloc: int = 0
+    alloc_fail: int = 0
+    sleep_alloc: int = 0
+    sleep_alloc_fail: int = 0
+    refused_alloc: int = 0
+    refused_free: int = 0
+    free: int = 0
+    lock: int = 0
+    lock_fail: int = 0
+    unlock: int = 0
+    unlock_fail: int = 0
+    target: int = 0
+    target_fail: int = 0
+    start: int = 0
+    start_fail: int = 0
+    guest_type: int = 0
+    guest_type_fail: int = 0
+    # v4.20+ ("batchLock", "batchUnlock"); zero in version-2 mode
+    batch_lock: int = 0
+    batch_lock_fail: int = 0
+    batch_unlock: int = 0
+    batch_unlock_fail: int = 0
+
+
+# debugfs ``vmmemctl`` lines: (name, count field, failed field or None), in the seed's order
+_DEBUGFS_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
+    ("timer", "timer", None),
+    ("start", "start", "start_fail"),
+    ("guestType", "guest_type", "guest_type_fail"),
+    ("lock", "lock", "lock_fail"),
+    ("unlock", "unlock", "unlock_fail"),
+    ("target", "target", "target_fail"),
+    ("primNoSleepAlloc", "alloc", "alloc_fail"),
+    ("primCanSleepAlloc", "sleep_alloc", "sleep_alloc_fail"),
+    ("primFree", "free", None),
+    ("errAlloc", "refused_alloc", None),
+    ("errFree", "refused_free", None),
+)
+_BATCH_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
+    ("batchLock", "batch_lock", "batch_lock_fail"),
+    ("batchUnlock", "batch_unlock", "batch_unlock_fail"),
+)
+
+
+class PfnStack:
+    """A growable stack of PFNs on a numpy array (the seed's ``pages`` list, newest on top)."""
+
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._buf: npt.NDArray[np.int64] = np.empty(max(16, capacity), dtype=np.int64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _reserve(self, need: int) -> None:
+        if need > self._buf.size:
+            new = np.empty(max(need, 2 * self._buf.size), dtype=np.int64)
+            new[: self._n] = self._buf[: self._n]
+            self._buf = new
+
+    def push(self, pfn: int) -> None:
+        if self._n == self._buf.size:
+            self._reserve(self._n + 1)
+        self._buf[self._n] = pfn
+        self._n += 1
+
+    def extend(self, pfns: PfnArray) -> None:
+        k = int(pfns.size)
+        self._reserve(self._n + k)
+        self._buf[self._n : self._n + k] = pfns
+        self._n += k
+
+    def top(self) -> int:
+        return int(self._buf[self._n - 1])
+
+    def peek(self, k: int) -> PfnArray:
+        """The ``k`` newest PFNs (a copy), newest first."""
+        k = min(k, self._n)
+        return self._buf[self._n - k : self._n][::-1].copy()
+
+    def pop(self, k: int = 1) -> PfnArray:
+        """Remove and return the ``k`` newest PFNs, newest first."""
+        out = self.peek(k)
+        self._n -= out.size
+        return out
+
+    def to_array(self) -> PfnArray:
+        return self._buf[: self._n].copy()
+
+
+# enum members as module constants: member lookups are slow on 3.11, paid once per page here
+_SUCCESS, _ERROR_RESET, _ERROR_PPN_NOTNEEDED = (
+    Status.SUCCESS, Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED
+)
+_LOCK, _UNLOCK = Command.LOCK, Command.UNLOCK
+
+_OK = 0
+_ENOMEM = 1  # a page allocation failed
+_EIO = 2  # the host refused: stop this cycle
+
+
+class VmwBalloonDriver:
+    """The seed's VMware balloon driver over a ``GuestMemory`` (see the module docstring)."""
+
+    period_s: float = 1.0
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        port: Backdoor,
+        *,
+        batched: bool = False,
+        cond_resched: Callable[[], None] | None = None,
+    ) -> None:
+        self.mem = mem
+        self.port = port
+        self.batched = batched
+        self.cond_resched = cond_resched
+        self.counters = Counters()
+        self.seed_stats = VmwBalloonStats()
+        # the seed's struct vmballoon
+        self.pages = PfnStack()
+        self.refused_pages = PfnStack(VMW_BALLOON_MAX_REFUSED)
+        self.n_refused_pages = 0
+        self.size = 0
+        self.target = 0
+        self.reset_required = False
+        self.rate_alloc = VMW_BALLOON_RATE_ALLOC_MAX
+        self.rate_free = VMW_BALLOON_RATE_FREE_MAX
+        self.slow_allocation_cycles = 0
+        # v4.20+
+        self.capabilities = Capability(0)
+        self.batch_max_pages = 1
+        self.loaded = False
+
+    # ------------------------------------------------------------------ the backdoor
+    def _cmd(self, req: Request) -> Response:
+        """One command; a reply that does not decode is counted and read as FAILURE."""
+        try:
+            frame = self.port.call(encode_request(req))
+            return decode_response(frame, req)
+        except VmwFrameError as exc:
+            self.counters.inc(f"reply_{exc.reason}")
+        except (PeerError, OSError) as exc:
+            self.counters.inc(f"backdoor_{type(exc).__name__}")
+        return Response(Status.FAILURE)
+
+    def _check_status(self, status: Status) -> bool:
+        # the seed's vmballoon_check_status: RESET means the host wants the reset sequence
+        if status is _SUCCESS:
+            return True
+        if status is _ERROR_RESET:
+            self.reset_required = True
+        return False
+
+    def _send_start(self) -> bool:
+        self.seed_stats.start += 1
+        offer = BATCHED_DRIVER_CAPABILITIES if self.batched else VMW_BALLOON_PROTOCOL_VERSION
+        resp = self._cmd(Request(Command.START, int(offer)))
+        if resp.status is Status.SUCCESS_WITH_CAPABILITIES and self.batched:
+            self.capabilities = Capability(resp.result & int(BATCHED_DRIVER_CAPABILITIES))
+        elif resp.status is Status.SUCCESS:
+            self.capabilities = Capability.BASIC_CMDS
+        else:
+            self.seed_stats.start_fail += 1
+            return False
+        use_batches = bool(self.capabilities & Capability.BATCHED_CMDS)
+        self.batch_max_pages = VMW_BALLOON_BATCH_MAX_PAGES if use_batches else 1
+        return True
+
+    def _send_guest_id(self) -> bool:
+        resp = self._cmd(Request(Command.GUEST_ID, VMW_BALLOON_GUEST_ID))
+        self.seed_stats.guest_type += 1
+        if self._check_status(resp.status):
+            return True
+        self.seed_stats.guest_type_fail += 1
+        return False
+
+    def _send_get_target(self) -> int | None:
+        limit = self.mem.total_pages  # the seed's si_meminfo() totalram
+        if limit > PFN32_MAX:
+            self.counters.inc("limit_over_32_bits")
+            return None
+        self.seed_stats.target += 1
+        resp = self._cmd(Request(Command.GET_TARGET, limit))
+        if self._check_status(resp.status):
+            return resp.result & PFN32_MAX  # the seed stores it in a u32
+        self.seed_stats.target_fail += 1
+        return None
+
+    def _send_lock_page(self, pfn: int) -> tuple[bool, Status | None]:
+        if pfn > PFN32_MAX:
+            return False, None  # the seed: no command, no status
+        self.seed_stats.lock += 1
+        status = self._cmd(Request(_LOCK, pfn)).status
+        if self._check_status(status):
+            return True, status
+        self.seed_stats.lock_fail += 1
+        return False, status
+
+    def _send_unlock_page(self, pfn: int) -> bool:
+        if pfn > PFN32_MAX:
+            return False
+        self.seed_stats.unlock += 1
+        if self._check_status(self._cmd(Request(_UNLOCK, pfn)).status):
+            return True
+        self.seed_stats.unlock_fail += 1
+        return False
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self, now: float) -> None:
+        """START then GUEST_ID; if either fails the driver stays unloaded (``loaded`` False)."""
+        self.loaded = self._send_start() and self._send_guest_id()
+        if not self.loaded:
+            self.counters.inc("load_failed")
+
+    def unload(self, now: float) -> None:
+        """START first (the host forgets the balloon), then pop every page without UNLOCK."""
+        if self.loaded:
+            self._send_start()
+        self._pop()
+        self.loaded = False
+
+    def work(self, now: float) -> None:
+        if not self.loaded:
+            return
+        self.seed_stats.timer += 1
+        if self.reset_required:
+            self._reset()
+        if self.slow_allocation_cycles > 0:
+            self.slow_allocation_cycles -= 1
+        target = self._send_get_target()
+        if target is None:
+            return
+        self.target = target
+        if self.size < target:
+            self._inflate_batched() if self.batch_max_pages > 1 else self._inflate()
+        elif self.size > target:
+            self._deflate_batched() if self.batch_max_pages > 1 else self._deflate()
+
+    def _yield(self) -> None:
+        if self.cond_resched is not None:
+            self.cond_resched()
+
+    def _pop(self) -> None:
+        """Free every ballooned page without telling the host (reset, unload)."""
+        rate = max(1, self.rate_free)
+        while len(self.pages):
+            chunk = self.pages.pop(rate)
+            self.mem.free_balloon(chunk)
+            self.seed_stats.free += int(chunk.size)
+            self.size -= int(chunk.size)
+            if chunk.size == rate:  # the seed yields after every rate_free pages
+                self._yield()
+
+    def _reset(self) -> None:
+        self._pop()
+        if self._send_start():
+            self.reset_required = False
+            self._send_guest_id()
+
+    # ------------------------------------------------------------------ version 2
+    def _alloc_one(self, can_sleep: bool) -> PfnArray:
+        if can_sleep:
+            self.seed_stats.sleep_alloc += 1
+            got = self.mem.alloc_sleep(1)
+            if got.size == 0:
+                self.seed_stats.sleep_alloc_fail += 1
+        else:
+            self.seed_stats.alloc += 1
+            got = self.mem.alloc_nosleep(1)
+            if got.size == 0:
+                self.seed_stats.alloc_fail += 1
+        return got
+
+    def _reserve_page(self, can_sleep: bool) -> int:
+        while True:
+            page = self._alloc_one(can_sleep)
+            if page.size == 0:
+                return _ENOMEM
+            pfn = int(page[0])
+            locked, hv_status = self._send_lock_page(pfn)
+            if locked:
+                self.pages.push(pfn)
+                self.size += 1
+                return _OK
+            self.seed_stats.refused_alloc += 1
+            if hv_status is _ERROR_RESET or hv_status is _ERROR_PPN_NOTNEEDED:
+                self.mem.free_balloon(page)
+                return _EIO
+            # keep the page so the allocator does not hand it back; try another one
+            self.refused_pages.push(pfn)
+            self.n_refused_pages += 1
+            if self.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
+                return _EIO
+
+    def _release_refused_pages(self) -> None:
+        k = len(self.refused_pages)
+        if k:
+            self.mem.free_balloon(self.refused_pages.pop(k))
+            self.seed_stats.refused_free += k
+        self.n_refused_pages = 0
+
+    def _inflate(self) -> None:
+        goal = self.target - self.size
+        rate = self.rate_alloc if self.slow_allocation_cycles else VMW_BALLOON_NOSLEEP_ALLOC_MAX
+        can_sleep = False
+        allocations = 0
+        error = _OK
+        i = 0
+        while i < goal:
+            error = self._reserve_page(can_sleep)
+            if error != _OK:
+                if error != _ENOMEM:
+                    break  # the host said stop; maybe a new target comes soon
+                if can_sleep:
+                    # severe pressure: slow down quickly
+                    self.rate_alloc = max(self.rate_alloc // 2, VMW_BALLOON_RATE_ALLOC_MIN)
+                    break
+                # pressure: slow down for a few cycles, pause or go on with sleeping allocations
+                self.slow_allocation_cycles = VMW_BALLOON_SLOW_CYCLES
+                if i >= self.rate_alloc:
+                    break
+                can_sleep = True
+                rate = self.rate_alloc
+            allocations += 1
+            if allocations > VMW_BALLOON_YIELD_THRESHOLD:
+                self._yield()
+                allocations = 0
+            if i >= rate:
+                break
+            i += 1
+        if error == _OK and i >= self.rate_alloc:
+            mult = i // self.rate_alloc
+            self.rate_alloc = min(
+                self.rate_alloc + mult * VMW_BALLOON_RATE_ALLOC_INC, VMW_BALLOON_RATE_ALLOC_MAX
+            )
+        self._release_refused_pages()
+
+    def _deflate(self) -> None:
+        goal = min(self.size - self.target, self.rate_free)
+        i = 0
+        while len(self.pages):
+            pfn = self.pages.top()
+            if not self._send_unlock_page(pfn):
+                self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
+                return
+            self.mem.free_balloon(self.pages.pop(1))
+            self.seed_stats.free += 1
+            self.size -= 1
+            i += 1
+            if i >= goal:
+                break
+        self.rate_free = min(self.rate_free + VMW_BALLOON_RATE_FREE_INC, VMW_BALLOON_RATE_FREE_MAX)
+
+    # ------------------------------------------------------------------ batched (v4.20+)
+    def _alloc_batch(self, n: int, can_sleep: bool) -> PfnArray:
+        got = self.mem.alloc_sleep(n) if can_sleep else self.mem.alloc_nosleep(n)
+        short = got.size < n
+        if can_sleep:
+            self.seed_stats.sleep_alloc += int(got.size) + short
+            self.seed_stats.sleep_alloc_fail += short
+        else:
+            self.seed_stats.alloc += int(got.size) + short
+            self.seed_stats.alloc_fail += short
+        return got
+
+    def _lock_batch(self, pfns: PfnArray) -> int:
+        """BATCHED_LOCK ``pfns``; returns _OK, or _EIO when the cycle must end."""
+        self.seed_stats.batch_lock += 1
+        resp = self._cmd(batch_request(Command.BATCHED_LOCK, pfns))
+        if not self._check_status(resp.status):
+            # the batch's status overrides the pages' ones
+            self.seed_stats.batch_lock_fail += 1
+            self.seed_stats.refused_alloc += int(pfns.size)
+            self.mem.free_balloon(pfns)
+            return _EIO
+        self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
+        ok = resp.statuses == Status.SUCCESS
+        self.pages.extend(pfns[ok])
+        self.size += int(ok.sum())
+        refused = pfns[~ok]
+        if refused.size == 0:
+            return _OK
+        self.seed_stats.refused_alloc += int(refused.size)
+        codes = resp.statuses[~ok]
+        stop = bool(np.isin(codes, (Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED)).any())
+        if bool((codes == Status.ERROR_RESET).any()):
+            self.reset_required = True
+        room = max(0, VMW_BALLOON_MAX_REFUSED - self.n_refused_pages)
+        keep, drop = refused[:room], refused[room:]
+        if keep.size:
+            self.refused_pages.extend(keep)
+            self.n_refused_pages += int(keep.size)
+        if drop.size:
+            self.mem.free_balloon(drop)
+            self.seed_stats.refused_free += int(drop.size)
+        if stop or self.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
+            return _EIO
+        return _OK
+
+    def _inflate_batched(self) -> None:
+        rate = self.rate_alloc if self.slow_allocation_cycles else None  # None: up to the goal
+        can_sleep = False
+        error = _OK
+        i = 0  # pages allocated this cycle
+        while self.size < self.target and not self.reset_required:
+            want = min(self.batch_max_pages, self.target - self.size)
+            if rate is not None:
+                want = min(want, rate - i)
+            if want <= 0:
+                break
+            got = self._alloc_batch(want, can_sleep)
+            i += int(got.size)
+            error = self._lock_batch(got) if got.size else _OK
+            if error != _OK:
+                break
+            if got.size < want:
+                error = _ENOMEM
+                if can_sleep:
+                    self.rate_alloc = max(self.rate_alloc // 2, VMW_BALLOON_RATE_ALLOC_MIN)
+                    break
+                self.slow_allocation_cycles = VMW_BALLOON_SLOW_CYCLES
+                if i >= self.rate_alloc:
+                    break
+                can_sleep = True
+                rate = self.rate_alloc
+            self._yield()  # v4.20+ yields after every batch
+        if error == _OK and i >= self.rate_alloc:
+            mult = i // self.rate_alloc
+            self.rate_alloc = min(
+                self.rate_alloc + mult * VMW_BALLOON_RATE_ALLOC_INC, VMW_BALLOON_RATE_ALLOC_MAX
+            )
+        self._release_refused_pages()
+
+    def _deflate_batched(self) -> None:
+        while self.size > self.target and not self.reset_required:
+            batch = self.pages.pop(min(self.batch_max_pages, self.size - self.target))
+            self.seed_stats.batch_unlock += 1
+            resp = self._cmd(batch_request(Command.BATCHED_UNLOCK, batch))
+            if not self._check_status(resp.status):
+                self.seed_stats.batch_unlock_fail += 1
+                self.pages.extend(batch[::-1])  # back into the balloon, order kept
+                self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
+                return
+            self.target = resp.result & PFN32_MAX
+            ok = resp.statuses == Status.SUCCESS
+            freed = batch[ok]
+            if freed.size:
+                self.mem.free_balloon(freed)
+                self.seed_stats.free += int(freed.size)
+                self.size -= int(freed.size)
+            if not bool(ok.all()):
+                # v4.20+: pages the host would not unlock go back into the balloon
+                self.pages.extend(batch[~ok][::-1])
+                if bool((resp.statuses == Status.ERROR_RESET).any()):
+                    self.reset_required = True
+                self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
+                return
+            self._yield()
+        self.rate_free = min(self.rate_free + VMW_BALLOON_RATE_FREE_INC, VMW_BALLOON_RATE_FREE_MAX)
+
+    # ------------------------------------------------------------------ BalloonDriver
+    @property
+    def balloon_pages(self) -> int:
+        """Pages the host holds: none once it answered RESET (until the pop)."""
+        return 0 if self.reset_required else self.size
+
+    @property
+    def target_pages(self) -> int:
+        return self.target
+
+    def balloon_pfns(self) -> PfnArray:
+        if self.reset_required:
+            return np.empty(0, dtype=np.int64)
+        return np.sort(self.pages.to_array())
+
+    def transient_pfns(self) -> PfnArray:
+        parts = [self.refused_pages.to_array()]
+        if self.reset_required:
+            parts.append(self.pages.to_array())  # the host forgot them; the next work pops
+        return np.sort(np.concatenate(parts))
+
+    def stats(self) -> dict[str, int]:
+        """The seed's statistics by their ``vmmemctl`` names ("<name>Failed" for failures)."""
+        s = asdict(self.seed_stats)
+        out: dict[str, int] = {
+            "current": self.size,
+            "rateNoSleepAlloc": VMW_BALLOON_NOSLEEP_ALLOC_MAX,
+            "rateSleepAlloc": self.rate_alloc,
+            "rateFree": self.rate_free,
+        }
+        for name, count, failed in _DEBUGFS_COUNTERS + _BATCH_COUNTERS:
+            out[name] = s[count]
+            if failed is not None:
+                out[f"{name}Failed"] = s[failed]
+        return out
+
+    def vmmemctl_text(self) -> str:
+        """The statistics in the seed's debugfs ``vmmemctl`` format (vmballoon_debug_show)."""
+        s = asdict(self.seed_stats)
+        lines = [
+            f"{'target:':<20}{self.target:>8} pages",
+            f"{'current:':<20}{self.size:>8} pages",
+            f"{'rateNoSleepAlloc:':<20}{VMW_BALLOON_NOSLEEP_ALLOC_MAX:>8} pages/sec",
+            f"{'rateSleepAlloc:':<20}{self.rate_alloc:>8} pages/sec",
+            f"{'rateFree:':<20}{self.rate_free:>8} pages/sec",
+            "",
+        ]
+        rows = _DEBUGFS_COUNTERS + (_BATCH_COUNTERS if self.batch_max_pages > 1 else ())
+        for name, count, failed in rows:
+            line = f"{name + ':':<20}{s[count]:>8}"
+            if failed is not None:
+                line += f" ({s[failed]:>4} failed)"
+            lines.append(line)
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,286 @@
+"""The host side of the VMware balloon: answers backdoor frames for one guest.
+
+Source: the behaviour a Linux ``drivers/misc/vmw_balloon.c`` guest expects of the VMware
+monitor (v2.6.34 for version 2; v4.20+ for capabilities and batches).
+
+Theory of operation
+-------------------
+``handle(frame) -> frame`` never raises. A frame is decoded (``protocol.vmw``), then, in order:
+1. ``busy_next(n)``: the next ``n`` commands answer ERROR_BUSY;
+2. ``request_reset()``: the host forgot every locked page at once (readmitted through the RAM
+   backend); the next command other than START answers ERROR_RESET;
+3. without a START since the device was made or reset, every other command answers
+   ERROR_RESET too (the host has no balloon session: the guest must start one);
+4. the command itself. START opens a session and, as on VMware, resets the host's view (every
+   locked page is forgotten: the seed's unload sends START before it frees its pages).
+   A START offering only BASIC_CMDS (== version 2) is a version-2 peer: plain SUCCESS, never
+   batching. One offering BATCHED_CMDS gets SUCCESS_WITH_CAPABILITIES with what this device
+   grants in ``result``.
+
+LOCK checks, in order: PFN outside the guest (PPN_INVALID), already locked (PPN_LOCKED), pinned
+by the host (PPN_PINNED), the balloon already at target (PPN_NOTNEEDED); a locked page's memory
+is released through the RAM backend. UNLOCK: outside (PPN_INVALID), not locked (PPN_UNLOCKED);
+the page is readmitted. Batches check every entry the same way (a PFN given twice in one batch
+is PPN_LOCKED the second time) and release or readmit the accepted pages as coalesced ranges in
+one call. Replies to GET_TARGET, LOCK and UNLOCK carry the target in ``result`` (v4.20+ reads
+it there; the seed ignores it).
+
+Every rejected input bumps a named counter in ``counters``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.host.ram import PfnArray, RamBackend, as_pfns, coalesce
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+from memballoon.protocol.vmw import (
+    Capability,
+    Command,
+    Request,
+    Response,
+    Status,
+    VmwFrameError,
+    decode_request,
+    encode_response,
+)
+
+#: What this device can grant at START.
+DEVICE_CAPABILITIES = Capability.BASIC_CMDS | Capability.BATCHED_CMDS
+_START, _GET_TARGET, _LOCK, _UNLOCK, _GUEST_ID, _BATCHED_LOCK = (
+    Command.START, Command.GET_TARGET, Command.LOCK, Command.UNLOCK, Command.GUEST_ID,
+    Command.BATCHED_LOCK,
+)
+_SUCCESS = Status.SUCCESS
+_CMD_COUNTER = {c: f"cmd_{c.name.lower()}" for c in Command}
+_STATUS_COUNTER = {s: s.name.lower() for s in Status}
+_KNOWN_CAPABILITIES = int(
+    Capability.BASIC_CMDS
+    | Capability.BATCHED_CMDS
+    | Capability.BATCHED_2M_CMDS
+    | Capability.SIGNALLED_WAKEUP_CMD
+    | Capability.TARGET_64_BIT
+)
+
+
+class VmwBalloonDevice:
+    """One guest's VMware balloon, host side (see the module docstring)."""
+
+    def __init__(self, ram: RamBackend, *, supports_batched: bool = True) -> None:
+        self.ram = ram
+        self.supports_batched = supports_batched
+        self.counters = Counters()
+        n = ram.guest_pages
+        self._guest_pages = n
+        self._locked: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
+        self._pinned: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
+        self._n_locked = 0
+        self._target = 0
+        self._started = False
+        self._caps = Capability(0)
+        self._reset_pending = False
+        self._busy_left = 0
+        #: the guest's RAM limit from its last GET_TARGET; None before the first one
+        self.guest_limit: int | None = None
+        #: guest type from GUEST_ID (1 = Linux)
+        self.guest_id: int | None = None
+
+    # ------------------------------------------------------------------ control (host side)
+    def set_target(self, pages: int) -> None:
+        if pages < 0:
+            raise UsageError(f"negative balloon target: {pages} pages")
+        self._target = pages
+
+    @property
+    def target_pages(self) -> int:
+        return self._target
+
+    @property
+    def actual_pages(self) -> int:
+        return self._n_locked
+
+    @property
+    def capabilities(self) -> Capability:
+        """What the current session granted (empty before START)."""
+        return self._caps
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def balloon_pfns(self) -> PfnArray:
+        return np.flatnonzero(self._locked).astype(np.int64)
+
+    def set_pinned(self, pfns: npt.ArrayLike) -> None:
+        """Pages the host will not take (LOCK answers PPN_PINNED); replaces the previous set."""
+        p = as_pfns(pfns)
+        if p.size and (int(p.min()) < 0 or int(p.max()) >= self._guest_pages):
+            raise UsageError("pinned PFN outside the guest")
+        self._pinned[:] = False
+        self._pinned[p] = True
+
+    def request_reset(self) -> None:
+        """Forget the balloon now; the next command (other than START) answers ERROR_RESET."""
+        self._forget_all()
+        self._reset_pending = True
+
+    def busy_next(self, n: int) -> None:
+        """The next ``n`` commands answer ERROR_BUSY."""
+        if n < 0:
+            raise UsageError(f"busy_next: negative count {n}")
+        self._busy_left = n
+
+    # ------------------------------------------------------------------ the backdoor
+    def handle(self, request: bytes) -> bytes:
+        """Answer one request frame (never raises)."""
+        try:
+            req = decode_request(request)
+        except VmwFrameError as exc:
+            self.counters.inc(f"frame_{exc.reason}")
+            return encode_response(Response(exc.status))
+        self.counters.inc(_CMD_COUNTER[req.command])
+        return encode_response(self._answer(req))
+
+    def _answer(self, req: Request) -> Response:
+        if self._busy_left > 0:
+            self._busy_left -= 1
+            self.counters.inc("busy")
+            return Response(Status.ERROR_BUSY)
+        cmd = req.command
+        if cmd is _START:
+            return self._start(req.data)
+        if self._reset_pending:
+            self._reset_pending = False
+            self._started = False
+            self.counters.inc("reset")
+            return Response(Status.ERROR_RESET)
+        if not self._started:
+            self.counters.inc("cmd_before_start")
+            return Response(Status.ERROR_RESET)
+        # plain comparisons, not ``match``: member lookups are slow on 3.11 and LOCK/UNLOCK
+        # come once per page
+        if cmd is _LOCK:
+            return Response(self._lock_one(req.data), self._target)
+        if cmd is _UNLOCK:
+            return Response(self._unlock_one(req.data), self._target)
+        if cmd is _GET_TARGET:
+            self.guest_limit = req.data
+            return Response(_SUCCESS, min(self._target, req.data))
+        if cmd is _GUEST_ID:
+            self.guest_id = req.data
+            return Response(_SUCCESS)
+        # BATCHED_LOCK or BATCHED_UNLOCK
+        if not self._caps & Capability.BATCHED_CMDS:
+            self.counters.inc("batch_not_negotiated")
+            return Response(Status.ERROR_CMD_INVALID)
+        if cmd is _BATCHED_LOCK:
+            statuses = self._lock_batch(req.pfns)
+        else:
+            statuses = self._unlock_batch(req.pfns)
+        return Response(_SUCCESS, self._target, req.pfns, statuses)
+
+    def _start(self, offered: int) -> Response:
+        self._forget_all()
+        self._reset_pending = False
+        self._started = True
+        offer = Capability(offered & _KNOWN_CAPABILITIES)
+        if self.supports_batched and offer & Capability.BATCHED_CMDS:
+            self._caps = offer & DEVICE_CAPABILITIES | Capability.BASIC_CMDS
+            return Response(Status.SUCCESS_WITH_CAPABILITIES, int(self._caps))
+        # a version-2 peer (data 2 == BASIC_CMDS), or batching not on offer here
+        self._caps = Capability.BASIC_CMDS
+        return Response(Status.SUCCESS)
+
+    def _forget_all(self) -> None:
+        if self._n_locked:
+            self.ram.readmit(coalesce(self.balloon_pfns()))
+            self.counters.inc("pages_forgotten", self._n_locked)
+        self._locked[:] = False
+        self._n_locked = 0
+
+    # ------------------------------------------------------------------ single pages
+    def _lock_one(self, pfn: int) -> Status:
+        if pfn >= self._guest_pages:
+            st = Status.ERROR_PPN_INVALID
+        elif self._locked[pfn]:
+            st = Status.ERROR_PPN_LOCKED
+        elif self._pinned[pfn]:
+            st = Status.ERROR_PPN_PINNED
+        elif self._n_locked >= self._target:
+            st = Status.ERROR_PPN_NOTNEEDED
+        else:
+            self.ram.release(np.array([[pfn, pfn + 1]], dtype=np.int64))
+            self._locked[pfn] = True
+            self._n_locked += 1
+            return _SUCCESS
+        self.counters.inc(_STATUS_COUNTER[st])
+        return st
+
+    def _unlock_one(self, pfn: int) -> Status:
+        if pfn >= self._guest_pages:
+            st = Status.ERROR_PPN_INVALID
+        elif not self._locked[pfn]:
+            st = Status.ERROR_PPN_UNLOCKED
+        else:
+            self.ram.readmit(np.array([[pfn, pfn + 1]], dtype=np.int64))
+            self._locked[pfn] = False
+            self._n_locked -= 1
+            return _SUCCESS
+        self.counters.inc(_STATUS_COUNTER[st])
+        return st
+
+    # ------------------------------------------------------------------ batches
+    def _classify(self, pfns: PfnArray) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
+        """Statuses preset to SUCCESS, with PPN_INVALID marked; and the in-guest mask."""
+        st = np.zeros(pfns.size, dtype=np.int32)
+        inside = pfns < self._guest_pages
+        st[~inside] = Status.ERROR_PPN_INVALID
+        return st, inside
+
+    @staticmethod
+    def _repeats(pfns: PfnArray) -> npt.NDArray[np.bool_]:
+        """True for every entry whose PFN already appeared earlier in the batch."""
+        _, first = np.unique(pfns, return_index=True)
+        rep = np.ones(pfns.size, dtype=np.bool_)
+        rep[first] = False
+        return rep
+
+    def _count_statuses(self, st: npt.NDArray[np.int32]) -> None:
+        codes, counts = np.unique(st[st != Status.SUCCESS], return_counts=True)
+        for code, n in zip(codes.tolist(), counts.tolist(), strict=True):
+            self.counters.inc(Status(code).name.lower(), n)
+
+    def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        st, inside = self._classify(pfns)
+        idx = np.flatnonzero(inside)
+        p = pfns[idx]
+        locked = self._locked[p] | self._repeats(p)
+        st[idx[locked]] = Status.ERROR_PPN_LOCKED
+        pinned = ~locked & self._pinned[p]
+        st[idx[pinned]] = Status.ERROR_PPN_PINNED
+        cand = idx[~locked & ~pinned]
+        room = max(0, self._target - self._n_locked)
+        st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
+        take = pfns[cand[:room]]
+        if take.size:
+            self.ram.release(coalesce(take))
+            self._locked[take] = True
+            self._n_locked += int(take.size)
+        self._count_statuses(st)
+        return st
+
+    def _unlock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        st, inside = self._classify(pfns)
+        idx = np.flatnonzero(inside)
+        p = pfns[idx]
+        unlocked = ~self._locked[p] | self._repeats(p)
+        st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
+        give = p[~unlocked]
+        if give.size:
+            self.ram.readmit(coalesce(give))
+            self._locked[give] = False
+            self._n_locked -= int(give.size)
+        self._count_statuses(st)
+        return st

@@ -1,0 +1,305 @@
+"""The VMware balloon backdoor protocol: commands, statuses, capabilities and a fixed frame codec.
+
+Source: Linux ``drivers/misc/vmw_balloon.c`` (v2.6.34, the seed: protocol version 2, one page
+per command; v4.20+: capabilities negotiated at START, batched LOCK/UNLOCK).
+
+Theory of operation
+-------------------
+On real hardware one command is one ``inl`` on port ``VMW_BALLOON_HV_PORT`` with registers in
+(``eax`` magic, ``ecx`` command, ``ebx`` data) and registers out (``eax`` status, ``ebx``
+result). Batched commands pass the guest-physical page of a batch instead, and the host writes
+a status into the low bits of each entry. Here the registers and the batch page travel as
+bytes, so the driver and the device can sit on either side of a function call or a socket:
+
+request  (little-endian)::
+
+    u32 magic (VMW_BALLOON_HV_MAGIC) | u32 command | u64 data
+    BATCHED_LOCK / BATCHED_UNLOCK only:  u32 count | count x u64 entry (PFN << 12, low 12 bits 0)
+    (``data`` of a batched command is the count, as the real driver passes it in ``esi``)
+
+response (little-endian)::
+
+    i32 status | u32 count | u64 result
+    then ``count`` x u64 entry: PFN << 12 | per-page status in the low 12 bits
+
+The response's ``count`` is 0 except for a batched command the host processed (status
+SUCCESS): then it echoes the request's entries with their statuses. A batched command failed
+as a whole (CMD_INVALID, RESET, BUSY, ...) answers 0 entries: its status covers every page.
+A per-page status is 12 bits wide; FAILURE (-1) is written as 0xFFF.
+
+Decoding is strict and the only exception it raises is ``VmwFrameError`` (a ``FrameError``),
+whose ``reason`` names the rule broken (a counter name for whoever caught it) and whose
+``status`` is what a host answers to such a frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.model.errors import FrameError, UsageError
+from memballoon.model.units import PAGE_SHIFT, PFN32_MAX
+
+PfnArray = npt.NDArray[np.int64]
+StatusArray = npt.NDArray[np.int32]
+
+# The seed's constants (vmw_balloon.c, v2.6.34).
+VMW_BALLOON_HV_PORT = 0x5670
+VMW_BALLOON_HV_MAGIC = 0x456C6D6F
+VMW_BALLOON_PROTOCOL_VERSION = 2
+VMW_BALLOON_GUEST_ID = 1  # Linux
+#: One 4 KiB page of u64 entries (v4.20+ ``VMW_BALLOON_BATCH_MAX_PAGES``).
+VMW_BALLOON_BATCH_MAX_PAGES = (1 << PAGE_SHIFT) // 8
+
+U64_MAX = (1 << 64) - 1
+ENTRY_STATUS_MASK = (1 << PAGE_SHIFT) - 1
+ENTRY_PFN_MAX = (1 << (64 - PAGE_SHIFT)) - 1
+_FAILURE_ENTRY = ENTRY_STATUS_MASK  # -1 in 12 bits
+
+_REQ = struct.Struct("<IIQ")
+_RESP = struct.Struct("<iIQ")
+_COUNT = struct.Struct("<I")
+REQUEST_HEADER_SIZE = _REQ.size
+RESPONSE_HEADER_SIZE = _RESP.size
+
+
+class Command(IntEnum):
+    START = 0
+    GET_TARGET = 1
+    LOCK = 2
+    UNLOCK = 3
+    GUEST_ID = 4
+    # no command 5
+    BATCHED_LOCK = 6
+    BATCHED_UNLOCK = 7
+
+    @property
+    def batched(self) -> bool:
+        return self in _BATCHED_COMMANDS
+
+
+class Status(IntEnum):
+    SUCCESS = 0
+    FAILURE = -1
+    ERROR_CMD_INVALID = 1
+    ERROR_PPN_INVALID = 2
+    ERROR_PPN_LOCKED = 3
+    ERROR_PPN_UNLOCKED = 4
+    ERROR_PPN_PINNED = 5
+    ERROR_PPN_NOTNEEDED = 6
+    ERROR_RESET = 7
+    ERROR_BUSY = 8
+    #: START's answer from a v4.20+ host: ``result`` holds the granted capabilities.
+    SUCCESS_WITH_CAPABILITIES = 0x03000000
+
+
+# Plain lookups: enum attribute access and Enum(value) are slow on Python 3.11, and the
+# version-2 protocol pays them once per page.
+_BATCHED_COMMANDS = frozenset((Command.BATCHED_LOCK, Command.BATCHED_UNLOCK))
+_PAGE_COMMANDS = frozenset((Command.LOCK, Command.UNLOCK))
+_COMMAND_BY_VALUE = {int(c): c for c in Command}
+_STATUS_BY_VALUE = {int(s): s for s in Status}
+_SUCCESS = Status.SUCCESS
+#: Statuses a single page of a batch can carry.
+_ENTRY_STATUSES = np.array(
+    [int(s) for s in Status if s is not Status.SUCCESS_WITH_CAPABILITIES], dtype=np.int32
+)
+
+
+class Capability(IntFlag):
+    """START's data and result since Linux 4.20 (bit 0 reserved)."""
+
+    BASIC_CMDS = 1 << 1  # == VMW_BALLOON_PROTOCOL_VERSION: a version-2 peer offers only this
+    BATCHED_CMDS = 1 << 2
+    BATCHED_2M_CMDS = 1 << 3
+    SIGNALLED_WAKEUP_CMD = 1 << 4
+    TARGET_64_BIT = 1 << 5  # VMW_BALLOON_64_BIT_TARGET
+
+
+class VmwFrameError(FrameError):
+    """A frame that breaks the codec's rules; ``reason`` is a counter name."""
+
+    def __init__(self, reason: str, detail: str, status: Status = Status.FAILURE) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.status = status
+
+
+_EMPTY_PFNS: PfnArray = np.empty(0, dtype=np.int64)
+_EMPTY_STATUSES: StatusArray = np.empty(0, dtype=np.int32)
+
+
+def _empty_pfns() -> PfnArray:
+    return _EMPTY_PFNS
+
+
+def _empty_statuses() -> StatusArray:
+    return _EMPTY_STATUSES
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """One backdoor command. ``pfns`` is the batch of a batched command, else empty."""
+
+    command: Command
+    data: int = 0
+    pfns: PfnArray = field(default_factory=_empty_pfns)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return (
+            self.command == other.command
+            and self.data == other.data
+            and np.array_equal(self.pfns, other.pfns)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Response:
+    """The host's answer. For a processed batch: ``pfns`` echoed with per-page ``statuses``."""
+
+    status: Status
+    result: int = 0
+    pfns: PfnArray = field(default_factory=_empty_pfns)
+    statuses: StatusArray = field(default_factory=_empty_statuses)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Response):
+            return NotImplemented
+        return (
+            self.status == other.status
+            and self.result == other.result
+            and np.array_equal(self.pfns, other.pfns)
+            and np.array_equal(self.statuses, other.statuses)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def batch_request(command: Command, pfns: npt.ArrayLike) -> Request:
+    """A BATCHED_LOCK or BATCHED_UNLOCK of ``pfns`` (data = count)."""
+    arr = np.asarray(pfns, dtype=np.int64).reshape(-1)
+    return Request(command, int(arr.size), arr)
+
+
+# ---------------------------------------------------------------------------------- requests
+def encode_request(req: Request) -> bytes:
+    """The request's frame. Raises ``UsageError`` for a request the codec cannot carry."""
+    if not 0 <= req.data <= U64_MAX:
+        raise UsageError(f"data {req.data} does not fit u64")
+    head = _REQ.pack(VMW_BALLOON_HV_MAGIC, int(req.command), req.data)
+    if req.command not in _BATCHED_COMMANDS:
+        if req.pfns.size:
+            raise UsageError(f"{req.command.name} carries no batch")
+        if req.command in _PAGE_COMMANDS and req.data > PFN32_MAX:
+            raise UsageError(f"{req.command.name}: PFN {req.data:#x} over 32 bits")
+        return head
+    n = int(req.pfns.size)
+    if n > VMW_BALLOON_BATCH_MAX_PAGES or req.data != n:
+        raise UsageError(f"batch of {n} pages with data {req.data}")
+    if n and (int(req.pfns.min()) < 0 or int(req.pfns.max()) > ENTRY_PFN_MAX):
+        raise UsageError("batch PFN out of range")
+    entries = (req.pfns.astype("<u8") << np.uint64(PAGE_SHIFT)).tobytes()
+    return head + _COUNT.pack(n) + entries
+
+
+def decode_request(frame: bytes) -> Request:
+    """Parse a request frame; raises ``VmwFrameError`` on every malformed frame."""
+    size = len(frame)
+    if size < REQUEST_HEADER_SIZE:
+        raise VmwFrameError("short_frame", f"{size} bytes, header needs {REQUEST_HEADER_SIZE}")
+    magic, cmd, data = _REQ.unpack_from(frame)
+    if magic != VMW_BALLOON_HV_MAGIC:
+        raise VmwFrameError("bad_magic", f"{magic:#x}", Status.ERROR_CMD_INVALID)
+    command = _COMMAND_BY_VALUE.get(cmd)
+    if command is None:
+        raise VmwFrameError("unknown_command", f"{cmd}", Status.ERROR_CMD_INVALID)
+    if command not in _BATCHED_COMMANDS:
+        if size != REQUEST_HEADER_SIZE:
+            raise VmwFrameError("long_frame", f"{command.name} frame of {size} bytes")
+        if command in _PAGE_COMMANDS and data > PFN32_MAX:
+            raise VmwFrameError(
+                "pfn_over_32_bits", f"{command.name} PFN {data:#x}", Status.ERROR_PPN_INVALID
+            )
+        return Request(command, data)
+    body = REQUEST_HEADER_SIZE + _COUNT.size
+    if size < body:
+        raise VmwFrameError("short_frame", f"{command.name} without a count")
+    (count,) = _COUNT.unpack_from(frame, REQUEST_HEADER_SIZE)
+    if count > VMW_BALLOON_BATCH_MAX_PAGES:
+        raise VmwFrameError("count_over_max", f"{count} > {VMW_BALLOON_BATCH_MAX_PAGES}")
+    if count != data:
+        raise VmwFrameError("count_mismatch", f"count {count}, data {data}")
+    want = body + 8 * count
+    if size != want:
+        raise VmwFrameError("short_frame" if size < want else "long_frame",
+                            f"{size} bytes for {count} entries, want {want}")
+    entries = np.frombuffer(frame, dtype="<u8", count=count, offset=body)
+    if count and bool((entries & np.uint64(ENTRY_STATUS_MASK)).any()):
+        raise VmwFrameError("entry_low_bits", "request entry with low bits set",
+                            Status.ERROR_PPN_INVALID)
+    pfns = (entries >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    return Request(command, data, pfns)
+
+
+# ---------------------------------------------------------------------------------- responses
+def encode_response(resp: Response) -> bytes:
+    """The response's frame. Raises ``UsageError`` for a response the codec cannot carry."""
+    if not 0 <= resp.result <= U64_MAX:
+        raise UsageError(f"result {resp.result} does not fit u64")
+    n = int(resp.pfns.size)
+    if n != resp.statuses.size or n > VMW_BALLOON_BATCH_MAX_PAGES:
+        raise UsageError(f"{n} PFNs with {resp.statuses.size} statuses")
+    head = _RESP.pack(int(resp.status), n, resp.result)
+    if n == 0:
+        return head
+    codes = resp.statuses.astype(np.int64) & ENTRY_STATUS_MASK
+    entries = (resp.pfns.astype("<u8") << np.uint64(PAGE_SHIFT)) | codes.astype("<u8")
+    body: bytes = entries.astype("<u8").tobytes()
+    return head + body
+
+
+def decode_response(frame: bytes, request: Request) -> Response:
+    """Parse the answer to ``request``; raises ``VmwFrameError`` on every malformed frame.
+
+    A batched answer must echo the request's PFNs in order (the host writes statuses into the
+    batch the guest gave it; it does not choose pages).
+    """
+    size = len(frame)
+    if size < RESPONSE_HEADER_SIZE:
+        raise VmwFrameError("short_frame", f"{size} bytes, header needs {RESPONSE_HEADER_SIZE}")
+    raw_status, count, result = _RESP.unpack_from(frame)
+    status = _STATUS_BY_VALUE.get(raw_status)
+    if status is None:
+        raise VmwFrameError("unknown_status", f"{raw_status}")
+    want = RESPONSE_HEADER_SIZE + 8 * count
+    if size != want:
+        raise VmwFrameError("short_frame" if size < want else "long_frame",
+                            f"{size} bytes for {count} entries, want {want}")
+    if count == 0:
+        if status is _SUCCESS and request.pfns.size:
+            raise VmwFrameError("count_mismatch", "successful batch answered without entries")
+        return Response(status, result)
+    if request.command not in _BATCHED_COMMANDS:
+        raise VmwFrameError("count_mismatch", f"{request.command.name} answered with entries")
+    if count != request.pfns.size:
+        raise VmwFrameError("count_mismatch", f"{count} entries for {request.pfns.size} pages")
+    if status is not Status.SUCCESS:
+        raise VmwFrameError("count_mismatch", f"entries with batch status {status.name}")
+    entries = np.frombuffer(frame, dtype="<u8", count=count, offset=RESPONSE_HEADER_SIZE)
+    pfns = (entries >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    if not np.array_equal(pfns, request.pfns):
+        raise VmwFrameError("pfn_mismatch", "batch answer does not echo the request's PFNs")
+    codes = (entries & np.uint64(ENTRY_STATUS_MASK)).astype(np.int32)
+    codes[codes == _FAILURE_ENTRY] = Status.FAILURE
+    bad = ~np.isin(codes, _ENTRY_STATUSES)
+    if bool(bad.any()):
+        raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
+    return Response(status, result, pfns, codes)
