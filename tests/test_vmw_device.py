@@ -1,0 +1,258 @@
+"""The VMware balloon device: sessions, PFN checks, refusals, RESET, BUSY, batches, RAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memballoon.host.ram import NullRam, RangeArray
+from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.model.errors import UsageError
+from memballoon.protocol.vmw import (
+    VMW_BALLOON_HV_MAGIC,
+    Capability,
+    Command,
+    Request,
+    Response,
+    Status,
+    batch_request,
+    decode_response,
+    encode_request,
+)
+
+PAGES = 4096
+
+
+def send(dev: VmwBalloonDevice, req: Request) -> Response:
+    return decode_response(dev.handle(encode_request(req)), req)
+
+
+def started(*, batched: bool = False, target: int = 100) -> tuple[VmwBalloonDevice, NullRam]:
+    ram = NullRam(PAGES)
+    dev = VmwBalloonDevice(ram)
+    offer = Capability.BASIC_CMDS | (Capability.BATCHED_CMDS if batched else 0)
+    send(dev, Request(Command.START, int(offer)))
+    dev.set_target(target)
+    return dev, ram
+
+
+def test_version_2_peer_never_offered_batching() -> None:
+    dev = VmwBalloonDevice(NullRam(PAGES), supports_batched=True)
+    resp = send(dev, Request(Command.START, 2))
+    assert resp.status is Status.SUCCESS and resp.result == 0
+    assert dev.capabilities == Capability.BASIC_CMDS
+    req = batch_request(Command.BATCHED_LOCK, [10])
+    assert send(dev, req).status is Status.ERROR_CMD_INVALID
+    assert dev.counters["batch_not_negotiated"] == 1
+
+
+def test_batched_start_gets_capabilities() -> None:
+    dev = VmwBalloonDevice(NullRam(PAGES))
+    offer = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
+    resp = send(dev, Request(Command.START, int(offer)))
+    assert resp.status is Status.SUCCESS_WITH_CAPABILITIES
+    assert resp.result == Capability.BASIC_CMDS | Capability.BATCHED_CMDS  # no 2 MiB pages here
+    old = VmwBalloonDevice(NullRam(PAGES), supports_batched=False)
+    assert send(old, Request(Command.START, int(offer))).status is Status.SUCCESS
+    assert old.capabilities == Capability.BASIC_CMDS
+
+
+def test_commands_before_start_answer_reset() -> None:
+    dev = VmwBalloonDevice(NullRam(PAGES))
+    for req in (Request(Command.GET_TARGET, PAGES), Request(Command.LOCK, 10),
+                Request(Command.GUEST_ID, 1)):
+        assert send(dev, req).status is Status.ERROR_RESET
+    assert dev.counters["cmd_before_start"] == 3
+    assert dev.actual_pages == 0
+
+
+def test_get_target_is_capped_by_the_guest_limit() -> None:
+    dev, _ = started(target=5000)
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).result == PAGES
+    assert dev.guest_limit == PAGES
+    dev.set_target(7)
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).result == 7
+    assert send(dev, Request(Command.GUEST_ID, 1)).status is Status.SUCCESS
+    assert dev.guest_id == 1
+    with pytest.raises(UsageError):
+        dev.set_target(-1)
+
+
+def test_lock_and_unlock_checks() -> None:
+    dev, ram = started(target=2)
+    assert send(dev, Request(Command.LOCK, PAGES)).status is Status.ERROR_PPN_INVALID
+    assert send(dev, Request(Command.UNLOCK, PAGES + 5)).status is Status.ERROR_PPN_INVALID
+    ok = send(dev, Request(Command.LOCK, 10))
+    assert ok.status is Status.SUCCESS and ok.result == 2  # the target rides along
+    assert send(dev, Request(Command.LOCK, 10)).status is Status.ERROR_PPN_LOCKED
+    dev.set_pinned([11])
+    assert send(dev, Request(Command.LOCK, 11)).status is Status.ERROR_PPN_PINNED
+    assert send(dev, Request(Command.LOCK, 12)).status is Status.SUCCESS
+    # at target: the host does not need more
+    assert send(dev, Request(Command.LOCK, 13)).status is Status.ERROR_PPN_NOTNEEDED
+    assert dev.balloon_pfns().tolist() == [10, 12] and dev.actual_pages == 2
+    assert ram.released_pages_total == 2
+    assert send(dev, Request(Command.UNLOCK, 13)).status is Status.ERROR_PPN_UNLOCKED
+    assert send(dev, Request(Command.UNLOCK, 10)).status is Status.SUCCESS
+    assert dev.balloon_pfns().tolist() == [12]
+    c = dev.counters
+    assert (c["error_ppn_invalid"], c["error_ppn_locked"], c["error_ppn_pinned"],
+            c["error_ppn_notneeded"], c["error_ppn_unlocked"]) == (2, 1, 1, 1, 1)
+
+
+def test_lock_releases_host_memory_and_unlock_readmits() -> None:
+    ram = NullRam(PAGES)
+    dev = VmwBalloonDevice(ram)
+    send(dev, Request(Command.START, 2))
+    dev.set_target(10)
+    ram.touch(np.arange(100, 110, dtype=np.int64), 1)
+    assert ram.resident_bytes() == 10 * 4096
+    for pfn in range(100, 105):
+        send(dev, Request(Command.LOCK, pfn))
+    assert ram.resident_bytes() == 5 * 4096
+
+
+class RecordingRam(NullRam):
+    """NullRam that remembers the ranges it was asked to release and readmit."""
+
+    def __init__(self, guest_pages: int) -> None:
+        super().__init__(guest_pages)
+        self.calls: list[tuple[str, list[list[int]]]] = []
+
+    def release(self, ranges: RangeArray) -> int:
+        self.calls.append(("release", ranges.tolist()))
+        return super().release(ranges)
+
+    def readmit(self, ranges: RangeArray) -> int:
+        self.calls.append(("readmit", ranges.tolist()))
+        return super().readmit(ranges)
+
+
+def test_reset_forgets_every_page_and_answers_next_command() -> None:
+    ram = RecordingRam(PAGES)
+    dev = VmwBalloonDevice(ram)
+    send(dev, Request(Command.START, 2))
+    dev.set_target(10)
+    send(dev, Request(Command.LOCK, 20))
+    send(dev, Request(Command.LOCK, 21))
+    dev.request_reset()
+    assert ram.calls == [("release", [[20, 21]]), ("release", [[21, 22]]),
+                         ("readmit", [[20, 22]])]
+    assert dev.actual_pages == 0 and dev.balloon_pfns().size == 0
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_RESET
+    # the session is gone until the guest starts a new one
+    assert send(dev, Request(Command.LOCK, 22)).status is Status.ERROR_RESET
+    assert send(dev, Request(Command.START, 2)).status is Status.SUCCESS
+    assert send(dev, Request(Command.LOCK, 20)).status is Status.SUCCESS
+    assert dev.counters["reset"] == 1 and dev.counters["pages_forgotten"] == 2
+
+
+def test_start_resets_the_hosts_view() -> None:
+    dev, _ = started(target=10)
+    send(dev, Request(Command.LOCK, 30))
+    dev.request_reset()
+    send(dev, Request(Command.START, 2))  # a START is the reset the host asked for
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).status is Status.SUCCESS
+    send(dev, Request(Command.LOCK, 31))
+    send(dev, Request(Command.START, 2))
+    assert dev.actual_pages == 0
+
+
+def test_busy_next() -> None:
+    dev, _ = started(target=10)
+    dev.busy_next(2)
+    assert send(dev, Request(Command.LOCK, 40)).status is Status.ERROR_BUSY
+    assert send(dev, Request(Command.START, 2)).status is Status.ERROR_BUSY
+    assert send(dev, Request(Command.LOCK, 40)).status is Status.SUCCESS
+    assert dev.counters["busy"] == 2
+
+
+def test_malformed_frames_are_answered_and_counted() -> None:
+    dev, _ = started()
+    replies = {
+        b"": Status.FAILURE,
+        b"\x00" * 16: Status.ERROR_CMD_INVALID,  # bad magic
+        VMW_BALLOON_HV_MAGIC.to_bytes(4, "little") + (9).to_bytes(4, "little") + bytes(8):
+            Status.ERROR_CMD_INVALID,
+        VMW_BALLOON_HV_MAGIC.to_bytes(4, "little") + (2).to_bytes(4, "little")
+        + (1 << 33).to_bytes(8, "little"): Status.ERROR_PPN_INVALID,
+    }
+    for frame, status in replies.items():
+        resp = decode_response(dev.handle(frame), Request(Command.GET_TARGET, 0))
+        assert resp.status is status
+    assert dev.counters["frame_short_frame"] == 1
+    assert dev.counters["frame_bad_magic"] == 1
+    assert dev.counters["frame_unknown_command"] == 1
+    assert dev.counters["frame_pfn_over_32_bits"] == 1
+    assert dev.actual_pages == 0
+
+
+def test_batched_lock_statuses_and_one_release() -> None:
+    ram = RecordingRam(PAGES)
+    dev = VmwBalloonDevice(ram)
+    send(dev, Request(Command.START, int(Capability.BASIC_CMDS | Capability.BATCHED_CMDS)))
+    dev.set_target(4)
+    dev.set_pinned([7])
+    send(dev, Request(Command.LOCK, 3))
+    req = batch_request(Command.BATCHED_LOCK, [3, PAGES, 7, 4, 5, 5, 6, 8, 9])
+    resp = send(dev, req)
+    assert resp.status is Status.SUCCESS and resp.result == 4
+    assert resp.statuses.tolist() == [
+        Status.ERROR_PPN_LOCKED, Status.ERROR_PPN_INVALID, Status.ERROR_PPN_PINNED,
+        Status.SUCCESS, Status.SUCCESS, Status.ERROR_PPN_LOCKED, Status.SUCCESS,
+        Status.ERROR_PPN_NOTNEEDED, Status.ERROR_PPN_NOTNEEDED,
+    ]
+    assert dev.balloon_pfns().tolist() == [3, 4, 5, 6]
+    assert ram.calls[-1] == ("release", [[4, 7]])  # the accepted pages, coalesced, one call
+
+
+def test_batched_unlock() -> None:
+    dev, _ = started(batched=True, target=10)
+    send(dev, batch_request(Command.BATCHED_LOCK, [1, 2, 3]))
+    resp = send(dev, batch_request(Command.BATCHED_UNLOCK, [2, 2, 9, PAGES + 1, 3]))
+    assert resp.statuses.tolist() == [
+        Status.SUCCESS, Status.ERROR_PPN_UNLOCKED, Status.ERROR_PPN_UNLOCKED,
+        Status.ERROR_PPN_INVALID, Status.SUCCESS,
+    ]
+    assert dev.balloon_pfns().tolist() == [1] and dev.actual_pages == 1
+
+
+def test_set_pinned_checks_range() -> None:
+    dev, _ = started()
+    with pytest.raises(UsageError):
+        dev.set_pinned([PAGES])
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=200))
+def test_handle_never_raises(frame: bytes) -> None:
+    dev, _ = started(batched=True, target=PAGES)
+    reply = dev.handle(frame)
+    assert decode_response(reply, Request(Command.START, 0)).status in set(Status)
+    assert dev.actual_pages == int(dev.balloon_pfns().size)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.sampled_from(["lock", "unlock", "blk", "bunlk"]),
+                          st.lists(st.integers(0, PAGES + 10), min_size=1, max_size=20)),
+                max_size=20),
+       st.integers(0, 64))
+def test_locked_set_matches_released_memory(ops: list[tuple[str, list[int]]], target: int) -> None:
+    dev, _ = started(batched=True, target=target)
+    model: set[int] = set()
+    for op, pfns in ops:
+        if op == "lock":
+            if send(dev, Request(Command.LOCK, pfns[0])).status is Status.SUCCESS:
+                model.add(pfns[0])
+        elif op == "unlock":
+            if send(dev, Request(Command.UNLOCK, pfns[0])).status is Status.SUCCESS:
+                model.discard(pfns[0])
+        else:
+            cmd = Command.BATCHED_LOCK if op == "blk" else Command.BATCHED_UNLOCK
+            resp = send(dev, batch_request(cmd, pfns))
+            ok = [p for p, s in zip(pfns, resp.statuses.tolist(), strict=True) if s == 0]
+            model = model | set(ok) if op == "blk" else model - set(ok)
+        assert dev.actual_pages == len(model) <= max(target, 0)
+    assert dev.balloon_pfns().tolist() == sorted(model)
