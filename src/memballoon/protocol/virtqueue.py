@@ -228,7 +228,9 @@ class DriverQueue:
     used index that runs more than ``size`` ahead breaks the queue (``DescriptorError``).
     """
 
-    def __init__(self, view: GuestRamView, layout: QueueLayout, counters: Counters) -> None:
+    def __init__(
+        self, view: GuestRamView, layout: QueueLayout, counters: Counters, *, start_index: int = 0
+    ) -> None:
         layout.check(view)
         self.view = view
         self.layout = layout
@@ -238,10 +240,14 @@ class DriverQueue:
         view.fill(layout.avail_gpa, avail_ring_bytes(self.size))
         view.fill(layout.used_gpa, used_ring_bytes(self.size))
         self._free: list[int] = list(range(self.size - 1, -1, -1))  # stack: 0 first
-        self._avail_idx = 0  # shadow of avail.idx including unpublished heads
-        self._last_used = 0
+        # start_index: both ends resume at the same free-running index (snapshot restore,
+        # tests of the 16-bit wrap-around); a fresh queue starts at 0
+        self._avail_idx = start_index & _U16  # shadow of avail.idx incl. unpublished heads
+        self._last_used = start_index & _U16
         self._flight: dict[int, _Flight] = {}
         self.broken = False
+        view.write_u16(layout.avail_gpa + 2, self._avail_idx)
+        view.write_u16(layout.used_gpa + 2, self._last_used)
 
     @property
     def num_free(self) -> int:
@@ -369,6 +375,7 @@ class DeviceQueue:
         readable: bool = True,
         writable: bool = True,
         indirect: bool = False,
+        start_index: int = 0,
     ) -> None:
         layout.check(view)
         self.view = view
@@ -377,8 +384,8 @@ class DeviceQueue:
         self.readable = readable
         self.writable = writable
         self.indirect = indirect
-        self.last_avail = 0
-        self.used_idx = 0  # our own shadow: the driver could scribble on the ring
+        self.last_avail = start_index & _U16
+        self.used_idx = start_index & _U16  # our own shadow: the driver could scribble on the ring
         self.failed_head: int | None = None
         self.broken = False  # the avail ring itself is corrupt: nothing more can be trusted
 

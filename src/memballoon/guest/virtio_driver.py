@@ -1,0 +1,564 @@
+"""The guest's virtio-balloon driver, after Linux drivers/virtio/virtio_balloon.c.
+
+Theory of operation
+-------------------
+``load`` negotiates features, lays the queues, PFN arrays and stats buffer out in a driver
+area inside the guest's reserved frames (default at 1 MiB: never allocatable, so the balloon
+can never take its own rings) and tells the device where they are. Each ``work`` call is one
+run of Linux's ``update_balloon_size_func`` re-queued until done:
+
+1. collect what the device used (complete inflates and deflates, refill the stats buffer the
+   device handed back);
+2. read the config; with the private HOST_RESET bit, a new ``x_reset_generation`` means the
+   host took the balloon back: drop every frame WITHOUT telling the device, then ack;
+3. inflate (``fill_balloon``) or deflate (``leak_balloon``) in buffers of at most
+   VIRTIO_BALLOON_ARRAY_PFNS_MAX PFNs until the target is reached or an allocation fails
+   ("Out of puff!": Linux sleeps 200 ms and tries again, hence ``period_s`` = 0.2);
+4. write ``actual``;
+5. with REPORTING, every PAGE_REPORTING_DELAY seconds report free 2 MiB blocks
+   (mm/page_reporting.c).
+
+Never assume the device is synchronous: a buffer is complete only when it shows up in the used
+ring. Until then its frames are transient (``transient_pfns``): an inflate's frames are not in
+the balloon yet; a deflate's frames, with MUST_TELL_HOST, are not given back to the guest yet
+(without it the host does not care, so they go back at once, as the spec allows).
+
+Without DEFLATE_ON_OOM the balloon lowers MemTotal (Linux ``adjust_managed_page_count``);
+with it MemTotal stays and an OOM notifier deflates VIRTIO_BALLOON_OOM_NR_PAGES per call.
+
+With the private HOST_REFUSE bit, each inflate buffer gets a status byte per PFN; refused
+frames are kept aside (so the allocator does not hand them out again) and freed once the
+target is reached or the work call ends.
+
+The device is untrusted: a malformed config or used-ring entry is counted in ``counters`` and
+survived; a used ring that breaks stops that queue, its frames stay transient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
+from memballoon.guest.pfndeque import PfnDeque
+from memballoon.host.ram import PfnArray
+from memballoon.model.counters import Counters
+from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
+from memballoon.model.units import KIB, MIB, PAGE_SIZE
+from memballoon.protocol.virtio_balloon import (
+    OFFSET_ACTUAL,
+    OFFSET_X_RESET_ACK,
+    STAT_ENTRY_BYTES,
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_OOM_NR_PAGES,
+    VIRTIO_BALLOON_S_NR,
+    VIRTIO_BALLOON_X_F_HOST_REFUSE,
+    VIRTIO_BALLOON_X_F_HOST_RESET,
+    VIRTIO_BALLOON_X_STATUS_REFUSED,
+    VIRTIO_BALLOON_X_STATUS_TAKEN,
+    VIRTIO_F_VERSION_1,
+    BalloonConfig,
+    BalloonQueue,
+    StatTag,
+    encode_stats,
+    encode_u32,
+    features_of,
+    has,
+    queue_indices,
+)
+from memballoon.protocol.virtio_transport import VirtioTransport
+from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
+
+#: Linux fill_balloon: "Out of puff! Can't get %u pages" then msleep(200) and retry.
+VIRTIO_BALLOON_RETRY_S: Final = 0.2
+#: mm/page_reporting.h: delay between reporting passes (2 * HZ) and blocks per report.
+PAGE_REPORTING_DELAY_S: Final = 2.0
+PAGE_REPORTING_CAPACITY: Final = 32
+#: Refused frames kept aside before an inflate cycle gives up (4 buffers' worth): bounds what
+#: a device refusing everything can make the guest allocate.
+VIRTIO_BALLOON_X_MAX_REFUSED: Final = 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX
+
+#: Where the driver puts its rings and buffers, and how much room it takes.
+DRIVER_AREA_GPA: Final = 1 * MIB
+DRIVER_AREA_BYTES: Final = 64 * KIB
+#: The driver asks for at most this queue size (a device may offer up to 32768).
+DRIVER_QUEUE_SIZE_MAX: Final = 256
+#: PFN buffers per inflate/deflate queue that may be in flight at once.
+PFN_SLOTS: Final = 4
+
+DEFAULT_FEATURES: Final = features_of(
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_X_F_HOST_REFUSE,
+    VIRTIO_BALLOON_X_F_HOST_RESET,
+    VIRTIO_F_VERSION_1,
+)
+
+_PFN_BYTES = 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX
+_SLOT_BYTES = _PFN_BYTES + VIRTIO_BALLOON_ARRAY_PFNS_MAX  # PFN array + one status byte each
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def driver_area_view(total_pages: int, *, gpa: int = DRIVER_AREA_GPA) -> GuestRamView:
+    """A fresh buffer standing for the guest memory of the driver area (for in-process pairs)."""
+    return GuestRamView(
+        bytearray(DRIVER_AREA_BYTES), base_gpa=gpa, guest_bytes=total_pages * PAGE_SIZE
+    )
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(slots=True)
+class _Slot:
+    gpa: int  # PFN array
+    status_gpa: int  # status bytes (HOST_REFUSE)
+    busy: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: BalloonQueue
+    pfns: PfnArray = field(default_factory=lambda: _EMPTY)
+    slot: _Slot | None = None
+    freed: bool = False  # deflate: frames already back in the guest
+    blocks: npt.NDArray[np.int64] = field(default_factory=lambda: _EMPTY)
+
+
+class VirtioBalloonDriver:
+    """A virtio-balloon driver for one ``GuestMemory`` (see the module docstring)."""
+
+    period_s: float = VIRTIO_BALLOON_RETRY_S
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        transport: VirtioTransport,
+        *,
+        features: int = DEFAULT_FEATURES,
+        ring_gpa: int | None = None,
+    ) -> None:
+        self.mem = mem
+        self.transport = transport
+        self.view = transport.ram
+        self._want = features
+        self._area = DRIVER_AREA_GPA if ring_gpa is None else ring_gpa
+        if self._area % PAGE_SIZE or (self._area + DRIVER_AREA_BYTES) > (
+            mem.reserved_pages * PAGE_SIZE
+        ):
+            raise UsageError(
+                f"driver area at {self._area:#x} must be page-aligned inside the guest's "
+                f"{mem.reserved_pages} reserved frames"
+            )
+        try:
+            self.view.read(self._area, DRIVER_AREA_BYTES)
+        except PeerError as exc:
+            raise UsageError(f"the transport's view does not map the driver area: {exc}") from exc
+        self.counters = Counters()
+        self.features = 0
+        self._loaded = False
+        self._queues: dict[BalloonQueue, DriverQueue] = {}
+        self._qidx: dict[BalloonQueue, int] = {}
+        self._slots: dict[BalloonQueue, list[_Slot]] = {}
+        self._stats_gpa = 0
+        self._pending: dict[tuple[BalloonQueue, int], _Pending] = {}
+        self._balloon = PfnDeque()
+        self._refused = PfnDeque()
+        self._inflight_inflate = 0
+        self._target = 0
+        self._reset_gen = 0
+        self._next_report = 0.0
+        self._freed_total = 0
+        self.config_interrupts = 0
+        self.used_interrupts = 0
+
+    # ------------------------------------------------------------------ BalloonDriver
+    @property
+    def balloon_pages(self) -> int:
+        return len(self._balloon)
+
+    @property
+    def target_pages(self) -> int:
+        return self._target
+
+    def balloon_pfns(self) -> PfnArray:
+        return np.sort(self._balloon.to_array())
+
+    def transient_pfns(self) -> PfnArray:
+        parts = [self._refused.to_array()]
+        for p in self._pending.values():
+            if p.kind is BalloonQueue.INFLATEQ or (p.kind is BalloonQueue.DEFLATEQ and not p.freed):
+                parts.append(p.pfns)
+        return np.sort(np.concatenate(parts))
+
+    def stats(self) -> dict[str, int]:
+        out = {
+            "balloon_pages": self.balloon_pages,
+            "target_pages": self._target,
+            "refused_held": len(self._refused),
+            "in_flight_buffers": len(self._pending),
+        }
+        out.update(self.counters.as_dict())
+        return out
+
+    def has_feature(self, feature: int) -> bool:
+        return has(self.features, feature)
+
+    def load(self, now: float) -> None:
+        if self._loaded:
+            raise UsageError("load: the driver is already loaded")
+        t = self.transport
+        self.features = t.device_features() & self._want
+        t.set_driver_features(self.features)
+        t.set_interrupt_handlers(self._irq_config, self._irq_used)
+        cursor = self._area
+        for role, q in queue_indices(self.features).items():
+            size = min(t.queue_max_size(q), DRIVER_QUEUE_SIZE_MAX)
+            if size <= 0 or size & (size - 1):
+                self.counters.inc("queue_unavailable")
+                continue
+            layout = QueueLayout.packed(cursor, size)
+            cursor = _align(layout.end_gpa, PAGE_SIZE)
+            self._queues[role] = DriverQueue(self.view, layout, self.counters)
+            self._qidx[role] = q
+            t.setup_queue(q, layout)
+        for role in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ):
+            slots = []
+            for _ in range(PFN_SLOTS):
+                slots.append(_Slot(cursor, cursor + _PFN_BYTES))
+                cursor += _SLOT_BYTES
+            self._slots[role] = slots
+        self._stats_gpa = cursor
+        cursor += VIRTIO_BALLOON_S_NR * STAT_ENTRY_BYTES
+        if cursor > self._area + DRIVER_AREA_BYTES:
+            raise UsageError(f"driver area overflows by {cursor - self._area - DRIVER_AREA_BYTES}")
+        self._loaded = True
+        cfg = self._read_config()
+        if cfg is not None:
+            self._reset_gen = cfg.x_reset_generation
+            self._target = cfg.num_pages
+        if self.has_feature(VIRTIO_BALLOON_F_STATS_VQ):
+            self._send_stats()  # prime the queue so the device can ask (init_vqs)
+        if self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            self.mem.add_oom_notifier(self._oom_notify)
+        self._next_report = now + PAGE_REPORTING_DELAY_S
+
+    def work(self, now: float) -> None:
+        if not self._loaded:
+            raise UsageError("work: the driver is not loaded")
+        self._collect_all()
+        cfg = self._read_config()
+        if cfg is not None:
+            if (
+                self.has_feature(VIRTIO_BALLOON_X_F_HOST_RESET)
+                and cfg.x_reset_generation != self._reset_gen
+            ):
+                self._host_reset(cfg.x_reset_generation)
+            self._target = cfg.num_pages
+            self._adjust()
+        self._update_actual()
+        if self.has_feature(VIRTIO_BALLOON_F_REPORTING) and now >= self._next_report:
+            self._report()
+            self._next_report = now + PAGE_REPORTING_DELAY_S
+
+    def unload(self, now: float) -> None:
+        """Deflate everything, telling the host (Linux remove_common)."""
+        if not self._loaded:
+            return
+        self._collect_all()
+        while len(self._balloon) and self._leak(VIRTIO_BALLOON_ARRAY_PFNS_MAX):
+            pass
+        self._free_refused()
+        self._update_actual()
+        self._loaded = False
+
+    # ------------------------------------------------------------------ interrupts
+    def _irq_config(self) -> None:
+        self.config_interrupts += 1  # the next work() reads the config
+
+    def _irq_used(self, queue: int) -> None:
+        self.used_interrupts += 1  # the next collect picks the buffers up
+
+    # ------------------------------------------------------------------ config
+    def _read_config(self) -> BalloonConfig | None:
+        try:
+            return BalloonConfig.decode(self.transport.read_config())
+        except DeviceConfigError:
+            self.counters.inc("config_malformed")
+            return None
+
+    def _update_actual(self) -> None:
+        self.transport.write_config(OFFSET_ACTUAL, encode_u32(len(self._balloon)))
+
+    # ------------------------------------------------------------------ inflate / deflate
+    def _adjust(self) -> None:
+        while True:
+            diff = self._target - (len(self._balloon) + self._inflight_inflate)
+            if diff > 0:
+                if len(self._refused) >= VIRTIO_BALLOON_X_MAX_REFUSED:
+                    self.counters.inc("refused_limit")
+                    break
+                if self._fill(min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
+                    break
+            elif diff < 0:
+                if self._leak(min(-diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
+                    break
+            else:
+                break
+            cfg = self._read_config()  # Linux re-reads num_pages each time the work re-runs
+            if cfg is None:
+                break
+            self._target = cfg.num_pages
+        self._free_refused()
+
+    def _free_slot(self, role: BalloonQueue) -> _Slot | None:
+        for s in self._slots[role]:
+            if not s.busy:
+                return s
+        self._collect(role)
+        for s in self._slots[role]:
+            if not s.busy:
+                return s
+        return None
+
+    def _queue_ready(self, role: BalloonQueue, ndesc: int) -> DriverQueue | None:
+        q = self._queues.get(role)
+        if q is None or q.broken or q.num_free < ndesc:
+            return None
+        return q
+
+    def _kick(self, role: BalloonQueue) -> None:
+        qi = self._qidx[role]
+        self.transport.notify(qi)
+        self.transport.wait(qi)
+        self._collect(role)
+
+    def _fill(self, n: int) -> int:
+        """Allocate up to ``n`` frames and send them on the inflateq; returns frames sent."""
+        refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
+        q = self._queue_ready(BalloonQueue.INFLATEQ, 2 if refuse else 1)
+        slot = self._free_slot(BalloonQueue.INFLATEQ) if q is not None else None
+        if q is None or slot is None:
+            self.counters.inc("inflate_queue_full")
+            return 0
+        pfns = self.mem.alloc_sleep(n)
+        k = int(pfns.size)
+        if k == 0:
+            self.counters.inc("alloc_fail")  # "Out of puff!"
+            return 0
+        self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
+        bufs = [(slot.gpa, 4 * k, False)]
+        if refuse:
+            self.view.fill(slot.status_gpa, k, 0xFF)  # unknown until the device writes it
+            bufs.append((slot.status_gpa, k, True))
+        head = q.add(bufs)
+        q.publish()
+        slot.busy = True
+        self._pending[(BalloonQueue.INFLATEQ, head)] = _Pending(BalloonQueue.INFLATEQ, pfns, slot)
+        self._inflight_inflate += k
+        self.counters.inc("inflate_buffers")
+        self._kick(BalloonQueue.INFLATEQ)
+        return k
+
+    def _leak(self, n: int) -> int:
+        """Take up to ``n`` frames out of the balloon via the deflateq; returns frames taken."""
+        n = min(n, len(self._balloon))
+        if n <= 0:
+            return 0
+        q = self._queue_ready(BalloonQueue.DEFLATEQ, 1)
+        slot = self._free_slot(BalloonQueue.DEFLATEQ) if q is not None else None
+        if q is None or slot is None:
+            self.counters.inc("deflate_queue_full")
+            return 0
+        pfns = self._balloon.pop_back(n)
+        self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
+        head = q.add([(slot.gpa, 4 * n, False)])
+        q.publish()
+        slot.busy = True
+        must_tell = self.has_feature(VIRTIO_BALLOON_F_MUST_TELL_HOST)
+        p = _Pending(BalloonQueue.DEFLATEQ, pfns, slot)
+        self._pending[(BalloonQueue.DEFLATEQ, head)] = p
+        self.counters.inc("deflate_buffers")
+        if not must_tell:
+            self._give_back(pfns)  # advisory deflate: the guest may reuse them at once
+            p.freed = True
+        self._kick(BalloonQueue.DEFLATEQ)
+        return n
+
+    def _give_back(self, pfns: PfnArray) -> None:
+        self.mem.free_balloon(pfns)
+        k = int(pfns.size)
+        if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            self.mem.adjust_managed(-k)
+        self._freed_total += k
+        self.counters.inc("deflated_pages", k)
+
+    def _free_refused(self) -> None:
+        pfns = self._refused.pop_front(len(self._refused))
+        if pfns.size:
+            self.mem.free_balloon(pfns)
+            self.counters.inc("refused_freed", int(pfns.size))
+
+    def _host_reset(self, generation: int) -> None:
+        """The host reset the balloon: drop every frame without telling it (seed 001)."""
+        self._collect_all()  # the device drained its queues before bumping the generation
+        pfns = self._balloon.pop_back(len(self._balloon))
+        if pfns.size:
+            self._give_back(pfns)
+        self._free_refused()
+        for p in self._pending.values():
+            if p.kind is BalloonQueue.DEFLATEQ and not p.freed:
+                self._give_back(p.pfns)
+                p.freed = True
+        self._reset_gen = generation
+        self.transport.write_config(OFFSET_X_RESET_ACK, encode_u32(generation))
+        self.counters.inc("resets")
+        self.counters.inc("reset_dropped_pages", int(pfns.size))
+
+    def _oom_notify(self) -> int:
+        """virtballoon_oom_notify: deflate VIRTIO_BALLOON_OOM_NR_PAGES instead of an OOM kill."""
+        if not self._loaded or not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            return 0
+        before = self._freed_total
+        self._leak(VIRTIO_BALLOON_OOM_NR_PAGES)
+        self._update_actual()
+        freed = self._freed_total - before
+        self.counters.inc("oom_deflated_pages", freed)
+        return freed
+
+    # ------------------------------------------------------------------ used buffers
+    def _collect_all(self) -> None:
+        for role in list(self._queues):
+            self._collect(role)
+
+    def _collect(self, role: BalloonQueue) -> None:
+        q = self._queues.get(role)
+        if q is None:
+            return
+        try:
+            elems = q.collect()
+        except DescriptorError:
+            self.counters.inc("used_ring_broken")
+            return
+        for e in elems:
+            p = self._pending.pop((role, e.head), None)
+            if p is None:
+                self.counters.inc("used_unexpected")
+                continue
+            match p.kind:
+                case BalloonQueue.INFLATEQ:
+                    self._inflated(p, e.length)
+                case BalloonQueue.DEFLATEQ:
+                    self._deflated(p)
+                case BalloonQueue.STATSQ:
+                    self.counters.inc("stats_requests")
+                    self._send_stats()
+                case BalloonQueue.REPORTING_VQ:
+                    self.mem.return_isolated(p.blocks, reported=True)
+                    self.counters.inc("reported_blocks", int(p.blocks.size))
+                case _:
+                    self.counters.inc("used_unexpected")
+
+    def _inflated(self, p: _Pending, length: int) -> None:
+        k = int(p.pfns.size)
+        self._inflight_inflate -= k
+        taken = np.ones(k, dtype=np.bool_)
+        if self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE) and p.slot is not None:
+            status = np.frombuffer(self.view.read(p.slot.status_gpa, k), dtype=np.uint8)
+            written = np.arange(k) < length  # bytes the device did not write: not taken
+            taken = written & (status == VIRTIO_BALLOON_X_STATUS_TAKEN)
+            odd = written & (status != VIRTIO_BALLOON_X_STATUS_TAKEN) & (
+                status != VIRTIO_BALLOON_X_STATUS_REFUSED
+            )
+            if odd.any():
+                self.counters.inc("status_unknown", int(odd.sum()))
+        if p.slot is not None:
+            p.slot.busy = False
+        acc = p.pfns[taken]
+        ref = p.pfns[~taken]
+        self._balloon.push_back(acc)
+        if acc.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            self.mem.adjust_managed(int(acc.size))
+        self.counters.inc("inflated_pages", int(acc.size))
+        if ref.size:
+            self._refused.push_back(ref)
+            self.counters.inc("refused_pages", int(ref.size))
+
+    def _deflated(self, p: _Pending) -> None:
+        if p.slot is not None:
+            p.slot.busy = False
+        if not p.freed:
+            self._give_back(p.pfns)  # MUST_TELL_HOST: only now may the guest reuse them
+            p.freed = True
+
+    # ------------------------------------------------------------------ stats
+    def stat_values(self) -> dict[int, int]:
+        """The values update_balloon_stats would send (memory in bytes, events in counts)."""
+        mi = self.mem.meminfo()
+        ev = self.mem.events
+        return {
+            StatTag.SWAP_IN: ev.swap_in * PAGE_SIZE,
+            StatTag.SWAP_OUT: ev.swap_out * PAGE_SIZE,
+            StatTag.MAJFLT: ev.major_faults,
+            StatTag.MINFLT: ev.minor_faults,
+            StatTag.MEMFREE: mi.free_pages * PAGE_SIZE,
+            StatTag.MEMTOT: mi.managed_pages * PAGE_SIZE,
+            StatTag.AVAIL: mi.available_pages * PAGE_SIZE,
+            StatTag.CACHES: mi.cache_pages * PAGE_SIZE,
+            StatTag.HTLB_PGALLOC: 0,
+            StatTag.HTLB_PGFAIL: 0,
+            StatTag.OOM_KILL: ev.oom_kills,
+            StatTag.ALLOC_STALL: ev.alloc_stalls,
+            StatTag.ASYNC_SCAN: ev.async_scan * PAGE_SIZE,
+            StatTag.DIRECT_SCAN: ev.direct_scan * PAGE_SIZE,
+            StatTag.ASYNC_RECLAIM: ev.async_reclaim * PAGE_SIZE,
+            StatTag.DIRECT_RECLAIM: ev.direct_reclaim * PAGE_SIZE,
+        }
+
+    def _send_stats(self) -> None:
+        q = self._queue_ready(BalloonQueue.STATSQ, 1)
+        if q is None:
+            return
+        data = encode_stats(self.stat_values())
+        self.view.write(self._stats_gpa, data)
+        head = q.add([(self._stats_gpa, len(data), False)])
+        q.publish()
+        self._pending[(BalloonQueue.STATSQ, head)] = _Pending(BalloonQueue.STATSQ)
+        # no wait: the device keeps the buffer until it wants fresh stats
+        self.transport.notify(self._qidx[BalloonQueue.STATSQ])
+
+    # ------------------------------------------------------------------ free page reporting
+    def _report(self) -> None:
+        """One page_reporting_process pass: isolate free blocks, hand them to the host."""
+        role = BalloonQueue.REPORTING_VQ
+        if any(k[0] is role for k in self._pending):
+            return  # Linux waits for each report before the next
+        q = self._queue_ready(role, 1)
+        if q is None:
+            return
+        wm = self.mem.watermarks
+        free = self.mem.free_pages
+        # page_reporting_process_zone: skip the zone under low + one full report
+        if free < wm.low + PAGE_REPORTING_CAPACITY * BLOCK_PAGES:
+            return
+        max_blocks = min(PAGE_REPORTING_CAPACITY, free // 16 // BLOCK_PAGES, q.num_free)
+        if max_blocks <= 0:
+            return
+        blocks = self.mem.isolate_reportable(max_blocks, wm.low)
+        if blocks.size == 0:
+            return
+        block_bytes = BLOCK_PAGES * PAGE_SIZE
+        head = q.add([(int(b) * block_bytes, block_bytes, True) for b in blocks.tolist()])
+        q.publish()
+        self._pending[(role, head)] = _Pending(role, blocks=blocks)
+        self._kick(role)
