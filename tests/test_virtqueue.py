@@ -1,0 +1,328 @@
+"""Split virtqueues: layout, driver/device round trips, wrap-around, hostile rings."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memballoon.model.counters import Counters
+from memballoon.model.errors import DescriptorError, GuestAddressError, PeerError, UsageError
+from memballoon.protocol.virtqueue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_MAX_SIZE,
+    DeviceQueue,
+    DriverQueue,
+    GuestRamView,
+    QueueLayout,
+    avail_ring_bytes,
+    desc_table_bytes,
+    used_ring_bytes,
+)
+
+BASE = 0x10000
+GUEST = 1 << 24  # 16 MiB guest
+DATA = BASE + 0x8000  # buffers the chains point at
+
+
+def make_view(size: int = 0x10000) -> GuestRamView:
+    return GuestRamView(bytearray(size), base_gpa=BASE, guest_bytes=GUEST)
+
+
+def make_pair(
+    size: int = 8, *, start: int = 0, indirect: bool = False
+) -> tuple[GuestRamView, DriverQueue, DeviceQueue]:
+    view = make_view()
+    layout = QueueLayout.packed(BASE, size)
+    drv = DriverQueue(view, layout, Counters(), start_index=start)
+    dev = DeviceQueue(view, layout, indirect=indirect, start_index=start)
+    return view, drv, dev
+
+
+def write_desc(view: GuestRamView, table: int, i: int, addr: int, n: int, flags: int, nxt: int):
+    view.write(table + 16 * i, struct.pack("<QIHH", addr, n, flags, nxt))
+
+
+def make_avail(view: GuestRamView, layout: QueueLayout, heads: list[int], idx: int) -> None:
+    for k, h in enumerate(heads):
+        view.write_u16(layout.avail_gpa + 4 + 2 * (k % layout.size), h)
+    view.write_u16(layout.avail_gpa + 2, idx)
+
+
+# ---------------------------------------------------------------- GuestRamView
+def test_view_reads_and_writes_inside_its_window() -> None:
+    v = make_view(0x1000)
+    v.write(BASE + 8, b"abc")
+    assert v.read(BASE + 8, 3) == b"abc"
+    v.write_u16(BASE, 0x1234)
+    assert v.read(BASE, 2) == b"\x34\x12"
+    assert v.read_u16(BASE) == 0x1234
+
+
+@pytest.mark.parametrize(
+    ("gpa", "n"), [(-1, 1), (GUEST - 1, 2), (GUEST, 0), (0, -1), (BASE - 1, 2), (BASE + 0x1000, 1)]
+)
+def test_view_rejects_outside_guest_or_unmapped(gpa: int, n: int) -> None:
+    v = make_view(0x1000)
+    with pytest.raises(GuestAddressError):
+        v.read(gpa, n)
+    if n > 0:
+        with pytest.raises(GuestAddressError):
+            v.write(gpa, b"\0" * n)
+
+
+def test_view_check_guest_accepts_unmapped_guest_memory() -> None:
+    v = make_view(0x1000)
+    v.check_guest(GUEST - 4096, 4096)  # inside the guest, not in the window: fine
+    with pytest.raises(GuestAddressError):
+        v.check_guest(GUEST - 4096, 4097)
+
+
+def test_view_needs_a_writable_buffer_inside_the_guest() -> None:
+    with pytest.raises(UsageError):
+        GuestRamView(bytes(16), base_gpa=0, guest_bytes=4096)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        GuestRamView(bytearray(16), base_gpa=4090, guest_bytes=4096)
+
+
+# ---------------------------------------------------------------- layout
+def test_packed_layout_sizes_and_alignment() -> None:
+    lay = QueueLayout.packed(0x1000, 128)
+    assert lay.avail_gpa == 0x1000 + desc_table_bytes(128) == 0x1000 + 2048
+    assert lay.used_gpa % 4 == 0 and lay.used_gpa >= lay.avail_gpa + avail_ring_bytes(128)
+    assert lay.end_gpa == lay.used_gpa + used_ring_bytes(128)
+    assert desc_table_bytes(1) == 16 and avail_ring_bytes(4) == 14 and used_ring_bytes(4) == 38
+
+
+@pytest.mark.parametrize("size", [0, 3, 12, VIRTQ_MAX_SIZE * 2])
+def test_layout_size_must_be_power_of_two_up_to_32768(size: int) -> None:
+    with pytest.raises(DescriptorError):
+        QueueLayout(size, 0, 16 * max(size, 1), 0x100000).check_shape()
+
+
+def test_layout_alignment_checked() -> None:
+    with pytest.raises(DescriptorError):
+        QueueLayout(4, 8, 0x100, 0x200).check_shape()  # table not 16-aligned
+    with pytest.raises(DescriptorError):
+        QueueLayout(4, 0, 0x101, 0x200).check_shape()
+    with pytest.raises(DescriptorError):
+        QueueLayout(4, 0, 0x100, 0x202).check_shape()
+    with pytest.raises(GuestAddressError):
+        QueueLayout.packed(BASE + 0x10000, 4).check(make_view())  # not mapped
+
+
+# ---------------------------------------------------------------- round trips
+def test_chain_round_trip() -> None:
+    view, drv, dev = make_pair()
+    view.write(DATA, b"hello")
+    head = drv.add([(DATA, 5, False), (DATA + 64, 3, True)])
+    assert dev.pending() == 0  # not published yet
+    drv.publish()
+    chain = dev.pop()
+    assert chain is not None and chain.head == head
+    assert chain.readable == [(DATA, 5)] and chain.writable == [(DATA + 64, 3)]
+    assert chain.read_all(view, 100) == b"hello"
+    assert chain.write_all(view, b"xyz") == 3
+    dev.push_used(chain.head, 3)
+    assert dev.pop() is None
+    assert drv.collect()[0].head == head
+    assert view.read(DATA + 64, 3) == b"xyz"
+    assert drv.num_free == 8 and drv.in_flight == 0
+
+
+def test_driver_runs_out_of_descriptors() -> None:
+    _, drv, _ = make_pair(4)
+    drv.add([(DATA, 1, False)] * 3)
+    with pytest.raises(UsageError):
+        drv.add([(DATA, 1, False)] * 2)
+    with pytest.raises(UsageError):
+        drv.add([])
+    with pytest.raises(UsageError):
+        drv.add([(DATA, 1, True), (DATA, 1, False)])  # readable after writable
+
+
+bufs_st = st.lists(
+    st.tuples(st.integers(0, 0x7FF), st.integers(0, 64), st.booleans()), min_size=1, max_size=4
+).map(lambda bs: sorted(((DATA + a, n, w) for a, n, w in bs), key=lambda b: b[2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start=st.integers(0, 0xFFFF),
+    size=st.sampled_from([4, 8, 16]),
+    rounds=st.lists(st.lists(bufs_st, min_size=1, max_size=4), min_size=1, max_size=12),
+)
+def test_random_legal_chains_round_trip_across_wrap(
+    start: int, size: int, rounds: list[list[list[tuple[int, int, bool]]]]
+) -> None:
+    _, drv, dev = make_pair(size, start=(start | 0xFFF0) if start % 2 else start)
+    for batch in rounds:
+        heads = {}
+        for bufs in batch:
+            if drv.num_free < len(bufs):
+                break
+            heads[drv.add(bufs)] = bufs
+        drv.publish()
+        got = []
+        while (chain := dev.pop()) is not None:
+            want = heads[chain.head]
+            assert chain.readable == [(a, n) for a, n, w in want if not w]
+            assert chain.writable == [(a, n) for a, n, w in want if w]
+            got.append(chain.head)
+        assert sorted(got) == sorted(heads)
+        for h in reversed(got):  # out of order completion is legal
+            dev.push_used(h, sum(n for _, n, w in heads[h] if w))
+        used = drv.collect()
+        assert [u.head for u in used] == list(reversed(got))
+        assert drv.num_free == size and drv.in_flight == 0
+
+
+# ---------------------------------------------------------------- hostile rings
+def test_loop_in_chain_is_rejected() -> None:
+    view, _, dev = make_pair(4)
+    t = dev.layout.desc_gpa
+    write_desc(view, t, 0, DATA, 4, VIRTQ_DESC_F_NEXT, 1)
+    write_desc(view, t, 1, DATA, 4, VIRTQ_DESC_F_NEXT, 0)
+    make_avail(view, dev.layout, [0], 1)
+    with pytest.raises(DescriptorError, match="loops"):
+        dev.pop()
+    assert dev.failed_head == 0  # the caller can return it used
+
+
+def test_head_and_next_out_of_range() -> None:
+    view, _, dev = make_pair(4)
+    t = dev.layout.desc_gpa
+    write_desc(view, t, 0, DATA, 4, VIRTQ_DESC_F_NEXT, 9)
+    make_avail(view, dev.layout, [7, 0], 2)
+    with pytest.raises(DescriptorError, match="head index"):
+        dev.pop()
+    assert dev.failed_head is None
+    with pytest.raises(DescriptorError, match="out of range"):
+        dev.pop()
+
+
+def test_buffer_outside_guest() -> None:
+    view, _, dev = make_pair(4)
+    write_desc(view, dev.layout.desc_gpa, 0, GUEST - 8, 16, 0, 0)
+    make_avail(view, dev.layout, [0], 1)
+    with pytest.raises(GuestAddressError):
+        dev.pop()
+
+
+def test_direction_checked_for_the_queue_use() -> None:
+    view = make_view()
+    lay = QueueLayout.packed(BASE, 4)
+    out_only = DeviceQueue(view, lay, writable=False)
+    write_desc(view, lay.desc_gpa, 0, DATA, 4, VIRTQ_DESC_F_WRITE, 0)
+    make_avail(view, lay, [0], 1)
+    with pytest.raises(DescriptorError, match="writable"):
+        out_only.pop()
+    in_only = DeviceQueue(view, lay, readable=False)
+    write_desc(view, lay.desc_gpa, 0, DATA, 4, 0, 0)
+    with pytest.raises(DescriptorError, match="readable"):
+        in_only.pop()
+
+
+def test_indirect_only_when_negotiated() -> None:
+    view, _, dev = make_pair(4)
+    table = DATA + 0x100
+    write_desc(view, table, 0, DATA, 8, VIRTQ_DESC_F_NEXT, 1)
+    write_desc(view, table, 1, DATA + 8, 8, VIRTQ_DESC_F_WRITE, 0)
+    write_desc(view, dev.layout.desc_gpa, 0, table, 32, VIRTQ_DESC_F_INDIRECT, 0)
+    make_avail(view, dev.layout, [0, 0], 2)
+    with pytest.raises(DescriptorError, match="INDIRECT"):
+        dev.pop()
+    dev.indirect = True
+    chain = dev.pop()
+    assert chain is not None
+    assert chain.readable == [(DATA, 8)] and chain.writable == [(DATA + 8, 8)]
+
+
+def test_indirect_with_next_or_nested_is_rejected() -> None:
+    view, _, dev = make_pair(4, indirect=True)
+    table = DATA + 0x100
+    write_desc(view, table, 0, table, 16, VIRTQ_DESC_F_INDIRECT, 0)
+    write_desc(view, dev.layout.desc_gpa, 0, table, 16, VIRTQ_DESC_F_INDIRECT, 0)
+    write_desc(view, dev.layout.desc_gpa, 1, table, 16, VIRTQ_DESC_F_INDIRECT | 1, 0)
+    make_avail(view, dev.layout, [0, 1], 2)
+    with pytest.raises(DescriptorError, match="nested"):
+        dev.pop()
+    with pytest.raises(DescriptorError, match="NEXT"):
+        dev.pop()
+
+
+def test_avail_idx_running_ahead_breaks_the_queue() -> None:
+    view, _, dev = make_pair(4)
+    view.write_u16(dev.layout.avail_gpa + 2, 5)
+    with pytest.raises(DescriptorError, match=r"avail\.idx"):
+        dev.pop()
+    assert dev.broken
+
+
+def test_driver_survives_a_hostile_used_ring() -> None:
+    view, drv, dev = make_pair(4)
+    h = drv.add([(DATA, 4, True)])
+    drv.publish()
+    assert dev.pop() is not None
+    # the device returns an id it was never given, then a too-long length for the real one
+    view.write(dev.layout.used_gpa + 4, struct.pack("<II", 3, 0))
+    view.write(dev.layout.used_gpa + 12, struct.pack("<II", h, 999))
+    view.write_u16(dev.layout.used_gpa + 2, 2)
+    with pytest.raises(DescriptorError):  # 2 used with 1 in flight: the ring lies
+        drv.collect()
+    assert drv.broken and drv.counters["used_idx_jump"] == 1
+    assert drv.collect() == []
+
+    view, drv, dev = make_pair(4)
+    h1 = drv.add([(DATA, 4, True)])
+    drv.add([(DATA, 4, True)])
+    drv.publish()
+    view.write(dev.layout.used_gpa + 4, struct.pack("<II", 3, 0))
+    view.write(dev.layout.used_gpa + 12, struct.pack("<II", h1, 999))
+    view.write_u16(dev.layout.used_gpa + 2, 2)
+    used = drv.collect()
+    assert [(u.head, u.length) for u in used] == [(h1, 4)]  # clamped to what it could write
+    assert drv.counters["used_unknown_head"] == 1 and drv.counters["used_len_too_long"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.sampled_from([1, 2, 4, 8, 16]),
+    table=st.binary(min_size=256, max_size=256),
+    ring=st.binary(min_size=40, max_size=40),
+    indirect=st.booleans(),
+    writable=st.booleans(),
+    start=st.integers(0, 0xFFFF),
+    blob=st.binary(min_size=0, max_size=512),
+)
+def test_hostile_descriptor_tables_raise_only_peer_errors(
+    size: int,
+    table: bytes,
+    ring: bytes,
+    indirect: bool,
+    writable: bool,
+    start: int,
+    blob: bytes,
+) -> None:
+    view = make_view()
+    lay = QueueLayout.packed(BASE, size)
+    dev = DeviceQueue(view, lay, indirect=indirect, writable=writable, start_index=start)
+    view.write(lay.desc_gpa, table[: 16 * size])
+    view.write(lay.avail_gpa, ring[: 6 + 2 * size])
+    view.write(DATA, blob)  # indirect tables may point here
+    for _ in range(size + 2):
+        try:
+            chain = dev.pop()
+        except PeerError:
+            if dev.broken:
+                break
+            continue
+        if chain is None:
+            break
+        for gpa, n in chain.readable + chain.writable:
+            assert gpa >= 0 and gpa + n <= GUEST
+        dev.push_used(chain.head, 0)
