@@ -67,6 +67,9 @@ MAJOR_FAULT_S = 100e-6
 SWAP_CLUSTER_MAX = 32
 
 _EMPTY = np.empty(0, dtype=np.int64)
+# Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
+_FREE = int(PageState.FREE)
+_BALLOON = int(PageState.BALLOON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,8 @@ class GuestMemory:
         self.reported: npt.NDArray[np.bool_] = np.zeros(nblocks, dtype=np.bool_)
         self._free = total_pages - reserved_pages
         self._hint = 0  # block the last allocation took from
+        self._hint_free: PfnArray = _EMPTY  # cached free frames of that block (single takes)
+        self._hint_pos = 0
         self._isolated = 0
         self._balloon = 0
         self._managed_adjust = 0  # pages the balloon took out of MemTotal
@@ -259,16 +264,27 @@ class GuestMemory:
         n = min(n, self._free - floor)
         if n <= 0:
             return _EMPTY
-        b = self._hint
-        if n <= self._bfree[b] and not self.reported[b]:
-            # fast path: the block we last took from still has room (the seed's page-at-a-time
-            # loop lands here)
-            lo = b * BLOCK_PAGES
-            idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == PageState.FREE)[:n] + lo
-            self._bfree[b] -= n
-            self._free -= n
-            self.state[idx] = new
-            return idx
+        if n == 1:
+            # fast path for the seed's page-at-a-time loop: walk a cached list of the free
+            # frames of the current block, re-checking each (other paths may have taken it)
+            hf = self._hint_free
+            while self._hint_pos < hf.size:
+                pfn = int(hf[self._hint_pos])
+                self._hint_pos += 1
+                if self.state[pfn] == _FREE and not self.reported[pfn >> BLOCK_ORDER]:
+                    self.state[pfn] = new
+                    self._bfree[pfn >> BLOCK_ORDER] -= 1
+                    self._free -= 1
+                    return np.array([pfn], dtype=np.int64)
+            b = self._hint
+            if self._bfree[b] > 0 and not self.reported[b]:
+                lo = b * BLOCK_PAGES
+                self._hint_free = (
+                    np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
+                )
+                self._hint_pos = 0
+                if self._hint_free.size:
+                    return self._take_free(1, floor, new)
         cand = np.flatnonzero(self._bfree > 0)
         if self.reported.any():
             rep = self.reported[cand]
@@ -280,7 +296,7 @@ class GuestMemory:
             if self._bfree[b] == BLOCK_PAGES:
                 idx = np.arange(lo, lo + BLOCK_PAGES, dtype=np.int64)
             else:
-                idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == PageState.FREE) + lo
+                idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
             if idx.size > n - got:
                 idx = idx[: n - got]
             parts.append(idx)
@@ -361,9 +377,9 @@ class GuestMemory:
         """Give frames the balloon driver owns back to the guest's free memory."""
         if pfns.size == 0:
             return
-        if not bool((self.state[pfns] == PageState.BALLOON).all()):
+        if not bool((self.state[pfns] == _BALLOON).all()):
             raise UsageError("free_balloon: a frame that the balloon does not own")
-        if np.unique(pfns).size != pfns.size:
+        if pfns.size > 1 and np.unique(pfns).size != pfns.size:
             raise UsageError("free_balloon: a frame given twice")
         self._give_free(pfns)
         self._balloon -= int(pfns.size)

@@ -49,6 +49,8 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
 
 
 def range_pages(ranges: RangeArray) -> int:
+    if len(ranges) == 1:  # the common single-run case, without numpy reductions
+        return int(ranges[0, 1]) - int(ranges[0, 0])
     return int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
 
 
@@ -58,9 +60,14 @@ def check_ranges(ranges: RangeArray, guest_pages: int) -> None:
         return
     if ranges.ndim != 2 or ranges.shape[1] != 2:
         raise GuestAddressError(f"ranges must be (k, 2), got shape {ranges.shape}")
-    lo = int(ranges[:, 0].min())
-    hi = int(ranges[:, 1].max())
-    if lo < 0 or hi > guest_pages or bool((ranges[:, 1] <= ranges[:, 0]).any()):
+    if len(ranges) == 1:
+        lo, hi = int(ranges[0, 0]), int(ranges[0, 1])
+        empty = hi <= lo
+    else:
+        lo = int(ranges[:, 0].min())
+        hi = int(ranges[:, 1].max())
+        empty = bool((ranges[:, 1] <= ranges[:, 0]).any())
+    if lo < 0 or hi > guest_pages or empty:
         raise GuestAddressError(
             f"PFN range [{lo}, {hi}) outside guest memory of {guest_pages} pages"
         )
