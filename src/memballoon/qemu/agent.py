@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,8 +204,10 @@ class LineSplitter:
 class AgentChannel:
     """The host end of a guest's agent port (QEMU's ``agent.sock`` chardev).
 
-    ``read_report`` returns the next valid report; garbage is counted and skipped. Commands
-    for the test image's init (``hog N``, ``unhog``, ``mark X``...) go the other way."""
+    Once connected, a reader task consumes the socket continuously and keeps only the newest
+    valid report (``latest``): pressure is a level, a backlog of old lines is worth nothing.
+    Garbage is counted and skipped. Commands for the test image's init (``hog N``,
+    ``unhog``, ``mark X``...) go the other way with ``send_command``."""
 
     def __init__(
         self, socket_path: str | Path, *, guest: str, counters: Counters | None = None,
@@ -215,17 +217,25 @@ class AgentChannel:
         self.guest = guest
         self.counters = counters if counters is not None else Counters()
         self._splitter = LineSplitter(self.counters, max_line_bytes)
-        self._pending: list[bytes] = []
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._seq = 0
+        self._gone: GuestGoneError | None = None
+        #: The newest valid report, or None before the first one.
         self.latest: PressureReport | None = None
 
+    @property
+    def gone(self) -> bool:
+        return self._gone is not None
+
     async def connect(self, *, wait_s: float = 0.0) -> None:
+        """Open the socket (retrying for ``wait_s`` while QEMU starts) and start reading."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
-                return
+                reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+                break
             except OSError as exc:
                 if time.monotonic() >= deadline:
                     self.counters.inc("agent_connect_failed")
@@ -233,32 +243,53 @@ class AgentChannel:
                         f"{self.guest}: cannot reach the agent socket {self.socket_path}: {exc}"
                     ) from exc
                 await asyncio.sleep(0.05)
+        self._gone = None
+        self._task = asyncio.create_task(self._pump(reader), name=f"agent-{self.guest}")
 
-    async def read_report(self, timeout_s: float) -> PressureReport:
-        """The next valid report. GuestGoneError at EOF, TimeoutError after ``timeout_s``."""
-        if self._reader is None:
-            await self.connect()
-        reader = self._reader
-        assert reader is not None
-        async with asyncio.timeout(timeout_s):
-            while True:
-                while self._pending:
-                    line = self._pending.pop(0)
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while data := await reader.read(65536):
+                for line in self._splitter.feed(data):
                     try:
                         report = parse_report(line, guest=self.guest, counters=self.counters)
                     except AgentError:
                         continue
                     self.latest = report
+                    self._seq += 1
+                self._changed.set()
+            self.counters.inc("agent_eof")
+            self._gone = GuestGoneError(f"{self.guest}: agent socket closed (QEMU gone?)")
+        except OSError as exc:
+            self.counters.inc("agent_eof")
+            self._gone = GuestGoneError(f"{self.guest}: agent socket failed: {exc}")
+        finally:
+            self._changed.set()
+
+    async def read_report(self, timeout_s: float) -> PressureReport:
+        """The next report newer than the current ``latest``.
+
+        GuestGoneError when the socket closed, TimeoutError after ``timeout_s``."""
+        if self._task is None:
+            await self.connect()
+        seq = self._seq
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if self._seq != seq and self.latest is not None:
+                    return self.latest
+                if self._gone is not None:
+                    raise self._gone
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_for(
+        self, predicate: Callable[[PressureReport], bool], timeout_s: float
+    ) -> PressureReport:
+        """The first new report for which ``predicate`` holds (TimeoutError otherwise)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                report = await self.read_report(timeout_s)
+                if predicate(report):
                     return report
-                try:
-                    data = await reader.read(65536)
-                except OSError as exc:
-                    raise GuestGoneError(f"{self.guest}: agent socket failed: {exc}") from exc
-                if not data:
-                    self.counters.inc("agent_eof")
-                    raise GuestGoneError(f"{self.guest}: agent socket closed (QEMU gone?)")
-                # Only the newest lines matter: a backlog is stale pressure.
-                self._pending = (self._pending + self._splitter.feed(data))[-8:]
 
     async def send_command(self, command: str) -> None:
         if "\n" in command or len(command) > 200:
@@ -274,8 +305,19 @@ class AgentChannel:
             raise GuestGoneError(f"{self.guest}: agent socket failed: {exc}") from exc
 
     async def close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def __aenter__(self) -> AgentChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -138,15 +138,16 @@ class QmpClient:
         while the socket does not exist yet (QEMU just started). Raises GuestGoneError."""
         deadline = time.monotonic() + wait_s
         while True:
+            last_try = time.monotonic() >= deadline
             try:
-                await self._connect_once()
+                await self._connect_once(count=last_try)
                 return
             except GuestGoneError:
-                if time.monotonic() >= deadline:
+                if last_try:
                     raise
                 await asyncio.sleep(0.05)
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self, *, count: bool = True) -> None:
         await self._drop()
         qmp = _Client(self)
         try:
@@ -158,7 +159,8 @@ class QmpClient:
                 f"{self.socket_path}: no QMP greeting within {self.timeout_s} s"
             ) from exc
         except (ConnectError, OSError, EOFError, QMPError) as exc:
-            self.counters.inc("qmp_connect_failed")
+            if count:
+                self.counters.inc("qmp_connect_failed")
             await _quiet_disconnect(qmp)
             raise GuestGoneError(f"{self.socket_path}: cannot reach QEMU's monitor: {exc}") from exc
         self._qmp = qmp
@@ -203,12 +205,14 @@ class QmpClient:
                 raise QmpReplyError(f"{command}: malformed reply: {exc}") from exc
             except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
                 cause = await self._drop()
-                if isinstance(cause, QMPError):  # qemu.qmp hung up on garbage from QEMU
+                if cause is None or isinstance(cause, EOFError | OSError):
+                    self.counters.inc("qmp_disconnect")
+                    if attempt:
+                        raise GuestGoneError(f"{command}: QMP socket dropped twice") from exc
+                else:  # qemu.qmp hung up on a reply it could not parse
                     self.counters.inc("qmp_bad_reply")
                     if attempt:
-                        raise QmpReplyError(f"{command}: unparseable reply: {cause}") from exc
-                else:
-                    self.counters.inc("qmp_disconnect")
+                        raise QmpReplyError(f"{command}: unparseable reply: {cause!r}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _command_error(self, command: str, exc: ExecuteError) -> Exception:

@@ -1,0 +1,261 @@
+"""The agent's report parser, line splitter and channel (against a fake guest on a unix socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memballoon.model.counters import Counters
+from memballoon.model.errors import PeerError, UsageError
+from memballoon.qemu.agent import (
+    MAX_LINE_BYTES,
+    AgentChannel,
+    LineSplitter,
+    PressureReport,
+    parse_report,
+)
+from memballoon.qemu.errors import AgentError, GuestGoneError
+
+# A line exactly as the test image's init writes it (captured from a real 1 GiB TCG guest).
+REAL_LINE = (
+    '{"v":1,"t":11.47,"meminfo":{"MemTotal":996624,"MemFree":855028,"MemAvailable":788300,'
+    '"Cached":104700,"SwapTotal":0,"SwapFree":0},"psi":{"some_avg10":0.00,"some_total":0,'
+    '"full_avg10":0.00,"full_total":0},"vmstat":{"pswpin":0,"pswpout":0,"pgmajfault":0,'
+    '"oom_kill":0}}'
+)
+
+
+def doc(**over: object) -> dict[str, object]:
+    base: dict[str, object] = json.loads(REAL_LINE)
+    base.update(over)
+    return base
+
+
+def test_real_line_parses_to_bytes_and_counts() -> None:
+    c = Counters()
+    r = parse_report(REAL_LINE, guest="g1", counters=c)
+    assert r.guest == "g1"
+    assert r.uptime_s == pytest.approx(11.47)
+    assert r.mem_total_bytes == 996624 * 1024
+    assert r.mem_free_bytes == 855028 * 1024
+    assert r.mem_available_bytes == 788300 * 1024
+    assert r.cached_bytes == 104700 * 1024
+    assert r.swap_total_bytes == 0 and r.swap_free_bytes == 0
+    assert (r.swap_in_pages, r.swap_out_pages, r.major_faults, r.oom_kills) == (0, 0, 0, 0)
+    assert r.psi_some_avg10 == 0.0 and r.psi_full_total_us == 0
+    assert c["agent_reports"] == 1
+    assert parse_report(REAL_LINE.encode(), guest="g1", counters=c) == r
+
+
+def test_missing_sections_and_nulls_become_none() -> None:
+    c = Counters()
+    line = json.dumps({"v": 1, "t": 3, "meminfo": {"MemTotal": 1000, "MemFree": None},
+                       "psi": None})
+    r = parse_report(line, guest="g", counters=c)
+    assert r.mem_total_bytes == 1000 * 1024
+    assert r.mem_free_bytes is None and r.mem_available_bytes is None
+    assert r.psi_some_avg10 is None and r.psi_some_total_us is None
+    assert r.oom_kills is None and r.major_faults is None
+
+
+def test_psi_values_kept() -> None:
+    psi = {"some_avg10": 12.5, "some_total": 123456, "full_avg10": 3, "full_total": 99}
+    r = parse_report(json.dumps(doc(psi=psi)), guest="g", counters=Counters())
+    assert (r.psi_some_avg10, r.psi_some_total_us) == (12.5, 123456)
+    assert (r.psi_full_avg10, r.psi_full_total_us) == (3.0, 99)
+
+
+@pytest.mark.parametrize(
+    ("line", "counter"),
+    [
+        ("not json", "agent_bad_json"),
+        ("[1,2]", "agent_bad_schema"),
+        (json.dumps(doc(v=2)), "agent_bad_version"),
+        (json.dumps(doc(v=True)), "agent_bad_version"),
+        (json.dumps(doc(t="soon")), "agent_bad_schema"),
+        (json.dumps(doc(t=-1)), "agent_bad_value"),
+        (json.dumps(doc(meminfo=[1])), "agent_bad_schema"),
+        (json.dumps(doc(meminfo=None)), "agent_bad_schema"),
+        (json.dumps(doc(meminfo={"MemTotal": -5})), "agent_bad_value"),
+        (json.dumps(doc(meminfo={"MemTotal": 1.5})), "agent_bad_value"),
+        (json.dumps(doc(meminfo={"MemTotal": True})), "agent_bad_value"),
+        (json.dumps(doc(meminfo={"MemTotal": 2**60})), "agent_bad_value"),
+        (json.dumps(doc(vmstat={"oom_kill": "1"})), "agent_bad_value"),
+        (json.dumps(doc(psi={"some_avg10": 101})), "agent_bad_value"),
+        (json.dumps(doc(psi={"some_avg10": "x"})), "agent_bad_value"),
+        ('{"v":1,"t":NaN,"meminfo":{}}', "agent_bad_json"),
+        ('{"v":1,"t":1,"meminfo":{"MemTotal":Infinity}}', "agent_bad_json"),
+        ("[" * 3000, "agent_bad_json"),  # deeper than the recursion limit
+        (b"\xff\xfe{", "agent_bad_json"),
+        ("x" * (MAX_LINE_BYTES + 1), "agent_line_too_long"),
+    ],
+)
+def test_garbage_is_a_counted_agent_error(line: str | bytes, counter: str) -> None:
+    c = Counters()
+    with pytest.raises(AgentError):
+        parse_report(line, guest="g", counters=c)
+    assert c[counter] == 1
+    assert c["agent_reports"] == 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600) | st.text(max_size=600).map(str.encode))
+def test_random_bytes_only_ever_raise_agent_error(data: bytes) -> None:
+    c = Counters()
+    try:
+        report = parse_report(data, guest="g", counters=c)
+    except AgentError:
+        assert c.total() == 1
+    else:
+        assert isinstance(report, PressureReport)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "v": st.sampled_from([1, 1, 1, 2, "1", None]),
+            "t": json_values | st.floats(min_value=0, max_value=1e6),
+            "meminfo": st.dictionaries(
+                st.sampled_from(["MemTotal", "MemFree", "Cached", "Other"]), json_values
+            ) | json_values,
+            "psi": st.dictionaries(
+                st.sampled_from(["some_avg10", "full_total", "junk"]), json_values
+            ) | json_values,
+            "vmstat": st.dictionaries(st.sampled_from(["oom_kill", "pswpin"]), json_values),
+        },
+    )
+)
+def test_json_shaped_garbage_only_ever_raises_agent_error(d: dict[str, object]) -> None:
+    c = Counters()
+    try:
+        line = json.dumps(d)
+    except ValueError:
+        return
+    try:
+        r = parse_report(line, guest="g", counters=c)
+    except AgentError:
+        assert c["agent_reports"] == 0 and c.total() == 1
+        return
+    for value in (r.mem_total_bytes, r.mem_free_bytes, r.oom_kills, r.swap_in_pages):
+        assert value is None or (isinstance(value, int) and value >= 0)
+
+
+def test_agent_error_is_a_peer_error() -> None:
+    assert issubclass(AgentError, PeerError)
+
+
+# --- LineSplitter ----------------------------------------------------------------------
+
+
+def test_splitter_reassembles_lines_fed_byte_by_byte_and_at_once() -> None:
+    data = b"one\ntwo\n\nthree\npart"
+    whole = LineSplitter(Counters()).feed(data)
+    bytewise_splitter = LineSplitter(Counters())
+    bytewise = [line for i in range(len(data)) for line in bytewise_splitter.feed(data[i:i + 1])]
+    assert whole == bytewise == [b"one", b"two", b"", b"three"]
+    assert bytewise_splitter.feed(b"ial\n") == [b"partial"]
+
+
+def test_splitter_drops_over_long_line_and_resynchronises() -> None:
+    c = Counters()
+    s = LineSplitter(c, max_line_bytes=10)
+    assert s.feed(b"x" * 25) == []
+    assert s.feed(b"y" * 25) == []
+    assert s.feed(b"zz\nok\n") == [b"ok"]
+    assert c["agent_line_too_long"] == 1
+    assert s.feed(b"0123456789\n") == [b"0123456789"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=20), st.integers(1, 16))
+def test_splitter_never_returns_long_lines_or_newlines(chunks: list[bytes], limit: int) -> None:
+    s = LineSplitter(Counters(), max_line_bytes=limit)
+    for chunk in chunks:
+        for line in s.feed(chunk):
+            assert len(line) <= limit and b"\n" not in line
+        assert len(s._buf) <= limit
+
+
+# --- AgentChannel against a fake guest -------------------------------------------------
+
+
+async def fake_guest(path: Path, lines: list[bytes], received: list[bytes]) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        received.append(await reader.readline())
+        writer.close()
+
+    return await asyncio.start_unix_server(handle, path=str(path))
+
+
+def test_channel_reads_newest_reports_skips_garbage_and_reports_eof(tmp_path: Path) -> None:
+    sock = tmp_path / "a.sock"
+
+    async def main() -> None:
+        received: list[bytes] = []
+        flood = b"A" * 100_000 + b"\n"
+        good2 = json.dumps(doc(t=12.0)).encode() + b"\n"
+        server = await fake_guest(sock, [REAL_LINE.encode() + b"\n", b"junk\n", flood, good2],
+                                  received)
+        c = Counters()
+        async with server, AgentChannel(sock, guest="g", counters=c) as ch:
+            await ch.connect(wait_s=1)
+            r = await ch.wait_for(lambda r: r.uptime_s == 12.0, timeout_s=5)
+            assert r.mem_total_bytes == 996624 * 1024
+            assert ch.latest == r
+            await ch.send_command("mark hi")
+            with pytest.raises(GuestGoneError):
+                await ch.read_report(timeout_s=5)
+            assert ch.gone
+        assert received == [b"mark hi\n"]
+        assert c["agent_bad_json"] == 1 and c["agent_line_too_long"] == 1
+        assert c["agent_reports"] == 2 and c["agent_eof"] == 1
+
+    asyncio.run(main())
+
+
+def test_channel_times_out_when_guest_is_silent(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+
+    async def main() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # say nothing, hold the connection
+
+        server = await asyncio.start_unix_server(handle, path=str(sock))
+        async with server, AgentChannel(sock, guest="g") as ch:
+            await ch.connect()
+            with pytest.raises(TimeoutError):
+                await ch.read_report(timeout_s=0.2)
+
+    asyncio.run(main())
+
+
+def test_channel_without_socket_is_guest_gone(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = Counters()
+        ch = AgentChannel(tmp_path / "none.sock", guest="g", counters=c)
+        with pytest.raises(GuestGoneError):
+            await ch.connect(wait_s=0.1)
+        assert c["agent_connect_failed"] == 1
+        with pytest.raises(UsageError):
+            await ch.send_command("two\nlines")
+
+    asyncio.run(main())
