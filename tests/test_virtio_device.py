@@ -1,0 +1,296 @@
+"""The host's virtio-balloon device, driven by hand-built queues (a driver we fully control)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from memballoon.host.ram import NullRam, RangeArray
+from memballoon.host.virtio_device import SUPPORTED_FEATURES, VirtioBalloonDevice
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+from memballoon.model.units import MIB, PAGE_SIZE
+from memballoon.protocol import virtio_balloon as vb
+from memballoon.protocol.virtio_balloon import BalloonConfig, StatTag, encode_stats, features_of
+from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
+
+PAGES = 16384  # 64 MiB guest
+AREA = 1 * MIB
+F_REFUSE = features_of(vb.VIRTIO_BALLOON_X_F_HOST_REFUSE)
+F_RESET = features_of(vb.VIRTIO_BALLOON_X_F_HOST_RESET)
+F_STATS = features_of(vb.VIRTIO_BALLOON_F_STATS_VQ)
+F_REPORT = features_of(vb.VIRTIO_BALLOON_F_REPORTING)
+
+
+class CountingRam(NullRam):
+    """NullRam that records every release/readmit call (to show one call per buffer)."""
+
+    def __init__(self, pages: int) -> None:
+        super().__init__(pages)
+        self.release_calls: list[RangeArray] = []
+        self.readmit_calls: list[RangeArray] = []
+
+    def release(self, ranges: RangeArray) -> int:
+        self.release_calls.append(ranges.copy())
+        return super().release(ranges)
+
+    def readmit(self, ranges: RangeArray) -> int:
+        self.readmit_calls.append(ranges.copy())
+        return super().readmit(ranges)
+
+
+class Irq:
+    def __init__(self) -> None:
+        self.config = 0
+        self.used: list[int] = []
+
+    def config_changed(self) -> None:
+        self.config += 1
+
+    def used_buffers(self, queue: int) -> None:
+        self.used.append(queue)
+
+
+class Guest:
+    """A hand-rolled driver: negotiates, lays queues out and sends raw buffers."""
+
+    def __init__(self, features: int, *, offered: int | None = None, queue_size: int = 8) -> None:
+        self.ram = CountingRam(PAGES)
+        self.view = GuestRamView(bytearray(256 * 1024), base_gpa=AREA, guest_bytes=PAGES * 4096)
+        self.dev = VirtioBalloonDevice(
+            self.ram, self.view, features=features if offered is None else offered,
+            queue_size=queue_size,
+        )
+        self.irq = Irq()
+        self.dev.attach(self.irq)
+        self.dev.set_driver_features(features | features_of(vb.VIRTIO_F_VERSION_1))
+        self.q: dict[vb.BalloonQueue, tuple[int, DriverQueue]] = {}
+        cursor = AREA
+        for role, idx in vb.queue_indices(self.dev.features).items():
+            lay = QueueLayout.packed(cursor, self.dev.queue_max_size(idx))
+            cursor += 0x1000
+            self.q[role] = (idx, DriverQueue(self.view, lay, Counters()))
+            self.dev.setup_queue(idx, lay)
+        self.buf = AREA + 0x10000  # PFN arrays and other payloads
+
+    def send(self, role: vb.BalloonQueue, bufs: list[tuple[int, int, bool]]) -> int:
+        idx, q = self.q[role]
+        head = q.add(bufs)
+        q.publish()
+        self.dev.notify(idx)
+        return head
+
+    def send_pfns(self, role: vb.BalloonQueue, pfns: list[int], status: bool = False) -> int:
+        data = np.asarray(pfns, dtype="<u4").tobytes()
+        self.view.write(self.buf, data)
+        bufs = [(self.buf, len(data), False)]
+        if status:
+            self.view.fill(self.buf + 0x2000, len(pfns), 0xFF)
+            bufs.append((self.buf + 0x2000, len(pfns), True))
+        return self.send(role, bufs)
+
+    def used(self, role: vb.BalloonQueue) -> list[tuple[int, int]]:
+        return [(u.head, u.length) for u in self.q[role][1].collect()]
+
+    def status(self, n: int) -> list[int]:
+        return list(self.view.read(self.buf + 0x2000, n))
+
+
+INFL, DEFL = vb.BalloonQueue.INFLATEQ, vb.BalloonQueue.DEFLATEQ
+
+
+def test_offers_features_and_rejects_unsupported() -> None:
+    g = Guest(0, offered=SUPPORTED_FEATURES)
+    assert g.dev.device_features() & SUPPORTED_FEATURES == SUPPORTED_FEATURES
+    assert vb.has(g.dev.device_features(), vb.VIRTIO_F_VERSION_1)
+    with pytest.raises(UsageError):
+        VirtioBalloonDevice(NullRam(PAGES), g.view, features=features_of(
+            vb.VIRTIO_BALLOON_F_FREE_PAGE_HINT))
+    g.dev.set_driver_features(features_of(vb.VIRTIO_BALLOON_F_PAGE_POISON))
+    assert g.dev.counters["driver_features_not_offered"] == 1
+
+
+def test_set_target_writes_num_pages_and_raises_config_change() -> None:
+    g = Guest(0)
+    g.dev.set_target(1234)
+    assert g.irq.config == 1 and g.dev.target_pages == 1234
+    assert BalloonConfig.decode(g.dev.read_config()).num_pages == 1234
+    with pytest.raises(UsageError):
+        g.dev.set_target(PAGES + 1)
+    with pytest.raises(UsageError):
+        g.dev.set_target(-1)
+
+
+def test_inflate_releases_valid_pfns_in_one_call_per_buffer() -> None:
+    g = Guest(0)
+    g.ram.touch(np.arange(4096, 8192, dtype=np.int64), 1)
+    before = g.ram.resident_bytes()
+    pfns = [5000, 5001, 5002, 7000, PAGES, 0xFFFF_FFFF, 5001]
+    head = g.send_pfns(INFL, pfns)
+    assert g.used(INFL) == [(head, 0)]
+    assert g.irq.used == [0]
+    assert len(g.ram.release_calls) == 1
+    assert g.ram.release_calls[0].tolist() == [[5000, 5003], [7000, 7001]]
+    assert g.dev.balloon_pfns().tolist() == [5000, 5001, 5002, 7000]
+    assert g.ram.resident_bytes() == before - 4 * PAGE_SIZE
+    assert g.dev.counters["inflate_pfn_outside_guest"] == 2
+    assert g.dev.counters["inflate_pfn_duplicate"] == 1
+    # the same frame again: counted, not released twice
+    g.send_pfns(INFL, [5000])
+    assert g.dev.counters["inflate_pfn_already_in_balloon"] == 1
+    assert len(g.ram.release_calls) == 1
+    assert g.dev.inflated_pages == 4
+
+
+def test_deflate_readmits_only_balloon_frames() -> None:
+    g = Guest(0)
+    g.send_pfns(INFL, [10, 11, 12])
+    g.send_pfns(DEFL, [11, 12, 99, PAGES + 5])
+    assert g.dev.balloon_pfns().tolist() == [10]
+    assert g.ram.readmit_calls[-1].tolist() == [[11, 13]]
+    assert g.dev.counters["deflate_pfn_not_in_balloon"] == 1
+    assert g.dev.counters["deflate_pfn_outside_guest"] == 1
+
+
+def test_actual_is_written_by_the_driver_and_readonly_fields_are_not() -> None:
+    g = Guest(0)
+    g.dev.write_config(vb.OFFSET_ACTUAL, vb.encode_u32(77))
+    assert g.dev.actual_pages == 77
+    g.dev.write_config(vb.OFFSET_NUM_PAGES, vb.encode_u32(5))
+    g.dev.write_config(vb.OFFSET_ACTUAL, b"\x01")
+    g.dev.write_config(3, vb.encode_u32(5))
+    g.dev.write_config(64, vb.encode_u32(5))
+    assert g.dev.target_pages == 0 and g.dev.actual_pages == 77
+    assert g.dev.counters["config_write_readonly"] == 1
+    assert g.dev.counters["config_write_bad"] == 3
+
+
+def test_malformed_pfn_buffers_are_returned_used_with_length_zero() -> None:
+    g = Guest(0)
+    g.view.write(g.buf, b"\x01\x02\x03")
+    head = g.send(INFL, [(g.buf, 3, False)])  # not a whole u32
+    assert g.used(INFL) == [(head, 0)]
+    assert g.dev.counters["inflateq_bad_buffer"] == 1
+    head = g.send(INFL, [(g.buf, 4, False), (g.buf + 8, 4, True)])  # writable w/o REFUSE
+    assert g.used(INFL) == [(head, 0)]
+    assert g.dev.counters["inflateq_bad_descriptor"] == 1
+    head = g.send(INFL, [(g.buf + (1 << 30), 4, False)])  # outside the guest
+    assert g.used(INFL) == [(head, 0)]
+    head = g.send(INFL, [(PAGES * 4096 - 2048, 1024, False)])  # in the guest, not mapped
+    assert g.used(INFL) == [(head, 0)]
+    assert g.ram.release_calls == [] and g.dev.inflated_pages == 0
+
+
+def test_broken_avail_ring_marks_the_queue_needs_reset() -> None:
+    g = Guest(0)
+    idx, q = g.q[INFL]
+    g.view.write_u16(q.layout.avail_gpa + 2, 100)  # runs far ahead
+    g.dev.notify(idx)
+    assert idx in g.dev.broken_queues and g.dev.counters["inflateq_broken_ring"] == 1
+    g.dev.notify(idx)
+    assert g.dev.counters["notify_dead_queue"] == 1
+    g.send_pfns(DEFL, [1])  # the other queues keep working
+    assert g.dev.counters["deflate_buffers"] == 1
+    g.dev.notify(42)
+    assert g.dev.counters["notify_dead_queue"] == 2
+
+
+def test_bad_queue_layout_is_counted() -> None:
+    g = Guest(0)
+    g.dev.setup_queue(0, QueueLayout(8, AREA + 8, AREA + 0x200, AREA + 0x400))
+    g.dev.setup_queue(1, QueueLayout.packed(0, 8))  # not mapped by the view
+    g.dev.setup_queue(0, QueueLayout.packed(AREA, 64))  # larger than we offer
+    g.dev.setup_queue(9, QueueLayout.packed(AREA, 8))
+    assert g.dev.counters["setup_bad_layout"] == 2
+    assert g.dev.counters["setup_queue_too_large"] == 1
+    assert g.dev.counters["setup_unknown_queue"] == 1
+
+
+def test_stats_kept_by_name_and_buffer_held_until_requested() -> None:
+    g = Guest(F_STATS)
+    assert not g.dev.request_stats()  # nothing held yet
+    data = encode_stats([(StatTag.MEMFREE, 4096), (StatTag.OOM_KILL, 2), (40, 1)])
+    g.view.write(g.buf, data)
+    head = g.send(vb.BalloonQueue.STATSQ, [(g.buf, len(data), False)])
+    assert g.used(vb.BalloonQueue.STATSQ) == []  # held
+    assert g.dev.stats == {"free-memory": 4096, "oom-kills": 2}
+    assert g.dev.stats_seq == 1 and g.dev.counters["stats_unknown_tag"] == 1
+    assert g.dev.request_stats()
+    assert g.used(vb.BalloonQueue.STATSQ) == [(head, 0)]
+    assert not g.dev.request_stats()
+
+
+def test_reporting_releases_page_aligned_ranges() -> None:
+    g = Guest(F_REPORT)
+    g.ram.touch(np.arange(8192, 9216, dtype=np.int64), 1)
+    r0 = g.ram.resident_bytes()
+    blk = 512 * PAGE_SIZE
+    head = g.send(vb.BalloonQueue.REPORTING_VQ, [(16 * blk, blk, True), (17 * blk, blk, True)])
+    assert g.used(vb.BalloonQueue.REPORTING_VQ) == [(head, 0)]
+    assert g.ram.release_calls[-1].tolist() == [[8192, 9216]]
+    assert g.ram.resident_bytes() == r0 - 1024 * PAGE_SIZE
+    assert g.dev.reported_pages_total == 1024 and g.dev.balloon_pfns().size == 0
+    # misaligned, or device-readable: rejected, nothing released
+    g.send(vb.BalloonQueue.REPORTING_VQ, [(16 * blk + 1, blk, True)])
+    g.send(vb.BalloonQueue.REPORTING_VQ, [(16 * blk, blk, False)])
+    assert len(g.ram.release_calls) == 1
+    assert g.dev.counters["reporting_vq_bad_buffer"] == 1
+    assert g.dev.counters["reporting_vq_bad_descriptor"] == 1
+
+
+def test_refusal_of_pinned_frames() -> None:
+    g = Guest(F_REFUSE)
+    g.dev.pin([101, 103])
+    g.send_pfns(INFL, [100, 101, 102, 103, PAGES], status=True)
+    [(_, length)] = g.used(INFL)
+    assert length == 5
+    assert g.status(5) == [0, 1, 0, 1, 1]
+    assert g.dev.balloon_pfns().tolist() == [100, 102]
+    assert g.dev.counters["inflate_refused_pinned"] == 2
+    # no status room for every PFN: nothing taken
+    g.send_pfns(INFL, [200, 201])
+    assert g.dev.counters["inflateq_bad_buffer"] == 1
+    assert g.dev.balloon_pfns().tolist() == [100, 102]
+
+
+def test_pinned_frames_are_taken_without_the_refusal_bit() -> None:
+    g = Guest(0)
+    g.dev.pin([101])
+    g.send_pfns(INFL, [101])
+    assert g.dev.balloon_pfns().tolist() == [101]
+    assert g.dev.counters["inflate_pinned_taken"] == 1
+
+
+def test_reset_readmits_everything_and_bumps_the_generation() -> None:
+    g = Guest(F_RESET)
+    with pytest.raises(UsageError):
+        Guest(0).dev.request_reset()
+    g.send_pfns(INFL, [1, 2, 3, 9])
+    cfg0 = BalloonConfig.decode(g.dev.read_config())
+    g.dev.request_reset()
+    cfg = BalloonConfig.decode(g.dev.read_config())
+    assert cfg.x_reset_generation == cfg0.x_reset_generation + 1
+    assert g.dev.balloon_pfns().size == 0 and g.dev.reset_pending
+    assert g.ram.readmit_calls[-1].tolist() == [[1, 4], [9, 10]]
+    assert g.irq.config == 1
+    g.dev.write_config(vb.OFFSET_X_RESET_ACK, vb.encode_u32(cfg.x_reset_generation))
+    assert not g.dev.reset_pending
+
+
+def test_hostile_avail_rings_never_escape_notify() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        g = Guest(F_REFUSE | F_STATS | F_REPORT)
+        for idx, q in g.q.values():
+            lay = q.layout
+            g.view.write(lay.desc_gpa, rng.integers(0, 256, 16 * lay.size, dtype=np.uint8)
+                         .tobytes())
+            ring = rng.integers(0, 256, 4 + 2 * lay.size, dtype=np.uint8).tobytes()
+            g.view.write(lay.avail_gpa, ring)
+            g.view.write(lay.avail_gpa + 2, struct.pack("<H", int(rng.integers(0, 12))))
+            g.view.write(g.buf, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+            g.dev.notify(idx)  # must not raise
+        for r in g.ram.release_calls:
+            assert r.size == 0 or (r[:, 0].min() >= 0 and r[:, 1].max() <= PAGES)
