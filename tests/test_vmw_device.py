@@ -138,10 +138,11 @@ def test_reset_forgets_every_page_and_answers_next_command() -> None:
     send(dev, Request(Command.LOCK, 20))
     send(dev, Request(Command.LOCK, 21))
     dev.request_reset()
+    assert dev.actual_pages == 2  # until the guest is told
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_RESET
     assert ram.calls == [("release", [[20, 21]]), ("release", [[21, 22]]),
                          ("readmit", [[20, 22]])]
     assert dev.actual_pages == 0 and dev.balloon_pfns().size == 0
-    assert send(dev, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_RESET
     # the session is gone until the guest starts a new one
     assert send(dev, Request(Command.LOCK, 22)).status is Status.ERROR_RESET
     assert send(dev, Request(Command.START, 2)).status is Status.SUCCESS

@@ -7,8 +7,8 @@ Theory of operation
 -------------------
 ``handle(frame) -> frame`` never raises. A frame is decoded (``protocol.vmw``), then, in order:
 1. ``busy_next(n)``: the next ``n`` commands answer ERROR_BUSY;
-2. ``request_reset()``: the host forgot every locked page at once (readmitted through the RAM
-   backend); the next command other than START answers ERROR_RESET;
+2. ``request_reset()``: the next command other than START answers ERROR_RESET, and the host
+   forgets every locked page as it says so (readmitted through the RAM backend);
 3. without a START since the device was made or reset, every other command answers
    ERROR_RESET too (the host has no balloon session: the guest must start one);
 4. the command itself. START opens a session and, as on VMware, resets the host's view (every
@@ -122,8 +122,11 @@ class VmwBalloonDevice:
         self._pinned[p] = True
 
     def request_reset(self) -> None:
-        """Forget the balloon now; the next command (other than START) answers ERROR_RESET."""
-        self._forget_all()
+        """The next command (other than START) answers ERROR_RESET and forgets the balloon.
+
+        The pages are forgotten when the guest is told, not before, so both sides agree on
+        the balloon between commands (a BUSY spell may delay the news).
+        """
         self._reset_pending = True
 
     def busy_next(self, n: int) -> None:
@@ -152,6 +155,7 @@ class VmwBalloonDevice:
         if cmd is _START:
             return self._start(req.data)
         if self._reset_pending:
+            self._forget_all()
             self._reset_pending = False
             self._started = False
             self.counters.inc("reset")

@@ -1,0 +1,629 @@
+"""The seed's VMware balloon driver, rule by rule, wired straight to the device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memballoon.guest.driver import BalloonDriver
+from memballoon.guest.memory import GuestMemory
+from memballoon.guest.vmw_driver import (
+    VMW_BALLOON_MAX_REFUSED,
+    VMW_BALLOON_NOSLEEP_ALLOC_MAX,
+    VMW_BALLOON_RATE_ALLOC_INC,
+    VMW_BALLOON_RATE_ALLOC_MAX,
+    VMW_BALLOON_RATE_ALLOC_MIN,
+    VMW_BALLOON_RATE_FREE_INC,
+    VMW_BALLOON_RATE_FREE_MAX,
+    VMW_BALLOON_RATE_FREE_MIN,
+    VMW_BALLOON_SLOW_CYCLES,
+    VMW_BALLOON_YIELD_THRESHOLD,
+    PfnStack,
+    VmwBalloonDriver,
+)
+from memballoon.guest.workload import Demand
+from memballoon.host.ram import NullRam
+from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.model.units import GIB, MIB, PAGE_SIZE, PageState
+from memballoon.protocol.vmw import Command, Request, Status, decode_request, decode_response
+
+SMALL = 16384  # 64 MiB
+
+
+@dataclass
+class Recorder:
+    """A Backdoor wired to the device that records every command and its answer.
+
+    ``before`` runs ahead of each command with the decoded request: tests use it to make the
+    device change its mind mid-cycle (a new target, a reset, a busy spell), as a host may.
+    """
+
+    dev: VmwBalloonDevice
+    log: list[tuple[Command, int, Status]] = field(default_factory=list)
+    before: Callable[[Request], None] | None = None
+
+    def call(self, request: bytes) -> bytes:
+        req = decode_request(request)
+        if self.before is not None:
+            self.before(req)
+        reply = self.dev.handle(request)
+        self.log.append((req.command, req.data, decode_response(reply, req).status))
+        return reply
+
+    def commands(self) -> list[Command]:
+        return [c for c, _, _ in self.log]
+
+
+@dataclass
+class Pair:
+    mem: GuestMemory
+    ram: NullRam
+    dev: VmwBalloonDevice
+    port: Recorder
+    drv: VmwBalloonDriver
+    now: float = 0.0
+    yields: list[int] = field(default_factory=list)
+
+    def work(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.drv.work(self.now)
+            self.now += self.drv.period_s
+
+    def check(self) -> None:
+        """The pair's invariants after a work period."""
+        mem, dev, drv = self.mem, self.dev, self.drv
+        assert mem.check_invariants() == []
+        assert np.array_equal(dev.balloon_pfns(), drv.balloon_pfns())
+        assert drv.balloon_pages == dev.actual_pages
+        held = np.concatenate((drv.balloon_pfns(), drv.transient_pfns()))
+        assert np.unique(held).size == held.size == mem.balloon_pages
+        assert bool((mem.state[held] == PageState.BALLOON).all())
+        if drv.reset_required:  # the host forgot the balloon; the next work pops it
+            assert np.array_equal(drv.transient_pfns(), np.sort(drv.pages.to_array()))
+        else:
+            assert drv.transient_pfns().size == 0
+        assert drv.n_refused_pages == 0 and len(drv.refused_pages) == 0
+
+
+def make_pair(pages: int = SMALL, *, batched: bool = False, supports_batched: bool = True,
+              load: bool = True) -> Pair:
+    ram = NullRam(pages)
+    mem = GuestMemory(pages, store=ram)
+    dev = VmwBalloonDevice(ram, supports_batched=supports_batched)
+    port = Recorder(dev)
+    yields: list[int] = []
+    drv = VmwBalloonDriver(mem, port, batched=batched, cond_resched=lambda: yields.append(1))
+    pair = Pair(mem, ram, dev, port, drv, yields=yields)
+    if load:
+        drv.load(0.0)
+    return pair
+
+
+def fill(mem: GuestMemory, *, anon: int = 0, file: int = 0, leave_free: int | None = None) -> None:
+    """Run a workload step so the guest holds ``anon`` + ``file`` pages (or leaves some free)."""
+    if leave_free is not None:
+        anon = mem.free_pages - leave_free
+    mem.step(1.0, 1.0, Demand(anon, 0, file, file))  # all of the file data read now
+
+
+# ------------------------------------------------------------------ constants and shape
+def test_seed_constants() -> None:
+    assert VMW_BALLOON_NOSLEEP_ALLOC_MAX == 16384
+    assert (VMW_BALLOON_RATE_ALLOC_MIN, VMW_BALLOON_RATE_ALLOC_MAX,
+            VMW_BALLOON_RATE_ALLOC_INC) == (512, 2048, 16)
+    assert (VMW_BALLOON_RATE_FREE_MIN, VMW_BALLOON_RATE_FREE_MAX,
+            VMW_BALLOON_RATE_FREE_INC) == (512, 16384, 16)
+    assert VMW_BALLOON_SLOW_CYCLES == 4
+    assert VMW_BALLOON_YIELD_THRESHOLD == 1024
+    assert VMW_BALLOON_MAX_REFUSED == 16
+
+
+def test_initial_state_and_protocol() -> None:
+    p = make_pair(load=False)
+    drv: BalloonDriver = p.drv  # it is a BalloonDriver
+    assert drv.period_s == 1.0
+    assert (p.drv.rate_alloc, p.drv.rate_free) == (2048, 16384)
+    assert (p.drv.size, p.drv.target, p.drv.slow_allocation_cycles) == (0, 0, 0)
+    assert not p.drv.reset_required
+
+
+def test_pfn_stack_grows_and_pops_newest_first() -> None:
+    s = PfnStack(16)
+    s.extend(np.arange(10, dtype=np.int64))
+    for pfn in range(10, 100):
+        s.push(pfn)
+    assert len(s) == 100 and s.top() == 99
+    assert s.pop(3).tolist() == [99, 98, 97]
+    assert s.peek(2).tolist() == [96, 95] and len(s) == 97
+    assert s.to_array().tolist() == list(range(97))
+
+
+# ------------------------------------------------------------------ load and the cycle count
+def test_load_sends_start_then_guest_id() -> None:
+    p = make_pair()
+    assert p.port.log == [(Command.START, 2, Status.SUCCESS), (Command.GUEST_ID, 1, Status.SUCCESS)]
+    assert p.drv.loaded and p.dev.guest_id == 1
+
+
+def test_load_fails_when_start_fails_and_then_does_nothing() -> None:
+    p = make_pair(load=False)
+    p.dev.busy_next(1)
+    p.drv.load(0.0)
+    assert not p.drv.loaded and p.port.commands() == [Command.START]
+    assert p.drv.stats()["startFailed"] == 1
+    p.work()
+    assert p.port.commands() == [Command.START]
+    q = make_pair(load=False)
+    q.port.before = lambda req: q.dev.busy_next(1) if req.command is Command.GUEST_ID else None
+    q.drv.load(0.0)
+    assert not q.drv.loaded and q.drv.stats()["guestTypeFailed"] == 1
+
+
+def test_idle_1gib_guest_balloons_512mib_in_exactly_8_cycles() -> None:
+    pages = GIB // PAGE_SIZE
+    p = make_pair(pages)
+    p.dev.set_target(512 * MIB // PAGE_SIZE)
+    sizes = []
+    for _ in range(8):
+        p.work()
+        sizes.append(p.drv.balloon_pages)
+    # a full cycle takes rate + 1 pages: the seed's loop counts from 0
+    assert sizes == [16385 * k for k in range(1, 8)] + [131072]
+    assert p.dev.actual_pages == 131072
+    assert p.port.commands().count(Command.LOCK) == 131072
+    assert p.drv.stats()["timer"] == 8
+    p.check()
+
+
+def test_batched_idle_1gib_guest_balloons_512mib_in_one_cycle() -> None:
+    p = make_pair(GIB // PAGE_SIZE, batched=True)
+    assert p.port.log[0] == (Command.START, 6, Status.SUCCESS_WITH_CAPABILITIES)
+    p.dev.set_target(131072)
+    p.work()
+    assert p.drv.balloon_pages == p.dev.actual_pages == 131072
+    assert p.port.commands().count(Command.BATCHED_LOCK) == 131072 // 512
+    assert Command.LOCK not in p.port.commands()
+    p.check()
+    p.dev.set_target(1000)
+    p.work()
+    assert p.drv.balloon_pages == 1000
+    assert p.port.commands().count(Command.BATCHED_UNLOCK) == -(-130072 // 512)
+    p.check()
+
+
+def test_batched_driver_falls_back_to_version_2() -> None:
+    p = make_pair(batched=True, supports_batched=False)
+    assert p.port.log[0] == (Command.START, 6, Status.SUCCESS)
+    p.dev.set_target(3000)
+    p.work()
+    assert Command.BATCHED_LOCK not in p.port.commands()
+    assert p.port.commands().count(Command.LOCK) == 3000
+    assert p.drv.batch_max_pages == 1
+    p.check()
+
+
+# ------------------------------------------------------------------ allocation pressure
+def test_failed_nosleep_allocation_slows_down_and_switches_to_sleeping() -> None:
+    p = make_pair()
+    fill(p.mem, file=SMALL)  # the page cache takes every free page down to the low watermark
+    room = p.mem.free_pages - p.mem.watermarks.min  # what non-sleeping allocations can take
+    assert 0 < room < 100
+    p.dev.set_target(5000)
+    p.work()
+    s = p.drv.stats()
+    assert p.drv.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
+    # `room` non-sleeping pages, one failure (which uses up an index), then sleeping
+    # allocations until i >= rate_alloc (2048)
+    assert (s["primNoSleepAlloc"], s["primNoSleepAllocFailed"]) == (room + 1, 1)
+    assert (s["primCanSleepAlloc"], s["primCanSleepAllocFailed"]) == (2048 - room, 0)
+    assert p.drv.size == 2048
+    assert p.drv.rate_alloc == 2048  # no error, i // rate_alloc == 1: +16, capped
+    p.check()
+    # the next cycle runs at rate_alloc from the start; non-sleeping allocations fail again
+    # at once (sleeping ones only reclaim what they need), so it takes rate_alloc pages again
+    p.work()
+    s = p.drv.stats()
+    assert s["primNoSleepAllocFailed"] == 2
+    assert p.drv.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
+    assert p.drv.size == 2 * 2048
+    p.check()
+
+
+def test_nosleep_failure_after_rate_alloc_pages_pauses() -> None:
+    p = make_pair()
+    p.drv.rate_alloc = 512
+    fill(p.mem, leave_free=p.mem.watermarks.min + 600)  # 600 pages above the min watermark
+    p.dev.set_target(5000)
+    p.work()
+    s = p.drv.stats()
+    assert p.drv.size == 600 and s["primCanSleepAlloc"] == 0  # i=600 >= 512: stop, no sleep
+    assert p.drv.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
+    assert p.drv.rate_alloc == 512  # the cycle ended on an error: no growth
+    p.check()
+
+
+def test_failed_sleeping_allocation_halves_rate_alloc_never_below_512() -> None:
+    p = make_pair()
+    fill(p.mem, leave_free=p.mem.watermarks.min + 10)  # anonymous memory, no swap: nothing
+    p.dev.set_target(5000)
+    rates = []
+    for _ in range(4):
+        p.work()
+        rates.append(p.drv.rate_alloc)
+        p.check()
+    assert rates == [1024, 512, 512, 512]
+    s = p.drv.stats()
+    assert p.drv.size == 10
+    assert s["primCanSleepAllocFailed"] == 4 and s["primNoSleepAllocFailed"] == 4
+
+
+def test_rate_alloc_grows_by_i_over_rate_alloc_times_16_up_to_2048() -> None:
+    p = make_pair(2 * SMALL)
+    p.drv.rate_alloc = 512
+    p.dev.set_target(5000)
+    p.work()  # i == goal == 5000: 5000 // 512 == 9
+    assert p.drv.rate_alloc == 512 + 9 * 16
+    p.dev.set_target(8000)
+    p.work()  # i == 3000: 3000 // 656 == 4
+    assert p.drv.rate_alloc == 656 + 4 * 16
+    p.drv.rate_alloc = 2040
+    p.dev.set_target(12100)
+    p.work()  # i == 4100 // 2040 == 2: capped
+    assert p.drv.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
+    p.dev.set_target(12200)
+    p.drv.rate_alloc = 1000
+    p.work()  # i == 100 < rate_alloc: unchanged
+    assert p.drv.rate_alloc == 1000
+    p.check()
+
+
+def test_slow_cycles_cap_a_cycle_at_rate_alloc_plus_one() -> None:
+    p = make_pair()
+    p.drv.slow_allocation_cycles = 3
+    p.drv.rate_alloc = 600
+    p.dev.set_target(5000)
+    p.work()
+    assert p.drv.slow_allocation_cycles == 2
+    assert p.drv.size == 601
+    assert p.drv.rate_alloc == 616
+
+
+def test_yields_after_more_than_1024_allocations() -> None:
+    p = make_pair()
+    p.dev.set_target(2049)
+    p.work()  # 2049 loop iterations: one yield at the 1025th
+    assert len(p.yields) == 1
+    p.dev.set_target(2049 + 2050)
+    p.work()
+    assert len(p.yields) == 3
+
+
+# ------------------------------------------------------------------ deflate
+def test_deflate_unlocks_first_newest_first_then_frees() -> None:
+    p = make_pair()
+    p.dev.set_target(100)
+    p.work()
+    newest = p.drv.pages.peek(40).tolist()
+    seen: list[int] = []
+
+    def before(req: Request) -> None:
+        if req.command is Command.UNLOCK:
+            assert p.mem.state[req.data] == PageState.BALLOON  # still ours when UNLOCK goes
+            seen.append(req.data)
+
+    p.port.before = before
+    p.dev.set_target(60)
+    p.work()
+    assert seen == newest
+    assert p.drv.size == 60 and p.drv.stats()["primFree"] == 40
+    assert p.drv.rate_free == VMW_BALLOON_RATE_FREE_MAX
+    p.check()
+
+
+def test_unlock_failure_halves_rate_free_success_adds_16() -> None:
+    p = make_pair()
+    p.dev.set_target(4000)
+    p.work()
+    busy = {"on": True}
+
+    def before(req: Request) -> None:
+        if req.command is Command.UNLOCK and busy["on"]:
+            p.dev.busy_next(1)
+
+    p.port.before = before
+    p.dev.set_target(1000)
+    rates = []
+    for _ in range(6):
+        p.work()
+        rates.append(p.drv.rate_free)
+        p.check()
+    assert rates == [8192, 4096, 2048, 1024, 512, 512]
+    assert p.drv.size == 4000 and p.drv.stats()["unlockFailed"] == 6
+    busy["on"] = False
+    p.work()  # goal = min(3000, 512)
+    assert p.drv.size == 4000 - 512 and p.drv.rate_free == 512 + 16
+    p.work()
+    assert p.drv.size == 4000 - 512 - 528 and p.drv.rate_free == 544
+    p.check()
+
+
+# ------------------------------------------------------------------ host refusals and RESET
+def test_reset_pops_without_unlock_then_start_then_guest_id() -> None:
+    p = make_pair()
+    p.dev.set_target(300)
+    p.work()
+    p.dev.request_reset()
+    p.work()  # GET_TARGET answers RESET
+    assert p.port.log[-1] == (Command.GET_TARGET, SMALL, Status.ERROR_RESET)
+    assert p.drv.reset_required and p.drv.balloon_pages == 0 and p.drv.size == 300
+    p.check()
+    mark = len(p.port.log)
+    p.work()
+    cmds = p.port.commands()[mark:]
+    assert cmds[:3] == [Command.START, Command.GUEST_ID, Command.GET_TARGET]
+    assert Command.UNLOCK not in cmds
+    assert cmds.count(Command.LOCK) == 300  # back to the target from an empty balloon
+    assert not p.drv.reset_required
+    assert p.drv.stats()["primFree"] == 300
+    p.check()
+
+
+def test_reset_during_inflate_ends_the_cycle() -> None:
+    p = make_pair()
+    locks = {"n": 0}
+
+    def before(req: Request) -> None:
+        if req.command is Command.LOCK:
+            locks["n"] += 1
+            if locks["n"] == 51:
+                p.dev.request_reset()
+
+    p.port.before = before
+    p.dev.set_target(1000)
+    p.work()
+    assert p.port.log[-1] == (Command.LOCK, p.port.log[-1][1], Status.ERROR_RESET)
+    assert p.drv.size == 50 and p.drv.reset_required
+    s = p.drv.stats()
+    assert (s["lockFailed"], s["errAlloc"], s["errFree"]) == (1, 1, 0)  # freed, not refused
+    p.check()
+    p.work()
+    assert p.drv.size == 1000 and not p.drv.reset_required
+    p.check()
+
+
+def test_ppn_notneeded_ends_the_cycle() -> None:
+    p = make_pair()
+    locks = {"n": 0}
+
+    def before(req: Request) -> None:
+        if req.command is Command.LOCK:
+            locks["n"] += 1
+            if locks["n"] == 11:
+                p.dev.set_target(10)  # the host changed its mind mid-cycle
+
+    p.port.before = before
+    p.dev.set_target(500)
+    p.work()
+    assert p.port.log[-1][2] is Status.ERROR_PPN_NOTNEEDED
+    assert p.drv.size == 10 and p.drv.target == 500 and locks["n"] == 11
+    p.check()
+
+
+def test_refused_pages_never_exceed_16_and_are_freed_at_cycle_end() -> None:
+    p = make_pair()
+    first_free = int(np.flatnonzero(p.mem.state == PageState.FREE)[0])
+    p.dev.set_pinned(np.arange(first_free, first_free + 100))
+    peak = {"n": 0}
+
+    def before(req: Request) -> None:
+        peak["n"] = max(peak["n"], p.drv.n_refused_pages, len(p.drv.refused_pages))
+
+    p.port.before = before
+    p.dev.set_target(500)
+    p.work()
+    s = p.drv.stats()
+    assert peak["n"] == VMW_BALLOON_MAX_REFUSED - 1  # the 16th ends the cycle
+    assert p.drv.size == 0
+    assert (s["errAlloc"], s["errFree"]) == (16, 16)
+    p.check()
+
+
+def test_a_few_refused_pages_then_target_reached() -> None:
+    p = make_pair()
+    first_free = int(np.flatnonzero(p.mem.state == PageState.FREE)[0])
+    p.dev.set_pinned(np.arange(first_free, first_free + 5))
+    p.dev.set_target(500)
+    p.work()
+    s = p.drv.stats()
+    assert p.drv.size == 500 and (s["errAlloc"], s["errFree"]) == (5, 5)
+    assert p.port.commands().count(Command.LOCK) == 505
+    p.check()
+
+
+def test_batched_refusals_keep_at_most_16() -> None:
+    p = make_pair(batched=True)
+    first_free = int(np.flatnonzero(p.mem.state == PageState.FREE)[0])
+    p.dev.set_pinned(np.arange(first_free, first_free + 40))
+    p.dev.set_target(2000)
+    p.work()  # first batch: 40 refused: 16 held, 24 freed at once, cycle ends
+    s = p.drv.stats()
+    assert p.drv.size == 512 - 40 and s["errAlloc"] == 40 and s["errFree"] == 40
+    p.check()
+
+
+def test_batched_reset_and_busy() -> None:
+    p = make_pair(batched=True)
+    p.dev.set_target(3000)
+    p.work()
+    p.dev.request_reset()
+    p.work()
+    assert p.drv.reset_required
+    p.check()
+    p.work()
+    assert p.drv.size == 3000 and p.port.log[-1][0] is Command.BATCHED_LOCK
+    p.check()
+    p.dev.set_target(100)
+    p.port.before = lambda req: (
+        p.dev.busy_next(1) if req.command is Command.BATCHED_UNLOCK else None
+    )
+    p.work()
+    assert p.drv.size == 3000 and p.drv.stats()["batchUnlockFailed"] == 1
+    p.check()
+
+
+# ------------------------------------------------------------------ GET_TARGET, unload, bad replies
+def test_get_target_fails_when_total_ram_does_not_fit_32_bits() -> None:
+    p = make_pair()
+    p.mem.total_pages = 1 << 32  # a 16 TiB guest, as far as the driver's si_meminfo sees
+    p.dev.set_target(100)
+    mark = len(p.port.log)
+    p.work()
+    assert p.port.log[mark:] == []  # no GET_TARGET sent
+    assert p.drv.size == 0 and p.drv.stats()["target"] == 0
+    assert p.drv.counters["limit_over_32_bits"] == 1
+
+
+def test_unload_sends_start_then_pops_without_unlock() -> None:
+    p = make_pair()
+    p.dev.set_target(700)
+    p.work()
+    mark = len(p.port.log)
+    p.drv.unload(p.now)
+    assert p.port.commands()[mark:] == [Command.START]
+    assert p.drv.size == 0 and p.dev.actual_pages == 0 and p.mem.balloon_pages == 0
+    assert p.mem.check_invariants() == []
+    p.drv.rate_free = 512
+    q = make_pair()
+    q.drv.rate_free = 512
+    q.dev.set_target(1100)
+    q.work()
+    yields = len(q.yields)
+    q.drv.unload(q.now)
+    assert len(q.yields) - yields == 2  # the pop yields after every rate_free pages
+
+
+@dataclass
+class Garbage:
+    """A backdoor whose host answers ``junk`` to the commands ``when`` picks."""
+
+    dev: VmwBalloonDevice
+    when: Callable[[Request], bool]
+    junk: bytes = b"\x07"
+
+    def call(self, request: bytes) -> bytes:
+        reply = self.dev.handle(request)
+        return self.junk if self.when(decode_request(request)) else reply
+
+
+def test_undecodable_replies_are_counted_and_read_as_failure() -> None:
+    ram = NullRam(SMALL)
+    mem = GuestMemory(SMALL, store=ram)
+    dev = VmwBalloonDevice(ram)
+    port = Garbage(dev, lambda req: req.command is Command.GET_TARGET)
+    drv = VmwBalloonDriver(mem, port)
+    drv.load(0.0)
+    dev.set_target(50)
+    drv.work(0.0)
+    assert drv.size == 0 and drv.stats()["targetFailed"] == 1
+    assert drv.counters["reply_short_frame"] == 1
+    port.when = lambda req: req.command is Command.LOCK
+    port.junk = bytes(17)  # a SUCCESS header and a stray byte
+    drv.work(1.0)  # every LOCK reply is junk: 16 refused pages end the cycle
+    assert drv.size == 0 and drv.stats()["errFree"] == 16
+    assert drv.counters["reply_long_frame"] == 16
+    assert mem.check_invariants() == [] and mem.balloon_pages == 0
+    # the device did lock those pages; the driver never learnt it. A RESET heals both sides.
+    dev.request_reset()
+    port.when = lambda req: False
+    drv.work(2.0)
+    drv.work(3.0)
+    assert drv.size == dev.actual_pages == 50
+
+
+# ------------------------------------------------------------------ statistics
+def test_vmmemctl_text_in_the_seeds_format() -> None:
+    p = make_pair()
+    p.dev.set_target(20)
+    p.work()
+    assert p.drv.vmmemctl_text() == (
+        "target:                   20 pages\n"
+        "current:                  20 pages\n"
+        "rateNoSleepAlloc:      16384 pages/sec\n"
+        "rateSleepAlloc:         2048 pages/sec\n"
+        "rateFree:              16384 pages/sec\n"
+        "\n"
+        "timer:                     1\n"
+        "start:                     1 (   0 failed)\n"
+        "guestType:                 1 (   0 failed)\n"
+        "lock:                     20 (   0 failed)\n"
+        "unlock:                    0 (   0 failed)\n"
+        "target:                    1 (   0 failed)\n"
+        "primNoSleepAlloc:         20 (   0 failed)\n"
+        "primCanSleepAlloc:         0 (   0 failed)\n"
+        "primFree:                  0\n"
+        "errAlloc:                  0\n"
+        "errFree:                   0\n"
+    )
+    assert p.drv.stats()["lock"] == 20 and p.drv.stats()["current"] == 20
+
+
+# ------------------------------------------------------------------ property
+_event = st.one_of(
+    st.tuples(st.just("target"), st.integers(0, 6000)),
+    st.tuples(st.just("pin"), st.integers(0, 40)),
+    st.tuples(st.just("busy"), st.integers(1, 3)),
+    st.tuples(st.just("reset"), st.just(0)),
+    st.tuples(st.just("work"), st.just(0)),
+    st.tuples(st.just("anon"), st.integers(0, 12000)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.booleans(), st.lists(_event, min_size=1, max_size=25))
+def test_invariants_hold_after_every_work(batched: bool, events: list[tuple[str, int]]) -> None:
+    p = make_pair(batched=batched)
+    p.dev.set_target(1000)
+    p.work()
+    p.check()
+    for kind, arg in events:
+        if kind == "target":
+            p.dev.set_target(arg)
+        elif kind == "pin":
+            free = np.flatnonzero(p.mem.state == PageState.FREE)
+            p.dev.set_pinned(free[:arg])
+        elif kind == "busy":
+            p.dev.busy_next(arg)
+        elif kind == "reset":
+            p.dev.request_reset()
+        elif kind == "anon":
+            p.mem.step(p.now, 1.0, Demand(arg, 0, 0, 0))
+            assert p.mem.check_invariants() == []
+        p.work()
+        p.check()
+    p.dev.busy_next(0)  # a busy host would refuse unload's START and keep its view
+    p.drv.unload(p.now)
+    assert p.mem.balloon_pages == 0 and p.dev.actual_pages == 0
+    assert p.mem.check_invariants() == []
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_long_random_run(batched: bool) -> None:
+    import random
+
+    rng = random.Random(7)
+    p = make_pair(batched=batched)
+    for _ in range(60):
+        r = rng.random()
+        if r < 0.4:
+            p.dev.set_target(rng.randrange(0, 9000))
+        elif r < 0.5:
+            p.dev.request_reset()
+        elif r < 0.6:
+            p.dev.busy_next(rng.randrange(1, 4))
+        p.work()
+        p.check()
