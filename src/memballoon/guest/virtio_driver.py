@@ -181,6 +181,8 @@ class VirtioBalloonDriver:
         self._freed_total = 0
         self.config_interrupts = 0
         self.used_interrupts = 0
+        self._actual_written = -1
+        self._irq_seen = -1
 
     # ------------------------------------------------------------------ BalloonDriver
     @property
@@ -298,7 +300,13 @@ class VirtioBalloonDriver:
             return None
 
     def _update_actual(self) -> None:
-        self.transport.write_config(OFFSET_ACTUAL, encode_u32(len(self._balloon)))
+        # Linux writes actual after every update_balloon_size_func run; we skip the write
+        # when nothing changed and no config interrupt came in since (idle guests are cheap)
+        n = len(self._balloon)
+        if n != self._actual_written or self.config_interrupts != self._irq_seen:
+            self.transport.write_config(OFFSET_ACTUAL, encode_u32(n))
+            self._actual_written = n
+            self._irq_seen = self.config_interrupts
 
     # ------------------------------------------------------------------ inflate / deflate
     def _adjust(self) -> None:

@@ -290,7 +290,7 @@ class DriverQueue:
 
     def collect(self) -> list[UsedElem]:
         """Every chain the device returned since the last call, in used-ring order."""
-        if self.broken:
+        if self.broken or not self._flight:
             return []
         used_idx = self.view.read_u16(self.layout.used_gpa + 2)
         n = (used_idx - self._last_used) & _U16
