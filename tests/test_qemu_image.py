@@ -162,5 +162,5 @@ def test_real_build_and_cache(tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_unknown_kernel_package_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(GuestImageError, match="linux-image-0.0.0-nonexistent"):
+    with pytest.raises(GuestImageError, match=r"linux-image-0\.0\.0-nonexistent"):
         build_guest_image(tmp_path, kernel_package="linux-image-0.0.0-nonexistent")
