@@ -12,6 +12,11 @@ Kinds:
     STATUS  guest -> host   JSON pressure report (memballoon.protocol.pressure)
     NOTIFY  guest -> host   virtio doorbell without an eventfd: u16 queue index
     BYE     either          orderly close
+    VIRTIO        guest -> host   virtio transport request (memballoon.local.transport_virtio)
+    VIRTIO_REPLY  host -> guest   its answer
+    WAKE          host -> guest   VMware doorbell: the target changed, run the work now
+    CONTROL       host -> guest   JSON {"op": ...}: harness requests (touch, verify)
+    CONTROL_REPLY guest -> host   JSON answer to the oldest CONTROL
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ class Kind(IntEnum):
     STATUS = 4
     NOTIFY = 5
     BYE = 6
+    VIRTIO = 7
+    VIRTIO_REPLY = 8
+    WAKE = 9
+    CONTROL = 10
+    CONTROL_REPLY = 11
 
 
 @dataclass(frozen=True, slots=True)

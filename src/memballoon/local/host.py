@@ -1,0 +1,634 @@
+"""The local host: launches guest processes over memfd RAM and serves their balloons (asyncio).
+
+Theory of operation
+-------------------
+``async with LocalHost(specs, budget_bytes=...) as host:`` makes the budget (a memory cgroup
+where the machine has one and we are root, else watched only: ``host/cgroup.py``), then for
+each ``GuestSpec``: the guest's RAM (``MemfdRam``, sealed), a socketpair, and for virtio one
+doorbell and one interrupt eventfd per queue; it spawns ``python -m
+memballoon.local.guest_main`` with those fds inherited (``pass_fds``) and, when the budget is
+enforced, ``--cgroup-procs``: the child joins the cgroup itself, before it touches its RAM
+(shmem is charged to its first toucher). The host's end of each guest is served on the one
+event loop:
+
+- the socket (non-blocking, ``add_reader``): HELLO (checked against the spec), VMW frames to
+  the ``VmwBalloonDevice``, virtio requests to the ``VirtioBalloonDevice``, STATUS reports
+  (``PressureReport``, strictly decoded), CONTROL replies, BYE;
+- each virtio doorbell eventfd: the device runs at once and processes every available chain,
+  reading the rings through the host's own mapping of the guest's RAM;
+- the process itself: its exit is awaited.
+
+A guest's death is noticed at once (EOF on its socket, or its exit, e.g. a SIGKILL from the
+cgroup's OOM killer): it is marked dead, what its RAM held is recorded
+(``resident_at_exit_bytes``), then the whole memfd is punched and closed, so the memory is back
+at once; the other guests go on. Everything a guest sends is untrusted: malformed input is
+counted in that guest's ``counters`` and answered with the protocol's own status; garbage
+framing drops (and kills) that guest only; its devices only ever release ranges inside its own
+RAM. ``close`` says BYE, waits, terminates, kills, frees and removes the cgroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+import numpy as np
+
+from memballoon.host.cgroup import Budget, make_budget
+from memballoon.host.memfd import MemfdRam
+from memballoon.host.virtio_device import VirtioBalloonDevice
+from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.local.guest_main import HELLO_VERSION, PROTOCOLS
+from memballoon.local.transport_virtio import VirtioHostEndpoint, make_eventfds
+from memballoon.local.transport_vmw import VmwHostEndpoint
+from memballoon.model.counters import Counters
+from memballoon.model.errors import ConfigError, FrameError, MemballoonError, UsageError
+from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
+from memballoon.protocol.pressure import PressureReport, ReportError
+from memballoon.protocol.virtio_balloon import (
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_X_F_HOST_REFUSE,
+    VIRTIO_BALLOON_X_F_HOST_RESET,
+    features_of,
+)
+from memballoon.protocol.virtqueue import GuestRamView
+from memballoon.protocol.wire import Decoder, Kind, Message, encode
+
+#: What the host's virtio devices offer by default. Free page reporting is left out: it would
+#: release free memory behind the balloon's back and blur what ballooning itself returns.
+DEFAULT_VIRTIO_FEATURES: Final = features_of(
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_X_F_HOST_REFUSE,
+    VIRTIO_BALLOON_X_F_HOST_RESET,
+)
+RECV_BYTES: Final = 1 << 16
+#: Bytes queued for a guest that does not read; past this it is dropped as broken.
+MAX_OUTBUF_BYTES: Final = 4 * MIB
+READY_TIMEOUT_S: Final = 30.0
+BYE_WAIT_S: Final = 2.0
+TERM_WAIT_S: Final = 2.0
+GUEST_MODULE: Final = "memballoon.local.guest_main"
+#: A guest of fewer pages cannot hold the guest model's reserved frames and driver area.
+MIN_GUEST_MIB: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSpec:
+    """One local guest. ``program`` replaces ``python -m memballoon.local.guest_main`` (the
+    guest's own arguments follow it): tests use it to run hostile fake guests."""
+
+    name: str
+    mib: int
+    protocol: str
+    workload: str
+    period_s: float = 1.0
+    seed: int = 0
+    prefault: bool = False
+    swap_mib: int = 0
+    program: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"guest name {self.name!r}: use letters, digits, '-', '_'")
+        if self.mib < MIN_GUEST_MIB:
+            raise ConfigError(f"guest {self.name}: mib must be >= {MIN_GUEST_MIB}, got {self.mib}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"guest {self.name}: protocol {self.protocol!r} not in {PROTOCOLS}")
+        if not self.period_s > 0:
+            raise ConfigError(f"guest {self.name}: period_s must be positive")
+        if self.swap_mib < 0:
+            raise ConfigError(f"guest {self.name}: swap_mib must be >= 0")
+
+    @property
+    def pages(self) -> int:
+        return mib_to_pages(self.mib)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestView:
+    """What the host knows of one guest, at one moment."""
+
+    name: str
+    pid: int | None
+    alive: bool
+    protocol: str
+    ram_pages: int
+    target_pages: int
+    actual_pages: int
+    report: PressureReport | None
+    resident_bytes: int  # the memfd's st_blocks * 512 (0 once a dead guest's RAM is freed)
+    counters: Mapping[str, int]
+    exit_code: int | None = None
+    resident_at_exit_bytes: int | None = None  # what its RAM held when it died
+
+
+@dataclass(eq=False)
+class _Guest:
+    spec: GuestSpec
+    ram: MemfdRam
+    sock: socket.socket
+    kick_fds: list[int]
+    irq_fds: list[int]
+    counters: Counters
+    vmw: VmwHostEndpoint | None = None
+    virtio: VirtioHostEndpoint | None = None
+    proc: asyncio.subprocess.Process | None = None
+    dec: Decoder = field(default_factory=Decoder)
+    outbuf: bytearray = field(default_factory=bytearray)
+    connected: bool = True
+    alive: bool = True
+    hello: asyncio.Event = field(default_factory=asyncio.Event)
+    report: PressureReport | None = None
+    controls: deque[asyncio.Future[dict[str, Any]]] = field(default_factory=deque)
+    exit_code: int | None = None
+    resident_at_exit: int | None = None
+    final_target: int = 0
+    final_actual: int = 0
+    watcher: asyncio.Task[None] | None = None
+    guest_end: socket.socket | None = None  # the child's end, until it is spawned
+
+    @property
+    def device_counters(self) -> Counters | None:
+        if self.vmw is not None:
+            return self.vmw.device.counters
+        if self.virtio is not None:
+            return self.virtio.device.counters
+        return None
+
+
+class LocalHost:
+    """N local guest processes and their balloons (see the module docstring)."""
+
+    def __init__(
+        self,
+        specs: Iterable[GuestSpec],
+        *,
+        budget_bytes: int | None,
+        cgroup_name: str | None = None,
+        virtio_features: int = DEFAULT_VIRTIO_FEATURES,
+        python: str = sys.executable,
+        ready_timeout_s: float = READY_TIMEOUT_S,
+        guest_stderr: int | None = None,
+    ) -> None:
+        self.specs = list(specs)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"guest names must be unique: {names}")
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ConfigError(f"host budget must be positive, got {budget_bytes} bytes")
+        self.budget_bytes = budget_bytes
+        self.cgroup_name = cgroup_name or f"memballoon-{os.getpid()}-{id(self) & 0xFFFF:x}"
+        self.virtio_features = virtio_features
+        self.python = python
+        self.ready_timeout_s = ready_timeout_s
+        self.guest_stderr = guest_stderr
+        self._budget: Budget | None = None
+        self._guests: dict[str, _Guest] = {}
+        self.counters = Counters()
+        self.freed_at_exit_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> LocalHost:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def budget(self) -> Budget | None:
+        """The host budget (``enforced`` or only watched, and why); None without one."""
+        return self._budget
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.budget_bytes is not None:
+            self._budget = make_budget(self.cgroup_name, self.budget_bytes)
+        for spec in self.specs:
+            g = self._make_guest(spec)
+            self._guests[spec.name] = g
+            await self._spawn(g)
+        await self._wait_ready()
+
+    def _make_guest(self, spec: GuestSpec) -> _Guest:
+        ram = MemfdRam(spec.pages, name=f"memballoon-{spec.name}")
+        host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        kick = make_eventfds() if spec.protocol == "virtio" else []
+        irq = make_eventfds() if spec.protocol == "virtio" else []
+        g = _Guest(spec, ram, host_end, kick, irq, Counters(), guest_end=guest_end)
+        if spec.protocol == "virtio":
+            view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
+            dev = VirtioBalloonDevice(ram, view, features=self.virtio_features)
+            g.virtio = VirtioHostEndpoint(dev, kick, irq, lambda data: self._send(g, data))
+        else:
+            vdev = VmwBalloonDevice(ram)
+            g.vmw = VmwHostEndpoint(vdev, signalled=spec.protocol == "vmw-batched")
+        return g
+
+    def _argv(self, g: _Guest, guest_end: socket.socket) -> list[str]:
+        s = g.spec
+        prog = list(s.program) if s.program else [self.python, "-m", GUEST_MODULE]
+        argv = [
+            *prog, "--name", s.name, "--protocol", s.protocol, "--pages", str(s.pages),
+            "--workload", s.workload, "--seed", str(s.seed), "--period", repr(s.period_s),
+            "--sock-fd", str(guest_end.fileno()), "--mem-fd", str(g.ram.fd),
+            "--swap-pages", str(mib_to_pages(s.swap_mib)),
+        ]
+        if g.kick_fds:
+            argv += ["--kick-fds", ",".join(map(str, g.kick_fds)),
+                     "--irq-fds", ",".join(map(str, g.irq_fds))]
+        if s.prefault:
+            argv.append("--prefault")
+        b = self._budget
+        if b is not None and b.cgroup is not None:
+            argv += ["--cgroup-procs", str(b.cgroup.path / "cgroup.procs")]
+        return argv
+
+    async def _spawn(self, g: _Guest) -> None:
+        loop = self._loop
+        assert loop is not None
+        guest_end = g.guest_end
+        assert guest_end is not None
+        fds = [guest_end.fileno(), g.ram.fd, *g.kick_fds, *g.irq_fds]
+        try:
+            g.proc = await asyncio.create_subprocess_exec(
+                *self._argv(g, guest_end), pass_fds=fds, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=self.guest_stderr,
+            )
+        finally:
+            guest_end.close()  # the child has its copy; EOF then means the child is gone
+            g.guest_end = None
+        g.sock.setblocking(False)
+        loop.add_reader(g.sock.fileno(), self._on_readable, g)
+        for q, fd in enumerate(g.kick_fds):
+            loop.add_reader(fd, self._on_kick, g, q)
+        g.watcher = loop.create_task(self._watch(g))
+
+    async def _wait_ready(self) -> None:
+        async def one(g: _Guest) -> None:
+            dead = asyncio.ensure_future(self._until_dead(g))
+            hello = asyncio.ensure_future(g.hello.wait())
+            try:
+                await asyncio.wait({dead, hello}, timeout=self.ready_timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dead.cancel()
+                hello.cancel()
+            if g.alive and not g.hello.is_set():
+                g.counters.inc("hello_timeout")
+                self._die(g, "hello_timeout")
+
+        await asyncio.gather(*(one(g) for g in self._guests.values()))
+
+    async def _until_dead(self, g: _Guest) -> None:
+        while g.alive:
+            await asyncio.sleep(0.02)
+
+    async def _watch(self, g: _Guest) -> None:
+        assert g.proc is not None
+        rc = await g.proc.wait()
+        g.exit_code = rc
+        self._die(g, "exit")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        guests = list(self._guests.values())
+        for g in guests:
+            if g.connected:
+                self._send(g, encode(Kind.BYE))
+        await self._reap(guests, BYE_WAIT_S)
+        for g in guests:
+            if g.proc is not None and g.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    g.proc.terminate()
+        await self._reap(guests, TERM_WAIT_S)
+        for g in guests:
+            if g.proc is not None and g.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    g.proc.kill()
+        await self._reap(guests, TERM_WAIT_S)
+        for g in guests:
+            self._die(g, "shutdown")
+            if g.watcher is not None and not g.watcher.done():
+                g.watcher.cancel()
+        b = self._budget
+        if b is not None and b.cgroup is not None:
+            try:
+                b.cgroup.remove()
+            except MemballoonError:
+                self.counters.inc("cgroup_remove_failed")
+
+    async def _reap(self, guests: list[_Guest], timeout_s: float) -> None:
+        waits = [g.proc.wait() for g in guests if g.proc is not None and g.proc.returncode is None]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
+
+    # ------------------------------------------------------------------ death
+    def _die(self, g: _Guest, reason: str) -> None:
+        """Mark ``g`` dead: stop serving it, record what its RAM held, free it."""
+        if not g.alive:
+            return
+        g.alive = False
+        g.counters.inc(f"died_{reason}")
+        self._disconnect(g)
+        if g.proc is not None and g.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                g.proc.kill()
+        loop = self._loop
+        for fd in g.kick_fds:
+            if loop is not None:
+                loop.remove_reader(fd)
+        if g.virtio is not None:
+            g.final_target = g.virtio.device.target_pages
+            g.final_actual = g.virtio.device.actual_pages
+        elif g.vmw is not None:
+            g.final_target = g.vmw.device.target_pages
+            g.final_actual = g.vmw.device.actual_pages
+        for fut in g.controls:
+            if not fut.done():
+                fut.set_exception(MemballoonError(f"guest {g.spec.name} died"))
+        g.controls.clear()
+        ram = g.ram
+        try:
+            g.resident_at_exit = ram.resident_bytes()
+            ram.release(np.array([[0, ram.guest_pages]], dtype=np.int64))  # all of it, now
+            self.freed_at_exit_bytes += g.resident_at_exit
+        except MemballoonError:
+            self.counters.inc("free_failed")
+        # drop the device (and its view of the mapping) so the mapping can be closed
+        g.virtio = None
+        g.vmw = None
+        for fd in g.kick_fds + g.irq_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        g.kick_fds, g.irq_fds = [], []
+        try:
+            ram.close()
+        except UsageError:
+            gc.collect()
+            try:
+                ram.close()
+            except UsageError:
+                self.counters.inc("ram_close_deferred")
+
+    def _disconnect(self, g: _Guest) -> None:
+        if not g.connected:
+            return
+        g.connected = False
+        loop = self._loop
+        if loop is not None:
+            loop.remove_reader(g.sock.fileno())
+            loop.remove_writer(g.sock.fileno())
+        g.sock.close()
+        g.outbuf.clear()
+
+    # ------------------------------------------------------------------ socket I/O
+    def _send(self, g: _Guest, data: bytes) -> None:
+        if not g.connected:
+            return
+        if g.outbuf:
+            g.outbuf += data
+        else:
+            try:
+                n = g.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._die(g, "send_failed")
+                return
+            if n < len(data):
+                g.outbuf += data[n:]
+                assert self._loop is not None
+                self._loop.add_writer(g.sock.fileno(), self._on_writable, g)
+        if len(g.outbuf) > MAX_OUTBUF_BYTES:
+            g.counters.inc("outbuf_overflow")  # it does not read what we send: broken
+            self._die(g, "outbuf_overflow")
+
+    def _on_writable(self, g: _Guest) -> None:
+        try:
+            n = g.sock.send(g.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._die(g, "send_failed")
+            return
+        del g.outbuf[:n]
+        if not g.outbuf and self._loop is not None:
+            self._loop.remove_writer(g.sock.fileno())
+
+    def _on_readable(self, g: _Guest) -> None:
+        if not g.connected:
+            return
+        try:
+            data = g.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._die(g, "eof")
+            return
+        try:
+            msgs = g.dec.messages(data)
+        except FrameError:
+            g.counters.inc("frame_error")
+            self._die(g, "garbage")
+            return
+        for m in msgs:
+            if not g.connected:
+                return
+            try:
+                self._dispatch(g, m)
+            except MemballoonError as exc:  # a peer error the handlers did not expect
+                g.counters.inc(f"error_{type(exc).__name__}")
+
+    def _on_kick(self, g: _Guest, queue: int) -> None:
+        if g.virtio is not None:
+            g.virtio.kick(queue)
+
+    def _dispatch(self, g: _Guest, m: Message) -> None:
+        match m.kind:
+            case Kind.VMW if g.vmw is not None:
+                self._send(g, g.vmw.handle(m.payload))
+            case Kind.VIRTIO if g.virtio is not None:
+                reply = g.virtio.handle_request(m.payload)
+                if reply is not None:
+                    self._send(g, reply)
+            case Kind.NOTIFY if g.virtio is not None:
+                g.virtio.notify_message(m.payload)
+            case Kind.STATUS:
+                self._status(g, m.payload)
+            case Kind.HELLO:
+                self._hello(g, m.payload)
+            case Kind.CONTROL_REPLY:
+                self._control_reply(g, m.payload)
+            case Kind.BYE:
+                g.counters.inc("bye_received")
+            case _:
+                g.counters.inc(f"unexpected_{m.kind.name.lower()}")
+
+    def _status(self, g: _Guest, payload: bytes) -> None:
+        try:
+            rep = PressureReport.decode(payload, counters=g.counters)
+        except ReportError:
+            return
+        if rep.guest != g.spec.name:
+            g.counters.inc("report_wrong_guest")
+            return
+        g.counters.inc("reports")
+        g.report = rep
+
+    def _hello(self, g: _Guest, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            doc = None
+        want = {"v": HELLO_VERSION, "guest": g.spec.name, "protocol": g.spec.protocol,
+                "pages": g.spec.pages, "pid": g.proc.pid if g.proc else None}
+        if not isinstance(doc, dict) or any(doc.get(k) != v for k, v in want.items()):
+            g.counters.inc("hello_mismatch")
+            self._die(g, "bad_hello")
+            return
+        g.counters.inc("hello")
+        g.hello.set()
+
+    def _control_reply(self, g: _Guest, payload: bytes) -> None:
+        if not g.controls:
+            g.counters.inc("control_reply_unexpected")
+            return
+        fut = g.controls.popleft()
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            g.counters.inc("control_reply_malformed")
+            if not fut.done():
+                fut.set_exception(MemballoonError("malformed control reply"))
+            return
+        if not fut.done():
+            fut.set_result(doc)
+
+    # ------------------------------------------------------------------ control
+    def _guest(self, name: str) -> _Guest:
+        g = self._guests.get(name)
+        if g is None:
+            raise UsageError(f"no guest named {name!r}")
+        return g
+
+    async def set_target(self, name: str, balloon_pages: int) -> bool:
+        """Ask ``name``'s balloon for ``balloon_pages`` pages; False if the guest is dead."""
+        g = self._guest(name)
+        if not 0 <= balloon_pages <= g.spec.pages:
+            raise UsageError(f"target {balloon_pages} outside [0, {g.spec.pages}] pages")
+        if not g.alive:
+            g.counters.inc("set_target_dead")
+            return False
+        if g.virtio is not None:
+            g.virtio.device.set_target(balloon_pages)  # pushes the config change
+        elif g.vmw is not None:
+            wake = g.vmw.set_target(balloon_pages)
+            if wake is not None:
+                self._send(g, wake)
+        return True
+
+    async def control(self, name: str, op: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Send a CONTROL request (``touch_free``, ``verify``, ``stats``) and await the reply."""
+        g = self._guest(name)
+        if not g.connected:
+            raise MemballoonError(f"guest {name} is not connected")
+        assert self._loop is not None
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        g.controls.append(fut)
+        self._send(g, encode(Kind.CONTROL, json.dumps({"op": op}).encode()))
+        return await asyncio.wait_for(fut, timeout_s)
+
+    async def wait_until(self, pred: Callable[[dict[str, GuestView]], bool], timeout_s: float,
+                         poll_s: float = 0.01) -> bool:
+        """Poll ``pred(snapshot())`` until it holds or ``timeout_s`` passes."""
+        assert self._loop is not None
+        deadline = self._loop.time() + timeout_s
+        while True:
+            if pred(self.snapshot()):
+                return True
+            if self._loop.time() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+
+    def pid(self, name: str) -> int | None:
+        p = self._guest(name).proc
+        return p.pid if p is not None else None
+
+    def ram(self, name: str) -> MemfdRam:
+        """The host's ``MemfdRam`` of a guest (closed once the guest is dead)."""
+        return self._guest(name).ram
+
+    # ------------------------------------------------------------------ views
+    def _view(self, g: _Guest) -> GuestView:
+        counters = dict(g.counters.as_dict())
+        dc = g.device_counters
+        if dc is not None:
+            counters.update(dc.as_dict())
+        if g.virtio is not None:
+            target, actual = g.virtio.device.target_pages, g.virtio.device.actual_pages
+        elif g.vmw is not None:
+            target, actual = g.vmw.device.target_pages, g.vmw.device.actual_pages
+        else:
+            target, actual = g.final_target, g.final_actual
+        return GuestView(
+            name=g.spec.name,
+            pid=g.proc.pid if g.proc is not None else None,
+            alive=g.alive,
+            protocol=g.spec.protocol,
+            ram_pages=g.spec.pages,
+            target_pages=target,
+            actual_pages=actual,
+            report=g.report,
+            resident_bytes=0 if g.ram.closed or not g.alive else g.ram.resident_bytes(),
+            counters=counters,
+            exit_code=g.exit_code,
+            resident_at_exit_bytes=g.resident_at_exit,
+        )
+
+    def snapshot(self) -> dict[str, GuestView]:
+        return {name: self._view(g) for name, g in self._guests.items()}
+
+    def resident_bytes(self) -> int:
+        """What the live guests' RAM holds now (sum of their memfds' st_blocks)."""
+        return sum(g.ram.resident_bytes() for g in self._guests.values()
+                   if g.alive and not g.ram.closed)
+
+    def ram_bytes(self) -> int:
+        return sum(s.pages for s in self.specs) * PAGE_SIZE
+
+
+__all__ = ["DEFAULT_VIRTIO_FEATURES", "GuestSpec", "GuestView", "LocalHost"]

@@ -1,0 +1,347 @@
+"""virtio between processes: rings in the guest's memfd, doorbells and interrupts as eventfds.
+
+Theory of operation
+-------------------
+What virtio-pci carries in its common config, notify and ISR regions (VIRTIO 1.2 section 4.1)
+travels three ways here, as a VMM like QEMU or Firecracker does it with KVM's ioeventfd and
+irqfd:
+
+- the rings and buffers stay in guest RAM: the guest's ``GuestRamView`` covers its whole memfd
+  mapping, the host's device reads the same memory through the host's own mapping;
+- feature negotiation, queue set-up and config reads are request/reply messages on the Unix
+  socket (wire kinds ``VIRTIO`` / ``VIRTIO_REPLY``); config writes (``actual``) are one-way;
+  config changes are pushed by the host as ``CONFIG`` messages carrying the whole config space,
+  so the guest keeps a copy and reads it without a round trip (the config-change interrupt);
+- one doorbell eventfd per queue (the guest writes, the host's event loop reads and runs the
+  device, the ioeventfd) and one interrupt eventfd per queue (the host writes after it used
+  buffers, the guest ``wait`` polls it with a timeout, the irqfd).
+
+The eventfds and the memfd reach the guest by inheritance (``subprocess`` ``pass_fds``), their
+numbers on its command line; the socket likewise (one end of a ``socketpair``).
+
+``wait`` lets the guest run ahead of the device: on the inflate and deflate queues it returns
+as soon as fewer than ``pipeline_depth`` buffers are in flight (read from the rings' own
+indexes), so the guest fills the next PFN array while the host punches the last one; the
+transport contract allows an early return, the driver takes only what the used ring shows.
+``drain`` waits until nothing is in flight, for the runtime to finish a work call's tail.
+
+Request payload: ``u8 op`` then the op's little-endian arguments; reply: ``u8 status`` (0 ok)
+then data. Everything from the guest is untrusted on the host: a malformed request is
+counted and answered ``REPLY_BAD``, never raised; the device checks everything else.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import time
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import Final
+
+from memballoon.host.virtio_device import VirtioBalloonDevice
+from memballoon.local.link import GuestLink
+from memballoon.model.counters import Counters
+from memballoon.model.errors import PeerError, UsageError
+from memballoon.protocol.virtio_balloon import CONFIG_BYTES, CONFIG_X_BYTES
+from memballoon.protocol.virtio_transport import ConfigHandler, UsedHandler
+from memballoon.protocol.virtqueue import GuestRamView, QueueLayout
+from memballoon.protocol.wire import Kind, encode
+
+#: Queues a balloon can have (inflate, deflate, stats, free page hint, reporting): one doorbell
+#: and one interrupt eventfd each.
+MAX_QUEUES: Final = 5
+#: inflateq and deflateq: the queues the guest may run ahead on.
+PIPELINED_QUEUES: Final = frozenset({0, 1})
+DEFAULT_PIPELINE_DEPTH: Final = 2
+#: A wait gives up after this long (the device answers in well under a millisecond; this only
+#: bounds a hung host, whose death the socket reports anyway).
+WAIT_TIMEOUT_S: Final = 5.0
+
+REPLY_OK: Final = 0
+REPLY_BAD: Final = 1
+
+_ONE: Final = (1).to_bytes(8, "little")
+_U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_SETUP = struct.Struct("<HIQQQ")
+_IDX_MASK: Final = 0xFFFF
+
+
+class VirtioOp(IntEnum):
+    GET_FEATURES = 1  # -> u64
+    SET_FEATURES = 2  # u64 -> ack
+    QUEUE_MAX = 3  # u16 queue -> u32 size
+    SETUP_QUEUE = 4  # u16 queue, u32 size, u64 desc, u64 avail, u64 used -> ack
+    READ_CONFIG = 5  # -> config bytes
+    WRITE_CONFIG = 6  # u32 offset, data (no reply)
+
+
+def make_eventfds(n: int = MAX_QUEUES) -> list[int]:
+    """``n`` non-blocking, close-on-exec eventfds (hand them over with ``pass_fds``)."""
+    return [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
+
+
+def _drain_eventfd(fd: int) -> int:
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+# ====================================================================== guest side
+class LocalVirtioTransport:
+    """The guest driver's ``VirtioTransport`` to a device in the host process."""
+
+    def __init__(
+        self,
+        link: GuestLink,
+        ram: GuestRamView,
+        kick_fds: Sequence[int],
+        irq_fds: Sequence[int],
+        *,
+        pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
+        wait_timeout_s: float = WAIT_TIMEOUT_S,
+    ) -> None:
+        if len(kick_fds) != len(irq_fds) or not kick_fds:
+            raise UsageError("one doorbell and one interrupt eventfd per queue")
+        if pipeline_depth < 1:
+            raise UsageError("pipeline_depth must be >= 1")
+        self.link = link
+        self._ram = ram
+        self.kick_fds = list(kick_fds)
+        self.irq_fds = list(irq_fds)
+        self.pipeline_depth = pipeline_depth
+        self.wait_timeout_s = wait_timeout_s
+        self.counters = link.counters
+        self._layouts: dict[int, QueueLayout] = {}
+        self._polls: dict[int, select.poll] = {}
+        self._config: bytearray | None = None
+        self._driver_writes: dict[int, bytes] = {}
+        self._on_config: ConfigHandler | None = None
+        self._on_used: UsedHandler | None = None
+        #: set when the host pushed a config change; the runtime clears it and runs the work
+        self.config_pending = False
+        link.handlers[Kind.CONFIG] = self._config_pushed
+
+    # -------------------------------------------------------------- requests
+    def _request(self, op: VirtioOp, args: bytes = b"") -> bytes:
+        reply = self.link.request(Kind.VIRTIO, bytes([op]) + args, Kind.VIRTIO_REPLY)
+        if not reply or reply[0] != REPLY_OK:
+            self.counters.inc("virtio_request_refused")
+            raise PeerError(f"host refused {op.name}")
+        return reply[1:]
+
+    def _u(self, s: struct.Struct, data: bytes, what: str) -> int:
+        if len(data) != s.size:
+            self.counters.inc("virtio_reply_malformed")
+            raise PeerError(f"{what}: {len(data)} bytes, want {s.size}")
+        return int(s.unpack(data)[0])
+
+    @property
+    def ram(self) -> GuestRamView:
+        return self._ram
+
+    def device_features(self) -> int:
+        return self._u(_U64, self._request(VirtioOp.GET_FEATURES), "features")
+
+    def set_driver_features(self, features: int) -> None:
+        self._request(VirtioOp.SET_FEATURES, _U64.pack(features))
+
+    def queue_max_size(self, queue: int) -> int:
+        if not 0 <= queue < len(self.kick_fds):
+            return 0  # no doorbell for it: as good as no queue
+        return self._u(_U32, self._request(VirtioOp.QUEUE_MAX, _U16.pack(queue)), "queue size")
+
+    def setup_queue(self, queue: int, layout: QueueLayout) -> None:
+        if not 0 <= queue < len(self.kick_fds):
+            raise UsageError(f"queue {queue}: no doorbell eventfd")
+        self._request(VirtioOp.SETUP_QUEUE, _SETUP.pack(
+            queue, layout.size, layout.desc_gpa, layout.avail_gpa, layout.used_gpa))
+        self._layouts[queue] = layout
+        p = select.poll()
+        p.register(self.irq_fds[queue], select.POLLIN)
+        p.register(self.link.fileno(), select.POLLIN)
+        self._polls[queue] = p
+
+    def read_config(self) -> bytes:
+        if self._config is None:
+            data = self._request(VirtioOp.READ_CONFIG)
+            self._apply_config(data)
+        else:
+            self.link.pump(0.0)  # apply any pushed change first
+        assert self._config is not None
+        return bytes(self._config)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self._driver_writes[offset] = bytes(data)
+        if self._config is not None and offset >= 0 and offset + len(data) <= len(self._config):
+            self._config[offset : offset + len(data)] = data
+        self.link.send(Kind.VIRTIO, bytes([VirtioOp.WRITE_CONFIG]) + _U32.pack(offset) + data)
+
+    def _apply_config(self, data: bytes) -> bool:
+        if len(data) not in (CONFIG_BYTES, CONFIG_X_BYTES):
+            self.counters.inc("config_push_malformed")
+            return False
+        cfg = bytearray(data)
+        # what we wrote may not have reached the host when it pushed: ours wins
+        for off, val in self._driver_writes.items():
+            if off + len(val) <= len(cfg):
+                cfg[off : off + len(val)] = val
+        self._config = cfg
+        return True
+
+    def _config_pushed(self, payload: bytes) -> None:
+        if self._apply_config(payload):
+            self.counters.inc("config_interrupts")
+            self.config_pending = True
+            if self._on_config is not None:
+                self._on_config()
+
+    # -------------------------------------------------------------- doorbells and interrupts
+    def notify(self, queue: int) -> None:
+        os.write(self.kick_fds[queue], _ONE)
+
+    def in_flight(self, queue: int) -> int:
+        """Buffers made available on ``queue`` and not yet used (from the rings themselves)."""
+        lay = self._layouts.get(queue)
+        if lay is None:
+            return 0
+        v = self._ram
+        return (v.read_u16(lay.avail_gpa + 2) - v.read_u16(lay.used_gpa + 2)) & _IDX_MASK
+
+    def _block(self, queue: int, timeout_s: float) -> None:
+        """Sleep until the queue's interrupt or a host message (or the timeout)."""
+        events = self._polls[queue].poll(max(0, int(timeout_s * 1000)) + 1)
+        for fd, _ in events:
+            if fd == self.link.fileno():
+                self.link.pump(0.0)
+            elif _drain_eventfd(fd):
+                self.counters.inc("used_interrupts")
+                if self._on_used is not None:
+                    self._on_used(queue)
+
+    def wait(self, queue: int, *, depth: int | None = None, timeout_s: float | None = None) -> None:
+        """Block until fewer than ``depth`` buffers are in flight on ``queue`` (or timeout).
+
+        ``depth`` defaults to ``pipeline_depth`` on inflateq/deflateq and 1 elsewhere."""
+        if queue not in self._layouts:
+            return
+        if depth is None:
+            depth = self.pipeline_depth if queue in PIPELINED_QUEUES else 1
+        budget = self.wait_timeout_s if timeout_s is None else timeout_s
+        deadline: float | None = None
+        while self.in_flight(queue) >= depth:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + budget
+            elif now >= deadline:
+                self.counters.inc("wait_timeout")
+                return
+            self._block(queue, deadline - now)
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until nothing is in flight on inflateq and deflateq; returns whether so."""
+        for q in sorted(PIPELINED_QUEUES & set(self._layouts)):
+            self.wait(q, depth=1, timeout_s=timeout_s)
+        return all(self.in_flight(q) == 0 for q in PIPELINED_QUEUES)
+
+    def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
+        self._on_config = config_changed
+        self._on_used = used
+
+
+# ====================================================================== host side
+class VirtioHostEndpoint:
+    """Host side: one guest's ``VirtioBalloonDevice`` behind its socket and eventfds.
+
+    It is the device's ``InterruptSink``: a used buffer writes the queue's interrupt eventfd,
+    a config change sends the whole config space to the guest with ``send``.
+    """
+
+    def __init__(
+        self,
+        device: VirtioBalloonDevice,
+        kick_fds: Sequence[int],
+        irq_fds: Sequence[int],
+        send: Callable[[bytes], None],
+        *,
+        counters: Counters | None = None,
+    ) -> None:
+        self.device = device
+        self.kick_fds = list(kick_fds)
+        self.irq_fds = list(irq_fds)
+        self.send = send
+        self.counters = counters if counters is not None else device.counters
+        device.attach(self)
+
+    # -------------------------------------------------------------- InterruptSink
+    def config_changed(self) -> None:
+        self.send(encode(Kind.CONFIG, self.device.read_config()))
+
+    def used_buffers(self, queue: int) -> None:
+        if 0 <= queue < len(self.irq_fds):
+            try:
+                os.write(self.irq_fds[queue], _ONE)
+            except OSError:
+                self.counters.inc("irq_write_failed")
+
+    # -------------------------------------------------------------- doorbells
+    def kick(self, queue: int) -> None:
+        """The doorbell of ``queue`` rang (its eventfd is readable): run the device."""
+        n = _drain_eventfd(self.kick_fds[queue])
+        self.counters.inc("doorbells")
+        if n == 0:
+            self.counters.inc("doorbells_spurious")
+        self.device.notify(queue)  # never raises; processes every available chain
+
+    def notify_message(self, payload: bytes) -> None:
+        """A ``NOTIFY`` message: a doorbell rung over the socket instead of an eventfd."""
+        if len(payload) != _U16.size:
+            self.counters.inc("notify_malformed")
+            return
+        (q,) = _U16.unpack(payload)
+        self.counters.inc("notify_messages")
+        self.device.notify(q)
+
+    # -------------------------------------------------------------- requests
+    def handle_request(self, payload: bytes) -> bytes | None:
+        """Answer one ``VIRTIO`` request; the reply message, or None for a one-way op."""
+        try:
+            op = VirtioOp(payload[0]) if payload else None
+        except ValueError:
+            op = None
+        args = payload[1:]
+        d = self.device
+        data: bytes | None = None
+        match op:
+            case VirtioOp.GET_FEATURES if not args:
+                data = _U64.pack(d.device_features())
+            case VirtioOp.SET_FEATURES if len(args) == _U64.size:
+                d.set_driver_features(_U64.unpack(args)[0])
+                data = b""
+            case VirtioOp.QUEUE_MAX if len(args) == _U16.size:
+                data = _U32.pack(d.queue_max_size(_U16.unpack(args)[0]))
+            case VirtioOp.SETUP_QUEUE if len(args) == _SETUP.size:
+                q, size, desc, avail, used = _SETUP.unpack(args)
+                if q >= len(self.kick_fds):
+                    self.counters.inc("setup_queue_without_eventfd")
+                else:
+                    d.setup_queue(q, QueueLayout(size, desc, avail, used))  # checks the layout
+                    data = b""
+            case VirtioOp.READ_CONFIG if not args:
+                data = d.read_config()
+            case VirtioOp.WRITE_CONFIG if _U32.size < len(args) <= _U32.size + 8:
+                (off,) = _U32.unpack_from(args)
+                d.write_config(off, args[_U32.size:])  # counts bad offsets itself
+                return None
+            case VirtioOp.WRITE_CONFIG:
+                self.counters.inc("virtio_request_malformed")
+                return None
+            case _:
+                self.counters.inc("virtio_request_malformed")
+        if data is None:
+            return encode(Kind.VIRTIO_REPLY, bytes([REPLY_BAD]))
+        return encode(Kind.VIRTIO_REPLY, bytes([REPLY_OK]) + data)

@@ -1,0 +1,145 @@
+"""The guest pressure report: what every world tells the manager about one guest, once a period.
+
+Local guests send it as a wire ``STATUS`` message; the QEMU world converts its in-guest agent's
+lines into it; the simulator builds it directly. It is the one shape the manager consumes.
+
+JSON codec, version 1 (``REPORT_VERSION``): one object, keys as the field names below plus
+``"v": 1``. Memory figures are bytes; ``swap_in_pages``/``swap_out_pages`` are pages (vmstat
+``pswpin``/``pswpout``); ``major_faults``, ``oom_kills`` and ``stall_us`` are cumulative since
+the guest started; ``stall_pct`` is the share of the last period some task stalled on memory
+(PSI ``some``); balloon sizes are 4 KiB pages. ``refused_pages`` is the driver's cumulative
+count of frames the host refused, or null for drivers without refusals.
+
+Decoding is strict: the report comes from a guest, so anything but exactly this shape (unknown
+or missing keys, wrong types, negative or unbelievable values, more than ``MAX_REPORT_BYTES``)
+raises ``ReportError`` (a ``PeerError``); with a ``Counters`` bag it also bumps
+``report_<reason>``. Unknown versions are refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Final
+
+from memballoon.model.counters import Counters
+from memballoon.model.errors import PeerError
+
+REPORT_VERSION: Final = 1
+#: A real report is about 500 bytes; a longer one is garbage or a flood.
+MAX_REPORT_BYTES: Final = 4096
+#: Counters and byte figures above 2^53 are not believable (and not exact in JSON doubles).
+MAX_VALUE: Final = 2**53
+MAX_NAME_CHARS: Final = 100
+
+
+class ReportError(PeerError):
+    """A pressure report that cannot be decoded; ``reason`` names the rule broken."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PressureReport:
+    guest: str
+    time_s: float  # guest clock: seconds since the guest started
+    total_bytes: int
+    free_bytes: int
+    available_bytes: int
+    anon_bytes: int
+    cache_bytes: int
+    balloon_bytes: int
+    swap_in_pages: int
+    swap_out_pages: int
+    major_faults: int
+    oom_kills: int
+    stall_us: int
+    stall_pct: float
+    balloon_target_pages: int
+    balloon_actual_pages: int
+    refused_pages: int | None = None
+
+    def encode(self) -> bytes:
+        doc = {"v": REPORT_VERSION, **asdict(self)}
+        data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        if len(data) > MAX_REPORT_BYTES:
+            raise ValueError(f"report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
+        return data
+
+    @classmethod
+    def decode(cls, data: bytes | str, *, counters: Counters | None = None) -> PressureReport:
+        try:
+            return _decode(data)
+        except ReportError as exc:
+            if counters is not None:
+                counters.inc(f"report_{exc.reason}")
+            raise
+
+
+_FIELDS: Final = {f.name: f for f in fields(PressureReport)}
+_INT_FIELDS: Final = frozenset(
+    n for n in _FIELDS if n not in ("guest", "time_s", "stall_pct", "refused_pages")
+)
+
+
+def _reject_constant(name: str) -> float:
+    raise ReportError("bad_number", f"{name} is not a finite number")
+
+
+def _int(doc: dict[str, object], name: str) -> int:
+    v = doc[name]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ReportError("bad_type", f"{name} must be an integer, got {type(v).__name__}")
+    if not 0 <= v <= MAX_VALUE:
+        raise ReportError("out_of_range", f"{name} = {v}")
+    return v
+
+
+def _float(doc: dict[str, object], name: str, hi: float) -> float:
+    v = doc[name]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ReportError("bad_type", f"{name} must be a number, got {type(v).__name__}")
+    f = float(v)
+    if not (math.isfinite(f) and 0.0 <= f <= hi):
+        raise ReportError("out_of_range", f"{name} = {v}")
+    return f
+
+
+def _decode(data: bytes | str) -> PressureReport:
+    if len(data) > MAX_REPORT_BYTES:
+        raise ReportError("too_long", f"{len(data)} bytes > {MAX_REPORT_BYTES}")
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except ReportError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ReportError("not_json", str(exc)[:80]) from None
+    if not isinstance(doc, dict):
+        raise ReportError("not_object", type(doc).__name__)
+    if doc.get("v") != REPORT_VERSION:
+        raise ReportError("bad_version", f"v = {doc.get('v')!r}")
+    keys = set(doc) - {"v"}
+    missing = set(_FIELDS) - keys - {"refused_pages"}
+    if missing:
+        raise ReportError("missing_key", ", ".join(sorted(missing)))
+    extra = keys - set(_FIELDS)
+    if extra:
+        raise ReportError("unknown_key", ", ".join(sorted(extra))[:80])
+    guest = doc["guest"]
+    if not isinstance(guest, str) or not 0 < len(guest) <= MAX_NAME_CHARS:
+        raise ReportError("bad_type", "guest must be a non-empty string")
+    refused = doc.get("refused_pages")
+    kw: dict[str, object] = {n: _int(doc, n) for n in _INT_FIELDS}
+    return PressureReport(
+        guest=guest,
+        time_s=_float(doc, "time_s", float(MAX_VALUE)),
+        stall_pct=_float(doc, "stall_pct", 100.0),
+        refused_pages=None if refused is None else _int(doc, "refused_pages"),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+__all__ = ["MAX_REPORT_BYTES", "REPORT_VERSION", "PressureReport", "ReportError"]
