@@ -1,0 +1,236 @@
+"""virtio across a socket and eventfds: rings in the shared memfd, read by the host's mapping."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from memballoon.guest.memory import GuestMemory
+from memballoon.guest.virtio_driver import VirtioBalloonDriver
+from memballoon.host.memfd import MemfdRam
+from memballoon.host.virtio_device import VirtioBalloonDevice
+from memballoon.local.host import DEFAULT_VIRTIO_FEATURES
+from memballoon.local.link import GuestLink
+from memballoon.local.transport_virtio import (
+    MAX_QUEUES,
+    REPLY_BAD,
+    LocalVirtioTransport,
+    VirtioHostEndpoint,
+    VirtioOp,
+    make_eventfds,
+)
+from memballoon.model.counters import Counters
+from memballoon.model.units import PAGE_SIZE, PageState
+from memballoon.protocol.virtio_balloon import VIRTIO_BALLOON_F_MUST_TELL_HOST, features_of
+from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
+from memballoon.protocol.wire import Decoder, Kind, encode
+
+PAGES = 32768  # 128 MiB
+
+
+class HostThread:
+    """The host's loop for one guest, in a thread: socket requests and doorbell eventfds."""
+
+    def __init__(self, sock: socket.socket, ep: VirtioHostEndpoint) -> None:
+        self.sock, self.ep = sock, ep
+        self.lock = threading.Lock()
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        dec = Decoder()
+        fds = [self.sock.fileno(), *self.ep.kick_fds]
+        while not self.stop:
+            r, _, _ = select.select(fds, [], [], 0.05)
+            with self.lock:
+                for fd in r:
+                    if fd != self.sock.fileno():
+                        self.ep.kick(self.ep.kick_fds.index(fd))
+                        continue
+                    try:
+                        data = self.sock.recv(1 << 16)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    for m in dec.messages(data):
+                        if m.kind is Kind.VIRTIO and (rep := self.ep.handle_request(m.payload)):
+                            self.sock.sendall(rep)
+                        elif m.kind is Kind.NOTIFY:
+                            self.ep.notify_message(m.payload)
+
+
+@dataclass
+class World:
+    host_ram: MemfdRam
+    guest_ram: MemfdRam
+    device: VirtioBalloonDevice
+    endpoint: VirtioHostEndpoint
+    transport: LocalVirtioTransport
+    host: HostThread
+    guest_sock: socket.socket
+
+    def set_target(self, pages: int) -> None:
+        with self.host.lock:
+            self.device.set_target(pages)  # pushes CONFIG to the guest
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    host_ram = MemfdRam(PAGES)
+    guest_ram = MemfdRam.attach(os.dup(host_ram.fd), PAGES)
+    kick, irq = make_eventfds(), make_eventfds()
+    host_end, guest_end = socket.socketpair()
+    view = GuestRamView(host_ram.mapping, base_gpa=0, guest_bytes=host_ram.size_bytes)
+    dev = VirtioBalloonDevice(host_ram, view, features=DEFAULT_VIRTIO_FEATURES)
+    ep = VirtioHostEndpoint(dev, kick, irq, host_end.sendall)
+    host = HostThread(host_end, ep)
+    gview = GuestRamView(guest_ram.mapping, base_gpa=0, guest_bytes=guest_ram.size_bytes)
+    t = LocalVirtioTransport(GuestLink(guest_end), gview, kick, irq)
+    yield World(host_ram, guest_ram, dev, ep, t, host, guest_end)
+    host.stop = True
+    guest_end.close()
+    host.thread.join(5)
+    host_end.close()
+    for fd in kick + irq:
+        os.close(fd)
+
+
+def test_driver_inflates_real_memory_through_rings_in_the_memfd(world: World) -> None:
+    mem = GuestMemory(PAGES, store=world.guest_ram)
+    world.guest_ram.touch(np.flatnonzero(mem.state == PageState.FREE), 0)
+    drv = VirtioBalloonDriver(mem, world.transport)
+    drv.load(0.0)
+    before = world.host_ram.resident_bytes()
+    world.set_target(PAGES // 2)
+    world.transport.link.pump(1.0)  # the config push arrives
+    assert world.transport.config_pending
+    drv.work(0.1)
+    assert world.transport.drain(5.0)
+    drv.work(0.2)  # collects the tail and writes actual
+    assert drv.balloon_pages == world.device.inflated_pages == PAGES // 2
+    assert before - world.host_ram.resident_bytes() == PAGES // 2 * PAGE_SIZE
+    assert np.array_equal(drv.balloon_pfns(), world.device.balloon_pfns())
+    world.host.thread.join(0.1)
+    assert world.device.actual_pages == PAGES // 2  # the one-way config write got there
+    world.set_target(0)
+    world.transport.link.pump(1.0)
+    drv.work(0.3)
+    world.transport.drain(5.0)
+    drv.work(0.4)
+    assert drv.balloon_pages == world.device.inflated_pages == 0
+    world.guest_ram.touch(np.flatnonzero(mem.state == PageState.FREE), 1)
+    assert mem.verify_contents() == 0
+    assert world.endpoint.counters["doorbells"] > 0
+
+
+def test_config_reads_are_served_from_the_pushed_copy(world: World) -> None:
+    t = world.transport
+    first = t.read_config()
+    assert int.from_bytes(first[:4], "little") == 0
+    world.set_target(77)
+    for _ in range(100):
+        if int.from_bytes(t.read_config()[:4], "little") == 77:
+            break
+        t.link.pump(0.05)
+    assert int.from_bytes(t.read_config()[:4], "little") == 77
+    t.write_config(4, (5).to_bytes(4, "little"))
+    assert t.read_config()[4:8] == (5).to_bytes(4, "little")
+
+
+def test_pipelined_wait_returns_early_and_drain_waits_for_all(world: World) -> None:
+    t = world.transport
+    t.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    lay = QueueLayout.packed(1 << 20, 16)
+    t.setup_queue(0, lay)
+    q = DriverQueue(t.ram, lay, Counters())
+    world.set_target(100)
+    for i in range(3):
+        t.ram.write((2 << 20) + 64 * i, np.array([5000 + i], "<u4").tobytes())
+        q.add([((2 << 20) + 64 * i, 4, False)])
+    q.publish()
+    t.notify(0)
+    assert t.drain(5.0)
+    assert t.in_flight(0) == 0
+    assert len(q.collect()) == 3
+    assert world.device.inflated_pages == 3
+
+
+def test_hostile_requests_are_counted_and_refused(world: World) -> None:
+    ep = world.endpoint
+    bad = [b"", b"\x63", bytes([VirtioOp.QUEUE_MAX]), bytes([VirtioOp.SET_FEATURES]) + b"\x01",
+           bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", MAX_QUEUES + 3, 16, 0, 0, 0)]
+    for payload in bad:
+        rep = ep.handle_request(payload)
+        assert rep is not None
+        assert Decoder().messages(rep)[0].payload == bytes([REPLY_BAD])
+    assert ep.handle_request(bytes([VirtioOp.WRITE_CONFIG]) + b"\x00") is None
+    assert ep.counters["virtio_request_malformed"] == 5
+    assert ep.counters["setup_queue_without_eventfd"] == 1
+    # a queue laid outside guest RAM: the device counts it, nothing breaks
+    out = PAGES * PAGE_SIZE
+    ep.handle_request(bytes([VirtioOp.SET_FEATURES]) + struct.pack("<Q", 1))
+    ep.handle_request(bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 0, 16, out, out,
+                                                                    out))
+    assert ep.counters["setup_bad_layout"] == 1
+    ep.notify_message(b"\x00")
+    ep.notify_message(struct.pack("<H", 0))
+    assert ep.counters["notify_malformed"] == 1
+    assert world.host_ram.resident_bytes() == 0
+
+
+def test_pfns_outside_the_guest_are_never_released(world: World) -> None:
+    t = world.transport
+    t.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    lay = QueueLayout.packed(1 << 20, 16)
+    t.setup_queue(0, lay)
+    q = DriverQueue(t.ram, lay, Counters())
+    world.guest_ram.touch(np.arange(4096, 8192), 0)
+    world.set_target(1000)
+    pfns = np.array([PAGES, PAGES + 1, 2**32 - 1, 5000, 5000], dtype="<u4")
+    t.ram.write(2 << 20, pfns.tobytes())
+    q.add([(2 << 20, pfns.nbytes, False)])
+    q.add([(PAGES * PAGE_SIZE - 4, 64, False)])  # a buffer running past the end of RAM
+    q.publish()
+    before = world.host_ram.resident_bytes()
+    t.notify(0)
+    assert t.drain(5.0)
+    c = world.device.counters
+    assert c["inflate_pfn_outside_guest"] == 3
+    assert c["inflate_pfn_duplicate"] == 1
+    assert c["inflateq_bad_descriptor"] == 1
+    assert world.device.inflated_pages == 1
+    assert before - world.host_ram.resident_bytes() == PAGE_SIZE
+
+
+def test_doorbell_flood_costs_counters_only(world: World) -> None:
+    t = world.transport
+    t.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    t.setup_queue(0, QueueLayout.packed(1 << 20, 16))
+    for _ in range(20000):
+        t.notify(0)
+    t.link.send(Kind.NOTIFY, struct.pack("<H", 4))
+    world.host.thread.join(0.3)
+    c = world.endpoint.counters
+    assert 1 <= c["doorbells"] <= 20000  # eventfds coalesce a flood
+    assert world.device.inflated_pages == 0
+    assert world.host.thread.is_alive()
+    assert t.read_config()  # still answering
+
+
+def test_push_of_a_malformed_config_is_ignored(world: World) -> None:
+    t = world.transport
+    good = t.read_config()
+    world.endpoint.send(encode(Kind.CONFIG, b"\x01\x02"))
+    t.link.pump(1.0)
+    assert t.read_config() == good
+    assert t.counters["config_push_malformed"] == 1
