@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
+    __import__("memballoon.local.guest_main", fromlist=["register"]).register(sub)
     return p
 
 
