@@ -360,7 +360,8 @@ class LocalHost:
         g.alive = False
         g.counters.inc(f"died_{reason}")
         self._disconnect(g)
-        if g.proc is not None and g.proc.returncode is None:
+        if g.proc is not None and g.proc.returncode is None and not self._closed:
+            # a live process whose link is gone or broken is of no use: make sure it is gone
             with contextlib.suppress(ProcessLookupError):
                 g.proc.kill()
         loop = self._loop

@@ -1,0 +1,219 @@
+"""The local host with real guest processes and real memory; hostile guests among them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from memballoon.host.cgroup import detect
+from memballoon.local.host import GuestSpec, GuestView, LocalHost
+from memballoon.model.errors import ConfigError, UsageError
+from memballoon.model.units import MIB, PAGE_SIZE
+
+MIB_GUEST = 128
+HALF = MIB_GUEST * MIB // PAGE_SIZE // 2
+
+HOSTILE = textwrap.dedent('''
+    import argparse, json, os, socket, struct, sys, time
+    import numpy as np
+    from memballoon.host.memfd import MemfdRam
+    from memballoon.local.guest_main import add_arguments
+    from memballoon.local.link import GuestLink
+    from memballoon.local.transport_virtio import LocalVirtioTransport
+    from memballoon.model.counters import Counters
+    from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
+    from memballoon.protocol.wire import Kind, encode
+
+    mode = sys.argv[1]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(sys.argv[2:])
+    sock = socket.socket(fileno=a.sock_fd)
+    hello = {"v": 1, "guest": a.name, "protocol": a.protocol, "pages": a.pages,
+             "pid": os.getpid()}
+    sock.sendall(encode(Kind.HELLO, json.dumps(hello).encode()))
+    if mode == "garbage":
+        sock.sendall(encode(Kind.STATUS, b"{not json") + encode(Kind.VMW, b"junk"))
+        time.sleep(0.2)
+        sock.sendall(os.urandom(64) + b"\\xff\\xff\\xff\\xff")
+    else:
+        ram = MemfdRam.attach(a.mem_fd, a.pages)
+        link = GuestLink(sock)
+        view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
+        t = LocalVirtioTransport(link, view, a.kick_fds, a.irq_fds)
+        t.set_driver_features(1)  # MUST_TELL_HOST only: plain PFN arrays
+        lay = QueueLayout.packed(1 << 20, 16)
+        t.setup_queue(0, lay)
+        q = DriverQueue(view, lay, Counters())
+        ram.touch(np.arange(8192, 8192 + 4096), 0)
+        if mode == "bad_pfns":
+            pfns = np.array([a.pages, a.pages + 7, 2**32 - 1, 9000], dtype="<u4")
+            view.write(2 << 20, pfns.tobytes())
+            q.add([(2 << 20, pfns.nbytes, False)])
+            q.add([(a.pages * 4096 - 8, 4096, False)])
+            q.publish()
+            t.notify(0)
+        else:  # flood
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                for _ in range(1000):
+                    t.notify(0)
+                link.send(Kind.NOTIFY, struct.pack("<H", 9))
+                link.send(Kind.VIRTIO, b"\\x63")
+    while True:
+        time.sleep(1)
+''')
+
+
+def _hostile(tmp_path: Path, name: str, mode: str, protocol: str = "virtio") -> GuestSpec:
+    script = tmp_path / "hostile_guest.py"
+    script.write_text(HOSTILE)
+    return GuestSpec(name, MIB_GUEST, protocol, "idle",
+                     program=(sys.executable, str(script), mode))
+
+
+def _ok(v: GuestView) -> bool:
+    return v.alive and v.report is not None
+
+
+async def _inflate_deflate_other(host: LocalHost, name: str) -> None:
+    """A well-behaved guest still gets served: inflate, check memory returned, deflate."""
+    before = host.snapshot()[name].resident_bytes
+    await host.set_target(name, HALF)
+    assert await host.wait_until(lambda s: s[name].actual_pages == HALF, 20)
+    assert before - host.snapshot()[name].resident_bytes == HALF * PAGE_SIZE
+    await host.set_target(name, 0)
+    assert await host.wait_until(lambda s: s[name].actual_pages == 0, 20)
+
+
+def test_two_guests_inflate_returns_host_memory_and_data_stays_intact() -> None:
+    async def main() -> None:
+        specs = [GuestSpec("v", MIB_GUEST, "virtio", "idle", prefault=True, period_s=0.2),
+                 GuestSpec("b", MIB_GUEST, "vmw-batched", "idle", prefault=True, period_s=0.2)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert host.budget is None
+            assert await host.wait_until(lambda s: all(map(_ok, s.values())), 30)
+            await asyncio.sleep(0.3)  # let the first steps settle
+            before = {n: v.resident_bytes for n, v in host.snapshot().items()}
+            for n in before:
+                await host.set_target(n, HALF)
+            assert await host.wait_until(
+                lambda s: all(v.actual_pages == HALF for v in s.values()), 30)
+            snap = host.snapshot()
+            for n, v in snap.items():
+                assert before[n] - v.resident_bytes == HALF * PAGE_SIZE, n
+                assert v.target_pages == HALF
+            assert host.resident_bytes() == sum(v.resident_bytes for v in snap.values())
+            assert await host.wait_until(
+                lambda s: all(v.report is not None and v.report.balloon_actual_pages == HALF
+                              for v in s.values()), 10)
+            for n in before:
+                await host.set_target(n, 0)
+            assert await host.wait_until(
+                lambda s: all(v.actual_pages == 0 for v in s.values()), 30)
+            for n in before:
+                touched = await host.control(n, "touch_free")
+                assert touched["touched_pages"] >= HALF
+                check = await host.control(n, "verify")
+                assert check["lost_pages"] == 0 and check["checked_pages"] > 0
+                assert check["invariant_errors"] == []
+            assert all(v.resident_bytes >= before[n] for n, v in host.snapshot().items())
+            with pytest.raises(UsageError):
+                await host.set_target("v", MIB_GUEST * MIB)
+        snap = host.snapshot()
+        assert all(not v.alive and v.exit_code == 0 for v in snap.values())
+        assert all(v.resident_bytes == 0 for v in snap.values())
+
+    asyncio.run(main())
+
+
+def test_guest_killed_mid_inflate_is_noticed_and_the_other_goes_on() -> None:
+    async def main() -> None:
+        specs = [GuestSpec("legacy", MIB_GUEST, "vmw", "idle", prefault=True, period_s=0.5),
+                 GuestSpec("v", MIB_GUEST, "virtio", "idle", prefault=True)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert await host.wait_until(lambda s: all(map(_ok, s.values())), 30)
+            await host.set_target("legacy", HALF)  # 16385 pages a cycle: takes cycles
+            assert await host.wait_until(lambda s: s["legacy"].actual_pages > 0, 20, 0.001)
+            pid = host.pid("legacy")
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert await host.wait_until(lambda s: not s["legacy"].alive, 10)
+            dead = host.snapshot()["legacy"]
+            assert 0 < dead.actual_pages < HALF
+            assert dead.resident_at_exit_bytes is not None and dead.resident_at_exit_bytes > 0
+            assert dead.resident_bytes == 0
+            assert dead.exit_code != 0
+            assert host.freed_at_exit_bytes == dead.resident_at_exit_bytes
+            assert not await host.set_target("legacy", 0)
+            await _inflate_deflate_other(host, "v")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["garbage", "bad_pfns", "flood"])
+def test_hostile_guest_cannot_hurt_the_host_or_the_others(tmp_path: Path, mode: str) -> None:
+    async def main() -> None:
+        specs = [_hostile(tmp_path, "evil", mode),
+                 GuestSpec("good", MIB_GUEST, "virtio", "idle", prefault=True)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert await host.wait_until(lambda s: _ok(s["good"]), 30)
+            await host.set_target("evil", 1000)
+            if mode == "garbage":
+                assert await host.wait_until(lambda s: not s["evil"].alive, 10)
+                c = host.snapshot()["evil"].counters
+                assert c["frame_error"] == 1 and c["died_garbage"] == 1
+                assert c["report_not_json"] == 1
+            elif mode == "bad_pfns":
+                assert await host.wait_until(
+                    lambda s: s["evil"].counters.get("inflateq_bad_descriptor", 0) == 1, 10)
+                c = host.snapshot()["evil"].counters
+                assert c["inflate_pfn_outside_guest"] == 3
+                assert c["inflated_pages"] == 1  # PFN 9000, its own
+                assert host.snapshot()["evil"].alive
+            else:
+                assert await host.wait_until(
+                    lambda s: s["evil"].counters.get("virtio_request_malformed", 0) > 10, 10)
+                c = host.snapshot()["evil"].counters
+                assert c["doorbells"] > 0 and c["notify_dead_queue"] > 0
+            await _inflate_deflate_other(host, "good")
+            evil = host.snapshot()["evil"]
+            if evil.alive:
+                assert evil.resident_bytes <= MIB_GUEST * MIB
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not detect().usable, reason="needs root and a memory cgroup")
+def test_budget_is_enforced_by_a_cgroup_the_guests_joined_first() -> None:
+    async def main() -> None:
+        specs = [GuestSpec("a", MIB_GUEST, "virtio", "idle", prefault=True)]
+        async with LocalHost(specs, budget_bytes=512 * MIB) as host:
+            b = host.budget
+            assert b is not None and b.enforced and b.cgroup is not None
+            assert "enforced" in b.describe()
+            assert await host.wait_until(lambda s: _ok(s["a"]), 30)
+            assert host.pid("a") in b.cgroup.pids()
+            # the prefaulted RAM is charged to the guests' cgroup
+            assert b.cgroup.usage_bytes() >= host.resident_bytes() // 2
+            path = b.cgroup.path
+        assert not path.exists()
+
+    asyncio.run(main())
+
+
+def test_specs_are_checked() -> None:
+    with pytest.raises(ConfigError):
+        GuestSpec("x", 8, "virtio", "idle")
+    with pytest.raises(ConfigError):
+        GuestSpec("x", 64, "carrier-pigeon", "idle")
+    with pytest.raises(ConfigError):
+        GuestSpec("a/b", 64, "virtio", "idle")
+    with pytest.raises(ConfigError):
+        LocalHost([GuestSpec("x", 64, "vmw", "idle")] * 2, budget_bytes=None)
