@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.host.ram import NullRam, check_ranges, coalesce, range_pages
+from memballoon.host.ram import NullRam, check_ranges, coalesce, merge_ranges, range_pages
 from memballoon.model.errors import GuestAddressError
 from memballoon.model.units import PAGE_SIZE
 
@@ -46,3 +46,20 @@ def test_null_ram_counts_resident_pages() -> None:
     ram.readmit(coalesce(np.arange(0, 10)))
     assert ram.resident_bytes() == 140 * PAGE_SIZE
     assert ram.verify(np.arange(10, dtype=np.int64)) == 0
+
+
+def test_merge_ranges_folds_extents_without_expanding_them() -> None:
+    assert merge_ranges([8, 0, 2], [10, 2, 4]).tolist() == [[0, 4], [8, 10]]
+    assert merge_ranges([0, 1], [5, 3]).tolist() == [[0, 5]]  # overlap inside
+    assert merge_ranges([3], [3]).shape == (0, 2)  # empty extents vanish
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), max_size=30))
+def test_merge_ranges_covers_the_union(extents: list[tuple[int, int]]) -> None:
+    starts = [s for s, _ in extents]
+    ends = [s + n for s, n in extents]
+    got = merge_ranges(starts, ends)
+    covered = {p for s, e in got.tolist() for p in range(s, e)}
+    assert covered == {p for s, e in zip(starts, ends, strict=True) for p in range(s, e)}
+    if len(got) > 1:
+        assert bool((got[1:, 0] > got[:-1, 1]).all())

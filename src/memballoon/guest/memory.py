@@ -72,6 +72,12 @@ _FREE = int(PageState.FREE)
 _BALLOON = int(PageState.BALLOON)
 
 
+def _block_frames(blocks: npt.NDArray[np.int64]) -> PfnArray:
+    """Every frame of the given 2 MiB blocks."""
+    offs = np.arange(BLOCK_PAGES, dtype=np.int64)
+    return (blocks.astype(np.int64)[:, None] * BLOCK_PAGES + offs).reshape(-1)
+
+
 @dataclass(frozen=True, slots=True)
 class Watermarks:
     min: int
@@ -404,8 +410,7 @@ class GuestMemory:
         if k <= 0:
             return _EMPTY
         blocks = np.flatnonzero((self._bfree == BLOCK_PAGES) & ~self.reported)[:k]
-        for b in blocks.tolist():
-            self.state[b * BLOCK_PAGES : (b + 1) * BLOCK_PAGES] = PageState.ISOLATED
+        self.state[_block_frames(blocks)] = PageState.ISOLATED
         self._bfree[blocks] = 0
         n = int(blocks.size) * BLOCK_PAGES
         self._free -= n
@@ -414,11 +419,10 @@ class GuestMemory:
 
     def return_isolated(self, blocks: npt.NDArray[np.int64], reported: bool) -> None:
         """Put isolated blocks back on the free lists, marked reported if the host took them."""
-        for b in blocks.tolist():
-            seg = self.state[b * BLOCK_PAGES : (b + 1) * BLOCK_PAGES]
-            if not bool((seg == PageState.ISOLATED).all()):
-                raise UsageError(f"return_isolated: block {b} is not isolated")
-            seg[:] = PageState.FREE
+        frames = _block_frames(blocks)
+        if not bool((self.state[frames] == PageState.ISOLATED).all()):
+            raise UsageError("return_isolated: a block that is not isolated")
+        self.state[frames] = PageState.FREE
         self._bfree[blocks] = BLOCK_PAGES
         self.reported[blocks] = reported
         n = int(blocks.size) * BLOCK_PAGES

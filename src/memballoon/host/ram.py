@@ -39,13 +39,40 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     >>> coalesce([7, 3, 4, 5, 9]).tolist()
     [[3, 6], [7, 8], [9, 10]]
     """
-    p = np.unique(as_pfns(pfns))
+    p = as_pfns(pfns)
     if p.size == 0:
         return np.empty((0, 2), dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(p) != 1) + 1
+    steps = np.diff(p)
+    if not bool((steps > 0).all()):  # drivers send sorted runs: sort only when needed
+        p = np.unique(p)
+        steps = np.diff(p)
+    breaks = np.flatnonzero(steps != 1) + 1
     starts = p[np.concatenate(([0], breaks))]
     ends = p[np.concatenate((breaks - 1, [p.size - 1]))] + 1
     return np.stack((starts, ends), axis=1)
+
+
+def merge_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> RangeArray:
+    """Half-open ``[start, end)`` extents (any order, may overlap or touch) as sorted ranges.
+
+    Costs the number of extents, not the pages they cover.
+
+    >>> merge_ranges([8, 0, 2], [10, 2, 4]).tolist()
+    [[0, 4], [8, 10]]
+    """
+    s = np.asarray(starts, dtype=np.int64).reshape(-1)
+    e = np.asarray(ends, dtype=np.int64).reshape(-1)
+    keep = e > s
+    s, e = s[keep], e[keep]
+    if s.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], np.maximum.accumulate(e[order])
+    # a new range begins where a start lies beyond every end before it
+    new = np.concatenate(([True], s[1:] > e[:-1]))
+    first = np.flatnonzero(new)
+    last = np.concatenate((first[1:] - 1, [s.size - 1]))
+    return np.stack((s[first], e[last]), axis=1)
 
 
 def range_pages(ranges: RangeArray) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import PfnArray, RamBackend, coalesce
+from memballoon.host.ram import PfnArray, RamBackend, coalesce, merge_ranges
 from memballoon.model.counters import Counters
 from memballoon.model.errors import DescriptorError, PeerError, UsageError
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
@@ -441,10 +441,7 @@ class VirtioBalloonDevice:
             ends.append((gpa + length) >> PAGE_SHIFT)
         if not starts:
             return 0
-        pfns = np.concatenate(
-            [np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends, strict=True)]
-        )
-        released = self.ram.release(coalesce(pfns))
+        released = self.ram.release(merge_ranges(starts, ends))
         self.counters.inc("report_buffers")
         self.counters.inc("reported_pages", released)
         self.reported_pages_total += released
