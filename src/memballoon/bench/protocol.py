@@ -4,10 +4,11 @@ Single pair: inflate a guest's balloon to the requested size and count the drive
 it took, the wall time, and every invariant violation seen after every period.
 
 Many pairs (``guests > 0``): independent guests of 1 to 8 GiB, mostly idle, each with a few
-target changes (about ``changes_per_hour`` a guest, each to at most 10% of its RAM), run for ``simulated_seconds`` in 1 s periods. This is the load a simulator of
-a thousand guests puts on the same driver, device and guest-model code. Invariants are checked
-cheaply (sizes agree) every period, fully for one guest in turn every minute, and fully for
-all at the end; ``wall_seconds`` is the stepping alone, ``check_seconds`` the checking.
+target changes (about ``changes_per_hour`` a guest, each to at most 10% of its RAM), run for
+``simulated_seconds`` in 1 s periods. This is the load a simulator of a thousand guests puts
+on the same driver, device and guest-model code. Invariants are checked cheaply (sizes agree)
+every period, fully for one guest in turn every minute, and fully for all at the end;
+``wall_seconds`` is the stepping alone, ``check_seconds`` the checking.
 """
 
 from __future__ import annotations
