@@ -193,3 +193,16 @@ def test_invariants_hold_under_any_sequence(script: list[tuple[str, int, int, fl
             m.return_isolated(blocks, reported=True)
         assert m.check_invariants() == []
         assert m.free_pages >= 0 and m.balloon_pages == held.size
+
+
+def test_active_sampling_counts_frames_in_the_hot_sets() -> None:
+    import random
+
+    m = GuestMemory(G64)
+    assert m.sample_active(random.Random(1)) == 0  # no demand yet
+    m.step(1.0, 1.0, demand(mib_to_pages(32), hot=1.0))  # half the guest is hot
+    touched = m.sample_active(random.Random(1), 1000)
+    assert 400 < touched < 600
+    m2 = GuestMemory(G64)
+    m2.step(1.0, 1.0, demand(mib_to_pages(32), hot=0.0))
+    assert m2.sample_active(random.Random(1), 1000) == 0

@@ -44,3 +44,12 @@ def test_empty_pops_return_empty_arrays() -> None:
     d = PfnDeque()
     assert d.pop_front(5).size == 0
     assert d.pop_back(5).size == 0
+
+
+def test_tail_peeks_at_the_newest() -> None:
+    d = PfnDeque()
+    d.push_back(np.arange(10, dtype=np.int64))
+    d.pop_front(3)
+    assert d.tail(4).tolist() == [6, 7, 8, 9]
+    assert d.tail(100).tolist() == list(range(3, 10))
+    assert len(d) == 7

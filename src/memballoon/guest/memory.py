@@ -41,6 +41,7 @@ This module does no I/O and reads no clock: ``now`` and ``dt`` are passed in.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -576,6 +577,21 @@ class GuestMemory:
             now, dt, stall, tally.major, tally.swap_in, tally.swap_out, oom, tally.oom_deflated,
             False,
         )
+
+    # ------------------------------------------------------------------ ESX-style sampling
+    def sample_active(self, rng: random.Random, n: int = 100) -> int:
+        """Of ``n`` random frames of the guest, how many its workload touches every second.
+
+        Waldspurger (OSDI 2002) samples 100 random pages a period, invalidates them and counts
+        those touched again. Here a frame counts as touched when it is in the hot part of the
+        anonymous or page-cache LRU (their newest ``hot_*_pages`` frames) of the last demand.
+        """
+        d = self._last_demand
+        if d is None or n <= 0:
+            return 0
+        frames = np.array([rng.randrange(self.total_pages) for _ in range(n)], dtype=np.int64)
+        hot = np.concatenate((self.anon.tail(d.hot_anon_pages), self.cache.tail(d.hot_file_pages)))
+        return int(np.isin(frames, hot).sum())
 
     # ------------------------------------------------------------------ checks
     def verify_contents(self) -> int:

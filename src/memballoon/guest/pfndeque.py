@@ -89,3 +89,15 @@ class PfnDeque:
             out = np.concatenate((self._buf[start:], self._buf[: end - cap])).astype(np.int64)
         self._len -= k
         return out
+
+    def tail(self, k: int) -> npt.NDArray[np.int64]:
+        """The newest ``k`` PFNs (a copy), without removing them."""
+        k = min(max(k, 0), self._len)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        cap = self._buf.size
+        start = (self._head + self._len - k) % cap
+        end = start + k
+        if end <= cap:
+            return self._buf[start:end].astype(np.int64)
+        return np.concatenate((self._buf[start:], self._buf[: end - cap])).astype(np.int64)
