@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from memballoon.model.counters import Counters
 from memballoon.model.errors import PeerError, UsageError
+from memballoon.protocol.pressure import PressureReport
 from memballoon.qemu.agent import (
     MAX_LINE_BYTES,
     AgentChannel,
+    AgentReport,
     LineSplitter,
-    PressureReport,
     parse_report,
+    to_pressure_report,
 )
 from memballoon.qemu.errors import AgentError, GuestGoneError
 
@@ -120,7 +122,7 @@ def test_random_bytes_only_ever_raise_agent_error(data: bytes) -> None:
     except AgentError:
         assert c.total() == 1
     else:
-        assert isinstance(report, PressureReport)
+        assert isinstance(report, AgentReport)
 
 
 @settings(max_examples=300, deadline=None)
@@ -259,3 +261,84 @@ def test_channel_without_socket_is_guest_gone(tmp_path: Path) -> None:
             await ch.send_command("two\nlines")
 
     asyncio.run(main())
+
+
+# --- conversion to the manager's PressureReport ----------------------------------------
+
+
+def test_to_pressure_report_converts_units_and_estimates_anon() -> None:
+    a = parse_report(REAL_LINE, guest="g1", counters=Counters())
+    r = to_pressure_report(a, ram_bytes=1 << 30, balloon_target_pages=100,
+                           balloon_actual_pages=90, prev=None, period_s=1.0)
+    assert isinstance(r, PressureReport)
+    assert r.guest == "g1" and r.time_s == pytest.approx(11.47)
+    assert r.total_bytes == 996624 * 1024 and r.free_bytes == 855028 * 1024
+    assert r.available_bytes == 788300 * 1024 and r.cache_bytes == 104700 * 1024
+    assert r.anon_bytes == (996624 - 855028 - 104700) * 1024
+    assert r.balloon_bytes == 90 * 4096
+    assert (r.balloon_target_pages, r.balloon_actual_pages) == (100, 90)
+    assert (r.swap_in_pages, r.swap_out_pages, r.major_faults, r.oom_kills) == (0, 0, 0, 0)
+    assert r.stall_pct == 0.0 and r.stall_us == 0 and r.refused_pages is None
+    assert PressureReport.decode(r.encode()) == r  # a valid report for the manager
+
+
+def test_stall_pct_from_psi_total_delta_else_avg10() -> None:
+    c = Counters()
+    prev = parse_report(json.dumps(doc(t=10.0, psi={"some_avg10": 7.5, "some_total": 1_000_000})),
+                        guest="g", counters=c)
+    cur = parse_report(json.dumps(doc(t=12.0, psi={"some_avg10": 9.0, "some_total": 1_500_000})),
+                       guest="g", counters=c)
+    kw = {"ram_bytes": 1 << 30, "balloon_target_pages": 0, "balloon_actual_pages": 0}
+    r = to_pressure_report(cur, prev=prev, period_s=1.0, **kw)
+    assert r.stall_pct == pytest.approx(25.0)  # 0.5 s stalled of 2 s of guest time
+    assert r.stall_us == 1_500_000
+    assert to_pressure_report(cur, prev=None, period_s=1.0, **kw).stall_pct == 9.0
+    # Guest clock did not advance: the caller's period is used instead.
+    same_t = parse_report(json.dumps(doc(t=10.0, psi={"some_total": 1_100_000})),
+                          guest="g", counters=c)
+    assert to_pressure_report(same_t, prev=prev, period_s=0.5, **kw).stall_pct == \
+        pytest.approx(20.0)
+    # A counter that went backwards (guest rebooted) falls back to avg10, capped at 100.
+    huge = parse_report(json.dumps(doc(t=10.5, psi={"some_avg10": 100, "some_total": 10**12})),
+                        guest="g", counters=c)
+    assert to_pressure_report(huge, prev=prev, period_s=1.0, **kw).stall_pct == 100.0
+    assert to_pressure_report(prev, prev=huge, period_s=1.0, **kw).stall_pct == 7.5
+
+
+def test_missing_agent_figures_become_neutral_values() -> None:
+    a = parse_report(json.dumps({"v": 1, "t": 3, "meminfo": {"MemFree": 100}}), guest="g",
+                     counters=Counters())
+    r = to_pressure_report(a, ram_bytes=1 << 30, balloon_target_pages=0,
+                           balloon_actual_pages=1024, prev=None, period_s=1.0)
+    assert r.total_bytes == (1 << 30) - 1024 * 4096
+    assert r.free_bytes == 100 * 1024 and r.available_bytes == 100 * 1024
+    assert r.anon_bytes == r.total_bytes - 100 * 1024
+    assert r.stall_pct == 0.0 and r.oom_kills == 0
+    # Free above total (a lying guest) never gives negative anon.
+    liar = parse_report(json.dumps({"v": 1, "t": 3, "meminfo": {"MemTotal": 1, "MemFree": 9}}),
+                        guest="g", counters=Counters())
+    assert to_pressure_report(liar, ram_bytes=1 << 30, balloon_target_pages=0,
+                              balloon_actual_pages=0, prev=None, period_s=1).anon_bytes == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries({
+        "MemTotal": st.none() | st.integers(0, 2**53 - 1),
+        "MemFree": st.none() | st.integers(0, 2**53 - 1),
+        "MemAvailable": st.none() | st.integers(0, 2**53 - 1),
+        "Cached": st.none() | st.integers(0, 2**53 - 1),
+    }),
+    st.none() | st.integers(0, 2**53 - 1),
+    st.floats(0, 100),
+    st.floats(0, 1e6),
+)
+def test_any_valid_agent_report_converts_to_a_decodable_report(
+    meminfo: dict[str, int | None], total_us: int | None, avg10: float, t: float
+) -> None:
+    line = json.dumps({"v": 1, "t": t, "meminfo": meminfo,
+                       "psi": {"some_avg10": avg10, "some_total": total_us}})
+    a = parse_report(line, guest="g", counters=Counters())
+    r = to_pressure_report(a, ram_bytes=1 << 34, balloon_target_pages=5, balloon_actual_pages=3,
+                           prev=a, period_s=1.0)
+    assert PressureReport.decode(r.encode()) == r

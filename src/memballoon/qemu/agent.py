@@ -28,7 +28,9 @@ from pathlib import Path
 
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
-from memballoon.model.units import KIB
+from memballoon.model.units import KIB, PAGE_SIZE
+from memballoon.protocol.pressure import MAX_VALUE as REPORT_MAX_VALUE
+from memballoon.protocol.pressure import PressureReport
 from memballoon.qemu.errors import AgentError, GuestGoneError
 
 AGENT_SCHEMA_VERSION = 1
@@ -39,7 +41,7 @@ _MAX_VALUE = 2**53
 
 
 @dataclass(frozen=True)
-class PressureReport:
+class AgentReport:
     """One agent report, in bytes and counts. None = the guest did not report it."""
 
     guest: str
@@ -119,7 +121,7 @@ def _section(doc: Mapping[str, object], key: str, required: bool) -> Mapping[str
     return value
 
 
-def _parse(line: bytes | str, guest: str) -> PressureReport:
+def _parse(line: bytes | str, guest: str) -> AgentReport:
     if len(line) > MAX_LINE_BYTES:
         raise _Reject("agent_line_too_long", f"line of {len(line)} bytes")
     try:
@@ -151,11 +153,11 @@ def _parse(line: bytes | str, guest: str) -> PressureReport:
         fields[name] = _count(psi.get(key), key)
     for key, name in _PSI_AVGS.items():
         fields[name] = _percent(psi.get(key), key)
-    return PressureReport(guest, uptime_s, **fields)  # type: ignore[arg-type]
+    return AgentReport(guest, uptime_s, **fields)  # type: ignore[arg-type]
 
 
-def parse_report(line: bytes | str, *, guest: str, counters: Counters) -> PressureReport:
-    """One agent line -> PressureReport; AgentError (counted) for anything else."""
+def parse_report(line: bytes | str, *, guest: str, counters: Counters) -> AgentReport:
+    """One agent line -> AgentReport; AgentError (counted) for anything else."""
     try:
         report = _parse(line, guest)
     except _Reject as exc:
@@ -163,6 +165,72 @@ def parse_report(line: bytes | str, *, guest: str, counters: Counters) -> Pressu
         raise AgentError(f"{guest}: agent line rejected: {exc}") from None
     counters.inc("agent_reports")
     return report
+
+
+def _cap(value: int) -> int:
+    # PressureReport refuses values above 2^53 (not exact in JSON doubles); the agent's kB
+    # figures times 1024 can exceed it only for a lying guest.
+    return max(0, min(value, REPORT_MAX_VALUE))
+
+
+def to_pressure_report(
+    agent: AgentReport,
+    *,
+    ram_bytes: int,
+    balloon_target_pages: int,
+    balloon_actual_pages: int,
+    prev: AgentReport | None,
+    period_s: float,
+) -> PressureReport:
+    """The manager's one report shape (protocol/pressure.py) from an agent report.
+
+    ``stall_pct`` is the share of the time between ``prev`` and ``agent`` (guest uptime, or
+    ``period_s`` when the uptimes do not advance) that PSI ``some.total`` grew by; without a
+    usable ``prev`` it is PSI's own ``some avg10``. Anonymous memory is not in the agent's
+    line: it is estimated as MemTotal - MemFree - Cached (never below 0). Figures the guest
+    did not report become neutral values: total = RAM minus balloon, free/cache 0,
+    available = free + cache, counters and stall 0.
+    """
+    balloon_bytes = balloon_actual_pages * PAGE_SIZE
+    total = agent.mem_total_bytes
+    if total is None:
+        total = max(0, ram_bytes - balloon_bytes)
+    free = agent.mem_free_bytes or 0
+    cache = agent.cached_bytes or 0
+    available = agent.mem_available_bytes
+    if available is None:
+        available = free + cache
+    anon = max(0, total - free - cache)
+    stall_us = agent.psi_some_total_us or 0
+    stall_pct = agent.psi_some_avg10 or 0.0
+    if (prev is not None and prev.psi_some_total_us is not None
+            and agent.psi_some_total_us is not None
+            and agent.psi_some_total_us >= prev.psi_some_total_us):
+        span_s = agent.uptime_s - prev.uptime_s
+        if span_s <= 0:
+            span_s = period_s
+        if span_s > 0:
+            grown_us = agent.psi_some_total_us - prev.psi_some_total_us
+            stall_pct = min(100.0, 100.0 * grown_us / (span_s * 1e6))
+    return PressureReport(
+        guest=agent.guest,
+        time_s=min(agent.uptime_s, float(REPORT_MAX_VALUE)),
+        total_bytes=_cap(total),
+        free_bytes=_cap(free),
+        available_bytes=_cap(available),
+        anon_bytes=_cap(anon),
+        cache_bytes=_cap(cache),
+        balloon_bytes=_cap(balloon_bytes),
+        swap_in_pages=_cap(agent.swap_in_pages or 0),
+        swap_out_pages=_cap(agent.swap_out_pages or 0),
+        major_faults=_cap(agent.major_faults or 0),
+        oom_kills=_cap(agent.oom_kills or 0),
+        stall_us=_cap(stall_us),
+        stall_pct=max(0.0, stall_pct),
+        balloon_target_pages=_cap(balloon_target_pages),
+        balloon_actual_pages=_cap(balloon_actual_pages),
+        refused_pages=None,  # Linux's virtio_balloon has no refusals
+    )
 
 
 class LineSplitter:
@@ -223,7 +291,7 @@ class AgentChannel:
         self._seq = 0
         self._gone: GuestGoneError | None = None
         #: The newest valid report, or None before the first one.
-        self.latest: PressureReport | None = None
+        self.latest: AgentReport | None = None
 
     @property
     def gone(self) -> bool:
@@ -265,7 +333,7 @@ class AgentChannel:
         finally:
             self._changed.set()
 
-    async def read_report(self, timeout_s: float) -> PressureReport:
+    async def read_report(self, timeout_s: float) -> AgentReport:
         """The next report newer than the current ``latest``.
 
         GuestGoneError when the socket closed, TimeoutError after ``timeout_s``."""
@@ -282,8 +350,8 @@ class AgentChannel:
                 await self._changed.wait()
 
     async def wait_for(
-        self, predicate: Callable[[PressureReport], bool], timeout_s: float
-    ) -> PressureReport:
+        self, predicate: Callable[[AgentReport], bool], timeout_s: float
+    ) -> AgentReport:
         """The first new report for which ``predicate`` holds (TimeoutError otherwise)."""
         async with asyncio.timeout(timeout_s):
             while True:
