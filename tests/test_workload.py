@@ -20,9 +20,12 @@ def test_ramp_grows_then_holds() -> None:
 
 
 def test_bursts_come_and_go() -> None:
-    w = Bursty(base_mib=64, peak_mib=256, period_s=10, burst_s=3, seed=1)
+    w = Bursty(base_mib=64, peak_mib=256, period_s=10, burst_s=3, ramp_s=0, seed=1)
     sizes = {w.demand(float(t)).anon_pages for t in range(20)}
     assert sizes == {mib_to_pages(64), mib_to_pages(256)}
+    ramped = Bursty(base_mib=64, peak_mib=256, period_s=10, burst_s=5, ramp_s=4, seed=1)
+    seen = sorted({ramped.demand(t / 2).anon_pages for t in range(40)})
+    assert seen[0] == mib_to_pages(64) and seen[-1] == mib_to_pages(256) and len(seen) > 3
 
 
 def test_bad_demand_and_unknown_workload_are_refused() -> None:

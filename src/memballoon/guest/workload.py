@@ -101,14 +101,19 @@ class Bursty:
     peak_mib: float = 384
     file_mib: float = 32
     period_s: float = 20.0
-    burst_s: float = 6.0
+    burst_s: float = 8.0
+    ramp_s: float = 3.0  # a burst grows to its peak over this long, as programs allocate
     seed: int = 0
     name: str = "bursty"
 
     def demand(self, now: float) -> Demand:
         phase = random.Random(self.seed).uniform(0.0, self.period_s)
-        in_burst = (now + phase) % self.period_s < self.burst_s
-        anon = self.peak_mib if in_burst else self.base_mib
+        into = (now + phase) % self.period_s
+        if into < self.burst_s:
+            grown = 1.0 if self.ramp_s <= 0 else min(1.0, (into + 1.0) / self.ramp_s)
+            anon = self.base_mib + (self.peak_mib - self.base_mib) * grown
+        else:
+            anon = self.base_mib
         return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.8, 0.05)
 
 

@@ -1,0 +1,231 @@
+"""``memballoon demo``: three local guests with real memory share a host budget smaller than
+their sum, while their balloons move memory between them.
+
+With no arguments: three guests of 512 MiB (one idle, one steady, one with bursts; each on a
+different balloon protocol) on a 1 GiB host budget, for about 30 s, with a live table in the
+terminal (a progress line every few seconds when stdout is not a terminal), then a summary.
+``--json`` prints the summary as one JSON object.
+
+The budget is enforced for real where the machine has a memory cgroup and we run as root (the
+kernel OOM-kills a guest that overshoots it); otherwise it is only watched. The guest
+processes' own interpreter memory is charged to that cgroup too, so the balloons keep the
+guests' RAM within the budget minus ``PROCESS_OVERHEAD_BYTES`` a guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from memballoon.local.host import GuestSpec, GuestView, LocalHost
+from memballoon.model.units import MIB, PAGE_SIZE
+
+#: What one guest process holds beside its RAM (interpreter, numpy, the model's arrays).
+PROCESS_OVERHEAD_BYTES = 64 * MIB
+
+DEFAULT_GUESTS = (
+    ("idle", "idle", "vmw"),
+    ("steady", "steady", "virtio"),
+    ("bursty", "bursty", "vmw-batched"),
+)
+
+Decide = Callable[[Mapping[str, GuestView], int], dict[str, int]]
+
+
+@dataclass
+class DemoConfig:
+    seconds: float = 30.0
+    guest_mib: int = 512
+    budget_mib: int = 1024
+    period_s: float = 1.0
+    seed: int = 1
+    guests: tuple[tuple[str, str, str], ...] = DEFAULT_GUESTS
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise ValueError(f"--seconds must be positive, got {self.seconds}")
+        if self.guest_mib < 64:
+            raise ValueError(f"--guest-mib must be at least 64, got {self.guest_mib}")
+        floor = len(self.guests) * (PROCESS_OVERHEAD_BYTES // MIB + 32)
+        if self.budget_mib < floor:
+            raise ValueError(f"--budget-mib must be at least {floor} for "
+                             f"{len(self.guests)} guests, got {self.budget_mib}")
+
+
+@dataclass
+class _Trace:
+    peak_resident: int = 0
+    stall: dict[str, list[float]] = field(default_factory=dict)
+    rows: int = 0
+
+
+def share_targets(views: Mapping[str, GuestView], guest_budget_bytes: int) -> dict[str, int]:
+    """A simple rule: each guest keeps what it uses plus headroom; the rest is ballooned.
+
+    Used memory is ``total - available`` from the guest's last report; headroom is a quarter
+    of that (at least 32 MiB), doubled while the guest stalls. When the guests' wishes exceed
+    the budget, each is cut in proportion, but never below what it uses plus 16 MiB.
+    """
+    want: dict[str, int] = {}
+    floor: dict[str, int] = {}
+    ram: dict[str, int] = {}
+    for name, v in views.items():
+        if not v.alive or v.report is None:
+            continue
+        r = v.report
+        ram[name] = v.ram_pages * PAGE_SIZE
+        used = max(0, r.total_bytes - r.balloon_bytes - r.available_bytes)
+        head = max(32 * MIB, used // 4) * (2 if r.stall_pct > 1.0 else 1)
+        want[name] = min(ram[name], used + head)
+        floor[name] = min(ram[name], used + 16 * MIB)
+    total = sum(want.values())
+    if total > guest_budget_bytes and total > 0:
+        spare = max(0, guest_budget_bytes - sum(floor.values()))
+        extra = {n: want[n] - floor[n] for n in want}
+        scale = spare / max(1, sum(extra.values()))
+        want = {n: floor[n] + int(extra[n] * min(1.0, scale)) for n in want}
+    return {n: (ram[n] - want[n]) // PAGE_SIZE for n in want}
+
+
+def _specs(cfg: DemoConfig) -> list[GuestSpec]:
+    return [
+        GuestSpec(name=name, mib=cfg.guest_mib, protocol=proto, workload=workload,
+                  period_s=cfg.period_s, seed=cfg.seed + i, swap_mib=cfg.guest_mib // 4)
+        for i, (name, workload, proto) in enumerate(cfg.guests)
+    ]
+
+
+def _table(views: Mapping[str, GuestView], host: LocalHost, t: float, cfg: DemoConfig) -> Any:
+    from rich.table import Table
+
+    budget = host.budget
+    mode = "enforced" if budget is not None and budget.enforced else "watched"
+    tab = Table(title=f"memballoon demo  t={t:4.0f}/{cfg.seconds:.0f} s   host resident "
+                      f"{host.resident_bytes() / MIB:6.0f} MiB of {cfg.budget_mib} MiB budget "
+                      f"({mode})")
+    for col in ("guest", "protocol", "RAM MiB", "target MiB", "actual MiB", "free MiB",
+                "avail MiB", "stall %", "resident MiB", "state"):
+        tab.add_column(col, justify="left" if col in ("guest", "protocol", "state") else "right")
+    for v in views.values():
+        r = v.report
+        tab.add_row(
+            v.name, v.protocol, f"{v.ram_pages * PAGE_SIZE / MIB:.0f}",
+            f"{v.target_pages * PAGE_SIZE / MIB:.0f}", f"{v.actual_pages * PAGE_SIZE / MIB:.0f}",
+            f"{r.free_bytes / MIB:.0f}" if r else "-",
+            f"{r.available_bytes / MIB:.0f}" if r else "-",
+            f"{r.stall_pct:.1f}" if r else "-",
+            f"{v.resident_bytes / MIB:.0f}", "alive" if v.alive else f"dead ({v.exit_code})",
+        )
+    return tab
+
+
+def _progress_line(views: Mapping[str, GuestView], host: LocalHost, t: float) -> str:
+    parts = [f"t={t:.0f}s resident={host.resident_bytes() / MIB:.0f}MiB"]
+    for v in views.values():
+        parts.append(f"{v.name}: balloon {v.actual_pages * PAGE_SIZE / MIB:.0f}/"
+                     f"{v.target_pages * PAGE_SIZE / MIB:.0f} MiB"
+                     + ("" if v.alive else " DEAD"))
+    return "memballoon demo: " + ", ".join(parts)
+
+
+async def run_demo(
+    cfg: DemoConfig,
+    *,
+    live: bool,
+    decide: Decide = share_targets,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Run the demo and return its summary (see the module docstring)."""
+    specs = _specs(cfg)
+    budget = cfg.budget_mib * MIB
+    guest_budget = budget - PROCESS_OVERHEAD_BYTES * len(specs)
+    trace = _Trace(stall={s.name: [] for s in specs})
+    async with LocalHost(specs, budget_bytes=budget) as host:
+        b = host.budget
+        log(f"budget {cfg.budget_mib} MiB: {b.describe() if b else 'none'}")
+        # start every guest at its share so that the budget holds from the first second
+        for s in specs:
+            await host.set_target(s.name, s.pages - guest_budget // len(specs) // PAGE_SIZE)
+        t0 = time.monotonic()
+        last_log = -10.0
+        live_ctx = None
+        if live:
+            from rich.live import Live
+
+            live_ctx = Live(_table(host.snapshot(), host, 0.0, cfg), refresh_per_second=4,
+                            transient=False)
+            live_ctx.__enter__()
+        try:
+            while (t := time.monotonic() - t0) < cfg.seconds:
+                views = host.snapshot()
+                for name, target in decide(views, guest_budget).items():
+                    if views[name].alive:
+                        await host.set_target(name, target)
+                trace.peak_resident = max(trace.peak_resident, host.resident_bytes())
+                for v in views.values():
+                    if v.report is not None:
+                        trace.stall[v.name].append(v.report.stall_pct)
+                if live_ctx is not None:
+                    live_ctx.update(_table(views, host, t, cfg))
+                elif t - last_log >= 5.0:
+                    log(_progress_line(views, host, t))
+                    last_log = t
+                await asyncio.sleep(cfg.period_s / 2)
+        finally:
+            if live_ctx is not None:
+                live_ctx.__exit__(None, None, None)
+        views = host.snapshot()
+        corruptions = 0
+        for v in views.values():
+            if v.alive:
+                corruptions += int((await host.control(v.name, "verify"))["lost_pages"])
+        released = sum(host.ram(s.name).released_pages_total for s in specs
+                       if not host.ram(s.name).closed) * PAGE_SIZE
+        kernel_kills = b.cgroup.oom_kills() if b is not None and b.cgroup is not None else 0
+        guests = []
+        for s in specs:
+            v = views[s.name]
+            r = v.report
+            st = trace.stall[s.name]
+            guests.append({
+                "name": s.name, "protocol": s.protocol, "workload": s.workload,
+                "ram_bytes": s.pages * PAGE_SIZE, "alive": v.alive,
+                "balloon_target_bytes": v.target_pages * PAGE_SIZE,
+                "balloon_actual_bytes": v.actual_pages * PAGE_SIZE,
+                "resident_bytes": v.resident_bytes,
+                "oom_kills": r.oom_kills if r else 0,
+                "mean_stall_pct": round(statistics.fmean(st), 3) if st else 0.0,
+                "max_stall_pct": round(max(st), 3) if st else 0.0,
+            })
+        return {
+            "seconds": round(time.monotonic() - t0, 1),
+            "host_budget_bytes": budget,
+            "budget_enforced": bool(b is not None and b.enforced),
+            "budget_reason": b.reason if b is not None else "no budget",
+            "host_peak_resident_bytes": trace.peak_resident,
+            "host_resident_bytes": host.resident_bytes(),
+            "host_released_bytes": released,
+            "guest_oom_kills": sum(g["oom_kills"] for g in guests) + kernel_kills,
+            "kernel_oom_kills": kernel_kills,
+            "data_corruptions": corruptions,
+            "guests": guests,
+        }
+
+
+def print_summary(s: Mapping[str, Any]) -> None:
+    mode = "enforced" if s["budget_enforced"] else "watched only"
+    print(f"memballoon demo: {s['seconds']} s, {len(s['guests'])} guests")
+    print(f"  host budget        {s['host_budget_bytes'] / MIB:8.0f} MiB ({mode})")
+    print(f"  peak resident      {s['host_peak_resident_bytes'] / MIB:8.0f} MiB")
+    print(f"  returned to host   {s['host_released_bytes'] / MIB:8.0f} MiB (hole-punched)")
+    print(f"  guest OOM kills    {s['guest_oom_kills']:8d}")
+    print(f"  data corruptions   {s['data_corruptions']:8d}")
+    for g in s["guests"]:
+        print(f"  {g['name']:<8} {g['protocol']:<12} balloon {g['balloon_actual_bytes'] / MIB:5.0f}"
+              f" MiB  resident {g['resident_bytes'] / MIB:5.0f} MiB  mean stall "
+              f"{g['mean_stall_pct']:5.2f} %  {'alive' if g['alive'] else 'DEAD'}")
