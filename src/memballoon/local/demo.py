@@ -187,7 +187,7 @@ async def run_demo(
         released = sum(host.ram(s.name).released_pages_total for s in specs
                        if not host.ram(s.name).closed) * PAGE_SIZE
         kernel_kills = b.cgroup.oom_kills() if b is not None and b.cgroup is not None else 0
-        guests = []
+        guests: list[dict[str, Any]] = []
         for s in specs:
             v = views[s.name]
             r = v.report

@@ -9,6 +9,9 @@ JSON codec, version 1 (``REPORT_VERSION``): one object, keys as the field names 
 the guest started; ``stall_pct`` is the share of the last period some task stalled on memory
 (PSI ``some``); balloon sizes are 4 KiB pages. ``refused_pages`` is the driver's cumulative
 count of frames the host refused, or null for drivers without refusals.
+``active_sampled``/``active_touched`` (optional, added later; absent means 0) carry ESX-style
+active-page sampling (Waldspurger 2002): of ``active_sampled`` random frames, how many the
+guest touched again; encoded only when a sample was taken, so older readers still decode it.
 
 Decoding is strict: the report comes from a guest, so anything but exactly this shape (unknown
 or missing keys, wrong types, negative or unbelievable values, more than ``MAX_REPORT_BYTES``)
@@ -61,9 +64,14 @@ class PressureReport:
     balloon_target_pages: int
     balloon_actual_pages: int
     refused_pages: int | None = None
+    active_sampled: int = 0
+    active_touched: int = 0
 
     def encode(self) -> bytes:
         doc = {"v": REPORT_VERSION, **asdict(self)}
+        if self.active_sampled == 0 and self.active_touched == 0:
+            for k in _OPTIONAL_INT_FIELDS:
+                del doc[k]
         data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
         if len(data) > MAX_REPORT_BYTES:
             raise ValueError(f"report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
@@ -80,8 +88,11 @@ class PressureReport:
 
 
 _FIELDS: Final = {f.name: f for f in fields(PressureReport)}
+#: Integer fields a report may leave out (they default to 0).
+_OPTIONAL_INT_FIELDS: Final = ("active_sampled", "active_touched")
 _INT_FIELDS: Final = frozenset(
-    n for n in _FIELDS if n not in ("guest", "time_s", "stall_pct", "refused_pages")
+    n for n in _FIELDS
+    if n not in ("guest", "time_s", "stall_pct", "refused_pages", *_OPTIONAL_INT_FIELDS)
 )
 
 
@@ -122,7 +133,7 @@ def _decode(data: bytes | str) -> PressureReport:
     if doc.get("v") != REPORT_VERSION:
         raise ReportError("bad_version", f"v = {doc.get('v')!r}")
     keys = set(doc) - {"v"}
-    missing = set(_FIELDS) - keys - {"refused_pages"}
+    missing = set(_FIELDS) - keys - {"refused_pages", *_OPTIONAL_INT_FIELDS}
     if missing:
         raise ReportError("missing_key", ", ".join(sorted(missing)))
     extra = keys - set(_FIELDS)
@@ -133,6 +144,9 @@ def _decode(data: bytes | str) -> PressureReport:
         raise ReportError("bad_type", "guest must be a non-empty string")
     refused = doc.get("refused_pages")
     kw: dict[str, object] = {n: _int(doc, n) for n in _INT_FIELDS}
+    kw.update({n: _int(doc, n) for n in _OPTIONAL_INT_FIELDS if n in doc})
+    if kw.get("active_touched", 0) > kw.get("active_sampled", 0):  # type: ignore[operator]
+        raise ReportError("out_of_range", "active_touched > active_sampled")
     return PressureReport(
         guest=guest,
         time_s=_float(doc, "time_s", float(MAX_VALUE)),

@@ -335,8 +335,12 @@ def launch(
     run_dir: Path | None = None,
     *,
     probe_cache: Path | None = None,
+    paused: bool = False,
 ) -> QemuProcess:
     """Start QEMU for ``guest`` (returns at once; see ``wait_ready``).
+
+    ``paused`` adds ``-S``: the vCPUs wait for QMP ``cont``, so the caller can first move
+    QEMU into a memory cgroup before the guest touches its RAM.
 
     ``run_dir`` holds qmp.sock, agent.sock, console.log and qemu.stderr; by default a fresh
     directory under /tmp (unix socket paths must stay under 108 bytes), removed by close()."""
@@ -358,6 +362,8 @@ def launch(
     accel = choose_accel(guest.accel, image, qemu_binary=qemu, probe_cache=probe_cache)
     argv = build_command(guest, image, rd, accel)
     argv[0] = qemu
+    if paused:
+        argv.append("-S")
     return QemuProcess(guest, image, accel, rd, argv, _spawn(argv, rd), own_run_dir=own)
 
 
