@@ -1,0 +1,436 @@
+"""The manager's Backend (manager/backend.py) for N QEMU guests, over QMP and the agent port.
+
+Per guest the backend holds a QmpClient (the truth about the balloon: ``query-balloon``), an
+AgentChannel (pressure: the in-guest agent's latest line, converted to the manager's
+PressureReport) and, for guests it launched, the QemuProcess. Units are converted here: the
+manager speaks balloon pages, QMP the guest's logical size in bytes.
+
+Failure handling, guest by guest (the others never notice):
+- QEMU exits or its QMP socket drops: the guest is marked gone (``alive=False``); the
+  backend retries the socket every ``RECONNECT_INTERVAL_S`` (at most
+  ``RECONNECT_MAX_ATTEMPTS`` times) unless it launched that QEMU and saw it exit.
+- A QMP reply that is malformed or late: counted; after ``MAX_POLL_FAILURES`` in a row
+  the guest is treated as gone (and reconnected like one).
+- ``DeviceNotActive`` (no balloon driver yet): counted; the target cannot be set.
+- A balloon that has not moved toward its target for ``BALLOON_STUCK_S`` (XAPI squeezed's
+  rule, ../shared/notes/peers.md): counted once per target as ``qemu_balloon_stuck`` and
+  listed by ``stuck()``.
+- ``BALLOON_CHANGE`` events only count as movement between polls; never as the size.
+- Agent garbage or floods are absorbed by AgentChannel (counted, bounded).
+
+Where we run as root with a memory cgroup, ``create`` puts every QEMU it launches into one
+cgroup whose limit is the host budget: QEMU starts paused (``-S``), its pid joins the cgroup,
+then QMP ``cont`` lets the guest run, so every page the guest touches is charged there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from memballoon.host.cgroup import Budget, make_budget
+from memballoon.manager.backend import GuestState
+from memballoon.model.counters import Counters
+from memballoon.model.errors import ConfigError, MemballoonError
+from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
+from memballoon.protocol.pressure import PressureReport
+from memballoon.qemu.agent import AgentChannel, AgentReport, to_pressure_report
+from memballoon.qemu.errors import (
+    DeviceNotActiveError,
+    GuestGoneError,
+    QmpError,
+)
+from memballoon.qemu.image import GuestImage, build_guest_image
+from memballoon.qemu.launch import QemuGuest, QemuProcess, launch
+from memballoon.qemu.qmp import QmpClient
+
+#: XAPI squeezed declares a balloon stuck when it has not moved for 5 s (notes/peers.md).
+BALLOON_STUCK_S: Final = 5.0
+#: A balloon within this many pages of its target has arrived (QEMU rounds to 4 KiB, and
+#: Linux's virtio_balloon moves in 256-page batches).
+ARRIVED_TOLERANCE_PAGES: Final = 256
+RECONNECT_INTERVAL_S: Final = 1.0
+RECONNECT_MAX_ATTEMPTS: Final = 30
+#: Consecutive failed polls (late or malformed replies) before a guest counts as gone.
+MAX_POLL_FAILURES: Final = 3
+#: Per-call QMP timeout: one slow QEMU must not hold the whole snapshot for long.
+QMP_TIMEOUT_S: Final = 2.0
+BOOT_TIMEOUT_S: Final = 90.0
+
+
+def qemu_pid_of(qmp_path: str | Path) -> int | None:
+    """The pid of the process listening on a unix socket (SO_PEERCRED), or None.
+
+    The kernel records the listener's credentials at connect time, so this works even
+    while QEMU's monitor is busy with another client (Linux net/unix/af_unix.c)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(qmp_path))
+            raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, _uid, _gid = struct.unpack("3i", raw)
+    return pid if pid > 0 else None
+
+
+def rss_of(pid: int) -> int | None:
+    """VmRSS of ``pid`` in bytes, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+@dataclass
+class _Guest:
+    name: str
+    ram_bytes: int
+    qmp: QmpClient
+    agent: AgentChannel | None
+    proc: QemuProcess | None = None
+    pid: int | None = None
+    alive: bool = True
+    gone_reason: str = ""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    balloon_pages: int = 0
+    target_pages: int = 0
+    target_set_at: float = 0.0
+    last_move_at: float = 0.0
+    last_hint: int | None = None
+    stuck: bool = False
+    poll_failures: int = 0
+    reconnect_attempts: int = 0
+    next_reconnect_at: float = 0.0
+    next_agent_retry_at: float = 0.0
+    seen_agent: AgentReport | None = None
+    prev_agent: AgentReport | None = None
+    report: PressureReport | None = None
+    report_time: float | None = None
+
+    @property
+    def ram_pages(self) -> int:
+        return self.ram_bytes >> PAGE_SHIFT
+
+
+class QemuBackend:
+    """Backend for QEMU guests: launched by ``create`` or attached by ``attach``."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path | None = None,
+        budget: Budget | None = None,
+        counters: Counters | None = None,
+        image: GuestImage | None = None,
+        qmp_timeout_s: float = QMP_TIMEOUT_S,
+    ) -> None:
+        self.counters = counters if counters is not None else Counters()
+        self.run_dir = run_dir
+        self.budget = budget
+        self.image = image
+        self.qmp_timeout_s = qmp_timeout_s
+        self._guests: dict[str, _Guest] = {}
+        self._stuck: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return "qemu"
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        guests: Sequence[QemuGuest],
+        *,
+        run_dir: Path,
+        budget_bytes: int,
+        counters: Counters | None = None,
+        image: GuestImage | None = None,
+        cgroup_name: str | None = None,
+        wait_ready: bool = True,
+    ) -> QemuBackend:
+        """Launch ``guests`` (in parallel), each paused until it sits in the budget's cgroup.
+
+        ``image`` defaults to the cached test image (built when missing). The budget is
+        enforced by a memory cgroup where we are root and one exists, else only watched
+        (``backend.budget.describe()`` says which)."""
+        names = [g.name for g in guests]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"guest names must be unique: {names}")
+        img = image if image is not None else await asyncio.to_thread(build_guest_image)
+        budget = make_budget(cgroup_name or f"memballoon-qemu-{os.getpid()}", budget_bytes)
+        self = cls(run_dir=run_dir, budget=budget, counters=counters, image=img)
+        try:
+            await asyncio.gather(*(self._launch_one(g, img, run_dir / g.name) for g in guests))
+            if wait_ready:
+                await asyncio.gather(*(
+                    g.proc.wait_ready_async(BOOT_TIMEOUT_S)
+                    for g in self._guests.values() if g.proc is not None
+                ))
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _launch_one(self, spec: QemuGuest, image: GuestImage, run_dir: Path) -> None:
+        proc = await asyncio.to_thread(launch, spec, image, run_dir, paused=True)
+        qmp = QmpClient(proc.qmp_path, ram_bytes=spec.ram_bytes, timeout_s=self.qmp_timeout_s,
+                        counters=self.counters, name=spec.name)
+        agent = AgentChannel(proc.agent_path, guest=spec.name, counters=self.counters)
+        g = _Guest(spec.name, spec.ram_bytes, qmp, agent, proc=proc, pid=proc.pid)
+        self._guests[spec.name] = g
+        await qmp.connect(wait_s=10.0)
+        if self.budget is not None and self.budget.cgroup is not None:
+            self.budget.cgroup.add(proc.pid)  # before the guest touches a page
+        if spec.start_bytes < spec.ram_bytes:  # pre-inflated: applied once the driver loads
+            await qmp.set_logical_size(spec.start_bytes)
+            g.target_pages = (spec.ram_bytes - spec.start_bytes) >> PAGE_SHIFT
+            g.target_set_at = g.last_move_at = time.monotonic()
+        await qmp.execute("cont")
+        await agent.connect(wait_s=5.0)
+
+    async def attach(
+        self, name: str, qmp_path: str | Path, agent_path: str | Path | None, ram_bytes: int,
+    ) -> None:
+        """Adopt a running QEMU (e.g. from ``memballoon vm start``) by its sockets.
+
+        Raises ConfigError for a bad name or size, GuestGoneError when the QMP socket does
+        not answer. Without an agent socket the guest has no pressure reports."""
+        if name in self._guests:
+            raise ConfigError(f"guest {name!r} is already attached")
+        if ram_bytes <= 0 or ram_bytes % PAGE_SIZE:
+            raise ConfigError(f"ram_bytes={ram_bytes}: must be a positive multiple of 4096")
+        pid = qemu_pid_of(qmp_path)
+        qmp = QmpClient(qmp_path, ram_bytes=ram_bytes, timeout_s=self.qmp_timeout_s,
+                        counters=self.counters, name=name)
+        await qmp.connect(wait_s=2.0)
+        agent = None if agent_path is None else AgentChannel(
+            agent_path, guest=name, counters=self.counters)
+        g = _Guest(name, ram_bytes, qmp, agent, pid=pid)
+        if pid is not None and self.budget is not None and self.budget.cgroup is not None:
+            # Late, but its later faults are charged here at least (v1 does not move charges).
+            with contextlib.suppress(MemballoonError):
+                self.budget.cgroup.add(pid)
+        try:
+            g.balloon_pages = await qmp.balloon_pages()
+        except QmpError:
+            await qmp.close()
+            raise
+        g.target_pages = g.balloon_pages
+        g.target_set_at = g.last_move_at = time.monotonic()
+        if agent is not None:
+            try:
+                await agent.connect(wait_s=2.0)
+            except GuestGoneError:
+                self.counters.inc("qemu_agent_unreachable")
+        self._guests[name] = g
+        self.counters.inc("qemu_attached")
+
+    async def detach(self, name: str) -> None:
+        """Forget a guest (its QEMU keeps running unless the backend launched it)."""
+        g = self._guests.pop(name, None)
+        if g is not None:
+            await self._close_guest(g)
+
+    # --- Backend ------------------------------------------------------------------------
+
+    async def guests(self) -> Mapping[str, GuestState]:
+        gs = list(self._guests.values())
+        await asyncio.gather(*(self._refresh(g) for g in gs))
+        return {g.name: self._state(g) for g in gs}
+
+    def _state(self, g: _Guest) -> GuestState:
+        resident = rss_of(g.pid) if g.pid is not None and g.alive else None
+        return GuestState(
+            name=g.name, alive=g.alive, ram_pages=g.ram_pages, balloon_pages=g.balloon_pages,
+            target_pages=g.target_pages, report=g.report, report_time=g.report_time,
+            resident_bytes=resident,
+        )
+
+    async def set_target(self, guest: str, balloon_pages: int) -> bool:
+        g = self._guests.get(guest)
+        if g is None:
+            self.counters.inc("qemu_unknown_guest")
+            return False
+        if not g.alive:
+            return False
+        if balloon_pages < 0 or balloon_pages >= g.ram_pages:
+            self.counters.inc("qemu_target_out_of_range")
+            return False
+        async with g.lock:
+            try:
+                await g.qmp.set_logical_size(g.ram_bytes - balloon_pages * PAGE_SIZE)
+            except DeviceNotActiveError:
+                self.counters.inc("qemu_device_not_active")
+                return False
+            except GuestGoneError as exc:
+                self._mark_gone(g, str(exc))
+                return False
+            except QmpError:
+                self.counters.inc("qemu_set_target_failed")
+                return False
+        now = time.monotonic()
+        if balloon_pages != g.target_pages:
+            g.stuck = False
+            self._stuck.discard(g.name)
+        g.target_pages = balloon_pages
+        g.target_set_at = g.last_move_at = now
+        self.counters.inc("qemu_set_target")
+        return True
+
+    def host_resident_bytes(self) -> int:
+        """The sum of the live QEMUs' RSS (guest RAM they hold plus their own overhead)."""
+        total = 0
+        for g in self._guests.values():
+            if g.pid is not None and g.alive:
+                total += rss_of(g.pid) or 0
+        return total
+
+    # --- extras for the CLI, bench and tests -------------------------------------------
+
+    def stuck(self) -> frozenset[str]:
+        """Guests whose balloon has not moved toward its target for ``BALLOON_STUCK_S``."""
+        return frozenset(self._stuck)
+
+    def process(self, name: str) -> QemuProcess | None:
+        g = self._guests.get(name)
+        return None if g is None else g.proc
+
+    def qmp(self, name: str) -> QmpClient:
+        return self._guests[name].qmp
+
+    def agent(self, name: str) -> AgentChannel | None:
+        return self._guests[name].agent
+
+    def gone_reason(self, name: str) -> str:
+        return self._guests[name].gone_reason
+
+    async def close(self) -> None:
+        """Disconnect everything; stop the QEMUs we launched; remove our cgroup."""
+        gs, self._guests = list(self._guests.values()), {}
+        await asyncio.gather(*(self._close_guest(g) for g in gs), return_exceptions=True)
+        if self.budget is not None and self.budget.cgroup is not None:
+            with contextlib.suppress(MemballoonError):
+                self.budget.cgroup.remove()
+
+    async def _close_guest(self, g: _Guest) -> None:
+        if g.agent is not None:
+            await g.agent.close()
+        await g.qmp.close()
+        if g.proc is not None:
+            await asyncio.to_thread(g.proc.close)
+
+    async def __aenter__(self) -> QemuBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- one guest's poll ---------------------------------------------------------------
+
+    def _mark_gone(self, g: _Guest, why: str) -> None:
+        if g.alive:
+            self.counters.inc("qemu_guest_gone")
+            g.alive = False
+            g.gone_reason = why
+            g.next_reconnect_at = time.monotonic() + RECONNECT_INTERVAL_S
+            self._stuck.discard(g.name)
+
+    async def _refresh(self, g: _Guest) -> None:
+        if g.proc is not None and not g.proc.alive():
+            self._mark_gone(g, f"QEMU exited ({g.proc.popen.returncode})")
+            return  # we launched it and saw it die: nothing to reconnect to
+        if not g.alive and not await self._try_reconnect(g):
+            return
+        async with g.lock:
+            try:
+                pages = await g.qmp.balloon_pages()
+            except GuestGoneError as exc:
+                self._mark_gone(g, str(exc))
+                return
+            except DeviceNotActiveError:
+                self.counters.inc("qemu_device_not_active")
+                pages = g.balloon_pages
+            except QmpError as exc:
+                g.poll_failures += 1
+                self.counters.inc("qemu_poll_failed")
+                if g.poll_failures >= MAX_POLL_FAILURES:
+                    self._mark_gone(g, f"{MAX_POLL_FAILURES} polls failed, last: {exc}")
+                    await g.qmp.close()
+                return
+        g.poll_failures = 0
+        now = time.monotonic()
+        hint = g.qmp.last_change_bytes
+        if pages != g.balloon_pages or hint != g.last_hint:
+            g.last_move_at = now
+        g.balloon_pages, g.last_hint = pages, hint
+        self._check_stuck(g, now)
+        await self._take_report(g, now)
+
+    def _check_stuck(self, g: _Guest, now: float) -> None:
+        if abs(g.balloon_pages - g.target_pages) <= ARRIVED_TOLERANCE_PAGES:
+            g.stuck = False
+            self._stuck.discard(g.name)
+            return
+        if not g.stuck and now - max(g.last_move_at, g.target_set_at) > BALLOON_STUCK_S:
+            g.stuck = True
+            self._stuck.add(g.name)
+            self.counters.inc("qemu_balloon_stuck")
+
+    async def _take_report(self, g: _Guest, now: float) -> None:
+        agent = g.agent
+        if agent is None:
+            return
+        if agent.gone and now >= g.next_agent_retry_at:
+            g.next_agent_retry_at = now + RECONNECT_INTERVAL_S
+            with contextlib.suppress(GuestGoneError):
+                await agent.close()
+                await agent.connect()
+                self.counters.inc("qemu_agent_reconnected")
+        latest = agent.latest
+        if latest is None or latest is g.seen_agent:
+            return
+        period = now - g.report_time if g.report_time is not None else 1.0
+        g.prev_agent, g.seen_agent = g.seen_agent, latest
+        g.report = to_pressure_report(
+            latest, ram_bytes=g.ram_bytes, balloon_target_pages=g.target_pages,
+            balloon_actual_pages=g.balloon_pages, prev=g.prev_agent, period_s=period,
+        )
+        g.report_time = now
+
+    async def _try_reconnect(self, g: _Guest) -> bool:
+        now = time.monotonic()
+        if g.reconnect_attempts >= RECONNECT_MAX_ATTEMPTS or now < g.next_reconnect_at:
+            return False
+        g.reconnect_attempts += 1
+        g.next_reconnect_at = now + RECONNECT_INTERVAL_S
+        self.counters.inc("qemu_reconnect_attempt")
+        pid = qemu_pid_of(g.qmp.socket_path) if g.proc is None else g.pid
+        if pid is None:
+            return False  # nobody listens on the socket
+        try:
+            async with g.lock:
+                await g.qmp.connect()
+        except QmpError:
+            return False
+        g.alive, g.gone_reason, g.poll_failures = True, "", 0
+        g.pid = pid
+        self.counters.inc("qemu_reconnected")
+        return True
+
+
+__all__ = ["BALLOON_STUCK_S", "QemuBackend", "qemu_pid_of", "rss_of"]
