@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_qmp import RAM, FakeQmp, Handler, balloon_handler, reply
 
 import memballoon.qemu.backend as backend_mod
 from memballoon.host.cgroup import detect
@@ -28,6 +27,7 @@ from memballoon.qemu.backend import QemuBackend, qemu_pid_of
 from memballoon.qemu.errors import GuestGoneError
 from memballoon.qemu.image import build_guest_image
 from memballoon.qemu.launch import QemuGuest
+from test_qmp import RAM, FakeQmp, Handler, balloon_handler, reply
 
 AGENT_LINE = (
     '{"v":1,"t":11.47,"meminfo":{"MemTotal":996624,"MemFree":855028,"MemAvailable":788300,'
