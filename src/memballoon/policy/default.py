@@ -1,0 +1,337 @@
+"""``default``: memballoon's own policy, driven by what the guest says it feels.
+
+Theory of operation
+-------------------
+MoM and Proxmox size guests from host free memory and guest MemFree alone; their users'
+complaint is guests ballooned to death (seed 003: "administrators often over-shrink their
+domains and kill them ... is there some way to get the vm subsystem to provide backpressure").
+This policy reads the guest's backpressure from its ``PressureReport`` each call: PSI-like
+``stall_pct``, the swap-in and major-fault rates, the oom-kill count, refused pages, and whether
+its balloon reaches the target. Per guest, in order:
+
+1. **blind**: no report, or one older than ``max_report_age_s``: never inflate; an inflation in
+   progress stops where it is (target := actual).
+2. **emergency**: MemAvailable under the margin, or an OOM kill since last time: deflate at
+   once by what restores the margin (the margin covers ``LOOKAHEAD_S`` of the working set's
+   recent growth, so a ramping guest gets ahead of its ramp).
+3. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
+   back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
+   probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``).
+4. **stalled inflation**: the target is above the balloon and the balloon did not grow since
+   the last call, or the guest refused pages: lower the target to the actual balloon (give the
+   guest back the rest), halve the probe step.
+5. **under its floor**: the guest keeps less than its safety floor (the recent peak working set
+   plus margin): grow it back to the floor.
+6. **quiet**: stall under ``STALL_QUIET_PCT``, no swap-in, few major faults, and the balloon at
+   its target: probe down by the step, never below the floor; the step grows by
+   ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
+   ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
+   are the model: slow growth while things go well, halving on failure).
+7. otherwise hold.
+
+The safety floor is ``max(settings.min_pages, peak working set over WS_WINDOW_S + margin, the
+size that last hurt)``; the working set is the guest's size minus MemAvailable (what it cannot
+give without reclaiming). A policy decision never goes under ``settings.min_pages``.
+
+Then the host: when the guests would together hold more than the budget (resident plus the
+planned growth), the excess is reclaimed at once, first from the guests with the least pressure
+and the most idle memory above their floors; if that is not enough, growth back to floors is
+cut (emergency and back-off deflations stay: a guest's life comes first). When there is room,
+guests under pressure get it first (their deflations are planned before anything else).
+
+Pure: state between calls (probe steps, working-set history, last counters) lives in this
+object; ``now`` is the manager's clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Final
+
+from memballoon.model.counters import Counters
+from memballoon.model.units import mib_to_pages
+from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_balloon
+from memballoon.policy.observe import (
+    available_pages,
+    counter_delta,
+    fresh_report,
+    working_set_pages,
+)
+from memballoon.protocol.pressure import PressureReport
+
+# Probe step, as a share of the guest's RAM per decision (after vmw_balloon's adaptive rates).
+PROBE_STEP_START: Final = 0.01
+PROBE_STEP_MIN: Final = 0.005
+PROBE_STEP_MAX: Final = 0.04
+PROBE_STEP_INC: Final = 0.0025
+# Pressure (PSI "some" share of the last period). senpai's target is 10 ms per 6 s (0.17%).
+STALL_QUIET_PCT: Final = 0.2  # probe only below this
+STALL_TROUBLE_PCT: Final = 1.0  # back off above this
+SWAPIN_TROUBLE_PER_S: Final = 64.0  # pages a second swapped back in: the balloon took too much
+MAJOR_FAULTS_QUIET_PER_S: Final = 64.0  # more refaults than this a second: hold, do not probe
+# Back-off: at least this share of RAM (or twice the probe step), times the pressure over the
+# trouble threshold, capped at BACKOFF_MAX_SCALE times (senpai: back-off coefficient 20 vs 10).
+BACKOFF_MIN_FRACTION: Final = 0.02
+BACKOFF_MAX_SCALE: Final = 4.0
+# Headroom the guest keeps available: a share of its RAM, at least MARGIN_MIN_PAGES, plus the
+# working set's growth over LOOKAHEAD_S at its recent rate.
+MARGIN_FRACTION: Final = 0.05
+MARGIN_MIN_PAGES: Final = mib_to_pages(16)
+LOOKAHEAD_S: Final = 10.0
+WS_WINDOW_S: Final = 120.0  # the working-set peak is taken over this window
+PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
+MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
+MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
+
+
+class Verdict(Enum):
+    BLIND = "blind"
+    EMERGENCY = "emergency"
+    TROUBLE = "trouble"
+    STALLED = "stalled"
+    UNDER_FLOOR = "under_floor"
+    PROBE = "probe"
+    HOLD = "hold"
+
+
+#: Verdicts whose deflation is never cut for the host budget.
+URGENT: Final = frozenset({Verdict.EMERGENCY, Verdict.TROUBLE})
+
+
+@dataclass
+class GuestState:
+    """What the policy remembers about one guest between calls."""
+
+    step: float = PROBE_STEP_START  # probe step, share of RAM
+    ws: deque[tuple[float, int]] = field(default_factory=deque)  # (now, working set pages)
+    last: PressureReport | None = None
+    last_now: float | None = None
+    last_balloon: int | None = None
+    hurt_size: int = 0  # the size at which the guest last hurt (plus the back-off)
+    hurt_until: float = float("-inf")
+    hurt_ws: int = 0  # its working set then
+
+
+@dataclass
+class _Plan:
+    g: GuestSample
+    verdict: Verdict
+    size: int  # planned size (pages the guest keeps)
+    floor: int  # learned safety floor
+    pressure: float  # 0 quiet .. larger worse (for ordering)
+    why: str
+    inputs: dict[str, float]
+    balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
+
+
+class DefaultPolicy:
+    """memballoon's pressure-driven policy (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        max_report_age_s: float = MAX_REPORT_AGE_S,
+        probe: bool = True,
+        margin_fraction: float = MARGIN_FRACTION,
+        stall_trouble_pct: float = STALL_TROUBLE_PCT,
+        stall_quiet_pct: float = STALL_QUIET_PCT,
+    ) -> None:
+        if max_report_age_s <= 0:
+            raise ValueError("default: max_report_age_s must be > 0")
+        if not 0.0 <= margin_fraction < 1.0:
+            raise ValueError("default: margin_fraction must be within [0, 1)")
+        if not 0.0 <= stall_quiet_pct <= stall_trouble_pct <= 100.0:
+            raise ValueError("default: need 0 <= stall_quiet_pct <= stall_trouble_pct <= 100")
+        self.max_report_age_s = max_report_age_s
+        self.probe = probe
+        self.margin_fraction = margin_fraction
+        self.stall_trouble_pct = stall_trouble_pct
+        self.stall_quiet_pct = stall_quiet_pct
+        self.counters = Counters()
+        self.state: dict[str, GuestState] = {}
+
+    @property
+    def name(self) -> str:
+        return "default"
+
+    # ------------------------------------------------------------------ per guest
+    def _plan(self, g: GuestSample, now: float) -> _Plan | None:
+        st = self.state.setdefault(g.name, GuestState())
+        size = g.size_pages
+        r = fresh_report(g, self.max_report_age_s)
+        if r is None:
+            st.last = None  # rates restart from the next report
+            self.counters.inc("default_blind")
+            if g.target_pages > g.balloon_pages:
+                return _Plan(g, Verdict.BLIND, size, 0, 0.0,
+                             "no fresh report: stop inflating a guest it cannot see",
+                             {"report_age_s": float(g.report_age_s or -1.0)},
+                             balloon=g.balloon_pages)
+            return None
+        c = self.counters
+        dt = 0.0
+        if st.last is not None and st.last_now is not None:
+            dt = r.time_s - st.last.time_s
+            if dt <= 0:
+                dt = now - st.last_now
+        prev = st.last
+        d_swapin = d_major = d_oom = d_refused = 0
+        if prev is not None:
+            d_swapin = counter_delta(r.swap_in_pages, prev.swap_in_pages, c, "swap_in")
+            d_major = counter_delta(r.major_faults, prev.major_faults, c, "major_faults")
+            d_oom = counter_delta(r.oom_kills, prev.oom_kills, c, "oom_kills")
+            if r.refused_pages is not None:
+                d_refused = counter_delta(r.refused_pages, prev.refused_pages, c, "refused")
+        swapin_rate = d_swapin / dt if dt > 0 else 0.0
+        fault_rate = d_major / dt if dt > 0 else 0.0
+        stalled = (st.last_balloon is not None and g.target_pages > g.balloon_pages
+                   and g.balloon_pages <= st.last_balloon)
+        last_balloon = st.last_balloon
+        st.last, st.last_now, st.last_balloon = r, now, g.balloon_pages
+
+        ws = working_set_pages(g, r, c)
+        avail = available_pages(g, r, c)
+        growth = 0.0
+        if st.ws and now > st.ws[-1][0]:
+            growth = max(0.0, (ws - st.ws[-1][1]) / (now - st.ws[-1][0]))
+        st.ws.append((now, ws))
+        while st.ws and st.ws[0][0] < now - WS_WINDOW_S:
+            st.ws.popleft()
+        peak = max(w for _, w in st.ws)
+        ram = g.ram_pages
+        margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram) + growth * LOOKAHEAD_S)
+        if now >= st.hurt_until or peak + margin < st.hurt_ws:
+            st.hurt_size = 0  # the pain is old, or the working set shrank since
+        floor = max(g.settings.min_pages, peak + margin, st.hurt_size)
+        floor = min(floor, g.ceiling_pages())
+        step = max(1, int(st.step * ram))
+        severity = max(r.stall_pct / self.stall_trouble_pct if self.stall_trouble_pct else 0.0,
+                       swapin_rate / SWAPIN_TROUBLE_PER_S)
+        inputs = {
+            "stall_pct": r.stall_pct, "swap_in_per_s": swapin_rate,
+            "major_faults_per_s": fault_rate, "oom_kills_new": float(d_oom),
+            "refused_new": float(d_refused), "available_pages": float(avail),
+            "working_set_pages": float(ws), "peak_working_set_pages": float(peak),
+            "margin_pages": float(margin), "floor_pages": float(floor),
+            "size_pages": float(size), "balloon_pages": float(g.balloon_pages),
+            "target_pages": float(g.target_pages), "step_pages": float(step),
+        }
+
+        def hurt(new_size: int) -> None:
+            st.step = max(PROBE_STEP_MIN, st.step / 2)
+            st.hurt_size = min(new_size, g.ceiling_pages())
+            st.hurt_until = now + PRESSURE_MEMORY_S
+            st.hurt_ws = ws
+
+        if d_oom > 0 or avail < margin:
+            need = max(margin - avail, step)
+            new = size + need
+            hurt(max(new, floor))
+            why = (f"guest OOM-killed ({d_oom} new)" if d_oom > 0
+                   else f"available {avail} pages under margin {margin}")
+            return _Plan(g, Verdict.EMERGENCY, max(new, floor), floor, 100.0 + severity,
+                         f"default: emergency deflate: {why}", inputs)
+        if r.stall_pct > self.stall_trouble_pct or swapin_rate > SWAPIN_TROUBLE_PER_S:
+            scale = min(BACKOFF_MAX_SCALE, max(1.0, severity))
+            backoff = int(max(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale)
+            new = size + backoff
+            hurt(new)
+            return _Plan(g, Verdict.TROUBLE, new, max(floor, new), severity,
+                         f"default: back off: stall {r.stall_pct:.2f}%, swap-in "
+                         f"{swapin_rate:.0f} pages/s", inputs)
+        if stalled or (d_refused > 0 and g.target_pages > g.balloon_pages):
+            st.step = max(PROBE_STEP_MIN, st.step / 2)
+            st.hurt_size, st.hurt_until, st.hurt_ws = size, now + PRESSURE_MEMORY_S, ws
+            why = (f"refused {d_refused} pages" if d_refused > 0 else
+                   f"balloon stuck at {g.balloon_pages} (was {last_balloon}) under target "
+                   f"{g.target_pages}")
+            return _Plan(g, Verdict.STALLED, size, floor, severity,
+                         f"default: inflation stalled: {why}: target := actual", inputs,
+                         balloon=g.balloon_pages)
+        target_size = ram - g.target_pages
+        if target_size < floor:
+            return _Plan(g, Verdict.UNDER_FLOOR, floor, floor, severity,
+                         f"default: size {target_size} under safety floor {floor}: grow",
+                         inputs)
+        quiet = (r.stall_pct <= self.stall_quiet_pct and d_swapin == 0
+                 and fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
+        settled = abs(g.target_pages - g.balloon_pages) < MIN_CHANGE_PAGES
+        if self.probe and quiet and settled and target_size > floor:
+            new = max(floor, target_size - step)
+            st.step = min(PROBE_STEP_MAX, st.step + PROBE_STEP_INC)
+            return _Plan(g, Verdict.PROBE, new, floor, severity,
+                         f"default: quiet (stall {r.stall_pct:.2f}%): probe down "
+                         f"{target_size - new} pages toward floor {floor}", inputs)
+        return _Plan(g, Verdict.HOLD, target_size, floor, severity, "default: hold", inputs)
+
+    # ------------------------------------------------------------------ the host
+    def decide(
+        self, host: HostSample, guests: Sequence[GuestSample], now: float
+    ) -> list[Decision]:
+        for gone in set(self.state) - {g.name for g in guests}:
+            del self.state[gone]
+        plans: list[_Plan] = []
+        for g in guests:
+            if not g.alive:
+                continue
+            p = self._plan(g, now)
+            if p is not None:
+                plans.append(p)
+        # the guests' growth if every plan is carried out, over what they hold now
+        growth = sum(self._planned_size(p) - p.g.size_pages for p in plans)
+        excess = host.resident_pages + growth - host.budget_pages
+        if excess > 0:
+            excess = self._reclaim(plans, excess)
+        if excess > 0:
+            self._cut_growth(plans, excess)
+        out: list[Decision] = []
+        for p in plans:
+            g = p.g
+            balloon = p.balloon if p.balloon is not None else g.ram_pages - p.size
+            balloon = clamp_balloon(g, balloon)
+            if balloon == g.target_pages:
+                continue
+            if (p.verdict in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR)
+                    and abs(balloon - g.target_pages) < MIN_CHANGE_PAGES):
+                continue
+            p.inputs["host_resident_pages"] = float(host.resident_pages)
+            p.inputs["host_budget_pages"] = float(host.budget_pages)
+            out.append(Decision(g.name, balloon, p.why, p.inputs))
+        return out
+
+    @staticmethod
+    def _planned_size(p: _Plan) -> int:
+        return p.g.ram_pages - p.balloon if p.balloon is not None else p.size
+
+    def _reclaim(self, plans: list[_Plan], excess: int) -> int:
+        """Take ``excess`` pages from quiet guests above their floors; returns what is left."""
+        cands = [p for p in plans if p.verdict in (Verdict.PROBE, Verdict.HOLD)
+                 and p.balloon is None and p.size > p.floor]
+        cands.sort(key=lambda p: (p.pressure, -(p.size - p.floor), p.g.name))
+        for p in cands:
+            if excess <= 0:
+                break
+            take = min(excess, p.size - p.floor)
+            p.size -= take
+            excess -= take
+            p.verdict = Verdict.PROBE
+            p.why = (f"default: host over budget by {excess + take} pages: reclaim {take} "
+                     f"from an idle guest (floor {p.floor})")
+        return excess
+
+    @staticmethod
+    def _cut_growth(plans: list[_Plan], excess: int) -> None:
+        """Cut growth back to floors (never urgent deflations) to stay within the budget."""
+        for p in sorted(plans, key=lambda p: (p.pressure, p.g.name)):
+            if excess <= 0:
+                return
+            if p.verdict is not Verdict.UNDER_FLOOR:
+                continue
+            grow = p.size - (p.g.ram_pages - p.g.target_pages)
+            cut = min(excess, max(0, grow))
+            p.size -= cut
+            excess -= cut
+            p.why += f" (cut by {cut} pages: host over budget)"
