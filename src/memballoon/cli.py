@@ -93,6 +93,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_bench_reclaim(args: argparse.Namespace) -> int:
+    from memballoon.bench.reclaim import run_reclaim
+
+    result = run_reclaim(args.protocol, args.guest_mib)
+    _emit(result, args.json)
+    return 0 if result["lost_pages"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memballoon",
@@ -138,7 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
+    br = bsub.add_parser(
+        "reclaim",
+        help="real memory: inflate a local guest to half its RAM and back, measured",
+        description="One local guest touches its RAM; the host inflates its balloon to half "
+                    "and deflates it again; the guest touches the pages again.",
+    )
+    br.add_argument("--protocol", choices=["vmw", "vmw-batched", "virtio"], default="virtio")
+    br.add_argument("--guest-mib", type=_positive_int, default=1024,
+                    help="guest RAM, MiB (default 1024)")
+    br.add_argument("--json", action="store_true", help="print one JSON object")
+    br.set_defaults(func=_cmd_bench_reclaim)
     __import__("memballoon.local.guest_main", fromlist=["register"]).register(sub)
+    __import__("memballoon.qemu.cli", fromlist=["register"]).register(sub)
     return p
 
 
