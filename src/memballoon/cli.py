@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
+    __import__("memballoon.bench.policy", fromlist=["register"]).register(bsub)
     br = bsub.add_parser(
         "reclaim",
         help="real memory: inflate a local guest to half its RAM and back, measured",
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--json", action="store_true", help="print one JSON object")
     br.set_defaults(func=_cmd_bench_reclaim)
     __import__("memballoon.local.guest_main", fromlist=["register"]).register(sub)
+    __import__("memballoon.manager.cli", fromlist=["register"]).register(sub)
     __import__("memballoon.qemu.cli", fromlist=["register"]).register(sub)
     return p
 

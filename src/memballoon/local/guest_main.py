@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -63,6 +64,9 @@ MAX_TAIL_WORKS: Final = 16
 #: Exit statuses.
 EXIT_OK: Final = 0
 EXIT_HOST_GONE: Final = 3
+#: ESX samples 100 random pages per 30 s period (Waldspurger, OSDI 2002, section 5.2).
+ACTIVE_SAMPLE_PERIOD_S: Final = 30.0
+ACTIVE_SAMPLE_PAGES: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class GuestConfig:
     cgroup_procs: str | None = None
     prefault: bool = False
     swap_pages: int = 0
+    sample_period_s: float = ACTIVE_SAMPLE_PERIOD_S
 
 
 def join_cgroup(procs_path: str) -> None:
@@ -124,6 +129,11 @@ class GuestRuntime:
         self.t0 = clock()
         self.last_step: StepReport | None = None
         self.running = True
+        # the active-page sample rides in every report until the next one is taken
+        self.sample_rng = random.Random(cfg.seed ^ 0x5A5A)
+        self.active_touched = 0
+        self.active_sampled = 0
+        self.next_sample = 0.0
 
     # ------------------------------------------------------------------ pieces
     def now(self) -> float:
@@ -155,6 +165,10 @@ class GuestRuntime:
             refused = st["errAlloc"]  # vmw: the seed's refused allocations
         elif "refused_pages" in st:
             refused = st["refused_pages"]
+        if now >= self.next_sample and self.last_step is not None:
+            self.active_touched = self.mem.sample_active(self.sample_rng, ACTIVE_SAMPLE_PAGES)
+            self.active_sampled = ACTIVE_SAMPLE_PAGES
+            self.next_sample = now + self.cfg.sample_period_s
         return PressureReport(
             guest=self.cfg.name,
             time_s=round(now, 6),
@@ -173,6 +187,8 @@ class GuestRuntime:
             balloon_target_pages=d.target_pages,
             balloon_actual_pages=d.balloon_pages,
             refused_pages=refused,
+            active_sampled=self.active_sampled,
+            active_touched=self.active_touched,
         )
 
     def touch_free(self) -> int:
@@ -285,6 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cgroup-procs", help="write our pid here first (the host's memory cgroup)")
     p.add_argument("--prefault", action="store_true", help="write every free page at start")
     p.add_argument("--swap-pages", type=int, default=0)
+    p.add_argument("--sample-period", type=float, default=ACTIVE_SAMPLE_PERIOD_S,
+                   help="seconds between ESX-style active-page samples (default 30)")
 
 
 def config_from_args(a: argparse.Namespace) -> GuestConfig:
@@ -292,7 +310,7 @@ def config_from_args(a: argparse.Namespace) -> GuestConfig:
         name=a.name, protocol=a.protocol, pages=a.pages, workload=a.workload, seed=a.seed,
         period_s=a.period, sock_fd=a.sock_fd, mem_fd=a.mem_fd, kick_fds=a.kick_fds,
         irq_fds=a.irq_fds, cgroup_procs=a.cgroup_procs, prefault=a.prefault,
-        swap_pages=a.swap_pages,
+        swap_pages=a.swap_pages, sample_period_s=a.sample_period,
     )
 
 

@@ -1,0 +1,243 @@
+"""The daemon's control API: newline-delimited JSON on a Unix socket, for its owner only.
+
+Request ``{"op": OP, ...}`` -> ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
+"..."}``. Ops: ``status``; ``set`` (``guest``, ``size``: the guest's logical size with a unit,
+as QMP's ``balloon`` takes it, or ``"auto"`` to hand the guest back to the policy);
+``journal`` (``last``, ``guest``); ``register_qemu`` (``name``, ``qmp``, ``agent``,
+``ram_bytes``); ``shutdown``.
+
+Owner only, twice: the socket is created mode 0600 in a 0700 directory, and every connection's
+``SO_PEERCRED`` uid must be the daemon's (or root's); anyone else gets one error line and is
+hung up on (``control_refused_uid``). Everything a client sends is untrusted: a line longer
+than ``MAX_LINE_BYTES``, not JSON, not an object, an unknown op or bad arguments is answered
+with an error and counted (``control_<reason>``), never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from memballoon.model.counters import Counters
+from memballoon.model.errors import ConfigError, MemballoonError
+
+MAX_LINE_BYTES: Final = 64 * 1024
+IDLE_TIMEOUT_S: Final = 60.0
+CLIENT_TIMEOUT_S: Final = 10.0
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid} (Linux socket(7))
+
+
+class ControlError(MemballoonError):
+    """The control request failed: no daemon, or the daemon answered with an error."""
+
+
+class ControlTarget(Protocol):
+    """What the control server asks of the daemon."""
+
+    async def op_status(self) -> dict[str, Any]: ...
+    async def op_set(self, guest: str, size: str | int) -> dict[str, Any]: ...
+    async def op_journal(self, last: int | None, guest: str | None) -> list[dict[str, Any]]: ...
+    async def op_register_qemu(self, name: str, qmp: str, agent: str | None,
+                               ram_bytes: int) -> dict[str, Any]: ...
+    async def op_shutdown(self) -> dict[str, Any]: ...
+
+
+class _BadRequest(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _str(req: Mapping[str, Any], key: str, *, optional: bool = False) -> str | None:
+    v = req.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= 4096:
+        raise _BadRequest("bad_args", f"{key} must be a non-empty string")
+    return v
+
+
+def _int(req: Mapping[str, Any], key: str, *, optional: bool = False) -> int | None:
+    v = req.get(key)
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 2**53:
+        raise _BadRequest("bad_args", f"{key} must be a whole number >= 0")
+    return v
+
+
+class ControlServer:
+    def __init__(self, target: ControlTarget, path: Path | str, *,
+                 counters: Counters | None = None, allowed_uid: int | None = None) -> None:
+        self.target = target
+        self.path = Path(path)
+        self.counters = counters if counters is not None else Counters()
+        self.allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if _alive(self.path):
+                raise ConfigError(f"control socket {self.path}: a daemon is already running")
+            self.path.unlink()
+        old = os.umask(0o177)  # bind creates the socket file 0600: no window for others
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._client, path=str(self.path), limit=MAX_LINE_BYTES)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _peer_ok(self, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            _pid, uid, _gid = _PEERCRED.unpack(raw)
+        except (OSError, struct.error, AttributeError):
+            return False
+        return bool(uid == self.allowed_uid)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if not self._peer_ok(writer):
+                self.counters.inc("control_refused_uid")
+                await self._reply(writer, {"ok": False, "error": "permission denied: "
+                                           "the control socket is for its owner only"})
+                return
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
+                except (ValueError, asyncio.LimitOverrunError):
+                    self.counters.inc("control_too_long")
+                    await self._reply(writer, {"ok": False, "error": "too_long: request "
+                                               f"over {MAX_LINE_BYTES} bytes"})
+                    return
+                if not line:
+                    return
+                await self._reply(writer, await self.handle_line(line))
+        except (TimeoutError, ConnectionError, OSError):
+            self.counters.inc("control_client_dropped")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _reply(self, writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
+        writer.write(json.dumps(doc, default=str).encode() + b"\n")
+        await writer.drain()
+
+    async def handle_line(self, line: bytes) -> dict[str, Any]:
+        try:
+            try:
+                req = json.loads(line)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise _BadRequest("bad_json", "request is not JSON") from None
+            if not isinstance(req, dict):
+                raise _BadRequest("not_object", "request must be a JSON object")
+            result = await self._dispatch(req)
+        except _BadRequest as exc:
+            self.counters.inc(f"control_{exc.reason}")
+            return {"ok": False, "error": f"{exc.reason}: {exc}"}
+        except (MemballoonError, ValueError) as exc:
+            self.counters.inc("control_op_failed")
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug in an op must not take the daemon down
+            self.counters.inc("control_internal_error")
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        self.counters.inc("control_ok")
+        return {"ok": True, "result": result}
+
+    async def _dispatch(self, req: Mapping[str, Any]) -> Any:
+        t = self.target
+        match req.get("op"):
+            case "status":
+                return await t.op_status()
+            case "set":
+                guest = _str(req, "guest")
+                size = req.get("size")
+                if isinstance(size, bool) or not isinstance(size, str | int):
+                    raise _BadRequest("bad_args", "size must be a string with a unit or bytes")
+                assert guest is not None
+                return await t.op_set(guest, size)
+            case "journal":
+                return await t.op_journal(_int(req, "last", optional=True),
+                                          _str(req, "guest", optional=True))
+            case "register_qemu":
+                name, qmp = _str(req, "name"), _str(req, "qmp")
+                ram = _int(req, "ram_bytes")
+                assert name is not None and qmp is not None and ram is not None
+                return await t.op_register_qemu(name, qmp, _str(req, "agent", optional=True),
+                                                ram)
+            case "shutdown":
+                return await t.op_shutdown()
+            case op:
+                raise _BadRequest("unknown_op", f"unknown op {str(op)[:40]!r}")
+
+
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def request(socket_path: Path | str, op: str, *, timeout_s: float = CLIENT_TIMEOUT_S,
+            **args: Any) -> Any:
+    """Send one request to the daemon and return its ``result``; ``ControlError`` otherwise."""
+    path = str(socket_path)
+    line = json.dumps({"op": op, **args}).encode() + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"no memballoon daemon at {path} (is `memballoon run` "
+                               "running? give --socket PATH)") from None
+        except PermissionError:
+            raise ControlError(f"{path}: permission denied (the daemon's owner only)") from None
+        except OSError as exc:
+            raise ControlError(f"{path}: cannot connect: {exc.strerror}") from None
+        try:
+            s.sendall(line)
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise ControlError(f"{path}: no answer within {timeout_s} s") from None
+        except OSError as exc:
+            raise ControlError(f"{path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(buf)
+    except ValueError:
+        raise ControlError(f"{path}: the daemon sent no valid answer") from None
+    if not isinstance(doc, dict) or "ok" not in doc:
+        raise ControlError(f"{path}: malformed answer")
+    if not doc["ok"]:
+        raise ControlError(str(doc.get("error", "unknown error")))
+    return doc.get("result")
+
+
+__all__ = ["MAX_LINE_BYTES", "ControlError", "ControlServer", "ControlTarget", "request"]

@@ -1,0 +1,292 @@
+"""The manager's pure heart: one step from what the backend saw to the balloon targets to set.
+
+Theory of operation
+-------------------
+``ManagerCore.step(now, states, host_resident_bytes)`` turns the backend's snapshot into the
+policy's view (``GuestSample``/``HostSample``), asks the policy, and then distrusts the answer:
+
+1. the policy runs inside ``try``: an exception is counted (``policy_error``), recorded as an
+   event, and every guest keeps its target; the next step asks again (oVirt MoM stops entirely
+   on one policy error and its balloons never deflate; we never do);
+2. a decision for an unknown guest, or with a target that is not a whole number, is dropped and
+   counted; the target is clamped again to the guest's floor and ceiling (``clamp_balloon``);
+3. a dead guest is never asked for anything; a guest without a recent pressure report is never
+   inflated (it may be thrashing and unable to report; deflating it stays allowed);
+4. hysteresis: a change smaller than ``min_change`` is ignored, and a change that reverses the
+   guest's last direction within ``hold_s`` is refused unless it deflates a guest under
+   pressure (ChromeOS concierge blocks opposite requests for 10 to 100 s; peers.md);
+5. a guest whose current target breaks its floor/ceiling (settings changed, a manual target) is
+   corrected even when the policy says nothing.
+
+Manual targets (``set_manual``, the control API's ``set``) pin a guest: the policy's decisions
+for it are ignored until ``clear_manual``. The core keeps no clock and does no I/O; ``now`` is
+the backend's monotonic clock, the same one its ``report_time`` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from memballoon.manager.backend import GuestState
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.base import (
+    Decision,
+    GuestSample,
+    GuestSettings,
+    HostSample,
+    Policy,
+    clamp_balloon,
+)
+
+log = logging.getLogger(__name__)
+
+#: Defaults of the hysteresis (see ``Hysteresis``).
+MIN_CHANGE_PAGES: Final = 256  # 1 MiB: below this a change is noise
+MIN_CHANGE_FRACTION: Final = 0.0025  # MoM ignores changes under 0.25% of the guest (peers.md)
+HOLD_S: Final = 10.0  # ChromeOS blocks opposite requests for 10 to 100 s; we take the low end
+REPORT_MAX_AGE_S: Final = 10.0  # no report for this long: never inflate the guest
+PRESSURE_STALL_PCT: Final = 5.0  # PSI "some" above this over a period: the guest is pressed
+PRESSURE_AVAILABLE_FRACTION: Final = 0.05  # or MemAvailable under 5% of its RAM
+
+
+@dataclass(frozen=True, slots=True)
+class Hysteresis:
+    min_change_pages: int = MIN_CHANGE_PAGES
+    min_change_fraction: float = MIN_CHANGE_FRACTION
+    hold_s: float = HOLD_S
+    report_max_age_s: float = REPORT_MAX_AGE_S
+    pressure_stall_pct: float = PRESSURE_STALL_PCT
+    pressure_available_fraction: float = PRESSURE_AVAILABLE_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.min_change_pages < 0 or not 0.0 <= self.min_change_fraction < 1.0:
+            raise UsageError("min_change must be >= 0 (fraction below 1)")
+        if self.hold_s < 0 or self.report_max_age_s <= 0:
+            raise UsageError("hold_s must be >= 0 and report_max_age_s > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One balloon target to set, with everything the journal records about why."""
+
+    guest: str
+    old_pages: int
+    new_pages: int
+    reason: str
+    inputs: Mapping[str, float] = field(default_factory=dict)
+    kind: str = "policy"  # policy | manual | correction | shutdown
+
+    @property
+    def delta_pages(self) -> int:
+        return self.new_pages - self.old_pages
+
+    def record(self) -> dict[str, object]:
+        return {
+            "kind": self.kind, "guest": self.guest,
+            "old_pages": self.old_pages, "new_pages": self.new_pages,
+            "old_bytes": self.old_pages * PAGE_SIZE, "new_bytes": self.new_pages * PAGE_SIZE,
+            "reason": self.reason, "inputs": dict(self.inputs),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something the journal should keep that is not a target change (a policy error)."""
+
+    kind: str
+    detail: str
+    guest: str | None = None
+
+
+def under_pressure(s: GuestSample, h: Hysteresis) -> bool:
+    r = s.report
+    if r is None:
+        return False
+    low_avail = r.available_bytes < h.pressure_available_fraction * s.ram_pages * PAGE_SIZE
+    return r.stall_pct >= h.pressure_stall_pct or low_avail
+
+
+class ManagerCore:
+    """Policy in, safe actions out (module docstring)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        settings: Mapping[str, GuestSettings],
+        budget_pages: int,
+        *,
+        hysteresis: Hysteresis | None = None,
+        enforced: bool = False,
+        counters: Counters | None = None,
+    ) -> None:
+        if budget_pages <= 0:
+            raise UsageError(f"budget_pages must be positive, got {budget_pages}")
+        self.policy = policy
+        self.settings: dict[str, GuestSettings] = dict(settings)
+        self.budget_pages = budget_pages
+        self.hysteresis = hysteresis or Hysteresis()
+        self.enforced = enforced
+        self.counters = counters if counters is not None else Counters()
+        self.manual: dict[str, int] = {}
+        self.events: list[Event] = []
+        self._last_dir: dict[str, int] = {}
+        self._last_change: dict[str, float] = {}
+        self.last_samples: dict[str, GuestSample] = {}
+
+    # ------------------------------------------------------------------ views
+    def sample(self, now: float, st: GuestState) -> GuestSample:
+        age = None if st.report_time is None else max(0.0, now - st.report_time)
+        return GuestSample(
+            name=st.name, ram_pages=st.ram_pages, balloon_pages=st.balloon_pages,
+            target_pages=st.target_pages, settings=self.settings.get(st.name, GuestSettings()),
+            report=st.report, report_age_s=age, alive=st.alive,
+            active_sampled=st.active_sampled, active_touched=st.active_touched,
+        )
+
+    def drain_events(self) -> list[Event]:
+        ev, self.events = self.events, []
+        return ev
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, now: float, states: Mapping[str, GuestState], host_resident_bytes: int
+    ) -> list[Action]:
+        self.counters.inc("steps")
+        samples = {name: self.sample(now, st) for name, st in states.items()}
+        self.last_samples = samples
+        host = HostSample(
+            budget_pages=self.budget_pages,
+            resident_pages=max(0, host_resident_bytes) // PAGE_SIZE,
+            enforced=self.enforced,
+        )
+        decisions = self._decide(host, samples, now)
+        actions: list[Action] = []
+        for name, s in samples.items():
+            if not s.alive:
+                continue
+            if name in self.manual:
+                want = clamp_balloon(s, self.manual[name])
+                if want != s.target_pages:  # the backend lost it (restart): ask again
+                    actions.append(Action(name, s.target_pages, want, "manual target", {},
+                                          "manual"))
+                continue
+            d = decisions.get(name)
+            a = self._vet(now, s, d) if d is not None else None
+            if a is None and clamp_balloon(s, s.target_pages) != s.target_pages:
+                fixed = clamp_balloon(s, s.target_pages)
+                a = Action(name, s.target_pages, fixed, "target outside the guest's min/max",
+                           {"floor_pages": s.floor_pages(), "ceiling_pages": s.ceiling_pages()},
+                           "correction")
+                self.counters.inc("corrections")
+            if a is not None:
+                self._note(now, a)
+                actions.append(a)
+        return actions
+
+    def _decide(
+        self, host: HostSample, samples: Mapping[str, GuestSample], now: float
+    ) -> dict[str, Decision]:
+        try:
+            raw = self.policy.decide(host, list(samples.values()), now)
+            decisions = list(raw)
+        except Exception as exc:  # any bug in a policy: count it, hold every target, go on
+            self.counters.inc("policy_error")
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("policy %s failed, every guest holds its target: %s",
+                        self.policy.name, detail)
+            self.events.append(Event("policy_error", detail))
+            return {}
+        out: dict[str, Decision] = {}
+        for d in decisions:
+            if not isinstance(d, Decision) or d.guest not in samples:
+                self.counters.inc("policy_unknown_guest")
+                continue
+            bp = d.balloon_pages
+            if isinstance(bp, bool) or not isinstance(bp, int):
+                if isinstance(bp, float) and math.isfinite(bp):
+                    bp = int(bp)
+                else:
+                    self.counters.inc("policy_bad_target")
+                    continue
+                d = Decision(d.guest, bp, d.reason, d.inputs)
+            if d.guest in out:
+                self.counters.inc("policy_duplicate")
+            out[d.guest] = d
+        return out
+
+    def _vet(self, now: float, s: GuestSample, d: Decision) -> Action | None:
+        h = self.hysteresis
+        want = clamp_balloon(s, d.balloon_pages)
+        if want != d.balloon_pages:
+            self.counters.inc("clamped")
+        cur = s.target_pages
+        delta = want - cur
+        if delta == 0:
+            return None
+        forced = clamp_balloon(s, cur) != cur  # the current target breaks a limit: must move
+        if delta > 0 and not forced:
+            age = s.report_age_s
+            if s.report is None or age is None or age > h.report_max_age_s:
+                self.counters.inc("skip_inflate_no_report")
+                return None
+        if not forced:
+            small = max(h.min_change_pages, int(h.min_change_fraction * s.ram_pages))
+            if abs(delta) < small:
+                self.counters.inc("skip_small_change")
+                return None
+            last = self._last_dir.get(s.name, 0)
+            recent = now - self._last_change.get(s.name, -math.inf) < h.hold_s
+            direction = 1 if delta > 0 else -1
+            if last and direction != last and recent and not (
+                direction < 0 and under_pressure(s, h)
+            ):
+                self.counters.inc("skip_reversal")
+                return None
+        inputs: dict[str, float] = {k: float(v) for k, v in d.inputs.items()}
+        if want != d.balloon_pages:
+            inputs["policy_pages"] = float(d.balloon_pages)
+        return Action(s.name, cur, want, d.reason, inputs, "policy")
+
+    def _note(self, now: float, a: Action) -> None:
+        if a.delta_pages:
+            self._last_dir[a.guest] = 1 if a.delta_pages > 0 else -1
+            self._last_change[a.guest] = now
+        self.counters.inc("actions")
+
+    # ------------------------------------------------------------------ manual targets
+    def set_manual(self, now: float, st: GuestState, balloon_pages: int) -> Action:
+        """Pin ``st``'s balloon (clamped to its limits); the policy leaves it alone."""
+        s = self.sample(now, st)
+        want = clamp_balloon(s, balloon_pages)
+        self.manual[st.name] = want
+        reason = "manual target" if want == balloon_pages else (
+            f"manual target {balloon_pages} pages clamped to the guest's min/max")
+        a = Action(st.name, st.target_pages, want, reason,
+                   {"requested_pages": float(balloon_pages)}, "manual")
+        self._note(now, a)
+        return a
+
+    def clear_manual(self, guest: str) -> bool:
+        return self.manual.pop(guest, None) is not None
+
+    def shutdown_actions(self, states: Mapping[str, GuestState]) -> list[Action]:
+        """Deflate every live guest to its ceiling (its max size): the safe state to leave."""
+        out = []
+        for name, st in states.items():
+            if not st.alive:
+                continue
+            s = self.sample(0.0, st)
+            want = s.ram_pages - s.ceiling_pages()
+            if want != st.target_pages or st.balloon_pages != want:
+                out.append(Action(name, st.target_pages, want,
+                                  "shutdown: deflate to the guest's max size", {}, "shutdown"))
+        return out
+
+
+__all__ = ["Action", "Event", "Hysteresis", "ManagerCore", "under_pressure"]

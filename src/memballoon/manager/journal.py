@@ -1,0 +1,156 @@
+"""The decision journal: every balloon target change as one JSON line (edge: file I/O, clocks).
+
+Each record: ``time`` (wall clock, ISO 8601 UTC), ``ts`` (wall clock, epoch seconds, for
+filtering), ``mono`` (the manager's monotonic clock), ``kind`` (policy, manual, correction,
+shutdown, or an event such as policy_error), ``guest``, ``old_pages``/``new_pages`` and the same
+in bytes, ``reason``, ``inputs`` (the figures that led to it) and ``applied`` (whether the
+backend accepted it). The file is append-only; past ``max_bytes`` it is rotated to
+``<path>.1`` ... ``<path>.<keep>`` (the oldest dropped), so the journal stays bounded. The last
+records are also kept in memory, which is all a journal without a path has.
+
+``read_journal`` reads the rotated files oldest first; a line that is not a JSON object (a
+torn write, a hand edit) is skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from memballoon.manager.core import Action, Event
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+
+MAX_BYTES: Final = 8 << 20
+KEEP: Final = 3
+MEMORY_RECORDS: Final = 1000
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class Journal:
+    def __init__(
+        self,
+        path: Path | str | None,
+        *,
+        max_bytes: int = MAX_BYTES,
+        keep: int = KEEP,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_bytes < 1024 or keep < 1:
+            raise UsageError("journal max_bytes must be >= 1024 and keep >= 1")
+        self.path = Path(path) if path is not None else None
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.wall_clock = wall_clock
+        self.recent: deque[dict[str, Any]] = deque(maxlen=MEMORY_RECORDS)
+        self.counters = Counters()
+        self.written = 0
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def action(self, a: Action, *, mono: float, applied: bool) -> dict[str, Any]:
+        return self.write({**a.record(), "applied": applied}, mono=mono)
+
+    def event(self, e: Event, *, mono: float) -> dict[str, Any]:
+        return self.write({"kind": e.kind, "guest": e.guest, "reason": e.detail}, mono=mono)
+
+    def write(self, rec: dict[str, Any], *, mono: float) -> dict[str, Any]:
+        ts = self.wall_clock()
+        full = {"time": iso(ts), "ts": round(ts, 3), "mono": round(mono, 3), **rec}
+        self.recent.append(full)
+        self.written += 1
+        if self.path is None:
+            return full
+        line = (json.dumps(full, separators=(",", ":"), default=str) + "\n").encode()
+        try:
+            self._rotate_if_needed(len(line))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)  # one write of one line: a reader never sees half a record
+            finally:
+                os.close(fd)
+        except OSError:
+            self.counters.inc("journal_write_failed")
+        return full
+
+    def _rotate_if_needed(self, incoming: int) -> None:
+        assert self.path is not None
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size + incoming <= self.max_bytes:
+            return
+        for i in range(self.keep, 0, -1):
+            src = self.path if i == 1 else rotated(self.path, i - 1)
+            if src.exists():
+                os.replace(src, rotated(self.path, i))
+        self.counters.inc("journal_rotations")
+
+    def tail(self, *, guest: str | None = None, last: int | None = None) -> list[dict[str, Any]]:
+        if self.path is not None:
+            return read_journal(self.path, guest=guest, last=last)
+        recs = [r for r in self.recent if guest is None or r.get("guest") == guest]
+        return recs[-last:] if last else recs
+
+
+def rotated(path: Path, i: int) -> Path:
+    return path.with_name(f"{path.name}.{i}")
+
+
+def _lines(path: Path, counters: Counters | None) -> Iterator[dict[str, Any]]:
+    files = sorted((p for p in path.parent.glob(path.name + ".*")
+                    if p.name.rsplit(".", 1)[-1].isdigit()),
+                   key=lambda p: -int(p.name.rsplit(".", 1)[-1]))
+    files.append(path)
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                if counters is not None:
+                    counters.inc("journal_bad_line")
+                continue
+            yield doc
+
+
+def read_journal(
+    path: Path | str,
+    *,
+    guest: str | None = None,
+    since: float | None = None,
+    last: int | None = None,
+    counters: Counters | None = None,
+) -> list[dict[str, Any]]:
+    """Records oldest first; ``since`` is wall-clock epoch seconds; ``last`` keeps the newest N."""
+    out: list[dict[str, Any]] = []
+    for doc in _lines(Path(path), counters):
+        if guest is not None and doc.get("guest") != guest:
+            continue
+        ts = doc.get("ts")
+        if since is not None and not (isinstance(ts, int | float) and ts >= since):
+            continue
+        out.append(doc)
+    if last is not None:
+        out = out[-last:] if last > 0 else []
+    return out
+
+
+__all__ = ["Journal", "iso", "read_journal", "rotated"]
