@@ -162,6 +162,7 @@ class QemuBackend:
         image: GuestImage | None = None,
         cgroup_name: str | None = None,
         wait_ready: bool = True,
+        qmp_timeout_s: float = QMP_TIMEOUT_S,
     ) -> QemuBackend:
         """Launch ``guests`` (in parallel), each paused until it sits in the budget's cgroup.
 
@@ -173,7 +174,8 @@ class QemuBackend:
             raise ConfigError(f"guest names must be unique: {names}")
         img = image if image is not None else await asyncio.to_thread(build_guest_image)
         budget = make_budget(cgroup_name or f"memballoon-qemu-{os.getpid()}", budget_bytes)
-        self = cls(run_dir=run_dir, budget=budget, counters=counters, image=img)
+        self = cls(run_dir=run_dir, budget=budget, counters=counters, image=img,
+                   qmp_timeout_s=qmp_timeout_s)
         try:
             await asyncio.gather(*(self._launch_one(g, img, run_dir / g.name) for g in guests))
             if wait_ready:
