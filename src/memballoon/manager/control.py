@@ -218,7 +218,8 @@ def request(socket_path: Path | str, op: str, *, timeout_s: float = CLIENT_TIMEO
         except OSError as exc:
             raise ControlError(f"{path}: cannot connect: {exc.strerror}") from None
         try:
-            s.sendall(line)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(line)  # a refusing daemon may answer and hang up first: read it
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = s.recv(1 << 16)

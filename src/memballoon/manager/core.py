@@ -251,7 +251,7 @@ class ManagerCore:
         inputs: dict[str, float] = {k: float(v) for k, v in d.inputs.items()}
         if want != d.balloon_pages:
             inputs["policy_pages"] = float(d.balloon_pages)
-        return Action(s.name, cur, want, d.reason, inputs, "policy")
+        return Action(s.name, cur, want, d.reason, inputs, "correction" if forced else "policy")
 
     def _note(self, now: float, a: Action) -> None:
         if a.delta_pages:

@@ -1,0 +1,177 @@
+"""ManagerCore: the policy's answer distrusted, floors enforced, hysteresis, manual pins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memballoon.manager.backend import GuestState
+from memballoon.manager.core import Action, Hysteresis, ManagerCore
+from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.base import Decision, GuestSample, GuestSettings, HostSample
+from memballoon.protocol.pressure import PressureReport
+
+RAM = 65536  # 256 MiB
+
+
+def report(name: str, stall: float = 0.0, avail: int = 128 << 20) -> PressureReport:
+    return PressureReport(name, 1.0, RAM * PAGE_SIZE, avail, avail, 1 << 20, 1 << 20, 0, 0, 0,
+                          0, 0, 0, stall, 0, 0)
+
+
+def state(name: str, *, target: int = 0, balloon: int | None = None, alive: bool = True,
+          rep: PressureReport | None | bool = True, t: float = 100.0) -> GuestState:
+    r = report(name) if rep is True else (rep or None)
+    return GuestState(name, alive, RAM, target if balloon is None else balloon, target, r,
+                      t if r is not None else None, None)
+
+
+class Fixed:
+    """A test policy: returns what it is told, records what it saw."""
+
+    name = "fixed"
+
+    def __init__(self, out: dict[str, int] | Exception) -> None:
+        self.out = out
+        self.seen: list[tuple[HostSample, list[GuestSample]]] = []
+
+    def decide(self, host: HostSample, guests: Sequence[GuestSample],
+               now: float) -> list[Decision]:
+        self.seen.append((host, list(guests)))
+        if isinstance(self.out, Exception):
+            raise self.out
+        return [Decision(g, p, "told so", {"x": 1.0}) for g, p in self.out.items()]
+
+
+def core(policy: Fixed, **settings: GuestSettings) -> ManagerCore:
+    return ManagerCore(policy, settings, budget_pages=100_000,
+                       hysteresis=Hysteresis(hold_s=10.0, report_max_age_s=5.0))
+
+
+def test_plain_decision_becomes_an_action_with_its_inputs() -> None:
+    p = Fixed({"a": 1000})
+    c = core(p)
+    acts = c.step(101.0, {"a": state("a")}, 123 * PAGE_SIZE)
+    assert acts == [Action("a", 0, 1000, "told so", {"x": 1.0}, "policy")]
+    host, guests = p.seen[0]
+    assert host.resident_pages == 123 and host.budget_pages == 100_000
+    assert guests[0].report_age_s == 1.0 and guests[0].size_pages == RAM
+    rec = acts[0].record()
+    assert rec["new_bytes"] == 1000 * PAGE_SIZE and rec["old_pages"] == 0
+
+
+def test_policy_error_holds_every_target_and_the_loop_goes_on() -> None:
+    p = Fixed(RuntimeError("boom"))
+    c = core(p)
+    assert c.step(101.0, {"a": state("a", target=500)}, 0) == []
+    assert c.counters["policy_error"] == 1
+    ev = c.drain_events()
+    assert ev[0].kind == "policy_error" and "boom" in ev[0].detail
+    p.out = {"a": 5000}
+    assert [a.new_pages for a in c.step(102.0, {"a": state("a", target=500)}, 0)] == [5000]
+
+
+def test_floor_and_ceiling_are_enforced_again() -> None:
+    s = GuestSettings(min_pages=40000, max_pages=60000)
+    c = core(Fixed({"a": RAM}), a=s)  # the policy wants the whole guest
+    (a,) = c.step(101.0, {"a": state("a", target=10000)}, 0)
+    assert a.new_pages == RAM - 40000 and c.counters["clamped"] == 1
+    assert a.inputs["policy_pages"] == RAM
+
+
+def test_target_outside_limits_is_corrected_without_a_decision() -> None:
+    c = core(Fixed({}), a=GuestSettings(max_pages=60000))
+    (a,) = c.step(101.0, {"a": state("a", target=0)}, 0)
+    assert (a.kind, a.new_pages) == ("correction", RAM - 60000)
+
+
+def test_dead_guest_is_never_asked() -> None:
+    c = core(Fixed({"a": 1000, "b": 0}))
+    acts = c.step(101.0, {"a": state("a", alive=False), "b": state("b", target=5000,
+                                                                     alive=False)}, 0)
+    assert acts == []
+
+
+def test_no_recent_report_no_inflation_but_deflation_allowed() -> None:
+    c = core(Fixed({"a": 5000, "b": 0, "c": 5000}))
+    states = {"a": state("a", rep=False), "b": state("b", target=5000, rep=False),
+              "c": state("c", t=0.0)}  # c's report is 101 s old
+    acts = c.step(101.0, states, 0)
+    assert [(a.guest, a.new_pages) for a in acts] == [("b", 0)]
+    assert c.counters["skip_inflate_no_report"] == 2
+
+
+def test_small_changes_are_ignored() -> None:
+    c = core(Fixed({"a": 1100}))
+    assert c.step(101.0, {"a": state("a", target=1000)}, 0) == []
+    assert c.counters["skip_small_change"] == 1
+
+
+def test_no_reversal_within_hold_unless_under_pressure() -> None:
+    p = Fixed({"a": 8000})
+    c = core(p)
+    assert c.step(100.0, {"a": state("a")}, 0)[0].new_pages == 8000
+    p.out = {"a": 2000}  # back down within the hold time, guest calm: refused
+    assert c.step(105.0, {"a": state("a", target=8000, t=105.0)}, 0) == []
+    assert c.counters["skip_reversal"] == 1
+    pressed = state("a", target=8000, rep=report("a", stall=30.0), t=105.0)
+    assert c.step(105.5, {"a": pressed}, 0)[0].new_pages == 2000  # pressure: at once
+    p.out = {"a": 9000}  # and no re-inflation within the hold, pressure or not
+    assert c.step(106.0, {"a": state("a", target=2000, t=106.0)}, 0) == []
+    assert c.step(120.0, {"a": state("a", target=2000, t=120.0)}, 0)[0].new_pages == 9000
+
+
+def test_manual_target_pins_and_clamps() -> None:
+    p = Fixed({"a": 3000})
+    c = core(p, a=GuestSettings(min_pages=RAM - 10000))
+    a = c.set_manual(100.0, state("a"), 20000)
+    assert (a.kind, a.new_pages) == ("manual", 10000) and "clamped" in a.reason
+    assert c.step(101.0, {"a": state("a", target=10000)}, 0) == []  # policy ignored
+    (again,) = c.step(102.0, {"a": state("a", target=0)}, 0)  # backend lost it: re-asked
+    assert again.new_pages == 10000
+    assert c.clear_manual("a")
+    assert c.step(200.0, {"a": state("a", target=10000, t=200.0)}, 0)[0].new_pages == 3000
+
+
+def test_shutdown_deflates_to_ceiling() -> None:
+    c = core(Fixed({}), b=GuestSettings(max_pages=RAM - 100))
+    acts = c.shutdown_actions({"a": state("a", target=9000), "b": state("b", target=9000),
+                               "d": state("d", target=5, alive=False)})
+    assert {(a.guest, a.new_pages) for a in acts} == {("a", 0), ("b", 100)}
+    assert all(a.kind == "shutdown" for a in acts)
+
+
+def test_bad_decisions_are_dropped_and_counted() -> None:
+    class Bad(Fixed):
+        def decide(self, host: HostSample, guests: Sequence[GuestSample],
+                   now: float) -> list[Decision]:
+            return [Decision("ghost", 5, "x"), Decision("a", float("nan"), "x"),  # type: ignore[arg-type]
+                    "junk"]  # type: ignore[list-item]
+
+    c = core(Bad({}))
+    assert c.step(101.0, {"a": state("a")}, 0) == []
+    assert c.counters["policy_unknown_guest"] == 2 and c.counters["policy_bad_target"] == 1
+
+
+@given(st.lists(st.tuples(st.integers(-10**9, 10**9), st.booleans(), st.booleans(),
+                          st.integers(0, 30000), st.integers(0, 30000)), min_size=1,
+                max_size=5), st.floats(0, 50))
+def test_actions_always_respect_limits_and_liveness(
+        guests: list[tuple[int, bool, bool, int, int]], now: float) -> None:
+    settings = {f"g{i}": GuestSettings(min_pages=lo, max_pages=lo + hi)
+                for i, (_, _, _, lo, hi) in enumerate(guests)}
+    out = {f"g{i}": want for i, (want, _, _, _, _) in enumerate(guests)}
+    states = {f"g{i}": state(f"g{i}", alive=alive, rep=has_rep, t=now)
+              for i, (_, alive, has_rep, _, _) in enumerate(guests)}
+    c = ManagerCore(Fixed(out), settings, 1000)
+    for a in c.step(now, states, 0):
+        s = states[a.guest]
+        assert s.alive
+        size = RAM - a.new_pages
+        assert settings[a.guest].min_pages <= size or a.new_pages == 0
+        mx = settings[a.guest].max_pages
+        assert mx is None or size <= max(mx, settings[a.guest].min_pages)
+        if a.new_pages > s.target_pages and a.kind == "policy":
+            assert s.report is not None
