@@ -57,16 +57,17 @@ from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_ball
 from memballoon.policy.observe import (
     available_pages,
     counter_delta,
+    free_pages,
     fresh_report,
     working_set_pages,
 )
 from memballoon.protocol.pressure import PressureReport
 
 # Probe step, as a share of the guest's RAM per decision (after vmw_balloon's adaptive rates).
-PROBE_STEP_START: Final = 0.01
+PROBE_STEP_START: Final = 0.02
 PROBE_STEP_MIN: Final = 0.005
-PROBE_STEP_MAX: Final = 0.04
-PROBE_STEP_INC: Final = 0.0025
+PROBE_STEP_MAX: Final = 0.08
+PROBE_STEP_INC: Final = 0.005
 # Pressure (PSI "some" share of the last period). senpai's target is 10 ms per 6 s (0.17%).
 STALL_QUIET_PCT: Final = 0.2  # probe only below this
 STALL_TROUBLE_PCT: Final = 1.0  # back off above this
@@ -125,6 +126,7 @@ class _Plan:
     why: str
     inputs: dict[str, float]
     balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
+    soft_floor: int = 0  # the size that keeps the guest's page cache: reclaimed second
 
 
 class DefaultPolicy:
@@ -267,6 +269,15 @@ class DefaultPolicy:
                          f"{target_size - new} pages toward floor {floor}", inputs)
         return _Plan(g, Verdict.HOLD, target_size, floor, severity, "default: hold", inputs)
 
+    def _with_soft_floor(self, p: _Plan | None) -> _Plan | None:
+        """Note the size above which the guest's memory is MemFree beyond the margin."""
+        if p is None or p.g.report is None:
+            return p
+        free = free_pages(p.g, p.g.report, self.counters)
+        margin = int(p.inputs.get("margin_pages", 0.0))
+        p.soft_floor = max(p.floor, p.g.size_pages - max(0, free - margin))
+        return p
+
     # ------------------------------------------------------------------ the host
     def decide(
         self, host: HostSample, guests: Sequence[GuestSample], now: float
@@ -277,7 +288,7 @@ class DefaultPolicy:
         for g in guests:
             if not g.alive:
                 continue
-            p = self._plan(g, now)
+            p = self._with_soft_floor(self._plan(g, now))
             if p is not None:
                 plans.append(p)
         # the guests' growth if every plan is carried out, over what they hold now
@@ -307,19 +318,29 @@ class DefaultPolicy:
         return p.g.ram_pages - p.balloon if p.balloon is not None else p.size
 
     def _reclaim(self, plans: list[_Plan], excess: int) -> int:
-        """Take ``excess`` pages from quiet guests above their floors; returns what is left."""
+        """Take ``excess`` pages from quiet guests above their floors; returns what is left.
+
+        Two passes: first MemFree beyond the margin (memory nobody uses), then page cache down
+        to the floor; in each, the guests with the least pressure and most idle memory first.
+        """
         cands = [p for p in plans if p.verdict in (Verdict.PROBE, Verdict.HOLD)
-                 and p.balloon is None and p.size > p.floor]
-        cands.sort(key=lambda p: (p.pressure, -(p.size - p.floor), p.g.name))
-        for p in cands:
-            if excess <= 0:
-                break
-            take = min(excess, p.size - p.floor)
-            p.size -= take
-            excess -= take
-            p.verdict = Verdict.PROBE
-            p.why = (f"default: host over budget by {excess + take} pages: reclaim {take} "
-                     f"from an idle guest (floor {p.floor})")
+                 and p.balloon is None]
+        for soft in (True, False):
+            def low(p: _Plan, soft: bool = soft) -> int:
+                return max(p.floor, p.soft_floor) if soft else p.floor
+
+            cands.sort(key=lambda p: (p.pressure, -(p.size - low(p)), p.g.name))
+            for p in cands:
+                if excess <= 0:
+                    return 0
+                take = min(excess, p.size - low(p))
+                if take <= 0:
+                    continue
+                p.size -= take
+                excess -= take
+                p.verdict = Verdict.PROBE
+                p.why = (f"default: host over budget by {excess + take} pages: reclaim {take} "
+                         f"from an idle guest (floor {p.floor})")
         return excess
 
     @staticmethod

@@ -1,0 +1,126 @@
+"""MomPolicy: oVirt MoM's balloon rules, constants pinned to doc/balloon.rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.base import GuestSample, GuestSettings, HostSample
+from memballoon.policy.mom import (
+    MOM_MAX_BALLOON_CHANGE_PERCENT,
+    MOM_MIN_BALLOON_CHANGE_PERCENT,
+    MOM_MIN_GUEST_FREE_PERCENT,
+    MOM_PRESSURE_CRITICAL,
+    MOM_PRESSURE_THRESHOLD,
+    MOM_STAT_SAMPLES,
+    MomPolicy,
+)
+from memballoon.protocol.pressure import PressureReport
+
+RAM = 100_000
+
+
+def sample(name: str, balloon: int, free: int, *, target: int | None = None,
+           min_pages: int = 0, report: bool = True) -> GuestSample:
+    r = PressureReport(
+        guest=name, time_s=0.0, total_bytes=RAM * PAGE_SIZE, free_bytes=free * PAGE_SIZE,
+        available_bytes=free * PAGE_SIZE, anon_bytes=0, cache_bytes=0,
+        balloon_bytes=balloon * PAGE_SIZE, swap_in_pages=0, swap_out_pages=0, major_faults=0,
+        oom_kills=0, stall_us=0, stall_pct=0.0, balloon_target_pages=balloon,
+        balloon_actual_pages=balloon)
+    return GuestSample(name, RAM, balloon, balloon if target is None else target,
+                       GuestSettings(min_pages=min_pages), r if report else None,
+                       0.0 if report else None)
+
+
+def host(free_fraction: float) -> HostSample:
+    budget = 1_000_000
+    return HostSample(budget, int(budget * (1 - free_fraction)))
+
+
+def test_constants_are_moms() -> None:
+    assert MOM_PRESSURE_THRESHOLD == 0.20
+    assert MOM_PRESSURE_CRITICAL == 0.05
+    assert MOM_MIN_GUEST_FREE_PERCENT == 0.20
+    assert MOM_MAX_BALLOON_CHANGE_PERCENT == 0.05
+    assert MOM_MIN_BALLOON_CHANGE_PERCENT == 0.0025
+    assert MOM_STAT_SAMPLES == 10
+
+
+def test_pressure_shrinks_at_most_five_percent_a_step() -> None:
+    # guest of 100000 pages, 80% free: the ideal is far below, the step caps it at -5%
+    [d] = MomPolicy().decide(host(0.10), [sample("a", 0, 80_000)], 0.0)
+    assert d.balloon_pages == 5000
+    assert d.inputs["host_free_percent"] == pytest.approx(0.10)
+
+
+def test_pressure_aims_at_scaled_guest_free() -> None:
+    # host free 10%: guest free goal = 20% * 0.10 / 0.20 = 10% of its size
+    # used = 100000 - 13000 = 87000; ideal = 87000 + 10000 = 97000 (a 3% shrink)
+    [d] = MomPolicy().decide(host(0.10), [sample("a", 0, 13_000)], 0.0)
+    assert d.balloon_pages == 3000
+    assert d.inputs["guest_free_goal"] == pytest.approx(0.10)
+
+
+def test_critical_pressure_pushes_guest_free_negative() -> None:
+    [d] = MomPolicy().decide(host(0.02), [sample("a", 0, 2_000)], 0.0)
+    # goal = 0.02 - 0.05 = -3%: ideal = 98000 - 3000 = 95000, the -5% step allows it
+    assert d.inputs["guest_free_goal"] == pytest.approx(-0.03)
+    assert d.balloon_pages == 5000
+
+
+def test_never_grows_under_pressure_and_ignores_tiny_changes() -> None:
+    p = MomPolicy()
+    # a guest short of free memory under host pressure is left alone (MoM never grows then)
+    assert p.decide(host(0.10), [sample("a", 20_000, 0)], 0.0) == []
+    # ideal 0.2% below the current size: under min_balloon_change_percent
+    q = MomPolicy()
+    assert q.decide(host(0.10), [sample("b", 0, 10_200)], 0.0) == []
+
+
+def test_no_pressure_grows_back_five_percent_towards_max() -> None:
+    # size 50000 with plenty free: grow by 5% of the size -> 52500
+    [d] = MomPolicy().decide(host(0.5), [sample("a", 50_000, 40_000)], 0.0)
+    assert d.balloon_pages == RAM - 52_500
+    assert "grow" in d.reason
+
+
+def test_grow_restores_guest_free_goal_at_once() -> None:
+    # size 50000, all used: used + 20% of max = 70000 beats the 5% step
+    [d] = MomPolicy().decide(host(0.5), [sample("a", 50_000, 0)], 0.0)
+    assert d.balloon_pages == RAM - 70_000
+
+
+def test_averages_over_the_last_ten_samples() -> None:
+    p = MomPolicy()
+    # under steady host pressure, nine samples of a fully used guest, then one 80% free:
+    # the average used (100000 - 8000) plus the 10% goal is above its size: no shrink
+    for i in range(9):
+        assert p.decide(host(0.10), [sample("a", 0, 0)], float(i)) == []
+    assert p.decide(host(0.10), [sample("a", 0, 80_000)], 9.0) == []
+    # a fresh MoM, seeing only the free sample, would shrink by 5%
+    [d] = MomPolicy().decide(host(0.10), [sample("a", 0, 80_000)], 9.0)
+    assert d.balloon_pages == 5000
+
+
+def test_host_free_is_averaged() -> None:
+    p = MomPolicy()
+    for i in range(9):
+        assert p.decide(host(0.5), [sample("a", 0, 80_000)], float(i)) == []
+    # one low sample does not make the average host free fall under 20%
+    assert p.decide(host(0.10), [sample("a", 0, 80_000)], 9.0) == []
+
+
+def test_floor_and_missing_reports() -> None:
+    p = MomPolicy()
+    gs = [sample("a", 0, 90_000, min_pages=97_000), sample("b", 0, 90_000, report=False)]
+    [d] = p.decide(host(0.10), gs, 0.0)
+    assert (d.guest, d.balloon_pages) == ("a", 3000)  # the floor, not the 5% step
+    assert p.counters["mom_no_report"] == 1
+
+
+def test_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        MomPolicy(pressure_critical=0.3)
+    with pytest.raises(ValueError):
+        MomPolicy(stat_samples=0)
