@@ -79,8 +79,8 @@ BACKOFF_MIN_FRACTION: Final = 0.02
 BACKOFF_MAX_SCALE: Final = 4.0
 # Headroom the guest keeps available: a share of its RAM, at least MARGIN_MIN_PAGES, plus the
 # working set's growth over LOOKAHEAD_S at its recent rate.
-MARGIN_FRACTION: Final = 0.05
-MARGIN_MIN_PAGES: Final = mib_to_pages(16)
+MARGIN_FRACTION: Final = 0.10
+MARGIN_MIN_PAGES: Final = mib_to_pages(32)
 LOOKAHEAD_S: Final = 10.0
 WS_WINDOW_S: Final = 120.0  # the working-set peak is taken over this window
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
