@@ -92,7 +92,7 @@ def run_many(
     t_build = time.perf_counter()
     for g in range(guests):
         mib = rng.randrange(4, 33) * 256  # 1 to 8 GiB
-        kind = rng.choices(["idle", "diurnal", "bursty"], weights=[90, 6, 4])[0]
+        kind = rng.choices(["idle", "diurnal"], weights=[95, 5])[0]  # mostly idle
         pair = make_pair(protocol, mib_to_pages(mib), make_workload(kind, mib, seed=g),
                          period_s=1.0)
         pairs.append(pair)

@@ -87,11 +87,11 @@ VIRTIO_BALLOON_X_MAX_REFUSED: Final = 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX
 
 #: Where the driver puts its rings and buffers, and how much room it takes.
 DRIVER_AREA_GPA: Final = 1 * MIB
-DRIVER_AREA_BYTES: Final = 64 * KIB
+DRIVER_AREA_BYTES: Final = 128 * KIB
 #: The driver asks for at most this queue size (a device may offer up to 32768).
 DRIVER_QUEUE_SIZE_MAX: Final = 256
 #: PFN buffers per inflate/deflate queue that may be in flight at once.
-PFN_SLOTS: Final = 4
+PFN_SLOTS: Final = 16
 
 DEFAULT_FEATURES: Final = features_of(
     VIRTIO_BALLOON_F_MUST_TELL_HOST,

@@ -111,6 +111,7 @@ class VirtioBalloonDevice:
         self.features = 0  # negotiated
         self._guest_pages = ram.guest_pages
         self._inflated = np.zeros(self._guest_pages, dtype=np.bool_)
+        self._to_release: list[PfnArray] = []  # accepted inflate frames, released per doorbell
         self._inflated_count = 0
         self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
         self._num_pages = 0
@@ -211,6 +212,7 @@ class VirtioBalloonDevice:
             return
         role = self._roles[queue]
         used = 0
+        done: list[tuple[int, int]] = []
         while True:
             try:
                 chain = dq.pop()
@@ -228,10 +230,24 @@ class VirtioBalloonDevice:
                 length = 0
             if length is None:  # held (the stats buffer)
                 continue
-            dq.push_used(chain.head, length)
-            used += 1
+            done.append((chain.head, length))
+        # One release for every inflate buffer this doorbell drained: the guest's buffers are
+        # usually contiguous, so their runs merge into fewer, larger punches. A buffer is used
+        # only once the memory behind it is released.
+        self._flush_release()
+        for head, length in done:
+            dq.push_used(head, length)
+        used += len(done)
         if used:
             self._interrupt_used(queue)
+
+    def _flush_release(self) -> None:
+        if not self._to_release:
+            return
+        take = self._to_release[0] if len(self._to_release) == 1 else np.concatenate(
+            self._to_release)
+        self._to_release.clear()
+        self.ram.release(coalesce(take))
 
     # ------------------------------------------------------------------ host side
     def _has(self, feature: int) -> bool:
@@ -355,7 +371,8 @@ class VirtioBalloonDevice:
         bad = int(pfns.size - int(ok.sum()))
         if bad:
             self.counters.inc(f"{name}_pfn_outside_guest", bad)
-        if pfns.size > 1:
+        if pfns.size > 1 and not bool((np.diff(pfns) > 0).all()):
+            # not strictly ascending (drivers send sorted runs): look for duplicates
             _, first = np.unique(pfns, return_index=True)
             once = np.zeros(pfns.size, dtype=np.bool_)
             once[first] = True
@@ -388,7 +405,7 @@ class VirtioBalloonDevice:
                 self.counters.inc("inflate_pinned_taken", int(pinned.sum()))
         take = pfns[ok]
         if take.size:
-            self.ram.release(coalesce(take))
+            self._to_release.append(take)  # released by notify before the buffer is used
             self._inflated[take] = True
             self._inflated_count += int(take.size)
         self.counters.inc("inflate_buffers")
