@@ -65,7 +65,7 @@ def test_constants() -> None:
     assert PROBE_STEP_MIN < PROBE_STEP_START < PROBE_STEP_MAX
     assert 0 < PROBE_STEP_INC < PROBE_STEP_START
     assert STALL_QUIET_PCT < STALL_TROUBLE_PCT
-    assert MARGIN_MIN_PAGES == mib_to_pages(32)
+    assert mib_to_pages(32) == MARGIN_MIN_PAGES
     assert MAX_REPORT_AGE_S == 10.0
 
 
