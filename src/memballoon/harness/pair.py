@@ -109,6 +109,8 @@ def make_pair(
     period_s: float | None = None,
 ) -> Pair:
     """A driver/device pair of ``protocol`` over a fresh guest of ``guest_pages``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     ram = NullRam(guest_pages)
     mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
     driver: BalloonDriver
@@ -126,7 +128,7 @@ def make_pair(
 
             driver, device = make_virtio(mem, ram)
         case _:
-            raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+            raise AssertionError(protocol)
     driver.load(0.0)
     return Pair(protocol, mem, ram, driver, device, workload,
                 period_s if period_s is not None else driver.period_s)
