@@ -22,7 +22,7 @@ def report(name: str, stall: float = 0.0, avail: int = 128 << 20) -> PressureRep
 
 
 def state(name: str, *, target: int = 0, balloon: int | None = None, alive: bool = True,
-          rep: PressureReport | None | bool = True, t: float = 100.0) -> GuestState:
+          rep: PressureReport | bool | None = True, t: float = 100.0) -> GuestState:
     r = report(name) if rep is True else (rep or None)
     return GuestState(name, alive, RAM, target if balloon is None else balloon, target, r,
                       t if r is not None else None, None)

@@ -1,8 +1,9 @@
 """``memballoon bench policy``: every policy on the same seeded local scenario, real memory.
 
-Four local guests (256 MiB each by default: bursty, ramp, steady, idle; phases seeded) whose
-peak demands add up to 1.5 times the host budget. Each policy gets a fresh set of guest
-processes, the same seeds and the same length of run, through the real manager loop
+Four local guests (256 MiB each by default: bursty, ramp, steady, idle; ``workload_specs``)
+whose peak demands add up to 1.5 times the host budget (guest memory; the cgroup that enforces
+it also gets each guest process's interpreter overhead on top). Each policy gets a fresh set
+of guest processes, the same seeds and the same length of run, through the real manager loop
 (``Manager`` over ``LocalBackend``). Sampled every ``SAMPLE_S`` by the bench (the edge):
 
 - ``host_peak_resident_bytes``: the most the guests' memfds held at once (st_blocks);
@@ -22,6 +23,7 @@ from typing import Any, Final
 import numpy as np
 
 from memballoon.guest.workload import make_workload
+from memballoon.local.demo import PROCESS_OVERHEAD_BYTES
 from memballoon.local.host import GuestSpec, LocalHost
 from memballoon.manager.core import ManagerCore
 from memballoon.manager.journal import Journal
@@ -39,11 +41,27 @@ SAMPLE_S: Final = 0.5
 FLOOR_FRACTION: Final = 0.125  # each guest's min: an eighth of its RAM
 
 
+def workload_specs(seconds: float) -> dict[str, str]:
+    """The four guests' workloads (guest/workload.py specs), timed as fractions of the run so
+    a shorter run keeps the same shape: the bursty guest bursts early, the ramp (a batch job)
+    grows after it and ends; steady and idle hold. The transients never peak together, so a
+    policy that moves memory in time can fit them all; one that does not cannot."""
+    t = seconds
+    return {
+        "bursty": (f"bursty:base=0.05,peak=0.9,file=0.02,period={2 * t:g},"
+                   f"burst={0.25 * t:g},phase={2 * t - 0.1 * t:g}"),
+        "ramp": (f"ramp:start=0.05,peak=0.9,file=0.02,rate={0.9 / (0.15 * t):.4f},"
+                 f"at={0.45 * t:g},stop={0.8 * t:g}"),
+        "steady": "steady:anon=0.3,file=0.1",
+        "idle": "idle",
+    }
+
+
 def peak_bytes(kind: str, mib: int, seed: int, horizon_s: float) -> int:
-    """The largest demand (anon + file) ``kind`` makes within ``horizon_s``."""
+    """The largest demand (anon + file) workload ``kind`` makes within ``horizon_s``."""
     w = make_workload(kind, mib, seed)
     peak = 0
-    for t in np.arange(0.0, horizon_s + 1.0, 0.5):
+    for t in np.arange(0.0, horizon_s + 1.0, 0.25):
         d = w.demand(float(t))
         peak = max(peak, d.anon_pages + d.file_pages)
     return peak * PAGE_SIZE
@@ -51,8 +69,11 @@ def peak_bytes(kind: str, mib: int, seed: int, horizon_s: float) -> int:
 
 def scenario(seed: int, seconds: float, guest_mib: int = GUEST_MIB,
              protocol: str = "virtio") -> tuple[list[GuestSpec], int]:
-    specs = [GuestSpec(name=f"{kind}{i}", mib=guest_mib, protocol=protocol, workload=kind,
-                       seed=seed + i) for i, kind in enumerate(WORKLOAD_MIX)]
+    """The guests and the host budget (for guest memory): their peaks are 1.5 times it."""
+    kinds = workload_specs(seconds)
+    specs = [GuestSpec(name=f"{kind}{i}", mib=guest_mib, protocol=protocol,
+                       workload=kinds[kind], seed=seed + i)
+             for i, kind in enumerate(WORKLOAD_MIX)]
     peaks = sum(peak_bytes(s.workload, guest_mib, s.seed, seconds) for s in specs)
     budget = int(peaks / OVERCOMMIT) // PAGE_SIZE * PAGE_SIZE
     return specs, budget
@@ -62,7 +83,9 @@ async def run_one(policy: Policy, specs: Sequence[GuestSpec], budget_bytes: int,
                   seconds: float, *, period_s: float = 1.0) -> dict[str, Any]:
     settings = {s.name: GuestSettings(min_pages=int(mib_to_pages(s.mib) * FLOOR_FRACTION))
                 for s in specs}
-    host = LocalHost(specs, budget_bytes=budget_bytes,
+    # the cgroup also holds each guest process's own interpreter: give it that on top, so the
+    # budget the policies are held to is guest memory only (as local/demo.py does)
+    host = LocalHost(specs, budget_bytes=budget_bytes + PROCESS_OVERHEAD_BYTES * len(specs),
                      cgroup_name=f"memballoon-bench-{os.getpid()}-{policy.name}")
     async with host:
         b = host.budget
@@ -103,6 +126,8 @@ async def run_one(policy: Policy, specs: Sequence[GuestSpec], budget_bytes: int,
             "decisions": m.decisions,
             "reports": len(stalls),
             "policy_errors": backend.counters["policy_error"],
+            "held_back": {k: v for k, v in backend.counters.as_dict().items()
+                          if k.startswith("skip_") or k == "clamped"},
         }
 
 
@@ -139,7 +164,8 @@ def run_bench(
     peaks = sum(peak_bytes(s.workload, guest_mib, s.seed, seconds) for s in specs)
     return {
         "seconds": seconds, "seed": seed, "guest_mib": guest_mib,
-        "guests": [{"name": s.name, "workload": s.workload, "ram_bytes": s.mib * MIB}
+        "guests": [{"name": s.name, "workload": s.workload, "ram_bytes": s.mib * MIB,
+                    "peak_demand_bytes": peak_bytes(s.workload, guest_mib, s.seed, seconds)}
                    for s in specs],
         "host_budget_bytes": budget, "peak_demand_bytes": peaks,
         "policies": results,

@@ -105,9 +105,11 @@ class Bursty:
     ramp_s: float = 3.0  # a burst grows to its peak over this long, as programs allocate
     seed: int = 0
     name: str = "bursty"
+    phase_s: float | None = None  # None: drawn from ``seed``
 
     def demand(self, now: float) -> Demand:
-        phase = random.Random(self.seed).uniform(0.0, self.period_s)
+        phase = self.phase_s if self.phase_s is not None else random.Random(self.seed).uniform(
+            0.0, self.period_s)
         into = (now + phase) % self.period_s
         if into < self.burst_s:
             grown = 1.0 if self.ramp_s <= 0 else min(1.0, (into + 1.0) / self.ramp_s)
@@ -127,8 +129,11 @@ class Ramp:
     file_mib: float = 16
     start_at_s: float = 0.0
     name: str = "ramp"
+    stop_at_s: float | None = None  # a batch job: back to ``start_mib`` from then on
 
     def demand(self, now: float) -> Demand:
+        if self.stop_at_s is not None and now >= self.stop_at_s:
+            return _demand(mib_to_pages(self.start_mib), mib_to_pages(self.file_mib), 0.9, 0.05)
         grown = max(0.0, now - self.start_at_s) * self.mib_per_s
         anon = min(self.peak_mib, self.start_mib + grown)
         return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.9, 0.05)
@@ -157,23 +162,60 @@ class Diurnal:
 WORKLOADS = ("idle", "steady", "bursty", "ramp", "diurnal")
 
 
+#: Parameters a workload spec may give (``"bursty:peak=0.8,period=40"``): sizes are fractions
+#: of the guest's RAM, times are seconds, ``rate`` is a fraction of the RAM a second.
+SPEC_PARAMS = {
+    "idle": ("anon", "file"),
+    "steady": ("anon", "file", "hot"),
+    "bursty": ("base", "peak", "file", "period", "burst", "phase"),
+    "ramp": ("start", "peak", "rate", "file", "at", "stop"),
+    "diurnal": ("low", "high", "file", "period"),
+}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``"kind"`` or ``"kind:key=value,..."`` -> (kind, params); ValueError names what is wrong."""
+    kind, _, rest = spec.partition(":")
+    if kind not in WORKLOADS:
+        raise ValueError(f"unknown workload {kind!r}; choose one of {', '.join(WORKLOADS)}")
+    params: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or key not in SPEC_PARAMS[kind]:
+            raise ValueError(f"workload {kind}: unknown parameter {key!r} "
+                             f"(use {', '.join(SPEC_PARAMS[kind])})")
+        try:
+            v = float(val)
+        except ValueError:
+            raise ValueError(f"workload {kind}: {key}={val!r} is not a number") from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"workload {kind}: {key}={val!r} must be >= 0")
+        params[key] = v
+    return kind, params
+
+
 def make_workload(kind: str, guest_mib: float, seed: int = 0) -> Workload:
-    """A workload of ``kind`` scaled to a guest of ``guest_mib`` MiB."""
+    """A workload of ``kind`` scaled to a guest of ``guest_mib`` MiB; ``kind`` may carry
+    parameters (``parse_spec``), each defaulting to the plain kind's value."""
+    kind, p = parse_spec(kind)
+    m = guest_mib
     match kind:
         case "idle":
-            return Idle(anon_mib=guest_mib * 0.08, file_mib=guest_mib * 0.04)
+            return Idle(anon_mib=m * p.get("anon", 0.08), file_mib=m * p.get("file", 0.04))
         case "steady":
-            return Steady(anon_mib=guest_mib * 0.45, file_mib=guest_mib * 0.2)
+            return Steady(anon_mib=m * p.get("anon", 0.45), file_mib=m * p.get("file", 0.2),
+                          hot=p.get("hot", 0.5))
         case "bursty":
             return Bursty(
-                base_mib=guest_mib * 0.1, peak_mib=guest_mib * 0.7, file_mib=guest_mib * 0.05,
-                seed=seed,
+                base_mib=m * p.get("base", 0.1), peak_mib=m * p.get("peak", 0.7),
+                file_mib=m * p.get("file", 0.05), period_s=p.get("period", 20.0),
+                burst_s=p.get("burst", 6.0), seed=seed, phase_s=p.get("phase"),
             )
         case "ramp":
-            return Ramp(start_mib=guest_mib * 0.1, peak_mib=guest_mib * 0.85,
-                        mib_per_s=guest_mib / 32, file_mib=guest_mib * 0.02)
-        case "diurnal":
-            return Diurnal(low_mib=guest_mib * 0.05, high_mib=guest_mib * 0.3,
-                           file_mib=guest_mib * 0.05, seed=seed)
+            return Ramp(start_mib=m * p.get("start", 0.1), peak_mib=m * p.get("peak", 0.85),
+                        mib_per_s=m * p.get("rate", 1 / 32), file_mib=m * p.get("file", 0.02),
+                        start_at_s=p.get("at", 0.0), stop_at_s=p.get("stop"))
         case _:
-            raise ValueError(f"unknown workload {kind!r}; choose one of {', '.join(WORKLOADS)}")
+            return Diurnal(low_mib=m * p.get("low", 0.05), high_mib=m * p.get("high", 0.3),
+                           file_mib=m * p.get("file", 0.05), period_s=p.get("period", 3600.0),
+                           seed=seed)

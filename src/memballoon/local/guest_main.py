@@ -44,7 +44,7 @@ import numpy as np
 
 from memballoon.guest.driver import BalloonDriver
 from memballoon.guest.memory import GuestMemory, StepReport
-from memballoon.guest.workload import WORKLOADS, make_workload
+from memballoon.guest.workload import WORKLOADS, make_workload, parse_spec
 from memballoon.host.memfd import MemfdRam
 from memballoon.local.link import GuestLink, LinkClosedError
 from memballoon.local.transport_virtio import LocalVirtioTransport
@@ -287,11 +287,21 @@ def _fds(text: str) -> tuple[int, ...]:
     return fds
 
 
+def _workload(text: str) -> str:
+    try:
+        parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="guest name")
     p.add_argument("--protocol", choices=PROTOCOLS, required=True)
     p.add_argument("--pages", type=int, required=True, help="guest RAM in 4 KiB pages")
-    p.add_argument("--workload", choices=WORKLOADS, default="idle")
+    p.add_argument("--workload", type=_workload, default="idle",
+                   help=f"{', '.join(WORKLOADS)}, optionally with parameters "
+                   "('bursty:peak=0.8,period=40'; guest/workload.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--period", type=float, default=1.0, help="work period, seconds (default 1)")
     p.add_argument("--sock-fd", type=int, required=True, help="inherited socket to the host")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ def _socket(a: argparse.Namespace) -> Path:
     if getattr(a, "config", None):
         return load_config(a.config).socket_path
     return default_socket_path()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=132)  # piped: do not squeeze
 
 
 def _mib(v: Any) -> str:
@@ -70,9 +77,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st))
         return 0
-    from rich.console import Console
-
-    Console().print(status_table(st))
+    _console().print(status_table(st))
     return 0
 
 
@@ -101,12 +106,11 @@ def _cmd_journal(a: argparse.Namespace) -> int:
 
 
 def _cmd_top(a: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
 
     sock = _socket(a)
     if a.once:
-        Console().print(status_table(request(sock, "status")))
+        _console().print(status_table(request(sock, "status")))
         return 0
     with Live(status_table(request(sock, "status")), refresh_per_second=2) as live:
         while True:

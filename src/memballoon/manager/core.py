@@ -43,6 +43,7 @@ from memballoon.policy.base import (
     Policy,
     clamp_balloon,
 )
+from memballoon.protocol.pressure import PressureReport
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,20 @@ class Event:
     guest: str | None = None
 
 
-def under_pressure(s: GuestSample, h: Hysteresis) -> bool:
+def under_pressure(s: GuestSample, h: Hysteresis, prev: PressureReport | None = None) -> bool:
+    """Stall (PSI) over the threshold, MemAvailable nearly gone, or, since ``prev``, new major
+    faults, swap-ins, refused balloon pages or OOM kills: any of them means the guest is short."""
     r = s.report
     if r is None:
         return False
     low_avail = r.available_bytes < h.pressure_available_fraction * s.ram_pages * PAGE_SIZE
-    return r.stall_pct >= h.pressure_stall_pct or low_avail
+    if r.stall_pct >= h.pressure_stall_pct or low_avail:
+        return True
+    if prev is None or prev is r:
+        return False
+    return (r.major_faults > prev.major_faults or r.swap_in_pages > prev.swap_in_pages
+            or r.oom_kills > prev.oom_kills
+            or (r.refused_pages or 0) > (prev.refused_pages or 0))
 
 
 class ManagerCore:
@@ -138,6 +147,8 @@ class ManagerCore:
         self._last_dir: dict[str, int] = {}
         self._last_change: dict[str, float] = {}
         self.last_samples: dict[str, GuestSample] = {}
+        self._prev_report: dict[str, PressureReport] = {}  # the report before the latest
+        self._cur_report: dict[str, PressureReport] = {}
 
     # ------------------------------------------------------------------ views
     def sample(self, now: float, st: GuestState) -> GuestSample:
@@ -159,6 +170,12 @@ class ManagerCore:
     ) -> list[Action]:
         self.counters.inc("steps")
         samples = {name: self.sample(now, st) for name, st in states.items()}
+        for name, st in states.items():
+            r = st.report
+            if r is not None and self._cur_report.get(name) is not r:
+                if name in self._cur_report:
+                    self._prev_report[name] = self._cur_report[name]
+                self._cur_report[name] = r
         self.last_samples = samples
         host = HostSample(
             budget_pages=self.budget_pages,
@@ -244,7 +261,7 @@ class ManagerCore:
             recent = now - self._last_change.get(s.name, -math.inf) < h.hold_s
             direction = 1 if delta > 0 else -1
             if last and direction != last and recent and not (
-                direction < 0 and under_pressure(s, h)
+                direction < 0 and under_pressure(s, h, self._prev_report.get(s.name))
             ):
                 self.counters.inc("skip_reversal")
                 return None

@@ -1,0 +1,125 @@
+"""A real ``memballoon run`` with two small local guests, driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memballoon.cli import main
+from memballoon.manager.journal import read_journal
+
+CONFIG = """
+world = "local"
+budget = "160MiB"
+period_s = 0.5
+journal = "journal.jsonl"
+socket = "ctl/m.sock"
+metrics_port = 0
+[policy]
+name = "default"
+[[guests]]
+name = "g1"
+mib = 64
+workload = "idle"
+min = "24MiB"
+[[guests]]
+name = "g2"
+mib = 64
+protocol = "vmw-batched"
+workload = "steady"
+min = "40MiB"
+"""
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = path.read_text()
+        if text in out:
+            return out
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in daemon output:\n{path.read_text()}")
+
+
+def test_run_status_set_journal_top_and_sigterm(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(CONFIG)
+    log = tmp_path / "daemon.out"
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "memballoon.cli", "run", "--config",
+                                 str(cfg)], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        out = _wait_for(log, "ready", proc, 60.0)
+        assert "host budget 160 MiB" in out
+        assert ("ENFORCED by" in out) or ("only WATCHED" in out)
+        sock = str(tmp_path / "ctl" / "m.sock")
+        time.sleep(1.5)  # a few manager rounds and reports
+
+        assert main(["status", "--json", "--socket", sock]) == 0
+        st = json.loads(capsys.readouterr().out)
+        assert st["policy"] == "default" and st["budget_bytes"] == 160 << 20
+        assert {g["name"] for g in st["guests"]} == {"g1", "g2"}
+        assert all(g["alive"] and g["ram_bytes"] == 64 << 20 for g in st["guests"])
+        assert all(g["free_bytes"] is not None for g in st["guests"])
+
+        assert main(["set", "g1", "40MiB", "--config", str(cfg)]) == 0  # socket via config
+        assert "size 40 MiB" in capsys.readouterr().out
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            main(["status", "--json", "--socket", sock])
+            g1 = {g["name"]: g for g in json.loads(capsys.readouterr().out)["guests"]}["g1"]
+            if g1["actual_bytes"] == 24 << 20:
+                break
+            time.sleep(0.2)
+        assert g1["manual"] and g1["target_bytes"] == 24 << 20 and g1["actual_bytes"] == 24 << 20
+
+        assert main(["set", "g1", "1TiB", "--socket", sock]) == 2  # above its RAM
+        assert "above guest g1's RAM" in capsys.readouterr().err
+
+        assert main(["journal", "--guest", "g1", "--last", "5", "--json", "--socket", sock]) == 0
+        recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert recs and all(r["guest"] == "g1" for r in recs)
+        assert recs[-1]["kind"] == "manual" and recs[-1]["new_bytes"] == 24 << 20
+
+        assert main(["top", "--once", "--socket", sock]) == 0
+        frame = capsys.readouterr().out
+        assert "g1" in frame and "g2" in frame and "policy default" in frame
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert "balloons deflated" in out and "stopped" in out
+    shut = [r for r in read_journal(tmp_path / "journal.jsonl") if r["kind"] == "shutdown"]
+    assert {r["guest"] for r in shut} >= {"g1"}
+    assert all(r["new_pages"] == 0 and r["applied"] for r in shut)
+    assert not [r for r in read_journal(tmp_path / "journal.jsonl")
+                if r["kind"] == "shutdown_incomplete"]
+    assert not (tmp_path / "ctl" / "m.sock").exists()
+    assert main(["status", "--socket", str(tmp_path / "ctl" / "m.sock")]) == 2
+    assert "no memballoon daemon" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "journal.jsonl")
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(CONFIG.replace('budget = "160MiB"', 'budget = "160 furlongs"'))
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and "furlongs" in err
+    cfg.write_text(CONFIG.replace('name = "default"', 'name = "magic"'))
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert "magic" in capsys.readouterr().err
