@@ -175,3 +175,16 @@ def test_actions_always_respect_limits_and_liveness(
         assert mx is None or size <= max(mx, settings[a.guest].min_pages)
         if a.new_pages > s.target_pages and a.kind == "policy":
             assert s.report is not None
+
+
+def test_rising_major_faults_count_as_pressure_for_a_reversal() -> None:
+    p = Fixed({"a": 8000})
+    c = core(p)
+    c.step(100.0, {"a": state("a")}, 0)
+    p.out = {"a": 2000}
+    calm = report("a")
+    c.step(101.0, {"a": state("a", target=8000, rep=calm, t=101.0)}, 0)  # refused: calm
+    faulting = PressureReport("a", 2.0, RAM * PAGE_SIZE, 128 << 20, 128 << 20, 1 << 20,
+                              1 << 20, 0, 0, 0, 50, 0, 0, 0.0, 0, 0)  # 50 new major faults
+    (a,) = c.step(102.0, {"a": state("a", target=8000, rep=faulting, t=102.0)}, 0)
+    assert a.new_pages == 2000 and c.counters["skip_reversal"] == 1
