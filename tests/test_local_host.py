@@ -217,3 +217,23 @@ def test_specs_are_checked() -> None:
         GuestSpec("a/b", 64, "virtio", "idle")
     with pytest.raises(ConfigError):
         LocalHost([GuestSpec("x", 64, "vmw", "idle")] * 2, budget_bytes=None)
+
+
+def test_deflate_on_oom_saves_a_growing_guest_over_the_real_transport() -> None:
+    # a ramp grows into its balloon: the driver deflates on OOM (waiting for the host each
+    # time, as Linux's tell_host does) instead of an OOM kill, and stays deflated
+    async def main() -> None:
+        spec = GuestSpec(name="g", mib=128, protocol="virtio",
+                         workload="ramp:start=0.05,peak=0.6,file=0.02,rate=0.3,at=1")
+        async with LocalHost([spec], budget_bytes=None) as host:
+            await host.set_target("g", 100 * MIB // PAGE_SIZE)
+            grown = await host.wait_until(
+                lambda s: s["g"].report is not None
+                and s["g"].report.anon_bytes >= 70 * MIB, timeout_s=30.0)
+            v = host.snapshot()["g"]
+            assert grown, v
+            assert v.report is not None and v.report.oom_kills == 0
+            assert v.counters.get("deflated_pages", 0) > 0
+            assert v.actual_pages < v.target_pages  # it did not go back by itself
+
+    asyncio.run(main())

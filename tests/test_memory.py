@@ -206,3 +206,13 @@ def test_active_sampling_counts_frames_in_the_hot_sets() -> None:
     m2 = GuestMemory(G64)
     m2.step(1.0, 1.0, demand(mib_to_pages(32), hot=0.0))
     assert m2.sample_active(random.Random(1), 1000) == 0
+
+
+def test_first_file_reads_are_io_but_refaults_of_evicted_pages_stall() -> None:
+    m = GuestMemory(G64)
+    r = m.step(1.0, 1.0, demand(0, file=mib_to_pages(8)))
+    assert r.major_faults == mib_to_pages(8) and r.stall_s == 0.0  # cold reads: not pressure
+    m.alloc_nosleep(G64)
+    m.alloc_sleep(mib_to_pages(4))  # reclaim evicts 4 MiB of that cache
+    r = m.step(2.0, 1.0, demand(0, file=mib_to_pages(8)))
+    assert r.major_faults > 0 and r.stall_s > 0.0  # reading them back is thrashing

@@ -28,8 +28,9 @@ OOM notifiers (virtio's deflate-on-OOM) had their say, the guest OOM-kills its w
 kswapd reclaims in the background at the end of each step when free memory is under the low
 watermark, up to the high watermark (not stall time, as in PSI).
 
-Stall accounting in the spirit of PSI ``some``: time a task waited on direct reclaim, swap-out
-or a major fault, using the per-page costs below, capped at the step length.
+Stall accounting in the spirit of PSI ``some``: time a task waited on direct reclaim, swap-out,
+a swap-in or the refault of a file page the guest had evicted (a first read of file data is
+I/O, not memory pressure), using the per-page costs below, capped at the step length.
 
 Cost: a step with unchanged demand and nothing to refault returns at once; otherwise work is
 proportional to the pages that change. A mostly idle 8 GiB guest costs about what a 1 GiB one
@@ -207,6 +208,7 @@ class GuestMemory:
         self._last_demand: Demand | None = None
         self._carry_anon = 0.0  # fractional cold refaults carried to the next step
         self._carry_file = 0.0
+        self._file_evicted = 0  # file working-set pages evicted from the cache, not read since
         self.generation = 0  # stamps page contents written by the workload
 
     # ------------------------------------------------------------------ figures
@@ -331,6 +333,7 @@ class GuestMemory:
         if victims.size:
             self._give_free(victims)
             freed += int(victims.size)
+            self._file_evicted += int(victims.size)
         swap_room = self.swap_total_pages - self.swapped
         if freed < n and swap_room > 0:
             out = self.anon.pop_front(min(n - freed, swap_room))
@@ -503,6 +506,7 @@ class GuestMemory:
             victims = self.cache.pop_front(short)
             if victims.size:
                 self._give_free(victims)
+                self._file_evicted += int(victims.size)
                 self.events.direct_reclaim += int(victims.size)
                 tally.stall_s += victims.size * DIRECT_RECLAIM_S_PER_PAGE
                 more = self._take_free(int(victims.size), 0, PageState.CACHE)
@@ -510,7 +514,11 @@ class GuestMemory:
         k = int(pfns.size)
         self.events.major_faults += n
         tally.major += n
-        tally.stall_s += n * MAJOR_FAULT_S
+        # PSI counts a refault of a page the guest evicted (thrashing) as a memory stall; a
+        # first read of file data is I/O, not memory pressure (mm/workingset.c)
+        refaults = min(n, self._file_evicted)
+        self._file_evicted -= refaults
+        tally.stall_s += refaults * MAJOR_FAULT_S
         if k:
             self.cache.push_back(pfns)
             self._touch(pfns)
@@ -561,6 +569,7 @@ class GuestMemory:
             self._oom_kill()
         # 3. file reads: hot file data not in the cache is read now, cold data at a rate
         cache = len(self.cache)
+        self._file_evicted = min(self._file_evicted, max(0, demand.file_pages - cache))
         if demand.file_pages > cache:
             hot_missing = max(0, demand.hot_file_pages - cache)
             cold_missing = demand.file_pages - cache - hot_missing

@@ -90,6 +90,9 @@ DRIVER_AREA_GPA: Final = 1 * MIB
 DRIVER_AREA_BYTES: Final = 128 * KIB
 #: The driver asks for at most this queue size (a device may offer up to 32768).
 DRIVER_QUEUE_SIZE_MAX: Final = 256
+#: How many times the OOM notifier waits for its deflate buffer to be used (each wait is
+#: bounded by the transport's own timeout).
+OOM_WAIT_TRIES: Final = 20
 #: PFN buffers per inflate/deflate queue that may be in flight at once.
 PFN_SLOTS: Final = 16
 
@@ -176,6 +179,10 @@ class VirtioBalloonDriver:
         self._refused = PfnDeque()
         self._inflight_inflate = 0
         self._target = 0
+        # Linux runs update_balloon_size_func on a config change and re-queues it while it has
+        # work left; nothing else moves the balloon (after deflate-on-OOM it stays deflated
+        # until the host asks again)
+        self._adjust_pending = True
         self._reset_gen = 0
         self._next_report = 0.0
         self._freed_total = 0
@@ -266,8 +273,11 @@ class VirtioBalloonDriver:
                 and cfg.x_reset_generation != self._reset_gen
             ):
                 self._host_reset(cfg.x_reset_generation)
+            if cfg.num_pages != self._target:
+                self._adjust_pending = True  # a transport that dropped the interrupt
             self._target = cfg.num_pages
-            self._adjust()
+            if self._adjust_pending:
+                self._adjust()
         self._update_actual()
         if self.has_feature(VIRTIO_BALLOON_F_REPORTING) and now >= self._next_report:
             self._report()
@@ -286,7 +296,8 @@ class VirtioBalloonDriver:
 
     # ------------------------------------------------------------------ interrupts
     def _irq_config(self) -> None:
-        self.config_interrupts += 1  # the next work() reads the config
+        self.config_interrupts += 1  # the next work() reads the config and adjusts
+        self._adjust_pending = True
 
     def _irq_used(self, queue: int) -> None:
         self.used_interrupts += 1  # the next collect picks the buffers up
@@ -310,6 +321,7 @@ class VirtioBalloonDriver:
 
     # ------------------------------------------------------------------ inflate / deflate
     def _adjust(self) -> None:
+        self._adjust_pending = False
         while True:
             diff = self._target - (len(self._balloon) + self._inflight_inflate)
             if diff > 0:
@@ -317,9 +329,11 @@ class VirtioBalloonDriver:
                     self.counters.inc("refused_limit")
                     break
                 if self._fill(min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
+                    self._adjust_pending = True  # "Out of puff!": Linux retries in 200 ms
                     break
             elif diff < 0:
                 if self._leak(min(-diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
+                    self._adjust_pending = True
                     break
             else:
                 break
@@ -439,6 +453,16 @@ class VirtioBalloonDriver:
             return 0
         before = self._freed_total
         self._leak(VIRTIO_BALLOON_OOM_NR_PAGES)
+        # Linux's notifier blocks in tell_host until the device used the buffer: with
+        # MUST_TELL_HOST the pages are free only then. A pipelined transport's wait() may
+        # return early, so wait (boundedly) for this deflate to come back.
+        qi = self._qidx.get(BalloonQueue.DEFLATEQ)
+        for _ in range(OOM_WAIT_TRIES):
+            if qi is None or self._freed_total != before or not any(
+                    role is BalloonQueue.DEFLATEQ for role, _ in self._pending):
+                break
+            self.transport.wait_idle(qi)
+            self._collect(BalloonQueue.DEFLATEQ)
         self._update_actual()
         freed = self._freed_total - before
         self.counters.inc("oom_deflated_pages", freed)

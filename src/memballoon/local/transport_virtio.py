@@ -242,6 +242,10 @@ class LocalVirtioTransport:
                 return
             self._block(queue, deadline - now)
 
+    def wait_idle(self, queue: int) -> None:
+        """Block until nothing is in flight on ``queue`` (or the wait timeout)."""
+        self.wait(queue, depth=1)
+
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until nothing is in flight on inflateq and deflateq; returns whether so."""
         for q in sorted(PIPELINED_QUEUES & set(self._layouts)):

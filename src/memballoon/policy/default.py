@@ -82,7 +82,13 @@ BACKOFF_MAX_SCALE: Final = 4.0
 MARGIN_FRACTION: Final = 0.10
 MARGIN_MIN_PAGES: Final = mib_to_pages(32)
 LOOKAHEAD_S: Final = 10.0
-WS_WINDOW_S: Final = 120.0  # the working-set peak is taken over this window
+# When the host is over its budget, guests are held to their current working set plus this
+# smaller margin (and the growth lookahead), not to their recent peak: memory a finished burst
+# left free is the first the host takes back.
+BUDGET_MARGIN_PAGES: Final = mib_to_pages(8)
+# The working-set peak is taken over this window: memory a finished burst freed is reclaimed
+# about this long after it (a longer window keeps burst-sized memory idle on the host).
+WS_WINDOW_S: Final = 30.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
@@ -127,6 +133,7 @@ class _Plan:
     inputs: dict[str, float]
     balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
     soft_floor: int = 0  # the size that keeps the guest's page cache: reclaimed second
+    budget_floor: int = 0  # how far the host budget may squeeze: working set + small margin
 
 
 class DefaultPolicy:
@@ -205,10 +212,12 @@ class DefaultPolicy:
         peak = max(w for _, w in st.ws)
         ram = g.ram_pages
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram) + growth * LOOKAHEAD_S)
-        if now >= st.hurt_until or peak + margin < st.hurt_ws:
-            st.hurt_size = 0  # the pain is old, or the working set shrank since
+        if now >= st.hurt_until or ws + margin < st.hurt_ws:
+            st.hurt_size = 0  # the pain is old, or the working set shrank well below it
         floor = max(g.settings.min_pages, peak + margin, st.hurt_size)
         floor = min(floor, g.ceiling_pages())
+        budget_floor = min(floor, max(g.settings.min_pages, st.hurt_size,
+                                      ws + BUDGET_MARGIN_PAGES + int(growth * LOOKAHEAD_S)))
         step = max(1, int(st.step * ram))
         severity = max(r.stall_pct / self.stall_trouble_pct if self.stall_trouble_pct else 0.0,
                        swapin_rate / SWAPIN_TROUBLE_PER_S)
@@ -220,6 +229,7 @@ class DefaultPolicy:
             "margin_pages": float(margin), "floor_pages": float(floor),
             "size_pages": float(size), "balloon_pages": float(g.balloon_pages),
             "target_pages": float(g.target_pages), "step_pages": float(step),
+            "budget_floor_pages": float(budget_floor),
         }
 
         def hurt(new_size: int) -> None:
@@ -237,6 +247,12 @@ class DefaultPolicy:
             return _Plan(g, Verdict.EMERGENCY, max(new, floor), floor, 100.0 + severity,
                          f"default: emergency deflate: {why}", inputs)
         if r.stall_pct > self.stall_trouble_pct or swapin_rate > SWAPIN_TROUBLE_PER_S:
+            if g.balloon_pages == 0 and g.target_pages == 0:
+                # the balloon took nothing: this pressure is the guest's own, not ours to
+                # remember as a size that hurt (which would stop probing for minutes)
+                c.inc("default_pressure_without_balloon")
+                return _Plan(g, Verdict.HOLD, size, floor, severity,
+                             f"default: stall {r.stall_pct:.2f}% with no balloon: hold", inputs)
             scale = min(BACKOFF_MAX_SCALE, max(1.0, severity))
             backoff = int(max(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale)
             new = size + backoff
@@ -274,8 +290,8 @@ class DefaultPolicy:
         if p is None or p.g.report is None:
             return p
         free = free_pages(p.g, p.g.report, self.counters)
-        margin = int(p.inputs.get("margin_pages", 0.0))
-        p.soft_floor = max(p.floor, p.g.size_pages - max(0, free - margin))
+        p.budget_floor = int(p.inputs.get("budget_floor_pages", float(p.floor)))
+        p.soft_floor = max(p.budget_floor, p.g.size_pages - max(0, free - BUDGET_MARGIN_PAGES))
         return p
 
     # ------------------------------------------------------------------ the host
@@ -327,7 +343,7 @@ class DefaultPolicy:
                  and p.balloon is None]
         for soft in (True, False):
             def low(p: _Plan, soft: bool = soft) -> int:
-                return max(p.floor, p.soft_floor) if soft else p.floor
+                return p.soft_floor if soft else p.budget_floor
 
             cands.sort(key=lambda p: (p.pressure, -(p.size - low(p)), p.g.name))
             for p in cands:
@@ -340,7 +356,7 @@ class DefaultPolicy:
                 excess -= take
                 p.verdict = Verdict.PROBE
                 p.why = (f"default: host over budget by {excess + take} pages: reclaim {take} "
-                         f"from an idle guest (floor {p.floor})")
+                         f"{'free' if soft else 'cache'} pages (floor {low(p)})")
         return excess
 
     @staticmethod

@@ -57,6 +57,12 @@ class VirtioTransport(Protocol):
         """Block until the device has used what was kicked on ``queue`` (may return early)."""
         ...
 
+    def wait_idle(self, queue: int) -> None:
+        """Block until nothing is in flight on ``queue`` (bounded by the transport's timeout).
+
+        For callers that must have the buffer back, as Linux's ``tell_host`` does."""
+        ...
+
     def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
         ...
 
@@ -139,6 +145,9 @@ class DirectTransport:
 
     def wait(self, queue: int) -> None:
         """Synchronous device: already done. Deferred: the device has not run; return."""
+
+    def wait_idle(self, queue: int) -> None:
+        """As ``wait``: nothing to wait for in this process."""
 
     def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
         self._on_config = config_changed
