@@ -188,3 +188,26 @@ def test_rising_major_faults_count_as_pressure_for_a_reversal() -> None:
                               1 << 20, 0, 0, 0, 50, 0, 0, 0.0, 0, 0)  # 50 new major faults
     (a,) = c.step(102.0, {"a": state("a", target=8000, rep=faulting, t=102.0)}, 0)
     assert a.new_pages == 2000 and c.counters["skip_reversal"] == 1
+
+
+def test_an_urgent_decision_is_not_held_back_as_a_reversal() -> None:
+    # a budget reclaim right after a deflation must go through (the host budget comes first)
+    class Flip:
+        name = "flip"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def decide(self, host, guests, now):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.calls == 1:
+                return [Decision("a", 0, "deflate")]
+            return [Decision("a", RAM // 2, "host over budget", urgent=self.calls == 3)]
+
+    core = ManagerCore(Flip(), {"a": GuestSettings()}, budget_pages=RAM * 4)
+    first = core.step(100.0, {"a": state("a", target=RAM // 4)}, 0)
+    assert [a.new_pages for a in first] == [0]
+    held = core.step(101.0, {"a": state("a", target=0, t=101.0)}, 0)
+    assert held == []  # an ordinary reversal within the hold time is refused
+    urgent = core.step(102.0, {"a": state("a", target=0, t=102.0)}, 0)
+    assert [a.new_pages for a in urgent] == [RAM // 2]

@@ -71,13 +71,23 @@ def test_constants() -> None:
 
 def test_quiet_guest_is_probed_with_a_growing_step() -> None:
     p = DefaultPolicy()
-    d = one(p, sample(report(0, avail=RAM * 9 // 10)), 0.0)
+    avail = 2 * int(MARGIN_FRACTION * RAM) - 1  # not idle enough for the half-of-free rule
+    d = one(p, sample(report(0, avail=avail)), 0.0)
     assert d is not None and d.balloon_pages == int(PROBE_STEP_START * RAM)
     assert "probe" in d.reason and d.inputs["stall_pct"] == 0.0
     b = d.balloon_pages
-    d2 = one(p, sample(report(5, avail=RAM * 9 // 10 - b, balloon=b), balloon=b), 5.0)
+    d2 = one(p, sample(report(5, avail=avail - b, balloon=b), balloon=b), 5.0)
     assert d2 is not None
     assert d2.balloon_pages - b == int((PROBE_STEP_START + PROBE_STEP_INC) * RAM)
+
+
+def test_idle_free_memory_is_taken_half_a_call() -> None:
+    p = DefaultPolicy()
+    margin = int(MARGIN_FRACTION * RAM)
+    avail = RAM * 9 // 10
+    d = one(p, sample(report(0, avail=avail)), 0.0)
+    assert d is not None and d.balloon_pages == (avail - margin) // 2
+    assert d.balloon_pages <= RAM - (RAM - avail) - margin  # never past the floor
 
 
 def test_probe_stops_at_the_learned_floor() -> None:
@@ -101,11 +111,13 @@ def test_pressure_backs_off_at_once_and_halves_the_step() -> None:
     assert d is not None and "back off" in d.reason
     assert b - d.balloon_pages >= int(BACKOFF_MIN_FRACTION * RAM)
     assert p.state["g"].step == max(PROBE_STEP_MIN, step_before / 2)
-    # and it does not probe back below the size that hurt while the memory lasts
+    # and it does not probe back below the size that hurt (plus the margin) while the memory
+    # lasts, though it may take back what the back-off gave beyond that
+    hurt_size = (RAM - b) + int(MARGIN_FRACTION * RAM)
     b2 = d.balloon_pages
     avail = RAM // 4 + (b - b2)  # the same working set, more room
     d3 = one(p, sample(report(10, avail=avail, balloon=b2), balloon=b2), 10.0)
-    assert d3 is None
+    assert d3 is None or RAM - d3.balloon_pages >= hurt_size
 
 
 def test_swap_ins_are_trouble() -> None:

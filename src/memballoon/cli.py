@@ -84,7 +84,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(seconds=args.seconds, guest_mib=args.guest_mib, budget_mib=args.budget_mib,
                      seed=args.seed)
     live = sys.stdout.isatty() and not args.json
-    summary = asyncio.run(run_demo(cfg, live=live))
+    summary = asyncio.run(run_demo(cfg, live=live, journal_path=args.journal))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="three local guests with real memory share a host budget (the main job)",
         description="Start 3 local guests (idle, steady, bursty) of real memfd RAM on a host "
-                    "budget smaller than their sum, move memory between them with their "
-                    "balloons, then print a summary.",
+                    "budget smaller than their sum; the manager with the default policy moves "
+                    "memory between them with their balloons; then print a summary.",
     )
     demo.add_argument("--seconds", type=_positive_float, default=30.0,
                       help="how long to run (default 30)")
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-mib", type=_positive_int, default=1024,
                       help="host budget for all guests, MiB (default 1024)")
     demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--journal", metavar="FILE",
+                      help="keep the manager's decision journal here (JSON lines)")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     demo.set_defaults(func=_cmd_demo)
 

@@ -6,10 +6,12 @@ different balloon protocol) on a 1 GiB host budget, for about 30 s, with a live 
 terminal (a progress line every few seconds when stdout is not a terminal), then a summary.
 ``--json`` prints the summary as one JSON object.
 
-The budget is enforced for real where the machine has a memory cgroup and we run as root (the
-kernel OOM-kills a guest that overshoots it); otherwise it is only watched. The guest
-processes' own interpreter memory is charged to that cgroup too, so the balloons keep the
-guests' RAM within the budget minus ``PROCESS_OVERHEAD_BYTES`` a guest.
+The balloons are sized by the manager (``manager/loop.py``) with memballoon's default policy,
+from the pressure each guest pushes every second; every target change is journaled (``--journal
+FILE`` keeps the journal as JSON lines). The budget is enforced for real where the machine has
+a memory cgroup and we run as root (the kernel OOM-kills a guest that overshoots it); otherwise
+it is only watched. The guest processes' own interpreter memory is charged to that cgroup too,
+so the manager holds the guests' RAM to the budget minus ``PROCESS_OVERHEAD_BYTES`` a guest.
 """
 
 from __future__ import annotations
@@ -33,9 +35,6 @@ DEFAULT_GUESTS = (
     ("steady", "steady", "virtio"),
     ("bursty", "bursty", "vmw-batched"),
 )
-
-Decide = Callable[[Mapping[str, GuestView], int], dict[str, int]]
-
 
 @dataclass
 class DemoConfig:
@@ -62,34 +61,6 @@ class _Trace:
     peak_resident: int = 0
     stall: dict[str, list[float]] = field(default_factory=dict)
     rows: int = 0
-
-
-def share_targets(views: Mapping[str, GuestView], guest_budget_bytes: int) -> dict[str, int]:
-    """A simple rule: each guest keeps what it uses plus headroom; the rest is ballooned.
-
-    Used memory is ``total - available`` from the guest's last report; headroom is a quarter
-    of that (at least 32 MiB), doubled while the guest stalls. When the guests' wishes exceed
-    the budget, each is cut in proportion, but never below what it uses plus 16 MiB.
-    """
-    want: dict[str, int] = {}
-    floor: dict[str, int] = {}
-    ram: dict[str, int] = {}
-    for name, v in views.items():
-        if not v.alive or v.report is None:
-            continue
-        r = v.report
-        ram[name] = v.ram_pages * PAGE_SIZE
-        used = max(0, r.total_bytes - r.balloon_bytes - r.available_bytes)
-        head = max(32 * MIB, used // 4) * (2 if r.stall_pct > 1.0 else 1)
-        want[name] = min(ram[name], used + head)
-        floor[name] = min(ram[name], used + 16 * MIB)
-    total = sum(want.values())
-    if total > guest_budget_bytes and total > 0:
-        spare = max(0, guest_budget_bytes - sum(floor.values()))
-        extra = {n: want[n] - floor[n] for n in want}
-        scale = spare / max(1, sum(extra.values()))
-        want = {n: floor[n] + int(extra[n] * min(1.0, scale)) for n in want}
-    return {n: (ram[n] - want[n]) // PAGE_SIZE for n in want}
 
 
 def _specs(cfg: DemoConfig) -> list[GuestSpec]:
@@ -137,20 +108,29 @@ async def run_demo(
     cfg: DemoConfig,
     *,
     live: bool,
-    decide: Decide = share_targets,
+    journal_path: str | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Run the demo and return its summary (see the module docstring)."""
+    from memballoon.manager.journal import Journal
+    from memballoon.manager.local_backend import LocalBackend
+    from memballoon.manager.loop import run_manager
+    from memballoon.policy.base import GuestSettings
+    from memballoon.policy.registry import make_policy
+
     specs = _specs(cfg)
     budget = cfg.budget_mib * MIB
     guest_budget = budget - PROCESS_OVERHEAD_BYTES * len(specs)
     trace = _Trace(stall={s.name: [] for s in specs})
     async with LocalHost(specs, budget_bytes=budget) as host:
         b = host.budget
-        log(f"budget {cfg.budget_mib} MiB: {b.describe() if b else 'none'}")
-        # start every guest at its share so that the budget holds from the first second
-        for s in specs:
-            await host.set_target(s.name, s.pages - guest_budget // len(specs) // PAGE_SIZE)
+        log(f"budget {cfg.budget_mib} MiB: {b.describe() if b else 'none'}; "
+            f"policy default, {guest_budget // MIB} MiB for guest memory")
+        settings = {s.name: GuestSettings(min_pages=s.pages // 8) for s in specs}
+        manager = asyncio.create_task(run_manager(
+            LocalBackend(host), make_policy("default"), settings, budget_bytes=guest_budget,
+            period_s=cfg.period_s, seconds=cfg.seconds, journal=Journal(journal_path),
+            enforced=bool(b is not None and b.enforced), deflate_at_end=False))
         t0 = time.monotonic()
         last_log = -10.0
         live_ctx = None
@@ -161,11 +141,9 @@ async def run_demo(
                             transient=False)
             live_ctx.__enter__()
         try:
-            while (t := time.monotonic() - t0) < cfg.seconds:
+            while not manager.done():
+                t = time.monotonic() - t0
                 views = host.snapshot()
-                for name, target in decide(views, guest_budget).items():
-                    if views[name].alive:
-                        await host.set_target(name, target)
                 trace.peak_resident = max(trace.peak_resident, host.resident_bytes())
                 for v in views.values():
                     if v.report is not None:
@@ -179,6 +157,9 @@ async def run_demo(
         finally:
             if live_ctx is not None:
                 live_ctx.__exit__(None, None, None)
+            if not manager.done():
+                manager.cancel()
+        m = await manager
         views = host.snapshot()
         corruptions = 0
         for v in views.values():
@@ -213,6 +194,8 @@ async def run_demo(
             "guest_oom_kills": sum(g["oom_kills"] for g in guests) + kernel_kills,
             "kernel_oom_kills": kernel_kills,
             "data_corruptions": corruptions,
+            "policy": "default",
+            "decisions": m.decisions,
             "guests": guests,
         }
 
@@ -225,6 +208,7 @@ def print_summary(s: Mapping[str, Any]) -> None:
     print(f"  returned to host   {s['host_released_bytes'] / MIB:8.0f} MiB (hole-punched)")
     print(f"  guest OOM kills    {s['guest_oom_kills']:8d}")
     print(f"  data corruptions   {s['data_corruptions']:8d}")
+    print(f"  balloon decisions  {s['decisions']:8d} (policy {s['policy']})")
     for g in s["guests"]:
         print(f"  {g['name']:<8} {g['protocol']:<12} balloon {g['balloon_actual_bytes'] / MIB:5.0f}"
               f" MiB  resident {g['resident_bytes'] / MIB:5.0f} MiB  mean stall "

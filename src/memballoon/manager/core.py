@@ -260,7 +260,7 @@ class ManagerCore:
             last = self._last_dir.get(s.name, 0)
             recent = now - self._last_change.get(s.name, -math.inf) < h.hold_s
             direction = 1 if delta > 0 else -1
-            if last and direction != last and recent and not (
+            if last and direction != last and recent and not d.urgent and not (
                 direction < 0 and under_pressure(s, h, self._prev_report.get(s.name))
             ):
                 self.counters.inc("skip_reversal")

@@ -79,6 +79,9 @@ class Decision:
     balloon_pages: int  # the new balloon target
     reason: str  # one line a person can read: why
     inputs: Mapping[str, float] = field(default_factory=dict)  # the figures that led to it
+    # A decision the host budget or a guest's safety needs now: the manager applies it even
+    # where its anti-flapping hold would refuse a reversal (never past floors or ceilings).
+    urgent: bool = False
 
 
 class Policy(Protocol):

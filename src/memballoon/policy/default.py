@@ -11,9 +11,9 @@ its balloon reaches the target. Per guest, in order:
 
 1. **blind**: no report, or one older than ``max_report_age_s``: never inflate; an inflation in
    progress stops where it is (target := actual).
-2. **emergency**: MemAvailable under the margin, or an OOM kill since last time: deflate at
-   once by what restores the margin (the margin covers ``LOOKAHEAD_S`` of the working set's
-   recent growth, so a ramping guest gets ahead of its ramp).
+2. **emergency**: MemAvailable under the small margin (``BUDGET_MARGIN_PAGES`` plus
+   ``LOOKAHEAD_S`` of the working set's recent growth), or an OOM kill since last time: deflate
+   at once by what restores the full margin (so a ramping guest gets ahead of its ramp).
 3. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
    probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``).
@@ -23,7 +23,8 @@ its balloon reaches the target. Per guest, in order:
 5. **under its floor**: the guest keeps less than its safety floor (the recent peak working set
    plus margin): grow it back to the floor.
 6. **quiet**: stall under ``STALL_QUIET_PCT``, no swap-in, few major faults, and the balloon at
-   its target: probe down by the step, never below the floor; the step grows by
+   its target: probe down by the step (by half the free memory beyond the margin when that
+   is more than twice the margin: idle memory), never below the floor; the step grows by
    ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
    ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
    are the model: slow growth while things go well, halving on failure).
@@ -87,8 +88,9 @@ LOOKAHEAD_S: Final = 10.0
 # left free is the first the host takes back.
 BUDGET_MARGIN_PAGES: Final = mib_to_pages(8)
 # The working-set peak is taken over this window: memory a finished burst freed is reclaimed
-# about this long after it (a longer window keeps burst-sized memory idle on the host).
-WS_WINDOW_S: Final = 30.0
+# about this long after it (a longer window keeps burst-sized memory idle on the host; the next
+# burst is met by the emergency deflation and, for virtio, deflate-on-OOM).
+WS_WINDOW_S: Final = 5.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
@@ -120,6 +122,7 @@ class GuestState:
     hurt_size: int = 0  # the size at which the guest last hurt (plus the back-off)
     hurt_until: float = float("-inf")
     hurt_ws: int = 0  # its working set then
+    oom_until: float = float("-inf")  # after an OOM kill the shrunk working set is the kill's
 
 
 @dataclass
@@ -134,6 +137,7 @@ class _Plan:
     balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
     soft_floor: int = 0  # the size that keeps the guest's page cache: reclaimed second
     budget_floor: int = 0  # how far the host budget may squeeze: working set + small margin
+    budget_cut: bool = False  # reclaimed for the host budget (urgent: not held back)
 
 
 class DefaultPolicy:
@@ -212,7 +216,7 @@ class DefaultPolicy:
         peak = max(w for _, w in st.ws)
         ram = g.ram_pages
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram) + growth * LOOKAHEAD_S)
-        if now >= st.hurt_until or ws + margin < st.hurt_ws:
+        if now >= st.hurt_until or (now >= st.oom_until and ws + margin < st.hurt_ws):
             st.hurt_size = 0  # the pain is old, or the working set shrank well below it
         floor = max(g.settings.min_pages, peak + margin, st.hurt_size)
         floor = min(floor, g.ceiling_pages())
@@ -233,15 +237,22 @@ class DefaultPolicy:
         }
 
         def hurt(new_size: int) -> None:
+            # no probing back below where it hurt (plus the margin) for a while; the deflation
+            # itself may go further, to relieve the pressure now
             st.step = max(PROBE_STEP_MIN, st.step / 2)
-            st.hurt_size = min(new_size, g.ceiling_pages())
+            st.hurt_size = min(new_size, size + margin, g.ceiling_pages())
             st.hurt_until = now + PRESSURE_MEMORY_S
             st.hurt_ws = ws
 
-        if d_oom > 0 or avail < margin:
+        # emergency below the small margin (what the budget may squeeze a guest to); between
+        # it and the full margin the guest is only tight: no probing (its floor holds it)
+        emergency_margin = BUDGET_MARGIN_PAGES + int(growth * LOOKAHEAD_S)
+        if d_oom > 0 or avail < emergency_margin:
             need = max(margin - avail, step)
             new = size + need
-            hurt(max(new, floor))
+            hurt(new)
+            if d_oom > 0:
+                st.oom_until = now + PRESSURE_MEMORY_S
             why = (f"guest OOM-killed ({d_oom} new)" if d_oom > 0
                    else f"available {avail} pages under margin {margin}")
             return _Plan(g, Verdict.EMERGENCY, max(new, floor), floor, 100.0 + severity,
@@ -278,6 +289,8 @@ class DefaultPolicy:
                  and fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
         settled = abs(g.target_pages - g.balloon_pages) < MIN_CHANGE_PAGES
         if self.probe and quiet and settled and target_size > floor:
+            if avail > 2 * margin:
+                step = max(step, (avail - margin) // 2)  # idle free memory: take half a call
             new = max(floor, target_size - step)
             st.step = min(PROBE_STEP_MAX, st.step + PROBE_STEP_INC)
             return _Plan(g, Verdict.PROBE, new, floor, severity,
@@ -326,7 +339,8 @@ class DefaultPolicy:
                 continue
             p.inputs["host_resident_pages"] = float(host.resident_pages)
             p.inputs["host_budget_pages"] = float(host.budget_pages)
-            out.append(Decision(g.name, balloon, p.why, p.inputs))
+            urgent = p.verdict in URGENT or p.budget_cut
+            out.append(Decision(g.name, balloon, p.why, p.inputs, urgent=urgent))
         return out
 
     @staticmethod
@@ -355,6 +369,7 @@ class DefaultPolicy:
                 p.size -= take
                 excess -= take
                 p.verdict = Verdict.PROBE
+                p.budget_cut = True
                 p.why = (f"default: host over budget by {excess + take} pages: reclaim {take} "
                          f"{'free' if soft else 'cache'} pages (floor {low(p)})")
         return excess
