@@ -30,10 +30,12 @@ from memballoon.model.units import MIB, PAGE_SIZE
 #: What one guest process holds beside its RAM (interpreter, numpy, the model's arrays).
 PROCESS_OVERHEAD_BYTES = 64 * MIB
 
+# The bursty guest gets virtio: its deflate-on-OOM is the guest's own push-back when a burst
+# outruns the manager's period (VMware's protocol has none).
 DEFAULT_GUESTS = (
     ("idle", "idle", "vmw"),
-    ("steady", "steady", "virtio"),
-    ("bursty", "bursty", "vmw-batched"),
+    ("steady", "steady", "vmw-batched"),
+    ("bursty", "bursty", "virtio"),
 )
 
 @dataclass

@@ -83,6 +83,7 @@ BACKOFF_MAX_SCALE: Final = 4.0
 MARGIN_FRACTION: Final = 0.10
 MARGIN_MIN_PAGES: Final = mib_to_pages(32)
 LOOKAHEAD_S: Final = 10.0
+LOOKAHEAD_MAX_FRACTION: Final = 0.25  # the lookahead never asks for more than this of RAM
 # When the host is over its budget, guests are held to their current working set plus this
 # smaller margin (and the growth lookahead), not to their recent peak: memory a finished burst
 # left free is the first the host takes back.
@@ -215,13 +216,15 @@ class DefaultPolicy:
             st.ws.popleft()
         peak = max(w for _, w in st.ws)
         ram = g.ram_pages
-        margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram) + growth * LOOKAHEAD_S)
+        # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
+        ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
+        margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if now >= st.hurt_until or (now >= st.oom_until and ws + margin < st.hurt_ws):
             st.hurt_size = 0  # the pain is old, or the working set shrank well below it
         floor = max(g.settings.min_pages, peak + margin, st.hurt_size)
         floor = min(floor, g.ceiling_pages())
         budget_floor = min(floor, max(g.settings.min_pages, st.hurt_size,
-                                      ws + BUDGET_MARGIN_PAGES + int(growth * LOOKAHEAD_S)))
+                                      ws + BUDGET_MARGIN_PAGES + ahead))
         step = max(1, int(st.step * ram))
         severity = max(r.stall_pct / self.stall_trouble_pct if self.stall_trouble_pct else 0.0,
                        swapin_rate / SWAPIN_TROUBLE_PER_S)
@@ -246,12 +249,15 @@ class DefaultPolicy:
 
         # emergency below the small margin (what the budget may squeeze a guest to); between
         # it and the full margin the guest is only tight: no probing (its floor holds it)
-        emergency_margin = BUDGET_MARGIN_PAGES + int(growth * LOOKAHEAD_S)
+        emergency_margin = BUDGET_MARGIN_PAGES + ahead
         if d_oom > 0 or avail < emergency_margin:
             need = max(margin - avail, step)
             new = size + need
             hurt(new)
             if d_oom > 0:
+                # the kill freed the workload's memory, so MemAvailable now says nothing of
+                # what it needs: give the whole balloon back (probing starts over later)
+                new = g.ceiling_pages()
                 st.oom_until = now + PRESSURE_MEMORY_S
             why = (f"guest OOM-killed ({d_oom} new)" if d_oom > 0
                    else f"available {avail} pages under margin {margin}")

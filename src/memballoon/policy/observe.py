@@ -131,10 +131,19 @@ def available_pages(g: GuestSample, r: PressureReport, counters: Counters) -> in
 def working_set_pages(g: GuestSample, r: PressureReport, counters: Counters) -> int:
     """What the guest cannot give up without reclaiming: its size minus MemAvailable.
 
-    The balloon's frames are not available, and with DEFLATE_ON_OOM (or VMware) they stay in
-    MemTotal, so the guest's own figure ``total - available`` would count them: subtract them.
+    Both from the report itself (its RAM, its balloon then, its MemAvailable then): the
+    device's balloon may have moved since the guest wrote the report, and mixing the two
+    moments makes the working set jump by whatever the balloon moved. The balloon's frames
+    are not available, and with DEFLATE_ON_OOM (or VMware) they stay in MemTotal, so the
+    guest's own ``total - available`` would count them: subtract them.
     """
-    return max(0, g.size_pages - available_pages(g, r, counters))
+    size_then = min(g.ram_pages, _pages(r.total_bytes)) - min(
+        g.ram_pages, r.balloon_actual_pages)
+    avail = _pages(r.available_bytes)
+    if avail > size_then:
+        counters.inc("policy_report_available_above_size")
+        avail = size_then
+    return max(0, size_then - avail)
 
 
 def counter_delta(now: int, before: int | None, counters: Counters, what: str) -> int:
