@@ -68,9 +68,16 @@ _KNOWN_CAPABILITIES = int(
 class VmwBalloonDevice:
     """One guest's VMware balloon, host side (see the module docstring)."""
 
-    def __init__(self, ram: RamBackend, *, supports_batched: bool = True) -> None:
+    def __init__(self, ram: RamBackend, *, supports_batched: bool = True,
+                 defer_release: bool = False) -> None:
         self.ram = ram
         self.supports_batched = supports_batched
+        # With defer_release, a batched LOCK's pages are released by flush_release(), which a
+        # transport calls right after it has sent the reply: the guest allocates its next
+        # batch while the host punches. Every later command flushes first, so no UNLOCK,
+        # RESET or START can overtake a release.
+        self.defer_release = defer_release
+        self._to_release: list[PfnArray] = []
         self.counters = Counters()
         n = ram.guest_pages
         self._guest_pages = n
@@ -136,8 +143,16 @@ class VmwBalloonDevice:
         self._busy_left = n
 
     # ------------------------------------------------------------------ the backdoor
+    def flush_release(self) -> None:
+        """Release what batched LOCKs accepted (with ``defer_release``); idempotent."""
+        if self._to_release:
+            take = np.concatenate(self._to_release)
+            self._to_release.clear()
+            self.ram.release(coalesce(take))
+
     def handle(self, request: bytes) -> bytes:
         """Answer one request frame (never raises)."""
+        self.flush_release()  # whatever an earlier LOCK accepted is released before we go on
         try:
             req = decode_request(request)
         except VmwFrameError as exc:
@@ -240,19 +255,25 @@ class VmwBalloonDevice:
         """Statuses preset to SUCCESS, with PPN_INVALID marked; and the in-guest mask."""
         st = np.zeros(pfns.size, dtype=np.int32)
         inside = pfns < self._guest_pages
-        st[~inside] = Status.ERROR_PPN_INVALID
+        if not bool(inside.all()):
+            st[~inside] = Status.ERROR_PPN_INVALID
         return st, inside
 
     @staticmethod
     def _repeats(pfns: PfnArray) -> npt.NDArray[np.bool_]:
         """True for every entry whose PFN already appeared earlier in the batch."""
+        if pfns.size < 2 or bool((np.diff(pfns) > 0).all()):
+            return np.zeros(pfns.size, dtype=np.bool_)  # ascending, as drivers send them
         _, first = np.unique(pfns, return_index=True)
         rep = np.ones(pfns.size, dtype=np.bool_)
         rep[first] = False
         return rep
 
     def _count_statuses(self, st: npt.NDArray[np.int32]) -> None:
-        codes, counts = np.unique(st[st != Status.SUCCESS], return_counts=True)
+        bad = st[st != Status.SUCCESS]
+        if bad.size == 0:
+            return
+        codes, counts = np.unique(bad, return_counts=True)
         for code, n in zip(codes.tolist(), counts.tolist(), strict=True):
             self.counters.inc(Status(code).name.lower(), n)
 
@@ -269,7 +290,10 @@ class VmwBalloonDevice:
         st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
         take = pfns[cand[:room]]
         if take.size:
-            self.ram.release(coalesce(take))
+            if self.defer_release:
+                self._to_release.append(take)  # punched by flush_release, before any reply
+            else:                              # to a later command
+                self.ram.release(coalesce(take))
             self._locked[take] = True
             self._n_locked += int(take.size)
         self._count_statuses(st)

@@ -247,7 +247,7 @@ class LocalHost:
             dev = VirtioBalloonDevice(ram, view, features=self.virtio_features)
             g.virtio = VirtioHostEndpoint(dev, kick, irq, lambda data: self._send(g, data))
         else:
-            vdev = VmwBalloonDevice(ram)
+            vdev = VmwBalloonDevice(ram, defer_release=True)  # released after each reply
             g.vmw = VmwHostEndpoint(vdev, signalled=spec.protocol == "vmw-batched")
         return g
 
@@ -480,6 +480,7 @@ class LocalHost:
         match m.kind:
             case Kind.VMW if g.vmw is not None:
                 self._send(g, g.vmw.handle(m.payload))
+                g.vmw.device.flush_release()  # punch while the guest prepares its next batch
             case Kind.VIRTIO if g.virtio is not None:
                 reply = g.virtio.handle_request(m.payload)
                 if reply is not None:

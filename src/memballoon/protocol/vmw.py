@@ -299,7 +299,8 @@ def decode_response(frame: bytes, request: Request) -> Response:
         raise VmwFrameError("pfn_mismatch", "batch answer does not echo the request's PFNs")
     codes = (entries & np.uint64(ENTRY_STATUS_MASK)).astype(np.int32)
     codes[codes == _FAILURE_ENTRY] = Status.FAILURE
-    bad = ~np.isin(codes, _ENTRY_STATUSES)
-    if bool(bad.any()):
-        raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
+    if codes.any():  # all SUCCESS (0) is the common answer: nothing to look up
+        bad = ~np.isin(codes, _ENTRY_STATUSES)
+        if bool(bad.any()):
+            raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
     return Response(status, result, pfns, codes)
