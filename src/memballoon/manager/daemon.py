@@ -80,7 +80,12 @@ class Daemon:
         specs = [GuestSpec(name=g.name, mib=g.mib or 0, protocol=g.protocol,
                            workload=g.workload, period_s=g.period_s, seed=g.seed,
                            swap_mib=g.swap // (1 << 20)) for g in self.cfg.guests]
-        host = LocalHost(specs, budget_bytes=self.cfg.budget)
+        # the budget is for the guests' RAM; their cgroup also holds each guest process's own
+        # interpreter, so it gets that on top (as the demo and bench policy do)
+        from memballoon.local.demo import PROCESS_OVERHEAD_BYTES
+
+        host = LocalHost(specs, budget_bytes=self.cfg.budget
+                         + PROCESS_OVERHEAD_BYTES * len(specs))
         await host.start()
         self._closers.append(host.close)
         b = host.budget
