@@ -14,27 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memballoon import __version__
+from memballoon.cliargs import nonneg_int, positive_float, positive_int
 from memballoon.model.errors import MemballoonError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _emit(result: dict[str, Any], as_json: bool) -> None:
@@ -64,16 +45,6 @@ def _cmd_bench_protocol(args: argparse.Namespace) -> int:
                             workload=args.workload, max_cycles=args.max_cycles)
     _emit(result, args.json)
     return 0 if result["invariant_violations"] == 0 else 1
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return v
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -116,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "budget smaller than their sum; the manager with the default policy moves "
                     "memory between them with their balloons; then print a summary.",
     )
-    demo.add_argument("--seconds", type=_positive_float, default=30.0,
+    demo.add_argument("--seconds", type=positive_float, default=30.0,
                       help="how long to run (default 30)")
-    demo.add_argument("--guest-mib", type=_positive_int, default=512,
+    demo.add_argument("--guest-mib", type=positive_int, default=512,
                       help="RAM of each guest, MiB (default 512)")
-    demo.add_argument("--budget-mib", type=_positive_int, default=1024,
+    demo.add_argument("--budget-mib", type=positive_int, default=1024,
                       help="host budget for all guests, MiB (default 1024)")
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--journal", metavar="FILE",
@@ -136,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inflate one guest's balloon on the virtual clock, or run many guests.",
     )
     bp.add_argument("--protocol", choices=["vmw", "vmw-batched", "virtio"], default="virtio")
-    bp.add_argument("--guest-mib", type=_positive_int, help="guest RAM, MiB")
-    bp.add_argument("--balloon-mib", type=_nonneg_int, help="balloon size to reach, MiB")
+    bp.add_argument("--guest-mib", type=positive_int, help="guest RAM, MiB")
+    bp.add_argument("--balloon-mib", type=nonneg_int, help="balloon size to reach, MiB")
     bp.add_argument("--workload", choices=["idle", "busy"], default="idle")
-    bp.add_argument("--max-cycles", type=_positive_int, default=10_000,
+    bp.add_argument("--max-cycles", type=positive_int, default=10_000,
                     help="stop after this many driver work periods (default 10000)")
-    bp.add_argument("--guests", type=_nonneg_int, default=0,
+    bp.add_argument("--guests", type=nonneg_int, default=0,
                     help="run K independent guests instead of one pair")
-    bp.add_argument("--simulated-seconds", type=_positive_int, default=60,
+    bp.add_argument("--simulated-seconds", type=positive_int, default=60,
                     help="with --guests: simulated time to run (default 60)")
     bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -156,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and deflates it again; the guest touches the pages again.",
     )
     br.add_argument("--protocol", choices=["vmw", "vmw-batched", "virtio"], default="virtio")
-    br.add_argument("--guest-mib", type=_positive_int, default=1024,
+    br.add_argument("--guest-mib", type=positive_int, default=1024,
                     help="guest RAM, MiB (default 1024)")
     br.add_argument("--json", action="store_true", help="print one JSON object")
     br.set_defaults(func=_cmd_bench_reclaim)

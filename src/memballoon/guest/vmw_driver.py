@@ -412,6 +412,28 @@ class VmwBalloonDriver:
             self.seed_stats.refused_free += k
         self.n_refused_pages = 0
 
+    def _allocation_failed(self, i: int, can_sleep: bool) -> bool:
+        """The seed's rule for a failed allocation after ``i`` this cycle; True: stop the cycle.
+
+        A failed sleeping allocation is severe pressure: halve rate_alloc (never under
+        VMW_BALLOON_RATE_ALLOC_MIN) and stop. A failed non-sleeping one is pressure: slow down
+        for VMW_BALLOON_SLOW_CYCLES cycles; stop if the cycle already took rate_alloc pages,
+        else the caller goes on with sleeping allocations at rate_alloc.
+        """
+        if can_sleep:
+            self.rate_alloc = max(self.rate_alloc // 2, VMW_BALLOON_RATE_ALLOC_MIN)
+            return True
+        self.slow_allocation_cycles = VMW_BALLOON_SLOW_CYCLES
+        return i >= self.rate_alloc
+
+    def _grow_rate_alloc(self, error: int, i: int) -> None:
+        """A cycle that ended without error after rate_alloc pages raises the rate (seed)."""
+        if error == _OK and i >= self.rate_alloc:
+            mult = i // self.rate_alloc
+            self.rate_alloc = min(
+                self.rate_alloc + mult * VMW_BALLOON_RATE_ALLOC_INC, VMW_BALLOON_RATE_ALLOC_MAX
+            )
+
     def _inflate(self) -> None:
         goal = self.target - self.size
         rate = self.rate_alloc if self.slow_allocation_cycles else VMW_BALLOON_NOSLEEP_ALLOC_MAX
@@ -424,13 +446,7 @@ class VmwBalloonDriver:
             if error != _OK:
                 if error != _ENOMEM:
                     break  # the host said stop; maybe a new target comes soon
-                if can_sleep:
-                    # severe pressure: slow down quickly
-                    self.rate_alloc = max(self.rate_alloc // 2, VMW_BALLOON_RATE_ALLOC_MIN)
-                    break
-                # pressure: slow down for a few cycles, pause or go on with sleeping allocations
-                self.slow_allocation_cycles = VMW_BALLOON_SLOW_CYCLES
-                if i >= self.rate_alloc:
+                if self._allocation_failed(i, can_sleep):
                     break
                 can_sleep = True
                 rate = self.rate_alloc
@@ -441,11 +457,7 @@ class VmwBalloonDriver:
             if i >= rate:
                 break
             i += 1
-        if error == _OK and i >= self.rate_alloc:
-            mult = i // self.rate_alloc
-            self.rate_alloc = min(
-                self.rate_alloc + mult * VMW_BALLOON_RATE_ALLOC_INC, VMW_BALLOON_RATE_ALLOC_MAX
-            )
+        self._grow_rate_alloc(error, i)
         self._release_refused_pages()
 
     def _deflate(self) -> None:
@@ -528,20 +540,12 @@ class VmwBalloonDriver:
                 break
             if got.size < want:
                 error = _ENOMEM
-                if can_sleep:
-                    self.rate_alloc = max(self.rate_alloc // 2, VMW_BALLOON_RATE_ALLOC_MIN)
-                    break
-                self.slow_allocation_cycles = VMW_BALLOON_SLOW_CYCLES
-                if i >= self.rate_alloc:
+                if self._allocation_failed(i, can_sleep):
                     break
                 can_sleep = True
                 rate = self.rate_alloc
             self._yield()  # v4.20+ yields after every batch
-        if error == _OK and i >= self.rate_alloc:
-            mult = i // self.rate_alloc
-            self.rate_alloc = min(
-                self.rate_alloc + mult * VMW_BALLOON_RATE_ALLOC_INC, VMW_BALLOON_RATE_ALLOC_MAX
-            )
+        self._grow_rate_alloc(error, i)
         self._release_refused_pages()
 
     def _deflate_batched(self) -> None:

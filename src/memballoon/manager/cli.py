@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memballoon.cliargs import positive_int
 from memballoon.manager.config import default_socket_path, load_config
 from memballoon.manager.control import request
 
@@ -118,16 +119,6 @@ def _cmd_top(a: argparse.Namespace) -> int:
             live.update(status_table(request(sock, "status")))
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
 def register(sub: Any) -> None:
     """Add ``run``, ``status``, ``set``, ``journal`` and ``top`` to the CLI's subparsers."""
 
@@ -157,7 +148,7 @@ def register(sub: Any) -> None:
 
     p = client("journal", "show the decision journal")
     p.add_argument("--guest")
-    p.add_argument("--last", type=_positive, default=20)
+    p.add_argument("--last", type=positive_int, default=20)
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=_cmd_journal)
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from memballoon.cliargs import positive_int
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import MIB
 from memballoon.qemu.image import build_guest_image
@@ -149,16 +150,6 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``guest-image``, ``vm`` and (under ``bench``) ``qemu`` to the CLI."""
     gi = sub.add_parser("guest-image", help="the small Linux test guest for QEMU")
@@ -172,8 +163,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     vsub = vm.add_subparsers(dest="vm", required=True, metavar="ACTION")
     vs = vsub.add_parser("start", help="launch a guest and register it with the manager")
     vs.add_argument("--name", required=True)
-    vs.add_argument("--mib", type=_positive, required=True, help="size to start at, MiB")
-    vs.add_argument("--max-mib", type=_positive, default=None,
+    vs.add_argument("--mib", type=positive_int, required=True, help="size to start at, MiB")
+    vs.add_argument("--max-mib", type=positive_int, default=None,
                     help="RAM the guest boots with (it can grow back up to it); default --mib")
     vs.add_argument("--deflate-on-oom", action="store_true")
     vs.add_argument("--free-page-reporting", action="store_true")
