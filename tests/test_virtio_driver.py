@@ -264,6 +264,18 @@ def test_refusing_everything_ends_the_cycle() -> None:
     r.check()
 
 
+def test_after_the_refused_limit_the_driver_tries_again_next_period() -> None:
+    r = Rig()
+    r.dev.pin(np.arange(SMALL))
+    r.dev.set_target(5000)
+    r.work()
+    assert r.drv.balloon_pages == 0
+    r.dev.unpin(np.arange(SMALL))  # the host changes its mind, without a config change
+    r.work()
+    assert r.drv.balloon_pages == 5000
+    r.check()
+
+
 def test_host_reset_drops_every_page_without_telling() -> None:
     r = Rig()
     r.dev.set_target(1000)

@@ -327,6 +327,7 @@ class VirtioBalloonDriver:
             if diff > 0:
                 if len(self._refused) >= VIRTIO_BALLOON_X_MAX_REFUSED:
                     self.counters.inc("refused_limit")
+                    self._adjust_pending = True  # the refused frames go back; try again later
                     break
                 if self._fill(min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
                     self._adjust_pending = True  # "Out of puff!": Linux retries in 200 ms
