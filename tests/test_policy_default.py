@@ -81,13 +81,22 @@ def test_quiet_guest_is_probed_with_a_growing_step() -> None:
     assert d2.balloon_pages - b == int((PROBE_STEP_START + PROBE_STEP_INC) * RAM)
 
 
-def test_idle_free_memory_is_taken_half_a_call() -> None:
+def test_idle_free_memory_is_taken_half_a_call_once_the_guest_is_known_quiet() -> None:
     p = DefaultPolicy()
     margin = int(MARGIN_FRACTION * RAM)
-    avail = RAM * 9 // 10
-    d = one(p, sample(report(0, avail=avail)), 0.0)
-    assert d is not None and d.balloon_pages == (avail - margin) // 2
-    assert d.balloon_pages <= RAM - (RAM - avail) - margin  # never past the floor
+    ws = RAM // 10
+    b = 0
+    steps = []
+    for t in range(6):
+        avail = RAM - ws - b
+        d = one(p, sample(report(5.0 * t, avail=avail, balloon=b), balloon=b), 5.0 * t)
+        assert d is not None and d.balloon_pages <= RAM - ws - margin  # never past the floor
+        steps.append(d.balloon_pages - b)
+        b = d.balloon_pages
+    # a new guest is probed by the ordinary step first; then by half its idle memory (capped)
+    assert steps[0] == int(PROBE_STEP_START * RAM)
+    assert max(steps[3:]) > int(PROBE_STEP_MAX * RAM)
+    assert max(steps) <= RAM // 4
 
 
 def test_probe_stops_at_the_learned_floor() -> None:

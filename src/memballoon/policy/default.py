@@ -84,6 +84,10 @@ MARGIN_FRACTION: Final = 0.10
 MARGIN_MIN_PAGES: Final = mib_to_pages(32)
 LOOKAHEAD_S: Final = 10.0
 LOOKAHEAD_MAX_FRACTION: Final = 0.25  # the lookahead never asks for more than this of RAM
+# A guest seen quiet for more than this many calls in a row may be probed by half its idle free
+# memory at once, at most BIG_STEP_MAX_FRACTION of its RAM a call (a new guest never is).
+QUIET_CALLS_BEFORE_BIG_STEP: Final = 3
+BIG_STEP_MAX_FRACTION: Final = 0.25
 # When the host is over its budget, guests are held to their current working set plus this
 # smaller margin (and the growth lookahead), not to their recent peak: memory a finished burst
 # left free is the first the host takes back.
@@ -124,6 +128,7 @@ class GuestState:
     hurt_until: float = float("-inf")
     hurt_ws: int = 0  # its working set then
     oom_until: float = float("-inf")  # after an OOM kill the shrunk working set is the kill's
+    quiet_calls: int = 0  # probes in a row without trouble (a new guest starts at 0)
 
 
 @dataclass
@@ -239,6 +244,9 @@ class DefaultPolicy:
             "budget_floor_pages": float(budget_floor),
         }
 
+        if r.stall_pct > self.stall_quiet_pct or d_swapin or d_oom or avail < margin:
+            st.quiet_calls = 0  # anything but quiet starts the count again
+
         def hurt(new_size: int) -> None:
             # no probing back below where it hurt (plus the margin) for a while; the deflation
             # itself may go further, to relieve the pressure now
@@ -295,8 +303,11 @@ class DefaultPolicy:
                  and fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
         settled = abs(g.target_pages - g.balloon_pages) < MIN_CHANGE_PAGES
         if self.probe and quiet and settled and target_size > floor:
-            if avail > 2 * margin:
-                step = max(step, (avail - margin) // 2)  # idle free memory: take half a call
+            st.quiet_calls += 1
+            if avail > 2 * margin and st.quiet_calls > QUIET_CALLS_BEFORE_BIG_STEP:
+                # idle free memory, seen quiet for a while: take half of it a call (at most
+                # BIG_STEP_MAX_FRACTION of RAM), not just the probe step
+                step = max(step, min((avail - margin) // 2, int(BIG_STEP_MAX_FRACTION * ram)))
             new = max(floor, target_size - step)
             st.step = min(PROBE_STEP_MAX, st.step + PROBE_STEP_INC)
             return _Plan(g, Verdict.PROBE, new, floor, severity,
