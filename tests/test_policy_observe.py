@@ -72,3 +72,18 @@ def test_fresh_report_and_untrusted_figures() -> None:
     assert c["policy_report_available_above_ram"] == 1
     assert counter_delta(5, 9, c, "x") == 0 and c["policy_report_x_backwards"] == 1
     assert counter_delta(9, 5, c, "x") == 4 and counter_delta(9, None, c, "x") == 0
+
+
+def test_working_set_counts_the_balloon_once_whatever_memtotal_says() -> None:
+    # a real Linux guest without deflate-on-OOM reports MemTotal without the balloon; a local
+    # guest reports its RAM: either way the working set is RAM - balloon - MemAvailable
+    ram, balloon, avail = mib_to_pages(768), mib_to_pages(384), mib_to_pages(200)
+    for total in (ram, ram - balloon):
+        r = PressureReport(
+            guest="g", time_s=1.0, total_bytes=total * PAGE_SIZE, free_bytes=avail * PAGE_SIZE,
+            available_bytes=avail * PAGE_SIZE, anon_bytes=0, cache_bytes=0,
+            balloon_bytes=balloon * PAGE_SIZE, swap_in_pages=0, swap_out_pages=0,
+            major_faults=0, oom_kills=0, stall_us=0, stall_pct=0.0,
+            balloon_target_pages=balloon, balloon_actual_pages=balloon)
+        g = GuestSample("g", ram, balloon, balloon, GuestSettings(), r, 0.0)
+        assert working_set_pages(g, r, Counters()) == ram - balloon - avail

@@ -131,14 +131,15 @@ def available_pages(g: GuestSample, r: PressureReport, counters: Counters) -> in
 def working_set_pages(g: GuestSample, r: PressureReport, counters: Counters) -> int:
     """What the guest cannot give up without reclaiming: its size minus MemAvailable.
 
-    Both from the report itself (its RAM, its balloon then, its MemAvailable then): the
+    Both from the moment of the report (the balloon it saw, its MemAvailable then): the
     device's balloon may have moved since the guest wrote the report, and mixing the two
     moments makes the working set jump by whatever the balloon moved. The balloon's frames
     are not available, and with DEFLATE_ON_OOM (or VMware) they stay in MemTotal, so the
     guest's own ``total - available`` would count them: subtract them.
     """
-    size_then = min(g.ram_pages, _pages(r.total_bytes)) - min(
-        g.ram_pages, r.balloon_actual_pages)
+    # RAM minus the balloon the report saw: not the report's total, which is MemTotal in a
+    # real Linux guest and already lacks the balloon there when deflate-on-OOM is off
+    size_then = g.ram_pages - min(g.ram_pages, r.balloon_actual_pages)
     avail = _pages(r.available_bytes)
     if avail > size_then:
         counters.inc("policy_report_available_above_size")
