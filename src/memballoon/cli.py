@@ -8,6 +8,7 @@ progress to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
-    __import__("memballoon.bench.policy", fromlist=["register"]).register(bsub)
+    importlib.import_module("memballoon.bench.policy").register(bsub)
     br = bsub.add_parser(
         "reclaim",
         help="real memory: inflate a local guest to half its RAM and back, measured",
@@ -131,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guest RAM, MiB (default 1024)")
     br.add_argument("--json", action="store_true", help="print one JSON object")
     br.set_defaults(func=_cmd_bench_reclaim)
-    __import__("memballoon.local.guest_main", fromlist=["register"]).register(sub)
-    __import__("memballoon.manager.cli", fromlist=["register"]).register(sub)
-    __import__("memballoon.qemu.cli", fromlist=["register"]).register(sub)
+    # each area adds its own subcommands (the qemu ones add `bench qemu` too)
+    for area in ("memballoon.local.guest_main", "memballoon.manager.cli", "memballoon.qemu.cli"):
+        importlib.import_module(area).register(sub)
     return p
 
 

@@ -23,8 +23,7 @@ from typing import Any, Final
 import numpy as np
 
 from memballoon.guest.workload import make_workload
-from memballoon.local.demo import PROCESS_OVERHEAD_BYTES
-from memballoon.local.host import GuestSpec, LocalHost
+from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, LocalHost
 from memballoon.manager.core import ManagerCore
 from memballoon.manager.journal import Journal
 from memballoon.manager.local_backend import LocalBackend

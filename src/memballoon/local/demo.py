@@ -24,11 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from memballoon.local.host import GuestSpec, GuestView, LocalHost
+from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, GuestView, LocalHost
 from memballoon.model.units import MIB, PAGE_SIZE
-
-#: What one guest process holds beside its RAM (interpreter, numpy, the model's arrays).
-PROCESS_OVERHEAD_BYTES = 64 * MIB
 
 # The bursty guest gets virtio: its deflate-on-OOM is the guest's own push-back when a burst
 # outruns the manager's period (VMware's protocol has none).

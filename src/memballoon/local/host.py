@@ -83,6 +83,9 @@ READY_TIMEOUT_S: Final = 30.0
 BYE_WAIT_S: Final = 2.0
 TERM_WAIT_S: Final = 2.0
 GUEST_MODULE: Final = "memballoon.local.guest_main"
+#: What one guest process holds beside its RAM (interpreter, numpy, the model's arrays): a
+#: cgroup that enforces a budget for guest RAM gets this much a guest on top.
+PROCESS_OVERHEAD_BYTES: Final = 64 * MIB
 #: A guest of fewer pages cannot hold the guest model's reserved frames and driver area.
 MIN_GUEST_MIB: Final = 16
 
@@ -633,4 +636,6 @@ class LocalHost:
         return sum(s.pages for s in self.specs) * PAGE_SIZE
 
 
-__all__ = ["DEFAULT_VIRTIO_FEATURES", "GuestSpec", "GuestView", "LocalHost"]
+__all__ = [
+    "DEFAULT_VIRTIO_FEATURES", "PROCESS_OVERHEAD_BYTES", "GuestSpec", "GuestView", "LocalHost",
+]

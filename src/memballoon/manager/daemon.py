@@ -82,7 +82,7 @@ class Daemon:
                            swap_mib=g.swap // (1 << 20)) for g in self.cfg.guests]
         # the budget is for the guests' RAM; their cgroup also holds each guest process's own
         # interpreter, so it gets that on top (as the demo and bench policy do)
-        from memballoon.local.demo import PROCESS_OVERHEAD_BYTES
+        from memballoon.local.host import PROCESS_OVERHEAD_BYTES
 
         host = LocalHost(specs, budget_bytes=self.cfg.budget
                          + PROCESS_OVERHEAD_BYTES * len(specs))
