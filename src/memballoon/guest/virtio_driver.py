@@ -216,6 +216,7 @@ class VirtioBalloonDriver:
             "target_pages": self._target,
             "refused_held": len(self._refused),
             "in_flight_buffers": len(self._pending),
+            "refused_pages": 0,  # cumulative; present before the first refusal too
         }
         out.update(self.counters.as_dict())
         return out

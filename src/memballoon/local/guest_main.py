@@ -44,6 +44,7 @@ import numpy as np
 
 from memballoon.guest.driver import BalloonDriver
 from memballoon.guest.memory import GuestMemory, StepReport
+from memballoon.guest.report import guest_report
 from memballoon.guest.workload import WORKLOADS, make_workload, parse_spec
 from memballoon.host.memfd import MemfdRam
 from memballoon.local.link import GuestLink, LinkClosedError
@@ -156,39 +157,14 @@ class GuestRuntime:
         return float("inf")
 
     def report(self, now: float) -> PressureReport:
-        mi = self.mem.meminfo()
-        ev = self.mem.events
-        d = self.driver
-        refused: int | None = None
-        st = d.stats()
-        if "errAlloc" in st:
-            refused = st["errAlloc"]  # vmw: the seed's refused allocations
-        elif "refused_pages" in st:
-            refused = st["refused_pages"]
         if now >= self.next_sample and self.last_step is not None:
             self.active_touched = self.mem.sample_active(self.sample_rng, ACTIVE_SAMPLE_PAGES)
             self.active_sampled = ACTIVE_SAMPLE_PAGES
             self.next_sample = now + self.cfg.sample_period_s
-        return PressureReport(
-            guest=self.cfg.name,
-            time_s=round(now, 6),
-            total_bytes=mi.total_pages * PAGE_SIZE,
-            free_bytes=mi.free_pages * PAGE_SIZE,
-            available_bytes=mi.available_pages * PAGE_SIZE,
-            anon_bytes=mi.anon_pages * PAGE_SIZE,
-            cache_bytes=mi.cache_pages * PAGE_SIZE,
-            balloon_bytes=d.balloon_pages * PAGE_SIZE,
-            swap_in_pages=ev.swap_in,
-            swap_out_pages=ev.swap_out,
-            major_faults=ev.major_faults,
-            oom_kills=ev.oom_kills,
-            stall_us=ev.stall_us,
+        return guest_report(
+            self.cfg.name, round(now, 6), self.mem, self.driver,
             stall_pct=round(self.last_step.stall_pct, 3) if self.last_step else 0.0,
-            balloon_target_pages=d.target_pages,
-            balloon_actual_pages=d.balloon_pages,
-            refused_pages=refused,
-            active_sampled=self.active_sampled,
-            active_touched=self.active_touched,
+            active_sampled=self.active_sampled, active_touched=self.active_touched,
         )
 
     def touch_free(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
+from memballoon.guest.report import guest_report
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import GuestSample, GuestSettings
@@ -45,39 +46,12 @@ def sample_from_pair(
     (``GuestMemory.sample_active``); without it the ESX fields stay 0 (not sampled).
     """
     mem = pair.mem
-    mi = mem.meminfo()
-    ev = mem.events
-    drv = pair.driver
-    st = drv.stats()
-    refused: int | None = None
-    if "errAlloc" in st:
-        refused = st["errAlloc"]  # vmw: the seed's refused allocations
-    elif "refused_pages" in st:
-        refused = st["refused_pages"]
     gname = name if name is not None else (prev.name if prev is not None else pair.protocol)
     stall_pct = pair.last_step.stall_pct if pair.last_step is not None else 0.0
     if prev is not None and prev.report is not None and pair.now > prev.report.time_s:
-        d_us = max(0, ev.stall_us - prev.report.stall_us)
+        d_us = max(0, mem.events.stall_us - prev.report.stall_us)
         stall_pct = 100.0 * d_us / ((pair.now - prev.report.time_s) * 1e6)
-    report = PressureReport(
-        guest=gname,
-        time_s=pair.now,
-        total_bytes=mi.total_pages * PAGE_SIZE,
-        free_bytes=mi.free_pages * PAGE_SIZE,
-        available_bytes=mi.available_pages * PAGE_SIZE,
-        anon_bytes=mi.anon_pages * PAGE_SIZE,
-        cache_bytes=mi.cache_pages * PAGE_SIZE,
-        balloon_bytes=drv.balloon_pages * PAGE_SIZE,
-        swap_in_pages=ev.swap_in,
-        swap_out_pages=ev.swap_out,
-        major_faults=ev.major_faults,
-        oom_kills=ev.oom_kills,
-        stall_us=ev.stall_us,
-        stall_pct=min(100.0, max(0.0, stall_pct)),
-        balloon_target_pages=drv.target_pages,
-        balloon_actual_pages=drv.balloon_pages,
-        refused_pages=None if refused is None else max(0, refused),
-    )
+    report = guest_report(gname, pair.now, mem, pair.driver, stall_pct=stall_pct)
     sampled = touched = 0
     if rng is not None and active_samples > 0:
         sampled = active_samples

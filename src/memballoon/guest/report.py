@@ -1,0 +1,58 @@
+"""The pressure report a guest pushes, built from its memory model and its balloon driver.
+
+One place for the figures every world reports the same way: the local guest process sends
+this as its STATUS message, the policy adapter (``policy/observe.py``) builds it for pairs on
+the virtual clock. Pure: the caller passes ``now`` and the stall share it measured.
+"""
+
+from __future__ import annotations
+
+from memballoon.guest.driver import BalloonDriver
+from memballoon.guest.memory import GuestMemory
+from memballoon.model.units import PAGE_SIZE
+from memballoon.protocol.pressure import PressureReport
+
+
+def refused_pages(driver: BalloonDriver) -> int | None:
+    """The driver's cumulative count of frames the host refused (None: it has no refusals)."""
+    st = driver.stats()
+    if "errAlloc" in st:
+        return max(0, st["errAlloc"])  # vmw: the seed's refused allocations
+    if "refused_pages" in st:
+        return max(0, st["refused_pages"])
+    return None
+
+
+def guest_report(
+    name: str,
+    now: float,
+    mem: GuestMemory,
+    driver: BalloonDriver,
+    *,
+    stall_pct: float,
+    active_sampled: int = 0,
+    active_touched: int = 0,
+) -> PressureReport:
+    mi = mem.meminfo()
+    ev = mem.events
+    return PressureReport(
+        guest=name,
+        time_s=now,
+        total_bytes=mi.total_pages * PAGE_SIZE,
+        free_bytes=mi.free_pages * PAGE_SIZE,
+        available_bytes=mi.available_pages * PAGE_SIZE,
+        anon_bytes=mi.anon_pages * PAGE_SIZE,
+        cache_bytes=mi.cache_pages * PAGE_SIZE,
+        balloon_bytes=driver.balloon_pages * PAGE_SIZE,
+        swap_in_pages=ev.swap_in,
+        swap_out_pages=ev.swap_out,
+        major_faults=ev.major_faults,
+        oom_kills=ev.oom_kills,
+        stall_us=ev.stall_us,
+        stall_pct=min(100.0, max(0.0, stall_pct)),
+        balloon_target_pages=driver.target_pages,
+        balloon_actual_pages=driver.balloon_pages,
+        refused_pages=refused_pages(driver),
+        active_sampled=active_sampled,
+        active_touched=active_touched,
+    )

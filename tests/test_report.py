@@ -1,0 +1,26 @@
+from memballoon.guest.report import guest_report, refused_pages
+from memballoon.guest.workload import Steady
+from memballoon.harness.pair import make_pair
+from memballoon.model.units import PAGE_SIZE, mib_to_pages
+from memballoon.protocol.pressure import PressureReport
+
+
+def test_a_report_carries_the_guest_and_its_balloon_and_round_trips() -> None:
+    pair = make_pair("vmw", mib_to_pages(64), Steady(anon_mib=16, file_mib=4))
+    pair.set_target(1000)
+    pair.tick()
+    r = guest_report("g", pair.now, pair.mem, pair.driver, stall_pct=250.0,
+                     active_sampled=100, active_touched=7)
+    mi = pair.mem.meminfo()
+    assert r.total_bytes == mi.total_pages * PAGE_SIZE
+    assert r.anon_bytes == mi.anon_pages * PAGE_SIZE
+    assert r.balloon_actual_pages == pair.driver.balloon_pages == 1000
+    assert r.stall_pct == 100.0  # clamped to what PSI can say
+    assert r.refused_pages == 0  # the seed's errAlloc
+    assert (r.active_sampled, r.active_touched) == (100, 7)
+    assert PressureReport.decode(r.encode()) == r
+
+
+def test_refused_pages_by_driver_kind() -> None:
+    assert refused_pages(make_pair("virtio", mib_to_pages(64), Steady()).driver) == 0
+    assert refused_pages(make_pair("vmw-batched", mib_to_pages(64), Steady()).driver) == 0
