@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -158,7 +158,6 @@ class _Tally:
     swap_in: int = 0
     swap_out: int = 0
     oom_deflated: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class GuestMemory:
@@ -260,9 +259,6 @@ class GuestMemory:
         ub, counts = np.unique(blocks, return_counts=True)
         self._bfree[ub] += sign * counts.astype(np.int32)
 
-    def _set(self, pfns: PfnArray, new: PageState) -> None:
-        self.state[pfns] = new
-
     # ------------------------------------------------------------------ raw allocation
     def _take_free(self, n: int, floor: int, new: PageState) -> PfnArray:
         """Take up to ``n`` free frames into state ``new``, leaving ``floor`` free (no reclaim).
@@ -321,7 +317,7 @@ class GuestMemory:
         return out
 
     def _give_free(self, pfns: PfnArray) -> None:
-        self._set(pfns, PageState.FREE)
+        self.state[pfns] = PageState.FREE
         self._block_add(pfns)
         self._free += int(pfns.size)
 

@@ -59,7 +59,6 @@ class DemoConfig:
 class _Trace:
     peak_resident: int = 0
     stall: dict[str, list[float]] = field(default_factory=dict)
-    rows: int = 0
 
 
 def _specs(cfg: DemoConfig) -> list[GuestSpec]:
