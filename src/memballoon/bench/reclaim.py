@@ -59,7 +59,7 @@ async def _run(protocol: str, guest_mib: int, timeout_s: float) -> dict[str, Any
 
         inflate_s = await move(half)
         after = ram.resident_bytes()
-        cycles_counter = host.snapshot()["bench"].counters
+        device_counters = host.snapshot()["bench"].counters
         deflate_s = await move(0)
         t0 = time.perf_counter()
         touched = int((await host.control("bench", "touch_free"))["touched_pages"])
@@ -88,7 +88,7 @@ async def _run(protocol: str, guest_mib: int, timeout_s: float) -> dict[str, Any
         "ratio": round(gib_per_s / raw, 3),
         "host_overhead_bytes": host_overhead,
         "lost_pages": lost,
-        "device_counters": {k: v for k, v in cycles_counter.items() if not k.startswith("_")},
+        "device_counters": {k: v for k, v in device_counters.items() if not k.startswith("_")},
     }
 
 
