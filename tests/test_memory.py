@@ -150,6 +150,36 @@ def test_reporting_isolates_whole_free_blocks_and_reported_blocks_go_last() -> N
     assert not m.reported.any()
 
 
+def test_2m_allocation_takes_whole_free_blocks_only_without_reclaim() -> None:
+    m = GuestMemory(G64)
+    m.step(1.0, 1.0, demand(0, file=mib_to_pages(8)))
+    whole = int((m._bfree == BLOCK_PAGES).sum())
+    blocks = m.isolate_reportable(2, keep_free=m.watermarks.low)
+    m.return_isolated(blocks, reported=True)
+    first = m.alloc_huge(whole - 2)
+    assert first.size == whole - 2 and bool((first % BLOCK_PAGES == 0).all())
+    assert not np.isin(first >> 9, blocks).any()  # reported blocks last
+    frames = (first[:, None] + np.arange(BLOCK_PAGES)).reshape(-1)
+    assert bool((m.state[frames] == PageState.BALLOON).all())
+    assert m.balloon_pages == frames.size
+    then = m.alloc_huge(5)  # then the reported ones, as far as the min watermark allows
+    assert then.size >= 1 and np.isin(then >> 9, blocks).all()
+    assert not m.reported[then >> 9].any()  # the host refaults them on touch
+    assert m.alloc_huge(1).size == 0  # nothing more; the cache stays
+    assert m.meminfo().cache_pages == mib_to_pages(8) and m.events.direct_reclaim == 0
+    assert m.check_invariants() == []
+    m.free_balloon(frames)
+    assert m.balloon_pages == then.size * BLOCK_PAGES and m.check_invariants() == []
+
+
+def test_2m_allocation_leaves_the_min_watermark_free() -> None:
+    m = GuestMemory(G64)
+    m.alloc_nosleep(m.free_pages - m.watermarks.min - BLOCK_PAGES - 10)
+    room = (m.free_pages - m.watermarks.min) // BLOCK_PAGES
+    got = m.alloc_huge(100)
+    assert got.size <= room and m.free_pages >= m.watermarks.min
+
+
 def test_pages_get_content_through_the_store() -> None:
     ram = NullRam(G64)
     m = GuestMemory(G64, store=ram)
@@ -165,6 +195,7 @@ def test_pages_get_content_through_the_store() -> None:
             st.tuples(st.just("step"), st.integers(0, 60), st.integers(0, 30), st.floats(0, 1)),
             st.tuples(st.just("nosleep"), st.integers(0, 9000), st.just(0), st.just(0.0)),
             st.tuples(st.just("sleep"), st.integers(0, 9000), st.just(0), st.just(0.0)),
+            st.tuples(st.just("huge"), st.integers(0, 20), st.just(0), st.just(0.0)),
             st.tuples(st.just("free"), st.integers(0, 9000), st.just(0), st.just(0.0)),
             st.tuples(st.just("report"), st.integers(0, 8), st.just(0), st.just(0.0)),
         ),
@@ -185,6 +216,10 @@ def test_invariants_hold_under_any_sequence(script: list[tuple[str, int, int, fl
             held = np.concatenate((held, m.alloc_nosleep(a)))
         elif op == "sleep":
             held = np.concatenate((held, m.alloc_sleep(a)))
+        elif op == "huge":
+            heads = m.alloc_huge(a)
+            frames = (heads[:, None] + np.arange(BLOCK_PAGES)).reshape(-1)
+            held = np.concatenate((held, frames))
         elif op == "free":
             m.free_balloon(held[:a])
             held = held[a:]

@@ -29,10 +29,12 @@ def send(dev: VmwBalloonDevice, req: Request) -> Response:
     return decode_response(dev.handle(encode_request(req)), req)
 
 
-def started(*, batched: bool = False, target: int = 100) -> tuple[VmwBalloonDevice, NullRam]:
-    ram = NullRam(PAGES)
+def started(*, batched: bool = False, target: int = 100,
+            ram: NullRam | None = None) -> tuple[VmwBalloonDevice, NullRam]:
+    ram = NullRam(PAGES) if ram is None else ram
     dev = VmwBalloonDevice(ram)
-    offer = Capability.BASIC_CMDS | (Capability.BATCHED_CMDS if batched else 0)
+    offer = Capability.BASIC_CMDS | (
+        Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS if batched else 0)
     send(dev, Request(Command.START, int(offer)))
     dev.set_target(target)
     return dev, ram
@@ -53,7 +55,18 @@ def test_batched_start_gets_capabilities() -> None:
     offer = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
     resp = send(dev, Request(Command.START, int(offer)))
     assert resp.status is Status.SUCCESS_WITH_CAPABILITIES
-    assert resp.result == Capability.BASIC_CMDS | Capability.BATCHED_CMDS  # no 2 MiB pages here
+    assert resp.result == offer  # 2 MiB pages granted with batches
+    no_2m = VmwBalloonDevice(NullRam(PAGES), supports_2m=False)
+    assert send(no_2m, Request(Command.START, int(offer))).result == (
+        Capability.BASIC_CMDS | Capability.BATCHED_CMDS)
+    assert send(no_2m, batch_request(Command.BATCHED_2M_LOCK, [0])).status is (
+        Status.ERROR_CMD_INVALID)
+    assert no_2m.counters["batch_2m_not_negotiated"] == 1
+    # 2 MiB pages only come with batches: an offer of 2 MiB pages alone is a version-2 peer
+    alone = VmwBalloonDevice(NullRam(PAGES))
+    offer_2m = Capability.BASIC_CMDS | Capability.BATCHED_2M_CMDS
+    assert send(alone, Request(Command.START, int(offer_2m))).status is Status.SUCCESS
+    assert alone.capabilities == Capability.BASIC_CMDS
     old = VmwBalloonDevice(NullRam(PAGES), supports_batched=False)
     assert send(old, Request(Command.START, int(offer))).status is Status.SUCCESS
     assert old.capabilities == Capability.BASIC_CMDS
@@ -175,7 +188,7 @@ def test_malformed_frames_are_answered_and_counted() -> None:
     replies = {
         b"": Status.FAILURE,
         b"\x00" * 16: Status.ERROR_CMD_INVALID,  # bad magic
-        VMW_BALLOON_HV_MAGIC.to_bytes(4, "little") + (9).to_bytes(4, "little") + bytes(8):
+        VMW_BALLOON_HV_MAGIC.to_bytes(4, "little") + (11).to_bytes(4, "little") + bytes(8):
             Status.ERROR_CMD_INVALID,
         VMW_BALLOON_HV_MAGIC.to_bytes(4, "little") + (2).to_bytes(4, "little")
         + (1 << 33).to_bytes(8, "little"): Status.ERROR_PPN_INVALID,
@@ -220,6 +233,70 @@ def test_batched_unlock() -> None:
     assert dev.balloon_pfns().tolist() == [1] and dev.actual_pages == 1
 
 
+def test_2m_lock_checks_whole_pages_and_never_passes_the_target() -> None:
+    ram = RecordingRam(PAGES)  # 8 pages of 2 MiB
+    dev, _ = started(batched=True, target=2 * 512 + 100, ram=ram)
+    dev.set_pinned([5 * 512 + 7])
+    send(dev, Request(Command.LOCK, 512 + 3))  # one 4 KiB frame of the second 2 MiB page
+    heads = [512, 100, 7 * 512 + 512, 0, 0, 5 * 512, 2 * 512, 3 * 512, 4 * 512]
+    resp = send(dev, batch_request(Command.BATCHED_2M_LOCK, heads))
+    assert resp.status is Status.SUCCESS and resp.result == 2 * 512 + 100
+    assert resp.statuses.tolist() == [
+        Status.ERROR_PPN_LOCKED,  # a frame inside is locked
+        Status.ERROR_PPN_INVALID,  # not aligned
+        Status.ERROR_PPN_INVALID,  # past the guest
+        Status.SUCCESS,
+        Status.ERROR_PPN_LOCKED,  # given twice
+        Status.ERROR_PPN_PINNED,
+        Status.SUCCESS,
+        Status.ERROR_PPN_NOTNEEDED,  # 1 + 1024 + 512 would pass the target of 1124
+        Status.ERROR_PPN_NOTNEEDED,
+    ]
+    assert dev.actual_pages == 1 + 2 * 512
+    # the two accepted pages, one range each (not adjacent), in one release
+    assert ram.calls[-1] == ("release", [[0, 512], [1024, 1536]])
+    assert dev.counters["cmd_batched_2m_lock"] == 1
+
+
+def test_2m_pages_unlock_as_2m_only() -> None:
+    ram = RecordingRam(PAGES)
+    dev, _ = started(batched=True, target=PAGES, ram=ram)
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [0, 512]))
+    send(dev, batch_request(Command.BATCHED_LOCK, [1024, 1025]))
+    assert dev.actual_pages == 1026
+    # a 4 KiB UNLOCK of a frame of a 2 MiB page, single or batched, is refused
+    assert send(dev, Request(Command.UNLOCK, 3)).status is Status.ERROR_PPN_UNLOCKED
+    resp = send(dev, batch_request(Command.BATCHED_UNLOCK, [513, 1024]))
+    assert resp.statuses.tolist() == [Status.ERROR_PPN_UNLOCKED, Status.SUCCESS]
+    # a 2 MiB UNLOCK of a page locked as 4 KiB frames, or not locked, is refused too
+    resp = send(dev, batch_request(Command.BATCHED_2M_UNLOCK, [1024, 1536, 512, 512, 1]))
+    assert resp.statuses.tolist() == [
+        Status.ERROR_PPN_UNLOCKED, Status.ERROR_PPN_UNLOCKED, Status.SUCCESS,
+        Status.ERROR_PPN_UNLOCKED, Status.ERROR_PPN_INVALID,
+    ]
+    assert ram.calls[-1] == ("readmit", [[512, 1024]])
+    assert dev.balloon_pfns().tolist() == [*range(512), 1025]
+    # RESET forgets 2 MiB pages too: the block can be locked again as 4 KiB frames
+    dev.request_reset()
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_RESET
+    send(dev, Request(Command.START, int(Capability.BASIC_CMDS | Capability.BATCHED_CMDS)))
+    assert send(dev, Request(Command.LOCK, 3)).status is Status.SUCCESS
+    assert send(dev, Request(Command.UNLOCK, 3)).status is Status.SUCCESS
+
+
+def test_2m_release_is_deferred_like_4k() -> None:
+    ram = RecordingRam(PAGES)
+    dev = VmwBalloonDevice(ram, defer_release=True)
+    offer = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
+    send(dev, Request(Command.START, int(offer)))
+    dev.set_target(PAGES)
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [1024, 512]))
+    send(dev, batch_request(Command.BATCHED_LOCK, [0]))  # flushes the 2 MiB pages first
+    assert ram.calls == [("release", [[512, 1536]])]  # adjacent pages merged
+    dev.flush_release()
+    assert ram.calls[-1] == ("release", [[0, 1]])
+
+
 def test_set_pinned_checks_range() -> None:
     dev, _ = started()
     with pytest.raises(UsageError):
@@ -236,14 +313,25 @@ def test_handle_never_raises(frame: bytes) -> None:
 
 
 @settings(max_examples=100)
-@given(st.lists(st.tuples(st.sampled_from(["lock", "unlock", "blk", "bunlk"]),
+@given(st.lists(st.tuples(st.sampled_from(["lock", "unlock", "blk", "bunlk", "2lk", "2unlk"]),
                           st.lists(st.integers(0, PAGES + 10), min_size=1, max_size=20)),
                 max_size=20),
-       st.integers(0, 64))
+       st.integers(0, 64) | st.integers(0, PAGES))
 def test_locked_set_matches_released_memory(ops: list[tuple[str, list[int]]], target: int) -> None:
-    dev, _ = started(batched=True, target=target)
+    ram = RecordingRam(PAGES)
+    dev, _ = started(batched=True, target=target, ram=ram)
     model: set[int] = set()
     for op, pfns in ops:
+        if op in ("2lk", "2unlk"):
+            # mostly whole 2 MiB pages, sometimes a misaligned or outside one
+            heads = [p * 512 if p % 7 else p for p in pfns]
+            cmd = Command.BATCHED_2M_LOCK if op == "2lk" else Command.BATCHED_2M_UNLOCK
+            resp = send(dev, batch_request(cmd, heads))
+            ok = {f for h, s in zip(heads, resp.statuses.tolist(), strict=True) if s == 0
+                  for f in range(h, h + 512)}
+            model = model | ok if op == "2lk" else model - ok
+            assert dev.actual_pages == len(model) <= max(target, 0)
+            continue
         if op == "lock":
             if send(dev, Request(Command.LOCK, pfns[0])).status is Status.SUCCESS:
                 model.add(pfns[0])
@@ -257,3 +345,14 @@ def test_locked_set_matches_released_memory(ops: list[tuple[str, list[int]]], ta
             model = model | set(ok) if op == "blk" else model - set(ok)
         assert dev.actual_pages == len(model) <= max(target, 0)
     assert dev.balloon_pfns().tolist() == sorted(model)
+    # the host released exactly the balloon's frames: never a frame outside it, never twice
+    held: set[int] = set()
+    for kind, ranges in ram.calls:
+        frames = {f for lo, hi in ranges for f in range(lo, hi)}
+        if kind == "release":
+            assert not frames & held
+            held |= frames
+        else:
+            assert frames <= held
+            held -= frames
+    assert held == model

@@ -30,7 +30,14 @@ from memballoon.guest.workload import Demand
 from memballoon.host.ram import NullRam
 from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.model.units import GIB, MIB, PAGE_SIZE, PageState
-from memballoon.protocol.vmw import Command, Request, Status, decode_request, decode_response
+from memballoon.protocol.vmw import (
+    Capability,
+    Command,
+    Request,
+    Status,
+    decode_request,
+    decode_response,
+)
 
 SMALL = 16384  # 64 MiB
 
@@ -84,20 +91,23 @@ class Pair:
         assert np.unique(held).size == held.size == mem.balloon_pages
         assert bool((mem.state[held] == PageState.BALLOON).all())
         if drv.reset_required:  # the host forgot the balloon; the next work pops it
-            assert np.array_equal(drv.transient_pfns(), np.sort(drv.pages.to_array()))
+            assert drv.transient_pfns().size == drv.size
         else:
             assert drv.transient_pfns().size == 0
         assert drv.n_refused_pages == 0 and len(drv.refused_pages) == 0
+        assert drv.n_refused_pages_2m == 0 and len(drv.refused_pages_2m) == 0
 
 
-def make_pair(pages: int = SMALL, *, batched: bool = False, supports_batched: bool = True,
-              load: bool = True) -> Pair:
+def make_pair(pages: int = SMALL, *, batched: bool = False, huge: bool = False,
+              supports_batched: bool = True, supports_2m: bool = True, load: bool = True) -> Pair:
+    """A driver wired to its device; ``batched`` uses 4 KiB batches, ``huge`` 2 MiB pages too."""
     ram = NullRam(pages)
     mem = GuestMemory(pages, store=ram)
-    dev = VmwBalloonDevice(ram, supports_batched=supports_batched)
+    dev = VmwBalloonDevice(ram, supports_batched=supports_batched, supports_2m=supports_2m)
     port = Recorder(dev)
     yields: list[int] = []
-    drv = VmwBalloonDriver(mem, port, batched=batched, cond_resched=lambda: yields.append(1))
+    drv = VmwBalloonDriver(mem, port, batched=batched or huge, huge_pages=huge,
+                           cond_resched=lambda: yields.append(1))
     pair = Pair(mem, ram, dev, port, drv, yields=yields)
     if load:
         drv.load(0.0)
@@ -205,6 +215,109 @@ def test_batched_driver_falls_back_to_version_2() -> None:
     assert p.port.commands().count(Command.LOCK) == 3000
     assert p.drv.batch_max_pages == 1
     p.check()
+
+
+# ------------------------------------------------------------------ 2 MiB pages (v4.20+)
+def test_2m_pages_first_then_4k_to_the_exact_target() -> None:
+    p = make_pair(GIB // PAGE_SIZE, huge=True)
+    offer = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
+    assert p.port.log[0] == (Command.START, int(offer), Status.SUCCESS_WITH_CAPABILITIES)
+    assert p.drv.supported_page_sizes == 2
+    p.dev.set_target(131072 + 100)
+    p.work()
+    # 256 pages of 2 MiB in one command, then the last 100 frames as 4 KiB pages
+    assert p.port.commands().count(Command.BATCHED_2M_LOCK) == 1
+    assert p.port.commands().count(Command.BATCHED_LOCK) == 1
+    assert p.drv.size == p.dev.actual_pages == 131172
+    s = p.drv.stats()
+    assert (s["prim2mAlloc"], s["2m-lock"], s["primNoSleepAlloc"]) == (256, 1, 100)
+    p.check()
+    # deflate: 4 KiB pages first, then 2 MiB pages rounded up (the guest gets at least what
+    # the target gives back); the next cycle refills the difference in 4 KiB pages
+    p.dev.set_target(1000)
+    p.work()
+    assert p.drv.size == 131072 - 255 * 512 == 512 and len(p.drv.pages) == 0
+    assert p.drv.stats()["prim2mFree"] == 255 and p.drv.stats()["primFree"] == 100
+    p.check()
+    p.work()
+    assert p.drv.size == 1000 and len(p.drv.pages_2m) == 1 and len(p.drv.pages) == 488
+    p.check()
+    p.dev.set_target(0)
+    p.work()
+    assert p.drv.size == 0 and p.mem.balloon_pages == 0
+    p.check()
+
+
+def test_2m_inflate_never_passes_the_target() -> None:
+    p = make_pair(huge=True)
+    for target in (511, 513, 1500):
+        p.dev.set_target(target)
+        p.work()
+        assert p.drv.size == target == p.dev.actual_pages
+        p.check()
+    assert len(p.drv.pages_2m) == 1  # (1500 - 513) // 512: the rest in 4 KiB pages
+
+
+def test_failed_2m_allocation_falls_back_to_4k_without_slowing_down() -> None:
+    p = make_pair(huge=True)
+    # a fragmented guest: no 2 MiB block is wholly free
+    p.mem.alloc_huge = lambda n: np.empty(0, dtype=np.int64)  # type: ignore[method-assign]
+    p.dev.set_target(2000)
+    p.work()
+    s = p.drv.stats()
+    assert s["prim2mAlloc"] == 1 and s["prim2mAllocFailed"] == 1
+    assert p.drv.size == 2000 and len(p.drv.pages_2m) == 0
+    assert p.drv.slow_allocation_cycles == 0 and p.drv.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
+    p.check()
+
+
+def test_host_without_2m_pages_gets_4k_batches() -> None:
+    p = make_pair(huge=True, supports_2m=False)
+    assert p.drv.supported_page_sizes == 1
+    p.dev.set_target(3000)
+    p.work()
+    assert Command.BATCHED_2M_LOCK not in p.port.commands()
+    assert p.drv.size == 3000
+    p.check()
+
+
+def test_refused_2m_pages_held_up_to_16_then_4k_pages() -> None:
+    p = make_pair(8 * SMALL, huge=True)  # 256 MiB: plenty of whole 2 MiB blocks
+    heads = np.flatnonzero(p.mem._bfree == 512)[:20] * 512
+    p.dev.set_pinned(heads + 3)  # one pinned frame in each of the first 20 free blocks
+    p.dev.set_target(40 * 512)
+    p.work()
+    s = p.drv.stats()
+    # the first batch takes 40 blocks: 20 refused, 16 held then freed, 4 freed at once;
+    # the cycle goes on in 4 KiB pages (where the pinned frames are refused again)
+    assert s["err2mAlloc"] == 20 and s["err2mFree"] == 20 and s["2m-lock"] == 1
+    assert len(p.drv.pages_2m) == 20 and s["batchLock"] >= 1 and s["errAlloc"] > 0
+    assert p.drv.size == p.dev.actual_pages > 20 * 512
+    p.check()
+
+
+def test_reset_pops_2m_pages_too() -> None:
+    p = make_pair(huge=True)
+    p.dev.set_target(3000)
+    p.work()
+    assert len(p.drv.pages_2m) == 5
+    p.dev.request_reset()
+    p.work()
+    assert p.drv.reset_required and p.drv.balloon_pages == 0
+    p.check()
+    p.work()  # pop, START, then inflate again
+    assert p.drv.size == 3000 and p.drv.stats()["prim2mFree"] == 5
+    p.check()
+
+
+def test_vmmemctl_shows_2m_rows_only_with_2m_pages() -> None:
+    p = make_pair(huge=True)
+    p.dev.set_target(1024)
+    p.work()
+    text = p.drv.vmmemctl_text()
+    assert "2m-lock:                   1 (   0 failed)\n" in text
+    assert "prim2mAlloc:               2 (   0 failed)\n" in text
+    assert "2m-lock" not in make_pair(batched=True).drv.vmmemctl_text()
 
 
 # ------------------------------------------------------------------ allocation pressure
@@ -583,10 +696,13 @@ _event = st.one_of(
 )
 
 
+_MODES = {"v2": {}, "batched": {"batched": True}, "2m": {"huge": True}}
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.booleans(), st.lists(_event, min_size=1, max_size=25))
-def test_invariants_hold_after_every_work(batched: bool, events: list[tuple[str, int]]) -> None:
-    p = make_pair(batched=batched)
+@given(st.sampled_from(list(_MODES)), st.lists(_event, min_size=1, max_size=25))
+def test_invariants_hold_after_every_work(mode: str, events: list[tuple[str, int]]) -> None:
+    p = make_pair(**_MODES[mode])
     p.dev.set_target(1000)
     p.work()
     p.check()
@@ -611,12 +727,12 @@ def test_invariants_hold_after_every_work(batched: bool, events: list[tuple[str,
     assert p.mem.check_invariants() == []
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_long_random_run(batched: bool) -> None:
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_long_random_run(mode: str) -> None:
     import random
 
     rng = random.Random(7)
-    p = make_pair(batched=batched)
+    p = make_pair(**_MODES[mode])
     for _ in range(60):
         r = rng.random()
         if r < 0.4:

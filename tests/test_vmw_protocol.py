@@ -14,6 +14,7 @@ from memballoon.model.errors import FrameError, UsageError
 from memballoon.protocol.vmw import (
     REQUEST_HEADER_SIZE,
     RESPONSE_HEADER_SIZE,
+    VMW_BALLOON_2M_ORDER,
     VMW_BALLOON_BATCH_MAX_PAGES,
     VMW_BALLOON_GUEST_ID,
     VMW_BALLOON_HV_MAGIC,
@@ -41,8 +42,10 @@ def test_seed_constants() -> None:
     assert VMW_BALLOON_BATCH_MAX_PAGES == 512
     assert [(c.name, int(c)) for c in Command] == [
         ("START", 0), ("GET_TARGET", 1), ("LOCK", 2), ("UNLOCK", 3), ("GUEST_ID", 4),
-        ("BATCHED_LOCK", 6), ("BATCHED_UNLOCK", 7),
+        ("BATCHED_LOCK", 6), ("BATCHED_UNLOCK", 7), ("BATCHED_2M_LOCK", 8),
+        ("BATCHED_2M_UNLOCK", 9),
     ]
+    assert VMW_BALLOON_2M_ORDER == 9  # 2 MiB pages of 512 frames
     assert {s.name: int(s) for s in Status} == {
         "SUCCESS": 0, "FAILURE": -1, "ERROR_CMD_INVALID": 1, "ERROR_PPN_INVALID": 2,
         "ERROR_PPN_LOCKED": 3, "ERROR_PPN_UNLOCKED": 4, "ERROR_PPN_PINNED": 5,
@@ -65,6 +68,9 @@ def test_request_layout() -> None:
     assert len(frame) == REQUEST_HEADER_SIZE == 16
     frame = encode_request(batch_request(Command.BATCHED_LOCK, [5, 7]))
     assert frame == struct.pack("<IIQIQQ", VMW_BALLOON_HV_MAGIC, 6, 2, 2, 5 << 12, 7 << 12)
+    # a 2 MiB batch names the first frame of each 2 MiB page, in the same layout
+    frame = encode_request(batch_request(Command.BATCHED_2M_LOCK, [512, 1024]))
+    assert frame == struct.pack("<IIQIQQ", VMW_BALLOON_HV_MAGIC, 8, 2, 2, 512 << 12, 1024 << 12)
 
 
 def test_response_layout() -> None:
@@ -159,7 +165,7 @@ _single = st.builds(
 ) | st.builds(Request, st.sampled_from([Command.LOCK, Command.UNLOCK]), st.integers(0, 2**32 - 1))
 _batch = st.builds(
     batch_request,
-    st.sampled_from([Command.BATCHED_LOCK, Command.BATCHED_UNLOCK]),
+    st.sampled_from([c for c in Command if c.batched]),
     st.lists(st.integers(0, (1 << 52) - 1), max_size=VMW_BALLOON_BATCH_MAX_PAGES),
 )
 _entry_status = st.sampled_from([s for s in Status if s is not Status.SUCCESS_WITH_CAPABILITIES])

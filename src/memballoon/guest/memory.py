@@ -379,13 +379,39 @@ class GuestMemory:
         self._balloon += int(pfns.size)
         return pfns
 
+    def alloc_huge(self, n: int) -> PfnArray:
+        """Up to ``n`` wholly free 2 MiB blocks for the balloon, without reclaim.
+
+        Linux's 2 MiB balloon pages (``alloc_pages`` of order 9 without ``__GFP_RECLAIM``):
+        only blocks free as a whole, blocks not yet reported to the host first, and never
+        below the min watermark. Returns the blocks' first frames, ascending.
+        """
+        k = min(n, (self._free - self.watermarks.min) // BLOCK_PAGES)
+        if k <= 0:
+            return _EMPTY
+        whole = self._bfree == BLOCK_PAGES
+        blocks = np.flatnonzero(whole & ~self.reported)[:k]
+        if blocks.size < k and self.reported.any():
+            more = np.flatnonzero(whole & self.reported)[: k - blocks.size]
+            blocks = np.sort(np.concatenate((blocks, more)))
+        if blocks.size == 0:
+            return _EMPTY
+        self.state[_block_frames(blocks)] = PageState.BALLOON
+        self._bfree[blocks] = 0
+        self.reported[blocks] = False  # the host refaults these on touch
+        taken = int(blocks.size) * BLOCK_PAGES
+        self._free -= taken
+        self._balloon += taken
+        return blocks.astype(np.int64) * BLOCK_PAGES
+
     def free_balloon(self, pfns: PfnArray) -> None:
         """Give frames the balloon driver owns back to the guest's free memory."""
         if pfns.size == 0:
             return
         if not bool((self.state[pfns] == _BALLOON).all()):
             raise UsageError("free_balloon: a frame that the balloon does not own")
-        if pfns.size > 1 and np.unique(pfns).size != pfns.size:
+        if (pfns.size > 1 and not bool((np.diff(pfns) > 0).all())
+                and np.unique(pfns).size != pfns.size):
             raise UsageError("free_balloon: a frame given twice")
         self._give_free(pfns)
         self._balloon -= int(pfns.size)

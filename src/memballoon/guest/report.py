@@ -17,7 +17,8 @@ def refused_pages(driver: BalloonDriver) -> int | None:
     """The driver's cumulative count of frames the host refused (None: it has no refusals)."""
     st = driver.stats()
     if "errAlloc" in st:
-        return max(0, st["errAlloc"])  # vmw: the seed's refused allocations
+        # vmw: the seed's refused allocations, and refused 2 MiB pages in frames
+        return max(0, st["errAlloc"] + st.get("err2mAlloc", 0) * 512)
     if "refused_pages" in st:
         return max(0, st["refused_pages"])
     return None

@@ -33,7 +33,8 @@ Version 2 (the seed, one page per command), kept line for line:
   driver's pages: they count as transient, not as balloon.
 - unload: START (the host forgets the balloon), then pop without UNLOCK.
 
-Batched mode (``batched=True``) offers BASIC_CMDS|BATCHED_CMDS at START. If the host grants
+Batched mode (``batched=True``) offers BASIC_CMDS|BATCHED_CMDS|BATCHED_2M_CMDS at START (without
+2 MiB pages when ``huge_pages=False``). If the host grants
 BATCHED_CMDS (SUCCESS_WITH_CAPABILITIES), LOCK and UNLOCK go in batches of up to 512 PFNs, as
 v4.20+ does; otherwise the driver is the version-2 driver above. What follows v4.20+: a batch
 is allocated, then locked in one command; the batch's overall status overrides the per-page
@@ -44,8 +45,20 @@ unlock go back into the balloon. What stays from the seed: non-sleeping allocati
 switch to sleeping ones at ``rate_alloc`` pages a cycle after a failure (``i`` counts pages
 here, with no off-by-one), the halving of ``rate_alloc`` and ``rate_free``, at most 16 refused
 pages held (refusals past 16 in one batch are freed at once) and all freed at cycle end,
-RESET and PPN_NOTNEEDED ending a cycle, the reset sequence and unload. Not followed: 2 MiB
-pages, the doorbell, the shrinker and v4.20's 2 MiB deflate slack.
+RESET and PPN_NOTNEEDED ending a cycle, the reset sequence and unload.
+
+2 MiB pages (v4.20+), used when the host grants BATCHED_2M_CMDS with BATCHED_CMDS
+(``supported_page_sizes`` 2): each page size keeps its own balloon and refused lists (the
+driver's ``struct vmballoon_page_size``). Inflation starts with 2 MiB pages: wholly free 2 MiB
+blocks taken without reclaim (``VMW_HUGE_PAGE_ALLOC_FLAGS``), up to 512 a BATCHED_2M_LOCK;
+when a 2 MiB allocation fails, or 16 2 MiB pages were refused (they are freed then), the cycle
+goes on with 4 KiB pages. A failed 2 MiB allocation is not memory pressure: it does not touch
+the rates. Deflation unlocks 4 KiB pages first, then 2 MiB pages. Where v4.20 would pass the
+target (it rounds the last 2 MiB inflate up and keeps a 2 MiB slack on deflate), this driver
+inflates whole 2 MiB pages only while one fits under the target and finishes in 4 KiB pages,
+and rounds a 2 MiB deflate up (the guest gets at least what the target gives back; the next
+cycle refills the difference in 4 KiB pages), so the balloon never holds more than the host
+asked for. Not followed: the doorbell and the shrinker.
 
 Replies that do not decode are counted in ``counters`` and treated as FAILURE; ``work`` never
 raises for anything the host sends.
@@ -66,6 +79,7 @@ from memballoon.model.counters import Counters
 from memballoon.model.errors import PeerError
 from memballoon.model.units import PFN32_MAX
 from memballoon.protocol.vmw import (
+    VMW_BALLOON_2M_ORDER,
     VMW_BALLOON_BATCH_MAX_PAGES,
     VMW_BALLOON_GUEST_ID,
     VMW_BALLOON_PROTOCOL_VERSION,
@@ -92,8 +106,12 @@ VMW_BALLOON_SLOW_CYCLES = 4
 VMW_BALLOON_YIELD_THRESHOLD = 1024  # page allocations without yielding the CPU
 VMW_BALLOON_MAX_REFUSED = 16  # refused pages held before a cycle gives up
 
-#: What a batched driver offers at START.
-BATCHED_DRIVER_CAPABILITIES = Capability.BASIC_CMDS | Capability.BATCHED_CMDS
+#: What a batched driver offers at START (v4.20+ ``VMW_BALLOON_CAPABILITIES`` without the
+#: doorbell, which the host here replaces with a WAKE message).
+BATCHED_DRIVER_CAPABILITIES = (
+    Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
+)
+_2M_PAGES = 1 << VMW_BALLOON_2M_ORDER  # frames in a 2 MiB page
 
 
 class Backdoor(Protocol):
@@ -129,6 +147,16 @@ class VmwBalloonStats:
     batch_lock_fail: int = 0
     batch_unlock: int = 0
     batch_unlock_fail: int = 0
+    # v4.20+ 2 MiB pages ("2m-lock", "prim2mAlloc", ...), counted in 2 MiB pages
+    batch_2m_lock: int = 0
+    batch_2m_lock_fail: int = 0
+    batch_2m_unlock: int = 0
+    batch_2m_unlock_fail: int = 0
+    alloc_2m: int = 0
+    alloc_2m_fail: int = 0
+    free_2m: int = 0
+    refused_alloc_2m: int = 0
+    refused_free_2m: int = 0
 
 
 # debugfs ``vmmemctl`` lines: (name, count field, failed field or None), in the seed's order
@@ -149,6 +177,19 @@ _BATCH_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
     ("batchLock", "batch_lock", "batch_lock_fail"),
     ("batchUnlock", "batch_unlock", "batch_unlock_fail"),
 )
+_2M_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
+    ("2m-lock", "batch_2m_lock", "batch_2m_lock_fail"),
+    ("2m-unlock", "batch_2m_unlock", "batch_2m_unlock_fail"),
+    ("prim2mAlloc", "alloc_2m", "alloc_2m_fail"),
+    ("prim2mFree", "free_2m", None),
+    ("err2mAlloc", "refused_alloc_2m", None),
+    ("err2mFree", "refused_free_2m", None),
+)
+
+
+def frames_of(heads: PfnArray) -> PfnArray:
+    """Every frame of the 2 MiB pages starting at ``heads``, page by page."""
+    return (heads[:, None] + np.arange(_2M_PAGES, dtype=np.int64)).reshape(-1)
 
 
 class PfnStack:
@@ -205,6 +246,7 @@ _SUCCESS, _ERROR_RESET, _ERROR_PPN_NOTNEEDED = (
 )
 _LOCK, _UNLOCK = Command.LOCK, Command.UNLOCK
 
+_NO_PAGES: PfnArray = np.empty(0, dtype=np.int64)
 _OK = 0
 _ENOMEM = 1  # a page allocation failed
 _EIO = 2  # the host refused: stop this cycle
@@ -221,11 +263,13 @@ class VmwBalloonDriver:
         port: Backdoor,
         *,
         batched: bool = False,
+        huge_pages: bool = True,
         cond_resched: Callable[[], None] | None = None,
     ) -> None:
         self.mem = mem
         self.port = port
         self.batched = batched
+        self.huge_pages = huge_pages  # offer 2 MiB pages in batched mode
         self.cond_resched = cond_resched
         self.counters = Counters()
         self.seed_stats = VmwBalloonStats()
@@ -242,6 +286,10 @@ class VmwBalloonDriver:
         # v4.20+
         self.capabilities = Capability(0)
         self.batch_max_pages = 1
+        self.supported_page_sizes = 1  # 2: 4 KiB and 2 MiB pages
+        self.pages_2m = PfnStack()  # first frames of the 2 MiB pages in the balloon
+        self.refused_pages_2m = PfnStack(VMW_BALLOON_MAX_REFUSED)
+        self.n_refused_pages_2m = 0
         self.loaded = False
 
     # ------------------------------------------------------------------ the backdoor
@@ -266,10 +314,14 @@ class VmwBalloonDriver:
 
     def _send_start(self) -> bool:
         self.seed_stats.start += 1
-        offer = BATCHED_DRIVER_CAPABILITIES if self.batched else VMW_BALLOON_PROTOCOL_VERSION
+        offer: int = VMW_BALLOON_PROTOCOL_VERSION
+        if self.batched:
+            offer = BATCHED_DRIVER_CAPABILITIES
+            if not self.huge_pages:
+                offer &= ~Capability.BATCHED_2M_CMDS
         resp = self._cmd(Request(Command.START, int(offer)))
         if resp.status is Status.SUCCESS_WITH_CAPABILITIES and self.batched:
-            self.capabilities = Capability(resp.result & int(BATCHED_DRIVER_CAPABILITIES))
+            self.capabilities = Capability(resp.result & int(offer))
         elif resp.status is Status.SUCCESS:
             self.capabilities = Capability.BASIC_CMDS
         else:
@@ -277,6 +329,9 @@ class VmwBalloonDriver:
             return False
         use_batches = bool(self.capabilities & Capability.BATCHED_CMDS)
         self.batch_max_pages = VMW_BALLOON_BATCH_MAX_PAGES if use_batches else 1
+        # 2 MiB pages only with batches (v4.20+: the legacy commands cannot carry them)
+        huge = use_batches and bool(self.capabilities & Capability.BATCHED_2M_CMDS)
+        self.supported_page_sizes = 2 if huge else 1
         return True
 
     def _send_guest_id(self) -> bool:
@@ -355,6 +410,11 @@ class VmwBalloonDriver:
 
     def _pop(self) -> None:
         """Free every ballooned page without telling the host (reset, unload)."""
+        heads = self.pages_2m.pop(len(self.pages_2m))
+        if heads.size:
+            self.mem.free_balloon(np.sort(frames_of(heads)))
+            self.seed_stats.free_2m += int(heads.size)
+            self.size -= int(heads.size) * _2M_PAGES
         rate = max(1, self.rate_free)
         while len(self.pages):
             chunk = self.pages.pop(rate)
@@ -488,46 +548,105 @@ class VmwBalloonDriver:
             self.seed_stats.alloc_fail += short
         return got
 
-    def _lock_batch(self, pfns: PfnArray) -> int:
-        """BATCHED_LOCK ``pfns``; returns _OK, or _EIO when the cycle must end."""
-        self.seed_stats.batch_lock += 1
-        resp = self._cmd(batch_request(Command.BATCHED_LOCK, pfns))
+    def _alloc_batch_2m(self, n: int) -> PfnArray:
+        got = self.mem.alloc_huge(n)
+        short = got.size < n
+        self.seed_stats.alloc_2m += int(got.size) + short
+        self.seed_stats.alloc_2m_fail += short
+        return got
+
+    def _free_refused(self, pfns: PfnArray, huge: bool) -> None:
+        if huge:
+            self.mem.free_balloon(frames_of(pfns))
+            self.seed_stats.refused_free_2m += int(pfns.size)
+        else:
+            self.mem.free_balloon(pfns)
+            self.seed_stats.refused_free += int(pfns.size)
+
+    def _lock_batch(self, pfns: PfnArray, huge: bool = False) -> int:
+        """BATCHED_LOCK (or BATCHED_2M_LOCK) ``pfns``; _OK, or _EIO when the cycle must end.
+
+        Refused pages are held (at most 16 of each size; the rest freed at once) so the
+        allocator does not hand them back; the caller decides what 16 held pages mean.
+        """
+        st = self.seed_stats
+        if huge:
+            st.batch_2m_lock += 1
+            resp = self._cmd(batch_request(Command.BATCHED_2M_LOCK, pfns))
+        else:
+            st.batch_lock += 1
+            resp = self._cmd(batch_request(Command.BATCHED_LOCK, pfns))
         if not self._check_status(resp.status):
             # the batch's status overrides the pages' ones
-            self.seed_stats.batch_lock_fail += 1
-            self.seed_stats.refused_alloc += int(pfns.size)
-            self.mem.free_balloon(pfns)
+            if huge:
+                st.batch_2m_lock_fail += 1
+                st.refused_alloc_2m += int(pfns.size)
+                self.mem.free_balloon(frames_of(pfns))
+            else:
+                st.batch_lock_fail += 1
+                st.refused_alloc += int(pfns.size)
+                self.mem.free_balloon(pfns)
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
         ok = resp.statuses == Status.SUCCESS
-        self.pages.extend(pfns[ok])
-        self.size += int(ok.sum())
+        (self.pages_2m if huge else self.pages).extend(pfns[ok])
+        self.size += int(ok.sum()) * (_2M_PAGES if huge else 1)
         refused = pfns[~ok]
         if refused.size == 0:
             return _OK
-        self.seed_stats.refused_alloc += int(refused.size)
+        if huge:
+            st.refused_alloc_2m += int(refused.size)
+            held, n_held = self.refused_pages_2m, self.n_refused_pages_2m
+        else:
+            st.refused_alloc += int(refused.size)
+            held, n_held = self.refused_pages, self.n_refused_pages
         codes = resp.statuses[~ok]
         stop = bool(np.isin(codes, (Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED)).any())
         if bool((codes == Status.ERROR_RESET).any()):
             self.reset_required = True
-        room = max(0, VMW_BALLOON_MAX_REFUSED - self.n_refused_pages)
+        room = max(0, VMW_BALLOON_MAX_REFUSED - n_held)
         keep, drop = refused[:room], refused[room:]
         if keep.size:
-            self.refused_pages.extend(keep)
-            self.n_refused_pages += int(keep.size)
+            held.extend(keep)
+            if huge:
+                self.n_refused_pages_2m += int(keep.size)
+            else:
+                self.n_refused_pages += int(keep.size)
         if drop.size:
-            self.mem.free_balloon(drop)
-            self.seed_stats.refused_free += int(drop.size)
-        if stop or self.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
-            return _EIO
-        return _OK
+            self._free_refused(drop, huge)
+        return _EIO if stop else _OK
+
+    def _release_refused_pages_2m(self) -> None:
+        k = len(self.refused_pages_2m)
+        if k:
+            self._free_refused(self.refused_pages_2m.pop(k), True)
+        self.n_refused_pages_2m = 0
 
     def _inflate_batched(self) -> None:
         rate = self.rate_alloc if self.slow_allocation_cycles else None  # None: up to the goal
         can_sleep = False
         error = _OK
-        i = 0  # pages allocated this cycle
+        i = 0  # frames allocated this cycle
+        huge = self.supported_page_sizes == 2  # v4.20+ starts with 2 MiB pages
         while self.size < self.target and not self.reset_required:
+            if huge:
+                # whole 2 MiB pages while one fits under the target (and the rate)
+                want = min(self.batch_max_pages, (self.target - self.size) // _2M_PAGES)
+                if rate is not None:
+                    want = min(want, (rate - i) // _2M_PAGES)
+                got = self._alloc_batch_2m(want) if want > 0 else _NO_PAGES
+                i += int(got.size) * _2M_PAGES
+                error = self._lock_batch(got, huge=True) if got.size else _OK
+                if error != _OK:
+                    break
+                if got.size < want or want <= 0 or (
+                        self.n_refused_pages_2m >= VMW_BALLOON_MAX_REFUSED):
+                    # no 2 MiB page (left, free or wanted): go on with 4 KiB pages
+                    self._release_refused_pages_2m()
+                    huge = False
+                if got.size:
+                    self._yield()
+                continue
             want = min(self.batch_max_pages, self.target - self.size)
             if rate is not None:
                 want = min(want, rate - i)
@@ -536,6 +655,8 @@ class VmwBalloonDriver:
             got = self._alloc_batch(want, can_sleep)
             i += int(got.size)
             error = self._lock_batch(got) if got.size else _OK
+            if error == _OK and self.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
+                error = _EIO
             if error != _OK:
                 break
             if got.size < want:
@@ -547,32 +668,57 @@ class VmwBalloonDriver:
             self._yield()  # v4.20+ yields after every batch
         self._grow_rate_alloc(error, i)
         self._release_refused_pages()
+        self._release_refused_pages_2m()
+
+    def _unlock_batch(self, huge: bool) -> bool:
+        """One BATCHED_(2M_)UNLOCK toward the target; False when deflation must stop."""
+        stack = self.pages_2m if huge else self.pages
+        per = _2M_PAGES if huge else 1
+        # 2 MiB pages round up: the guest gets back at least what the target frees
+        batch = stack.pop(min(self.batch_max_pages, -(-(self.size - self.target) // per)))
+        st = self.seed_stats
+        if huge:
+            st.batch_2m_unlock += 1
+            resp = self._cmd(batch_request(Command.BATCHED_2M_UNLOCK, batch))
+        else:
+            st.batch_unlock += 1
+            resp = self._cmd(batch_request(Command.BATCHED_UNLOCK, batch))
+        if not self._check_status(resp.status):
+            if huge:
+                st.batch_2m_unlock_fail += 1
+            else:
+                st.batch_unlock_fail += 1
+            stack.extend(batch[::-1])  # back into the balloon, order kept
+            self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
+            return False
+        self.target = resp.result & PFN32_MAX
+        ok = resp.statuses == Status.SUCCESS
+        freed = batch[ok]
+        if freed.size:
+            if huge:
+                self.mem.free_balloon(frames_of(np.sort(freed)))
+                st.free_2m += int(freed.size)
+            else:
+                self.mem.free_balloon(freed)
+                st.free += int(freed.size)
+            self.size -= int(freed.size) * per
+        if not bool(ok.all()):
+            # v4.20+: pages the host would not unlock go back into the balloon
+            stack.extend(batch[~ok][::-1])
+            if bool((resp.statuses == Status.ERROR_RESET).any()):
+                self.reset_required = True
+            self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
+            return False
+        return True
 
     def _deflate_batched(self) -> None:
-        while self.size > self.target and not self.reset_required:
-            batch = self.pages.pop(min(self.batch_max_pages, self.size - self.target))
-            self.seed_stats.batch_unlock += 1
-            resp = self._cmd(batch_request(Command.BATCHED_UNLOCK, batch))
-            if not self._check_status(resp.status):
-                self.seed_stats.batch_unlock_fail += 1
-                self.pages.extend(batch[::-1])  # back into the balloon, order kept
-                self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
-                return
-            self.target = resp.result & PFN32_MAX
-            ok = resp.statuses == Status.SUCCESS
-            freed = batch[ok]
-            if freed.size:
-                self.mem.free_balloon(freed)
-                self.seed_stats.free += int(freed.size)
-                self.size -= int(freed.size)
-            if not bool(ok.all()):
-                # v4.20+: pages the host would not unlock go back into the balloon
-                self.pages.extend(batch[~ok][::-1])
-                if bool((resp.statuses == Status.ERROR_RESET).any()):
-                    self.reset_required = True
-                self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
-                return
-            self._yield()
+        # v4.20+: 4 KiB pages first, then 2 MiB pages
+        for huge in (False, True)[: self.supported_page_sizes]:
+            stack = self.pages_2m if huge else self.pages
+            while self.size > self.target and not self.reset_required and len(stack):
+                if not self._unlock_batch(huge):
+                    return
+                self._yield()
         self.rate_free = min(self.rate_free + VMW_BALLOON_RATE_FREE_INC, VMW_BALLOON_RATE_FREE_MAX)
 
     # ------------------------------------------------------------------ BalloonDriver
@@ -587,13 +733,17 @@ class VmwBalloonDriver:
 
     def balloon_pfns(self) -> PfnArray:
         if self.reset_required:
-            return np.empty(0, dtype=np.int64)
-        return np.sort(self.pages.to_array())
+            return _NO_PAGES
+        return np.sort(self._held_frames())
+
+    def _held_frames(self) -> PfnArray:
+        """Frames of both balloon lists (the host's view unless a reset is pending)."""
+        return np.concatenate((self.pages.to_array(), frames_of(self.pages_2m.to_array())))
 
     def transient_pfns(self) -> PfnArray:
-        parts = [self.refused_pages.to_array()]
+        parts = [self.refused_pages.to_array(), frames_of(self.refused_pages_2m.to_array())]
         if self.reset_required:
-            parts.append(self.pages.to_array())  # the host forgot them; the next work pops
+            parts.append(self._held_frames())  # the host forgot them; the next work pops
         return np.sort(np.concatenate(parts))
 
     def stats(self) -> dict[str, int]:
@@ -605,7 +755,7 @@ class VmwBalloonDriver:
             "rateSleepAlloc": self.rate_alloc,
             "rateFree": self.rate_free,
         }
-        for name, count, failed in _DEBUGFS_COUNTERS + _BATCH_COUNTERS:
+        for name, count, failed in _DEBUGFS_COUNTERS + _BATCH_COUNTERS + _2M_COUNTERS:
             out[name] = s[count]
             if failed is not None:
                 out[f"{name}Failed"] = s[failed]
@@ -623,6 +773,7 @@ class VmwBalloonDriver:
             "",
         ]
         rows = _DEBUGFS_COUNTERS + (_BATCH_COUNTERS if self.batch_max_pages > 1 else ())
+        rows += _2M_COUNTERS if self.supported_page_sizes == 2 else ()
         for name, count, failed in rows:
             line = f"{name + ':':<20}{s[count]:>8}"
             if failed is not None:

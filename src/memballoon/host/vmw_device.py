@@ -1,7 +1,7 @@
 """The host side of the VMware balloon: answers backdoor frames for one guest.
 
 Source: the behaviour a Linux ``drivers/misc/vmw_balloon.c`` guest expects of the VMware
-monitor (v2.6.34 for version 2; v4.20+ for capabilities and batches).
+monitor (v2.6.34 for version 2; v4.20+ for capabilities, batches and 2 MiB pages).
 
 Theory of operation
 -------------------
@@ -15,7 +15,8 @@ Theory of operation
    locked page is forgotten: the seed's unload sends START before it frees its pages).
    A START offering only BASIC_CMDS (== version 2) is a version-2 peer: plain SUCCESS, never
    batching. One offering BATCHED_CMDS gets SUCCESS_WITH_CAPABILITIES with what this device
-   grants in ``result``.
+   grants in ``result``; BATCHED_2M_CMDS only together with BATCHED_CMDS (as the driver
+   requires).
 
 LOCK checks, in order: PFN outside the guest (PPN_INVALID), already locked (PPN_LOCKED), pinned
 by the host (PPN_PINNED), the balloon already at target (PPN_NOTNEEDED); a locked page's memory
@@ -25,6 +26,13 @@ is PPN_LOCKED the second time) and release or readmit the accepted pages as coal
 one call. Replies to GET_TARGET, LOCK and UNLOCK carry the target in ``result`` (v4.20+ reads
 it there; the seed ignores it).
 
+2 MiB batches (BATCHED_2M_LOCK/UNLOCK) name the first frame of each 2 MiB page: one not
+aligned to 512 frames or running past the guest is PPN_INVALID; a page with any frame locked
+is PPN_LOCKED, with any frame pinned PPN_PINNED; a page that would take the balloon past its
+target is PPN_NOTNEEDED (the balloon never exceeds the target). A page locked as 2 MiB is
+unlocked as 2 MiB only: a 4 KiB UNLOCK of one of its frames, or a 2 MiB UNLOCK of a page not
+locked as one, is PPN_UNLOCKED, so both sides always agree on the balloon's frames.
+
 Every rejected input bumps a named counter in ``counters``.
 """
 
@@ -33,10 +41,11 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import PfnArray, RamBackend, as_pfns, coalesce
+from memballoon.host.ram import PfnArray, RamBackend, RangeArray, as_pfns, coalesce, merge_ranges
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.protocol.vmw import (
+    VMW_BALLOON_2M_ORDER,
     Capability,
     Command,
     Request,
@@ -48,11 +57,13 @@ from memballoon.protocol.vmw import (
 )
 
 #: What this device can grant at START.
-DEVICE_CAPABILITIES = Capability.BASIC_CMDS | Capability.BATCHED_CMDS
-_START, _GET_TARGET, _LOCK, _UNLOCK, _GUEST_ID, _BATCHED_LOCK = (
+DEVICE_CAPABILITIES = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
+_START, _GET_TARGET, _LOCK, _UNLOCK, _GUEST_ID, _BATCHED_LOCK, _BATCHED_2M_LOCK = (
     Command.START, Command.GET_TARGET, Command.LOCK, Command.UNLOCK, Command.GUEST_ID,
-    Command.BATCHED_LOCK,
+    Command.BATCHED_LOCK, Command.BATCHED_2M_LOCK,
 )
+_2M_COMMANDS = (Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK)
+_2M_PAGES = 1 << VMW_BALLOON_2M_ORDER
 _SUCCESS = Status.SUCCESS
 _CMD_COUNTER = {c: f"cmd_{c.name.lower()}" for c in Command}
 _STATUS_COUNTER = {s: s.name.lower() for s in Status}
@@ -69,20 +80,23 @@ class VmwBalloonDevice:
     """One guest's VMware balloon, host side (see the module docstring)."""
 
     def __init__(self, ram: RamBackend, *, supports_batched: bool = True,
-                 defer_release: bool = False) -> None:
+                 supports_2m: bool = True, defer_release: bool = False) -> None:
         self.ram = ram
         self.supports_batched = supports_batched
+        self.supports_2m = supports_2m
         # With defer_release, a batched LOCK's pages are released by flush_release(), which a
         # transport calls right after it has sent the reply: the guest allocates its next
         # batch while the host punches. Every later command flushes first, so no UNLOCK,
         # RESET or START can overtake a release.
         self.defer_release = defer_release
-        self._to_release: list[PfnArray] = []
+        self._to_release: list[RangeArray] = []
         self.counters = Counters()
         n = ram.guest_pages
         self._guest_pages = n
         self._locked: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
         self._pinned: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
+        # per 2 MiB page: locked by a 2 MiB LOCK (a partial last block never is)
+        self._huge: npt.NDArray[np.bool_] = np.zeros(-(-n // _2M_PAGES), dtype=np.bool_)
         self._n_locked = 0
         self._target = 0
         self._started = False
@@ -146,9 +160,10 @@ class VmwBalloonDevice:
     def flush_release(self) -> None:
         """Release what batched LOCKs accepted (with ``defer_release``); idempotent."""
         if self._to_release:
-            take = np.concatenate(self._to_release)
+            ranges = self._to_release[0] if len(self._to_release) == 1 else np.concatenate(
+                self._to_release)
             self._to_release.clear()
-            self.ram.release(coalesce(take))
+            self.ram.release(merge_ranges(ranges[:, 0], ranges[:, 1]))
 
     def handle(self, request: bytes) -> bytes:
         """Answer one request frame (never raises)."""
@@ -190,12 +205,17 @@ class VmwBalloonDevice:
         if cmd is _GUEST_ID:
             self.guest_id = req.data
             return Response(_SUCCESS)
-        # BATCHED_LOCK or BATCHED_UNLOCK
-        if not self._caps & Capability.BATCHED_CMDS:
-            self.counters.inc("batch_not_negotiated")
+        # a batch of 4 KiB or 2 MiB pages
+        huge = cmd in _2M_COMMANDS
+        if not self._caps & (Capability.BATCHED_2M_CMDS if huge else Capability.BATCHED_CMDS):
+            self.counters.inc("batch_2m_not_negotiated" if huge else "batch_not_negotiated")
             return Response(Status.ERROR_CMD_INVALID)
         if cmd is _BATCHED_LOCK:
             statuses = self._lock_batch(req.pfns)
+        elif cmd is _BATCHED_2M_LOCK:
+            statuses = self._lock_batch_2m(req.pfns)
+        elif huge:
+            statuses = self._unlock_batch_2m(req.pfns)
         else:
             statuses = self._unlock_batch(req.pfns)
         return Response(_SUCCESS, self._target, req.pfns, statuses)
@@ -206,7 +226,10 @@ class VmwBalloonDevice:
         self._started = True
         offer = Capability(offered & _KNOWN_CAPABILITIES)
         if self.supports_batched and offer & Capability.BATCHED_CMDS:
-            self._caps = offer & DEVICE_CAPABILITIES | Capability.BASIC_CMDS
+            grant = DEVICE_CAPABILITIES
+            if not self.supports_2m:
+                grant &= ~Capability.BATCHED_2M_CMDS
+            self._caps = offer & grant | Capability.BASIC_CMDS
             return Response(Status.SUCCESS_WITH_CAPABILITIES, int(self._caps))
         # a version-2 peer (data 2 == BASIC_CMDS), or batching not on offer here
         self._caps = Capability.BASIC_CMDS
@@ -217,6 +240,7 @@ class VmwBalloonDevice:
             self.ram.readmit(coalesce(self.balloon_pfns()))
             self.counters.inc("pages_forgotten", self._n_locked)
         self._locked[:] = False
+        self._huge[:] = False
         self._n_locked = 0
 
     # ------------------------------------------------------------------ single pages
@@ -240,8 +264,8 @@ class VmwBalloonDevice:
     def _unlock_one(self, pfn: int) -> Status:
         if pfn >= self._guest_pages:
             st = Status.ERROR_PPN_INVALID
-        elif not self._locked[pfn]:
-            st = Status.ERROR_PPN_UNLOCKED
+        elif not self._locked[pfn] or self._huge[pfn >> VMW_BALLOON_2M_ORDER]:
+            st = Status.ERROR_PPN_UNLOCKED  # not locked, or locked as part of a 2 MiB page
         else:
             self.ram.readmit(np.array([[pfn, pfn + 1]], dtype=np.int64))
             self._locked[pfn] = False
@@ -290,10 +314,7 @@ class VmwBalloonDevice:
         st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
         take = pfns[cand[:room]]
         if take.size:
-            if self.defer_release:
-                self._to_release.append(take)  # punched by flush_release, before any reply
-            else:                              # to a later command
-                self.ram.release(coalesce(take))
+            self._release(coalesce(take))
             self._locked[take] = True
             self._n_locked += int(take.size)
         self._count_statuses(st)
@@ -303,12 +324,73 @@ class VmwBalloonDevice:
         st, inside = self._classify(pfns)
         idx = np.flatnonzero(inside)
         p = pfns[idx]
-        unlocked = ~self._locked[p] | self._repeats(p)
+        unlocked = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER] | self._repeats(p)
         st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
         give = p[~unlocked]
         if give.size:
             self.ram.readmit(coalesce(give))
             self._locked[give] = False
             self._n_locked -= int(give.size)
+        self._count_statuses(st)
+        return st
+
+    def _release(self, ranges: RangeArray) -> None:
+        if self.defer_release:
+            self._to_release.append(ranges)  # punched by flush_release, before any reply
+        else:                                # to a later command
+            self.ram.release(ranges)
+
+    # ------------------------------------------------------------------ 2 MiB batches
+    def _classify_2m(
+        self, heads: PfnArray
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Statuses with PPN_INVALID marked, the valid entries' indices and their blocks."""
+        st = np.zeros(heads.size, dtype=np.int32)
+        valid = (heads % _2M_PAGES == 0) & (heads + _2M_PAGES <= self._guest_pages)
+        if not bool(valid.all()):
+            st[~valid] = Status.ERROR_PPN_INVALID
+        idx = np.flatnonzero(valid)
+        return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
+
+    def _block_any(self, flags: npt.NDArray[np.bool_], blocks: npt.NDArray[np.int64]
+                   ) -> npt.NDArray[np.bool_]:
+        """Per block: is any of its frames set in ``flags``?"""
+        frames = (blocks[:, None] * _2M_PAGES + np.arange(_2M_PAGES)).reshape(-1)
+        return np.asarray(flags[frames].reshape(-1, _2M_PAGES).any(axis=1))
+
+    def _set_blocks(self, blocks: npt.NDArray[np.int64], locked: bool) -> RangeArray:
+        """Mark whole 2 MiB pages (un)locked; returns their frames as merged ranges."""
+        starts = blocks * _2M_PAGES
+        ranges = merge_ranges(starts, starts + _2M_PAGES)
+        for lo, hi in ranges.tolist():
+            self._locked[lo:hi] = locked
+        self._huge[blocks] = locked
+        delta = int(blocks.size) * _2M_PAGES
+        self._n_locked += delta if locked else -delta
+        return ranges
+
+    def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
+        st, idx, blocks = self._classify_2m(heads)
+        locked = self._block_any(self._locked, blocks) | self._repeats(blocks)
+        st[idx[locked]] = Status.ERROR_PPN_LOCKED
+        pinned = ~locked & self._block_any(self._pinned, blocks)
+        st[idx[pinned]] = Status.ERROR_PPN_PINNED
+        ok = ~locked & ~pinned
+        cand = idx[ok]
+        room = max(0, self._target - self._n_locked) // _2M_PAGES  # never past the target
+        st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
+        take = blocks[ok][:room]
+        if take.size:
+            self._release(self._set_blocks(take, True))
+        self._count_statuses(st)
+        return st
+
+    def _unlock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
+        st, idx, blocks = self._classify_2m(heads)
+        unlocked = ~self._huge[blocks] | self._repeats(blocks)
+        st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
+        give = blocks[~unlocked]
+        if give.size:
+            self.ram.readmit(self._set_blocks(give, False))
         self._count_statuses(st)
         return st

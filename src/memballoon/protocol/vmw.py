@@ -1,7 +1,8 @@
 """The VMware balloon backdoor protocol: commands, statuses, capabilities and a fixed frame codec.
 
 Source: Linux ``drivers/misc/vmw_balloon.c`` (v2.6.34, the seed: protocol version 2, one page
-per command; v4.20+: capabilities negotiated at START, batched LOCK/UNLOCK).
+per command; v4.20+: capabilities negotiated at START, batched LOCK/UNLOCK, batches of 2 MiB
+pages).
 
 Theory of operation
 -------------------
@@ -14,8 +15,10 @@ bytes, so the driver and the device can sit on either side of a function call or
 request  (little-endian)::
 
     u32 magic (VMW_BALLOON_HV_MAGIC) | u32 command | u64 data
-    BATCHED_LOCK / BATCHED_UNLOCK only:  u32 count | count x u64 entry (PFN << 12, low 12 bits 0)
-    (``data`` of a batched command is the count, as the real driver passes it in ``esi``)
+    batched commands only:  u32 count | count x u64 entry (PFN << 12, low 12 bits 0)
+    (``data`` of a batched command is the count, as the real driver passes it in ``esi``;
+    an entry of BATCHED_2M_LOCK / BATCHED_2M_UNLOCK names the first frame of a 2 MiB page,
+    ``1 << VMW_BALLOON_2M_ORDER`` frames; the codec carries it, the host checks alignment)
 
 response (little-endian)::
 
@@ -54,6 +57,8 @@ VMW_BALLOON_PROTOCOL_VERSION = 2
 VMW_BALLOON_GUEST_ID = 1  # Linux
 #: One 4 KiB page of u64 entries (v4.20+ ``VMW_BALLOON_BATCH_MAX_PAGES``).
 VMW_BALLOON_BATCH_MAX_PAGES = (1 << PAGE_SHIFT) // 8
+#: A 2 MiB page is 2**9 frames (``PMD_SHIFT - PAGE_SHIFT`` on x86-64).
+VMW_BALLOON_2M_ORDER = 9
 
 U64_MAX = (1 << 64) - 1
 ENTRY_STATUS_MASK = (1 << PAGE_SHIFT) - 1
@@ -76,6 +81,8 @@ class Command(IntEnum):
     # no command 5
     BATCHED_LOCK = 6
     BATCHED_UNLOCK = 7
+    BATCHED_2M_LOCK = 8
+    BATCHED_2M_UNLOCK = 9
 
     @property
     def batched(self) -> bool:
@@ -99,7 +106,8 @@ class Status(IntEnum):
 
 # Plain lookups: enum attribute access and Enum(value) are slow on Python 3.11, and the
 # version-2 protocol pays them once per page.
-_BATCHED_COMMANDS = frozenset((Command.BATCHED_LOCK, Command.BATCHED_UNLOCK))
+_BATCHED_COMMANDS = frozenset((Command.BATCHED_LOCK, Command.BATCHED_UNLOCK,
+                               Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK))
 _PAGE_COMMANDS = frozenset((Command.LOCK, Command.UNLOCK))
 _COMMAND_BY_VALUE = {int(c): c for c in Command}
 _STATUS_BY_VALUE = {int(s): s for s in Status}
@@ -184,7 +192,7 @@ class Response:
 
 
 def batch_request(command: Command, pfns: npt.ArrayLike) -> Request:
-    """A BATCHED_LOCK or BATCHED_UNLOCK of ``pfns`` (data = count)."""
+    """A batched command (4 KiB or 2 MiB pages) of ``pfns`` (data = count)."""
     arr = np.asarray(pfns, dtype=np.int64).reshape(-1)
     return Request(command, int(arr.size), arr)
 
