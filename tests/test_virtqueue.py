@@ -63,6 +63,27 @@ def test_view_reads_and_writes_inside_its_window() -> None:
     assert v.read_u16(BASE) == 0x1234
 
 
+def test_ring_indices_are_single_16_bit_accesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # struct's "<H" reads and writes byte by byte: a peer on another CPU could see a torn
+    # index (0x00FF -> 0x0100 read as 0x0000 or 0x01FF). Aligned indices must not use it.
+    import memballoon.protocol.virtqueue as vq
+
+    class Bytewise:
+        def unpack_from(self, *a: object) -> None:
+            raise AssertionError("aligned u16 read went bytewise")
+
+        def pack_into(self, *a: object) -> None:
+            raise AssertionError("aligned u16 write went bytewise")
+
+    v = make_view(0x1000)
+    monkeypatch.setattr(vq, "_U16S", Bytewise())
+    v.write_u16(BASE + 2, 0x0100)
+    assert v.read_u16(BASE + 2) == 0x0100 and v.read(BASE + 2, 2) == b"\x00\x01"
+    monkeypatch.undo()
+    v.write_u16(BASE + 5, 0xBEEF)  # misaligned (a hostile layout): still correct, bytewise
+    assert v.read_u16(BASE + 5) == 0xBEEF
+
+
 @pytest.mark.parametrize(
     ("gpa", "n"), [(-1, 1), (GUEST - 1, 2), (GUEST, 0), (0, -1), (BASE - 1, 2), (BASE + 0x1000, 1)]
 )

@@ -11,8 +11,8 @@ cgroup of the first toucher (host/cgroup.py).
 It then says HELLO, maps the memfd (``MemfdRam.attach``: size and seals checked), builds the
 guest model (``GuestMemory`` over that RAM, so the workload writes real, stamped data), the
 workload and one balloon driver (``vmw``: the seed's version-2 driver, one backdoor round trip
-per page; ``vmw-batched``: v4.20+ batches; ``virtio``), loads the driver and loops on the real
-clock:
+per page; ``vmw-batched``: v4.20+ batches, 2 MiB pages first; ``virtio``), loads the driver and
+loops on the real clock:
 
 - every ``period_s``: the workload runs for the period (``GuestMemory.step``), the driver's
   work function runs (the legacy VMware driver polls this way), and a ``STATUS`` pressure

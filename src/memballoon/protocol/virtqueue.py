@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -70,7 +71,7 @@ class GuestRamView:
     ``GuestAddressError``: the address came from the peer, so a bad one is the peer's fault.
     """
 
-    __slots__ = ("_mem", "base_gpa", "guest_bytes")
+    __slots__ = ("_mem", "_u16", "base_gpa", "guest_bytes")
 
     def __init__(self, buf: Buffer, *, base_gpa: int, guest_bytes: int) -> None:
         mem = memoryview(buf).cast("B")
@@ -82,6 +83,13 @@ class GuestRamView:
                 f"{guest_bytes:#x} bytes"
             )
         self._mem = mem
+        # Ring indices are read and written while the peer runs on another CPU: each must be
+        # one 16-bit load or store, never torn. struct's "<H" goes byte by byte (a reader may
+        # see the new low byte with the old high byte: a used index that jumps by 256);
+        # a native "H" memoryview item is one aligned 2-byte access (virtio is little-endian).
+        self._u16: memoryview | None = None
+        if sys.byteorder == "little" and len(mem) % 2 == 0:
+            self._u16 = mem.cast("H")
         self.base_gpa = base_gpa
         self.guest_bytes = guest_bytes
 
@@ -127,10 +135,19 @@ class GuestRamView:
         self._mem[off : off + length] = bytes([value]) * length
 
     def read_u16(self, gpa: int) -> int:
-        return int(_U16S.unpack_from(self._mem, self._offset(gpa, 2))[0])
+        """One 16-bit load (see ``__init__``); a misaligned address is read bytewise."""
+        off = self._offset(gpa, 2)
+        if self._u16 is not None and not off & 1:
+            return int(self._u16[off >> 1])
+        return int(_U16S.unpack_from(self._mem, off)[0])
 
     def write_u16(self, gpa: int, value: int) -> None:
-        _U16S.pack_into(self._mem, self._offset(gpa, 2), value & _U16)
+        """One 16-bit store (see ``__init__``); a misaligned address is written bytewise."""
+        off = self._offset(gpa, 2)
+        if self._u16 is not None and not off & 1:
+            self._u16[off >> 1] = value & _U16
+        else:
+            _U16S.pack_into(self._mem, off, value & _U16)
 
     def read_array(self, gpa: int, count: int, dtype: npt.DTypeLike) -> npt.NDArray[np.generic]:
         """``count`` items of ``dtype`` at ``gpa`` (a copy: the peer may change the memory)."""
