@@ -95,7 +95,8 @@ class Pair:
         else:
             assert drv.transient_pfns().size == 0
         assert drv.n_refused_pages == 0 and len(drv.refused_pages) == 0
-        assert drv.n_refused_pages_2m == 0 and len(drv.refused_pages_2m) == 0
+        huge = drv.page_sizes[1]
+        assert huge.n_refused_pages == 0 and len(huge.refused_pages) == 0
 
 
 def make_pair(pages: int = SMALL, *, batched: bool = False, huge: bool = False,
@@ -240,7 +241,7 @@ def test_2m_pages_first_then_4k_to_the_exact_target() -> None:
     assert p.drv.stats()["prim2mFree"] == 255 and p.drv.stats()["primFree"] == 100
     p.check()
     p.work()
-    assert p.drv.size == 1000 and len(p.drv.pages_2m) == 1 and len(p.drv.pages) == 488
+    assert p.drv.size == 1000 and len(p.drv.page_sizes[1].pages) == 1 and len(p.drv.pages) == 488
     p.check()
     p.dev.set_target(0)
     p.work()
@@ -255,7 +256,7 @@ def test_2m_inflate_never_passes_the_target() -> None:
         p.work()
         assert p.drv.size == target == p.dev.actual_pages
         p.check()
-    assert len(p.drv.pages_2m) == 1  # (1500 - 513) // 512: the rest in 4 KiB pages
+    assert len(p.drv.page_sizes[1].pages) == 1  # (1500 - 513) // 512: the rest in 4 KiB pages
 
 
 def test_failed_2m_allocation_falls_back_to_4k_without_slowing_down() -> None:
@@ -266,7 +267,7 @@ def test_failed_2m_allocation_falls_back_to_4k_without_slowing_down() -> None:
     p.work()
     s = p.drv.stats()
     assert s["prim2mAlloc"] == 1 and s["prim2mAllocFailed"] == 1
-    assert p.drv.size == 2000 and len(p.drv.pages_2m) == 0
+    assert p.drv.size == 2000 and len(p.drv.page_sizes[1].pages) == 0
     assert p.drv.slow_allocation_cycles == 0 and p.drv.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
     p.check()
 
@@ -291,7 +292,7 @@ def test_refused_2m_pages_held_up_to_16_then_4k_pages() -> None:
     # the first batch takes 40 blocks: 20 refused, 16 held then freed, 4 freed at once;
     # the cycle goes on in 4 KiB pages (where the pinned frames are refused again)
     assert s["err2mAlloc"] == 20 and s["err2mFree"] == 20 and s["2m-lock"] == 1
-    assert len(p.drv.pages_2m) == 20 and s["batchLock"] >= 1 and s["errAlloc"] > 0
+    assert len(p.drv.page_sizes[1].pages) == 20 and s["batchLock"] >= 1 and s["errAlloc"] > 0
     assert p.drv.size == p.dev.actual_pages > 20 * 512
     p.check()
 
@@ -300,7 +301,7 @@ def test_reset_pops_2m_pages_too() -> None:
     p = make_pair(huge=True)
     p.dev.set_target(3000)
     p.work()
-    assert len(p.drv.pages_2m) == 5
+    assert len(p.drv.page_sizes[1].pages) == 5
     p.dev.request_reset()
     p.work()
     assert p.drv.reset_required and p.drv.balloon_pages == 0

@@ -147,13 +147,14 @@ class VmwBalloonStats:
     batch_lock_fail: int = 0
     batch_unlock: int = 0
     batch_unlock_fail: int = 0
-    # v4.20+ 2 MiB pages ("2m-lock", "prim2mAlloc", ...), counted in 2 MiB pages
-    batch_2m_lock: int = 0
-    batch_2m_lock_fail: int = 0
-    batch_2m_unlock: int = 0
-    batch_2m_unlock_fail: int = 0
+    # v4.20+ 2 MiB pages ("2m-lock", "prim2mAlloc", ...), counted in 2 MiB pages: the 4 KiB
+    # field's name + "_2m"
+    batch_lock_2m: int = 0
+    batch_lock_fail_2m: int = 0
+    batch_unlock_2m: int = 0
+    batch_unlock_fail_2m: int = 0
     alloc_2m: int = 0
-    alloc_2m_fail: int = 0
+    alloc_fail_2m: int = 0
     free_2m: int = 0
     refused_alloc_2m: int = 0
     refused_free_2m: int = 0
@@ -178,9 +179,9 @@ _BATCH_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
     ("batchUnlock", "batch_unlock", "batch_unlock_fail"),
 )
 _2M_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
-    ("2m-lock", "batch_2m_lock", "batch_2m_lock_fail"),
-    ("2m-unlock", "batch_2m_unlock", "batch_2m_unlock_fail"),
-    ("prim2mAlloc", "alloc_2m", "alloc_2m_fail"),
+    ("2m-lock", "batch_lock_2m", "batch_lock_fail_2m"),
+    ("2m-unlock", "batch_unlock_2m", "batch_unlock_fail_2m"),
+    ("prim2mAlloc", "alloc_2m", "alloc_fail_2m"),
     ("prim2mFree", "free_2m", None),
     ("err2mAlloc", "refused_alloc_2m", None),
     ("err2mFree", "refused_free_2m", None),
@@ -252,6 +253,25 @@ _ENOMEM = 1  # a page allocation failed
 _EIO = 2  # the host refused: stop this cycle
 
 
+class PageSize:
+    """One page size's balloon: the v4.20+ driver's ``struct vmballoon_page_size``."""
+
+    __slots__ = ("frames", "lock", "n_refused_pages", "pages", "refused_pages", "stat_suffix",
+                 "unlock")
+
+    def __init__(self, frames: int, lock: Command, unlock: Command, stat_suffix: str) -> None:
+        self.frames = frames  # 4 KiB frames in one page: 1, or 512 for 2 MiB
+        self.lock, self.unlock = lock, unlock  # its batched commands
+        self.stat_suffix = stat_suffix  # its VmwBalloonStats fields: the 4 KiB name + this
+        self.pages = PfnStack()  # first frames, newest on top
+        self.refused_pages = PfnStack(VMW_BALLOON_MAX_REFUSED)
+        self.n_refused_pages = 0
+
+    def frames_of(self, pfns: PfnArray) -> PfnArray:
+        """Every frame of the pages starting at ``pfns``."""
+        return pfns if self.frames == 1 else frames_of(pfns)
+
+
 class VmwBalloonDriver:
     """The seed's VMware balloon driver over a ``GuestMemory`` (see the module docstring)."""
 
@@ -273,10 +293,14 @@ class VmwBalloonDriver:
         self.cond_resched = cond_resched
         self.counters = Counters()
         self.seed_stats = VmwBalloonStats()
-        # the seed's struct vmballoon
-        self.pages = PfnStack()
-        self.refused_pages = PfnStack(VMW_BALLOON_MAX_REFUSED)
-        self.n_refused_pages = 0
+        # the seed's struct vmballoon; v4.20+ keeps one PageSize per page size, the 4 KiB one
+        # holding the seed's lists
+        self.page_sizes = (
+            PageSize(1, Command.BATCHED_LOCK, Command.BATCHED_UNLOCK, ""),
+            PageSize(_2M_PAGES, Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK, "_2m"),
+        )
+        self.pages = self.page_sizes[0].pages
+        self.refused_pages = self.page_sizes[0].refused_pages
         self.size = 0
         self.target = 0
         self.reset_required = False
@@ -287,10 +311,21 @@ class VmwBalloonDriver:
         self.capabilities = Capability(0)
         self.batch_max_pages = 1
         self.supported_page_sizes = 1  # 2: 4 KiB and 2 MiB pages
-        self.pages_2m = PfnStack()  # first frames of the 2 MiB pages in the balloon
-        self.refused_pages_2m = PfnStack(VMW_BALLOON_MAX_REFUSED)
-        self.n_refused_pages_2m = 0
         self.loaded = False
+
+    @property
+    def n_refused_pages(self) -> int:
+        """The seed's count of refused 4 KiB pages held this cycle."""
+        return self.page_sizes[0].n_refused_pages
+
+    @n_refused_pages.setter
+    def n_refused_pages(self, n: int) -> None:
+        self.page_sizes[0].n_refused_pages = n
+
+    def _stat(self, ps: PageSize, name: str, n: int = 1) -> None:
+        """Add ``n`` to the statistic ``name`` of page size ``ps``."""
+        name += ps.stat_suffix
+        setattr(self.seed_stats, name, getattr(self.seed_stats, name) + n)
 
     # ------------------------------------------------------------------ the backdoor
     def _cmd(self, req: Request) -> Response:
@@ -410,11 +445,12 @@ class VmwBalloonDriver:
 
     def _pop(self) -> None:
         """Free every ballooned page without telling the host (reset, unload)."""
-        heads = self.pages_2m.pop(len(self.pages_2m))
+        huge = self.page_sizes[1]
+        heads = huge.pages.pop(len(huge.pages))
         if heads.size:
-            self.mem.free_balloon(np.sort(frames_of(heads)))
-            self.seed_stats.free_2m += int(heads.size)
-            self.size -= int(heads.size) * _2M_PAGES
+            self.mem.free_balloon(frames_of(np.sort(heads)))
+            self._stat(huge, "free", int(heads.size))
+            self.size -= int(heads.size) * huge.frames
         rate = max(1, self.rate_free)
         while len(self.pages):
             chunk = self.pages.pop(rate)
@@ -465,13 +501,6 @@ class VmwBalloonDriver:
             if self.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
                 return _EIO
 
-    def _release_refused_pages(self) -> None:
-        k = len(self.refused_pages)
-        if k:
-            self.mem.free_balloon(self.refused_pages.pop(k))
-            self.seed_stats.refused_free += k
-        self.n_refused_pages = 0
-
     def _allocation_failed(self, i: int, can_sleep: bool) -> bool:
         """The seed's rule for a failed allocation after ``i`` this cycle; True: stop the cycle.
 
@@ -518,7 +547,7 @@ class VmwBalloonDriver:
                 break
             i += 1
         self._grow_rate_alloc(error, i)
-        self._release_refused_pages()
+        self._release_refused(self.page_sizes[0])  # the seed's vmballoon_release_refused_pages
 
     def _deflate(self) -> None:
         goal = min(self.size - self.target, self.rate_free)
@@ -552,98 +581,77 @@ class VmwBalloonDriver:
         got = self.mem.alloc_huge(n)
         short = got.size < n
         self.seed_stats.alloc_2m += int(got.size) + short
-        self.seed_stats.alloc_2m_fail += short
+        self.seed_stats.alloc_fail_2m += short
         return got
 
-    def _free_refused(self, pfns: PfnArray, huge: bool) -> None:
-        if huge:
-            self.mem.free_balloon(frames_of(pfns))
-            self.seed_stats.refused_free_2m += int(pfns.size)
-        else:
-            self.mem.free_balloon(pfns)
-            self.seed_stats.refused_free += int(pfns.size)
+    def _free_refused(self, ps: PageSize, pfns: PfnArray) -> None:
+        self.mem.free_balloon(ps.frames_of(pfns))
+        self._stat(ps, "refused_free", int(pfns.size))
 
-    def _lock_batch(self, pfns: PfnArray, huge: bool = False) -> int:
-        """BATCHED_LOCK (or BATCHED_2M_LOCK) ``pfns``; _OK, or _EIO when the cycle must end.
+    def _lock_batch(self, ps: PageSize, pfns: PfnArray) -> int:
+        """A batched LOCK of ``pfns`` of size ``ps``; _OK, or _EIO when the cycle must end.
 
         Refused pages are held (at most 16 of each size; the rest freed at once) so the
         allocator does not hand them back; the caller decides what 16 held pages mean.
         """
-        st = self.seed_stats
-        if huge:
-            st.batch_2m_lock += 1
-            resp = self._cmd(batch_request(Command.BATCHED_2M_LOCK, pfns))
-        else:
-            st.batch_lock += 1
-            resp = self._cmd(batch_request(Command.BATCHED_LOCK, pfns))
+        self._stat(ps, "batch_lock")
+        resp = self._cmd(batch_request(ps.lock, pfns))
         if not self._check_status(resp.status):
             # the batch's status overrides the pages' ones
-            if huge:
-                st.batch_2m_lock_fail += 1
-                st.refused_alloc_2m += int(pfns.size)
-                self.mem.free_balloon(frames_of(pfns))
-            else:
-                st.batch_lock_fail += 1
-                st.refused_alloc += int(pfns.size)
-                self.mem.free_balloon(pfns)
+            self._stat(ps, "batch_lock_fail")
+            self._stat(ps, "refused_alloc", int(pfns.size))
+            self.mem.free_balloon(ps.frames_of(pfns))
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
         ok = resp.statuses == Status.SUCCESS
-        (self.pages_2m if huge else self.pages).extend(pfns[ok])
-        self.size += int(ok.sum()) * (_2M_PAGES if huge else 1)
+        ps.pages.extend(pfns[ok])
+        self.size += int(ok.sum()) * ps.frames
         refused = pfns[~ok]
         if refused.size == 0:
             return _OK
-        if huge:
-            st.refused_alloc_2m += int(refused.size)
-            held, n_held = self.refused_pages_2m, self.n_refused_pages_2m
-        else:
-            st.refused_alloc += int(refused.size)
-            held, n_held = self.refused_pages, self.n_refused_pages
+        self._stat(ps, "refused_alloc", int(refused.size))
         codes = resp.statuses[~ok]
         stop = bool(np.isin(codes, (Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED)).any())
         if bool((codes == Status.ERROR_RESET).any()):
             self.reset_required = True
-        room = max(0, VMW_BALLOON_MAX_REFUSED - n_held)
+        room = max(0, VMW_BALLOON_MAX_REFUSED - ps.n_refused_pages)
         keep, drop = refused[:room], refused[room:]
         if keep.size:
-            held.extend(keep)
-            if huge:
-                self.n_refused_pages_2m += int(keep.size)
-            else:
-                self.n_refused_pages += int(keep.size)
+            ps.refused_pages.extend(keep)
+            ps.n_refused_pages += int(keep.size)
         if drop.size:
-            self._free_refused(drop, huge)
+            self._free_refused(ps, drop)
         return _EIO if stop else _OK
 
-    def _release_refused_pages_2m(self) -> None:
-        k = len(self.refused_pages_2m)
+    def _release_refused(self, ps: PageSize) -> None:
+        k = len(ps.refused_pages)
         if k:
-            self._free_refused(self.refused_pages_2m.pop(k), True)
-        self.n_refused_pages_2m = 0
+            self._free_refused(ps, ps.refused_pages.pop(k))
+        ps.n_refused_pages = 0
 
     def _inflate_batched(self) -> None:
+        small, huge = self.page_sizes
         rate = self.rate_alloc if self.slow_allocation_cycles else None  # None: up to the goal
         can_sleep = False
         error = _OK
         i = 0  # frames allocated this cycle
-        huge = self.supported_page_sizes == 2  # v4.20+ starts with 2 MiB pages
+        use_2m = self.supported_page_sizes == 2  # v4.20+ starts with 2 MiB pages
         while self.size < self.target and not self.reset_required:
-            if huge:
+            if use_2m:
                 # whole 2 MiB pages while one fits under the target (and the rate)
-                want = min(self.batch_max_pages, (self.target - self.size) // _2M_PAGES)
+                want = min(self.batch_max_pages, (self.target - self.size) // huge.frames)
                 if rate is not None:
-                    want = min(want, (rate - i) // _2M_PAGES)
+                    want = min(want, (rate - i) // huge.frames)
                 got = self._alloc_batch_2m(want) if want > 0 else _NO_PAGES
-                i += int(got.size) * _2M_PAGES
-                error = self._lock_batch(got, huge=True) if got.size else _OK
+                i += int(got.size) * huge.frames
+                error = self._lock_batch(huge, got) if got.size else _OK
                 if error != _OK:
                     break
                 if got.size < want or want <= 0 or (
-                        self.n_refused_pages_2m >= VMW_BALLOON_MAX_REFUSED):
+                        huge.n_refused_pages >= VMW_BALLOON_MAX_REFUSED):
                     # no 2 MiB page (left, free or wanted): go on with 4 KiB pages
-                    self._release_refused_pages_2m()
-                    huge = False
+                    self._release_refused(huge)
+                    use_2m = False
                 if got.size:
                     self._yield()
                 continue
@@ -654,8 +662,8 @@ class VmwBalloonDriver:
                 break
             got = self._alloc_batch(want, can_sleep)
             i += int(got.size)
-            error = self._lock_batch(got) if got.size else _OK
-            if error == _OK and self.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
+            error = self._lock_batch(small, got) if got.size else _OK
+            if error == _OK and small.n_refused_pages >= VMW_BALLOON_MAX_REFUSED:
                 error = _EIO
             if error != _OK:
                 break
@@ -667,44 +675,31 @@ class VmwBalloonDriver:
                 rate = self.rate_alloc
             self._yield()  # v4.20+ yields after every batch
         self._grow_rate_alloc(error, i)
-        self._release_refused_pages()
-        self._release_refused_pages_2m()
+        self._release_refused(small)
+        self._release_refused(huge)
 
-    def _unlock_batch(self, huge: bool) -> bool:
-        """One BATCHED_(2M_)UNLOCK toward the target; False when deflation must stop."""
-        stack = self.pages_2m if huge else self.pages
-        per = _2M_PAGES if huge else 1
+    def _unlock_batch(self, ps: PageSize) -> bool:
+        """One batched UNLOCK of size ``ps`` toward the target; False when deflation must stop."""
         # 2 MiB pages round up: the guest gets back at least what the target frees
-        batch = stack.pop(min(self.batch_max_pages, -(-(self.size - self.target) // per)))
-        st = self.seed_stats
-        if huge:
-            st.batch_2m_unlock += 1
-            resp = self._cmd(batch_request(Command.BATCHED_2M_UNLOCK, batch))
-        else:
-            st.batch_unlock += 1
-            resp = self._cmd(batch_request(Command.BATCHED_UNLOCK, batch))
+        want = -(-(self.size - self.target) // ps.frames)
+        batch = ps.pages.pop(min(self.batch_max_pages, want))
+        self._stat(ps, "batch_unlock")
+        resp = self._cmd(batch_request(ps.unlock, batch))
         if not self._check_status(resp.status):
-            if huge:
-                st.batch_2m_unlock_fail += 1
-            else:
-                st.batch_unlock_fail += 1
-            stack.extend(batch[::-1])  # back into the balloon, order kept
+            self._stat(ps, "batch_unlock_fail")
+            ps.pages.extend(batch[::-1])  # back into the balloon, order kept
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False
         self.target = resp.result & PFN32_MAX
         ok = resp.statuses == Status.SUCCESS
         freed = batch[ok]
         if freed.size:
-            if huge:
-                self.mem.free_balloon(frames_of(np.sort(freed)))
-                st.free_2m += int(freed.size)
-            else:
-                self.mem.free_balloon(freed)
-                st.free += int(freed.size)
-            self.size -= int(freed.size) * per
+            self.mem.free_balloon(ps.frames_of(np.sort(freed)))
+            self._stat(ps, "free", int(freed.size))
+            self.size -= int(freed.size) * ps.frames
         if not bool(ok.all()):
             # v4.20+: pages the host would not unlock go back into the balloon
-            stack.extend(batch[~ok][::-1])
+            ps.pages.extend(batch[~ok][::-1])
             if bool((resp.statuses == Status.ERROR_RESET).any()):
                 self.reset_required = True
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
@@ -713,10 +708,9 @@ class VmwBalloonDriver:
 
     def _deflate_batched(self) -> None:
         # v4.20+: 4 KiB pages first, then 2 MiB pages
-        for huge in (False, True)[: self.supported_page_sizes]:
-            stack = self.pages_2m if huge else self.pages
-            while self.size > self.target and not self.reset_required and len(stack):
-                if not self._unlock_batch(huge):
+        for ps in self.page_sizes[: self.supported_page_sizes]:
+            while self.size > self.target and not self.reset_required and len(ps.pages):
+                if not self._unlock_batch(ps):
                     return
                 self._yield()
         self.rate_free = min(self.rate_free + VMW_BALLOON_RATE_FREE_INC, VMW_BALLOON_RATE_FREE_MAX)
@@ -738,10 +732,10 @@ class VmwBalloonDriver:
 
     def _held_frames(self) -> PfnArray:
         """Frames of both balloon lists (the host's view unless a reset is pending)."""
-        return np.concatenate((self.pages.to_array(), frames_of(self.pages_2m.to_array())))
+        return np.concatenate([ps.frames_of(ps.pages.to_array()) for ps in self.page_sizes])
 
     def transient_pfns(self) -> PfnArray:
-        parts = [self.refused_pages.to_array(), frames_of(self.refused_pages_2m.to_array())]
+        parts = [ps.frames_of(ps.refused_pages.to_array()) for ps in self.page_sizes]
         if self.reset_required:
             parts.append(self._held_frames())  # the host forgot them; the next work pops
         return np.sort(np.concatenate(parts))
