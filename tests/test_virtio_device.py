@@ -144,6 +144,26 @@ def test_inflate_releases_valid_pfns_in_one_call_per_buffer() -> None:
     assert g.dev.inflated_pages == 4
 
 
+def test_a_run_of_frames_takes_the_fast_path_and_anything_else_the_checks() -> None:
+    g = Guest(F_REFUSE)
+    g.send_pfns(INFL, list(range(300, 556)), status=True)  # one ascending run: all taken
+    assert g.used(INFL)[0][1] == 256 and set(g.status(256)) == {0}
+    assert g.ram.release_calls[-1].tolist() == [[300, 556]]
+    # runs that touch the balloon, a pinned frame or the guest's end go through every check
+    g.dev.pin([601])
+    for run, taken in (([554, 555, 556, 557], [0, 0, 1, 1]),
+                       ([600, 601, 602], [1, 0, 1]),
+                       ([PAGES - 1, PAGES, PAGES + 1], [1, 0, 0])):
+        g.send_pfns(INFL, run, status=True)
+        g.used(INFL)
+        assert [s == 0 for s in g.status(len(run))] == [bool(t) for t in taken]
+    assert g.dev.inflated_pages == 256 + 2 + 2 + 1
+    assert g.dev.balloon_pfns().size == g.dev.inflated_pages
+    assert g.dev.counters["inflate_pfn_already_in_balloon"] == 2
+    assert g.dev.counters["inflate_refused_pinned"] == 1
+    assert g.dev.counters["inflate_pfn_outside_guest"] == 2
+
+
 def test_deflate_readmits_only_balloon_frames() -> None:
     g = Guest(0)
     g.send_pfns(INFL, [10, 11, 12])

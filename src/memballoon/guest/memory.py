@@ -290,6 +290,18 @@ class GuestMemory:
                 self._hint_pos = 0
                 if self._hint_free.size:
                     return self._take_free(1, floor, new)
+        b = self._hint
+        if self._bfree[b] >= n and not self.reported[b]:
+            # the block the last allocation took from still has enough: take from it alone
+            lo = b * BLOCK_PAGES
+            if self._bfree[b] == BLOCK_PAGES:
+                out = np.arange(lo, lo + n, dtype=np.int64)
+            else:
+                out = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE)[:n] + lo
+            self._bfree[b] -= n
+            self._free -= n
+            self.state[out] = new
+            return out
         cand = np.flatnonzero(self._bfree > 0)
         if self.reported.any():
             rep = self.reported[cand]

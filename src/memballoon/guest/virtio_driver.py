@@ -506,27 +506,33 @@ class VirtioBalloonDriver:
     def _inflated(self, p: _Pending, length: int) -> None:
         k = int(p.pfns.size)
         self._inflight_inflate -= k
-        taken = np.ones(k, dtype=np.bool_)
+        taken: npt.NDArray[np.bool_] | None = None  # None: all taken
         if self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE) and p.slot is not None:
             status = np.frombuffer(self.view.read(p.slot.status_gpa, k), dtype=np.uint8)
-            written = np.arange(k) < length  # bytes the device did not write: not taken
-            taken = written & (status == VIRTIO_BALLOON_X_STATUS_TAKEN)
-            odd = written & (status != VIRTIO_BALLOON_X_STATUS_TAKEN) & (
-                status != VIRTIO_BALLOON_X_STATUS_REFUSED
-            )
-            if odd.any():
-                self.counters.inc("status_unknown", int(odd.sum()))
+            if length < k or not bool((status == VIRTIO_BALLOON_X_STATUS_TAKEN).all()):
+                taken = self._taken_mask(status, length)
         if p.slot is not None:
             p.slot.busy = False
-        acc = p.pfns[taken]
-        ref = p.pfns[~taken]
+        acc = p.pfns if taken is None else p.pfns[taken]
         self._balloon.push_back(acc)
         if acc.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             self.mem.adjust_managed(int(acc.size))
         self.counters.inc("inflated_pages", int(acc.size))
-        if ref.size:
+        if taken is not None and not bool(taken.all()):
+            ref = p.pfns[~taken]
             self._refused.push_back(ref)
             self.counters.inc("refused_pages", int(ref.size))
+
+    def _taken_mask(self, status: npt.NDArray[np.uint8], length: int) -> npt.NDArray[np.bool_]:
+        """Which frames of an inflate buffer the device took, from its status bytes."""
+        written = np.arange(status.size) < length  # bytes the device did not write: not taken
+        taken = written & (status == VIRTIO_BALLOON_X_STATUS_TAKEN)
+        odd = written & (status != VIRTIO_BALLOON_X_STATUS_TAKEN) & (
+            status != VIRTIO_BALLOON_X_STATUS_REFUSED
+        )
+        if odd.any():
+            self.counters.inc("status_unknown", int(odd.sum()))
+        return np.asarray(taken)
 
     def _deflated(self, p: _Pending) -> None:
         if p.slot is not None:

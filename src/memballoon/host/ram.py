@@ -43,6 +43,8 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     if p.size == 0:
         return np.empty((0, 2), dtype=np.int64)
     steps = np.diff(p)
+    if bool((steps == 1).all()):  # one ascending run, the usual batch: two numpy calls
+        return np.array([[p[0], p[-1] + 1]], dtype=np.int64)
     if not bool((steps > 0).all()):  # drivers send sorted runs: sort only when needed
         p = np.unique(p)
         steps = np.diff(p)

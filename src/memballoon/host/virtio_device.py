@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import PfnArray, RamBackend, coalesce, merge_ranges
+from memballoon.host.ram import PfnArray, RamBackend, RangeArray, coalesce, merge_ranges
 from memballoon.model.counters import Counters
 from memballoon.model.errors import DescriptorError, PeerError, UsageError
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
@@ -111,7 +111,7 @@ class VirtioBalloonDevice:
         self.features = 0  # negotiated
         self._guest_pages = ram.guest_pages
         self._inflated = np.zeros(self._guest_pages, dtype=np.bool_)
-        self._to_release: list[PfnArray] = []  # accepted inflate frames, released per doorbell
+        self._to_release: list[RangeArray] = []  # accepted inflate frames, released per doorbell
         self._inflated_count = 0
         self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
         self._num_pages = 0
@@ -257,10 +257,13 @@ class VirtioBalloonDevice:
     def _flush_release(self) -> None:
         if not self._to_release:
             return
-        take = self._to_release[0] if len(self._to_release) == 1 else np.concatenate(
-            self._to_release)
+        if len(self._to_release) == 1:
+            ranges = self._to_release[0]
+        else:
+            r = np.concatenate(self._to_release)
+            ranges = merge_ranges(r[:, 0], r[:, 1])
         self._to_release.clear()
-        self.ram.release(coalesce(take))
+        self.ram.release(ranges)
 
     # ------------------------------------------------------------------ host side
     def _has(self, feature: int) -> bool:
@@ -418,6 +421,38 @@ class VirtioBalloonDevice:
         parts = [p for _, _, p in items]
         pfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
         refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
+        if self._take_run(pfns):
+            ok = np.ones(pfns.size, dtype=np.bool_)
+        else:
+            ok = self._take_scattered(pfns, refuse)
+        self.counters.inc("inflate_buffers", len(items))
+        self.counters.inc("inflated_pages", int(ok.sum()))
+        if not refuse:
+            return [0] * len(items)
+        status = np.where(ok, VIRTIO_BALLOON_X_STATUS_TAKEN, VIRTIO_BALLOON_X_STATUS_REFUSED)
+        status = status.astype(np.uint8)
+        out: list[int] = []
+        off = 0
+        for _, chain, p in items:
+            out.append(chain.write_all(self._view, status[off : off + p.size].tobytes()))
+            off += p.size
+        return out
+
+    def _take_run(self, pfns: PfnArray) -> bool:
+        """Take ``pfns`` if they are one ascending run of frames all free to take (the usual
+        doorbell: a driver allocates runs); False, having taken nothing, otherwise."""
+        if pfns.size == 0 or not bool((np.diff(pfns) == 1).all()):
+            return False
+        lo, hi = int(pfns[0]), int(pfns[-1]) + 1
+        if hi > self._guest_pages or self._inflated[lo:hi].any() or self._pinned[lo:hi].any():
+            return False
+        self._inflated[lo:hi] = True
+        self._inflated_count += hi - lo
+        self._to_release.append(np.array([[lo, hi]], dtype=np.int64))
+        return True
+
+    def _take_scattered(self, pfns: PfnArray, refuse: bool) -> npt.NDArray[np.bool_]:
+        """Take what may be taken of ``pfns``, checking each; the mask of frames taken."""
         ok = self._valid_mask(pfns, "inflate")
         safe = np.where(ok, pfns, 0)
         already = ok & self._inflated[safe]
@@ -433,21 +468,10 @@ class VirtioBalloonDevice:
                 self.counters.inc("inflate_pinned_taken", int(pinned.sum()))
         take = pfns[ok]
         if take.size:
-            self._to_release.append(take)  # released by notify before the buffers are used
+            self._to_release.append(coalesce(take))  # released by notify before buffers are used
             self._inflated[take] = True
             self._inflated_count += int(take.size)
-        self.counters.inc("inflate_buffers", len(items))
-        self.counters.inc("inflated_pages", int(take.size))
-        if not refuse:
-            return [0] * len(items)
-        status = np.where(ok, VIRTIO_BALLOON_X_STATUS_TAKEN, VIRTIO_BALLOON_X_STATUS_REFUSED)
-        status = status.astype(np.uint8)
-        out: list[int] = []
-        off = 0
-        for _, chain, p in items:
-            out.append(chain.write_all(self._view, status[off : off + p.size].tobytes()))
-            off += p.size
-        return out
+        return ok
 
     def _deflate(self, chain: Chain) -> int:
         pfns = self._read_pfns(chain, "deflate")

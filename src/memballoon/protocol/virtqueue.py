@@ -112,8 +112,10 @@ class GuestRamView:
             )
 
     def _offset(self, gpa: int, length: int) -> int:
-        self.check_guest(gpa, length)
         off = gpa - self.base_gpa
+        if off >= 0 and length >= 0 and off + length <= len(self._mem):
+            return off  # inside this window, hence inside the guest (checked at __init__)
+        self.check_guest(gpa, length)
         if off < 0 or off + length > len(self._mem):
             raise GuestAddressError(
                 f"[{gpa:#x}, +{length:#x}) is guest memory this view does not map "
