@@ -42,6 +42,24 @@ HOSTILE = textwrap.dedent('''
         sock.sendall(encode(Kind.STATUS, b"{not json") + encode(Kind.VMW, b"junk"))
         time.sleep(0.2)
         sock.sendall(os.urandom(64) + b"\\xff\\xff\\xff\\xff")
+    elif mode == "bad_2m":
+        from memballoon.protocol.vmw import (
+            Command, Request, batch_request, decode_response, encode_request)
+        ram = MemfdRam.attach(a.mem_fd, a.pages)
+        ram.touch(np.arange(8192, 8192 + 512), 0)
+        link = GuestLink(sock)
+        call = lambda req: link.request(Kind.VMW, encode_request(req), Kind.VMW)
+        call(Request(Command.START, 2 | 4 | 8))
+        get = Request(Command.GET_TARGET, a.pages)
+        end = time.monotonic() + 20
+        while decode_response(call(get), get).result < 512 and time.monotonic() < end:
+            time.sleep(0.05)  # until the host sets our target
+        # past the end, straddling it, unaligned, far outside; then one 2 MiB page of our own
+        heads = [a.pages, a.pages - 512 + 256, 511, 1 << 40, 8192]
+        call(batch_request(Command.BATCHED_2M_LOCK, heads))
+        call(batch_request(Command.BATCHED_2M_UNLOCK, [0, 8192 + 1]))
+        big = struct.pack("<IIQI", 0x456C6D6F, 8, 600, 600) + bytes(8 * 600)
+        link.request(Kind.VMW, big, Kind.VMW)
     else:
         ram = MemfdRam.attach(a.mem_fd, a.pages)
         link = GuestLink(sock)
@@ -157,10 +175,11 @@ def test_guest_killed_mid_inflate_is_noticed_and_the_other_goes_on() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("mode", ["garbage", "bad_pfns", "flood"])
+@pytest.mark.parametrize("mode", ["garbage", "bad_pfns", "flood", "bad_2m"])
 def test_hostile_guest_cannot_hurt_the_host_or_the_others(tmp_path: Path, mode: str) -> None:
     async def main() -> None:
-        specs = [_hostile(tmp_path, "evil", mode),
+        protocol = "vmw-batched" if mode == "bad_2m" else "virtio"
+        specs = [_hostile(tmp_path, "evil", mode, protocol),
                  GuestSpec("good", MIB_GUEST, "virtio", "idle", prefault=True)]
         async with LocalHost(specs, budget_bytes=None) as host:
             assert await host.wait_until(lambda s: _ok(s["good"]), 30)
@@ -177,6 +196,15 @@ def test_hostile_guest_cannot_hurt_the_host_or_the_others(tmp_path: Path, mode: 
                 assert c["inflate_pfn_outside_guest"] == 3
                 assert c["inflated_pages"] == 1  # PFN 9000, its own
                 assert host.snapshot()["evil"].alive
+            elif mode == "bad_2m":
+                assert await host.wait_until(
+                    lambda s: s["evil"].counters.get("frame_count_over_max", 0) == 1, 10)
+                c = host.snapshot()["evil"].counters
+                assert c["error_ppn_invalid"] == 4 + 1  # four bad heads; then an unaligned one
+                assert c["error_ppn_unlocked"] == 1  # a page it never locked
+                evil = host.snapshot()["evil"]
+                assert evil.alive and evil.actual_pages == 512  # its own 2 MiB page only
+                assert evil.resident_bytes == 0  # the one page it had touched is released
             else:
                 assert await host.wait_until(
                     lambda s: s["evil"].counters.get("virtio_request_malformed", 0) > 10, 10)
