@@ -26,8 +26,18 @@ def test_legacy_vmware_moves_the_seed_cap_per_cycle() -> None:
     assert r["lost_pages"] == 0
 
 
+def test_repeat_reports_the_median_run_and_every_run() -> None:
+    r = run_reclaim("vmw-batched", 128, repeat=3)
+    assert r["repeat"] == 3 and len(r["runs"]) == 3
+    ratios = sorted(x["ratio"] for x in r["runs"])
+    assert r["ratio"] == ratios[1] and r["lost_pages"] == 0
+    assert r["host_released_bytes"] == 64 * MIB
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="protocol"):
         run_reclaim("xen", 256)
     with pytest.raises(ValueError, match="guest-mib"):
         run_reclaim("virtio", 64)
+    with pytest.raises(ValueError, match="repeat"):
+        run_reclaim("virtio", 128, repeat=0)

@@ -68,7 +68,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench_reclaim(args: argparse.Namespace) -> int:
     from memballoon.bench.reclaim import run_reclaim
 
-    result = run_reclaim(args.protocol, args.guest_mib)
+    result = run_reclaim(args.protocol, args.guest_mib, repeat=args.repeat)
     _emit(result, args.json)
     return 0 if result["lost_pages"] == 0 else 1
 
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--protocol", choices=["vmw", "vmw-batched", "virtio"], default="virtio")
     br.add_argument("--guest-mib", type=positive_int, default=1024,
                     help="guest RAM, MiB (default 1024)")
+    br.add_argument("--repeat", type=positive_int, default=1,
+                    help="runs; report the one with the median ratio and list all (default 1)")
     br.add_argument("--json", action="store_true", help="print one JSON object")
     br.set_defaults(func=_cmd_bench_reclaim)
     # each area adds its own subcommands (the qemu ones add `bench qemu` too)

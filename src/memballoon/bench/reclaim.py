@@ -6,7 +6,8 @@ half the RAM and waits until the device reports it there (end to end: the host's
 validating them and punching the memfd), then deflates to 0, then the guest touches every
 free page again (refault). Memory released is measured from the memfd's ``st_blocks``. In the
 same run, punching the same amount of touched memfd directly (one call per 1 MiB) gives the
-machine's raw speed, and ``ratio`` compares the two.
+machine's raw speed, and ``ratio`` compares the two. The machine is shared and noisy:
+``repeat`` runs the whole measurement several times and reports the median run.
 
 The legacy VMware protocol sends one page per command and polls once a second: its figures
 show the seed's design cap of 16385 pages a cycle, not the machine. ``vmw-batched`` locks 2 MiB
@@ -16,6 +17,7 @@ pages, 512 a command; ``virtio`` sends 256-PFN buffers, several in flight.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,12 +95,34 @@ async def _run(protocol: str, guest_mib: int, timeout_s: float) -> dict[str, Any
     }
 
 
-def run_reclaim(protocol: str, guest_mib: int, *, timeout_s: float | None = None) -> dict[str, Any]:
+def run_reclaim(protocol: str, guest_mib: int, *, repeat: int = 1,
+                timeout_s: float | None = None) -> dict[str, Any]:
+    """One run, or with ``repeat`` > 1 that many: the run with the median ratio, every run's
+    speeds under ``runs``, the pages lost in all of them (a loss in any run shows) and the
+    largest host overhead seen."""
     if protocol not in ("vmw", "vmw-batched", "virtio"):
         raise ValueError(f"unknown protocol {protocol!r}; choose vmw, vmw-batched or virtio")
     if guest_mib < 128:
         raise ValueError(f"--guest-mib must be at least 128, got {guest_mib}")
+    if repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, got {repeat}")
     if timeout_s is None:
         # the legacy protocol moves 16385 pages a 1 s cycle by design
         timeout_s = 60.0 + (mib_to_pages(guest_mib) / 16385 if protocol == "vmw" else 0)
-    return asyncio.run(_run(protocol, guest_mib, timeout_s))
+    if repeat == 1:
+        return asyncio.run(_run(protocol, guest_mib, timeout_s))
+    runs = []
+    for i in range(repeat):
+        r = asyncio.run(_run(protocol, guest_mib, timeout_s))
+        print(f"memballoon: bench reclaim: run {i + 1}/{repeat}: {r['gib_per_s']} GiB/s, "
+              f"ratio {r['ratio']}", file=sys.stderr)
+        runs.append(r)
+    median = sorted(runs, key=lambda r: r["ratio"])[(repeat - 1) // 2]
+    return {
+        **median,
+        "lost_pages": sum(r["lost_pages"] for r in runs),
+        "host_overhead_bytes": max(r["host_overhead_bytes"] for r in runs),
+        "repeat": repeat,
+        "runs": [{k: r[k] for k in ("gib_per_s", "raw_punch_hole_gib_per_s", "ratio")}
+                 for r in runs],
+    }
