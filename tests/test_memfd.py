@@ -328,3 +328,22 @@ def test_verify_does_not_fault_released_pages_back_in(ram: MemfdRam) -> None:
     ram.release(rng((0, 256)))
     assert ram.verify(used) == 256
     assert ram.resident_bytes() == 256 * PAGE_SIZE
+
+
+def test_a_ram_that_stamps_nothing_allocates_nothing_per_page() -> None:
+    # the host maps every guest's RAM but never stamps it: no 8-bytes-a-page table there
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with MemfdRam(262144) as r:  # 1 GiB
+            r.release(rng((0, 1024)))
+            assert r.verify(np.arange(10, dtype=np.int64)) == 0
+            assert r.expected_generation(5) is None
+            _, peak = tracemalloc.get_traced_memory()
+            assert peak < 256 * 1024
+            r.touch(np.array([3], dtype=np.int64), 7)  # the first stamp makes the table
+            assert r.expected_generation(3) == 7
+            assert tracemalloc.get_traced_memory()[1] >= 262144 * 8
+    finally:
+        tracemalloc.stop()
