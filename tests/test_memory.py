@@ -251,3 +251,11 @@ def test_first_file_reads_are_io_but_refaults_of_evicted_pages_stall() -> None:
     m.alloc_sleep(mib_to_pages(4))  # reclaim evicts 4 MiB of that cache
     r = m.step(2.0, 1.0, demand(0, file=mib_to_pages(8)))
     assert r.major_faults > 0 and r.stall_s > 0.0  # reading them back is thrashing
+
+
+def test_invariants_catch_a_frame_listed_twice() -> None:
+    m = GuestMemory(G64)
+    m.step(1.0, 1.0, demand(100))
+    assert m.check_invariants() == []
+    m.anon.push_back(m.anon.to_array()[:1])  # the same frame on the anon list again
+    assert "anon list holds a frame twice" in m.check_invariants()
