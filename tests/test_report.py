@@ -24,3 +24,21 @@ def test_a_report_carries_the_guest_and_its_balloon_and_round_trips() -> None:
 def test_refused_pages_by_driver_kind() -> None:
     assert refused_pages(make_pair("virtio", mib_to_pages(64), Steady()).driver) == 0
     assert refused_pages(make_pair("vmw-batched", mib_to_pages(64), Steady()).driver) == 0
+
+
+def test_refused_2m_pages_count_as_their_frames() -> None:
+    import numpy as np
+
+    from memballoon.host.vmw_device import VmwBalloonDevice
+
+    pair = make_pair("vmw-batched", mib_to_pages(64), Steady(anon_mib=4, file_mib=0))
+    dev = pair.device
+    assert isinstance(dev, VmwBalloonDevice)
+    pair.tick()  # the workload takes its memory first
+    whole = np.flatnonzero(pair.mem.state.reshape(-1, 512).max(axis=1) == 0)  # all-free blocks
+    dev.set_pinned([int(whole[0]) * 512 + 5])  # one pinned frame: that 2 MiB page is refused
+    pair.set_target(mib_to_pages(16))
+    pair.tick()
+    st = pair.driver.stats()
+    assert st["err2mAlloc"] >= 1
+    assert refused_pages(pair.driver) == st["errAlloc"] + 512 * st["err2mAlloc"]

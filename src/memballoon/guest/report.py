@@ -11,6 +11,7 @@ from memballoon.guest.driver import BalloonDriver
 from memballoon.guest.memory import GuestMemory
 from memballoon.model.units import PAGE_SIZE
 from memballoon.protocol.pressure import PressureReport
+from memballoon.protocol.vmw import VMW_BALLOON_2M_ORDER
 
 
 def refused_pages(driver: BalloonDriver) -> int | None:
@@ -18,7 +19,7 @@ def refused_pages(driver: BalloonDriver) -> int | None:
     st = driver.stats()
     if "errAlloc" in st:
         # vmw: the seed's refused allocations, and refused 2 MiB pages in frames
-        return max(0, st["errAlloc"] + st.get("err2mAlloc", 0) * 512)
+        return max(0, st["errAlloc"] + (st.get("err2mAlloc", 0) << VMW_BALLOON_2M_ORDER))
     if "refused_pages" in st:
         return max(0, st["refused_pages"])
     return None
