@@ -147,12 +147,17 @@ def test_config_reads_are_served_from_the_pushed_copy(world: World) -> None:
     assert t.read_config()[4:8] == (5).to_bytes(4, "little")
 
 
-def test_pipelined_wait_returns_early_and_drain_waits_for_all(world: World) -> None:
-    t = world.transport
+def _inflateq(t: LocalVirtioTransport) -> DriverQueue:
+    """Negotiate MUST_TELL_HOST only (plain PFN arrays) and set up the inflate queue."""
     t.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
     lay = QueueLayout.packed(1 << 20, 16)
     t.setup_queue(0, lay)
-    q = DriverQueue(t.ram, lay, Counters())
+    return DriverQueue(t.ram, lay, Counters())
+
+
+def test_pipelined_wait_returns_early_and_drain_waits_for_all(world: World) -> None:
+    t = world.transport
+    q = _inflateq(t)
     world.set_target(100)
     for i in range(3):
         t.ram.write((2 << 20) + 64 * i, np.array([5000 + i], "<u4").tobytes())
@@ -190,10 +195,7 @@ def test_hostile_requests_are_counted_and_refused(world: World) -> None:
 
 def test_pfns_outside_the_guest_are_never_released(world: World) -> None:
     t = world.transport
-    t.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
-    lay = QueueLayout.packed(1 << 20, 16)
-    t.setup_queue(0, lay)
-    q = DriverQueue(t.ram, lay, Counters())
+    q = _inflateq(t)
     world.guest_ram.touch(np.arange(4096, 8192), 0)
     world.set_target(1000)
     pfns = np.array([PAGES, PAGES + 1, 2**32 - 1, 5000, 5000], dtype="<u4")
@@ -214,8 +216,7 @@ def test_pfns_outside_the_guest_are_never_released(world: World) -> None:
 
 def test_doorbell_flood_costs_counters_only(world: World) -> None:
     t = world.transport
-    t.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
-    t.setup_queue(0, QueueLayout.packed(1 << 20, 16))
+    _inflateq(t)
     for _ in range(20000):
         t.notify(0)
     t.link.send(Kind.NOTIFY, struct.pack("<H", 4))
