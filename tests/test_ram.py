@@ -3,7 +3,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.host.ram import NullRam, check_ranges, coalesce, merge_ranges, range_pages
+from memballoon.host.ram import (
+    NullRam,
+    check_ranges,
+    coalesce,
+    merge_range_lists,
+    merge_ranges,
+    range_pages,
+)
 from memballoon.model.errors import GuestAddressError
 from memballoon.model.units import PAGE_SIZE
 
@@ -52,6 +59,13 @@ def test_merge_ranges_folds_extents_without_expanding_them() -> None:
     assert merge_ranges([8, 0, 2], [10, 2, 4]).tolist() == [[0, 4], [8, 10]]
     assert merge_ranges([0, 1], [5, 3]).tolist() == [[0, 5]]  # overlap inside
     assert merge_ranges([3], [3]).shape == (0, 2)  # empty extents vanish
+
+
+def test_merge_range_lists_joins_parts() -> None:
+    one = np.array([[4, 9]], dtype=np.int64)
+    assert merge_range_lists([one]) is one
+    parts = [np.array([[8, 10]]), np.array([[0, 2], [2, 4]]), np.array([[9, 12]])]
+    assert merge_range_lists(parts).tolist() == [[0, 4], [8, 12]]
 
 
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), max_size=30))

@@ -293,11 +293,7 @@ class GuestMemory:
         b = self._hint
         if self._bfree[b] >= n and not self.reported[b]:
             # the block the last allocation took from still has enough: take from it alone
-            lo = b * BLOCK_PAGES
-            if self._bfree[b] == BLOCK_PAGES:
-                out = np.arange(lo, lo + n, dtype=np.int64)
-            else:
-                out = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE)[:n] + lo
+            out = self._free_frames_of(b, n)
             self._bfree[b] -= n
             self._free -= n
             self.state[out] = new
@@ -309,13 +305,7 @@ class GuestMemory:
         parts: list[PfnArray] = []
         got = 0
         for b in cand.tolist():
-            lo = b * BLOCK_PAGES
-            if self._bfree[b] == BLOCK_PAGES:
-                idx = np.arange(lo, lo + BLOCK_PAGES, dtype=np.int64)
-            else:
-                idx = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
-            if idx.size > n - got:
-                idx = idx[: n - got]
+            idx = self._free_frames_of(b, n - got)
             parts.append(idx)
             got += idx.size
             self._hint = b
@@ -327,6 +317,13 @@ class GuestMemory:
         self._free -= got
         self.state[out] = new
         return out
+
+    def _free_frames_of(self, b: int, k: int) -> PfnArray:
+        """The first ``k`` free frames of block ``b`` (fewer if it has fewer), ascending."""
+        lo = b * BLOCK_PAGES
+        if self._bfree[b] == BLOCK_PAGES:
+            return np.arange(lo, lo + min(k, BLOCK_PAGES), dtype=np.int64)
+        return np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE)[:k] + lo
 
     def _give_free(self, pfns: PfnArray) -> None:
         self.state[pfns] = PageState.FREE

@@ -77,6 +77,14 @@ def merge_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> RangeArray:
     return np.stack((s[first], e[last]), axis=1)
 
 
+def merge_range_lists(parts: list[RangeArray]) -> RangeArray:
+    """Several range arrays as one sorted, merged array (one part is returned as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    r = np.concatenate(parts)
+    return merge_ranges(r[:, 0], r[:, 1])
+
+
 def range_pages(ranges: RangeArray) -> int:
     if len(ranges) == 1:  # the common single-run case, without numpy reductions
         return int(ranges[0, 1]) - int(ranges[0, 0])

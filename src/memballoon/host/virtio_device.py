@@ -36,7 +36,14 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import PfnArray, RamBackend, RangeArray, coalesce, merge_ranges
+from memballoon.host.ram import (
+    PfnArray,
+    RamBackend,
+    RangeArray,
+    coalesce,
+    merge_range_lists,
+    merge_ranges,
+)
 from memballoon.model.counters import Counters
 from memballoon.model.errors import DescriptorError, PeerError, UsageError
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
@@ -257,11 +264,7 @@ class VirtioBalloonDevice:
     def _flush_release(self) -> None:
         if not self._to_release:
             return
-        if len(self._to_release) == 1:
-            ranges = self._to_release[0]
-        else:
-            r = np.concatenate(self._to_release)
-            ranges = merge_ranges(r[:, 0], r[:, 1])
+        ranges = merge_range_lists(self._to_release)
         self._to_release.clear()
         self.ram.release(ranges)
 

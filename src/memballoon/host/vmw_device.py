@@ -41,7 +41,15 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import PfnArray, RamBackend, RangeArray, as_pfns, coalesce, merge_ranges
+from memballoon.host.ram import (
+    PfnArray,
+    RamBackend,
+    RangeArray,
+    as_pfns,
+    coalesce,
+    merge_range_lists,
+    merge_ranges,
+)
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.protocol.vmw import (
@@ -160,10 +168,9 @@ class VmwBalloonDevice:
     def flush_release(self) -> None:
         """Release what batched LOCKs accepted (with ``defer_release``); idempotent."""
         if self._to_release:
-            ranges = self._to_release[0] if len(self._to_release) == 1 else np.concatenate(
-                self._to_release)
+            ranges = merge_range_lists(self._to_release)
             self._to_release.clear()
-            self.ram.release(merge_ranges(ranges[:, 0], ranges[:, 1]))
+            self.ram.release(ranges)
 
     def handle(self, request: bytes) -> bytes:
         """Answer one request frame (never raises)."""
