@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from memballoon.host.ram import (
     NullRam,
+    block_frames,
     check_ranges,
     coalesce,
     merge_range_lists,
@@ -59,6 +60,12 @@ def test_merge_ranges_folds_extents_without_expanding_them() -> None:
     assert merge_ranges([8, 0, 2], [10, 2, 4]).tolist() == [[0, 4], [8, 10]]
     assert merge_ranges([0, 1], [5, 3]).tolist() == [[0, 5]]  # overlap inside
     assert merge_ranges([3], [3]).shape == (0, 2)  # empty extents vanish
+
+
+def test_block_frames_lists_every_frame_block_by_block() -> None:
+    assert block_frames([2, 0], 2).tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
+    assert block_frames(np.array([1]), 9).tolist() == list(range(512, 1024))
+    assert block_frames([], 9).size == 0
 
 
 def test_merge_range_lists_joins_parts() -> None:

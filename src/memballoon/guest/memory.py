@@ -51,7 +51,7 @@ import numpy.typing as npt
 
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.guest.workload import Demand
-from memballoon.host.ram import PageStore, PfnArray
+from memballoon.host.ram import PageStore, PfnArray, block_frames
 from memballoon.model.errors import UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 
@@ -72,12 +72,6 @@ _EMPTY = np.empty(0, dtype=np.int64)
 # Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
 _FREE = int(PageState.FREE)
 _BALLOON = int(PageState.BALLOON)
-
-
-def _block_frames(blocks: npt.NDArray[np.int64]) -> PfnArray:
-    """Every frame of the given 2 MiB blocks."""
-    offs = np.arange(BLOCK_PAGES, dtype=np.int64)
-    return (blocks.astype(np.int64)[:, None] * BLOCK_PAGES + offs).reshape(-1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +399,7 @@ class GuestMemory:
             blocks = np.sort(np.concatenate((blocks, more)))
         if blocks.size == 0:
             return _EMPTY
-        self.state[_block_frames(blocks)] = PageState.BALLOON
+        self.state[block_frames(blocks, BLOCK_ORDER)] = PageState.BALLOON
         self._bfree[blocks] = 0
         self.reported[blocks] = False  # the host refaults these on touch
         taken = int(blocks.size) * BLOCK_PAGES
@@ -445,7 +439,7 @@ class GuestMemory:
         if k <= 0:
             return _EMPTY
         blocks = np.flatnonzero((self._bfree == BLOCK_PAGES) & ~self.reported)[:k]
-        self.state[_block_frames(blocks)] = PageState.ISOLATED
+        self.state[block_frames(blocks, BLOCK_ORDER)] = PageState.ISOLATED
         self._bfree[blocks] = 0
         n = int(blocks.size) * BLOCK_PAGES
         self._free -= n
@@ -454,7 +448,7 @@ class GuestMemory:
 
     def return_isolated(self, blocks: npt.NDArray[np.int64], reported: bool) -> None:
         """Put isolated blocks back on the free lists, marked reported if the host took them."""
-        frames = _block_frames(blocks)
+        frames = block_frames(blocks, BLOCK_ORDER)
         if not bool((self.state[frames] == PageState.ISOLATED).all()):
             raise UsageError("return_isolated: a block that is not isolated")
         self.state[frames] = PageState.FREE

@@ -74,7 +74,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memballoon.guest.memory import GuestMemory
-from memballoon.host.ram import PfnArray
+from memballoon.host.ram import PfnArray, block_frames
 from memballoon.model.counters import Counters
 from memballoon.model.errors import PeerError
 from memballoon.model.units import PFN32_MAX
@@ -190,7 +190,7 @@ _2M_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
 
 def frames_of(heads: PfnArray) -> PfnArray:
     """Every frame of the 2 MiB pages starting at ``heads``, page by page."""
-    return (heads[:, None] + np.arange(_2M_PAGES, dtype=np.int64)).reshape(-1)
+    return block_frames(heads >> VMW_BALLOON_2M_ORDER, VMW_BALLOON_2M_ORDER)
 
 
 class PfnStack:

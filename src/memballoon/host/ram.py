@@ -77,6 +77,17 @@ def merge_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> RangeArray:
     return np.stack((s[first], e[last]), axis=1)
 
 
+def block_frames(blocks: npt.ArrayLike, order: int) -> PfnArray:
+    """Every frame of the aligned blocks of ``2**order`` frames with these indices, block by
+    block (a 2 MiB block is order 9).
+
+    >>> block_frames([1], 1).tolist()
+    [2, 3]
+    """
+    b = as_pfns(blocks)
+    return ((b[:, None] << order) + np.arange(1 << order, dtype=np.int64)).reshape(-1)
+
+
 def merge_range_lists(parts: list[RangeArray]) -> RangeArray:
     """Several range arrays as one sorted, merged array (one part is returned as it is)."""
     if len(parts) == 1:

@@ -46,6 +46,7 @@ from memballoon.host.ram import (
     RamBackend,
     RangeArray,
     as_pfns,
+    block_frames,
     coalesce,
     merge_range_lists,
     merge_ranges,
@@ -362,7 +363,7 @@ class VmwBalloonDevice:
     def _block_any(self, flags: npt.NDArray[np.bool_], blocks: npt.NDArray[np.int64]
                    ) -> npt.NDArray[np.bool_]:
         """Per block: is any of its frames set in ``flags``?"""
-        frames = (blocks[:, None] * _2M_PAGES + np.arange(_2M_PAGES)).reshape(-1)
+        frames = block_frames(blocks, VMW_BALLOON_2M_ORDER)
         return np.asarray(flags[frames].reshape(-1, _2M_PAGES).any(axis=1))
 
     def _set_blocks(self, blocks: npt.NDArray[np.int64], locked: bool) -> RangeArray:
