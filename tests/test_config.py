@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memballoon.manager.config import load_config, load_config_text, parse_size
+from memballoon.app.config import load_config, load_config_text, parse_size
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import GIB, MIB
 

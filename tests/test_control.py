@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from memballoon.manager.control import MAX_LINE_BYTES, ControlError, ControlServer, request
+from memballoon.app.control import MAX_LINE_BYTES, ControlError, ControlServer, request
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from memballoon.cli import main
-from memballoon.manager.journal import read_journal
+from memballoon.edge.journal import read_journal
 
 CONFIG = """
 world = "local"

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from memballoon.local.demo import DemoConfig, print_summary, run_demo
+from memballoon.app.demo import DemoConfig, print_summary, run_demo
 from memballoon.model.units import MIB
 
 KEYS = ("host_budget_bytes", "host_peak_resident_bytes", "host_released_bytes",

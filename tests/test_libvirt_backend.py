@@ -163,7 +163,7 @@ def test_libvirt_backend_on_real_libvirtd(libvirtd: str) -> None:
 
         async def until(pred: Any, what: str) -> dict[str, Any]:
             for _ in range(300):
-                snap = dict(await backend.guests())
+                snap = dict(await backend.poll())
                 if pred(snap):
                     return snap
                 await asyncio.sleep(0.1)
@@ -178,17 +178,17 @@ def test_libvirt_backend_on_real_libvirtd(libvirtd: str) -> None:
             assert not snap["mb-lv-none"].alive
             assert snap[a].report.total_bytes > 256 * MIB
             assert backend.host_resident_bytes() > 0
-            assert await backend.set_target(a, quarter)
+            assert await backend.apply_target(a, quarter)
             snap = await until(lambda s: abs(s[a].balloon_pages - quarter) <= 256, "inflate")
             assert snap[a].target_pages == quarter
-            assert await backend.set_target(b, 0)
+            assert await backend.apply_target(b, 0)
             await until(lambda s: s[b].balloon_pages <= 256, "deflate")
-            assert not await backend.set_target(a, 512 * MIB // PAGE_SIZE)
-            assert not await backend.set_target("mb-lv-none", 1)
+            assert not await backend.apply_target(a, 512 * MIB // PAGE_SIZE)
+            assert not await backend.apply_target("mb-lv-none", 1)
             doms[1].destroy()  # one VM dies: the other goes on
             snap = await until(lambda s: not s[b].alive, "destroyed")
             assert snap[a].alive
-            assert await backend.set_target(a, 0)
+            assert await backend.apply_target(a, 0)
             assert backend.counters["libvirt_target_out_of_range"] == 1
 
         asyncio.run(main())

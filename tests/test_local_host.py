@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from memballoon.host.cgroup import detect
-from memballoon.local.host import GuestSpec, GuestView, LocalHost
-from memballoon.model.errors import ConfigError, UsageError
+from memballoon.local.host import GuestSpec, LocalHost
+from memballoon.manager.port import ManualClock
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import MIB, PAGE_SIZE
+from memballoon.policy.sample import GuestSample
 
 MIB_GUEST = 128
 HALF = MIB_GUEST * MIB // PAGE_SIZE // 2
@@ -96,18 +98,18 @@ def _hostile(tmp_path: Path, name: str, mode: str, protocol: str = "virtio") -> 
                      program=(sys.executable, str(script), mode))
 
 
-def _ok(v: GuestView) -> bool:
+def _ok(v: GuestSample) -> bool:
     return v.alive and v.report is not None
 
 
 async def _inflate_deflate_other(host: LocalHost, name: str) -> None:
     """A well-behaved guest still gets served: inflate, check memory returned, deflate."""
-    before = host.snapshot()[name].resident_bytes
-    await host.set_target(name, HALF)
-    assert await host.wait_until(lambda s: s[name].actual_pages == HALF, 20)
-    assert before - host.snapshot()[name].resident_bytes == HALF * PAGE_SIZE
-    await host.set_target(name, 0)
-    assert await host.wait_until(lambda s: s[name].actual_pages == 0, 20)
+    before = host.guests()[name].resident_bytes
+    host.set_target(name, HALF)
+    assert await host.wait_until(lambda s: s[name].balloon_pages == HALF, 20)
+    assert before - host.guests()[name].resident_bytes == HALF * PAGE_SIZE
+    host.set_target(name, 0)
+    assert await host.wait_until(lambda s: s[name].balloon_pages == 0, 20)
 
 
 def test_two_guests_inflate_returns_host_memory_and_data_stays_intact() -> None:
@@ -118,34 +120,35 @@ def test_two_guests_inflate_returns_host_memory_and_data_stays_intact() -> None:
             assert host.budget is None
             assert await host.wait_until(lambda s: all(map(_ok, s.values())), 30)
             await asyncio.sleep(0.3)  # let the first steps settle
-            before = {n: v.resident_bytes for n, v in host.snapshot().items()}
+            before = {n: v.resident_bytes for n, v in host.guests().items()}
             for n in before:
-                await host.set_target(n, HALF)
+                host.set_target(n, HALF)
             assert await host.wait_until(
-                lambda s: all(v.actual_pages == HALF for v in s.values()), 30)
-            snap = host.snapshot()
+                lambda s: all(v.balloon_pages == HALF for v in s.values()), 30)
+            snap = host.guests()
             for n, v in snap.items():
                 assert before[n] - v.resident_bytes == HALF * PAGE_SIZE, n
                 assert v.target_pages == HALF
-            assert host.resident_bytes() == sum(v.resident_bytes for v in snap.values())
+            assert host.resident_bytes() == sum(v.resident_bytes or 0 for v in snap.values())
             assert await host.wait_until(
                 lambda s: all(v.report is not None and v.report.balloon_actual_pages == HALF
                               for v in s.values()), 10)
             for n in before:
-                await host.set_target(n, 0)
+                host.set_target(n, 0)
             assert await host.wait_until(
-                lambda s: all(v.actual_pages == 0 for v in s.values()), 30)
+                lambda s: all(v.balloon_pages == 0 for v in s.values()), 30)
             for n in before:
                 touched = await host.control(n, "touch_free")
                 assert touched["touched_pages"] >= HALF
                 check = await host.control(n, "verify")
                 assert check["lost_pages"] == 0 and check["checked_pages"] > 0
                 assert check["invariant_errors"] == []
-            assert all(v.resident_bytes >= before[n] for n, v in host.snapshot().items())
-            with pytest.raises(UsageError):
-                await host.set_target("v", MIB_GUEST * MIB)
-        snap = host.snapshot()
-        assert all(not v.alive and v.exit_code == 0 for v in snap.values())
+            assert all(v.resident_bytes >= before[n] for n, v in host.guests().items())
+            assert not host.set_target("v", MIB_GUEST * MIB)  # past its RAM: refused
+            assert not host.set_target("nobody", 1)
+            assert host.counters["set_target_refused"] == 2
+        snap = host.guests()
+        assert all(not v.alive and host.exit_code(n) == 0 for n, v in snap.items())
         assert all(v.resident_bytes == 0 for v in snap.values())
 
     asyncio.run(main())
@@ -157,19 +160,20 @@ def test_guest_killed_mid_inflate_is_noticed_and_the_other_goes_on() -> None:
                  GuestSpec("v", MIB_GUEST, "virtio", "idle", prefault=True)]
         async with LocalHost(specs, budget_bytes=None) as host:
             assert await host.wait_until(lambda s: all(map(_ok, s.values())), 30)
-            await host.set_target("legacy", HALF)  # 16385 pages a cycle: takes cycles
-            assert await host.wait_until(lambda s: s["legacy"].actual_pages > 0, 20, 0.001)
+            host.set_target("legacy", HALF)  # 16385 pages a cycle: takes cycles
+            assert await host.wait_until(lambda s: s["legacy"].balloon_pages > 0, 20, 0.001)
             pid = host.pid("legacy")
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
             assert await host.wait_until(lambda s: not s["legacy"].alive, 10)
-            dead = host.snapshot()["legacy"]
-            assert 0 < dead.actual_pages < HALF
-            assert dead.resident_at_exit_bytes is not None and dead.resident_at_exit_bytes > 0
+            dead = host.guests()["legacy"]
+            assert 0 < dead.balloon_pages < HALF
+            at_exit = host.resident_at_exit_bytes("legacy")
+            assert at_exit is not None and at_exit > 0
             assert dead.resident_bytes == 0
-            assert dead.exit_code != 0
-            assert host.freed_at_exit_bytes == dead.resident_at_exit_bytes
-            assert not await host.set_target("legacy", 0)
+            assert host.exit_code("legacy") != 0
+            assert host.freed_at_exit_bytes == at_exit
+            assert not host.set_target("legacy", 0)
             await _inflate_deflate_other(host, "v")
 
     asyncio.run(main())
@@ -183,35 +187,35 @@ def test_hostile_guest_cannot_hurt_the_host_or_the_others(tmp_path: Path, mode: 
                  GuestSpec("good", MIB_GUEST, "virtio", "idle", prefault=True)]
         async with LocalHost(specs, budget_bytes=None) as host:
             assert await host.wait_until(lambda s: _ok(s["good"]), 30)
-            await host.set_target("evil", 1000)
+            host.set_target("evil", 1000)
             if mode == "garbage":
                 assert await host.wait_until(lambda s: not s["evil"].alive, 10)
-                c = host.snapshot()["evil"].counters
+                c = host.counters_of("evil")
                 assert c["frame_error"] == 1 and c["died_garbage"] == 1
                 assert c["report_not_json"] == 1
             elif mode == "bad_pfns":
                 assert await host.wait_until(
-                    lambda s: s["evil"].counters.get("inflateq_bad_descriptor", 0) == 1, 10)
-                c = host.snapshot()["evil"].counters
+                    lambda s: host.counters_of("evil").get("inflateq_bad_descriptor", 0) == 1, 10)
+                c = host.counters_of("evil")
                 assert c["inflate_pfn_outside_guest"] == 3
                 assert c["inflated_pages"] == 1  # PFN 9000, its own
-                assert host.snapshot()["evil"].alive
+                assert host.guests()["evil"].alive
             elif mode == "bad_2m":
                 assert await host.wait_until(
-                    lambda s: s["evil"].counters.get("frame_count_over_max", 0) == 1, 10)
-                c = host.snapshot()["evil"].counters
+                    lambda s: host.counters_of("evil").get("frame_count_over_max", 0) == 1, 10)
+                c = host.counters_of("evil")
                 assert c["error_ppn_invalid"] == 4 + 1  # four bad heads; then an unaligned one
                 assert c["error_ppn_unlocked"] == 1  # a page it never locked
-                evil = host.snapshot()["evil"]
-                assert evil.alive and evil.actual_pages == 512  # its own 2 MiB page only
+                evil = host.guests()["evil"]
+                assert evil.alive and evil.balloon_pages == 512  # its own 2 MiB page only
                 assert evil.resident_bytes == 0  # the one page it had touched is released
             else:
                 assert await host.wait_until(
-                    lambda s: s["evil"].counters.get("virtio_request_malformed", 0) > 10, 10)
-                c = host.snapshot()["evil"].counters
+                    lambda s: host.counters_of("evil").get("virtio_request_malformed", 0) > 10, 10)
+                c = host.counters_of("evil")
                 assert c["doorbells"] > 0 and c["notify_dead_queue"] > 0
             await _inflate_deflate_other(host, "good")
-            evil = host.snapshot()["evil"]
+            evil = host.guests()["evil"]
             if evil.alive:
                 assert evil.resident_bytes <= MIB_GUEST * MIB
 
@@ -254,14 +258,37 @@ def test_deflate_on_oom_saves_a_growing_guest_over_the_real_transport() -> None:
         spec = GuestSpec(name="g", mib=128, protocol="virtio",
                          workload="ramp:start=0.05,peak=0.6,file=0.02,rate=0.3,at=1")
         async with LocalHost([spec], budget_bytes=None) as host:
-            await host.set_target("g", 100 * MIB // PAGE_SIZE)
+            host.set_target("g", 100 * MIB // PAGE_SIZE)
             grown = await host.wait_until(
                 lambda s: s["g"].report is not None
                 and s["g"].report.anon_bytes >= 70 * MIB, timeout_s=30.0)
-            v = host.snapshot()["g"]
+            v = host.guests()["g"]
             assert grown, v
             assert v.report is not None and v.report.oom_kills == 0
-            assert v.counters.get("deflated_pages", 0) > 0
-            assert v.actual_pages < v.target_pages  # it did not go back by itself
+            assert host.counters_of("g").get("deflated_pages", 0) > 0
+            assert v.balloon_pages < v.target_pages  # it did not go back by itself
 
     asyncio.run(main())
+
+
+def test_local_host_is_the_manager_backend() -> None:
+    # report times are the host clock's when the STATUS arrived; the ESX sample rides along
+    async def go() -> None:
+        spec = GuestSpec("g", 64, "virtio", "steady", period_s=0.2)
+        clock = ManualClock(100.0)
+        async with LocalHost([spec], budget_bytes=None, clock=clock) as host:
+            assert host.name == "local"
+            assert await host.wait_until(lambda s: s["g"].report is not None, 20.0)
+            st = host.guests()["g"]
+            assert st.alive and st.ram_pages == spec.pages and st.report_time == 100.0
+            assert st.active_sampled == 100 and 0 <= st.active_touched <= 100  # ESX sample
+            clock.advance(5.0)
+            assert host.guests()["g"].report_time == 100.0  # same report, same time
+            assert await host.wait_until(lambda s: s["g"].report_time == 105.0, 20.0)
+            assert host.set_target("g", 1024)
+            assert await host.wait_until(lambda s: s["g"].balloon_pages == 1024, 20.0)
+            st = host.guests()["g"]
+            assert (st.target_pages, st.balloon_pages) == (1024, 1024)
+            assert host.host_resident_bytes() == host.resident_bytes() > 0
+
+    asyncio.run(go())

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.manager.backend import GuestState
 from memballoon.manager.core import Action, Hysteresis, ManagerCore
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.base import Decision, GuestSample, GuestSettings, HostSample
+from memballoon.policy.base import Decision
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 RAM = 65536  # 256 MiB
@@ -22,10 +22,10 @@ def report(name: str, stall: float = 0.0, avail: int = 128 << 20) -> PressureRep
 
 
 def state(name: str, *, target: int = 0, balloon: int | None = None, alive: bool = True,
-          rep: PressureReport | bool | None = True, t: float = 100.0) -> GuestState:
+          rep: PressureReport | bool | None = True, t: float = 100.0) -> GuestSample:
     r = report(name) if rep is True else (rep or None)
-    return GuestState(name, alive, RAM, target if balloon is None else balloon, target, r,
-                      t if r is not None else None, None)
+    return GuestSample(name, RAM, target if balloon is None else balloon, target, report=r,
+                       report_time=t if r is not None else None, alive=alive)
 
 
 class Fixed:
@@ -57,7 +57,7 @@ def test_plain_decision_becomes_an_action_with_its_inputs() -> None:
     assert acts == [Action("a", 0, 1000, "told so", {"x": 1.0}, "policy")]
     host, guests = p.seen[0]
     assert host.resident_pages == 123 and host.budget_pages == 100_000
-    assert guests[0].report_age_s == 1.0 and guests[0].size_pages == RAM
+    assert guests[0].report_age_s(101.0) == 1.0 and guests[0].size_pages == RAM
     rec = acts[0].record()
     assert rec["new_bytes"] == 1000 * PAGE_SIZE and rec["old_pages"] == 0
 

@@ -20,9 +20,10 @@ from memballoon.host.memfd import (
     MemfdRam,
     punch_hole,
 )
-from memballoon.host.ram import PageStore, RamBackend, coalesce
+from memballoon.host.ram import RamBackend
 from memballoon.model.counters import Counters
 from memballoon.model.errors import GuestAddressError, PeerError, UsageError
+from memballoon.model.pages import PageStore, coalesce
 from memballoon.model.units import MIB, PAGE_SIZE
 
 PAGES = 4096  # 16 MiB

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import urllib.request
 
-from memballoon.manager.backend import GuestState
-from memballoon.manager.metrics import ManagerMetrics
+from memballoon.app.metrics import ManagerMetrics
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
 
 
@@ -16,8 +16,8 @@ def test_scrape() -> None:
     c.inc("policy_error", 2)
     m = ManagerMetrics(c)
     rep = PressureReport("a", 1.0, 1 << 28, 1000, 2000, 0, 0, 0, 0, 0, 0, 0, 0, 12.5, 0, 0, 7)
-    m.update({"a": GuestState("a", True, 65536, 300, 400, rep, 0.0, None),
-              "b": GuestState("b", False, 65536, 0, 0, None, None, None)},
+    m.update({"a": GuestSample("a", 65536, 300, 400, report=rep, report_time=0.0),
+              "b": GuestSample("b", 65536, 0, 0, alive=False)},
              resident_bytes=12345, budget_bytes=1 << 30, decisions=9)
     port = m.serve(0)
     try:

@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from memballoon.edge.journal import Journal
 from memballoon.guest.workload import Idle, Ramp, Steady, Workload, make_workload
 from memballoon.harness.pair import Pair, make_pair
+from memballoon.manager.core import Action, ManagerCore
+from memballoon.manager.engine import Engine
+from memballoon.manager.port import ManualClock
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
-from memballoon.policy.base import Decision, GuestSample, GuestSettings, HostSample, Policy
+from memballoon.policy.base import Decision, Policy
 from memballoon.policy.default import (
     BACKOFF_MIN_FRACTION,
     MARGIN_FRACTION,
@@ -27,9 +31,10 @@ from memballoon.policy.default import (
     DefaultPolicy,
 )
 from memballoon.policy.mom import MomPolicy
-from memballoon.policy.observe import sample_from_pair
 from memballoon.policy.proxmox import ProxmoxPolicy
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
+from memballoon.sim.backend import SimBackend
 
 RAM = mib_to_pages(1024)
 HOST = HostSample(budget_pages=10 * RAM, resident_pages=RAM)  # plenty of room
@@ -49,8 +54,10 @@ def report(t: float, *, avail: int, balloon: int = 0, stall: float = 0.0, swap_i
 
 def sample(r: PressureReport | None, *, balloon: int = 0, target: int | None = None,
            age: float | None = 0.0, min_pages: int = 0) -> GuestSample:
+    # the report arrived ``age`` seconds before the time it carries (the tests' ``now``)
     return GuestSample("g", RAM, balloon, balloon if target is None else target,
-                       GuestSettings(min_pages=min_pages), r, age if r is not None else None)
+                       GuestSettings(min_pages=min_pages), r,
+                       r.time_s - age if r is not None and age is not None else None)
 
 
 def one(p: DefaultPolicy, g: GuestSample, now: float, host: HostSample = HOST) -> Decision | None:
@@ -201,8 +208,10 @@ def test_lying_report_is_counted_not_raised() -> None:
 
 def test_over_budget_reclaims_from_the_idlest_quiet_guest_first() -> None:
     p = DefaultPolicy(probe=False)
-    idle = GuestSample("idle", RAM, 0, 0, report=report(0, avail=RAM * 9 // 10), report_age_s=0)
-    busy = GuestSample("busy", RAM, 0, 0, report=report(0, avail=RAM // 2), report_age_s=0)
+    idle = GuestSample("idle", RAM, 0, 0, report=report(0, avail=RAM * 9 // 10),
+                       report_time=0.0)
+    busy = GuestSample("busy", RAM, 0, 0, report=report(0, avail=RAM // 2),
+                       report_time=0.0)
     host = HostSample(budget_pages=2 * RAM - RAM // 4, resident_pages=2 * RAM)
     ds = {d.guest: d for d in p.decide(host, [busy, idle], 0.0)}
     assert set(ds) == {"idle"} and ds["idle"].balloon_pages == RAM // 4
@@ -212,16 +221,18 @@ def test_over_budget_reclaims_from_the_idlest_quiet_guest_first() -> None:
 # ---------------------------------------------------------------------- closed loops
 @dataclass
 class World:
-    """Guests as driver/device pairs on a virtual clock, sampled for a policy every few s."""
+    """Guests as driver/device pairs on a virtual clock, managed by the real engine (the core's
+    floors, hysteresis and safety checks included) with a policy every ``every`` seconds."""
 
     pairs: dict[str, Pair]
     settings: GuestSettings
     budget_pages: int
-    rng: random.Random = field(default_factory=lambda: random.Random(7))
-    prev: dict[str, GuestSample | None] = field(default_factory=dict)
+    clock: ManualClock = field(default_factory=ManualClock)
+    engine: Engine | None = None
+    backend: SimBackend | None = None
     stalls: list[float] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: list[Action] = field(default_factory=list)
     min_size: dict[str, int] = field(default_factory=dict)
     peak_resident: int = 0
     t: int = 0
@@ -237,12 +248,22 @@ class World:
     def resident(self) -> int:
         return sum(p.ram.resident_bytes() // PAGE_SIZE for p in self.pairs.values())
 
+    def _engine(self, policy: Policy, every: int) -> tuple[Engine, SimBackend]:
+        if self.engine is None or self.backend is None:
+            self.backend = SimBackend(self.pairs, self.clock, report_every_s=every,
+                                      rng=random.Random(7))
+            core = ManagerCore(policy, dict.fromkeys(self.pairs, self.settings),
+                               self.budget_pages)
+            self.engine = Engine(self.backend, core, Journal(None), self.clock)
+        assert self.engine.core.policy is policy
+        return self.engine, self.backend
+
     def run(self, policy: Policy, seconds: int, every: int = 2) -> None:
+        engine, backend = self._engine(policy, every)
         for _ in range(seconds):
             self.t += 1
+            backend.advance(1.0)
             for p in self.pairs.values():
-                for _ in range(max(1, round(1 / p.period_s))):
-                    p.tick(check=False)
                 assert not p.violations, p.violations[:3]
             for n, p in self.pairs.items():
                 size = p.mem.total_pages - p.device.actual_pages
@@ -251,18 +272,13 @@ class World:
             self.released.append(sum(p.device.actual_pages for p in self.pairs.values()))
             if self.t % every:
                 continue
-            samples = [sample_from_pair(p, self.settings, self.prev.get(n), name=n,
-                                        rng=self.rng) for n, p in self.pairs.items()]
-            for s in samples:
-                assert s.report is not None
-                if self.prev.get(s.name) is not None:
+            seen = dict(engine.guests)
+            self.decisions.extend(engine.step())
+            for n, s in engine.guests.items():
+                old = seen.get(n)
+                if s.report is not None and old is not None and old.report is not None \
+                        and s.report is not old.report:
                     self.stalls.append(s.report.stall_pct)
-                self.prev[s.name] = s
-            ds = policy.decide(HostSample(self.budget_pages, self.resident()), samples,
-                               float(self.t))
-            for d in ds:
-                self.pairs[d.guest].set_target(d.balloon_pages)
-            self.decisions.extend(ds)
 
     def oom_kills(self) -> int:
         return sum(p.mem.events.oom_kills for p in self.pairs.values())
@@ -305,7 +321,7 @@ def test_balloon_never_breaks_min_pages() -> None:
                     guest_mib=256, budget_frac=0.2, min_mib=160)
     w.run(DefaultPolicy(), 120)
     assert min(w.min_size.values()) >= mib_to_pages(160)
-    assert all(d.balloon_pages <= mib_to_pages(256 - 160) for d in w.decisions)
+    assert all(d.new_pages <= mib_to_pages(256 - 160) for d in w.decisions)
 
 
 def test_pressure_makes_it_deflate_at_once() -> None:
@@ -323,7 +339,7 @@ def test_pressure_makes_it_deflate_at_once() -> None:
             break
     new = w.decisions[before:]
     assert new and ("back off" in new[0].reason or "emergency" in new[0].reason)
-    assert new[0].balloon_pages < mib_to_pages(150)
+    assert new[0].new_pages < mib_to_pages(150)
 
 
 def test_stalled_inflation_in_a_real_guest_is_given_back() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from memballoon.policy.base import GuestSample, GuestSettings, HostSample
 from memballoon.policy.esx import (
     ESX_FAST_GAIN,
     ESX_FREE_HARD,
@@ -19,6 +18,7 @@ from memballoon.policy.esx import (
     idle_cost,
     shares_per_page,
 )
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 
 RAM = 100_000
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.base import GuestSample, GuestSettings, HostSample
 from memballoon.policy.mom import (
     MOM_MAX_BALLOON_CHANGE_PERCENT,
     MOM_MIN_BALLOON_CHANGE_PERCENT,
@@ -15,6 +14,7 @@ from memballoon.policy.mom import (
     MOM_STAT_SAMPLES,
     MomPolicy,
 )
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 RAM = 100_000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
-from memballoon.policy.base import GuestSample, GuestSettings, HostSample
 from memballoon.policy.proxmox import (
     PVE_DEFAULT_SHARES,
     PVE_MAX_CHANGE_PAGES,
@@ -14,6 +13,7 @@ from memballoon.policy.proxmox import (
     PVE_TARGET_PERCENT,
     ProxmoxPolicy,
 )
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 RAM = mib_to_pages(2048)

@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.base import GuestSample, GuestSettings, HostSample, clamp_balloon
+from memballoon.policy.base import clamp_balloon
 from memballoon.policy.default import DefaultPolicy
 from memballoon.policy.registry import POLICIES, make_policy, policy_params
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 
@@ -93,6 +94,6 @@ def test_decisions_respect_floors_and_ceilings(
             assert size <= g.ceiling_pages()
             assert d.reason and "\n" not in d.reason
             assert all(isinstance(v, float) for v in d.inputs.values())
-            if name == "default" and (g.report is None or g.report_age_s is None):
+            if name == "default" and (g.report is None or g.report_age_s(float(t)) is None):
                 # never inflate a guest it cannot see
                 assert d.balloon_pages <= max(g.balloon_pages, clamp_balloon(g, 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memballoon.policy.base import GuestSample, GuestSettings, HostSample
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.policy.static import STATIC_MODES, StaticPolicy
 
 HOST = HostSample(budget_pages=100_000, resident_pages=90_000)

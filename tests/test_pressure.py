@@ -105,3 +105,15 @@ def test_random_bytes_raise_only_report_errors(data: bytes) -> None:
 
 def test_missing_refused_pages_decodes_as_none() -> None:
     assert PressureReport.decode(_mutated(refused_pages=...)).refused_pages is None
+
+
+def test_report_without_sampling_fields_still_decodes() -> None:
+    r = PressureReport("g", 1.0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0)
+    doc = json.loads(r.encode())
+    assert "active_sampled" not in doc  # old readers see the old shape
+    r2 = PressureReport("g", 1.0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0, None, 100, 37)
+    assert PressureReport.decode(r2.encode()) == r2
+    doc = json.loads(r2.encode())
+    doc["active_touched"] = 101
+    with pytest.raises(ReportError):
+        PressureReport.decode(json.dumps(doc))

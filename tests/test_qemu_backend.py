@@ -19,7 +19,7 @@ import pytest
 
 import memballoon.qemu.backend as backend_mod
 from memballoon.host.cgroup import detect
-from memballoon.manager.backend import Backend
+from memballoon.manager.port import Backend
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import MIB, PAGE_SIZE
@@ -85,10 +85,12 @@ def test_is_a_backend_and_converts_pages_to_logical_bytes(tmp_path: Path) -> Non
             backend: Backend = b
             assert backend.name == "qemu"
             assert qemu_pid_of(fakes["g1"].path) == os.getpid()  # the fake runs in-process
-            assert await backend.set_target("g1", 1000)
+            assert backend.set_target("g1", 1000)  # the port queues it ...
+            assert not any(c[0] == "balloon" for c in fakes["g1"].calls)
+            await b.flush()  # ... and the async shell sends it after the step
             assert ("balloon", {"value": RAM - 1000 * PAGE_SIZE}) in fakes["g1"].calls
             for _ in range(50):
-                st = (await backend.guests())["g1"]
+                st = (await backend.poll())["g1"]
                 if st.report is not None:
                     break
                 await asyncio.sleep(0.02)
@@ -100,11 +102,12 @@ def test_is_a_backend_and_converts_pages_to_logical_bytes(tmp_path: Path) -> Non
             assert st.resident_bytes is not None and st.resident_bytes > 0
             assert backend.host_resident_bytes() > 0
             # Out of range or unknown: refused and counted, never sent.
-            assert not await backend.set_target("g1", RAM // PAGE_SIZE)
-            assert not await backend.set_target("g1", -1)
-            assert not await backend.set_target("nope", 1)
-            assert backend.counters["qemu_target_out_of_range"] == 2
-            assert backend.counters["qemu_unknown_guest"] == 1
+            assert not await backend.apply_target("g1", RAM // PAGE_SIZE)
+            assert not await backend.apply_target("g1", -1)
+            assert not await backend.apply_target("nope", 1)
+            assert not backend.set_target("g1", -1) and not backend.set_target("nope", 1)
+            assert backend.counters["qemu_target_out_of_range"] == 3
+            assert backend.counters["qemu_unknown_guest"] == 2
             with pytest.raises(ConfigError):
                 await b.attach("g1", fakes["g1"].path, None, RAM)
 
@@ -137,14 +140,14 @@ def test_bad_qmp_replies_mark_only_that_guest(tmp_path: Path) -> None:
             fakes["garbage"].handler = garbage
             silent_state["mute"] = True
             for i in range(backend_mod.MAX_POLL_FAILURES):
-                snap = await b.guests()
+                snap = await b.poll()
                 assert snap["good"].alive
-                assert await b.set_target("good", 100 + i)
-            snap = await b.guests()
+                assert await b.apply_target("good", 100 + i)
+            snap = await b.poll()
             assert snap["good"].alive and snap["good"].balloon_pages == 100 + i
             assert not snap["garbage"].alive and not snap["late"].alive
             assert not snap["hangup"].alive
-            assert not await b.set_target("late", 10)
+            assert not await b.apply_target("late", 10)
             assert b.counters["qmp_bad_reply"] >= 3 and b.counters["qmp_timeout"] >= 3
             assert b.counters["qemu_guest_gone"] == 3
             assert "polls failed" in b.gone_reason("garbage")
@@ -168,19 +171,19 @@ def test_device_not_active_and_stuck_balloon_are_counted(
 
     async def main() -> None:
         async with fake_world(tmp_path, {"na": inactive, "stuck": inhibited}) as (b, _):
-            assert not await b.set_target("na", 10)
+            assert not await b.apply_target("na", 10)
             assert b.counters["qemu_device_not_active"] == 1
-            assert await b.set_target("stuck", 50_000)
-            await b.guests()
+            assert await b.apply_target("stuck", 50_000)
+            await b.poll()
             assert b.stuck() == frozenset()
             await asyncio.sleep(0.2)
-            snap = await b.guests()
-            await b.guests()
+            snap = await b.poll()
+            await b.poll()
             assert b.stuck() == {"stuck"} and b.counters["qemu_balloon_stuck"] == 1
             assert snap["stuck"].alive and snap["stuck"].balloon_pages == 0
             assert snap["stuck"].target_pages == 50_000
-            assert await b.set_target("stuck", 0)  # a reachable target clears it
-            await b.guests()
+            assert await b.apply_target("stuck", 0)  # a reachable target clears it
+            await b.poll()
             assert b.stuck() == frozenset()
 
     run(main)
@@ -196,7 +199,7 @@ def test_flooding_garbage_agent_costs_nothing_but_counters(tmp_path: Path) -> No
         async with fake_world(tmp_path, handlers,
                               {"noisy": flood, "calm": [AGENT_LINE.encode()]}) as (b, _):
             for _ in range(100):
-                snap = await b.guests()
+                snap = await b.poll()
                 if snap["noisy"].report is not None and snap["calm"].report is not None:
                     break
                 await asyncio.sleep(0.02)
@@ -219,17 +222,17 @@ def test_socket_drop_marks_gone_then_reconnects(
         async with fake_world(tmp_path, {"g": balloon_handler(state),
                                          "other": balloon_handler({"actual": RAM})}) as (b, f):
             await f["g"].stop()  # QEMU's monitor goes away
-            snap = await b.guests()
+            snap = await b.poll()
             assert not snap["g"].alive and snap["other"].alive
-            assert not await b.set_target("g", 1)
+            assert not await b.apply_target("g", 1)
             assert b.counters["qemu_guest_gone"] == 1
-            snap = await b.guests()  # still nobody listening: an attempt, no luck
+            snap = await b.poll()  # still nobody listening: an attempt, no luck
             assert not snap["g"].alive and b.counters["qemu_reconnect_attempt"] >= 1
             f["g"] = await FakeQmp(f["g"].path, balloon_handler(state)).start()
-            snap = await b.guests()
+            snap = await b.poll()
             assert snap["g"].alive and snap["g"].balloon_pages == 1024
             assert b.counters["qemu_reconnected"] == 1
-            assert await b.set_target("g", 0)
+            assert await b.apply_target("g", 0)
 
     run(main)
 
@@ -241,7 +244,7 @@ def test_attach_to_nothing_is_guest_gone(tmp_path: Path) -> None:
             await b.attach("x", tmp_path / "none.sock", None, RAM)
         with pytest.raises(ConfigError):
             await b.attach("x", tmp_path / "none.sock", None, 1000)
-        assert await b.guests() == {}
+        assert await b.poll() == {}
         assert b.host_resident_bytes() == 0
 
     run(main)
@@ -269,7 +272,7 @@ def test_two_real_guests_one_killed_mid_run(tmp_path: Path) -> None:
                 assert sorted(b.budget.cgroup.pids()) == sorted(
                     p.pid for p in procs.values() if p is not None)
             for _ in range(150):
-                snap = await b.guests()
+                snap = await b.poll()
                 if all(s.report is not None for s in snap.values()) and \
                         abs(snap["bk-b"].balloon_pages - 128 * MIB // PAGE_SIZE) <= 256:
                     break
@@ -284,16 +287,16 @@ def test_two_real_guests_one_killed_mid_run(tmp_path: Path) -> None:
             proc_b = procs["bk-b"]
             assert proc_b is not None
             proc_b.kill()
-            assert await b.set_target("bk-a", 256 * MIB // PAGE_SIZE)
+            assert await b.apply_target("bk-a", 256 * MIB // PAGE_SIZE)
             for _ in range(150):
-                snap = await b.guests()
+                snap = await b.poll()
                 if abs(snap["bk-a"].balloon_pages - 256 * MIB // PAGE_SIZE) <= 256:
                     break
                 await asyncio.sleep(0.1)
             assert not snap["bk-b"].alive and "exited" in b.gone_reason("bk-b")
             assert snap["bk-a"].alive
             assert abs(snap["bk-a"].balloon_pages - 256 * MIB // PAGE_SIZE) <= 256
-            assert not await b.set_target("bk-b", 0)
+            assert not await b.apply_target("bk-b", 0)
             assert b.counters["qemu_guest_gone"] == 1
             assert b.stuck() == frozenset()
 

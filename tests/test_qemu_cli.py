@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from memballoon.app.control import ControlServer
 from memballoon.cli import main
-from memballoon.manager.control import ControlServer
 from memballoon.model.units import MIB, PAGE_SIZE
 from memballoon.qemu.backend import QemuBackend
 
@@ -122,7 +122,7 @@ def test_vm_start_registers_with_manager_and_backend_drives_it(
             assert rc == 0
             target = 128 * MIB // PAGE_SIZE
             for _ in range(300):
-                snap = await backend.guests()
+                snap = await backend.poll()
                 if snap["reg"].report is not None and \
                         abs(snap["reg"].balloon_pages - target) <= 256:
                     break
@@ -132,12 +132,12 @@ def test_vm_start_registers_with_manager_and_backend_drives_it(
             assert abs(st.balloon_pages - target) <= 256
             assert st.report is not None and st.report.guest == "reg"
             assert st.resident_bytes is not None and st.resident_bytes > 0
-            assert await backend.set_target("reg", 0)
+            assert await backend.apply_target("reg", 0)
             for _ in range(300):
-                if (await backend.guests())["reg"].balloon_pages <= 256:
+                if (await backend.poll())["reg"].balloon_pages <= 256:
                     break
                 await asyncio.sleep(0.1)
-            assert (await backend.guests())["reg"].balloon_pages <= 256
+            assert (await backend.poll())["reg"].balloon_pages <= 256
             return json.loads(capsys.readouterr().out)
         finally:
             await backend.close()  # attached, not launched: QEMU keeps running

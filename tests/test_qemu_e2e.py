@@ -13,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from memballoon.manager.backend import GuestState
+from memballoon.edge.aio import AsyncEngine
+from memballoon.edge.journal import Journal
 from memballoon.manager.core import ManagerCore
-from memballoon.manager.journal import Journal
-from memballoon.manager.loop import Manager
+from memballoon.manager.engine import Engine
 from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages
-from memballoon.policy.base import GuestSettings
 from memballoon.policy.registry import make_policy
+from memballoon.policy.sample import GuestSettings
 from memballoon.qemu.backend import QemuBackend
 from memballoon.qemu.image import build_guest_image
 from memballoon.qemu.launch import QemuGuest
@@ -58,13 +57,14 @@ def test_manager_moves_memory_from_idle_to_busy_guest_without_oom(tmp_path: Path
                                counters=b.counters)
             idle_balloon_max = 0
 
-            def watch(_m: Manager, states: Mapping[str, GuestState]) -> None:
+            def watch(e: Engine) -> None:
                 nonlocal idle_balloon_max
-                idle_balloon_max = max(idle_balloon_max, states["idle"].balloon_pages)
+                idle_balloon_max = max(idle_balloon_max, e.guests["idle"].balloon_pages)
 
-            m = Manager(b, core, Journal(None), period_s=0.5, on_tick=watch)
+            m = AsyncEngine(Engine(b, core, Journal(None), b.clock), period_s=0.5,
+                            on_tick=watch)
             for _ in range(100):  # reports flowing, pre-inflation done
-                snap = await b.guests()
+                snap = await b.poll()
                 if all(s.report is not None and abs(s.balloon_pages - s.target_pages) <= 256
                        for s in snap.values()):
                     break
@@ -90,7 +90,7 @@ def test_manager_moves_memory_from_idle_to_busy_guest_without_oom(tmp_path: Path
                 m.stop()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            snap = await b.guests()
+            snap = await b.poll()
             for name in ("idle", "busy"):
                 proc = b.process(name)
                 assert proc is not None

@@ -3,8 +3,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.host.ram import (
-    NullRam,
+from memballoon.host.ram import NullRam
+from memballoon.model.errors import GuestAddressError
+from memballoon.model.pages import (
     block_frames,
     check_ranges,
     coalesce,
@@ -12,7 +13,6 @@ from memballoon.host.ram import (
     merge_ranges,
     range_pages,
 )
-from memballoon.model.errors import GuestAddressError
 from memballoon.model.units import PAGE_SIZE
 
 

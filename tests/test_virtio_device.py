@@ -7,10 +7,11 @@ import struct
 import numpy as np
 import pytest
 
-from memballoon.host.ram import NullRam, RangeArray
+from memballoon.host.ram import NullRam
 from memballoon.host.virtio_device import SUPPORTED_FEATURES, VirtioBalloonDevice
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
+from memballoon.model.pages import RangeArray
 from memballoon.model.units import MIB, PAGE_SIZE
 from memballoon.protocol import virtio_balloon as vb
 from memballoon.protocol.virtio_balloon import BalloonConfig, StatTag, encode_stats, features_of

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memballoon.host.ram import NullRam, RangeArray
+from memballoon.host.ram import NullRam
 from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.model.errors import UsageError
+from memballoon.model.pages import RangeArray
 from memballoon.protocol.vmw import (
     VMW_BALLOON_HV_MAGIC,
     Capability,

@@ -51,7 +51,7 @@ def _cmd_bench_protocol(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from memballoon.local.demo import DemoConfig, print_summary, run_demo
+    from memballoon.app.demo import DemoConfig, print_summary, run_demo
 
     cfg = DemoConfig(seconds=args.seconds, guest_mib=args.guest_mib, budget_mib=args.budget_mib,
                      seed=args.seed)
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--json", action="store_true", help="print one JSON object")
     br.set_defaults(func=_cmd_bench_reclaim)
     # each area adds its own subcommands (the qemu ones add `bench qemu` too)
-    for area in ("memballoon.local.guest_main", "memballoon.manager.cli", "memballoon.qemu.cli"):
+    for area in ("memballoon.local.guest_main", "memballoon.app.daemon_cli",
+                 "memballoon.app.qemu_cli"):
         importlib.import_module(area).register(sub)
     return p
 

@@ -3,8 +3,9 @@
 Four local guests (256 MiB each by default: bursty, ramp, steady, idle; ``workload_specs``)
 whose peak demands add up to 1.5 times the host budget (guest memory; the cgroup that enforces
 it also gets each guest process's interpreter overhead on top). Each policy gets a fresh set
-of guest processes, the same seeds and the same length of run, through the real manager loop
-(``Manager`` over ``LocalBackend``). Sampled every ``SAMPLE_S`` by the bench (the edge):
+of guest processes, the same seeds and the same length of run, through the real manager (the
+``Engine`` over ``LocalHost`` in its asyncio shell, as the daemon runs it). Sampled every
+``SAMPLE_S`` by the bench (the edge):
 
 - ``host_peak_resident_bytes``: the most the guests' memfds held at once (st_blocks);
 - ``mean_released_bytes``: the mean of the live guests' balloons (memory given back);
@@ -22,14 +23,15 @@ from typing import Any, Final
 
 import numpy as np
 
+from memballoon.edge.aio import AsyncEngine
+from memballoon.edge.journal import Journal
 from memballoon.guest.workload import make_workload
 from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, LocalHost
 from memballoon.manager.core import ManagerCore
-from memballoon.manager.journal import Journal
-from memballoon.manager.local_backend import LocalBackend
-from memballoon.manager.loop import Manager
+from memballoon.manager.engine import Engine
 from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
-from memballoon.policy.base import GuestSettings, Policy
+from memballoon.policy.base import Policy
+from memballoon.policy.sample import GuestSettings
 
 DEFAULT_POLICIES: Final = ("default", "static", "mom", "proxmox", "esx")
 WORKLOAD_MIX: Final = ("bursty", "ramp", "steady", "idle")
@@ -89,19 +91,18 @@ async def run_one(policy: Policy, specs: Sequence[GuestSpec], budget_bytes: int,
     async with host:
         b = host.budget
         enforced = b is not None and b.enforced
-        backend = LocalBackend(host)
         core = ManagerCore(policy, settings, budget_bytes // PAGE_SIZE, enforced=enforced,
-                           counters=backend.counters)
-        m = Manager(backend, core, Journal(None), period_s=period_s)
-        task = asyncio.create_task(m.run(seconds))
+                           counters=host.counters)
+        m = Engine(host, core, Journal(None), host.clock)
+        task = asyncio.create_task(AsyncEngine(m, period_s=period_s).run(seconds))
         peak = 0
         released: list[int] = []
         stalls: list[float] = []
         seen: dict[str, object] = {}
         while True:
             peak = max(peak, host.resident_bytes())
-            snap = host.snapshot()
-            released.append(sum(v.actual_pages for v in snap.values() if v.alive) * PAGE_SIZE)
+            snap = host.guests()
+            released.append(sum(v.balloon_pages for v in snap.values() if v.alive) * PAGE_SIZE)
             for name, v in snap.items():
                 if v.report is not None and seen.get(name) is not v.report:
                     seen[name] = v.report
@@ -110,9 +111,10 @@ async def run_one(policy: Policy, specs: Sequence[GuestSpec], budget_bytes: int,
                 break
             await asyncio.sleep(SAMPLE_S)
         await task
-        snap = host.snapshot()
+        snap = host.guests()
         oom = sum(v.report.oom_kills for v in snap.values() if v.report is not None)
-        killed = sum(1 for v in snap.values() if not v.alive and v.exit_code not in (0, None))
+        killed = sum(1 for v in snap.values()
+                     if not v.alive and host.exit_code(v.name) not in (0, None))
         st = np.array(stalls or [0.0])
         return {
             "host_peak_resident_bytes": int(peak),
@@ -124,8 +126,8 @@ async def run_one(policy: Policy, specs: Sequence[GuestSpec], budget_bytes: int,
             "p99_stall_pct": round(float(np.percentile(st, 99)), 3),
             "decisions": m.decisions,
             "reports": len(stalls),
-            "policy_errors": backend.counters["policy_error"],
-            "held_back": {k: v for k, v in backend.counters.as_dict().items()
+            "policy_errors": host.counters["policy_error"],
+            "held_back": {k: v for k, v in host.counters.as_dict().items()
                           if k.startswith("skip_") or k == "clamped"},
         }
 
@@ -134,7 +136,7 @@ PolicyFactory = Callable[[], Policy]
 
 
 def registry_factories(names: Sequence[str]) -> dict[str, PolicyFactory]:
-    from memballoon.manager.daemon import make_policy
+    from memballoon.app.daemon import make_policy
 
     out: dict[str, PolicyFactory] = {}
     for n in names:

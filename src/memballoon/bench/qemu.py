@@ -51,7 +51,7 @@ async def _touch_and_free(b: QemuBackend, name: str, proc: QemuProcess) -> None:
 async def _wait_pages(b: QemuBackend, name: str, pages: int) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while True:
-        st = (await b.guests())[name]
+        st = (await b.poll())[name]
         if abs(st.balloon_pages - pages) <= ARRIVED_TOLERANCE_PAGES:
             return
         if time.monotonic() > deadline or not st.alive:
@@ -91,13 +91,13 @@ async def run_bench(
             await _touch_and_free(b, name, proc)
             rss_before = proc.rss_bytes()
             t = time.monotonic()
-            if not await b.set_target(name, pages):
+            if not await b.apply_target(name, pages):
                 raise BalloonStuckError("the backend could not set the target")
             await _wait_pages(b, name, pages)
             inflate_s = time.monotonic() - t
             rss_after = proc.rss_bytes()
 
-            await b.set_target(name, 0)
+            await b.apply_target(name, 0)
             await _wait_pages(b, name, 0)
             await _touch_and_free(b, name, proc)
             qmp = b.qmp(name)

@@ -51,18 +51,18 @@ async def _run(protocol: str, guest_mib: int, timeout_s: float) -> dict[str, Any
 
         async def move(target: int) -> float:
             t0 = time.perf_counter()
-            await host.set_target("bench", target)
-            ok = await host.wait_until(lambda v: v["bench"].actual_pages == target, timeout_s,
+            host.set_target("bench", target)
+            ok = await host.wait_until(lambda v: v["bench"].balloon_pages == target, timeout_s,
                                        poll_s=0.002)
             if not ok:
-                v = host.snapshot()["bench"]
-                raise MemballoonError(f"balloon stuck at {v.actual_pages} pages, target "
+                v = host.guests()["bench"]
+                raise MemballoonError(f"balloon stuck at {v.balloon_pages} pages, target "
                                       f"{target} (alive={v.alive})")
             return time.perf_counter() - t0
 
         inflate_s = await move(half)
         after = ram.resident_bytes()
-        device_counters = host.snapshot()["bench"].counters
+        device_counters = host.counters_of("bench")
         deflate_s = await move(0)
         t0 = time.perf_counter()
         touched = int((await host.control("bench", "touch_free"))["touched_pages"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from memballoon.host.ram import PfnArray
+from memballoon.model.pages import PfnArray
 
 
 class BalloonDriver(Protocol):

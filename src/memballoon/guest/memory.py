@@ -51,8 +51,8 @@ import numpy.typing as npt
 
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.guest.workload import Demand
-from memballoon.host.ram import PageStore, PfnArray, block_frames
 from memballoon.model.errors import UsageError
+from memballoon.model.pages import PageStore, PfnArray, block_frames
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 
 BLOCK_ORDER = 9  # 2 MiB blocks: Linux page_reporting_order on x86-64

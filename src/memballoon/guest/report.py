@@ -1,8 +1,8 @@
 """The pressure report a guest pushes, built from its memory model and its balloon driver.
 
 One place for the figures every world reports the same way: the local guest process sends
-this as its STATUS message, the policy adapter (``policy/observe.py``) builds it for pairs on
-the virtual clock. Pure: the caller passes ``now`` and the stall share it measured.
+this as its STATUS message, the simulator (``sim/backend.py``) builds it for pairs on the
+virtual clock. Pure: the caller passes ``now`` and the stall share it measured.
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ import numpy.typing as npt
 
 from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
-from memballoon.host.ram import PfnArray
 from memballoon.model.counters import Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
+from memballoon.model.pages import PfnArray
 from memballoon.model.units import KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,

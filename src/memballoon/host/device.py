@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from memballoon.host.ram import PfnArray
 from memballoon.model.counters import Counters
+from memballoon.model.pages import PfnArray
 
 
 class BalloonDevice(Protocol):

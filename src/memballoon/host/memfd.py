@@ -40,9 +40,9 @@ from typing import Final, cast
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import PfnArray, RangeArray, as_pfns, check_ranges, range_pages
 from memballoon.model.counters import Counters
 from memballoon.model.errors import GuestAddressError, MemballoonError, PeerError, UsageError
+from memballoon.model.pages import PfnArray, RangeArray, as_pfns, check_ranges, range_pages
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
 
 # include/uapi/linux/falloc.h

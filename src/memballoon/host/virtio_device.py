@@ -36,16 +36,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import (
-    PfnArray,
-    RamBackend,
-    RangeArray,
-    coalesce,
-    merge_range_lists,
-    merge_ranges,
-)
+from memballoon.host.ram import RamBackend
 from memballoon.model.counters import Counters
 from memballoon.model.errors import DescriptorError, PeerError, UsageError
+from memballoon.model.pages import PfnArray, RangeArray, coalesce, merge_range_lists, merge_ranges
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
 from memballoon.protocol.virtio_balloon import (
     CONFIG_BYTES,

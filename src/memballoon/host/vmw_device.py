@@ -41,9 +41,11 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.host.ram import (
+from memballoon.host.ram import RamBackend
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+from memballoon.model.pages import (
     PfnArray,
-    RamBackend,
     RangeArray,
     as_pfns,
     block_frames,
@@ -51,8 +53,6 @@ from memballoon.host.ram import (
     merge_range_lists,
     merge_ranges,
 )
-from memballoon.model.counters import Counters
-from memballoon.model.errors import UsageError
 from memballoon.protocol.vmw import (
     VMW_BALLOON_2M_ORDER,
     Capability,

@@ -25,6 +25,11 @@ at once; the other guests go on. Everything a guest sends is untrusted: malforme
 counted in that guest's ``counters`` and answered with the protocol's own status; garbage
 framing drops (and kills) that guest only; its devices only ever release ranges inside its own
 RAM. ``close`` says BYE, waits, terminates, kills, frees and removes the cgroup.
+
+``LocalHost`` is the local world's manager backend (``manager.port.Backend``): ``guests()``
+gives one ``GuestSample`` per guest, its ``report_time`` stamped by the host's clock when the
+STATUS message arrived; ``set_target`` reaches the guest through its protocol's
+``HostEndpoint`` (the VMware backdoor or the virtio transport), never by protocol name.
 """
 
 from __future__ import annotations
@@ -38,23 +43,27 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
+from memballoon.edge.clock import MonotonicClock
 from memballoon.host.cgroup import Budget, make_budget
+from memballoon.host.device import BalloonDevice
 from memballoon.host.memfd import MemfdRam
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.local.guest_main import HELLO_VERSION, PROTOCOLS
 from memballoon.local.transport_virtio import VirtioHostEndpoint, make_eventfds
 from memballoon.local.transport_vmw import VmwHostEndpoint
+from memballoon.manager.port import Clock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, FrameError, MemballoonError, UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
+from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport, ReportError
 from memballoon.protocol.virtio_balloon import (
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -122,22 +131,42 @@ class GuestSpec:
         return mib_to_pages(self.mib)
 
 
-@dataclass(frozen=True, slots=True)
-class GuestView:
-    """What the host knows of one guest, at one moment."""
+class HostEndpoint(Protocol):
+    """The host's end of one guest's balloon protocol, as ``LocalHost`` drives it."""
 
-    name: str
-    pid: int | None
-    alive: bool
-    protocol: str
-    ram_pages: int
-    target_pages: int
-    actual_pages: int
-    report: PressureReport | None
-    resident_bytes: int  # the memfd's st_blocks * 512 (0 once a dead guest's RAM is freed)
-    counters: Mapping[str, int]
-    exit_code: int | None = None
-    resident_at_exit_bytes: int | None = None  # what its RAM held when it died
+    @property
+    def device(self) -> BalloonDevice: ...
+
+    @property
+    def kinds(self) -> frozenset[Kind]:
+        """The wire messages it answers."""
+        ...
+
+    @property
+    def kick_fds(self) -> Sequence[int]:
+        """Doorbell eventfds (the guest writes, the host reads); none for VMware."""
+        ...
+
+    @property
+    def irq_fds(self) -> Sequence[int]:
+        """Interrupt eventfds (the host writes, the guest reads); none for VMware."""
+        ...
+
+    def set_target(self, pages: int) -> bytes | None:
+        """Set the balloon target; the message to send the guest, if the protocol has one."""
+        ...
+
+    def handle_message(self, kind: Kind, payload: bytes) -> bytes | None:
+        """Answer one message of ``kinds`` (never raises for the guest's input)."""
+        ...
+
+    def after_send(self) -> None:
+        """The reply went out: work that may wait until then (releasing a batch)."""
+        ...
+
+    def kick(self, queue: int) -> None:
+        """A doorbell eventfd is readable."""
+        ...
 
 
 @dataclass(eq=False)
@@ -145,11 +174,10 @@ class _Guest:
     spec: GuestSpec
     ram: MemfdRam
     sock: socket.socket
-    kick_fds: list[int]
-    irq_fds: list[int]
     counters: Counters
-    vmw: VmwHostEndpoint | None = None
-    virtio: VirtioHostEndpoint | None = None
+    endpoint: HostEndpoint | None = None  # None once the guest is dead
+    kick_fds: list[int] = field(default_factory=list)
+    irq_fds: list[int] = field(default_factory=list)
     proc: asyncio.subprocess.Process | None = None
     dec: Decoder = field(default_factory=Decoder)
     outbuf: bytearray = field(default_factory=bytearray)
@@ -157,6 +185,7 @@ class _Guest:
     alive: bool = True
     hello: asyncio.Event = field(default_factory=asyncio.Event)
     report: PressureReport | None = None
+    report_time: float | None = None  # the host's clock when ``report`` arrived
     controls: deque[asyncio.Future[dict[str, Any]]] = field(default_factory=deque)
     exit_code: int | None = None
     resident_at_exit: int | None = None
@@ -167,11 +196,7 @@ class _Guest:
 
     @property
     def device_counters(self) -> Counters | None:
-        if self.vmw is not None:
-            return self.vmw.device.counters
-        if self.virtio is not None:
-            return self.virtio.device.counters
-        return None
+        return self.endpoint.device.counters if self.endpoint is not None else None
 
 
 class LocalHost:
@@ -187,6 +212,7 @@ class LocalHost:
         python: str = sys.executable,
         ready_timeout_s: float = READY_TIMEOUT_S,
         guest_stderr: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.specs = list(specs)
         names = [s.name for s in self.specs]
@@ -200,6 +226,7 @@ class LocalHost:
         self.python = python
         self.ready_timeout_s = ready_timeout_s
         self.guest_stderr = guest_stderr
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
         self._budget: Budget | None = None
         self._guests: dict[str, _Guest] = {}
         self.counters = Counters()
@@ -242,17 +269,20 @@ class LocalHost:
     def _make_guest(self, spec: GuestSpec) -> _Guest:
         ram = MemfdRam(spec.pages, name=f"memballoon-{spec.name}")
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        kick = make_eventfds() if spec.protocol == "virtio" else []
-        irq = make_eventfds() if spec.protocol == "virtio" else []
-        g = _Guest(spec, ram, host_end, kick, irq, Counters(), guest_end=guest_end)
-        if spec.protocol == "virtio":
-            view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
-            dev = VirtioBalloonDevice(ram, view, features=self.virtio_features)
-            g.virtio = VirtioHostEndpoint(dev, kick, irq, lambda data: self._send(g, data))
-        else:
-            vdev = VmwBalloonDevice(ram, defer_release=True)  # released after each reply
-            g.vmw = VmwHostEndpoint(vdev, signalled=spec.protocol == "vmw-batched")
+        g = _Guest(spec, ram, host_end, Counters(), guest_end=guest_end)
+        g.endpoint = _ENDPOINTS[spec.protocol](self, g)
+        g.kick_fds, g.irq_fds = list(g.endpoint.kick_fds), list(g.endpoint.irq_fds)
         return g
+
+    def _virtio_endpoint(self, g: _Guest) -> HostEndpoint:
+        view = GuestRamView(g.ram.mapping, base_gpa=0, guest_bytes=g.ram.size_bytes)
+        dev = VirtioBalloonDevice(g.ram, view, features=self.virtio_features)
+        return VirtioHostEndpoint(dev, make_eventfds(), make_eventfds(),
+                                  lambda data: self._send(g, data))
+
+    def _vmw_endpoint(self, g: _Guest) -> HostEndpoint:
+        vdev = VmwBalloonDevice(g.ram, defer_release=True)  # released after each reply
+        return VmwHostEndpoint(vdev, signalled=g.spec.protocol == "vmw-batched")
 
     def _argv(self, g: _Guest, guest_end: socket.socket) -> list[str]:
         s = g.spec
@@ -371,12 +401,9 @@ class LocalHost:
         for fd in g.kick_fds:
             if loop is not None:
                 loop.remove_reader(fd)
-        if g.virtio is not None:
-            g.final_target = g.virtio.device.target_pages
-            g.final_actual = g.virtio.device.actual_pages
-        elif g.vmw is not None:
-            g.final_target = g.vmw.device.target_pages
-            g.final_actual = g.vmw.device.actual_pages
+        if g.endpoint is not None:
+            g.final_target = g.endpoint.device.target_pages
+            g.final_actual = g.endpoint.device.actual_pages
         for fut in g.controls:
             if not fut.done():
                 fut.set_exception(MemballoonError(f"guest {g.spec.name} died"))
@@ -389,8 +416,7 @@ class LocalHost:
         except MemballoonError:
             self.counters.inc("free_failed")
         # drop the device (and its view of the mapping) so the mapping can be closed
-        g.virtio = None
-        g.vmw = None
+        g.endpoint = None
         for fd in g.kick_fds + g.irq_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -476,20 +502,17 @@ class LocalHost:
                 g.counters.inc(f"error_{type(exc).__name__}")
 
     def _on_kick(self, g: _Guest, queue: int) -> None:
-        if g.virtio is not None:
-            g.virtio.kick(queue)
+        if g.endpoint is not None:
+            g.endpoint.kick(queue)
 
     def _dispatch(self, g: _Guest, m: Message) -> None:
+        ep = g.endpoint
         match m.kind:
-            case Kind.VMW if g.vmw is not None:
-                self._send(g, g.vmw.handle(m.payload))
-                g.vmw.device.flush_release()  # punch while the guest prepares its next batch
-            case Kind.VIRTIO if g.virtio is not None:
-                reply = g.virtio.handle_request(m.payload)
+            case kind if ep is not None and kind in ep.kinds:
+                reply = ep.handle_message(kind, m.payload)
                 if reply is not None:
                     self._send(g, reply)
-            case Kind.NOTIFY if g.virtio is not None:
-                g.virtio.notify_message(m.payload)
+                ep.after_send()
             case Kind.STATUS:
                 self._status(g, m.payload)
             case Kind.HELLO:
@@ -510,7 +533,7 @@ class LocalHost:
             g.counters.inc("report_wrong_guest")
             return
         g.counters.inc("reports")
-        g.report = rep
+        g.report, g.report_time = rep, self.clock.now()
 
     def _hello(self, g: _Guest, payload: bytes) -> None:
         try:
@@ -550,20 +573,19 @@ class LocalHost:
             raise UsageError(f"no guest named {name!r}")
         return g
 
-    async def set_target(self, name: str, balloon_pages: int) -> bool:
-        """Ask ``name``'s balloon for ``balloon_pages`` pages; False if the guest is dead."""
-        g = self._guest(name)
-        if not 0 <= balloon_pages <= g.spec.pages:
-            raise UsageError(f"target {balloon_pages} outside [0, {g.spec.pages}] pages")
-        if not g.alive:
+    def set_target(self, name: str, balloon_pages: int) -> bool:
+        """Ask ``name``'s balloon for ``balloon_pages`` pages; False (counted) for an unknown
+        guest, a target outside its RAM, or a dead guest."""
+        g = self._guests.get(name)
+        if g is None or not 0 <= balloon_pages <= g.spec.pages:
+            self.counters.inc("set_target_refused")
+            return False
+        if not g.alive or g.endpoint is None:
             g.counters.inc("set_target_dead")
             return False
-        if g.virtio is not None:
-            g.virtio.device.set_target(balloon_pages)  # pushes the config change
-        elif g.vmw is not None:
-            wake = g.vmw.set_target(balloon_pages)
-            if wake is not None:
-                self._send(g, wake)
+        msg = g.endpoint.set_target(balloon_pages)
+        if msg is not None:
+            self._send(g, msg)
         return True
 
     async def control(self, name: str, op: str, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -577,13 +599,13 @@ class LocalHost:
         self._send(g, encode(Kind.CONTROL, json.dumps({"op": op}).encode()))
         return await asyncio.wait_for(fut, timeout_s)
 
-    async def wait_until(self, pred: Callable[[dict[str, GuestView]], bool], timeout_s: float,
-                         poll_s: float = 0.01) -> bool:
-        """Poll ``pred(snapshot())`` until it holds or ``timeout_s`` passes."""
+    async def wait_until(self, pred: Callable[[dict[str, GuestSample]], bool],
+                         timeout_s: float, poll_s: float = 0.01) -> bool:
+        """Poll ``pred(guests())`` until it holds or ``timeout_s`` passes."""
         assert self._loop is not None
         deadline = self._loop.time() + timeout_s
         while True:
-            if pred(self.snapshot()):
+            if pred(self.guests()):
                 return True
             if self._loop.time() >= deadline:
                 return False
@@ -597,35 +619,47 @@ class LocalHost:
         """The host's ``MemfdRam`` of a guest (closed once the guest is dead)."""
         return self._guest(name).ram
 
-    # ------------------------------------------------------------------ views
-    def _view(self, g: _Guest) -> GuestView:
-        counters = dict(g.counters.as_dict())
+    def exit_code(self, name: str) -> int | None:
+        """The guest process's exit status (None while it runs)."""
+        return self._guest(name).exit_code
+
+    def resident_at_exit_bytes(self, name: str) -> int | None:
+        """What the guest's RAM held when it died (None while it lives)."""
+        return self._guest(name).resident_at_exit
+
+    def counters_of(self, name: str) -> dict[str, int]:
+        """The guest's counters: the host's for it and its device's, in one bag."""
+        g = self._guest(name)
+        counters = g.counters.as_dict()
         dc = g.device_counters
         if dc is not None:
             counters.update(dc.as_dict())
-        if g.virtio is not None:
-            target, actual = g.virtio.device.target_pages, g.virtio.device.actual_pages
-        elif g.vmw is not None:
-            target, actual = g.vmw.device.target_pages, g.vmw.device.actual_pages
+        return counters
+
+    # ------------------------------------------------------------------ the Backend port
+    @property
+    def name(self) -> str:
+        return "local"
+
+    def _sample(self, g: _Guest) -> GuestSample:
+        if g.endpoint is not None:
+            target, actual = g.endpoint.device.target_pages, g.endpoint.device.actual_pages
         else:
             target, actual = g.final_target, g.final_actual
-        return GuestView(
-            name=g.spec.name,
-            pid=g.proc.pid if g.proc is not None else None,
-            alive=g.alive,
-            protocol=g.spec.protocol,
-            ram_pages=g.spec.pages,
-            target_pages=target,
-            actual_pages=actual,
-            report=g.report,
+        rep = g.report
+        return GuestSample(
+            name=g.spec.name, ram_pages=g.spec.pages, balloon_pages=actual,
+            target_pages=target, report=rep, report_time=g.report_time, alive=g.alive,
             resident_bytes=0 if g.ram.closed or not g.alive else g.ram.resident_bytes(),
-            counters=counters,
-            exit_code=g.exit_code,
-            resident_at_exit_bytes=g.resident_at_exit,
+            active_sampled=rep.active_sampled if rep is not None else 0,
+            active_touched=rep.active_touched if rep is not None else 0,
         )
 
-    def snapshot(self) -> dict[str, GuestView]:
-        return {name: self._view(g) for name, g in self._guests.items()}
+    def guests(self) -> dict[str, GuestSample]:
+        return {name: self._sample(g) for name, g in self._guests.items()}
+
+    def host_resident_bytes(self) -> int:
+        return self.resident_bytes()
 
     def resident_bytes(self) -> int:
         """What the live guests' RAM holds now (sum of their memfds' st_blocks)."""
@@ -636,6 +670,13 @@ class LocalHost:
         return sum(s.pages for s in self.specs) * PAGE_SIZE
 
 
+_ENDPOINTS: Final[dict[str, Callable[[LocalHost, _Guest], HostEndpoint]]] = {
+    "vmw": LocalHost._vmw_endpoint,
+    "vmw-batched": LocalHost._vmw_endpoint,
+    "virtio": LocalHost._virtio_endpoint,
+}
+
+
 __all__ = [
-    "DEFAULT_VIRTIO_FEATURES", "PROCESS_OVERHEAD_BYTES", "GuestSpec", "GuestView", "LocalHost",
+    "DEFAULT_VIRTIO_FEATURES", "PROCESS_OVERHEAD_BYTES", "GuestSpec", "HostEndpoint", "LocalHost",
 ]

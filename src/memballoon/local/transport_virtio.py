@@ -265,6 +265,8 @@ class VirtioHostEndpoint:
     a config change sends the whole config space to the guest with ``send``.
     """
 
+    kinds = frozenset({Kind.VIRTIO, Kind.NOTIFY})
+
     def __init__(
         self,
         device: VirtioBalloonDevice,
@@ -309,6 +311,21 @@ class VirtioHostEndpoint:
         (q,) = _U16.unpack(payload)
         self.counters.inc("notify_messages")
         self.device.notify(q)
+
+    # -------------------------------------------------------------- HostEndpoint
+    def set_target(self, pages: int) -> bytes | None:
+        """Set the target; the device pushes the config change itself (``config_changed``)."""
+        self.device.set_target(pages)
+        return None
+
+    def handle_message(self, kind: Kind, payload: bytes) -> bytes | None:
+        if kind is Kind.NOTIFY:
+            self.notify_message(payload)
+            return None
+        return self.handle_request(payload)
+
+    def after_send(self) -> None:
+        pass  # the device releases each doorbell's frames as it takes them
 
     # -------------------------------------------------------------- requests
     def handle_request(self, payload: bytes) -> bytes | None:

@@ -35,9 +35,13 @@ class SocketBackdoor:
 
 
 class VmwHostEndpoint:
-    """Host side: answers one guest's ``VMW`` frames with its device."""
+    """Host side: answers one guest's ``VMW`` frames with its device (a ``HostEndpoint``)."""
 
     __slots__ = ("counters", "device", "signalled")
+
+    kinds = frozenset({Kind.VMW})
+    kick_fds: tuple[int, ...] = ()  # the backdoor is the socket: no doorbells
+    irq_fds: tuple[int, ...] = ()
 
     def __init__(self, device: VmwBalloonDevice, *, signalled: bool,
                  counters: Counters | None = None) -> None:
@@ -48,6 +52,16 @@ class VmwHostEndpoint:
     def handle(self, frame: bytes) -> bytes:
         """The wire message answering one ``VMW`` payload (the device never raises)."""
         return encode(Kind.VMW, self.device.handle(frame))
+
+    def handle_message(self, kind: Kind, payload: bytes) -> bytes | None:
+        return self.handle(payload)
+
+    def after_send(self) -> None:
+        """Punch the pages of the batch just answered while the guest prepares its next."""
+        self.device.flush_release()
+
+    def kick(self, queue: int) -> None:
+        self.counters.inc("kick_without_doorbell")
 
     def set_target(self, pages: int) -> bytes | None:
         """Set the target; returns the wake-up message to send, if the protocol has one."""

@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-``ManagerCore.step(now, states, host_resident_bytes)`` turns the backend's snapshot into the
-policy's view (``GuestSample``/``HostSample``), asks the policy, and then distrusts the answer:
+``ManagerCore.step(now, samples, host_resident_bytes)`` gives the backend's samples their
+administrator's ``GuestSettings``, asks the policy, and then distrusts the answer:
 
 1. the policy runs inside ``try``: an exception is counted (``policy_error``), recorded as an
    event, and every guest keeps its target; the next step asks again (oVirt MoM stops entirely
@@ -20,7 +20,10 @@ policy's view (``GuestSample``/``HostSample``), asks the policy, and then distru
 
 Manual targets (``set_manual``, the control API's ``set``) pin a guest: the policy's decisions
 for it are ignored until ``clear_manual``. The core keeps no clock and does no I/O; ``now`` is
-the backend's monotonic clock, the same one its ``report_time`` uses.
+the engine's clock, the same one backends stamp ``report_time`` with.
+
+What must survive a daemon restart (manual targets, each guest's last change) is a versioned
+``CoreSnapshot``, its times relative to the moment it was taken.
 """
 
 from __future__ import annotations
@@ -28,21 +31,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Final, Literal
 
-from memballoon.manager.backend import GuestState
+from pydantic import BaseModel, ConfigDict, Field
+
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.base import (
-    Decision,
-    GuestSample,
-    GuestSettings,
-    HostSample,
-    Policy,
-    clamp_balloon,
-)
+from memballoon.policy.base import Decision, Policy, clamp_balloon
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 log = logging.getLogger(__name__)
@@ -144,21 +142,17 @@ class ManagerCore:
         self.counters = counters if counters is not None else Counters()
         self.manual: dict[str, int] = {}
         self.events: list[Event] = []
-        self._last_dir: dict[str, int] = {}
+        self._last_dir: dict[str, Literal[-1, 1]] = {}
         self._last_change: dict[str, float] = {}
         self.last_samples: dict[str, GuestSample] = {}
         self._prev_report: dict[str, PressureReport] = {}  # the report before the latest
         self._cur_report: dict[str, PressureReport] = {}
 
     # ------------------------------------------------------------------ views
-    def sample(self, now: float, st: GuestState) -> GuestSample:
-        age = None if st.report_time is None else max(0.0, now - st.report_time)
-        return GuestSample(
-            name=st.name, ram_pages=st.ram_pages, balloon_pages=st.balloon_pages,
-            target_pages=st.target_pages, settings=self.settings.get(st.name, GuestSettings()),
-            report=st.report, report_age_s=age, alive=st.alive,
-            active_sampled=st.active_sampled, active_touched=st.active_touched,
-        )
+    def sample(self, s: GuestSample) -> GuestSample:
+        """``s`` with its administrator's settings (the backend does not know them)."""
+        want = self.settings.get(s.name, GuestSettings())
+        return s if s.settings == want else replace(s, settings=want)
 
     def drain_events(self) -> list[Event]:
         ev, self.events = self.events, []
@@ -166,11 +160,11 @@ class ManagerCore:
 
     # ------------------------------------------------------------------ the step
     def step(
-        self, now: float, states: Mapping[str, GuestState], host_resident_bytes: int
+        self, now: float, guests: Mapping[str, GuestSample], host_resident_bytes: int
     ) -> list[Action]:
         self.counters.inc("steps")
-        samples = {name: self.sample(now, st) for name, st in states.items()}
-        for name, st in states.items():
+        samples = {name: self.sample(s) for name, s in guests.items()}
+        for name, st in samples.items():
             r = st.report
             if r is not None and self._cur_report.get(name) is not r:
                 if name in self._cur_report:
@@ -248,7 +242,7 @@ class ManagerCore:
             return None
         forced = clamp_balloon(s, cur) != cur  # the current target breaks a limit: must move
         if delta > 0 and not forced:
-            age = s.report_age_s
+            age = s.report_age_s(now)
             if s.report is None or age is None or age > h.report_max_age_s:
                 self.counters.inc("skip_inflate_no_report")
                 return None
@@ -277,9 +271,9 @@ class ManagerCore:
         self.counters.inc("actions")
 
     # ------------------------------------------------------------------ manual targets
-    def set_manual(self, now: float, st: GuestState, balloon_pages: int) -> Action:
+    def set_manual(self, now: float, st: GuestSample, balloon_pages: int) -> Action:
         """Pin ``st``'s balloon (clamped to its limits); the policy leaves it alone."""
-        s = self.sample(now, st)
+        s = self.sample(st)
         want = clamp_balloon(s, balloon_pages)
         self.manual[st.name] = want
         reason = "manual target" if want == balloon_pages else (
@@ -292,13 +286,13 @@ class ManagerCore:
     def clear_manual(self, guest: str) -> bool:
         return self.manual.pop(guest, None) is not None
 
-    def shutdown_actions(self, states: Mapping[str, GuestState]) -> list[Action]:
+    def shutdown_actions(self, guests: Mapping[str, GuestSample]) -> list[Action]:
         """Deflate every live guest to its ceiling (its max size): the safe state to leave."""
         out = []
-        for name, st in states.items():
+        for name, st in guests.items():
             if not st.alive:
                 continue
-            s = self.sample(0.0, st)
+            s = self.sample(st)
             want = s.ram_pages - s.ceiling_pages()
             if want != st.target_pages or st.balloon_pages != want:
                 out.append(Action(name, st.target_pages, want,
@@ -306,4 +300,34 @@ class ManagerCore:
         return out
 
 
-__all__ = ["Action", "Event", "Hysteresis", "ManagerCore", "under_pressure"]
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self, now: float) -> CoreSnapshot:
+        """What a restarted daemon needs to go on where this core stopped."""
+        return CoreSnapshot(
+            manual=dict(self.manual),
+            last_direction=dict(self._last_dir),
+            last_change_age_s={g: max(0.0, now - t) for g, t in self._last_change.items()},
+        )
+
+    def restore(self, snap: CoreSnapshot, now: float) -> None:
+        """Take up ``snap`` (taken by ``snapshot``) on this core's clock at ``now``."""
+        self.manual = dict(snap.manual)
+        self._last_dir = dict(snap.last_direction)
+        self._last_change = {g: now - age for g, age in snap.last_change_age_s.items()}
+
+
+class CoreSnapshot(BaseModel):
+    """``ManagerCore`` state that survives a restart (version 1). Times are ages in seconds
+    at the moment the snapshot was taken, never readings of a monotonic clock (a new process,
+    or a rebooted host, has another origin)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    manual: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    last_direction: dict[str, Literal[-1, 1]] = Field(default_factory=dict)
+    last_change_age_s: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict)
+
+
+__all__ = ["Action", "CoreSnapshot", "Event", "Hysteresis", "ManagerCore", "under_pressure"]

@@ -12,6 +12,11 @@
 
 A PeerError is always caught at the boundary that received the input, counted in a
 ``Counters`` bag, and answered with the protocol's own status where it has one.
+
+``UsageError`` and ``ConfigError`` are also ``ValueError``s: a wrong value is what they report,
+and the libraries at the edge expect one (pydantic turns a validator's ValueError into a
+validation error naming the key; argparse turns a type function's into a usage message).
+Nothing in memballoon raises a bare ``ValueError``: it raises one of these.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ class MemballoonError(Exception):
     """Base of every error memballoon raises on purpose."""
 
 
-class UsageError(MemballoonError):
+class UsageError(MemballoonError, ValueError):
     """An API was used in a way it does not allow (a bug in the caller)."""
 
 
-class ConfigError(MemballoonError):
+class ConfigError(MemballoonError, ValueError):
     """A config file or command-line value is wrong."""
 
 

@@ -17,60 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from memballoon.protocol.pressure import PressureReport
-
-
-@dataclass(frozen=True, slots=True)
-class GuestSettings:
-    """Per-guest limits set by the administrator."""
-
-    min_pages: int = 0  # the guest never keeps less than this (a floor the policy never breaks)
-    max_pages: int | None = None  # the guest never keeps more (None: its whole RAM)
-    shares: int = 1000  # relative weight (Proxmox/ESX "shares")
-
-    def __post_init__(self) -> None:
-        if self.min_pages < 0 or self.shares <= 0:
-            raise ValueError("min_pages must be >= 0 and shares > 0")
-        if self.max_pages is not None and self.max_pages < self.min_pages:
-            raise ValueError("max_pages below min_pages")
-
-
-@dataclass(frozen=True, slots=True)
-class GuestSample:
-    """What the manager knows about one guest at one moment."""
-
-    name: str
-    ram_pages: int  # the guest's RAM: the most it can ever keep
-    balloon_pages: int  # the balloon now (device's view)
-    target_pages: int  # the balloon target last set
-    settings: GuestSettings = GuestSettings()
-    report: PressureReport | None = None  # latest pressure report pushed by the guest
-    report_age_s: float | None = None  # how old that report is
-    alive: bool = True
-    # ESX-style active-page sampling (Waldspurger 2002): of ``sampled`` random pages
-    # invalidated at the start of the sampling period, ``touched`` were used again.
-    active_sampled: int = 0
-    active_touched: int = 0
-
-    @property
-    def size_pages(self) -> int:
-        return self.ram_pages - self.balloon_pages
-
-    def floor_pages(self) -> int:
-        return min(self.settings.min_pages, self.ram_pages)
-
-    def ceiling_pages(self) -> int:
-        mx = self.settings.max_pages
-        return self.ram_pages if mx is None else min(mx, self.ram_pages)
-
-
-@dataclass(frozen=True, slots=True)
-class HostSample:
-    """What the manager knows about the host at one moment."""
-
-    budget_pages: int  # memory all guests together may hold on the host
-    resident_pages: int  # what they hold now (memfd st_blocks, QEMU RSS, simulated)
-    enforced: bool = False  # a memory cgroup enforces the budget (else it is only watched)
+from memballoon.policy.sample import GuestSample, HostSample
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ from typing import Final
 
 from memballoon.model.counters import Counters
 from memballoon.model.units import mib_to_pages
-from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_balloon
+from memballoon.policy.base import Decision, clamp_balloon
 from memballoon.policy.observe import (
     available_pages,
     counter_delta,
@@ -62,6 +62,7 @@ from memballoon.policy.observe import (
     fresh_report,
     working_set_pages,
 )
+from memballoon.policy.sample import GuestSample, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 # Probe step, as a share of the guest's RAM per decision (after vmw_balloon's adaptive rates).
@@ -180,14 +181,14 @@ class DefaultPolicy:
     def _plan(self, g: GuestSample, now: float) -> _Plan | None:
         st = self.state.setdefault(g.name, GuestState())
         size = g.size_pages
-        r = fresh_report(g, self.max_report_age_s)
+        r = fresh_report(g, self.max_report_age_s, now)
         if r is None:
             st.last = None  # rates restart from the next report
             self.counters.inc("default_blind")
             if g.target_pages > g.balloon_pages:
                 return _Plan(g, Verdict.BLIND, size, 0, 0.0,
                              "no fresh report: stop inflating a guest it cannot see",
-                             {"report_age_s": float(g.report_age_s or -1.0)},
+                             {"report_age_s": float(g.report_age_s(now) or -1.0)},
                              balloon=g.balloon_pages)
             return None
         c = self.counters

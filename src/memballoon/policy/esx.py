@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from memballoon.model.counters import Counters
-from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_balloon
+from memballoon.policy.base import Decision, clamp_balloon
+from memballoon.policy.sample import GuestSample, HostSample
 
 ESX_IDLE_TAX: Final = 0.75  # Mem.IdleTax 75
 MEM_CTL_MAX_PERCENT: Final = 65  # Mem.CtlMaxPercent: most of a VM's memory in its balloon

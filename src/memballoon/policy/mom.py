@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from typing import Final
 
 from memballoon.model.counters import Counters
-from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_balloon
+from memballoon.policy.base import Decision, clamp_balloon
 from memballoon.policy.observe import free_pages, fresh_report
+from memballoon.policy.sample import GuestSample, HostSample
 
 # doc/balloon.rules, vdsm mom.d/02-balloon.policy
 MOM_PRESSURE_THRESHOLD: Final = 0.20  # host free below this share: pressure
@@ -107,7 +108,7 @@ class MomPolicy:
             del self._guest[gone]
         out: list[Decision] = []
         for g in guests:
-            r = fresh_report(g, self.max_report_age_s)
+            r = fresh_report(g, self.max_report_age_s, now)
             if r is None:
                 self.counters.inc("mom_no_report")
                 continue

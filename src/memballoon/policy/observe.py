@@ -1,10 +1,4 @@
-"""Observations for policies: a pair's state as a ``GuestSample``, and figures read off a report.
-
-``sample_from_pair`` is the adapter the closed-loop tests and the simulator use to turn a
-driver/device pair (``memballoon.harness.pair``) into what the manager would have seen: a
-``PressureReport`` built the way the local guest builds it (``local/guest_main.py``), with
-``stall_pct`` taken over the whole interval since the previous sample (the policy may run once
-every few periods; the last step alone would miss the stalls in between).
+"""Observations for policies: figures read off a guest's ``PressureReport``.
 
 The figure helpers treat a report as untrusted: a guest may claim more available memory than it
 has, a balloon larger than its RAM, counters that go backwards. They clamp to what is possible,
@@ -14,67 +8,19 @@ than raise: a policy must keep deciding for the other guests.
 
 from __future__ import annotations
 
-import random
-from typing import TYPE_CHECKING
-
-from memballoon.guest.report import guest_report
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.base import GuestSample, GuestSettings
+from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
 
-if TYPE_CHECKING:
-    from memballoon.harness.pair import Pair
 
-#: Pages ESX samples per period (Waldspurger 2002, section 5.3: 100 random pages).
-ESX_SAMPLE_PAGES = 100
-
-
-def sample_from_pair(
-    pair: Pair,
-    settings: GuestSettings,
-    prev: GuestSample | None,
-    *,
-    name: str | None = None,
-    rng: random.Random | None = None,
-    active_samples: int = ESX_SAMPLE_PAGES,
-) -> GuestSample:
-    """What a manager would know about ``pair`` now.
-
-    ``prev`` is the sample taken last time (or None): ``stall_pct`` covers the time since it.
-    With ``rng``, ``active_samples`` random frames are sampled ESX-style
-    (``GuestMemory.sample_active``); without it the ESX fields stay 0 (not sampled).
-    """
-    mem = pair.mem
-    gname = name if name is not None else (prev.name if prev is not None else pair.protocol)
-    stall_pct = pair.last_step.stall_pct if pair.last_step is not None else 0.0
-    if prev is not None and prev.report is not None and pair.now > prev.report.time_s:
-        d_us = max(0, mem.events.stall_us - prev.report.stall_us)
-        stall_pct = 100.0 * d_us / ((pair.now - prev.report.time_s) * 1e6)
-    report = guest_report(gname, pair.now, mem, pair.driver, stall_pct=stall_pct)
-    sampled = touched = 0
-    if rng is not None and active_samples > 0:
-        sampled = active_samples
-        touched = mem.sample_active(rng, active_samples)
-    return GuestSample(
-        name=gname,
-        ram_pages=mem.total_pages,
-        balloon_pages=pair.device.actual_pages,
-        target_pages=pair.device.target_pages,
-        settings=settings,
-        report=report,
-        report_age_s=0.0,
-        alive=True,
-        active_sampled=sampled,
-        active_touched=touched,
-    )
-
-
-def fresh_report(g: GuestSample, max_age_s: float) -> PressureReport | None:
-    """``g``'s report if the guest is alive and the report is younger than ``max_age_s``."""
+def fresh_report(g: GuestSample, max_age_s: float, now: float) -> PressureReport | None:
+    """``g``'s report if the guest is alive and the report is no older than ``max_age_s`` at
+    ``now`` (a report stamped in the future, a clock gone wrong, counts as fresh)."""
     if not g.alive or g.report is None:
         return None
-    if g.report_age_s is None or not 0.0 <= g.report_age_s <= max_age_s:
+    age = g.report_age_s(now)
+    if age is None or age > max_age_s:
         return None
     return g.report
 
@@ -132,11 +78,9 @@ def counter_delta(now: int, before: int | None, counters: Counters, what: str) -
 
 
 __all__ = [
-    "ESX_SAMPLE_PAGES",
     "available_pages",
     "counter_delta",
     "free_pages",
     "fresh_report",
-    "sample_from_pair",
     "working_set_pages",
 ]

@@ -27,8 +27,9 @@ from typing import Final
 
 from memballoon.model.counters import Counters
 from memballoon.model.units import mib_to_pages
-from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_balloon
+from memballoon.policy.base import Decision, clamp_balloon
 from memballoon.policy.observe import free_pages, fresh_report
+from memballoon.policy.sample import GuestSample, HostSample
 
 # PVE/Service/pvestatd.pm, PVE/AutoBalloon.pm
 PVE_TARGET_PERCENT: Final = 0.80  # host memory the guests may use (pvestatd default)
@@ -116,7 +117,7 @@ class ProxmoxPolicy:
         roomy: list[_Vm] = []
         free_of: dict[str, int] = {}
         for g in guests:
-            r = fresh_report(g, self.max_report_age_s)
+            r = fresh_report(g, self.max_report_age_s, now)
             if r is None:
                 self.counters.inc("proxmox_no_report")
                 continue

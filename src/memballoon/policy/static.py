@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from memballoon.policy.base import Decision, GuestSample, HostSample, clamp_balloon
+from memballoon.policy.base import Decision, clamp_balloon
+from memballoon.policy.sample import GuestSample, HostSample
 
 STATIC_MODES: Final = ("deflate", "hold")
 

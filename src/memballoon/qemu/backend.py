@@ -1,4 +1,10 @@
-"""The manager's Backend (manager/backend.py) for N QEMU guests, over QMP and the agent port.
+"""The manager's Backend (manager/port.py) for N QEMU guests, over QMP and the agent port.
+
+The engine's port is synchronous; QMP is not. ``refresh`` (the async shell calls it before each
+engine step) polls every guest at once and keeps the answers; ``guests`` returns them;
+``set_target`` checks and queues a target; ``flush`` (after the step) sends the queued targets
+(``apply_target``). A report's ``report_time`` is the backend's clock (the engine's) when the
+agent's line was taken.
 
 Per guest the backend holds a QmpClient (the truth about the balloon: ``query-balloon``), an
 AgentChannel (pressure: the in-guest agent's latest line, converted to the manager's
@@ -30,17 +36,18 @@ import contextlib
 import os
 import socket
 import struct
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from memballoon.edge.clock import MonotonicClock
 from memballoon.host.cgroup import Budget, make_budget
-from memballoon.manager.backend import GuestState
+from memballoon.manager.port import Clock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, MemballoonError
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
+from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
 from memballoon.qemu.agent import AgentChannel, AgentReport, to_pressure_report
 from memballoon.qemu.errors import (
@@ -136,8 +143,11 @@ class QemuBackend:
         counters: Counters | None = None,
         image: GuestImage | None = None,
         qmp_timeout_s: float = QMP_TIMEOUT_S,
+        clock: Clock | None = None,
     ) -> None:
         self.counters = counters if counters is not None else Counters()
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self._pending: dict[str, int] = {}  # targets set by the engine, sent by ``flush``
         self.run_dir = run_dir
         self.budget = budget
         self.image = image
@@ -163,6 +173,7 @@ class QemuBackend:
         cgroup_name: str | None = None,
         wait_ready: bool = True,
         qmp_timeout_s: float = QMP_TIMEOUT_S,
+        clock: Clock | None = None,
     ) -> QemuBackend:
         """Launch ``guests`` (in parallel), each paused until it sits in the budget's cgroup.
 
@@ -175,7 +186,7 @@ class QemuBackend:
         img = image if image is not None else await asyncio.to_thread(build_guest_image)
         budget = make_budget(cgroup_name or f"memballoon-qemu-{os.getpid()}", budget_bytes)
         self = cls(run_dir=run_dir, budget=budget, counters=counters, image=img,
-                   qmp_timeout_s=qmp_timeout_s)
+                   qmp_timeout_s=qmp_timeout_s, clock=clock)
         try:
             await asyncio.gather(*(self._launch_one(g, img, run_dir / g.name) for g in guests))
             if wait_ready:
@@ -201,7 +212,7 @@ class QemuBackend:
         if spec.start_bytes < spec.ram_bytes:  # pre-inflated: applied once the driver loads
             await qmp.set_logical_size(spec.start_bytes)
             g.target_pages = (spec.ram_bytes - spec.start_bytes) >> PAGE_SHIFT
-            g.target_set_at = g.last_move_at = time.monotonic()
+            g.target_set_at = g.last_move_at = self.clock.now()
         await qmp.execute("cont")
         await agent.connect(wait_s=5.0)
 
@@ -233,7 +244,7 @@ class QemuBackend:
             await qmp.close()
             raise
         g.target_pages = g.balloon_pages
-        g.target_set_at = g.last_move_at = time.monotonic()
+        g.target_set_at = g.last_move_at = self.clock.now()
         if agent is not None:
             try:
                 await agent.connect(wait_s=2.0)
@@ -250,20 +261,49 @@ class QemuBackend:
 
     # --- Backend ------------------------------------------------------------------------
 
-    async def guests(self) -> Mapping[str, GuestState]:
-        gs = list(self._guests.values())
-        await asyncio.gather(*(self._refresh(g) for g in gs))
-        return {g.name: self._state(g) for g in gs}
+    async def refresh(self) -> None:
+        """Poll every guest at once (QMP ``query-balloon``, the agent's latest report)."""
+        await asyncio.gather(*(self._refresh(g) for g in list(self._guests.values())))
 
-    def _state(self, g: _Guest) -> GuestState:
+    def guests(self) -> Mapping[str, GuestSample]:
+        """The guests as the last ``refresh`` saw them."""
+        return {g.name: self._sample(g) for g in self._guests.values()}
+
+    async def poll(self) -> Mapping[str, GuestSample]:
+        """``refresh`` then ``guests``: the samples now (for benches and tools)."""
+        await self.refresh()
+        return self.guests()
+
+    def _sample(self, g: _Guest) -> GuestSample:
         resident = rss_of(g.pid) if g.pid is not None and g.alive else None
-        return GuestState(
-            name=g.name, alive=g.alive, ram_pages=g.ram_pages, balloon_pages=g.balloon_pages,
+        return GuestSample(
+            name=g.name, ram_pages=g.ram_pages, balloon_pages=g.balloon_pages,
             target_pages=g.target_pages, report=g.report, report_time=g.report_time,
-            resident_bytes=resident,
+            alive=g.alive, resident_bytes=resident,
         )
 
-    async def set_target(self, guest: str, balloon_pages: int) -> bool:
+    def set_target(self, guest: str, balloon_pages: int) -> bool:
+        """Check and queue a target; ``flush`` sends it. False for an unknown or dead guest
+        or a target outside its RAM (counted)."""
+        g = self._guests.get(guest)
+        if g is None:
+            self.counters.inc("qemu_unknown_guest")
+            return False
+        if not g.alive:
+            return False
+        if balloon_pages < 0 or balloon_pages >= g.ram_pages:
+            self.counters.inc("qemu_target_out_of_range")
+            return False
+        self._pending[guest] = balloon_pages
+        return True
+
+    async def flush(self) -> None:
+        """Send the targets ``set_target`` queued (each guest's failure is its own)."""
+        pending, self._pending = self._pending, {}
+        await asyncio.gather(*(self.apply_target(g, p) for g, p in pending.items()))
+
+    async def apply_target(self, guest: str, balloon_pages: int) -> bool:
+        """Set ``guest``'s balloon over QMP now; False (counted) when it cannot be set."""
         g = self._guests.get(guest)
         if g is None:
             self.counters.inc("qemu_unknown_guest")
@@ -285,7 +325,7 @@ class QemuBackend:
             except QmpError:
                 self.counters.inc("qemu_set_target_failed")
                 return False
-        now = time.monotonic()
+        now = self.clock.now()
         if balloon_pages != g.target_pages:
             g.stuck = False
             self._stuck.discard(g.name)
@@ -349,7 +389,7 @@ class QemuBackend:
             self.counters.inc("qemu_guest_gone")
             g.alive = False
             g.gone_reason = why
-            g.next_reconnect_at = time.monotonic() + RECONNECT_INTERVAL_S
+            g.next_reconnect_at = self.clock.now() + RECONNECT_INTERVAL_S
             self._stuck.discard(g.name)
 
     async def _refresh(self, g: _Guest) -> None:
@@ -375,7 +415,7 @@ class QemuBackend:
                     await g.qmp.close()
                 return
         g.poll_failures = 0
-        now = time.monotonic()
+        now = self.clock.now()
         hint = g.qmp.last_change_bytes
         if pages != g.balloon_pages or hint != g.last_hint:
             g.last_move_at = now
@@ -415,7 +455,7 @@ class QemuBackend:
         g.report_time = now
 
     async def _try_reconnect(self, g: _Guest) -> bool:
-        now = time.monotonic()
+        now = self.clock.now()
         if g.reconnect_attempts >= RECONNECT_MAX_ATTEMPTS or now < g.next_reconnect_at:
             return False
         g.reconnect_attempts += 1

@@ -8,7 +8,9 @@ MemFree, ``available`` = MemTotal, ``usable`` = MemAvailable, ``disk_caches``,
 ``major_fault``, ``swap_in``/``swap_out`` in KiB); they carry no PSI, so ``stall_pct`` is 0.
 Stats need a period (``setMemoryStatsPeriod``), set once per domain.
 
-Every libvirt call blocks (an RPC to libvirtd): they run in a worker thread. A libvirt error
+Every libvirt call blocks (an RPC to libvirtd): they run in a worker thread, in ``refresh``
+(the async shell calls it before each engine step: the samples ``guests`` returns) and
+``flush`` (after it: the targets ``set_target`` queued). A libvirt error
 for one domain is counted (``libvirt_error``) and marks that guest dead while the others go
 on; a dropped connection is reopened on the next poll. ``libvirt`` is an optional dependency
 (``pip install memballoon[libvirt]``); without it, constructing the backend raises ConfigError.
@@ -19,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from memballoon.manager.backend import GuestState
+from memballoon.edge.clock import MonotonicClock
+from memballoon.manager.port import Clock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import KIB, PAGE_SIZE
+from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import MAX_VALUE, PressureReport
 from memballoon.qemu.image import GuestImage
 from memballoon.qemu.initscript import AGENT_PORT_NAME
@@ -113,8 +116,11 @@ class LibvirtBackend:
 
     def __init__(self, uri: str = DEFAULT_URI, *, domains: Sequence[str] | None = None,
                  counters: Counters | None = None,
-                 stats_period_s: int = STATS_PERIOD_S) -> None:
+                 stats_period_s: int = STATS_PERIOD_S, clock: Clock | None = None) -> None:
         self._libvirt = _import_libvirt()
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self._samples: dict[str, GuestSample] = {}
+        self._pending: dict[str, int] = {}
         self.uri = uri
         self.counters = counters if counters is not None else Counters()
         self.stats_period_s = stats_period_s
@@ -134,7 +140,7 @@ class LibvirtBackend:
             self.counters.inc("libvirt_connect")
         return self._conn
 
-    def _poll(self) -> dict[str, GuestState]:
+    def _poll(self) -> dict[str, GuestSample]:
         lv = self._libvirt
         try:
             conn = self._connection()
@@ -151,18 +157,18 @@ class LibvirtBackend:
             self.counters.inc("libvirt_error")
             self._conn = None
             return {n: self._dead(n) for n in (self._only or list(self._targets))}
-        out: dict[str, GuestState] = {}
-        now = time.monotonic()
+        out: dict[str, GuestSample] = {}
+        now = self.clock.now()
         for n in self._only or list(doms):
             dom = doms.get(n)
             out[n] = self._dead(n) if dom is None else self._one(n, dom, now)
         return out
 
-    def _dead(self, n: str) -> GuestState:
+    def _dead(self, n: str) -> GuestSample:
         self._rss.pop(n, None)
-        return GuestState(n, False, 0, 0, self._targets.get(n, 0), None, None, None)
+        return GuestSample(n, 0, 0, self._targets.get(n, 0), alive=False)
 
-    def _one(self, n: str, dom: Any, now: float) -> GuestState:
+    def _one(self, n: str, dom: Any, now: float) -> GuestSample:
         try:
             state, max_kib, _cur, _cpus, _t = dom.info()
             if state not in (VIR_DOMAIN_RUNNING, VIR_DOMAIN_PAUSED):
@@ -183,15 +189,24 @@ class LibvirtBackend:
         rss = _kib_stat(stats, "rss")
         if rss is not None:
             self._rss[n] = rss * KIB
-        return GuestState(
-            name=n, alive=True, ram_pages=max_kib * KIB // PAGE_SIZE,
+        return GuestSample(
+            name=n, ram_pages=max_kib * KIB // PAGE_SIZE,
             balloon_pages=balloon_pages, target_pages=target,
             report=report_from_stats(n, stats, max_kib=max_kib, target_pages=target, now=now),
             report_time=now, resident_bytes=self._rss.get(n),
         )
 
-    async def guests(self) -> Mapping[str, GuestState]:
-        return await asyncio.to_thread(self._poll)
+    async def refresh(self) -> None:
+        self._samples = await asyncio.to_thread(self._poll)
+
+    def guests(self) -> Mapping[str, GuestSample]:
+        """The domains as the last ``refresh`` saw them."""
+        return dict(self._samples)
+
+    async def poll(self) -> Mapping[str, GuestSample]:
+        """``refresh`` then ``guests``: the samples now (for benches and tools)."""
+        await self.refresh()
+        return self.guests()
 
     def _set(self, guest: str, balloon_pages: int) -> bool:
         lv = self._libvirt
@@ -210,7 +225,25 @@ class LibvirtBackend:
         self.counters.inc("libvirt_set_target")
         return True
 
-    async def set_target(self, guest: str, balloon_pages: int) -> bool:
+    def set_target(self, guest: str, balloon_pages: int) -> bool:
+        """Queue a target for ``flush``; False for a domain the last refresh did not see
+        alive, or a target outside its RAM (counted)."""
+        s = self._samples.get(guest)
+        if s is None or not s.alive:
+            return False
+        if not 0 <= balloon_pages < s.ram_pages:
+            self.counters.inc("libvirt_target_out_of_range")
+            return False
+        self._pending[guest] = balloon_pages
+        return True
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for guest, pages in pending.items():
+            await self.apply_target(guest, pages)
+
+    async def apply_target(self, guest: str, balloon_pages: int) -> bool:
+        """Set ``guest``'s balloon through libvirt now; False (counted) when it cannot."""
         return await asyncio.to_thread(self._set, guest, balloon_pages)
 
     def host_resident_bytes(self) -> int:

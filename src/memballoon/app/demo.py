@@ -6,7 +6,8 @@ different balloon protocol) on a 1 GiB host budget, for about 30 s, with a live 
 terminal (a progress line every few seconds when stdout is not a terminal), then a summary.
 ``--json`` prints the summary as one JSON object.
 
-The balloons are sized by the manager (``manager/loop.py``) with memballoon's default policy,
+The balloons are sized by the manager (the engine, ``manager/engine.py``, in its asyncio shell,
+``edge/aio.py``) with memballoon's default policy,
 from the pressure each guest pushes every second; every target change is journaled (``--journal
 FILE`` keeps the journal as JSON lines). The budget is enforced for real where the machine has
 a memory cgroup and we run as root (the kernel OOM-kills a guest that overshoots it); otherwise
@@ -24,8 +25,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, GuestView, LocalHost
-from memballoon.model.units import MIB, PAGE_SIZE
+from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, LocalHost
+from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages
+from memballoon.policy.sample import GuestSample
 
 # The bursty guest gets virtio: its deflate-on-OOM is the guest's own push-back when a burst
 # outruns the manager's period (VMware's protocol has none).
@@ -69,7 +71,7 @@ def _specs(cfg: DemoConfig) -> list[GuestSpec]:
     ]
 
 
-def _table(views: Mapping[str, GuestView], host: LocalHost, t: float, cfg: DemoConfig) -> Any:
+def _table(views: Mapping[str, GuestSample], host: LocalHost, t: float, cfg: DemoConfig) -> Any:
     from rich.table import Table
 
     budget = host.budget
@@ -80,23 +82,25 @@ def _table(views: Mapping[str, GuestView], host: LocalHost, t: float, cfg: DemoC
     for col in ("guest", "protocol", "RAM MiB", "target MiB", "actual MiB", "free MiB",
                 "avail MiB", "stall %", "resident MiB", "state"):
         tab.add_column(col, justify="left" if col in ("guest", "protocol", "state") else "right")
+    protocols = {s.name: s.protocol for s in host.specs}
     for v in views.values():
         r = v.report
         tab.add_row(
-            v.name, v.protocol, f"{v.ram_pages * PAGE_SIZE / MIB:.0f}",
-            f"{v.target_pages * PAGE_SIZE / MIB:.0f}", f"{v.actual_pages * PAGE_SIZE / MIB:.0f}",
+            v.name, protocols[v.name], f"{v.ram_pages * PAGE_SIZE / MIB:.0f}",
+            f"{v.target_pages * PAGE_SIZE / MIB:.0f}", f"{v.balloon_pages * PAGE_SIZE / MIB:.0f}",
             f"{r.free_bytes / MIB:.0f}" if r else "-",
             f"{r.available_bytes / MIB:.0f}" if r else "-",
             f"{r.stall_pct:.1f}" if r else "-",
-            f"{v.resident_bytes / MIB:.0f}", "alive" if v.alive else f"dead ({v.exit_code})",
+            f"{(v.resident_bytes or 0) / MIB:.0f}",
+            "alive" if v.alive else f"dead ({host.exit_code(v.name)})",
         )
     return tab
 
 
-def _progress_line(views: Mapping[str, GuestView], host: LocalHost, t: float) -> str:
+def _progress_line(views: Mapping[str, GuestSample], host: LocalHost, t: float) -> str:
     parts = [f"t={t:.0f}s resident={host.resident_bytes() / MIB:.0f}MiB"]
     for v in views.values():
-        parts.append(f"{v.name}: balloon {v.actual_pages * PAGE_SIZE / MIB:.0f}/"
+        parts.append(f"{v.name}: balloon {v.balloon_pages * PAGE_SIZE / MIB:.0f}/"
                      f"{v.target_pages * PAGE_SIZE / MIB:.0f} MiB"
                      + ("" if v.alive else " DEAD"))
     return "memballoon demo: " + ", ".join(parts)
@@ -110,11 +114,12 @@ async def run_demo(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Run the demo and return its summary (see the module docstring)."""
-    from memballoon.manager.journal import Journal
-    from memballoon.manager.local_backend import LocalBackend
-    from memballoon.manager.loop import run_manager
-    from memballoon.policy.base import GuestSettings
+    from memballoon.edge.aio import AsyncEngine
+    from memballoon.edge.journal import Journal
+    from memballoon.manager.core import ManagerCore
+    from memballoon.manager.engine import Engine
     from memballoon.policy.registry import make_policy
+    from memballoon.policy.sample import GuestSettings
 
     specs = _specs(cfg)
     budget = cfg.budget_mib * MIB
@@ -125,23 +130,24 @@ async def run_demo(
         log(f"budget {cfg.budget_mib} MiB: {b.describe() if b else 'none'}; "
             f"policy default, {guest_budget // MIB} MiB for guest memory")
         settings = {s.name: GuestSettings(min_pages=s.pages // 8) for s in specs}
-        manager = asyncio.create_task(run_manager(
-            LocalBackend(host), make_policy("default"), settings, budget_bytes=guest_budget,
-            period_s=cfg.period_s, seconds=cfg.seconds, journal=Journal(journal_path),
-            enforced=bool(b is not None and b.enforced), deflate_at_end=False))
+        core = ManagerCore(make_policy("default"), settings, bytes_to_pages(guest_budget),
+                           enforced=bool(b is not None and b.enforced), counters=host.counters)
+        engine = Engine(host, core, Journal(journal_path), host.clock)
+        manager = asyncio.create_task(
+            AsyncEngine(engine, period_s=cfg.period_s).run(cfg.seconds))
         t0 = time.monotonic()
         last_log = -10.0
         live_ctx = None
         if live:
             from rich.live import Live
 
-            live_ctx = Live(_table(host.snapshot(), host, 0.0, cfg), refresh_per_second=4,
+            live_ctx = Live(_table(host.guests(), host, 0.0, cfg), refresh_per_second=4,
                             transient=False)
             live_ctx.__enter__()
         try:
             while not manager.done():
                 t = time.monotonic() - t0
-                views = host.snapshot()
+                views = host.guests()
                 trace.peak_resident = max(trace.peak_resident, host.resident_bytes())
                 for v in views.values():
                     if v.report is not None:
@@ -157,8 +163,8 @@ async def run_demo(
                 live_ctx.__exit__(None, None, None)
             if not manager.done():
                 manager.cancel()
-        m = await manager
-        views = host.snapshot()
+        await manager
+        views = host.guests()
         corruptions = 0
         for v in views.values():
             if v.alive:
@@ -175,7 +181,7 @@ async def run_demo(
                 "name": s.name, "protocol": s.protocol, "workload": s.workload,
                 "ram_bytes": s.pages * PAGE_SIZE, "alive": v.alive,
                 "balloon_target_bytes": v.target_pages * PAGE_SIZE,
-                "balloon_actual_bytes": v.actual_pages * PAGE_SIZE,
+                "balloon_actual_bytes": v.balloon_pages * PAGE_SIZE,
                 "resident_bytes": v.resident_bytes,
                 "oom_kills": r.oom_kills if r else 0,
                 "mean_stall_pct": round(statistics.fmean(st), 3) if st else 0.0,
@@ -193,7 +199,7 @@ async def run_demo(
             "kernel_oom_kills": kernel_kills,
             "data_corruptions": corruptions,
             "policy": "default",
-            "decisions": m.decisions,
+            "decisions": engine.decisions,
             "guests": guests,
         }
 

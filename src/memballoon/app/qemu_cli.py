@@ -100,8 +100,8 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
 
 
 def _register(socket_path: Path | None, info: dict[str, Any]) -> bool:
-    from memballoon.manager.config import default_socket_path
-    from memballoon.manager.control import ControlError, request
+    from memballoon.app.config import default_socket_path
+    from memballoon.app.control import ControlError, request
 
     path = socket_path if socket_path is not None else default_socket_path()
     try:

@@ -14,9 +14,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
-from memballoon.manager.backend import GuestState
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.sample import GuestSample
 
 
 class _CountersCollector:
@@ -65,7 +65,7 @@ class ManagerMetrics:
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
-    def update(self, states: Mapping[str, GuestState], *, resident_bytes: int,
+    def update(self, states: Mapping[str, GuestSample], *, resident_bytes: int,
                budget_bytes: int, decisions: int) -> None:
         for name, st in states.items():
             self.target.labels(name).set(st.target_pages * PAGE_SIZE)

@@ -1,9 +1,11 @@
 """``memballoon run --config host.toml``: the host daemon (edge: one asyncio loop, signals).
 
-Start-up: load and validate the config; start the world's backend (local guest processes
-through ``LocalBackend``, or QEMU guests through ``QemuBackend``); say whether the host budget
-is enforced (a memory cgroup) or only watched, and why; start the control socket, the metrics
-port and the manager loop. SIGTERM/SIGINT (or the control op ``shutdown``) stop the loop, then
+Start-up: load and validate the config; start the world's backend (local guest processes,
+``LocalHost``, or QEMU guests, ``QemuBackend``); say whether the host budget is enforced (a
+memory cgroup) or only watched, and why; start the control socket, the metrics port and the
+manager: the engine (``manager.engine.Engine``) in its asyncio shell (``edge.aio.AsyncEngine``),
+one clock (``MonotonicClock``) for the engine and the backend's report times.
+SIGTERM/SIGINT (or the control op ``shutdown``) stop the loop, then
 deflate every guest to its max size and wait for the balloons to get there (journaled), and
 only then stop the guests (local) or detach from QEMU.
 """
@@ -19,17 +21,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from memballoon.manager.backend import Backend, GuestState
-from memballoon.manager.config import HostConfig, parse_size
-from memballoon.manager.control import ControlServer
+from memballoon.app.config import HostConfig, parse_size
+from memballoon.app.control import ControlServer
+from memballoon.app.metrics import ManagerMetrics
+from memballoon.edge.aio import AsyncEngine
+from memballoon.edge.clock import MonotonicClock
+from memballoon.edge.journal import Journal
 from memballoon.manager.core import Hysteresis, ManagerCore
-from memballoon.manager.journal import Journal
-from memballoon.manager.loop import Manager
-from memballoon.manager.metrics import ManagerMetrics
+from memballoon.manager.engine import Engine
+from memballoon.manager.port import Backend
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.units import PAGE_SIZE, bytes_to_pages
-from memballoon.policy.base import GuestSettings, Policy
+from memballoon.policy.base import Policy
+from memballoon.policy.sample import GuestSettings
 
 
 def make_policy(name: str, params: Mapping[str, Any]) -> Policy:
@@ -59,8 +64,9 @@ class Daemon:
         self.policy = policy if policy is not None else make_policy(cfg.policy.name,
                                                                     cfg.policy.params)
         self.settings: dict[str, GuestSettings] = {g.name: g.settings() for g in cfg.guests}
+        self.clock = MonotonicClock()
         self.backend: Backend | None = None
-        self.manager: Manager | None = None
+        self.manager: AsyncEngine | None = None
         self.metrics: ManagerMetrics | None = None
         self.control: ControlServer | None = None
         self.stopping = asyncio.Event()
@@ -75,7 +81,6 @@ class Daemon:
     # ------------------------------------------------------------------ start-up
     async def _start_local(self) -> Backend:
         from memballoon.local.host import GuestSpec, LocalHost
-        from memballoon.manager.local_backend import LocalBackend
 
         specs = [GuestSpec(name=g.name, mib=g.mib or 0, protocol=g.protocol,
                            workload=g.workload, period_s=g.period_s, seed=g.seed,
@@ -85,16 +90,14 @@ class Daemon:
         from memballoon.local.host import PROCESS_OVERHEAD_BYTES
 
         host = LocalHost(specs, budget_bytes=self.cfg.budget
-                         + PROCESS_OVERHEAD_BYTES * len(specs))
+                         + PROCESS_OVERHEAD_BYTES * len(specs), clock=self.clock)
         await host.start()
         self._closers.append(host.close)
         b = host.budget
         if b is not None:
             self.budget_enforced, self.budget_reason = b.enforced, b.reason
-        backend = LocalBackend(host)
-        backend.counters = self.counters
         host.counters = self.counters
-        return backend
+        return host
 
     async def _start_qemu(self) -> Backend:
         from memballoon.qemu.backend import QemuBackend
@@ -105,7 +108,7 @@ class Daemon:
                             cpus=g.cpus) for g in self.cfg.guests]
         backend = await QemuBackend.create(guests, run_dir=Path(run_dir),
                                            budget_bytes=self.cfg.budget,
-                                           counters=self.counters)
+                                           counters=self.counters, clock=self.clock)
         self._closers.append(backend.close)
         b = backend.budget
         if b is not None:
@@ -123,9 +126,9 @@ class Daemon:
                                   min_change_fraction=h.min_change_fraction, hold_s=h.hold_s,
                                   report_max_age_s=h.report_max_age_s),
             enforced=self.budget_enforced, counters=self.counters)
-        journal = Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max))
-        self.manager = Manager(backend, core, journal, period_s=cfg.period_s,
-                               counters=self.counters, on_tick=self._tick)
+        self.journal = Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max))
+        engine = Engine(backend, core, self.journal, self.clock, counters=self.counters)
+        self.manager = AsyncEngine(engine, period_s=cfg.period_s, on_tick=self._tick)
         mib = cfg.budget / (1 << 20)
         if self.budget_enforced:
             self.say(f"host budget {mib:.0f} MiB ENFORCED by {self.budget_reason}")
@@ -143,10 +146,10 @@ class Daemon:
             self.say(f"metrics http://127.0.0.1:{port}/metrics")
         self.say(f"journal {cfg.journal or '(memory only)'}")
 
-    def _tick(self, m: Manager, states: Mapping[str, GuestState]) -> None:
+    def _tick(self, e: Engine) -> None:
         if self.metrics is not None:
-            self.metrics.update(states, resident_bytes=m.host_resident_bytes,
-                                budget_bytes=self.cfg.budget, decisions=m.decisions)
+            self.metrics.update(e.guests, resident_bytes=e.host_resident_bytes,
+                                budget_bytes=self.cfg.budget, decisions=e.decisions)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -184,19 +187,21 @@ class Daemon:
         self.say("stopped")
 
     # ------------------------------------------------------------------ control ops
-    def _m(self) -> Manager:
+    def _m(self) -> AsyncEngine:
         if self.manager is None:
             raise UsageError("the daemon is not running")
         return self.manager
 
     async def op_status(self) -> dict[str, Any]:
-        m = self._m()
-        states = await m.collect() or m.states
+        am = self._m()
+        await am.refresh()
+        m = am.engine
+        now = m.now()
         guests = []
-        for name, st in states.items():
+        for name, st in m.guests.items():
             s = m.core.settings.get(name, GuestSettings())
             r = st.report
-            age = None if st.report_time is None else m.now() - st.report_time
+            age = st.report_age_s(now)
             guests.append({
                 "name": name, "alive": st.alive, "ram_bytes": st.ram_pages * PAGE_SIZE,
                 "target_bytes": st.target_pages * PAGE_SIZE,
@@ -224,17 +229,18 @@ class Daemon:
         }
 
     async def op_set(self, guest: str, size: str | int) -> dict[str, Any]:
-        m = self._m()
+        am = self._m()
+        m = am.engine
         if size == "auto":
-            return {"guest": guest, "manual": False, "cleared": m.core.clear_manual(guest)}
+            return {"guest": guest, "manual": False, "cleared": m.clear_manual(guest)}
         try:
             size_bytes = parse_size(size)
         except ValueError as exc:
             raise ConfigError(f"size: {exc}") from None
-        st = m.states.get(guest)
+        st = m.guests.get(guest)
         if st is None:
-            await m.collect()
-            st = m.states.get(guest)
+            await am.refresh()
+            st = m.guests.get(guest)
         if st is None:
             raise UsageError(f"no guest named {guest!r}")
         ram = st.ram_pages * PAGE_SIZE
@@ -242,13 +248,14 @@ class Daemon:
             raise ConfigError(f"size {size!r} = {size_bytes} bytes is above guest {guest}'s "
                               f"RAM ({ram} bytes)")
         balloon = st.ram_pages - bytes_to_pages(size_bytes)  # QMP-style: size kept, rounded
-        a, ok = await m.set_manual(guest, balloon)
+        a, ok = await am.set_manual(guest, balloon)
         return {"guest": guest, "manual": True, "applied": ok, "reason": a.reason,
                 "balloon_bytes": a.new_pages * PAGE_SIZE,
                 "size_bytes": (st.ram_pages - a.new_pages) * PAGE_SIZE}
 
     async def op_journal(self, last: int | None, guest: str | None) -> list[dict[str, Any]]:
-        return self._m().journal.tail(guest=guest, last=last if last is not None else 20)
+        self._m()
+        return self.journal.tail(guest=guest, last=last if last is not None else 20)
 
     async def op_register_qemu(self, name: str, qmp: str, agent: str | None,
                                ram_bytes: int) -> dict[str, Any]:
@@ -257,7 +264,7 @@ class Daemon:
         if self.cfg.world != "qemu" or attach is None:
             raise UsageError("register_qemu needs a daemon with world = \"qemu\"")
         await attach(name, qmp, agent, ram_bytes)
-        self._m().core.settings.setdefault(name, GuestSettings())
+        self._m().engine.core.settings.setdefault(name, GuestSettings())
         return {"registered": name}
 
     async def op_shutdown(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pydantic import (
 
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import GIB, KIB, MIB, PAGE_SIZE
-from memballoon.policy.base import GuestSettings
+from memballoon.policy.sample import GuestSettings
 
 UNITS: Final = {
     "b": 1, "kib": KIB, "mib": MIB, "gib": GIB, "tib": 1 << 40,

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memballoon.app.config import default_socket_path, load_config
+from memballoon.app.control import request
 from memballoon.cliargs import positive_int
-from memballoon.manager.config import default_socket_path, load_config
-from memballoon.manager.control import request
 
 MIB_F = float(1 << 20)
 
@@ -41,7 +41,7 @@ def _mib(v: Any) -> str:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from memballoon.manager.daemon import serve
+    from memballoon.app.daemon import serve
 
     cfg = load_config(a.config)
     if a.socket is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from memballoon.edge.journal import Journal, read_journal, rotated
 from memballoon.manager.core import Action, Event
-from memballoon.manager.journal import Journal, read_journal, rotated
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 

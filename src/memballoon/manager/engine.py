@@ -1,0 +1,152 @@
+"""The engine: collect, decide, act and journal, one synchronous step at a time.
+
+Theory of operation
+-------------------
+Every world runs the manager through this one object, the way SimPy's real-time environment
+differs from the simulated one only in its clock:
+
+- the daemon and the demo wrap it in an asyncio loop (``edge.aio.AsyncEngine``: the backend's
+  socket I/O before and after a step, a sleep between steps, the real clock);
+- the simulator and the tests call ``step`` in a plain loop with a ``ManualClock``: an hour of
+  managed guests is a loop of 3,600 calls, with no sleep.
+
+``step()`` reads the clock once, asks the backend for its samples (``collect``), hands them to
+``ManagerCore.step`` (the policy and its distrust: floors, hysteresis, safety), sets each target
+through the backend and journals it with whether the backend took it. Nothing the backend does
+stops a step for the others: a failed collect costs that round only (``backend_error``); a
+``set_target`` that raises is counted (``set_target_error``) and journaled as not applied.
+
+Manual targets (``set_manual``) and the shutdown deflation (``shutdown``/``shutdown_pending``)
+go through the same collect, core and journal. The engine does no I/O of its own and reads no
+clock but the one it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from memballoon.manager.core import Action, ManagerCore
+from memballoon.manager.port import Backend, Clock, JournalSink
+from memballoon.model.counters import Counters
+from memballoon.model.errors import UsageError
+from memballoon.policy.sample import GuestSample
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """One manager over one backend (module docstring)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        core: ManagerCore,
+        journal: JournalSink,
+        clock: Clock,
+        *,
+        counters: Counters | None = None,
+    ) -> None:
+        self.backend = backend
+        self.core = core
+        self.journal = journal
+        self.clock = clock
+        self.counters = counters if counters is not None else core.counters
+        self.guests: Mapping[str, GuestSample] = {}  # the last collect's samples
+        self.host_resident_bytes = 0
+        self.decisions = 0  # targets the backend took
+        self.steps = 0
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # ------------------------------------------------------------------ the step
+    def collect(self) -> Mapping[str, GuestSample] | None:
+        """The backend's samples (kept in ``guests``), or None when it failed this round."""
+        try:
+            guests = self.backend.guests()
+            resident = self.backend.host_resident_bytes()
+        except Exception as exc:  # the backend is an edge: any failure costs one round only
+            self.counters.inc("backend_error")
+            log.warning("backend %s failed to report: %r", self.backend.name, exc)
+            return None
+        self.guests, self.host_resident_bytes = guests, resident
+        return guests
+
+    def apply(self, a: Action, now: float) -> bool:
+        """Set ``a``'s target through the backend and journal it with the outcome."""
+        try:
+            ok = bool(self.backend.set_target(a.guest, a.new_pages))
+        except Exception as exc:  # one guest's failure is that guest's only
+            self.counters.inc("set_target_error")
+            log.warning("set_target(%s, %d) failed: %r", a.guest, a.new_pages, exc)
+            ok = False
+        if not ok:
+            self.counters.inc("set_target_failed")
+        else:
+            self.decisions += 1
+            self.counters.inc(f"decisions_{a.kind}")
+        self.journal.write({**a.record(), "applied": ok}, mono=now)
+        return ok
+
+    def step(self) -> list[Action]:
+        """One round: collect, decide, act, journal. Returns the actions taken (applied or
+        not; the journal says which)."""
+        self.steps += 1
+        guests = self.collect()
+        if guests is None:
+            return []
+        now = self.clock.now()
+        actions = self.core.step(now, guests, self.host_resident_bytes)
+        for e in self.core.drain_events():
+            self.journal.write({"kind": e.kind, "guest": e.guest, "reason": e.detail}, mono=now)
+        for a in actions:
+            self.apply(a, now)
+        return actions
+
+    # ------------------------------------------------------------------ manual targets
+    def set_manual(self, guest: str, balloon_pages: int) -> tuple[Action, bool]:
+        """Pin ``guest``'s balloon; UsageError for an unknown or dead guest."""
+        guests = self.collect()
+        if guests is None or guest not in guests:
+            raise UsageError(f"no guest named {guest!r}")
+        s = guests[guest]
+        if not s.alive:
+            raise UsageError(f"guest {guest!r} is not alive")
+        now = self.clock.now()
+        a = self.core.set_manual(now, s, balloon_pages)
+        return a, self.apply(a, now)
+
+    def clear_manual(self, guest: str) -> bool:
+        return self.core.clear_manual(guest)
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self) -> dict[str, int]:
+        """Deflate every live guest to its max size (journaled); returns the balloon each
+        must reach (see ``shutdown_pending``)."""
+        guests = self.collect()
+        if guests is None:
+            return {}
+        now = self.clock.now()
+        actions = self.core.shutdown_actions(guests)
+        for a in actions:
+            self.apply(a, now)
+        return {a.guest: a.new_pages for a in actions}
+
+    def shutdown_pending(self, want: Mapping[str, int]) -> dict[str, int]:
+        """Of ``want``, the live guests whose balloon is not there yet."""
+        guests = self.collect() or {}
+        return {g: p for g, p in want.items()
+                if g in guests and guests[g].alive and guests[g].balloon_pages != p}
+
+    def shutdown_incomplete(self, pending: Mapping[str, int], wait_s: float) -> None:
+        """Count and journal the balloons that did not get there in ``wait_s``."""
+        now = self.clock.now()
+        for g, p in pending.items():
+            self.counters.inc("shutdown_deflate_incomplete")
+            self.journal.write({"kind": "shutdown_incomplete", "guest": g,
+                                "reason": f"balloon not at {p} pages after {wait_s} s"},
+                               mono=now)
+
+
+__all__ = ["Engine"]

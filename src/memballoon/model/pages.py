@@ -1,0 +1,126 @@
+"""Page sets: frame numbers and frame ranges, the currency of both balloon sides.
+
+A guest's balloon driver hands frame numbers (``PfnArray``) to the host; the host folds them
+into half-open ``[start, end)`` ranges (``RangeArray``, one call per range, not per page). Both
+sides and the guest model share these types and helpers, so they live here, below ``guest`` and
+``host``. ``PageStore`` is the guest's side of its RAM: where page contents are written and
+checked (the memfd backend writes real data, ``NullRam`` counts resident pages).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.model.errors import GuestAddressError
+
+PfnArray = npt.NDArray[np.int64]
+#: ``(k, 2)`` array of half-open ``[start, end)`` PFN ranges, sorted, non-overlapping.
+RangeArray = npt.NDArray[np.int64]
+
+
+def as_pfns(pfns: npt.ArrayLike) -> PfnArray:
+    """PFNs as a flat int64 array (no copy when already one)."""
+    return np.asarray(pfns, dtype=np.int64).reshape(-1)
+
+
+def coalesce(pfns: npt.ArrayLike) -> RangeArray:
+    """Sorted, de-duplicated PFNs folded into half-open ``[start, end)`` ranges.
+
+    >>> coalesce([7, 3, 4, 5, 9]).tolist()
+    [[3, 6], [7, 8], [9, 10]]
+    """
+    p = as_pfns(pfns)
+    if p.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    steps = np.diff(p)
+    if bool((steps == 1).all()):  # one ascending run, the usual batch: two numpy calls
+        return np.array([[p[0], p[-1] + 1]], dtype=np.int64)
+    if not bool((steps > 0).all()):  # drivers send sorted runs: sort only when needed
+        p = np.unique(p)
+        steps = np.diff(p)
+    breaks = np.flatnonzero(steps != 1) + 1
+    starts = p[np.concatenate(([0], breaks))]
+    ends = p[np.concatenate((breaks - 1, [p.size - 1]))] + 1
+    return np.stack((starts, ends), axis=1)
+
+
+def merge_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> RangeArray:
+    """Half-open ``[start, end)`` extents (any order, may overlap or touch) as sorted ranges.
+
+    Costs the number of extents, not the pages they cover.
+
+    >>> merge_ranges([8, 0, 2], [10, 2, 4]).tolist()
+    [[0, 4], [8, 10]]
+    """
+    s = np.asarray(starts, dtype=np.int64).reshape(-1)
+    e = np.asarray(ends, dtype=np.int64).reshape(-1)
+    keep = e > s
+    s, e = s[keep], e[keep]
+    if s.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], np.maximum.accumulate(e[order])
+    # a new range begins where a start lies beyond every end before it
+    new = np.concatenate(([True], s[1:] > e[:-1]))
+    first = np.flatnonzero(new)
+    last = np.concatenate((first[1:] - 1, [s.size - 1]))
+    return np.stack((s[first], e[last]), axis=1)
+
+
+def block_frames(blocks: npt.ArrayLike, order: int) -> PfnArray:
+    """Every frame of the aligned blocks of ``2**order`` frames with these indices, block by
+    block (a 2 MiB block is order 9).
+
+    >>> block_frames([1], 1).tolist()
+    [2, 3]
+    """
+    b = as_pfns(blocks)
+    return ((b[:, None] << order) + np.arange(1 << order, dtype=np.int64)).reshape(-1)
+
+
+def merge_range_lists(parts: list[RangeArray]) -> RangeArray:
+    """Several range arrays as one sorted, merged array (one part is returned as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    r = np.concatenate(parts)
+    return merge_ranges(r[:, 0], r[:, 1])
+
+
+def range_pages(ranges: RangeArray) -> int:
+    if len(ranges) == 1:  # the common single-run case, without numpy reductions
+        return int(ranges[0, 1]) - int(ranges[0, 0])
+    return int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+
+
+def check_ranges(ranges: RangeArray, guest_pages: int) -> None:
+    """Raise ``GuestAddressError`` unless every range lies inside ``[0, guest_pages)``."""
+    if len(ranges) == 0:
+        return
+    if ranges.ndim != 2 or ranges.shape[1] != 2:
+        raise GuestAddressError(f"ranges must be (k, 2), got shape {ranges.shape}")
+    if len(ranges) == 1:
+        lo, hi = int(ranges[0, 0]), int(ranges[0, 1])
+        empty = hi <= lo
+    else:
+        lo = int(ranges[:, 0].min())
+        hi = int(ranges[:, 1].max())
+        empty = bool((ranges[:, 1] <= ranges[:, 0]).any())
+    if lo < 0 or hi > guest_pages or empty:
+        raise GuestAddressError(
+            f"PFN range [{lo}, {hi}) outside guest memory of {guest_pages} pages"
+        )
+
+
+class PageStore(Protocol):
+    """The guest's side of its RAM: where page contents are written and checked."""
+
+    def touch(self, pfns: PfnArray, generation: int) -> None:
+        """The guest writes content (stamped with ``generation``) into these pages."""
+        ...
+
+    def verify(self, pfns: PfnArray) -> int:
+        """How many of these pages lost the content last written to them (0 when intact)."""
+        ...
