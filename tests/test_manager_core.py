@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.manager.core import Action, Hysteresis, ManagerCore
+from memballoon.manager.core import Action, CoreSnapshot, Hysteresis, ManagerCore
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Decision
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
@@ -211,3 +211,38 @@ def test_an_urgent_decision_is_not_held_back_as_a_reversal() -> None:
     assert held == []  # an ordinary reversal within the hold time is refused
     urgent = core.step(102.0, {"a": state("a", target=0, t=102.0)}, 0)
     assert [a.new_pages for a in urgent] == [RAM // 2]
+
+
+def test_snapshot_restores_pins_and_holds_on_another_clock() -> None:
+    # a restarted daemon's core keeps the manual pin and still refuses an early reversal,
+    # though its clock has another origin: the snapshot stores ages, not clock readings
+    core1 = core(Fixed({"a": 1000}))
+    core1.step(100.0, {"a": state("a", t=100.0)}, 0)  # inflate a to 1000
+    core1.set_manual(100.0, state("b", t=100.0), 500)
+    snap = core1.snapshot(104.0)
+    assert snap.version == 1 and snap.manual == {"b": 500}
+    assert snap.last_change_age_s == {"a": 4.0, "b": 4.0} and snap.last_direction["a"] == 1
+    again = CoreSnapshot.from_json(snap.to_json())
+    assert again == snap
+    core2 = core(Fixed({"a": 0, "b": 0}))
+    core2.restore(again, 7.0)  # a new process: its clock reads 7 s
+    acts = core2.step(10.0, {"a": state("a", target=1000, balloon=1000, t=10.0),
+                             "b": state("b", target=500, balloon=500, t=10.0)}, 0)
+    assert acts == []  # a's deflation is a reversal 7 s after the change; b is pinned
+    assert core2.counters["skip_reversal"] == 1
+    later = core2.step(20.0, {"a": state("a", target=1000, balloon=1000, t=20.0),
+                              "b": state("b", target=500, balloon=500, t=20.0)}, 0)
+    assert [(a.guest, a.new_pages) for a in later] == [("a", 0)]
+
+
+def test_a_bad_snapshot_is_refused_with_a_config_error_naming_the_field() -> None:
+    import pytest
+
+    from memballoon.model.errors import ConfigError
+
+    for doc, field in (('{"version": 2}', "version"), ('{"manual": {"a": -1}}', "manual.a"),
+                       ('{"last_direction": {"a": 0}}', "last_direction.a"),
+                       ('{"last_change_age_s": {"a": NaN}}', "last_change_age_s.a"),
+                       ('{"extra": 1}', "extra"), ("[1]", "(root)"), ("{", "(root)")):
+        with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
+            CoreSnapshot.from_json(doc)

@@ -34,10 +34,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
+from memballoon.model.snapshot import Snapshot
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Decision, Policy, clamp_balloon
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
@@ -316,12 +317,10 @@ class ManagerCore:
         self._last_change = {g: now - age for g, age in snap.last_change_age_s.items()}
 
 
-class CoreSnapshot(BaseModel):
+class CoreSnapshot(Snapshot):
     """``ManagerCore`` state that survives a restart (version 1). Times are ages in seconds
     at the moment the snapshot was taken, never readings of a monotonic clock (a new process,
     or a rebooted host, has another origin)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: Literal[1] = 1
     manual: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
