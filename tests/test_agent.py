@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memballoon.manager.port import ManualClock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import PeerError, UsageError
 from memballoon.protocol.pressure import PressureReport
@@ -218,11 +219,12 @@ def test_channel_reads_newest_reports_skips_garbage_and_reports_eof(tmp_path: Pa
         server = await fake_guest(sock, [REAL_LINE.encode() + b"\n", b"junk\n", flood, good2],
                                   received)
         c = Counters()
-        async with server, AgentChannel(sock, guest="g", counters=c) as ch:
+        clock = ManualClock(42.0)
+        async with server, AgentChannel(sock, guest="g", counters=c, clock=clock) as ch:
             await ch.connect(wait_s=1)
             r = await ch.wait_for(lambda r: r.uptime_s == 12.0, timeout_s=5)
             assert r.mem_total_bytes == 996624 * 1024
-            assert ch.latest == r
+            assert ch.latest == r and ch.latest_time == 42.0  # stamped where it arrived
             await ch.send_command("mark hi")
             with pytest.raises(GuestGoneError):
                 await ch.read_report(timeout_s=5)

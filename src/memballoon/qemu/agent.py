@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from memballoon.edge.clock import MonotonicClock
+from memballoon.manager.port import Clock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import KIB, PAGE_SIZE
@@ -279,9 +281,10 @@ class AgentChannel:
 
     def __init__(
         self, socket_path: str | Path, *, guest: str, counters: Counters | None = None,
-        max_line_bytes: int = MAX_LINE_BYTES,
+        max_line_bytes: int = MAX_LINE_BYTES, clock: Clock | None = None,
     ) -> None:
         self.socket_path = str(socket_path)
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.guest = guest
         self.counters = counters if counters is not None else Counters()
         self._splitter = LineSplitter(self.counters, max_line_bytes)
@@ -292,6 +295,8 @@ class AgentChannel:
         self._gone: GuestGoneError | None = None
         #: The newest valid report, or None before the first one.
         self.latest: AgentReport | None = None
+        #: When it arrived, on ``clock`` (the engine's): a report's age is counted from here.
+        self.latest_time: float | None = None
 
     @property
     def gone(self) -> bool:
@@ -322,7 +327,7 @@ class AgentChannel:
                         report = parse_report(line, guest=self.guest, counters=self.counters)
                     except AgentError:
                         continue
-                    self.latest = report
+                    self.latest, self.latest_time = report, self.clock.now()
                     self._seq += 1
                 self._changed.set()
             self.counters.inc("agent_eof")

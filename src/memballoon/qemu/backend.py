@@ -203,7 +203,8 @@ class QemuBackend:
         proc = await asyncio.to_thread(launch, spec, image, run_dir, paused=True)
         qmp = QmpClient(proc.qmp_path, ram_bytes=spec.ram_bytes, timeout_s=self.qmp_timeout_s,
                         counters=self.counters, name=spec.name)
-        agent = AgentChannel(proc.agent_path, guest=spec.name, counters=self.counters)
+        agent = AgentChannel(proc.agent_path, guest=spec.name, counters=self.counters,
+                             clock=self.clock)
         g = _Guest(spec.name, spec.ram_bytes, qmp, agent, proc=proc, pid=proc.pid)
         self._guests[spec.name] = g
         await qmp.connect(wait_s=10.0)
@@ -232,7 +233,7 @@ class QemuBackend:
                         counters=self.counters, name=name)
         await qmp.connect(wait_s=2.0)
         agent = None if agent_path is None else AgentChannel(
-            agent_path, guest=name, counters=self.counters)
+            agent_path, guest=name, counters=self.counters, clock=self.clock)
         g = _Guest(name, ram_bytes, qmp, agent, pid=pid)
         if pid is not None and self.budget is not None and self.budget.cgroup is not None:
             # Late, but its later faults are charged here at least (v1 does not move charges).
@@ -443,16 +444,17 @@ class QemuBackend:
                 await agent.close()
                 await agent.connect()
                 self.counters.inc("qemu_agent_reconnected")
-        latest = agent.latest
+        latest, arrived = agent.latest, agent.latest_time
         if latest is None or latest is g.seen_agent:
             return
-        period = now - g.report_time if g.report_time is not None else 1.0
+        arrived = now if arrived is None else arrived
+        period = arrived - g.report_time if g.report_time is not None else 1.0
         g.prev_agent, g.seen_agent = g.seen_agent, latest
         g.report = to_pressure_report(
             latest, ram_bytes=g.ram_bytes, balloon_target_pages=g.target_pages,
             balloon_actual_pages=g.balloon_pages, prev=g.prev_agent, period_s=period,
         )
-        g.report_time = now
+        g.report_time = arrived  # when the agent's line came in, on the engine's clock
 
     async def _try_reconnect(self, g: _Guest) -> bool:
         now = self.clock.now()
