@@ -166,14 +166,14 @@ class GuestMemory:
         store: PageStore | None = None,
     ) -> None:
         if total_pages < 4 * BLOCK_PAGES:
-            raise ValueError(f"a guest needs at least {4 * BLOCK_PAGES} pages, got {total_pages}")
+            raise UsageError(f"a guest needs at least {4 * BLOCK_PAGES} pages, got {total_pages}")
         if reserved_pages is None:
             # kernel image, page tables, struct pages (~1.6%): at least 16 MiB
             reserved_pages = max(16 * MIB // PAGE_SIZE, total_pages // 64)
         if not 0 < reserved_pages < total_pages // 2:
-            raise ValueError(f"reserved_pages {reserved_pages} out of range")
+            raise UsageError(f"reserved_pages {reserved_pages} out of range")
         if swap_pages < 0:
-            raise ValueError("swap_pages must be >= 0")
+            raise UsageError("swap_pages must be >= 0")
         self.total_pages = total_pages
         self.reserved_pages = reserved_pages
         self.swap_total_pages = swap_pages

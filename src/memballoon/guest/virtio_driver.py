@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
 from memballoon.model.pages import PfnArray
 from memballoon.model.units import KIB, MIB, PAGE_SIZE
@@ -75,6 +75,32 @@ from memballoon.protocol.virtio_balloon import (
 )
 from memballoon.protocol.virtio_transport import VirtioTransport
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
+
+
+class VirtioDriverCounter(CounterName):
+    """What the virtio driver counts (``counters``; its ``DriverQueue``s add theirs)."""
+
+    QUEUE_UNAVAILABLE = "queue_unavailable"  # queues not set up: size 0 or not a power of 2
+    CONFIG_MALFORMED = "config_malformed"  # config space reads that did not decode
+    REFUSED_LIMIT = "refused_limit"  # inflate cycles stopped with VIRTIO_BALLOON_X_MAX_REFUSED held
+    INFLATE_QUEUE_FULL = "inflate_queue_full"  # inflates put off: no inflateq, or no free slot
+    ALLOC_FAIL = "alloc_fail"  # inflates that got no frame ("Out of puff!")
+    INFLATE_BUFFERS = "inflate_buffers"  # buffers sent on the inflateq
+    DEFLATE_QUEUE_FULL = "deflate_queue_full"  # deflates put off: no deflateq, or no free slot
+    DEFLATE_BUFFERS = "deflate_buffers"  # buffers sent on the deflateq
+    DEFLATED_PAGES = "deflated_pages"  # frames given back to the guest (deflate or reset)
+    REFUSED_FREED = "refused_freed"  # refused frames freed again
+    RESETS = "resets"  # host resets handled (a new x_reset_generation)
+    RESET_DROPPED_PAGES = "reset_dropped_pages"  # balloon frames dropped by host resets
+    OOM_DEFLATED_PAGES = "oom_deflated_pages"  # frames the OOM notifier gave back
+    USED_RING_BROKEN = "used_ring_broken"  # collects that found a queue's used ring broken
+    USED_UNEXPECTED = "used_unexpected"  # used buffers the driver had not sent (skipped)
+    STATS_REQUESTS = "stats_requests"  # stats buffers the device used (one per stats request)
+    REPORTED_BLOCKS = "reported_blocks"  # free 2 MiB blocks reported to the device and returned
+    INFLATED_PAGES = "inflated_pages"  # frames the device took into the balloon
+    REFUSED_PAGES = "refused_pages"  # frames the device refused (HOST_REFUSE)
+    STATUS_UNKNOWN = "status_unknown"  # inflate status bytes neither TAKEN nor REFUSED
+
 
 #: Linux fill_balloon: "Out of puff! Can't get %u pages" then msleep(200) and retry.
 VIRTIO_BALLOON_RETRY_S: Final = 0.2
@@ -235,7 +261,7 @@ class VirtioBalloonDriver:
         for role, q in queue_indices(self.features).items():
             size = min(t.queue_max_size(q), DRIVER_QUEUE_SIZE_MAX)
             if size <= 0 or size & (size - 1):
-                self.counters.inc("queue_unavailable")
+                self.counters.inc(VirtioDriverCounter.QUEUE_UNAVAILABLE)
                 continue
             layout = QueueLayout.packed(cursor, size)
             cursor = _align(layout.end_gpa, PAGE_SIZE)
@@ -308,7 +334,7 @@ class VirtioBalloonDriver:
         try:
             return BalloonConfig.decode(self.transport.read_config())
         except DeviceConfigError:
-            self.counters.inc("config_malformed")
+            self.counters.inc(VirtioDriverCounter.CONFIG_MALFORMED)
             return None
 
     def _update_actual(self) -> None:
@@ -327,7 +353,7 @@ class VirtioBalloonDriver:
             diff = self._target - (len(self._balloon) + self._inflight_inflate)
             if diff > 0:
                 if len(self._refused) >= VIRTIO_BALLOON_X_MAX_REFUSED:
-                    self.counters.inc("refused_limit")
+                    self.counters.inc(VirtioDriverCounter.REFUSED_LIMIT)
                     self._adjust_pending = True  # the refused frames go back; try again later
                     break
                 if self._fill(min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
@@ -373,12 +399,12 @@ class VirtioBalloonDriver:
         q = self._queue_ready(BalloonQueue.INFLATEQ, 2 if refuse else 1)
         slot = self._free_slot(BalloonQueue.INFLATEQ) if q is not None else None
         if q is None or slot is None:
-            self.counters.inc("inflate_queue_full")
+            self.counters.inc(VirtioDriverCounter.INFLATE_QUEUE_FULL)
             return 0
         pfns = self.mem.alloc_sleep(n)
         k = int(pfns.size)
         if k == 0:
-            self.counters.inc("alloc_fail")  # "Out of puff!"
+            self.counters.inc(VirtioDriverCounter.ALLOC_FAIL)  # "Out of puff!"
             return 0
         self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
         bufs = [(slot.gpa, 4 * k, False)]
@@ -390,7 +416,7 @@ class VirtioBalloonDriver:
         slot.busy = True
         self._pending[(BalloonQueue.INFLATEQ, head)] = _Pending(BalloonQueue.INFLATEQ, pfns, slot)
         self._inflight_inflate += k
-        self.counters.inc("inflate_buffers")
+        self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS)
         self._kick(BalloonQueue.INFLATEQ)
         return k
 
@@ -402,7 +428,7 @@ class VirtioBalloonDriver:
         q = self._queue_ready(BalloonQueue.DEFLATEQ, 1)
         slot = self._free_slot(BalloonQueue.DEFLATEQ) if q is not None else None
         if q is None or slot is None:
-            self.counters.inc("deflate_queue_full")
+            self.counters.inc(VirtioDriverCounter.DEFLATE_QUEUE_FULL)
             return 0
         pfns = self._balloon.pop_back(n)
         self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
@@ -412,7 +438,7 @@ class VirtioBalloonDriver:
         must_tell = self.has_feature(VIRTIO_BALLOON_F_MUST_TELL_HOST)
         p = _Pending(BalloonQueue.DEFLATEQ, pfns, slot)
         self._pending[(BalloonQueue.DEFLATEQ, head)] = p
-        self.counters.inc("deflate_buffers")
+        self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS)
         if not must_tell:
             self._give_back(pfns)  # advisory deflate: the guest may reuse them at once
             p.freed = True
@@ -425,13 +451,13 @@ class VirtioBalloonDriver:
         if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             self.mem.adjust_managed(-k)
         self._freed_total += k
-        self.counters.inc("deflated_pages", k)
+        self.counters.inc(VirtioDriverCounter.DEFLATED_PAGES, k)
 
     def _free_refused(self) -> None:
         pfns = self._refused.pop_front(len(self._refused))
         if pfns.size:
             self.mem.free_balloon(pfns)
-            self.counters.inc("refused_freed", int(pfns.size))
+            self.counters.inc(VirtioDriverCounter.REFUSED_FREED, int(pfns.size))
 
     def _host_reset(self, generation: int) -> None:
         """The host reset the balloon: drop every frame without telling it (seed 001)."""
@@ -446,8 +472,8 @@ class VirtioBalloonDriver:
                 p.freed = True
         self._reset_gen = generation
         self.transport.write_config(OFFSET_X_RESET_ACK, encode_u32(generation))
-        self.counters.inc("resets")
-        self.counters.inc("reset_dropped_pages", int(pfns.size))
+        self.counters.inc(VirtioDriverCounter.RESETS)
+        self.counters.inc(VirtioDriverCounter.RESET_DROPPED_PAGES, int(pfns.size))
 
     def _oom_notify(self) -> int:
         """virtballoon_oom_notify: deflate VIRTIO_BALLOON_OOM_NR_PAGES instead of an OOM kill."""
@@ -467,7 +493,7 @@ class VirtioBalloonDriver:
             self._collect(BalloonQueue.DEFLATEQ)
         self._update_actual()
         freed = self._freed_total - before
-        self.counters.inc("oom_deflated_pages", freed)
+        self.counters.inc(VirtioDriverCounter.OOM_DEFLATED_PAGES, freed)
         return freed
 
     # ------------------------------------------------------------------ used buffers
@@ -482,12 +508,12 @@ class VirtioBalloonDriver:
         try:
             elems = q.collect()
         except DescriptorError:
-            self.counters.inc("used_ring_broken")
+            self.counters.inc(VirtioDriverCounter.USED_RING_BROKEN)
             return
         for e in elems:
             p = self._pending.pop((role, e.head), None)
             if p is None:
-                self.counters.inc("used_unexpected")
+                self.counters.inc(VirtioDriverCounter.USED_UNEXPECTED)
                 continue
             match p.kind:
                 case BalloonQueue.INFLATEQ:
@@ -495,13 +521,13 @@ class VirtioBalloonDriver:
                 case BalloonQueue.DEFLATEQ:
                     self._deflated(p)
                 case BalloonQueue.STATSQ:
-                    self.counters.inc("stats_requests")
+                    self.counters.inc(VirtioDriverCounter.STATS_REQUESTS)
                     self._send_stats()
                 case BalloonQueue.REPORTING_VQ:
                     self.mem.return_isolated(p.blocks, reported=True)
-                    self.counters.inc("reported_blocks", int(p.blocks.size))
+                    self.counters.inc(VirtioDriverCounter.REPORTED_BLOCKS, int(p.blocks.size))
                 case _:
-                    self.counters.inc("used_unexpected")
+                    self.counters.inc(VirtioDriverCounter.USED_UNEXPECTED)
 
     def _inflated(self, p: _Pending, length: int) -> None:
         k = int(p.pfns.size)
@@ -517,11 +543,11 @@ class VirtioBalloonDriver:
         self._balloon.push_back(acc)
         if acc.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             self.mem.adjust_managed(int(acc.size))
-        self.counters.inc("inflated_pages", int(acc.size))
+        self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(acc.size))
         if taken is not None and not bool(taken.all()):
             ref = p.pfns[~taken]
             self._refused.push_back(ref)
-            self.counters.inc("refused_pages", int(ref.size))
+            self.counters.inc(VirtioDriverCounter.REFUSED_PAGES, int(ref.size))
 
     def _taken_mask(self, status: npt.NDArray[np.uint8], length: int) -> npt.NDArray[np.bool_]:
         """Which frames of an inflate buffer the device took, from its status bytes."""
@@ -531,7 +557,7 @@ class VirtioBalloonDriver:
             status != VIRTIO_BALLOON_X_STATUS_REFUSED
         )
         if odd.any():
-            self.counters.inc("status_unknown", int(odd.sum()))
+            self.counters.inc(VirtioDriverCounter.STATUS_UNKNOWN, int(odd.sum()))
         return np.asarray(taken)
 
     def _deflated(self, p: _Pending) -> None:

@@ -74,7 +74,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memballoon.guest.memory import GuestMemory
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import PeerError
 from memballoon.model.pages import PfnArray, block_frames
 from memballoon.model.units import PFN32_MAX
@@ -93,6 +93,35 @@ from memballoon.protocol.vmw import (
     decode_response,
     encode_request,
 )
+
+
+class VmwDriverCounter(CounterName):
+    """What the VMware driver counts (``counters``): host replies it could not use, and failures."""
+
+    REPLY_SHORT_FRAME = "reply_short_frame"  # replies shorter than their header or entries
+    REPLY_LONG_FRAME = "reply_long_frame"  # replies longer than their header and entries
+    REPLY_UNKNOWN_STATUS = "reply_unknown_status"  # replies with a status the codec does not know
+    REPLY_COUNT_MISMATCH = "reply_count_mismatch"  # replies whose entries do not match the request
+    REPLY_PFN_MISMATCH = "reply_pfn_mismatch"  # batch replies that do not echo the request's PFNs
+    REPLY_OTHER = "reply_other"  # replies refused for another codec rule (none today)
+    BACKDOOR_LINK_CLOSED = "backdoor_LinkClosedError"  # calls over a link to the host that closed
+    BACKDOOR_PEER_ERROR = "backdoor_PeerError"  # calls failed by another PeerError
+    BACKDOOR_OS_ERROR = "backdoor_OSError"  # calls that failed with an OSError
+    LIMIT_OVER_32_BITS = "limit_over_32_bits"  # GET_TARGETs not sent: guest size over 32 bits
+    LOAD_FAILED = "load_failed"  # loads that failed (START or GUEST_ID)
+
+
+#: ``VmwFrameError.reason`` of a reply -> its counter (what ``decode_response`` raises).
+_REPLY_COUNTERS: Final = {
+    "short_frame": VmwDriverCounter.REPLY_SHORT_FRAME,
+    "long_frame": VmwDriverCounter.REPLY_LONG_FRAME,
+    "unknown_status": VmwDriverCounter.REPLY_UNKNOWN_STATUS,
+    "count_mismatch": VmwDriverCounter.REPLY_COUNT_MISMATCH,
+    "pfn_mismatch": VmwDriverCounter.REPLY_PFN_MISMATCH,
+}
+#: A ``PeerError`` class's name -> its counter (by name: the local link's error lives above
+#: the guest package); any other ``PeerError`` counts as ``backdoor_PeerError``.
+_BACKDOOR_COUNTERS: Final = {"LinkClosedError": VmwDriverCounter.BACKDOOR_LINK_CLOSED}
 
 # The seed's constants (vmw_balloon.c v2.6.34), in pages or pages per second.
 VMW_BALLOON_NOSLEEP_ALLOC_MAX = 16384
@@ -337,9 +366,12 @@ class VmwBalloonDriver:
             frame = self.port.call(encode_request(req))
             return decode_response(frame, req)
         except VmwFrameError as exc:
-            self.counters.inc(f"reply_{exc.reason}")
-        except (PeerError, OSError) as exc:
-            self.counters.inc(f"backdoor_{type(exc).__name__}")
+            self.counters.inc(_REPLY_COUNTERS.get(exc.reason, VmwDriverCounter.REPLY_OTHER))
+        except PeerError as exc:
+            self.counters.inc(_BACKDOOR_COUNTERS.get(type(exc).__name__,
+                                                     VmwDriverCounter.BACKDOOR_PEER_ERROR))
+        except OSError:
+            self.counters.inc(VmwDriverCounter.BACKDOOR_OS_ERROR)
         return Response(Status.FAILURE)
 
     def _check_status(self, status: Status) -> bool:
@@ -383,7 +415,7 @@ class VmwBalloonDriver:
     def _send_get_target(self) -> int | None:
         limit = self.mem.total_pages  # the seed's si_meminfo() totalram
         if limit > PFN32_MAX:
-            self.counters.inc("limit_over_32_bits")
+            self.counters.inc(VmwDriverCounter.LIMIT_OVER_32_BITS)
             return None
         self.seed_stats.target += 1
         resp = self._cmd(Request(Command.GET_TARGET, limit))
@@ -416,7 +448,7 @@ class VmwBalloonDriver:
         """START then GUEST_ID; if either fails the driver stays unloaded (``loaded`` False)."""
         self.loaded = self._send_start() and self._send_guest_id()
         if not self.loaded:
-            self.counters.inc("load_failed")
+            self.counters.inc(VmwDriverCounter.LOAD_FAILED)
 
     def unload(self, now: float) -> None:
         """START first (the host forgets the balloon), then pop every page without UNLOCK."""

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.units import mib_to_pages
 
 
@@ -34,11 +35,11 @@ class Demand:
     def __post_init__(self) -> None:
         for name in ("anon_pages", "hot_anon_pages", "file_pages", "hot_file_pages"):
             if getattr(self, name) < 0:
-                raise ValueError(f"Demand.{name} must be >= 0")
+                raise UsageError(f"Demand.{name} must be >= 0")
         if self.hot_anon_pages > self.anon_pages or self.hot_file_pages > self.file_pages:
-            raise ValueError("hot part larger than the working set")
+            raise UsageError("hot part larger than the working set")
         if not 0.0 <= self.cold_access_per_s <= 1.0:
-            raise ValueError("cold_access_per_s must be within [0, 1]")
+            raise UsageError("cold_access_per_s must be within [0, 1]")
 
 
 class Workload(Protocol):
@@ -174,22 +175,22 @@ SPEC_PARAMS = {
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
-    """``"kind"`` or ``"kind:key=value,..."`` -> (kind, params); ValueError names what is wrong."""
+    """``"kind"`` or ``"kind:key=value,..."`` -> (kind, params); ConfigError names what is wrong."""
     kind, _, rest = spec.partition(":")
     if kind not in WORKLOADS:
-        raise ValueError(f"unknown workload {kind!r}; choose one of {', '.join(WORKLOADS)}")
+        raise ConfigError(f"unknown workload {kind!r}; choose one of {', '.join(WORKLOADS)}")
     params: dict[str, float] = {}
     for item in filter(None, rest.split(",")):
         key, eq, val = item.partition("=")
         if not eq or key not in SPEC_PARAMS[kind]:
-            raise ValueError(f"workload {kind}: unknown parameter {key!r} "
-                             f"(use {', '.join(SPEC_PARAMS[kind])})")
+            raise ConfigError(f"workload {kind}: unknown parameter {key!r} "
+                              f"(use {', '.join(SPEC_PARAMS[kind])})")
         try:
             v = float(val)
         except ValueError:
-            raise ValueError(f"workload {kind}: {key}={val!r} is not a number") from None
+            raise ConfigError(f"workload {kind}: {key}={val!r} is not a number") from None
         if not math.isfinite(v) or v < 0:
-            raise ValueError(f"workload {kind}: {key}={val!r} must be >= 0")
+            raise ConfigError(f"workload {kind}: {key}={val!r} must be >= 0")
         params[key] = v
     return kind, params
 

@@ -15,8 +15,9 @@ guest touched again; encoded only when a sample was taken, so older readers stil
 
 Decoding is strict: the report comes from a guest, so anything but exactly this shape (unknown
 or missing keys, wrong types, negative or unbelievable values, more than ``MAX_REPORT_BYTES``)
-raises ``ReportError`` (a ``PeerError``); with a ``Counters`` bag it also bumps
-``report_<reason>``. Unknown versions are refused rather than guessed at.
+raises ``ReportError`` (a ``PeerError``) naming the rule broken, one ``ReportCounter`` member;
+with a ``Counters`` bag it also bumps that counter (``report_<reason>``). Unknown versions are
+refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Final
 
-from memballoon.model.counters import Counters
-from memballoon.model.errors import PeerError
+from memballoon.model.counters import CounterName, Counters
+from memballoon.model.errors import PeerError, UsageError
 
 REPORT_VERSION: Final = 1
 #: A real report is about 500 bytes; a longer one is garbage or a flood.
@@ -37,12 +38,28 @@ MAX_VALUE: Final = 2**53
 MAX_NAME_CHARS: Final = 100
 
 
-class ReportError(PeerError):
-    """A pressure report that cannot be decoded; ``reason`` names the rule broken."""
+class ReportCounter(CounterName):
+    """What ``PressureReport.decode`` counts: the rule a rejected report broke, one each."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+    TOO_LONG = "report_too_long"  # reports over MAX_REPORT_BYTES
+    NOT_JSON = "report_not_json"  # reports that are not UTF-8 JSON
+    BAD_NUMBER = "report_bad_number"  # reports holding NaN or Infinity
+    NOT_OBJECT = "report_not_object"  # JSON that is not an object
+    BAD_VERSION = "report_bad_version"  # reports of an unknown version ("v")
+    MISSING_KEY = "report_missing_key"  # reports without a required field
+    UNKNOWN_KEY = "report_unknown_key"  # reports with a field this version does not have
+    BAD_TYPE = "report_bad_type"  # a field of the wrong type; a guest name empty or too long
+    OUT_OF_RANGE = "report_out_of_range"  # a number negative or past its bound
+
+
+class ReportError(PeerError):
+    """A pressure report that cannot be decoded: ``counter`` is the rule broken, ``reason`` its
+    name without the ``report_`` prefix."""
+
+    def __init__(self, counter: ReportCounter, detail: str) -> None:
+        self.counter = counter
+        self.reason = counter.value.removeprefix("report_")
+        super().__init__(f"{self.reason}: {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +91,7 @@ class PressureReport:
                 del doc[k]
         data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
         if len(data) > MAX_REPORT_BYTES:
-            raise ValueError(f"report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
+            raise UsageError(f"report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
         return data
 
     @classmethod
@@ -83,7 +100,7 @@ class PressureReport:
             return _decode(data)
         except ReportError as exc:
             if counters is not None:
-                counters.inc(f"report_{exc.reason}")
+                counters.inc(exc.counter)
             raise
 
 
@@ -97,56 +114,58 @@ _INT_FIELDS: Final = frozenset(
 
 
 def _reject_constant(name: str) -> float:
-    raise ReportError("bad_number", f"{name} is not a finite number")
+    raise ReportError(ReportCounter.BAD_NUMBER, f"{name} is not a finite number")
 
 
 def _int(doc: dict[str, object], name: str) -> int:
     v = doc[name]
     if not isinstance(v, int) or isinstance(v, bool):
-        raise ReportError("bad_type", f"{name} must be an integer, got {type(v).__name__}")
+        raise ReportError(ReportCounter.BAD_TYPE,
+                          f"{name} must be an integer, got {type(v).__name__}")
     if not 0 <= v <= MAX_VALUE:
-        raise ReportError("out_of_range", f"{name} = {v}")
+        raise ReportError(ReportCounter.OUT_OF_RANGE, f"{name} = {v}")
     return v
 
 
 def _float(doc: dict[str, object], name: str, hi: float) -> float:
     v = doc[name]
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ReportError("bad_type", f"{name} must be a number, got {type(v).__name__}")
+        raise ReportError(ReportCounter.BAD_TYPE,
+                          f"{name} must be a number, got {type(v).__name__}")
     f = float(v)
     if not (math.isfinite(f) and 0.0 <= f <= hi):
-        raise ReportError("out_of_range", f"{name} = {v}")
+        raise ReportError(ReportCounter.OUT_OF_RANGE, f"{name} = {v}")
     return f
 
 
 def _decode(data: bytes | str) -> PressureReport:
     if len(data) > MAX_REPORT_BYTES:
-        raise ReportError("too_long", f"{len(data)} bytes > {MAX_REPORT_BYTES}")
+        raise ReportError(ReportCounter.TOO_LONG, f"{len(data)} bytes > {MAX_REPORT_BYTES}")
     try:
         doc = json.loads(data, parse_constant=_reject_constant)
     except ReportError:
         raise
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ReportError("not_json", str(exc)[:80]) from None
+        raise ReportError(ReportCounter.NOT_JSON, str(exc)[:80]) from None
     if not isinstance(doc, dict):
-        raise ReportError("not_object", type(doc).__name__)
+        raise ReportError(ReportCounter.NOT_OBJECT, type(doc).__name__)
     if doc.get("v") != REPORT_VERSION:
-        raise ReportError("bad_version", f"v = {doc.get('v')!r}")
+        raise ReportError(ReportCounter.BAD_VERSION, f"v = {doc.get('v')!r}")
     keys = set(doc) - {"v"}
     missing = set(_FIELDS) - keys - {"refused_pages", *_OPTIONAL_INT_FIELDS}
     if missing:
-        raise ReportError("missing_key", ", ".join(sorted(missing)))
+        raise ReportError(ReportCounter.MISSING_KEY, ", ".join(sorted(missing)))
     extra = keys - set(_FIELDS)
     if extra:
-        raise ReportError("unknown_key", ", ".join(sorted(extra))[:80])
+        raise ReportError(ReportCounter.UNKNOWN_KEY, ", ".join(sorted(extra))[:80])
     guest = doc["guest"]
     if not isinstance(guest, str) or not 0 < len(guest) <= MAX_NAME_CHARS:
-        raise ReportError("bad_type", "guest must be a non-empty string")
+        raise ReportError(ReportCounter.BAD_TYPE, "guest must be a non-empty string")
     refused = doc.get("refused_pages")
     kw: dict[str, object] = {n: _int(doc, n) for n in _INT_FIELDS}
     kw.update({n: _int(doc, n) for n in _OPTIONAL_INT_FIELDS if n in doc})
     if kw.get("active_touched", 0) > kw.get("active_sampled", 0):  # type: ignore[operator]
-        raise ReportError("out_of_range", "active_touched > active_sampled")
+        raise ReportError(ReportCounter.OUT_OF_RANGE, "active_touched > active_sampled")
     return PressureReport(
         guest=guest,
         time_s=_float(doc, "time_s", float(MAX_VALUE)),
@@ -156,4 +175,6 @@ def _decode(data: bytes | str) -> PressureReport:
     )
 
 
-__all__ = ["MAX_REPORT_BYTES", "REPORT_VERSION", "PressureReport", "ReportError"]
+__all__ = [
+    "MAX_REPORT_BYTES", "REPORT_VERSION", "PressureReport", "ReportCounter", "ReportError",
+]

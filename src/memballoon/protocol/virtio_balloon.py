@@ -33,10 +33,18 @@ from typing import Final
 
 import numpy as np
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DeviceConfigError, StatsError
 
 VIRTIO_ID_BALLOON: Final = 5
+
+
+class StatsCounter(CounterName):
+    """What ``decode_stats`` counts in the caller's bag when it skips part of a buffer."""
+
+    STATS_TRUNCATED = "stats_truncated"  # buffers ending in a partial entry (that entry skipped)
+    STATS_UNKNOWN_TAG = "stats_unknown_tag"  # entries with a tag past VIRTIO_BALLOON_S_NR
+
 
 # Feature bits (virtio_balloon.h)
 VIRTIO_BALLOON_F_MUST_TELL_HOST: Final = 0  # tell host before reclaiming pages
@@ -249,7 +257,7 @@ def decode_stats(
         if strict:
             raise StatsError(f"stats buffer of {len(data)} bytes: a truncated entry")
         if counters is not None:
-            counters.inc("stats_truncated")
+            counters.inc(StatsCounter.STATS_TRUNCATED)
     arr = np.frombuffer(data, dtype=_STAT_DTYPE, count=whole)
     known = arr["tag"] < VIRTIO_BALLOON_S_NR
     bad = int(whole - int(known.sum()))
@@ -257,7 +265,7 @@ def decode_stats(
         if strict:
             raise StatsError(f"unknown stat tag(s) {sorted(set(arr['tag'][~known].tolist()))}")
         if counters is not None:
-            counters.inc("stats_unknown_tag", bad)
+            counters.inc(StatsCounter.STATS_UNKNOWN_TAG, bad)
     good = arr[known]
     return dict(zip(good["tag"].tolist(), good["val"].tolist(), strict=True))
 

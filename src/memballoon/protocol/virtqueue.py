@@ -37,7 +37,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, GuestAddressError, UsageError
 
 # VIRTIO 1.x 2.7.5 "The Virtqueue Descriptor Table" (struct virtq_desc flags)
@@ -54,6 +54,15 @@ VIRTQ_DESC_ALIGN: Final = 16
 VIRTQ_AVAIL_ALIGN: Final = 2
 VIRTQ_USED_ALIGN: Final = 4
 _U16: Final = 0xFFFF
+
+
+class VirtqueueCounter(CounterName):
+    """What a ``DriverQueue`` counts in its owner's bag (the device's used ring is untrusted)."""
+
+    USED_IDX_JUMP = "used_idx_jump"  # used.idx ran ahead of the chains in flight: queue broken
+    USED_UNKNOWN_HEAD = "used_unknown_head"  # used entries naming a head not in flight (skipped)
+    USED_LEN_TOO_LONG = "used_len_too_long"  # used lengths over the chain's writable bytes (cut)
+
 
 _DESC = struct.Struct("<QIHH")
 _U16S = struct.Struct("<H")
@@ -317,7 +326,7 @@ class DriverQueue:
             return []
         if n > len(self._flight):
             self.broken = True
-            self.counters.inc("used_idx_jump")
+            self.counters.inc(VirtqueueCounter.USED_IDX_JUMP)
             raise DescriptorError(
                 f"used.idx {used_idx} is {n} ahead with {len(self._flight)} chains in flight"
             )
@@ -328,10 +337,10 @@ class DriverQueue:
             head, length = _USED_ELEM.unpack(self.view.read(ring + 8 * slot, 8))
             fl = self._flight.pop(head, None)
             if fl is None:
-                self.counters.inc("used_unknown_head")
+                self.counters.inc(VirtqueueCounter.USED_UNKNOWN_HEAD)
                 continue
             if length > fl.writable_bytes:
-                self.counters.inc("used_len_too_long")
+                self.counters.inc(VirtqueueCounter.USED_LEN_TOO_LONG)
                 length = fl.writable_bytes
             self._free.extend(reversed(fl.descs))
             out.append(UsedElem(head, length))

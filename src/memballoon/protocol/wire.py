@@ -22,9 +22,12 @@ Kinds:
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Final
 
+from memballoon.model.counters import CounterName
 from memballoon.model.errors import FrameError
 
 MAX_FRAME = 1 << 20  # 1 MiB: a batched VMware frame is ~4 KiB, a status report < 4 KiB
@@ -43,6 +46,30 @@ class Kind(IntEnum):
     WAKE = 9
     CONTROL = 10
     CONTROL_REPLY = 11
+
+
+class UnexpectedKindCounter(CounterName):
+    """Messages of a kind their receiver does not take, one name per ``Kind``: counted by the
+    host (in the guest's bag) and by the guest process (in its own)."""
+
+    UNEXPECTED_HELLO = "unexpected_hello"  # a HELLO at a guest
+    UNEXPECTED_VMW = "unexpected_vmw"  # a VMW frame from a virtio guest
+    UNEXPECTED_CONFIG = "unexpected_config"  # a CONFIG at the host, or at a VMware guest
+    UNEXPECTED_STATUS = "unexpected_status"  # a STATUS at a guest
+    UNEXPECTED_NOTIFY = "unexpected_notify"  # a NOTIFY from a VMware guest, or at a guest
+    UNEXPECTED_BYE = "unexpected_bye"  # none: both ends take BYE
+    UNEXPECTED_VIRTIO = "unexpected_virtio"  # a VIRTIO request from a VMware guest, or at a guest
+    UNEXPECTED_VIRTIO_REPLY = "unexpected_virtio_reply"  # a VIRTIO_REPLY at the host
+    UNEXPECTED_WAKE = "unexpected_wake"  # a WAKE at the host
+    UNEXPECTED_CONTROL = "unexpected_control"  # a CONTROL at the host
+    UNEXPECTED_CONTROL_REPLY = "unexpected_control_reply"  # a CONTROL_REPLY at a guest
+
+
+#: The counter of an unexpected message of each kind (every kind has one: this fails at import
+#: when a new ``Kind`` has no member above).
+UNEXPECTED: Final[Mapping[Kind, UnexpectedKindCounter]] = {
+    k: UnexpectedKindCounter(f"unexpected_{k.name.lower()}") for k in Kind
+}
 
 
 @dataclass(frozen=True, slots=True)
