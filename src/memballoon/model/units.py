@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from memballoon.model.errors import UsageError
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT  # bytes; both protocols use 4 KiB frames
 KIB = 1024
@@ -32,13 +34,13 @@ def pages_to_bytes(pages: int) -> int:
 def bytes_to_pages(size_bytes: int) -> int:
     """Whole pages in ``size_bytes`` (rounded down)."""
     if size_bytes < 0:
-        raise ValueError(f"negative size: {size_bytes} bytes")
+        raise UsageError(f"negative size: {size_bytes} bytes")
     return size_bytes >> PAGE_SHIFT
 
 
 def mib_to_pages(mib: int | float) -> int:
     if mib < 0:
-        raise ValueError(f"negative size: {mib} MiB")
+        raise UsageError(f"negative size: {mib} MiB")
     return int(mib * MIB) >> PAGE_SHIFT
 
 
