@@ -50,12 +50,12 @@ from memballoon.host.memfd import MemfdRam
 from memballoon.local.link import GuestLink, LinkClosedError
 from memballoon.local.transport_virtio import LocalVirtioTransport
 from memballoon.local.transport_vmw import SocketBackdoor
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import MemballoonError
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 from memballoon.protocol.pressure import PressureReport
 from memballoon.protocol.virtqueue import GuestRamView
-from memballoon.protocol.wire import Kind, Message
+from memballoon.protocol.wire import UNEXPECTED, Kind, Message
 
 PROTOCOLS: Final = ("vmw", "vmw-batched", "virtio")
 HELLO_VERSION: Final = 1
@@ -68,6 +68,14 @@ EXIT_HOST_GONE: Final = 3
 #: ESX samples 100 random pages per 30 s period (Waldspurger, OSDI 2002, section 5.2).
 ACTIVE_SAMPLE_PERIOD_S: Final = 30.0
 ACTIVE_SAMPLE_PAGES: Final = 100
+
+
+class GuestRuntimeCounter(CounterName):
+    """What ``GuestRuntime`` counts in the guest process's bag (shared with its link, transport
+    and RAM)."""
+
+    CONTROL_UNKNOWN = "control_unknown"  # CONTROL requests of an unknown op (answered: error)
+    WAKEUPS = "wakeups"  # WAKE messages from the host
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +198,7 @@ class GuestRuntime:
             case "stats":
                 out = {"driver": self.driver.stats(), "counters": self.counters.as_dict()}
             case _:
-                self.counters.inc("control_unknown")
+                self.counters.inc(GuestRuntimeCounter.CONTROL_UNKNOWN)
                 return {"error": f"unknown op {op!r}"}
         out["seconds"] = time.perf_counter() - t
         return out
@@ -199,7 +207,7 @@ class GuestRuntime:
         """One host message from the inbox; returns whether the driver's work should run."""
         match m.kind:
             case Kind.WAKE:
-                self.counters.inc("wakeups")
+                self.counters.inc(GuestRuntimeCounter.WAKEUPS)
                 return self.cfg.protocol == "vmw-batched"  # the legacy driver polls
             case Kind.CONTROL:
                 reply = self.control(m.payload)
@@ -207,7 +215,7 @@ class GuestRuntime:
             case Kind.BYE:
                 self.running = False
             case _:
-                self.counters.inc(f"unexpected_{m.kind.name.lower()}")
+                self.counters.inc(UNEXPECTED[m.kind])
         return False
 
     # ------------------------------------------------------------------ the loop

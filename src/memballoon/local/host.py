@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol
@@ -60,8 +60,18 @@ from memballoon.local.guest_main import HELLO_VERSION, PROTOCOLS
 from memballoon.local.transport_virtio import VirtioHostEndpoint, make_eventfds
 from memballoon.local.transport_vmw import VmwHostEndpoint
 from memballoon.manager.port import Clock
-from memballoon.model.counters import Counters
-from memballoon.model.errors import ConfigError, FrameError, MemballoonError, UsageError
+from memballoon.model.counters import CounterName, Counters
+from memballoon.model.errors import (
+    ConfigError,
+    DescriptorError,
+    DeviceConfigError,
+    FrameError,
+    GuestAddressError,
+    MemballoonError,
+    PeerError,
+    StatsError,
+    UsageError,
+)
 from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
 from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport, ReportError
@@ -74,7 +84,8 @@ from memballoon.protocol.virtio_balloon import (
     features_of,
 )
 from memballoon.protocol.virtqueue import GuestRamView
-from memballoon.protocol.wire import Decoder, Kind, Message, encode
+from memballoon.protocol.vmw import VmwFrameError
+from memballoon.protocol.wire import UNEXPECTED, Decoder, Kind, Message, encode
 
 #: What the host's virtio devices offer by default. Free page reporting is left out: it would
 #: release free memory behind the balloon's back and blur what ballooning itself returns.
@@ -97,6 +108,64 @@ GUEST_MODULE: Final = "memballoon.local.guest_main"
 PROCESS_OVERHEAD_BYTES: Final = 64 * MIB
 #: A guest of fewer pages cannot hold the guest model's reserved frames and driver area.
 MIN_GUEST_MIB: Final = 16
+
+
+class LocalHostCounter(CounterName):
+    """What ``LocalHost`` counts: in ``counters`` (host-wide: the cgroup, freeing, refused
+    targets) and in each guest's bag (the rest; its device counts in its own)."""
+
+    HELLO_TIMEOUT = "hello_timeout"  # guests that sent no HELLO within ready_timeout_s
+    HELLO_MISMATCH = "hello_mismatch"  # HELLOs that do not match the guest's spec
+    HELLO = "hello"  # HELLOs accepted
+    REPORTS = "reports"  # STATUS reports accepted
+    REPORT_WRONG_GUEST = "report_wrong_guest"  # STATUS reports naming another guest
+    BYE_RECEIVED = "bye_received"  # BYEs from the guest
+    FRAME_ERROR = "frame_error"  # socket data that broke the framing (the guest is dropped)
+    OUTBUF_OVERFLOW = "outbuf_overflow"  # guests that left over MAX_OUTBUF_BYTES unread
+    CONTROL_REPLY_UNEXPECTED = "control_reply_unexpected"  # CONTROL_REPLYs with no request waiting
+    CONTROL_REPLY_MALFORMED = "control_reply_malformed"  # CONTROL_REPLYs that are not a JSON object
+    SET_TARGET_DEAD = "set_target_dead"  # targets for a dead guest (refused)
+    SET_TARGET_REFUSED = "set_target_refused"  # host-wide: unknown guest or target out of range
+    CGROUP_REMOVE_FAILED = "cgroup_remove_failed"  # host-wide: budget cgroups not removed at close
+    FREE_FAILED = "free_failed"  # host-wide: dead guests' RAM that could not be measured or punched
+    RAM_CLOSE_DEFERRED = "ram_close_deferred"  # host-wide: dead guests' RAM still mapped at close
+    DIED_HELLO_TIMEOUT = "died_hello_timeout"  # deaths: no HELLO in time
+    DIED_BAD_HELLO = "died_bad_hello"  # deaths: a HELLO that does not match
+    DIED_EXIT = "died_exit"  # deaths: the process exited
+    DIED_EOF = "died_eof"  # deaths: EOF on the socket
+    DIED_GARBAGE = "died_garbage"  # deaths: the framing broke
+    DIED_SEND_FAILED = "died_send_failed"  # deaths: a send to the guest failed
+    DIED_OUTBUF_OVERFLOW = "died_outbuf_overflow"  # deaths: the guest did not read what we sent
+    DIED_SHUTDOWN = "died_shutdown"  # deaths: the host closed
+    # messages whose handler raised a MemballoonError it did not expect, by class:
+    ERROR_MEMBALLOON_ERROR = "error_MemballoonError"  # a bare MemballoonError
+    ERROR_USAGE_ERROR = "error_UsageError"  # a UsageError (a bug on our side)
+    ERROR_CONFIG_ERROR = "error_ConfigError"  # a ConfigError
+    ERROR_PEER_ERROR = "error_PeerError"  # a bare PeerError
+    ERROR_FRAME_ERROR = "error_FrameError"  # a FrameError
+    ERROR_VMW_FRAME_ERROR = "error_VmwFrameError"  # a VMware backdoor frame error
+    ERROR_DESCRIPTOR_ERROR = "error_DescriptorError"  # a virtqueue descriptor error
+    ERROR_GUEST_ADDRESS_ERROR = "error_GuestAddressError"  # an address outside the guest
+    ERROR_STATS_ERROR = "error_StatsError"  # a malformed stats buffer
+    ERROR_DEVICE_CONFIG_ERROR = "error_DeviceConfigError"  # a malformed device config
+    ERROR_REPORT_ERROR = "error_ReportError"  # a malformed pressure report
+    ERROR_OTHER = "error_other"  # any other class
+
+
+#: The class of an exception a message handler raised -> its ``error_<class>`` counter.
+_HANDLER_ERRORS: Final[Mapping[type[MemballoonError], LocalHostCounter]] = {
+    MemballoonError: LocalHostCounter.ERROR_MEMBALLOON_ERROR,
+    UsageError: LocalHostCounter.ERROR_USAGE_ERROR,
+    ConfigError: LocalHostCounter.ERROR_CONFIG_ERROR,
+    PeerError: LocalHostCounter.ERROR_PEER_ERROR,
+    FrameError: LocalHostCounter.ERROR_FRAME_ERROR,
+    VmwFrameError: LocalHostCounter.ERROR_VMW_FRAME_ERROR,
+    DescriptorError: LocalHostCounter.ERROR_DESCRIPTOR_ERROR,
+    GuestAddressError: LocalHostCounter.ERROR_GUEST_ADDRESS_ERROR,
+    StatsError: LocalHostCounter.ERROR_STATS_ERROR,
+    DeviceConfigError: LocalHostCounter.ERROR_DEVICE_CONFIG_ERROR,
+    ReportError: LocalHostCounter.ERROR_REPORT_ERROR,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,8 +403,8 @@ class LocalHost:
                 dead.cancel()
                 hello.cancel()
             if g.alive and not g.hello.is_set():
-                g.counters.inc("hello_timeout")
-                self._die(g, "hello_timeout")
+                g.counters.inc(LocalHostCounter.HELLO_TIMEOUT)
+                self._die(g, LocalHostCounter.DIED_HELLO_TIMEOUT)
 
         await asyncio.gather(*(one(g) for g in self._guests.values()))
 
@@ -347,7 +416,7 @@ class LocalHost:
         assert g.proc is not None
         rc = await g.proc.wait()
         g.exit_code = rc
-        self._die(g, "exit")
+        self._die(g, LocalHostCounter.DIED_EXIT)
 
     async def close(self) -> None:
         if self._closed:
@@ -369,7 +438,7 @@ class LocalHost:
                     g.proc.kill()
         await self._reap(guests, TERM_WAIT_S)
         for g in guests:
-            self._die(g, "shutdown")
+            self._die(g, LocalHostCounter.DIED_SHUTDOWN)
             if g.watcher is not None and not g.watcher.done():
                 g.watcher.cancel()
         b = self._budget
@@ -377,7 +446,7 @@ class LocalHost:
             try:
                 b.cgroup.remove()
             except MemballoonError:
-                self.counters.inc("cgroup_remove_failed")
+                self.counters.inc(LocalHostCounter.CGROUP_REMOVE_FAILED)
 
     async def _reap(self, guests: list[_Guest], timeout_s: float) -> None:
         waits = [g.proc.wait() for g in guests if g.proc is not None and g.proc.returncode is None]
@@ -386,12 +455,13 @@ class LocalHost:
                 await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
 
     # ------------------------------------------------------------------ death
-    def _die(self, g: _Guest, reason: str) -> None:
-        """Mark ``g`` dead: stop serving it, record what its RAM held, free it."""
+    def _die(self, g: _Guest, why: LocalHostCounter) -> None:
+        """Mark ``g`` dead (counting ``why``, a ``died_*`` member): stop serving it, record
+        what its RAM held, free it."""
         if not g.alive:
             return
         g.alive = False
-        g.counters.inc(f"died_{reason}")
+        g.counters.inc(why)
         self._disconnect(g)
         if g.proc is not None and g.proc.returncode is None and not self._closed:
             # a live process whose link is gone or broken is of no use: make sure it is gone
@@ -414,7 +484,7 @@ class LocalHost:
             ram.release(np.array([[0, ram.guest_pages]], dtype=np.int64))  # all of it, now
             self.freed_at_exit_bytes += g.resident_at_exit
         except MemballoonError:
-            self.counters.inc("free_failed")
+            self.counters.inc(LocalHostCounter.FREE_FAILED)
         # drop the device (and its view of the mapping) so the mapping can be closed
         g.endpoint = None
         for fd in g.kick_fds + g.irq_fds:
@@ -428,7 +498,7 @@ class LocalHost:
             try:
                 ram.close()
             except UsageError:
-                self.counters.inc("ram_close_deferred")
+                self.counters.inc(LocalHostCounter.RAM_CLOSE_DEFERRED)
 
     def _disconnect(self, g: _Guest) -> None:
         if not g.connected:
@@ -453,15 +523,16 @@ class LocalHost:
             except BlockingIOError:
                 n = 0
             except OSError:
-                self._die(g, "send_failed")
+                self._die(g, LocalHostCounter.DIED_SEND_FAILED)
                 return
             if n < len(data):
                 g.outbuf += data[n:]
                 assert self._loop is not None
                 self._loop.add_writer(g.sock.fileno(), self._on_writable, g)
         if len(g.outbuf) > MAX_OUTBUF_BYTES:
-            g.counters.inc("outbuf_overflow")  # it does not read what we send: broken
-            self._die(g, "outbuf_overflow")
+            # it does not read what we send: broken
+            g.counters.inc(LocalHostCounter.OUTBUF_OVERFLOW)
+            self._die(g, LocalHostCounter.DIED_OUTBUF_OVERFLOW)
 
     def _on_writable(self, g: _Guest) -> None:
         try:
@@ -469,7 +540,7 @@ class LocalHost:
         except BlockingIOError:
             return
         except OSError:
-            self._die(g, "send_failed")
+            self._die(g, LocalHostCounter.DIED_SEND_FAILED)
             return
         del g.outbuf[:n]
         if not g.outbuf and self._loop is not None:
@@ -485,13 +556,13 @@ class LocalHost:
         except OSError:
             data = b""
         if not data:
-            self._die(g, "eof")
+            self._die(g, LocalHostCounter.DIED_EOF)
             return
         try:
             msgs = g.dec.messages(data)
         except FrameError:
-            g.counters.inc("frame_error")
-            self._die(g, "garbage")
+            g.counters.inc(LocalHostCounter.FRAME_ERROR)
+            self._die(g, LocalHostCounter.DIED_GARBAGE)
             return
         for m in msgs:
             if not g.connected:
@@ -499,7 +570,7 @@ class LocalHost:
             try:
                 self._dispatch(g, m)
             except MemballoonError as exc:  # a peer error the handlers did not expect
-                g.counters.inc(f"error_{type(exc).__name__}")
+                g.counters.inc(_HANDLER_ERRORS.get(type(exc), LocalHostCounter.ERROR_OTHER))
 
     def _on_kick(self, g: _Guest, queue: int) -> None:
         if g.endpoint is not None:
@@ -520,9 +591,9 @@ class LocalHost:
             case Kind.CONTROL_REPLY:
                 self._control_reply(g, m.payload)
             case Kind.BYE:
-                g.counters.inc("bye_received")
+                g.counters.inc(LocalHostCounter.BYE_RECEIVED)
             case _:
-                g.counters.inc(f"unexpected_{m.kind.name.lower()}")
+                g.counters.inc(UNEXPECTED[m.kind])
 
     def _status(self, g: _Guest, payload: bytes) -> None:
         try:
@@ -530,9 +601,9 @@ class LocalHost:
         except ReportError:
             return
         if rep.guest != g.spec.name:
-            g.counters.inc("report_wrong_guest")
+            g.counters.inc(LocalHostCounter.REPORT_WRONG_GUEST)
             return
-        g.counters.inc("reports")
+        g.counters.inc(LocalHostCounter.REPORTS)
         g.report, g.report_time = rep, self.clock.now()
 
     def _hello(self, g: _Guest, payload: bytes) -> None:
@@ -543,15 +614,15 @@ class LocalHost:
         want = {"v": HELLO_VERSION, "guest": g.spec.name, "protocol": g.spec.protocol,
                 "pages": g.spec.pages, "pid": g.proc.pid if g.proc else None}
         if not isinstance(doc, dict) or any(doc.get(k) != v for k, v in want.items()):
-            g.counters.inc("hello_mismatch")
-            self._die(g, "bad_hello")
+            g.counters.inc(LocalHostCounter.HELLO_MISMATCH)
+            self._die(g, LocalHostCounter.DIED_BAD_HELLO)
             return
-        g.counters.inc("hello")
+        g.counters.inc(LocalHostCounter.HELLO)
         g.hello.set()
 
     def _control_reply(self, g: _Guest, payload: bytes) -> None:
         if not g.controls:
-            g.counters.inc("control_reply_unexpected")
+            g.counters.inc(LocalHostCounter.CONTROL_REPLY_UNEXPECTED)
             return
         fut = g.controls.popleft()
         try:
@@ -559,7 +630,7 @@ class LocalHost:
         except ValueError:
             doc = None
         if not isinstance(doc, dict):
-            g.counters.inc("control_reply_malformed")
+            g.counters.inc(LocalHostCounter.CONTROL_REPLY_MALFORMED)
             if not fut.done():
                 fut.set_exception(MemballoonError("malformed control reply"))
             return
@@ -578,10 +649,10 @@ class LocalHost:
         guest, a target outside its RAM, or a dead guest."""
         g = self._guests.get(name)
         if g is None or not 0 <= balloon_pages <= g.spec.pages:
-            self.counters.inc("set_target_refused")
+            self.counters.inc(LocalHostCounter.SET_TARGET_REFUSED)
             return False
         if not g.alive or g.endpoint is None:
-            g.counters.inc("set_target_dead")
+            g.counters.inc(LocalHostCounter.SET_TARGET_DEAD)
             return False
         msg = g.endpoint.set_target(balloon_pages)
         if msg is not None:

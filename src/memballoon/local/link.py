@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import FrameError, PeerError
 from memballoon.protocol.wire import Decoder, Kind, Message, encode
 
@@ -30,6 +30,17 @@ RECV_BYTES: Final = 1 << 16
 #: this only bounds a hung host.
 REPLY_TIMEOUT_S: Final = 30.0
 REPLY_KINDS: Final = frozenset({Kind.VMW, Kind.VIRTIO_REPLY})
+
+
+class LinkCounter(CounterName):
+    """What ``GuestLink`` counts: why the link closed (once), and replies it could not use."""
+
+    LINK_SEND_FAILED = "link_send_failed"  # the link closed: a send to the host failed
+    LINK_RECV_FAILED = "link_recv_failed"  # the link closed: a receive from the host failed
+    LINK_EOF = "link_eof"  # the link closed: the host closed its end
+    LINK_FRAME_ERROR = "link_frame_error"  # the link closed: the host broke the framing
+    REPLY_TIMEOUT = "reply_timeout"  # requests the host did not answer in time
+    REPLY_WRONG_KIND = "reply_wrong_kind"  # replies of another kind than the request's
 
 
 class LinkClosedError(PeerError):
@@ -58,22 +69,23 @@ class GuestLink:
         try:
             self.sock.sendall(encode(kind, payload))
         except OSError as exc:
-            self._close("send_failed")
+            self._close(LinkCounter.LINK_SEND_FAILED)
             raise LinkClosedError(f"sending to the host: {exc}") from exc
 
-    def _close(self, reason: str) -> None:
+    def _close(self, why: LinkCounter) -> None:
+        """Close for good, counting ``why`` (one of the ``link_*`` members) the first time."""
         if not self.closed:
             self.closed = True
-            self.counters.inc(f"link_{reason}")
+            self.counters.inc(why)
 
     def _ingest(self, data: bytes) -> None:
         if not data:
-            self._close("eof")
+            self._close(LinkCounter.LINK_EOF)
             raise LinkClosedError("the host closed the connection")
         try:
             msgs = self._dec.messages(data)
         except FrameError as exc:
-            self._close("frame_error")
+            self._close(LinkCounter.LINK_FRAME_ERROR)
             raise LinkClosedError(f"garbage from the host: {exc}") from exc
         for m in msgs:
             if m.kind in REPLY_KINDS:
@@ -96,7 +108,7 @@ class GuestLink:
         try:
             data = self.sock.recv(RECV_BYTES)
         except OSError as exc:
-            self._close("recv_failed")
+            self._close(LinkCounter.LINK_RECV_FAILED)
             raise LinkClosedError(f"receiving from the host: {exc}") from exc
         self._ingest(data)
         return True
@@ -117,12 +129,12 @@ class GuestLink:
             else:
                 r, _, _ = select.select([self.sock], [], [], deadline - time.monotonic())
             if not r:
-                self.counters.inc("reply_timeout")
+                self.counters.inc(LinkCounter.REPLY_TIMEOUT)
                 raise LinkClosedError(f"no reply from the host in {timeout_s:g} s")
             self.pump(None)
         m = self._replies.popleft()
         if m.kind is not reply:
-            self.counters.inc("reply_wrong_kind")
+            self.counters.inc(LinkCounter.REPLY_WRONG_KIND)
             raise PeerError(f"expected a {reply.name} reply, got {m.kind.name}")
         return m.payload
 

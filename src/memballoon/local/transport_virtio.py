@@ -42,7 +42,7 @@ from typing import Final
 
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.local.link import GuestLink
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import PeerError, UsageError
 from memballoon.protocol.virtio_balloon import CONFIG_BYTES, CONFIG_X_BYTES
 from memballoon.protocol.virtio_transport import ConfigHandler, UsedHandler
@@ -91,6 +91,26 @@ def _drain_eventfd(fd: int) -> int:
         return 0
 
 
+class VirtioTransportCounter(CounterName):
+    """What the virtio transport counts: the guest's end (``LocalVirtioTransport``, in its link's
+    bag) and the host's (``VirtioHostEndpoint``, in its device's bag unless given one)."""
+
+    VIRTIO_REQUEST_REFUSED = "virtio_request_refused"  # guest: requests the host refused
+    VIRTIO_REPLY_MALFORMED = "virtio_reply_malformed"  # guest: replies of the wrong length
+    CONFIG_PUSH_MALFORMED = "config_push_malformed"  # guest: config of a wrong length (ignored)
+    CONFIG_INTERRUPTS = "config_interrupts"  # guest: config changes the host pushed
+    USED_INTERRUPTS = "used_interrupts"  # guest: used-buffer interrupts taken
+    WAIT_TIMEOUT = "wait_timeout"  # guest: waits for used buffers that timed out
+    IRQ_WRITE_FAILED = "irq_write_failed"  # host: interrupt eventfd writes that failed
+    DOORBELLS = "doorbells"  # host: doorbell eventfds that woke the device
+    DOORBELLS_SPURIOUS = "doorbells_spurious"  # host: of those, ones with nothing written
+    NOTIFY_MALFORMED = "notify_malformed"  # host: NOTIFY messages of the wrong length
+    NOTIFY_MESSAGES = "notify_messages"  # host: doorbells rung by a NOTIFY message
+    # host: SETUP_QUEUE for a queue without eventfds (refused)
+    SETUP_QUEUE_WITHOUT_EVENTFD = "setup_queue_without_eventfd"
+    VIRTIO_REQUEST_MALFORMED = "virtio_request_malformed"  # host: unknown op or bad length
+
+
 # ====================================================================== guest side
 class LocalVirtioTransport:
     """The guest driver's ``VirtioTransport`` to a device in the host process."""
@@ -130,13 +150,13 @@ class LocalVirtioTransport:
     def _request(self, op: VirtioOp, args: bytes = b"") -> bytes:
         reply = self.link.request(Kind.VIRTIO, bytes([op]) + args, Kind.VIRTIO_REPLY)
         if not reply or reply[0] != REPLY_OK:
-            self.counters.inc("virtio_request_refused")
+            self.counters.inc(VirtioTransportCounter.VIRTIO_REQUEST_REFUSED)
             raise PeerError(f"host refused {op.name}")
         return reply[1:]
 
     def _u(self, s: struct.Struct, data: bytes, what: str) -> int:
         if len(data) != s.size:
-            self.counters.inc("virtio_reply_malformed")
+            self.counters.inc(VirtioTransportCounter.VIRTIO_REPLY_MALFORMED)
             raise PeerError(f"{what}: {len(data)} bytes, want {s.size}")
         return int(s.unpack(data)[0])
 
@@ -183,7 +203,7 @@ class LocalVirtioTransport:
 
     def _apply_config(self, data: bytes) -> bool:
         if len(data) not in (CONFIG_BYTES, CONFIG_X_BYTES):
-            self.counters.inc("config_push_malformed")
+            self.counters.inc(VirtioTransportCounter.CONFIG_PUSH_MALFORMED)
             return False
         cfg = bytearray(data)
         # what we wrote may not have reached the host when it pushed: ours wins
@@ -195,7 +215,7 @@ class LocalVirtioTransport:
 
     def _config_pushed(self, payload: bytes) -> None:
         if self._apply_config(payload):
-            self.counters.inc("config_interrupts")
+            self.counters.inc(VirtioTransportCounter.CONFIG_INTERRUPTS)
             self.config_pending = True
             if self._on_config is not None:
                 self._on_config()
@@ -219,7 +239,7 @@ class LocalVirtioTransport:
             if fd == self.link.fileno():
                 self.link.pump(0.0)
             elif _drain_eventfd(fd):
-                self.counters.inc("used_interrupts")
+                self.counters.inc(VirtioTransportCounter.USED_INTERRUPTS)
                 if self._on_used is not None:
                     self._on_used(queue)
 
@@ -238,7 +258,7 @@ class LocalVirtioTransport:
             if deadline is None:
                 deadline = now + budget
             elif now >= deadline:
-                self.counters.inc("wait_timeout")
+                self.counters.inc(VirtioTransportCounter.WAIT_TIMEOUT)
                 return
             self._block(queue, deadline - now)
 
@@ -292,24 +312,24 @@ class VirtioHostEndpoint:
             try:
                 os.write(self.irq_fds[queue], _ONE)
             except OSError:
-                self.counters.inc("irq_write_failed")
+                self.counters.inc(VirtioTransportCounter.IRQ_WRITE_FAILED)
 
     # -------------------------------------------------------------- doorbells
     def kick(self, queue: int) -> None:
         """The doorbell of ``queue`` rang (its eventfd is readable): run the device."""
         n = _drain_eventfd(self.kick_fds[queue])
-        self.counters.inc("doorbells")
+        self.counters.inc(VirtioTransportCounter.DOORBELLS)
         if n == 0:
-            self.counters.inc("doorbells_spurious")
+            self.counters.inc(VirtioTransportCounter.DOORBELLS_SPURIOUS)
         self.device.notify(queue)  # never raises; processes every available chain
 
     def notify_message(self, payload: bytes) -> None:
         """A ``NOTIFY`` message: a doorbell rung over the socket instead of an eventfd."""
         if len(payload) != _U16.size:
-            self.counters.inc("notify_malformed")
+            self.counters.inc(VirtioTransportCounter.NOTIFY_MALFORMED)
             return
         (q,) = _U16.unpack(payload)
-        self.counters.inc("notify_messages")
+        self.counters.inc(VirtioTransportCounter.NOTIFY_MESSAGES)
         self.device.notify(q)
 
     # -------------------------------------------------------------- HostEndpoint
@@ -348,7 +368,7 @@ class VirtioHostEndpoint:
             case VirtioOp.SETUP_QUEUE if len(args) == _SETUP.size:
                 q, size, desc, avail, used = _SETUP.unpack(args)
                 if q >= len(self.kick_fds):
-                    self.counters.inc("setup_queue_without_eventfd")
+                    self.counters.inc(VirtioTransportCounter.SETUP_QUEUE_WITHOUT_EVENTFD)
                 else:
                     d.setup_queue(q, QueueLayout(size, desc, avail, used))  # checks the layout
                     data = b""
@@ -359,10 +379,10 @@ class VirtioHostEndpoint:
                 d.write_config(off, args[_U32.size:])  # counts bad offsets itself
                 return None
             case VirtioOp.WRITE_CONFIG:
-                self.counters.inc("virtio_request_malformed")
+                self.counters.inc(VirtioTransportCounter.VIRTIO_REQUEST_MALFORMED)
                 return None
             case _:
-                self.counters.inc("virtio_request_malformed")
+                self.counters.inc(VirtioTransportCounter.VIRTIO_REQUEST_MALFORMED)
         if data is None:
             return encode(Kind.VIRTIO_REPLY, bytes([REPLY_BAD]))
         return encode(Kind.VIRTIO_REPLY, bytes([REPLY_OK]) + data)

@@ -18,8 +18,15 @@ import socket
 
 from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.local.link import GuestLink
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.protocol.wire import Kind, encode
+
+
+class VmwTransportCounter(CounterName):
+    """What ``VmwHostEndpoint`` counts (in its device's bag unless given one)."""
+
+    KICK_WITHOUT_DOORBELL = "kick_without_doorbell"  # kicks: the backdoor has no doorbell
+    WAKEUPS_SENT = "wakeups_sent"  # WAKE messages sent on a new target (batched protocol)
 
 
 class SocketBackdoor:
@@ -61,12 +68,12 @@ class VmwHostEndpoint:
         self.device.flush_release()
 
     def kick(self, queue: int) -> None:
-        self.counters.inc("kick_without_doorbell")
+        self.counters.inc(VmwTransportCounter.KICK_WITHOUT_DOORBELL)
 
     def set_target(self, pages: int) -> bytes | None:
         """Set the target; returns the wake-up message to send, if the protocol has one."""
         self.device.set_target(pages)
         if self.signalled:
-            self.counters.inc("wakeups_sent")
+            self.counters.inc(VmwTransportCounter.WAKEUPS_SENT)
             return encode(Kind.WAKE)
         return None
