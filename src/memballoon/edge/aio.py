@@ -16,12 +16,21 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from memballoon.manager.core import Action
+from memballoon.manager.core import Action, ManagerCounter
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import AsyncIO
+from memballoon.model.counters import CounterName
 from memballoon.model.errors import UsageError
 
 log = logging.getLogger(__name__)
+
+
+class AsyncEngineCounter(CounterName):
+    """What ``AsyncEngine`` counts in its engine's bag besides the manager's own (a failed
+    backend I/O call is the manager's ``backend_error``)."""
+
+    TICK_HOOK_ERROR = "tick_hook_error"  # on_tick display hooks that raised (ignored)
+
 
 CALL_TIMEOUT_S: Final = 10.0
 SHUTDOWN_WAIT_S: Final = 20.0
@@ -55,7 +64,7 @@ class AsyncEngine:
         try:
             await asyncio.wait_for(getattr(self._io, what)(), self.call_timeout_s)
         except Exception as exc:  # the backend is an edge: one failed round, not the loop
-            self.engine.counters.inc("backend_error")
+            self.engine.counters.inc(ManagerCounter.BACKEND_ERROR)
             log.warning("backend %s: %s failed: %r", self.engine.backend.name, what, exc)
             return False
         return True
@@ -75,7 +84,7 @@ class AsyncEngine:
                 try:
                     self.on_tick(self.engine)
                 except Exception:  # a display hook must not stop the manager
-                    self.engine.counters.inc("tick_hook_error")
+                    self.engine.counters.inc(AsyncEngineCounter.TICK_HOOK_ERROR)
             return actions
 
     async def set_manual(self, guest: str, balloon_pages: int) -> tuple[Action, bool]:

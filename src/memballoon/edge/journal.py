@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from memballoon.manager.core import Action, Event
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 
 MAX_BYTES: Final = 8 << 20
@@ -34,6 +34,14 @@ MEMORY_RECORDS: Final = 1000
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class JournalCounter(CounterName):
+    """What the journal counts (``Journal.counters``; ``read_journal`` into the caller's bag)."""
+
+    JOURNAL_WRITE_FAILED = "journal_write_failed"  # records the file did not take (OSError)
+    JOURNAL_ROTATIONS = "journal_rotations"  # rotations of the file past max_bytes
+    JOURNAL_BAD_LINE = "journal_bad_line"  # lines read back that are not JSON objects
 
 
 class Journal:
@@ -79,7 +87,7 @@ class Journal:
             finally:
                 os.close(fd)
         except OSError:
-            self.counters.inc("journal_write_failed")
+            self.counters.inc(JournalCounter.JOURNAL_WRITE_FAILED)
         return full
 
     def _rotate_if_needed(self, incoming: int) -> None:
@@ -94,7 +102,7 @@ class Journal:
             src = self.path if i == 1 else rotated(self.path, i - 1)
             if src.exists():
                 os.replace(src, rotated(self.path, i))
-        self.counters.inc("journal_rotations")
+        self.counters.inc(JournalCounter.JOURNAL_ROTATIONS)
 
     def tail(self, *, guest: str | None = None, last: int | None = None) -> list[dict[str, Any]]:
         if self.path is not None:
@@ -126,7 +134,7 @@ def _lines(path: Path, counters: Counters | None) -> Iterator[dict[str, Any]]:
                 doc = None
             if not isinstance(doc, dict):
                 if counters is not None:
-                    counters.inc("journal_bad_line")
+                    counters.inc(JournalCounter.JOURNAL_BAD_LINE)
                 continue
             yield doc
 

@@ -36,7 +36,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.snapshot import Snapshot
 from memballoon.model.units import PAGE_SIZE
@@ -45,6 +45,43 @@ from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 log = logging.getLogger(__name__)
+
+
+class ManagerCounter(CounterName):
+    """What the manager counts: ``ManagerCore`` and the ``Engine`` around it share one bag (the
+    engine's defaults to the core's)."""
+
+    STEPS = "steps"  # core: steps taken
+    POLICY_ERROR = "policy_error"  # core: policy calls that raised (every guest held its target)
+    POLICY_UNKNOWN_GUEST = "policy_unknown_guest"  # core: decisions for no known guest
+    POLICY_BAD_TARGET = "policy_bad_target"  # core: decisions whose target is not a finite number
+    POLICY_DUPLICATE = "policy_duplicate"  # core: second decisions for one guest (the last wins)
+    CLAMPED = "clamped"  # core: policy targets clamped to the guest's floor and ceiling
+    SKIP_INFLATE_NO_REPORT = "skip_inflate_no_report"  # core: inflates refused: no recent report
+    SKIP_SMALL_CHANGE = "skip_small_change"  # core: changes under the hysteresis' minimum
+    SKIP_REVERSAL = "skip_reversal"  # core: reversals within hold_s (refused)
+    CORRECTIONS = "corrections"  # core: targets moved back inside the guest's min/max
+    ACTIONS = "actions"  # core: actions decided (policy, correction, manual)
+    BACKEND_ERROR = "backend_error"  # engine, AsyncEngine: rounds lost to a failed backend
+    SET_TARGET_ERROR = "set_target_error"  # engine: set_target calls that raised
+    SET_TARGET_FAILED = "set_target_failed"  # engine: targets not applied (refused or raised)
+    DECISIONS_POLICY = "decisions_policy"  # engine: policy targets applied
+    DECISIONS_MANUAL = "decisions_manual"  # engine: manual targets applied
+    DECISIONS_CORRECTION = "decisions_correction"  # engine: corrections applied
+    DECISIONS_SHUTDOWN = "decisions_shutdown"  # engine: shutdown deflations applied
+    # engine: balloons not deflated in time at shutdown
+    SHUTDOWN_DEFLATE_INCOMPLETE = "shutdown_deflate_incomplete"
+
+
+#: Where an ``Action`` comes from.
+ActionKind = Literal["policy", "manual", "correction", "shutdown"]
+#: The ``decisions_<kind>`` counter of an applied action of each kind.
+DECISIONS: Final[Mapping[ActionKind, ManagerCounter]] = {
+    "policy": ManagerCounter.DECISIONS_POLICY,
+    "manual": ManagerCounter.DECISIONS_MANUAL,
+    "correction": ManagerCounter.DECISIONS_CORRECTION,
+    "shutdown": ManagerCounter.DECISIONS_SHUTDOWN,
+}
 
 #: Defaults of the hysteresis (see ``Hysteresis``).
 MIN_CHANGE_PAGES: Final = 256  # 1 MiB: below this a change is noise
@@ -80,7 +117,7 @@ class Action:
     new_pages: int
     reason: str
     inputs: Mapping[str, float] = field(default_factory=dict)
-    kind: str = "policy"  # policy | manual | correction | shutdown
+    kind: ActionKind = "policy"
 
     @property
     def delta_pages(self) -> int:
@@ -163,7 +200,7 @@ class ManagerCore:
     def step(
         self, now: float, guests: Mapping[str, GuestSample], host_resident_bytes: int
     ) -> list[Action]:
-        self.counters.inc("steps")
+        self.counters.inc(ManagerCounter.STEPS)
         samples = {name: self.sample(s) for name, s in guests.items()}
         for name, st in samples.items():
             r = st.report
@@ -195,7 +232,7 @@ class ManagerCore:
                 a = Action(name, s.target_pages, fixed, "target outside the guest's min/max",
                            {"floor_pages": s.floor_pages(), "ceiling_pages": s.ceiling_pages()},
                            "correction")
-                self.counters.inc("corrections")
+                self.counters.inc(ManagerCounter.CORRECTIONS)
             if a is not None:
                 self._note(now, a)
                 actions.append(a)
@@ -208,7 +245,7 @@ class ManagerCore:
             raw = self.policy.decide(host, list(samples.values()), now)
             decisions = list(raw)
         except Exception as exc:  # any bug in a policy: count it, hold every target, go on
-            self.counters.inc("policy_error")
+            self.counters.inc(ManagerCounter.POLICY_ERROR)
             detail = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("policy %s failed, every guest holds its target: %s",
                         self.policy.name, detail)
@@ -217,18 +254,18 @@ class ManagerCore:
         out: dict[str, Decision] = {}
         for d in decisions:
             if not isinstance(d, Decision) or d.guest not in samples:
-                self.counters.inc("policy_unknown_guest")
+                self.counters.inc(ManagerCounter.POLICY_UNKNOWN_GUEST)
                 continue
             bp = d.balloon_pages
             if isinstance(bp, bool) or not isinstance(bp, int):
                 if isinstance(bp, float) and math.isfinite(bp):
                     bp = int(bp)
                 else:
-                    self.counters.inc("policy_bad_target")
+                    self.counters.inc(ManagerCounter.POLICY_BAD_TARGET)
                     continue
                 d = Decision(d.guest, bp, d.reason, d.inputs)
             if d.guest in out:
-                self.counters.inc("policy_duplicate")
+                self.counters.inc(ManagerCounter.POLICY_DUPLICATE)
             out[d.guest] = d
         return out
 
@@ -236,7 +273,7 @@ class ManagerCore:
         h = self.hysteresis
         want = clamp_balloon(s, d.balloon_pages)
         if want != d.balloon_pages:
-            self.counters.inc("clamped")
+            self.counters.inc(ManagerCounter.CLAMPED)
         cur = s.target_pages
         delta = want - cur
         if delta == 0:
@@ -245,12 +282,12 @@ class ManagerCore:
         if delta > 0 and not forced:
             age = s.report_age_s(now)
             if s.report is None or age is None or age > h.report_max_age_s:
-                self.counters.inc("skip_inflate_no_report")
+                self.counters.inc(ManagerCounter.SKIP_INFLATE_NO_REPORT)
                 return None
         if not forced:
             small = max(h.min_change_pages, int(h.min_change_fraction * s.ram_pages))
             if abs(delta) < small:
-                self.counters.inc("skip_small_change")
+                self.counters.inc(ManagerCounter.SKIP_SMALL_CHANGE)
                 return None
             last = self._last_dir.get(s.name, 0)
             recent = now - self._last_change.get(s.name, -math.inf) < h.hold_s
@@ -258,7 +295,7 @@ class ManagerCore:
             if last and direction != last and recent and not d.urgent and not (
                 direction < 0 and under_pressure(s, h, self._prev_report.get(s.name))
             ):
-                self.counters.inc("skip_reversal")
+                self.counters.inc(ManagerCounter.SKIP_REVERSAL)
                 return None
         inputs: dict[str, float] = {k: float(v) for k, v in d.inputs.items()}
         if want != d.balloon_pages:
@@ -269,7 +306,7 @@ class ManagerCore:
         if a.delta_pages:
             self._last_dir[a.guest] = 1 if a.delta_pages > 0 else -1
             self._last_change[a.guest] = now
-        self.counters.inc("actions")
+        self.counters.inc(ManagerCounter.ACTIONS)
 
     # ------------------------------------------------------------------ manual targets
     def set_manual(self, now: float, st: GuestSample, balloon_pages: int) -> Action:

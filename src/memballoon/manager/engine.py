@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from memballoon.manager.core import Action, ManagerCore
+from memballoon.manager.core import DECISIONS, Action, ManagerCore, ManagerCounter
 from memballoon.manager.port import Backend, Clock, JournalSink
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
@@ -67,7 +67,7 @@ class Engine:
             guests = self.backend.guests()
             resident = self.backend.host_resident_bytes()
         except Exception as exc:  # the backend is an edge: any failure costs one round only
-            self.counters.inc("backend_error")
+            self.counters.inc(ManagerCounter.BACKEND_ERROR)
             log.warning("backend %s failed to report: %r", self.backend.name, exc)
             return None
         self.guests, self.host_resident_bytes = guests, resident
@@ -78,14 +78,14 @@ class Engine:
         try:
             ok = bool(self.backend.set_target(a.guest, a.new_pages))
         except Exception as exc:  # one guest's failure is that guest's only
-            self.counters.inc("set_target_error")
+            self.counters.inc(ManagerCounter.SET_TARGET_ERROR)
             log.warning("set_target(%s, %d) failed: %r", a.guest, a.new_pages, exc)
             ok = False
         if not ok:
-            self.counters.inc("set_target_failed")
+            self.counters.inc(ManagerCounter.SET_TARGET_FAILED)
         else:
             self.decisions += 1
-            self.counters.inc(f"decisions_{a.kind}")
+            self.counters.inc(DECISIONS[a.kind])
         self.journal.write({**a.record(), "applied": ok}, mono=now)
         return ok
 
@@ -143,7 +143,7 @@ class Engine:
         """Count and journal the balloons that did not get there in ``wait_s``."""
         now = self.clock.now()
         for g, p in pending.items():
-            self.counters.inc("shutdown_deflate_incomplete")
+            self.counters.inc(ManagerCounter.SHUTDOWN_DEFLATE_INCOMPLETE)
             self.journal.write({"kind": "shutdown_incomplete", "guest": g,
                                 "reason": f"balloon not at {p} pages after {wait_s} s"},
                                mono=now)

@@ -23,7 +23,7 @@ from memballoon.guest.report import guest_report
 from memballoon.harness.pair import Pair
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import ManualClock
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.sample import GuestSample
@@ -33,6 +33,12 @@ from memballoon.protocol.pressure import PressureReport
 ESX_SAMPLE_PAGES: Final = 100
 #: Slack when comparing virtual times (periods like 0.1 s do not add up exactly in floats).
 TIME_EPS: Final = 1e-9
+
+
+class SimCounter(CounterName):
+    """What ``SimBackend`` counts."""
+
+    SET_TARGET_REFUSED = "set_target_refused"  # targets for an unknown guest or out of range
 
 
 @dataclass
@@ -129,7 +135,7 @@ class SimBackend:
     def set_target(self, guest: str, balloon_pages: int) -> bool:
         g = self._guests.get(guest)
         if g is None or not 0 <= balloon_pages <= g.pair.mem.total_pages:
-            self.counters.inc("set_target_refused")
+            self.counters.inc(SimCounter.SET_TARGET_REFUSED)
             return False
         g.pair.set_target(balloon_pages)
         return True
