@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.model.errors import UsageError
 from memballoon.model.pages import RangeArray
 from memballoon.protocol.vmw import (
+    VMW_BALLOON_BATCH_MAX_PAGES,
     VMW_BALLOON_HV_MAGIC,
     Capability,
     Command,
@@ -202,6 +205,25 @@ def test_malformed_frames_are_answered_and_counted() -> None:
     assert dev.counters["frame_unknown_command"] == 1
     assert dev.counters["frame_pfn_over_32_bits"] == 1
     assert dev.actual_pages == 0
+
+
+def test_every_request_decoding_failure_has_its_counter() -> None:
+    dev, _ = started(batched=True)
+
+    def frame(cmd: Command, data: int, *tail: bytes) -> bytes:
+        return struct.pack("<IIQ", VMW_BALLOON_HV_MAGIC, cmd, data) + b"".join(tail)
+
+    lock = Command.BATCHED_LOCK
+    frames = {
+        "long_frame": frame(Command.GET_TARGET, 0, b"\0"),
+        "count_over_max": frame(lock, 1, struct.pack("<I", VMW_BALLOON_BATCH_MAX_PAGES + 1)),
+        "count_mismatch": frame(lock, 2, struct.pack("<IQ", 1, 4096)),
+        "entry_low_bits": frame(lock, 1, struct.pack("<IQ", 1, 4096 | 1)),
+    }
+    for reason, f in frames.items():
+        dev.handle(f)
+        assert dev.counters[f"frame_{reason}"] == 1, reason
+    assert dev.counters.total() == 1 + len(frames)  # START, then only these
 
 
 def test_batched_lock_statuses_and_one_release() -> None:

@@ -28,6 +28,7 @@ from memballoon.guest.memory import GuestMemory, StepReport
 from memballoon.guest.workload import Workload
 from memballoon.host.device import BalloonDevice
 from memballoon.host.ram import NullRam
+from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState
 
 PROTOCOLS = ("vmw", "vmw-batched", "virtio")
@@ -110,7 +111,7 @@ def make_pair(
 ) -> Pair:
     """A driver/device pair of ``protocol`` over a fresh guest of ``guest_pages``."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise UsageError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     ram = NullRam(guest_pages)
     mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
     driver: BalloonDriver

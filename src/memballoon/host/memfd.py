@@ -40,7 +40,7 @@ from typing import Final, cast
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import GuestAddressError, MemballoonError, PeerError, UsageError
 from memballoon.model.pages import PfnArray, RangeArray, as_pfns, check_ranges, range_pages
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
@@ -63,6 +63,12 @@ _MIX_GEN: Final = np.uint64(0xBF58476D1CE4E5B9)
 STAMP_CHUNK_PAGES: Final = 1 << 16
 
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class MemfdCounter(CounterName):
+    """What ``MemfdRam.attach`` counts in the bag its caller passes."""
+
+    MEMFD_ATTACH_REJECTED = "memfd_attach_rejected"  # fds from the peer refused (size, seals)
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int]:
@@ -137,12 +143,12 @@ class MemfdRam:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError as exc:
             if counters is not None:
-                counters.inc("memfd_attach_rejected")
+                counters.inc(MemfdCounter.MEMFD_ATTACH_REJECTED)
             raise PeerError(f"fd {fd} is not a memfd: {exc}") from exc
         want = guest_pages << PAGE_SHIFT
         if size != want or seals & fcntl.F_SEAL_SHRINK == 0:
             if counters is not None:
-                counters.inc("memfd_attach_rejected")
+                counters.inc(MemfdCounter.MEMFD_ATTACH_REJECTED)
             raise PeerError(
                 f"memfd {fd} is {size} bytes with seals {seals:#x}; want {want} bytes "
                 "sealed against shrinking"

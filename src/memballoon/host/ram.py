@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from memballoon.model.errors import UsageError
 from memballoon.model.pages import PfnArray, RangeArray, check_ranges, range_pages
 from memballoon.model.units import PAGE_SIZE
 
@@ -53,7 +54,7 @@ class NullRam:
 
     def __init__(self, guest_pages: int) -> None:
         if guest_pages <= 0:
-            raise ValueError(f"guest_pages must be positive, got {guest_pages}")
+            raise UsageError(f"guest_pages must be positive, got {guest_pages}")
         self._guest_pages = guest_pages
         self._resident = np.zeros(guest_pages, dtype=np.uint8)
         self._resident_pages = 0

@@ -33,11 +33,13 @@ Counter names (``counters``) are the Firecracker-style metrics of this device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
 from memballoon.host.ram import RamBackend
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, PeerError, UsageError
 from memballoon.model.pages import PfnArray, RangeArray, coalesce, merge_range_lists, merge_ranges
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
@@ -85,6 +87,93 @@ MAX_PFN_BUFFER_BYTES = 64 * 1024
 MAX_STATS_BUFFER_BYTES = 4096
 
 _EMPTY = np.empty(0, dtype=np.int64)
+
+
+class VirtioDeviceCounter(CounterName):
+    """What ``VirtioBalloonDevice.counters`` counts (names read by tests, benches and metrics).
+
+    The stats decoder counts its own names (``stats_truncated``, ``stats_unknown_tag``) in the
+    same bag.
+    """
+
+    # transport: negotiation, queue set-up, config space, doorbells
+    DRIVER_FEATURES_NOT_OFFERED = "driver_features_not_offered"  # feature bits we never offered
+    SETUP_UNKNOWN_QUEUE = "setup_unknown_queue"  # set-up of a queue the features do not have
+    SETUP_QUEUE_TOO_LARGE = "setup_queue_too_large"  # a queue larger than queue_max_size
+    SETUP_BAD_LAYOUT = "setup_bad_layout"  # rings misaligned or outside the view (broken)
+    CONFIG_WRITE_BAD = "config_write_bad"  # config writes not one aligned u32 inside the space
+    CONFIG_WRITE_READONLY = "config_write_readonly"  # config writes to a field the device owns
+    NOTIFY_DEAD_QUEUE = "notify_dead_queue"  # doorbells of a queue not set up, or broken
+    # per queue we serve (_QUEUE_COUNTERS): chains whose content was malformed, chains whose
+    # descriptors were, avail rings found corrupt (NEEDS_RESET), heads outside the table
+    INFLATEQ_BAD_BUFFER = "inflateq_bad_buffer"  # malformed content
+    INFLATEQ_BAD_DESCRIPTOR = "inflateq_bad_descriptor"  # malformed descriptors
+    INFLATEQ_BROKEN_RING = "inflateq_broken_ring"  # corrupt avail ring
+    INFLATEQ_BAD_HEAD = "inflateq_bad_head"  # head outside the table
+    DEFLATEQ_BAD_BUFFER = "deflateq_bad_buffer"  # malformed content
+    DEFLATEQ_BAD_DESCRIPTOR = "deflateq_bad_descriptor"  # malformed descriptors
+    DEFLATEQ_BROKEN_RING = "deflateq_broken_ring"  # corrupt avail ring
+    DEFLATEQ_BAD_HEAD = "deflateq_bad_head"  # head outside the table
+    STATSQ_BAD_BUFFER = "statsq_bad_buffer"  # malformed content
+    STATSQ_BAD_DESCRIPTOR = "statsq_bad_descriptor"  # malformed descriptors
+    STATSQ_BROKEN_RING = "statsq_broken_ring"  # corrupt avail ring
+    STATSQ_BAD_HEAD = "statsq_bad_head"  # head outside the table
+    REPORTING_VQ_BAD_BUFFER = "reporting_vq_bad_buffer"  # malformed content
+    REPORTING_VQ_BAD_DESCRIPTOR = "reporting_vq_bad_descriptor"  # malformed descriptors
+    REPORTING_VQ_BROKEN_RING = "reporting_vq_broken_ring"  # corrupt avail ring
+    REPORTING_VQ_BAD_HEAD = "reporting_vq_bad_head"  # head outside the table
+    UNSUPPORTED_QUEUE = "unsupported_queue"  # chains on a queue with no handler (our bug)
+    # inflate
+    INFLATE_BUFFERS = "inflate_buffers"  # inflate buffers processed
+    INFLATED_PAGES = "inflated_pages"  # frames taken into the balloon
+    INFLATE_PFN_OUTSIDE_GUEST = "inflate_pfn_outside_guest"  # PFNs past the guest's end
+    INFLATE_PFN_DUPLICATE = "inflate_pfn_duplicate"  # PFNs repeated within one doorbell
+    INFLATE_PFN_ALREADY_IN_BALLOON = "inflate_pfn_already_in_balloon"  # PFNs we hold already
+    INFLATE_REFUSED_PINNED = "inflate_refused_pinned"  # pinned frames refused (HOST_REFUSE)
+    INFLATE_PINNED_TAKEN = "inflate_pinned_taken"  # pinned frames taken (no HOST_REFUSE)
+    # deflate
+    DEFLATE_BUFFERS = "deflate_buffers"  # deflate buffers processed
+    DEFLATED_PAGES = "deflated_pages"  # frames given back to the guest
+    DEFLATE_PFN_OUTSIDE_GUEST = "deflate_pfn_outside_guest"  # PFNs past the guest's end
+    DEFLATE_PFN_DUPLICATE = "deflate_pfn_duplicate"  # PFNs repeated within one buffer
+    DEFLATE_PFN_NOT_IN_BALLOON = "deflate_pfn_not_in_balloon"  # PFNs we never held
+    # stats, free page reporting, reset
+    STATS_EXTRA_BUFFER = "stats_extra_buffer"  # a second stats buffer while we held one
+    REPORT_BUFFERS = "report_buffers"  # free page reports processed
+    REPORTED_PAGES = "reported_pages"  # frames released because the guest reported them free
+    RESETS = "resets"  # balloon resets (HOST_RESET)
+
+
+@dataclass(frozen=True, slots=True)
+class _QueueCounters:
+    """One queue's members of the per-queue families."""
+
+    bad_buffer: VirtioDeviceCounter
+    bad_descriptor: VirtioDeviceCounter
+    broken_ring: VirtioDeviceCounter
+    bad_head: VirtioDeviceCounter
+
+
+@dataclass(frozen=True, slots=True)
+class _PfnCounters:
+    """One direction's members of the PFN-check families."""
+
+    outside_guest: VirtioDeviceCounter
+    duplicate: VirtioDeviceCounter
+
+
+# FREE_PAGE_VQ is never served: FREE_PAGE_HINT is not in SUPPORTED_FEATURES, so no driver
+# can negotiate it and it never gets a role.
+_QUEUE_COUNTERS = {
+    q: _QueueCounters(*(VirtioDeviceCounter(f"{q.name.lower()}_{kind}")
+                        for kind in ("bad_buffer", "bad_descriptor", "broken_ring", "bad_head")))
+    for q in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ, BalloonQueue.STATSQ,
+              BalloonQueue.REPORTING_VQ)
+}
+_INFLATE_PFN = _PfnCounters(VirtioDeviceCounter.INFLATE_PFN_OUTSIDE_GUEST,
+                            VirtioDeviceCounter.INFLATE_PFN_DUPLICATE)
+_DEFLATE_PFN = _PfnCounters(VirtioDeviceCounter.DEFLATE_PFN_OUTSIDE_GUEST,
+                            VirtioDeviceCounter.DEFLATE_PFN_DUPLICATE)
 
 
 class VirtioBalloonDevice:
@@ -142,7 +231,7 @@ class VirtioBalloonDevice:
 
     def set_driver_features(self, features: int) -> None:
         if features & ~self._offered:
-            self.counters.inc("driver_features_not_offered")
+            self.counters.inc(VirtioDeviceCounter.DRIVER_FEATURES_NOT_OFFERED)
         self.features = features & self._offered
         self._roles = {i: q for q, i in queue_indices(self.features).items()}
         self._queues.clear()
@@ -155,10 +244,10 @@ class VirtioBalloonDevice:
     def setup_queue(self, queue: int, layout: QueueLayout) -> None:
         role = self._roles.get(queue)
         if role is None:
-            self.counters.inc("setup_unknown_queue")
+            self.counters.inc(VirtioDeviceCounter.SETUP_UNKNOWN_QUEUE)
             return
         if layout.size > self.queue_size:
-            self.counters.inc("setup_queue_too_large")
+            self.counters.inc(VirtioDeviceCounter.SETUP_QUEUE_TOO_LARGE)
             self.broken_queues.add(queue)
             return
         refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
@@ -174,7 +263,7 @@ class VirtioBalloonDevice:
             )
             self.broken_queues.discard(queue)
         except PeerError:
-            self.counters.inc("setup_bad_layout")
+            self.counters.inc(VirtioDeviceCounter.SETUP_BAD_LAYOUT)
             self.broken_queues.add(queue)
 
     def read_config(self) -> bytes:
@@ -193,7 +282,7 @@ class VirtioBalloonDevice:
             CONFIG_BYTES
         )
         if len(data) != 4 or offset % 4 or not 0 <= offset < size:
-            self.counters.inc("config_write_bad")
+            self.counters.inc(VirtioDeviceCounter.CONFIG_WRITE_BAD)
             return
         value = int.from_bytes(data, "little")
         if offset == OFFSET_ACTUAL:
@@ -203,13 +292,13 @@ class VirtioBalloonDevice:
         elif offset == OFFSET_X_RESET_ACK:
             self._reset_ack = value
         else:
-            self.counters.inc("config_write_readonly")
+            self.counters.inc(VirtioDeviceCounter.CONFIG_WRITE_READONLY)
 
     def notify(self, queue: int) -> None:
         """The doorbell. Processes every available chain; never raises."""
         dq = self._queues.get(queue)
         if dq is None or queue in self.broken_queues:
-            self.counters.inc("notify_dead_queue")
+            self.counters.inc(VirtioDeviceCounter.NOTIFY_DEAD_QUEUE)
             return
         role = self._roles[queue]
         used = 0
@@ -231,13 +320,13 @@ class VirtioBalloonDevice:
                     batch.append((len(done), chain, self._inflate_read(chain)))
                     done.append((chain.head, 0))
                 except PeerError:
-                    self.counters.inc("inflateq_bad_buffer")
+                    self.counters.inc(VirtioDeviceCounter.INFLATEQ_BAD_BUFFER)
                     done.append((chain.head, 0))
                 continue
             try:
                 length = self._process(role, chain)
             except PeerError:
-                self.counters.inc(f"{role.name.lower()}_bad_buffer")
+                self.counters.inc(_QUEUE_COUNTERS[role].bad_buffer)
                 length = 0
             if length is None:  # held (the stats buffer)
                 continue
@@ -326,7 +415,7 @@ class VirtioBalloonDevice:
         self._inflated[:] = False
         self._inflated_count = 0
         self._reset_generation = (self._reset_generation + 1) & PFN32_MAX
-        self.counters.inc("resets")
+        self.counters.inc(VirtioDeviceCounter.RESETS)
         self._config_interrupt()
 
     # ------------------------------------------------------------------ queue processing
@@ -346,22 +435,21 @@ class VirtioBalloonDevice:
 
     def _bad_chain(self, queue: int, dq: DeviceQueue) -> int:
         """Count a chain ``pop`` rejected; return it used (len 0) if its head was valid."""
-        name = self._roles[queue].name.lower()
+        names = _QUEUE_COUNTERS[self._roles[queue]]
         if dq.failed_head is not None:
-            self.counters.inc(f"{name}_bad_descriptor")
+            self.counters.inc(names.bad_descriptor)
             dq.push_used(dq.failed_head, 0)
             return 1
         if dq.broken:
-            self.counters.inc(f"{name}_broken_ring")
+            self.counters.inc(names.broken_ring)
             self.broken_queues.add(queue)  # DEVICE_NEEDS_RESET for this queue
         else:
-            self.counters.inc(f"{name}_bad_head")
+            self.counters.inc(names.bad_head)
         return 0
 
     def _process(self, role: BalloonQueue, chain: Chain) -> int | None:
+        """One chain of a queue other than the inflateq (``notify`` takes those together)."""
         match role:
-            case BalloonQueue.INFLATEQ:
-                return self._inflate(chain)
             case BalloonQueue.DEFLATEQ:
                 return self._deflate(chain)
             case BalloonQueue.STATSQ:
@@ -369,7 +457,7 @@ class VirtioBalloonDevice:
             case BalloonQueue.REPORTING_VQ:
                 return self._report(chain)
             case _:
-                self.counters.inc("unsupported_queue")
+                self.counters.inc(VirtioDeviceCounter.UNSUPPORTED_QUEUE)
                 return 0
 
     def _read_pfns(self, chain: Chain, name: str) -> PfnArray:
@@ -378,12 +466,12 @@ class VirtioBalloonDevice:
             raise DescriptorError(f"{name}: {len(data)} bytes is not a whole number of u32 PFNs")
         return np.frombuffer(data, dtype="<u4").astype(np.int64)
 
-    def _valid_mask(self, pfns: PfnArray, name: str) -> npt.NDArray[np.bool_]:
+    def _valid_mask(self, pfns: PfnArray, names: _PfnCounters) -> npt.NDArray[np.bool_]:
         """PFNs inside the guest and first of their kind in this buffer."""
         ok = pfns < self._guest_pages  # u32 on the wire: always < 2**32 and >= 0
         bad = int(pfns.size - int(ok.sum()))
         if bad:
-            self.counters.inc(f"{name}_pfn_outside_guest", bad)
+            self.counters.inc(names.outside_guest, bad)
         if pfns.size > 1 and not bool((np.diff(pfns) > 0).all()):
             # not strictly ascending (drivers send sorted runs): look for duplicates
             _, first = np.unique(pfns, return_index=True)
@@ -391,7 +479,7 @@ class VirtioBalloonDevice:
             once[first] = True
             dup = int(pfns.size - first.size)
             if dup:
-                self.counters.inc(f"{name}_pfn_duplicate", dup)
+                self.counters.inc(names.duplicate, dup)
             ok &= once
         return ok
 
@@ -406,9 +494,6 @@ class VirtioBalloonDevice:
             raise DescriptorError("inflate: device-writable buffer without HOST_REFUSE")
         return pfns
 
-    def _inflate(self, chain: Chain) -> int:
-        return self._inflate_batch([(0, chain, self._inflate_read(chain))])[0]
-
     def _inflate_batch(self, items: list[tuple[int, Chain, PfnArray]]) -> list[int]:
         """Take the frames of several inflate buffers at once; the used length of each.
 
@@ -422,8 +507,8 @@ class VirtioBalloonDevice:
             ok = np.ones(pfns.size, dtype=np.bool_)
         else:
             ok = self._take_scattered(pfns, refuse)
-        self.counters.inc("inflate_buffers", len(items))
-        self.counters.inc("inflated_pages", int(ok.sum()))
+        self.counters.inc(VirtioDeviceCounter.INFLATE_BUFFERS, len(items))
+        self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES, int(ok.sum()))
         if not refuse:
             return [0] * len(items)
         status = np.where(ok, VIRTIO_BALLOON_X_STATUS_TAKEN, VIRTIO_BALLOON_X_STATUS_REFUSED)
@@ -450,19 +535,20 @@ class VirtioBalloonDevice:
 
     def _take_scattered(self, pfns: PfnArray, refuse: bool) -> npt.NDArray[np.bool_]:
         """Take what may be taken of ``pfns``, checking each; the mask of frames taken."""
-        ok = self._valid_mask(pfns, "inflate")
+        ok = self._valid_mask(pfns, _INFLATE_PFN)
         safe = np.where(ok, pfns, 0)
         already = ok & self._inflated[safe]
         if already.any():
-            self.counters.inc("inflate_pfn_already_in_balloon", int(already.sum()))
+            self.counters.inc(VirtioDeviceCounter.INFLATE_PFN_ALREADY_IN_BALLOON,
+                              int(already.sum()))
             ok &= ~already
         pinned = ok & self._pinned[safe]
         if pinned.any():
             if refuse:
-                self.counters.inc("inflate_refused_pinned", int(pinned.sum()))
+                self.counters.inc(VirtioDeviceCounter.INFLATE_REFUSED_PINNED, int(pinned.sum()))
                 ok &= ~pinned
             else:
-                self.counters.inc("inflate_pinned_taken", int(pinned.sum()))
+                self.counters.inc(VirtioDeviceCounter.INFLATE_PINNED_TAKEN, int(pinned.sum()))
         take = pfns[ok]
         if take.size:
             self._to_release.append(coalesce(take))  # released by notify before buffers are used
@@ -472,19 +558,19 @@ class VirtioBalloonDevice:
 
     def _deflate(self, chain: Chain) -> int:
         pfns = self._read_pfns(chain, "deflate")
-        ok = self._valid_mask(pfns, "deflate")
+        ok = self._valid_mask(pfns, _DEFLATE_PFN)
         safe = np.where(ok, pfns, 0)
         absent = ok & ~self._inflated[safe]
         if absent.any():
-            self.counters.inc("deflate_pfn_not_in_balloon", int(absent.sum()))
+            self.counters.inc(VirtioDeviceCounter.DEFLATE_PFN_NOT_IN_BALLOON, int(absent.sum()))
             ok &= ~absent
         give = pfns[ok]
         if give.size:
             self.ram.readmit(coalesce(give))
             self._inflated[give] = False
             self._inflated_count -= int(give.size)
-        self.counters.inc("deflate_buffers")
-        self.counters.inc("deflated_pages", int(give.size))
+        self.counters.inc(VirtioDeviceCounter.DEFLATE_BUFFERS)
+        self.counters.inc(VirtioDeviceCounter.DEFLATED_PAGES, int(give.size))
         return 0
 
     def _stats(self, chain: Chain) -> int | None:
@@ -494,7 +580,7 @@ class VirtioBalloonDevice:
         self.stats_seq += 1
         if self._stats_head is not None:
             # a second buffer while we hold one: give the old one back rather than leak it
-            self.counters.inc("stats_extra_buffer")
+            self.counters.inc(VirtioDeviceCounter.STATS_EXTRA_BUFFER)
             q = self._index_of(BalloonQueue.STATSQ)
             if q is not None:
                 self._queues[q].push_used(self._stats_head, 0)
@@ -514,7 +600,7 @@ class VirtioBalloonDevice:
         if not starts:
             return 0
         released = self.ram.release(merge_ranges(starts, ends))
-        self.counters.inc("report_buffers")
-        self.counters.inc("reported_pages", released)
+        self.counters.inc(VirtioDeviceCounter.REPORT_BUFFERS)
+        self.counters.inc(VirtioDeviceCounter.REPORTED_PAGES, released)
         self.reported_pages_total += released
         return 0

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memballoon.host.ram import RamBackend
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.pages import (
     PfnArray,
@@ -74,8 +74,54 @@ _START, _GET_TARGET, _LOCK, _UNLOCK, _GUEST_ID, _BATCHED_LOCK, _BATCHED_2M_LOCK 
 _2M_COMMANDS = (Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK)
 _2M_PAGES = 1 << VMW_BALLOON_2M_ORDER
 _SUCCESS = Status.SUCCESS
-_CMD_COUNTER = {c: f"cmd_{c.name.lower()}" for c in Command}
-_STATUS_COUNTER = {s: s.name.lower() for s in Status}
+
+
+class VmwDeviceCounter(CounterName):
+    """What ``VmwBalloonDevice.counters`` counts (names read by tests, benches and metrics)."""
+
+    # commands decoded and answered, one member per Command
+    CMD_START = "cmd_start"
+    CMD_GET_TARGET = "cmd_get_target"
+    CMD_LOCK = "cmd_lock"
+    CMD_UNLOCK = "cmd_unlock"
+    CMD_GUEST_ID = "cmd_guest_id"
+    CMD_BATCHED_LOCK = "cmd_batched_lock"
+    CMD_BATCHED_UNLOCK = "cmd_batched_unlock"
+    CMD_BATCHED_2M_LOCK = "cmd_batched_2m_lock"
+    CMD_BATCHED_2M_UNLOCK = "cmd_batched_2m_unlock"
+    # frames that failed to decode, one member per ``VmwFrameError.reason`` of a request
+    FRAME_SHORT_FRAME = "frame_short_frame"  # shorter than its header, count or entries
+    FRAME_LONG_FRAME = "frame_long_frame"  # bytes past what the command carries
+    FRAME_BAD_MAGIC = "frame_bad_magic"  # not VMW_BALLOON_HV_MAGIC
+    FRAME_UNKNOWN_COMMAND = "frame_unknown_command"  # a command number we do not know
+    FRAME_PFN_OVER_32_BITS = "frame_pfn_over_32_bits"  # LOCK/UNLOCK of a PFN past 32 bits
+    FRAME_COUNT_OVER_MAX = "frame_count_over_max"  # a batch over VMW_BALLOON_BATCH_MAX_PAGES
+    FRAME_COUNT_MISMATCH = "frame_count_mismatch"  # a batch whose count is not its data
+    FRAME_ENTRY_LOW_BITS = "frame_entry_low_bits"  # a batch entry with status bits set
+    # pages refused, one member per per-page status we answer (single or in a batch)
+    ERROR_PPN_INVALID = "error_ppn_invalid"  # outside the guest (or a misaligned 2 MiB page)
+    ERROR_PPN_LOCKED = "error_ppn_locked"  # LOCK of a page already locked (or given twice)
+    ERROR_PPN_PINNED = "error_ppn_pinned"  # LOCK of a page the host pinned
+    ERROR_PPN_NOTNEEDED = "error_ppn_notneeded"  # LOCK past the target
+    ERROR_PPN_UNLOCKED = "error_ppn_unlocked"  # UNLOCK of a page not locked (at that size)
+    # sessions
+    BUSY = "busy"  # commands answered ERROR_BUSY (busy_next)
+    RESET = "reset"  # ERROR_RESET answers that told the guest of a requested reset
+    CMD_BEFORE_START = "cmd_before_start"  # commands outside a session (answered ERROR_RESET)
+    PAGES_FORGOTTEN = "pages_forgotten"  # locked pages dropped by a reset or START
+    BATCH_NOT_NEGOTIATED = "batch_not_negotiated"  # 4 KiB batches without BATCHED_CMDS
+    BATCH_2M_NOT_NEGOTIATED = "batch_2m_not_negotiated"  # 2 MiB batches without BATCHED_2M_CMDS
+
+
+_CMD_COUNTER = {c: VmwDeviceCounter[f"CMD_{c.name}"] for c in Command}
+_FRAME_COUNTER = {m.value.removeprefix("frame_"): m for m in VmwDeviceCounter
+                  if m.value.startswith("frame_")}
+# by int value too: batch statuses come as numpy ints (an IntEnum hashes as its value)
+_STATUS_COUNTER = {
+    s: VmwDeviceCounter[s.name]
+    for s in (Status.ERROR_PPN_INVALID, Status.ERROR_PPN_LOCKED, Status.ERROR_PPN_PINNED,
+              Status.ERROR_PPN_NOTNEEDED, Status.ERROR_PPN_UNLOCKED)
+}
 _KNOWN_CAPABILITIES = int(
     Capability.BASIC_CMDS
     | Capability.BATCHED_CMDS
@@ -179,7 +225,7 @@ class VmwBalloonDevice:
         try:
             req = decode_request(request)
         except VmwFrameError as exc:
-            self.counters.inc(f"frame_{exc.reason}")
+            self.counters.inc(_FRAME_COUNTER[exc.reason])
             return encode_response(Response(exc.status))
         self.counters.inc(_CMD_COUNTER[req.command])
         return encode_response(self._answer(req))
@@ -187,7 +233,7 @@ class VmwBalloonDevice:
     def _answer(self, req: Request) -> Response:
         if self._busy_left > 0:
             self._busy_left -= 1
-            self.counters.inc("busy")
+            self.counters.inc(VmwDeviceCounter.BUSY)
             return Response(Status.ERROR_BUSY)
         cmd = req.command
         if cmd is _START:
@@ -196,10 +242,10 @@ class VmwBalloonDevice:
             self._forget_all()
             self._reset_pending = False
             self._started = False
-            self.counters.inc("reset")
+            self.counters.inc(VmwDeviceCounter.RESET)
             return Response(Status.ERROR_RESET)
         if not self._started:
-            self.counters.inc("cmd_before_start")
+            self.counters.inc(VmwDeviceCounter.CMD_BEFORE_START)
             return Response(Status.ERROR_RESET)
         # plain comparisons, not ``match``: member lookups are slow on 3.11 and LOCK/UNLOCK
         # come once per page
@@ -216,7 +262,8 @@ class VmwBalloonDevice:
         # a batch of 4 KiB or 2 MiB pages
         huge = cmd in _2M_COMMANDS
         if not self._caps & (Capability.BATCHED_2M_CMDS if huge else Capability.BATCHED_CMDS):
-            self.counters.inc("batch_2m_not_negotiated" if huge else "batch_not_negotiated")
+            self.counters.inc(VmwDeviceCounter.BATCH_2M_NOT_NEGOTIATED if huge
+                              else VmwDeviceCounter.BATCH_NOT_NEGOTIATED)
             return Response(Status.ERROR_CMD_INVALID)
         if cmd is _BATCHED_LOCK:
             statuses = self._lock_batch(req.pfns)
@@ -246,7 +293,7 @@ class VmwBalloonDevice:
     def _forget_all(self) -> None:
         if self._n_locked:
             self.ram.readmit(coalesce(self.balloon_pfns()))
-            self.counters.inc("pages_forgotten", self._n_locked)
+            self.counters.inc(VmwDeviceCounter.PAGES_FORGOTTEN, self._n_locked)
         self._locked[:] = False
         self._huge[:] = False
         self._n_locked = 0
@@ -307,7 +354,7 @@ class VmwBalloonDevice:
             return
         codes, counts = np.unique(bad, return_counts=True)
         for code, n in zip(codes.tolist(), counts.tolist(), strict=True):
-            self.counters.inc(Status(code).name.lower(), n)
+            self.counters.inc(_STATUS_COUNTER[code], n)
 
     def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
         st, inside = self._classify(pfns)
