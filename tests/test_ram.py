@@ -1,34 +1,12 @@
+"""Host RAM backends: NullRam, the simulator's backend (the page helpers are in test_pages)."""
+
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from memballoon.host.ram import NullRam
-from memballoon.model.errors import GuestAddressError
-from memballoon.model.pages import (
-    block_frames,
-    check_ranges,
-    coalesce,
-    merge_range_lists,
-    merge_ranges,
-    range_pages,
-)
+from memballoon.model.errors import GuestAddressError, UsageError
+from memballoon.model.pages import coalesce
 from memballoon.model.units import PAGE_SIZE
-
-
-def test_coalesce_folds_runs() -> None:
-    assert coalesce([7, 3, 4, 5, 9]).tolist() == [[3, 6], [7, 8], [9, 10]]
-    assert coalesce([]).shape == (0, 2)
-
-
-@given(st.sets(st.integers(0, 5000), max_size=300))
-def test_coalesce_covers_exactly_the_pfns(pfns: set[int]) -> None:
-    r = coalesce(sorted(pfns))
-    covered = {p for s, e in r.tolist() for p in range(s, e)}
-    assert covered == pfns
-    assert range_pages(r) == len(pfns)
-    if len(r) > 1:
-        assert bool((r[1:, 0] > r[:-1, 1]).all())  # maximal: no two ranges touch
 
 
 def test_ranges_outside_the_guest_are_refused_before_anything_is_released() -> None:
@@ -38,9 +16,7 @@ def test_ranges_outside_the_guest_are_refused_before_anything_is_released() -> N
         ram.release(np.array([[10, 20], [1000, 1025]], dtype=np.int64))
     assert ram.resident_bytes() == 1024 * PAGE_SIZE
     with pytest.raises(GuestAddressError):
-        check_ranges(np.array([[-1, 3]], dtype=np.int64), 1024)
-    with pytest.raises(GuestAddressError):
-        check_ranges(np.array([[5, 5]], dtype=np.int64), 1024)
+        ram.readmit(np.array([[-1, 3]], dtype=np.int64))
 
 
 def test_null_ram_counts_resident_pages() -> None:
@@ -56,31 +32,6 @@ def test_null_ram_counts_resident_pages() -> None:
     assert ram.verify(np.arange(10, dtype=np.int64)) == 0
 
 
-def test_merge_ranges_folds_extents_without_expanding_them() -> None:
-    assert merge_ranges([8, 0, 2], [10, 2, 4]).tolist() == [[0, 4], [8, 10]]
-    assert merge_ranges([0, 1], [5, 3]).tolist() == [[0, 5]]  # overlap inside
-    assert merge_ranges([3], [3]).shape == (0, 2)  # empty extents vanish
-
-
-def test_block_frames_lists_every_frame_block_by_block() -> None:
-    assert block_frames([2, 0], 2).tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
-    assert block_frames(np.array([1]), 9).tolist() == list(range(512, 1024))
-    assert block_frames([], 9).size == 0
-
-
-def test_merge_range_lists_joins_parts() -> None:
-    one = np.array([[4, 9]], dtype=np.int64)
-    assert merge_range_lists([one]) is one
-    parts = [np.array([[8, 10]]), np.array([[0, 2], [2, 4]]), np.array([[9, 12]])]
-    assert merge_range_lists(parts).tolist() == [[0, 4], [8, 12]]
-
-
-@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), max_size=30))
-def test_merge_ranges_covers_the_union(extents: list[tuple[int, int]]) -> None:
-    starts = [s for s, _ in extents]
-    ends = [s + n for s, n in extents]
-    got = merge_ranges(starts, ends)
-    covered = {p for s, e in got.tolist() for p in range(s, e)}
-    assert covered == {p for s, e in zip(starts, ends, strict=True) for p in range(s, e)}
-    if len(got) > 1:
-        assert bool((got[1:, 0] > got[:-1, 1]).all())
+def test_null_ram_needs_a_guest() -> None:
+    with pytest.raises(UsageError):
+        NullRam(0)
