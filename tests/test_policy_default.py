@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,19 +17,32 @@ from memballoon.manager.core import Action, ManagerCore
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import ManualClock
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
+from memballoon.policy import default as default_module
 from memballoon.policy.base import Decision, Policy
 from memballoon.policy.default import (
     BACKOFF_MIN_FRACTION,
+    BIG_STEP_MAX_FRACTION,
+    BUDGET_MARGIN_PAGES,
+    MAJOR_FAULTS_QUIET_PER_S,
     MARGIN_FRACTION,
     MARGIN_MIN_PAGES,
     MAX_REPORT_AGE_S,
+    MIN_CHANGE_PAGES,
     PROBE_STEP_INC,
     PROBE_STEP_MAX,
     PROBE_STEP_MIN,
     PROBE_STEP_START,
+    QUIET_CALLS_BEFORE_BIG_STEP,
+    RULES,
     STALL_QUIET_PCT,
     STALL_TROUBLE_PCT,
+    DefaultCounter,
     DefaultPolicy,
+    Figures,
+    GuestMemo,
+    Ruling,
+    Verdict,
+    judge,
 )
 from memballoon.policy.mom import MomPolicy
 from memballoon.policy.proxmox import ProxmoxPolicy
@@ -380,3 +394,170 @@ def test_default_returns_as_much_as_mom_and_proxmox_without_more_stall(
     assert d.mean_released() >= best
     assert d.p99_stall() <= max(results["mom"].p99_stall(), results["proxmox"].p99_stall(),
                                 STALL_TROUBLE_PCT)
+
+
+# ---------------------------------------------------------------------- the rules one by one
+RULE = {r.name: r for r in RULES}
+MARGIN = int(MARGIN_FRACTION * RAM)
+STEP = int(PROBE_STEP_START * RAM)
+
+
+def figs(*, balloon: int = 0, target: int | None = None, max_pages: int | None = None,
+         **kw: Any) -> Figures:
+    """Figures of a quiet 1 GiB guest with a quarter of it as working set, but for ``kw``."""
+    g = GuestSample("g", RAM, balloon, balloon if target is None else target,
+                    GuestSettings(max_pages=max_pages))
+    base: dict[str, Any] = {"ws": RAM // 4, "peak": RAM // 4, "margin": MARGIN,
+                            "avail": RAM - balloon - RAM // 4,
+                            "floor": RAM // 4 + MARGIN, "budget_floor": RAM // 4 + MARGIN,
+                            "step": STEP}
+    return Figures(g, 100.0, **(base | kw))
+
+
+def test_rules_table_follows_the_module_docstring() -> None:
+    names = [r.name for r in RULES]
+    assert names == ["blind", "emergency", "own_pressure", "trouble", "stalled",
+                     "under_floor", "probe", "hold"]
+    doc = default_module.__doc__ or ""
+    at = [doc.index(f"**{n}**") for n in names]
+    assert at == sorted(at)  # documented in the same order
+    # the first rule that applies decides: an OOM-killed guest in trouble is an emergency
+    rule, ruling = judge(figs(d_oom=1, stall_pct=50.0, balloon=RAM // 2))
+    assert rule.name == "emergency" and ruling is not None and ruling.oom
+
+
+def test_rule_blind() -> None:
+    r = RULE["blind"]
+    assert r.when(figs(fresh=False)) and not r.when(figs())
+    assert r.verdict is Verdict.BLIND and r.counter is DefaultCounter.BLIND
+    assert r.decide(figs(fresh=False, balloon=100)) is None  # not inflating: nothing to stop
+    f = figs(fresh=False, balloon=100, target=5000)
+    ruling = r.decide(f)
+    assert ruling == Ruling(RAM - 100, 0, 0.0, balloon=100)  # target := actual
+    assert r.why(f, ruling) == "no fresh report: stop inflating a guest it cannot see"
+    assert f.inputs() == {"report_age_s": -1.0}  # no report at all
+
+
+def test_rule_emergency() -> None:
+    r = RULE["emergency"]
+    b = RAM // 2
+    # under the small margin (8 MiB plus the lookahead), not under the full one, is emergency
+    assert not r.when(figs(balloon=b, avail=BUDGET_MARGIN_PAGES, ahead=0))
+    assert r.when(figs(balloon=b, avail=BUDGET_MARGIN_PAGES + 99, ahead=100))
+    f = figs(balloon=b, avail=100, severity=0.5)
+    ruling = r.decide(f)
+    assert ruling == Ruling(RAM - b + MARGIN - 100, f.floor, 100.5,
+                            hurt=RAM - b + MARGIN - 100)
+    assert r.why(f, ruling) == f"default: emergency deflate: available 100 pages under margin " \
+                               f"{MARGIN}"
+    # an OOM kill gives the whole balloon back, up to the ceiling; the hurt stays at the size
+    # plus the margin
+    f = figs(balloon=b, d_oom=2, max_pages=RAM - 1000)
+    ruling = r.decide(f)
+    assert ruling is not None and ruling.size == RAM - 1000 and ruling.oom
+    assert ruling.hurt == RAM - b + STEP
+    assert r.why(f, ruling) == "default: emergency deflate: guest OOM-killed (2 new)"
+
+
+def test_rule_own_pressure() -> None:
+    r = RULE["own_pressure"]
+    f = figs(stall_pct=5.0, severity=5.0)
+    assert r.when(f) and r.verdict is Verdict.HOLD
+    assert r.counter is DefaultCounter.PRESSURE_WITHOUT_BALLOON
+    assert not r.when(figs(stall_pct=5.0, balloon=1))  # a balloon: trouble, not its own
+    assert not r.when(figs(stall_pct=5.0, target=1))
+    assert not r.when(figs(stall_pct=0.5))  # not troubled at all
+    ruling = r.decide(f)
+    assert ruling == Ruling(RAM, f.floor, 5.0) and ruling.hurt is None  # nothing remembered
+    assert r.why(f, ruling) == "default: stall 5.00% with no balloon: hold"
+
+
+def test_rule_trouble() -> None:
+    r = RULE["trouble"]
+    b = RAM // 2
+    assert r.when(figs(balloon=b, stall_pct=STALL_TROUBLE_PCT + 0.01))
+    assert not r.when(figs(balloon=b, stall_pct=STALL_TROUBLE_PCT))
+    assert r.when(figs(balloon=b, swapin_rate=65.0)) and not r.when(figs(swapin_rate=64.0))
+    # the back-off: the larger of 2% of RAM and two steps, times the pressure (1 to 4 times)
+    f = figs(balloon=b, stall_pct=2.0, swapin_rate=10.4, severity=2.0)
+    ruling = r.decide(f)
+    backoff = int(max(BACKOFF_MIN_FRACTION * RAM, 2 * STEP) * 2.0)
+    assert ruling == Ruling(RAM - b + backoff, RAM - b + backoff, 2.0,
+                            hurt=RAM - b + min(backoff, MARGIN))
+    assert r.why(f, ruling) == "default: back off: stall 2.00%, swap-in 10 pages/s"
+    huge = r.decide(figs(balloon=b, stall_pct=100.0, severity=100.0))
+    assert huge is not None
+    assert huge.size == RAM - b + int(max(BACKOFF_MIN_FRACTION * RAM, 2 * STEP) * 4.0)
+
+
+def test_rule_stalled() -> None:
+    r = RULE["stalled"]
+    b, t = RAM // 4, RAM // 2
+    f = figs(balloon=b, target=t, stuck=True, last_balloon=b)
+    assert r.when(f) and not r.when(figs(balloon=b, target=t))
+    assert not r.when(figs(balloon=b, d_refused=5))  # refusals matter only while inflating
+    ruling = r.decide(f)
+    assert ruling == Ruling(RAM - b, f.floor, 0.0, balloon=b, hurt=RAM - b)
+    assert r.why(f, ruling) == (f"default: inflation stalled: balloon stuck at {b} (was {b}) "
+                                f"under target {t}: target := actual")
+    f = figs(balloon=b, target=t, d_refused=50)
+    assert r.when(f)
+    ruling = r.decide(f)
+    assert ruling is not None
+    assert r.why(f, ruling) == "default: inflation stalled: refused 50 pages: target := actual"
+
+
+def test_rule_under_floor() -> None:
+    r = RULE["under_floor"]
+    floor = RAM // 4 + MARGIN
+    assert r.when(figs(balloon=RAM - floor + 1)) and not r.when(figs(balloon=RAM - floor))
+    f = figs(balloon=RAM - floor + 500, severity=0.1)
+    ruling = r.decide(f)
+    assert ruling == Ruling(floor, floor, 0.1)
+    assert r.why(f, ruling) == f"default: size {floor - 500} under safety floor {floor}: grow"
+
+
+def test_rule_probe() -> None:
+    r = RULE["probe"]
+    b = RAM // 2
+    f = figs(balloon=b, avail=MARGIN)  # tight: not idle
+    assert r.when(f)
+    assert not r.when(figs(balloon=b, probe=False))
+    assert not r.when(figs(balloon=b, stall_pct=STALL_QUIET_PCT + 0.01))
+    assert not r.when(figs(balloon=b, d_swapin=1))
+    assert not r.when(figs(balloon=b, fault_rate=MAJOR_FAULTS_QUIET_PER_S + 1))
+    assert not r.when(figs(balloon=b, target=b + MIN_CHANGE_PAGES))  # not settled
+    assert not r.when(figs(balloon=RAM - (RAM // 4 + MARGIN)))  # at its floor
+    ruling = r.decide(f)
+    assert ruling == Ruling(RAM - b - STEP, f.floor, 0.0, quiet=True)
+    assert r.why(f, ruling) == (f"default: quiet (stall 0.00%): probe down {STEP} pages "
+                                f"toward floor {f.floor}")
+    # idle memory, quiet for long enough: half of it beyond the margin, capped
+    idle = figs(avail=RAM - RAM // 4, quiet_calls=QUIET_CALLS_BEFORE_BIG_STEP)
+    big = r.decide(idle)
+    assert big is not None
+    half = min((RAM - RAM // 4 - MARGIN) // 2, int(BIG_STEP_MAX_FRACTION * RAM))
+    assert big.size == max(idle.floor, RAM - half)
+    new = r.decide(figs(avail=RAM - RAM // 4, quiet_calls=QUIET_CALLS_BEFORE_BIG_STEP - 1))
+    assert new is not None and new.size == RAM - STEP  # a guest not yet known quiet
+    near = r.decide(figs(balloon=RAM - (RAM // 4 + MARGIN) - 10))
+    assert near is not None and near.size == RAM // 4 + MARGIN  # never below the floor
+
+
+def test_rule_hold() -> None:
+    r = RULE["hold"]
+    f = figs(balloon=RAM // 2, severity=0.3)
+    assert r.when(f) and r.verdict is Verdict.HOLD
+    ruling = r.decide(f)
+    assert ruling == Ruling(RAM // 2, f.floor, 0.3)
+    assert r.why(f, ruling) == "default: hold"
+
+
+def test_memo_remembers_what_a_ruling_asks() -> None:
+    m = GuestMemo()
+    f = figs(ws=1234)
+    m.remember(f, Ruling(1, 1, 0.0, quiet=True))
+    assert (m.quiet_calls, m.step) == (1, PROBE_STEP_START + PROBE_STEP_INC)
+    m.remember(f, Ruling(1, 1, 0.0, hurt=5000, oom=True))
+    assert (m.hurt_size, m.hurt_at, m.hurt_ws, m.oom_at) == (5000, 100.0, 1234, 100.0)
+    assert m.step == (PROBE_STEP_START + PROBE_STEP_INC) / 2

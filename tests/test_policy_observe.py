@@ -5,6 +5,7 @@ from __future__ import annotations
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
 from memballoon.policy.observe import (
+    PolicyReportCounter,
     available_pages,
     counter_delta,
     fresh_report,
@@ -26,8 +27,19 @@ def test_fresh_report_and_untrusted_figures() -> None:
     c = Counters()
     assert available_pages(g, r, c) == 900  # clamped to what it keeps
     assert c["policy_report_available_above_ram"] == 1
-    assert counter_delta(5, 9, c, "x") == 0 and c["policy_report_x_backwards"] == 1
-    assert counter_delta(9, 5, c, "x") == 4 and counter_delta(9, None, c, "x") == 0
+    back = PolicyReportCounter.SWAP_IN_BACKWARDS
+    assert counter_delta(5, 9, c, back) == 0 and c["policy_report_swap_in_backwards"] == 1
+    assert counter_delta(9, 5, c, back) == 4 and counter_delta(9, None, c, back) == 0
+    assert c["policy_report_swap_in_backwards"] == 1
+
+
+def test_report_counter_names() -> None:
+    # the names metrics and journals already know: unchanged by the enum
+    assert {str(m) for m in PolicyReportCounter} == {
+        "policy_report_free_above_ram", "policy_report_available_above_ram",
+        "policy_report_available_above_size", "policy_report_swap_in_backwards",
+        "policy_report_major_faults_backwards", "policy_report_oom_kills_backwards",
+        "policy_report_refused_backwards"}
 
 
 def test_working_set_counts_the_balloon_once_whatever_memtotal_says() -> None:

@@ -9,14 +9,22 @@ Units: pages of 4 KiB. A guest's *size* is what it keeps (``ram_pages - balloon_
 ``GuestSettings.min_pages``/``max_pages`` bound the size, never the balloon: a policy never
 returns a balloon that leaves a guest below ``min_pages`` or above ``max_pages``
 (``clamp_balloon`` enforces it, and the manager enforces it again).
+
+What a policy keeps between calls survives a daemon restart as its ``snapshot(now)``, a
+versioned ``PolicySnapshot`` (each policy's own subclass, named by its ``policy`` field) that
+``restore(snap, now)`` takes up, like the manager core's ``CoreSnapshot``: times are ages at the
+moment of the snapshot, never readings of a clock a new process does not share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Annotated, Literal, Protocol, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from memballoon.model.errors import UsageError
 from memballoon.policy.sample import GuestSample, HostSample
 
 
@@ -31,6 +39,36 @@ class Decision:
     urgent: bool = False
 
 
+#: Pages a snapshot holds (a guest's size, a balloon, a working set): never negative.
+Pages = Annotated[int, Field(ge=0)]
+#: Seconds, finite and never negative: an age at the moment of the snapshot, or what is left
+#: of a period (None where the snapshot needs "never").
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class SnapshotPart(BaseModel):
+    """A record inside a snapshot: frozen, and no field it does not declare."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PolicySnapshot(SnapshotPart):
+    """Base of every policy's snapshot (version 1); a subclass adds the policy's state and a
+    ``policy`` field naming it (``Literal["default"]``, ...), which tells snapshots apart."""
+
+    version: Literal[1] = 1
+
+
+S = TypeVar("S", bound=PolicySnapshot)
+
+
+def own_snapshot(snap: PolicySnapshot, kind: type[S], policy: str) -> S:
+    """``snap`` as ``kind``; a UsageError when another policy's snapshot was handed over."""
+    if not isinstance(snap, kind):
+        raise UsageError(f"{policy}: cannot restore a {type(snap).__name__}")
+    return snap
+
+
 class Policy(Protocol):
     @property
     def name(self) -> str: ...
@@ -39,6 +77,14 @@ class Policy(Protocol):
         self, host: HostSample, guests: Sequence[GuestSample], now: float
     ) -> list[Decision]:
         """Targets for the guests that should change (others keep theirs)."""
+        ...
+
+    def snapshot(self, now: float) -> PolicySnapshot:
+        """What a restarted daemon needs to go on deciding where this policy stopped."""
+        ...
+
+    def restore(self, snap: PolicySnapshot, now: float) -> None:
+        """Take up ``snap`` (this policy's own, from ``snapshot``) on the clock at ``now``."""
         ...
 
 

@@ -7,28 +7,32 @@ complaint is guests ballooned to death (seed 003: "administrators often over-shr
 domains and kill them ... is there some way to get the vm subsystem to provide backpressure").
 This policy reads the guest's backpressure from its ``PressureReport`` each call: PSI-like
 ``stall_pct``, the swap-in and major-fault rates, the oom-kill count, refused pages, and whether
-its balloon reaches the target. Per guest, in order:
+its balloon reaches the target. Per guest, the first of these rules that applies decides
+(each a ``Rule`` in ``RULES``: when it applies, what it decides, the reason it journals; all
+read one ``Figures`` record computed once a call):
 
 1. **blind**: no report, or one older than ``max_report_age_s``: never inflate; an inflation in
    progress stops where it is (target := actual).
 2. **emergency**: MemAvailable under the small margin (``BUDGET_MARGIN_PAGES`` plus
    ``LOOKAHEAD_S`` of the working set's recent growth), or an OOM kill since last time: deflate
    at once by what restores the full margin (so a ramping guest gets ahead of its ramp).
-3. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
+3. **own_pressure**: the trouble of rule 4 in a guest with no balloon and no target: hold (the
+   pressure is the guest's own; remembering it as a size that hurt would stop probing).
+4. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
    probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``).
-4. **stalled inflation**: the target is above the balloon and the balloon did not grow since
+5. **stalled** inflation: the target is above the balloon and the balloon did not grow since
    the last call, or the guest refused pages: lower the target to the actual balloon (give the
    guest back the rest), halve the probe step.
-5. **under its floor**: the guest keeps less than its safety floor (the recent peak working set
+6. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
    plus margin): grow it back to the floor.
-6. **quiet**: stall under ``STALL_QUIET_PCT``, no swap-in, few major faults, and the balloon at
-   its target: probe down by the step (by half the free memory beyond the margin when that
-   is more than twice the margin: idle memory), never below the floor; the step grows by
-   ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
+7. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
+   balloon at its target: probe down by the step (by half the free memory beyond the margin
+   when that is more than twice the margin: idle memory), never below the floor; the step grows
+   by ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
    ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
    are the model: slow growth while things go well, halving on failure).
-7. otherwise hold.
+8. **hold**: otherwise.
 
 The safety floor is ``max(settings.min_pages, peak working set over WS_WINDOW_S + margin, the
 size that last hurt)``; the working set is the guest's size minus MemAvailable (what it cannot
@@ -41,21 +45,34 @@ cut (emergency and back-off deflations stay: a guest's life comes first). When t
 guests under pressure get it first (their deflations are planned before anything else).
 
 Pure: state between calls (probe steps, working-set history, last counters) lives in this
-object; ``now`` is the manager's clock.
+object, one ``GuestMemo`` per guest; ``now`` is the manager's clock. What must survive a daemon
+restart is its ``DefaultSnapshot``, moments stored as ages at the snapshot's ``now``.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final
+from typing import Annotated, Final, Literal
 
-from memballoon.model.counters import Counters
+from pydantic import Field
+
+from memballoon.model.counters import CounterName, Counters
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import mib_to_pages
-from memballoon.policy.base import Decision, clamp_balloon
+from memballoon.policy.base import (
+    Decision,
+    Pages,
+    PolicySnapshot,
+    Seconds,
+    SnapshotPart,
+    clamp_balloon,
+    own_snapshot,
+)
 from memballoon.policy.observe import (
+    PolicyReportCounter,
     available_pages,
     counter_delta,
     free_pages,
@@ -100,6 +117,7 @@ WS_WINDOW_S: Final = 5.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
+NEVER: Final = float("-inf")
 
 
 class Verdict(Enum):
@@ -116,23 +134,350 @@ class Verdict(Enum):
 URGENT: Final = frozenset({Verdict.EMERGENCY, Verdict.TROUBLE})
 
 
-@dataclass
-class GuestState:
-    """What the policy remembers about one guest between calls."""
+class DefaultCounter(CounterName):
+    """What the default policy counts (besides the report inconsistencies of ``observe``)."""
+
+    BLIND = "default_blind"  # guests seen without a fresh report (one per guest per call)
+    # guests under pressure with no balloon at all: held, the pressure not remembered
+    PRESSURE_WITHOUT_BALLOON = "default_pressure_without_balloon"
+
+
+# ---------------------------------------------------------------------- memory between calls
+@dataclass(frozen=True, slots=True)
+class ReportCounts:
+    """The figures of a guest's last report that the next one's rates are computed from."""
+
+    time_s: float  # the guest's clock (survives our restart: not an age)
+    swap_in_pages: int
+    major_faults: int
+    oom_kills: int
+    refused_pages: int | None
+
+    @classmethod
+    def of(cls, r: PressureReport) -> ReportCounts:
+        return cls(r.time_s, r.swap_in_pages, r.major_faults, r.oom_kills, r.refused_pages)
+
+
+@dataclass(slots=True)
+class GuestMemo:
+    """What the policy remembers about one guest between calls (its times on the caller's
+    clock; ``-inf``: never)."""
 
     step: float = PROBE_STEP_START  # probe step, share of RAM
     ws: deque[tuple[float, int]] = field(default_factory=deque)  # (now, working set pages)
-    last: PressureReport | None = None
-    last_now: float | None = None
+    last: ReportCounts | None = None  # the last fresh report (None: rates start over)
+    last_now: float | None = None  # when it was read
     last_balloon: int | None = None
     hurt_size: int = 0  # the size at which the guest last hurt (plus the back-off)
-    hurt_until: float = float("-inf")
+    hurt_at: float = NEVER  # when (remembered for PRESSURE_MEMORY_S)
     hurt_ws: int = 0  # its working set then
-    oom_until: float = float("-inf")  # after an OOM kill the shrunk working set is the kill's
+    oom_at: float = NEVER  # the last OOM kill: for a while its shrunk working set is the kill's
     quiet_calls: int = 0  # probes in a row without trouble (a new guest starts at 0)
 
+    def see_working_set(self, ws: int, now: float) -> tuple[float, int]:
+        """Record ``ws`` at ``now``: its growth rate since the last call (pages/s, never
+        negative) and its peak over ``WS_WINDOW_S``."""
+        growth = 0.0
+        if self.ws and now > self.ws[-1][0]:
+            growth = max(0.0, (ws - self.ws[-1][1]) / (now - self.ws[-1][0]))
+        self.ws.append((now, ws))
+        while self.ws and self.ws[0][0] < now - WS_WINDOW_S:
+            self.ws.popleft()
+        return growth, max(w for _, w in self.ws)
 
-@dataclass
+    def remember(self, f: Figures, ruling: Ruling) -> None:
+        """Carry out what ``ruling`` asks this memory to keep."""
+        if ruling.hurt is not None:
+            # no probing back below where it hurt for a while (the seed's adaptive rate: the
+            # step halves on failure)
+            self.step = max(PROBE_STEP_MIN, self.step / 2)
+            self.hurt_size, self.hurt_at, self.hurt_ws = ruling.hurt, f.now, f.ws
+        if ruling.oom:
+            self.oom_at = f.now
+        if ruling.quiet:
+            self.quiet_calls += 1
+            self.step = min(PROBE_STEP_MAX, self.step + PROBE_STEP_INC)
+
+    def snapshot(self, now: float) -> DefaultGuestSnapshot:
+        last = None
+        if self.last is not None and self.last_now is not None:
+            c = self.last
+            last = LastReportSnapshot(
+                time_s=c.time_s, age_s=_age(now, self.last_now), swap_in_pages=c.swap_in_pages,
+                major_faults=c.major_faults, oom_kills=c.oom_kills,
+                refused_pages=c.refused_pages)
+        return DefaultGuestSnapshot(
+            step=self.step, working_set=tuple((_age(now, t), w) for t, w in self.ws),
+            last_report=last, last_balloon=self.last_balloon, hurt_size=self.hurt_size,
+            hurt_age_s=_age_or_never(now, self.hurt_at), hurt_ws=self.hurt_ws,
+            oom_age_s=_age_or_never(now, self.oom_at), quiet_calls=self.quiet_calls)
+
+    @classmethod
+    def restored(cls, snap: DefaultGuestSnapshot, now: float) -> GuestMemo:
+        last = snap.last_report
+        return cls(
+            step=snap.step, ws=deque((now - age, w) for age, w in snap.working_set),
+            last=None if last is None else ReportCounts(
+                last.time_s, last.swap_in_pages, last.major_faults, last.oom_kills,
+                last.refused_pages),
+            last_now=None if last is None else now - last.age_s,
+            last_balloon=snap.last_balloon, hurt_size=snap.hurt_size,
+            hurt_at=_time_or_never(now, snap.hurt_age_s), hurt_ws=snap.hurt_ws,
+            oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls)
+
+
+def _age(now: float, t: float) -> float:
+    return max(0.0, now - t)  # a moment after ``now`` (a clock gone back) counts as now
+
+
+def _age_or_never(now: float, t: float) -> float | None:
+    return None if t == NEVER else _age(now, t)
+
+
+def _time_or_never(now: float, age: float | None) -> float:
+    return NEVER if age is None else now - age
+
+
+# ---------------------------------------------------------------------- the rules
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """One guest's figures for one call, computed once; every rule reads them and nothing else.
+
+    For a guest without a fresh report (``fresh`` false) only ``g`` and ``now`` mean anything:
+    the blind rule, first, takes it.
+    """
+
+    g: GuestSample
+    now: float
+    fresh: bool = True
+    stall_pct: float = 0.0
+    d_swapin: int = 0  # swap-ins since the last report
+    d_oom: int = 0  # OOM kills since the last report
+    d_refused: int = 0  # pages the guest refused since the last report
+    swapin_rate: float = 0.0  # pages/s
+    fault_rate: float = 0.0  # major faults/s
+    stuck: bool = False  # the target is above the balloon, which did not grow since last call
+    last_balloon: int | None = None  # the balloon at the last call
+    ws: int = 0  # working set: size minus MemAvailable
+    avail: int = 0  # MemAvailable
+    peak: int = 0  # peak working set over WS_WINDOW_S
+    ahead: int = 0  # the working set's growth over LOOKAHEAD_S
+    margin: int = 0  # headroom the guest keeps available (with ``ahead``)
+    floor: int = 0  # the learned safety floor
+    budget_floor: int = 0  # how far the host budget may squeeze: working set + small margin
+    step: int = 0  # the probe step, pages
+    severity: float = 0.0  # the pressure over the trouble thresholds (1: at them)
+    quiet_calls: int = 0  # quiet probes in a row before this call
+    probe: bool = True  # the policy's settings
+    stall_quiet_pct: float = STALL_QUIET_PCT
+    stall_trouble_pct: float = STALL_TROUBLE_PCT
+
+    @property
+    def size(self) -> int:
+        return self.g.size_pages
+
+    @property
+    def ram(self) -> int:
+        return self.g.ram_pages
+
+    @property
+    def target_size(self) -> int:
+        """The size the current target leaves the guest."""
+        return self.g.ram_pages - self.g.target_pages
+
+    @property
+    def inflating(self) -> bool:
+        return self.g.target_pages > self.g.balloon_pages
+
+    @property
+    def emergency_margin(self) -> int:
+        # what the budget may squeeze a guest to; between it and the full margin the guest is
+        # only tight: no probing (its floor holds it)
+        return BUDGET_MARGIN_PAGES + self.ahead
+
+    @property
+    def troubled(self) -> bool:
+        return self.stall_pct > self.stall_trouble_pct or self.swapin_rate > SWAPIN_TROUBLE_PER_S
+
+    @property
+    def quiet(self) -> bool:
+        return (self.stall_pct <= self.stall_quiet_pct and self.d_swapin == 0
+                and self.fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
+
+    @property
+    def settled(self) -> bool:
+        return abs(self.g.target_pages - self.g.balloon_pages) < MIN_CHANGE_PAGES
+
+    def inputs(self) -> dict[str, float]:
+        """The figures a decision journals."""
+        if not self.fresh:
+            return {"report_age_s": float(self.g.report_age_s(self.now) or -1.0)}
+        g = self.g
+        return {
+            "stall_pct": self.stall_pct, "swap_in_per_s": self.swapin_rate,
+            "major_faults_per_s": self.fault_rate, "oom_kills_new": float(self.d_oom),
+            "refused_new": float(self.d_refused), "available_pages": float(self.avail),
+            "working_set_pages": float(self.ws), "peak_working_set_pages": float(self.peak),
+            "margin_pages": float(self.margin), "floor_pages": float(self.floor),
+            "size_pages": float(self.size), "balloon_pages": float(g.balloon_pages),
+            "target_pages": float(g.target_pages), "step_pages": float(self.step),
+            "budget_floor_pages": float(self.budget_floor),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Ruling:
+    """What a rule decides for one guest, and what the policy remembers of it."""
+
+    size: int  # planned size (pages the guest keeps)
+    floor: int  # the safety floor the plan keeps
+    pressure: float  # 0 quiet .. larger worse: the host serves the worst first
+    balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
+    hurt: int | None = None  # a size that hurt: no probing below it a while; the step halves
+    oom: bool = False  # an OOM kill: the shrunk working set says nothing for a while
+    quiet: bool = False  # a quiet probe: one more in a row; the step grows
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One verdict of the policy: when it applies, what it decides, the reason it journals.
+
+    ``decide`` may answer None: the guest keeps its target (and nothing is remembered).
+    """
+
+    name: str
+    verdict: Verdict
+    when: Callable[[Figures], bool]
+    decide: Callable[[Figures], Ruling | None]
+    why: Callable[[Figures, Ruling], str]
+    counter: DefaultCounter | None = None  # counted each time the rule applies
+
+
+def _blind(f: Figures) -> Ruling | None:
+    if not f.inflating:
+        return None
+    return Ruling(f.size, 0, 0.0, balloon=f.g.balloon_pages)
+
+
+def _emergency(f: Figures) -> Ruling:
+    # deflate by what restores the full margin, so a ramping guest gets ahead of its ramp;
+    # the size that hurt is remembered no higher than the size plus the margin
+    new = f.size + max(f.margin - f.avail, f.step)
+    hurt = min(new, f.size + f.margin, f.g.ceiling_pages())
+    if f.d_oom > 0:
+        # the kill freed the workload's memory, so MemAvailable now says nothing of what it
+        # needs: give the whole balloon back (probing starts over later)
+        new = f.g.ceiling_pages()
+    return Ruling(max(new, f.floor), f.floor, 100.0 + f.severity, hurt=hurt, oom=f.d_oom > 0)
+
+
+def _why_emergency(f: Figures, _: Ruling) -> str:
+    why = (f"guest OOM-killed ({f.d_oom} new)" if f.d_oom > 0
+           else f"available {f.avail} pages under margin {f.margin}")
+    return f"default: emergency deflate: {why}"
+
+
+def _own_pressure(f: Figures) -> bool:
+    # the balloon took nothing: this pressure is the guest's own, not ours to remember as a
+    # size that hurt (which would stop probing for minutes)
+    return f.troubled and f.g.balloon_pages == 0 and f.g.target_pages == 0
+
+
+def _trouble(f: Figures) -> Ruling:
+    # senpai: a back-off that grows with the pressure; the deflation may go below the size
+    # remembered as hurting (plus the margin), to relieve the pressure now
+    scale = min(BACKOFF_MAX_SCALE, max(1.0, f.severity))
+    new = f.size + int(max(BACKOFF_MIN_FRACTION * f.ram, 2 * f.step) * scale)
+    hurt = min(new, f.size + f.margin, f.g.ceiling_pages())
+    return Ruling(new, max(f.floor, new), f.severity, hurt=hurt)
+
+
+def _why_stalled(f: Figures, _: Ruling) -> str:
+    why = (f"refused {f.d_refused} pages" if f.d_refused > 0 else
+           f"balloon stuck at {f.g.balloon_pages} (was {f.last_balloon}) under target "
+           f"{f.g.target_pages}")
+    return f"default: inflation stalled: {why}: target := actual"
+
+
+def _probe(f: Figures) -> Ruling:
+    step = f.step
+    if f.avail > 2 * f.margin and f.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP:
+        # idle free memory, seen quiet for a while: take half of it a call (at most
+        # BIG_STEP_MAX_FRACTION of RAM), not just the probe step
+        step = max(step, min((f.avail - f.margin) // 2, int(BIG_STEP_MAX_FRACTION * f.ram)))
+    return Ruling(max(f.floor, f.target_size - step), f.floor, f.severity, quiet=True)
+
+
+#: The per-guest rules in order (the module docstring's list): the first that applies decides.
+RULES: Final[tuple[Rule, ...]] = (
+    Rule("blind", Verdict.BLIND, lambda f: not f.fresh, _blind,
+         lambda f, r: "no fresh report: stop inflating a guest it cannot see",
+         DefaultCounter.BLIND),
+    Rule("emergency", Verdict.EMERGENCY,
+         lambda f: f.d_oom > 0 or f.avail < f.emergency_margin, _emergency, _why_emergency),
+    Rule("own_pressure", Verdict.HOLD, _own_pressure,
+         lambda f: Ruling(f.size, f.floor, f.severity),
+         lambda f, r: f"default: stall {f.stall_pct:.2f}% with no balloon: hold",
+         DefaultCounter.PRESSURE_WITHOUT_BALLOON),
+    Rule("trouble", Verdict.TROUBLE, lambda f: f.troubled, _trouble,
+         lambda f, r: f"default: back off: stall {f.stall_pct:.2f}%, swap-in "
+                      f"{f.swapin_rate:.0f} pages/s"),
+    Rule("stalled", Verdict.STALLED, lambda f: f.stuck or (f.d_refused > 0 and f.inflating),
+         lambda f: Ruling(f.size, f.floor, f.severity, balloon=f.g.balloon_pages, hurt=f.size),
+         _why_stalled),
+    Rule("under_floor", Verdict.UNDER_FLOOR, lambda f: f.target_size < f.floor,
+         lambda f: Ruling(f.floor, f.floor, f.severity),
+         lambda f, r: f"default: size {f.target_size} under safety floor {f.floor}: grow"),
+    Rule("probe", Verdict.PROBE,
+         lambda f: f.probe and f.quiet and f.settled and f.target_size > f.floor, _probe,
+         lambda f, r: f"default: quiet (stall {f.stall_pct:.2f}%): probe down "
+                      f"{f.target_size - r.size} pages toward floor {f.floor}"),
+    Rule("hold", Verdict.HOLD, lambda f: True,
+         lambda f: Ruling(f.target_size, f.floor, f.severity), lambda f, r: "default: hold"),
+)
+
+
+def judge(f: Figures) -> tuple[Rule, Ruling | None]:
+    """The first rule that applies to ``f``, and what it decides."""
+    rule = next(r for r in RULES if r.when(f))
+    return rule, rule.decide(f)
+
+
+# ---------------------------------------------------------------------- snapshots
+class LastReportSnapshot(SnapshotPart):
+    """``ReportCounts`` and when they were read."""
+
+    time_s: Annotated[float, Field(allow_inf_nan=False)]  # the guest's clock, as it said
+    age_s: Seconds  # how long before the snapshot the policy read it
+    swap_in_pages: Pages
+    major_faults: Annotated[int, Field(ge=0)]
+    oom_kills: Annotated[int, Field(ge=0)]
+    refused_pages: Pages | None
+
+
+class DefaultGuestSnapshot(SnapshotPart):
+    """A ``GuestMemo`` with its moments as ages (None: never)."""
+
+    step: Annotated[float, Field(ge=PROBE_STEP_MIN, le=PROBE_STEP_MAX, allow_inf_nan=False)]
+    working_set: tuple[tuple[Seconds, Pages], ...]  # (age, working set), oldest first
+    last_report: LastReportSnapshot | None
+    last_balloon: Pages | None
+    hurt_size: Pages
+    hurt_age_s: Seconds | None
+    hurt_ws: Pages
+    oom_age_s: Seconds | None
+    quiet_calls: Annotated[int, Field(ge=0)]
+
+
+class DefaultSnapshot(PolicySnapshot):
+    """``DefaultPolicy`` state that survives a restart: each guest's memory."""
+
+    policy: Literal["default"] = "default"
+    guests: dict[str, DefaultGuestSnapshot] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- the policy
+@dataclass(slots=True)
 class _Plan:
     g: GuestSample
     verdict: Verdict
@@ -160,170 +505,107 @@ class DefaultPolicy:
         stall_quiet_pct: float = STALL_QUIET_PCT,
     ) -> None:
         if max_report_age_s <= 0:
-            raise ValueError("default: max_report_age_s must be > 0")
+            raise ConfigError("default: max_report_age_s must be > 0")
         if not 0.0 <= margin_fraction < 1.0:
-            raise ValueError("default: margin_fraction must be within [0, 1)")
+            raise ConfigError("default: margin_fraction must be within [0, 1)")
         if not 0.0 <= stall_quiet_pct <= stall_trouble_pct <= 100.0:
-            raise ValueError("default: need 0 <= stall_quiet_pct <= stall_trouble_pct <= 100")
+            raise ConfigError("default: need 0 <= stall_quiet_pct <= stall_trouble_pct <= 100")
         self.max_report_age_s = max_report_age_s
         self.probe = probe
         self.margin_fraction = margin_fraction
         self.stall_trouble_pct = stall_trouble_pct
         self.stall_quiet_pct = stall_quiet_pct
         self.counters = Counters()
-        self.state: dict[str, GuestState] = {}
+        self.state: dict[str, GuestMemo] = {}
 
     @property
     def name(self) -> str:
         return "default"
 
     # ------------------------------------------------------------------ per guest
-    def _plan(self, g: GuestSample, now: float) -> _Plan | None:
-        st = self.state.setdefault(g.name, GuestState())
-        size = g.size_pages
+    def figures(self, g: GuestSample, m: GuestMemo, now: float) -> Figures:
+        """``g``'s figures at ``now``; ``m`` takes in this call's report and working set."""
         r = fresh_report(g, self.max_report_age_s, now)
         if r is None:
-            st.last = None  # rates restart from the next report
-            self.counters.inc("default_blind")
-            if g.target_pages > g.balloon_pages:
-                return _Plan(g, Verdict.BLIND, size, 0, 0.0,
-                             "no fresh report: stop inflating a guest it cannot see",
-                             {"report_age_s": float(g.report_age_s(now) or -1.0)},
-                             balloon=g.balloon_pages)
-            return None
+            m.last = None  # rates restart from the next report
+            return Figures(g, now, fresh=False)
         c = self.counters
+        prev = m.last
         dt = 0.0
-        if st.last is not None and st.last_now is not None:
-            dt = r.time_s - st.last.time_s
+        if prev is not None and m.last_now is not None:
+            dt = r.time_s - prev.time_s
             if dt <= 0:
-                dt = now - st.last_now
-        prev = st.last
+                dt = now - m.last_now  # the guest's clock did not move: ours did
         d_swapin = d_major = d_oom = d_refused = 0
         if prev is not None:
-            d_swapin = counter_delta(r.swap_in_pages, prev.swap_in_pages, c, "swap_in")
-            d_major = counter_delta(r.major_faults, prev.major_faults, c, "major_faults")
-            d_oom = counter_delta(r.oom_kills, prev.oom_kills, c, "oom_kills")
+            d_swapin = counter_delta(r.swap_in_pages, prev.swap_in_pages, c,
+                                     PolicyReportCounter.SWAP_IN_BACKWARDS)
+            d_major = counter_delta(r.major_faults, prev.major_faults, c,
+                                    PolicyReportCounter.MAJOR_FAULTS_BACKWARDS)
+            d_oom = counter_delta(r.oom_kills, prev.oom_kills, c,
+                                  PolicyReportCounter.OOM_KILLS_BACKWARDS)
             if r.refused_pages is not None:
-                d_refused = counter_delta(r.refused_pages, prev.refused_pages, c, "refused")
+                d_refused = counter_delta(r.refused_pages, prev.refused_pages, c,
+                                          PolicyReportCounter.REFUSED_BACKWARDS)
         swapin_rate = d_swapin / dt if dt > 0 else 0.0
-        fault_rate = d_major / dt if dt > 0 else 0.0
-        stalled = (st.last_balloon is not None and g.target_pages > g.balloon_pages
-                   and g.balloon_pages <= st.last_balloon)
-        last_balloon = st.last_balloon
-        st.last, st.last_now, st.last_balloon = r, now, g.balloon_pages
+        stuck = (m.last_balloon is not None and g.target_pages > g.balloon_pages
+                 and g.balloon_pages <= m.last_balloon)
+        last_balloon = m.last_balloon
+        m.last, m.last_now, m.last_balloon = ReportCounts.of(r), now, g.balloon_pages
 
         ws = working_set_pages(g, r, c)
         avail = available_pages(g, r, c)
-        growth = 0.0
-        if st.ws and now > st.ws[-1][0]:
-            growth = max(0.0, (ws - st.ws[-1][1]) / (now - st.ws[-1][0]))
-        st.ws.append((now, ws))
-        while st.ws and st.ws[0][0] < now - WS_WINDOW_S:
-            st.ws.popleft()
-        peak = max(w for _, w in st.ws)
+        growth, peak = m.see_working_set(ws, now)
         ram = g.ram_pages
         # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
         ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
-        if now >= st.hurt_until or (now >= st.oom_until and ws + margin < st.hurt_ws):
-            st.hurt_size = 0  # the pain is old, or the working set shrank well below it
-        floor = max(g.settings.min_pages, peak + margin, st.hurt_size)
-        floor = min(floor, g.ceiling_pages())
-        budget_floor = min(floor, max(g.settings.min_pages, st.hurt_size,
-                                      ws + BUDGET_MARGIN_PAGES + ahead))
-        step = max(1, int(st.step * ram))
-        severity = max(r.stall_pct / self.stall_trouble_pct if self.stall_trouble_pct else 0.0,
-                       swapin_rate / SWAPIN_TROUBLE_PER_S)
-        inputs = {
-            "stall_pct": r.stall_pct, "swap_in_per_s": swapin_rate,
-            "major_faults_per_s": fault_rate, "oom_kills_new": float(d_oom),
-            "refused_new": float(d_refused), "available_pages": float(avail),
-            "working_set_pages": float(ws), "peak_working_set_pages": float(peak),
-            "margin_pages": float(margin), "floor_pages": float(floor),
-            "size_pages": float(size), "balloon_pages": float(g.balloon_pages),
-            "target_pages": float(g.target_pages), "step_pages": float(step),
-            "budget_floor_pages": float(budget_floor),
-        }
-
+        if (now >= m.hurt_at + PRESSURE_MEMORY_S
+                or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)):
+            m.hurt_size = 0  # the pain is old, or the working set shrank well below it
+        floor = min(max(g.settings.min_pages, peak + margin, m.hurt_size), g.ceiling_pages())
         if r.stall_pct > self.stall_quiet_pct or d_swapin or d_oom or avail < margin:
-            st.quiet_calls = 0  # anything but quiet starts the count again
+            m.quiet_calls = 0  # anything but quiet starts the count again
+        return Figures(
+            g, now, stall_pct=r.stall_pct, d_swapin=d_swapin, d_oom=d_oom, d_refused=d_refused,
+            swapin_rate=swapin_rate, fault_rate=d_major / dt if dt > 0 else 0.0, stuck=stuck,
+            last_balloon=last_balloon, ws=ws, avail=avail, peak=peak, ahead=ahead,
+            margin=margin, floor=floor,
+            budget_floor=min(floor, max(g.settings.min_pages, m.hurt_size,
+                                        ws + BUDGET_MARGIN_PAGES + ahead)),
+            step=max(1, int(m.step * ram)),
+            severity=max(r.stall_pct / self.stall_trouble_pct if self.stall_trouble_pct
+                         else 0.0, swapin_rate / SWAPIN_TROUBLE_PER_S),
+            quiet_calls=m.quiet_calls, probe=self.probe, stall_quiet_pct=self.stall_quiet_pct,
+            stall_trouble_pct=self.stall_trouble_pct)
 
-        def hurt(new_size: int) -> None:
-            # no probing back below where it hurt (plus the margin) for a while; the deflation
-            # itself may go further, to relieve the pressure now
-            st.step = max(PROBE_STEP_MIN, st.step / 2)
-            st.hurt_size = min(new_size, size + margin, g.ceiling_pages())
-            st.hurt_until = now + PRESSURE_MEMORY_S
-            st.hurt_ws = ws
-
-        # emergency below the small margin (what the budget may squeeze a guest to); between
-        # it and the full margin the guest is only tight: no probing (its floor holds it)
-        emergency_margin = BUDGET_MARGIN_PAGES + ahead
-        if d_oom > 0 or avail < emergency_margin:
-            need = max(margin - avail, step)
-            new = size + need
-            hurt(new)
-            if d_oom > 0:
-                # the kill freed the workload's memory, so MemAvailable now says nothing of
-                # what it needs: give the whole balloon back (probing starts over later)
-                new = g.ceiling_pages()
-                st.oom_until = now + PRESSURE_MEMORY_S
-            why = (f"guest OOM-killed ({d_oom} new)" if d_oom > 0
-                   else f"available {avail} pages under margin {margin}")
-            return _Plan(g, Verdict.EMERGENCY, max(new, floor), floor, 100.0 + severity,
-                         f"default: emergency deflate: {why}", inputs)
-        if r.stall_pct > self.stall_trouble_pct or swapin_rate > SWAPIN_TROUBLE_PER_S:
-            if g.balloon_pages == 0 and g.target_pages == 0:
-                # the balloon took nothing: this pressure is the guest's own, not ours to
-                # remember as a size that hurt (which would stop probing for minutes)
-                c.inc("default_pressure_without_balloon")
-                return _Plan(g, Verdict.HOLD, size, floor, severity,
-                             f"default: stall {r.stall_pct:.2f}% with no balloon: hold", inputs)
-            scale = min(BACKOFF_MAX_SCALE, max(1.0, severity))
-            backoff = int(max(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale)
-            new = size + backoff
-            hurt(new)
-            return _Plan(g, Verdict.TROUBLE, new, max(floor, new), severity,
-                         f"default: back off: stall {r.stall_pct:.2f}%, swap-in "
-                         f"{swapin_rate:.0f} pages/s", inputs)
-        if stalled or (d_refused > 0 and g.target_pages > g.balloon_pages):
-            st.step = max(PROBE_STEP_MIN, st.step / 2)
-            st.hurt_size, st.hurt_until, st.hurt_ws = size, now + PRESSURE_MEMORY_S, ws
-            why = (f"refused {d_refused} pages" if d_refused > 0 else
-                   f"balloon stuck at {g.balloon_pages} (was {last_balloon}) under target "
-                   f"{g.target_pages}")
-            return _Plan(g, Verdict.STALLED, size, floor, severity,
-                         f"default: inflation stalled: {why}: target := actual", inputs,
-                         balloon=g.balloon_pages)
-        target_size = ram - g.target_pages
-        if target_size < floor:
-            return _Plan(g, Verdict.UNDER_FLOOR, floor, floor, severity,
-                         f"default: size {target_size} under safety floor {floor}: grow",
-                         inputs)
-        quiet = (r.stall_pct <= self.stall_quiet_pct and d_swapin == 0
-                 and fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
-        settled = abs(g.target_pages - g.balloon_pages) < MIN_CHANGE_PAGES
-        if self.probe and quiet and settled and target_size > floor:
-            st.quiet_calls += 1
-            if avail > 2 * margin and st.quiet_calls > QUIET_CALLS_BEFORE_BIG_STEP:
-                # idle free memory, seen quiet for a while: take half of it a call (at most
-                # BIG_STEP_MAX_FRACTION of RAM), not just the probe step
-                step = max(step, min((avail - margin) // 2, int(BIG_STEP_MAX_FRACTION * ram)))
-            new = max(floor, target_size - step)
-            st.step = min(PROBE_STEP_MAX, st.step + PROBE_STEP_INC)
-            return _Plan(g, Verdict.PROBE, new, floor, severity,
-                         f"default: quiet (stall {r.stall_pct:.2f}%): probe down "
-                         f"{target_size - new} pages toward floor {floor}", inputs)
-        return _Plan(g, Verdict.HOLD, target_size, floor, severity, "default: hold", inputs)
-
-    def _with_soft_floor(self, p: _Plan | None) -> _Plan | None:
-        """Note the size above which the guest's memory is MemFree beyond the margin."""
-        if p is None or p.g.report is None:
-            return p
-        free = free_pages(p.g, p.g.report, self.counters)
-        p.budget_floor = int(p.inputs.get("budget_floor_pages", float(p.floor)))
-        p.soft_floor = max(p.budget_floor, p.g.size_pages - max(0, free - BUDGET_MARGIN_PAGES))
+    def _plan(self, g: GuestSample, now: float) -> _Plan | None:
+        m = self.state.setdefault(g.name, GuestMemo())
+        f = self.figures(g, m, now)
+        rule, ruling = judge(f)
+        if rule.counter is not None:
+            self.counters.inc(rule.counter)
+        if ruling is None:
+            return None
+        m.remember(f, ruling)
+        p = _Plan(g, rule.verdict, ruling.size, ruling.floor, ruling.pressure,
+                  rule.why(f, ruling), f.inputs(), ruling.balloon, budget_floor=f.budget_floor)
+        if g.report is not None:
+            # the size above which the guest's memory is MemFree beyond the margin (a blind
+            # guest's stale report is read too: its inconsistencies are counted all the same)
+            free = free_pages(g, g.report, self.counters)
+            p.soft_floor = max(p.budget_floor, g.size_pages - max(0, free - BUDGET_MARGIN_PAGES))
         return p
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self, now: float) -> DefaultSnapshot:
+        """Each guest's memory, its moments as ages at ``now``."""
+        return DefaultSnapshot(guests={n: m.snapshot(now) for n, m in self.state.items()})
+
+    def restore(self, snap: PolicySnapshot, now: float) -> None:
+        """Take up ``snap`` (a ``DefaultSnapshot``) on the caller's clock at ``now``."""
+        own = own_snapshot(snap, DefaultSnapshot, self.name)
+        self.state = {n: GuestMemo.restored(s, now) for n, s in own.guests.items()}
 
     # ------------------------------------------------------------------ the host
     def decide(
@@ -335,7 +617,7 @@ class DefaultPolicy:
         for g in guests:
             if not g.alive:
                 continue
-            p = self._with_soft_floor(self._plan(g, now))
+            p = self._plan(g, now)
             if p is not None:
                 plans.append(p)
         # the guests' growth if every plan is carried out, over what they hold now

@@ -2,16 +2,30 @@
 
 The figure helpers treat a report as untrusted: a guest may claim more available memory than it
 has, a balloon larger than its RAM, counters that go backwards. They clamp to what is possible,
-and count each inconsistency in the caller's ``Counters`` bag (``policy_report_<what>``) rather
+and count each inconsistency in the caller's ``Counters`` bag (a ``PolicyReportCounter``) rather
 than raise: a policy must keep deciding for the other guests.
 """
 
 from __future__ import annotations
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
+
+
+class PolicyReportCounter(CounterName):
+    """The inconsistencies the figure helpers find in a report, one each (every policy)."""
+
+    FREE_ABOVE_RAM = "policy_report_free_above_ram"  # MemFree claimed beyond the guest's RAM
+    AVAILABLE_ABOVE_RAM = "policy_report_available_above_ram"  # MemAvailable beyond its RAM
+    # MemAvailable beyond what the guest kept when it wrote the report
+    AVAILABLE_ABOVE_SIZE = "policy_report_available_above_size"
+    # cumulative counters that went back since the last report (a restarted or lying guest)
+    SWAP_IN_BACKWARDS = "policy_report_swap_in_backwards"
+    MAJOR_FAULTS_BACKWARDS = "policy_report_major_faults_backwards"
+    OOM_KILLS_BACKWARDS = "policy_report_oom_kills_backwards"
+    REFUSED_BACKWARDS = "policy_report_refused_backwards"
 
 
 def fresh_report(g: GuestSample, max_age_s: float, now: float) -> PressureReport | None:
@@ -33,7 +47,7 @@ def free_pages(g: GuestSample, r: PressureReport, counters: Counters) -> int:
     """MemFree in pages, at most what the guest keeps."""
     free = _pages(r.free_bytes)
     if free > g.ram_pages:
-        counters.inc("policy_report_free_above_ram")
+        counters.inc(PolicyReportCounter.FREE_ABOVE_RAM)
         return max(0, g.size_pages)
     return free
 
@@ -43,7 +57,7 @@ def available_pages(g: GuestSample, r: PressureReport, counters: Counters) -> in
     avail = _pages(r.available_bytes)
     if avail > g.size_pages:
         if avail > g.ram_pages:
-            counters.inc("policy_report_available_above_ram")
+            counters.inc(PolicyReportCounter.AVAILABLE_ABOVE_RAM)
         return max(0, g.size_pages)
     return avail
 
@@ -62,22 +76,26 @@ def working_set_pages(g: GuestSample, r: PressureReport, counters: Counters) -> 
     size_then = g.ram_pages - min(g.ram_pages, r.balloon_actual_pages)
     avail = _pages(r.available_bytes)
     if avail > size_then:
-        counters.inc("policy_report_available_above_size")
+        counters.inc(PolicyReportCounter.AVAILABLE_ABOVE_SIZE)
         avail = size_then
     return max(0, size_then - avail)
 
 
-def counter_delta(now: int, before: int | None, counters: Counters, what: str) -> int:
-    """Growth of a cumulative guest counter since the last report (0 when it went back)."""
+def counter_delta(
+    now: int, before: int | None, counters: Counters, backwards: PolicyReportCounter
+) -> int:
+    """Growth of a cumulative guest counter since the last report (0 when it went back, which
+    counts ``backwards``: the guest restarted or lies)."""
     if before is None:
         return 0
     if now < before:
-        counters.inc(f"policy_report_{what}_backwards")  # guest restarted or lies
+        counters.inc(backwards)
         return 0
     return now - before
 
 
 __all__ = [
+    "PolicyReportCounter",
     "available_pages",
     "counter_delta",
     "free_pages",
