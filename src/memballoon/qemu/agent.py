@@ -28,7 +28,7 @@ from pathlib import Path
 
 from memballoon.edge.clock import MonotonicClock
 from memballoon.manager.port import Clock
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import KIB, PAGE_SIZE
 from memballoon.protocol.pressure import MAX_VALUE as REPORT_MAX_VALUE
@@ -40,6 +40,19 @@ AGENT_SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 4096
 #: Counters, kB and microsecond totals above this are not believable (2^53: exact in JSON).
 _MAX_VALUE = 2**53
+
+
+class AgentCounter(CounterName):
+    """What the agent's parser and channel count (every line the guest sends is untrusted)."""
+
+    AGENT_REPORTS = "agent_reports"  # lines accepted as reports
+    AGENT_LINE_TOO_LONG = "agent_line_too_long"  # lines over the length limit (dropped whole)
+    AGENT_BAD_JSON = "agent_bad_json"  # lines that are not UTF-8 JSON, or hold NaN/Infinity
+    AGENT_BAD_SCHEMA = "agent_bad_schema"  # JSON of the wrong shape (not an object, no uptime)
+    AGENT_BAD_VERSION = "agent_bad_version"  # reports of another schema version
+    AGENT_BAD_VALUE = "agent_bad_value"  # numbers of the wrong type or out of range
+    AGENT_CONNECT_FAILED = "agent_connect_failed"  # connections to the agent socket given up
+    AGENT_EOF = "agent_eof"  # agent sockets that closed or failed
 
 
 @dataclass(frozen=True)
@@ -84,22 +97,22 @@ _PSI_AVGS: Mapping[str, str] = {"some_avg10": "psi_some_avg10", "full_avg10": "p
 
 
 class _Reject(Exception):
-    """Internal: carries the counter name out of the validators."""
+    """Internal: carries the counter out of the validators."""
 
-    def __init__(self, counter: str, why: str) -> None:
+    def __init__(self, counter: AgentCounter, why: str) -> None:
         super().__init__(why)
         self.counter = counter
 
 
 def _reject_constant(name: str) -> float:
-    raise _Reject("agent_bad_json", f"non-JSON constant {name}")
+    raise _Reject(AgentCounter.AGENT_BAD_JSON, f"non-JSON constant {name}")
 
 
 def _count(value: object, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_VALUE:
-        raise _Reject("agent_bad_value", f"{what} is not a count: {value!r:.40}")
+        raise _Reject(AgentCounter.AGENT_BAD_VALUE, f"{what} is not a count: {value!r:.40}")
     return value
 
 
@@ -107,10 +120,10 @@ def _percent(value: object, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Reject("agent_bad_value", f"{what} is not a number: {value!r:.40}")
+        raise _Reject(AgentCounter.AGENT_BAD_VALUE, f"{what} is not a number: {value!r:.40}")
     number = float(value)
     if not (math.isfinite(number) and 0.0 <= number <= 100.0):
-        raise _Reject("agent_bad_value", f"{what} is not a percentage: {number}")
+        raise _Reject(AgentCounter.AGENT_BAD_VALUE, f"{what} is not a percentage: {number}")
     return number
 
 
@@ -119,29 +132,29 @@ def _section(doc: Mapping[str, object], key: str, required: bool) -> Mapping[str
     if value is None and not required:
         return {}
     if not isinstance(value, dict):
-        raise _Reject("agent_bad_schema", f"{key} is not an object")
+        raise _Reject(AgentCounter.AGENT_BAD_SCHEMA, f"{key} is not an object")
     return value
 
 
 def _parse(line: bytes | str, guest: str) -> AgentReport:
     if len(line) > MAX_LINE_BYTES:
-        raise _Reject("agent_line_too_long", f"line of {len(line)} bytes")
+        raise _Reject(AgentCounter.AGENT_LINE_TOO_LONG, f"line of {len(line)} bytes")
     try:
         text = line.decode("utf-8") if isinstance(line, bytes) else line
         doc = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, depth
-        raise _Reject("agent_bad_json", f"not JSON: {exc}") from exc
+        raise _Reject(AgentCounter.AGENT_BAD_JSON, f"not JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise _Reject("agent_bad_schema", "not a JSON object")
+        raise _Reject(AgentCounter.AGENT_BAD_SCHEMA, "not a JSON object")
     version = doc.get("v")
     if isinstance(version, bool) or version != AGENT_SCHEMA_VERSION:
-        raise _Reject("agent_bad_version", f"schema version {version!r:.20}, want 1")
+        raise _Reject(AgentCounter.AGENT_BAD_VERSION, f"schema version {version!r:.20}, want 1")
     uptime = doc.get("t")
     if isinstance(uptime, bool) or not isinstance(uptime, int | float):
-        raise _Reject("agent_bad_schema", "t (uptime) missing or not a number")
+        raise _Reject(AgentCounter.AGENT_BAD_SCHEMA, "t (uptime) missing or not a number")
     uptime_s = float(uptime)
     if not (math.isfinite(uptime_s) and 0.0 <= uptime_s < _MAX_VALUE):
-        raise _Reject("agent_bad_value", f"uptime {uptime_s} out of range")
+        raise _Reject(AgentCounter.AGENT_BAD_VALUE, f"uptime {uptime_s} out of range")
     fields: dict[str, int | float | None] = {}
     meminfo = _section(doc, "meminfo", required=True)
     for key, name in _MEMINFO.items():
@@ -165,7 +178,7 @@ def parse_report(line: bytes | str, *, guest: str, counters: Counters) -> AgentR
     except _Reject as exc:
         counters.inc(exc.counter)
         raise AgentError(f"{guest}: agent line rejected: {exc}") from None
-    counters.inc("agent_reports")
+    counters.inc(AgentCounter.AGENT_REPORTS)
     return report
 
 
@@ -256,7 +269,7 @@ class LineSplitter:
             chunk = data[start:] if nl < 0 else data[start:nl]
             if not self._skipping:
                 if len(self._buf) + len(chunk) > self._max:
-                    self._counters.inc("agent_line_too_long")
+                    self._counters.inc(AgentCounter.AGENT_LINE_TOO_LONG)
                     self._buf.clear()
                     self._skipping = True
                 else:
@@ -311,7 +324,7 @@ class AgentChannel:
                 break
             except OSError as exc:
                 if time.monotonic() >= deadline:
-                    self.counters.inc("agent_connect_failed")
+                    self.counters.inc(AgentCounter.AGENT_CONNECT_FAILED)
                     raise GuestGoneError(
                         f"{self.guest}: cannot reach the agent socket {self.socket_path}: {exc}"
                     ) from exc
@@ -330,10 +343,10 @@ class AgentChannel:
                     self.latest, self.latest_time = report, self.clock.now()
                     self._seq += 1
                 self._changed.set()
-            self.counters.inc("agent_eof")
+            self.counters.inc(AgentCounter.AGENT_EOF)
             self._gone = GuestGoneError(f"{self.guest}: agent socket closed (QEMU gone?)")
         except OSError as exc:
-            self.counters.inc("agent_eof")
+            self.counters.inc(AgentCounter.AGENT_EOF)
             self._gone = GuestGoneError(f"{self.guest}: agent socket failed: {exc}")
         finally:
             self._changed.set()

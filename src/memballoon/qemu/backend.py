@@ -44,7 +44,7 @@ from typing import Final
 from memballoon.edge.clock import MonotonicClock
 from memballoon.host.cgroup import Budget, make_budget
 from memballoon.manager.port import Clock
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError, MemballoonError
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
 from memballoon.policy.sample import GuestSample
@@ -58,6 +58,26 @@ from memballoon.qemu.errors import (
 from memballoon.qemu.image import GuestImage, build_guest_image
 from memballoon.qemu.launch import QemuGuest, QemuProcess, launch
 from memballoon.qemu.qmp import QmpClient
+
+
+class QemuBackendCounter(CounterName):
+    """What ``QemuBackend`` counts in its bag (its QMP clients and agent channels count theirs
+    there too)."""
+
+    QEMU_ATTACHED = "qemu_attached"  # guests attached (launched or found running)
+    QEMU_AGENT_UNREACHABLE = "qemu_agent_unreachable"  # attaches without the agent's socket
+    QEMU_UNKNOWN_GUEST = "qemu_unknown_guest"  # targets for a guest the backend does not have
+    QEMU_TARGET_OUT_OF_RANGE = "qemu_target_out_of_range"  # targets outside [0, RAM)
+    QEMU_SET_TARGET = "qemu_set_target"  # targets sent over QMP
+    QEMU_SET_TARGET_FAILED = "qemu_set_target_failed"  # targets QMP failed to send
+    QEMU_DEVICE_NOT_ACTIVE = "qemu_device_not_active"  # sets and polls with no balloon driver yet
+    QEMU_POLL_FAILED = "qemu_poll_failed"  # polls with a late or malformed QMP reply
+    QEMU_GUEST_GONE = "qemu_guest_gone"  # guests marked gone (QEMU exited or its socket dropped)
+    QEMU_BALLOON_STUCK = "qemu_balloon_stuck"  # balloons stalled short of a target (once each)
+    QEMU_RECONNECT_ATTEMPT = "qemu_reconnect_attempt"  # tries to reopen a gone guest's QMP socket
+    QEMU_RECONNECTED = "qemu_reconnected"  # gone guests back
+    QEMU_AGENT_RECONNECTED = "qemu_agent_reconnected"  # agent sockets reopened
+
 
 #: XAPI squeezed declares a balloon stuck when it has not moved for 5 s (notes/peers.md).
 BALLOON_STUCK_S: Final = 5.0
@@ -250,9 +270,9 @@ class QemuBackend:
             try:
                 await agent.connect(wait_s=2.0)
             except GuestGoneError:
-                self.counters.inc("qemu_agent_unreachable")
+                self.counters.inc(QemuBackendCounter.QEMU_AGENT_UNREACHABLE)
         self._guests[name] = g
-        self.counters.inc("qemu_attached")
+        self.counters.inc(QemuBackendCounter.QEMU_ATTACHED)
 
     async def detach(self, name: str) -> None:
         """Forget a guest (its QEMU keeps running unless the backend launched it)."""
@@ -288,12 +308,12 @@ class QemuBackend:
         or a target outside its RAM (counted)."""
         g = self._guests.get(guest)
         if g is None:
-            self.counters.inc("qemu_unknown_guest")
+            self.counters.inc(QemuBackendCounter.QEMU_UNKNOWN_GUEST)
             return False
         if not g.alive:
             return False
         if balloon_pages < 0 or balloon_pages >= g.ram_pages:
-            self.counters.inc("qemu_target_out_of_range")
+            self.counters.inc(QemuBackendCounter.QEMU_TARGET_OUT_OF_RANGE)
             return False
         self._pending[guest] = balloon_pages
         return True
@@ -307,24 +327,24 @@ class QemuBackend:
         """Set ``guest``'s balloon over QMP now; False (counted) when it cannot be set."""
         g = self._guests.get(guest)
         if g is None:
-            self.counters.inc("qemu_unknown_guest")
+            self.counters.inc(QemuBackendCounter.QEMU_UNKNOWN_GUEST)
             return False
         if not g.alive:
             return False
         if balloon_pages < 0 or balloon_pages >= g.ram_pages:
-            self.counters.inc("qemu_target_out_of_range")
+            self.counters.inc(QemuBackendCounter.QEMU_TARGET_OUT_OF_RANGE)
             return False
         async with g.lock:
             try:
                 await g.qmp.set_logical_size(g.ram_bytes - balloon_pages * PAGE_SIZE)
             except DeviceNotActiveError:
-                self.counters.inc("qemu_device_not_active")
+                self.counters.inc(QemuBackendCounter.QEMU_DEVICE_NOT_ACTIVE)
                 return False
             except GuestGoneError as exc:
                 self._mark_gone(g, str(exc))
                 return False
             except QmpError:
-                self.counters.inc("qemu_set_target_failed")
+                self.counters.inc(QemuBackendCounter.QEMU_SET_TARGET_FAILED)
                 return False
         now = self.clock.now()
         if balloon_pages != g.target_pages:
@@ -332,7 +352,7 @@ class QemuBackend:
             self._stuck.discard(g.name)
         g.target_pages = balloon_pages
         g.target_set_at = g.last_move_at = now
-        self.counters.inc("qemu_set_target")
+        self.counters.inc(QemuBackendCounter.QEMU_SET_TARGET)
         return True
 
     def host_resident_bytes(self) -> int:
@@ -387,7 +407,7 @@ class QemuBackend:
 
     def _mark_gone(self, g: _Guest, why: str) -> None:
         if g.alive:
-            self.counters.inc("qemu_guest_gone")
+            self.counters.inc(QemuBackendCounter.QEMU_GUEST_GONE)
             g.alive = False
             g.gone_reason = why
             g.next_reconnect_at = self.clock.now() + RECONNECT_INTERVAL_S
@@ -406,11 +426,11 @@ class QemuBackend:
                 self._mark_gone(g, str(exc))
                 return
             except DeviceNotActiveError:
-                self.counters.inc("qemu_device_not_active")
+                self.counters.inc(QemuBackendCounter.QEMU_DEVICE_NOT_ACTIVE)
                 pages = g.balloon_pages
             except QmpError as exc:
                 g.poll_failures += 1
-                self.counters.inc("qemu_poll_failed")
+                self.counters.inc(QemuBackendCounter.QEMU_POLL_FAILED)
                 if g.poll_failures >= MAX_POLL_FAILURES:
                     self._mark_gone(g, f"{MAX_POLL_FAILURES} polls failed, last: {exc}")
                     await g.qmp.close()
@@ -432,7 +452,7 @@ class QemuBackend:
         if not g.stuck and now - max(g.last_move_at, g.target_set_at) > BALLOON_STUCK_S:
             g.stuck = True
             self._stuck.add(g.name)
-            self.counters.inc("qemu_balloon_stuck")
+            self.counters.inc(QemuBackendCounter.QEMU_BALLOON_STUCK)
 
     async def _take_report(self, g: _Guest, now: float) -> None:
         agent = g.agent
@@ -443,7 +463,7 @@ class QemuBackend:
             with contextlib.suppress(GuestGoneError):
                 await agent.close()
                 await agent.connect()
-                self.counters.inc("qemu_agent_reconnected")
+                self.counters.inc(QemuBackendCounter.QEMU_AGENT_RECONNECTED)
         latest, arrived = agent.latest, agent.latest_time
         if latest is None or latest is g.seen_agent:
             return
@@ -462,7 +482,7 @@ class QemuBackend:
             return False
         g.reconnect_attempts += 1
         g.next_reconnect_at = now + RECONNECT_INTERVAL_S
-        self.counters.inc("qemu_reconnect_attempt")
+        self.counters.inc(QemuBackendCounter.QEMU_RECONNECT_ATTEMPT)
         pid = qemu_pid_of(g.qmp.socket_path) if g.proc is None else g.pid
         if pid is None:
             return False  # nobody listens on the socket
@@ -473,7 +493,7 @@ class QemuBackend:
             return False
         g.alive, g.gone_reason, g.poll_failures = True, "", 0
         g.pid = pid
-        self.counters.inc("qemu_reconnected")
+        self.counters.inc(QemuBackendCounter.QEMU_RECONNECTED)
         return True
 
 

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from memballoon.edge.clock import MonotonicClock
 from memballoon.manager.port import Clock
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import KIB, PAGE_SIZE
 from memballoon.policy.sample import GuestSample
@@ -41,6 +41,17 @@ VIR_DOMAIN_AFFECT_LIVE: Final = 1
 #: virDomainState VIR_DOMAIN_RUNNING and VIR_DOMAIN_PAUSED.
 VIR_DOMAIN_RUNNING: Final = 1
 VIR_DOMAIN_PAUSED: Final = 3
+
+
+class LibvirtCounter(CounterName):
+    """What ``LibvirtBackend`` counts."""
+
+    LIBVIRT_CONNECT = "libvirt_connect"  # connections opened (the first, and after a drop)
+    LIBVIRT_NO_DOMAIN = "libvirt_no_domain"  # named domains libvirt does not know
+    LIBVIRT_ERROR = "libvirt_error"  # libvirt calls that failed
+    LIBVIRT_BAD_STATS = "libvirt_bad_stats"  # memory stats without a believable actual
+    LIBVIRT_TARGET_OUT_OF_RANGE = "libvirt_target_out_of_range"  # targets outside [0, RAM)
+    LIBVIRT_SET_TARGET = "libvirt_set_target"  # targets set
 
 
 def _import_libvirt() -> Any:
@@ -137,7 +148,7 @@ class LibvirtBackend:
     def _connection(self) -> Any:
         if self._conn is None or not self._conn.isAlive():
             self._conn = self._libvirt.open(self.uri)
-            self.counters.inc("libvirt_connect")
+            self.counters.inc(LibvirtCounter.LIBVIRT_CONNECT)
         return self._conn
 
     def _poll(self) -> dict[str, GuestSample]:
@@ -152,9 +163,9 @@ class LibvirtBackend:
                     try:
                         doms[n] = conn.lookupByName(n)
                     except lv.libvirtError:
-                        self.counters.inc("libvirt_no_domain")
+                        self.counters.inc(LibvirtCounter.LIBVIRT_NO_DOMAIN)
         except lv.libvirtError:
-            self.counters.inc("libvirt_error")
+            self.counters.inc(LibvirtCounter.LIBVIRT_ERROR)
             self._conn = None
             return {n: self._dead(n) for n in (self._only or list(self._targets))}
         out: dict[str, GuestSample] = {}
@@ -178,11 +189,11 @@ class LibvirtBackend:
                 self._stats_on.add(n)
             stats = dom.memoryStats()
         except self._libvirt.libvirtError:
-            self.counters.inc("libvirt_error")
+            self.counters.inc(LibvirtCounter.LIBVIRT_ERROR)
             return self._dead(n)
         actual = _kib_stat(stats, "actual")
         if actual is None or actual > max_kib:
-            self.counters.inc("libvirt_bad_stats")
+            self.counters.inc(LibvirtCounter.LIBVIRT_BAD_STATS)
             actual = max_kib
         balloon_pages = (max_kib - actual) * KIB // PAGE_SIZE
         target = self._targets.setdefault(n, balloon_pages)
@@ -214,15 +225,15 @@ class LibvirtBackend:
             dom = self._connection().lookupByName(guest)
             max_kib = int(dom.maxMemory())
             if balloon_pages < 0 or balloon_pages * PAGE_SIZE >= max_kib * KIB:
-                self.counters.inc("libvirt_target_out_of_range")
+                self.counters.inc(LibvirtCounter.LIBVIRT_TARGET_OUT_OF_RANGE)
                 return False
             dom.setMemoryFlags(max_kib - balloon_pages * PAGE_SIZE // KIB,
                                VIR_DOMAIN_AFFECT_LIVE)
         except lv.libvirtError:
-            self.counters.inc("libvirt_error")
+            self.counters.inc(LibvirtCounter.LIBVIRT_ERROR)
             return False
         self._targets[guest] = balloon_pages
-        self.counters.inc("libvirt_set_target")
+        self.counters.inc(LibvirtCounter.LIBVIRT_SET_TARGET)
         return True
 
     def set_target(self, guest: str, balloon_pages: int) -> bool:
@@ -232,7 +243,7 @@ class LibvirtBackend:
         if s is None or not s.alive:
             return False
         if not 0 <= balloon_pages < s.ram_pages:
-            self.counters.inc("libvirt_target_out_of_range")
+            self.counters.inc(LibvirtCounter.LIBVIRT_TARGET_OUT_OF_RANGE)
             return False
         self._pending[guest] = balloon_pages
         return True

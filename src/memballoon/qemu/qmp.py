@@ -32,7 +32,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import ConnectError, Runstate, StateError
 from qemu.qmp.qmp_client import BadReplyError
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
 from memballoon.qemu.errors import (
@@ -43,6 +43,24 @@ from memballoon.qemu.errors import (
     QmpReplyError,
     QmpTimeoutError,
 )
+
+
+class QmpCounter(CounterName):
+    """What ``QmpClient`` counts (QEMU's monitor is a peer: each misbehaviour has its name)."""
+
+    QMP_TIMEOUT = "qmp_timeout"  # greetings or replies that did not come within timeout_s
+    QMP_CONNECT_FAILED = "qmp_connect_failed"  # connections to the monitor given up
+    QMP_RECONNECT = "qmp_reconnect"  # reconnects after a dropped session
+    QMP_DISCONNECT = "qmp_disconnect"  # sessions that dropped during a command
+    QMP_BAD_REPLY = "qmp_bad_reply"  # replies that were malformed or held impossible values
+    QMP_DEVICE_NOT_ACTIVE = "qmp_device_not_active"  # commands refused: no active balloon device
+    QMP_COMMAND_ERROR = "qmp_command_error"  # commands refused with another error class
+    QMP_EVENT_BALLOON_CHANGE = "qmp_event_balloon_change"  # BALLOON_CHANGE events taken as a hint
+    QMP_BAD_EVENT = "qmp_bad_event"  # BALLOON_CHANGE events without a positive actual
+    QMP_EVENT_SHUTDOWN = "qmp_event_shutdown"  # SHUTDOWN events
+    QMP_EVENT_OTHER = "qmp_event_other"  # other events (ignored)
+    QMP_BALLOON_STUCK = "qmp_balloon_stuck"  # waits for the logical size given up (stalled or late)
+
 
 #: QOM path of the balloon when launched with ``-device virtio-balloon-pci,id=balloon0``.
 BALLOON_QOM_PATH = "/machine/peripheral/balloon0"
@@ -153,14 +171,14 @@ class QmpClient:
         try:
             await asyncio.wait_for(qmp.connect(self.socket_path), self.timeout_s)
         except TimeoutError as exc:
-            self.counters.inc("qmp_timeout")
+            self.counters.inc(QmpCounter.QMP_TIMEOUT)
             await _quiet_disconnect(qmp)
             raise QmpTimeoutError(
                 f"{self.socket_path}: no QMP greeting within {self.timeout_s} s"
             ) from exc
         except (ConnectError, OSError, EOFError, QMPError) as exc:
             if count:
-                self.counters.inc("qmp_connect_failed")
+                self.counters.inc(QmpCounter.QMP_CONNECT_FAILED)
             await _quiet_disconnect(qmp)
             raise GuestGoneError(f"{self.socket_path}: cannot reach QEMU's monitor: {exc}") from exc
         self._qmp = qmp
@@ -187,30 +205,30 @@ class QmpClient:
             if not self.connected:
                 cause = await self._drop()
                 if cause is not None or attempt:
-                    self.counters.inc("qmp_reconnect")
+                    self.counters.inc(QmpCounter.QMP_RECONNECT)
                 await self._connect_once()
             qmp = self._qmp
             assert qmp is not None
             try:
                 return await asyncio.wait_for(qmp.execute(command, arguments), self.timeout_s)
             except TimeoutError as exc:
-                self.counters.inc("qmp_timeout")
+                self.counters.inc(QmpCounter.QMP_TIMEOUT)
                 raise QmpTimeoutError(
                     f"{command}: no reply from QEMU within {self.timeout_s} s"
                 ) from exc
             except ExecuteError as exc:
                 raise self._command_error(command, exc) from exc
             except BadReplyError as exc:
-                self.counters.inc("qmp_bad_reply")
+                self.counters.inc(QmpCounter.QMP_BAD_REPLY)
                 raise QmpReplyError(f"{command}: malformed reply: {exc}") from exc
             except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
                 cause = await self._drop()
                 if cause is None or isinstance(cause, EOFError | OSError):
-                    self.counters.inc("qmp_disconnect")
+                    self.counters.inc(QmpCounter.QMP_DISCONNECT)
                     if attempt:
                         raise GuestGoneError(f"{command}: QMP socket dropped twice") from exc
                 else:  # qemu.qmp hung up on a reply it could not parse
-                    self.counters.inc("qmp_bad_reply")
+                    self.counters.inc(QmpCounter.QMP_BAD_REPLY)
                     if attempt:
                         raise QmpReplyError(f"{command}: unparseable reply: {cause!r}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -218,9 +236,9 @@ class QmpClient:
     def _command_error(self, command: str, exc: ExecuteError) -> Exception:
         error_class = str(exc.error_class)
         if error_class == "DeviceNotActive":
-            self.counters.inc("qmp_device_not_active")
+            self.counters.inc(QmpCounter.QMP_DEVICE_NOT_ACTIVE)
             return DeviceNotActiveError(f"{command}: no active balloon device: {exc}")
-        self.counters.inc("qmp_command_error")
+        self.counters.inc(QmpCounter.QMP_COMMAND_ERROR)
         return QmpCommandError(f"{command}: QEMU refused: {error_class}: {exc}", error_class)
 
     def _on_event(self, msg: Any) -> None:
@@ -229,18 +247,18 @@ class QmpClient:
             data = msg.get("data")
             actual = data.get("actual") if isinstance(data, Mapping) else None
             if _is_int(actual) and actual > 0:
-                self.counters.inc("qmp_event_balloon_change")
+                self.counters.inc(QmpCounter.QMP_EVENT_BALLOON_CHANGE)
                 self.last_change_bytes = actual
             else:
-                self.counters.inc("qmp_bad_event")
+                self.counters.inc(QmpCounter.QMP_BAD_EVENT)
         elif event == "SHUTDOWN":
             self.shutdown_seen = True
-            self.counters.inc("qmp_event_shutdown")
+            self.counters.inc(QmpCounter.QMP_EVENT_SHUTDOWN)
         else:
-            self.counters.inc("qmp_event_other")
+            self.counters.inc(QmpCounter.QMP_EVENT_OTHER)
 
     def _bad(self, what: str) -> QmpReplyError:
-        self.counters.inc("qmp_bad_reply")
+        self.counters.inc(QmpCounter.QMP_BAD_REPLY)
         return QmpReplyError(what)
 
     # --- balloon ---------------------------------------------------------------------
@@ -305,7 +323,7 @@ class QmpClient:
         while abs(last - target_bytes) > tolerance_bytes:
             now = time.monotonic()
             if now - last_move > stall_s or now - start > timeout_s:
-                self.counters.inc("qmp_balloon_stuck")
+                self.counters.inc(QmpCounter.QMP_BALLOON_STUCK)
                 raise BalloonStuckError(
                     f"balloon stuck at {last} bytes logical, target {target_bytes}"
                 )
