@@ -40,26 +40,26 @@ DEFAULT_SOCKET_NAME: Final = "memballoon.sock"
 
 
 def parse_size(value: object) -> int:
-    """Bytes in ``value`` (an int of bytes or a string with a unit); ValueError says why."""
+    """Bytes in ``value`` (an int of bytes or a string with a unit); ConfigError says why."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size; give bytes or a string with a unit "
-                         f"({UNIT_HELP})")
+        raise ConfigError(f"{value!r} is not a size; give bytes or a string with a unit "
+                          f"({UNIT_HELP})")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{value} bytes is negative")
+            raise ConfigError(f"{value} bytes is negative")
         return value
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a size; give bytes or a string like '512MiB'")
+        raise ConfigError(f"{value!r} is not a size; give bytes or a string like '512MiB'")
     m = _SIZE_RE.fullmatch(value)
     if m is None:
-        raise ValueError(f"{value!r} is not a size; write a number and a unit ({UNIT_HELP})")
+        raise ConfigError(f"{value!r} is not a size; write a number and a unit ({UNIT_HELP})")
     num, unit = m.group(1), m.group(2) or "B"
     mult = UNITS.get(unit.lower())
     if mult is None:
-        raise ValueError(f"{value!r}: unknown unit {unit!r} (use {UNIT_HELP})")
+        raise ConfigError(f"{value!r}: unknown unit {unit!r} (use {UNIT_HELP})")
     n = float(num) * mult if "." in num else int(num) * mult
     if n != int(n):
-        raise ValueError(f"{value!r} is not a whole number of bytes")
+        raise ConfigError(f"{value!r} is not a whole number of bytes")
     return int(n)
 
 
@@ -121,17 +121,17 @@ class GuestConfig(_Strict):
     @model_validator(mode="after")
     def _limits(self) -> GuestConfig:
         if self.mib is None and self.max_mib is None:
-            raise ValueError("give mib (local) or max_mib (qemu)")
+            raise ConfigError("give mib (local) or max_mib (qemu)")
         ram = self.ram_bytes
         if self.min is not None and self.min > ram:
-            raise ValueError(f"min = {self.min} bytes is above the guest's RAM ({ram} bytes)")
+            raise ConfigError(f"min = {self.min} bytes is above the guest's RAM ({ram} bytes)")
         if self.max is not None and self.max > ram:
-            raise ValueError(f"max = {self.max} bytes is above the guest's RAM ({ram} bytes)")
+            raise ConfigError(f"max = {self.max} bytes is above the guest's RAM ({ram} bytes)")
         if self.min is not None and self.max is not None and self.max < self.min:
-            raise ValueError(f"max = {self.max} bytes is below min = {self.min} bytes")
+            raise ConfigError(f"max = {self.max} bytes is below min = {self.min} bytes")
         if self.start_mib is not None and self.max_mib is not None \
                 and self.start_mib > self.max_mib:
-            raise ValueError(f"start_mib = {self.start_mib} is above max_mib = {self.max_mib}")
+            raise ConfigError(f"start_mib = {self.start_mib} is above max_mib = {self.max_mib}")
         return self
 
     def settings(self) -> GuestSettings:
@@ -158,16 +158,16 @@ class HostConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> HostConfig:
         if self.budget <= 0:
-            raise ValueError("budget must be positive")
+            raise ConfigError("budget must be positive")
         names = [g.name for g in self.guests]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"guest names must be unique: {', '.join(dup)} repeated")
+            raise ConfigError(f"guest names must be unique: {', '.join(dup)} repeated")
         for g in self.guests:
             if self.world == "local" and g.mib is None:
-                raise ValueError(f"guest {g.name}: the local world needs mib")
+                raise ConfigError(f"guest {g.name}: the local world needs mib")
             if self.world == "qemu" and g.max_mib is None:
-                raise ValueError(f"guest {g.name}: the qemu world needs max_mib")
+                raise ConfigError(f"guest {g.name}: the qemu world needs max_mib")
         return self
 
     @property

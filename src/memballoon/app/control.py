@@ -25,13 +25,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError, MemballoonError
 
 MAX_LINE_BYTES: Final = 64 * 1024
 IDLE_TIMEOUT_S: Final = 60.0
 CLIENT_TIMEOUT_S: Final = 10.0
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid} (Linux socket(7))
+
+
+class ControlCounter(CounterName):
+    """What the control server counts (its clients are untrusted: each refusal has its name)."""
+
+    CONTROL_OK = "control_ok"  # requests answered
+    CONTROL_REFUSED_UID = "control_refused_uid"  # connections from another user (hung up on)
+    CONTROL_TOO_LONG = "control_too_long"  # requests over MAX_LINE_BYTES (hung up on)
+    CONTROL_CLIENT_DROPPED = "control_client_dropped"  # clients that went idle or dropped
+    CONTROL_BAD_JSON = "control_bad_json"  # requests that are not JSON
+    CONTROL_NOT_OBJECT = "control_not_object"  # requests that are not a JSON object
+    CONTROL_UNKNOWN_OP = "control_unknown_op"  # requests of an unknown op
+    CONTROL_BAD_ARGS = "control_bad_args"  # requests with a missing or ill-typed argument
+    CONTROL_OP_FAILED = "control_op_failed"  # ops that failed (a MemballoonError or ValueError)
+    CONTROL_INTERNAL_ERROR = "control_internal_error"  # ops that raised anything else (a bug)
 
 
 class ControlError(MemballoonError):
@@ -50,9 +65,12 @@ class ControlTarget(Protocol):
 
 
 class _BadRequest(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
+    """A request refused: ``counter`` is why, ``reason`` its name without ``control_``."""
+
+    def __init__(self, counter: ControlCounter, detail: str) -> None:
         super().__init__(detail)
-        self.reason = reason
+        self.counter = counter
+        self.reason = counter.value.removeprefix("control_")
 
 
 def _str(req: Mapping[str, Any], key: str, *, optional: bool = False) -> str | None:
@@ -60,7 +78,7 @@ def _str(req: Mapping[str, Any], key: str, *, optional: bool = False) -> str | N
     if v is None and optional:
         return None
     if not isinstance(v, str) or not 0 < len(v) <= 4096:
-        raise _BadRequest("bad_args", f"{key} must be a non-empty string")
+        raise _BadRequest(ControlCounter.CONTROL_BAD_ARGS, f"{key} must be a non-empty string")
     return v
 
 
@@ -69,7 +87,7 @@ def _int(req: Mapping[str, Any], key: str, *, optional: bool = False) -> int | N
     if v is None and optional:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 2**53:
-        raise _BadRequest("bad_args", f"{key} must be a whole number >= 0")
+        raise _BadRequest(ControlCounter.CONTROL_BAD_ARGS, f"{key} must be a whole number >= 0")
     return v
 
 
@@ -117,7 +135,7 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if not self._peer_ok(writer):
-                self.counters.inc("control_refused_uid")
+                self.counters.inc(ControlCounter.CONTROL_REFUSED_UID)
                 await self._reply(writer, {"ok": False, "error": "permission denied: "
                                            "the control socket is for its owner only"})
                 return
@@ -125,7 +143,7 @@ class ControlServer:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
                 except (ValueError, asyncio.LimitOverrunError):
-                    self.counters.inc("control_too_long")
+                    self.counters.inc(ControlCounter.CONTROL_TOO_LONG)
                     await self._reply(writer, {"ok": False, "error": "too_long: request "
                                                f"over {MAX_LINE_BYTES} bytes"})
                     return
@@ -133,7 +151,7 @@ class ControlServer:
                     return
                 await self._reply(writer, await self.handle_line(line))
         except (TimeoutError, ConnectionError, OSError):
-            self.counters.inc("control_client_dropped")
+            self.counters.inc(ControlCounter.CONTROL_CLIENT_DROPPED)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -148,20 +166,21 @@ class ControlServer:
             try:
                 req = json.loads(line)
             except (ValueError, UnicodeDecodeError, RecursionError):
-                raise _BadRequest("bad_json", "request is not JSON") from None
+                raise _BadRequest(ControlCounter.CONTROL_BAD_JSON, "request is not JSON") from None
             if not isinstance(req, dict):
-                raise _BadRequest("not_object", "request must be a JSON object")
+                raise _BadRequest(ControlCounter.CONTROL_NOT_OBJECT,
+                                  "request must be a JSON object")
             result = await self._dispatch(req)
         except _BadRequest as exc:
-            self.counters.inc(f"control_{exc.reason}")
+            self.counters.inc(exc.counter)
             return {"ok": False, "error": f"{exc.reason}: {exc}"}
         except (MemballoonError, ValueError) as exc:
-            self.counters.inc("control_op_failed")
+            self.counters.inc(ControlCounter.CONTROL_OP_FAILED)
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bug in an op must not take the daemon down
-            self.counters.inc("control_internal_error")
+            self.counters.inc(ControlCounter.CONTROL_INTERNAL_ERROR)
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
-        self.counters.inc("control_ok")
+        self.counters.inc(ControlCounter.CONTROL_OK)
         return {"ok": True, "result": result}
 
     async def _dispatch(self, req: Mapping[str, Any]) -> Any:
@@ -173,7 +192,8 @@ class ControlServer:
                 guest = _str(req, "guest")
                 size = req.get("size")
                 if isinstance(size, bool) or not isinstance(size, str | int):
-                    raise _BadRequest("bad_args", "size must be a string with a unit or bytes")
+                    raise _BadRequest(ControlCounter.CONTROL_BAD_ARGS,
+                                      "size must be a string with a unit or bytes")
                 assert guest is not None
                 return await t.op_set(guest, size)
             case "journal":
@@ -188,7 +208,7 @@ class ControlServer:
             case "shutdown":
                 return await t.op_shutdown()
             case op:
-                raise _BadRequest("unknown_op", f"unknown op {str(op)[:40]!r}")
+                raise _BadRequest(ControlCounter.CONTROL_UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
 
 
 def _alive(path: Path) -> bool:

@@ -235,7 +235,7 @@ class Daemon:
             return {"guest": guest, "manual": False, "cleared": m.clear_manual(guest)}
         try:
             size_bytes = parse_size(size)
-        except ValueError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"size: {exc}") from None
         st = m.guests.get(guest)
         if st is None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, LocalHost
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages
 from memballoon.policy.sample import GuestSample
 
@@ -48,13 +49,13 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.seconds <= 0:
-            raise ValueError(f"--seconds must be positive, got {self.seconds}")
+            raise ConfigError(f"--seconds must be positive, got {self.seconds}")
         if self.guest_mib < 64:
-            raise ValueError(f"--guest-mib must be at least 64, got {self.guest_mib}")
+            raise ConfigError(f"--guest-mib must be at least 64, got {self.guest_mib}")
         floor = len(self.guests) * (PROCESS_OVERHEAD_BYTES // MIB + 32)
         if self.budget_mib < floor:
-            raise ValueError(f"--budget-mib must be at least {floor} for "
-                             f"{len(self.guests)} guests, got {self.budget_mib}")
+            raise ConfigError(f"--budget-mib must be at least {floor} for "
+                              f"{len(self.guests)} guests, got {self.budget_mib}")
 
 
 @dataclass

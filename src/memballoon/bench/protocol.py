@@ -20,6 +20,7 @@ from typing import Any
 
 from memballoon.guest.workload import Workload, make_workload
 from memballoon.harness.pair import PROTOCOLS, Pair, check_pair, make_pair
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import mib_to_pages
 
 Progress = Callable[[str], None]
@@ -43,10 +44,10 @@ def run_single(
     check: bool = True,
 ) -> dict[str, Any]:
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if not 0 <= balloon_mib < guest_mib:
-        raise ValueError(f"--balloon-mib must be within [0, {guest_mib}) for a "
-                         f"{guest_mib} MiB guest, got {balloon_mib}")
+        raise ConfigError(f"--balloon-mib must be within [0, {guest_mib}) for a "
+                          f"{guest_mib} MiB guest, got {balloon_mib}")
     guest_pages = mib_to_pages(guest_mib)
     target = mib_to_pages(balloon_mib)
     pair = make_pair(protocol, guest_pages, _workload(workload, guest_mib, 0))
@@ -85,7 +86,7 @@ def run_many(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     if guests <= 0 or simulated_seconds <= 0 or changes_per_hour <= 0:
-        raise ValueError("--guests, --simulated-seconds and the change rate must be positive")
+        raise ConfigError("--guests, --simulated-seconds and the change rate must be positive")
     rng = random.Random(seed)
     pairs: list[Pair] = []
     changes: list[tuple[int, int, int]] = []  # (second, guest, target pages)

@@ -24,7 +24,7 @@ from typing import Any
 
 from memballoon.host.punch import raw_punch_hole_gib_per_s
 from memballoon.local.host import GuestSpec, LocalHost
-from memballoon.model.errors import MemballoonError
+from memballoon.model.errors import ConfigError, MemballoonError
 from memballoon.model.units import GIB, MIB, PAGE_SIZE, mib_to_pages
 
 
@@ -101,11 +101,11 @@ def run_reclaim(protocol: str, guest_mib: int, *, repeat: int = 1,
     speeds under ``runs``, the pages lost in all of them (a loss in any run shows) and the
     largest host overhead seen."""
     if protocol not in ("vmw", "vmw-batched", "virtio"):
-        raise ValueError(f"unknown protocol {protocol!r}; choose vmw, vmw-batched or virtio")
+        raise ConfigError(f"unknown protocol {protocol!r}; choose vmw, vmw-batched or virtio")
     if guest_mib < 128:
-        raise ValueError(f"--guest-mib must be at least 128, got {guest_mib}")
+        raise ConfigError(f"--guest-mib must be at least 128, got {guest_mib}")
     if repeat < 1:
-        raise ValueError(f"--repeat must be at least 1, got {repeat}")
+        raise ConfigError(f"--repeat must be at least 1, got {repeat}")
     if timeout_s is None:
         # the legacy protocol moves 16385 pages a 1 s cycle by design
         timeout_s = 60.0 + (mib_to_pages(guest_mib) / 16385 if protocol == "vmw" else 0)

@@ -41,15 +41,15 @@ MAX_NAME_CHARS: Final = 100
 class ReportCounter(CounterName):
     """What ``PressureReport.decode`` counts: the rule a rejected report broke, one each."""
 
-    TOO_LONG = "report_too_long"  # reports over MAX_REPORT_BYTES
-    NOT_JSON = "report_not_json"  # reports that are not UTF-8 JSON
-    BAD_NUMBER = "report_bad_number"  # reports holding NaN or Infinity
-    NOT_OBJECT = "report_not_object"  # JSON that is not an object
-    BAD_VERSION = "report_bad_version"  # reports of an unknown version ("v")
-    MISSING_KEY = "report_missing_key"  # reports without a required field
-    UNKNOWN_KEY = "report_unknown_key"  # reports with a field this version does not have
-    BAD_TYPE = "report_bad_type"  # a field of the wrong type; a guest name empty or too long
-    OUT_OF_RANGE = "report_out_of_range"  # a number negative or past its bound
+    REPORT_TOO_LONG = "report_too_long"  # reports over MAX_REPORT_BYTES
+    REPORT_NOT_JSON = "report_not_json"  # reports that are not UTF-8 JSON
+    REPORT_BAD_NUMBER = "report_bad_number"  # reports holding NaN or Infinity
+    REPORT_NOT_OBJECT = "report_not_object"  # JSON that is not an object
+    REPORT_BAD_VERSION = "report_bad_version"  # reports of an unknown version ("v")
+    REPORT_MISSING_KEY = "report_missing_key"  # reports without a required field
+    REPORT_UNKNOWN_KEY = "report_unknown_key"  # reports with a field this version does not have
+    REPORT_BAD_TYPE = "report_bad_type"  # a field of the wrong type; a guest name empty or too long
+    REPORT_OUT_OF_RANGE = "report_out_of_range"  # a number negative or past its bound
 
 
 class ReportError(PeerError):
@@ -114,58 +114,58 @@ _INT_FIELDS: Final = frozenset(
 
 
 def _reject_constant(name: str) -> float:
-    raise ReportError(ReportCounter.BAD_NUMBER, f"{name} is not a finite number")
+    raise ReportError(ReportCounter.REPORT_BAD_NUMBER, f"{name} is not a finite number")
 
 
 def _int(doc: dict[str, object], name: str) -> int:
     v = doc[name]
     if not isinstance(v, int) or isinstance(v, bool):
-        raise ReportError(ReportCounter.BAD_TYPE,
+        raise ReportError(ReportCounter.REPORT_BAD_TYPE,
                           f"{name} must be an integer, got {type(v).__name__}")
     if not 0 <= v <= MAX_VALUE:
-        raise ReportError(ReportCounter.OUT_OF_RANGE, f"{name} = {v}")
+        raise ReportError(ReportCounter.REPORT_OUT_OF_RANGE, f"{name} = {v}")
     return v
 
 
 def _float(doc: dict[str, object], name: str, hi: float) -> float:
     v = doc[name]
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ReportError(ReportCounter.BAD_TYPE,
+        raise ReportError(ReportCounter.REPORT_BAD_TYPE,
                           f"{name} must be a number, got {type(v).__name__}")
     f = float(v)
     if not (math.isfinite(f) and 0.0 <= f <= hi):
-        raise ReportError(ReportCounter.OUT_OF_RANGE, f"{name} = {v}")
+        raise ReportError(ReportCounter.REPORT_OUT_OF_RANGE, f"{name} = {v}")
     return f
 
 
 def _decode(data: bytes | str) -> PressureReport:
     if len(data) > MAX_REPORT_BYTES:
-        raise ReportError(ReportCounter.TOO_LONG, f"{len(data)} bytes > {MAX_REPORT_BYTES}")
+        raise ReportError(ReportCounter.REPORT_TOO_LONG, f"{len(data)} bytes > {MAX_REPORT_BYTES}")
     try:
         doc = json.loads(data, parse_constant=_reject_constant)
     except ReportError:
         raise
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ReportError(ReportCounter.NOT_JSON, str(exc)[:80]) from None
+        raise ReportError(ReportCounter.REPORT_NOT_JSON, str(exc)[:80]) from None
     if not isinstance(doc, dict):
-        raise ReportError(ReportCounter.NOT_OBJECT, type(doc).__name__)
+        raise ReportError(ReportCounter.REPORT_NOT_OBJECT, type(doc).__name__)
     if doc.get("v") != REPORT_VERSION:
-        raise ReportError(ReportCounter.BAD_VERSION, f"v = {doc.get('v')!r}")
+        raise ReportError(ReportCounter.REPORT_BAD_VERSION, f"v = {doc.get('v')!r}")
     keys = set(doc) - {"v"}
     missing = set(_FIELDS) - keys - {"refused_pages", *_OPTIONAL_INT_FIELDS}
     if missing:
-        raise ReportError(ReportCounter.MISSING_KEY, ", ".join(sorted(missing)))
+        raise ReportError(ReportCounter.REPORT_MISSING_KEY, ", ".join(sorted(missing)))
     extra = keys - set(_FIELDS)
     if extra:
-        raise ReportError(ReportCounter.UNKNOWN_KEY, ", ".join(sorted(extra))[:80])
+        raise ReportError(ReportCounter.REPORT_UNKNOWN_KEY, ", ".join(sorted(extra))[:80])
     guest = doc["guest"]
     if not isinstance(guest, str) or not 0 < len(guest) <= MAX_NAME_CHARS:
-        raise ReportError(ReportCounter.BAD_TYPE, "guest must be a non-empty string")
+        raise ReportError(ReportCounter.REPORT_BAD_TYPE, "guest must be a non-empty string")
     refused = doc.get("refused_pages")
     kw: dict[str, object] = {n: _int(doc, n) for n in _INT_FIELDS}
     kw.update({n: _int(doc, n) for n in _OPTIONAL_INT_FIELDS if n in doc})
     if kw.get("active_touched", 0) > kw.get("active_sampled", 0):  # type: ignore[operator]
-        raise ReportError(ReportCounter.OUT_OF_RANGE, "active_touched > active_sampled")
+        raise ReportError(ReportCounter.REPORT_OUT_OF_RANGE, "active_touched > active_sampled")
     return PressureReport(
         guest=guest,
         time_s=_float(doc, "time_s", float(MAX_VALUE)),
