@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 from memballoon.app.metrics import ManagerMetrics
+from memballoon.manager.core import ManagerCounter
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.sample import GuestSample
@@ -13,7 +14,7 @@ from memballoon.protocol.pressure import PressureReport
 
 def test_scrape() -> None:
     c = Counters()
-    c.inc("policy_error", 2)
+    c.inc(ManagerCounter.POLICY_ERROR, 2)
     m = ManagerMetrics(c)
     rep = PressureReport("a", 1.0, 1 << 28, 1000, 2000, 0, 0, 0, 0, 0, 0, 0, 0, 12.5, 0, 0, 7)
     m.update({"a": GuestSample("a", 65536, 300, 400, report=rep, report_time=0.0),
