@@ -1,4 +1,5 @@
-"""The pair harness: invariants over random target sequences and workloads, all protocols."""
+"""The pair harness: invariants over random target sequences and workloads, all protocols; the
+links, the knobs and the queue pair."""
 
 import numpy as np
 import pytest
@@ -6,10 +7,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memballoon.guest.workload import Bursty, Idle, Ramp, Steady
-from memballoon.harness.pair import PROTOCOLS, check_pair, make_pair
+from memballoon.harness.pair import (
+    PROTOCOLS,
+    VirtioPair,
+    VmwPair,
+    check_pair,
+    make_pair,
+    queue_pair,
+    virtio_pair,
+    vmw_pair,
+)
+from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState, mib_to_pages
+from memballoon.protocol.virtio_balloon import VIRTIO_F_VERSION_1, features_of
+from memballoon.protocol.virtqueue import GuestRamView
+from memballoon.protocol.vmw import Capability, Command, Status
 
 G = 64  # MiB: small guests keep the property tests quick
+SMALL = mib_to_pages(G)
 workloads = st.sampled_from([
     Idle(anon_mib=4, file_mib=2),
     Steady(anon_mib=20, file_mib=8),
@@ -71,6 +86,114 @@ def test_check_pair_notices_a_ballooned_frame_the_host_still_holds() -> None:
 
 
 def test_unknown_protocol_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown protocol"):
+    with pytest.raises(UsageError, match="unknown protocol"):
         make_pair("xen", 65536, Idle())
     assert np.asarray(PROTOCOLS).size == 3
+
+
+def test_make_pair_builds_each_protocol_with_its_link() -> None:
+    vmw = make_pair("vmw", SMALL, Idle())
+    batched = make_pair("vmw-batched", SMALL, Idle())
+    virtio = make_pair("virtio", SMALL, Idle())
+    assert isinstance(vmw, VmwPair) and not vmw.driver.batched and vmw.port.log is None
+    assert isinstance(batched, VmwPair) and batched.driver.batched and batched.driver.huge_pages
+    assert isinstance(virtio, VirtioPair) and not virtio.transport.deferred
+    assert virtio.transport.device is virtio.device
+    for p in (vmw, batched, virtio):
+        assert p.period_s == p.driver.period_s and p.check() == []
+
+
+def test_work_runs_the_driver_alone_and_tick_the_workload_too() -> None:
+    p = vmw_pair(SMALL, Steady(anon_mib=4, file_mib=1))
+    used = p.mem.meminfo().free_pages
+    p.work(3)
+    assert (p.now, p.cycles, p.mem.meminfo().free_pages) == (3.0, 3, used)  # the guest idle
+    p.tick()
+    assert p.now == 4.0 and p.mem.meminfo().free_pages < used and p.last_step is not None
+
+
+def test_the_backdoor_tap_logs_intercepts_and_replaces() -> None:
+    p = vmw_pair(SMALL, record=True)
+    assert p.port.commands() == [Command.START, Command.GUEST_ID]
+    seen: list[Command] = []
+    p.port.before = lambda req: seen.append(req.command)
+    p.device.set_target(3)
+    p.work()
+    assert seen == [Command.GET_TARGET] + [Command.LOCK] * 3
+    assert p.port.log is not None and p.port.log[-1][2] is Status.SUCCESS
+    p.port.reply = lambda req, reply: b""  # the host answers nothing at all
+    p.device.set_target(0)
+    p.work()
+    assert p.driver.counters["reply_short_frame"] == 1 and p.driver.balloon_pages == 3
+    assert p.port.log[-1] == (Command.GET_TARGET, SMALL, Status.SUCCESS)  # what the device said
+    assert p.check() == []
+
+
+def test_vmw_knobs_reach_the_driver_and_the_device() -> None:
+    p = vmw_pair(SMALL, batched=True, huge_pages=False, supports_2m=False, load=False)
+    assert p.driver.batched and not p.driver.huge_pages and not p.device.supports_2m
+    assert not p.driver.loaded and p.port.commands() == []
+    p.driver.load(p.now)
+    assert p.device.capabilities == Capability.BASIC_CMDS | Capability.BATCHED_CMDS
+    q = vmw_pair(SMALL)
+    q.device.set_target(2049)
+    q.work()
+    assert q.yields == 1  # the driver's cond_resched() reaches the pair
+
+
+def test_vmw_link_invariants_notice_a_reset_and_refused_pages() -> None:
+    p = vmw_pair(SMALL)
+    p.device.set_target(100)
+    p.work()
+    p.device.request_reset()
+    p.work()  # the host forgot the balloon: the driver holds it all as transient
+    assert p.driver.reset_required and p.check() == []
+    p.driver.page_sizes[0].n_refused_pages = 2  # as if a cycle had ended holding two
+    assert any("refused pages held" in e for e in p.check())
+
+
+def test_virtio_link_invariants_notice_frames_in_flight() -> None:
+    p = virtio_pair(SMALL, deferred=True)
+    p.device.set_target(100)
+    p.work()  # kicked, the device has not run: the frames are in flight
+    assert p.driver.transient_pfns().size == 100
+    assert p.check() == []  # allowed with a deferred device
+    p.transport.deferred = False  # a synchronous device would have used them by now
+    assert any("in flight with a synchronous device" in e for e in p.check())
+
+
+def test_virtio_knobs_reach_the_device_and_the_transport() -> None:
+    p = virtio_pair(SMALL, features=0, deferred=True, load=False)
+    assert p.device.device_features() == features_of(VIRTIO_F_VERSION_1)
+    assert p.transport.deferred and p.driver.features == 0
+    p.driver.load(p.now)
+    assert p.driver.features == features_of(VIRTIO_F_VERSION_1)
+
+
+# ------------------------------------------------------------------ one virtqueue
+def _view() -> GuestRamView:
+    return GuestRamView(bytearray(0x4000), base_gpa=0x10000, guest_bytes=1 << 24)
+
+
+def test_queue_pair_check_follows_honest_steps() -> None:
+    q = queue_pair(_view(), 0x10000, 4, start_index=0xFFFE)
+    heads = [q.driver.add([(0x13000, 8, False)]) for _ in range(3)]
+    assert q.check() == []
+    q.driver.publish()
+    chains = [q.device.pop() for _ in heads]
+    assert q.check() == []
+    for c in chains:
+        assert c is not None
+        q.device.push_used(c.head, 0)
+    assert q.check() == [] and len(q.driver.collect()) == 3 and q.check() == []
+
+
+def test_queue_pair_check_notices_a_scribbled_ring() -> None:
+    q = queue_pair(_view(), 0x10000, 4)
+    q.driver.add([(0x13000, 8, False)])
+    q.driver.publish()
+    q.view.write_u16(q.device.layout.used_gpa + 2, 1)  # a used.idx the device never wrote
+    assert any("used.idx" in e for e in q.check())
+    q.view.write_u16(q.device.layout.used_gpa + 2, 0)
+    q.view.write_u16(q.device.layout.avail_gpa + 2, 3)  # heads the driver never sent
+    assert any("the device sees 3 available" in e for e in q.check())

@@ -1,4 +1,5 @@
-"""The virtio-balloon driver joined to the device through DirectTransport, rule by rule."""
+"""The virtio-balloon driver joined to the device by the pair harness (DirectTransport), rule by
+rule."""
 
 from __future__ import annotations
 
@@ -7,23 +8,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
+from memballoon.guest.memory import BLOCK_PAGES
 from memballoon.guest.virtio_driver import (
     DEFAULT_FEATURES,
     PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY_S,
     VIRTIO_BALLOON_RETRY_S,
     VirtioBalloonDriver,
-    driver_area_view,
 )
 from memballoon.guest.workload import Demand
-from memballoon.host.ram import NullRam
-from memballoon.host.virtio_device import SUPPORTED_FEATURES, VirtioBalloonDevice
+from memballoon.harness.pair import VirtioPair, virtio_pair
+from memballoon.host.virtio_device import SUPPORTED_FEATURES
 from memballoon.model.errors import UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 from memballoon.protocol import virtio_balloon as vb
-from memballoon.protocol.virtio_balloon import BalloonConfig, features_of
-from memballoon.protocol.virtio_transport import DirectTransport
+from memballoon.protocol.virtio_balloon import features_of
 
 SMALL = 64 * MIB // PAGE_SIZE
 MTH = features_of(vb.VIRTIO_BALLOON_F_MUST_TELL_HOST)
@@ -34,31 +33,11 @@ REFUSE = features_of(vb.VIRTIO_BALLOON_X_F_HOST_REFUSE)
 RESET = features_of(vb.VIRTIO_BALLOON_X_F_HOST_RESET)
 
 
-class Rig:
-    def __init__(
-        self, offered: int = SUPPORTED_FEATURES, pages: int = SMALL, *, deferred: bool = False,
-        swap_pages: int = 0,
-    ) -> None:
-        self.ram = NullRam(pages)
-        self.mem = GuestMemory(pages, store=self.ram, swap_pages=swap_pages)
-        self.dev = VirtioBalloonDevice(self.ram, driver_area_view(pages), features=offered)
-        self.tr = DirectTransport(self.dev, deferred=deferred)
-        self.drv = VirtioBalloonDriver(self.mem, self.tr)
-        self.now = 0.0
-        self.drv.load(self.now)
-
-    def work(self) -> None:
-        self.now += VIRTIO_BALLOON_RETRY_S
-        self.drv.work(self.now)
-
-    def check(self) -> None:
-        assert self.mem.check_invariants() == []
-        assert np.array_equal(self.dev.balloon_pfns(), self.drv.balloon_pfns())
-        held = np.concatenate((self.drv.balloon_pfns(), self.drv.transient_pfns()))
-        assert bool((self.mem.state[held] == PageState.BALLOON).all())
-        assert held.size == self.mem.balloon_pages
-        cfg = BalloonConfig.decode(self.dev.read_config())
-        assert cfg.actual == self.drv.balloon_pages == self.dev.actual_pages
+def make_pair(features: int = SUPPORTED_FEATURES, pages: int = SMALL, *, deferred: bool = False,
+              swap_pages: int = 0) -> VirtioPair:
+    """The harness's pair; the device offers ``features``; ``deferred`` holds kicks until
+    ``transport.run_device()``."""
+    return virtio_pair(pages, features=features, deferred=deferred, swap_pages=swap_pages)
 
 
 def test_linux_constants() -> None:
@@ -68,153 +47,151 @@ def test_linux_constants() -> None:
 
 
 def test_negotiates_the_intersection() -> None:
-    r = Rig(offered=MTH | STATS)
-    assert r.drv.features == MTH | STATS | features_of(vb.VIRTIO_F_VERSION_1)
-    assert r.dev.features == r.drv.features
+    r = make_pair(MTH | STATS)
+    assert r.driver.features == MTH | STATS | features_of(vb.VIRTIO_F_VERSION_1)
+    assert r.device.features == r.driver.features
     with pytest.raises(UsageError):
-        r.drv.load(0.0)
+        r.driver.load(0.0)
 
 
 def test_driver_area_must_sit_in_reserved_frames() -> None:
-    ram = NullRam(SMALL)
-    mem = GuestMemory(SMALL, store=ram)
-    dev = VirtioBalloonDevice(ram, driver_area_view(SMALL), features=0)
+    r = virtio_pair(SMALL, features=0, load=False)
     with pytest.raises(UsageError):
-        VirtioBalloonDriver(mem, DirectTransport(dev), ring_gpa=mem.reserved_pages * PAGE_SIZE)
+        VirtioBalloonDriver(r.mem, r.transport, ring_gpa=r.mem.reserved_pages * PAGE_SIZE)
     with pytest.raises(UsageError):  # the view does not map it
-        VirtioBalloonDriver(mem, DirectTransport(dev), ring_gpa=2 * MIB)
+        VirtioBalloonDriver(r.mem, r.transport, ring_gpa=2 * MIB)
 
 
 def test_inflate_in_buffers_of_at_most_256_pfns() -> None:
-    r = Rig()
-    r.dev.set_target(1000)
+    r = make_pair()
+    r.device.set_target(1000)
     r.work()
-    assert r.drv.balloon_pages == 1000
-    assert r.dev.counters["inflate_buffers"] == 4  # 256 + 256 + 256 + 232
-    r.check()
-    r.dev.set_target(100)
+    assert r.driver.balloon_pages == 1000
+    assert r.device.counters["inflate_buffers"] == 4  # 256 + 256 + 256 + 232
+    assert r.check() == []
+    r.device.set_target(100)
     r.work()
-    assert r.drv.balloon_pages == 100
-    assert r.dev.counters["deflate_buffers"] == 4  # 900 = 256 * 3 + 132
-    r.check()
+    assert r.driver.balloon_pages == 100
+    assert r.device.counters["deflate_buffers"] == 4  # 900 = 256 * 3 + 132
+    assert r.check() == []
 
 
 def test_must_tell_host_before_reuse() -> None:
-    r = Rig(deferred=True)
-    r.dev.set_target(300)
+    r = make_pair(deferred=True)
+    r.device.set_target(300)
     r.work()  # sent, not used yet: frames transient, not in the balloon
-    assert r.drv.balloon_pages == 0 and r.drv.transient_pfns().size == 300
-    r.tr.run_device()
+    assert r.driver.balloon_pages == 0 and r.driver.transient_pfns().size == 300
+    r.transport.run_device()
     r.work()
-    assert r.drv.balloon_pages == 300 and r.drv.transient_pfns().size == 0
-    victims = r.drv.balloon_pfns()
-    r.dev.set_target(0)
+    assert r.driver.balloon_pages == 300 and r.driver.transient_pfns().size == 0
+    victims = r.driver.balloon_pfns()
+    r.device.set_target(0)
     r.work()
     # told, not acknowledged: the guest may not reuse them yet
     assert bool((r.mem.state[victims] == PageState.BALLOON).all())
-    assert r.drv.transient_pfns().size == 300
-    r.tr.run_device()
+    assert r.driver.transient_pfns().size == 300
+    r.transport.run_device()
     assert bool((r.mem.state[victims] == PageState.BALLOON).all())  # until the driver sees it
     r.work()
     assert bool((r.mem.state[victims] == PageState.FREE).all())
-    r.check()
+    assert r.check() == []
 
 
 def test_without_must_tell_host_deflate_is_advisory() -> None:
-    r = Rig(offered=SUPPORTED_FEATURES & ~MTH, deferred=True)
-    r.dev.set_target(300)
+    r = make_pair(SUPPORTED_FEATURES & ~MTH, deferred=True)
+    r.device.set_target(300)
     r.work()
-    r.tr.run_device()
+    r.transport.run_device()
     r.work()
-    victims = r.drv.balloon_pfns()
-    r.dev.set_target(0)
+    victims = r.driver.balloon_pfns()
+    r.device.set_target(0)
     r.work()
     assert bool((r.mem.state[victims] == PageState.FREE).all())  # reused before the device ran
-    r.tr.run_device()
+    r.transport.run_device()
     r.work()
-    r.check()
+    assert r.check() == []
 
 
 def test_memtotal_lowered_only_without_deflate_on_oom() -> None:
     for offered, drop in ((SUPPORTED_FEATURES, 0), (SUPPORTED_FEATURES & ~DOO, 2000)):
-        r = Rig(offered=offered)
+        r = make_pair(offered)
         total = r.mem.managed_pages
-        r.dev.set_target(2000)
+        r.device.set_target(2000)
         r.work()
         assert r.mem.managed_pages == total - drop
-        stats_memtot = r.drv.stat_values()[vb.StatTag.MEMTOT]
+        stats_memtot = r.driver.stat_values()[vb.StatTag.MEMTOT]
         assert stats_memtot == (total - drop) * PAGE_SIZE
-        r.dev.set_target(0)
+        r.device.set_target(0)
         r.work()
         assert r.mem.managed_pages == total
 
 
-def _squeeze(r: Rig) -> tuple[int, int]:
+def _squeeze(r: VirtioPair) -> tuple[int, int]:
     """Balloon most of the guest, then ask for more anonymous memory than is left."""
-    r.dev.set_target(r.mem.free_pages - 2 * r.mem.watermarks.high)
+    r.device.set_target(r.mem.free_pages - 2 * r.mem.watermarks.high)
     r.work()
-    r.check()
-    ballooned = r.drv.balloon_pages
+    assert r.check() == []
+    ballooned = r.driver.balloon_pages
     want = r.mem.free_pages + 600
     rep = r.mem.step(r.now + 1, 1.0, Demand(want, want, 0, 0))
     return ballooned, int(rep.oom_deflated_pages) if not rep.oom_killed else -1
 
 
 def test_deflate_on_oom_instead_of_a_kill() -> None:
-    r = Rig()
+    r = make_pair()
     ballooned, deflated = _squeeze(r)
     assert deflated > 0 and deflated % vb.VIRTIO_BALLOON_OOM_NR_PAGES == 0
     assert r.mem.events.oom_kills == 0
-    assert r.drv.balloon_pages == ballooned - deflated
-    assert r.dev.actual_pages == r.drv.balloon_pages
-    r.check()
+    assert r.driver.balloon_pages == ballooned - deflated
+    assert r.device.actual_pages == r.driver.balloon_pages
+    assert r.check() == []
 
 
 def test_after_deflate_on_oom_the_balloon_stays_deflated_until_the_host_asks() -> None:
     # Linux moves the balloon only when the config changes: the guest does not go back to
     # the old target by itself (seen with QEMU: ../shared/notes/qemu-guests.md)
-    r = Rig()
+    r = make_pair()
     ballooned, deflated = _squeeze(r)
     assert deflated > 0
-    after = r.drv.balloon_pages
+    after = r.driver.balloon_pages
     for _ in range(3):
         r.work()
-    assert r.drv.balloon_pages == after < ballooned
-    r.dev.set_target(r.dev.target_pages)  # the host asks again (a config change)
+    assert r.driver.balloon_pages == after < ballooned
+    r.device.set_target(r.device.target_pages)  # the host asks again (a config change)
     r.work()
-    assert r.drv.balloon_pages > after
-    r.check()
+    assert r.driver.balloon_pages > after
+    assert r.check() == []
 
 
 def test_without_deflate_on_oom_the_guest_oom_kills() -> None:
-    r = Rig(offered=SUPPORTED_FEATURES & ~DOO)
+    r = make_pair(SUPPORTED_FEATURES & ~DOO)
     ballooned, deflated = _squeeze(r)
     assert deflated == -1 and r.mem.events.oom_kills == 1
-    assert r.drv.balloon_pages == ballooned
-    r.check()
+    assert r.driver.balloon_pages == ballooned
+    assert r.check() == []
 
 
 def test_stats_tags_filled_when_the_device_asks() -> None:
-    r = Rig()
+    r = make_pair()
     r.mem.step(1.0, 1.0, Demand(2000, 1000, 500, 100))
-    assert r.dev.stats_seq == 1  # primed at load
-    assert r.dev.request_stats()
+    assert r.device.stats_seq == 1  # primed at load
+    assert r.device.request_stats()
     r.work()
-    assert r.dev.stats_seq == 2
+    assert r.device.stats_seq == 2
     mi = r.mem.meminfo()
-    assert set(r.dev.stats) == set(vb.VIRTIO_BALLOON_S_NAMES)
-    assert r.dev.stats["free-memory"] == mi.free_pages * PAGE_SIZE
-    assert r.dev.stats["total-memory"] == mi.managed_pages * PAGE_SIZE
-    assert r.dev.stats["disk-caches"] == mi.cache_pages * PAGE_SIZE
-    assert r.dev.stats["minor-faults"] == r.mem.events.minor_faults
-    assert r.dev.stats["oom-kills"] == 0
+    assert set(r.device.stats) == set(vb.VIRTIO_BALLOON_S_NAMES)
+    assert r.device.stats["free-memory"] == mi.free_pages * PAGE_SIZE
+    assert r.device.stats["total-memory"] == mi.managed_pages * PAGE_SIZE
+    assert r.device.stats["disk-caches"] == mi.cache_pages * PAGE_SIZE
+    assert r.device.stats["minor-faults"] == r.mem.events.minor_faults
+    assert r.device.stats["oom-kills"] == 0
     r.work()
-    assert r.dev.stats_seq == 2  # not asked again: nothing new
+    assert r.device.stats_seq == 2  # not asked again: nothing new
 
 
 def test_free_page_reporting_releases_2mib_blocks() -> None:
     pages = 256 * MIB // PAGE_SIZE
-    r = Rig(pages=pages)
+    r = make_pair(pages=pages)
     r.mem.step(1.0, 1.0, Demand(40000, 40000, 0, 0))  # touch ~156 MiB
     r.mem.step(2.0, 1.0, Demand(1000, 1000, 0, 0))  # and free it again
     resident = r.ram.resident_bytes()
@@ -223,129 +200,129 @@ def test_free_page_reporting_releases_2mib_blocks() -> None:
     while r.now < 30:
         r.work()
         passes += 1
-    reported = r.dev.reported_pages_total
+    reported = r.device.reported_pages_total
     assert reported > 0 and reported % BLOCK_PAGES == 0
     assert r.ram.resident_bytes() < resident // 4
     blocks = np.flatnonzero(r.mem.reported)
     pfns = (blocks[:, None] * BLOCK_PAGES + np.arange(BLOCK_PAGES)).ravel()
     assert r.ram.resident_pages_of(pfns) == 0  # the host holds nothing behind them
-    assert r.drv.counters["reported_blocks"] * BLOCK_PAGES == reported
+    assert r.driver.counters["reported_blocks"] * BLOCK_PAGES == reported
     assert int(r.mem.reported.sum()) * BLOCK_PAGES == reported
     assert (r.mem.state == PageState.ISOLATED).sum() == 0
     # one pass per PAGE_REPORTING_DELAY, at most 1/16 of free memory and 32 blocks each
-    assert r.dev.counters["report_buffers"] <= 30 / PAGE_REPORTING_DELAY_S
-    assert passes > r.dev.counters["report_buffers"]
-    r.check()
+    assert r.device.counters["report_buffers"] <= 30 / PAGE_REPORTING_DELAY_S
+    assert passes > r.device.counters["report_buffers"]
+    assert r.check() == []
 
 
 def test_refused_pages_are_replaced_then_freed() -> None:
-    r = Rig()
+    r = make_pair()
     # pin the frames the allocator will hand out first
     free = np.flatnonzero(r.mem.state == PageState.FREE)[:100]
-    r.dev.pin(free)
-    r.dev.set_target(500)
+    r.device.pin(free)
+    r.device.set_target(500)
     r.work()
-    assert r.drv.balloon_pages == 500
-    assert not np.isin(r.drv.balloon_pfns(), free).any()
-    assert r.drv.counters["refused_pages"] == 100
-    assert r.drv.counters["refused_freed"] == 100
-    assert r.drv.transient_pfns().size == 0
+    assert r.driver.balloon_pages == 500
+    assert not np.isin(r.driver.balloon_pfns(), free).any()
+    assert r.driver.counters["refused_pages"] == 100
+    assert r.driver.counters["refused_freed"] == 100
+    assert r.driver.transient_pfns().size == 0
     assert bool((r.mem.state[free] == PageState.FREE).all())
-    r.check()
+    assert r.check() == []
 
 
 def test_refusing_everything_ends_the_cycle() -> None:
-    r = Rig()
-    r.dev.pin(np.arange(SMALL))
-    r.dev.set_target(5000)
+    r = make_pair()
+    r.device.pin(np.arange(SMALL))
+    r.device.set_target(5000)
     r.work()
-    assert r.drv.balloon_pages == 0 and r.drv.counters["refused_limit"] == 1
-    assert r.drv.transient_pfns().size == 0
-    r.check()
+    assert r.driver.balloon_pages == 0 and r.driver.counters["refused_limit"] == 1
+    assert r.driver.transient_pfns().size == 0
+    assert r.check() == []
 
 
 def test_after_the_refused_limit_the_driver_tries_again_next_period() -> None:
-    r = Rig()
-    r.dev.pin(np.arange(SMALL))
-    r.dev.set_target(5000)
+    r = make_pair()
+    r.device.pin(np.arange(SMALL))
+    r.device.set_target(5000)
     r.work()
-    assert r.drv.balloon_pages == 0
-    r.dev.unpin(np.arange(SMALL))  # the host changes its mind, without a config change
+    assert r.driver.balloon_pages == 0
+    r.device.unpin(np.arange(SMALL))  # the host changes its mind, without a config change
     r.work()
-    assert r.drv.balloon_pages == 5000
-    r.check()
+    assert r.driver.balloon_pages == 5000
+    assert r.check() == []
 
 
 def test_host_reset_drops_every_page_without_telling() -> None:
-    r = Rig()
-    r.dev.set_target(1000)
+    r = make_pair()
+    r.device.set_target(1000)
     r.work()
-    old = r.drv.balloon_pfns()
-    deflates = r.dev.counters["deflate_buffers"]
-    r.dev.request_reset()
-    r.dev.set_target(0)
+    old = r.driver.balloon_pfns()
+    deflates = r.device.counters["deflate_buffers"]
+    r.device.request_reset()
+    r.device.set_target(0)
     r.work()
-    assert r.drv.balloon_pages == 0
-    assert r.dev.counters["deflate_buffers"] == deflates  # nothing sent on the deflateq
+    assert r.driver.balloon_pages == 0
+    assert r.device.counters["deflate_buffers"] == deflates  # nothing sent on the deflateq
     assert bool((r.mem.state[old] == PageState.FREE).all())
-    assert r.drv.counters["resets"] == 1 and not r.dev.reset_pending
-    r.check()
-    r.dev.set_target(700)
+    assert r.driver.counters["resets"] == 1 and not r.device.reset_pending
+    assert r.check() == []
+    r.device.set_target(700)
     r.work()
-    r.check()
+    assert r.check() == []
 
 
 def test_reset_with_buffers_in_flight() -> None:
-    r = Rig(deferred=True)
-    r.dev.set_target(600)
+    r = make_pair(deferred=True)
+    r.device.set_target(600)
     r.work()
-    r.tr.run_device()
+    r.transport.run_device()
     r.work()
-    r.dev.set_target(100)
+    r.device.set_target(100)
     r.work()  # deflates in flight (MUST_TELL_HOST)
-    r.dev.request_reset()  # drains them first
-    r.dev.set_target(0)
+    r.device.request_reset()  # drains them first
+    r.device.set_target(0)
     r.work()
-    r.tr.run_device()
+    r.transport.run_device()
     r.work()
-    assert r.drv.balloon_pages == 0 and r.drv.transient_pfns().size == 0
-    r.check()
+    assert r.driver.balloon_pages == 0 and r.driver.transient_pfns().size == 0
+    assert r.check() == []
 
 
 def test_malformed_config_is_counted_and_survived() -> None:
-    r = Rig()
-    r.dev.set_target(300)
-    real = r.dev.read_config
-    r.dev.read_config = lambda: b"\x00" * 7  # type: ignore[method-assign]
+    r = make_pair()
+    r.device.set_target(300)
+    real = r.device.read_config
+    r.device.read_config = lambda: b"\x00" * 7  # type: ignore[method-assign]
     r.work()
-    assert r.drv.counters["config_malformed"] >= 1 and r.drv.balloon_pages == 0
-    r.dev.read_config = real  # type: ignore[method-assign]
+    assert r.driver.counters["config_malformed"] >= 1 and r.driver.balloon_pages == 0
+    r.device.read_config = real  # type: ignore[method-assign]
     r.work()
-    assert r.drv.balloon_pages == 300
+    assert r.driver.balloon_pages == 300
 
 
 def test_corrupt_used_ring_is_counted_and_survived() -> None:
-    r = Rig(deferred=True)
-    r.dev.set_target(300)
+    r = make_pair(deferred=True)
+    r.device.set_target(300)
     r.work()
-    q = r.drv._queues[vb.BalloonQueue.INFLATEQ]
-    r.drv.view.write_u16(q.layout.used_gpa + 2, 40)  # the device claims 40 used
+    q = r.driver._queues[vb.BalloonQueue.INFLATEQ]
+    r.driver.view.write_u16(q.layout.used_gpa + 2, 40)  # the device claims 40 used
     r.work()
-    assert r.drv.counters["used_ring_broken"] == 1
-    assert r.drv.balloon_pages == 0
-    assert r.drv.transient_pfns().size > 0  # stuck in flight, still accounted
+    assert r.driver.counters["used_ring_broken"] == 1
+    assert r.driver.balloon_pages == 0
+    assert r.driver.transient_pfns().size > 0  # stuck in flight, still accounted
     assert r.mem.check_invariants() == []
 
 
 def test_unload_deflates_everything() -> None:
-    r = Rig()
-    r.dev.set_target(900)
+    r = make_pair()
+    r.device.set_target(900)
     r.work()
-    r.drv.unload(r.now)
-    assert r.drv.balloon_pages == 0 and r.dev.balloon_pfns().size == 0
-    assert r.dev.actual_pages == 0 and r.mem.balloon_pages == 0
+    r.driver.unload(r.now)
+    assert r.driver.balloon_pages == 0 and r.device.balloon_pfns().size == 0
+    assert r.device.actual_pages == 0 and r.mem.balloon_pages == 0
     with pytest.raises(UsageError):
-        r.drv.work(r.now)
+        r.driver.work(r.now)
 
 
 FEATURE_BITS = [MTH, STATS, DOO, REP, REFUSE, RESET]
@@ -372,18 +349,18 @@ def test_pair_invariants_hold_over_random_targets_and_workloads(
     offered = features_of(vb.VIRTIO_F_VERSION_1)
     for on, f in zip(feats, FEATURE_BITS, strict=True):
         offered |= f if on else 0
-    r = Rig(offered=offered, swap_pages=swap)
-    assert r.drv.features == offered & DEFAULT_FEATURES
+    r = make_pair(offered, swap_pages=swap)
+    assert r.driver.features == offered & DEFAULT_FEATURES
     for target, anon, file, event in steps:
         if target is not None:
-            r.dev.set_target(target)
+            r.device.set_target(target)
         r.mem.step(r.now + 0.1, 0.1, Demand(anon, anon // 2, file, file // 2))
         if event == "stats":
-            r.dev.request_stats()
+            r.device.request_stats()
         elif event == "reset" and offered & RESET:
-            r.dev.request_reset()
+            r.device.request_reset()
         elif event == "pin":
-            r.dev.pin(np.arange(0, SMALL, 7))
+            r.device.pin(np.arange(0, SMALL, 7))
         r.work()
-        r.check()
-        assert r.drv.transient_pfns().size == 0  # synchronous device: nothing in flight
+        assert r.check() == []
+        assert r.driver.transient_pfns().size == 0  # synchronous device: nothing in flight

@@ -1,4 +1,5 @@
-"""Split virtqueues: layout, driver/device round trips, wrap-around, hostile rings."""
+"""Split virtqueues: layout, driver/device round trips (the harness's queue pair, checked after
+every step), wrap-around, hostile rings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memballoon.model.counters import Counters
+from memballoon.harness.pair import QueuePair, queue_pair
 from memballoon.model.errors import DescriptorError, GuestAddressError, PeerError, UsageError
 from memballoon.protocol.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
@@ -16,7 +17,6 @@ from memballoon.protocol.virtqueue import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_MAX_SIZE,
     DeviceQueue,
-    DriverQueue,
     GuestRamView,
     QueueLayout,
     avail_ring_bytes,
@@ -33,14 +33,9 @@ def make_view(size: int = 0x10000) -> GuestRamView:
     return GuestRamView(bytearray(size), base_gpa=BASE, guest_bytes=GUEST)
 
 
-def make_pair(
-    size: int = 8, *, start: int = 0, indirect: bool = False
-) -> tuple[GuestRamView, DriverQueue, DeviceQueue]:
-    view = make_view()
-    layout = QueueLayout.packed(BASE, size)
-    drv = DriverQueue(view, layout, Counters(), start_index=start)
-    dev = DeviceQueue(view, layout, indirect=indirect, start_index=start)
-    return view, drv, dev
+def make_pair(size: int = 8, *, start: int = 0, indirect: bool = False) -> QueuePair:
+    """The harness's queue pair: both ends of a queue of ``size`` packed at BASE."""
+    return queue_pair(make_view(), BASE, size, start_index=start, indirect=indirect)
 
 
 def write_desc(view: GuestRamView, table: int, i: int, addr: int, n: int, flags: int, nxt: int):
@@ -138,25 +133,32 @@ def test_layout_alignment_checked() -> None:
 
 # ---------------------------------------------------------------- round trips
 def test_chain_round_trip() -> None:
-    view, drv, dev = make_pair()
+    q = make_pair()
+    view, drv, dev = q.view, q.driver, q.device
     view.write(DATA, b"hello")
     head = drv.add([(DATA, 5, False), (DATA + 64, 3, True)])
     assert dev.pending() == 0  # not published yet
+    assert q.check() == []
     drv.publish()
+    assert q.check() == []
     chain = dev.pop()
     assert chain is not None and chain.head == head
+    assert q.check() == []
     assert chain.readable == [(DATA, 5)] and chain.writable == [(DATA + 64, 3)]
     assert chain.read_all(view, 100) == b"hello"
     assert chain.write_all(view, b"xyz") == 3
     dev.push_used(chain.head, 3)
+    assert q.check() == []
     assert dev.pop() is None
     assert drv.collect()[0].head == head
+    assert q.check() == []
     assert view.read(DATA + 64, 3) == b"xyz"
     assert drv.num_free == 8 and drv.in_flight == 0
 
 
 def test_driver_runs_out_of_descriptors() -> None:
-    _, drv, _ = make_pair(4)
+    q = make_pair(4)
+    drv = q.driver
     drv.add([(DATA, 1, False)] * 3)
     with pytest.raises(UsageError):
         drv.add([(DATA, 1, False)] * 2)
@@ -180,7 +182,8 @@ bufs_st = st.lists(
 def test_random_legal_chains_round_trip_across_wrap(
     start: int, size: int, rounds: list[list[list[tuple[int, int, bool]]]]
 ) -> None:
-    _, drv, dev = make_pair(size, start=(start | 0xFFF0) if start % 2 else start)
+    q = make_pair(size, start=(start | 0xFFF0) if start % 2 else start)
+    drv, dev = q.driver, q.device
     for batch in rounds:
         heads = {}
         for bufs in batch:
@@ -188,23 +191,28 @@ def test_random_legal_chains_round_trip_across_wrap(
                 break
             heads[drv.add(bufs)] = bufs
         drv.publish()
+        assert q.check() == []
         got = []
         while (chain := dev.pop()) is not None:
             want = heads[chain.head]
             assert chain.readable == [(a, n) for a, n, w in want if not w]
             assert chain.writable == [(a, n) for a, n, w in want if w]
             got.append(chain.head)
+            assert q.check() == []
         assert sorted(got) == sorted(heads)
         for h in reversed(got):  # out of order completion is legal
             dev.push_used(h, sum(n for _, n, w in heads[h] if w))
+            assert q.check() == []
         used = drv.collect()
+        assert q.check() == []
         assert [u.head for u in used] == list(reversed(got))
         assert drv.num_free == size and drv.in_flight == 0
 
 
 # ---------------------------------------------------------------- hostile rings
 def test_loop_in_chain_is_rejected() -> None:
-    view, _, dev = make_pair(4)
+    q = make_pair(4)
+    view, dev = q.view, q.device
     t = dev.layout.desc_gpa
     write_desc(view, t, 0, DATA, 4, VIRTQ_DESC_F_NEXT, 1)
     write_desc(view, t, 1, DATA, 4, VIRTQ_DESC_F_NEXT, 0)
@@ -215,7 +223,8 @@ def test_loop_in_chain_is_rejected() -> None:
 
 
 def test_head_and_next_out_of_range() -> None:
-    view, _, dev = make_pair(4)
+    q = make_pair(4)
+    view, dev = q.view, q.device
     t = dev.layout.desc_gpa
     write_desc(view, t, 0, DATA, 4, VIRTQ_DESC_F_NEXT, 9)
     make_avail(view, dev.layout, [7, 0], 2)
@@ -227,7 +236,8 @@ def test_head_and_next_out_of_range() -> None:
 
 
 def test_buffer_outside_guest() -> None:
-    view, _, dev = make_pair(4)
+    q = make_pair(4)
+    view, dev = q.view, q.device
     write_desc(view, dev.layout.desc_gpa, 0, GUEST - 8, 16, 0, 0)
     make_avail(view, dev.layout, [0], 1)
     with pytest.raises(GuestAddressError):
@@ -249,7 +259,8 @@ def test_direction_checked_for_the_queue_use() -> None:
 
 
 def test_indirect_only_when_negotiated() -> None:
-    view, _, dev = make_pair(4)
+    q = make_pair(4)
+    view, dev = q.view, q.device
     table = DATA + 0x100
     write_desc(view, table, 0, DATA, 8, VIRTQ_DESC_F_NEXT, 1)
     write_desc(view, table, 1, DATA + 8, 8, VIRTQ_DESC_F_WRITE, 0)
@@ -264,7 +275,8 @@ def test_indirect_only_when_negotiated() -> None:
 
 
 def test_indirect_with_next_or_nested_is_rejected() -> None:
-    view, _, dev = make_pair(4, indirect=True)
+    q = make_pair(4, indirect=True)
+    view, dev = q.view, q.device
     table = DATA + 0x100
     write_desc(view, table, 0, table, 16, VIRTQ_DESC_F_INDIRECT, 0)
     write_desc(view, dev.layout.desc_gpa, 0, table, 16, VIRTQ_DESC_F_INDIRECT, 0)
@@ -277,7 +289,8 @@ def test_indirect_with_next_or_nested_is_rejected() -> None:
 
 
 def test_avail_idx_running_ahead_breaks_the_queue() -> None:
-    view, _, dev = make_pair(4)
+    q = make_pair(4)
+    view, dev = q.view, q.device
     view.write_u16(dev.layout.avail_gpa + 2, 5)
     with pytest.raises(DescriptorError, match=r"avail\.idx"):
         dev.pop()
@@ -285,7 +298,8 @@ def test_avail_idx_running_ahead_breaks_the_queue() -> None:
 
 
 def test_driver_survives_a_hostile_used_ring() -> None:
-    view, drv, dev = make_pair(4)
+    q = make_pair(4)
+    view, drv, dev = q.view, q.driver, q.device
     h = drv.add([(DATA, 4, True)])
     drv.publish()
     assert dev.pop() is not None
@@ -298,7 +312,8 @@ def test_driver_survives_a_hostile_used_ring() -> None:
     assert drv.broken and drv.counters["used_idx_jump"] == 1
     assert drv.collect() == []
 
-    view, drv, dev = make_pair(4)
+    q = make_pair(4)
+    view, drv, dev = q.view, q.driver, q.device
     h1 = drv.add([(DATA, 4, True)])
     drv.add([(DATA, 4, True)])
     drv.publish()

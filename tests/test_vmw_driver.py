@@ -1,9 +1,8 @@
-"""The seed's VMware balloon driver, rule by rule, wired straight to the device."""
+"""The seed's VMware balloon driver, rule by rule, joined to the device by the pair harness."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -24,95 +23,28 @@ from memballoon.guest.vmw_driver import (
     VMW_BALLOON_SLOW_CYCLES,
     VMW_BALLOON_YIELD_THRESHOLD,
     PfnStack,
-    VmwBalloonDriver,
 )
 from memballoon.guest.workload import Demand
-from memballoon.host.ram import NullRam
-from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.harness.pair import VmwPair, vmw_pair
 from memballoon.model.units import GIB, MIB, PAGE_SIZE, PageState
 from memballoon.protocol.vmw import (
     Capability,
     Command,
     Request,
     Status,
-    decode_request,
-    decode_response,
 )
 
 SMALL = 16384  # 64 MiB
 
 
-@dataclass
-class Recorder:
-    """A Backdoor wired to the device that records every command and its answer.
-
-    ``before`` runs ahead of each command with the decoded request: tests use it to make the
-    device change its mind mid-cycle (a new target, a reset, a busy spell), as a host may.
-    """
-
-    dev: VmwBalloonDevice
-    log: list[tuple[Command, int, Status]] = field(default_factory=list)
-    before: Callable[[Request], None] | None = None
-
-    def call(self, request: bytes) -> bytes:
-        req = decode_request(request)
-        if self.before is not None:
-            self.before(req)
-        reply = self.dev.handle(request)
-        self.log.append((req.command, req.data, decode_response(reply, req).status))
-        return reply
-
-    def commands(self) -> list[Command]:
-        return [c for c, _, _ in self.log]
-
-
-@dataclass
-class Pair:
-    mem: GuestMemory
-    ram: NullRam
-    dev: VmwBalloonDevice
-    port: Recorder
-    drv: VmwBalloonDriver
-    now: float = 0.0
-    yields: list[int] = field(default_factory=list)
-
-    def work(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.drv.work(self.now)
-            self.now += self.drv.period_s
-
-    def check(self) -> None:
-        """The pair's invariants after a work period."""
-        mem, dev, drv = self.mem, self.dev, self.drv
-        assert mem.check_invariants() == []
-        assert np.array_equal(dev.balloon_pfns(), drv.balloon_pfns())
-        assert drv.balloon_pages == dev.actual_pages
-        held = np.concatenate((drv.balloon_pfns(), drv.transient_pfns()))
-        assert np.unique(held).size == held.size == mem.balloon_pages
-        assert bool((mem.state[held] == PageState.BALLOON).all())
-        if drv.reset_required:  # the host forgot the balloon; the next work pops it
-            assert drv.transient_pfns().size == drv.size
-        else:
-            assert drv.transient_pfns().size == 0
-        assert drv.n_refused_pages == 0 and len(drv.refused_pages) == 0
-        huge = drv.page_sizes[1]
-        assert huge.n_refused_pages == 0 and len(huge.refused_pages) == 0
-
-
 def make_pair(pages: int = SMALL, *, batched: bool = False, huge: bool = False,
-              supports_batched: bool = True, supports_2m: bool = True, load: bool = True) -> Pair:
-    """A driver wired to its device; ``batched`` uses 4 KiB batches, ``huge`` 2 MiB pages too."""
-    ram = NullRam(pages)
-    mem = GuestMemory(pages, store=ram)
-    dev = VmwBalloonDevice(ram, supports_batched=supports_batched, supports_2m=supports_2m)
-    port = Recorder(dev)
-    yields: list[int] = []
-    drv = VmwBalloonDriver(mem, port, batched=batched or huge, huge_pages=huge,
-                           cond_resched=lambda: yields.append(1))
-    pair = Pair(mem, ram, dev, port, drv, yields=yields)
-    if load:
-        drv.load(0.0)
-    return pair
+              supports_batched: bool = True, supports_2m: bool = True,
+              load: bool = True) -> VmwPair:
+    """The harness's pair, every command logged; ``batched`` uses 4 KiB batches, ``huge``
+    2 MiB pages too."""
+    return vmw_pair(pages, batched=batched or huge, huge_pages=huge,
+                    supports_batched=supports_batched, supports_2m=supports_2m, record=True,
+                    load=load)
 
 
 def fill(mem: GuestMemory, *, anon: int = 0, file: int = 0, leave_free: int | None = None) -> None:
@@ -136,11 +68,11 @@ def test_seed_constants() -> None:
 
 def test_initial_state_and_protocol() -> None:
     p = make_pair(load=False)
-    drv: BalloonDriver = p.drv  # it is a BalloonDriver
+    drv: BalloonDriver = p.driver  # it is a BalloonDriver
     assert drv.period_s == 1.0
-    assert (p.drv.rate_alloc, p.drv.rate_free) == (2048, 16384)
-    assert (p.drv.size, p.drv.target, p.drv.slow_allocation_cycles) == (0, 0, 0)
-    assert not p.drv.reset_required
+    assert (p.driver.rate_alloc, p.driver.rate_free) == (2048, 16384)
+    assert (p.driver.size, p.driver.target, p.driver.slow_allocation_cycles) == (0, 0, 0)
+    assert not p.driver.reset_required
 
 
 def test_pfn_stack_grows_and_pops_newest_first() -> None:
@@ -158,64 +90,64 @@ def test_pfn_stack_grows_and_pops_newest_first() -> None:
 def test_load_sends_start_then_guest_id() -> None:
     p = make_pair()
     assert p.port.log == [(Command.START, 2, Status.SUCCESS), (Command.GUEST_ID, 1, Status.SUCCESS)]
-    assert p.drv.loaded and p.dev.guest_id == 1
+    assert p.driver.loaded and p.device.guest_id == 1
 
 
 def test_load_fails_when_start_fails_and_then_does_nothing() -> None:
     p = make_pair(load=False)
-    p.dev.busy_next(1)
-    p.drv.load(0.0)
-    assert not p.drv.loaded and p.port.commands() == [Command.START]
-    assert p.drv.stats()["startFailed"] == 1
+    p.device.busy_next(1)
+    p.driver.load(0.0)
+    assert not p.driver.loaded and p.port.commands() == [Command.START]
+    assert p.driver.stats()["startFailed"] == 1
     p.work()
     assert p.port.commands() == [Command.START]
     q = make_pair(load=False)
-    q.port.before = lambda req: q.dev.busy_next(1) if req.command is Command.GUEST_ID else None
-    q.drv.load(0.0)
-    assert not q.drv.loaded and q.drv.stats()["guestTypeFailed"] == 1
+    q.port.before = lambda req: q.device.busy_next(1) if req.command is Command.GUEST_ID else None
+    q.driver.load(0.0)
+    assert not q.driver.loaded and q.driver.stats()["guestTypeFailed"] == 1
 
 
 def test_idle_1gib_guest_balloons_512mib_in_exactly_8_cycles() -> None:
     pages = GIB // PAGE_SIZE
     p = make_pair(pages)
-    p.dev.set_target(512 * MIB // PAGE_SIZE)
+    p.device.set_target(512 * MIB // PAGE_SIZE)
     sizes = []
     for _ in range(8):
         p.work()
-        sizes.append(p.drv.balloon_pages)
+        sizes.append(p.driver.balloon_pages)
     # a full cycle takes rate + 1 pages: the seed's loop counts from 0
     assert sizes == [16385 * k for k in range(1, 8)] + [131072]
-    assert p.dev.actual_pages == 131072
+    assert p.device.actual_pages == 131072
     assert p.port.commands().count(Command.LOCK) == 131072
-    assert p.drv.stats()["timer"] == 8
-    p.check()
+    assert p.driver.stats()["timer"] == 8
+    assert p.check() == []
 
 
 def test_batched_idle_1gib_guest_balloons_512mib_in_one_cycle() -> None:
     p = make_pair(GIB // PAGE_SIZE, batched=True)
     assert p.port.log[0] == (Command.START, 6, Status.SUCCESS_WITH_CAPABILITIES)
-    p.dev.set_target(131072)
+    p.device.set_target(131072)
     p.work()
-    assert p.drv.balloon_pages == p.dev.actual_pages == 131072
+    assert p.driver.balloon_pages == p.device.actual_pages == 131072
     assert p.port.commands().count(Command.BATCHED_LOCK) == 131072 // 512
     assert Command.LOCK not in p.port.commands()
-    p.check()
-    p.dev.set_target(1000)
+    assert p.check() == []
+    p.device.set_target(1000)
     p.work()
-    assert p.drv.balloon_pages == 1000
+    assert p.driver.balloon_pages == 1000
     assert p.port.commands().count(Command.BATCHED_UNLOCK) == -(-130072 // 512)
-    p.check()
+    assert p.check() == []
 
 
 def test_batched_driver_falls_back_to_version_2() -> None:
     p = make_pair(batched=True, supports_batched=False)
     assert p.port.log[0] == (Command.START, 6, Status.SUCCESS)
-    p.dev.set_target(3000)
+    p.device.set_target(3000)
     p.work()
     assert Command.BATCHED_LOCK not in p.port.commands()
     assert p.port.commands().count(Command.LOCK) == 3000
-    assert p.drv.batch_max_pages == 1
-    p.check()
+    assert p.driver.batch_max_pages == 1
+    assert p.check() == []
 
 
 # ------------------------------------------------------------------ 2 MiB pages (v4.20+)
@@ -223,102 +155,104 @@ def test_2m_pages_first_then_4k_to_the_exact_target() -> None:
     p = make_pair(GIB // PAGE_SIZE, huge=True)
     offer = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BATCHED_2M_CMDS
     assert p.port.log[0] == (Command.START, int(offer), Status.SUCCESS_WITH_CAPABILITIES)
-    assert p.drv.supported_page_sizes == 2
-    p.dev.set_target(131072 + 100)
+    assert p.driver.supported_page_sizes == 2
+    p.device.set_target(131072 + 100)
     p.work()
     # 256 pages of 2 MiB in one command, then the last 100 frames as 4 KiB pages
     assert p.port.commands().count(Command.BATCHED_2M_LOCK) == 1
     assert p.port.commands().count(Command.BATCHED_LOCK) == 1
-    assert p.drv.size == p.dev.actual_pages == 131172
-    s = p.drv.stats()
+    assert p.driver.size == p.device.actual_pages == 131172
+    s = p.driver.stats()
     assert (s["prim2mAlloc"], s["2m-lock"], s["primNoSleepAlloc"]) == (256, 1, 100)
-    p.check()
+    assert p.check() == []
     # deflate: 4 KiB pages first, then 2 MiB pages rounded up (the guest gets at least what
     # the target gives back); the next cycle refills the difference in 4 KiB pages
-    p.dev.set_target(1000)
+    p.device.set_target(1000)
     p.work()
-    assert p.drv.size == 131072 - 255 * 512 == 512 and len(p.drv.pages) == 0
-    assert p.drv.stats()["prim2mFree"] == 255 and p.drv.stats()["primFree"] == 100
-    p.check()
+    assert p.driver.size == 131072 - 255 * 512 == 512 and len(p.driver.pages) == 0
+    assert p.driver.stats()["prim2mFree"] == 255 and p.driver.stats()["primFree"] == 100
+    assert p.check() == []
     p.work()
-    assert p.drv.size == 1000 and len(p.drv.page_sizes[1].pages) == 1 and len(p.drv.pages) == 488
-    p.check()
-    p.dev.set_target(0)
+    assert p.driver.size == 1000 and len(p.driver.page_sizes[1].pages) == 1
+    assert len(p.driver.pages) == 488
+    assert p.check() == []
+    p.device.set_target(0)
     p.work()
-    assert p.drv.size == 0 and p.mem.balloon_pages == 0
-    p.check()
+    assert p.driver.size == 0 and p.mem.balloon_pages == 0
+    assert p.check() == []
 
 
 def test_2m_inflate_never_passes_the_target() -> None:
     p = make_pair(huge=True)
     for target in (511, 513, 1500):
-        p.dev.set_target(target)
+        p.device.set_target(target)
         p.work()
-        assert p.drv.size == target == p.dev.actual_pages
-        p.check()
-    assert len(p.drv.page_sizes[1].pages) == 1  # (1500 - 513) // 512: the rest in 4 KiB pages
+        assert p.driver.size == target == p.device.actual_pages
+        assert p.check() == []
+    assert len(p.driver.page_sizes[1].pages) == 1  # (1500 - 513) // 512: the rest in 4 KiB pages
 
 
 def test_failed_2m_allocation_falls_back_to_4k_without_slowing_down() -> None:
     p = make_pair(huge=True)
     # a fragmented guest: no 2 MiB block is wholly free
     p.mem.alloc_huge = lambda n: np.empty(0, dtype=np.int64)  # type: ignore[method-assign]
-    p.dev.set_target(2000)
+    p.device.set_target(2000)
     p.work()
-    s = p.drv.stats()
+    s = p.driver.stats()
     assert s["prim2mAlloc"] == 1 and s["prim2mAllocFailed"] == 1
-    assert p.drv.size == 2000 and len(p.drv.page_sizes[1].pages) == 0
-    assert p.drv.slow_allocation_cycles == 0 and p.drv.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
-    p.check()
+    assert p.driver.size == 2000 and len(p.driver.page_sizes[1].pages) == 0
+    assert p.driver.slow_allocation_cycles == 0
+    assert p.driver.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
+    assert p.check() == []
 
 
 def test_host_without_2m_pages_gets_4k_batches() -> None:
     p = make_pair(huge=True, supports_2m=False)
-    assert p.drv.supported_page_sizes == 1
-    p.dev.set_target(3000)
+    assert p.driver.supported_page_sizes == 1
+    p.device.set_target(3000)
     p.work()
     assert Command.BATCHED_2M_LOCK not in p.port.commands()
-    assert p.drv.size == 3000
-    p.check()
+    assert p.driver.size == 3000
+    assert p.check() == []
 
 
 def test_refused_2m_pages_held_up_to_16_then_4k_pages() -> None:
     p = make_pair(8 * SMALL, huge=True)  # 256 MiB: plenty of whole 2 MiB blocks
     heads = np.flatnonzero(p.mem._bfree == 512)[:20] * 512
-    p.dev.set_pinned(heads + 3)  # one pinned frame in each of the first 20 free blocks
-    p.dev.set_target(40 * 512)
+    p.device.set_pinned(heads + 3)  # one pinned frame in each of the first 20 free blocks
+    p.device.set_target(40 * 512)
     p.work()
-    s = p.drv.stats()
+    s = p.driver.stats()
     # the first batch takes 40 blocks: 20 refused, 16 held then freed, 4 freed at once;
     # the cycle goes on in 4 KiB pages (where the pinned frames are refused again)
     assert s["err2mAlloc"] == 20 and s["err2mFree"] == 20 and s["2m-lock"] == 1
-    assert len(p.drv.page_sizes[1].pages) == 20 and s["batchLock"] >= 1 and s["errAlloc"] > 0
-    assert p.drv.size == p.dev.actual_pages > 20 * 512
-    p.check()
+    assert len(p.driver.page_sizes[1].pages) == 20 and s["batchLock"] >= 1 and s["errAlloc"] > 0
+    assert p.driver.size == p.device.actual_pages > 20 * 512
+    assert p.check() == []
 
 
 def test_reset_pops_2m_pages_too() -> None:
     p = make_pair(huge=True)
-    p.dev.set_target(3000)
+    p.device.set_target(3000)
     p.work()
-    assert len(p.drv.page_sizes[1].pages) == 5
-    p.dev.request_reset()
+    assert len(p.driver.page_sizes[1].pages) == 5
+    p.device.request_reset()
     p.work()
-    assert p.drv.reset_required and p.drv.balloon_pages == 0
-    p.check()
+    assert p.driver.reset_required and p.driver.balloon_pages == 0
+    assert p.check() == []
     p.work()  # pop, START, then inflate again
-    assert p.drv.size == 3000 and p.drv.stats()["prim2mFree"] == 5
-    p.check()
+    assert p.driver.size == 3000 and p.driver.stats()["prim2mFree"] == 5
+    assert p.check() == []
 
 
 def test_vmmemctl_shows_2m_rows_only_with_2m_pages() -> None:
     p = make_pair(huge=True)
-    p.dev.set_target(1024)
+    p.device.set_target(1024)
     p.work()
-    text = p.drv.vmmemctl_text()
+    text = p.driver.vmmemctl_text()
     assert "2m-lock:                   1 (   0 failed)\n" in text
     assert "prim2mAlloc:               2 (   0 failed)\n" in text
-    assert "2m-lock" not in make_pair(batched=True).drv.vmmemctl_text()
+    assert "2m-lock" not in make_pair(batched=True).driver.vmmemctl_text()
 
 
 # ------------------------------------------------------------------ allocation pressure
@@ -327,102 +261,102 @@ def test_failed_nosleep_allocation_slows_down_and_switches_to_sleeping() -> None
     fill(p.mem, file=SMALL)  # the page cache takes every free page down to the low watermark
     room = p.mem.free_pages - p.mem.watermarks.min  # what non-sleeping allocations can take
     assert 0 < room < 100
-    p.dev.set_target(5000)
+    p.device.set_target(5000)
     p.work()
-    s = p.drv.stats()
-    assert p.drv.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
+    s = p.driver.stats()
+    assert p.driver.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
     # `room` non-sleeping pages, one failure (which uses up an index), then sleeping
     # allocations until i >= rate_alloc (2048)
     assert (s["primNoSleepAlloc"], s["primNoSleepAllocFailed"]) == (room + 1, 1)
     assert (s["primCanSleepAlloc"], s["primCanSleepAllocFailed"]) == (2048 - room, 0)
-    assert p.drv.size == 2048
-    assert p.drv.rate_alloc == 2048  # no error, i // rate_alloc == 1: +16, capped
-    p.check()
+    assert p.driver.size == 2048
+    assert p.driver.rate_alloc == 2048  # no error, i // rate_alloc == 1: +16, capped
+    assert p.check() == []
     # the next cycle runs at rate_alloc from the start; non-sleeping allocations fail again
     # at once (sleeping ones only reclaim what they need), so it takes rate_alloc pages again
     p.work()
-    s = p.drv.stats()
+    s = p.driver.stats()
     assert s["primNoSleepAllocFailed"] == 2
-    assert p.drv.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
-    assert p.drv.size == 2 * 2048
-    p.check()
+    assert p.driver.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
+    assert p.driver.size == 2 * 2048
+    assert p.check() == []
 
 
 def test_nosleep_failure_after_rate_alloc_pages_pauses() -> None:
     p = make_pair()
-    p.drv.rate_alloc = 512
+    p.driver.rate_alloc = 512
     fill(p.mem, leave_free=p.mem.watermarks.min + 600)  # 600 pages above the min watermark
-    p.dev.set_target(5000)
+    p.device.set_target(5000)
     p.work()
-    s = p.drv.stats()
-    assert p.drv.size == 600 and s["primCanSleepAlloc"] == 0  # i=600 >= 512: stop, no sleep
-    assert p.drv.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
-    assert p.drv.rate_alloc == 512  # the cycle ended on an error: no growth
-    p.check()
+    s = p.driver.stats()
+    assert p.driver.size == 600 and s["primCanSleepAlloc"] == 0  # i=600 >= 512: stop, no sleep
+    assert p.driver.slow_allocation_cycles == VMW_BALLOON_SLOW_CYCLES
+    assert p.driver.rate_alloc == 512  # the cycle ended on an error: no growth
+    assert p.check() == []
 
 
 def test_failed_sleeping_allocation_halves_rate_alloc_never_below_512() -> None:
     p = make_pair()
     fill(p.mem, leave_free=p.mem.watermarks.min + 10)  # anonymous memory, no swap: nothing
-    p.dev.set_target(5000)
+    p.device.set_target(5000)
     rates = []
     for _ in range(4):
         p.work()
-        rates.append(p.drv.rate_alloc)
-        p.check()
+        rates.append(p.driver.rate_alloc)
+        assert p.check() == []
     assert rates == [1024, 512, 512, 512]
-    s = p.drv.stats()
-    assert p.drv.size == 10
+    s = p.driver.stats()
+    assert p.driver.size == 10
     assert s["primCanSleepAllocFailed"] == 4 and s["primNoSleepAllocFailed"] == 4
 
 
 def test_rate_alloc_grows_by_i_over_rate_alloc_times_16_up_to_2048() -> None:
     p = make_pair(2 * SMALL)
-    p.drv.rate_alloc = 512
-    p.dev.set_target(5000)
+    p.driver.rate_alloc = 512
+    p.device.set_target(5000)
     p.work()  # i == goal == 5000: 5000 // 512 == 9
-    assert p.drv.rate_alloc == 512 + 9 * 16
-    p.dev.set_target(8000)
+    assert p.driver.rate_alloc == 512 + 9 * 16
+    p.device.set_target(8000)
     p.work()  # i == 3000: 3000 // 656 == 4
-    assert p.drv.rate_alloc == 656 + 4 * 16
-    p.drv.rate_alloc = 2040
-    p.dev.set_target(12100)
+    assert p.driver.rate_alloc == 656 + 4 * 16
+    p.driver.rate_alloc = 2040
+    p.device.set_target(12100)
     p.work()  # i == 4100 // 2040 == 2: capped
-    assert p.drv.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
-    p.dev.set_target(12200)
-    p.drv.rate_alloc = 1000
+    assert p.driver.rate_alloc == VMW_BALLOON_RATE_ALLOC_MAX
+    p.device.set_target(12200)
+    p.driver.rate_alloc = 1000
     p.work()  # i == 100 < rate_alloc: unchanged
-    assert p.drv.rate_alloc == 1000
-    p.check()
+    assert p.driver.rate_alloc == 1000
+    assert p.check() == []
 
 
 def test_slow_cycles_cap_a_cycle_at_rate_alloc_plus_one() -> None:
     p = make_pair()
-    p.drv.slow_allocation_cycles = 3
-    p.drv.rate_alloc = 600
-    p.dev.set_target(5000)
+    p.driver.slow_allocation_cycles = 3
+    p.driver.rate_alloc = 600
+    p.device.set_target(5000)
     p.work()
-    assert p.drv.slow_allocation_cycles == 2
-    assert p.drv.size == 601
-    assert p.drv.rate_alloc == 616
+    assert p.driver.slow_allocation_cycles == 2
+    assert p.driver.size == 601
+    assert p.driver.rate_alloc == 616
 
 
 def test_yields_after_more_than_1024_allocations() -> None:
     p = make_pair()
-    p.dev.set_target(2049)
+    p.device.set_target(2049)
     p.work()  # 2049 loop iterations: one yield at the 1025th
-    assert len(p.yields) == 1
-    p.dev.set_target(2049 + 2050)
+    assert p.yields == 1
+    p.device.set_target(2049 + 2050)
     p.work()
-    assert len(p.yields) == 3
+    assert p.yields == 3
 
 
 # ------------------------------------------------------------------ deflate
 def test_deflate_unlocks_first_newest_first_then_frees() -> None:
     p = make_pair()
-    p.dev.set_target(100)
+    p.device.set_target(100)
     p.work()
-    newest = p.drv.pages.peek(40).tolist()
+    newest = p.driver.pages.peek(40).tolist()
     seen: list[int] = []
 
     def before(req: Request) -> None:
@@ -431,60 +365,60 @@ def test_deflate_unlocks_first_newest_first_then_frees() -> None:
             seen.append(req.data)
 
     p.port.before = before
-    p.dev.set_target(60)
+    p.device.set_target(60)
     p.work()
     assert seen == newest
-    assert p.drv.size == 60 and p.drv.stats()["primFree"] == 40
-    assert p.drv.rate_free == VMW_BALLOON_RATE_FREE_MAX
-    p.check()
+    assert p.driver.size == 60 and p.driver.stats()["primFree"] == 40
+    assert p.driver.rate_free == VMW_BALLOON_RATE_FREE_MAX
+    assert p.check() == []
 
 
 def test_unlock_failure_halves_rate_free_success_adds_16() -> None:
     p = make_pair()
-    p.dev.set_target(4000)
+    p.device.set_target(4000)
     p.work()
     busy = {"on": True}
 
     def before(req: Request) -> None:
         if req.command is Command.UNLOCK and busy["on"]:
-            p.dev.busy_next(1)
+            p.device.busy_next(1)
 
     p.port.before = before
-    p.dev.set_target(1000)
+    p.device.set_target(1000)
     rates = []
     for _ in range(6):
         p.work()
-        rates.append(p.drv.rate_free)
-        p.check()
+        rates.append(p.driver.rate_free)
+        assert p.check() == []
     assert rates == [8192, 4096, 2048, 1024, 512, 512]
-    assert p.drv.size == 4000 and p.drv.stats()["unlockFailed"] == 6
+    assert p.driver.size == 4000 and p.driver.stats()["unlockFailed"] == 6
     busy["on"] = False
     p.work()  # goal = min(3000, 512)
-    assert p.drv.size == 4000 - 512 and p.drv.rate_free == 512 + 16
+    assert p.driver.size == 4000 - 512 and p.driver.rate_free == 512 + 16
     p.work()
-    assert p.drv.size == 4000 - 512 - 528 and p.drv.rate_free == 544
-    p.check()
+    assert p.driver.size == 4000 - 512 - 528 and p.driver.rate_free == 544
+    assert p.check() == []
 
 
 # ------------------------------------------------------------------ host refusals and RESET
 def test_reset_pops_without_unlock_then_start_then_guest_id() -> None:
     p = make_pair()
-    p.dev.set_target(300)
+    p.device.set_target(300)
     p.work()
-    p.dev.request_reset()
+    p.device.request_reset()
     p.work()  # GET_TARGET answers RESET
     assert p.port.log[-1] == (Command.GET_TARGET, SMALL, Status.ERROR_RESET)
-    assert p.drv.reset_required and p.drv.balloon_pages == 0 and p.drv.size == 300
-    p.check()
+    assert p.driver.reset_required and p.driver.balloon_pages == 0 and p.driver.size == 300
+    assert p.check() == []
     mark = len(p.port.log)
     p.work()
     cmds = p.port.commands()[mark:]
     assert cmds[:3] == [Command.START, Command.GUEST_ID, Command.GET_TARGET]
     assert Command.UNLOCK not in cmds
     assert cmds.count(Command.LOCK) == 300  # back to the target from an empty balloon
-    assert not p.drv.reset_required
-    assert p.drv.stats()["primFree"] == 300
-    p.check()
+    assert not p.driver.reset_required
+    assert p.driver.stats()["primFree"] == 300
+    assert p.check() == []
 
 
 def test_reset_during_inflate_ends_the_cycle() -> None:
@@ -495,19 +429,19 @@ def test_reset_during_inflate_ends_the_cycle() -> None:
         if req.command is Command.LOCK:
             locks["n"] += 1
             if locks["n"] == 51:
-                p.dev.request_reset()
+                p.device.request_reset()
 
     p.port.before = before
-    p.dev.set_target(1000)
+    p.device.set_target(1000)
     p.work()
     assert p.port.log[-1] == (Command.LOCK, p.port.log[-1][1], Status.ERROR_RESET)
-    assert p.drv.size == 50 and p.drv.reset_required
-    s = p.drv.stats()
+    assert p.driver.size == 50 and p.driver.reset_required
+    s = p.driver.stats()
     assert (s["lockFailed"], s["errAlloc"], s["errFree"]) == (1, 1, 0)  # freed, not refused
-    p.check()
+    assert p.check() == []
     p.work()
-    assert p.drv.size == 1000 and not p.drv.reset_required
-    p.check()
+    assert p.driver.size == 1000 and not p.driver.reset_required
+    assert p.check() == []
 
 
 def test_ppn_notneeded_ends_the_cycle() -> None:
@@ -518,153 +452,140 @@ def test_ppn_notneeded_ends_the_cycle() -> None:
         if req.command is Command.LOCK:
             locks["n"] += 1
             if locks["n"] == 11:
-                p.dev.set_target(10)  # the host changed its mind mid-cycle
+                p.device.set_target(10)  # the host changed its mind mid-cycle
 
     p.port.before = before
-    p.dev.set_target(500)
+    p.device.set_target(500)
     p.work()
     assert p.port.log[-1][2] is Status.ERROR_PPN_NOTNEEDED
-    assert p.drv.size == 10 and p.drv.target == 500 and locks["n"] == 11
-    p.check()
+    assert p.driver.size == 10 and p.driver.target == 500 and locks["n"] == 11
+    assert p.check() == []
 
 
 def test_refused_pages_never_exceed_16_and_are_freed_at_cycle_end() -> None:
     p = make_pair()
     first_free = int(np.flatnonzero(p.mem.state == PageState.FREE)[0])
-    p.dev.set_pinned(np.arange(first_free, first_free + 100))
+    p.device.set_pinned(np.arange(first_free, first_free + 100))
     peak = {"n": 0}
 
     def before(req: Request) -> None:
-        peak["n"] = max(peak["n"], p.drv.n_refused_pages, len(p.drv.refused_pages))
+        peak["n"] = max(peak["n"], p.driver.n_refused_pages, len(p.driver.refused_pages))
 
     p.port.before = before
-    p.dev.set_target(500)
+    p.device.set_target(500)
     p.work()
-    s = p.drv.stats()
+    s = p.driver.stats()
     assert peak["n"] == VMW_BALLOON_MAX_REFUSED - 1  # the 16th ends the cycle
-    assert p.drv.size == 0
+    assert p.driver.size == 0
     assert (s["errAlloc"], s["errFree"]) == (16, 16)
-    p.check()
+    assert p.check() == []
 
 
 def test_a_few_refused_pages_then_target_reached() -> None:
     p = make_pair()
     first_free = int(np.flatnonzero(p.mem.state == PageState.FREE)[0])
-    p.dev.set_pinned(np.arange(first_free, first_free + 5))
-    p.dev.set_target(500)
+    p.device.set_pinned(np.arange(first_free, first_free + 5))
+    p.device.set_target(500)
     p.work()
-    s = p.drv.stats()
-    assert p.drv.size == 500 and (s["errAlloc"], s["errFree"]) == (5, 5)
+    s = p.driver.stats()
+    assert p.driver.size == 500 and (s["errAlloc"], s["errFree"]) == (5, 5)
     assert p.port.commands().count(Command.LOCK) == 505
-    p.check()
+    assert p.check() == []
 
 
 def test_batched_refusals_keep_at_most_16() -> None:
     p = make_pair(batched=True)
     first_free = int(np.flatnonzero(p.mem.state == PageState.FREE)[0])
-    p.dev.set_pinned(np.arange(first_free, first_free + 40))
-    p.dev.set_target(2000)
+    p.device.set_pinned(np.arange(first_free, first_free + 40))
+    p.device.set_target(2000)
     p.work()  # first batch: 40 refused: 16 held, 24 freed at once, cycle ends
-    s = p.drv.stats()
-    assert p.drv.size == 512 - 40 and s["errAlloc"] == 40 and s["errFree"] == 40
-    p.check()
+    s = p.driver.stats()
+    assert p.driver.size == 512 - 40 and s["errAlloc"] == 40 and s["errFree"] == 40
+    assert p.check() == []
 
 
 def test_batched_reset_and_busy() -> None:
     p = make_pair(batched=True)
-    p.dev.set_target(3000)
+    p.device.set_target(3000)
     p.work()
-    p.dev.request_reset()
+    p.device.request_reset()
     p.work()
-    assert p.drv.reset_required
-    p.check()
+    assert p.driver.reset_required
+    assert p.check() == []
     p.work()
-    assert p.drv.size == 3000 and p.port.log[-1][0] is Command.BATCHED_LOCK
-    p.check()
-    p.dev.set_target(100)
+    assert p.driver.size == 3000 and p.port.log[-1][0] is Command.BATCHED_LOCK
+    assert p.check() == []
+    p.device.set_target(100)
     p.port.before = lambda req: (
-        p.dev.busy_next(1) if req.command is Command.BATCHED_UNLOCK else None
+        p.device.busy_next(1) if req.command is Command.BATCHED_UNLOCK else None
     )
     p.work()
-    assert p.drv.size == 3000 and p.drv.stats()["batchUnlockFailed"] == 1
-    p.check()
+    assert p.driver.size == 3000 and p.driver.stats()["batchUnlockFailed"] == 1
+    assert p.check() == []
 
 
 # ------------------------------------------------------------------ GET_TARGET, unload, bad replies
 def test_get_target_fails_when_total_ram_does_not_fit_32_bits() -> None:
     p = make_pair()
     p.mem.total_pages = 1 << 32  # a 16 TiB guest, as far as the driver's si_meminfo sees
-    p.dev.set_target(100)
+    p.device.set_target(100)
     mark = len(p.port.log)
     p.work()
     assert p.port.log[mark:] == []  # no GET_TARGET sent
-    assert p.drv.size == 0 and p.drv.stats()["target"] == 0
-    assert p.drv.counters["limit_over_32_bits"] == 1
+    assert p.driver.size == 0 and p.driver.stats()["target"] == 0
+    assert p.driver.counters["limit_over_32_bits"] == 1
 
 
 def test_unload_sends_start_then_pops_without_unlock() -> None:
     p = make_pair()
-    p.dev.set_target(700)
+    p.device.set_target(700)
     p.work()
     mark = len(p.port.log)
-    p.drv.unload(p.now)
+    p.driver.unload(p.now)
     assert p.port.commands()[mark:] == [Command.START]
-    assert p.drv.size == 0 and p.dev.actual_pages == 0 and p.mem.balloon_pages == 0
+    assert p.driver.size == 0 and p.device.actual_pages == 0 and p.mem.balloon_pages == 0
     assert p.mem.check_invariants() == []
-    p.drv.rate_free = 512
+    p.driver.rate_free = 512
     q = make_pair()
-    q.drv.rate_free = 512
-    q.dev.set_target(1100)
+    q.driver.rate_free = 512
+    q.device.set_target(1100)
     q.work()
-    yields = len(q.yields)
-    q.drv.unload(q.now)
-    assert len(q.yields) - yields == 2  # the pop yields after every rate_free pages
-
-
-@dataclass
-class Garbage:
-    """A backdoor whose host answers ``junk`` to the commands ``when`` picks."""
-
-    dev: VmwBalloonDevice
-    when: Callable[[Request], bool]
-    junk: bytes = b"\x07"
-
-    def call(self, request: bytes) -> bytes:
-        reply = self.dev.handle(request)
-        return self.junk if self.when(decode_request(request)) else reply
+    yields = q.yields
+    q.driver.unload(q.now)
+    assert q.yields - yields == 2  # the pop yields after every rate_free pages
 
 
 def test_undecodable_replies_are_counted_and_read_as_failure() -> None:
-    ram = NullRam(SMALL)
-    mem = GuestMemory(SMALL, store=ram)
-    dev = VmwBalloonDevice(ram)
-    port = Garbage(dev, lambda req: req.command is Command.GET_TARGET)
-    drv = VmwBalloonDriver(mem, port)
-    drv.load(0.0)
-    dev.set_target(50)
-    drv.work(0.0)
+    p = vmw_pair(SMALL)  # the harness's pair: its host answers garbage to the commands we pick
+
+    def garbage(when: Command, junk: bytes) -> Callable[[Request, bytes], bytes]:
+        return lambda req, reply: junk if req.command is when else reply
+
+    p.port.reply = garbage(Command.GET_TARGET, b"\x07")
+    p.device.set_target(50)
+    p.work()
+    drv = p.driver
     assert drv.size == 0 and drv.stats()["targetFailed"] == 1
     assert drv.counters["reply_short_frame"] == 1
-    port.when = lambda req: req.command is Command.LOCK
-    port.junk = bytes(17)  # a SUCCESS header and a stray byte
-    drv.work(1.0)  # every LOCK reply is junk: 16 refused pages end the cycle
+    p.port.reply = garbage(Command.LOCK, bytes(17))  # a SUCCESS header and a stray byte
+    p.work()  # every LOCK reply is junk: 16 refused pages end the cycle
     assert drv.size == 0 and drv.stats()["errFree"] == 16
     assert drv.counters["reply_long_frame"] == 16
-    assert mem.check_invariants() == [] and mem.balloon_pages == 0
+    assert p.mem.check_invariants() == [] and p.mem.balloon_pages == 0
     # the device did lock those pages; the driver never learnt it. A RESET heals both sides.
-    dev.request_reset()
-    port.when = lambda req: False
-    drv.work(2.0)
-    drv.work(3.0)
-    assert drv.size == dev.actual_pages == 50
+    p.device.request_reset()
+    p.port.reply = None
+    p.work(2)
+    assert drv.size == p.device.actual_pages == 50
+    assert p.check() == []
 
 
 # ------------------------------------------------------------------ statistics
 def test_vmmemctl_text_in_the_seeds_format() -> None:
     p = make_pair()
-    p.dev.set_target(20)
+    p.device.set_target(20)
     p.work()
-    assert p.drv.vmmemctl_text() == (
+    assert p.driver.vmmemctl_text() == (
         "target:                   20 pages\n"
         "current:                  20 pages\n"
         "rateNoSleepAlloc:      16384 pages/sec\n"
@@ -683,7 +604,7 @@ def test_vmmemctl_text_in_the_seeds_format() -> None:
         "errAlloc:                  0\n"
         "errFree:                   0\n"
     )
-    assert p.drv.stats()["lock"] == 20 and p.drv.stats()["current"] == 20
+    assert p.driver.stats()["lock"] == 20 and p.driver.stats()["current"] == 20
 
 
 # ------------------------------------------------------------------ property
@@ -704,27 +625,27 @@ _MODES = {"v2": {}, "batched": {"batched": True}, "2m": {"huge": True}}
 @given(st.sampled_from(list(_MODES)), st.lists(_event, min_size=1, max_size=25))
 def test_invariants_hold_after_every_work(mode: str, events: list[tuple[str, int]]) -> None:
     p = make_pair(**_MODES[mode])
-    p.dev.set_target(1000)
+    p.device.set_target(1000)
     p.work()
-    p.check()
+    assert p.check() == []
     for kind, arg in events:
         if kind == "target":
-            p.dev.set_target(arg)
+            p.device.set_target(arg)
         elif kind == "pin":
             free = np.flatnonzero(p.mem.state == PageState.FREE)
-            p.dev.set_pinned(free[:arg])
+            p.device.set_pinned(free[:arg])
         elif kind == "busy":
-            p.dev.busy_next(arg)
+            p.device.busy_next(arg)
         elif kind == "reset":
-            p.dev.request_reset()
+            p.device.request_reset()
         elif kind == "anon":
             p.mem.step(p.now, 1.0, Demand(arg, 0, 0, 0))
             assert p.mem.check_invariants() == []
         p.work()
-        p.check()
-    p.dev.busy_next(0)  # a busy host would refuse unload's START and keep its view
-    p.drv.unload(p.now)
-    assert p.mem.balloon_pages == 0 and p.dev.actual_pages == 0
+        assert p.check() == []
+    p.device.busy_next(0)  # a busy host would refuse unload's START and keep its view
+    p.driver.unload(p.now)
+    assert p.mem.balloon_pages == 0 and p.device.actual_pages == 0
     assert p.mem.check_invariants() == []
 
 
@@ -737,10 +658,10 @@ def test_long_random_run(mode: str) -> None:
     for _ in range(60):
         r = rng.random()
         if r < 0.4:
-            p.dev.set_target(rng.randrange(0, 9000))
+            p.device.set_target(rng.randrange(0, 9000))
         elif r < 0.5:
-            p.dev.request_reset()
+            p.device.request_reset()
         elif r < 0.6:
-            p.dev.busy_next(rng.randrange(1, 4))
+            p.device.busy_next(rng.randrange(1, 4))
         p.work()
-        p.check()
+        assert p.check() == []

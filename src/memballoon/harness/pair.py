@@ -2,18 +2,27 @@
 
 Like h11's ``ConnectionPair``: both ends of a protocol in one process, no I/O, no real time.
 A ``Pair`` holds a guest (``GuestMemory`` over a ``NullRam``), its workload, the guest's balloon
-driver and the host's balloon device, wired directly (the VMware backdoor as a function call,
-virtio through ``DirectTransport``). ``tick()`` advances the virtual clock by one period: the
-workload runs, then the driver's work function. ``check_pair`` states the invariants the
-tests, the benchmark and the simulator hold the pair to:
+driver and the host's balloon device, and the link between them: the VMware backdoor as a
+function call (``BackdoorTap``), virtio through ``DirectTransport``. ``tick()`` advances the
+virtual clock by one period: the workload runs, then the driver's work function; ``work()``
+runs the driver alone, for tests that drive the guest's memory themselves. ``make_pair`` builds
+a pair by protocol name (benchmarks, simulator); ``vmw_pair`` and ``virtio_pair`` build one
+with every knob of its protocol (driver and device tests). ``check_pair`` states the
+invariants the tests, the benchmark and the simulator hold a pair to:
 
 1. the guest's frames partition exactly into states (``GuestMemory.check_invariants``);
 2. the device's balloon equals the driver's balloon (nothing stays in flight between periods
    with a synchronous device);
-3. every frame the driver holds (balloon and transient) is in state ``BALLOON``: no frame is
-   both in the balloon and in use, and the guest model counts them all;
+3. every frame the driver holds (balloon and transient) is in state ``BALLOON``, once: no frame
+   is both in the balloon and in use, and the guest model counts them all;
 4. the sizes both sides report agree;
-5. the host holds no memory behind a ballooned frame (the backend released it).
+5. the host holds no memory behind a ballooned frame (the backend released it);
+6. what each protocol adds: VMware holds no refused page between work periods and, while a
+   reset is pending, exactly its whole balloon as transient (the host forgot it); virtio's
+   config space says the same ``actual``, and a synchronous device leaves nothing in flight.
+
+``QueuePair`` is the same idea one level down: the two ends of one split virtqueue over one
+guest-memory view, with the ring indices both ends must agree on.
 """
 
 from __future__ import annotations
@@ -25,16 +34,28 @@ import numpy as np
 
 from memballoon.guest.driver import BalloonDriver
 from memballoon.guest.memory import GuestMemory, StepReport
-from memballoon.guest.workload import Workload
+from memballoon.guest.virtio_driver import VirtioBalloonDriver, driver_area_view
+from memballoon.guest.vmw_driver import VmwBalloonDriver
+from memballoon.guest.workload import Idle, Workload
 from memballoon.host.device import BalloonDevice
 from memballoon.host.ram import NullRam
+from memballoon.host.virtio_device import SUPPORTED_FEATURES, VirtioBalloonDevice
+from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState
+from memballoon.protocol.virtio_balloon import BalloonConfig
+from memballoon.protocol.virtio_transport import DirectTransport
+from memballoon.protocol.virtqueue import DeviceQueue, DriverQueue, GuestRamView, QueueLayout
+from memballoon.protocol.vmw import Command, Request, Status, decode_request, decode_response
 
 PROTOCOLS = ("vmw", "vmw-batched", "virtio")
 
+#: The workload of a pair whose test drives the guest's memory itself: nothing runs.
+QUIET = Idle(anon_mib=0, file_mib=0, name="quiet")
 
-@dataclass
+
+@dataclass(eq=False)
 class Pair:
     protocol: str
     mem: GuestMemory
@@ -65,6 +86,14 @@ class Pair:
                 f"{self.device.actual_pages}"
             )
 
+    def work(self, periods: int = 1) -> None:
+        """``periods`` runs of the driver's work function alone, one period apart (the test
+        drives the guest's memory itself; nothing is checked: call ``check``)."""
+        for _ in range(periods):
+            self.now += self.period_s
+            self.driver.work(self.now)
+            self.cycles += 1
+
     def run_until(self, done: Callable[[Pair], bool], max_cycles: int, *,
                   check: bool = True) -> bool:
         """Tick until ``done(pair)`` or ``max_cycles`` ticks; returns whether it got done."""
@@ -73,6 +102,14 @@ class Pair:
                 return True
             self.tick(check=check)
         return done(self)
+
+    def check(self) -> list[str]:
+        """Every broken invariant now (``check_pair``); empty when the pair is consistent."""
+        return check_pair(self)
+
+    def link_invariants(self) -> list[str]:
+        """What the protocol adds to ``check_pair`` (item 6 of the module docstring)."""
+        return []
 
 
 def check_pair(pair: Pair) -> list[str]:
@@ -88,6 +125,8 @@ def check_pair(pair: Pair) -> list[str]:
     held = np.concatenate((drv, pair.driver.transient_pfns()))
     if held.size and not bool((pair.mem.state[held] == PageState.BALLOON).all()):
         errs.append("a frame the driver holds is not in state BALLOON (in use elsewhere)")
+    if np.unique(held).size != held.size:
+        errs.append("a frame is held twice by the driver (in the balloon and transient)")
     if held.size != pair.mem.balloon_pages:
         errs.append(f"driver holds {held.size} frames, guest model counts "
                     f"{pair.mem.balloon_pages} in the balloon")
@@ -98,7 +137,136 @@ def check_pair(pair: Pair) -> list[str]:
                     f"{pair.driver.balloon_pages}")
     if drv.size and pair.ram.resident_pages_of(drv):
         errs.append(f"host still holds {pair.ram.resident_pages_of(drv)} ballooned frames")
+    errs.extend(pair.link_invariants())
     return errs
+
+
+# ---------------------------------------------------------------------------- VMware
+@dataclass(eq=False)
+class BackdoorTap:
+    """The VMware backdoor as a plain function call to the device, with a tap for tests.
+
+    With ``log`` (a list), every command is recorded with the status the device answered.
+    ``before`` runs ahead of each command with the decoded request: a test uses it to make the
+    host change its mind mid-cycle (a new target, a reset, a busy spell), as a host may.
+    ``reply`` may replace the device's answer (a host sending garbage). Untapped, a call costs
+    one attribute test more than calling ``device.handle``.
+    """
+
+    device: VmwBalloonDevice
+    log: list[tuple[Command, int, Status]] | None = None
+    before: Callable[[Request], None] | None = None
+    reply: Callable[[Request, bytes], bytes] | None = None
+
+    def call(self, request: bytes) -> bytes:
+        if self.log is None and self.before is None and self.reply is None:
+            return self.device.handle(request)
+        req = decode_request(request)
+        if self.before is not None:
+            self.before(req)
+        answer = self.device.handle(request)
+        if self.log is not None:
+            self.log.append((req.command, req.data, decode_response(answer, req).status))
+        return answer if self.reply is None else self.reply(req, answer)
+
+    def commands(self) -> list[Command]:
+        """The commands logged so far, in order."""
+        return [c for c, _, _ in self.log or ()]
+
+
+@dataclass(eq=False)
+class VmwPair(Pair):
+    driver: VmwBalloonDriver
+    device: VmwBalloonDevice
+    port: BackdoorTap = field(kw_only=True)
+    yields: int = field(default=0, kw_only=True)  # the driver's cond_resched() calls
+
+    def cond_resched(self) -> None:
+        self.yields += 1
+
+    def link_invariants(self) -> list[str]:
+        errs: list[str] = []
+        drv = self.driver
+        transient = drv.transient_pfns().size
+        if drv.reset_required and transient != drv.size:
+            errs.append(f"reset pending: {transient} transient frames, balloon size {drv.size}")
+        elif not drv.reset_required and transient:
+            errs.append(f"{transient} transient frames between work periods")
+        refused = sum(ps.n_refused_pages + len(ps.refused_pages) for ps in drv.page_sizes)
+        if refused:
+            errs.append(f"{refused} refused pages held between work periods")
+        return errs
+
+
+def vmw_pair(
+    guest_pages: int,
+    workload: Workload = QUIET,
+    *,
+    batched: bool = False,
+    huge_pages: bool = True,
+    supports_batched: bool = True,
+    supports_2m: bool = True,
+    record: bool = False,
+    load: bool = True,
+    swap_pages: int = 0,
+    period_s: float | None = None,
+) -> VmwPair:
+    """A VMware pair: ``batched`` drivers offer batches (and 2 MiB pages with ``huge_pages``);
+    ``supports_*`` is what the device grants; ``record`` logs every command on ``port``."""
+    ram = NullRam(guest_pages)
+    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
+    dev = VmwBalloonDevice(ram, supports_batched=supports_batched, supports_2m=supports_2m)
+    port = BackdoorTap(dev, [] if record else None)
+    drv = VmwBalloonDriver(mem, port, batched=batched, huge_pages=huge_pages)
+    pair = VmwPair("vmw-batched" if batched else "vmw", mem, ram, drv, dev, workload,
+                   drv.period_s if period_s is None else period_s, port=port)
+    drv.cond_resched = pair.cond_resched
+    if load:
+        drv.load(pair.now)
+    return pair
+
+
+# ---------------------------------------------------------------------------- virtio
+@dataclass(eq=False)
+class VirtioPair(Pair):
+    driver: VirtioBalloonDriver
+    device: VirtioBalloonDevice
+    transport: DirectTransport = field(kw_only=True)
+
+    def link_invariants(self) -> list[str]:
+        errs: list[str] = []
+        actual = BalloonConfig.decode(self.device.read_config()).actual
+        if actual != self.driver.balloon_pages:
+            errs.append(f"config actual {actual} != driver balloon {self.driver.balloon_pages}")
+        transient = self.driver.transient_pfns().size
+        if not self.transport.deferred and transient:
+            errs.append(f"{transient} frames in flight with a synchronous device")
+        return errs
+
+
+def virtio_pair(
+    guest_pages: int,
+    workload: Workload = QUIET,
+    *,
+    features: int = SUPPORTED_FEATURES,
+    deferred: bool = False,
+    load: bool = True,
+    swap_pages: int = 0,
+    period_s: float | None = None,
+) -> VirtioPair:
+    """A virtio pair: the device offers ``features``; the driver and device share a 64 KiB view
+    standing for the driver's area of guest RAM; with ``deferred`` the transport holds kicks
+    until ``transport.run_device()`` (buffers stay in flight)."""
+    ram = NullRam(guest_pages)
+    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
+    dev = VirtioBalloonDevice(ram, driver_area_view(guest_pages), features=features)
+    transport = DirectTransport(dev, deferred=deferred)
+    drv = VirtioBalloonDriver(mem, transport)
+    pair = VirtioPair("virtio", mem, ram, drv, dev, workload,
+                      drv.period_s if period_s is None else period_s, transport=transport)
+    if load:
+        drv.load(pair.now)
+    return pair
 
 
 def make_pair(
@@ -110,35 +278,60 @@ def make_pair(
     period_s: float | None = None,
 ) -> Pair:
     """A driver/device pair of ``protocol`` over a fresh guest of ``guest_pages``."""
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    ram = NullRam(guest_pages)
-    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
-    driver: BalloonDriver
-    device: BalloonDevice
     match protocol:
         case "vmw" | "vmw-batched":
-            from memballoon.guest.vmw_driver import VmwBalloonDriver
-            from memballoon.host.vmw_device import VmwBalloonDevice
-
-            vdev = VmwBalloonDevice(ram)
-            device = vdev
-            driver = VmwBalloonDriver(mem, _Port(vdev.handle), batched=protocol == "vmw-batched")
+            return vmw_pair(guest_pages, workload, batched=protocol == "vmw-batched",
+                            swap_pages=swap_pages, period_s=period_s)
         case "virtio":
-            from memballoon.harness.virtio_wiring import make_virtio
-
-            driver, device = make_virtio(mem, ram)
+            return virtio_pair(guest_pages, workload, swap_pages=swap_pages, period_s=period_s)
         case _:
-            raise AssertionError(protocol)
-    driver.load(0.0)
-    return Pair(protocol, mem, ram, driver, device, workload,
-                period_s if period_s is not None else driver.period_s)
+            raise UsageError(
+                f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
 
-class _Port:
-    """The VMware backdoor as a plain function call to the device."""
+# ---------------------------------------------------------------------------- one virtqueue
+_U16 = 0xFFFF
 
-    __slots__ = ("call",)
 
-    def __init__(self, handle: Callable[[bytes], bytes]) -> None:
-        self.call = handle
+@dataclass(frozen=True, eq=False)
+class QueuePair:
+    """Both ends of one split virtqueue over one view of guest memory."""
+
+    view: GuestRamView
+    driver: DriverQueue
+    device: DeviceQueue
+
+    def check(self) -> list[str]:
+        """The ring indices both ends must agree on, between honest steps."""
+        errs: list[str] = []
+        lay, dev, drv = self.device.layout, self.device, self.driver
+        if drv.broken or dev.broken:
+            errs.append(f"broken: driver {drv.broken}, device {dev.broken}")
+        avail = (self.view.read_u16(lay.avail_gpa + 2) - dev.last_avail) & _U16
+        held = (dev.last_avail - dev.used_idx) & _U16
+        if avail > lay.size:
+            errs.append(f"{avail} heads available for a queue of {lay.size}")
+        if held > lay.size:
+            errs.append(f"the device holds {held} chains in a queue of {lay.size}")
+        if self.view.read_u16(lay.used_gpa + 2) != dev.used_idx:
+            errs.append("used.idx in the ring is not the device's")
+        if drv.in_flight < avail + held:
+            errs.append(f"driver counts {drv.in_flight} chains in flight, the device sees "
+                        f"{avail} available and holds {held}")
+        if drv.num_free + drv.in_flight > lay.size:
+            errs.append(f"{drv.num_free} free descriptors and {drv.in_flight} chains in flight "
+                        f"in a queue of {lay.size}")
+        return errs
+
+
+def queue_pair(
+    view: GuestRamView, gpa: int, size: int, *, start_index: int = 0, indirect: bool = False,
+    readable: bool = True, writable: bool = True,
+) -> QueuePair:
+    """A queue of ``size`` packed at ``gpa`` in ``view``, both ends starting at
+    ``start_index``; the device takes indirect tables only with ``indirect``."""
+    layout = QueueLayout.packed(gpa, size)
+    driver = DriverQueue(view, layout, Counters(), start_index=start_index)
+    device = DeviceQueue(view, layout, indirect=indirect, readable=readable, writable=writable,
+                         start_index=start_index)
+    return QueuePair(view, driver, device)
