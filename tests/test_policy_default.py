@@ -38,6 +38,7 @@ from memballoon.policy.default import (
     STALL_TROUBLE_PCT,
     DefaultCounter,
     DefaultPolicy,
+    DefaultSnapshot,
     Figures,
     GuestMemo,
     Ruling,
@@ -561,3 +562,71 @@ def test_memo_remembers_what_a_ruling_asks() -> None:
     m.remember(f, Ruling(1, 1, 0.0, hurt=5000, oom=True))
     assert (m.hurt_size, m.hurt_at, m.hurt_ws, m.oom_at) == (5000, 100.0, 1234, 100.0)
     assert m.step == (PROBE_STEP_START + PROBE_STEP_INC) / 2
+
+
+# ---------------------------------------------------------------------- snapshots
+def script(p: DefaultPolicy, q: DefaultPolicy | None, t0: int, t1: int, b: int,
+           shift: float = 0.0) -> tuple[int, list[Decision | None]]:
+    """Feed ``p`` (and ``q``, its clock ``shift`` seconds on) a guest going through quiet,
+    stalled, swapping and OOM-killed periods from ``t0`` to ``t1`` (5 s a call); the balloon
+    follows ``p``. Returns the balloon and ``p``'s decisions (``q``'s must be the same)."""
+    out = []
+    for t in range(t0, t1, 5):
+        ws = RAM // 5 + (min(t, 230) - 195) * RAM // 40 if t >= 200 else RAM // 5  # a ramp
+        kw: dict[str, Any] = {"swap_in": 10_000 * sum(t >= e for e in (120, 320)),
+                              "major": 10 * t, "oom": int(t >= 150),
+                              "stall": 3.0 if t in (60, 260) else 0.0}
+        g = sample(report(t, avail=max(0, RAM - ws - b), balloon=b, **kw), balloon=b)
+        d = one(p, g, float(t))
+        if q is not None:
+            gq = GuestSample(g.name, g.ram_pages, g.balloon_pages, g.target_pages, g.settings,
+                             g.report, None if g.report_time is None else g.report_time + shift)
+            assert one(q, gq, t + shift) == d
+        out.append(d)
+        b = d.balloon_pages if d is not None else b
+    return b, out
+
+
+def test_snapshot_round_trip_through_json_decides_alike() -> None:
+    p = DefaultPolicy()
+    b, _ = script(p, None, 0, 100, 0)
+    snap = p.snapshot(100.0)
+    assert set(snap.guests) == {"g"} and snap.guests["g"].hurt_age_s is not None
+    data = snap.model_dump_json()
+    q = DefaultPolicy()
+    q.restore(DefaultSnapshot.model_validate_json(data), 100.0)
+    assert q.snapshot(100.0) == snap
+    _, ds = script(p, q, 100, 400, b)
+    assert {d.reason.split(":")[1].strip().split(" ")[0] for d in ds if d} >= {
+        "quiet", "back", "emergency"}  # the rest of the script still goes through the rules
+
+
+def test_restore_on_another_clock_keeps_ages() -> None:
+    p = DefaultPolicy()
+    b, _ = script(p, None, 0, 130, 0)
+    snap = p.snapshot(130.0)
+    q = DefaultPolicy()
+    q.restore(snap, 7.0)  # a new process whose clock started a while ago
+    assert q.snapshot(7.0) == snap  # every age as it was
+    mp, mq = p.state["g"], q.state["g"]
+    assert mq.hurt_at == mp.hurt_at - 123.0 and mq.oom_at == mp.oom_at - 123.0
+    assert [t for t, _ in mq.ws] == [t - 123.0 for t, _ in mp.ws]
+    assert mq.last_now == 7.0 - (130.0 - (mp.last_now or 0.0))
+    # later, the restored policy decides as the original would have (its clock shifted)
+    script(p, q, 130, 400, b, shift=-123.0)
+
+
+def test_snapshot_of_a_new_guest_says_never() -> None:
+    p = DefaultPolicy()
+    one(p, sample(report(0, avail=RAM // 2)), 0.0)
+    s = p.snapshot(3.0).guests["g"]
+    assert (s.hurt_age_s, s.oom_age_s, s.quiet_calls) == (None, None, 1)
+    assert s.working_set == ((3.0, RAM // 2),)
+    assert s.last_report is not None and s.last_report.age_s == 3.0
+    q = DefaultPolicy()
+    q.restore(p.snapshot(3.0), 50.0)
+    m = q.state["g"]
+    assert m.hurt_at == m.oom_at == float("-inf") and m.last_now == 47.0
+    blind = DefaultPolicy()
+    one(blind, sample(None), 0.0)
+    assert blind.snapshot(0.0).guests["g"].last_report is None  # rates start over

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.policy.esx import (
     ESX_FAST_GAIN,
     ESX_FREE_HARD,
@@ -15,6 +16,7 @@ from memballoon.policy.esx import (
     MEM_CTL_MAX_PERCENT,
     ActiveEstimate,
     EsxPolicy,
+    EsxSnapshot,
     idle_cost,
     shares_per_page,
 )
@@ -117,3 +119,31 @@ def test_floor_is_respected_and_dead_vms_skipped() -> None:
     gs = [vm("A", 0, min_pages=90_000), GuestSample("D", RAM, 0, 0, alive=False)]
     ds = EsxPolicy().decide(host, gs, 0.0)
     assert [(d.guest, d.balloon_pages) for d in ds] == [("A", 10_000)]
+
+
+def test_bad_parameters_are_config_errors_and_a_bad_tau_in_code_a_usage_error() -> None:
+    with pytest.raises(ConfigError, match=r"tau must be within \[0, 1\), got 1.5"):
+        EsxPolicy(tau=1.5)
+    with pytest.raises(ConfigError, match="ctl_max_percent"):
+        EsxPolicy(ctl_max_percent=101)
+    with pytest.raises(UsageError, match="tau"):
+        idle_cost(-0.1)
+
+
+def test_snapshot_keeps_the_active_estimates() -> None:
+    p = EsxPolicy()
+    host = HostSample(budget_pages=200_000, resident_pages=199_000)  # below soft: reclaim
+    for touched in (90, 10, 10, 10):
+        p.decide(host, [vm("A", touched), vm("B", 50)], 0.0)
+    snap = p.snapshot(0.0)
+    assert snap.estimates["A"].samples == 4 and snap.estimates["A"].current == 0.1
+    q = EsxPolicy()
+    q.restore(EsxSnapshot.model_validate_json(snap.model_dump_json()), 1e6)
+    assert q.estimates == p.estimates
+    # A's past activity still shields it: a fresh policy would take from A at once
+    [fresh] = EsxPolicy().decide(host, [vm("A", 5), vm("B", 50, sampled=0)], 1.0)
+    assert fresh.guest == "A"
+    for touched in (5, 80, 0):
+        gs = [vm("A", touched), vm("B", 50, sampled=0)]
+        ds = p.decide(host, gs, 1.0)
+        assert q.decide(host, gs, 1.0) == ds and [d.guest for d in ds] == ["B"]

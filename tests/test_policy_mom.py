@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.mom import (
     MOM_MAX_BALLOON_CHANGE_PERCENT,
@@ -13,6 +14,7 @@ from memballoon.policy.mom import (
     MOM_PRESSURE_THRESHOLD,
     MOM_STAT_SAMPLES,
     MomPolicy,
+    MomSnapshot,
 )
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
@@ -124,3 +126,34 @@ def test_bad_parameters() -> None:
         MomPolicy(pressure_critical=0.3)
     with pytest.raises(ValueError):
         MomPolicy(stat_samples=0)
+
+
+def test_bad_parameters_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="stat_samples"):
+        MomPolicy(stat_samples=0)
+
+
+def test_snapshot_keeps_the_averaging_windows() -> None:
+    p = MomPolicy()
+    for i in range(9):
+        p.decide(host(0.25), [sample("a", 20_000, 30_000 - 1000 * i)], float(i))
+    snap = p.snapshot(9.0)
+    assert len(snap.host_free) == 9 and len(snap.guests["a"]) == 9
+    q = MomPolicy()
+    q.restore(MomSnapshot.model_validate_json(snap.model_dump_json()), 0.0)
+    assert q.snapshot(0.0) == snap
+    # both go on alike, the new low samples averaged with the restored ones; a fresh MoM,
+    # which sees only the new ones, would shrink the guest at once
+    g = [sample("a", 20_000, 5_000)]
+    assert MomPolicy().decide(host(0.0), g, 10.0)[0].reason.startswith("mom: critical")
+    seen = []
+    for i, f in enumerate((0.0, 0.0, 0.0, 0.0, 0.5)):
+        ds = p.decide(host(f), g, 10.0 + i)
+        assert q.decide(host(f), g, 10.0 + i) == ds
+        seen += [d.reason.split(" (")[0] for d in ds]
+    assert seen[0] == "mom: no host pressure: grow"
+    # a policy with a shorter window keeps the newest samples
+    short = MomPolicy(stat_samples=3)
+    short.restore(snap, 0.0)
+    assert short.snapshot(0.0).host_free == snap.host_free[-3:]
+    assert short.snapshot(0.0).guests["a"] == snap.guests["a"][-3:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
 from memballoon.policy.proxmox import (
     PVE_DEFAULT_SHARES,
@@ -12,6 +13,7 @@ from memballoon.policy.proxmox import (
     PVE_PRESSURE_FREE_FRACTION,
     PVE_TARGET_PERCENT,
     ProxmoxPolicy,
+    ProxmoxSnapshot,
 )
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
@@ -114,3 +116,12 @@ def test_bad_parameters() -> None:
         ProxmoxPolicy(target_percent=0)
     with pytest.raises(ValueError):
         ProxmoxPolicy(max_change_pages=0)
+
+
+def test_bad_parameters_are_config_errors_and_the_snapshot_is_empty() -> None:
+    with pytest.raises(ConfigError, match="target_percent"):
+        ProxmoxPolicy(target_percent=0.0)
+    p = ProxmoxPolicy()
+    snap = p.snapshot(5.0)
+    assert snap.model_dump() == {"version": 1, "policy": "proxmox"}
+    p.restore(ProxmoxSnapshot.model_validate_json(snap.model_dump_json()), 0.0)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import clamp_balloon
 from memballoon.policy.default import DefaultPolicy
-from memballoon.policy.registry import POLICIES, make_policy, policy_params
+from memballoon.policy.registry import (
+    POLICIES,
+    make_policy,
+    policy_params,
+    read_snapshot,
+    restore_policy,
+)
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
@@ -97,3 +107,112 @@ def test_decisions_respect_floors_and_ceilings(
             if name == "default" and (g.report is None or g.report_age_s(float(t)) is None):
                 # never inflate a guest it cannot see
                 assert d.balloon_pages <= max(g.balloon_pages, clamp_balloon(g, 0))
+
+
+def test_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown policy"):
+        make_policy("senpai")
+    with pytest.raises(ConfigError, match="bad parameter value"):
+        make_policy("esx", tau="high")
+    with pytest.raises(ConfigError, match="unknown policy"):
+        policy_params("senpai")
+
+
+# ---------------------------------------------------------------------- snapshots
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=40, deadline=None)
+@given(rounds=st.lists(worlds(), min_size=2, max_size=6), data=st.data())
+def test_snapshot_round_trip_through_json_decides_alike(
+    name: str, rounds: list[tuple[HostSample, list[GuestSample]]], data: st.DataObject
+) -> None:
+    k = data.draw(st.integers(1, len(rounds) - 1))
+    pol = make_policy(name)
+    for t, (host, guests) in enumerate(rounds[:k]):
+        pol.decide(host, guests, float(t))
+    text = pol.snapshot(float(k)).model_dump_json()
+    back = make_policy(name)
+    restore_policy(back, text, float(k))
+    assert back.snapshot(float(k)) == pol.snapshot(float(k))
+    for t, (host, guests) in enumerate(rounds[k:], start=k):
+        assert back.decide(host, guests, float(t)) == pol.decide(host, guests, float(t))
+
+
+def default_snapshot_json() -> dict[str, Any]:
+    p = DefaultPolicy()
+    r = PressureReport(
+        guest="g", time_s=1.0, total_bytes=1 << 30, free_bytes=1 << 29, available_bytes=1 << 29,
+        anon_bytes=0, cache_bytes=0, balloon_bytes=0, swap_in_pages=0, swap_out_pages=0,
+        major_faults=0, oom_kills=0, stall_us=0, stall_pct=0.0, balloon_target_pages=0,
+        balloon_actual_pages=0, refused_pages=0)
+    p.decide(HostSample(1 << 20, 0), [GuestSample("g", 1 << 18, 0, 0, report=r,
+                                                  report_time=1.0)], 2.0)
+    doc: dict[str, Any] = json.loads(p.snapshot(3.0).model_dump_json())
+    return doc
+
+
+def test_snapshot_json_is_versioned_and_named() -> None:
+    doc = default_snapshot_json()
+    assert doc["version"] == 1 and doc["policy"] == "default"
+    g = doc["guests"]["g"]
+    assert g["working_set"] == [[1.0, 1 << 17]] and g["last_report"]["age_s"] == 1.0
+    assert g["hurt_age_s"] is None and g["oom_age_s"] is None  # never
+
+
+def bad(doc: dict[str, Any], path: str, value: object) -> str:
+    *keys, last = path.split(".")
+    d = doc
+    for key in keys:
+        d = d[key]
+    d[last] = value
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(("path", "value", "match"), [
+    ("version", 2, "version"),
+    ("policy", "mom", "policy"),
+    ("guests.g.hurt_size", -1, "hurt_size"),
+    ("guests.g.last_balloon", -5, "last_balloon"),
+    ("guests.g.working_set", [[1.0, -3]], "working_set"),
+    ("guests.g.hurt_age_s", -1.0, "hurt_age_s"),
+    ("guests.g.step", 0.5, "step"),
+    ("guests.g.quiet_calls", -1, "quiet_calls"),
+    ("guests.g.extra", 1, "extra"),
+])
+def test_malformed_snapshot_is_refused(path: str, value: object, match: str) -> None:
+    p = DefaultPolicy()
+    with pytest.raises(ConfigError, match=match):
+        restore_policy(p, bad(default_snapshot_json(), path, value), 0.0)
+    assert p.state == {}  # left as it was
+
+
+@pytest.mark.parametrize("text", [
+    "", "not json", "[]", "{}", '{"version": 1}', '{"policy": "mom"}',
+    '{"version": 1, "policy": "default", "guests": {"g": {"step": NaN}}}',
+])
+def test_unreadable_snapshot_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="bad snapshot"):
+        read_snapshot("mom", text)
+
+
+def test_nan_and_infinite_times_are_refused() -> None:
+    for value in ("NaN", "Infinity", "-Infinity"):
+        text = bad(default_snapshot_json(), "guests.g.oom_age_s", 0.0).replace(
+            '"oom_age_s": 0.0', f'"oom_age_s": {value}')
+        assert value in text
+        with pytest.raises(ConfigError, match="oom_age_s"):
+            read_snapshot("default", text)
+    with pytest.raises(ConfigError, match="slow"):
+        read_snapshot("esx", '{"version": 1, "policy": "esx", "estimates": {"a": '
+                             '{"slow": NaN, "fast": 1, "current": 1, "samples": 1}}}')
+
+
+def test_foreign_snapshot_is_refused() -> None:
+    mom = make_policy("mom").snapshot(0.0)
+    for name in POLICIES:
+        if name != "mom":
+            with pytest.raises(ConfigError, match=f"policy {name!r}: bad snapshot"):
+                restore_policy(make_policy(name), mom.model_dump_json(), 0.0)
+            with pytest.raises(UsageError, match="cannot restore a MomSnapshot"):
+                make_policy(name).restore(mom, 0.0)  # a programming error, not a config one
+    with pytest.raises(UsageError, match="unknown policy"):
+        read_snapshot("senpai", "{}")

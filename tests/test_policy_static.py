@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from memballoon.model.errors import ConfigError
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
-from memballoon.policy.static import STATIC_MODES, StaticPolicy
+from memballoon.policy.static import STATIC_MODES, StaticPolicy, StaticSnapshot
 
 HOST = HostSample(budget_pages=100_000, resident_pages=90_000)
 
@@ -44,3 +45,11 @@ def test_hold_keeps_targets_and_pulls_broken_ones_inside() -> None:
 def test_dead_guests_are_left_alone() -> None:
     g = GuestSample("a", 10_000, 3000, 3000, alive=False)
     assert StaticPolicy().decide(HOST, [g], 0.0) == []
+
+
+def test_bad_mode_is_a_config_error_and_the_snapshot_is_empty() -> None:
+    with pytest.raises(ConfigError, match="unknown mode"):
+        StaticPolicy("squeeze")
+    snap = StaticPolicy().snapshot(0.0)
+    assert snap.model_dump() == {"version": 1, "policy": "static"}
+    StaticPolicy("hold").restore(StaticSnapshot.model_validate_json(snap.model_dump_json()), 1.0)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.policy.sample import GuestSample, HostSample
 
 
@@ -57,6 +57,17 @@ class PolicySnapshot(SnapshotPart):
     ``policy`` field naming it (``Literal["default"]``, ...), which tells snapshots apart."""
 
     version: Literal[1] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _says_what_it_is(cls, data: Any, info: ValidationInfo) -> Any:
+        # both have defaults for the policy that builds one; a snapshot read from JSON must
+        # name them (an empty object is another program's file, not an empty state)
+        if info.mode == "json" and isinstance(data, dict):
+            missing = [k for k in ("version", "policy") if k not in data]
+            if missing:
+                raise ConfigError(f"a snapshot names its {' and '.join(missing)}")
+        return data
 
 
 S = TypeVar("S", bound=PolicySnapshot)

@@ -117,7 +117,7 @@ WS_WINDOW_S: Final = 5.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
-NEVER: Final = float("-inf")
+NEVER: Final = float("-inf")  # the moment of something that never happened
 
 
 class Verdict(Enum):

@@ -34,16 +34,27 @@ of the budget. Below soft, ESX balloons until free is back at high; this policy 
 same way and, above high, gives the surplus back (so between soft and high nothing moves: the
 states are the hysteresis). No VM ever has more than ``Mem.CtlMaxPercent`` = 65% of its RAM
 in its balloon.
+
+Between calls it keeps each VM's ``ActiveEstimate``; its ``EsxSnapshot`` holds them (no times).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Annotated, Final, Literal
 
-from memballoon.model.counters import Counters
-from memballoon.policy.base import Decision, clamp_balloon
+from pydantic import Field
+
+from memballoon.model.counters import CounterName, Counters
+from memballoon.model.errors import ConfigError, UsageError
+from memballoon.policy.base import (
+    Decision,
+    PolicySnapshot,
+    SnapshotPart,
+    clamp_balloon,
+    own_snapshot,
+)
 from memballoon.policy.sample import GuestSample, HostSample
 
 ESX_IDLE_TAX: Final = 0.75  # Mem.IdleTax 75
@@ -60,10 +71,16 @@ ESX_SLICES: Final = 32
 ESX_MIN_SLICE_PAGES: Final = 256
 
 
+class EsxCounter(CounterName):
+    """What the esx policy counts."""
+
+    BAD_SAMPLE = "esx_bad_sample"  # active-page samples with touched outside [0, sampled]
+
+
 def idle_cost(tau: float) -> float:
     """k = 1 / (1 - tau): what an idle page costs in active pages."""
-    if not 0.0 <= tau < 1.0:
-        raise ValueError(f"tau must be within [0, 1), got {tau}")
+    if not 0.0 <= tau < 1.0:  # the policy checks its configured tau first
+        raise UsageError(f"tau must be within [0, 1), got {tau}")
     return 1.0 / (1.0 - tau)
 
 
@@ -99,6 +116,26 @@ class ActiveEstimate:
         return max(self.slow, self.fast, self.current)
 
 
+#: An active fraction, or an average of them.
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class EstimateSnapshot(SnapshotPart):
+    """An ``ActiveEstimate``."""
+
+    slow: Fraction
+    fast: Fraction
+    current: Fraction
+    samples: Annotated[int, Field(ge=0)]
+
+
+class EsxSnapshot(PolicySnapshot):
+    """``EsxPolicy`` state that survives a restart: each VM's active-fraction estimate."""
+
+    policy: Literal["esx"] = "esx"
+    estimates: dict[str, EstimateSnapshot] = Field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class _Vm:
     g: GuestSample
@@ -122,11 +159,12 @@ class EsxPolicy:
         high: float = ESX_FREE_HIGH,
         ctl_max_percent: int = MEM_CTL_MAX_PERCENT,
     ) -> None:
-        idle_cost(tau)  # validates
+        if not 0.0 <= tau < 1.0:
+            raise ConfigError(f"tau must be within [0, 1), got {tau}")
         if not 0.0 <= soft <= high < 1.0:
-            raise ValueError("esx: need 0 <= soft <= high < 1")
+            raise ConfigError("esx: need 0 <= soft <= high < 1")
         if not 0 <= ctl_max_percent <= 100:
-            raise ValueError("esx: ctl_max_percent must be within [0, 100]")
+            raise ConfigError("esx: ctl_max_percent must be within [0, 100]")
         self.tau = tau
         self.soft = soft
         self.high = high
@@ -138,12 +176,22 @@ class EsxPolicy:
     def name(self) -> str:
         return "esx"
 
+    def snapshot(self, now: float) -> EsxSnapshot:
+        return EsxSnapshot(estimates={
+            n: EstimateSnapshot(slow=e.slow, fast=e.fast, current=e.current, samples=e.samples)
+            for n, e in self.estimates.items()})
+
+    def restore(self, snap: PolicySnapshot, now: float) -> None:
+        own = own_snapshot(snap, EsxSnapshot, self.name)
+        self.estimates = {n: ActiveEstimate(e.slow, e.fast, e.current, e.samples)
+                          for n, e in own.estimates.items()}
+
     def active_fraction(self, g: GuestSample) -> float:
         """Update and return ``g``'s smoothed active fraction from its latest sampling."""
         est = self.estimates.setdefault(g.name, ActiveEstimate())
         if g.active_sampled > 0:
             if not 0 <= g.active_touched <= g.active_sampled:
-                self.counters.inc("esx_bad_sample")
+                self.counters.inc(EsxCounter.BAD_SAMPLE)
                 return est.value
             return est.update(g.active_touched / g.active_sampled)
         return est.value

@@ -21,16 +21,22 @@ Each call (MoM: policy every 10 s over stats collected every 5 s):
 MoM's own comments admit it ignores over-ballooning symptoms (faults, swap): so does this.
 A guest without a report is skipped (MoM has no stats for it). ``balloon_min`` is the guest's
 ``min_pages`` floor (``clamp_balloon``).
+
+Between calls it keeps the ``StatAvg`` windows (host free, each guest's size and MemFree): its
+``MomSnapshot`` holds them (samples, no times).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Literal
 
-from memballoon.model.counters import Counters
-from memballoon.policy.base import Decision, clamp_balloon
+from pydantic import Field
+
+from memballoon.model.counters import CounterName, Counters
+from memballoon.model.errors import ConfigError
+from memballoon.policy.base import Decision, Pages, PolicySnapshot, clamp_balloon, own_snapshot
 from memballoon.policy.observe import free_pages, fresh_report
 from memballoon.policy.sample import GuestSample, HostSample
 
@@ -45,6 +51,21 @@ MOM_CRITICAL_GUEST_FREE_OFFSET: Final = -0.05  # critical: guest free goal = hos
 MOM_STAT_SAMPLES: Final = 10
 #: A report older than this is no sample at all (MoM: 2 collection periods of 5 s).
 MOM_MAX_REPORT_AGE_S: Final = 10.0
+
+
+class MomCounter(CounterName):
+    """What the mom policy counts (besides the report inconsistencies of ``observe``)."""
+
+    NO_REPORT = "mom_no_report"  # guests skipped in a call: no fresh report (MoM: no stats)
+
+
+class MomSnapshot(PolicySnapshot):
+    """``MomPolicy`` state that survives a restart: its ``StatAvg`` windows, oldest first."""
+
+    policy: Literal["mom"] = "mom"
+    # budget - resident: negative while the guests hold more than the budget
+    host_free: tuple[int, ...] = ()
+    guests: dict[str, tuple[tuple[Pages, Pages], ...]] = Field(default_factory=dict)  # (size, free)
 
 
 class MomPolicy:
@@ -62,17 +83,17 @@ class MomPolicy:
         max_report_age_s: float = MOM_MAX_REPORT_AGE_S,
     ) -> None:
         if not 0.0 <= pressure_critical <= pressure_threshold <= 1.0:
-            raise ValueError("mom: need 0 <= pressure_critical <= pressure_threshold <= 1")
+            raise ConfigError("mom: need 0 <= pressure_critical <= pressure_threshold <= 1")
         if pressure_threshold <= 0.0:
-            raise ValueError("mom: pressure_threshold must be > 0")
+            raise ConfigError("mom: pressure_threshold must be > 0")
         if not 0.0 <= min_guest_free_percent <= 1.0:
-            raise ValueError("mom: min_guest_free_percent must be within [0, 1]")
+            raise ConfigError("mom: min_guest_free_percent must be within [0, 1]")
         if not 0.0 < max_balloon_change_percent <= 1.0:
-            raise ValueError("mom: max_balloon_change_percent must be within (0, 1]")
+            raise ConfigError("mom: max_balloon_change_percent must be within (0, 1]")
         if not 0.0 <= min_balloon_change_percent < max_balloon_change_percent:
-            raise ValueError("mom: min_balloon_change_percent must be below the max change")
+            raise ConfigError("mom: min_balloon_change_percent must be below the max change")
         if stat_samples < 1:
-            raise ValueError("mom: stat_samples must be >= 1")
+            raise ConfigError("mom: stat_samples must be >= 1")
         self.pressure_threshold = pressure_threshold
         self.pressure_critical = pressure_critical
         self.min_guest_free_percent = min_guest_free_percent
@@ -87,6 +108,17 @@ class MomPolicy:
     @property
     def name(self) -> str:
         return "mom"
+
+    def snapshot(self, now: float) -> MomSnapshot:
+        return MomSnapshot(host_free=tuple(self._host_free),
+                           guests={n: tuple(h) for n, h in self._guest.items()})
+
+    def restore(self, snap: PolicySnapshot, now: float) -> None:
+        """Take up ``snap``; a window longer than this policy's ``stat_samples`` keeps its
+        newest samples."""
+        own = own_snapshot(snap, MomSnapshot, self.name)
+        self._host_free = deque(own.host_free, maxlen=self.stat_samples)
+        self._guest = {n: deque(h, maxlen=self.stat_samples) for n, h in own.guests.items()}
 
     def _avg_used(self, g: GuestSample, free: int) -> float:
         hist = self._guest.setdefault(g.name, deque(maxlen=self.stat_samples))
@@ -110,7 +142,7 @@ class MomPolicy:
         for g in guests:
             r = fresh_report(g, self.max_report_age_s, now)
             if r is None:
-                self.counters.inc("mom_no_report")
+                self.counters.inc(MomCounter.NO_REPORT)
                 continue
             used = self._avg_used(g, free_pages(g, r, self.counters))
             cur = g.size_pages

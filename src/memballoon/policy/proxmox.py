@@ -17,17 +17,20 @@ Source: pve-manager ``PVE/AutoBalloon.pm`` (``compute_alg1``) as called from
 Proxmox skips VMs whose balloon driver does not answer (here: no fresh report) and, when no
 ``balloon`` minimum is configured, leaves the VM out; here ``min_pages`` is always a floor, so
 0 is a real minimum of 0 and such guests take part.
+
+Like ``AutoBalloon.pm`` it keeps nothing between calls: its snapshot is empty.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
+from memballoon.model.errors import ConfigError
 from memballoon.model.units import mib_to_pages
-from memballoon.policy.base import Decision, clamp_balloon
+from memballoon.policy.base import Decision, PolicySnapshot, clamp_balloon, own_snapshot
 from memballoon.policy.observe import free_pages, fresh_report
 from memballoon.policy.sample import GuestSample, HostSample
 
@@ -38,6 +41,18 @@ PVE_MAX_CHANGE_PAGES: Final = mib_to_pages(100)  # per VM per cycle
 PVE_PRESSURE_FREE_FRACTION: Final = 0.25  # free <= 25% of the VM's minimum: under pressure
 PVE_DEFAULT_SHARES: Final = 1000
 PVE_MAX_REPORT_AGE_S: Final = 20.0  # two pvestatd cycles
+
+
+class ProxmoxCounter(CounterName):
+    """What the proxmox policy counts (besides the report inconsistencies of ``observe``)."""
+
+    NO_REPORT = "proxmox_no_report"  # guests left out of a call: no fresh report
+
+
+class ProxmoxSnapshot(PolicySnapshot):
+    """``ProxmoxPolicy`` keeps no state: its snapshot only names it."""
+
+    policy: Literal["proxmox"] = "proxmox"
 
 
 @dataclass(slots=True)
@@ -61,9 +76,9 @@ class ProxmoxPolicy:
         max_report_age_s: float = PVE_MAX_REPORT_AGE_S,
     ) -> None:
         if not 0.0 < target_percent <= 1.0:
-            raise ValueError("proxmox: target_percent must be within (0, 1]")
+            raise ConfigError("proxmox: target_percent must be within (0, 1]")
         if min_goal_pages < 0 or max_change_pages <= 0:
-            raise ValueError("proxmox: min_goal_pages >= 0 and max_change_pages > 0")
+            raise ConfigError("proxmox: min_goal_pages >= 0 and max_change_pages > 0")
         self.target_percent = target_percent
         self.min_goal_pages = min_goal_pages
         self.max_change_pages = max_change_pages
@@ -73,6 +88,12 @@ class ProxmoxPolicy:
     @property
     def name(self) -> str:
         return "proxmox"
+
+    def snapshot(self, now: float) -> ProxmoxSnapshot:
+        return ProxmoxSnapshot()
+
+    def restore(self, snap: PolicySnapshot, now: float) -> None:
+        own_snapshot(snap, ProxmoxSnapshot, self.name)
 
     def _spread(self, vms: list[_Vm], res: dict[str, int], amount: int) -> int:
         """Move ``amount`` pages (positive: grow) across ``vms`` by shares; returns the rest."""
@@ -119,7 +140,7 @@ class ProxmoxPolicy:
         for g in guests:
             r = fresh_report(g, self.max_report_age_s, now)
             if r is None:
-                self.counters.inc("proxmox_no_report")
+                self.counters.inc(ProxmoxCounter.NO_REPORT)
                 continue
             lo, hi = g.floor_pages(), g.ceiling_pages()
             v = _Vm(g.name, g.size_pages, lo, hi, g.settings.shares or PVE_DEFAULT_SHARES)

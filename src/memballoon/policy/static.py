@@ -3,18 +3,26 @@
 Two modes. ``deflate`` (the default) sets every guest's balloon to the smallest its limits allow
 (0 unless ``max_pages`` caps the guest below its RAM): what QEMU, libvirt, Nova and KubeVirt do,
 having no automatic policy. ``hold`` keeps whatever target each guest has, only pulling one that
-breaks its floor or ceiling back inside them.
+breaks its floor or ceiling back inside them. It keeps nothing between calls: its snapshot is
+empty.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Literal
 
-from memballoon.policy.base import Decision, clamp_balloon
+from memballoon.model.errors import ConfigError
+from memballoon.policy.base import Decision, PolicySnapshot, clamp_balloon, own_snapshot
 from memballoon.policy.sample import GuestSample, HostSample
 
 STATIC_MODES: Final = ("deflate", "hold")
+
+
+class StaticSnapshot(PolicySnapshot):
+    """``StaticPolicy`` keeps no state: its snapshot only names it."""
+
+    policy: Literal["static"] = "static"
 
 
 class StaticPolicy:
@@ -22,7 +30,7 @@ class StaticPolicy:
 
     def __init__(self, mode: str = "deflate") -> None:
         if mode not in STATIC_MODES:
-            raise ValueError(f"static: unknown mode {mode!r}; choose one of {STATIC_MODES}")
+            raise ConfigError(f"static: unknown mode {mode!r}; choose one of {STATIC_MODES}")
         self.mode = mode
 
     @property
@@ -47,3 +55,9 @@ class StaticPolicy:
                 "ceiling_pages": float(g.ceiling_pages()),
             }))
         return out
+
+    def snapshot(self, now: float) -> StaticSnapshot:
+        return StaticSnapshot()
+
+    def restore(self, snap: PolicySnapshot, now: float) -> None:
+        own_snapshot(snap, StaticSnapshot, self.name)
