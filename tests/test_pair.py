@@ -50,6 +50,29 @@ def test_invariants_hold_after_every_period(protocol: str, workload: object,
     assert pair.violations == []
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(PROTOCOLS),
+    workloads,
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, mib_to_pages(G) - 1), st.booleans()),
+             max_size=8),
+)
+def test_invariants_hold_across_device_restarts(protocol: str, workload: object,
+                                               steps: list[tuple[int, int, bool]]) -> None:
+    pair = make_pair(protocol, SMALL, workload)  # type: ignore[arg-type]
+    for ticks, target, restart in steps:
+        pair.set_target(target)
+        pair.tick()
+        if restart:
+            before = pair.device.balloon_pfns()
+            pair.restart_device()  # the host restarts between two periods
+            assert np.array_equal(pair.device.balloon_pfns(), before)
+            assert pair.check() == []
+        for _ in range(ticks):
+            pair.tick()
+    assert pair.violations == []
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_pair_reaches_its_target_and_the_host_holds_nothing_behind_it(protocol: str) -> None:
     pair = make_pair(protocol, mib_to_pages(256), Idle(anon_mib=16, file_mib=8))

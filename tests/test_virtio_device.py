@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
+from memballoon.harness.pair import virtio_pair
 from memballoon.host.ram import NullRam
-from memballoon.host.virtio_device import SUPPORTED_FEATURES, VirtioBalloonDevice
+from memballoon.host.virtio_device import (
+    SUPPORTED_FEATURES,
+    VirtioBalloonDevice,
+    VirtioDeviceSnapshot,
+)
 from memballoon.model.counters import Counters
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.pages import RangeArray
-from memballoon.model.units import MIB, PAGE_SIZE
+from memballoon.model.units import MIB, PAGE_SIZE, PageState
 from memballoon.protocol import virtio_balloon as vb
 from memballoon.protocol.virtio_balloon import BalloonConfig, StatTag, encode_stats, features_of
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
@@ -315,3 +323,143 @@ def test_hostile_avail_rings_never_escape_notify() -> None:
             g.dev.notify(idx)  # must not raise
         for r in g.ram.release_calls:
             assert r.size == 0 or (r[:, 0].min() >= 0 and r[:, 1].max() <= PAGES)
+
+
+# ------------------------------------------------------------------ snapshots
+def _forbid_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    def touched(self: NullRam, ranges: RangeArray) -> int:
+        raise AssertionError("restore released or readmitted host memory")
+
+    monkeypatch.setattr(NullRam, "release", touched)
+    monkeypatch.setattr(NullRam, "readmit", touched)
+
+
+def test_snapshot_through_json_restores_the_balloon_and_the_pair_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = virtio_pair(PAGES)
+    free = np.flatnonzero(p.mem.state == PageState.FREE)[:50]
+    p.device.pin(free)  # refused (HOST_REFUSE): the driver takes others
+    p.device.set_target(3000)
+    p.work()
+    assert p.check() == [] and p.device.inflated_pages == 3000
+    old = p.device
+    snap = old.snapshot()
+    assert snap.stats_head is not None  # the driver primed its stats buffer at load
+    text = snap.to_json()
+    with monkeypatch.context() as m:
+        _forbid_host_memory(m)
+        dev = VirtioBalloonDevice.restore(VirtioDeviceSnapshot.from_json(text), p.ram, old.view)
+    assert np.array_equal(dev.balloon_pfns(), old.balloon_pfns())
+    assert (dev.actual_pages, dev.target_pages, dev.inflated_pages) == (
+        old.actual_pages, old.target_pages, old.inflated_pages)
+    assert dev.features == old.features and dev.device_features() == old.device_features()
+    assert dev.read_config() == old.read_config() and dev.snapshot() == snap
+    # the driver goes on with the restored device: it hands the stats buffer back, refuses
+    # the pinned frames, and deflating returns exactly the balloon's frames
+    balloon = set(old.balloon_pfns().tolist())
+    readmitted: set[int] = set()
+    real = NullRam.readmit
+
+    def readmit(self: NullRam, ranges: RangeArray) -> int:
+        readmitted.update(f for lo, hi in ranges.tolist() for f in range(lo, hi))
+        return real(self, ranges)
+
+    monkeypatch.setattr(NullRam, "readmit", readmit)
+    p.restart_device()
+    assert p.device is not old and p.transport.device is p.device and p.check() == []
+    assert p.device.request_stats()
+    p.work()
+    assert p.device.stats_seq == 1 and p.device.stats["total-memory"] > 0
+    p.device.set_target(4000)
+    p.work()
+    assert p.device.inflated_pages == 4000 and p.check() == []
+    assert not np.isin(p.device.balloon_pfns(), free).any()
+    assert balloon <= set(p.device.balloon_pfns().tolist())
+    balloon = set(p.device.balloon_pfns().tolist())
+    p.device.set_target(0)
+    p.work()
+    assert readmitted == balloon and p.driver.balloon_pages == 0 and p.check() == []
+
+
+def test_buffers_in_flight_at_the_restart_are_served_by_the_new_device() -> None:
+    p = virtio_pair(PAGES, deferred=True)
+    p.device.set_target(700)
+    p.work()  # kicked, not run: the inflate buffers wait in the avail ring
+    assert p.driver.transient_pfns().size == 700 and p.device.inflated_pages == 0
+    assert 0 in p.transport.pending_kicks  # the inflateq's doorbell, not answered
+    p.restart_device()
+    p.transport.run_device()
+    assert p.device.inflated_pages == 700
+    p.work()
+    assert p.driver.balloon_pages == 700 and p.check() == []
+
+
+def test_restore_keeps_a_broken_queue_broken_and_the_reset_generation() -> None:
+    g = Guest(F_RESET | F_STATS)
+    g.send_pfns(INFL, [1, 2, 3])
+    g.dev.request_reset()
+    idx, q = g.q[DEFL]
+    g.view.write_u16(q.layout.avail_gpa + 2, 100)  # runs far ahead: NEEDS_RESET
+    g.dev.notify(idx)
+    snap = VirtioDeviceSnapshot.from_json(g.dev.snapshot().to_json())
+    assert snap.broken_queues == (idx,) and snap.reset_generation == 1 and snap.reset_ack == 0
+    dev = VirtioBalloonDevice.restore(snap, g.ram, g.view)
+    assert idx in dev.broken_queues and dev.reset_pending
+    dev.notify(idx)
+    assert dev.counters["notify_dead_queue"] == 1
+    assert BalloonConfig.decode(dev.read_config()).x_reset_generation == 1
+
+
+def _snapshot_data() -> dict[str, object]:
+    g = Guest(F_REFUSE | F_STATS | F_REPORT)
+    g.dev.pin([40])
+    g.send_pfns(INFL, [10, 11, 12, 20], status=True)
+    data = g.dev.snapshot().model_dump(mode="json")
+    assert isinstance(data, dict)
+    return data
+
+
+def _queue(data: dict[str, object], k: int, **change: object) -> list[object]:
+    queues = [dict(q) for q in data["queues"]]  # type: ignore[attr-defined]
+    queues[k].update(change)
+    return queues
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: {"inflated": [[10, 13], [12, 21]]},  # overlapping
+    lambda d: {"inflated": [[20, 21], [10, 13]]},  # not sorted
+    lambda d: {"pinned": [[PAGES, PAGES + 1]]},  # past the guest
+    lambda d: {"num_pages": PAGES + 1},
+    lambda d: {"actual": 1 << 32},
+    lambda d: {"features": d["features"] | features_of(vb.VIRTIO_BALLOON_F_DEFLATE_ON_OOM)},
+    lambda d: {"offered": features_of(vb.VIRTIO_BALLOON_F_FREE_PAGE_HINT, vb.VIRTIO_F_VERSION_1)},
+    lambda d: {"queue_size": 12},
+    lambda d: {"queues": _queue(d, 0, index=7)},  # a queue the features do not have
+    lambda d: {"queues": _queue(d, 0, size=64)},  # larger than the device offers
+    lambda d: {"queues": _queue(d, 0, desc_gpa=AREA + 8)},  # misaligned
+    lambda d: {"queues": _queue(d, 0, last_avail=40, used_idx=0)},  # holds more than it can
+    lambda d: {"queues": list(reversed(d["queues"]))},  # type: ignore[call-overload]
+    lambda d: {"broken_queues": [9]},
+    lambda d: {"stats_head": 8},  # outside the stats queue
+    lambda d: {"version": 2},
+    lambda d: {"device": "vmw"},
+    lambda d: {"stats": {}},  # an unknown key
+])
+def test_malformed_snapshots_are_refused(mutate: Callable[[dict[str, Any]], dict[str, Any]]
+                                         ) -> None:
+    data = _snapshot_data()
+    VirtioDeviceSnapshot.from_json(json.dumps(data))  # the unchanged one is fine
+    data.update(mutate(data))
+    with pytest.raises(ConfigError):
+        VirtioDeviceSnapshot.from_json(json.dumps(data))
+
+
+def test_restore_checks_the_snapshot_against_the_ram_and_the_view() -> None:
+    data = _snapshot_data()
+    snap = VirtioDeviceSnapshot.from_json(json.dumps(data))
+    with pytest.raises(ConfigError, match="16384 pages"):
+        VirtioBalloonDevice.restore(snap, NullRam(2 * PAGES), Guest(0).view)
+    small = GuestRamView(bytearray(4096), base_gpa=AREA, guest_bytes=PAGES * 4096)
+    with pytest.raises(ConfigError, match="does not map"):  # the rings are not in this view
+        VirtioBalloonDevice.restore(snap, NullRam(PAGES), small)

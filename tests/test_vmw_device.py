@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memballoon.harness.pair import vmw_pair
 from memballoon.host.ram import NullRam
-from memballoon.host.vmw_device import VmwBalloonDevice
-from memballoon.model.errors import UsageError
+from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceSnapshot
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.pages import RangeArray
 from memballoon.protocol.vmw import (
     VMW_BALLOON_BATCH_MAX_PAGES,
@@ -379,3 +381,128 @@ def test_locked_set_matches_released_memory(ops: list[tuple[str, list[int]]], ta
             assert frames <= held
             held -= frames
     assert held == model
+
+
+# ------------------------------------------------------------------ snapshots
+def _forbid_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    def touched(self: NullRam, ranges: RangeArray) -> int:
+        raise AssertionError("restore released or readmitted host memory")
+
+    monkeypatch.setattr(NullRam, "release", touched)
+    monkeypatch.setattr(NullRam, "readmit", touched)
+
+
+@pytest.mark.parametrize(("batched", "huge"), [(False, False), (True, False), (True, True)])
+def test_snapshot_through_json_restores_the_balloon_and_the_pair_goes_on(
+    batched: bool, huge: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = vmw_pair(16384, batched=batched, huge_pages=huge)
+    p.device.set_pinned([9000, 9001])
+    p.device.set_target(3000)
+    p.work()
+    assert p.check() == [] and p.device.actual_pages == 3000
+    old = p.device
+    snap = old.snapshot()
+    assert len(snap.locked_2m) == (1 if huge else 0)  # five 2 MiB pages, one run
+    assert snap.pinned == ((9000, 9002),)
+    text = snap.to_json()
+    with monkeypatch.context() as m:
+        _forbid_host_memory(m)
+        dev = VmwBalloonDevice.restore(VmwDeviceSnapshot.from_json(text), p.ram)
+    assert np.array_equal(dev.balloon_pfns(), old.balloon_pfns())
+    assert (dev.actual_pages, dev.target_pages) == (old.actual_pages, old.target_pages)
+    assert (dev.started, dev.capabilities, dev.guest_id, dev.guest_limit) == (
+        old.started, old.capabilities, old.guest_id, old.guest_limit)
+    assert dev.snapshot() == snap
+    # the driver goes on with the restored device: deflating returns exactly those frames
+    balloon = set(old.balloon_pfns().tolist())
+    readmitted: set[int] = set()
+    real = NullRam.readmit
+
+    def readmit(self: NullRam, ranges: RangeArray) -> int:
+        readmitted.update(f for lo, hi in ranges.tolist() for f in range(lo, hi))
+        return real(self, ranges)
+
+    monkeypatch.setattr(NullRam, "readmit", readmit)
+    p.restart_device()
+    assert p.device is not old and p.port.device is p.device and p.check() == []
+    p.device.set_target(0)
+    p.work(2)
+    assert readmitted == balloon and p.driver.balloon_pages == 0
+    assert p.check() == []
+    p.device.set_target(1000)  # and inflates again, never over a pinned frame
+    p.work()
+    assert p.device.actual_pages == 1000 and p.check() == []
+    assert not set(p.device.balloon_pfns().tolist()) & {9000, 9001}
+
+
+def test_restore_takes_up_the_session_where_it_stood() -> None:
+    ram = RecordingRam(PAGES)
+    dev, _ = started(batched=True, target=PAGES, ram=ram)
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [512]))
+    send(dev, Request(Command.LOCK, 3))
+    dev.busy_next(1)
+    dev.request_reset()
+    calls = len(ram.calls)
+    new = VmwBalloonDevice.restore(VmwDeviceSnapshot.from_json(dev.snapshot().to_json()), ram)
+    assert len(ram.calls) == calls  # bookkeeping only
+    assert new.started and new.capabilities == dev.capabilities
+    assert send(new, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_BUSY
+    assert send(new, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_RESET
+    assert ram.calls[-1] == ("readmit", [[3, 4], [512, 1024]])  # the reset forgets them now
+    assert not new.started and new.actual_pages == 0
+
+
+def test_a_restored_2m_page_still_unlocks_only_as_one() -> None:
+    dev, ram = started(batched=True, target=PAGES)
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [1024]))
+    new = VmwBalloonDevice.restore(dev.snapshot(), ram)
+    assert send(new, Request(Command.UNLOCK, 1025)).status is Status.ERROR_PPN_UNLOCKED
+    resp = send(new, batch_request(Command.BATCHED_2M_UNLOCK, [1024]))
+    assert resp.statuses.tolist() == [Status.SUCCESS] and new.actual_pages == 0
+
+
+def test_snapshot_releases_what_a_deferred_lock_accepted() -> None:
+    ram = RecordingRam(PAGES)
+    dev = VmwBalloonDevice(ram, defer_release=True)
+    send(dev, Request(Command.START, int(Capability.BASIC_CMDS | Capability.BATCHED_CMDS)))
+    dev.set_target(10)
+    send(dev, batch_request(Command.BATCHED_LOCK, [5, 6]))
+    assert ram.calls == []
+    assert dev.snapshot().locked_4k == ((5, 7),)
+    assert ram.calls == [("release", [[5, 7]])]  # released before it is in a snapshot
+
+
+def _snapshot_json(**change: object) -> str:
+    dev, _ = started(batched=True, target=PAGES)
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [0]))
+    send(dev, batch_request(Command.BATCHED_LOCK, [600, 601]))
+    data = json.loads(dev.snapshot().to_json())
+    data.update(change)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("change", [
+    {"locked_4k": [[600, 700], [650, 800]]},  # overlapping
+    {"locked_4k": [[900, 901], [600, 602]]},  # not sorted
+    {"locked_4k": [[600, 600]]},  # empty
+    {"locked_4k": [[PAGES - 1, PAGES + 1]]},  # past the guest
+    {"pinned": [[-1, 3]]},
+    {"locked_2m": [[512, 1000]]},  # not whole 2 MiB pages
+    {"locked_2m": [[0, 1024]], "locked_4k": [[600, 602]]},  # a frame locked at both sizes
+    {"capabilities": 1 << 30},
+    {"target_pages": -1},
+    {"version": 2},
+    {"device": "virtio"},
+    {"locked": [[0, 1]]},  # an unknown key
+])
+def test_malformed_snapshots_are_refused(change: dict[str, object]) -> None:
+    VmwDeviceSnapshot.from_json(_snapshot_json())  # the unchanged one is fine
+    with pytest.raises(ConfigError):
+        VmwDeviceSnapshot.from_json(_snapshot_json(**change))
+
+
+def test_a_snapshot_restores_only_onto_a_guest_of_its_size() -> None:
+    snap = VmwDeviceSnapshot.from_json(_snapshot_json())
+    with pytest.raises(ConfigError, match="4096 pages"):
+        VmwBalloonDevice.restore(snap, NullRam(2 * PAGES))

@@ -5,7 +5,8 @@ A ``Pair`` holds a guest (``GuestMemory`` over a ``NullRam``), its workload, the
 driver and the host's balloon device, and the link between them: the VMware backdoor as a
 function call (``BackdoorTap``), virtio through ``DirectTransport``. ``tick()`` advances the
 virtual clock by one period: the workload runs, then the driver's work function; ``work()``
-runs the driver alone, for tests that drive the guest's memory themselves. ``make_pair`` builds
+runs the driver alone, for tests that drive the guest's memory themselves; ``restart_device()``
+restarts the host's side through a JSON snapshot, under the driver's feet. ``make_pair`` builds
 a pair by protocol name (benchmarks, simulator); ``vmw_pair`` and ``virtio_pair`` build one
 with every knob of its protocol (driver and device tests). ``check_pair`` states the
 invariants the tests, the benchmark and the simulator hold a pair to:
@@ -39,8 +40,12 @@ from memballoon.guest.vmw_driver import VmwBalloonDriver
 from memballoon.guest.workload import Idle, Workload
 from memballoon.host.device import BalloonDevice
 from memballoon.host.ram import NullRam
-from memballoon.host.virtio_device import SUPPORTED_FEATURES, VirtioBalloonDevice
-from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.host.virtio_device import (
+    SUPPORTED_FEATURES,
+    VirtioBalloonDevice,
+    VirtioDeviceSnapshot,
+)
+from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceSnapshot
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState
@@ -110,6 +115,11 @@ class Pair:
     def link_invariants(self) -> list[str]:
         """What the protocol adds to ``check_pair`` (item 6 of the module docstring)."""
         return []
+
+    def restart_device(self) -> None:
+        """The host restarts: the device's snapshot goes through JSON into a new device over
+        the same RAM, and the link is joined to it; the driver goes on as if nothing happened."""
+        raise UsageError(f"{type(self).__name__} has no device to restart")
 
 
 def check_pair(pair: Pair) -> list[str]:
@@ -184,6 +194,13 @@ class VmwPair(Pair):
     def cond_resched(self) -> None:
         self.yields += 1
 
+    def restart_device(self) -> None:
+        old = self.device
+        snap = VmwDeviceSnapshot.from_json(old.snapshot().to_json())
+        self.device = self.port.device = VmwBalloonDevice.restore(
+            snap, self.ram, supports_batched=old.supports_batched, supports_2m=old.supports_2m,
+            defer_release=old.defer_release)
+
     def link_invariants(self) -> list[str]:
         errs: list[str] = []
         drv = self.driver
@@ -232,6 +249,12 @@ class VirtioPair(Pair):
     driver: VirtioBalloonDriver
     device: VirtioBalloonDevice
     transport: DirectTransport = field(kw_only=True)
+
+    def restart_device(self) -> None:
+        snap = VirtioDeviceSnapshot.from_json(self.device.snapshot().to_json())
+        new = VirtioBalloonDevice.restore(snap, self.ram, self.device.view)
+        self.device = self.transport.device = new
+        new.attach(self.transport)
 
     def link_invariants(self) -> list[str]:
         errs: list[str] = []

@@ -1,11 +1,36 @@
-"""What every host-side balloon device offers the layers above it (harness, manager, backends)."""
+"""What every host-side balloon device offers the layers above it (harness, manager, backends).
+
+A device's snapshot says which device it is (``device``: ``"vmw"`` or ``"virtio"``), so the
+snapshots of several guests can be kept side by side and read back with
+``device_snapshot_from_json`` without knowing beforehand which protocol each guest speaks.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Annotated, Protocol
 
+from pydantic import Field, TypeAdapter, ValidationError
+
+from memballoon.host.virtio_device import VirtioDeviceSnapshot
+from memballoon.host.vmw_device import VmwDeviceSnapshot
 from memballoon.model.counters import Counters
+from memballoon.model.errors import ConfigError
 from memballoon.model.pages import PfnArray
+
+#: Either device's snapshot, told apart by its ``device`` field.
+DeviceSnapshot = Annotated[VmwDeviceSnapshot | VirtioDeviceSnapshot, Field(discriminator="device")]
+_DEVICE_SNAPSHOT: TypeAdapter[VmwDeviceSnapshot | VirtioDeviceSnapshot] = TypeAdapter(
+    DeviceSnapshot)
+
+
+def device_snapshot_from_json(text: str | bytes) -> VmwDeviceSnapshot | VirtioDeviceSnapshot:
+    """Parse and validate either device's snapshot; ConfigError (naming the field) if wrong."""
+    try:
+        return _DEVICE_SNAPSHOT.validate_json(text)
+    except ValidationError as exc:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise ConfigError(f"device snapshot: {where}: {err['msg']}") from None
 
 
 class BalloonDevice(Protocol):
@@ -25,4 +50,9 @@ class BalloonDevice(Protocol):
 
     def balloon_pfns(self) -> PfnArray:
         """Frames the device holds released for the balloon, sorted."""
+        ...
+
+    def snapshot(self) -> VmwDeviceSnapshot | VirtioDeviceSnapshot:
+        """What a restarted host needs to go on serving the guest (the device's ``restore``
+        takes it back)."""
         ...

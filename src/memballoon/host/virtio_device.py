@@ -7,7 +7,8 @@ driver's) and processes its queues when the driver rings the doorbell (``notify`
 
 - inflateq: chains of device-readable u32 PFN arrays (VIRTIO 1.2 5.5.6). Every PFN is checked
   (inside the guest, not already in the balloon, not refused); the accepted ones are released
-  through the backend in ONE ``release`` call per buffer, after ``coalesce``.
+  through the backend in ONE ``release`` call per doorbell, after ``coalesce``: ``notify``
+  takes every inflate buffer available at once, and returns them used only after the release.
 - deflateq: the same arrays; PFNs in the balloon are readmitted, the rest counted.
 - statsq: the driver's one stats buffer. We keep the latest values by tag name and hold the
   buffer; ``request_stats`` hands it back (used), which asks the driver for fresh values.
@@ -29,19 +30,35 @@ No exception leaves ``notify``; the backend is only asked to release PFNs inside
 (and checks again itself).
 
 Counter names (``counters``) are the Firecracker-style metrics of this device.
+
+Snapshots
+---------
+``snapshot()`` is what a restarted host needs to keep serving the same guest
+(``VirtioDeviceSnapshot``, version 1): the features offered and negotiated, the config space
+(``num_pages``, ``actual``, ``poison_val``, the reset generation and its ack), the balloon and
+the pinned frames as ranges, and each queue's layout and ring positions (``last_avail``,
+``used_idx``; the rings themselves are guest memory and survive the restart), which queues are
+broken, and which stats buffer the device holds. ``restore`` builds a device over the same
+guest's RAM and view from one without releasing or readmitting anything and without touching
+the rings; the transport attaches to it as to a new device. Counters and the last stats values
+start afresh (``request_stats`` still works: the held buffer is part of the snapshot).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from memballoon.host.persist import FrameRanges, check_inside, mask_of, ranges_of
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
-from memballoon.model.errors import DescriptorError, PeerError, UsageError
+from memballoon.model.errors import ConfigError, DescriptorError, PeerError, UsageError
 from memballoon.model.pages import PfnArray, RangeArray, coalesce, merge_range_lists, merge_ranges
+from memballoon.model.snapshot import Snapshot
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
 from memballoon.protocol.virtio_balloon import (
     CONFIG_BYTES,
@@ -68,7 +85,13 @@ from memballoon.protocol.virtio_balloon import (
     stat_name,
 )
 from memballoon.protocol.virtio_transport import InterruptSink
-from memballoon.protocol.virtqueue import Chain, DeviceQueue, GuestRamView, QueueLayout
+from memballoon.protocol.virtqueue import (
+    VIRTQ_MAX_SIZE,
+    Chain,
+    DeviceQueue,
+    GuestRamView,
+    QueueLayout,
+)
 
 #: What this device can offer; FREE_PAGE_HINT and PAGE_POISON are not implemented.
 SUPPORTED_FEATURES = features_of(
@@ -176,6 +199,88 @@ _DEFLATE_PFN = _PfnCounters(VirtioDeviceCounter.DEFLATE_PFN_OUTSIDE_GUEST,
                             VirtioDeviceCounter.DEFLATE_PFN_DUPLICATE)
 
 
+_U32 = Annotated[int, Field(ge=0, le=PFN32_MAX)]
+_U16 = Annotated[int, Field(ge=0, le=0xFFFF)]
+_GPA = Annotated[int, Field(ge=0)]
+
+
+class VirtioQueueSnapshot(BaseModel):
+    """One set-up queue: where the driver put its rings and how far the device got."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: Annotated[int, Field(ge=0)]
+    size: Annotated[int, Field(gt=0, le=VIRTQ_MAX_SIZE)]
+    desc_gpa: _GPA
+    avail_gpa: _GPA
+    used_gpa: _GPA
+    last_avail: _U16  # the next available slot the device reads
+    used_idx: _U16  # the device's used.idx (popped chains it has not returned lie in between)
+
+    @property
+    def layout(self) -> QueueLayout:
+        return QueueLayout(self.size, self.desc_gpa, self.avail_gpa, self.used_gpa)
+
+
+class VirtioDeviceSnapshot(Snapshot):
+    """``VirtioBalloonDevice`` bookkeeping that survives a host restart (version 1)."""
+
+    version: Literal[1] = 1
+    device: Literal["virtio"] = "virtio"
+    guest_pages: Annotated[int, Field(gt=0)]  # the guest these frames belong to
+    offered: Annotated[int, Field(ge=0)]  # device features (the driver negotiated from these)
+    features: Annotated[int, Field(ge=0)]  # negotiated
+    queue_size: Annotated[int, Field(gt=0, le=VIRTQ_MAX_SIZE)]  # largest size we offer
+    num_pages: _U32  # the target
+    actual: _U32  # the driver's
+    poison_val: _U32
+    reset_generation: _U32  # HOST_RESET: bumped by each request_reset
+    reset_ack: _U32  # HOST_RESET: the generation the driver acknowledged
+    inflated: FrameRanges  # the balloon
+    pinned: FrameRanges  # frames refused with HOST_REFUSE (taken and counted without)
+    queues: tuple[VirtioQueueSnapshot, ...]  # set up by the driver, by index
+    broken_queues: tuple[Annotated[int, Field(ge=0)], ...]  # DEVICE_NEEDS_RESET, sorted
+    stats_head: Annotated[int, Field(ge=0)] | None  # the stats buffer we hold, if any
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.offered & ~SUPPORTED_FEATURES or not has(self.offered, VIRTIO_F_VERSION_1):
+            raise ConfigError(f"offered features {self.offered:#x}: not what this device offers "
+                              f"(a subset of {SUPPORTED_FEATURES:#x} with VERSION_1)")
+        if self.features & ~self.offered:
+            raise ConfigError(f"features {self.features:#x} were never offered")
+        if self.queue_size & (self.queue_size - 1):
+            raise ConfigError(f"queue_size {self.queue_size} is not a power of two")
+        if self.num_pages > self.guest_pages:
+            raise ConfigError(f"num_pages {self.num_pages} exceeds the guest's {self.guest_pages}")
+        for name, ranges in (("inflated", self.inflated), ("pinned", self.pinned)):
+            check_inside(name, ranges, self.guest_pages)
+        roles = {i: q for q, i in queue_indices(self.features).items()}
+        indices = [q.index for q in self.queues]
+        if indices != sorted(set(indices)) or any(i not in roles for i in indices):
+            raise ConfigError(f"queues {indices}: not sorted, unique queues of the features' "
+                              f"{sorted(roles)}")
+        if list(self.broken_queues) != sorted(set(self.broken_queues)) or any(
+                i not in roles for i in self.broken_queues):
+            raise ConfigError(f"broken_queues {list(self.broken_queues)}: not sorted, unique "
+                              f"queues of the features' {sorted(roles)}")
+        for q in self.queues:
+            if q.size > self.queue_size:
+                raise ConfigError(f"queue {q.index}: size {q.size} over {self.queue_size}")
+            try:
+                q.layout.check_shape()
+            except DescriptorError as exc:
+                raise ConfigError(f"queue {q.index}: {exc}") from exc
+            if (q.last_avail - q.used_idx) & 0xFFFF > q.size:
+                raise ConfigError(f"queue {q.index}: the device would hold more chains than "
+                                  f"its {q.size} descriptors")
+        if self.stats_head is not None:
+            stats = [q for q in self.queues if roles[q.index] is BalloonQueue.STATSQ]
+            if not stats or self.stats_head >= stats[0].size:
+                raise ConfigError(f"stats_head {self.stats_head}: no stats queue holds it")
+        return self
+
+
 class VirtioBalloonDevice:
     """A virtio-balloon device over ``ram`` (see the module docstring)."""
 
@@ -250,21 +355,26 @@ class VirtioBalloonDevice:
             self.counters.inc(VirtioDeviceCounter.SETUP_QUEUE_TOO_LARGE)
             self.broken_queues.add(queue)
             return
-        refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
-        readable = role is not BalloonQueue.REPORTING_VQ
-        writable = role is BalloonQueue.REPORTING_VQ or (role is BalloonQueue.INFLATEQ and refuse)
         try:
-            self._queues[queue] = DeviceQueue(
-                self._view,
-                layout,
-                readable=readable,
-                writable=writable,
-                indirect=self._has(VIRTIO_F_INDIRECT_DESC),
-            )
+            self._queues[queue] = self._device_queue(role, layout)
             self.broken_queues.discard(queue)
         except PeerError:
             self.counters.inc(VirtioDeviceCounter.SETUP_BAD_LAYOUT)
             self.broken_queues.add(queue)
+
+    def _device_queue(self, role: BalloonQueue, layout: QueueLayout, *,
+                      start_index: int = 0) -> DeviceQueue:
+        """Our end of ``role``'s queue (``PeerError`` if the layout is bad for our view)."""
+        refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
+        return DeviceQueue(
+            self._view,
+            layout,
+            readable=role is not BalloonQueue.REPORTING_VQ,
+            writable=role is BalloonQueue.REPORTING_VQ or (
+                role is BalloonQueue.INFLATEQ and refuse),
+            indirect=self._has(VIRTIO_F_INDIRECT_DESC),
+            start_index=start_index,
+        )
 
     def read_config(self) -> bytes:
         cfg = BalloonConfig(
@@ -417,6 +527,62 @@ class VirtioBalloonDevice:
         self._reset_generation = (self._reset_generation + 1) & PFN32_MAX
         self.counters.inc(VirtioDeviceCounter.RESETS)
         self._config_interrupt()
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> VirtioDeviceSnapshot:
+        """The bookkeeping a restarted host needs (see the module docstring)."""
+        self._flush_release()  # empty outside notify: every balloon frame is released
+        return VirtioDeviceSnapshot(
+            guest_pages=self._guest_pages,
+            offered=self._offered,
+            features=self.features,
+            queue_size=self.queue_size,
+            num_pages=self._num_pages,
+            actual=self._actual,
+            poison_val=self._poison_val,
+            reset_generation=self._reset_generation,
+            reset_ack=self._reset_ack,
+            inflated=ranges_of(self._inflated),
+            pinned=ranges_of(self._pinned),
+            queues=tuple(
+                VirtioQueueSnapshot(index=i, size=dq.size, desc_gpa=dq.layout.desc_gpa,
+                                    avail_gpa=dq.layout.avail_gpa, used_gpa=dq.layout.used_gpa,
+                                    last_avail=dq.last_avail, used_idx=dq.used_idx)
+                for i, dq in sorted(self._queues.items())
+            ),
+            broken_queues=tuple(sorted(self.broken_queues)),
+            stats_head=self._stats_head,
+        )
+
+    @classmethod
+    def restore(cls, snap: VirtioDeviceSnapshot, ram: RamBackend,
+                view: GuestRamView) -> VirtioBalloonDevice:
+        """A device over ``ram`` and ``view`` (the same guest's) that takes up ``snap``; nothing
+        is released or readmitted and the rings are left as they are. ``ConfigError`` if
+        ``ram`` is another size or a queue's rings lie outside ``view``."""
+        if snap.guest_pages != ram.guest_pages:
+            raise ConfigError(f"VirtioDeviceSnapshot: for a guest of {snap.guest_pages} pages, "
+                              f"the RAM has {ram.guest_pages}")
+        dev = cls(ram, view, features=snap.offered, queue_size=snap.queue_size)
+        dev.set_driver_features(snap.features)
+        for q in snap.queues:
+            try:
+                dq = dev._device_queue(dev._roles[q.index], q.layout, start_index=q.last_avail)
+            except PeerError as exc:
+                raise ConfigError(f"VirtioDeviceSnapshot: queue {q.index}: {exc}") from exc
+            dq.used_idx = q.used_idx
+            dev._queues[q.index] = dq
+        dev.broken_queues.update(snap.broken_queues)
+        dev._stats_head = snap.stats_head
+        dev._num_pages = snap.num_pages
+        dev._actual = snap.actual
+        dev._poison_val = snap.poison_val
+        dev._reset_generation = snap.reset_generation
+        dev._reset_ack = snap.reset_ack
+        dev._inflated[:] = mask_of(snap.inflated, dev._guest_pages)
+        dev._inflated_count = int(np.count_nonzero(dev._inflated))
+        dev._pinned[:] = mask_of(snap.pinned, dev._guest_pages)
+        return dev
 
     # ------------------------------------------------------------------ queue processing
     def _index_of(self, role: BalloonQueue) -> int | None:

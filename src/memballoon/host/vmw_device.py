@@ -34,16 +34,30 @@ unlocked as 2 MiB only: a 4 KiB UNLOCK of one of its frames, or a 2 MiB UNLOCK o
 locked as one, is PPN_UNLOCKED, so both sides always agree on the balloon's frames.
 
 Every rejected input bumps a named counter in ``counters``.
+
+Snapshots
+---------
+``snapshot()`` is what a restarted host needs to keep serving the same guest
+(``VmwDeviceSnapshot``, version 1): the target, the locked frames as ranges, 4 KiB and 2 MiB
+pages apart (so a 2 MiB page still unlocks only as one), the pinned frames and the session
+(started, granted capabilities, a reset or busy spell still to be told, the guest's id and
+limit). Deferred releases are flushed first: every locked frame's memory is released when the
+snapshot is taken. ``restore`` builds a device over the same guest's RAM from one without
+releasing or readmitting anything (that memory is released already); counters start from zero.
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Self
+
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field, model_validator
 
+from memballoon.host.persist import FrameRanges, check_disjoint, check_inside, mask_of, ranges_of
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.pages import (
     PfnArray,
     RangeArray,
@@ -53,6 +67,7 @@ from memballoon.model.pages import (
     merge_range_lists,
     merge_ranges,
 )
+from memballoon.model.snapshot import Snapshot
 from memballoon.protocol.vmw import (
     VMW_BALLOON_2M_ORDER,
     Capability,
@@ -129,6 +144,38 @@ _KNOWN_CAPABILITIES = int(
     | Capability.SIGNALLED_WAKEUP_CMD
     | Capability.TARGET_64_BIT
 )
+
+
+class VmwDeviceSnapshot(Snapshot):
+    """``VmwBalloonDevice`` bookkeeping that survives a host restart (version 1)."""
+
+    version: Literal[1] = 1
+    device: Literal["vmw"] = "vmw"
+    guest_pages: Annotated[int, Field(gt=0)]  # the guest these frames belong to
+    target_pages: Annotated[int, Field(ge=0)]
+    locked_4k: FrameRanges  # frames locked as 4 KiB pages
+    locked_2m: FrameRanges  # frames locked as whole 2 MiB pages (aligned to 512 frames)
+    pinned: FrameRanges  # frames LOCK answers PPN_PINNED
+    started: bool  # a session is open (a START since the last reset)
+    capabilities: Annotated[int, Field(ge=0)]  # what the session's START granted
+    reset_pending: bool  # request_reset() not told to the guest yet
+    busy_left: Annotated[int, Field(ge=0)]  # commands still to answer ERROR_BUSY
+    guest_limit: Annotated[int, Field(ge=0)] | None  # from the last GET_TARGET
+    guest_id: Annotated[int, Field(ge=0)] | None  # from GUEST_ID
+
+    @model_validator(mode="after")
+    def _fits_the_guest(self) -> Self:
+        for name, ranges in (("locked_4k", self.locked_4k), ("locked_2m", self.locked_2m),
+                             ("pinned", self.pinned)):
+            check_inside(name, ranges, self.guest_pages)
+        if any(s % _2M_PAGES or e % _2M_PAGES for s, e in self.locked_2m):
+            raise ConfigError(f"locked_2m: ranges must be whole 2 MiB pages ({_2M_PAGES} "
+                              "frames, aligned)")
+        check_disjoint("locked_4k", self.locked_4k, "locked_2m", self.locked_2m)
+        if self.capabilities & ~int(DEVICE_CAPABILITIES):
+            raise ConfigError(f"capabilities {self.capabilities:#x}: this device grants at "
+                              f"most {int(DEVICE_CAPABILITIES):#x}")
+        return self
 
 
 class VmwBalloonDevice:
@@ -210,6 +257,51 @@ class VmwBalloonDevice:
         if n < 0:
             raise UsageError(f"busy_next: negative count {n}")
         self._busy_left = n
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> VmwDeviceSnapshot:
+        """The bookkeeping a restarted host needs (flushes deferred releases first)."""
+        self.flush_release()  # every frame in the snapshot's balloon has its memory released
+        huge_frames = np.repeat(self._huge, _2M_PAGES)[: self._guest_pages]
+        return VmwDeviceSnapshot(
+            guest_pages=self._guest_pages,
+            target_pages=self._target,
+            locked_4k=ranges_of(self._locked & ~huge_frames),
+            locked_2m=tuple((s * _2M_PAGES, e * _2M_PAGES) for s, e in ranges_of(self._huge)),
+            pinned=ranges_of(self._pinned),
+            started=self._started,
+            capabilities=int(self._caps),
+            reset_pending=self._reset_pending,
+            busy_left=self._busy_left,
+            guest_limit=self.guest_limit,
+            guest_id=self.guest_id,
+        )
+
+    @classmethod
+    def restore(cls, snap: VmwDeviceSnapshot, ram: RamBackend, *, supports_batched: bool = True,
+                supports_2m: bool = True, defer_release: bool = False) -> VmwBalloonDevice:
+        """A device over ``ram`` (the same guest's) that takes up ``snap``; nothing is released
+        or readmitted. The session keeps the capabilities it was granted until the guest's
+        next START, whatever ``supports_*`` say. ``ConfigError`` if ``ram`` is another size."""
+        if snap.guest_pages != ram.guest_pages:
+            raise ConfigError(f"VmwDeviceSnapshot: for a guest of {snap.guest_pages} pages, "
+                              f"the RAM has {ram.guest_pages}")
+        dev = cls(ram, supports_batched=supports_batched, supports_2m=supports_2m,
+                  defer_release=defer_release)
+        n = dev._guest_pages
+        blocks = tuple((s // _2M_PAGES, e // _2M_PAGES) for s, e in snap.locked_2m)
+        dev._huge[:] = mask_of(blocks, dev._huge.size)
+        dev._locked[:] = mask_of(snap.locked_4k, n) | mask_of(snap.locked_2m, n)
+        dev._pinned[:] = mask_of(snap.pinned, n)
+        dev._n_locked = int(np.count_nonzero(dev._locked))
+        dev._target = snap.target_pages
+        dev._started = snap.started
+        dev._caps = Capability(snap.capabilities)
+        dev._reset_pending = snap.reset_pending
+        dev._busy_left = snap.busy_left
+        dev.guest_limit = snap.guest_limit
+        dev.guest_id = snap.guest_id
+        return dev
 
     # ------------------------------------------------------------------ the backdoor
     def flush_release(self) -> None:
