@@ -79,3 +79,11 @@ def test_check_ranges_refuses_what_lies_outside_the_guest() -> None:
             check_ranges(np.array(bad, dtype=np.int64), 1024)
     with pytest.raises(GuestAddressError):
         check_ranges(np.array([1, 2, 3], dtype=np.int64), 1024)  # not (k, 2)
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import memballoon.model.pages as mod
+
+    assert doctest.testmod(mod).failed == 0

@@ -70,3 +70,11 @@ def test_check_disjoint_agrees_with_sets(a: list[tuple[int, int]],
 def test_mask_of_touching_ranges() -> None:
     assert mask_of(((0, 2), (2, 3)), 4).tolist() == [True, True, True, False]
     assert mask_of((), 3).tolist() == [False] * 3
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import memballoon.host.persist as mod
+
+    assert doctest.testmod(mod).failed == 0

@@ -126,7 +126,8 @@ class Daemon:
                                   min_change_fraction=h.min_change_fraction, hold_s=h.hold_s,
                                   report_max_age_s=h.report_max_age_s),
             enforced=self.budget_enforced, counters=self.counters)
-        self.journal = Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max))
+        self.journal = Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max),
+                               counters=self.counters)  # its failures show in status
         engine = Engine(backend, core, self.journal, self.clock, counters=self.counters)
         self.manager = AsyncEngine(engine, period_s=cfg.period_s, on_tick=self._tick)
         mib = cfg.budget / (1 << 20)

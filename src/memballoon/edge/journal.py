@@ -52,6 +52,7 @@ class Journal:
         max_bytes: int = MAX_BYTES,
         keep: int = KEEP,
         wall_clock: Callable[[], float] = time.time,
+        counters: Counters | None = None,
     ) -> None:
         if max_bytes < 1024 or keep < 1:
             raise UsageError("journal max_bytes must be >= 1024 and keep >= 1")
@@ -60,7 +61,7 @@ class Journal:
         self.keep = keep
         self.wall_clock = wall_clock
         self.recent: deque[dict[str, Any]] = deque(maxlen=MEMORY_RECORDS)
-        self.counters = Counters()
+        self.counters = counters if counters is not None else Counters()
         self.written = 0
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

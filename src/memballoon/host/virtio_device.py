@@ -51,14 +51,14 @@ from typing import Annotated, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from memballoon.host.persist import FrameRanges, check_inside, mask_of, ranges_of
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError, DescriptorError, PeerError, UsageError
 from memballoon.model.pages import PfnArray, RangeArray, coalesce, merge_range_lists, merge_ranges
-from memballoon.model.snapshot import Snapshot
+from memballoon.model.snapshot import Snapshot, SnapshotPart
 from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE, PFN32_MAX
 from memballoon.protocol.virtio_balloon import (
     CONFIG_BYTES,
@@ -204,10 +204,8 @@ _U16 = Annotated[int, Field(ge=0, le=0xFFFF)]
 _GPA = Annotated[int, Field(ge=0)]
 
 
-class VirtioQueueSnapshot(BaseModel):
+class VirtioQueueSnapshot(SnapshotPart):
     """One set-up queue: where the driver put its rings and how far the device got."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     index: Annotated[int, Field(ge=0)]
     size: Annotated[int, Field(gt=0, le=VIRTQ_MAX_SIZE)]

@@ -20,8 +20,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from memballoon.model.errors import ConfigError
 
 
-class Snapshot(BaseModel):
+class SnapshotPart(BaseModel):
+    """A record inside a snapshot: frozen, and no field it does not declare."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Snapshot(SnapshotPart):
+    """A whole snapshot: what one component saves and restores."""
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -37,4 +43,4 @@ class Snapshot(BaseModel):
             raise ConfigError(f"{cls.__name__}: {where}: {err['msg']}") from None
 
 
-__all__ = ["Snapshot"]
+__all__ = ["Snapshot", "SnapshotPart"]

@@ -22,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from memballoon.model.errors import ConfigError, UsageError
+from memballoon.model.snapshot import Snapshot
 from memballoon.policy.sample import GuestSample, HostSample
 
 
@@ -46,13 +47,7 @@ Pages = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class SnapshotPart(BaseModel):
-    """A record inside a snapshot: frozen, and no field it does not declare."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PolicySnapshot(SnapshotPart):
+class PolicySnapshot(Snapshot):
     """Base of every policy's snapshot (version 1); a subclass adds the policy's state and a
     ``policy`` field naming it (``Literal["default"]``, ...), which tells snapshots apart."""
 

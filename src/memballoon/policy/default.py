@@ -61,13 +61,13 @@ from pydantic import Field
 
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError
+from memballoon.model.snapshot import SnapshotPart
 from memballoon.model.units import mib_to_pages
 from memballoon.policy.base import (
     Decision,
     Pages,
     PolicySnapshot,
     Seconds,
-    SnapshotPart,
     clamp_balloon,
     own_snapshot,
 )

@@ -48,10 +48,10 @@ from pydantic import Field
 
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError, UsageError
+from memballoon.model.snapshot import SnapshotPart
 from memballoon.policy.base import (
     Decision,
     PolicySnapshot,
-    SnapshotPart,
     clamp_balloon,
     own_snapshot,
 )

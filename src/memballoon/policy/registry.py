@@ -6,8 +6,6 @@ import inspect
 from collections.abc import Callable
 from typing import Final
 
-from pydantic import ValidationError
-
 from memballoon.model.errors import ConfigError, UsageError
 from memballoon.policy.base import Policy, PolicySnapshot
 from memballoon.policy.default import DefaultPolicy, DefaultSnapshot
@@ -69,13 +67,9 @@ def read_snapshot(name: str, data: str | bytes) -> PolicySnapshot:
     if kind is None:
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     try:
-        return kind.model_validate_json(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "snapshot"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"policy {name!r}: bad snapshot: {where}: {first['msg']}{more}"
-                          ) from None
+        return kind.from_json(data)
+    except ConfigError as exc:
+        raise ConfigError(f"policy {name!r}: bad snapshot: {exc}") from None
 
 
 def restore_policy(policy: Policy, data: str | bytes, now: float) -> None:

@@ -303,17 +303,24 @@ class QemuBackend:
             alive=g.alive, resident_bytes=resident,
         )
 
-    def set_target(self, guest: str, balloon_pages: int) -> bool:
-        """Check and queue a target; ``flush`` sends it. False for an unknown or dead guest
-        or a target outside its RAM (counted)."""
+    def _settable(self, guest: str, balloon_pages: int) -> _Guest | None:
+        """``guest`` if it can be asked for this balloon: known (else counted), alive, and
+        the balloon within its RAM (else counted)."""
         g = self._guests.get(guest)
         if g is None:
             self.counters.inc(QemuBackendCounter.QEMU_UNKNOWN_GUEST)
-            return False
+            return None
         if not g.alive:
-            return False
+            return None
         if balloon_pages < 0 or balloon_pages >= g.ram_pages:
             self.counters.inc(QemuBackendCounter.QEMU_TARGET_OUT_OF_RANGE)
+            return None
+        return g
+
+    def set_target(self, guest: str, balloon_pages: int) -> bool:
+        """Check and queue a target; ``flush`` sends it. False for an unknown or dead guest
+        or a target outside its RAM (counted)."""
+        if self._settable(guest, balloon_pages) is None:
             return False
         self._pending[guest] = balloon_pages
         return True
@@ -325,14 +332,8 @@ class QemuBackend:
 
     async def apply_target(self, guest: str, balloon_pages: int) -> bool:
         """Set ``guest``'s balloon over QMP now; False (counted) when it cannot be set."""
-        g = self._guests.get(guest)
+        g = self._settable(guest, balloon_pages)
         if g is None:
-            self.counters.inc(QemuBackendCounter.QEMU_UNKNOWN_GUEST)
-            return False
-        if not g.alive:
-            return False
-        if balloon_pages < 0 or balloon_pages >= g.ram_pages:
-            self.counters.inc(QemuBackendCounter.QEMU_TARGET_OUT_OF_RANGE)
             return False
         async with g.lock:
             try:
