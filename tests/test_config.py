@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memballoon.app.config import load_config, load_config_text, parse_size
+from memballoon.app.config import load_config, load_config_text, parse_size, reserve_bytes
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import GIB, MIB
 
@@ -59,6 +59,9 @@ def test_sizes(text: str | int, want: int) -> None:
     ('budget = "1GiB"\n[[guests]]\nname = "q"\nmax_mib = 128\nstart_mib = 256',
      ["start_mib", "above max_mib"]),
     ("budget = [", ["not valid TOML"]),
+    ('budget = "automatic"', ["budget", "'automatic'"]),
+    ('budget = "auto"\nhost_reserve = "120%"', ["host_reserve", "under 100%"]),
+    ('budget = "auto"\nhost_reserve = "lots"', ["host_reserve", "'lots'", "unit"]),
 ])
 def test_bad_config_names_key_value_unit(toml: str, needles: list[str]) -> None:
     with pytest.raises(ConfigError) as ei:
@@ -72,3 +75,12 @@ def test_bad_config_names_key_value_unit(toml: str, needles: list[str]) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_auto_budget_and_host_reserve() -> None:
+    h = load_config_text('budget = "auto"\nhost_reserve = "7.5%"\nhost_cgroup = "machine.slice"')
+    assert h.budget == "auto" and h.host_reserve == "7.5%" and h.host_cgroup == "machine.slice"
+    assert reserve_bytes(h.host_reserve, 1000 * 4096) == 75 * 4096
+    h = load_config_text('budget = "AUTO"\nhost_reserve = "512MiB"')
+    assert h.budget == "auto" and reserve_bytes(h.host_reserve, GIB) == 512 * MIB
+    assert load_config_text('budget = "1GiB"').host_reserve == "5%"  # the default

@@ -165,3 +165,34 @@ def test_an_hour_of_simulated_guests_steps_in_well_under_a_second() -> None:
     assert sum(p.mem.events.oom_kills for p in pairs.values()) == 0
     assert pairs["idle"].device.actual_pages > 0  # the idle guest gave memory back
     print(f"an hour of 3 guests: {wall:.3f} s of wall time")  # the figure, not a gate
+
+
+def test_host_memory_is_read_each_step_and_journaled_behind_each_decision() -> None:
+    from memballoon.manager.port import HostMemory
+    from memballoon.protocol.procfs import HostMemoryError, Psi
+
+    class Probe:
+        def __init__(self) -> None:
+            self.fail = False
+
+        def read(self) -> HostMemory:
+            if self.fail:
+                raise HostMemoryError("cannot read /proc/meminfo: gone")
+            return HostMemory(1 << 30, 512 << 20, Psi(2.0, 1.0, 5), "probe")
+
+    clock = ManualClock()
+    b = FakeBackend(["a"], clock)
+    probe = Probe()
+    core = ManagerCore(Half(), {}, None, reserve_pages=100, counters=b.counters)
+    e = Engine(b, core, Journal(None), clock, host_probe=probe)
+    e.step()
+    (rec,) = e.journal.tail()  # type: ignore[attr-defined]
+    assert rec["host"]["available_bytes"] == 512 << 20
+    assert rec["host"]["reserve_bytes"] == 100 * PAGE_SIZE
+    assert rec["host"]["psi_some_avg10"] == 2.0
+    assert e.host is not None and core.last_host is not None
+    probe.fail = True
+    clock.advance(60.0)
+    e.step()  # the round goes on without the host figures (an auto budget holds the guests)
+    assert b.counters["host_memory_error"] == 1 and e.host is None
+    assert b.counters["host_memory_missing"] == 1

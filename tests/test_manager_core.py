@@ -246,3 +246,21 @@ def test_a_bad_snapshot_is_refused_with_a_config_error_naming_the_field() -> Non
                        ('{"extra": 1}', "extra"), ("[1]", "(root)"), ("{", "(root)")):
         with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
             CoreSnapshot.from_json(doc)
+
+
+def test_the_budget_shrinks_with_the_hosts_own_memory() -> None:
+    from memballoon.manager.port import HostMemory
+
+    mem = HostMemory(total_bytes=1000 * PAGE_SIZE, available_bytes=300 * PAGE_SIZE, psi=None,
+                     source="test")
+    fixed = ManagerCore(Fixed({}), {}, budget_pages=10_000, reserve_pages=100)
+    h = fixed.host_sample(500 * PAGE_SIZE, mem)
+    # the guests hold 500 and the host can spare 200 more beyond its reserve: 700, not 10000
+    assert (h.budget_pages, h.available_pages, h.reserve_pages, h.short_pages) == (700, 300,
+                                                                                   100, 0)
+    assert fixed.host_sample(500 * PAGE_SIZE, None).budget_pages == 10_000
+    auto = ManagerCore(Fixed({}), {}, budget_pages=None, reserve_pages=400)
+    short = auto.host_sample(500 * PAGE_SIZE, mem)
+    assert short.budget_pages == 400 and short.short_pages == 100 and short.total_pages == 1000
+    held = auto.host_sample(500 * PAGE_SIZE, None)  # auto, but no reading: hold them
+    assert held.budget_pages == 500 and auto.counters["host_memory_missing"] == 1

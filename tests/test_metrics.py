@@ -6,10 +6,12 @@ import urllib.request
 
 from memballoon.app.metrics import ManagerMetrics
 from memballoon.manager.core import ManagerCounter
+from memballoon.manager.port import HostMemory
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.sample import GuestSample
+from memballoon.policy.sample import GuestSample, HostSample
 from memballoon.protocol.pressure import PressureReport
+from memballoon.protocol.procfs import Psi
 
 
 def test_scrape() -> None:
@@ -19,7 +21,11 @@ def test_scrape() -> None:
     rep = PressureReport("a", 1.0, 1 << 28, 1000, 2000, 0, 0, 0, 0, 0, 0, 0, 0, 12.5, 0, 0, 7)
     m.update({"a": GuestSample("a", 65536, 300, 400, report=rep, report_time=0.0),
               "b": GuestSample("b", 65536, 0, 0, alive=False)},
-             resident_bytes=12345, budget_bytes=1 << 30, decisions=9)
+             HostSample(budget_pages=(1 << 30) // PAGE_SIZE, resident_pages=3,
+                        reserve_pages=10),
+             HostMemory(total_bytes=8 << 30, available_bytes=5 << 30,
+                        psi=Psi(1.5, 0.5, 100, 0.25, 10), source="/proc/meminfo"),
+             decisions=9)
     port = m.serve(0)
     try:
         assert m.port == port and port > 0
@@ -36,7 +42,12 @@ def test_scrape() -> None:
     assert v['memballoon_guest_stall_pct{guest="a"}'] == 12.5
     assert v['memballoon_guest_refused_pages{guest="a"}'] == 7.0
     assert v['memballoon_guest_alive{guest="b"}'] == 0.0
-    assert v["memballoon_host_resident_bytes"] == 12345.0
+    assert v["memballoon_host_resident_bytes"] == 3.0 * PAGE_SIZE
+    assert v["memballoon_host_available_bytes"] == float(5 << 30)
+    assert v["memballoon_host_total_bytes"] == float(8 << 30)
+    assert v["memballoon_host_reserve_bytes"] == 10.0 * PAGE_SIZE
+    assert v['memballoon_host_memory_pressure_pct{kind="some"}'] == 1.5
+    assert v['memballoon_host_memory_pressure_pct{kind="full"}'] == 0.25
     assert v["memballoon_host_budget_bytes"] == float(1 << 30)
     assert v["memballoon_decisions"] == 9.0
     assert v['memballoon_events_total{event="policy_error"}'] == 2.0

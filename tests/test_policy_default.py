@@ -23,6 +23,8 @@ from memballoon.policy.default import (
     BACKOFF_MIN_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
+    HOST_PSI_RECLAIM_FRACTION,
+    HOST_PSI_SOME_PCT,
     MAJOR_FAULTS_QUIET_PER_S,
     MARGIN_FRACTION,
     MARGIN_MIN_PAGES,
@@ -231,6 +233,55 @@ def test_over_budget_reclaims_from_the_idlest_quiet_guest_first() -> None:
     ds = {d.guest: d for d in p.decide(host, [busy, idle], 0.0)}
     assert set(ds) == {"idle"} and ds["idle"].balloon_pages == RAM // 4
     assert "over budget" in ds["idle"].reason
+
+
+def _pair_of_guests(under_floor: bool = False) -> list[GuestSample]:
+    idle = GuestSample("idle", RAM, 0, 0, report=report(0, avail=RAM * 9 // 10),
+                       report_time=0.0)
+    # a guest squeezed below its safety floor: the policy wants to grow it back
+    b = RAM * 3 // 4
+    grow = GuestSample("grow", RAM, b, b, report=report(0, avail=RAM // 32, balloon=b),
+                       report_time=0.0)
+    return [idle, grow] if under_floor else [idle]
+
+
+def test_a_host_short_of_its_reserve_is_paid_back_at_once_and_nobody_grows() -> None:
+    p = DefaultPolicy(probe=False)
+    reserve = RAM // 4
+    host = HostSample(budget_pages=2 * RAM - reserve // 2, resident_pages=2 * RAM,
+                      total_pages=8 * RAM, available_pages=reserve // 2, reserve_pages=reserve)
+    assert host.short_pages == reserve // 2
+    ds = {d.guest: d for d in p.decide(host, _pair_of_guests(under_floor=True), 0.0)}
+    idle = ds["idle"]
+    assert idle.balloon_pages >= reserve // 2 and idle.urgent
+    assert f"host {reserve // 2} pages under its reserve" in idle.reason
+    assert idle.inputs["host_available_pages"] == reserve // 2
+    assert idle.inputs["host_reserve_pages"] == reserve
+    assert "grow" not in ds  # its growth back to its floor waits for the host
+
+
+def test_host_memory_pressure_reclaims_a_step_with_memory_available() -> None:
+    p = DefaultPolicy(probe=False)
+    host = HostSample(budget_pages=10 * RAM, resident_pages=RAM, total_pages=8 * RAM,
+                      available_pages=4 * RAM, reserve_pages=RAM // 4,
+                      psi_some_avg10=HOST_PSI_SOME_PCT + 5.0)
+    (d,) = p.decide(host, _pair_of_guests(), 0.0)
+    assert d.balloon_pages == int(HOST_PSI_RECLAIM_FRACTION * 8 * RAM)
+    assert "host memory pressure 15.0%" in d.reason and d.urgent
+    calm = HostSample(budget_pages=10 * RAM, resident_pages=RAM, total_pages=8 * RAM,
+                      available_pages=4 * RAM, reserve_pages=RAM // 4, psi_some_avg10=0.5)
+    assert DefaultPolicy(probe=False).decide(calm, _pair_of_guests(), 0.0) == []
+
+
+def test_a_projected_excess_is_called_a_projection() -> None:
+    # the guests hold less than the budget now; only the planned growth would pass it
+    p = DefaultPolicy(probe=False)
+    guests = _pair_of_guests(under_floor=True)
+    resident = sum(g.size_pages for g in guests)
+    host = HostSample(budget_pages=resident + 10, resident_pages=resident)
+    ds = {d.guest: d for d in p.decide(host, guests, 0.0)}
+    assert "planned growth would pass the budget" in ds["idle"].reason
+    assert "over budget" not in ds["idle"].reason
 
 
 # ---------------------------------------------------------------------- closed loops

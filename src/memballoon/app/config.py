@@ -69,6 +69,40 @@ def _size(v: object) -> int:
 
 Size = Annotated[int, BeforeValidator(_size)]
 
+#: The default ``host_reserve``: this share of the host's memory stays available to the host.
+DEFAULT_HOST_RESERVE: Final = "5%"
+_PERCENT_RE: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*")
+
+
+def _budget(v: object) -> int | str:
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    return parse_size(v)
+
+
+def _reserve(v: object) -> int | str:
+    if isinstance(v, str):
+        m = _PERCENT_RE.fullmatch(v)
+        if m is not None:
+            pct = float(m.group(1))
+            if not 0.0 <= pct < 100.0:
+                raise ConfigError(f"{v!r}: a share of the host's memory must be under 100%")
+            return f"{pct:g}%"
+    return parse_size(v)
+
+
+def reserve_bytes(reserve: int | str, total_bytes: int) -> int:
+    """``host_reserve`` in bytes for a host of ``total_bytes`` (a size, or a share "5%")."""
+    if isinstance(reserve, int):
+        return reserve
+    return int(float(reserve.rstrip("%")) / 100.0 * total_bytes) // PAGE_SIZE * PAGE_SIZE
+
+
+#: ``budget``: a size, or ``"auto"``: the host's available memory beyond ``host_reserve``.
+Budget = Annotated[int | Literal["auto"], BeforeValidator(_budget)]
+#: ``host_reserve``: a size, or a share of the host's memory (``"5%"``).
+Reserve = Annotated[int | str, BeforeValidator(_reserve)]
+
 
 def default_socket_path() -> Path:
     """``$XDG_RUNTIME_DIR/memballoon/memballoon.sock``, else ``/run/memballoon/...`` for root,
@@ -144,7 +178,9 @@ class GuestConfig(_Strict):
 
 class HostConfig(_Strict):
     world: Literal["local", "qemu"] = "local"
-    budget: Size
+    budget: Budget
+    host_reserve: Reserve = DEFAULT_HOST_RESERVE
+    host_cgroup: str | None = None  # the cgroup standing for the guests' share (machine.slice)
     period_s: float = Field(default=1.0, gt=0.0, le=3600.0)
     policy: PolicyConfig = PolicyConfig()
     hysteresis: HysteresisConfig = HysteresisConfig()
@@ -157,8 +193,8 @@ class HostConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> HostConfig:
-        if self.budget <= 0:
-            raise ConfigError("budget must be positive")
+        if self.budget != "auto" and self.budget <= 0:
+            raise ConfigError("budget must be positive (or \"auto\")")
         names = [g.name for g in self.guests]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -229,5 +265,5 @@ def load_config(path: Path | str) -> HostConfig:
     return cfg.model_copy(update=upd) if upd else cfg
 
 
-__all__ = ["GuestConfig", "HostConfig", "default_socket_path", "load_config",
-           "load_config_text", "parse_size"]
+__all__ = ["DEFAULT_HOST_RESERVE", "GuestConfig", "HostConfig", "default_socket_path",
+           "load_config", "load_config_text", "parse_size", "reserve_bytes"]

@@ -21,18 +21,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from memballoon.app.config import HostConfig, parse_size
+from memballoon.app.config import HostConfig, parse_size, reserve_bytes
 from memballoon.app.control import ControlServer
 from memballoon.app.metrics import ManagerMetrics
 from memballoon.edge.aio import AsyncEngine
 from memballoon.edge.clock import MonotonicClock
+from memballoon.edge.hostmem import make_probe
 from memballoon.edge.journal import Journal
 from memballoon.manager.core import Hysteresis, ManagerCore
 from memballoon.manager.engine import Engine
-from memballoon.manager.port import Backend
+from memballoon.manager.port import Backend, HostProbe
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, UsageError
-from memballoon.model.units import PAGE_SIZE, bytes_to_pages
+from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages
 from memballoon.policy.base import Policy
 from memballoon.policy.sample import GuestSettings
 
@@ -89,8 +90,9 @@ class Daemon:
         # interpreter, so it gets that on top (as the demo and bench policy do)
         from memballoon.local.host import PROCESS_OVERHEAD_BYTES
 
-        host = LocalHost(specs, budget_bytes=self.cfg.budget
-                         + PROCESS_OVERHEAD_BYTES * len(specs), clock=self.clock)
+        fixed = self.fixed_budget
+        host = LocalHost(specs, clock=self.clock, budget_bytes=None if fixed is None
+                         else fixed + PROCESS_OVERHEAD_BYTES * len(specs))
         await host.start()
         self._closers.append(host.close)
         b = host.budget
@@ -107,7 +109,7 @@ class Daemon:
         guests = [QemuGuest(name=g.name, max_mib=g.max_mib or 0, start_mib=g.start_mib,
                             cpus=g.cpus) for g in self.cfg.guests]
         backend = await QemuBackend.create(guests, run_dir=Path(run_dir),
-                                           budget_bytes=self.cfg.budget,
+                                           budget_bytes=self.fixed_budget,
                                            counters=self.counters, clock=self.clock)
         self._closers.append(backend.close)
         b = backend.budget
@@ -115,26 +117,46 @@ class Daemon:
             self.budget_enforced, self.budget_reason = b.enforced, b.reason
         return backend
 
+    @property
+    def fixed_budget(self) -> int | None:
+        """The budget in bytes, or None for ``budget = "auto"``."""
+        b = self.cfg.budget
+        return None if b == "auto" else b
+
+    def _host_memory(self) -> tuple[HostProbe, int]:
+        """The probe of the host's own memory and the reserve it keeps, said once."""
+        probe, what = make_probe(self.cfg.host_cgroup)
+        total = probe.read().total_bytes
+        reserve = reserve_bytes(self.cfg.host_reserve, total)
+        self.say(f"{what}; host reserve {reserve / MIB:.0f} MiB of {total / MIB:.0f} MiB")
+        return probe, reserve
+
     async def start(self) -> None:
         cfg = self.cfg
+        probe, reserve = self._host_memory()  # a bad host_cgroup fails before any guest starts
         backend = await (self._start_local() if cfg.world == "local" else self._start_qemu())
         self.backend = backend
         h = cfg.hysteresis
+        fixed = self.fixed_budget
         core = ManagerCore(
-            self.policy, self.settings, bytes_to_pages(cfg.budget),
+            self.policy, self.settings, None if fixed is None else bytes_to_pages(fixed),
+            reserve_pages=bytes_to_pages(reserve),
             hysteresis=Hysteresis(min_change_pages=bytes_to_pages(h.min_change),
                                   min_change_fraction=h.min_change_fraction, hold_s=h.hold_s,
                                   report_max_age_s=h.report_max_age_s),
             enforced=self.budget_enforced, counters=self.counters)
         self.journal = Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max),
                                counters=self.counters)  # its failures show in status
-        engine = Engine(backend, core, self.journal, self.clock, counters=self.counters)
+        engine = Engine(backend, core, self.journal, self.clock, host_probe=probe,
+                        counters=self.counters)
         self.manager = AsyncEngine(engine, period_s=cfg.period_s, on_tick=self._tick)
-        mib = cfg.budget / (1 << 20)
-        if self.budget_enforced:
-            self.say(f"host budget {mib:.0f} MiB ENFORCED by {self.budget_reason}")
+        if fixed is None:
+            self.say("host budget auto: the guests may hold what the host has available "
+                     "beyond its reserve")
+        elif self.budget_enforced:
+            self.say(f"host budget {fixed / MIB:.0f} MiB ENFORCED by {self.budget_reason}")
         else:
-            self.say(f"host budget {mib:.0f} MiB only WATCHED (not enforced): "
+            self.say(f"host budget {fixed / MIB:.0f} MiB only WATCHED (not enforced): "
                      f"{self.budget_reason or 'no cgroup'}")
         self.say(f"world {cfg.world}, {len(cfg.guests)} guest(s), policy {self.policy.name}, "
                  f"period {cfg.period_s} s")
@@ -149,8 +171,7 @@ class Daemon:
 
     def _tick(self, e: Engine) -> None:
         if self.metrics is not None:
-            self.metrics.update(e.guests, resident_bytes=e.host_resident_bytes,
-                                budget_bytes=self.cfg.budget, decisions=e.decisions)
+            self.metrics.update(e.guests, e.core.last_host, e.host, decisions=e.decisions)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -221,13 +242,28 @@ class Daemon:
             })
         return {
             "world": self.cfg.world, "policy": self.policy.name,
-            "budget_bytes": self.cfg.budget, "budget_enforced": self.budget_enforced,
-            "budget_reason": self.budget_reason,
+            "budget_bytes": self._budget_bytes(m), "budget_mode": "auto" if self.fixed_budget
+            is None else "fixed", "budget_enforced": self.budget_enforced,
+            "budget_reason": self.budget_reason, "host": self._host_status(m),
             "host_resident_bytes": m.host_resident_bytes,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "period_s": self.cfg.period_s, "decisions": m.decisions,
             "guests": guests, "counters": self.counters.as_dict(),
         }
+
+    def _budget_bytes(self, e: Engine) -> int | None:
+        """The budget in force at the last step (auto: the host's room), else the fixed one."""
+        h = e.core.last_host
+        return h.budget_pages * PAGE_SIZE if h is not None else self.fixed_budget
+
+    def _host_status(self, e: Engine) -> dict[str, Any] | None:
+        hm, h = e.host, e.core.last_host
+        if hm is None or h is None:
+            return None
+        return {"source": hm.source, "total_bytes": hm.total_bytes,
+                "available_bytes": hm.available_bytes, "reserve_bytes": h.reserve_pages
+                * PAGE_SIZE, "short_bytes": h.short_pages * PAGE_SIZE,
+                "psi_some_avg10": h.psi_some_avg10, "psi_full_avg10": h.psi_full_avg10}
 
     async def op_set(self, guest: str, size: str | int) -> dict[str, Any]:
         am = self._m()

@@ -14,9 +14,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
+from memballoon.manager.port import HostMemory
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.sample import GuestSample
+from memballoon.policy.sample import GuestSample, HostSample
 
 
 class _CountersCollector:
@@ -60,13 +61,24 @@ class ManagerMetrics:
                             registry=r)
         self.decisions = Gauge("memballoon_decisions", "balloon targets applied since start",
                                registry=r)
+        self.host_total = Gauge("memballoon_host_total_bytes", "the host's memory (MemTotal, "
+                                "or its cgroup's limit)", registry=r)
+        self.host_avail = Gauge("memballoon_host_available_bytes", "the host's available "
+                                "memory (MemAvailable, or what its cgroup may still take)",
+                                registry=r)
+        self.host_reserve = Gauge("memballoon_host_reserve_bytes", "what the host keeps "
+                                  "available for itself", registry=r)
+        self.host_psi = Gauge("memballoon_host_memory_pressure_pct", "host memory PSI avg10",
+                              ["kind"], registry=r)
         r.register(_CountersCollector(counters))
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
-    def update(self, states: Mapping[str, GuestSample], *, resident_bytes: int,
-               budget_bytes: int, decisions: int) -> None:
+    def update(self, states: Mapping[str, GuestSample], host: HostSample | None,
+               memory: HostMemory | None, *, decisions: int) -> None:
+        """Refresh the gauges from one step: the guests, the policy's view of the host and
+        the host's own memory (None where not read)."""
         for name, st in states.items():
             self.target.labels(name).set(st.target_pages * PAGE_SIZE)
             self.actual.labels(name).set(st.balloon_pages * PAGE_SIZE)
@@ -78,8 +90,17 @@ class ManagerMetrics:
                 self.avail.labels(name).set(r.available_bytes)
                 self.stall.labels(name).set(r.stall_pct)
                 self.refused.labels(name).set(r.refused_pages or 0)
-        self.resident.set(resident_bytes)
-        self.budget.set(budget_bytes)
+        if host is not None:
+            self.resident.set(host.resident_pages * PAGE_SIZE)
+            self.budget.set(host.budget_pages * PAGE_SIZE)
+            self.host_reserve.set(host.reserve_pages * PAGE_SIZE)
+        if memory is not None:
+            self.host_total.set(memory.total_bytes)
+            self.host_avail.set(memory.available_bytes)
+            if memory.psi is not None:
+                self.host_psi.labels("some").set(memory.psi.some_avg10)
+                if memory.psi.full_avg10 is not None:
+                    self.host_psi.labels("full").set(memory.psi.full_avg10)
         self.decisions.set(decisions)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-``ManagerCore.step(now, samples, host_resident_bytes)`` gives the backend's samples their
-administrator's ``GuestSettings``, asks the policy, and then distrusts the answer:
+``ManagerCore.step(now, samples, host_resident_bytes, host)`` gives the backend's samples their
+administrator's ``GuestSettings``, works out what the guests may hold (``budget``), asks the
+policy, and then distrusts the answer:
 
 1. the policy runs inside ``try``: an exception is counted (``policy_error``), recorded as an
    event, and every guest keeps its target; the next step asks again (oVirt MoM stops entirely
@@ -17,6 +18,13 @@ administrator's ``GuestSettings``, asks the policy, and then distrusts the answe
    pressure (ChromeOS concierge blocks opposite requests for 10 to 100 s; peers.md);
 5. a guest whose current target breaks its floor/ceiling (settings changed, a manual target) is
    corrected even when the policy says nothing.
+
+The budget: a fixed size (``budget_pages``), or ``None`` for "auto", what the guests hold plus
+what the host has available beyond its reserve (``reserve_pages``), read each step by the
+engine's ``HostProbe`` (``host``). With both, the smaller holds: memory taken by anything that
+is not a guest (a backup job, page cache, a VM not managed here) shrinks what guests may hold,
+in the same step. An auto budget without a host reading holds the guests where they are
+(``host_memory_missing``).
 
 Manual targets (``set_manual``, the control API's ``set``) pin a guest: the policy's decisions
 for it are ignored until ``clear_manual``. The core keeps no clock and does no I/O; ``now`` is
@@ -36,6 +44,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
+from memballoon.manager.port import HostMemory
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.snapshot import Snapshot
@@ -71,6 +80,8 @@ class ManagerCounter(CounterName):
     DECISIONS_SHUTDOWN = "decisions_shutdown"  # engine: shutdown deflations applied
     # engine: balloons not deflated in time at shutdown
     SHUTDOWN_DEFLATE_INCOMPLETE = "shutdown_deflate_incomplete"
+    HOST_MEMORY_ERROR = "host_memory_error"  # engine: host memory reads that failed
+    HOST_MEMORY_MISSING = "host_memory_missing"  # core: auto-budget steps with no host reading
 
 
 #: Where an ``Action`` comes from.
@@ -164,14 +175,18 @@ class ManagerCore:
         self,
         policy: Policy,
         settings: Mapping[str, GuestSettings],
-        budget_pages: int,
+        budget_pages: int | None,
         *,
+        reserve_pages: int = 0,
         hysteresis: Hysteresis | None = None,
         enforced: bool = False,
         counters: Counters | None = None,
     ) -> None:
-        if budget_pages <= 0:
+        if budget_pages is not None and budget_pages <= 0:
             raise UsageError(f"budget_pages must be positive, got {budget_pages}")
+        if reserve_pages < 0:
+            raise UsageError(f"reserve_pages must be >= 0, got {reserve_pages}")
+        self.reserve_pages = reserve_pages
         self.policy = policy
         self.settings: dict[str, GuestSettings] = dict(settings)
         self.budget_pages = budget_pages
@@ -183,6 +198,7 @@ class ManagerCore:
         self._last_dir: dict[str, Literal[-1, 1]] = {}
         self._last_change: dict[str, float] = {}
         self.last_samples: dict[str, GuestSample] = {}
+        self.last_host: HostSample | None = None  # the policy's view of the host, last step
         self._prev_report: dict[str, PressureReport] = {}  # the report before the latest
         self._cur_report: dict[str, PressureReport] = {}
 
@@ -197,8 +213,31 @@ class ManagerCore:
         return ev
 
     # ------------------------------------------------------------------ the step
+    def host_sample(self, host_resident_bytes: int, host: HostMemory | None) -> HostSample:
+        """The policy's view of the host: the guests' memory, the budget in force, and the
+        host's own figures where they were read (module docstring)."""
+        resident = max(0, host_resident_bytes) // PAGE_SIZE
+        if host is None:
+            if self.budget_pages is None:
+                self.counters.inc(ManagerCounter.HOST_MEMORY_MISSING)
+            budget = self.budget_pages if self.budget_pages is not None else resident
+            return HostSample(budget_pages=max(1, budget), resident_pages=resident,
+                              enforced=self.enforced)
+        avail = max(0, host.available_bytes) // PAGE_SIZE
+        room = resident + avail - self.reserve_pages
+        budget = room if self.budget_pages is None else min(self.budget_pages, room)
+        psi = host.psi
+        return HostSample(
+            budget_pages=max(1, budget), resident_pages=resident, enforced=self.enforced,
+            total_pages=max(0, host.total_bytes) // PAGE_SIZE, available_pages=avail,
+            reserve_pages=self.reserve_pages,
+            psi_some_avg10=None if psi is None else psi.some_avg10,
+            psi_full_avg10=None if psi is None else psi.full_avg10,
+        )
+
     def step(
-        self, now: float, guests: Mapping[str, GuestSample], host_resident_bytes: int
+        self, now: float, guests: Mapping[str, GuestSample], host_resident_bytes: int,
+        host: HostMemory | None = None,
     ) -> list[Action]:
         self.counters.inc(ManagerCounter.STEPS)
         samples = {name: self.sample(s) for name, s in guests.items()}
@@ -209,12 +248,8 @@ class ManagerCore:
                     self._prev_report[name] = self._cur_report[name]
                 self._cur_report[name] = r
         self.last_samples = samples
-        host = HostSample(
-            budget_pages=self.budget_pages,
-            resident_pages=max(0, host_resident_bytes) // PAGE_SIZE,
-            enforced=self.enforced,
-        )
-        decisions = self._decide(host, samples, now)
+        self.last_host = self.host_sample(host_resident_bytes, host)
+        decisions = self._decide(self.last_host, samples, now)
         actions: list[Action] = []
         for name, s in samples.items():
             if not s.alive:

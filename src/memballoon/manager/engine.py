@@ -27,9 +27,10 @@ import logging
 from collections.abc import Mapping
 
 from memballoon.manager.core import DECISIONS, Action, ManagerCore, ManagerCounter
-from memballoon.manager.port import Backend, Clock, JournalSink
+from memballoon.manager.port import Backend, Clock, HostMemory, HostProbe, JournalSink
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
+from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.sample import GuestSample
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,12 @@ class Engine:
         journal: JournalSink,
         clock: Clock,
         *,
+        host_probe: HostProbe | None = None,
         counters: Counters | None = None,
     ) -> None:
         self.backend = backend
+        self.host_probe = host_probe
+        self.host: HostMemory | None = None  # the last reading of the host's own memory
         self.core = core
         self.journal = journal
         self.clock = clock
@@ -71,6 +75,13 @@ class Engine:
             log.warning("backend %s failed to report: %r", self.backend.name, exc)
             return None
         self.guests, self.host_resident_bytes = guests, resident
+        if self.host_probe is not None:
+            try:
+                self.host = self.host_probe.read()
+            except Exception as exc:  # a failed read costs the host figures, not the round
+                self.counters.inc(ManagerCounter.HOST_MEMORY_ERROR)
+                log.warning("host memory: %s", exc)
+                self.host = None
         return guests
 
     def apply(self, a: Action, now: float) -> bool:
@@ -86,8 +97,21 @@ class Engine:
         else:
             self.decisions += 1
             self.counters.inc(DECISIONS[a.kind])
-        self.journal.write({**a.record(), "applied": ok}, mono=now)
+        self.journal.write({**a.record(), "applied": ok, **self._host_record()}, mono=now)
         return ok
+
+    def _host_record(self) -> dict[str, object]:
+        """The host figures behind a decision, for the journal (none where unknown)."""
+        h = self.core.last_host
+        if h is None:
+            return {}
+        host: dict[str, object] = {"resident_bytes": h.resident_pages * PAGE_SIZE,
+                                   "budget_bytes": h.budget_pages * PAGE_SIZE}
+        if h.available_pages is not None:
+            host.update(available_bytes=h.available_pages * PAGE_SIZE,
+                        reserve_bytes=h.reserve_pages * PAGE_SIZE,
+                        psi_some_avg10=h.psi_some_avg10)
+        return {"host": host}
 
     def step(self) -> list[Action]:
         """One round: collect, decide, act, journal. Returns the actions taken (applied or
@@ -97,7 +121,7 @@ class Engine:
         if guests is None:
             return []
         now = self.clock.now()
-        actions = self.core.step(now, guests, self.host_resident_bytes)
+        actions = self.core.step(now, guests, self.host_resident_bytes, self.host)
         for e in self.core.drain_events():
             self.journal.write({"kind": e.kind, "guest": e.guest, "reason": e.detail}, mono=now)
         for a in actions:

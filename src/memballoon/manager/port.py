@@ -8,6 +8,9 @@ shell that drives the engine does that I/O before and after a step (``AsyncIO``)
 must survive a misbehaving guest: a dead or broken guest shows ``alive=False`` and its
 ``set_target`` returns False; it never raises for one guest's fault.
 
+A ``HostProbe`` reads the host's own memory (what is available to it, its pressure) each
+step, so the policy sees memory taken by anything that is not a guest.
+
 The clock is the one clock of a run: the engine steps by it and backends stamp
 ``report_time`` with it where reports arrive. Real worlds use ``edge.clock.MonotonicClock``;
 the simulator and tests use ``ManualClock``, so an hour of a loop runs in well under a second.
@@ -16,11 +19,13 @@ the simulator and tests use ``ManualClock``, so an hour of a loop runs in well u
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.policy.sample import GuestSample
+from memballoon.protocol.procfs import Psi
 
 
 class Clock(Protocol):
@@ -81,10 +86,28 @@ class AsyncIO(Protocol):
     async def flush(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class HostMemory:
+    """The host's own memory at one moment, as a ``HostProbe`` read it: the whole machine
+    (``/proc/meminfo``) or the cgroup that stands for the guests' share of it."""
+
+    total_bytes: int  # MemTotal, or the cgroup's limit
+    available_bytes: int  # MemAvailable, or what the cgroup may still take
+    psi: Psi | None  # memory pressure stall information (None: the kernel has none)
+    source: str  # what was read, for the operator ("/proc/meminfo", "cgroup v2 /sys/...")
+
+
+class HostProbe(Protocol):
+    def read(self) -> HostMemory:
+        """The host's memory now; raises HostMemoryError when it cannot be read."""
+        ...
+
+
 class JournalSink(Protocol):
     def write(self, rec: dict[str, Any], *, mono: float) -> dict[str, Any]:
         """Keep one record; ``mono`` is the engine's clock."""
         ...
 
 
-__all__ = ["AsyncIO", "Backend", "Clock", "JournalSink", "ManualClock"]
+__all__ = ["AsyncIO", "Backend", "Clock", "HostMemory", "HostProbe", "JournalSink",
+           "ManualClock"]

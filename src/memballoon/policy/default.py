@@ -117,6 +117,12 @@ WS_WINDOW_S: Final = 5.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
+# The host's own pressure (PSI "some" avg10 of host memory, in percent): at or above this the
+# host is short even with memory available; each call then reclaims this share of the host's
+# memory from the guests, and no guest grows (senpai's 10% is a workload's ceiling; a host
+# whose tasks stall a tenth of the time on memory needs memory back).
+HOST_PSI_SOME_PCT: Final = 10.0
+HOST_PSI_RECLAIM_FRACTION: Final = 0.01
 NEVER: Final = float("-inf")  # the moment of something that never happened
 
 
@@ -623,10 +629,18 @@ class DefaultPolicy:
         # the guests' growth if every plan is carried out, over what they hold now
         growth = sum(self._planned_size(p) - p.g.size_pages for p in plans)
         excess = host.resident_pages + growth - host.budget_pages
+        psi_pressed = (host.psi_some_avg10 is not None
+                       and host.psi_some_avg10 >= HOST_PSI_SOME_PCT)
+        if psi_pressed and host.total_pages is not None:
+            excess = max(excess, growth + int(HOST_PSI_RECLAIM_FRACTION * host.total_pages))
+        pressed = host.short_pages > 0 or psi_pressed
+        cause = self._cause(host, excess, psi_pressed)
         if excess > 0:
-            excess = self._reclaim(plans, excess)
+            excess = self._reclaim(plans, excess, cause)
+        if pressed:  # no guest grows back while the host itself is short (emergencies do)
+            excess = max(excess, sum(max(0, p.size - p.g.size_pages) for p in plans))
         if excess > 0:
-            self._cut_growth(plans, excess)
+            self._cut_growth(plans, excess, cause)
         out: list[Decision] = []
         for p in plans:
             g = p.g
@@ -639,15 +653,33 @@ class DefaultPolicy:
                 continue
             p.inputs["host_resident_pages"] = float(host.resident_pages)
             p.inputs["host_budget_pages"] = float(host.budget_pages)
+            if host.available_pages is not None:
+                p.inputs["host_available_pages"] = float(host.available_pages)
+                p.inputs["host_reserve_pages"] = float(host.reserve_pages)
+            if host.psi_some_avg10 is not None:
+                p.inputs["host_psi_some_avg10"] = host.psi_some_avg10
             urgent = p.verdict in URGENT or p.budget_cut
             out.append(Decision(g.name, balloon, p.why, p.inputs, urgent=urgent))
         return out
 
     @staticmethod
+    def _cause(host: HostSample, excess: int, psi_pressed: bool) -> str:
+        """Why the host needs memory back, as the journal should say it: a shortfall now, or
+        only a projection of the planned growth."""
+        if host.short_pages > 0:
+            return f"host {host.short_pages} pages under its reserve"
+        over = host.resident_pages - host.budget_pages
+        if over > 0:
+            return f"host over budget by {over} pages"
+        if psi_pressed:
+            return f"host memory pressure {host.psi_some_avg10:.1f}%"
+        return f"planned growth would pass the budget by {excess} pages"
+
+    @staticmethod
     def _planned_size(p: _Plan) -> int:
         return p.g.ram_pages - p.balloon if p.balloon is not None else p.size
 
-    def _reclaim(self, plans: list[_Plan], excess: int) -> int:
+    def _reclaim(self, plans: list[_Plan], excess: int, cause: str) -> int:
         """Take ``excess`` pages from quiet guests above their floors; returns what is left.
 
         Two passes: first MemFree beyond the margin (memory nobody uses), then page cache down
@@ -670,12 +702,12 @@ class DefaultPolicy:
                 excess -= take
                 p.verdict = Verdict.PROBE
                 p.budget_cut = True
-                p.why = (f"default: host over budget by {excess + take} pages: reclaim {take} "
+                p.why = (f"default: {cause}: reclaim {take} "
                          f"{'free' if soft else 'cache'} pages (floor {low(p)})")
         return excess
 
     @staticmethod
-    def _cut_growth(plans: list[_Plan], excess: int) -> None:
+    def _cut_growth(plans: list[_Plan], excess: int, cause: str) -> None:
         """Cut growth back to floors (never urgent deflations) to stay within the budget."""
         for p in sorted(plans, key=lambda p: (p.pressure, p.g.name)):
             if excess <= 0:
@@ -686,4 +718,4 @@ class DefaultPolicy:
             cut = min(excess, max(0, grow))
             p.size -= cut
             excess -= cut
-            p.why += f" (cut by {cut} pages: host over budget)"
+            p.why += f" (cut by {cut} pages: {cause})"

@@ -70,11 +70,28 @@ class GuestSample:
 
 @dataclass(frozen=True, slots=True)
 class HostSample:
-    """What the manager knows about the host at one moment."""
+    """What the manager knows about the host at one moment.
+
+    ``budget_pages`` is what the guests together may hold: a fixed budget, or with the host's
+    own memory known, what they hold plus what the host has available beyond its reserve
+    (the smaller of the two when both are set). The host figures are None where the world does
+    not read them (the simulator without a host model, a test)."""
 
     budget_pages: int  # memory all guests together may hold on the host
     resident_pages: int  # what they hold now (memfd st_blocks, QEMU RSS, simulated)
     enforced: bool = False  # a memory cgroup enforces the budget (else it is only watched)
+    total_pages: int | None = None  # the host's memory (MemTotal, or its cgroup's limit)
+    available_pages: int | None = None  # what the host has available now (MemAvailable)
+    reserve_pages: int = 0  # what the host keeps available for itself (``host_reserve``)
+    psi_some_avg10: float | None = None  # host memory pressure: % of 10 s some task stalled
+    psi_full_avg10: float | None = None  # ... all tasks stalled
+
+    @property
+    def short_pages(self) -> int:
+        """How far the host's available memory is under its reserve (0 when it is not)."""
+        if self.available_pages is None:
+            return 0
+        return max(0, self.reserve_pages - self.available_pages)
 
 
 __all__ = ["GuestSample", "GuestSettings", "HostSample"]

@@ -187,7 +187,7 @@ class QemuBackend:
         guests: Sequence[QemuGuest],
         *,
         run_dir: Path,
-        budget_bytes: int,
+        budget_bytes: int | None,
         counters: Counters | None = None,
         image: GuestImage | None = None,
         cgroup_name: str | None = None,
@@ -199,12 +199,14 @@ class QemuBackend:
 
         ``image`` defaults to the cached test image (built when missing). The budget is
         enforced by a memory cgroup where we are root and one exists, else only watched
-        (``backend.budget.describe()`` says which)."""
+        (``backend.budget.describe()`` says which); ``budget_bytes=None`` (an auto budget,
+        held against the host's own memory by the manager) makes no cgroup."""
         names = [g.name for g in guests]
         if len(set(names)) != len(names):
             raise ConfigError(f"guest names must be unique: {names}")
         img = image if image is not None else await asyncio.to_thread(build_guest_image)
-        budget = make_budget(cgroup_name or f"memballoon-qemu-{os.getpid()}", budget_bytes)
+        budget = None if budget_bytes is None else make_budget(
+            cgroup_name or f"memballoon-qemu-{os.getpid()}", budget_bytes)
         self = cls(run_dir=run_dir, budget=budget, counters=counters, image=img,
                    qmp_timeout_s=qmp_timeout_s, clock=clock)
         try:

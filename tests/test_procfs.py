@@ -1,0 +1,67 @@
+"""procfs: the kernel's memory files parsed from recorded text; bad text is a typed error."""
+
+from __future__ import annotations
+
+import pytest
+
+from memballoon.model.errors import MemballoonError
+from memballoon.protocol.procfs import (
+    NO_LIMIT_BYTES,
+    HostMemoryError,
+    Psi,
+    parse_counter,
+    parse_meminfo,
+    parse_psi,
+    parse_stat,
+)
+
+MEMINFO = """MemTotal:       24634720 kB
+MemFree:         1234567 kB
+MemAvailable:   20000000 kB
+HugePages_Total:       0
+Hugepagesize:       2048 kB
+"""
+
+
+def test_meminfo_in_bytes_counts_without_unit() -> None:
+    mi = parse_meminfo(MEMINFO)
+    assert mi["MemTotal"] == 24634720 * 1024 and mi["MemAvailable"] == 20000000 * 1024
+    assert mi["HugePages_Total"] == 0 and mi["Hugepagesize"] == 2 << 20
+
+
+@pytest.mark.parametrize("text", ["MemTotal: 1 kB\n", "MemTotal: x kB\nMemAvailable: 1 kB\n"])
+def test_meminfo_without_what_we_need_names_it(text: str) -> None:
+    with pytest.raises(HostMemoryError, match="/proc/meminfo"):
+        parse_meminfo(text)
+
+
+def test_psi_some_and_full() -> None:
+    psi = parse_psi("some avg10=1.50 avg60=0.25 avg300=0.00 total=15820\n"
+                    "full avg10=0.10 avg60=0.00 avg300=0.00 total=3997\n")
+    assert psi == Psi(1.5, 0.25, 15820, 0.1, 3997)
+    assert parse_psi("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n").full_avg10 is None
+
+
+@pytest.mark.parametrize("text", ["", "full avg10=0 avg60=0 total=0",
+                                  "some avg10=x avg60=0 total=0", "some avg60=0.00 total=1"])
+def test_bad_psi_is_a_host_memory_error(text: str) -> None:
+    with pytest.raises(HostMemoryError):
+        parse_psi(text)
+
+
+def test_cgroup_counters_and_limits() -> None:
+    assert parse_counter("123\n", source="memory.current") == 123
+    assert parse_counter("max\n", source="memory.max") is None
+    assert parse_counter("9223372036854771712\n", source="limit") is None  # v1: no limit
+    assert parse_counter(str(NO_LIMIT_BYTES - 1), source="limit") == NO_LIMIT_BYTES - 1
+    for bad in ("-1", "lots", ""):
+        with pytest.raises(HostMemoryError, match="limit"):
+            parse_counter(bad, source="limit")
+    assert issubclass(HostMemoryError, MemballoonError)
+
+
+def test_memory_stat() -> None:
+    assert parse_stat("cache 10\ntotal_inactive_file 7\nweird line here\n",
+                      source="memory.stat") == {"cache": 10, "total_inactive_file": 7}
+    with pytest.raises(HostMemoryError):
+        parse_stat("cache ten\n", source="memory.stat")
