@@ -264,3 +264,16 @@ def test_the_budget_shrinks_with_the_hosts_own_memory() -> None:
     assert short.budget_pages == 400 and short.short_pages == 100 and short.total_pages == 1000
     held = auto.host_sample(500 * PAGE_SIZE, None)  # auto, but no reading: hold them
     assert held.budget_pages == 500 and auto.counters["host_memory_missing"] == 1
+
+
+def test_a_balloon_beyond_the_guests_ram_is_clamped_and_hurts_only_that_guest() -> None:
+    # a virtio guest writing actual = 0xFFFFFFFF: the host must not look over budget by it
+    p = Fixed({})
+    c = core(p)
+    liar = GuestSample("liar", RAM, 0xFFFFFFFF, 0, report=report("liar"), report_time=100.0)
+    c.step(100.0, {"liar": liar, "a": state("a")}, 10 * PAGE_SIZE)
+    host, guests = p.seen[0]
+    seen = {g.name: g for g in guests}
+    assert seen["liar"].balloon_pages == RAM and seen["liar"].size_pages == 0
+    assert seen["a"] == c.sample(state("a"))
+    assert c.counters["sample_out_of_range"] == 1

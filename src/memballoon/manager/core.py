@@ -82,6 +82,9 @@ class ManagerCounter(CounterName):
     SHUTDOWN_DEFLATE_INCOMPLETE = "shutdown_deflate_incomplete"
     HOST_MEMORY_ERROR = "host_memory_error"  # engine: host memory reads that failed
     HOST_MEMORY_MISSING = "host_memory_missing"  # core: auto-budget steps with no host reading
+    # core: samples whose balloon or target lay outside the guest's RAM (a lying guest or a
+    # broken backend), clamped into it so only that guest's figures are wrong
+    SAMPLE_OUT_OF_RANGE = "sample_out_of_range"
 
 
 #: Where an ``Action`` comes from.
@@ -204,8 +207,16 @@ class ManagerCore:
 
     # ------------------------------------------------------------------ views
     def sample(self, s: GuestSample) -> GuestSample:
-        """``s`` with its administrator's settings (the backend does not know them)."""
+        """``s`` with its administrator's settings (the backend does not know them), its
+        balloon and target clamped into its RAM (counted): a guest that reports a balloon
+        of 0xFFFFFFFF pages must not make the host look over budget by as much."""
         want = self.settings.get(s.name, GuestSettings())
+        ram = max(0, s.ram_pages)
+        bal = min(max(0, s.balloon_pages), ram)
+        tgt = min(max(0, s.target_pages), ram)
+        if (bal, tgt, ram) != (s.balloon_pages, s.target_pages, s.ram_pages):
+            self.counters.inc(ManagerCounter.SAMPLE_OUT_OF_RANGE)
+            return replace(s, ram_pages=ram, balloon_pages=bal, target_pages=tgt, settings=want)
         return s if s.settings == want else replace(s, settings=want)
 
     def drain_events(self) -> list[Event]:
