@@ -272,7 +272,7 @@ def test_a_balloon_beyond_the_guests_ram_is_clamped_and_hurts_only_that_guest() 
     c = core(p)
     liar = GuestSample("liar", RAM, 0xFFFFFFFF, 0, report=report("liar"), report_time=100.0)
     c.step(100.0, {"liar": liar, "a": state("a")}, 10 * PAGE_SIZE)
-    host, guests = p.seen[0]
+    _, guests = p.seen[0]
     seen = {g.name: g for g in guests}
     assert seen["liar"].balloon_pages == RAM and seen["liar"].size_pages == 0
     assert seen["a"] == c.sample(state("a"))
