@@ -1,4 +1,7 @@
-"""MomPolicy: oVirt MoM's balloon rules, constants pinned to doc/balloon.rules."""
+"""MomPolicy: oVirt MoM's balloon rules (doc/balloon.rules, vdsm's policy), constants pinned.
+
+Every recorded decision of the real MoM is replayed in test_peer_cases.py.
+"""
 
 from __future__ import annotations
 
@@ -88,9 +91,32 @@ def test_no_pressure_grows_back_five_percent_towards_max() -> None:
 
 
 def test_grow_restores_guest_free_goal_at_once() -> None:
-    # size 50000, all used: used + 20% of max = 70000 beats the 5% step
+    # size 50000, all used: used + 20% of the current size (MoM since 2013, not of the max)
+    # = 60000 beats the 5% step
     [d] = MomPolicy().decide(host(0.5), [sample("a", 50_000, 0)], 0.0)
-    assert d.balloon_pages == RAM - 70_000
+    assert d.balloon_pages == RAM - 60_000
+    assert d.inputs["guest_free_goal"] == pytest.approx(0.20)
+
+
+def test_vdsm_grows_toward_the_free_share_scaled_by_host_free() -> None:
+    # vdsm's grow_guest scales the free goal as shrinking does: host free 50% -> 50% of the
+    # size: used 50000 + 25000
+    [d] = MomPolicy(rules="vdsm").decide(host(0.5), [sample("a", 50_000, 0)], 0.0)
+    assert d.balloon_pages == RAM - 75_000
+    assert d.inputs["guest_free_goal"] == pytest.approx(0.5)
+
+
+def test_reads_the_hosts_own_free_share_when_it_has_one() -> None:
+    # the guests' budget is nearly full, but MoM reads MemAvailable / MemTotal: 50% free
+    h = HostSample(1_000_000, 990_000, total_pages=4_000_000, available_pages=2_000_000)
+    [d] = MomPolicy().decide(h, [sample("a", 50_000, 40_000)], 0.0)
+    assert d.inputs["host_free_percent"] == pytest.approx(0.5)
+    assert "grow" in d.reason
+    # and 10% free there is pressure, however roomy the budget
+    h = HostSample(1_000_000, 0, total_pages=4_000_000, available_pages=400_000)
+    [d] = MomPolicy().decide(h, [sample("a", 0, 80_000)], 0.0)
+    assert d.inputs["host_free_percent"] == pytest.approx(0.1)
+    assert d.balloon_pages == 5000
 
 
 def test_averages_over_the_last_ten_samples() -> None:
@@ -121,6 +147,22 @@ def test_floor_and_missing_reports() -> None:
     assert p.counters["mom_no_report"] == 1
 
 
+def test_a_guest_under_its_minimum_is_not_raised_under_pressure() -> None:
+    # balloon_min is inside MoM's rule: the size it asks (the minimum) is above the current
+    # one, and shrink_guest never grows: no target (memballoon clamped it up before)
+    g = sample("a", 20_000, 40_000, min_pages=90_000)
+    assert MomPolicy().decide(host(0.10), [g], 0.0) == []
+    # vdsm's "minimum guaranteed memory" rule sets it to its minimum, stats or not
+    [d] = MomPolicy(rules="vdsm").decide(host(0.10), [g], 0.0)
+    assert d.balloon_pages == RAM - 90_000 and "minimum guaranteed" in d.reason
+    blind = sample("b", 20_000, 0, min_pages=90_000, report=False)
+    [d] = MomPolicy(rules="vdsm").decide(host(0.10), [blind], 0.0)
+    assert d.balloon_pages == RAM - 90_000
+    # without pressure both grow it to the minimum at once (the 5% step is less)
+    [d] = MomPolicy().decide(host(0.5), [g], 0.0)
+    assert d.balloon_pages == RAM - 90_000
+
+
 def test_bad_parameters() -> None:
     with pytest.raises(ValueError):
         MomPolicy(pressure_critical=0.3)
@@ -131,6 +173,8 @@ def test_bad_parameters() -> None:
 def test_bad_parameters_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="stat_samples"):
         MomPolicy(stat_samples=0)
+    with pytest.raises(ConfigError, match="rules"):
+        MomPolicy(rules="ksm.rules")
 
 
 def test_snapshot_keeps_the_averaging_windows() -> None:

@@ -1,4 +1,7 @@
-"""ProxmoxPolicy: PVE AutoBalloon's goal, 10 MiB dead band, 100 MiB steps, shares, priorities."""
+"""ProxmoxPolicy: PVE AutoBalloon's goal, 10 MiB dead band, 100 MiB steps, shares, priorities.
+
+Every recorded decision of the real compute_alg1 is replayed in test_peer_cases.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from memballoon.policy.proxmox import (
     PVE_TARGET_PERCENT,
     ProxmoxPolicy,
     ProxmoxSnapshot,
+    pve_goal_bytes,
 )
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
@@ -101,7 +105,7 @@ def test_grow_favours_vms_under_pressure() -> None:
     assert set(got) == {"b"} and got["b"] > half
 
 
-def test_never_below_minimum_nor_above_max_and_skips_blind_vms() -> None:
+def test_never_below_minimum_nor_above_max_and_skips_vms_without_a_report() -> None:
     p = ProxmoxPolicy()
     g = [vm("a", MIN + 10, MIN), vm("b", RAM, RAM // 2, report=False)]
     ds = p.decide(host_with_goal(-mib_to_pages(500)), g, 0.0)
@@ -109,6 +113,49 @@ def test_never_below_minimum_nor_above_max_and_skips_blind_vms() -> None:
     assert p.counters["proxmox_no_report"] == 1
     ds = ProxmoxPolicy().decide(host_with_goal(mib_to_pages(500)), [vm("c", RAM, 0)], 0.0)
     assert ds == []
+
+
+def test_a_vm_under_its_minimum_climbs_100_mib_a_cycle_only_when_the_host_has_room() -> None:
+    low = MIN - mib_to_pages(300)
+    g = [vm("a", low, 0)]
+    [d] = ProxmoxPolicy().decide(host_with_goal(mib_to_pages(500)), g, 0.0)
+    assert sizes([d], g) == {"a": low + PVE_MAX_CHANGE_PAGES}  # no jump to the floor
+    # a shrinking host leaves it where it is: never shrunk, never raised
+    assert ProxmoxPolicy().decide(host_with_goal(-mib_to_pages(500)), g, 0.0) == []
+    # memballoon's floor, asked for: the step that moves it takes it to its minimum
+    [d] = ProxmoxPolicy(clamp_to_floor=True).decide(host_with_goal(mib_to_pages(500)), g, 0.0)
+    assert sizes([d], g) == {"a": MIN}
+
+
+def test_a_max_set_below_the_size_is_met_when_the_guest_moves() -> None:
+    # no Proxmox VM is above its maxmem; a memballoon guest whose max_pages was lowered is
+    # taken to it in the step that moves it, not 100 MiB at a time
+    lowered = GuestSample("a", RAM, 0, 0, GuestSettings(min_pages=MIN, max_pages=MIN * 2),
+                          vm("a", RAM, RAM // 2).report, 0.0)
+    [d] = ProxmoxPolicy().decide(host_with_goal(mib_to_pages(500)), [lowered], 0.0)
+    assert RAM - d.balloon_pages == MIN * 2
+
+
+def test_vms_without_a_minimum_are_left_out_unless_asked() -> None:
+    g = [vm("a", RAM, RAM // 2, min_pages=0)]
+    p = ProxmoxPolicy()
+    assert p.decide(host_with_goal(-mib_to_pages(500)), g, 0.0) == []
+    assert p.counters["proxmox_no_minimum"] == 1
+    ds = ProxmoxPolicy(include_no_minimum=True).decide(
+        host_with_goal(-mib_to_pages(500)), g, 0.0)
+    assert sizes(ds, g) == {"a": RAM - PVE_MAX_CHANGE_PAGES}
+
+
+def test_the_goal_reads_the_hosts_own_memory_when_it_has_it() -> None:
+    # 80% of MemTotal minus (MemTotal - MemAvailable), in bytes as pvestatd computes it
+    h = HostSample(1_000_000, 0, total_pages=1_000_000, available_pages=100_000)
+    assert pve_goal_bytes(h, PVE_TARGET_PERCENT) == -100_000 * PAGE_SIZE
+    g = [vm("a", RAM, RAM // 2)]
+    [d] = ProxmoxPolicy().decide(h, g, 0.0)  # the budget says grow, the host says shrink
+    assert sizes([d], g) == {"a": RAM - PVE_MAX_CHANGE_PAGES}
+    assert d.inputs["goal_pages"] == -100_000
+    # without host figures the budget stands for the host
+    assert pve_goal_bytes(host_with_goal(5000), PVE_TARGET_PERCENT) == 5000 * PAGE_SIZE
 
 
 def test_bad_parameters() -> None:
@@ -125,3 +172,7 @@ def test_bad_parameters_are_config_errors_and_the_snapshot_is_empty() -> None:
     snap = p.snapshot(5.0)
     assert snap.model_dump() == {"version": 1, "policy": "proxmox"}
     p.restore(ProxmoxSnapshot.model_validate_json(snap.model_dump_json()), 0.0)
+    # nothing carried: a restored policy decides as a fresh one
+    g = [vm("a", RAM, RAM // 2), vm("b", RAM, MIN // 8)]
+    h = host_with_goal(-mib_to_pages(150))
+    assert p.decide(h, g, 1.0) == ProxmoxPolicy().decide(h, g, 1.0)

@@ -100,7 +100,10 @@ def test_decisions_respect_floors_and_ceilings(
             assert g.alive
             size = g.ram_pages - d.balloon_pages
             assert 0 <= d.balloon_pages <= g.ram_pages
-            assert size >= g.floor_pages()
+            # Proxmox raises a VM under its minimum 100 MiB a cycle (the manager core then
+            # holds it to the floor): never lower, and never anywhere else under its floor
+            raised = name == "proxmox" and size > g.size_pages
+            assert size >= g.floor_pages() or raised
             assert size <= g.ceiling_pages()
             assert d.reason and "\n" not in d.reason
             assert all(isinstance(v, float) for v in d.inputs.values())
