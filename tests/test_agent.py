@@ -344,3 +344,26 @@ def test_any_valid_agent_report_converts_to_a_decodable_report(
     r = to_pressure_report(a, ram_bytes=1 << 34, balloon_target_pages=5, balloon_actual_pages=3,
                            prev=a, period_s=1.0)
     assert PressureReport.decode(r.encode()) == r
+
+
+def test_report_carries_the_balloon_the_guest_saw() -> None:
+    """vmstat's balloon_inflate - balloon_deflate is the balloon when the guest wrote the
+    line; it wins over the host's figure (which may be of a later moment)."""
+    c = Counters()
+    line = json.dumps(doc(vmstat={"pswpin": 0, "pswpout": 0, "pgmajfault": 0, "oom_kill": 0,
+                                  "balloon_inflate": 90000, "balloon_deflate": 40000}))
+    a = parse_report(line, guest="g", counters=c)
+    assert (a.balloon_inflated_pages, a.balloon_deflated_pages) == (90000, 40000)
+    assert a.guest_balloon_pages == 50000
+    r = to_pressure_report(a, ram_bytes=1 << 30, balloon_target_pages=0,
+                           balloon_actual_pages=0, prev=None, period_s=1.0)
+    assert r.balloon_actual_pages == 50000 and r.balloon_bytes == 50000 * 4096
+    # an older agent (no counters), or impossible ones: the caller's figure stands
+    for vm in ({"pswpin": 0}, {"balloon_inflate": 1, "balloon_deflate": 2},
+               {"balloon_inflate": 1 << 30, "balloon_deflate": 0}):
+        a = parse_report(json.dumps(doc(vmstat=vm)), guest="g", counters=c)
+        r = to_pressure_report(a, ram_bytes=1 << 30, balloon_target_pages=0,
+                               balloon_actual_pages=777, prev=None, period_s=1.0)
+        assert r.balloon_actual_pages == 777
+    with pytest.raises(AgentError):
+        parse_report(json.dumps(doc(vmstat={"balloon_inflate": -1})), guest="g", counters=c)

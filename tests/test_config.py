@@ -53,7 +53,7 @@ def test_sizes(text: str | int, want: int) -> None:
     ('budget = "1GiB"\n' + GUEST + 'workload = "crypto"', ["guests[0].workload", "crypto"]),
     ('budget = "1GiB"\n' + GUEST + 'shares = 0', ["guests[0].shares", "greater than 0"]),
     ('budget = "1GiB"\n' + GUEST + GUEST, ["unique", "a"]),
-    ('budget = "1GiB"\n[[guests]]\nname = "b"', ["guests[0]", "mib"]),
+    ('budget = "1GiB"\n[[guests]]\nname = "b"', ["guest b", "needs mib"]),
     ('budget = "1GiB"\n[[guests]]\nname = "bad name!"\nmib = 64', ["guests[0].name"]),
     ('world = "qemu"\nbudget = "1GiB"\n' + GUEST, ["qemu world needs max_mib"]),
     ('budget = "1GiB"\n[[guests]]\nname = "q"\nmax_mib = 128\nstart_mib = 256',
@@ -84,3 +84,13 @@ def test_auto_budget_and_host_reserve() -> None:
     h = load_config_text('budget = "AUTO"\nhost_reserve = "512MiB"')
     assert h.budget == "auto" and reserve_bytes(h.host_reserve, GIB) == 512 * MIB
     assert load_config_text('budget = "1GiB"').host_reserve == "5%"  # the default
+
+
+def test_guest_ram_kind_and_setup_hugepages() -> None:
+    h = load_config_text('budget = "1GiB"\nsetup_hugepages = true\n' + GUEST + 'ram = "thp"',
+                         "host.toml")
+    assert h.setup_hugepages and h.guests[0].ram == "thp"
+    plain = load_config_text('budget = "1GiB"\n' + GUEST, "host.toml")
+    assert plain.guests[0].ram == "4k" and not plain.setup_hugepages
+    with pytest.raises(ConfigError, match=r"guests\[0\]\.ram.*'1g'"):
+        load_config_text('budget = "1GiB"\n' + GUEST + 'ram = "1g"', "host.toml")

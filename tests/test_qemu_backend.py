@@ -98,7 +98,8 @@ def test_is_a_backend_and_converts_pages_to_logical_bytes(tmp_path: Path) -> Non
             assert st.balloon_pages == 1000 and st.target_pages == 1000
             assert st.report is not None and st.report.guest == "g1"
             assert st.report.total_bytes == 996624 * 1024 and st.report.stall_pct == 1.5
-            assert st.report.balloon_actual_pages == 1000 and st.report_time is not None
+            # the line arrived before the balloon moved: it is paired with the balloon then
+            assert st.report.balloon_actual_pages == 0 and st.report_time is not None
             assert st.resident_bytes is not None and st.resident_bytes > 0
             assert backend.host_resident_bytes() > 0
             # Out of range or unknown: refused and counted, never sent.

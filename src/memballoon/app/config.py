@@ -3,7 +3,14 @@
 Sizes are a whole number of bytes or a string with a binary or decimal unit: ``"3GiB"``,
 ``"512 MiB"``, ``"1.5GiB"``, ``"64MB"``, ``"4096B"``. Every error is one ``ConfigError`` whose
 message names the key (``guests[1].min``), the value and, for sizes, the unit expected.
-See examples/host.toml (local world) and examples/qemu.toml.
+A guest's ``min`` and ``max`` may also be a share of its RAM (``"25%"``), resolved when its RAM
+is known (``resolve_settings``): a libvirt domain's when it is first seen.
+
+Worlds: ``local`` (guest processes, ``mib``), ``qemu`` (VMs memballoon launches, ``max_mib``,
+or running VMs it attaches to by their QMP socket, ``qmp``), ``libvirt`` (the running domains
+of ``uri``, all or those ``domains`` matches; ``[[guests]]`` entries only set limits, and
+``[defaults]`` sets them for every guest an entry leaves them to).
+See examples/host.toml, examples/qemu.toml, examples/qemu-attach.toml, examples/libvirt.toml.
 """
 
 from __future__ import annotations
@@ -104,6 +111,26 @@ Budget = Annotated[int | Literal["auto"], BeforeValidator(_budget)]
 Reserve = Annotated[int | str, BeforeValidator(_reserve)]
 
 
+def _limit(v: object) -> int | str:
+    if isinstance(v, str) and _PERCENT_RE.fullmatch(v) is not None:
+        pct = float(v.strip().rstrip("%"))
+        if not 0.0 <= pct <= 100.0:
+            raise ConfigError(f"{v!r}: a share of the guest's RAM must be 0% to 100%")
+        return f"{pct:g}%"
+    return parse_size(v)
+
+
+#: A guest's ``min``/``max``: a size, or a share of its RAM (``"25%"``).
+Limit = Annotated[int | str, BeforeValidator(_limit)]
+
+
+def limit_pages(limit: int | str, ram_pages: int) -> int:
+    """``limit`` (bytes, or a share "25%") in whole pages of a guest of ``ram_pages``."""
+    if isinstance(limit, int):
+        return limit // PAGE_SIZE
+    return int(float(limit.rstrip("%")) / 100.0 * ram_pages)
+
+
 def default_socket_path() -> Path:
     """``$XDG_RUNTIME_DIR/memballoon/memballoon.sock``, else ``/run/memballoon/...`` for root,
     else ``/tmp/memballoon-<uid>/memballoon.sock``."""
@@ -131,53 +158,121 @@ class HysteresisConfig(_Strict):
     report_max_age_s: float = Field(default=10.0, gt=0.0)
 
 
+class DefaultsConfig(_Strict):
+    """Limits for every guest whose ``[[guests]]`` entry leaves them out (or that has none:
+    a libvirt domain not named)."""
+
+    min: Limit | None = None
+    max: Limit | None = None
+    shares: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> DefaultsConfig:
+        _check_order(self.min, self.max)
+        return self
+
+
+def _check_order(lo: int | str | None, hi: int | str | None) -> None:
+    """A max below its min, where both are sizes or both shares (mixed: the min holds)."""
+    if lo is None or hi is None or isinstance(lo, int) != isinstance(hi, int):
+        return
+    if limit_pages(hi, 10**6) < limit_pages(lo, 10**6):
+        raise ConfigError(f"max = {hi!r} is below min = {lo!r}")
+
+
 class GuestConfig(_Strict):
+    # libvirt domain names may hold more than this, but not in a [[guests]] entry: ask if so
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     mib: int | None = Field(default=None, ge=16)  # local
-    max_mib: int | None = Field(default=None, ge=64)  # qemu: RAM
+    max_mib: int | None = Field(default=None, ge=64)  # qemu: RAM (attach: QEMU's, if given)
     start_mib: int | None = Field(default=None, ge=64)  # qemu: logical size at boot
     protocol: Literal["vmw", "vmw-batched", "virtio"] = "virtio"
     workload: Literal["idle", "steady", "bursty", "ramp", "diurnal"] = "idle"
     seed: int = 0
     period_s: float = Field(default=1.0, gt=0.0)
     swap: Size = 0
-    min: Size | None = None
-    max: Size | None = None
-    shares: int = Field(default=1000, gt=0)
+    min: Limit | None = None  # a size or a share of the guest's RAM ("25%")
+    max: Limit | None = None
+    shares: int | None = Field(default=None, gt=0)  # None: [defaults].shares (1000)
     cpus: int = Field(default=1, ge=1, le=64)
+    # qemu, a VM memballoon launches (as `memballoon vm start` takes them)
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+    # qemu, a running VM to attach to: its QMP socket and, optionally, its agent socket
+    qmp: Path | None = None
+    agent: Path | None = None
 
     @property
-    def ram_bytes(self) -> int:
+    def ram_bytes(self) -> int | None:
+        """RAM from the config (None: learnt from QEMU or libvirt)."""
         mib = self.mib if self.mib is not None else self.max_mib
-        assert mib is not None
-        return mib * MIB
+        return None if mib is None else mib * MIB
 
     @model_validator(mode="after")
     def _limits(self) -> GuestConfig:
-        if self.mib is None and self.max_mib is None:
-            raise ConfigError("give mib (local) or max_mib (qemu)")
         ram = self.ram_bytes
-        if self.min is not None and self.min > ram:
-            raise ConfigError(f"min = {self.min} bytes is above the guest's RAM ({ram} bytes)")
-        if self.max is not None and self.max > ram:
-            raise ConfigError(f"max = {self.max} bytes is above the guest's RAM ({ram} bytes)")
-        if self.min is not None and self.max is not None and self.max < self.min:
-            raise ConfigError(f"max = {self.max} bytes is below min = {self.min} bytes")
+        for key in ("min", "max"):
+            v = getattr(self, key)
+            if ram is not None and isinstance(v, int) and v > ram:
+                raise ConfigError(f"{key} = {v} bytes is above the guest's RAM ({ram} bytes)")
+        _check_order(self.min, self.max)
         if self.start_mib is not None and self.max_mib is not None \
                 and self.start_mib > self.max_mib:
             raise ConfigError(f"start_mib = {self.start_mib} is above max_mib = {self.max_mib}")
+        if self.agent is not None and self.qmp is None:
+            raise ConfigError("agent needs qmp (the VM to attach to)")
+        if self.qmp is not None:
+            launch_only = [k for k in ("start_mib", "accel", "deflate_on_oom",
+                                       "free_page_reporting", "cpus", "mib")
+                           if k in self.model_fields_set]
+            if launch_only:
+                raise ConfigError(
+                    f"{', '.join(launch_only)}: only for a VM memballoon launches; this one "
+                    "is attached by its qmp socket (set them on its QEMU command line)")
         return self
 
-    def settings(self) -> GuestSettings:
-        return GuestSettings(
-            min_pages=(self.min or 0) // PAGE_SIZE,
-            max_pages=None if self.max is None else self.max // PAGE_SIZE,
-            shares=self.shares,
-        )
+    def settings(self, ram_pages: int | None = None,
+                 defaults: DefaultsConfig | None = None) -> GuestSettings:
+        """The guest's limits in pages (``resolve_settings``); RAM from the config when
+        ``ram_pages`` is not given."""
+        if ram_pages is None:
+            ram = self.ram_bytes
+            ram_pages = 0 if ram is None else ram // PAGE_SIZE
+        return resolve_settings(self, defaults, ram_pages)
+
+
+def resolve_settings(guest: GuestConfig | None, defaults: DefaultsConfig | None,
+                     ram_pages: int) -> GuestSettings:
+    """A guest's ``GuestSettings``: its entry's limits, else ``[defaults]``', shares alike;
+    shares of RAM ("25%") taken of ``ram_pages``; a size above the RAM clamps to it (a
+    libvirt domain smaller than its defaults' min keeps all its RAM)."""
+    d = defaults if defaults is not None else DefaultsConfig()
+    lo = guest.min if guest is not None and guest.min is not None else d.min
+    hi = guest.max if guest is not None and guest.max is not None else d.max
+    shares = guest.shares if guest is not None and guest.shares is not None else d.shares
+    cap = ram_pages if ram_pages > 0 else None
+    min_pages = 0 if lo is None else limit_pages(lo, ram_pages)
+    max_pages = None if hi is None else limit_pages(hi, ram_pages)
+    if cap is not None:
+        min_pages = min(min_pages, cap)
+        max_pages = None if max_pages is None else min(max_pages, cap)
+    if max_pages is not None and max_pages < min_pages:
+        max_pages = min_pages  # a size min above a share max: the min holds
+    return GuestSettings(min_pages=min_pages, max_pages=max_pages, shares=shares)
+
+
+DEFAULT_LIBVIRT_URI: Final = "qemu:///system"
 
 
 class HostConfig(_Strict):
-    world: Literal["local", "qemu"] = "local"
+    world: Literal["local", "qemu", "libvirt"] = "local"
+    # libvirt: the connection, which domains (names or glob patterns; all with a virtio
+    # balloon when left out), the balloon stats period memballoon turns on where it is off
+    uri: str = Field(default=DEFAULT_LIBVIRT_URI, min_length=1, max_length=1024)
+    domains: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = None
+    stats_period_s: int = Field(default=2, ge=1, le=3600)
+    defaults: DefaultsConfig = DefaultsConfig()
     budget: Budget
     host_reserve: Reserve = DEFAULT_HOST_RESERVE
     host_cgroup: str | None = None  # the cgroup standing for the guests' share (machine.slice)
@@ -202,9 +297,26 @@ class HostConfig(_Strict):
         for g in self.guests:
             if self.world == "local" and g.mib is None:
                 raise ConfigError(f"guest {g.name}: the local world needs mib")
-            if self.world == "qemu" and g.max_mib is None:
-                raise ConfigError(f"guest {g.name}: the qemu world needs max_mib")
+            if self.world == "qemu" and g.max_mib is None and g.qmp is None:
+                raise ConfigError(f"guest {g.name}: the qemu world needs max_mib (a VM to "
+                                  "launch) or qmp (a running VM to attach to)")
+            if self.world != "qemu" and g.qmp is not None:
+                raise ConfigError(f"guest {g.name}: qmp is for world = \"qemu\"")
+            if self.world == "libvirt":
+                extra = sorted(g.model_fields_set - {"name", "min", "max", "shares"})
+                if extra:
+                    raise ConfigError(f"guest {g.name}: {', '.join(extra)}: a libvirt domain "
+                                      "takes only min, max and shares here (its RAM and "
+                                      "devices are libvirt's)")
+        if self.world != "libvirt":
+            extra = sorted({"uri", "domains", "stats_period_s"} & self.model_fields_set)
+            if extra:
+                raise ConfigError(f"{', '.join(extra)}: only for world = \"libvirt\"")
         return self
+
+    def guest(self, name: str) -> GuestConfig | None:
+        """The ``[[guests]]`` entry named ``name``, if any."""
+        return next((g for g in self.guests if g.name == name), None)
 
     @property
     def socket_path(self) -> Path:
@@ -257,13 +369,20 @@ def load_config(path: Path | str) -> HostConfig:
     cfg = load_config_text(text, str(p))
     base = p.parent
     # relative paths in the file are relative to the file, not to where the daemon started
-    upd: dict[str, Path] = {}
+    upd: dict[str, Any] = {}
     for key in ("journal", "socket", "run_dir"):
         v = getattr(cfg, key)
         if v is not None and not v.is_absolute():
             upd[key] = base / v
+    guests = [g.model_copy(update={k: base / getattr(g, k) for k in ("qmp", "agent")
+                                   if getattr(g, k) is not None
+                                   and not getattr(g, k).is_absolute()})
+              for g in cfg.guests]
+    if guests != cfg.guests:
+        upd["guests"] = guests
     return cfg.model_copy(update=upd) if upd else cfg
 
 
-__all__ = ["DEFAULT_HOST_RESERVE", "GuestConfig", "HostConfig", "default_socket_path",
-           "load_config", "load_config_text", "parse_size", "reserve_bytes"]
+__all__ = ["DEFAULT_HOST_RESERVE", "DEFAULT_LIBVIRT_URI", "DefaultsConfig", "GuestConfig",
+           "HostConfig", "default_socket_path", "limit_pages", "load_config",
+           "load_config_text", "parse_size", "reserve_bytes", "resolve_settings"]

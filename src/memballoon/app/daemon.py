@@ -1,13 +1,21 @@
 """``memballoon run --config host.toml``: the host daemon (edge: one asyncio loop, signals).
 
 Start-up: load and validate the config; start the world's backend (local guest processes,
-``LocalHost``, or QEMU guests, ``QemuBackend``); say whether the host budget is enforced (a
-memory cgroup) or only watched, and why; start the control socket, the metrics port and the
+``LocalHost``; QEMU guests it launches or attaches to, ``QemuBackend``, saying which
+accelerator each runs on; the domains of a libvirt host, ``LibvirtBackend``); say whether the
+host budget is enforced (a memory cgroup) or only watched, and why; start the control
+socket, the metrics port and the
 manager: the engine (``manager.engine.Engine``) in its asyncio shell (``edge.aio.AsyncEngine``),
 one clock (``MonotonicClock``) for the engine and the backend's report times.
 SIGTERM/SIGINT (or the control op ``shutdown``) stop the loop, then
 deflate every guest to its max size and wait for the balloons to get there (journaled), and
-only then stop the guests (local) or detach from QEMU.
+only then stop the guests (local and launched QEMU) or detach (attached QEMU, libvirt).
+
+Each guest's limits come from its ``[[guests]]`` entry, else ``[defaults]``; a share of RAM
+("25%") is resolved once the guest's RAM is known (``_settle``: libvirt domains and attached
+VMs tell it when first seen). ``status`` reads what the last period collected (it polls no
+guest). What backends report happening to guests (a libvirt domain started, destroyed,
+migrated away; a stats period turned on) is said and journaled (``kind`` ``domain``...).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from memballoon.app.config import HostConfig, parse_size, reserve_bytes
+from memballoon.app.config import HostConfig, parse_size, reserve_bytes, resolve_settings
 from memballoon.app.control import ControlServer
 from memballoon.app.metrics import ManagerMetrics
 from memballoon.edge.aio import AsyncEngine
@@ -64,7 +72,12 @@ class Daemon:
         self.counters = Counters()
         self.policy = policy if policy is not None else make_policy(cfg.policy.name,
                                                                     cfg.policy.params)
-        self.settings: dict[str, GuestSettings] = {g.name: g.settings() for g in cfg.guests}
+        self.settings: dict[str, GuestSettings] = {
+            g.name: g.settings(defaults=cfg.defaults) for g in cfg.guests
+            if g.ram_bytes is not None}
+        self._settled: dict[str, int] = {}  # guest -> the RAM (pages) its settings are for
+        self.accels: dict[str, str] = {}  # QEMU guests: the accelerator each runs on
+        self._collected_at: float | None = None  # the engine's clock at the last period
         self.clock = MonotonicClock()
         self.backend: Backend | None = None
         self.manager: AsyncEngine | None = None
@@ -107,15 +120,69 @@ class Daemon:
 
         run_dir = self.cfg.run_dir or self.cfg.socket_path.parent / "qemu"
         guests = [QemuGuest(name=g.name, max_mib=g.max_mib or 0, start_mib=g.start_mib,
-                            cpus=g.cpus) for g in self.cfg.guests]
+                            cpus=g.cpus, accel=g.accel, deflate_on_oom=g.deflate_on_oom,
+                            free_page_reporting=g.free_page_reporting)
+                  for g in self.cfg.guests if g.qmp is None]
         backend = await QemuBackend.create(guests, run_dir=Path(run_dir),
                                            budget_bytes=self.fixed_budget,
                                            counters=self.counters, clock=self.clock)
         self._closers.append(backend.close)
+        backend.on_guest = self._settle
+        for g in self.cfg.guests:
+            if g.qmp is None:
+                continue
+            why = await backend.adopt(g.name, g.qmp, g.agent, g.ram_bytes)
+            if why is not None:
+                self.say(f"guest {g.name}: not attached yet: {why}; trying again every "
+                         "few seconds")
+        self.accels = backend.accels()
+        for name, accel in sorted(self.accels.items()):
+            entry = self.cfg.guest(name)
+            how = "attached" if entry is not None and entry.qmp is not None else "launched"
+            why = "" if accel == "kvm" else (
+                " (software emulation: KVM not usable for this guest here)" if accel == "tcg"
+                else " (QEMU did not say)")
+            self.say(f"guest {name}: {how}, QEMU on {accel}{why}")
         b = backend.budget
         if b is not None:
             self.budget_enforced, self.budget_reason = b.enforced, b.reason
         return backend
+
+    async def _start_libvirt(self) -> Backend:
+        from memballoon.qemu.libvirt_backend import LibvirtBackend
+
+        cfg = self.cfg
+        backend = LibvirtBackend(cfg.uri, domains=cfg.domains, counters=self.counters,
+                                 stats_period_s=cfg.stats_period_s, clock=self.clock,
+                                 on_guest=self._settle)
+        self._closers.append(backend.aclose)
+        which = "every running domain with a virtio balloon" if cfg.domains is None else (
+            "the running domains matching " + ", ".join(cfg.domains))
+        self.say(f"libvirt {cfg.uri}: managing {which}")
+        self.say("following domains by libvirt lifecycle events" if backend.follows_events
+                 else f"{backend.events_error}: following domains by polling each period")
+        await backend.refresh()  # the domains running now, said before the first period
+        self._say_backend_events(backend)
+        return backend
+
+    def _settle(self, name: str, ram_pages: int) -> None:
+        """``name``'s limits for its RAM (a backend saw it first, or with another RAM)."""
+        if self._settled.get(name) == ram_pages:
+            return
+        self._settled[name] = ram_pages
+        s = resolve_settings(self.cfg.guest(name), self.cfg.defaults, ram_pages)
+        self.settings[name] = s
+        if self.manager is not None:
+            self.manager.engine.core.settings[name] = s
+
+    def _say_backend_events(self, backend: object) -> list[dict[str, Any]]:
+        """Say what the backend reports happening to guests; the records to journal."""
+        drain = getattr(backend, "drain_events", None)
+        recs: list[dict[str, Any]] = []
+        for ev in drain() if drain is not None else []:
+            self.say(f"{ev.guest + ': ' if ev.guest else ''}{ev.kind}: {ev.detail}")
+            recs.append({"kind": ev.kind, "guest": ev.guest or None, "reason": ev.detail})
+        return recs
 
     @property
     def fixed_budget(self) -> int | None:
@@ -134,7 +201,9 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.cfg
         probe, reserve = self._host_memory()  # a bad host_cgroup fails before any guest starts
-        backend = await (self._start_local() if cfg.world == "local" else self._start_qemu())
+        start = {"local": self._start_local, "qemu": self._start_qemu,
+                 "libvirt": self._start_libvirt}[cfg.world]
+        backend = await start()
         self.backend = backend
         h = cfg.hysteresis
         fixed = self.fixed_budget
@@ -150,6 +219,7 @@ class Daemon:
         engine = Engine(backend, core, self.journal, self.clock, host_probe=probe,
                         counters=self.counters)
         self.manager = AsyncEngine(engine, period_s=cfg.period_s, on_tick=self._tick)
+        core.settings.update(self.settings)  # those a backend settled while it started
         if fixed is None:
             self.say("host budget auto: the guests may hold what the host has available "
                      "beyond its reserve")
@@ -158,7 +228,8 @@ class Daemon:
         else:
             self.say(f"host budget {fixed / MIB:.0f} MiB only WATCHED (not enforced): "
                      f"{self.budget_reason or 'no cgroup'}")
-        self.say(f"world {cfg.world}, {len(cfg.guests)} guest(s), policy {self.policy.name}, "
+        count = len(cfg.guests) if cfg.world != "libvirt" else len(backend.guests())
+        self.say(f"world {cfg.world}, {count} guest(s), policy {self.policy.name}, "
                  f"period {cfg.period_s} s")
         self.control = ControlServer(self, cfg.socket_path, counters=self.counters)
         await self.control.start()
@@ -170,6 +241,9 @@ class Daemon:
         self.say(f"journal {cfg.journal or '(memory only)'}")
 
     def _tick(self, e: Engine) -> None:
+        self._collected_at = e.now()
+        for rec in self._say_backend_events(e.backend):
+            e.journal.write(rec, mono=e.now())
         if self.metrics is not None:
             self.metrics.update(e.guests, e.core.last_host, e.host, decisions=e.decisions)
 
@@ -215,10 +289,13 @@ class Daemon:
         return self.manager
 
     async def op_status(self) -> dict[str, Any]:
-        am = self._m()
-        await am.refresh()
-        m = am.engine
+        # what the last period collected: a status request polls no guest (it used to, at
+        # about 0.45 s a call with two QEMU guests)
+        m = self._m().engine
         now = m.now()
+        b = m.backend
+        sources: dict[str, str] = getattr(b, "pressure_sources", dict)()
+        notes: dict[str, str] = getattr(b, "notes", dict)()
         guests = []
         for name, st in m.guests.items():
             s = m.core.settings.get(name, GuestSettings())
@@ -239,6 +316,9 @@ class Daemon:
                 "refused_pages": r.refused_pages if r else None,
                 "oom_kills": r.oom_kills if r else None,
                 "report_age_s": None if age is None else round(age, 2),
+                "pressure_source": sources.get(name, "agent" if r is not None else "none"),
+                "accel": self.accels.get(name),
+                "note": notes.get(name) or None,
             })
         return {
             "world": self.cfg.world, "policy": self.policy.name,
@@ -246,10 +326,38 @@ class Daemon:
             is None else "fixed", "budget_enforced": self.budget_enforced,
             "budget_reason": self.budget_reason, "host": self._host_status(m),
             "host_resident_bytes": m.host_resident_bytes,
+            "budget_held_against": self._budget_basis(), "cgroup": self._cgroup_status(),
+            "collected_age_s": round(max(0.0, now - self._collected_at), 2)
+            if self._collected_at is not None else None,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "period_s": self.cfg.period_s, "decisions": m.decisions,
             "guests": guests, "counters": self.counters.as_dict(),
         }
+
+    def _budget_basis(self) -> str:
+        """Which figure the budget is held against, for the operator."""
+        what = {"local": "the guests' memfd RAM the host holds (st_blocks)",
+                "qemu": "the sum of the guests' QEMU RSS (guest RAM they hold plus QEMU's own)",
+                "libvirt": "the sum of the domains' QEMU RSS as libvirt reports it"}[
+                    self.cfg.world]
+        if self.fixed_budget is None:
+            return (f"host_resident_bytes ({what}) plus what the host has available beyond "
+                    "its reserve (budget auto)")
+        return f"host_resident_bytes: {what}"
+
+    def _cgroup_status(self) -> dict[str, Any] | None:
+        """The enforcing cgroup's own figures: what the kernel limits (page cache and kernel
+        memory charged to it included, so it differs from host_resident_bytes)."""
+        budget = getattr(self.backend, "budget", None)
+        cg = getattr(budget, "cgroup", None)
+        if cg is None:
+            return None
+        out: dict[str, Any] = {"path": str(cg.path), "usage_bytes": None, "limit_bytes": None}
+        with contextlib.suppress(Exception):
+            out["usage_bytes"] = cg.usage_bytes()
+        with contextlib.suppress(Exception):
+            out["limit_bytes"] = cg.read_limit_bytes()
+        return out
 
     def _budget_bytes(self, e: Engine) -> int | None:
         """The budget in force at the last step (auto: the host's room), else the fixed one."""
@@ -276,9 +384,6 @@ class Daemon:
             raise ConfigError(f"size: {exc}") from None
         st = m.guests.get(guest)
         if st is None:
-            await am.refresh()
-            st = m.guests.get(guest)
-        if st is None:
             raise UsageError(f"no guest named {guest!r}")
         ram = st.ram_pages * PAGE_SIZE
         if size_bytes > ram:
@@ -301,8 +406,10 @@ class Daemon:
         if self.cfg.world != "qemu" or attach is None:
             raise UsageError("register_qemu needs a daemon with world = \"qemu\"")
         await attach(name, qmp, agent, ram_bytes)
-        self._m().engine.core.settings.setdefault(name, GuestSettings())
-        return {"registered": name}
+        self._settle(name, ram_bytes // PAGE_SIZE)
+        accels: dict[str, str] = getattr(b, "accels", dict)()
+        self.accels[name] = accels.get(name, "unknown")
+        return {"registered": name, "accel": self.accels[name]}
 
     async def op_shutdown(self) -> dict[str, Any]:
         self.stopping.set()

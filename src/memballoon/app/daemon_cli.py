@@ -49,16 +49,24 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return asyncio.run(serve(cfg))
 
 
+#: Short names for the status table's pressure source column.
+SOURCE_SHORT = {"qemu-guest-agent": "qga", "memballoon-agent": "agent",
+                "balloon-stats": "stats", "agent": "agent", "none": "-"}
+
+
 def status_table(st: dict[str, Any]) -> Any:
     from rich.table import Table
 
     mode = "enforced" if st.get("budget_enforced") else "watched"
+    cg = st.get("cgroup")
+    cgroup = "" if not cg else (f" · cgroup {_mib(cg.get('usage_bytes'))}/"
+                                f"{_mib(cg.get('limit_bytes'))} MiB")
     t = Table(title=(f"memballoon · {st.get('world')} · policy {st.get('policy')} · host "
                      f"{_mib(st.get('host_resident_bytes'))}/{_mib(st.get('budget_bytes'))} "
-                     f"MiB ({mode}) · decisions {st.get('decisions')}"))
+                     f"MiB ({mode}){cgroup} · decisions {st.get('decisions')}"))
     for col in ("guest", "alive", "RAM", "size", "target", "actual", "free", "avail",
-                "stall %", "refused", "min", "max"):
-        t.add_column(col, justify="left" if col == "guest" else "right")
+                "stall %", "refused", "min", "max", "source"):
+        t.add_column(col, justify="left" if col in ("guest", "source") else "right")
     for g in st.get("guests", []):
         t.add_row(
             g["name"] + (" (manual)" if g.get("manual") else ""),
@@ -68,8 +76,14 @@ def status_table(st: dict[str, Any]) -> Any:
             "-" if g.get("stall_pct") is None else f"{g['stall_pct']:.1f}",
             "-" if g.get("refused_pages") is None else str(g["refused_pages"]),
             _mib(g.get("min_bytes")), _mib(g.get("max_bytes")),
+            SOURCE_SHORT.get(g.get("pressure_source") or "none", str(g.get("pressure_source"))),
         )
-    t.caption = "sizes in MiB; target/actual are balloon sizes"
+    t.caption = ("sizes in MiB; target/actual are balloon sizes; source: where the guest's "
+                 "pressure comes from (qga: QEMU guest agent, agent: memballoon agent, stats: "
+                 "balloon stats)")
+    notes = [f"{g['name']}: {g['note']}" for g in st.get("guests", []) if g.get("note")]
+    if notes:
+        t.caption += "\n" + "\n".join(notes)
     return t
 
 

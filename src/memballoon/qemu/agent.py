@@ -4,10 +4,14 @@ The guest writes ONE JSON line a second (schema v1, written by initscript.py's a
     {"v": 1, "t": <guest uptime s>,
      "meminfo": {"MemTotal", "MemFree", "MemAvailable", "Cached", "SwapTotal", "SwapFree"} (kB),
      "psi": {"some_avg10", "some_total", "full_avg10", "full_total"} | null,
-     "vmstat": {"pswpin", "pswpout", "pgmajfault", "oom_kill"}}
+     "vmstat": {"pswpin", "pswpout", "pgmajfault", "oom_kill", "balloon_inflate",
+                "balloon_deflate"}}
 PSI is Linux's /proc/pressure/memory (Documentation/accounting/psi.rst: avg10 in percent,
-total in microseconds); vmstat counters are /proc/vmstat's (pswpin/pswpout in pages).
-Any field may be null or absent (older kernels, no PSI): it becomes None.
+total in microseconds); vmstat counters are /proc/vmstat's (pswpin/pswpout in pages;
+balloon_inflate/balloon_deflate: pages the balloon driver took and gave back since boot,
+counted by mm/balloon_compaction.c, so their difference is the balloon *as the guest saw it
+when it wrote the line*). Any field may be null or absent (older kernels, no PSI, an older
+agent): it becomes None.
 
 The guest is untrusted: a line that is not valid JSON, has the wrong shape or version, holds
 out-of-range numbers or is longer than ``MAX_LINE_BYTES`` raises AgentError after bumping a
@@ -71,10 +75,21 @@ class AgentReport:
     swap_out_pages: int | None = None  # vmstat pswpout (cumulative)
     major_faults: int | None = None  # vmstat pgmajfault (cumulative)
     oom_kills: int | None = None  # vmstat oom_kill (cumulative)
+    balloon_inflated_pages: int | None = None  # vmstat balloon_inflate (cumulative)
+    balloon_deflated_pages: int | None = None  # vmstat balloon_deflate (cumulative)
     psi_some_avg10: float | None = None  # percent of the last 10 s some task stalled on memory
     psi_some_total_us: int | None = None
     psi_full_avg10: float | None = None  # percent of the last 10 s all tasks stalled
     psi_full_total_us: int | None = None
+
+    @property
+    def guest_balloon_pages(self) -> int | None:
+        """The balloon when the guest wrote this report (inflated minus deflated pages), or
+        None when the guest did not say (or its counters are impossible)."""
+        i, d = self.balloon_inflated_pages, self.balloon_deflated_pages
+        if i is None or d is None or d > i:
+            return None
+        return i - d
 
 
 _MEMINFO: Mapping[str, str] = {
@@ -90,6 +105,8 @@ _VMSTAT: Mapping[str, str] = {
     "pswpout": "swap_out_pages",
     "pgmajfault": "major_faults",
     "oom_kill": "oom_kills",
+    "balloon_inflate": "balloon_inflated_pages",
+    "balloon_deflate": "balloon_deflated_pages",
 }
 _PSI_TOTALS: Mapping[str, str] = {"some_total": "psi_some_total_us",
                                   "full_total": "psi_full_total_us"}
@@ -199,6 +216,11 @@ def to_pressure_report(
 ) -> PressureReport:
     """The manager's one report shape (protocol/pressure.py) from an agent report.
 
+    The report's balloon is the one the guest saw when it wrote the line
+    (``AgentReport.guest_balloon_pages``) where the guest says, else ``balloon_actual_pages``,
+    the caller's best figure for that moment: MemAvailable and the balloon must be of one
+    moment, or a balloon that moved in between reads as a working-set jump.
+
     ``stall_pct`` is the share of the time between ``prev`` and ``agent`` (guest uptime, or
     ``period_s`` when the uptimes do not advance) that PSI ``some.total`` grew by; without a
     usable ``prev`` it is PSI's own ``some avg10``. Anonymous memory is not in the agent's
@@ -206,6 +228,9 @@ def to_pressure_report(
     did not report become neutral values: total = RAM minus balloon, free/cache 0,
     available = free + cache, counters and stall 0.
     """
+    seen = agent.guest_balloon_pages
+    if seen is not None and seen * PAGE_SIZE < ram_bytes:
+        balloon_actual_pages = seen
     balloon_bytes = balloon_actual_pages * PAGE_SIZE
     total = agent.mem_total_bytes
     if total is None:

@@ -23,6 +23,14 @@ Failure handling, guest by guest (the others never notice):
   listed by ``stuck()``.
 - ``BALLOON_CHANGE`` events only count as movement between polls; never as the size.
 - Agent garbage or floods are absorbed by AgentChannel (counted, bounded).
+- A guest to attach whose QMP socket is missing, or answers but is not QEMU (``adopt``): it
+  shows as gone with the reason and what to do, and the backend tries again every
+  ``ATTACH_RETRY_S`` (a VM started later joins); it is never launched or killed from here.
+
+A report's balloon is the one the guest saw when it wrote it (the agent's vmstat balloon
+counters); from an agent that does not say, the balloon polled last before the line arrived
+(``qemu.history``), never the one polled after it: a deflate between the two would read as a
+working-set jump.
 
 Where we run as root with a memory cgroup, ``create`` puts every QEMU it launches into one
 cgroup whose limit is the host budget: QEMU starts paused (``-S``), its pid joins the cgroup,
@@ -36,7 +44,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -53,8 +61,11 @@ from memballoon.qemu.agent import AgentChannel, AgentReport, to_pressure_report
 from memballoon.qemu.errors import (
     DeviceNotActiveError,
     GuestGoneError,
+    QmpCommandError,
     QmpError,
+    QmpTimeoutError,
 )
+from memballoon.qemu.history import BalloonHistory
 from memballoon.qemu.image import GuestImage, build_guest_image
 from memballoon.qemu.launch import QemuGuest, QemuProcess, launch
 from memballoon.qemu.qmp import QmpClient
@@ -77,6 +88,7 @@ class QemuBackendCounter(CounterName):
     QEMU_RECONNECT_ATTEMPT = "qemu_reconnect_attempt"  # tries to reopen a gone guest's QMP socket
     QEMU_RECONNECTED = "qemu_reconnected"  # gone guests back
     QEMU_AGENT_RECONNECTED = "qemu_agent_reconnected"  # agent sockets reopened
+    QEMU_ATTACH_FAILED = "qemu_attach_failed"  # attaches that found no QEMU (retried later)
 
 
 #: XAPI squeezed declares a balloon stuck when it has not moved for 5 s (notes/peers.md).
@@ -91,6 +103,12 @@ MAX_POLL_FAILURES: Final = 3
 #: Per-call QMP timeout: one slow QEMU must not hold the whole snapshot for long.
 QMP_TIMEOUT_S: Final = 2.0
 BOOT_TIMEOUT_S: Final = 90.0
+#: A guest to attach that is not there yet is tried again this often, without end.
+ATTACH_RETRY_S: Final = 5.0
+
+#: Where a guest's pressure comes from, as ``pressure_sources`` names it.
+SOURCE_AGENT: Final = "memballoon-agent"
+SOURCE_NONE: Final = "none"
 
 
 def qemu_pid_of(qmp_path: str | Path) -> int | None:
@@ -146,10 +164,24 @@ class _Guest:
     prev_agent: AgentReport | None = None
     report: PressureReport | None = None
     report_time: float | None = None
+    accel: str = "unknown"
+    history: BalloonHistory = field(default_factory=BalloonHistory)
 
     @property
     def ram_pages(self) -> int:
         return self.ram_bytes >> PAGE_SHIFT
+
+
+@dataclass
+class _Waiting:
+    """A guest to attach whose QEMU did not answer yet (``adopt``)."""
+
+    name: str
+    qmp_path: str
+    agent_path: str | None
+    ram_bytes: int | None
+    reason: str
+    next_try_at: float
 
 
 class QemuBackend:
@@ -173,6 +205,10 @@ class QemuBackend:
         self.image = image
         self.qmp_timeout_s = qmp_timeout_s
         self._guests: dict[str, _Guest] = {}
+        self._waiting: dict[str, _Waiting] = {}
+        #: Told each live guest's RAM in pages at every refresh (the daemon resolves its
+        #: limits, a min of "25%" for one, once it knows the RAM).
+        self.on_guest: Callable[[str, int], None] | None = None
         self._stuck: set[str] = set()
 
     @property
@@ -227,7 +263,8 @@ class QemuBackend:
                         counters=self.counters, name=spec.name)
         agent = AgentChannel(proc.agent_path, guest=spec.name, counters=self.counters,
                              clock=self.clock)
-        g = _Guest(spec.name, spec.ram_bytes, qmp, agent, proc=proc, pid=proc.pid)
+        g = _Guest(spec.name, spec.ram_bytes, qmp, agent, proc=proc, pid=proc.pid,
+                   accel=proc.accel)
         self._guests[spec.name] = g
         await qmp.connect(wait_s=10.0)
         if self.budget is not None and self.budget.cgroup is not None:
@@ -240,32 +277,53 @@ class QemuBackend:
         await agent.connect(wait_s=5.0)
 
     async def attach(
-        self, name: str, qmp_path: str | Path, agent_path: str | Path | None, ram_bytes: int,
+        self, name: str, qmp_path: str | Path, agent_path: str | Path | None,
+        ram_bytes: int | None = None,
     ) -> None:
-        """Adopt a running QEMU (e.g. from ``memballoon vm start``) by its sockets.
+        """Adopt a running QEMU (e.g. from ``memballoon vm start``) by its sockets; it is
+        never launched or killed from here. ``ram_bytes=None`` asks QEMU
+        (``query-memory-size-summary``); a given size must be QEMU's.
 
-        Raises ConfigError for a bad name or size, GuestGoneError when the QMP socket does
-        not answer. Without an agent socket the guest has no pressure reports."""
+        Raises ConfigError for a bad name or size, GuestGoneError when nothing listens on
+        the QMP socket, another QmpError when what listens is not a QEMU monitor with a
+        balloon. Without an agent socket the guest has no pressure reports."""
         if name in self._guests:
             raise ConfigError(f"guest {name!r} is already attached")
-        if ram_bytes <= 0 or ram_bytes % PAGE_SIZE:
+        if ram_bytes is not None and (ram_bytes <= 0 or ram_bytes % PAGE_SIZE):
             raise ConfigError(f"ram_bytes={ram_bytes}: must be a positive multiple of 4096")
+        if not Path(qmp_path).exists():
+            self.counters.inc(QemuBackendCounter.QEMU_ATTACH_FAILED)
+            raise GuestGoneError(
+                f"guest {name}: no QMP socket at {qmp_path}: start the VM with "
+                f"-qmp unix:{qmp_path},server=on,wait=off (or fix the path)")
         pid = qemu_pid_of(qmp_path)
         qmp = QmpClient(qmp_path, ram_bytes=ram_bytes, timeout_s=self.qmp_timeout_s,
                         counters=self.counters, name=name)
-        await qmp.connect(wait_s=2.0)
+        try:
+            await qmp.connect(wait_s=2.0)
+            ram = await self._check_ram(qmp, name, ram_bytes)
+            balloon = await qmp.balloon_pages()
+            accel = await self._accel_of(qmp)
+        except (QmpError, ConfigError) as exc:
+            await qmp.close()
+            self.counters.inc(QemuBackendCounter.QEMU_ATTACH_FAILED)
+            if isinstance(exc, DeviceNotActiveError):
+                raise DeviceNotActiveError(
+                    f"guest {name}: QEMU at {qmp_path} has no balloon device: start it with "
+                    "-device virtio-balloon-pci,id=balloon0") from exc
+            if isinstance(exc, QmpTimeoutError | GuestGoneError):
+                raise type(exc)(f"guest {name}: {qmp_path} does not answer as a QEMU monitor "
+                                f"({exc}): is it QEMU's -qmp socket?") from exc
+            raise
         agent = None if agent_path is None else AgentChannel(
             agent_path, guest=name, counters=self.counters, clock=self.clock)
-        g = _Guest(name, ram_bytes, qmp, agent, pid=pid)
+        g = _Guest(name, ram, qmp, agent, pid=pid, accel=accel)
         if pid is not None and self.budget is not None and self.budget.cgroup is not None:
             # Late, but its later faults are charged here at least (v1 does not move charges).
             with contextlib.suppress(MemballoonError):
                 self.budget.cgroup.add(pid)
-        try:
-            g.balloon_pages = await qmp.balloon_pages()
-        except QmpError:
-            await qmp.close()
-            raise
+        g.balloon_pages = balloon
+        g.history.add(self.clock.now(), balloon)
         g.target_pages = g.balloon_pages
         g.target_set_at = g.last_move_at = self.clock.now()
         if agent is not None:
@@ -274,7 +332,56 @@ class QemuBackend:
             except GuestGoneError:
                 self.counters.inc(QemuBackendCounter.QEMU_AGENT_UNREACHABLE)
         self._guests[name] = g
+        self._waiting.pop(name, None)
         self.counters.inc(QemuBackendCounter.QEMU_ATTACHED)
+
+    async def _check_ram(self, qmp: QmpClient, name: str, ram_bytes: int | None) -> int:
+        """QEMU's RAM; ConfigError when the config says another size."""
+        if ram_bytes is None:
+            return await qmp.ram_bytes()
+        reply = await qmp.execute("query-memory-size-summary")
+        base = reply.get("base-memory") if isinstance(reply, Mapping) else None
+        if isinstance(base, int) and not isinstance(base, bool) and base != ram_bytes:
+            raise ConfigError(f"guest {name}: the config says {ram_bytes} bytes of RAM, QEMU "
+                              f"has {base}: fix max_mib or leave it out")
+        return ram_bytes
+
+    async def _accel_of(self, qmp: QmpClient) -> str:
+        """``kvm`` or ``tcg`` (x86 QEMU has no other accelerator we run on), from query-kvm."""
+        try:
+            reply = await qmp.execute("query-kvm")
+        except QmpCommandError:
+            return "unknown"
+        enabled = reply.get("enabled") if isinstance(reply, Mapping) else None
+        return "unknown" if not isinstance(enabled, bool) else ("kvm" if enabled else "tcg")
+
+    async def adopt(
+        self, name: str, qmp_path: str | Path, agent_path: str | Path | None,
+        ram_bytes: int | None = None,
+    ) -> str | None:
+        """``attach``, or when QEMU is not there (yet): keep the guest as gone, with the
+        reason (returned) and what to do, and try again every ``ATTACH_RETRY_S``.
+        ConfigError (a bad name or size) is raised: retrying cannot fix it."""
+        try:
+            await self.attach(name, qmp_path, agent_path, ram_bytes)
+        except QmpError as exc:
+            self._waiting[name] = _Waiting(
+                name, str(qmp_path), None if agent_path is None else str(agent_path),
+                ram_bytes, str(exc), self.clock.now() + ATTACH_RETRY_S)
+            return str(exc)
+        return None
+
+    async def _retry_waiting(self) -> None:
+        now = self.clock.now()
+        for w in list(self._waiting.values()):
+            if now < w.next_try_at:
+                continue
+            try:
+                await self.attach(w.name, w.qmp_path, w.agent_path, w.ram_bytes)
+            except QmpError as exc:
+                w.reason, w.next_try_at = str(exc), now + ATTACH_RETRY_S
+            except ConfigError as exc:  # QEMU came up with another size: say so, try later
+                w.reason, w.next_try_at = str(exc), now + ATTACH_RETRY_S
 
     async def detach(self, name: str) -> None:
         """Forget a guest (its QEMU keeps running unless the backend launched it)."""
@@ -286,11 +393,30 @@ class QemuBackend:
 
     async def refresh(self) -> None:
         """Poll every guest at once (QMP ``query-balloon``, the agent's latest report)."""
+        if self._waiting:
+            await self._retry_waiting()
         await asyncio.gather(*(self._refresh(g) for g in list(self._guests.values())))
+        if self.on_guest is not None:
+            for g in self._guests.values():
+                self.on_guest(g.name, g.ram_pages)
 
     def guests(self) -> Mapping[str, GuestSample]:
-        """The guests as the last ``refresh`` saw them."""
-        return {g.name: self._sample(g) for g in self._guests.values()}
+        """The guests as the last ``refresh`` saw them (those still to attach: gone)."""
+        out = {g.name: self._sample(g) for g in self._guests.values()}
+        for w in self._waiting.values():
+            out.setdefault(w.name, GuestSample(w.name, 0, 0, 0, alive=False))
+        return out
+
+    def pressure_sources(self) -> dict[str, str]:
+        """Per guest, where its pressure comes from: the memballoon agent, or none."""
+        out = {g.name: SOURCE_AGENT if g.report is not None else SOURCE_NONE
+               for g in self._guests.values()}
+        out.update({w: SOURCE_NONE for w in self._waiting})
+        return out
+
+    def accels(self) -> dict[str, str]:
+        """Per guest, the accelerator its QEMU runs on (kvm, tcg, or unknown)."""
+        return {g.name: g.accel for g in self._guests.values()}
 
     async def poll(self) -> Mapping[str, GuestSample]:
         """``refresh`` then ``guests``: the samples now (for benches and tools)."""
@@ -383,7 +509,8 @@ class QemuBackend:
         return self._guests[name].agent
 
     def gone_reason(self, name: str) -> str:
-        return self._guests[name].gone_reason
+        w = self._waiting.get(name)
+        return w.reason if w is not None else self._guests[name].gone_reason
 
     async def close(self) -> None:
         """Disconnect everything; stop the QEMUs we launched; remove our cgroup."""
@@ -444,6 +571,7 @@ class QemuBackend:
         if pages != g.balloon_pages or hint != g.last_hint:
             g.last_move_at = now
         g.balloon_pages, g.last_hint = pages, hint
+        g.history.add(now, pages)
         self._check_stuck(g, now)
         await self._take_report(g, now)
 
@@ -473,9 +601,13 @@ class QemuBackend:
         arrived = now if arrived is None else arrived
         period = arrived - g.report_time if g.report_time is not None else 1.0
         g.prev_agent, g.seen_agent = g.seen_agent, latest
+        # the balloon of the line's moment: the guest's own count, else the last polled
+        # before the line arrived (not this poll's: it may be after a deflate)
+        then = g.history.at(arrived)
         g.report = to_pressure_report(
             latest, ram_bytes=g.ram_bytes, balloon_target_pages=g.target_pages,
-            balloon_actual_pages=g.balloon_pages, prev=g.prev_agent, period_s=period,
+            balloon_actual_pages=g.balloon_pages if then is None else then,
+            prev=g.prev_agent, period_s=period,
         )
         g.report_time = arrived  # when the agent's line came in, on the engine's clock
 
@@ -500,4 +632,5 @@ class QemuBackend:
         return True
 
 
-__all__ = ["BALLOON_STUCK_S", "QemuBackend", "qemu_pid_of", "rss_of"]
+__all__ = ["BALLOON_STUCK_S", "SOURCE_AGENT", "SOURCE_NONE", "QemuBackend", "qemu_pid_of",
+           "rss_of"]

@@ -13,7 +13,11 @@
         │   ├── BalloonStuckError      the balloon does not move toward its target
         │   └── GuestGoneError         QEMU exited or its socket cannot be reached any more
         ├── GuestBootError         QEMU exited or the guest did not reach READY in time
-        └── AgentError             a guest agent line that is garbage or too long
+        ├── AgentError             a guest agent line that is garbage or too long
+        │   └── GuestAgentError        the QEMU guest agent (qemu-ga) did not serve a read
+        │       ├── QgaUnresponsiveError   absent (not running in the guest) or slow
+        │       └── QgaRefusedError        it answered with an error (file missing, RPC blocked)
+        └── LibvirtError           libvirtd refused a call or went away
 
 Every PeerError raised here has bumped a named counter first (the caller's ``Counters``).
 """
@@ -69,3 +73,20 @@ class GuestBootError(PeerError):
 
 class AgentError(PeerError):
     """A line from the in-guest agent that cannot be used."""
+
+
+class GuestAgentError(AgentError):
+    """The QEMU guest agent did not give what was asked (a garbage reply included)."""
+
+
+class QgaUnresponsiveError(GuestAgentError):
+    """The QEMU guest agent is not connected (not running in the guest) or did not answer
+    in time."""
+
+
+class QgaRefusedError(GuestAgentError):
+    """The QEMU guest agent answered a command with an error."""
+
+
+class LibvirtError(PeerError):
+    """libvirtd refused a call, or the connection to it failed."""

@@ -97,16 +97,18 @@ report() {
             psi="{\"some_avg10\":${s10:-null},\"some_total\":${stot:-null}"
             psi="$psi,\"full_avg10\":${f10:-null},\"full_total\":${ftot:-null}}"
         fi
-        pin=; pout=; majf=; oom=
+        pin=; pout=; majf=; oom=; binf=; bdef=
         while read -r k v; do
             case $k in
                 pswpin) pin=$v ;; pswpout) pout=$v ;; pgmajfault) majf=$v ;; oom_kill) oom=$v ;;
+                balloon_inflate) binf=$v ;; balloon_deflate) bdef=$v ;;
             esac
         done < /proc/vmstat
         m="\"MemTotal\":${mt:-null},\"MemFree\":${mf:-null},\"MemAvailable\":${ma:-null}"
         m="$m,\"Cached\":${ca:-null},\"SwapTotal\":${st:-null},\"SwapFree\":${sf:-null}"
         vm="\"pswpin\":${pin:-null},\"pswpout\":${pout:-null}"
         vm="$vm,\"pgmajfault\":${majf:-null},\"oom_kill\":${oom:-null}"
+        vm="$vm,\"balloon_inflate\":${binf:-null},\"balloon_deflate\":${bdef:-null}"
         # one echo = one write(): the line reaches the host whole
         echo "{\"v\":1,\"t\":$up,\"meminfo\":{$m},\"psi\":$psi,\"vmstat\":{$vm}}" >&3
         sleep 1
