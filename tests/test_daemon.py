@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,11 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from libvirt_host import Libvirtd, libvirtd  # noqa: F401 (the fixture)
 from memballoon.cli import main
 from memballoon.edge.journal import read_journal
+from memballoon.model.units import MIB
 
 CONFIG = """
 world = "local"
@@ -123,3 +127,117 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     cfg.write_text(CONFIG.replace('name = "default"', 'name = "magic"'))
     assert main(["run", "--config", str(cfg)]) == 2
     assert "magic" in capsys.readouterr().err
+
+
+# --- the libvirt world, against a real libvirtd ---------------------------------------------
+
+LIBVIRT_CONFIG = """
+world = "libvirt"
+uri = "qemu:///system"
+domains = ["{prefix}*"]
+budget = "auto"
+host_reserve = "256MiB"
+period_s = 0.5
+journal = "journal.jsonl"
+socket = "ctl/m.sock"
+[defaults]
+min = "25%"
+[[guests]]
+name = "{prefix}y"
+min = "200MiB"
+shares = 2000
+"""
+
+
+def _status(sock: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["status", "--json", "--socket", sock]) == 0
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return out
+
+
+def _until(sock: str, capsys: pytest.CaptureFixture[str], pred: Any, what: str,
+           timeout_s: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    st: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        st = _status(sock, capsys)
+        if pred({g["name"]: g for g in st["guests"]}):
+            return st
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: {json.dumps(st)[:3000]}")
+
+
+@pytest.mark.qemu
+def test_libvirt_world_follows_domains_and_survives_a_libvirtd_restart(
+        libvirtd: Libvirtd, tmp_path: Path,  # noqa: F811 (the fixture)
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13, item 5's second test: a domain destroyed and another started while the
+    daemon runs; libvirtd restarted under the daemon: it reconnects and goes on."""
+    import libvirt
+
+    from memballoon.qemu.image import build_guest_image
+    from memballoon.qemu.libvirt_backend import domain_xml
+
+    image = build_guest_image()
+    prefix = f"mb-d{os.getpid()}-"
+    x, y = prefix + "x", prefix + "y"
+    cfg = tmp_path / "libvirt.toml"
+    cfg.write_text(LIBVIRT_CONFIG.format(prefix=prefix))
+    sock = str(tmp_path / "ctl" / "m.sock")
+    conn = libvirt.open(libvirtd.uri)
+    doms: dict[str, Any] = {}
+    log = tmp_path / "daemon.out"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        doms[x] = conn.createXML(domain_xml(x, image, max_mib=512), 0)
+        with log.open("wb") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "memballoon.cli", "run", "--config",
+                                     str(cfg)], stdout=f, stderr=subprocess.STDOUT)
+        out = _wait_for(log, "ready", proc, 60.0)
+        assert "following domains by libvirt lifecycle events" in out
+        assert f"{x}: managed: pressure from balloon-stats" in out
+        st = _until(sock, capsys, lambda g: x in g and g[x]["alive"]
+                    and g[x]["pressure_source"] == "balloon-stats", "x managed")
+        gx = {g["name"]: g for g in st["guests"]}[x]
+        assert gx["min_bytes"] == 128 * MIB  # [defaults] min = "25%" of 512 MiB
+        assert st["world"] == "libvirt" and st["host"] is not None
+        assert "QEMU RSS" in st["budget_held_against"]
+
+        doms.pop(x).destroy()  # while the daemon runs
+        doms[y] = conn.createXML(domain_xml(y, image, max_mib=768), 0)
+        st = _until(sock, capsys, lambda g: y in g and g[y]["alive"] and not g[x]["alive"]
+                    and g[x]["note"] == "stopped: destroyed", "x destroyed, y started")
+        gy = {g["name"]: g for g in st["guests"]}[y]
+        assert gy["min_bytes"] == 200 * MIB and gy["shares"] == 2000  # its own entry
+
+        libvirtd.stop_libvirtd()  # under the daemon: the domains keep running
+        st = _until(sock, capsys, lambda g: not g[y]["alive"]
+                    and "libvirtd unreachable" in (g[y]["note"] or ""), "libvirtd gone")
+        libvirtd.start_libvirtd()
+        conn = libvirt.open(libvirtd.uri)  # ours dropped with libvirtd too
+        doms[y] = conn.lookupByName(y)
+        st = _until(sock, capsys, lambda g: g[y]["alive"], "reconnected")
+        assert st["counters"]["libvirt_connect"] >= 2
+        assert main(["set", y, "512MiB", "--socket", sock]) == 0  # it goes on
+        capsys.readouterr()
+        _until(sock, capsys, lambda g: abs(g[y]["actual_bytes"] - 256 * MIB) <= MIB,
+               "set after the restart")
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert doms[y].info()[2] == 768 * 1024  # deflated to its max on shutdown
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for dom in doms.values():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        conn.close()
+    out = log.read_text()
+    assert f"{x}: domain: stopped: destroyed" in out and f"{y}: domain: started" in out
+    assert "connection to qemu:///system lost" in out or "libvirtd unreachable" in out
+    recs = read_journal(tmp_path / "journal.jsonl")
+    kinds = {(r.get("guest"), r["kind"], r.get("reason")) for r in recs}
+    assert (x, "domain", "stopped: destroyed") in kinds
+    assert any(r["kind"] == "shutdown" and r["guest"] == y and r["applied"] for r in recs)

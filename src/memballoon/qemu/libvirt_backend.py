@@ -112,6 +112,9 @@ FORGET_AFTER_S: Final = 600.0
 KEEPALIVE_INTERVAL_S: Final = 5
 KEEPALIVE_COUNT: Final = 3
 
+#: Why a domain is gone when only a poll saw it go (a lifecycle event then says how).
+NOT_RUNNING: Final = "not running"
+
 SOURCE_QGA: Final = "qemu-guest-agent"
 SOURCE_AGENT: Final = "memballoon-agent"
 SOURCE_STATS: Final = "balloon-stats"
@@ -495,9 +498,9 @@ class LibvirtBackend:
             self.counters.inc(LibvirtCounter.LIBVIRT_EVENT)
             what = lifecycle_text(self._libvirt, event, detail)
             d = self._doms.get(name)
-            if what.startswith(("stopped", "crashed", "undefined")) and d is not None \
-                    and d.alive:
-                self._gone(d, what, now)
+            if what.startswith(("stopped", "crashed", "undefined")) and d is not None and (
+                    d.alive or d.gone_reason.startswith(NOT_RUNNING)):
+                self._gone(d, what, now)  # the event says why; the poll only saw it go
             if what.startswith(("started", "defined")):
                 if d is not None:
                     d.uuid = ""  # a new run: read its XML and size again
@@ -563,7 +566,7 @@ class LibvirtBackend:
             if name in seen:
                 continue
             if d.alive:
-                self._gone(d, "not running", now)
+                self._gone(d, NOT_RUNNING, now)
             if now - d.gone_at > FORGET_AFTER_S and name not in self.selection.named():
                 del self._doms[name]
         for name in self.selection.named():
@@ -630,7 +633,7 @@ class LibvirtBackend:
         state = rec.get("state.state")
         if state not in (VIR_DOMAIN_RUNNING, VIR_DOMAIN_PAUSED):
             if d.alive:
-                self._gone(d, f"state {state}", now)
+                self._gone(d, f"{NOT_RUNNING} (libvirt state {state!r:.20})", now)
             return
         stats = balloon_stats(rec)
         max_kib = _kib(stats, "maximum")
