@@ -127,3 +127,32 @@ def test_run_for_a_time_and_stop() -> None:
         await asyncio.wait_for(t, 5.0)
 
     asyncio.run(go())
+
+
+def test_a_host_falling_under_its_reserve_gets_a_step_before_the_period_is_up() -> None:
+    from memballoon.manager.port import HostMemory
+
+    class Probe:
+        avail = 1 << 30
+
+        def read(self) -> HostMemory:
+            return HostMemory(2 << 30, self.avail, None, "probe")
+
+    b = SocketBackend(MonotonicClock())
+    probe = Probe()
+    core = ManagerCore(Half(), {}, None, reserve_pages=1000, counters=b.counters)
+    s = AsyncEngine(Engine(b, core, Journal(None), b.clock, host_probe=probe), period_s=30.0,
+                    watch_s=0.01)
+
+    async def go() -> None:
+        t = asyncio.create_task(s.run())
+        while s.engine.steps < 1:
+            await asyncio.sleep(0.005)
+        probe.avail = 10 * PAGE_SIZE  # a host-side burst: far under the reserve
+        while s.engine.steps < 2:  # the next step comes long before 30 s
+            await asyncio.sleep(0.005)
+        s.stop()
+        await t
+
+    asyncio.run(asyncio.wait_for(go(), 10.0))
+    assert b.counters["early_steps"] >= 1

@@ -54,7 +54,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from memballoon.app.demo import DemoConfig, print_summary, run_demo
 
     cfg = DemoConfig(seconds=args.seconds, guest_mib=args.guest_mib, budget_mib=args.budget_mib,
-                     seed=args.seed)
+                     seed=args.seed, ram=args.ram, setup_hugepages=args.setup_hugepages)
     live = sys.stdout.isatty() and not args.json
     summary = asyncio.run(run_demo(cfg, live=live, journal_path=args.journal))
     if args.json:
@@ -68,9 +68,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench_reclaim(args: argparse.Namespace) -> int:
     from memballoon.bench.reclaim import run_reclaim
 
-    result = run_reclaim(args.protocol, args.guest_mib, repeat=args.repeat)
+    result = run_reclaim(args.protocol, args.guest_mib, repeat=args.repeat, ram=args.ram,
+                         setup_hugepages=args.setup_hugepages)
     _emit(result, args.json)
     return 0 if result["lost_pages"] == 0 else 1
+
+
+def _add_ram_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram", choices=["4k", "thp", "hugetlb"], default="4k",
+                   help="what backs guest RAM: 4 KiB shmem, shmem in transparent huge pages, "
+                        "or hugetlbfs 2 MiB pages (default 4k)")
+    p.add_argument("--setup-hugepages", action="store_true",
+                   help="as root, turn shmem THP on or grow the hugetlb pool for this run if "
+                        "--ram needs it, and put the values back afterwards")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--journal", metavar="FILE",
                       help="keep the manager's decision journal here (JSON lines)")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_ram_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out with --json)")
@@ -121,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
     importlib.import_module("memballoon.bench.policy").register(bsub)
+    importlib.import_module("memballoon.bench.host_pressure").register(bsub)
     br = bsub.add_parser(
         "reclaim",
         help="real memory: inflate a local guest to half its RAM and back, measured",
@@ -133,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--repeat", type=positive_int, default=1,
                     help="runs; report the one with the median ratio and list all (default 1)")
     br.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_ram_arguments(br)
     br.set_defaults(func=_cmd_bench_reclaim)
     # each area adds its own subcommands (the qemu ones add `bench qemu` too)
     for area in ("memballoon.local.guest_main", "memballoon.app.daemon_cli",

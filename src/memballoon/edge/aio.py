@@ -4,8 +4,9 @@
 steps, the backend's socket I/O before and after a step (``refresh``/``flush`` of a backend
 that implements ``manager.port.AsyncIO``, each bounded by ``call_timeout_s``: a backend that
 hangs costs that round, counted as ``backend_error``), one round at a time (the loop, a manual
-target and the shutdown share a lock), a stop event, and the shutdown's wait for balloons to
-deflate. Everything else, collect, decide, act and journal, is the engine's step.
+target and the shutdown share a lock), a stop event, the shutdown's wait for balloons to
+deflate, and a watch on the host between steps: with a host probe, the host's memory is read
+every ``watch_s`` and a host fallen under its reserve gets the next step at once. Everything else, collect, decide, act and journal, is the engine's step.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ class AsyncEngineCounter(CounterName):
     backend I/O call is the manager's ``backend_error``)."""
 
     TICK_HOOK_ERROR = "tick_hook_error"  # on_tick display hooks that raised (ignored)
+    EARLY_STEPS = "early_steps"  # steps taken before the period was up: the host went short
 
 
 CALL_TIMEOUT_S: Final = 10.0
 SHUTDOWN_WAIT_S: Final = 20.0
 SHUTDOWN_POLL_S: Final = 0.1
+#: How often the host's memory is looked at between steps (a cheap read of /proc or a cgroup).
+WATCH_S: Final = 0.2
 
 TickHook = Callable[[Engine], None]
 
@@ -47,6 +51,7 @@ class AsyncEngine:
         period_s: float = 1.0,
         call_timeout_s: float = CALL_TIMEOUT_S,
         on_tick: TickHook | None = None,
+        watch_s: float = WATCH_S,
     ) -> None:
         if not period_s > 0:
             raise UsageError(f"period_s must be positive, got {period_s}")
@@ -54,6 +59,7 @@ class AsyncEngine:
         self.period_s = period_s
         self.call_timeout_s = call_timeout_s
         self.on_tick = on_tick
+        self.watch_s = watch_s if engine.host_probe is not None else period_s
         self._io = engine.backend if isinstance(engine.backend, AsyncIO) else None
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()  # one round at a time (the loop, a manual set, shutdown)
@@ -105,9 +111,20 @@ class AsyncEngine:
             wait = self.period_s - (loop.time() - t0)
             if deadline is not None:
                 wait = min(wait, deadline - loop.time())
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), wait)
+            await self._sleep(wait)
+
+    async def _sleep(self, wait: float) -> None:
+        """Wait ``wait`` seconds (or until stopped); with a host probe, look at the host every
+        ``watch_s`` and cut the wait short when it falls under its reserve: a host-side burst
+        is answered in a fraction of a period, not up to a whole one later."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        while (left := end - loop.time()) > 0 and not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(left, self.watch_s))
+            if self.watch_s < self.period_s and self.engine.host_short():
+                self.engine.counters.inc(AsyncEngineCounter.EARLY_STEPS)
+                return
 
     def stop(self) -> None:
         self._stop.set()

@@ -113,6 +113,17 @@ class Engine:
                         psi_some_avg10=h.psi_some_avg10)
         return {"host": host}
 
+    def host_short(self) -> bool:
+        """Whether the host's available memory is under its reserve now (a fresh read of the
+        probe; False without one, or when it cannot be read)."""
+        if self.host_probe is None:
+            return False
+        try:
+            host = self.host_probe.read()
+        except Exception:  # the next step reads it again and counts the failure
+            return False
+        return host.available_bytes // PAGE_SIZE < self.core.reserve_pages
+
     def step(self) -> list[Action]:
         """One round: collect, decide, act, journal. Returns the actions taken (applied or
         not; the journal says which)."""
