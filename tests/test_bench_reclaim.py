@@ -1,9 +1,13 @@
 """bench reclaim on a small guest: real memory, measured from st_blocks."""
 
+from collections.abc import Callable
+
 import pytest
 
 from memballoon.bench.reclaim import run_reclaim
-from memballoon.model.units import MIB
+from memballoon.host.hugepages import SYSFS, THP_SHMEM, read_thp_shmem
+from memballoon.model.errors import HostResourceError
+from memballoon.model.units import MIB, RamKind
 
 
 @pytest.mark.parametrize("protocol", ["virtio", "vmw-batched"])
@@ -41,3 +45,42 @@ def test_bad_arguments() -> None:
         run_reclaim("virtio", 64)
     with pytest.raises(ValueError, match="repeat"):
         run_reclaim("virtio", 128, repeat=0)
+
+
+HugeHost = Callable[[RamKind, int], None]  # the huge_host fixture (conftest.py)
+
+
+@pytest.mark.parametrize("protocol", ["virtio", "vmw-batched"])
+@pytest.mark.parametrize("ram", [RamKind.THP, RamKind.HUGETLB])
+def test_huge_page_ram_releases_whole_pages_measured_from_st_blocks(
+        huge_host: HugeHost, protocol: str, ram: RamKind) -> None:
+    huge_host(ram, 128)
+    r = run_reclaim(protocol, 256, ram=str(ram))
+    assert r["ram"] == str(ram) and r["lost_pages"] == 0
+    assert r["host_released_bytes"] == 128 * MIB  # whole 2 MiB pages, all of them
+    assert r["partial_huge_pages"] == 0  # the drivers ballooned whole blocks
+    assert r["raw_punch_hole_gib_per_s"] > 0 and r["ratio"] > 0
+    if ram is RamKind.THP:
+        assert r["thp_backed_bytes"] >= 64 * MIB  # the RAM really came in huge pages
+
+
+def test_a_host_not_set_up_is_told_what_to_set_or_set_up_for_the_run(
+        huge_host: HugeHost) -> None:
+    knob = SYSFS / THP_SHMEM
+    before = read_thp_shmem().top
+    knob.write_text("never")  # as on a fresh machine (the fixture's lock keeps others out)
+    try:
+        with pytest.raises(HostResourceError, match=f"echo advise > {knob}"):
+            run_reclaim("vmw-batched", 128, ram="thp")
+        r = run_reclaim("vmw-batched", 128, ram="thp", setup_hugepages=True)
+        assert r["host_released_bytes"] == 64 * MIB and r["thp_backed_bytes"] > 0
+        assert "[never]" in knob.read_text()  # put back
+    finally:
+        knob.write_text(before)
+
+
+def test_huge_page_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="ram"):
+        run_reclaim("virtio", 256, ram="1g")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        run_reclaim("virtio", 258, ram="thp")

@@ -43,3 +43,15 @@ def test_errors_from_the_command_exit_2(capsys: pytest.CaptureFixture[str]) -> N
     assert "balloon-mib" in capsys.readouterr().err
     assert main(["bench", "protocol"]) == 2
     assert "--guest-mib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "reclaim", "--ram", "1g"],
+    ["demo", "--ram", "64k"],
+])
+def test_ram_kinds_are_checked(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ram" in err and "invalid choice" in err

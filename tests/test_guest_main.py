@@ -16,7 +16,7 @@ from memballoon.host.memfd import MemfdRam
 from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.local.guest_main import EXIT_HOST_GONE, EXIT_OK, config_from_args
 from memballoon.local.transport_vmw import VmwHostEndpoint
-from memballoon.model.units import PAGE_SIZE
+from memballoon.model.units import PAGE_SIZE, RamKind
 from memballoon.protocol.pressure import PressureReport
 from memballoon.protocol.wire import Decoder, Kind, Message, encode
 
@@ -128,9 +128,17 @@ def test_cli_has_the_guest_subcommand() -> None:
     )
     cfg = config_from_args(args)
     assert (cfg.kick_fds, cfg.irq_fds, cfg.period_s) == ((5, 6), (7, 8), 0.5)
+    assert cfg.ram is RamKind.SMALL
+    huge = build_parser().parse_args(
+        ["guest", "--name", "x", "--protocol", "virtio", "--pages", "4096", "--sock-fd", "3",
+         "--mem-fd", "4", "--ram", "hugetlb"])
+    assert config_from_args(huge).ram is RamKind.HUGETLB
     with pytest.raises(SystemExit):
         build_parser().parse_args(["guest", "--name", "x", "--protocol", "virtio", "--pages",
                                    "1", "--sock-fd", "3", "--mem-fd", "4", "--kick-fds", "a"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["guest", "--name", "x", "--protocol", "virtio", "--pages",
+                                   "1", "--sock-fd", "3", "--mem-fd", "4", "--ram", "1g"])
 
 
 def test_a_memfd_of_the_wrong_size_is_refused() -> None:

@@ -7,15 +7,17 @@ import os
 import signal
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from memballoon.host.cgroup import detect
+from memballoon.host.hugepages import HUGETLB_DIR, SYSFS, read_hugetlb_pool
 from memballoon.local.host import GuestSpec, LocalHost
 from memballoon.manager.port import ManualClock
-from memballoon.model.errors import ConfigError
-from memballoon.model.units import MIB, PAGE_SIZE
+from memballoon.model.errors import ConfigError, HostResourceError
+from memballoon.model.units import MIB, PAGE_SIZE, RamKind
 from memballoon.policy.sample import GuestSample
 
 MIB_GUEST = 128
@@ -249,6 +251,77 @@ def test_specs_are_checked() -> None:
         GuestSpec("a/b", 64, "virtio", "idle")
     with pytest.raises(ConfigError):
         LocalHost([GuestSpec("x", 64, "vmw", "idle")] * 2, budget_bytes=None)
+    with pytest.raises(ConfigError, match="ram"):
+        GuestSpec("x", 64, "virtio", "idle", ram="1g")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="whole 2 MiB"):
+        GuestSpec("x", 65, "virtio", "idle", ram=RamKind.THP)
+    assert GuestSpec("x", 64, "virtio", "idle", ram="thp").ram is RamKind.THP  # type: ignore[arg-type]
+
+
+HugeHost = Callable[[RamKind, int], None]  # the huge_host fixture (conftest.py)
+
+
+def test_a_host_not_set_up_for_huge_pages_is_refused_with_what_to_set(
+        huge_host: HugeHost) -> None:
+    pool = read_hugetlb_pool()  # the fixture's lock: no other test changes it meanwhile
+    mib = 2 * (pool.available + 16)  # more than the pool has free
+
+    async def main() -> None:
+        async with LocalHost([GuestSpec("h", mib, "virtio", "idle", ram=RamKind.HUGETLB)],
+                             budget_bytes=None):
+            pass
+
+    with pytest.raises(HostResourceError, match=r"nr_hugepages.*--setup-hugepages"):
+        asyncio.run(main())
+
+
+def test_a_hugetlb_pool_run_dry_mid_run_leaves_the_guests_running_on_what_they_have(
+        huge_host: HugeHost) -> None:
+    mib = 64
+    huge_host(RamKind.HUGETLB, 2 * mib // 2)
+    half = mib * MIB // PAGE_SIZE // 2
+    nr = SYSFS / HUGETLB_DIR / "nr_hugepages"
+
+    async def main() -> None:
+        specs = [GuestSpec("v", mib, "virtio", "idle", prefault=True, period_s=0.2,
+                           ram=RamKind.HUGETLB),
+                 GuestSpec("b", mib, "vmw-batched", "idle", prefault=True, period_s=0.2,
+                           ram=RamKind.HUGETLB)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert await host.wait_until(lambda s: all(map(_ok, s.values())), 30)
+            for n in ("v", "b"):
+                host.set_target(n, half)
+            assert await host.wait_until(
+                lambda s: all(v.balloon_pages == half for v in s.values()), 30)
+            assert all(host.partial_huge_pages(n) == 0 for n in ("v", "b"))
+            # someone else takes the pages the balloons gave back: the pool runs dry
+            total = read_hugetlb_pool().total
+            nr.write_text(str(total - read_hugetlb_pool().available))
+            try:
+                for n in ("v", "b"):
+                    host.set_target(n, 0)
+                await asyncio.sleep(2.0)
+                snap = host.guests()
+                for n, v in snap.items():
+                    assert v.alive and v.balloon_pages > 0, n  # still ballooned, alive
+                    assert "hugetlb" in (host.host_memory_error(n) or ""), n
+                    assert host.counters_of(n)["readmit_unbacked_pages"] > 0, n
+                assert host.counters_of("v")["deflate_held"] > 0
+                assert host.counters_of("b")["error_busy"] > 0
+                seen = {n: v.report_time for n, v in snap.items()}
+                await asyncio.sleep(1.0)  # the guests keep stepping and reporting
+                assert all((host.guests()[n].report_time or 0) > (t or 0)
+                           for n, t in seen.items())
+            finally:
+                nr.write_text(str(total))  # memory is back
+            assert await host.wait_until(
+                lambda s: all(v.balloon_pages == 0 for v in s.values()), 30)
+            for n in ("v", "b"):
+                await host.control(n, "touch_free")
+                check = await host.control(n, "verify")
+                assert check["lost_pages"] == 0 and check["invariant_errors"] == []
+
+    asyncio.run(main())
 
 
 def test_deflate_on_oom_saves_a_growing_guest_over_the_real_transport() -> None:

@@ -6,13 +6,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memballoon.host.hugepages import read_hugetlb_pool
 from memballoon.host.memfd import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -22,11 +24,18 @@ from memballoon.host.memfd import (
 )
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import Counters
-from memballoon.model.errors import GuestAddressError, PeerError, UsageError
+from memballoon.model.errors import (
+    ConfigError,
+    GuestAddressError,
+    HostResourceError,
+    PeerError,
+    UsageError,
+)
 from memballoon.model.pages import PageStore, coalesce
-from memballoon.model.units import MIB, PAGE_SIZE
+from memballoon.model.units import HPAGE_PMD_NR, HPAGE_PMD_SIZE, MIB, PAGE_SIZE, RamKind
 
 PAGES = 4096  # 16 MiB
+HugeHost = Callable[[RamKind, int], None]  # the huge_host fixture (conftest.py)
 
 
 @pytest.fixture
@@ -348,3 +357,113 @@ def test_a_ram_that_stamps_nothing_allocates_nothing_per_page() -> None:
             assert tracemalloc.get_traced_memory()[1] >= 262144 * 8
     finally:
         tracemalloc.stop()
+
+
+# ---------------------------------------------------------------------- forget
+def test_forget_drops_only_our_mapping_and_keeps_the_content(ram: MemfdRam) -> None:
+    pfns = np.arange(0, 512, dtype=np.int64)
+    ram.touch(pfns, 4)
+    ram.forget(pfns[:256])
+    assert ram.resident_bytes() == 512 * PAGE_SIZE  # still in the memfd
+    assert ram.verify(pfns) == 0  # and read back intact through a fresh fault
+    ram.forget(np.empty(0, dtype=np.int64))
+    with pytest.raises(GuestAddressError):
+        ram.forget(np.array([PAGES]))
+
+
+# ---------------------------------------------------------------------- huge pages
+HP = HPAGE_PMD_NR
+
+
+def _shmem_huge_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("ShmemHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_huge_ram_must_be_whole_2mib_pages() -> None:
+    for kind in (RamKind.THP, RamKind.HUGETLB):
+        with pytest.raises(ConfigError, match="whole 2 MiB pages"):
+            MemfdRam(HP + 1, kind=kind)
+    assert RamKind.SMALL.host_page_frames == 1 and RamKind.THP.host_page_frames == HP
+
+
+def test_thp_ram_comes_in_huge_pages_and_goes_in_whole_ones(huge_host: HugeHost) -> None:
+    huge_host(RamKind.THP, 8)
+    with MemfdRam(8 * HP, kind=RamKind.THP) as r:
+        assert r.host_page_frames == HP and r.kind is RamKind.THP
+        before = _shmem_huge_bytes()
+        r.touch(np.arange(8 * HP, dtype=np.int64), 1)
+        assert r.resident_bytes() == 8 * HPAGE_PMD_SIZE
+        assert _shmem_huge_bytes() - before >= 4 * HPAGE_PMD_SIZE  # huge folios, not 4 KiB
+        with pytest.raises(UsageError, match="whole 2 MiB"):
+            r.release(rng((0, HP // 2)))  # would split the huge page
+        assert r.resident_bytes() == 8 * HPAGE_PMD_SIZE  # refused before any punch
+        assert r.release(rng((HP, 3 * HP))) == 2 * HP
+        assert r.resident_bytes() == 6 * HPAGE_PMD_SIZE
+        assert r.verify(np.arange(8 * HP, dtype=np.int64)) == 2 * HP
+        r.forget(np.arange(3 * HP + 5, 5 * HP, dtype=np.int64))  # drops page 4 only
+        assert r.verify(np.arange(3 * HP, 5 * HP, dtype=np.int64)) == 0
+
+
+def test_hugetlb_ram_readmits_from_the_pool_at_once(huge_host: HugeHost) -> None:
+    huge_host(RamKind.HUGETLB, 4)
+    with MemfdRam(4 * HP, kind=RamKind.HUGETLB) as r:
+        assert os.fstat(r.fd).st_blksize == HPAGE_PMD_SIZE
+        r.touch(np.arange(4 * HP, dtype=np.int64), 1)
+        assert r.resident_bytes() == 4 * HPAGE_PMD_SIZE
+        r.release(rng((0, 2 * HP)))
+        assert r.resident_bytes() == 2 * HPAGE_PMD_SIZE
+        r.readmit(rng((0, HP)))  # taken from the pool now, not on the guest's next touch
+        assert r.resident_bytes() == 3 * HPAGE_PMD_SIZE
+        with pytest.raises(UsageError):
+            r.readmit(rng((HP, HP + 1)))
+        with MemfdRam.attach(os.dup(r.fd), 4 * HP, kind=RamKind.HUGETLB) as guest:
+            guest.touch(np.arange(HP, dtype=np.int64), 2)
+            assert r.verify(np.arange(HP, dtype=np.int64)) == HP  # host expected gen 1
+            assert guest.verify(np.arange(HP, dtype=np.int64)) == 0
+
+
+def test_a_dry_hugetlb_pool_is_a_host_error_naming_the_unbacked_pages(
+        huge_host: HugeHost) -> None:
+    huge_host(RamKind.HUGETLB, 4)
+    pool = read_hugetlb_pool()
+    with MemfdRam(4 * HP, kind=RamKind.HUGETLB) as r:
+        r.touch(np.arange(4 * HP, dtype=np.int64), 1)
+        r.release(rng((0, 4 * HP)))
+        # someone else takes the pages we gave back: shrink the pool by them
+        nr = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+        keep = read_hugetlb_pool().total - read_hugetlb_pool().available + 1
+        with open(nr, "w") as f:
+            f.write(str(keep))
+        try:
+            with pytest.raises(HostResourceError, match="hugetlb") as exc:
+                r.readmit(rng((0, 4 * HP)))
+            assert len(exc.value.unbacked) >= 1
+            unbacked = sum(e - s for s, e in exc.value.unbacked)
+            assert unbacked == 3 * HP  # the one page left was taken, the rest named
+            assert r.resident_bytes() == HPAGE_PMD_SIZE
+        finally:
+            with open(nr, "w") as f:
+                f.write(str(pool.total))
+        r.readmit(rng((0, 4 * HP)))  # memory is back
+        assert r.resident_bytes() == 4 * HPAGE_PMD_SIZE
+
+
+def test_a_hugetlb_guest_larger_than_the_pool_is_refused_with_what_to_set(
+        huge_host: HugeHost) -> None:
+    huge_host(RamKind.HUGETLB, 2)
+    need = read_hugetlb_pool().available + 8
+    with pytest.raises(HostResourceError, match="nr_hugepages"):
+        MemfdRam(need * HP, kind=RamKind.HUGETLB)
+
+
+def test_attach_refuses_ram_of_another_page_size(huge_host: HugeHost) -> None:
+    huge_host(RamKind.HUGETLB, 1)
+    counters = Counters()
+    with MemfdRam(HP, kind=RamKind.HUGETLB) as r, pytest.raises(PeerError):
+        MemfdRam.attach(os.dup(r.fd), HP, counters=counters)  # told 4k, given hugetlbfs
+    with MemfdRam(HP) as r, pytest.raises(PeerError):
+        MemfdRam.attach(os.dup(r.fd), HP, kind=RamKind.HUGETLB, counters=counters)
+    assert counters["memfd_attach_rejected"] == 2

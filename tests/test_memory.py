@@ -259,3 +259,55 @@ def test_invariants_catch_a_frame_listed_twice() -> None:
     assert m.check_invariants() == []
     m.anon.push_back(m.anon.to_array()[:1])  # the same frame on the anon list again
     assert "anon list holds a frame twice" in m.check_invariants()
+
+
+class ForgetLog(NullRam):
+    """A store that records what the balloon hands over (``forget``)."""
+
+    def __init__(self, pages: int, host_page_frames: int = 1) -> None:
+        super().__init__(pages, host_page_frames=host_page_frames)
+        self.forgotten: list[int] = []
+
+    def forget(self, pfns: np.ndarray) -> None:
+        self.forgotten.extend(pfns.tolist())
+
+
+def test_with_huge_host_pages_the_balloon_fills_whole_blocks_first() -> None:
+    m = GuestMemory(G64, host_page_frames=BLOCK_PAGES)
+    m.step(1.0, 1.0, demand(3000))  # the workload scatters over the low blocks
+    m.step(2.0, 1.0, demand(1000))  # and frees most of them again: partly used blocks
+    first = m.alloc_sleep(256)
+    second = m.alloc_nosleep(256)
+    blocks = np.unique(np.concatenate((first, second)) // BLOCK_PAGES)
+    assert blocks.size == 1  # two buffers, one whole block between them
+    assert bool((m.state[blocks[0] * BLOCK_PAGES:(blocks[0] + 1) * BLOCK_PAGES]
+                 == PageState.BALLOON).all())
+    assert m.check_invariants() == []
+
+
+def test_without_whole_blocks_the_balloon_falls_back_to_any_free_frame() -> None:
+    m = GuestMemory(G64, host_page_frames=BLOCK_PAGES)
+    everything = m.alloc_nosleep(G64)
+    m.free_balloon(np.sort(everything)[::2])  # every other frame back: no block is whole
+    got = m.alloc_nosleep(300)
+    assert got.size == 300 and m.check_invariants() == []
+
+
+def test_the_store_forgets_what_the_balloon_takes_whole_blocks_with_huge_pages() -> None:
+    small = ForgetLog(G64)
+    m = GuestMemory(G64, store=small)
+    got = m.alloc_sleep(100)
+    assert small.forgotten == got.tolist()
+    huge = ForgetLog(G64, BLOCK_PAGES)
+    m = GuestMemory(G64, store=huge, host_page_frames=BLOCK_PAGES)
+    half = m.alloc_sleep(BLOCK_PAGES // 2)
+    assert huge.forgotten == []  # half a block: its mapping stays
+    rest = m.alloc_nosleep(BLOCK_PAGES // 2)
+    assert sorted(huge.forgotten) == sorted(np.concatenate((half, rest)).tolist())
+    heads = m.alloc_huge(2)
+    assert len(huge.forgotten) == 3 * BLOCK_PAGES and heads.size == 2
+
+
+def test_host_pages_must_be_4k_or_a_block() -> None:
+    with pytest.raises(UsageError):
+        GuestMemory(G64, host_page_frames=64)

@@ -18,7 +18,7 @@ from memballoon.harness.pair import (
     vmw_pair,
 )
 from memballoon.model.errors import UsageError
-from memballoon.model.units import PageState, mib_to_pages
+from memballoon.model.units import HPAGE_PMD_NR, PageState, mib_to_pages
 from memballoon.protocol.virtio_balloon import VIRTIO_F_VERSION_1, features_of
 from memballoon.protocol.virtqueue import GuestRamView
 from memballoon.protocol.vmw import Capability, Command, Status
@@ -39,10 +39,13 @@ workloads = st.sampled_from([
     workloads,
     st.lists(st.tuples(st.integers(0, 8), st.integers(0, mib_to_pages(G) - 1)), max_size=8),
     st.sampled_from([0, mib_to_pages(16)]),
+    st.sampled_from([1, HPAGE_PMD_NR]),
 )
 def test_invariants_hold_after_every_period(protocol: str, workload: object,
-                                           targets: list[tuple[int, int]], swap: int) -> None:
-    pair = make_pair(protocol, mib_to_pages(G), workload, swap_pages=swap)  # type: ignore[arg-type]
+                                           targets: list[tuple[int, int]], swap: int,
+                                           host_frames: int) -> None:
+    pair = make_pair(protocol, mib_to_pages(G), workload, swap_pages=swap,  # type: ignore[arg-type]
+                     host_page_frames=host_frames)
     for ticks, target in targets:
         pair.set_target(target)
         for _ in range(ticks):
@@ -56,10 +59,13 @@ def test_invariants_hold_after_every_period(protocol: str, workload: object,
     workloads,
     st.lists(st.tuples(st.integers(0, 4), st.integers(0, mib_to_pages(G) - 1), st.booleans()),
              max_size=8),
+    st.sampled_from([1, HPAGE_PMD_NR]),
 )
 def test_invariants_hold_across_device_restarts(protocol: str, workload: object,
-                                               steps: list[tuple[int, int, bool]]) -> None:
-    pair = make_pair(protocol, SMALL, workload)  # type: ignore[arg-type]
+                                               steps: list[tuple[int, int, bool]],
+                                               host_frames: int) -> None:
+    pair = make_pair(protocol, SMALL, workload,  # type: ignore[arg-type]
+                     host_page_frames=host_frames)
     for ticks, target, restart in steps:
         pair.set_target(target)
         pair.tick()
@@ -98,6 +104,16 @@ def test_check_pair_notices_a_device_that_forgot_a_page() -> None:
     pair.device._locked[pfn] = False  # type: ignore[attr-defined]  # sabotage the host's view
     errs = check_pair(pair)
     assert any("balloons differ" in e for e in errs)
+
+
+def test_check_pair_notices_a_wrong_count_of_partial_huge_pages() -> None:
+    pair = make_pair("virtio", mib_to_pages(64), Idle(anon_mib=4, file_mib=2),
+                     host_page_frames=HPAGE_PMD_NR)
+    pair.set_target(1000)
+    pair.tick()
+    assert check_pair(pair) == [] and pair.device.partial_huge_pages == 1
+    pair.device.host_pages._partial = 0  # sabotage the host's count
+    assert any("partial huge pages" in e for e in check_pair(pair))
 
 
 def test_check_pair_notices_a_ballooned_frame_the_host_still_holds() -> None:

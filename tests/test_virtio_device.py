@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 from collections.abc import Callable
@@ -10,7 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from memballoon.guest.memory import GuestMemory
+from memballoon.guest.virtio_driver import VirtioBalloonDriver
+from memballoon.guest.workload import Demand
 from memballoon.harness.pair import virtio_pair
+from memballoon.host.memfd import MemfdRam
 from memballoon.host.ram import NullRam
 from memballoon.host.virtio_device import (
     SUPPORTED_FEATURES,
@@ -20,9 +25,10 @@ from memballoon.host.virtio_device import (
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.pages import RangeArray
-from memballoon.model.units import MIB, PAGE_SIZE, PageState
+from memballoon.model.units import HPAGE_PMD_NR, MIB, PAGE_SIZE, PageState, RamKind
 from memballoon.protocol import virtio_balloon as vb
 from memballoon.protocol.virtio_balloon import BalloonConfig, StatTag, encode_stats, features_of
+from memballoon.protocol.virtio_transport import DirectTransport
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 PAGES = 16384  # 64 MiB guest
@@ -36,8 +42,8 @@ F_REPORT = features_of(vb.VIRTIO_BALLOON_F_REPORTING)
 class CountingRam(NullRam):
     """NullRam that records every release/readmit call (to show one call per buffer)."""
 
-    def __init__(self, pages: int) -> None:
-        super().__init__(pages)
+    def __init__(self, pages: int, host_page_frames: int = 1) -> None:
+        super().__init__(pages, host_page_frames=host_page_frames)
         self.release_calls: list[RangeArray] = []
         self.readmit_calls: list[RangeArray] = []
 
@@ -65,8 +71,9 @@ class Irq:
 class Guest:
     """A hand-rolled driver: negotiates, lays queues out and sends raw buffers."""
 
-    def __init__(self, features: int, *, offered: int | None = None, queue_size: int = 8) -> None:
-        self.ram = CountingRam(PAGES)
+    def __init__(self, features: int, *, offered: int | None = None, queue_size: int = 8,
+                 host_page_frames: int = 1) -> None:
+        self.ram = CountingRam(PAGES, host_page_frames)
         self.view = GuestRamView(bytearray(256 * 1024), base_gpa=AREA, guest_bytes=PAGES * 4096)
         self.dev = VirtioBalloonDevice(
             self.ram, self.view, features=features if offered is None else offered,
@@ -186,12 +193,14 @@ def test_deflate_readmits_only_balloon_frames() -> None:
 def test_actual_is_written_by_the_driver_and_readonly_fields_are_not() -> None:
     g = Guest(0)
     g.dev.write_config(vb.OFFSET_ACTUAL, vb.encode_u32(77))
-    assert g.dev.actual_pages == 77
+    # the driver's word is kept in config space, but the balloon is what the device holds
+    assert vb.BalloonConfig.decode(g.dev.read_config()).actual == 77
+    assert g.dev.actual_pages == 0 and g.dev.counters["actual_beyond_held"] == 1
     g.dev.write_config(vb.OFFSET_NUM_PAGES, vb.encode_u32(5))
     g.dev.write_config(vb.OFFSET_ACTUAL, b"\x01")
     g.dev.write_config(3, vb.encode_u32(5))
     g.dev.write_config(64, vb.encode_u32(5))
-    assert g.dev.target_pages == 0 and g.dev.actual_pages == 77
+    assert g.dev.target_pages == 0 and vb.BalloonConfig.decode(g.dev.read_config()).actual == 77
     assert g.dev.counters["config_write_readonly"] == 1
     assert g.dev.counters["config_write_bad"] == 3
 
@@ -463,3 +472,151 @@ def test_restore_checks_the_snapshot_against_the_ram_and_the_view() -> None:
     small = GuestRamView(bytearray(4096), base_gpa=AREA, guest_bytes=PAGES * 4096)
     with pytest.raises(ConfigError, match="does not map"):  # the rings are not in this view
         VirtioBalloonDevice.restore(snap, NullRam(PAGES), small)
+
+
+# ------------------------------------------------------------------ huge host pages
+HP = HPAGE_PMD_NR
+
+
+def huge_guest(features: int = 0) -> Guest:
+    g = Guest(features, host_page_frames=HP)
+    g.ram.touch(np.arange(PAGES, dtype=np.int64), 1)
+    return g
+
+
+def test_half_a_huge_page_ballooned_is_kept_and_counted_never_released() -> None:
+    g = huge_guest()
+    before = g.ram.resident_bytes()
+    g.send_pfns(INFL, list(range(4 * HP, 4 * HP + 256)))
+    assert g.dev.inflated_pages == 256 and g.dev.partial_huge_pages == 1
+    assert g.ram.release_calls == [] and g.ram.resident_bytes() == before
+    # the guest never sends the rest: more doorbells, other pages, still nothing of it goes
+    g.send_pfns(INFL, list(range(6 * HP, 7 * HP)))
+    assert g.ram.release_calls[-1].tolist() == [[6 * HP, 7 * HP]]
+    assert g.dev.partial_huge_pages == 1
+    assert g.ram.resident_pages_of(np.arange(4 * HP, 5 * HP)) == HP
+    g.send_pfns(INFL, list(range(4 * HP + 256, 5 * HP)))  # it completes: released at once
+    assert g.ram.release_calls[-1].tolist() == [[4 * HP, 5 * HP]]
+    assert g.dev.partial_huge_pages == 0 and g.dev.counters["huge_pages_released"] == 2
+
+
+def test_pfns_straddling_a_huge_page_boundary_count_in_both() -> None:
+    g = huge_guest()
+    g.send_pfns(INFL, list(range(2 * HP - 100, 2 * HP + 100)))
+    assert g.dev.partial_huge_pages == 2 and g.ram.release_calls == []
+    g.send_pfns(INFL, list(range(HP, 2 * HP - 100)) + list(range(2 * HP + 100, 3 * HP)))
+    assert g.ram.release_calls[-1].tolist() == [[HP, 3 * HP]]
+    assert g.dev.partial_huge_pages == 0
+
+
+def test_deflating_part_of_a_released_huge_page_readmits_it_whole() -> None:
+    g = huge_guest()
+    g.send_pfns(INFL, list(range(0, 2 * HP)))
+    g.send_pfns(DEFL, list(range(HP, HP + 64)))
+    assert g.ram.readmit_calls[-1].tolist() == [[HP, 2 * HP]]
+    assert g.dev.partial_huge_pages == 1 and g.dev.inflated_pages == 2 * HP - 64
+    assert g.dev.counters["huge_pages_readmitted"] == 1
+    g.send_pfns(INFL, list(range(HP, HP + 64)))  # whole again: released again
+    assert g.ram.release_calls[-1].tolist() == [[HP, 2 * HP]]
+
+
+def test_a_dry_pool_holds_the_deflate_until_memory_is_back() -> None:
+    g = huge_guest()
+    g.ram.pool = 0  # released pages go to a pool others draw on too
+    g.send_pfns(INFL, list(range(0, 2 * HP)))
+    assert g.ram.pool == 2
+    g.ram.pool = 1  # someone took one of them
+    head = g.send_pfns(DEFL, list(range(HP - 8, HP + 8)))
+    assert g.used(DEFL) == []  # held: the driver may not use these frames yet
+    assert g.dev.counters["deflate_held"] == 1 and g.dev.held_deflates == 1
+    assert g.dev.balloon_pfns().tolist() == list(range(0, HP - 8)) + list(range(HP, 2 * HP))
+    assert "pool" in (g.dev.host_pages.last_error or "")
+    assert g.dev.retry_held() == 0  # still dry
+    g.ram.pool = 1  # memory is back: the next doorbell (any queue) finishes it
+    g.send_pfns(INFL, [3 * HP])
+    assert g.used(DEFL) == [(head, 0)]
+    assert g.dev.counters["deflate_held_done"] == 1 and g.dev.held_deflates == 0
+    assert g.dev.inflated_pages == 2 * HP - 16 + 1
+
+
+def test_held_deflates_and_partial_pages_survive_a_snapshot() -> None:
+    g = huge_guest()
+    g.ram.pool = 0
+    g.send_pfns(INFL, list(range(0, 2 * HP)) + list(range(5 * HP, 5 * HP + 10)))
+    g.ram.pool = 1
+    head = g.send_pfns(DEFL, list(range(0, 2 * HP)))  # one page back, the other held
+    snap = VirtioDeviceSnapshot.from_json(g.dev.snapshot().to_json())
+    assert [(h.head, h.frames) for h in snap.held_deflates] == [(head, ((HP, 2 * HP),))]
+    dev = VirtioBalloonDevice.restore(snap, g.ram, g.view)
+    assert dev.partial_huge_pages == 1 and dev.held_deflates == 1
+    assert np.array_equal(dev.balloon_pfns(), g.dev.balloon_pfns())
+    g.ram.pool = 5
+    assert dev.retry_held() == 1 and dev.inflated_pages == 10
+    data = snap.model_dump(mode="json")
+    data["held_deflates"] = [{"head": head, "frames": [[3 * HP, 3 * HP + 1]]}]
+    with pytest.raises(ConfigError, match="not in the balloon"):
+        VirtioDeviceSnapshot.from_json(json.dumps(data))
+
+
+def test_a_reset_returns_held_deflates_and_gives_every_frame_back() -> None:
+    g = huge_guest(F_RESET)
+    g.ram.pool = 0
+    g.send_pfns(INFL, list(range(0, HP)))
+    g.ram.pool = 0  # someone took the page it gave back
+    head = g.send_pfns(DEFL, list(range(0, 4)))  # the pool is dry: held
+    g.dev.request_reset()
+    assert (head, 0) in g.used(DEFL) and g.dev.held_deflates == 0
+    assert g.dev.inflated_pages == 0 and g.dev.partial_huge_pages == 0
+    assert g.dev.counters["readmit_forced_unbacked"] == HP
+
+
+@pytest.mark.parametrize("target", [3000, 6 * HP, 1])
+def test_a_pair_over_huge_pages_keeps_at_most_one_partial_page(target: int) -> None:
+    p = virtio_pair(PAGES, host_page_frames=HP)
+    p.device.set_target(target)
+    p.work(3)
+    assert p.check() == [] and p.device.inflated_pages == target
+    assert p.device.partial_huge_pages == (1 if target % HP else 0)
+    p.device.set_target(target // 3)
+    p.work(3)
+    assert p.check() == [] and p.device.partial_huge_pages <= 1
+    p.device.set_target(0)
+    p.work(3)
+    assert p.check() == [] and p.device.partial_huge_pages == 0
+
+
+HugeHost = Callable[[RamKind, int], None]  # the huge_host fixture (conftest.py)
+
+
+def test_over_real_thp_memory_a_partial_deflate_loses_no_content(huge_host: HugeHost) -> None:
+    huge_host(RamKind.THP, PAGES // HP)
+    ram = MemfdRam(PAGES, kind=RamKind.THP)
+    _partial_deflate_over(ram)
+    gc.collect()  # the device's and driver's views of the mapping go first
+    ram.close()
+
+
+def _partial_deflate_over(ram: MemfdRam) -> None:
+    mem = GuestMemory(PAGES, store=ram, host_page_frames=HP)
+    view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
+    dev = VirtioBalloonDevice(ram, view, features=SUPPORTED_FEATURES)
+    drv = VirtioBalloonDriver(mem, DirectTransport(dev))
+    drv.load(0.0)
+    mem.step(1.0, 1.0, Demand(3000, 3000, 1500, 1500, 0.0))  # stamped, real pages
+    ram.touch(np.flatnonzero(mem.state == PageState.FREE), mem.generation)  # used, then freed
+    held = ram.resident_bytes()
+    dev.set_target(5000)  # 9 whole host pages and 392 frames of a tenth
+    drv.work(2.0)
+    assert dev.inflated_pages == 5000 and dev.partial_huge_pages == 1
+    assert held - ram.resident_bytes() == 9 * HP * PAGE_SIZE  # exactly the whole pages
+    dev.set_target(4000)  # newest first: the partial page's 392, one released page, 96 more
+    drv.work(3.0)
+    assert dev.inflated_pages == 4000 and dev.partial_huge_pages == 1
+    assert dev.counters["huge_pages_readmitted"] == 2  # one whole, one in part
+    mem.step(4.0, 1.0, Demand(6000, 6000, 1500, 1500, 0.0))  # the guest reuses them
+    assert mem.verify_contents() == 0  # no page in use lost what was written to it
+    used = np.concatenate((mem.anon.to_array(), mem.cache.to_array()))
+    assert (ram.stamped_generations(used) >= 0).all()
+    dev.set_target(0)
+    drv.work(5.0)
+    assert dev.partial_huge_pages == 0 and mem.verify_contents() == 0

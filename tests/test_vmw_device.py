@@ -15,6 +15,7 @@ from memballoon.host.ram import NullRam
 from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceSnapshot
 from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.pages import RangeArray
+from memballoon.model.units import HPAGE_PMD_NR
 from memballoon.protocol.vmw import (
     VMW_BALLOON_BATCH_MAX_PAGES,
     VMW_BALLOON_HV_MAGIC,
@@ -136,8 +137,8 @@ def test_lock_releases_host_memory_and_unlock_readmits() -> None:
 class RecordingRam(NullRam):
     """NullRam that remembers the ranges it was asked to release and readmit."""
 
-    def __init__(self, guest_pages: int) -> None:
-        super().__init__(guest_pages)
+    def __init__(self, guest_pages: int, host_page_frames: int = 1) -> None:
+        super().__init__(guest_pages, host_page_frames=host_page_frames)
         self.calls: list[tuple[str, list[list[int]]]] = []
 
     def release(self, ranges: RangeArray) -> int:
@@ -506,3 +507,74 @@ def test_a_snapshot_restores_only_onto_a_guest_of_its_size() -> None:
     snap = VmwDeviceSnapshot.from_json(_snapshot_json())
     with pytest.raises(ConfigError, match="4096 pages"):
         VmwBalloonDevice.restore(snap, NullRam(2 * PAGES))
+
+
+# ------------------------------------------------------------------ huge host pages
+HP = HPAGE_PMD_NR
+
+
+def huge_started(target: int = PAGES) -> tuple[VmwBalloonDevice, RecordingRam]:
+    ram = RecordingRam(PAGES, HP)
+    ram.touch(np.arange(PAGES, dtype=np.int64), 1)
+    dev, _ = started(batched=True, target=target, ram=ram)
+    return dev, ram
+
+
+def test_4k_locks_release_a_huge_page_only_once_it_is_whole() -> None:
+    dev, ram = huge_started()
+    half = list(range(HP, HP + HP // 2))
+    assert (send(dev, batch_request(Command.BATCHED_LOCK, half)).statuses == 0).all()
+    assert ram.calls == [] and dev.partial_huge_pages == 1  # kept, counted
+    for pfn in range(HP + HP // 2, 2 * HP - 1):
+        assert send(dev, Request(Command.LOCK, pfn)).status is Status.SUCCESS
+    assert ram.calls == [] and dev.partial_huge_pages == 1
+    send(dev, Request(Command.LOCK, 2 * HP - 1))
+    assert ram.calls == [("release", [[HP, 2 * HP]])] and dev.partial_huge_pages == 0
+    # a 2 MiB page is whole by construction; a 4 KiB UNLOCK in a 4 KiB-locked one reopens it
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [3 * HP]))
+    assert ram.calls[-1] == ("release", [[3 * HP, 4 * HP]])
+    assert send(dev, Request(Command.UNLOCK, HP + 7)).status is Status.SUCCESS
+    assert ram.calls[-1] == ("readmit", [[HP, 2 * HP]]) and dev.partial_huge_pages == 1
+
+
+def test_pfns_straddling_huge_pages_and_a_snapshot_of_the_partial_ones() -> None:
+    dev, ram = huge_started()
+    send(dev, batch_request(Command.BATCHED_LOCK, list(range(2 * HP - 200, 2 * HP + 200))))
+    assert ram.calls == [] and dev.partial_huge_pages == 2
+    restored = VmwBalloonDevice.restore(
+        VmwDeviceSnapshot.from_json(dev.snapshot().to_json()), ram)
+    assert restored.partial_huge_pages == 2
+    send(restored, batch_request(Command.BATCHED_LOCK, list(range(HP, 2 * HP - 200))))
+    assert ram.calls == [("release", [[HP, 2 * HP]])] and restored.partial_huge_pages == 1
+
+
+def test_an_unlock_the_pool_cannot_back_is_busy_and_the_page_stays_locked() -> None:
+    dev, ram = huge_started()
+    ram.pool = 0
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [0, HP]))
+    send(dev, batch_request(Command.BATCHED_LOCK, list(range(2 * HP, 3 * HP))))
+    ram.pool = 1  # of the three pages given back, someone took two
+    resp = send(dev, batch_request(Command.BATCHED_2M_UNLOCK, [0, HP]))
+    assert resp.statuses.tolist() == [Status.SUCCESS, Status.ERROR_BUSY]
+    resp = send(dev, batch_request(Command.BATCHED_UNLOCK, [2 * HP, 2 * HP + 1]))
+    assert resp.statuses.tolist() == [Status.ERROR_BUSY, Status.ERROR_BUSY]
+    assert send(dev, Request(Command.UNLOCK, 2 * HP + 5)).status is Status.ERROR_BUSY
+    assert dev.actual_pages == 2 * HP and dev.counters["error_busy"] == 4
+    assert dev.balloon_pfns().tolist() == list(range(HP, 3 * HP))
+    ram.pool = 2  # memory is back: the same commands now succeed
+    assert (send(dev, batch_request(Command.BATCHED_2M_UNLOCK, [HP])).statuses == 0).all()
+    assert send(dev, Request(Command.UNLOCK, 2 * HP + 5)).status is Status.SUCCESS
+    assert dev.partial_huge_pages == 1
+
+
+@pytest.mark.parametrize(("batched", "target"), [(True, 3000), (False, 700), (True, 2 * HP)])
+def test_a_pair_over_huge_pages_balloons_whole_blocks(batched: bool, target: int) -> None:
+    p = vmw_pair(4 * PAGES, batched=batched, host_page_frames=HP)  # a 64 MiB guest
+    p.set_target(target)
+    assert p.run_until(lambda q: q.driver.balloon_pages == target, 20)
+    assert p.violations == [] and p.device.partial_huge_pages == (1 if target % HP else 0)
+    p.set_target(target // 2)
+    assert p.run_until(lambda q: q.driver.balloon_pages == target // 2, 20)
+    p.set_target(0)
+    assert p.run_until(lambda q: q.driver.balloon_pages == 0, 20)
+    assert p.violations == [] and p.device.partial_huge_pages == 0

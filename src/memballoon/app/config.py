@@ -187,6 +187,7 @@ class GuestConfig(_Strict):
     max_mib: int | None = Field(default=None, ge=64)  # qemu: RAM (attach: QEMU's, if given)
     start_mib: int | None = Field(default=None, ge=64)  # qemu: logical size at boot
     protocol: Literal["vmw", "vmw-batched", "virtio"] = "virtio"
+    ram: Literal["4k", "thp", "hugetlb"] = "4k"  # local: what backs the RAM on the host
     workload: Literal["idle", "steady", "bursty", "ramp", "diurnal"] = "idle"
     seed: int = 0
     period_s: float = Field(default=1.0, gt=0.0)
@@ -284,6 +285,8 @@ class HostConfig(_Strict):
     socket: Path | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     run_dir: Path | None = None  # qemu: where QMP/agent sockets live
+    setup_hugepages: bool = False  # local: set shmem THP / the hugetlb pool up for huge-page
+                                   # RAM for the run and put it back at exit
     guests: list[GuestConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

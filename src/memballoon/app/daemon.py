@@ -41,7 +41,7 @@ from memballoon.manager.engine import Engine
 from memballoon.manager.port import Backend, HostProbe
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, UsageError
-from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages
+from memballoon.model.units import MIB, PAGE_SIZE, RamKind, bytes_to_pages
 from memballoon.policy.base import Policy
 from memballoon.policy.sample import GuestSettings
 
@@ -98,16 +98,20 @@ class Daemon:
 
         specs = [GuestSpec(name=g.name, mib=g.mib or 0, protocol=g.protocol,
                            workload=g.workload, period_s=g.period_s, seed=g.seed,
-                           swap_mib=g.swap // (1 << 20)) for g in self.cfg.guests]
+                           swap_mib=g.swap // (1 << 20), ram=RamKind(g.ram))
+                 for g in self.cfg.guests]
         # the budget is for the guests' RAM; their cgroup also holds each guest process's own
         # interpreter, so it gets that on top (as the demo and bench policy do)
         from memballoon.local.host import PROCESS_OVERHEAD_BYTES
 
         fixed = self.fixed_budget
         host = LocalHost(specs, clock=self.clock, budget_bytes=None if fixed is None
-                         else fixed + PROCESS_OVERHEAD_BYTES * len(specs))
+                         else fixed + PROCESS_OVERHEAD_BYTES * len(specs),
+                         setup_hugepages=self.cfg.setup_hugepages)
         await host.start()
-        self._closers.append(host.close)
+        self._closers.append(host.close)  # also puts back what setup_hugepages changed
+        for line in host.host_changes:
+            self.say(f"set {line} for the run (put back at exit)")
         b = host.budget
         if b is not None:
             self.budget_enforced, self.budget_reason = b.enforced, b.reason

@@ -27,7 +27,7 @@ from typing import Any
 
 from memballoon.local.host import PROCESS_OVERHEAD_BYTES, GuestSpec, LocalHost
 from memballoon.model.errors import ConfigError
-from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages
+from memballoon.model.units import MIB, PAGE_SIZE, RamKind, bytes_to_pages
 from memballoon.policy.sample import GuestSample
 
 # The bursty guest gets virtio: its deflate-on-OOM is the guest's own push-back when a burst
@@ -46,12 +46,16 @@ class DemoConfig:
     period_s: float = 1.0
     seed: int = 1
     guests: tuple[tuple[str, str, str], ...] = DEFAULT_GUESTS
+    ram: str = "4k"  # what backs every guest's RAM (--ram): 4k, thp or hugetlb
+    setup_hugepages: bool = False  # set the host up for --ram for the run, then put it back
 
     def __post_init__(self) -> None:
         if self.seconds <= 0:
             raise ConfigError(f"--seconds must be positive, got {self.seconds}")
         if self.guest_mib < 64:
             raise ConfigError(f"--guest-mib must be at least 64, got {self.guest_mib}")
+        if self.ram not in tuple(RamKind):
+            raise ConfigError(f"--ram must be one of {', '.join(RamKind)}, got {self.ram!r}")
         floor = len(self.guests) * (PROCESS_OVERHEAD_BYTES // MIB + 32)
         if self.budget_mib < floor:
             raise ConfigError(f"--budget-mib must be at least {floor} for "
@@ -67,7 +71,8 @@ class _Trace:
 def _specs(cfg: DemoConfig) -> list[GuestSpec]:
     return [
         GuestSpec(name=name, mib=cfg.guest_mib, protocol=proto, workload=workload,
-                  period_s=cfg.period_s, seed=cfg.seed + i, swap_mib=cfg.guest_mib // 4)
+                  period_s=cfg.period_s, seed=cfg.seed + i, swap_mib=cfg.guest_mib // 4,
+                  ram=RamKind(cfg.ram))
         for i, (name, workload, proto) in enumerate(cfg.guests)
     ]
 
@@ -126,7 +131,10 @@ async def run_demo(
     budget = cfg.budget_mib * MIB
     guest_budget = budget - PROCESS_OVERHEAD_BYTES * len(specs)
     trace = _Trace(stall={s.name: [] for s in specs})
-    async with LocalHost(specs, budget_bytes=budget) as host:
+    async with LocalHost(specs, budget_bytes=budget,
+                         setup_hugepages=cfg.setup_hugepages) as host:
+        for line in host.host_changes:
+            log(f"set {line} for the run (put back afterwards)")
         b = host.budget
         log(f"budget {cfg.budget_mib} MiB: {b.describe() if b else 'none'}; "
             f"policy default, {guest_budget // MIB} MiB for guest memory")

@@ -14,6 +14,15 @@ Watermarks follow Linux (mm/page_alloc.c, ``__setup_per_zone_wmarks`` before 5.x
 factor): ``min = sqrt(16 * lowmem_kbytes)`` KiB clamped to [128 KiB, 256 MiB], ``low = min *
 5/4``, ``high = min * 3/2``.
 
+When the host backs the guest's RAM with 2 MiB pages (``host_page_frames`` = 512), balloon
+allocations fill whole blocks: the rest of the block the balloon is filling, then wholly free
+blocks (not yet reported first), and only when none is left any free frame, so the host can
+release whole host pages (host/hostpages.py) rather than hold partial ones. Linux's
+virtio_balloon takes whatever order-0 pages the buddy allocator hands out; handing out the
+pieces of one free 2 MiB block in a row is an allocation order that allocator may follow.
+Every frame the balloon takes is ``forget``-ed in the store (its mapping dropped), with huge
+pages once its whole block is in the balloon.
+
 Allocations (what the balloon drivers call):
 - ``alloc_nosleep(n)``: free frames above the min watermark only; never reclaims, never waits
   (the seed's ``__GFP_HIGHMEM|__GFP_NOWARN``).
@@ -164,6 +173,7 @@ class GuestMemory:
         reserved_pages: int | None = None,
         swap_pages: int = 0,
         store: PageStore | None = None,
+        host_page_frames: int = 1,
     ) -> None:
         if total_pages < 4 * BLOCK_PAGES:
             raise UsageError(f"a guest needs at least {4 * BLOCK_PAGES} pages, got {total_pages}")
@@ -174,6 +184,8 @@ class GuestMemory:
             raise UsageError(f"reserved_pages {reserved_pages} out of range")
         if swap_pages < 0:
             raise UsageError("swap_pages must be >= 0")
+        if host_page_frames not in (1, BLOCK_PAGES):
+            raise UsageError(f"host pages of {host_page_frames} frames: 1 or {BLOCK_PAGES}")
         self.total_pages = total_pages
         self.reserved_pages = reserved_pages
         self.swap_total_pages = swap_pages
@@ -189,6 +201,8 @@ class GuestMemory:
         self._hint = 0  # block the last allocation took from
         self._hint_free: PfnArray = _EMPTY  # cached free frames of that block (single takes)
         self._hint_pos = 0
+        self.host_page_frames = host_page_frames
+        self._fill_block = -1  # huge host pages: the block the balloon is filling
         self._isolated = 0
         self._balloon = 0
         self._managed_adjust = 0  # pages the balloon took out of MemTotal
@@ -354,24 +368,83 @@ class GuestMemory:
             ev.async_reclaim += freed
         return freed
 
+    def _take(self, n: int, floor: int, new: PageState) -> PfnArray:
+        if new is PageState.BALLOON and self.host_page_frames > 1:
+            return self._take_blocks(n, floor)
+        return self._take_free(n, floor, new)
+
+    def _take_blocks(self, n: int, floor: int) -> PfnArray:
+        """Balloon frames in whole blocks (huge host pages): the block being filled, then
+        wholly free ones; any free frame once no block is left (module docstring)."""
+        n = min(n, self._free - floor)
+        if n <= 0:
+            return _EMPTY
+        parts: list[PfnArray] = []
+        got = 0
+        while got < n:
+            b = self._fill_block
+            if b < 0 or self._bfree[b] == 0:
+                b = self._whole_block()
+                if b < 0:
+                    break
+                self._fill_block = b
+            idx = self._free_frames_of(b, n - got)
+            self._bfree[b] -= idx.size
+            self.reported[b] = False  # the host refaults this block's pages on touch
+            parts.append(idx)
+            got += idx.size
+        out = _EMPTY if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if got:
+            self._free -= got
+            self.state[out] = _BALLOON
+        if got < n:
+            more = self._take_free(n - got, floor, PageState.BALLOON)
+            out = np.concatenate((out, more)) if got else more
+        return out
+
+    def _whole_block(self) -> int:
+        """A wholly free block, one not reported to the host first; -1 if there is none."""
+        whole = self._bfree == BLOCK_PAGES
+        free = whole & ~self.reported
+        i = int(free.argmax())
+        if free[i]:
+            return i
+        i = int(whole.argmax())
+        return i if whole[i] else -1
+
+    def _forget(self, pfns: PfnArray) -> None:
+        """Tell the store the balloon took these frames (with huge host pages: the blocks
+        among theirs that are now wholly in the balloon)."""
+        if self.store is None or pfns.size == 0:
+            return
+        if self.host_page_frames > 1:
+            blocks = np.unique(pfns >> BLOCK_ORDER)
+            frames = block_frames(blocks, BLOCK_ORDER)
+            whole = (self.state[frames] == _BALLOON).reshape(-1, BLOCK_PAGES).all(axis=1)
+            if not bool(whole.any()):
+                return
+            pfns = block_frames(blocks[whole], BLOCK_ORDER)
+        self.store.forget(pfns)
+
     def _alloc(
         self, n: int, floor: int, new: PageState, *, reclaim: bool, tally: _Tally
     ) -> PfnArray:
-        got = self._take_free(n, floor, new)
+        got = self._take(n, floor, new)
         if got.size >= n or not reclaim:
             return got
         self.events.alloc_stalls += 1
         short = n - int(got.size)
         batch = max(short, SWAP_CLUSTER_MAX)
         self._reclaim(batch, direct=True, tally=tally)
-        more = self._take_free(short, floor, new)
+        more = self._take(short, floor, new)
         return np.concatenate((got, more)) if got.size else more
 
     # ------------------------------------------------------------------ the balloon's API
     def alloc_nosleep(self, n: int) -> PfnArray:
         """Up to ``n`` frames for the balloon from free memory above the min watermark."""
-        pfns = self._take_free(n, self.watermarks.min, PageState.BALLOON)
+        pfns = self._take(n, self.watermarks.min, PageState.BALLOON)
         self._balloon += int(pfns.size)
+        self._forget(pfns)
         return pfns
 
     def alloc_sleep(self, n: int) -> PfnArray:
@@ -380,6 +453,7 @@ class GuestMemory:
         pfns = self._alloc(n, self.watermarks.min, PageState.BALLOON, reclaim=True, tally=tally)
         self._account_stall(tally.stall_s)
         self._balloon += int(pfns.size)
+        self._forget(pfns)
         return pfns
 
     def alloc_huge(self, n: int) -> PfnArray:
@@ -405,6 +479,8 @@ class GuestMemory:
         taken = int(blocks.size) * BLOCK_PAGES
         self._free -= taken
         self._balloon += taken
+        if self.store is not None:
+            self.store.forget(block_frames(blocks, BLOCK_ORDER))
         return blocks.astype(np.int64) * BLOCK_PAGES
 
     def free_balloon(self, pfns: PfnArray) -> None:

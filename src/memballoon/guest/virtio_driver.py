@@ -84,6 +84,7 @@ class VirtioDriverCounter(CounterName):
     CONFIG_MALFORMED = "config_malformed"  # config space reads that did not decode
     REFUSED_LIMIT = "refused_limit"  # inflate cycles stopped with VIRTIO_BALLOON_X_MAX_REFUSED held
     INFLATE_QUEUE_FULL = "inflate_queue_full"  # inflates put off: no inflateq, or no free slot
+    QUEUE_STALLED = "queue_stalled"  # inflates/deflates put off: the device holds earlier ones
     ALLOC_FAIL = "alloc_fail"  # inflates that got no frame ("Out of puff!")
     INFLATE_BUFFERS = "inflate_buffers"  # buffers sent on the inflateq
     DEFLATE_QUEUE_FULL = "deflate_queue_full"  # deflates put off: no deflateq, or no free slot
@@ -210,6 +211,9 @@ class VirtioBalloonDriver:
         # until the host asks again)
         self._adjust_pending = True
         self._reset_gen = 0
+        # queues whose last kick's wait gave up (the device holds buffers, e.g. a deflate the
+        # host has no memory for): nothing more is sent on them until one comes back used
+        self._stalled: set[BalloonQueue] = set()
         self._next_report = 0.0
         self._freed_total = 0
         self.config_interrupts = 0
@@ -390,11 +394,24 @@ class VirtioBalloonDriver:
     def _kick(self, role: BalloonQueue) -> None:
         qi = self._qidx[role]
         self.transport.notify(qi)
-        self.transport.wait(qi)
+        if not self.transport.wait(qi):
+            self._stalled.add(role)
         self._collect(role)
+
+    def _held_back(self, role: BalloonQueue) -> bool:
+        """The device holds this queue's buffers: go on running, retry next period, rather
+        than wait on it buffer by buffer (Linux's worker would sleep in tell_host)."""
+        if role in self._stalled:
+            self._collect(role)
+        if role in self._stalled:
+            self.counters.inc(VirtioDriverCounter.QUEUE_STALLED)
+            return True
+        return False
 
     def _fill(self, n: int) -> int:
         """Allocate up to ``n`` frames and send them on the inflateq; returns frames sent."""
+        if self._held_back(BalloonQueue.INFLATEQ):
+            return 0
         refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
         q = self._queue_ready(BalloonQueue.INFLATEQ, 2 if refuse else 1)
         slot = self._free_slot(BalloonQueue.INFLATEQ) if q is not None else None
@@ -423,7 +440,7 @@ class VirtioBalloonDriver:
     def _leak(self, n: int) -> int:
         """Take up to ``n`` frames out of the balloon via the deflateq; returns frames taken."""
         n = min(n, len(self._balloon))
-        if n <= 0:
+        if n <= 0 or self._held_back(BalloonQueue.DEFLATEQ):
             return 0
         q = self._queue_ready(BalloonQueue.DEFLATEQ, 1)
         slot = self._free_slot(BalloonQueue.DEFLATEQ) if q is not None else None
@@ -510,6 +527,8 @@ class VirtioBalloonDriver:
         except DescriptorError:
             self.counters.inc(VirtioDriverCounter.USED_RING_BROKEN)
             return
+        if elems:
+            self._stalled.discard(role)  # the device is moving again
         for e in elems:
             p = self._pending.pop((role, e.head), None)
             if p is None:

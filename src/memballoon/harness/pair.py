@@ -17,7 +17,9 @@ invariants the tests, the benchmark and the simulator hold a pair to:
 3. every frame the driver holds (balloon and transient) is in state ``BALLOON``, once: no frame
    is both in the balloon and in use, and the guest model counts them all;
 4. the sizes both sides report agree;
-5. the host holds no memory behind a ballooned frame (the backend released it);
+5. the host holds no memory behind a ballooned frame (the backend released it); with huge host
+   pages (``host_page_frames``), none behind a frame of a wholly ballooned host page, and the
+   device's ``partial_huge_pages`` is the number of host pages the balloon holds in part;
 6. what each protocol adds: VMware holds no refused page between work periods and, while a
    reset is pending, exactly its whole balloon as transient (the host forgot it); virtio's
    config space says the same ``actual``, and a synchronous device leaves nothing in flight.
@@ -145,8 +147,17 @@ def check_pair(pair: Pair) -> list[str]:
     if pair.device.actual_pages != pair.driver.balloon_pages:
         errs.append(f"device actual {pair.device.actual_pages} != driver balloon "
                     f"{pair.driver.balloon_pages}")
-    if drv.size and pair.ram.resident_pages_of(drv):
-        errs.append(f"host still holds {pair.ram.resident_pages_of(drv)} ballooned frames")
+    hp = pair.ram.host_page_frames
+    whole = drv
+    if hp > 1:
+        per_page = np.bincount(drv // hp, minlength=pair.ram.guest_pages // hp)
+        whole = drv[per_page[drv // hp] == hp]
+        partial = int(np.count_nonzero((per_page > 0) & (per_page < hp)))
+        if pair.device.partial_huge_pages != partial:
+            errs.append(f"device counts {pair.device.partial_huge_pages} partial huge pages, "
+                        f"the balloon has {partial}")
+    if whole.size and pair.ram.resident_pages_of(whole):
+        errs.append(f"host still holds {pair.ram.resident_pages_of(whole)} ballooned frames")
     errs.extend(pair.link_invariants())
     return errs
 
@@ -227,11 +238,14 @@ def vmw_pair(
     load: bool = True,
     swap_pages: int = 0,
     period_s: float | None = None,
+    host_page_frames: int = 1,
 ) -> VmwPair:
     """A VMware pair: ``batched`` drivers offer batches (and 2 MiB pages with ``huge_pages``);
-    ``supports_*`` is what the device grants; ``record`` logs every command on ``port``."""
-    ram = NullRam(guest_pages)
-    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
+    ``supports_*`` is what the device grants; ``record`` logs every command on ``port``;
+    ``host_page_frames`` 512 backs the guest with 2 MiB host pages."""
+    ram = NullRam(guest_pages, host_page_frames=host_page_frames)
+    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram,
+                      host_page_frames=host_page_frames)
     dev = VmwBalloonDevice(ram, supports_batched=supports_batched, supports_2m=supports_2m)
     port = BackdoorTap(dev, [] if record else None)
     drv = VmwBalloonDriver(mem, port, batched=batched, huge_pages=huge_pages)
@@ -276,12 +290,15 @@ def virtio_pair(
     load: bool = True,
     swap_pages: int = 0,
     period_s: float | None = None,
+    host_page_frames: int = 1,
 ) -> VirtioPair:
     """A virtio pair: the device offers ``features``; the driver and device share a 64 KiB view
     standing for the driver's area of guest RAM; with ``deferred`` the transport holds kicks
-    until ``transport.run_device()`` (buffers stay in flight)."""
-    ram = NullRam(guest_pages)
-    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram)
+    until ``transport.run_device()`` (buffers stay in flight); ``host_page_frames`` 512 backs
+    the guest with 2 MiB host pages."""
+    ram = NullRam(guest_pages, host_page_frames=host_page_frames)
+    mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram,
+                      host_page_frames=host_page_frames)
     dev = VirtioBalloonDevice(ram, driver_area_view(guest_pages), features=features)
     transport = DirectTransport(dev, deferred=deferred)
     drv = VirtioBalloonDriver(mem, transport)
@@ -299,14 +316,17 @@ def make_pair(
     *,
     swap_pages: int = 0,
     period_s: float | None = None,
+    host_page_frames: int = 1,
 ) -> Pair:
     """A driver/device pair of ``protocol`` over a fresh guest of ``guest_pages``."""
     match protocol:
         case "vmw" | "vmw-batched":
             return vmw_pair(guest_pages, workload, batched=protocol == "vmw-batched",
-                            swap_pages=swap_pages, period_s=period_s)
+                            swap_pages=swap_pages, period_s=period_s,
+                            host_page_frames=host_page_frames)
         case "virtio":
-            return virtio_pair(guest_pages, workload, swap_pages=swap_pages, period_s=period_s)
+            return virtio_pair(guest_pages, workload, swap_pages=swap_pages, period_s=period_s,
+                               host_page_frames=host_page_frames)
         case _:
             raise UsageError(
                 f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -11,6 +11,7 @@ from typing import Annotated, Protocol
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from memballoon.host.hostpages import HostPages
 from memballoon.host.virtio_device import VirtioDeviceSnapshot
 from memballoon.host.vmw_device import VmwDeviceSnapshot
 from memballoon.model.counters import Counters
@@ -49,7 +50,19 @@ class BalloonDevice(Protocol):
         ...
 
     def balloon_pfns(self) -> PfnArray:
-        """Frames the device holds released for the balloon, sorted."""
+        """Frames the device holds for the balloon, sorted (released, or in a partial host
+        page with huge-page RAM)."""
+        ...
+
+    @property
+    def partial_huge_pages(self) -> int:
+        """Host huge pages some but not all of whose frames are in the balloon: kept, not
+        released (``host/hostpages.py``); always 0 with 4 KiB host pages."""
+        ...
+
+    @property
+    def host_pages(self) -> HostPages:
+        """The host pages behind the guest's RAM (``last_error``: memory the host lacked)."""
         ...
 
     def snapshot(self) -> VmwDeviceSnapshot | VirtioDeviceSnapshot:

@@ -22,6 +22,17 @@ mapping, so touching and verifying are vectorised. The expected generation of ea
 in a numpy array (0 = never stamped, else generation + 1), so a page that was punched while in
 use is caught: it reads back zeros.
 
+Huge pages (``RamKind``): with ``thp`` the memfd is ordinary shmem and both processes map it
+``MADV_HUGEPAGE``, so with shmem THP set to ``advise`` a page the guest touches comes in as a
+2 MiB folio; with ``hugetlb`` the memfd is on hugetlbfs (``MFD_HUGETLB | MFD_HUGE_2MB``) and its
+pages come from the reserved pool (the mapping reserves them all, or fails at once). Either
+way the RAM is whole 2 MiB pages and the host gives memory back in whole host pages only:
+``release`` refuses a range that is not (``host/hostpages.py`` decides which are whole; a
+4 KiB punch into hugetlbfs would zero data and free nothing). A punched hugetlb page goes back
+to the pool and its reservation with it: ``readmit`` takes it from the pool again at once
+(``fallocate``), so a pool another user emptied meanwhile is a ``HostResourceError`` the
+device answers, not a SIGBUS when the guest touches the page.
+
 Note on accounting: shmem pages are charged to the memory cgroup of the process that first
 touches them (``host/cgroup.py``), here the guest process.
 """
@@ -41,9 +52,24 @@ import numpy as np
 import numpy.typing as npt
 
 from memballoon.model.counters import CounterName, Counters
-from memballoon.model.errors import GuestAddressError, MemballoonError, PeerError, UsageError
-from memballoon.model.pages import PfnArray, RangeArray, as_pfns, check_ranges, range_pages
-from memballoon.model.units import PAGE_SHIFT, PAGE_SIZE
+from memballoon.model.errors import (
+    ConfigError,
+    GuestAddressError,
+    HostResourceError,
+    MemballoonError,
+    PeerError,
+    UsageError,
+)
+from memballoon.model.pages import (
+    PfnArray,
+    RangeArray,
+    as_pfns,
+    check_ranges,
+    coalesce,
+    merge_ranges,
+    range_pages,
+)
+from memballoon.model.units import HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, RamKind
 
 # include/uapi/linux/falloc.h
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -100,6 +126,25 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, f"fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(err)}")
 
 
+def allocate(fd: int, offset: int, length: int) -> None:
+    """Back ``[offset, offset + length)`` of the file behind ``fd`` with memory now."""
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate at {offset}+{length}: {os.strerror(err)}")
+
+
+def hugetlb_short(need: int) -> str:
+    """What to set when the hugetlb pool cannot back ``need`` more 2 MiB pages."""
+    from memballoon.host.hugepages import describe, missing  # sysfs reading, errors only
+
+    try:
+        writes = missing(RamKind.HUGETLB, need)
+        return describe(RamKind.HUGETLB, writes) if writes else (
+            f"the 2 MiB hugetlb pool could not give {need} pages")
+    except HostResourceError as exc:
+        return str(exc)
+
+
 def stamp_checksum(
     pfns: npt.NDArray[np.uint64], generation: npt.NDArray[np.uint64] | np.uint64
 ) -> npt.NDArray[np.uint64]:
@@ -116,56 +161,76 @@ class MemfdRam:
     it with ``MemfdRam.attach(fd, guest_pages)``.
     """
 
-    def __init__(self, guest_pages: int, *, name: str = "memballoon-guest") -> None:
-        if guest_pages <= 0:
-            raise UsageError(f"guest_pages must be positive, got {guest_pages}")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    def __init__(self, guest_pages: int, *, kind: RamKind = RamKind.SMALL,
+                 name: str = "memballoon-guest") -> None:
+        _check_size(guest_pages, kind)
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        if kind is RamKind.HUGETLB:
+            flags |= os.MFD_HUGETLB | os.MFD_HUGE_2MB
+        try:
+            fd = os.memfd_create(name, flags)
+        except OSError as exc:
+            raise HostResourceError(f"memfd_create for --ram {kind}: {exc.strerror}") from exc
         try:
             os.ftruncate(fd, guest_pages << PAGE_SHIFT)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-            self._open(fd, guest_pages)
+            self._open(fd, guest_pages, kind)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
-    def attach(cls, fd: int, guest_pages: int, *, counters: Counters | None = None) -> MemfdRam:
+    def attach(cls, fd: int, guest_pages: int, *, kind: RamKind = RamKind.SMALL,
+               counters: Counters | None = None) -> MemfdRam:
         """Map RAM another process created (the guest side); owns ``fd`` once it returns.
 
-        The fd comes from the peer, so its size and seals are checked: a file of the wrong
-        size or one that could still shrink raises ``PeerError`` (and bumps
-        ``memfd_attach_rejected``) instead of mapping memory that may vanish under us.
+        The fd comes from the peer, so its size, seals and page size are checked: a file of
+        the wrong size, one that could still shrink, or one whose pages are not ``kind``'s
+        raises ``PeerError`` (and bumps ``memfd_attach_rejected``) instead of mapping memory
+        that may vanish under us.
         """
-        if guest_pages <= 0:
-            raise UsageError(f"guest_pages must be positive, got {guest_pages}")
+        _check_size(guest_pages, kind)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError as exc:
             if counters is not None:
                 counters.inc(MemfdCounter.MEMFD_ATTACH_REJECTED)
             raise PeerError(f"fd {fd} is not a memfd: {exc}") from exc
         want = guest_pages << PAGE_SHIFT
-        if size != want or seals & fcntl.F_SEAL_SHRINK == 0:
+        # hugetlbfs gives its page size as the block size; shmem gives 4 KiB
+        block = HPAGE_PMD_SIZE if kind is RamKind.HUGETLB else PAGE_SIZE
+        if st.st_size != want or seals & fcntl.F_SEAL_SHRINK == 0 or st.st_blksize != block:
             if counters is not None:
                 counters.inc(MemfdCounter.MEMFD_ATTACH_REJECTED)
             raise PeerError(
-                f"memfd {fd} is {size} bytes with seals {seals:#x}; want {want} bytes "
-                "sealed against shrinking"
+                f"memfd {fd} is {st.st_size} bytes in blocks of {st.st_blksize} with seals "
+                f"{seals:#x}; want {want} bytes in blocks of {block} sealed against shrinking"
             )
         self = cls.__new__(cls)
-        self._open(fd, guest_pages)
+        self._open(fd, guest_pages, kind)
         return self
 
-    def _open(self, fd: int, guest_pages: int) -> None:
+    def _open(self, fd: int, guest_pages: int, kind: RamKind) -> None:
         self._fd = fd
         self._guest_pages = guest_pages
-        self._mm: mmap.mmap | None = mmap.mmap(
-            fd,
-            guest_pages << PAGE_SHIFT,
-            flags=mmap.MAP_SHARED,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        )
+        self._kind = kind
+        self._host_frames = kind.host_page_frames
+        try:
+            self._mm: mmap.mmap | None = mmap.mmap(
+                fd,
+                guest_pages << PAGE_SHIFT,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OSError as exc:
+            if kind is RamKind.HUGETLB:  # the mapping reserves every page of the pool at once
+                need = guest_pages // self._host_frames
+                raise HostResourceError(f"mapping {need} hugetlb pages: {exc.strerror}; "
+                                        f"{hugetlb_short(need)}") from exc
+            raise
+        if kind is RamKind.THP:
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
         self._view: memoryview | None = memoryview(self._mm)
         words = np.frombuffer(self._mm, dtype=np.uint64)
         self._words: npt.NDArray[np.uint64] | None = words.reshape(guest_pages, WORDS_PER_PAGE)
@@ -186,6 +251,15 @@ class MemfdRam:
     @property
     def guest_pages(self) -> int:
         return self._guest_pages
+
+    @property
+    def kind(self) -> RamKind:
+        return self._kind
+
+    @property
+    def host_page_frames(self) -> int:
+        """4 KiB frames in one host page (1, or 512 for 2 MiB pages)."""
+        return self._host_frames
 
     @property
     def size_bytes(self) -> int:
@@ -251,9 +325,10 @@ class MemfdRam:
 
     # ---------------------------------------------------------------- RamBackend
     def release(self, ranges: RangeArray) -> int:
-        """Punch one hole per range; every range is checked before the first punch."""
+        """Punch one hole per range; every range is checked before the first punch (and, with
+        huge pages, must be whole host pages)."""
         self._live()
-        ranges = self._checked(ranges)
+        ranges = self._checked(ranges, whole=True)
         for start, end in ranges.tolist():
             try:
                 punch_hole(self._fd, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
@@ -265,21 +340,54 @@ class MemfdRam:
         return n
 
     def readmit(self, ranges: RangeArray) -> int:
-        """Nothing to map back: a page faults in again when the guest touches it (as QEMU)."""
+        """Shmem: nothing to map back, a page faults in again when the guest touches it (as
+        QEMU). hugetlb (whole host pages only): each page is taken from the pool now, since
+        a fault into an empty pool would be SIGBUS; pages it cannot get raise
+        ``HostResourceError`` listing them in ``unbacked`` once every other page is in."""
         self._live()
-        return range_pages(self._checked(ranges))
+        ranges = self._checked(ranges, whole=True)
+        if self._kind is RamKind.HUGETLB:
+            self._allocate(ranges)
+        return range_pages(ranges)
 
+    def _allocate(self, ranges: RangeArray) -> None:
+        unbacked: list[tuple[int, int]] = []
+        step = self._host_frames
+        reason = ""
+        for start, end in ranges.tolist():
+            try:
+                allocate(self._fd, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+                continue
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+            # the pool ran short inside this range: find the pages it can still give
+            for lo in range(start, end, step):
+                try:
+                    allocate(self._fd, lo << PAGE_SHIFT, step << PAGE_SHIFT)
+                except OSError:
+                    unbacked.append((lo, lo + step))
+        if unbacked:
+            merged = merge_ranges([s for s, _ in unbacked], [e for _, e in unbacked])
+            need = len(unbacked)
+            raise HostResourceError(
+                f"no hugetlb memory to give {need} huge pages back to the guest ({reason}); "
+                f"{hugetlb_short(need)}",
+                tuple((int(s), int(e)) for s, e in merged.tolist()),
+            )
     def resident_bytes(self) -> int:
         """What the host really holds for this RAM: allocated blocks of the memfd."""
         self._live()
         return os.fstat(self._fd).st_blocks * 512
 
-    def _checked(self, ranges: RangeArray) -> RangeArray:
+    def _checked(self, ranges: RangeArray, *, whole: bool = False) -> RangeArray:
         r = np.asarray(ranges)
         if r.size and not np.issubdtype(r.dtype, np.integer):
             raise GuestAddressError(f"PFN ranges must be integers, got {r.dtype}")
         r = r.astype(np.int64, copy=False)
         check_ranges(r, self._guest_pages)
+        if whole and self._host_frames > 1 and r.size and bool((r % self._host_frames).any()):
+            raise UsageError(f"--ram {self._kind}: only whole 2 MiB host pages can be released "
+                             "or readmitted (host/hostpages.py decides which are whole)")
         return r
 
     # ---------------------------------------------------------------- PageStore
@@ -300,6 +408,30 @@ class MemfdRam:
             if self._expect is None:
                 self._expect = np.zeros(self._guest_pages, dtype=np.uint64)
             self._expect[chunk] = gen + np.uint64(1)
+
+    def forget(self, pfns: PfnArray) -> None:
+        """Drop this process's mapping of pages the guest gives its balloon (``MADV_DONTNEED``
+        on a shared mapping: the pages stay in the memfd until the host punches them).
+
+        The host's punch then finds nothing of ours to unmap, so it sends our CPU no TLB
+        shoot-down, and the unmapping is done here, on the guest's CPU, while the host punches
+        earlier pages. With huge pages only whole host pages are dropped (a part of one would
+        only split the mapping).
+        """
+        mm = self._mm
+        if mm is None:
+            raise UsageError("MemfdRam is closed")
+        p = self._checked_pfns(pfns)
+        if p.size == 0:
+            return
+        ranges = coalesce(p)
+        hp = self._host_frames
+        if hp > 1:
+            lo = -(-ranges[:, 0] // hp) * hp
+            hi = ranges[:, 1] // hp * hp
+            ranges = np.stack((lo, hi), axis=1)[hi > lo]
+        for start, end in ranges.tolist():
+            mm.madvise(mmap.MADV_DONTNEED, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
 
     def verify(self, pfns: PfnArray) -> int:
         """How many of these pages lost their last stamp (a punched page reads zeros).
@@ -372,11 +504,20 @@ class MemfdRam:
         return p
 
 
+def _check_size(guest_pages: int, kind: RamKind) -> None:
+    if guest_pages <= 0:
+        raise UsageError(f"guest_pages must be positive, got {guest_pages}")
+    if guest_pages % kind.host_page_frames:
+        raise ConfigError(f"--ram {kind}: guest RAM must be whole 2 MiB pages, got "
+                          f"{guest_pages} pages of 4 KiB")
+
+
 __all__ = [
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "STAMP_COLUMNS",
     "MemfdRam",
+    "allocate",
     "punch_hole",
     "stamp_checksum",
 ]

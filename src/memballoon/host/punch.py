@@ -1,13 +1,15 @@
 """Reference speeds of the raw memory operations, measured in the same run as a benchmark.
 
 ``memballoon bench reclaim`` compares its end-to-end inflate rate with punching the same amount
-of touched memfd memory directly (``raw_punch_hole_gib_per_s``), so the ratio says what the
-protocol costs above the kernel's own work on this machine, today.
+of touched memfd memory of the same kind (``RamKind``: 4 KiB shmem in 1 MiB ranges; shmem THP
+or hugetlbfs in 2 MiB host pages) directly (``raw_punch_hole_gib_per_s``), so the ratio says
+what the protocol costs above the kernel's own work on this machine, today.
 
 Only the operation itself is inside ``perf_counter``: the memory is touched (and checked
 resident through ``st_blocks``) before the clock starts, and checked released after it stops.
 
-Run ``python -m memballoon.host.punch [MiB]`` for both figures as JSON.
+Run ``python -m memballoon.host.punch [MiB [4k|thp|hugetlb]]`` for both figures as JSON (huge
+pages need the host set up for them: ``host/hugepages.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from memballoon.host.memfd import MemfdRam, punch_hole
 from memballoon.model.errors import ConfigError, MemballoonError
-from memballoon.model.units import GIB, MIB, PAGE_SIZE
+from memballoon.model.units import GIB, HPAGE_PMD_SIZE, MIB, PAGE_SIZE, RamKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +46,17 @@ def _checked_size(mib: int, chunk_mib: int = 1) -> int:
     return mib * MIB
 
 
-def measure_punch_hole(mib: int, *, chunk_mib: int = 1) -> RawMeasurement:
-    """Touch ``mib`` MiB of a fresh memfd, then punch it with one fallocate per chunk."""
-    size = _checked_size(mib, chunk_mib)
-    chunk = chunk_mib * MIB
-    with MemfdRam(size // PAGE_SIZE, name="memballoon-punch") as ram:
+def measure_punch_hole(mib: int, *, chunk_mib: int | None = None,
+                       kind: RamKind = RamKind.SMALL) -> RawMeasurement:
+    """Touch ``mib`` MiB of a fresh memfd of ``kind``, then punch it with one fallocate per
+    chunk (default: 1 MiB, or one 2 MiB host page with huge pages)."""
+    if chunk_mib is None:
+        chunk = MIB if kind is RamKind.SMALL else HPAGE_PMD_SIZE
+        size = _checked_size(mib)
+    else:
+        size = _checked_size(mib, chunk_mib)
+        chunk = chunk_mib * MIB
+    with MemfdRam(size // PAGE_SIZE, kind=kind, name="memballoon-punch") as ram:
         words = np.frombuffer(ram.mapping, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
         words[:, 0] = 1  # one store per page faults every page in
         del words
@@ -67,9 +75,11 @@ def measure_punch_hole(mib: int, *, chunk_mib: int = 1) -> RawMeasurement:
     return RawMeasurement("punch_hole", size, seconds, len(offsets), before, after)
 
 
-def raw_punch_hole_gib_per_s(mib: int, *, chunk_mib: int = 1) -> float:
-    """GiB/s of ``fallocate(PUNCH_HOLE)`` over ``mib`` MiB of touched memfd, per 1 MiB range."""
-    return measure_punch_hole(mib, chunk_mib=chunk_mib).gib_per_s
+def raw_punch_hole_gib_per_s(mib: int, *, chunk_mib: int | None = None,
+                             kind: RamKind = RamKind.SMALL) -> float:
+    """GiB/s of ``fallocate(PUNCH_HOLE)`` over ``mib`` MiB of touched memfd of ``kind``, one
+    call per 1 MiB range (4 KiB pages) or per 2 MiB host page."""
+    return measure_punch_hole(mib, chunk_mib=chunk_mib, kind=kind).gib_per_s
 
 
 def measure_touch(mib: int, *, resident: bool = False) -> RawMeasurement:
@@ -96,8 +106,10 @@ def measure_touch(mib: int, *, resident: bool = False) -> RawMeasurement:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     mib = int(args[0]) if args else 1024
+    kind = RamKind(args[1]) if len(args) > 1 else RamKind.SMALL
     out = []
-    for m in (measure_punch_hole(mib), measure_touch(mib), measure_touch(mib, resident=True)):
+    for m in (measure_punch_hole(mib, kind=kind), measure_touch(mib),
+              measure_touch(mib, resident=True)):
         out.append({**asdict(m), "gib_per_s": round(m.gib_per_s, 3)})
     print(json.dumps(out, indent=1))
     return 0

@@ -10,7 +10,9 @@ The guest's side of the same memory is ``model.pages.PageStore``: the guest mode
 (the memfd backend) and a simulated one can count resident pages (``NullRam``).
 
 Backends are the last line of defence: every range is checked against the guest's size, and a
-range outside it raises ``GuestAddressError`` before anything is released.
+range outside it raises ``GuestAddressError`` before anything is released. A backend whose host
+pages are larger than the guest's (``host_page_frames`` > 1: 2 MiB pages) releases and readmits
+whole host pages only; ``host/hostpages.py`` turns the guest's 4 KiB frames into those.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import HostResourceError, UsageError
 from memballoon.model.pages import PfnArray, RangeArray, check_ranges, range_pages
 from memballoon.model.units import PAGE_SIZE
 
@@ -29,6 +31,11 @@ class RamBackend(Protocol):
 
     @property
     def guest_pages(self) -> int: ...
+
+    @property
+    def host_page_frames(self) -> int:
+        """4 KiB frames in one host page: 1, or 512 when the host backs the RAM in 2 MiB."""
+        ...
 
     def release(self, ranges: RangeArray) -> int:
         """Give the memory behind these PFN ranges back to the host; returns pages released."""
@@ -48,14 +55,24 @@ class NullRam:
 
     It keeps one byte per page: 1 while the page is resident (touched since it was last
     released). ``np.zeros`` is lazily backed, so an idle 8 GiB guest costs next to nothing.
+    With ``host_page_frames`` it stands for huge-page RAM: it takes whole host pages only, and
+    with ``pool`` (host pages free to back a readmit; None: no limit) for a hugetlb pool that
+    others draw on too: a release puts pages in, a readmit takes them out, and a readmit the
+    pool cannot cover raises ``HostResourceError`` naming the pages it left unbacked.
     """
 
-    __slots__ = ("_guest_pages", "_resident", "_resident_pages", "released_pages_total")
+    __slots__ = ("_guest_pages", "_host_frames", "_resident", "_resident_pages", "pool",
+                 "released_pages_total")
 
-    def __init__(self, guest_pages: int) -> None:
+    def __init__(self, guest_pages: int, *, host_page_frames: int = 1) -> None:
         if guest_pages <= 0:
             raise UsageError(f"guest_pages must be positive, got {guest_pages}")
+        if host_page_frames < 1 or guest_pages % host_page_frames:
+            raise UsageError(f"{guest_pages} pages are not whole host pages of "
+                             f"{host_page_frames} frames")
         self._guest_pages = guest_pages
+        self._host_frames = host_page_frames
+        self.pool: int | None = None
         self._resident = np.zeros(guest_pages, dtype=np.uint8)
         self._resident_pages = 0
         self.released_pages_total = 0
@@ -64,8 +81,17 @@ class NullRam:
     def guest_pages(self) -> int:
         return self._guest_pages
 
-    def release(self, ranges: RangeArray) -> int:
+    @property
+    def host_page_frames(self) -> int:
+        return self._host_frames
+
+    def _check(self, ranges: RangeArray) -> None:
         check_ranges(ranges, self._guest_pages)
+        if self._host_frames > 1 and len(ranges) and bool((ranges % self._host_frames).any()):
+            raise UsageError("huge-page RAM: only whole host pages can be released or readmitted")
+
+    def release(self, ranges: RangeArray) -> int:
+        self._check(ranges)
         freed = 0
         for start, end in ranges.tolist():
             seg = self._resident[start:end]
@@ -74,11 +100,26 @@ class NullRam:
         self._resident_pages -= freed
         n = range_pages(ranges)
         self.released_pages_total += n
+        if self.pool is not None:
+            self.pool += n // self._host_frames
         return n
 
     def readmit(self, ranges: RangeArray) -> int:
-        check_ranges(ranges, self._guest_pages)
-        return range_pages(ranges)  # residency returns on touch, as with QEMU
+        self._check(ranges)
+        n = range_pages(ranges)  # residency returns on touch, as with QEMU
+        if self.pool is None:
+            return n
+        hp = self._host_frames
+        need = n // hp
+        if need <= self.pool:
+            self.pool -= need
+            return n
+        # back the first pages the pool has, name the rest
+        starts = np.concatenate([np.arange(a, b, hp) for a, b in ranges.tolist()])
+        left = starts[self.pool:]
+        self.pool = 0
+        raise HostResourceError(f"the pool cannot back {left.size} host pages",
+                                tuple((int(a), int(a) + hp) for a in left.tolist()))
 
     def resident_bytes(self) -> int:
         return self._resident_pages * PAGE_SIZE
@@ -95,3 +136,6 @@ class NullRam:
 
     def verify(self, pfns: PfnArray) -> int:
         return 0  # no content to lose
+
+    def forget(self, pfns: PfnArray) -> None:
+        pass  # no mapping to drop

@@ -15,6 +15,14 @@ driver's) and processes its queues when the driver rings the doorbell (``notify`
 - reporting_vq: device-writable buffers, one per free block the guest reports
   (Linux mm/page_reporting.c, QEMU virtio_balloon_handle_report): released, not ballooned.
 
+Huge-page RAM (``ram.host_page_frames`` > 1): releases and readmissions go through
+``HostPages``, which releases a 2 MiB host page only once every frame of it is in the balloon
+(QEMU's partially-ballooned-page rule) and counts the partial ones (``partial_huge_pages``). A
+deflate whose host pages the host cannot back again (a hugetlb pool run dry) is held: its
+frames stay in the balloon and the buffer is not used, so a MUST_TELL_HOST driver does not
+reuse them; ``retry_held`` (run at every doorbell, target change and by the transport's
+periodic retry) finishes it once memory is back. The guest keeps running on what it has.
+
 The seed-001 extensions (private feature bits, see protocol/virtio_balloon.py): with
 HOST_REFUSE the inflate chain carries a status byte per PFN and the device refuses pinned
 frames (and any PFN it would not take anyway); with HOST_RESET, ``request_reset`` first
@@ -38,10 +46,13 @@ Snapshots
 (``num_pages``, ``actual``, ``poison_val``, the reset generation and its ack), the balloon and
 the pinned frames as ranges, and each queue's layout and ring positions (``last_avail``,
 ``used_idx``; the rings themselves are guest memory and survive the restart), which queues are
-broken, and which stats buffer the device holds. ``restore`` builds a device over the same
-guest's RAM and view from one without releasing or readmitting anything and without touching
-the rings; the transport attaches to it as to a new device. Counters and the last stats values
-start afresh (``request_stats`` still works: the held buffer is part of the snapshot).
+broken, which stats buffer the device holds and the deflate buffers it holds for want of host
+memory (``held_deflates``: head and frames still to give back). Partial huge pages need no
+field: they are the balloon's frames in host pages not wholly ballooned. ``restore`` builds a
+device over the same guest's RAM and view from one without releasing or readmitting anything
+and without touching the rings; the transport attaches to it as to a new device. Counters and
+the last stats values start afresh (``request_stats`` still works: the held buffer is part of
+the snapshot).
 """
 
 from __future__ import annotations
@@ -53,7 +64,14 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from memballoon.host.persist import FrameRanges, check_inside, mask_of, ranges_of
+from memballoon.host.hostpages import HostPages, in_ranges
+from memballoon.host.persist import (
+    FrameRanges,
+    as_range_array,
+    check_inside,
+    mask_of,
+    ranges_of,
+)
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError, DescriptorError, PeerError, UsageError
@@ -126,6 +144,9 @@ class VirtioDeviceCounter(CounterName):
     SETUP_BAD_LAYOUT = "setup_bad_layout"  # rings misaligned or outside the view (broken)
     CONFIG_WRITE_BAD = "config_write_bad"  # config writes not one aligned u32 inside the space
     CONFIG_WRITE_READONLY = "config_write_readonly"  # config writes to a field the device owns
+    # ``actual`` writes claiming more pages than the device holds for the balloon (a lie: the
+    # balloon is reported at what the device holds)
+    ACTUAL_BEYOND_HELD = "actual_beyond_held"
     NOTIFY_DEAD_QUEUE = "notify_dead_queue"  # doorbells of a queue not set up, or broken
     # per queue we serve (_QUEUE_COUNTERS): chains whose content was malformed, chains whose
     # descriptors were, avail rings found corrupt (NEEDS_RESET), heads outside the table
@@ -165,6 +186,9 @@ class VirtioDeviceCounter(CounterName):
     REPORT_BUFFERS = "report_buffers"  # free page reports processed
     REPORTED_PAGES = "reported_pages"  # frames released because the guest reported them free
     RESETS = "resets"  # balloon resets (HOST_RESET)
+    # huge-page RAM (the HostPages counters share the bag)
+    DEFLATE_HELD = "deflate_held"  # deflate buffers held: no host memory to back their frames
+    DEFLATE_HELD_DONE = "deflate_held_done"  # held deflate buffers finished by a retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +223,12 @@ _DEFLATE_PFN = _PfnCounters(VirtioDeviceCounter.DEFLATE_PFN_OUTSIDE_GUEST,
                             VirtioDeviceCounter.DEFLATE_PFN_DUPLICATE)
 
 
+def _frames(ranges: tuple[tuple[int, int], ...]) -> PfnArray:
+    r = as_range_array(ranges)
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in r.tolist()]) if len(
+        r) else _EMPTY
+
+
 _U32 = Annotated[int, Field(ge=0, le=PFN32_MAX)]
 _U16 = Annotated[int, Field(ge=0, le=0xFFFF)]
 _GPA = Annotated[int, Field(ge=0)]
@@ -220,6 +250,13 @@ class VirtioQueueSnapshot(SnapshotPart):
         return QueueLayout(self.size, self.desc_gpa, self.avail_gpa, self.used_gpa)
 
 
+class HeldDeflateSnapshot(SnapshotPart):
+    """A deflate buffer the device holds: frames it could not give back for want of memory."""
+
+    head: Annotated[int, Field(ge=0)]
+    frames: FrameRanges
+
+
 class VirtioDeviceSnapshot(Snapshot):
     """``VirtioBalloonDevice`` bookkeeping that survives a host restart (version 1)."""
 
@@ -239,6 +276,7 @@ class VirtioDeviceSnapshot(Snapshot):
     queues: tuple[VirtioQueueSnapshot, ...]  # set up by the driver, by index
     broken_queues: tuple[Annotated[int, Field(ge=0)], ...]  # DEVICE_NEEDS_RESET, sorted
     stats_head: Annotated[int, Field(ge=0)] | None  # the stats buffer we hold, if any
+    held_deflates: tuple[HeldDeflateSnapshot, ...] = ()  # deflates waiting for host memory
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -276,6 +314,16 @@ class VirtioDeviceSnapshot(Snapshot):
             stats = [q for q in self.queues if roles[q.index] is BalloonQueue.STATSQ]
             if not stats or self.stats_head >= stats[0].size:
                 raise ConfigError(f"stats_head {self.stats_head}: no stats queue holds it")
+        if self.held_deflates:
+            deflate = [q for q in self.queues if roles[q.index] is BalloonQueue.DEFLATEQ]
+            inflated = mask_of(self.inflated, self.guest_pages)
+            for h in self.held_deflates:
+                if not deflate or h.head >= deflate[0].size:
+                    raise ConfigError(f"held_deflates: head {h.head}: no deflate queue holds it")
+                check_inside("held_deflates", h.frames, self.guest_pages)
+                if bool((mask_of(h.frames, self.guest_pages) & ~inflated).any()):
+                    raise ConfigError(f"held_deflates: head {h.head} holds frames not in the "
+                                      "balloon")
         return self
 
 
@@ -306,6 +354,9 @@ class VirtioBalloonDevice:
         self._inflated = np.zeros(self._guest_pages, dtype=np.bool_)
         self._to_release: list[RangeArray] = []  # accepted inflate frames, released per doorbell
         self._inflated_count = 0
+        self._host = HostPages(ram, self.counters)
+        # deflate buffers held for want of host memory: (deflateq index, head, frames left)
+        self._held: list[tuple[int, int, PfnArray]] = []
         self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
         self._num_pages = 0
         self._actual = 0
@@ -395,6 +446,8 @@ class VirtioBalloonDevice:
         value = int.from_bytes(data, "little")
         if offset == OFFSET_ACTUAL:
             self._actual = value
+            if value > self._inflated_count:
+                self.counters.inc(VirtioDeviceCounter.ACTUAL_BEYOND_HELD)
         elif offset == OFFSET_POISON_VAL:
             self._poison_val = value
         elif offset == OFFSET_X_RESET_ACK:
@@ -404,6 +457,8 @@ class VirtioBalloonDevice:
 
     def notify(self, queue: int) -> None:
         """The doorbell. Processes every available chain; never raises."""
+        if self._held:
+            self.retry_held()
         dq = self._queues.get(queue)
         if dq is None or queue in self.broken_queues:
             self.counters.inc(VirtioDeviceCounter.NOTIFY_DEAD_QUEUE)
@@ -457,7 +512,39 @@ class VirtioBalloonDevice:
             return
         ranges = merge_range_lists(self._to_release)
         self._to_release.clear()
-        self.ram.release(ranges)
+        self._host.take(ranges)
+
+    def retry_held(self) -> int:
+        """Try again the deflates held for want of host memory; returns how many finished."""
+        done = 0
+        still: list[tuple[int, int, PfnArray]] = []
+        for q, head, pfns in self._held:
+            dq = self._queues.get(q)
+            if dq is None or q in self.broken_queues:
+                continue  # the queue was set up again or broke: the buffer is gone with it
+            left = self._give(pfns)
+            if left.size:
+                still.append((q, head, left))
+                continue
+            dq.push_used(head, 0)
+            self._interrupt_used(q)
+            self.counters.inc(VirtioDeviceCounter.DEFLATE_HELD_DONE)
+            done += 1
+        self._held = still
+        return done
+
+    @property
+    def partial_huge_pages(self) -> int:
+        """Host huge pages partly ballooned: held, not released (0 with 4 KiB host pages)."""
+        return self._host.partial_huge_pages
+
+    @property
+    def host_pages(self) -> HostPages:
+        return self._host
+
+    @property
+    def held_deflates(self) -> int:
+        return len(self._held)
 
     # ------------------------------------------------------------------ host side
     def _has(self, feature: int) -> bool:
@@ -467,6 +554,8 @@ class VirtioBalloonDevice:
         if not 0 <= pages <= min(self._guest_pages, PFN32_MAX):
             raise UsageError(f"target {pages} pages outside [0, {self._guest_pages}]")
         self._num_pages = pages
+        if self._held:
+            self.retry_held()
         self._config_interrupt()
 
     @property
@@ -475,7 +564,10 @@ class VirtioBalloonDevice:
 
     @property
     def actual_pages(self) -> int:
-        return self._actual
+        """The driver's ``actual``, never more than the pages the device holds released: a
+        guest that claims a bigger balloon (``0xFFFFFFFF``) must not make the manager think
+        the host has that memory back."""
+        return min(self._actual, self._inflated_count)
 
     @property
     def inflated_pages(self) -> int:
@@ -517,9 +609,14 @@ class VirtioBalloonDevice:
             q = self._index_of(role)
             if q is not None and q in self._queues:
                 self.notify(q)  # drain: what is already queued belongs to the old balloon
+        for q, head, _ in self._held:  # held deflates belong to the old balloon too
+            if q in self._queues and q not in self.broken_queues:
+                self._queues[q].push_used(head, 0)
+                self._interrupt_used(q)
+        self._held.clear()
         pfns = self.balloon_pfns()
         if pfns.size:
-            self.ram.readmit(coalesce(pfns))
+            self._host.give(coalesce(pfns), force=True)  # the driver takes them all back
         self._inflated[:] = False
         self._inflated_count = 0
         self._reset_generation = (self._reset_generation + 1) & PFN32_MAX
@@ -550,6 +647,9 @@ class VirtioBalloonDevice:
             ),
             broken_queues=tuple(sorted(self.broken_queues)),
             stats_head=self._stats_head,
+            held_deflates=tuple(HeldDeflateSnapshot(head=head, frames=tuple(
+                (int(a), int(b)) for a, b in coalesce(pfns).tolist())) for _, head, pfns in
+                self._held),
         )
 
     @classmethod
@@ -580,6 +680,10 @@ class VirtioBalloonDevice:
         dev._inflated[:] = mask_of(snap.inflated, dev._guest_pages)
         dev._inflated_count = int(np.count_nonzero(dev._inflated))
         dev._pinned[:] = mask_of(snap.pinned, dev._guest_pages)
+        dev._host.rebuild(dev._inflated)
+        deflateq = dev._index_of(BalloonQueue.DEFLATEQ)
+        if snap.held_deflates and deflateq is not None:
+            dev._held = [(deflateq, h.head, _frames(h.frames)) for h in snap.held_deflates]
         return dev
 
     # ------------------------------------------------------------------ queue processing
@@ -720,7 +824,7 @@ class VirtioBalloonDevice:
             self._inflated_count += int(take.size)
         return ok
 
-    def _deflate(self, chain: Chain) -> int:
+    def _deflate(self, chain: Chain) -> int | None:
         pfns = self._read_pfns(chain, "deflate")
         ok = self._valid_mask(pfns, _DEFLATE_PFN)
         safe = np.where(ok, pfns, 0)
@@ -729,13 +833,25 @@ class VirtioBalloonDevice:
             self.counters.inc(VirtioDeviceCounter.DEFLATE_PFN_NOT_IN_BALLOON, int(absent.sum()))
             ok &= ~absent
         give = pfns[ok]
-        if give.size:
-            self.ram.readmit(coalesce(give))
-            self._inflated[give] = False
-            self._inflated_count -= int(give.size)
         self.counters.inc(VirtioDeviceCounter.DEFLATE_BUFFERS)
-        self.counters.inc(VirtioDeviceCounter.DEFLATED_PAGES, int(give.size))
+        left = self._give(give) if give.size else give
+        if left.size:
+            # no host memory for some: hold the buffer, so the driver does not use them yet
+            self.counters.inc(VirtioDeviceCounter.DEFLATE_HELD)
+            self._held.append((self._index_of(BalloonQueue.DEFLATEQ) or 0, chain.head, left))
+            return None
         return 0
+
+    def _give(self, pfns: PfnArray) -> PfnArray:
+        """Give balloon frames back to the guest; returns those the host could not back."""
+        stuck = self._host.give(coalesce(pfns))
+        left = pfns[in_ranges(pfns, stuck)] if len(stuck) else pfns[:0]
+        given = pfns[~in_ranges(pfns, stuck)] if len(stuck) else pfns
+        if given.size:
+            self._inflated[given] = False
+            self._inflated_count -= int(given.size)
+            self.counters.inc(VirtioDeviceCounter.DEFLATED_PAGES, int(given.size))
+        return left
 
     def _stats(self, chain: Chain) -> int | None:
         data = chain.read_all(self._view, MAX_STATS_BUFFER_BYTES)
@@ -763,7 +879,7 @@ class VirtioBalloonDevice:
             ends.append((gpa + length) >> PAGE_SHIFT)
         if not starts:
             return 0
-        released = self.ram.release(merge_ranges(starts, ends))
+        released = self._host.release_free(merge_ranges(starts, ends))
         self.counters.inc(VirtioDeviceCounter.REPORT_BUFFERS)
         self.counters.inc(VirtioDeviceCounter.REPORTED_PAGES, released)
         self.reported_pages_total += released

@@ -33,6 +33,12 @@ target is PPN_NOTNEEDED (the balloon never exceeds the target). A page locked as
 unlocked as 2 MiB only: a 4 KiB UNLOCK of one of its frames, or a 2 MiB UNLOCK of a page not
 locked as one, is PPN_UNLOCKED, so both sides always agree on the balloon's frames.
 
+Huge-page RAM (``ram.host_page_frames`` > 1): locked frames are released through
+``HostPages``, a 2 MiB host page only once all its frames are locked (QEMU's
+partially-ballooned-page rule; ``partial_huge_pages`` counts the others). An UNLOCK whose host
+page the host cannot back again (a hugetlb pool run dry) answers ERROR_BUSY for that page,
+which stays locked: the driver keeps it in its balloon and tries again in a later cycle.
+
 Every rejected input bumps a named counter in ``counters``.
 
 Snapshots
@@ -54,6 +60,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from memballoon.host.hostpages import HostPages, in_ranges
 from memballoon.host.persist import FrameRanges, check_disjoint, check_inside, mask_of, ranges_of
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
@@ -119,6 +126,7 @@ class VmwDeviceCounter(CounterName):
     ERROR_PPN_PINNED = "error_ppn_pinned"  # LOCK of a page the host pinned
     ERROR_PPN_NOTNEEDED = "error_ppn_notneeded"  # LOCK past the target
     ERROR_PPN_UNLOCKED = "error_ppn_unlocked"  # UNLOCK of a page not locked (at that size)
+    ERROR_BUSY = "error_busy"  # UNLOCK of a page the host has no memory to back again
     # sessions
     BUSY = "busy"  # commands answered ERROR_BUSY (busy_next)
     RESET = "reset"  # ERROR_RESET answers that told the guest of a requested reset
@@ -135,7 +143,7 @@ _FRAME_COUNTER = {m.value.removeprefix("frame_"): m for m in VmwDeviceCounter
 _STATUS_COUNTER = {
     s: VmwDeviceCounter[s.name]
     for s in (Status.ERROR_PPN_INVALID, Status.ERROR_PPN_LOCKED, Status.ERROR_PPN_PINNED,
-              Status.ERROR_PPN_NOTNEEDED, Status.ERROR_PPN_UNLOCKED)
+              Status.ERROR_PPN_NOTNEEDED, Status.ERROR_PPN_UNLOCKED, Status.ERROR_BUSY)
 }
 _KNOWN_CAPABILITIES = int(
     Capability.BASIC_CMDS
@@ -199,6 +207,7 @@ class VmwBalloonDevice:
         self._pinned: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
         # per 2 MiB page: locked by a 2 MiB LOCK (a partial last block never is)
         self._huge: npt.NDArray[np.bool_] = np.zeros(-(-n // _2M_PAGES), dtype=np.bool_)
+        self._host = HostPages(ram, self.counters)
         self._n_locked = 0
         self._target = 0
         self._started = False
@@ -235,6 +244,16 @@ class VmwBalloonDevice:
 
     def balloon_pfns(self) -> PfnArray:
         return np.flatnonzero(self._locked).astype(np.int64)
+
+    @property
+    def partial_huge_pages(self) -> int:
+        """Host huge pages partly locked: held, not released (0 with 4 KiB host pages), as of
+        the last release (a deferred one is counted once flushed)."""
+        return self._host.partial_huge_pages
+
+    @property
+    def host_pages(self) -> HostPages:
+        return self._host
 
     def set_pinned(self, pfns: npt.ArrayLike) -> None:
         """Pages the host will not take (LOCK answers PPN_PINNED); replaces the previous set."""
@@ -294,6 +313,7 @@ class VmwBalloonDevice:
         dev._locked[:] = mask_of(snap.locked_4k, n) | mask_of(snap.locked_2m, n)
         dev._pinned[:] = mask_of(snap.pinned, n)
         dev._n_locked = int(np.count_nonzero(dev._locked))
+        dev._host.rebuild(dev._locked)
         dev._target = snap.target_pages
         dev._started = snap.started
         dev._caps = Capability(snap.capabilities)
@@ -309,7 +329,7 @@ class VmwBalloonDevice:
         if self._to_release:
             ranges = merge_range_lists(self._to_release)
             self._to_release.clear()
-            self.ram.release(ranges)
+            self._host.take(ranges)
 
     def handle(self, request: bytes) -> bytes:
         """Answer one request frame (never raises)."""
@@ -384,7 +404,7 @@ class VmwBalloonDevice:
 
     def _forget_all(self) -> None:
         if self._n_locked:
-            self.ram.readmit(coalesce(self.balloon_pfns()))
+            self._host.give(coalesce(self.balloon_pfns()), force=True)  # the guest takes all
             self.counters.inc(VmwDeviceCounter.PAGES_FORGOTTEN, self._n_locked)
         self._locked[:] = False
         self._huge[:] = False
@@ -401,7 +421,7 @@ class VmwBalloonDevice:
         elif self._n_locked >= self._target:
             st = Status.ERROR_PPN_NOTNEEDED
         else:
-            self.ram.release(np.array([[pfn, pfn + 1]], dtype=np.int64))
+            self._host.take(np.array([[pfn, pfn + 1]], dtype=np.int64))
             self._locked[pfn] = True
             self._n_locked += 1
             return _SUCCESS
@@ -413,8 +433,9 @@ class VmwBalloonDevice:
             st = Status.ERROR_PPN_INVALID
         elif not self._locked[pfn] or self._huge[pfn >> VMW_BALLOON_2M_ORDER]:
             st = Status.ERROR_PPN_UNLOCKED  # not locked, or locked as part of a 2 MiB page
+        elif len(self._host.give(np.array([[pfn, pfn + 1]], dtype=np.int64))):
+            st = Status.ERROR_BUSY  # no host memory behind it now: it stays locked
         else:
-            self.ram.readmit(np.array([[pfn, pfn + 1]], dtype=np.int64))
             self._locked[pfn] = False
             self._n_locked -= 1
             return _SUCCESS
@@ -475,7 +496,12 @@ class VmwBalloonDevice:
         st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
         give = p[~unlocked]
         if give.size:
-            self.ram.readmit(coalesce(give))
+            stuck = self._host.give(coalesce(give))
+            if len(stuck):  # no host memory behind these now: they stay locked
+                busy = np.zeros(pfns.size, dtype=np.bool_)
+                busy[idx[~unlocked]] = in_ranges(give, stuck)
+                st[busy] = Status.ERROR_BUSY
+                give = give[~in_ranges(give, stuck)]
             self._locked[give] = False
             self._n_locked -= int(give.size)
         self._count_statuses(st)
@@ -485,7 +511,7 @@ class VmwBalloonDevice:
         if self.defer_release:
             self._to_release.append(ranges)  # punched by flush_release, before any reply
         else:                                # to a later command
-            self.ram.release(ranges)
+            self._host.take(ranges)
 
     # ------------------------------------------------------------------ 2 MiB batches
     def _classify_2m(
@@ -538,6 +564,14 @@ class VmwBalloonDevice:
         st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
         give = blocks[~unlocked]
         if give.size:
-            self.ram.readmit(self._set_blocks(give, False))
+            starts = give * _2M_PAGES
+            stuck = self._host.give(merge_ranges(starts, starts + _2M_PAGES))
+            if len(stuck):  # no host memory behind these now: they stay locked
+                busy_blocks = in_ranges(starts, stuck)
+                busy = np.zeros(heads.size, dtype=np.bool_)
+                busy[idx[~unlocked]] = busy_blocks
+                st[busy] = Status.ERROR_BUSY
+                give = give[~busy_blocks]
+            self._set_blocks(give, False)
         self._count_statuses(st)
         return st

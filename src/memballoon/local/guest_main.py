@@ -8,8 +8,9 @@ the command line). With ``--cgroup-procs`` the process first writes its own pid 
 host's memory cgroup, before it touches any of its RAM, since shmem pages are charged to the
 cgroup of the first toucher (host/cgroup.py).
 
-It then says HELLO, maps the memfd (``MemfdRam.attach``: size and seals checked), builds the
-guest model (``GuestMemory`` over that RAM, so the workload writes real, stamped data), the
+It then says HELLO, maps the memfd (``MemfdRam.attach``: size, seals and page size checked
+against ``--ram``), builds the guest model (``GuestMemory`` over that RAM, so the workload
+writes real, stamped data; with huge-page RAM its balloon takes whole 2 MiB blocks first), the
 workload and one balloon driver (``vmw``: the seed's version-2 driver, one backdoor round trip
 per page; ``vmw-batched``: v4.20+ batches, 2 MiB pages first; ``virtio``), loads the driver and
 loops on the real clock:
@@ -52,7 +53,7 @@ from memballoon.local.transport_virtio import LocalVirtioTransport
 from memballoon.local.transport_vmw import SocketBackdoor
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import MemballoonError
-from memballoon.model.units import MIB, PAGE_SIZE, PageState
+from memballoon.model.units import MIB, PAGE_SIZE, PageState, RamKind
 from memballoon.protocol.pressure import PressureReport
 from memballoon.protocol.virtqueue import GuestRamView
 from memballoon.protocol.wire import UNEXPECTED, Kind, Message
@@ -62,6 +63,10 @@ HELLO_VERSION: Final = 1
 #: Work calls after a virtio work call that left buffers in flight (each collects, the last
 #: writes ``actual``); bounds the loop if the host keeps changing the target.
 MAX_TAIL_WORKS: Final = 16
+#: How long the guest waits for the host to use a virtio buffer before it goes on. The host
+#: answers in well under a millisecond, but it may hold a deflate for want of memory (a hugetlb
+#: pool run dry): the guest must keep running meanwhile, not sit in a wait.
+VIRTIO_WAIT_S: Final = 0.5
 #: Exit statuses.
 EXIT_OK: Final = 0
 EXIT_HOST_GONE: Final = 3
@@ -94,6 +99,7 @@ class GuestConfig:
     prefault: bool = False
     swap_pages: int = 0
     sample_period_s: float = ACTIVE_SAMPLE_PERIOD_S
+    ram: RamKind = RamKind.SMALL
 
 
 def join_cgroup(procs_path: str) -> None:
@@ -118,8 +124,9 @@ class GuestRuntime:
             "v": HELLO_VERSION, "guest": cfg.name, "protocol": cfg.protocol,
             "pages": cfg.pages, "pid": os.getpid(),
         }).encode())
-        self.ram = MemfdRam.attach(cfg.mem_fd, cfg.pages, counters=self.counters)
-        self.mem = GuestMemory(cfg.pages, swap_pages=cfg.swap_pages, store=self.ram)
+        self.ram = MemfdRam.attach(cfg.mem_fd, cfg.pages, kind=cfg.ram, counters=self.counters)
+        self.mem = GuestMemory(cfg.pages, swap_pages=cfg.swap_pages, store=self.ram,
+                               host_page_frames=cfg.ram.host_page_frames)
         self.workload = make_workload(cfg.workload, cfg.pages * PAGE_SIZE / MIB, cfg.seed)
         self.transport: LocalVirtioTransport | None = None
         self.driver: BalloonDriver
@@ -127,7 +134,8 @@ class GuestRuntime:
             from memballoon.guest.virtio_driver import VirtioBalloonDriver
 
             view = GuestRamView(self.ram.mapping, base_gpa=0, guest_bytes=self.ram.size_bytes)
-            self.transport = LocalVirtioTransport(self.link, view, cfg.kick_fds, cfg.irq_fds)
+            self.transport = LocalVirtioTransport(self.link, view, cfg.kick_fds, cfg.irq_fds,
+                                                  wait_timeout_s=VIRTIO_WAIT_S)
             self.driver = VirtioBalloonDriver(self.mem, self.transport)
         else:
             from memballoon.guest.vmw_driver import VmwBalloonDriver
@@ -136,6 +144,7 @@ class GuestRuntime:
                 self.mem, SocketBackdoor(self.link), batched=cfg.protocol == "vmw-batched"
             )
         self.t0 = clock()
+        self._held: tuple[int, int] | None = None  # virtio buffers in flight a drain gave up on
         self.last_step: StepReport | None = None
         self.running = True
         # the active-page sample rides in every report until the next one is taken
@@ -155,11 +164,20 @@ class GuestRuntime:
         t = self.transport
         if t is not None:
             for _ in range(MAX_TAIL_WORKS):
-                if t.in_flight(0) == 0 and t.in_flight(1) == 0 and not t.config_pending:
+                flight = (t.in_flight(0), t.in_flight(1))
+                if flight == (0, 0) and not t.config_pending:
                     break
+                if flight == self._held and not t.config_pending:
+                    break  # the host still holds what it held last time: do not wait again
                 t.config_pending = False
-                t.drain()
+                drained = t.drain()
                 d.work(now)
+                if not drained:
+                    # the host holds buffers (no memory to back a deflate): run on, a later
+                    # work collects them
+                    self._held = (t.in_flight(0), t.in_flight(1))
+                    break
+                self._held = None
             if d.balloon_pages != d.target_pages:
                 return now + d.period_s  # out of puff: Linux retries after 200 ms
         return float("inf")
@@ -297,6 +315,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swap-pages", type=int, default=0)
     p.add_argument("--sample-period", type=float, default=ACTIVE_SAMPLE_PERIOD_S,
                    help="seconds between ESX-style active-page samples (default 30)")
+    p.add_argument("--ram", type=RamKind, choices=list(RamKind), default=RamKind.SMALL,
+                   help="what backs the RAM on the host: 4k, thp or hugetlb (default 4k)")
 
 
 def config_from_args(a: argparse.Namespace) -> GuestConfig:
@@ -304,7 +324,7 @@ def config_from_args(a: argparse.Namespace) -> GuestConfig:
         name=a.name, protocol=a.protocol, pages=a.pages, workload=a.workload, seed=a.seed,
         period_s=a.period, sock_fd=a.sock_fd, mem_fd=a.mem_fd, kick_fds=a.kick_fds,
         irq_fds=a.irq_fds, cgroup_procs=a.cgroup_procs, prefault=a.prefault,
-        swap_pages=a.swap_pages, sample_period_s=a.sample_period,
+        swap_pages=a.swap_pages, sample_period_s=a.sample_period, ram=a.ram,
     )
 
 

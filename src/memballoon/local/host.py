@@ -18,6 +18,11 @@ event loop:
   reading the rings through the host's own mapping of the guest's RAM;
 - the process itself: its exit is awaited.
 
+A guest's RAM is 4 KiB shmem, shmem in transparent huge pages or hugetlbfs (``GuestSpec.ram``).
+Before the first guest starts, the host is checked for what huge-page RAM needs (shmem THP on,
+enough pool pages): what is missing is a ``HostResourceError`` naming what to set, or, with
+``setup_hugepages``, set for the run and put back at ``close`` (``host/hugepages.py``).
+
 A guest's death is noticed at once (EOF on its socket, or its exit, e.g. a SIGKILL from the
 cgroup's OOM killer): it is marked dead, what its RAM held is recorded
 (``resident_at_exit_bytes``), then the whole memfd is punched and closed, so the memory is back
@@ -53,6 +58,7 @@ import numpy as np
 from memballoon.edge.clock import MonotonicClock
 from memballoon.host.cgroup import Budget, make_budget
 from memballoon.host.device import BalloonDevice
+from memballoon.host.hugepages import HugePageSetup, check_host, huge_pages_for
 from memballoon.host.memfd import MemfdRam
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.host.vmw_device import VmwBalloonDevice
@@ -72,7 +78,7 @@ from memballoon.model.errors import (
     StatsError,
     UsageError,
 )
-from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
+from memballoon.model.units import MIB, PAGE_SIZE, RamKind, mib_to_pages
 from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport, ReportError
 from memballoon.protocol.virtio_balloon import (
@@ -181,6 +187,7 @@ class GuestSpec:
     seed: int = 0
     prefault: bool = False
     swap_mib: int = 0
+    ram: RamKind = RamKind.SMALL
     program: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -194,6 +201,14 @@ class GuestSpec:
             raise ConfigError(f"guest {self.name}: period_s must be positive")
         if self.swap_mib < 0:
             raise ConfigError(f"guest {self.name}: swap_mib must be >= 0")
+        try:
+            object.__setattr__(self, "ram", RamKind(self.ram))  # "thp" as well as RamKind.THP
+        except ValueError:
+            raise ConfigError(f"guest {self.name}: ram {self.ram!r} not in "
+                              f"{', '.join(RamKind)}") from None
+        if self.ram is not RamKind.SMALL and self.mib % 2:
+            raise ConfigError(f"guest {self.name}: --ram {self.ram} needs whole 2 MiB pages, "
+                              f"got {self.mib} MiB")
 
     @property
     def pages(self) -> int:
@@ -231,6 +246,10 @@ class HostEndpoint(Protocol):
 
     def after_send(self) -> None:
         """The reply went out: work that may wait until then (releasing a batch)."""
+        ...
+
+    def retry(self) -> None:
+        """Work the device put off for want of host memory (a held deflate); once a period."""
         ...
 
     def kick(self, queue: int) -> None:
@@ -282,6 +301,7 @@ class LocalHost:
         ready_timeout_s: float = READY_TIMEOUT_S,
         guest_stderr: int | None = None,
         clock: Clock | None = None,
+        setup_hugepages: bool = False,
     ) -> None:
         self.specs = list(specs)
         names = [s.name for s in self.specs]
@@ -297,6 +317,10 @@ class LocalHost:
         self.guest_stderr = guest_stderr
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self._budget: Budget | None = None
+        self.setup_hugepages = setup_hugepages
+        self._hugepages: HugePageSetup | None = None
+        #: what ``setup_hugepages`` changed on the host for this run, one line each
+        self.host_changes: list[str] = []
         self._guests: dict[str, _Guest] = {}
         self.counters = Counters()
         self.freed_at_exit_bytes = 0
@@ -326,7 +350,25 @@ class LocalHost:
         return self._budget
 
     async def start(self) -> None:
+        """Check (or set up) the host, make the budget, spawn every guest and wait for their
+        HELLOs. If that fails, whatever was done is undone (``close``) before it raises."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        needs: dict[RamKind, int] = {}
+        for spec in self.specs:
+            if spec.ram is not RamKind.SMALL:
+                needs[spec.ram] = needs.get(spec.ram, 0) + huge_pages_for(spec.pages)
+        if needs and self.setup_hugepages:
+            self._hugepages = HugePageSetup()
+            self.host_changes = self._hugepages.ensure(needs)
+        elif needs:
+            check_host(needs)
         if self.budget_bytes is not None:
             self._budget = make_budget(self.cgroup_name, self.budget_bytes)
         for spec in self.specs:
@@ -336,7 +378,7 @@ class LocalHost:
         await self._wait_ready()
 
     def _make_guest(self, spec: GuestSpec) -> _Guest:
-        ram = MemfdRam(spec.pages, name=f"memballoon-{spec.name}")
+        ram = MemfdRam(spec.pages, kind=spec.ram, name=f"memballoon-{spec.name}")
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         g = _Guest(spec, ram, host_end, Counters(), guest_end=guest_end)
         g.endpoint = _ENDPOINTS[spec.protocol](self, g)
@@ -360,7 +402,7 @@ class LocalHost:
             *prog, "--name", s.name, "--protocol", s.protocol, "--pages", str(s.pages),
             "--workload", s.workload, "--seed", str(s.seed), "--period", repr(s.period_s),
             "--sock-fd", str(guest_end.fileno()), "--mem-fd", str(g.ram.fd),
-            "--swap-pages", str(mib_to_pages(s.swap_mib)),
+            "--swap-pages", str(mib_to_pages(s.swap_mib)), "--ram", str(s.ram),
         ]
         if g.kick_fds:
             argv += ["--kick-fds", ",".join(map(str, g.kick_fds)),
@@ -447,6 +489,9 @@ class LocalHost:
                 b.cgroup.remove()
             except MemballoonError:
                 self.counters.inc(LocalHostCounter.CGROUP_REMOVE_FAILED)
+        if self._hugepages is not None:  # the guests' RAM is freed: put the host back
+            self._hugepages.restore()
+            self._hugepages = None
 
     async def _reap(self, guests: list[_Guest], timeout_s: float) -> None:
         waits = [g.proc.wait() for g in guests if g.proc is not None and g.proc.returncode is None]
@@ -698,6 +743,16 @@ class LocalHost:
         """What the guest's RAM held when it died (None while it lives)."""
         return self._guest(name).resident_at_exit
 
+    def partial_huge_pages(self, name: str) -> int:
+        """Host huge pages the guest's balloon holds in part (0 with 4 KiB RAM or once dead)."""
+        ep = self._guest(name).endpoint
+        return ep.device.partial_huge_pages if ep is not None else 0
+
+    def host_memory_error(self, name: str) -> str | None:
+        """Why the host last could not give the guest memory back (a hugetlb pool run dry)."""
+        ep = self._guest(name).endpoint
+        return ep.device.host_pages.last_error if ep is not None else None
+
     def counters_of(self, name: str) -> dict[str, int]:
         """The guest's counters: the host's for it and its device's, in one bag."""
         g = self._guest(name)
@@ -727,6 +782,9 @@ class LocalHost:
         )
 
     def guests(self) -> dict[str, GuestSample]:
+        for g in self._guests.values():
+            if g.endpoint is not None:
+                g.endpoint.retry()  # once a manager period: memory may be back
         return {name: self._sample(g) for name, g in self._guests.items()}
 
     def host_resident_bytes(self) -> int:

@@ -243,12 +243,14 @@ class LocalVirtioTransport:
                 if self._on_used is not None:
                     self._on_used(queue)
 
-    def wait(self, queue: int, *, depth: int | None = None, timeout_s: float | None = None) -> None:
-        """Block until fewer than ``depth`` buffers are in flight on ``queue`` (or timeout).
+    def wait(self, queue: int, *, depth: int | None = None,
+             timeout_s: float | None = None) -> bool:
+        """Block until fewer than ``depth`` buffers are in flight on ``queue``; False if the
+        timeout came first (the host holds them).
 
         ``depth`` defaults to ``pipeline_depth`` on inflateq/deflateq and 1 elsewhere."""
         if queue not in self._layouts:
-            return
+            return True
         if depth is None:
             depth = self.pipeline_depth if queue in PIPELINED_QUEUES else 1
         budget = self.wait_timeout_s if timeout_s is None else timeout_s
@@ -259,8 +261,9 @@ class LocalVirtioTransport:
                 deadline = now + budget
             elif now >= deadline:
                 self.counters.inc(VirtioTransportCounter.WAIT_TIMEOUT)
-                return
+                return False
             self._block(queue, deadline - now)
+        return True
 
     def wait_idle(self, queue: int) -> None:
         """Block until nothing is in flight on ``queue`` (or the wait timeout)."""
@@ -346,6 +349,11 @@ class VirtioHostEndpoint:
 
     def after_send(self) -> None:
         pass  # the device releases each doorbell's frames as it takes them
+
+    def retry(self) -> None:
+        """Finish deflates the device held for want of host memory, if memory is back."""
+        if self.device.held_deflates:
+            self.device.retry_held()
 
     # -------------------------------------------------------------- requests
     def handle_request(self, payload: bytes) -> bytes | None:

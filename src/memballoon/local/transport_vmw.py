@@ -67,6 +67,9 @@ class VmwHostEndpoint:
         """Punch the pages of the batch just answered while the guest prepares its next."""
         self.device.flush_release()
 
+    def retry(self) -> None:
+        pass  # the VMware driver retries a refused UNLOCK itself, in a later cycle
+
     def kick(self, queue: int) -> None:
         self.counters.inc(VmwTransportCounter.KICK_WITHOUT_DOORBELL)
 

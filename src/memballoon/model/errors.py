@@ -3,6 +3,8 @@
     MemballoonError
     ├── UsageError              we (the caller) misused an API: a bug on our side
     ├── ConfigError             a config file or CLI argument is wrong (names key, value, unit)
+    ├── HostResourceError       the host lacks what the run needs (huge pages off, a hugetlb
+    │                           pool too small or run dry); says what to set
     └── PeerError               the other side misbehaved: untrusted input
         ├── FrameError          a malformed VMware backdoor frame
         ├── DescriptorError     a malformed virtqueue descriptor, chain or ring
@@ -32,6 +34,16 @@ class UsageError(MemballoonError, ValueError):
 
 class ConfigError(MemballoonError, ValueError):
     """A config file or command-line value is wrong."""
+
+
+class HostResourceError(MemballoonError):
+    """The host cannot provide what was asked: transparent huge pages for shmem turned off, too
+    few huge pages reserved, a hugetlb pool that ran out mid-run. The message says what to set.
+    ``unbacked`` lists the ``[start, end)`` frame ranges left without memory, when some were."""
+
+    def __init__(self, message: str, unbacked: tuple[tuple[int, int], ...] = ()) -> None:
+        super().__init__(message)
+        self.unbacked = unbacked
 
 
 class PeerError(MemballoonError):

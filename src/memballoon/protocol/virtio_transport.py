@@ -53,8 +53,9 @@ class VirtioTransport(Protocol):
         """The doorbell: new buffers are available on ``queue``."""
         ...
 
-    def wait(self, queue: int) -> None:
-        """Block until the device has used what was kicked on ``queue`` (may return early)."""
+    def wait(self, queue: int) -> bool:
+        """Block until the device has used what was kicked on ``queue`` (may return early);
+        False if it gave up waiting (the device holds buffers): stop for this work call."""
         ...
 
     def wait_idle(self, queue: int) -> None:
@@ -143,8 +144,9 @@ class DirectTransport:
         else:
             self.device.notify(queue)
 
-    def wait(self, queue: int) -> None:
+    def wait(self, queue: int) -> bool:
         """Synchronous device: already done. Deferred: the device has not run; return."""
+        return True
 
     def wait_idle(self, queue: int) -> None:
         """As ``wait``: nothing to wait for in this process."""
