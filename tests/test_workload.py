@@ -1,6 +1,25 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from memballoon.guest.workload import WORKLOADS, Bursty, Demand, Ramp, make_workload
+from memballoon.guest.workload import (
+    NEVER_CHANGES,
+    WORKLOADS,
+    Bursts,
+    Bursty,
+    Dbench,
+    Demand,
+    Diurnal,
+    Idle,
+    Ramp,
+    Steady,
+    Toucher,
+    Trace,
+    Workload,
+    make_workload,
+    next_change,
+)
+from memballoon.model.errors import UsageError
 from memballoon.model.units import mib_to_pages
 
 
@@ -35,3 +54,74 @@ def test_bad_demand_and_unknown_workload_are_refused() -> None:
         Demand(anon_pages=-1, hot_anon_pages=0, file_pages=0, hot_file_pages=0)
     with pytest.raises(ValueError, match="unknown workload"):
         make_workload("nope", 1024)
+
+
+# ---------------------------------------------------------------------- next_change
+TIMED: list[Workload] = [
+    Idle(), Steady(), Bursty(seed=5), Bursty(ramp_s=0, seed=2),
+    Ramp(start_mib=64, peak_mib=128, mib_per_s=8, start_at_s=30, stop_at_s=90),
+    Diurnal(low_mib=64, high_mib=512, period_s=600, seed=4),
+    Bursts(base_mib=64, spike_mib=256, every_s=120, seed=9),
+    Dbench(run_s=50, pause_s=20, phase_s=7), Toucher(period_s=40),
+    Trace(((0.0, 10.0, 5.0), (12.5, 40.0, 5.0), (30.0, 20.0, 0.0))),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(range(len(TIMED))), st.floats(0.0, 2000.0))
+def test_demand_holds_until_its_next_change(which: int, now: float) -> None:
+    # the promise a simulator relies on to let a guest sleep: nothing changes before it
+    w = TIMED[which]
+    t = next_change(w, now)
+    assert t >= now
+    d = w.demand(now)
+    end = min(t, now + 3000.0)
+    for k in range(1, 50):
+        s = now + (end - now) * k / 50
+        if s < t:
+            assert w.demand(s) == d, (w.name, now, t, s)
+
+
+def test_a_workload_that_does_not_say_may_change_any_moment() -> None:
+    class Plain:
+        name = "plain"
+
+        def demand(self, now: float) -> Demand:
+            return Demand(1, 1, 0, 0)
+
+    assert next_change(Plain(), 7.0) == 7.0
+    assert next_change(Idle(), 7.0) == NEVER_CHANGES
+
+
+def test_bursts_are_short_and_repeatable() -> None:
+    w = Bursts(base_mib=64, spike_mib=256, every_s=300, seed=1)
+    w.demand(200_000.0)  # draws the schedule that far
+    lengths = [end - start for start, end, _ in w._spikes]
+    assert len(lengths) > 100
+    assert sum(length < 120 for length in lengths) / len(lengths) > 0.75  # most under 2 min
+    again = Bursts(base_mib=64, spike_mib=256, every_s=300, seed=1)
+    assert [again.demand(t) for t in range(0, 5000, 7)] == [w.demand(t) for t in range(0, 5000, 7)]
+    assert {w.demand(t).anon_pages for t in range(0, 5000, 7)} != {mib_to_pages(64)}
+
+
+def test_toucher_dbench_and_trace_follow_their_schedules() -> None:
+    t = Toucher(low_mib=50, high_mib=250, period_s=100)
+    assert t.demand(10).anon_pages == t.demand(10).hot_anon_pages == mib_to_pages(50)
+    assert t.demand(150).anon_pages == mib_to_pages(250)
+    d = Dbench(anon_mib=32, file_mib=256, run_s=60, pause_s=30)
+    assert d.demand(10).hot_file_pages > 0 and d.demand(70).hot_file_pages == 0
+    tr = Trace(((5.0, 10.0, 1.0), (20.0, 30.0, 2.0)))
+    assert tr.demand(0).anon_pages == tr.demand(19.9).anon_pages == mib_to_pages(10)
+    assert tr.demand(20).file_pages == mib_to_pages(2)
+    assert tr.next_change(3.0) == 5.0 and tr.next_change(20.0) == NEVER_CHANGES
+
+
+def test_bad_schedules_are_refused() -> None:
+    with pytest.raises(UsageError, match="increase"):
+        Trace(((0.0, 1.0, 1.0), (0.0, 2.0, 2.0)))
+    with pytest.raises(UsageError, match="no rows"):
+        Trace(())
+    with pytest.raises(UsageError):
+        Bursts(every_s=0)
+    with pytest.raises(UsageError):
+        Toucher(period_s=0)

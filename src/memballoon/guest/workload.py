@@ -10,15 +10,21 @@ built with. The guest model turns demand into page allocations, reclaim, swap an
 - ``file_pages``: the file data the programs read (what the page cache would like to hold);
 - ``hot_file_pages``: the part of it read every second;
 - ``cold_access_per_s``: the fraction of the cold (not hot) working set touched a second.
+
+Every workload here also says when its demand next changes (``next_change(now)``: a time from
+which on it may differ; until then it holds), so a simulator can let a guest whose workload
+holds sleep until then instead of stepping it every period.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 import random
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.units import mib_to_pages
@@ -49,6 +55,26 @@ class Workload(Protocol):
     def demand(self, now: float) -> Demand: ...
 
 
+#: ``next_change`` of a workload whose demand never changes again.
+NEVER_CHANGES = math.inf
+
+
+@runtime_checkable
+class Timed(Protocol):
+    """A workload that knows when its demand next changes."""
+
+    def next_change(self, now: float) -> float:
+        """A time ``t >= now`` such that ``demand`` is the same at every moment of ``[now, t)``
+        (``now``: it may change at any moment; ``NEVER_CHANGES``: never)."""
+        ...
+
+
+def next_change(w: Workload, now: float) -> float:
+    """When ``w``'s demand may next change: its own answer, or ``now`` (at any moment) for a
+    workload that does not say."""
+    return w.next_change(now) if isinstance(w, Timed) else now
+
+
 @functools.lru_cache(maxsize=4096)
 def _demand(anon: int, file: int, hot: float, cold: float) -> Demand:
     # cached: steady workloads hand back the same object, which the guest model's quiet
@@ -73,6 +99,9 @@ class Idle:
     def demand(self, now: float) -> Demand:
         return _demand(mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), 0.1, 0.0)
 
+    def next_change(self, now: float) -> float:
+        return NEVER_CHANGES
+
 
 @dataclass(frozen=True)
 class Steady:
@@ -89,6 +118,9 @@ class Steady:
             mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), self.hot,
             self.cold_access_per_s,
         )
+
+    def next_change(self, now: float) -> float:
+        return NEVER_CHANGES
 
 
 @dataclass(frozen=True)
@@ -108,16 +140,28 @@ class Bursty:
     name: str = "bursty"
     phase_s: float | None = None  # None: drawn from ``seed``
 
-    def demand(self, now: float) -> Demand:
-        phase = self.phase_s if self.phase_s is not None else random.Random(self.seed).uniform(
+    @functools.cached_property
+    def _phase(self) -> float:
+        # drawn once: a Random per demand() call cost more than the rest of it
+        return self.phase_s if self.phase_s is not None else random.Random(self.seed).uniform(
             0.0, self.period_s)
-        into = (now + phase) % self.period_s
+
+    def demand(self, now: float) -> Demand:
+        into = (now + self._phase) % self.period_s
         if into < self.burst_s:
             grown = 1.0 if self.ramp_s <= 0 else min(1.0, (into + 1.0) / self.ramp_s)
             anon = self.base_mib + (self.peak_mib - self.base_mib) * grown
         else:
             anon = self.base_mib
         return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.8, 0.05)
+
+    def next_change(self, now: float) -> float:
+        into = (now + self._phase) % self.period_s
+        if into < self.burst_s:
+            if self.ramp_s > 0 and into + 1.0 < self.ramp_s:
+                return now  # growing toward the peak
+            return now + (self.burst_s - into)
+        return now + (self.period_s - into)
 
 
 @dataclass(frozen=True)
@@ -139,6 +183,16 @@ class Ramp:
         anon = min(self.peak_mib, self.start_mib + grown)
         return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.9, 0.05)
 
+    def next_change(self, now: float) -> float:
+        stop = NEVER_CHANGES if self.stop_at_s is None else self.stop_at_s
+        if now >= stop:
+            return NEVER_CHANGES
+        if now < self.start_at_s:
+            return min(self.start_at_s, stop)
+        if self.start_mib + (now - self.start_at_s) * self.mib_per_s < self.peak_mib:
+            return now  # growing
+        return stop
+
 
 @dataclass(frozen=True)
 class Diurnal:
@@ -152,12 +206,188 @@ class Diurnal:
     step_mib: float = 8.0  # demand moves in steps so an idle hour is not a change a second
     name: str = "diurnal"
 
+    @functools.cached_property
+    def _phase(self) -> float:
+        return random.Random(self.seed).uniform(0.0, 2 * math.pi)
+
+    def _level(self, now: float) -> int:
+        """The wave at ``now`` in steps of ``step_mib``."""
+        wave = 0.5 * (1 + math.sin(2 * math.pi * now / self.period_s + self._phase))
+        return round((self.low_mib + (self.high_mib - self.low_mib) * wave) / self.step_mib)
+
     def demand(self, now: float) -> Demand:
-        phase = random.Random(self.seed).uniform(0.0, 2 * math.pi)
-        wave = 0.5 * (1 + math.sin(2 * math.pi * now / self.period_s + phase))
-        anon = self.low_mib + (self.high_mib - self.low_mib) * wave
-        anon = round(anon / self.step_mib) * self.step_mib
+        anon = self._level(now) * self.step_mib
         return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.3, 0.001)
+
+    def next_change(self, now: float) -> float:
+        amp = self.high_mib - self.low_mib
+        if amp <= 0:
+            return NEVER_CHANGES
+        level = self._level(now)
+        omega = 2 * math.pi / self.period_s
+        theta = omega * now + self._phase
+        best = NEVER_CHANGES
+        # the level changes where the wave crosses half a step below or above it
+        for edge in ((level - 0.5) * self.step_mib, (level + 0.5) * self.step_mib):
+            s = 2 * (edge - self.low_mib) / amp - 1
+            if not -1.0 <= s <= 1.0:
+                continue
+            base = math.asin(s)
+            for root in (base, math.pi - base):
+                turns = math.floor((theta - root) / (2 * math.pi)) + 1
+                best = min(best, now + (root + 2 * math.pi * turns - theta) / omega)
+        # a hair early: waking a moment before the change costs a look, waking after misses it
+        return max(now, best - 1e-6 * self.period_s)
+
+
+#: Overdriver's finding (Williams et al., VEE 2011): most memory overloads of cloud VMs are
+#: short, under two minutes. ``Bursts`` draws spike lengths from a log-normal distribution with
+#: this median and shape: P(length < 120 s) = 86%.
+BURST_MEDIAN_S = 40.0
+BURST_SIGMA = 1.0
+
+
+@dataclass(frozen=True)
+class Bursts:
+    """Short spikes of anonymous memory over a base, at random (the ``burst`` scenario).
+
+    Spikes start as a Poisson process, ``every_s`` apart on average (counted from the end of
+    the previous one); each lasts a log-normal time (``median_s``, ``sigma``: most under two
+    minutes) and adds between a quarter of ``spike_mib`` and all of it. The schedule is drawn
+    from ``seed`` as far as it has been asked for: the same seed, the same spikes.
+    """
+
+    base_mib: float = 128
+    spike_mib: float = 512
+    file_mib: float = 64
+    every_s: float = 600.0
+    median_s: float = BURST_MEDIAN_S
+    sigma: float = BURST_SIGMA
+    seed: int = 0
+    name: str = "bursts"
+    # the spikes drawn so far, (start, end, extra MiB); starts ascending, spikes apart
+    _spikes: list[tuple[float, float, float]] = field(
+        default_factory=list, init=False, repr=False, compare=False)
+    _starts: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
+    _rng: random.Random = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.every_s <= 0 or self.median_s <= 0 or self.sigma < 0:
+            raise UsageError("Bursts: every_s and median_s must be > 0, sigma >= 0")
+        object.__setattr__(self, "_rng", random.Random(self.seed))
+
+    def _draw_until(self, now: float) -> None:
+        rng = self._rng
+        while not self._spikes or self._spikes[-1][0] <= now:
+            after = self._spikes[-1][1] if self._spikes else 0.0
+            start = after + rng.expovariate(1.0 / self.every_s)
+            length = rng.lognormvariate(math.log(self.median_s), self.sigma)
+            extra = self.spike_mib * rng.uniform(0.25, 1.0)
+            self._spikes.append((start, start + length, extra))
+            self._starts.append(start)
+
+    def _at(self, now: float) -> tuple[int, tuple[float, float, float] | None]:
+        """The index of the first spike starting after ``now``, and the spike ``now`` is in."""
+        self._draw_until(now)
+        i = bisect.bisect_right(self._starts, now)
+        spike = self._spikes[i - 1] if i > 0 and now < self._spikes[i - 1][1] else None
+        return i, spike
+
+    def demand(self, now: float) -> Demand:
+        _, spike = self._at(now)
+        anon = self.base_mib + (spike[2] if spike is not None else 0.0)
+        return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.8, 0.05)
+
+    def next_change(self, now: float) -> float:
+        i, spike = self._at(now)
+        return spike[1] if spike is not None else self._spikes[i][0]
+
+
+@dataclass(frozen=True)
+class Dbench:
+    """A file server under a dbench-like load: a small anonymous footprint and a large file
+    set read and rewritten while clients run (``run_s``), left alone between runs
+    (``pause_s``): the page cache is what it needs, and an idle cache is what a balloon can
+    take until the next run reads it back."""
+
+    anon_mib: float = 64
+    file_mib: float = 512
+    run_s: float = 300.0
+    pause_s: float = 120.0
+    hot: float = 0.6
+    phase_s: float = 0.0
+    name: str = "dbench"
+
+    def __post_init__(self) -> None:
+        if self.run_s <= 0 or self.pause_s < 0 or not 0.0 <= self.hot <= 1.0:
+            raise UsageError("Dbench: run_s must be > 0, pause_s >= 0, hot within [0, 1]")
+
+    def demand(self, now: float) -> Demand:
+        into = (now + self.phase_s) % (self.run_s + self.pause_s)
+        if into < self.run_s:
+            return _demand(mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), self.hot,
+                           0.05)
+        return _demand(mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), 0.0, 0.0)
+
+    def next_change(self, now: float) -> float:
+        cycle = self.run_s + self.pause_s
+        into = (now + self.phase_s) % cycle
+        return now + (self.run_s - into if into < self.run_s else cycle - into)
+
+
+@dataclass(frozen=True)
+class Toucher:
+    """Touches ``low_mib`` and then ``high_mib`` of anonymous memory in turn, ``period_s``
+    each, every page of it every second: the working-set step of Waldspurger (OSDI 2002,
+    section 5.3) that an active-memory estimate must follow up fast and down slowly."""
+
+    low_mib: float = 50
+    high_mib: float = 250
+    period_s: float = 300.0
+    file_mib: float = 8
+    name: str = "toucher"
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0:
+            raise UsageError("Toucher: period_s must be > 0")
+
+    def demand(self, now: float) -> Demand:
+        anon = self.high_mib if int(now // self.period_s) % 2 else self.low_mib
+        return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 1.0, 0.0)
+
+    def next_change(self, now: float) -> float:
+        return (math.floor(now / self.period_s) + 1) * self.period_s
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A recorded demand: ``rows`` of (seconds, anonymous MiB, page-cache MiB), each holding
+    from its time until the next row's (the first row's also before it)."""
+
+    rows: tuple[tuple[float, float, float], ...]
+    hot: float = 0.5
+    cold_access_per_s: float = 0.01
+    name: str = "trace"
+    _times: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise UsageError("Trace: no rows")
+        times = tuple(r[0] for r in self.rows)
+        if any(b <= a for a, b in itertools.pairwise(times)):
+            raise UsageError("Trace: times must increase from row to row")
+        if any(v < 0 or not math.isfinite(v) for r in self.rows for v in r):
+            raise UsageError("Trace: values must be finite and >= 0")
+        object.__setattr__(self, "_times", times)
+
+    def demand(self, now: float) -> Demand:
+        i = max(0, bisect.bisect_right(self._times, now) - 1)
+        _, anon, cache = self.rows[i]
+        return _demand(mib_to_pages(anon), mib_to_pages(cache), self.hot, self.cold_access_per_s)
+
+    def next_change(self, now: float) -> float:
+        i = bisect.bisect_right(self._times, now)
+        return self._times[i] if i < len(self._times) else NEVER_CHANGES
 
 
 WORKLOADS = ("idle", "steady", "bursty", "ramp", "diurnal")
