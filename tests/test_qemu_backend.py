@@ -302,3 +302,89 @@ def test_two_real_guests_one_killed_mid_run(tmp_path: Path) -> None:
             assert b.stuck() == frozenset()
 
     asyncio.run(main())
+
+
+@pytest.mark.qemu
+def test_reports_carry_the_balloon_the_guest_saw(tmp_path: Path) -> None:
+    """Issue 13, found on two QEMU guests: a report paired with the balloon polled after it
+    was written read as a working-set jump. With deflate-on-oom off the guest's MemTotal
+    shrinks by what the balloon holds, so MemTotal + balloon is the same in every report
+    that is paired with the balloon of its own moment, however fast the balloon moves."""
+    image = build_guest_image()
+
+    async def main() -> None:
+        async with await QemuBackend.create(
+            [QemuGuest("seen", max_mib=768, accel="tcg")], run_dir=tmp_path,
+            budget_bytes=None, image=image,
+        ) as b:
+            reports = []
+            targets = [0, 256, 0, 384, 64, 0, 320, 0]  # MiB of balloon, moved every ~0.8 s
+            for i in range(120):
+                if i % 7 == 0 and targets:
+                    b.set_target("seen", targets.pop(0) * MIB // PAGE_SIZE)
+                    await b.flush()
+                r = (await b.poll())["seen"].report
+                if r is not None and (not reports or r is not reports[-1]):
+                    reports.append(r)
+                await asyncio.sleep(0.1)
+            agent = b.agent("seen")
+            assert agent is not None and agent.latest is not None
+            assert agent.latest.guest_balloon_pages is not None  # the guest says it
+            sums = [r.total_bytes + r.balloon_actual_pages * PAGE_SIZE for r in reports]
+            assert len(reports) >= 8 and {r.balloon_actual_pages for r in reports} != {0}
+            # the agent reads vmstat right before meminfo: a balloon moving at ~1 GiB/s
+            # moves at most a few MiB between the two (seen: 0 to 5 MiB; reading meminfo
+            # first: up to 40 MiB; a report paired with a later poll: whole moves)
+            assert max(sums) - min(sums) <= 32 * MIB, [
+                (r.total_bytes // MIB, r.balloon_actual_pages * PAGE_SIZE // MIB)
+                for r in reports]
+
+    asyncio.run(main())
+
+
+@pytest.mark.qemu
+def test_attach_names_what_to_do_and_waits_for_the_vm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU attach: a QMP path with nothing behind it, or something that is not QEMU, is
+    kept as a gone guest saying what to do; a real VM started later joins; the backend never
+    kills what it attached."""
+    image = build_guest_image()
+
+    async def not_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 smtp.example.com ESMTP\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        from memballoon.qemu.launch import launch
+
+        monkeypatch.setattr(backend_mod, "ATTACH_RETRY_S", 0.0)  # try again at every poll
+        b = QemuBackend(counters=Counters(), qmp_timeout_s=0.5)
+        fake = await asyncio.start_unix_server(not_qemu, path=str(tmp_path / "smtp.sock"))
+        proc = None
+        try:
+            why = await b.adopt("later", tmp_path / "vm" / "qmp.sock", None, None)
+            assert why is not None and "no QMP socket" in why and "-qmp unix:" in why
+            why = await b.adopt("smtp", tmp_path / "smtp.sock", None, None)
+            assert why is not None and "is it QEMU's -qmp socket" in why
+            snap = await b.poll()
+            assert not snap["later"].alive and not snap["smtp"].alive
+            assert "not attached" in b.notes()["later"]
+            assert b.counters["qemu_attach_failed"] >= 2
+            proc = await asyncio.to_thread(launch, QemuGuest("later", max_mib=512, accel="tcg"),
+                                           image, tmp_path / "vm")
+            for _ in range(100):
+                snap = await b.poll()
+                if snap["later"].alive:
+                    break
+                await asyncio.sleep(0.1)
+            assert snap["later"].alive and snap["later"].ram_pages == 512 * MIB // PAGE_SIZE
+            assert b.accels()["later"] == "tcg"
+            await b.close()
+            assert proc.alive()  # attached, never killed from here
+        finally:
+            fake.close()
+            if proc is not None:
+                await asyncio.to_thread(proc.close)
+
+    asyncio.run(main())

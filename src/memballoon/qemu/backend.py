@@ -414,6 +414,12 @@ class QemuBackend:
         out.update({w: SOURCE_NONE for w in self._waiting})
         return out
 
+    def notes(self) -> dict[str, str]:
+        """Per guest, why it is gone or not attached yet ("" for a live one)."""
+        out = {g.name: "" if g.alive else g.gone_reason for g in self._guests.values()}
+        out.update({w.name: f"not attached: {w.reason}" for w in self._waiting.values()})
+        return out
+
     def accels(self) -> dict[str, str]:
         """Per guest, the accelerator its QEMU runs on (kvm, tcg, or unknown)."""
         return {g.name: g.accel for g in self._guests.values()}

@@ -78,6 +78,15 @@ exec 3<>"$port"
 report() {
     while :; do
         read -r up idle < /proc/uptime
+        # vmstat right before meminfo: the balloon counters and MemTotal of one moment
+        # (as near as a shell gets: a fast-moving balloon moves a few MiB in between)
+        pin=; pout=; majf=; oom=; binf=; bdef=
+        while read -r k v; do
+            case $k in
+                pswpin) pin=$v ;; pswpout) pout=$v ;; pgmajfault) majf=$v ;; oom_kill) oom=$v ;;
+                balloon_inflate) binf=$v ;; balloon_deflate) bdef=$v ;;
+            esac
+        done < /proc/vmstat
         mt=; mf=; ma=; ca=; st=; sf=
         while read -r k v rest; do
             case $k in
@@ -97,13 +106,6 @@ report() {
             psi="{\"some_avg10\":${s10:-null},\"some_total\":${stot:-null}"
             psi="$psi,\"full_avg10\":${f10:-null},\"full_total\":${ftot:-null}}"
         fi
-        pin=; pout=; majf=; oom=; binf=; bdef=
-        while read -r k v; do
-            case $k in
-                pswpin) pin=$v ;; pswpout) pout=$v ;; pgmajfault) majf=$v ;; oom_kill) oom=$v ;;
-                balloon_inflate) binf=$v ;; balloon_deflate) bdef=$v ;;
-            esac
-        done < /proc/vmstat
         m="\"MemTotal\":${mt:-null},\"MemFree\":${mf:-null},\"MemAvailable\":${ma:-null}"
         m="$m,\"Cached\":${ca:-null},\"SwapTotal\":${st:-null},\"SwapFree\":${sf:-null}"
         vm="\"pswpin\":${pin:-null},\"pswpout\":${pout:-null}"
