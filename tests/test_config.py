@@ -94,3 +94,69 @@ def test_guest_ram_kind_and_setup_hugepages() -> None:
     assert plain.guests[0].ram == "4k" and not plain.setup_hugepages
     with pytest.raises(ConfigError, match=r"guests\[0\]\.ram.*'1g'"):
         load_config_text('budget = "1GiB"\n' + GUEST + 'ram = "1g"', "host.toml")
+
+
+def test_libvirt_world_defaults_and_shares_of_ram() -> None:
+    from memballoon.app.config import DEFAULT_LIBVIRT_URI, resolve_settings
+
+    h = load_config(EXAMPLES / "libvirt.toml")
+    assert h.world == "libvirt" and h.budget == "auto" and h.uri == DEFAULT_LIBVIRT_URI
+    h = load_config_text('world = "libvirt"\nbudget = "auto"\nuri = "qemu+ssh://h/system"\n'
+                         'domains = ["web-*", "db1"]\nstats_period_s = 5\n'
+                         '[defaults]\nmin = "25%"\nmax = "90%"\nshares = 500\n'
+                         '[[guests]]\nname = "db1"\nmin = "2GiB"\nshares = 3000\n')
+    assert h.domains == ["web-*", "db1"] and h.stats_period_s == 5
+    ram = 8 * GIB // 4096
+    db = resolve_settings(h.guest("db1"), h.defaults, ram)
+    assert (db.min_pages, db.max_pages, db.shares) == (2 * GIB // 4096, ram * 9 // 10, 3000)
+    web = resolve_settings(h.guest("web-3"), h.defaults, ram)
+    assert (web.min_pages, web.max_pages, web.shares) == (ram // 4, ram * 9 // 10, 500)
+    # a domain smaller than its min keeps all its RAM; a size min above a share max holds
+    tiny = resolve_settings(h.guest("db1"), h.defaults, 256 * MIB // 4096)
+    assert tiny.min_pages == tiny.max_pages == 256 * MIB // 4096
+    assert resolve_settings(None, None, ram).min_pages == 0  # nothing set: no floor
+    g = load_config_text('budget = "1GiB"\n' + GUEST + 'min = "10%"').guests[0]
+    assert g.settings().min_pages == 256 * MIB // 4096 // 10
+
+
+def test_qemu_attach_and_launch_options(tmp_path: Path) -> None:
+    q = load_config(EXAMPLES / "qemu-attach.toml")
+    assert q.world == "qemu" and all(g.qmp is not None and g.qmp.is_absolute() for g in q.guests)
+    (tmp_path / "h.toml").write_text(
+        'world = "qemu"\nbudget = "auto"\n[[guests]]\nname = "a"\nqmp = "vm/qmp.sock"\n'
+        'agent = "vm/agent.sock"\n[[guests]]\nname = "l"\nmax_mib = 512\naccel = "tcg"\n'
+        'deflate_on_oom = true\nfree_page_reporting = true\n')
+    h = load_config(tmp_path / "h.toml")
+    a, lau = h.guests
+    assert a.qmp == tmp_path / "vm/qmp.sock" and a.agent == tmp_path / "vm/agent.sock"
+    assert a.ram_bytes is None  # learnt from QEMU
+    assert (lau.accel, lau.deflate_on_oom, lau.free_page_reporting) == ("tcg", True, True)
+
+
+@pytest.mark.parametrize(("toml", "needles"), [
+    ('world = "libvirt"\nbudget = "auto"\n' + GUEST, ["guest a", "mib", "only min, max"]),
+    ('world = "libvirt"\nbudget = "auto"\n[[guests]]\nname = "a"\nmin = "120%"',
+     ["guests[0].min", "0% to 100%"]),
+    ('world = "libvirt"\nbudget = "auto"\n[defaults]\nmin = "50%"\nmax = "10%"',
+     ["defaults", "below min"]),
+    ('world = "libvirt"\nbudget = "auto"\nstats_period_s = 0', ["stats_period_s"]),
+    ('budget = "auto"\nuri = "qemu:///system"', ["uri", "only for world"]),
+    ('budget = "auto"\ndomains = ["x"]', ["domains", "only for world"]),
+    ('world = "qemu"\nbudget = "auto"\n[[guests]]\nname = "a"', ["max_mib", "qmp"]),
+    ('world = "qemu"\nbudget = "auto"\n[[guests]]\nname = "a"\nqmp = "/q"\nstart_mib = 256',
+     ["start_mib", "only for a VM memballoon launches"]),
+    ('world = "qemu"\nbudget = "auto"\n[[guests]]\nname = "a"\nqmp = "/q"\naccel = "kvm"',
+     ["accel", "QEMU command line"]),
+    ('world = "qemu"\nbudget = "auto"\n[[guests]]\nname = "a"\nmax_mib = 256\nagent = "/a"',
+     ["agent needs qmp"]),
+    ('world = "qemu"\nbudget = "auto"\n[[guests]]\nname = "a"\nmax_mib = 256\naccel = "xen"',
+     ["guests[0].accel", "'xen'"]),
+    ('world = "libvirt"\nbudget = "auto"\n[[guests]]\nname = "a"\nqmp = "/q"',
+     ["qmp is for world"]),
+    ('budget = "auto"\n[[guests]]\nname = "a"\nmib = 64\nqmp = "/q"', ["mib", "launches"]),
+])
+def test_bad_world_keys_name_what_to_do(toml: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config_text(toml, "host.toml")
+    for n in needles:
+        assert n in str(ei.value), (n, str(ei.value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -241,3 +242,167 @@ def test_libvirt_world_follows_domains_and_survives_a_libvirtd_restart(
     kinds = {(r.get("guest"), r["kind"], r.get("reason")) for r in recs}
     assert (x, "domain", "stopped: destroyed") in kinds
     assert any(r["kind"] == "shutdown" and r["guest"] == y and r["applied"] for r in recs)
+
+
+# --- the qemu world: a VM it launches and one it attaches to ---------------------------------
+
+QEMU_CONFIG = """
+world = "qemu"
+budget = "1536MiB"
+period_s = 0.5
+journal = "journal.jsonl"
+socket = "ctl/m.sock"
+run_dir = "run"
+[[guests]]
+name = "lau"
+max_mib = 384
+min = "25%"
+accel = "tcg"
+deflate_on_oom = true
+free_page_reporting = true
+[[guests]]
+name = "att"
+qmp = "vm/qmp.sock"
+agent = "vm/agent.sock"
+min = "128MiB"
+[[guests]]
+name = "ghost"
+qmp = "nowhere/qmp.sock"
+"""
+
+
+@pytest.mark.qemu
+def test_qemu_world_launches_attaches_and_leaves_the_attached_vm_running(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13 item 2: a [[guests]] entry with qmp manages a VM started by something else,
+    never launched or killed by memballoon, deflated to its max on shutdown; a missing QMP
+    socket is a clear note while the others are served; launch options as `vm start` takes
+    them; the daemon says which accelerator each guest runs on; status reads the last period
+    and gives the enforcing cgroup's usage and limit."""
+    from memballoon.qemu.image import build_guest_image
+    from memballoon.qemu.launch import QemuGuest, launch
+    from memballoon.qemu.qmp import QmpClient
+
+    image = build_guest_image()
+    cfg = tmp_path / "qemu.toml"
+    cfg.write_text(QEMU_CONFIG)
+    sock = str(tmp_path / "ctl" / "m.sock")
+    vm = launch(QemuGuest("att", max_mib=512, accel="tcg"), image, tmp_path / "vm")
+    log = tmp_path / "daemon.out"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        vm.wait_ready(60)
+        with log.open("wb") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "memballoon.cli", "run", "--config",
+                                     str(cfg)], stdout=f, stderr=subprocess.STDOUT)
+        out = _wait_for(log, "ready", proc, 120.0)
+        assert "guest lau: launched, QEMU on tcg (software emulation" in out
+        assert "guest att: attached, QEMU on tcg" in out
+        assert "guest ghost: not attached yet" in out and "-qmp unix:" in out
+        st = _until(sock, capsys, lambda g: g["lau"]["alive"] and g["att"]["alive"]
+                    and g["att"]["pressure_source"] == "memballoon-agent", "both served")
+        g = {x["name"]: x for x in st["guests"]}
+        assert not g["ghost"]["alive"] and "no QMP socket" in g["ghost"]["note"]
+        assert g["lau"]["accel"] == g["att"]["accel"] == "tcg"
+        assert g["lau"]["min_bytes"] == 96 * MIB and g["att"]["min_bytes"] == 128 * MIB
+        assert g["att"]["ram_bytes"] == 512 * MIB  # from QEMU: the entry gave no size
+        assert "QEMU RSS" in st["budget_held_against"]
+        if st["budget_enforced"]:
+            cg = st["cgroup"]
+            assert cg["limit_bytes"] == 1536 * MIB and cg["usage_bytes"] > 0
+        t0 = time.monotonic()
+        for _ in range(5):
+            _status(sock, capsys)
+        assert (time.monotonic() - t0) / 5 < 0.25  # the last period's figures, no polling
+        assert main(["set", "att", "384MiB", "--socket", sock]) == 0
+        capsys.readouterr()
+        _until(sock, capsys, lambda g: abs(g["att"]["actual_bytes"] - 128 * MIB) <= MIB,
+               "att ballooned")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert vm.alive()  # attached: never killed by memballoon
+
+        async def logical() -> int:
+            async with QmpClient(vm.qmp_path) as q:
+                await q.connect()
+                return await q.query_balloon()
+
+        assert asyncio.run(logical()) == 512 * MIB  # deflated to its max on shutdown
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        vm.close()
+    assert "balloons deflated" in log.read_text()
+
+
+def test_status_reads_the_last_period_and_polls_no_guest() -> None:
+    """Found on two QEMU guests: each status call polled every guest again (0.45 s)."""
+    from memballoon.app.config import load_config_text
+    from memballoon.app.daemon import Daemon
+    from memballoon.edge.aio import AsyncEngine
+    from memballoon.edge.journal import Journal
+    from memballoon.manager.core import ManagerCore
+    from memballoon.manager.engine import Engine
+    from memballoon.manager.port import ManualClock
+    from memballoon.model.counters import Counters
+    from memballoon.policy.registry import make_policy
+    from memballoon.policy.sample import GuestSample
+
+    class Polled:
+        """A socket world's backend that counts its polls."""
+
+        name = "fake"
+
+        def __init__(self) -> None:
+            self.counters = Counters()
+            self.refreshes = 0
+            self.balloon = 0
+
+        async def refresh(self) -> None:
+            self.refreshes += 1
+            self.balloon += 256
+
+        async def flush(self) -> None:
+            pass
+
+        def guests(self) -> dict[str, GuestSample]:
+            return {"g": GuestSample("g", 65536, self.balloon, 0)}
+
+        def set_target(self, guest: str, balloon_pages: int) -> bool:
+            return True
+
+        def host_resident_bytes(self) -> int:
+            return 123
+
+        def pressure_sources(self) -> dict[str, str]:
+            return {"g": "memballoon-agent"}
+
+        def notes(self) -> dict[str, str]:
+            return {"g": "a note"}
+
+    cfg = load_config_text('world = "qemu"\nbudget = "1GiB"\n[[guests]]\nname = "g"\n'
+                           'max_mib = 256\nmin = "25%"\n')
+    d = Daemon(cfg)
+    b = Polled()
+    core = ManagerCore(make_policy("static"), d.settings, 65536, counters=d.counters)
+    clock = ManualClock(10.0)
+    d.manager = AsyncEngine(Engine(b, core, Journal(None), clock, counters=d.counters))
+    d.backend = b
+
+    async def main() -> None:
+        assert d.manager is not None
+        await d.manager.run_once()
+        d._tick(d.manager.engine)
+        clock.advance(0.5)
+        st = await d.op_status()
+        for _ in range(5):
+            assert await d.op_status() == st
+        assert b.refreshes == 1  # the period's poll only
+        g = st["guests"][0]
+        assert g["actual_bytes"] == 256 * 4096 and g["min_bytes"] == 64 * MIB
+        assert g["pressure_source"] == "memballoon-agent" and g["note"] == "a note"
+        assert st["collected_age_s"] == 0.5 and st["host_resident_bytes"] == 123
+        assert "QEMU RSS" in st["budget_held_against"] and st["cgroup"] is None
+
+    asyncio.run(main())
