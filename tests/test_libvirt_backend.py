@@ -607,3 +607,49 @@ def test_libvirt_backend_on_real_libvirtd(libvirtd: Libvirtd,  # noqa: F811 (the
             with contextlib.suppress(libvirt.libvirtError):
                 dom.undefine()
         conn.close()
+
+
+@pytest.mark.qemu
+def test_qemu_guest_agent_through_real_libvirtd(libvirtd: Libvirtd,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    """A guest running qemu-ga (the test image built with it) is read through libvirt's
+    qemuAgentCommand: PSI, vmstat and the balloon the guest saw; a domain with the agent's
+    channel but no agent inside falls back to its balloon stats, saying why."""
+    import libvirt
+
+    with_qga = build_guest_image(qga=True)
+    plain = build_guest_image()
+    pre = f"mb-qga-{os.getpid()}-"
+    q, n = pre + "q", pre + "n"
+    conn = libvirt.open(libvirtd.uri)
+    doms: dict[str, Any] = {}
+    backend = LibvirtBackend(libvirtd.uri, domains=[pre + "*"], counters=Counters())
+    quarter = 128 * MIB // PAGE_SIZE
+
+    async def main() -> None:
+        doms[q] = conn.createXML(domain_xml(q, with_qga, max_mib=512, qga=True), 0)
+        doms[n] = conn.createXML(domain_xml(n, plain, max_mib=512, qga=True), 0)
+        src = backend.pressure_sources
+        snap = await _until(backend, lambda s: src().get(q) == "qemu-guest-agent"
+                            and src().get(n) == "balloon-stats", "sources", tries=600)
+        r = snap[q].report
+        assert r is not None and r.total_bytes > 400 * MIB and r.balloon_actual_pages == 0
+        assert snap[q].report_age_s(backend.clock.now()) is not None
+        assert "unresponsive" in backend.notes()[n]
+        assert backend.counters["libvirt_qga_unresponsive"] >= 1
+        assert backend.counters["qga_reports"] >= 1
+        assert await backend.apply_target(q, quarter)
+        snap = await _until(backend, lambda s: s[q].report is not None
+                            and abs(s[q].report.balloon_actual_pages - quarter) <= 256
+                            and src()[q] == "qemu-guest-agent", "the guest saw it")
+        assert snap[q].report is not None and snap[q].report.total_bytes < 400 * MIB
+        await backend.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.close()
+        for dom in doms.values():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        conn.close()

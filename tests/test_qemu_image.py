@@ -22,8 +22,15 @@ from memballoon.qemu.image import (
     is_static_elf,
     kernel_version_of,
     resolve_kernel_package,
+    shared_libraries,
 )
-from memballoon.qemu.initscript import AGENT_PORT_NAME, MODULE_ORDER, READY_MARKER, render_init
+from memballoon.qemu.initscript import (
+    AGENT_PORT_NAME,
+    MODULE_ORDER,
+    QGA_PORT_NAME,
+    READY_MARKER,
+    render_init,
+)
 
 
 def parse_newc(archive: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
@@ -164,3 +171,34 @@ def test_real_build_and_cache(tmp_path: Path) -> None:
 def test_unknown_kernel_package_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(GuestImageError, match=r"linux-image-0\.0\.0-nonexistent"):
         build_guest_image(tmp_path, kernel_package="linux-image-0.0.0-nonexistent")
+
+
+def test_initramfs_extra_files_get_their_directories() -> None:
+    modules = {name: b"m" for name in MODULE_ORDER}
+    blob = build_initramfs(b"BB", modules, "#!/bin/sh\n",
+                           {"usr/sbin/qemu-ga": (b"QGA", 0o755),
+                            "lib64/ld-linux-x86-64.so.2": (b"LD", 0o755)})
+    entries = parse_newc(gzip.decompress(blob))
+    for d in ("usr", "usr/sbin", "lib64"):
+        assert stat.S_ISDIR(entries[d][0])
+    assert entries["usr/sbin/qemu-ga"][1] == b"QGA" and entries["usr/sbin/qemu-ga"][0] & 0o111
+    assert "@" not in render_init().replace("$@", "") and QGA_PORT_NAME in render_init()
+
+
+def test_shared_libraries_of_a_dynamic_binary() -> None:
+    if shutil.which("ldd") is None:
+        pytest.skip("no ldd on this host")
+    libs = shared_libraries(Path(shutil.which("ls") or "/bin/ls"))
+    assert any("libc.so" in k for k in libs) and any("ld-linux" in k for k in libs)
+    assert all(p.is_file() for p in libs.values())
+
+
+@pytest.mark.qemu
+def test_real_build_with_the_qemu_guest_agent(tmp_path: Path) -> None:
+    image = build_guest_image(qga=True)
+    assert image.initramfs.name.startswith("initramfs-qga-")
+    entries = parse_newc(gzip.decompress(image.initramfs.read_bytes()))
+    assert entries["usr/sbin/qemu-ga"][1][:4] == b"\x7fELF"
+    assert any(k.startswith("lib64/ld-linux") for k in entries)
+    plain = build_guest_image()  # the other variant is kept, not taken for stale
+    assert plain.initramfs.exists() and image.initramfs.exists()

@@ -7,10 +7,17 @@ The initramfs is written here in the cpio "newc" format (Linux
 Documentation/driver-api/early-userspace/buffer-format.rst) and gzip'd, so no cpio binary is
 needed and the archive is byte-for-byte reproducible (mtime 0, uid/gid 0).
 
+With ``qga=True`` the initramfs also carries the QEMU guest agent (Debian's
+``qemu-guest-agent``, fetched the same way) and the shared libraries it needs, found with
+``ldd`` on this host (Debian 12 like the guest's userland: the same libc); init starts it on
+the ``org.qemu.guest_agent.0`` port, so a libvirt domain can be read through qemu-ga as a
+real one would be. It is a separate image: the plain one stays small.
+
 Cache layout under ``dir`` (keyed by kernel version and a hash of the init script):
     debs/<package>_<version>_amd64.deb
     <kernel_version>/vmlinuz
     <kernel_version>/initramfs-<hash12>.cpio.gz
+    <kernel_version>/initramfs-qga-<hash12>.cpio.gz
 See ../shared/notes/qemu-guests.md for the measurements behind these choices.
 """
 
@@ -37,6 +44,9 @@ from memballoon.qemu.initscript import MODULE_ORDER, render_init
 
 #: Debian metapackage whose dependency names the current cloud kernel.
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+#: Debian package of the QEMU guest agent, and where it puts the binary.
+QGA_PACKAGE = "qemu-guest-agent"
+QGA_BINARY = "usr/sbin/qemu-ga"
 #: Where busybox-static puts its binary.
 BUSYBOX_PATH = Path("/bin/busybox")
 _INSTALL_HINT = (
@@ -161,18 +171,45 @@ class _Cpio:
         return self._out.getvalue()
 
 
-def build_initramfs(busybox: bytes, modules: dict[str, bytes], init: str) -> bytes:
-    """The gzip'd newc archive: /init, /bin/busybox, /lib/modules/*.ko, /dev/console."""
+def build_initramfs(busybox: bytes, modules: dict[str, bytes], init: str,
+                    extra: dict[str, tuple[bytes, int]] | None = None) -> bytes:
+    """The gzip'd newc archive: /init, /bin/busybox, /lib/modules/*.ko, /dev/console, and
+    ``extra`` files (path without the leading /, (data, permissions)), in path order."""
     cpio = _Cpio()
-    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+    dirs = ["bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"]
+    for path in sorted(extra or {}):
+        parts = path.split("/")[:-1]
+        dirs += ["/".join(parts[:i + 1]) for i in range(len(parts))]
+    for d in dict.fromkeys(dirs):  # each once, parents first
         cpio.directory(d)
     # The kernel opens /dev/console before /init runs: without the node init has no stdio.
     cpio.chardev("dev/console", 5, 1)
     cpio.file("bin/busybox", busybox, 0o755)
     for name in MODULE_ORDER:
         cpio.file(f"lib/modules/{name}.ko", modules[name])
+    for path, (data, perm) in sorted((extra or {}).items()):
+        cpio.file(path, data, perm)
     cpio.file("init", init.encode(), 0o755)
     return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
+
+
+def shared_libraries(binary: Path, search_path: str | None = None) -> dict[str, Path]:
+    """What the dynamic loader maps for ``binary`` on this host (``ldd``): the path it asks
+    for (the interpreter's, or the library's as resolved) -> the file to copy."""
+    ldd = _which("ldd", search_path, "libc-bin")
+    out = _run([ldd, str(binary)], what=f"finding the libraries of {binary.name}")
+    libs: dict[str, Path] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts:
+            i = parts.index("=>")
+            if i + 1 < len(parts) and parts[i + 1].startswith("/"):
+                libs[parts[i + 1]] = Path(parts[i + 1]).resolve()
+            elif "not" in parts:
+                raise GuestImageError(f"{binary.name} needs {parts[0]}, not on this host")
+        elif parts and parts[0].startswith("/"):  # the interpreter: /lib64/ld-linux...
+            libs[parts[0]] = Path(parts[0]).resolve()
+    return libs
 
 
 # --- kernel package --------------------------------------------------------------------
@@ -193,7 +230,7 @@ def _find_module(root: Path, version: str, name: str) -> bytes:
     )
 
 
-def _download_kernel(package: str, deb_dir: Path, search_path: str | None) -> Path:
+def _download_deb(package: str, deb_dir: Path, search_path: str | None) -> Path:
     existing = sorted(deb_dir.glob(f"{package}_*.deb"))
     if existing:
         return existing[-1]
@@ -231,12 +268,14 @@ def build_guest_image(
     busybox: Path = BUSYBOX_PATH,
     search_path: str | None = None,
     rebuild: bool = False,
+    qga: bool = False,
 ) -> GuestImage:
     """Build (or find in the cache) the test guest image under ``dir``.
 
     ``kernel_package`` pins the kernel (skips apt-cache); ``search_path`` replaces $PATH when
-    looking for apt-get, apt-cache and dpkg-deb. Raises HostToolMissingError or
-    GuestImageError, each naming what to do.
+    looking for apt-get, apt-cache, dpkg-deb and ldd; ``qga`` adds the QEMU guest agent
+    (module docstring). Raises HostToolMissingError or GuestImageError, each naming what to
+    do.
     """
     root = (dir if dir is not None else default_cache_dir()).resolve()
     if not busybox.exists():
@@ -252,11 +291,12 @@ def build_guest_image(
     init_hash = hashlib.sha256(init.encode() + busybox.read_bytes()).hexdigest()[:12]
     out = root / version
     vmlinuz = out / "vmlinuz"
-    initramfs = out / f"initramfs-{init_hash}.cpio.gz"
+    variant = "initramfs-qga-" if qga else "initramfs-"
+    initramfs = out / f"{variant}{init_hash}.cpio.gz"
     with _locked(root / ".lock"):
         if not rebuild and vmlinuz.is_file() and initramfs.is_file():
             return GuestImage(version, vmlinuz, initramfs)
-        deb = _download_kernel(package, root / "debs", search_path)
+        deb = _download_deb(package, root / "debs", search_path)
         dpkg_deb = _which("dpkg-deb", search_path, "dpkg")
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix="unpack-") as tmp:
@@ -267,8 +307,26 @@ def build_guest_image(
                 raise GuestImageError(f"{deb.name} has no boot/vmlinuz-{version}")
             modules = {name: _find_module(tree, version, name) for name in MODULE_ORDER}
             _atomic_write(vmlinuz, kernel.read_bytes())
-        _atomic_write(initramfs, build_initramfs(busybox.read_bytes(), modules, init))
-        for stale in out.glob("initramfs-*.cpio.gz"):
-            if stale != initramfs:
+        extra = _qga_files(root, search_path) if qga else None
+        _atomic_write(initramfs, build_initramfs(busybox.read_bytes(), modules, init, extra))
+        for stale in out.glob(f"{variant}*.cpio.gz"):
+            # the other variant's files are not stale ("initramfs-" also matches "-qga-")
+            if stale != initramfs and stale.name.startswith("initramfs-qga-") == qga:
                 stale.unlink(missing_ok=True)
     return GuestImage(version, vmlinuz, initramfs)
+
+
+def _qga_files(root: Path, search_path: str | None) -> dict[str, tuple[bytes, int]]:
+    """qemu-ga from its Debian package and the libraries it needs, as initramfs files."""
+    deb = _download_deb(QGA_PACKAGE, root / "debs", search_path)
+    dpkg_deb = _which("dpkg-deb", search_path, "dpkg")
+    with tempfile.TemporaryDirectory(dir=root, prefix="unpack-") as tmp:
+        tree = Path(tmp)
+        _run([dpkg_deb, "-x", str(deb), str(tree)], what=f"unpacking {deb.name}")
+        binary = tree / QGA_BINARY
+        if not binary.is_file():
+            raise GuestImageError(f"{deb.name} has no {QGA_BINARY}")
+        files = {QGA_BINARY: (binary.read_bytes(), 0o755)}
+        for want, real in shared_libraries(binary, search_path).items():
+            files[want.lstrip("/")] = (real.read_bytes(), 0o755)
+    return files

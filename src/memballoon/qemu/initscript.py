@@ -28,6 +28,8 @@ from __future__ import annotations
 
 #: Name of the virtio-serial port the agent uses (the ``name=`` of QEMU's virtserialport).
 AGENT_PORT_NAME = "org.memballoon.agent"
+#: The port libvirt and the QEMU guest agent use (an image built with qemu-ga runs it there).
+QGA_PORT_NAME = "org.qemu.guest_agent.0"
 #: Console line printed once the agent runs and the command loop listens.
 READY_MARKER = "MEMBALLOON-READY"
 #: Order matters: each module needs the ones before it (no modules.dep in the initramfs).
@@ -57,6 +59,27 @@ exec 0</dev/console 1>/dev/console 2>&1
 for m in @MODULES@; do
     insmod /lib/modules/$m.ko || echo "MEMBALLOON-ERROR insmod $m"
 done
+
+# an image built with the QEMU guest agent runs it on its port, when the VM has one
+if [ -x /usr/sbin/qemu-ga ]; then
+    (
+        i=0
+        while [ $i -lt 100 ]; do
+            for p in /sys/class/virtio-ports/*; do
+                [ -r "$p/name" ] || continue
+                read -r n < "$p/name"
+                if [ "$n" = "@QGA_PORT@" ] && [ -c "/dev/${p##*/}" ]; then
+                    echo "MEMBALLOON-QGA /dev/${p##*/}"
+                    export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+                    exec /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${p##*/}" -t /tmp \
+                        -f /tmp/qemu-ga.pid
+                fi
+            done
+            sleep 0.1
+            i=$((i + 1))
+        done
+    ) &
+fi
 
 port=
 i=0
@@ -149,6 +172,7 @@ def render_init() -> str:
     """The /init text with the module list, port name and marker filled in."""
     return (
         INIT_SCRIPT.replace("@MODULES@", " ".join(MODULE_ORDER))
+        .replace("@QGA_PORT@", QGA_PORT_NAME)
         .replace("@PORT@", AGENT_PORT_NAME)
         .replace("@READY@", READY_MARKER)
     )

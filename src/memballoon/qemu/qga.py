@@ -32,9 +32,8 @@ from memballoon.model.counters import CounterName, Counters
 from memballoon.protocol.procfs import HostMemoryError, parse_meminfo, parse_psi, parse_stat
 from memballoon.qemu.agent import AgentReport
 from memballoon.qemu.errors import GuestAgentError, QgaRefusedError
+from memballoon.qemu.initscript import QGA_PORT_NAME
 
-#: The virtio-serial port name libvirt and qemu-ga use for the agent.
-QGA_PORT_NAME: Final = "org.qemu.guest_agent.0"
 MEMINFO: Final = "/proc/meminfo"
 VMSTAT: Final = "/proc/vmstat"
 PSI_MEMORY: Final = "/proc/pressure/memory"
