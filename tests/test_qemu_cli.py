@@ -150,3 +150,18 @@ def test_vm_start_registers_with_manager_and_backend_drives_it(
     finally:
         main(["vm", "stop", "reg", "--run-dir", str(rd)])
     assert info and _wait_gone(info["pid"])
+
+
+@pytest.mark.qemu
+def test_vm_xml_prints_a_domain_for_virsh(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from memballoon.qemu.libvirt_backend import parse_domain_xml
+
+    assert main(["vm", "xml", "--name", "web1", "--mib", "384", "--max-mib", "512",
+                 "--agent", str(tmp_path / "a.sock"), "--qga"]) == 0
+    xml = capsys.readouterr().out
+    info = parse_domain_xml(xml)
+    assert info.balloon and info.qga and info.agent_path == str(tmp_path / "a.sock")
+    assert "<currentMemory unit='MiB'>384</currentMemory>" in xml and "initramfs-qga-" in xml
+    assert main(["vm", "xml", "--name", "x", "--mib", "512", "--max-mib", "256"]) == 2
+    assert "--max-mib 256 is below --mib 512" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""``memballoon guest-image build``, ``memballoon vm start|list|stop`` and ``bench qemu``.
+"""``memballoon guest-image build``, ``memballoon vm start|list|stop|xml`` and ``bench qemu``.
+
+``vm xml`` prints a libvirt domain for the test guest (``virsh create`` takes it), so the
+libvirt world can be tried on a host with no VMs of its own.
 
 ``vm start`` launches QEMU detached (its own session: it outlives this command), writes
 ``vm.json`` beside its sockets, and registers the guest with the running manager over the
@@ -115,6 +118,19 @@ def _register(socket_path: Path | None, info: dict[str, Any]) -> bool:
     return True
 
 
+def _cmd_vm_xml(args: argparse.Namespace) -> int:
+    from memballoon.qemu.libvirt_backend import domain_xml
+
+    max_mib = args.max_mib if args.max_mib is not None else args.mib
+    if max_mib < args.mib:
+        raise ConfigError(f"--max-mib {max_mib} is below --mib {args.mib}")
+    image = build_guest_image(args.image_dir, qga=args.qga)
+    print(domain_xml(args.name, image, max_mib=max_mib, current_mib=args.mib,
+                     agent_path=None if args.agent is None else str(args.agent.resolve()),
+                     qga=args.qga))
+    return 0
+
+
 def _cmd_vm_list(args: argparse.Namespace) -> int:
     root = args.run_dir or default_vm_root()
     vms = []
@@ -175,6 +191,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="where VM directories live (default /tmp/memballoon-UID/vms)")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=_cmd_vm_start)
+    vx = vsub.add_parser("xml", help="print a libvirt domain (TCG) for the test guest, for "
+                         "`virsh create`")
+    vx.add_argument("--name", required=True)
+    vx.add_argument("--mib", type=positive_int, required=True, help="size to start at, MiB")
+    vx.add_argument("--max-mib", type=positive_int, default=None, help="RAM; default --mib")
+    vx.add_argument("--agent", type=Path, default=None,
+                    help="unix socket for the memballoon agent channel (QEMU listens there)")
+    vx.add_argument("--qga", action="store_true",
+                    help="a QEMU guest agent channel, and qemu-ga in the guest image")
+    vx.add_argument("--image-dir", type=Path, default=None)
+    vx.set_defaults(func=_cmd_vm_xml)
     vl = vsub.add_parser("list", help="VMs started with `vm start`")
     vl.add_argument("--run-dir", type=Path, default=None)
     vl.add_argument("--json", action="store_true")
