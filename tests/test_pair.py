@@ -6,9 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memballoon.guest.workload import Bursty, Idle, Ramp, Steady
+from memballoon.guest.workload import Bursty, Idle, Ramp, Steady, Toucher
 from memballoon.harness.pair import (
     PROTOCOLS,
+    Pair,
     VirtioPair,
     VmwPair,
     check_pair,
@@ -17,6 +18,7 @@ from memballoon.harness.pair import (
     virtio_pair,
     vmw_pair,
 )
+from memballoon.harness.state import state_diff, state_of
 from memballoon.model.errors import UsageError
 from memballoon.model.units import HPAGE_PMD_NR, PageState, mib_to_pages
 from memballoon.protocol.virtio_balloon import VIRTIO_F_VERSION_1, features_of
@@ -77,6 +79,58 @@ def test_invariants_hold_across_device_restarts(protocol: str, workload: object,
         for _ in range(ticks):
             pair.tick()
     assert pair.violations == []
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(PROTOCOLS),
+    st.sampled_from([Idle(anon_mib=4, file_mib=2), Steady(anon_mib=20, file_mib=8),
+                     Toucher(low_mib=4, high_mib=30, period_s=7),
+                     Bursty(base_mib=4, peak_mib=30, period_s=9, burst_s=3, ramp_s=0)]),
+    st.lists(st.tuples(st.integers(1, 40), st.integers(0, mib_to_pages(G) - 1)), max_size=6),
+)
+def test_idle_periods_of_a_quiet_pair_end_where_ticking_ends(
+        protocol: str, workload: Idle, targets: list[tuple[int, int]]) -> None:
+    # the simulator's sleep: a pair that skips every period in which it is quiet ends in
+    # exactly the state (pages, lists, counters, statistics) of one ticked every period
+    ticked = make_pair(protocol, SMALL, workload)
+    skipping = make_pair(protocol, SMALL, workload)
+    skipped = 0
+    for periods, target in [*targets, (60, 0)]:
+        ticked.set_target(target)
+        skipping.set_target(target)
+        for _ in range(periods):
+            ticked.tick(check=False)
+            if skipping.quiet():
+                skipping.idle_period()
+                skipped += 1
+            else:
+                skipping.tick(check=False)
+    assert state_diff(state_of(ticked), state_of(skipping)) == []
+    assert check_pair(skipping) == []
+    if isinstance(workload, Idle):
+        assert skipped > 0  # an idle guest at its target does sleep
+
+
+def test_a_pair_is_not_quiet_with_work_to_do_or_a_tapped_link() -> None:
+    pair = vmw_pair(SMALL, Idle(anon_mib=4, file_mib=2))
+    pair.run_until(lambda p: False, 3, check=False)
+    assert pair.quiet()
+    pair.set_target(100)
+    assert not pair.quiet()  # the next GET_TARGET answers another target
+    pair.run_until(lambda p: p.driver.balloon_pages == 100, 5)
+    assert pair.quiet()
+    pair.port.log = []
+    assert not pair.quiet()  # a tap sees every command: nothing may be skipped
+    v = virtio_pair(SMALL, Idle(anon_mib=4, file_mib=2), deferred=True)
+    v.set_target(100)
+    v.tick(check=False)
+    assert not v.quiet()  # buffers in flight
+    bare = Pair(pair.protocol, pair.mem, pair.ram, pair.driver, pair.device, pair.workload,
+                pair.period_s)  # no protocol link: nothing it may skip
+    assert not bare.quiet()
+    with pytest.raises(UsageError):
+        bare.idle_period()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -504,6 +504,17 @@ class GuestMemory:
         self._oom_notifiers.append(fn)
 
     # ------------------------------------------------------------------ free page reporting
+    def steady(self, demand: Demand) -> bool:
+        """A ``step`` with ``demand`` would change nothing (its fast path): the simulator lets
+        a guest sleep while this holds."""
+        return self._quiet(demand)
+
+    def has_reportable(self, keep_free: int) -> bool:
+        """Whether ``isolate_reportable(n, keep_free)`` would isolate a block (for any n > 0)."""
+        if (self._free - keep_free) // BLOCK_PAGES <= 0:
+            return False
+        return bool(((self._bfree == BLOCK_PAGES) & ~self.reported).any())
+
     def isolate_reportable(self, max_blocks: int, keep_free: int) -> npt.NDArray[np.int64]:
         """Take up to ``max_blocks`` wholly free, not yet reported 2 MiB blocks off the free lists.
 

@@ -218,6 +218,7 @@ class VirtioBalloonDriver:
         self._freed_total = 0
         self.config_interrupts = 0
         self.used_interrupts = 0
+        self._used_seen = 0  # used_interrupts as of the end of the last work()
         self._actual_written = -1
         self._irq_seen = -1
 
@@ -312,6 +313,30 @@ class VirtioBalloonDriver:
         self._update_actual()
         if self.has_feature(VIRTIO_BALLOON_F_REPORTING) and now >= self._next_report:
             self._report()
+            self._next_report = now + PAGE_REPORTING_DELAY_S
+        self._used_seen = self.used_interrupts  # what this run collected (quiet())
+
+    def quiet(self) -> bool:
+        """The next ``work`` changes nothing but when the next free-page report is due:
+        loaded, no config change or used buffer unseen, nothing to adjust, nothing in flight
+        but the stats buffer the device holds, no refused frame held, no free block to
+        report."""
+        if (not self._loaded or self._adjust_pending or self._stalled or len(self._refused)
+                or self.used_interrupts != self._used_seen
+                or self._target != len(self._balloon)):
+            return False
+        if any(role is not BalloonQueue.STATSQ for role, _ in self._pending):
+            return False
+        if not self.has_feature(VIRTIO_BALLOON_F_REPORTING):
+            return True
+        room = self._report_room()
+        return room is None or not self.mem.has_reportable(self.mem.watermarks.low)
+
+    def idle_work(self, now: float) -> None:
+        """What ``work`` does in a quiet period (``quiet`` held): a reporting pass, if due,
+        finds nothing, and only its clock moves. The simulator accounts the periods a quiet
+        guest sleeps through with this."""
+        if self.has_feature(VIRTIO_BALLOON_F_REPORTING) and now >= self._next_report:
             self._next_report = now + PAGE_REPORTING_DELAY_S
 
     def unload(self, now: float) -> None:
@@ -623,22 +648,29 @@ class VirtioBalloonDriver:
         self.transport.notify(self._qidx[BalloonQueue.STATSQ])
 
     # ------------------------------------------------------------------ free page reporting
+    def _report_room(self) -> tuple[DriverQueue, int] | None:
+        """The queue and how many blocks a reporting pass may isolate now (None: it skips)."""
+        role = BalloonQueue.REPORTING_VQ
+        if any(k[0] is role for k in self._pending):
+            return None  # Linux waits for each report before the next
+        q = self._queue_ready(role, 1)
+        if q is None:
+            return None
+        free = self.mem.free_pages
+        # page_reporting_process_zone: skip the zone under low + one full report
+        if free < self.mem.watermarks.low + PAGE_REPORTING_CAPACITY * BLOCK_PAGES:
+            return None
+        max_blocks = min(PAGE_REPORTING_CAPACITY, free // 16 // BLOCK_PAGES, q.num_free)
+        return (q, max_blocks) if max_blocks > 0 else None
+
     def _report(self) -> None:
         """One page_reporting_process pass: isolate free blocks, hand them to the host."""
         role = BalloonQueue.REPORTING_VQ
-        if any(k[0] is role for k in self._pending):
-            return  # Linux waits for each report before the next
-        q = self._queue_ready(role, 1)
-        if q is None:
+        room = self._report_room()
+        if room is None:
             return
+        q, max_blocks = room
         wm = self.mem.watermarks
-        free = self.mem.free_pages
-        # page_reporting_process_zone: skip the zone under low + one full report
-        if free < wm.low + PAGE_REPORTING_CAPACITY * BLOCK_PAGES:
-            return
-        max_blocks = min(PAGE_REPORTING_CAPACITY, free // 16 // BLOCK_PAGES, q.num_free)
-        if max_blocks <= 0:
-            return
         blocks = self.mem.isolate_reportable(max_blocks, wm.low)
         if blocks.size == 0:
             return

@@ -474,6 +474,21 @@ class VmwBalloonDriver:
         elif self.size > target:
             self._deflate_batched() if self.batch_max_pages > 1 else self._deflate()
 
+    def quiet(self) -> bool:
+        """The next ``work`` finds nothing to do if the host answers GET_TARGET with the
+        balloon's size again: loaded, no reset pending, the balloon at the target read last."""
+        return (self.loaded and not self.reset_required and self.size == self.target
+                and self.mem.total_pages <= PFN32_MAX)
+
+    def idle_work(self, now: float) -> None:
+        """What ``work`` does in a quiet period (``quiet`` held and GET_TARGET answered the
+        size again): it counts its timer and the GET_TARGET, and one slow cycle passes. The
+        simulator accounts the periods a quiet guest sleeps through with this."""
+        self.seed_stats.timer += 1
+        if self.slow_allocation_cycles > 0:
+            self.slow_allocation_cycles -= 1
+        self.seed_stats.target += 1
+
     def _yield(self) -> None:
         if self.cond_resched is not None:
             self.cond_resched()

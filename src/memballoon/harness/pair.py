@@ -47,7 +47,7 @@ from memballoon.host.virtio_device import (
     VirtioBalloonDevice,
     VirtioDeviceSnapshot,
 )
-from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceSnapshot
+from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceCounter, VmwDeviceSnapshot
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState
@@ -122,6 +122,28 @@ class Pair:
         """The host restarts: the device's snapshot goes through JSON into a new device over
         the same RAM, and the link is joined to it; the driver goes on as if nothing happened."""
         raise UsageError(f"{type(self).__name__} has no device to restart")
+
+    def quiet(self) -> bool:
+        """The next ``tick`` would change nothing but bookkeeping: the guest model is steady
+        under the workload's demand then, and the protocol has nothing to do (each pair's own
+        test, ``_link_quiet``). The simulator lets a quiet pair sleep."""
+        nxt = self.now + self.period_s
+        return self.mem.steady(self.workload.demand(nxt)) and self._link_quiet()
+
+    def idle_period(self) -> None:
+        """One period of a quiet pair without running it: exactly what ``tick`` (unchecked)
+        would do then, the idle step's report and the protocol's bookkeeping. Only while
+        ``quiet()`` holds and nothing changed since (a target, the demand)."""
+        self.now += self.period_s
+        self.last_step = StepReport(self.now, self.period_s, 0.0, 0, 0, 0, False, 0, True)
+        self._link_idle()
+        self.cycles += 1
+
+    def _link_quiet(self) -> bool:
+        return False
+
+    def _link_idle(self) -> None:
+        raise UsageError(f"{type(self).__name__} cannot skip a period")
 
 
 def check_pair(pair: Pair) -> list[str]:
@@ -205,6 +227,19 @@ class VmwPair(Pair):
     def cond_resched(self) -> None:
         self.yields += 1
 
+    def _link_quiet(self) -> bool:
+        # the device answers GET_TARGET with the size; nothing taps the link (a tap sees
+        # every command)
+        dev, limit = self.device, self.mem.total_pages
+        port = self.port
+        return (self.driver.quiet() and dev.plain and dev.guest_limit == limit
+                and min(dev.target_pages, limit) == self.driver.size
+                and port.log is None and port.before is None and port.reply is None)
+
+    def _link_idle(self) -> None:
+        self.driver.idle_work(self.now)
+        self.device.counters.inc(VmwDeviceCounter.CMD_GET_TARGET)
+
     def restart_device(self) -> None:
         old = self.device
         snap = VmwDeviceSnapshot.from_json(old.snapshot().to_json())
@@ -269,6 +304,14 @@ class VirtioPair(Pair):
         new = VirtioBalloonDevice.restore(snap, self.ram, self.device.view)
         self.device = self.transport.device = new
         new.attach(self.transport)
+
+    def _link_quiet(self) -> bool:
+        dev, t = self.device, self.transport
+        return (self.driver.quiet() and not dev.reset_pending and dev.held_deflates == 0
+                and not t.deferred and not t.pending_kicks)
+
+    def _link_idle(self) -> None:
+        self.driver.idle_work(self.now)
 
     def link_invariants(self) -> list[str]:
         errs: list[str] = []

@@ -271,6 +271,14 @@ class VmwBalloonDevice:
         """
         self._reset_pending = True
 
+    @property
+    def plain(self) -> bool:
+        """A session is open, no busy spell or reset is still to be told and no release is
+        deferred: the next command is answered on its own merits (the simulator lets a quiet
+        guest sleep only then)."""
+        return (self._started and not self._reset_pending and self._busy_left == 0
+                and not self._to_release)
+
     def busy_next(self, n: int) -> None:
         """The next ``n`` commands answer ERROR_BUSY."""
         if n < 0:
