@@ -18,6 +18,7 @@ from memballoon.host.hugepages import (
     missing,
     read_hugetlb_pool,
     read_thp_shmem,
+    shmem_huge_bytes,
 )
 from memballoon.model.errors import HostResourceError, UsageError
 from memballoon.model.units import RamKind
@@ -96,6 +97,14 @@ def test_missing_knobs_are_host_errors(tmp_path: Path) -> None:
         read_thp_shmem(tmp_path)
     with pytest.raises(HostResourceError, match="no 2 MiB hugetlb pool"):
         read_hugetlb_pool(tmp_path)
+
+
+def test_shmem_huge_bytes_reads_meminfo(tmp_path: Path) -> None:
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nShmemHugePages:    4096 kB\n")
+    assert shmem_huge_bytes(tmp_path / "meminfo") == 4 << 20
+    (tmp_path / "old").write_text("MemTotal: 100 kB\n")
+    assert shmem_huge_bytes(tmp_path / "old") == 0
+    assert shmem_huge_bytes() >= 0
 
 
 def test_huge_pages_for() -> None:

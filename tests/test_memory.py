@@ -268,8 +268,8 @@ class ForgetLog(NullRam):
         super().__init__(pages, host_page_frames=host_page_frames)
         self.forgotten: list[int] = []
 
-    def forget(self, pfns: np.ndarray) -> None:
-        self.forgotten.extend(pfns.tolist())
+    def forget(self, ranges: np.ndarray) -> None:
+        self.forgotten.extend(f for s, e in ranges.tolist() for f in range(s, e))
 
 
 def test_with_huge_host_pages_the_balloon_fills_whole_blocks_first() -> None:

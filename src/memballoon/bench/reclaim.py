@@ -30,11 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memballoon.host.hugepages import HugePageSetup, check_host, huge_pages_for
+from memballoon.host.hugepages import (
+    HugePageSetup,
+    check_host,
+    huge_pages_for,
+    shmem_huge_bytes,
+)
 from memballoon.host.punch import raw_punch_hole_gib_per_s
 from memballoon.local.host import GuestSpec, LocalHost
 from memballoon.model.errors import ConfigError, MemballoonError
-from memballoon.model.units import GIB, KIB, MIB, PAGE_SIZE, RamKind, mib_to_pages
+from memballoon.model.units import GIB, MIB, PAGE_SIZE, RamKind, mib_to_pages
 
 
 def _rss_anon_bytes() -> int:
@@ -45,14 +50,6 @@ def _rss_anon_bytes() -> int:
     return 0
 
 
-def _shmem_huge_bytes() -> int:
-    """/proc/meminfo ShmemHugePages: shmem (memfd) memory held in transparent huge pages."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("ShmemHugePages:"):
-            return int(line.split()[1]) * KIB
-    return 0
-
-
 async def _run(protocol: str, guest_mib: int, ram_kind: RamKind,
                timeout_s: float) -> dict[str, Any]:
     pages = mib_to_pages(guest_mib)
@@ -60,7 +57,7 @@ async def _run(protocol: str, guest_mib: int, ram_kind: RamKind,
     spec = GuestSpec(name="bench", mib=guest_mib, protocol=protocol, workload="idle",
                      ram=ram_kind)
     rss0 = _rss_anon_bytes()
-    huge0 = _shmem_huge_bytes()
+    huge0 = shmem_huge_bytes()
     async with LocalHost([spec], budget_bytes=None) as host:
         host_overhead = _rss_anon_bytes() - rss0
         ram = host.ram("bench")
@@ -68,7 +65,7 @@ async def _run(protocol: str, guest_mib: int, ram_kind: RamKind,
         # reply comes once it is done, so st_blocks is settled before we measure
         await host.control("bench", "touch_free", timeout_s)
         before = ram.resident_bytes()
-        thp_backed = _shmem_huge_bytes() - huge0 if ram_kind is RamKind.THP else 0
+        thp_backed = shmem_huge_bytes() - huge0 if ram_kind is RamKind.THP else 0
 
         async def move(target: int) -> float:
             t0 = time.perf_counter()

@@ -61,7 +61,7 @@ import numpy.typing as npt
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.guest.workload import Demand
 from memballoon.model.errors import UsageError
-from memballoon.model.pages import PageStore, PfnArray, block_frames
+from memballoon.model.pages import PageStore, PfnArray, block_frames, coalesce, merge_ranges
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 
 BLOCK_ORDER = 9  # 2 MiB blocks: Linux page_reporting_order on x86-64
@@ -203,6 +203,7 @@ class GuestMemory:
         self._hint_pos = 0
         self.host_page_frames = host_page_frames
         self._fill_block = -1  # huge host pages: the block the balloon is filling
+        self._fill_pos = 0  # and the frame after the last it took there
         self._isolated = 0
         self._balloon = 0
         self._managed_adjust = 0  # pages the balloon took out of MemTotal
@@ -375,7 +376,10 @@ class GuestMemory:
 
     def _take_blocks(self, n: int, floor: int) -> PfnArray:
         """Balloon frames in whole blocks (huge host pages): the block being filled, then
-        wholly free ones; any free frame once no block is left (module docstring)."""
+        wholly free ones; any free frame once no block is left (module docstring).
+
+        A block is filled from its start, so the common take is one run of frames: it is
+        checked and marked with slices, not per-frame index arrays."""
         n = min(n, self._free - floor)
         if n <= 0:
             return _EMPTY
@@ -388,15 +392,22 @@ class GuestMemory:
                 if b < 0:
                     break
                 self._fill_block = b
-            idx = self._free_frames_of(b, n - got)
-            self._bfree[b] -= idx.size
+                self._fill_pos = b * BLOCK_PAGES
+            k = min(n - got, int(self._bfree[b]))
+            lo = self._fill_pos
+            if lo + k <= (b + 1) * BLOCK_PAGES and bool((self.state[lo : lo + k] == _FREE).all()):
+                idx = np.arange(lo, lo + k, dtype=np.int64)  # the run after the last take
+                self.state[lo : lo + k] = _BALLOON
+            else:  # the workload took or freed frames of the block meanwhile
+                idx = self._free_frames_of(b, k)
+                self.state[idx] = _BALLOON
+            self._fill_pos = int(idx[-1]) + 1
+            self._bfree[b] -= k
             self.reported[b] = False  # the host refaults this block's pages on touch
             parts.append(idx)
-            got += idx.size
+            got += k
         out = _EMPTY if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if got:
-            self._free -= got
-            self.state[out] = _BALLOON
+        self._free -= got
         if got < n:
             more = self._take_free(n - got, floor, PageState.BALLOON)
             out = np.concatenate((out, more)) if got else more
@@ -417,14 +428,21 @@ class GuestMemory:
         among theirs that are now wholly in the balloon)."""
         if self.store is None or pfns.size == 0:
             return
-        if self.host_page_frames > 1:
-            blocks = np.unique(pfns >> BLOCK_ORDER)
-            frames = block_frames(blocks, BLOCK_ORDER)
-            whole = (self.state[frames] == _BALLOON).reshape(-1, BLOCK_PAGES).all(axis=1)
-            if not bool(whole.any()):
-                return
-            pfns = block_frames(blocks[whole], BLOCK_ORDER)
-        self.store.forget(pfns)
+        if self.host_page_frames == 1:
+            self.store.forget(coalesce(pfns))
+            return
+        lo, hi = int(pfns.min()) >> BLOCK_ORDER, int(pfns.max()) >> BLOCK_ORDER
+        blocks = np.arange(lo, hi + 1) if hi - lo < 8 else np.unique(pfns >> BLOCK_ORDER)
+        whole = [b for b in blocks[self._bfree[blocks] == 0].tolist()
+                 if bool((self.state[b * BLOCK_PAGES : (b + 1) * BLOCK_PAGES] == _BALLOON).all())]
+        if whole:
+            runs: list[list[int]] = []  # ascending blocks, adjacent ones merged
+            for b in whole:
+                if runs and runs[-1][1] == b * BLOCK_PAGES:
+                    runs[-1][1] += BLOCK_PAGES
+                else:
+                    runs.append([b * BLOCK_PAGES, (b + 1) * BLOCK_PAGES])
+            self.store.forget(np.array(runs, dtype=np.int64))
 
     def _alloc(
         self, n: int, floor: int, new: PageState, *, reclaim: bool, tally: _Tally
@@ -480,7 +498,8 @@ class GuestMemory:
         self._free -= taken
         self._balloon += taken
         if self.store is not None:
-            self.store.forget(block_frames(blocks, BLOCK_ORDER))
+            starts = blocks.astype(np.int64) * BLOCK_PAGES
+            self.store.forget(merge_ranges(starts, starts + BLOCK_PAGES))
         return blocks.astype(np.int64) * BLOCK_PAGES
 
     def free_balloon(self, pfns: PfnArray) -> None:

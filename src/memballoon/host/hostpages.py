@@ -94,6 +94,8 @@ class HostPages:
             return self.ram.release(ranges)
         if len(ranges) == 0:
             return 0
+        if len(ranges) == 1 and self._take_in_one_page(int(ranges[0, 0]), int(ranges[0, 1])):
+            return int(ranges[0, 1] - ranges[0, 0])
         pages, delta = self._per_page(ranges)
         self._add(pages, delta)
         full = pages[(self._count[pages] == self.frames) & ~self._released[pages]]
@@ -102,6 +104,25 @@ class HostPages:
             self._released[full] = True
             self.counters.inc(HostPageCounter.HUGE_PAGES_RELEASED, int(full.size))
         return range_pages(ranges)
+
+    def _take_in_one_page(self, start: int, end: int) -> bool:
+        """``take`` of one range inside one host page (a virtio buffer is half of one), in
+        scalars: numpy calls on one-element arrays would cost ten times more."""
+        p = self.frames
+        page = start // p
+        if (end - 1) // p != page:
+            return False
+        before = int(self._count[page])
+        after = before + end - start
+        if after > p:
+            raise UsageError("host pages: frames taken twice")
+        self._count[page] = after
+        self._partial += (0 < after < p) - (0 < before < p)
+        if after == p and not self._released[page]:
+            self.ram.release(np.array([[page * p, (page + 1) * p]], dtype=np.int64))
+            self._released[page] = True
+            self.counters.inc(HostPageCounter.HUGE_PAGES_RELEASED)
+        return True
 
     def give(self, ranges: RangeArray, *, force: bool = False) -> RangeArray:
         """Frames leave the balloon; released host pages among theirs are readmitted whole.
@@ -176,17 +197,23 @@ class HostPages:
                                                      npt.NDArray[np.int32]]:
         """The host pages ``ranges`` touch and how many of their frames each covers."""
         r = np.asarray(ranges, dtype=np.int64)
-        if len(r) > 1 and bool((r[1:, 0] < r[:-1, 1]).any()):
-            r = merge_ranges(r[:, 0], r[:, 1])  # overlapping frames would count twice
         p = self.frames
+        if len(r) == 1:  # one range: its first and last pages in part, whole ones between
+            s0, e0 = int(r[0, 0]), int(r[0, 1])
+            lo, hi = s0 // p, (e0 - 1) // p
+            one = np.arange(lo, hi + 1, dtype=np.int64)
+            d = np.full(one.size, p, dtype=np.int32)
+            d[0] = min(e0, (lo + 1) * p) - s0
+            if hi > lo:
+                d[-1] = e0 - hi * p
+            return one, d
+        if bool((r[1:, 0] < r[:-1, 1]).any()):
+            r = merge_ranges(r[:, 0], r[:, 1])  # overlapping frames would count twice
         s, e = r[:, 0], r[:, 1]
         first, last = s // p, (e - 1) // p
-        if len(r) == 1:
-            pages = np.arange(int(first[0]), int(last[0]) + 1, dtype=np.int64)
-        else:
-            span = last - first + 1
-            pages = np.unique(np.repeat(first - np.cumsum(span) + span, span)
-                              + np.arange(int(span.sum()), dtype=np.int64))
+        span = last - first + 1
+        pages = np.unique(np.repeat(first - np.cumsum(span) + span, span)
+                          + np.arange(int(span.sum()), dtype=np.int64))
         # frames of the ranges below each page's start and end: covered(b) summed over ranges
         bounds = np.concatenate((pages * p, [int(pages[-1] + 1) * p]))
         below = np.clip(bounds[:, None] - s[None, :], 0, (e - s)[None, :]).sum(axis=1) \

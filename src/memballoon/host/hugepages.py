@@ -201,6 +201,15 @@ class HugePageSetup:
         self.restore()
 
 
+def shmem_huge_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Shmem (memfd) memory the machine holds in transparent huge pages now
+    (``ShmemHugePages``): how a run shows its RAM really came in 2 MiB pages."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("ShmemHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def huge_pages_for(guest_pages: int) -> int:
     """2 MiB host pages behind ``guest_pages`` 4 KiB frames (a whole number of them)."""
     frames = RamKind.THP.host_page_frames
@@ -210,4 +219,5 @@ def huge_pages_for(guest_pages: int) -> int:
 
 
 __all__ = ["HugePageSetup", "HugetlbPool", "ThpShmem", "check_host", "describe",
-           "huge_pages_for", "missing", "read_hugetlb_pool", "read_thp_shmem"]
+           "huge_pages_for", "missing", "read_hugetlb_pool", "read_thp_shmem",
+           "shmem_huge_bytes"]

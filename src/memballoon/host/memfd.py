@@ -65,7 +65,6 @@ from memballoon.model.pages import (
     RangeArray,
     as_pfns,
     check_ranges,
-    coalesce,
     merge_ranges,
     range_pages,
 )
@@ -409,8 +408,8 @@ class MemfdRam:
                 self._expect = np.zeros(self._guest_pages, dtype=np.uint64)
             self._expect[chunk] = gen + np.uint64(1)
 
-    def forget(self, pfns: PfnArray) -> None:
-        """Drop this process's mapping of pages the guest gives its balloon (``MADV_DONTNEED``
+    def forget(self, ranges: RangeArray) -> None:
+        """Drop this process's mapping of frames the guest gives its balloon (``MADV_DONTNEED``
         on a shared mapping: the pages stay in the memfd until the host punches them).
 
         The host's punch then finds nothing of ours to unmap, so it sends our CPU no TLB
@@ -421,16 +420,13 @@ class MemfdRam:
         mm = self._mm
         if mm is None:
             raise UsageError("MemfdRam is closed")
-        p = self._checked_pfns(pfns)
-        if p.size == 0:
-            return
-        ranges = coalesce(p)
+        r = self._checked(ranges)
         hp = self._host_frames
-        if hp > 1:
-            lo = -(-ranges[:, 0] // hp) * hp
-            hi = ranges[:, 1] // hp * hp
-            ranges = np.stack((lo, hi), axis=1)[hi > lo]
-        for start, end in ranges.tolist():
+        if hp > 1 and len(r):
+            lo = -(-r[:, 0] // hp) * hp
+            hi = r[:, 1] // hp * hp
+            r = np.stack((lo, hi), axis=1)[hi > lo]
+        for start, end in r.tolist():
             mm.madvise(mmap.MADV_DONTNEED, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
 
     def verify(self, pfns: PfnArray) -> int:

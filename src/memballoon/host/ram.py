@@ -137,5 +137,5 @@ class NullRam:
     def verify(self, pfns: PfnArray) -> int:
         return 0  # no content to lose
 
-    def forget(self, pfns: PfnArray) -> None:
+    def forget(self, ranges: RangeArray) -> None:
         pass  # no mapping to drop

@@ -125,8 +125,8 @@ class PageStore(Protocol):
         """How many of these pages lost the content last written to them (0 when intact)."""
         ...
 
-    def forget(self, pfns: PfnArray) -> None:
-        """The guest hands these pages to its balloon: it will not read them before it writes
+    def forget(self, ranges: RangeArray) -> None:
+        """The guest hands these frames to its balloon: it will not read them before it writes
         them again, so a store may drop its own access to them (content stays until the host
         releases it)."""
         ...
