@@ -160,3 +160,27 @@ def test_bad_world_keys_name_what_to_do(toml: str, needles: list[str]) -> None:
         load_config_text(toml, "host.toml")
     for n in needles:
         assert n in str(ei.value), (n, str(ei.value))
+
+
+# found by `memballoon bench fuzz` (target config): each escaped as an untyped error
+@pytest.mark.parametrize("size", ["9" * 400 + ".5GiB", "9" * 5000 + "GiB", "1" * 40])
+def test_a_size_of_absurdly_many_digits_is_a_config_error(size: str) -> None:
+    with pytest.raises(ConfigError, match="digits"):
+        parse_size(size)  # was OverflowError (inf to int) or int()'s bare ValueError
+    with pytest.raises(ConfigError, match="budget"):
+        load_config_text(f'budget = "{size}"')
+
+
+@pytest.mark.parametrize("toml", ["a = " + "[" * 5000 + "]" * 5000,
+                                  'budget = "1GiB"\n[policy]\nparams = {x = ' + "[" * 900
+                                  + "]" * 900 + "}"])
+def test_a_config_nested_past_the_recursion_limit_is_a_config_error(toml: str) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config_text(toml, "host.toml")  # was RecursionError
+
+
+def test_a_config_file_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    p = tmp_path / "host.toml"
+    p.write_bytes(b'budget = "1GiB"\n# \xff\xfe\n')
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(p)  # was UnicodeDecodeError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from memballoon.host.cgroup import detect
 from memballoon.host.hugepages import HUGETLB_DIR, SYSFS, read_hugetlb_pool
-from memballoon.local.host import GuestSpec, LocalHost
+from memballoon.local.host import GuestSpec, LocalHost, hello_matches, peer_json_object
 from memballoon.manager.port import ManualClock
 from memballoon.model.errors import ConfigError, HostResourceError
 from memballoon.model.units import MIB, PAGE_SIZE, RamKind
@@ -365,3 +366,15 @@ def test_local_host_is_the_manager_backend() -> None:
             assert host.host_resident_bytes() == host.resident_bytes() > 0
 
     asyncio.run(go())
+
+
+def test_a_hello_nested_past_the_recursion_limit_is_a_mismatch_not_an_exception() -> None:
+    # found by `memballoon bench fuzz` (target hello): json.loads' RecursionError escaped
+    # ``_hello`` (and ``_control_reply``) to the event loop
+    want = {"v": 1, "guest": "g", "protocol": "virtio", "pages": 4096, "pid": 7}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert peer_json_object(deep) is None and not hello_matches(deep, want)
+    assert hello_matches(json.dumps(want).encode(), want)
+    assert not hello_matches(json.dumps({**want, "pages": 4097}).encode(), want)
+    assert not hello_matches(b"[1, 2]", want) and not hello_matches(b"\xff", want)
+    assert peer_json_object(b'{"ok": true}') == {"ok": True}

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
-    importlib.import_module("memballoon.bench.policy").register(bsub)
+    for bench_area in ("memballoon.bench.policy", "memballoon.bench.fuzz"):
+        importlib.import_module(bench_area).register(bsub)
     importlib.import_module("memballoon.bench.host_pressure").register(bsub)
     br = bsub.add_parser(
         "reclaim",

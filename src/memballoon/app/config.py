@@ -41,6 +41,7 @@ UNITS: Final = {
 }
 _SIZE_RE: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 UNIT_HELP: Final = "B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+_MAX_SIZE_DIGITS: Final = 24  # 2**64 has 20
 PROTOCOLS: Final = ("vmw", "vmw-batched", "virtio")
 WORKLOADS: Final = ("idle", "steady", "bursty", "ramp", "diurnal")
 DEFAULT_SOCKET_NAME: Final = "memballoon.sock"
@@ -61,6 +62,8 @@ def parse_size(value: object) -> int:
     if m is None:
         raise ConfigError(f"{value!r} is not a size; write a number and a unit ({UNIT_HELP})")
     num, unit = m.group(1), m.group(2) or "B"
+    if len(num) > _MAX_SIZE_DIGITS:  # int() refuses past 4300 digits, float() overflows to inf
+        raise ConfigError(f"{value[:40]!r}...: {len(num)} digits is not a size")
     mult = UNITS.get(unit.lower())
     if mult is None:
         raise ConfigError(f"{value!r}: unknown unit {unit!r} (use {UNIT_HELP})")
@@ -355,12 +358,13 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
 def load_config_text(text: str, source: str = "<config>") -> HostConfig:
     try:
         doc = tomllib.loads(text)
+        return HostConfig.model_validate(doc)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        return HostConfig.model_validate(doc)
     except ValidationError as exc:
         raise _explain(exc, source) from None
+    except RecursionError:  # tomllib and pydantic both recurse per level of nesting
+        raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
 
 
 def load_config(path: Path | str) -> HostConfig:
@@ -369,6 +373,8 @@ def load_config(path: Path | str) -> HostConfig:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
     cfg = load_config_text(text, str(p))
     base = p.parent
     # relative paths in the file are relative to the file, not to where the daemon started

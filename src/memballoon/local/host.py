@@ -174,6 +174,22 @@ _HANDLER_ERRORS: Final[Mapping[type[MemballoonError], LocalHostCounter]] = {
 }
 
 
+def peer_json_object(payload: bytes) -> dict[str, Any] | None:
+    """A guest's JSON object payload (HELLO, CONTROL_REPLY), or None for anything else; never
+    raises, a nesting past the recursion limit included (it used to escape to the loop)."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def hello_matches(payload: bytes, want: Mapping[str, object]) -> bool:
+    """Whether a HELLO payload is a JSON object carrying every ``want`` key with its value."""
+    doc = peer_json_object(payload)
+    return doc is not None and all(doc.get(k) == v for k, v in want.items())
+
+
 @dataclass(frozen=True, slots=True)
 class GuestSpec:
     """One local guest. ``program`` replaces ``python -m memballoon.local.guest_main`` (the
@@ -652,13 +668,9 @@ class LocalHost:
         g.report, g.report_time = rep, self.clock.now()
 
     def _hello(self, g: _Guest, payload: bytes) -> None:
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            doc = None
         want = {"v": HELLO_VERSION, "guest": g.spec.name, "protocol": g.spec.protocol,
                 "pages": g.spec.pages, "pid": g.proc.pid if g.proc else None}
-        if not isinstance(doc, dict) or any(doc.get(k) != v for k, v in want.items()):
+        if not hello_matches(payload, want):
             g.counters.inc(LocalHostCounter.HELLO_MISMATCH)
             self._die(g, LocalHostCounter.DIED_BAD_HELLO)
             return
@@ -670,11 +682,8 @@ class LocalHost:
             g.counters.inc(LocalHostCounter.CONTROL_REPLY_UNEXPECTED)
             return
         fut = g.controls.popleft()
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
+        doc = peer_json_object(payload)
+        if doc is None:
             g.counters.inc(LocalHostCounter.CONTROL_REPLY_MALFORMED)
             if not fut.done():
                 fut.set_exception(MemballoonError("malformed control reply"))
