@@ -6,12 +6,17 @@ import random
 
 import pytest
 
-from memballoon.guest.workload import Steady
+from memballoon.edge.journal import Journal
+from memballoon.guest.workload import Bursts, Diurnal, Idle, Steady, Toucher
 from memballoon.harness.pair import make_pair
+from memballoon.harness.state import state_diff, state_of
+from memballoon.manager.core import ManagerCore
+from memballoon.manager.engine import Engine
 from memballoon.manager.port import ManualClock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
-from memballoon.model.units import PAGE_SIZE, mib_to_pages
+from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
+from memballoon.policy.default import DefaultPolicy
 from memballoon.policy.observe import working_set_pages
 from memballoon.protocol.pressure import PressureReport
 from memballoon.sim.backend import ESX_SAMPLE_PAGES, SimBackend
@@ -68,3 +73,65 @@ def test_targets_outside_the_guest_are_refused_and_counted() -> None:
         SimBackend({}, ManualClock(), report_every_s=0.0)
     with pytest.raises(UsageError):
         b.clock.advance(-1.0)
+
+
+# ---------------------------------------------------------------------- sleeping guests
+def _world(sleep: bool, protocol: str, seed: int) -> tuple[SimBackend, Engine]:
+    rng = random.Random(seed)
+    workloads = [Idle(anon_mib=8, file_mib=4), Toucher(low_mib=4, high_mib=40, period_s=45),
+                 Bursts(base_mib=8, spike_mib=40, every_s=40, seed=seed),
+                 Diurnal(low_mib=8, high_mib=48, period_s=300, seed=seed, step_mib=4)]
+    pairs = {f"g{i}": make_pair(protocol, mib_to_pages(64 + 32 * rng.randrange(3)), w)
+             for i, w in enumerate(workloads)}
+    clock = ManualClock()
+    b = SimBackend(pairs, clock, report_every_s=2.0, sleep=sleep)
+    core = ManagerCore(DefaultPolicy(), {}, sum(p.mem.total_pages for p in pairs.values()) // 2)
+    return b, Engine(b, core, Journal(None), clock)
+
+
+@pytest.mark.parametrize("protocol", ["vmw", "vmw-batched", "virtio"])
+def test_sleeping_guests_end_where_ticking_guests_end(protocol: str) -> None:
+    # the same engine, policy and guests with and without sleeping: the same decisions and
+    # exactly the same guests at the end, for a fraction of the ticks
+    runs = []
+    for sleep in (False, True):
+        b, e = _world(sleep, protocol, seed=3)
+        decisions = []
+        for _ in range(240):
+            b.advance(1.0)
+            decisions.extend((a.guest, a.new_pages) for a in e.step())
+        runs.append((b, decisions))
+    (ticking, d1), (sleeping, d2) = runs
+    assert d1 == d2 and d1
+    sleeping.sync()
+    for name, pair in ticking.pairs.items():
+        assert state_diff(state_of(pair), state_of(sleeping.pair(name))) == [], name
+    assert sleeping.counters["sim_idle_periods"] > 0
+    assert sleeping.counters["sim_ticks"] < ticking.counters["sim_ticks"]
+    assert sleeping.violations() == []
+
+
+def test_a_host_short_of_memory_kills_the_largest_guest() -> None:
+    pairs = {"big": make_pair("vmw", mib_to_pages(64), Steady(anon_mib=40, file_mib=4)),
+             "small": make_pair("vmw", mib_to_pages(64), Steady(anon_mib=8, file_mib=4))}
+    clock = ManualClock()
+    used = {"now": 0}
+    b = SimBackend(pairs, clock, host_bytes=100 * MIB, host_usage=lambda t: used["now"])
+    b.advance(2.0)
+    probe = b.probe().read()
+    assert probe.total_bytes == 100 * MIB
+    assert probe.available_bytes == 100 * MIB - b.host_resident_bytes()
+    assert b.alive("big") and b.alive("small")
+    used["now"] = 60 * MIB  # a host job takes memory: the guests no longer fit
+    b.advance(1.0)
+    assert not b.alive("big") and b.alive("small") and b.host_oom_kills == 1
+    assert b.counters["host_oom_kills"] == 1
+    s = b.guests()["big"]
+    assert not s.alive and s.resident_bytes == 0
+    assert b.host_resident_bytes() == b.guests()["small"].resident_bytes
+    assert not b.set_target("big", 10)  # the dead are not asked
+    before = pairs["big"].cycles
+    b.advance(5.0)
+    assert pairs["big"].cycles == before  # and never run again
+    with pytest.raises(UsageError):
+        SimBackend({}, ManualClock()).probe()

@@ -1,52 +1,94 @@
 """The simulated world as a manager backend: driver/device pairs on a ``ManualClock``.
 
+Theory of operation
+-------------------
 ``SimBackend`` holds named ``harness.pair.Pair`` objects, the same guest model, balloon drivers
 and devices the other worlds run, joined in one process. ``advance(seconds)`` moves the clock
-and runs every pair up to it, one work period at a time (the workload, then the driver), and
-every ``report_every_s`` has each guest push a ``PressureReport`` as the local guest process
-does: built by ``guest.report.guest_report``, its ``stall_pct`` taken over the time since the
-guest's previous report, stamped ``report_time`` by the clock. With an ``rng``, each report
-carries an ESX-style active-page sample (Waldspurger 2002: ``ESX_SAMPLE_PAGES`` random frames).
+and runs every guest up to it; the engine steps over the backend exactly as it steps over
+``LocalHost``, and ``run`` is the loop of the simulator and of the tests (no sleep, no wall
+clock).
 
-The engine steps over it exactly as it steps over ``LocalHost``; ``run`` is the loop of the
-simulator and of the tests (no sleep, no wall clock).
+Event-driven: every guest has at most one pending tick in a heap (time, order of scheduling,
+guest). A busy guest ticks every ``period_s`` (the workload runs, then the driver's work). After
+a tick that leaves the pair ``quiet`` (the guest model steady under the demand of the next
+period, the protocol with nothing to do) the guest sleeps: its next tick is when its workload's
+demand next changes (``guest.workload.next_change``), or never; a new balloon target
+(``set_target``) wakes it at its next period. Waking, it first accounts the periods it slept
+through (``Pair.idle_period``: the timer and GET_TARGET counts a ticking guest would have made),
+so a sleeping guest ends in exactly the state of one ticked every period (a property test holds
+it to that) and costs nothing in between. ``sleep=False`` ticks every guest every period.
+
+Every ``report_every_s`` each live guest pushes a ``PressureReport`` as the local guest process
+does: built by ``guest.report.guest_report``, its ``stall_pct`` taken over the time since the
+guest's previous report, stamped ``report_time`` by the clock; a sleeping guest's report is
+built from its state (which its idle periods do not change) at the report's time. With an
+``rng``, each report carries an ESX-style active-page sample (Waldspurger 2002:
+``ESX_SAMPLE_PAGES`` random frames).
+
+The host: with ``host_bytes``, the guests live on a host of that much memory, of which
+``host_usage(now)`` bytes are taken by the host itself (other processes, a backup job).
+``probe()`` is a ``HostProbe`` of it (available = memory - what the guests hold - host usage),
+so a manager with an "auto" budget reads it as the daemon reads /proc/meminfo. When the
+guests and the host's own usage pass the host's memory at the end of an ``advance``, the host
+OOM-kills the guest holding the most (as a memory cgroup kills the largest process): it is dead
+from then on (``alive=False``) and its memory is the host's again (``host_oom_kills``).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from memballoon.guest.report import guest_report
-from memballoon.harness.pair import Pair
+from memballoon.guest.workload import next_change
+from memballoon.harness.pair import Pair, check_pair
 from memballoon.manager.engine import Engine
-from memballoon.manager.port import ManualClock
+from memballoon.manager.port import HostMemory, ManualClock
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.sample import GuestSample
+from memballoon.policy.sample import GuestSample, GuestSettings
 from memballoon.protocol.pressure import PressureReport
 
 #: Pages ESX samples per period (Waldspurger 2002, section 5.3: 100 random pages).
 ESX_SAMPLE_PAGES: Final = 100
-#: Slack when comparing virtual times (periods like 0.1 s do not add up exactly in floats).
+#: Slack when comparing virtual times (periods like 0.2 s do not add up exactly in floats).
 TIME_EPS: Final = 1e-9
+
+#: What the host takes for itself at a moment (bytes); None: nothing.
+HostUsage = Callable[[float], int]
+#: Told of every report a guest pushes (the runner keeps the stall samples).
+ReportSink = Callable[[str, PressureReport], None]
 
 
 class SimCounter(CounterName):
     """What ``SimBackend`` counts."""
 
-    SET_TARGET_REFUSED = "set_target_refused"  # targets for an unknown guest or out of range
+    SET_TARGET_REFUSED = "set_target_refused"  # targets for no live guest, or out of range
+    TICKS = "sim_ticks"  # guest periods run (workload and driver)
+    IDLE_PERIODS = "sim_idle_periods"  # guest periods slept through (accounted, not run)
+    WAKES = "sim_wakes"  # sleeping guests woken (a target or a demand change)
+    REPORTS = "sim_reports"  # pressure reports pushed
+    HOST_OOM_KILLS = "host_oom_kills"  # guests the host killed: memory past the host's
 
 
-@dataclass
+@dataclass(eq=False)
 class _SimGuest:
+    name: str
+    index: int
     pair: Pair
+    settings: GuestSettings
     report: PressureReport | None = None
     report_time: float | None = None
-    next_report: float = 0.0
+    due: float = math.inf  # time of the pending tick (inf: asleep with nothing to wake for)
+    version: int = 0  # bumps when ``due`` changes: older heap entries are stale
+    alive: bool = True
+    resident: int = 0  # host bytes behind the guest, as of its last tick
+    sample: GuestSample | None = field(default=None, repr=False)  # cached until it changes
 
 
 class SimBackend:
@@ -62,89 +104,263 @@ class SimBackend:
         active_samples: int = ESX_SAMPLE_PAGES,
         check: bool = False,
         counters: Counters | None = None,
+        settings: Mapping[str, GuestSettings] | None = None,
+        host_bytes: int | None = None,
+        host_usage: HostUsage | None = None,
+        sleep: bool = True,
+        on_report: ReportSink | None = None,
     ) -> None:
         if not report_every_s > 0:
             raise UsageError(f"report_every_s must be positive, got {report_every_s}")
+        if host_bytes is not None and host_bytes <= 0:
+            raise UsageError(f"host_bytes must be positive, got {host_bytes}")
         self.clock = clock
         self.report_every_s = report_every_s
         self.rng = rng
         self.active_samples = active_samples
         self.check = check
         self.counters = counters if counters is not None else Counters()
+        self.host_bytes = host_bytes
+        self.host_usage = host_usage
+        self.sleep = sleep
+        self.on_report = on_report
+        self.host_oom_kills = 0
         now = clock.now()
-        for p in pairs.values():
+        settings = settings or {}
+        self._guests = [
+            _SimGuest(n, i, p, settings.get(n, GuestSettings()))
+            for i, (n, p) in enumerate(pairs.items())
+        ]
+        self._by_name = {g.name: g for g in self._guests}
+        self._heap: list[tuple[float, int, int, int]] = []
+        self._seq = 0
+        self._next_report = now + report_every_s
+        self._resident = 0
+        for g in self._guests:
+            p = g.pair
             p.now = max(p.now, now)
-        self._guests = {n: _SimGuest(p, next_report=now + report_every_s)
-                        for n, p in pairs.items()}
+            g.resident = p.ram.resident_bytes()
+            self._resident += g.resident
+            self._schedule(g, p.now + p.period_s)
 
     @property
     def name(self) -> str:
         return "sim"
 
     def pair(self, name: str) -> Pair:
-        return self._guests[name].pair
+        return self._by_name[name].pair
 
     @property
     def pairs(self) -> dict[str, Pair]:
-        return {n: g.pair for n, g in self._guests.items()}
+        return {g.name: g.pair for g in self._guests}
 
-    # ------------------------------------------------------------------ time
+    def alive(self, name: str) -> bool:
+        return self._by_name[name].alive
+
+    # ------------------------------------------------------------------ events
+    def _schedule(self, g: _SimGuest, t: float) -> None:
+        g.version += 1
+        g.due = t
+        if t < math.inf:
+            self._seq += 1
+            heapq.heappush(self._heap, (t, self._seq, g.index, g.version))
+
+    def _catch_up(self, g: _SimGuest, until: float) -> None:
+        """Account the periods ``g`` slept through whose ticks fall at or before ``until``."""
+        p = g.pair
+        n = 0
+        while p.now + p.period_s <= until + TIME_EPS:
+            p.idle_period()
+            n += 1
+        if n:
+            self.counters.inc(SimCounter.IDLE_PERIODS, n)
+
+    def _tick(self, g: _SimGuest) -> None:
+        p = g.pair
+        self._catch_up(g, g.due - p.period_s)
+        p.tick(check=self.check)
+        self.counters.inc(SimCounter.TICKS)
+        resident = p.ram.resident_bytes()
+        self._resident += resident - g.resident
+        g.resident = resident
+        g.sample = None
+        self._schedule(g, self._next_tick(g))
+
+    def _next_tick(self, g: _SimGuest) -> float:
+        """When ``g`` ticks next: one period on, or, quiet, when its demand next changes."""
+        p = g.pair
+        nxt = p.now + p.period_s
+        if not self.sleep or not p.quiet():
+            return nxt
+        change = next_change(p.workload, nxt)
+        if change <= nxt + TIME_EPS:
+            return nxt
+        if change == math.inf:
+            return math.inf
+        # the first tick of the period grid at or after the change
+        k = math.ceil((change - p.now) / p.period_s - TIME_EPS)
+        return p.now + k * p.period_s
+
+    def _wake(self, g: _SimGuest) -> None:
+        """``g`` has something to do at its next period (a new target)."""
+        p = g.pair
+        now = self.clock.now()
+        if g.due <= now + p.period_s + TIME_EPS:
+            return  # it ticks within a period anyway
+        self._catch_up(g, now)
+        self.counters.inc(SimCounter.WAKES)
+        self._schedule(g, p.now + p.period_s)
+
     def advance(self, seconds: float) -> float:
-        """Move the clock by ``seconds`` and run every guest up to it."""
-        end = self.clock.advance(seconds)
-        for name, g in self._guests.items():
-            p = g.pair
-            while p.now + p.period_s <= end + TIME_EPS:
-                p.tick(check=self.check)
-                if p.now + TIME_EPS >= g.next_report:
-                    self._report(name, g)
+        """Move the clock by ``seconds`` and run every guest up to it (ticks, then the reports
+        due at the same moment, in time order); then the host takes its memory back if it
+        must."""
+        end = self.clock.now() + seconds
+        heap, guests = self._heap, self._guests
+        while True:
+            t_tick = heap[0][0] if heap else math.inf
+            t_rep = self._next_report
+            if min(t_tick, t_rep) > end + TIME_EPS:
+                break
+            if t_tick <= t_rep + TIME_EPS:
+                _, _, idx, version = heapq.heappop(heap)
+                g = guests[idx]
+                if version == g.version and g.alive:
+                    self._tick(g)
+            else:
+                self._report_round(t_rep)
+                self._next_report = t_rep + self.report_every_s
+        self.clock.set(max(self.clock.now(), end))
+        self._enforce_host()
         return end
 
-    def _report(self, name: str, g: _SimGuest) -> None:
+    def sync(self) -> None:
+        """Account every sleeping guest's idle periods up to the clock: each pair then holds
+        what a guest ticked every period would (for a look at the pairs, or the end of a
+        run)."""
+        now = self.clock.now()
+        for g in self._guests:
+            if g.alive:
+                self._catch_up(g, now)
+
+    # ------------------------------------------------------------------ reports
+    def _report_round(self, t: float) -> None:
+        stamp = max(self.clock.now(), t)
+        for g in self._guests:
+            if g.alive:
+                self._report(g, t, stamp)
+
+    def _report(self, g: _SimGuest, t: float, stamp: float) -> None:
         p, mem = g.pair, g.pair.mem
         prev = g.report
-        if prev is not None and p.now > prev.time_s:
+        if prev is not None and t > prev.time_s:
             d_us = max(0, mem.events.stall_us - prev.stall_us)
-            stall_pct = 100.0 * d_us / ((p.now - prev.time_s) * 1e6)
+            stall_pct = 100.0 * d_us / ((t - prev.time_s) * 1e6)
         else:
             stall_pct = p.last_step.stall_pct if p.last_step is not None else 0.0
         sampled = touched = 0
         if self.rng is not None and self.active_samples > 0:
             sampled = self.active_samples
             touched = mem.sample_active(self.rng, sampled)
-        g.report = guest_report(name, p.now, mem, p.driver, stall_pct=stall_pct,
+        g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
                                 active_sampled=sampled, active_touched=touched)
-        g.report_time = self.clock.now()
-        while g.next_report <= p.now + TIME_EPS:
-            g.next_report += self.report_every_s
+        g.report_time = stamp
+        g.sample = None
+        self.counters.inc(SimCounter.REPORTS)
+        if self.on_report is not None:
+            self.on_report(g.name, g.report)
+
+    # ------------------------------------------------------------------ the host
+    def usage_bytes(self) -> int:
+        """What the host takes for itself now."""
+        return 0 if self.host_usage is None else max(0, int(self.host_usage(self.clock.now())))
+
+    def probe(self) -> SimHostProbe:
+        """A ``HostProbe`` of the simulated host (``host_bytes`` must be set)."""
+        if self.host_bytes is None:
+            raise UsageError("a host probe needs host_bytes")
+        return SimHostProbe(self)
+
+    def _enforce_host(self) -> None:
+        if self.host_bytes is None:
+            return
+        while self._resident + self.usage_bytes() > self.host_bytes:
+            live = [g for g in self._guests if g.alive and g.resident > 0]
+            if not live:
+                return
+            self.kill(max(live, key=lambda g: (g.resident, g.name)).name)
+            self.host_oom_kills += 1
+            self.counters.inc(SimCounter.HOST_OOM_KILLS)
+
+    def kill(self, name: str) -> None:
+        """The guest dies (the host killed it): it never runs again and holds nothing."""
+        g = self._by_name[name]
+        if not g.alive:
+            return
+        g.alive = False
+        self._resident -= g.resident
+        g.resident = 0
+        g.sample = None
+        self._schedule(g, math.inf)
 
     # ------------------------------------------------------------------ the Backend port
     def guests(self) -> dict[str, GuestSample]:
         out = {}
-        for name, g in self._guests.items():
-            p, rep = g.pair, g.report
-            out[name] = GuestSample(
-                name=name, ram_pages=p.mem.total_pages, balloon_pages=p.device.actual_pages,
-                target_pages=p.device.target_pages, report=rep, report_time=g.report_time,
-                alive=True, resident_bytes=p.ram.resident_bytes(),
-                active_sampled=rep.active_sampled if rep is not None else 0,
-                active_touched=rep.active_touched if rep is not None else 0,
-            )
+        for g in self._guests:
+            s = g.sample
+            if s is None:
+                p, rep = g.pair, g.report
+                s = g.sample = GuestSample(
+                    name=g.name, ram_pages=p.mem.total_pages,
+                    balloon_pages=p.device.actual_pages if g.alive else 0,
+                    target_pages=p.device.target_pages, settings=g.settings, report=rep,
+                    report_time=g.report_time, alive=g.alive, resident_bytes=g.resident,
+                    active_sampled=rep.active_sampled if rep is not None else 0,
+                    active_touched=rep.active_touched if rep is not None else 0,
+                )
+            out[g.name] = s
         return out
 
     def set_target(self, guest: str, balloon_pages: int) -> bool:
-        g = self._guests.get(guest)
-        if g is None or not 0 <= balloon_pages <= g.pair.mem.total_pages:
+        g = self._by_name.get(guest)
+        if g is None or not g.alive or not 0 <= balloon_pages <= g.pair.mem.total_pages:
             self.counters.inc(SimCounter.SET_TARGET_REFUSED)
             return False
+        self._wake(g)
         g.pair.set_target(balloon_pages)
+        g.sample = None
         return True
 
     def host_resident_bytes(self) -> int:
-        return sum(g.pair.ram.resident_bytes() for g in self._guests.values())
+        return self._resident
 
     def resident_pages(self) -> int:
-        return self.host_resident_bytes() // PAGE_SIZE
+        return self._resident // PAGE_SIZE
+
+    # ------------------------------------------------------------------ checks
+    def violations(self, *, full: bool = True) -> list[str]:
+        """Every broken invariant of every live pair: those seen while running, and with
+        ``full`` a full ``check_pair`` of each now."""
+        out: list[str] = []
+        for g in self._guests:
+            out.extend(f"{g.name}: {v}" for v in g.pair.violations)
+            if full and g.alive:
+                out.extend(f"{g.name}: {v}" for v in check_pair(g.pair))
+        return out
+
+
+class SimHostProbe:
+    """The simulated host's memory, read as the daemon reads the real one's."""
+
+    def __init__(self, backend: SimBackend) -> None:
+        self.backend = backend
+
+    def read(self) -> HostMemory:
+        b = self.backend
+        total = b.host_bytes or 0
+        avail = total - b.host_resident_bytes() - b.usage_bytes()
+        return HostMemory(total_bytes=total, available_bytes=max(0, avail), psi=None,
+                          source="simulated host")
 
 
 def run(
@@ -167,4 +383,4 @@ def run(
             on_step(engine)
 
 
-__all__ = ["ESX_SAMPLE_PAGES", "SimBackend", "run"]
+__all__ = ["ESX_SAMPLE_PAGES", "SimBackend", "SimCounter", "SimHostProbe", "run"]
