@@ -197,9 +197,9 @@ class QemuProcess:
     def _check_console(self, marker: str, deadline: float, start: int) -> str | None:
         text = self.console_text()
         pos = text.find(marker, start)
-        if pos >= 0:
-            end = text.find("\n", pos)
-            return text[pos : end if end >= 0 else len(text)]
+        end = -1 if pos < 0 else text.find("\n", pos)
+        if end >= 0:  # a whole line only: QEMU may have written half of it so far
+            return text[pos:end].rstrip("\r")
         if not self.alive():
             raise GuestBootError(
                 f"{self.guest.name}: QEMU exited ({self.popen.returncode}) before "
