@@ -196,11 +196,12 @@ def test_libvirt_world_follows_domains_and_survives_a_libvirtd_restart(
                                      str(cfg)], stdout=f, stderr=subprocess.STDOUT)
         out = _wait_for(log, "ready", proc, 60.0)
         assert "following domains by libvirt lifecycle events" in out
-        assert f"{x}: managed: pressure from balloon-stats" in out
+        assert f"{x}: managed: on tcg; pressure from balloon-stats" in out
         st = _until(sock, capsys, lambda g: x in g and g[x]["alive"]
                     and g[x]["pressure_source"] == "balloon-stats", "x managed")
         gx = {g["name"]: g for g in st["guests"]}[x]
         assert gx["min_bytes"] == 128 * MIB  # [defaults] min = "25%" of 512 MiB
+        assert gx["accel"] == "tcg"
         assert st["world"] == "libvirt" and st["host"] is not None
         assert "QEMU RSS" in st["budget_held_against"]
 

@@ -89,6 +89,7 @@ def test_domain_xml_boots_the_test_guest_with_a_balloon() -> None:
     assert "<memballoon model='virtio'><stats period='2'/></memballoon>" in xml
     info = parse_domain_xml(xml)
     assert info.balloon and info.stats_period_s == 2 and info.qga
+    assert (info.memory_kib, info.current_kib, info.target_kib) == (524288, 393216, 131072)
     assert info.agent_path == "/r/agent.sock"
     off = parse_domain_xml(domain_xml("x", IMG, max_mib=512, stats_period_s=0))
     assert off.balloon and off.stats_period_s == 0 and not off.qga and off.agent_path is None
@@ -118,6 +119,7 @@ def test_lifecycle_events_in_words() -> None:
     assert lifecycle_text(lv, 5, 3) == "stopped: migrated away"
     assert lifecycle_text(lv, 2, 1) == "started: migrated in"
     assert lifecycle_text(lv, 0, 9) == "defined"
+    assert lifecycle_text(lv, 6, 1) == "shutting down: asked by the guest"
     assert lifecycle_text(lv, 99, 0) == "event 99 (detail 0)"
 
 
@@ -139,12 +141,12 @@ class FakeLibvirtError(Exception):
 class FakeDom:
     def __init__(self, lv: FakeLibvirt, name: str, *, max_kib: int = GIB_KIB,
                  balloon: bool = True, stats_period_s: int = 2, agent_path: str | None = None,
-                 qga: FakeQga | None = None) -> None:
+                 qga: FakeQga | None = None, current_mib: int | None = None) -> None:
         self.lv, self._name, self.max_kib = lv, name, max_kib
         self.uuid = f"uuid-{name}-{len(lv.doms)}"
         self.xml = domain_xml(name, IMG, max_mib=max_kib // 1024, balloon=balloon,
                               stats_period_s=stats_period_s, agent_path=agent_path,
-                              qga=qga is not None)
+                              qga=qga is not None, current_mib=current_mib)
         self.qga = qga
         self.running = True
         self.actual = max_kib
@@ -243,6 +245,8 @@ class FakeLibvirt(types.SimpleNamespace):
     VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN, VIR_DOMAIN_EVENT_STOPPED_DESTROYED = 0, 1
     VIR_DOMAIN_EVENT_STOPPED_MIGRATED = 3
     VIR_DOMAIN_EVENT_STARTED_BOOTED, VIR_DOMAIN_EVENT_STARTED_MIGRATED = 0, 1
+    VIR_DOMAIN_EVENT_SHUTDOWN, VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED = 6, 0
+    VIR_DOMAIN_EVENT_SHUTDOWN_GUEST = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -317,8 +321,12 @@ def test_selects_balloon_domains_turns_stats_on_and_says_why_it_leaves_others(
     fake.add("web-2").last_update = 999_999
     fake.add("db", balloon=False)
     fake.add("other")
+    fake.add("web-3", current_mib=768)  # just started: its driver has not inflated yet
     w = World(fake, domains=["web-*", "db", "ghost"])
     snap = w.step()
+    assert snap["web-3"].balloon_pages == 0  # libvirt's target is its currentMemory:
+    assert snap["web-3"].target_pages == 256 * MIB // PAGE_SIZE  # not what it has yet
+    del snap["web-3"]
     assert set(snap) == {"web-1", "web-2", "db", "ghost"}
     assert snap["web-1"].alive and snap["web-2"].alive
     assert not snap["db"].alive and not snap["ghost"].alive
@@ -329,7 +337,7 @@ def test_selects_balloon_domains_turns_stats_on_and_says_why_it_leaves_others(
     ev = {(e.guest, e.kind): e.detail for e in w.b.drain_events()}
     assert "turned on at 2 s" in ev[("web-1", "stats")]
     assert "no virtio balloon" in ev[("db", "skipped")]
-    assert ev[("web-2", "managed")] == "pressure from balloon-stats"
+    assert ev[("web-2", "managed")] == "on tcg; pressure from balloon-stats"
     c = w.b.counters
     assert (c["libvirt_stats_period_set"], c["libvirt_no_balloon"], c["libvirt_no_domain"]) == (
         1, 1, 1)
@@ -339,9 +347,9 @@ def test_selects_balloon_domains_turns_stats_on_and_says_why_it_leaves_others(
     assert s.report_age_s(w.clock.now()) == pytest.approx(2.0)  # stats of 2 s ago
     assert snap["web-1"].report is None  # its guest has not answered yet
     assert w.b.pressure_sources() == {"web-1": "none", "web-2": "balloon-stats", "db": "none",
-                                      "ghost": "none"}
-    assert w.b.host_resident_bytes() == 2 * 300000 * KIB
-    assert sorted(set(w.seen)) == [("web-1", 262144), ("web-2", 262144)]
+                                      "ghost": "none", "web-3": "none"}
+    assert w.b.host_resident_bytes() == 3 * 300000 * KIB
+    assert sorted(set(w.seen)) == [("web-1", 262144), ("web-2", 262144), ("web-3", 262144)]
     snap = w.step()
     assert fake.doms["web-1"].xml_reads == 1 and fake.doms["db"].xml_reads == 1  # once each
     assert not w.b.drain_events()  # said once
@@ -362,7 +370,8 @@ def test_targets_and_a_domain_destroyed_between_collect_and_act(fake: FakeLibvir
     assert w.b.counters["libvirt_domain_gone"] == 1 and w.b.counters["libvirt_set_target"] == 1
     assert w.b.counters["libvirt_target_out_of_range"] == 1
     assert "stopped before its target was set" in w.b.notes()["b"]
-    w.b._on_lifecycle(None, fake.doms["b"], 5, 1, None)  # libvirt's event thread
+    w.b._on_lifecycle(None, fake.doms["b"], 6, 0, None)  # libvirt's event thread: said by
+    w.b._on_lifecycle(None, fake.doms["b"], 5, 1, None)  # the stop that follows
     snap = w.step()
     assert snap["a"].alive and snap["a"].balloon_pages == quarter
     assert snap["a"].target_pages == quarter and not snap["b"].alive

@@ -300,6 +300,7 @@ class Daemon:
         b = m.backend
         sources: dict[str, str] = getattr(b, "pressure_sources", dict)()
         notes: dict[str, str] = getattr(b, "notes", dict)()
+        accels: dict[str, str] = {**self.accels, **getattr(b, "accels", dict)()}
         guests = []
         for name, st in m.guests.items():
             s = m.core.settings.get(name, GuestSettings())
@@ -321,7 +322,7 @@ class Daemon:
                 "oom_kills": r.oom_kills if r else None,
                 "report_age_s": None if age is None else round(age, 2),
                 "pressure_source": sources.get(name, "agent" if r is not None else "none"),
-                "accel": self.accels.get(name),
+                "accel": accels.get(name),
                 "note": notes.get(name) or None,
             })
         return {

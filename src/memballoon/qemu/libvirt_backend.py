@@ -196,6 +196,17 @@ class DomainInfo:
     stats_period_s: int  # <memballoon><stats period=.../>; 0: off
     qga: bool  # a virtio channel named org.qemu.guest_agent.0
     agent_path: str | None  # the unix socket of a org.memballoon.agent channel
+    # <memory> and <currentMemory> in KiB: the balloon target libvirt set (None: not said)
+    memory_kib: int | None = None
+    current_kib: int | None = None
+    accel: str = "unknown"  # <domain type=...>: kvm, or qemu (TCG: software emulation)
+
+    @property
+    def target_kib(self) -> int | None:
+        """The balloon libvirt asked for (memory - currentMemory), if the XML says."""
+        if self.memory_kib is None or self.current_kib is None:
+            return None
+        return max(0, self.memory_kib - self.current_kib)
 
     @property
     def balloon(self) -> bool:
@@ -231,7 +242,28 @@ def parse_domain_xml(text: str) -> DomainInfo:
             src = ch.find("source")
             if src is not None and src.get("path"):
                 agent_path = src.get("path")
-    return DomainInfo(model, period, qga, agent_path)
+    accel = {"kvm": "kvm", "qemu": "tcg"}.get(root.get("type", ""), root.get("type", "unknown"))
+    return DomainInfo(model, period, qga, agent_path, _xml_kib(root.find("memory")),
+                      _xml_kib(root.find("currentMemory")), accel)
+
+
+_XML_UNITS: Final = {"b": 1, "bytes": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": 1 << 20,
+                     "mib": 1 << 20, "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30,
+                     "gb": 1000**3}
+
+
+def _xml_kib(el: ET.Element | None) -> int | None:
+    """A libvirt memory element in KiB (unit attribute, KiB by default), None if unreadable."""
+    if el is None or el.text is None:
+        return None
+    mult = _XML_UNITS.get(el.get("unit", "KiB").lower())
+    try:
+        value = int(el.text.strip())
+    except ValueError:
+        return None
+    if mult is None or not 0 <= value <= MAX_VALUE // mult:
+        return None
+    return value * mult // KIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +538,8 @@ class LibvirtBackend:
                     d.uuid = ""  # a new run: read its XML and size again
                 for uuid in [u for u, n in self._ignored.items() if n == name]:
                     del self._ignored[uuid]  # it may have a balloon now
+            if what == "shutting down: finished":
+                continue  # the "stopped" event that follows says how
             if self.selection.matches(name) and (d is not None or what.startswith(
                     ("started", "defined"))):
                 self._event(name, "domain", what)
@@ -621,7 +655,8 @@ class LibvirtBackend:
                     "<memballoon> in its XML to keep it)"))
         sources = [s for s, have in ((SOURCE_QGA, info.qga), (SOURCE_AGENT,
                    info.agent_path is not None), (SOURCE_STATS, True)) if have]
-        self._event(name, "managed", "pressure from " + ", else ".join(sources))
+        self._event(name, "managed", f"on {info.accel}; pressure from "
+                    + ", else ".join(sources))
         return d
 
     def _ignore(self, name: str, uuid: str, why: str) -> None:
@@ -647,13 +682,14 @@ class LibvirtBackend:
         if actual is None or actual > max_kib:
             self.counters.inc(LibvirtCounter.LIBVIRT_BAD_STATS)
             actual = max_kib
-        was_alive = d.alive
         d.alive, d.gone_reason = True, ""
         ram = max_kib * KIB // PAGE_SIZE
         d.balloon_pages = (max_kib - actual) * KIB // PAGE_SIZE
-        if ram != d.ram_pages or not was_alive:
+        if ram != d.ram_pages:  # first seen (a new run is adopted anew): libvirt's target
             d.ram_pages = ram
-            d.target_pages = d.balloon_pages  # a new run: whatever it has is its target
+            target = d.info.target_kib
+            d.target_pages = d.balloon_pages if target is None or target >= max_kib else (
+                target * KIB // PAGE_SIZE)
         d.stats = stats
         rss = _kib(stats, "rss")
         d.rss_bytes = None if rss is None else rss * KIB
@@ -802,6 +838,10 @@ class LibvirtBackend:
         """Per domain, where its pressure came from at the last refresh."""
         return {n: d.source if d.alive else SOURCE_NONE for n, d in self._doms.items()}
 
+    def accels(self) -> dict[str, str]:
+        """Per domain, the accelerator it runs on (its XML's type: kvm, or tcg)."""
+        return {n: d.info.accel for n, d in self._doms.items() if d.uuid}
+
     def notes(self) -> dict[str, str]:
         """Per domain, why it is gone or what its pressure source lacks ("" when nothing)."""
         return {n: d.gone_reason if not d.alive else d.note for n, d in self._doms.items()}
@@ -890,7 +930,9 @@ def lifecycle_text(lv: Any, event: int, detail: int) -> str:
                                 "FROM_SNAPSHOT": "from a snapshot"}),
         "DEFINED": ("defined", {}), "UNDEFINED": ("undefined", {}),
         "SUSPENDED": ("suspended", {}), "RESUMED": ("resumed", {}),
-        "SHUTDOWN": ("shutting down", {}), "CRASHED": ("crashed", {}),
+        "SHUTDOWN": ("shutting down", {"FINISHED": "finished", "GUEST": "asked by the guest",
+                                       "HOST": "asked by the host"}),
+        "CRASHED": ("crashed", {}),
         "PMSUSPENDED": ("suspended by the guest", {}),
     }
     for key, (word, details) in names.items():
