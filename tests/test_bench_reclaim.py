@@ -21,6 +21,7 @@ def test_reclaim_releases_half_the_guest_and_loses_nothing(protocol: str) -> Non
               "raw_punch_hole_gib_per_s", "ratio"):
         assert r[k] > 0
     assert r["ratio"] == pytest.approx(r["gib_per_s"] / r["raw_punch_hole_gib_per_s"], rel=0.01)
+    assert r["virtio_array_pfns"] == (256 if protocol == "virtio" else None)  # Linux's arrays
 
 
 def test_legacy_vmware_moves_the_seed_cap_per_cycle() -> None:
@@ -57,6 +58,7 @@ def test_huge_page_ram_releases_whole_pages_measured_from_st_blocks(
     huge_host(ram, 128)
     r = run_reclaim(protocol, 256, ram=str(ram))
     assert r["ram"] == str(ram) and r["lost_pages"] == 0
+    assert r["virtio_array_pfns"] == (8192 if protocol == "virtio" else None)
     assert r["host_released_bytes"] == 128 * MIB  # whole 2 MiB pages, all of them
     assert r["partial_huge_pages"] == 0  # the drivers ballooned whole blocks
     assert r["raw_punch_hole_gib_per_s"] > 0 and r["ratio"] > 0
@@ -84,3 +86,13 @@ def test_huge_page_arguments_are_checked() -> None:
         run_reclaim("virtio", 256, ram="1g")
     with pytest.raises(ValueError, match="multiple of 4"):
         run_reclaim("virtio", 258, ram="thp")
+    with pytest.raises(ValueError, match="array-pfns"):
+        run_reclaim("vmw-batched", 256, array_pfns=512)
+    with pytest.raises(ValueError, match="array-pfns"):
+        run_reclaim("virtio", 256, array_pfns=1 << 20)
+
+
+def test_virtio_arrays_of_another_length_when_asked() -> None:
+    r = run_reclaim("virtio", 128, array_pfns=1024)
+    assert r["virtio_array_pfns"] == 1024 and r["host_released_bytes"] == 64 * MIB
+    assert r["device_counters"]["inflate_buffers"] == 16 and r["lost_pages"] == 0

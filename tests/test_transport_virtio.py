@@ -170,6 +170,20 @@ def test_pipelined_wait_returns_early_and_drain_waits_for_all(world: World) -> N
     assert world.device.inflated_pages == 3
 
 
+def test_a_wait_the_host_does_not_answer_gives_up_and_says_so(world: World) -> None:
+    t = world.transport
+    q = _inflateq(t)
+    world.set_target(100)
+    t.ram.write(2 << 20, np.array([5000], "<u4").tobytes())
+    q.add([(2 << 20, 4, False)])
+    q.publish()  # made available, but no doorbell: the host never looks
+    assert t.wait(0, depth=1, timeout_s=0.05) is False
+    assert t.counters["wait_timeout"] == 1
+    assert t.wait(1, depth=1, timeout_s=0.05) is True  # nothing in flight there
+    t.notify(0)
+    assert t.drain(5.0)
+
+
 def test_hostile_requests_are_counted_and_refused(world: World) -> None:
     ep = world.endpoint
     bad = [b"", b"\x63", bytes([VirtioOp.QUEUE_MAX]), bytes([VirtioOp.SET_FEATURES]) + b"\x01",

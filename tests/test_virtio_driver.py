@@ -11,10 +11,15 @@ from hypothesis import strategies as st
 from memballoon.guest.memory import BLOCK_PAGES
 from memballoon.guest.virtio_driver import (
     DEFAULT_FEATURES,
+    DRIVER_AREA_BYTES,
+    FILL_BATCH,
+    HUGE_ARRAY_PFNS,
     PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY_S,
     VIRTIO_BALLOON_RETRY_S,
+    X_ARRAY_PFNS_MAX,
     VirtioBalloonDriver,
+    driver_area_bytes,
 )
 from memballoon.guest.workload import Demand
 from memballoon.harness.pair import VirtioPair, virtio_pair
@@ -74,6 +79,47 @@ def test_inflate_in_buffers_of_at_most_256_pfns() -> None:
     assert r.driver.balloon_pages == 100
     assert r.device.counters["deflate_buffers"] == 4  # 900 = 256 * 3 + 132
     assert r.check() == []
+
+
+def test_several_arrays_go_with_one_doorbell() -> None:
+    r = make_pair()
+    r.device.set_target(3000)
+    before = r.transport.notifies
+    r.work()
+    assert r.device.counters["inflate_buffers"] == 12  # 11 arrays of 256 and one of 184
+    assert r.transport.notifies - before == -(-12 // FILL_BATCH)  # doorbells: two
+    assert r.check() == []
+
+
+def test_longer_arrays_when_asked_and_a_driver_area_to_hold_them() -> None:
+    assert FILL_BATCH == 8 and HUGE_ARRAY_PFNS == 8192 and X_ARRAY_PFNS_MAX == 16384
+    assert DRIVER_AREA_BYTES == driver_area_bytes() == 128 * 1024  # Linux's arrays: as before
+    assert driver_area_bytes(HUGE_ARRAY_PFNS) > 2 * 16 * 5 * HUGE_ARRAY_PFNS
+    r = virtio_pair(SMALL, array_pfns=HUGE_ARRAY_PFNS)
+    r.device.set_target(10000)
+    r.work()
+    assert r.device.counters["inflate_buffers"] == 2 and r.check() == []
+    r.device.set_target(0)
+    r.work()
+    assert r.device.counters["deflate_buffers"] == 2 and r.check() == []
+    for bad in (0, X_ARRAY_PFNS_MAX + 1):
+        with pytest.raises(UsageError):
+            VirtioBalloonDriver(r.mem, r.transport, array_pfns=bad)
+
+
+def test_a_device_that_holds_buffers_is_not_waited_on_buffer_by_buffer() -> None:
+    r = make_pair(deferred=True)
+    r.transport.wait = lambda queue: False  # type: ignore[method-assign]  # waits give up
+    r.device.set_target(5000)
+    r.work()
+    sent = r.driver.counters["inflate_buffers"]
+    assert sent == FILL_BATCH  # one batch, then the queue counts as stalled
+    r.work()
+    assert r.driver.counters["inflate_buffers"] == sent
+    assert r.driver.counters["queue_stalled"] >= 1
+    r.transport.run_device()  # the device uses them: the driver goes on
+    r.work()
+    assert r.driver.counters["inflate_buffers"] > sent
 
 
 def test_must_tell_host_before_reuse() -> None:

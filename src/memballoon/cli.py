@@ -69,7 +69,7 @@ def _cmd_bench_reclaim(args: argparse.Namespace) -> int:
     from memballoon.bench.reclaim import run_reclaim
 
     result = run_reclaim(args.protocol, args.guest_mib, repeat=args.repeat, ram=args.ram,
-                         setup_hugepages=args.setup_hugepages)
+                         setup_hugepages=args.setup_hugepages, array_pfns=args.array_pfns)
     _emit(result, args.json)
     return 0 if result["lost_pages"] == 0 else 1
 
@@ -147,10 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runs; report the one with the median ratio and list all (default 1)")
     br.add_argument("--json", action="store_true", help="print one JSON object")
     _add_ram_arguments(br)
+    br.add_argument("--array-pfns", type=positive_int, default=None,
+                    help="virtio: PFNs an array (default Linux's 256 with 4k RAM, 8192 = sixteen "
+                         "2 MiB pages with huge pages)")
     br.set_defaults(func=_cmd_bench_reclaim)
     # each area adds its own subcommands (the qemu ones add `bench qemu` too)
     for area in ("memballoon.local.guest_main", "memballoon.app.daemon_cli",
-                 "memballoon.app.qemu_cli"):
+                 "memballoon.app.qemu_cli", "memballoon.app.sim_cli"):
         importlib.import_module(area).register(sub)
     return p
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memballoon.guest.virtio_driver import HUGE_ARRAY_PFNS
 from memballoon.host.hugepages import (
     HugePageSetup,
     check_host,
@@ -40,6 +41,7 @@ from memballoon.host.punch import raw_punch_hole_gib_per_s
 from memballoon.local.host import GuestSpec, LocalHost
 from memballoon.model.errors import ConfigError, MemballoonError
 from memballoon.model.units import GIB, MIB, PAGE_SIZE, RamKind, mib_to_pages
+from memballoon.protocol.virtio_balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX
 
 
 def _rss_anon_bytes() -> int:
@@ -50,12 +52,21 @@ def _rss_anon_bytes() -> int:
     return 0
 
 
-async def _run(protocol: str, guest_mib: int, ram_kind: RamKind,
+def _array_pfns(protocol: str, kind: RamKind, asked: int | None) -> int | None:
+    """PFNs a virtio array in this run (what the guest takes by default); None for VMware."""
+    if protocol != "virtio":
+        return None
+    if asked is not None:
+        return asked
+    return VIRTIO_BALLOON_ARRAY_PFNS_MAX if kind is RamKind.SMALL else HUGE_ARRAY_PFNS
+
+
+async def _run(protocol: str, guest_mib: int, ram_kind: RamKind, array_pfns: int | None,
                timeout_s: float) -> dict[str, Any]:
     pages = mib_to_pages(guest_mib)
     half = pages // 2
     spec = GuestSpec(name="bench", mib=guest_mib, protocol=protocol, workload="idle",
-                     ram=ram_kind)
+                     ram=ram_kind, virtio_array_pfns=array_pfns)
     rss0 = _rss_anon_bytes()
     huge0 = shmem_huge_bytes()
     async with LocalHost([spec], budget_bytes=None) as host:
@@ -95,6 +106,7 @@ async def _run(protocol: str, guest_mib: int, ram_kind: RamKind,
     return {
         "protocol": protocol,
         "ram": str(ram_kind),
+        "virtio_array_pfns": array_pfns,
         "guest_bytes": pages * PAGE_SIZE,
         "balloon_bytes": half * PAGE_SIZE,
         "seconds": round(inflate_s, 4),
@@ -119,11 +131,14 @@ async def _run(protocol: str, guest_mib: int, ram_kind: RamKind,
 
 
 def run_reclaim(protocol: str, guest_mib: int, *, repeat: int = 1, ram: str = "4k",
-                setup_hugepages: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+                setup_hugepages: bool = False, array_pfns: int | None = None,
+                timeout_s: float | None = None) -> dict[str, Any]:
     """One run, or with ``repeat`` > 1 that many: the run with the median ratio, every run's
     speeds under ``runs``, the pages lost in all of them (a loss in any run shows) and the
     largest host overhead seen. ``ram`` is ``4k``, ``thp`` or ``hugetlb``; a host not set up
-    for it raises ``HostResourceError`` naming what to set, unless ``setup_hugepages``."""
+    for it raises ``HostResourceError`` naming what to set, unless ``setup_hugepages``.
+    ``array_pfns``: PFNs a virtio array (default Linux's 256 with 4k RAM, sixteen 2 MiB pages
+    with huge pages)."""
     if protocol not in ("vmw", "vmw-batched", "virtio"):
         raise ConfigError(f"unknown protocol {protocol!r}; choose vmw, vmw-batched or virtio")
     if guest_mib < 128:
@@ -134,6 +149,8 @@ def run_reclaim(protocol: str, guest_mib: int, *, repeat: int = 1, ram: str = "4
         kind = RamKind(ram)
     except ValueError:
         raise ConfigError(f"unknown --ram {ram!r}; choose 4k, thp or hugetlb") from None
+    if array_pfns is not None and (protocol != "virtio" or not 1 <= array_pfns <= 16384):
+        raise ConfigError(f"--array-pfns is for virtio, from 1 to 16384, got {array_pfns}")
     if kind is not RamKind.SMALL and guest_mib % 4:
         raise ConfigError(f"--ram {kind}: --guest-mib must be a multiple of 4 (half of it is "
                           f"ballooned in whole 2 MiB pages), got {guest_mib}")
@@ -151,18 +168,19 @@ def run_reclaim(protocol: str, guest_mib: int, *, repeat: int = 1, ram: str = "4
                 print(f"memballoon: bench reclaim: set {line} (put back afterwards)",
                       file=sys.stderr)
         check_host(needs)
-        return _runs(protocol, guest_mib, kind, repeat, timeout_s)
+        return _runs(protocol, guest_mib, kind, _array_pfns(protocol, kind, array_pfns), repeat,
+                     timeout_s)
     finally:
         setup.restore()
 
 
-def _runs(protocol: str, guest_mib: int, kind: RamKind, repeat: int,
+def _runs(protocol: str, guest_mib: int, kind: RamKind, array_pfns: int | None, repeat: int,
           timeout_s: float) -> dict[str, Any]:
     if repeat == 1:
-        return asyncio.run(_run(protocol, guest_mib, kind, timeout_s))
+        return asyncio.run(_run(protocol, guest_mib, kind, array_pfns, timeout_s))
     runs = []
     for i in range(repeat):
-        r = asyncio.run(_run(protocol, guest_mib, kind, timeout_s))
+        r = asyncio.run(_run(protocol, guest_mib, kind, array_pfns, timeout_s))
         print(f"memballoon: bench reclaim: run {i + 1}/{repeat}: {r['gib_per_s']} GiB/s, "
               f"ratio {r['ratio']}", file=sys.stderr)
         runs.append(r)

@@ -378,8 +378,8 @@ class GuestMemory:
         """Balloon frames in whole blocks (huge host pages): the block being filled, then
         wholly free ones; any free frame once no block is left (module docstring).
 
-        A block is filled from its start, so the common take is one run of frames: it is
-        checked and marked with slices, not per-frame index arrays."""
+        A block is filled from its start, so a take is runs of frames: they are checked and
+        marked with slices, and the whole blocks a large take needs are found in one pass."""
         n = min(n, self._free - floor)
         if n <= 0:
             return _EMPTY
@@ -388,6 +388,12 @@ class GuestMemory:
         while got < n:
             b = self._fill_block
             if b < 0 or self._bfree[b] == 0:
+                if n - got >= BLOCK_PAGES:  # whole blocks, at once
+                    blocks = self._whole_blocks((n - got) // BLOCK_PAGES)
+                    if blocks.size:
+                        parts.append(self._take_whole(blocks))
+                        got += int(blocks.size) * BLOCK_PAGES
+                        continue
                 b = self._whole_block()
                 if b < 0:
                     break
@@ -413,6 +419,24 @@ class GuestMemory:
             out = np.concatenate((out, more)) if got else more
         return out
 
+    def _whole_blocks(self, k: int) -> npt.NDArray[np.int64]:
+        """Up to ``k`` wholly free blocks, not reported ones first, ascending."""
+        whole = self._bfree == BLOCK_PAGES
+        blocks = np.flatnonzero(whole & ~self.reported)[:k]
+        if blocks.size < k and self.reported.any():
+            more = np.flatnonzero(whole & self.reported)[: k - blocks.size]
+            blocks = np.sort(np.concatenate((blocks, more)))
+        return blocks.astype(np.int64)
+
+    def _take_whole(self, blocks: npt.NDArray[np.int64]) -> PfnArray:
+        """Mark wholly free ``blocks`` as the balloon's; their frames (the caller counts them
+        off ``_free``)."""
+        frames = block_frames(blocks, BLOCK_ORDER)
+        self.state[frames] = _BALLOON
+        self._bfree[blocks] = 0
+        self.reported[blocks] = False  # the host refaults these on touch
+        return frames
+
     def _whole_block(self) -> int:
         """A wholly free block, one not reported to the host first; -1 if there is none."""
         whole = self._bfree == BLOCK_PAGES
@@ -432,17 +456,18 @@ class GuestMemory:
             self.store.forget(coalesce(pfns))
             return
         lo, hi = int(pfns.min()) >> BLOCK_ORDER, int(pfns.max()) >> BLOCK_ORDER
-        blocks = np.arange(lo, hi + 1) if hi - lo < 8 else np.unique(pfns >> BLOCK_ORDER)
-        whole = [b for b in blocks[self._bfree[blocks] == 0].tolist()
-                 if bool((self.state[b * BLOCK_PAGES : (b + 1) * BLOCK_PAGES] == _BALLOON).all())]
-        if whole:
-            runs: list[list[int]] = []  # ascending blocks, adjacent ones merged
-            for b in whole:
-                if runs and runs[-1][1] == b * BLOCK_PAGES:
-                    runs[-1][1] += BLOCK_PAGES
-                else:
-                    runs.append([b * BLOCK_PAGES, (b + 1) * BLOCK_PAGES])
-            self.store.forget(np.array(runs, dtype=np.int64))
+        # the blocks these frames are in: all in [lo, hi] for the runs _take_blocks makes
+        span = hi - lo + 1
+        blocks = (np.arange(lo, hi + 1) if span <= 2 * (pfns.size // BLOCK_PAGES) + 8
+                  else np.unique(pfns >> BLOCK_ORDER))
+        cand = blocks[self._bfree[blocks] == 0]
+        if cand.size == 0:
+            return
+        whole = cand[(self.state[block_frames(cand, BLOCK_ORDER)] == _BALLOON)
+                     .reshape(-1, BLOCK_PAGES).all(axis=1)]
+        if whole.size:
+            starts = whole.astype(np.int64) * BLOCK_PAGES
+            self.store.forget(merge_ranges(starts, starts + BLOCK_PAGES))
 
     def _alloc(
         self, n: int, floor: int, new: PageState, *, reclaim: bool, tally: _Tally
@@ -484,23 +509,17 @@ class GuestMemory:
         k = min(n, (self._free - self.watermarks.min) // BLOCK_PAGES)
         if k <= 0:
             return _EMPTY
-        whole = self._bfree == BLOCK_PAGES
-        blocks = np.flatnonzero(whole & ~self.reported)[:k]
-        if blocks.size < k and self.reported.any():
-            more = np.flatnonzero(whole & self.reported)[: k - blocks.size]
-            blocks = np.sort(np.concatenate((blocks, more)))
+        blocks = self._whole_blocks(k)
         if blocks.size == 0:
             return _EMPTY
-        self.state[block_frames(blocks, BLOCK_ORDER)] = PageState.BALLOON
-        self._bfree[blocks] = 0
-        self.reported[blocks] = False  # the host refaults these on touch
+        self._take_whole(blocks)
         taken = int(blocks.size) * BLOCK_PAGES
         self._free -= taken
         self._balloon += taken
+        starts = blocks * BLOCK_PAGES
         if self.store is not None:
-            starts = blocks.astype(np.int64) * BLOCK_PAGES
             self.store.forget(merge_ranges(starts, starts + BLOCK_PAGES))
-        return blocks.astype(np.int64) * BLOCK_PAGES
+        return starts
 
     def free_balloon(self, pfns: PfnArray) -> None:
         """Give frames the balloon driver owns back to the guest's free memory."""

@@ -26,6 +26,13 @@ the balloon yet; a deflate's frames, with MUST_TELL_HOST, are not given back to 
 Without DEFLATE_ON_OOM the balloon lowers MemTotal (Linux ``adjust_managed_page_count``);
 with it MemTotal stays and an OOM notifier deflates VIRTIO_BALLOON_OOM_NR_PAGES per call.
 
+Arrays hold VIRTIO_BALLOON_ARRAY_PFNS_MAX (256) PFNs as in Linux unless ``array_pfns`` says
+otherwise: the spec sets no limit and QEMU's device takes any length, and a guest whose host
+backs its RAM with 2 MiB pages sends ``HUGE_ARRAY_PFNS`` (sixteen whole host pages) an array,
+as there the cost of a buffer, not of the memory behind it, bounds the speed (the local
+world's choice, said in its output). Several arrays are filled from one allocation and made
+available with one doorbell (``FILL_BATCH``).
+
 With the private HOST_REFUSE bit, each inflate buffer gets a status byte per PFN; refused
 frames are kept aside (so the allocator does not hand them out again) and freed once the
 target is reached or the work call ends.
@@ -47,7 +54,7 @@ from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
 from memballoon.model.pages import PfnArray
-from memballoon.model.units import KIB, MIB, PAGE_SIZE
+from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
     OFFSET_X_RESET_ACK,
@@ -112,9 +119,6 @@ PAGE_REPORTING_CAPACITY: Final = 32
 #: a device refusing everything can make the guest allocate.
 VIRTIO_BALLOON_X_MAX_REFUSED: Final = 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX
 
-#: Where the driver puts its rings and buffers, and how much room it takes.
-DRIVER_AREA_GPA: Final = 1 * MIB
-DRIVER_AREA_BYTES: Final = 128 * KIB
 #: The driver asks for at most this queue size (a device may offer up to 32768).
 DRIVER_QUEUE_SIZE_MAX: Final = 256
 #: How many times the OOM notifier waits for its deflate buffer to be used (each wait is
@@ -127,6 +131,11 @@ PFN_SLOTS: Final = 16
 #: (VIRTIO 1.2 2.7.13), and per-buffer costs in Python (allocate, kick, wait, collect) are
 #: what bound a local guest's inflate speed.
 FILL_BATCH: Final = PFN_SLOTS // 2
+#: The longest array the driver sends: what the device reads of one chain (64 KiB).
+X_ARRAY_PFNS_MAX: Final = 16384
+#: PFNs an array when the host's pages are 2 MiB: sixteen whole host pages (module docstring;
+#: 4096 and 16384 measured slower, docs/engineering-notes.md).
+HUGE_ARRAY_PFNS: Final = 16 * HPAGE_PMD_NR
 
 DEFAULT_FEATURES: Final = features_of(
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
@@ -138,20 +147,30 @@ DEFAULT_FEATURES: Final = features_of(
     VIRTIO_F_VERSION_1,
 )
 
-_PFN_BYTES = 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX
-_SLOT_BYTES = _PFN_BYTES + VIRTIO_BALLOON_ARRAY_PFNS_MAX  # PFN array + one status byte each
 _EMPTY = np.empty(0, dtype=np.int64)
-
-
-def driver_area_view(total_pages: int, *, gpa: int = DRIVER_AREA_GPA) -> GuestRamView:
-    """A fresh buffer standing for the guest memory of the driver area (for in-process pairs)."""
-    return GuestRamView(
-        bytearray(DRIVER_AREA_BYTES), base_gpa=gpa, guest_bytes=total_pages * PAGE_SIZE
-    )
 
 
 def _align(n: int, a: int) -> int:
     return -(-n // a) * a
+
+
+def driver_area_bytes(array_pfns: int = VIRTIO_BALLOON_ARRAY_PFNS_MAX) -> int:
+    """Room for the rings (64 KiB: five queues of DRIVER_QUEUE_SIZE_MAX entries and the stats
+    buffer) and PFN_SLOTS arrays of ``array_pfns`` PFNs and status bytes per inflate and
+    deflate queue; at least 128 KiB."""
+    return max(128 * KIB, 64 * KIB + _align(2 * PFN_SLOTS * 5 * array_pfns, PAGE_SIZE))
+
+
+#: Where the driver puts its rings and buffers, and how much room it takes with Linux arrays.
+DRIVER_AREA_GPA: Final = 1 * MIB
+DRIVER_AREA_BYTES: Final = driver_area_bytes()
+
+
+def driver_area_view(total_pages: int, *, gpa: int = DRIVER_AREA_GPA,
+                     array_pfns: int = VIRTIO_BALLOON_ARRAY_PFNS_MAX) -> GuestRamView:
+    """A fresh buffer standing for the guest memory of the driver area (for in-process pairs)."""
+    return GuestRamView(bytearray(driver_area_bytes(array_pfns)), base_gpa=gpa,
+                        guest_bytes=total_pages * PAGE_SIZE)
 
 
 @dataclass(slots=True)
@@ -182,21 +201,26 @@ class VirtioBalloonDriver:
         *,
         features: int = DEFAULT_FEATURES,
         ring_gpa: int | None = None,
+        array_pfns: int = VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     ) -> None:
         self.mem = mem
         self.transport = transport
         self.view = transport.ram
         self._want = features
+        if not 1 <= array_pfns <= X_ARRAY_PFNS_MAX:
+            raise UsageError(f"array_pfns {array_pfns} outside [1, {X_ARRAY_PFNS_MAX}]")
+        self.array_pfns = array_pfns
         self._area = DRIVER_AREA_GPA if ring_gpa is None else ring_gpa
-        if self._area % PAGE_SIZE or (self._area + DRIVER_AREA_BYTES) > (
+        self._area_bytes = driver_area_bytes(array_pfns)
+        if self._area % PAGE_SIZE or (self._area + self._area_bytes) > (
             mem.reserved_pages * PAGE_SIZE
         ):
             raise UsageError(
-                f"driver area at {self._area:#x} must be page-aligned inside the guest's "
-                f"{mem.reserved_pages} reserved frames"
+                f"driver area of {self._area_bytes} bytes at {self._area:#x} must be "
+                f"page-aligned inside the guest's {mem.reserved_pages} reserved frames"
             )
         try:
-            self.view.read(self._area, DRIVER_AREA_BYTES)
+            self.view.read(self._area, self._area_bytes)
         except PeerError as exc:
             raise UsageError(f"the transport's view does not map the driver area: {exc}") from exc
         self.counters = Counters()
@@ -280,14 +304,14 @@ class VirtioBalloonDriver:
             t.setup_queue(q, layout)
         for role in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ):
             slots = []
-            for _ in range(PFN_SLOTS):
-                slots.append(_Slot(cursor, cursor + _PFN_BYTES))
-                cursor += _SLOT_BYTES
+            for _ in range(PFN_SLOTS):  # the PFN array, then one status byte a PFN
+                slots.append(_Slot(cursor, cursor + 4 * self.array_pfns))
+                cursor += 5 * self.array_pfns
             self._slots[role] = slots
         self._stats_gpa = cursor
         cursor += VIRTIO_BALLOON_S_NR * STAT_ENTRY_BYTES
-        if cursor > self._area + DRIVER_AREA_BYTES:
-            raise UsageError(f"driver area overflows by {cursor - self._area - DRIVER_AREA_BYTES}")
+        if cursor > self._area + self._area_bytes:
+            raise UsageError(f"driver area overflows by {cursor - self._area - self._area_bytes}")
         self._loaded = True
         cfg = self._read_config()
         if cfg is not None:
@@ -349,7 +373,7 @@ class VirtioBalloonDriver:
         if not self._loaded:
             return
         self._collect_all()
-        while len(self._balloon) and self._leak(VIRTIO_BALLOON_ARRAY_PFNS_MAX):
+        while len(self._balloon) and self._leak(self.array_pfns):
             pass
         self._free_refused()
         self._update_actual()
@@ -394,7 +418,7 @@ class VirtioBalloonDriver:
                     self._adjust_pending = True  # "Out of puff!": Linux retries in 200 ms
                     break
             elif diff < 0:
-                if self._leak(min(-diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)) == 0:
+                if self._leak(min(-diff, self.array_pfns)) == 0:
                     self._adjust_pending = True
                     break
             else:
@@ -442,30 +466,31 @@ class VirtioBalloonDriver:
 
     def _fill(self, n: int) -> int:
         """Allocate up to ``n`` frames and send them on the inflateq, in up to ``FILL_BATCH``
-        arrays of VIRTIO_BALLOON_ARRAY_PFNS_MAX frames and one doorbell; returns frames sent."""
+        arrays of ``array_pfns`` frames and one doorbell; returns frames sent."""
         if self._held_back(BalloonQueue.INFLATEQ):
             return 0
         refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
         ndesc = 2 if refuse else 1
         q = self._queue_ready(BalloonQueue.INFLATEQ, ndesc)
-        want = min(FILL_BATCH, -(-n // VIRTIO_BALLOON_ARRAY_PFNS_MAX))
+        a = self.array_pfns
+        want = min(FILL_BATCH, -(-n // a))
         slots = self._free_slots(BalloonQueue.INFLATEQ, want) if q is not None else []
         if q is None or not slots:
             self.counters.inc(VirtioDriverCounter.INFLATE_QUEUE_FULL)
             return 0
         slots = slots[: q.num_free // ndesc]
-        pfns = self.mem.alloc_sleep(min(n, len(slots) * VIRTIO_BALLOON_ARRAY_PFNS_MAX))
+        pfns = self.mem.alloc_sleep(min(n, len(slots) * a))
         k = int(pfns.size)
         if k == 0:
             self.counters.inc(VirtioDriverCounter.ALLOC_FAIL)  # "Out of puff!"
             return 0
         wire = pfns.astype("<u4")
         for i, slot in enumerate(slots):
-            part = pfns[i * VIRTIO_BALLOON_ARRAY_PFNS_MAX : (i + 1) * VIRTIO_BALLOON_ARRAY_PFNS_MAX]
+            part = pfns[i * a : (i + 1) * a]
             m = int(part.size)
             if m == 0:
                 break
-            self.view.write(slot.gpa, wire[i * VIRTIO_BALLOON_ARRAY_PFNS_MAX :][:m].tobytes())
+            self.view.write(slot.gpa, wire[i * a : (i + 1) * a].tobytes())
             bufs = [(slot.gpa, 4 * m, False)]
             if refuse:
                 self.view.fill(slot.status_gpa, m, 0xFF)  # unknown until the device writes it

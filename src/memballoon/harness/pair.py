@@ -51,7 +51,7 @@ from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceCounter, VmwDe
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState
-from memballoon.protocol.virtio_balloon import BalloonConfig
+from memballoon.protocol.virtio_balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX, BalloonConfig
 from memballoon.protocol.virtio_transport import DirectTransport
 from memballoon.protocol.virtqueue import DeviceQueue, DriverQueue, GuestRamView, QueueLayout
 from memballoon.protocol.vmw import Command, Request, Status, decode_request, decode_response
@@ -334,17 +334,19 @@ def virtio_pair(
     swap_pages: int = 0,
     period_s: float | None = None,
     host_page_frames: int = 1,
+    array_pfns: int = VIRTIO_BALLOON_ARRAY_PFNS_MAX,
 ) -> VirtioPair:
     """A virtio pair: the device offers ``features``; the driver and device share a 64 KiB view
     standing for the driver's area of guest RAM; with ``deferred`` the transport holds kicks
     until ``transport.run_device()`` (buffers stay in flight); ``host_page_frames`` 512 backs
-    the guest with 2 MiB host pages."""
+    the guest with 2 MiB host pages; ``array_pfns`` is the driver's PFNs an array."""
     ram = NullRam(guest_pages, host_page_frames=host_page_frames)
     mem = GuestMemory(guest_pages, swap_pages=swap_pages, store=ram,
                       host_page_frames=host_page_frames)
-    dev = VirtioBalloonDevice(ram, driver_area_view(guest_pages), features=features)
+    dev = VirtioBalloonDevice(ram, driver_area_view(guest_pages, array_pfns=array_pfns),
+                              features=features)
     transport = DirectTransport(dev, deferred=deferred)
-    drv = VirtioBalloonDriver(mem, transport)
+    drv = VirtioBalloonDriver(mem, transport, array_pfns=array_pfns)
     pair = VirtioPair("virtio", mem, ram, drv, dev, workload,
                       drv.period_s if period_s is None else period_s, transport=transport)
     if load:

@@ -400,6 +400,11 @@ class VirtioBalloonDevice:
         if role is None:
             self.counters.inc(VirtioDeviceCounter.SETUP_UNKNOWN_QUEUE)
             return
+        # a queue set up again is a new ring: buffers held from the old one are gone with it
+        # (their heads pushed onto the new ring would name chains it never made available)
+        if role is BalloonQueue.STATSQ:
+            self._stats_head = None
+        self._held = [h for h in self._held if h[0] != queue]
         if layout.size > self.queue_size:
             self.counters.inc(VirtioDeviceCounter.SETUP_QUEUE_TOO_LARGE)
             self.broken_queues.add(queue)
@@ -771,16 +776,17 @@ class VirtioBalloonDevice:
         parts = [p for _, _, p in items]
         pfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
         refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
-        if self._take_run(pfns):
-            ok = np.ones(pfns.size, dtype=np.bool_)
-        else:
+        ok: npt.NDArray[np.bool_] | None = None  # None: all taken
+        if not self._take_run(pfns):
             ok = self._take_scattered(pfns, refuse)
         self.counters.inc(VirtioDeviceCounter.INFLATE_BUFFERS, len(items))
-        self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES, int(ok.sum()))
+        self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES,
+                          int(pfns.size) if ok is None else int(ok.sum()))
         if not refuse:
             return [0] * len(items)
-        status = np.where(ok, VIRTIO_BALLOON_X_STATUS_TAKEN, VIRTIO_BALLOON_X_STATUS_REFUSED)
-        status = status.astype(np.uint8)
+        status = (np.full(pfns.size, VIRTIO_BALLOON_X_STATUS_TAKEN, dtype=np.uint8) if ok is None
+                  else np.where(ok, VIRTIO_BALLOON_X_STATUS_TAKEN,
+                                VIRTIO_BALLOON_X_STATUS_REFUSED).astype(np.uint8))
         out: list[int] = []
         off = 0
         for _, chain, p in items:
@@ -791,7 +797,9 @@ class VirtioBalloonDevice:
     def _take_run(self, pfns: PfnArray) -> bool:
         """Take ``pfns`` if they are one ascending run of frames all free to take (the usual
         doorbell: a driver allocates runs); False, having taken nothing, otherwise."""
-        if pfns.size == 0 or not bool((np.diff(pfns) == 1).all()):
+        if pfns.size == 0 or int(pfns[-1]) - int(pfns[0]) != pfns.size - 1:
+            return False  # cannot be one ascending run: no need to look at every step
+        if not bool((np.diff(pfns) == 1).all()):
             return False
         lo, hi = int(pfns[0]), int(pfns[-1]) + 1
         if hi > self._guest_pages or self._inflated[lo:hi].any() or self._pinned[lo:hi].any():

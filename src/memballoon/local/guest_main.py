@@ -100,6 +100,7 @@ class GuestConfig:
     swap_pages: int = 0
     sample_period_s: float = ACTIVE_SAMPLE_PERIOD_S
     ram: RamKind = RamKind.SMALL
+    array_pfns: int | None = None  # virtio: PFNs an array (None: Linux's, or 16 huge pages)
 
 
 def join_cgroup(procs_path: str) -> None:
@@ -136,7 +137,12 @@ class GuestRuntime:
             view = GuestRamView(self.ram.mapping, base_gpa=0, guest_bytes=self.ram.size_bytes)
             self.transport = LocalVirtioTransport(self.link, view, cfg.kick_fds, cfg.irq_fds,
                                                   wait_timeout_s=VIRTIO_WAIT_S)
-            self.driver = VirtioBalloonDriver(self.mem, self.transport)
+            from memballoon.guest.virtio_driver import HUGE_ARRAY_PFNS
+            from memballoon.protocol.virtio_balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX
+
+            array = cfg.array_pfns or (VIRTIO_BALLOON_ARRAY_PFNS_MAX if cfg.ram is RamKind.SMALL
+                                       else HUGE_ARRAY_PFNS)
+            self.driver = VirtioBalloonDriver(self.mem, self.transport, array_pfns=array)
         else:
             from memballoon.guest.vmw_driver import VmwBalloonDriver
 
@@ -317,6 +323,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between ESX-style active-page samples (default 30)")
     p.add_argument("--ram", type=RamKind, choices=list(RamKind), default=RamKind.SMALL,
                    help="what backs the RAM on the host: 4k, thp or hugetlb (default 4k)")
+    p.add_argument("--array-pfns", type=int, default=None,
+                   help="virtio: PFNs an inflate/deflate array (default: Linux's 256 with 4k "
+                        "RAM, 8192 (sixteen 2 MiB pages) with huge pages)")
 
 
 def config_from_args(a: argparse.Namespace) -> GuestConfig:
@@ -325,6 +334,7 @@ def config_from_args(a: argparse.Namespace) -> GuestConfig:
         period_s=a.period, sock_fd=a.sock_fd, mem_fd=a.mem_fd, kick_fds=a.kick_fds,
         irq_fds=a.irq_fds, cgroup_procs=a.cgroup_procs, prefault=a.prefault,
         swap_pages=a.swap_pages, sample_period_s=a.sample_period, ram=a.ram,
+        array_pfns=a.array_pfns,
     )
 
 

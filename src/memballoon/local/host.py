@@ -204,6 +204,7 @@ class GuestSpec:
     prefault: bool = False
     swap_mib: int = 0
     ram: RamKind = RamKind.SMALL
+    virtio_array_pfns: int | None = None  # PFNs a virtio array (None: the guest's default)
     program: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -222,6 +223,9 @@ class GuestSpec:
         except ValueError:
             raise ConfigError(f"guest {self.name}: ram {self.ram!r} not in "
                               f"{', '.join(RamKind)}") from None
+        if self.virtio_array_pfns is not None and not 1 <= self.virtio_array_pfns <= 16384:
+            raise ConfigError(f"guest {self.name}: virtio_array_pfns must be in [1, 16384], "
+                              f"got {self.virtio_array_pfns}")
         if self.ram is not RamKind.SMALL and self.mib % 2:
             raise ConfigError(f"guest {self.name}: --ram {self.ram} needs whole 2 MiB pages, "
                               f"got {self.mib} MiB")
@@ -423,6 +427,8 @@ class LocalHost:
         if g.kick_fds:
             argv += ["--kick-fds", ",".join(map(str, g.kick_fds)),
                      "--irq-fds", ",".join(map(str, g.irq_fds))]
+        if s.virtio_array_pfns is not None:
+            argv += ["--array-pfns", str(s.virtio_array_pfns)]
         if s.prefault:
             argv.append("--prefault")
         b = self._budget

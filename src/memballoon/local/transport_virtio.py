@@ -54,7 +54,7 @@ from memballoon.protocol.wire import Kind, encode
 MAX_QUEUES: Final = 5
 #: inflateq and deflateq: the queues the guest may run ahead on.
 PIPELINED_QUEUES: Final = frozenset({0, 1})
-DEFAULT_PIPELINE_DEPTH: Final = 8
+DEFAULT_PIPELINE_DEPTH: Final = 16
 #: A wait gives up after this long (the device answers in well under a millisecond; this only
 #: bounds a hung host, whose death the socket reports anyway).
 WAIT_TIMEOUT_S: Final = 5.0
