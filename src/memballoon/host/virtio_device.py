@@ -391,6 +391,7 @@ class VirtioBalloonDevice:
         self._queues.clear()
         self.broken_queues.clear()
         self._stats_head = None
+        self._held.clear()  # the rings are gone: their held buffers with them
 
     def queue_max_size(self, queue: int) -> int:
         return self.queue_size if queue in self._roles else 0
