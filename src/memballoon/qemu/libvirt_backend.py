@@ -196,17 +196,7 @@ class DomainInfo:
     stats_period_s: int  # <memballoon><stats period=.../>; 0: off
     qga: bool  # a virtio channel named org.qemu.guest_agent.0
     agent_path: str | None  # the unix socket of a org.memballoon.agent channel
-    # <memory> and <currentMemory> in KiB: the balloon target libvirt set (None: not said)
-    memory_kib: int | None = None
-    current_kib: int | None = None
     accel: str = "unknown"  # <domain type=...>: kvm, or qemu (TCG: software emulation)
-
-    @property
-    def target_kib(self) -> int | None:
-        """The balloon libvirt asked for (memory - currentMemory), if the XML says."""
-        if self.memory_kib is None or self.current_kib is None:
-            return None
-        return max(0, self.memory_kib - self.current_kib)
 
     @property
     def balloon(self) -> bool:
@@ -243,27 +233,7 @@ def parse_domain_xml(text: str) -> DomainInfo:
             if src is not None and src.get("path"):
                 agent_path = src.get("path")
     accel = {"kvm": "kvm", "qemu": "tcg"}.get(root.get("type", ""), root.get("type", "unknown"))
-    return DomainInfo(model, period, qga, agent_path, _xml_kib(root.find("memory")),
-                      _xml_kib(root.find("currentMemory")), accel)
-
-
-_XML_UNITS: Final = {"b": 1, "bytes": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": 1 << 20,
-                     "mib": 1 << 20, "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30,
-                     "gb": 1000**3}
-
-
-def _xml_kib(el: ET.Element | None) -> int | None:
-    """A libvirt memory element in KiB (unit attribute, KiB by default), None if unreadable."""
-    if el is None or el.text is None:
-        return None
-    mult = _XML_UNITS.get(el.get("unit", "KiB").lower())
-    try:
-        value = int(el.text.strip())
-    except ValueError:
-        return None
-    if mult is None or not 0 <= value <= MAX_VALUE // mult:
-        return None
-    return value * mult // KIB
+    return DomainInfo(model, period, qga, agent_path, accel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +350,7 @@ class _Domain:
     ram_pages: int = 0
     balloon_pages: int = 0
     target_pages: int = 0
+    target_set: bool = False  # memballoon set ``target_pages`` (else it follows the balloon)
     alive: bool = True
     gone_reason: str = ""
     gone_at: float = 0.0
@@ -685,11 +656,11 @@ class LibvirtBackend:
         d.alive, d.gone_reason = True, ""
         ram = max_kib * KIB // PAGE_SIZE
         d.balloon_pages = (max_kib - actual) * KIB // PAGE_SIZE
-        if ram != d.ram_pages:  # first seen (a new run is adopted anew): libvirt's target
-            d.ram_pages = ram
-            target = d.info.target_kib
-            d.target_pages = d.balloon_pages if target is None or target >= max_kib else (
-                target * KIB // PAGE_SIZE)
+        d.ram_pages = ram
+        if not d.target_set:
+            # libvirt keeps no target apart from the balloon (its currentMemory follows
+            # QEMU's actual from the start): until memballoon sets one, the balloon is it
+            d.target_pages = d.balloon_pages
         d.stats = stats
         rss = _kib(stats, "rss")
         d.rss_bytes = None if rss is None else rss * KIB
@@ -897,7 +868,7 @@ class LibvirtBackend:
                     self.counters.inc(LibvirtCounter.LIBVIRT_ERROR)
                     log.warning("libvirt: %s: setMemoryFlags(%d KiB): %s", guest, kib, exc)
                 return False
-            d.target_pages = balloon_pages
+            d.target_pages, d.target_set = balloon_pages, True
             self.counters.inc(LibvirtCounter.LIBVIRT_SET_TARGET)
             return True
 
