@@ -60,6 +60,9 @@ def test_sizes(text: str | int, want: int) -> None:
      ["start_mib", "above max_mib"]),
     ("budget = [", ["not valid TOML"]),
     ('budget = "automatic"', ["budget", "'automatic'"]),
+    ('budget = "512"', ["budget", "no unit", "'512MiB'"]),
+    ("budget = 1073741824", ["budget", "no unit", "'1073741824B'"]),
+    ('budget = "1GiB"\n' + GUEST + 'min = 64', ["guests[0].min", "no unit", "'64MiB'"]),
     ('budget = "auto"\nhost_reserve = "120%"', ["host_reserve", "under 100%"]),
     ('budget = "auto"\nhost_reserve = "lots"', ["host_reserve", "'lots'", "unit"]),
 ])

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from memballoon.app.config import parse_size
 from memballoon.app.control import MAX_LINE_BYTES, ControlError, ControlServer, request
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
@@ -24,7 +27,7 @@ class Target:
     async def op_status(self) -> dict[str, Any]:
         return {"guests": []}
 
-    async def op_set(self, guest: str, size: str | int) -> dict[str, Any]:
+    async def op_set(self, guest: str, size: str | int, force: bool = False) -> dict[str, Any]:
         if guest == "ghost":
             raise UsageError("no guest named 'ghost'")
         if guest == "bug":
@@ -163,3 +166,29 @@ def test_second_daemon_on_a_live_socket_is_refused(tmp_path: Path) -> None:
         await srv2.close()
 
     asyncio.run(go())
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target control`)
+_json = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats()
+                     | st.text(max_size=12),
+                     lambda kids: st.lists(kids, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), kids, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["op", "guest", "size", "last", "name", "qmp", "agent",
+                                        "ram_bytes"]) | st.text(max_size=5), _json,
+                       max_size=5)
+       | st.fixed_dictionaries({"op": st.sampled_from(["status", "set", "journal",
+                                                      "register_qemu"])},
+                               optional={"guest": _json, "size": _json | st.text(max_size=30),
+                                         "last": _json}))
+def test_any_request_is_answered_with_json_and_no_internal_error(req: dict[str, Any]) -> None:
+    class Daemon(Target):
+        async def op_set(self, guest: str, size: str | int, force: bool = False) -> dict[str, Any]:
+            return {"guest": guest, "bytes": None if size == "auto" else parse_size(size)}
+
+    srv = ControlServer(Daemon(), "/nonexistent/m.sock", counters=Counters())
+    reply = asyncio.run(srv.handle_line(json.dumps(req).encode()))
+    json.dumps(reply, default=str)
+    assert isinstance(reply["ok"], bool) and srv.counters["control_internal_error"] == 0

@@ -77,7 +77,13 @@ def test_run_status_set_journal_top_and_sigterm(tmp_path: Path,
         assert all(g["alive"] and g["ram_bytes"] == 64 << 20 for g in st["guests"])
         assert all(g["free_bytes"] is not None for g in st["guests"])
 
-        assert main(["set", "g1", "40MiB", "--config", str(cfg)]) == 0  # socket via config
+        # under its safety floor (a 64 MiB guest: its working set plus 64 MiB): refused,
+        # saying why; --force sets it anyway
+        assert main(["set", "g1", "40MiB", "--config", str(cfg)]) == 2
+        assert "safety floor" in capsys.readouterr().err
+        assert main(["set", "g1", "40", "--config", str(cfg)]) == 2  # no unit
+        assert "'40MiB'" in capsys.readouterr().err
+        assert main(["set", "g1", "40MiB", "--force", "--config", str(cfg)]) == 0
         assert "size 40 MiB" in capsys.readouterr().out
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -126,7 +126,7 @@ def test_no_reversal_within_hold_unless_under_pressure() -> None:
 def test_manual_target_pins_and_clamps() -> None:
     p = Fixed({"a": 3000})
     c = core(p, a=GuestSettings(min_pages=RAM - 10000))
-    a = c.set_manual(100.0, state("a"), 20000)
+    a = c.set_manual(100.0, state("a"), 20000, force=True)
     assert (a.kind, a.new_pages) == ("manual", 10000) and "clamped" in a.reason
     assert c.step(101.0, {"a": state("a", target=10000)}, 0) == []  # policy ignored
     (again,) = c.step(102.0, {"a": state("a", target=0)}, 0)  # backend lost it: re-asked
@@ -277,3 +277,27 @@ def test_a_balloon_beyond_the_guests_ram_is_clamped_and_hurts_only_that_guest() 
     assert seen["liar"].balloon_pages == RAM and seen["liar"].size_pages == 0
     assert seen["a"] == c.sample(state("a"))
     assert c.counters["sample_out_of_range"] == 1
+
+
+def test_a_manual_size_under_the_safety_floor_is_refused_unless_forced() -> None:
+    # seed 003: "administrators often accidentally over-shrink their domains and effectively
+    # kill them"; `set GUEST 0B` must not be one keystroke away
+    import pytest
+
+    from memballoon.manager.core import MANUAL_MARGIN_PAGES, MANUAL_MIN_PAGES
+    from memballoon.model.errors import ConfigError
+
+    c = core(Fixed({}))
+    g = state("a")  # its report: 128 MiB available of 256 MiB, so a working set of 32768
+    floor, why = c.safety_floor(c.sample(g))
+    assert floor == 32768 + MANUAL_MARGIN_PAGES and "working set of 32768 pages" in why
+    with pytest.raises(ConfigError, match=f"safety floor of {floor} pages"):
+        c.set_manual(100.0, g, RAM)  # size 0: the whole RAM ballooned
+    assert c.counters["manual_refused"] == 1 and "a" not in c.manual
+    a = c.set_manual(100.0, g, RAM - floor)  # at the floor: fine
+    assert a.new_pages == RAM - floor
+    assert c.set_manual(101.0, g, RAM, force=True).new_pages == RAM  # forced
+    blind = state("b", rep=None)
+    assert c.safety_floor(c.sample(blind))[0] == MANUAL_MIN_PAGES
+    mins = core(Fixed({}), c=GuestSettings(min_pages=60000))
+    assert mins.safety_floor(mins.sample(state("c")))[0] == 60000

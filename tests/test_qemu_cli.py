@@ -93,7 +93,7 @@ class _Target:
     async def op_status(self) -> dict[str, Any]:
         return {}
 
-    async def op_set(self, guest: str, size: str | int) -> dict[str, Any]:
+    async def op_set(self, guest: str, size: str | int, force: bool = False) -> dict[str, Any]:
         return {}
 
     async def op_journal(self, last: int | None, guest: str | None) -> list[dict[str, Any]]:

@@ -73,8 +73,20 @@ def parse_size(value: object) -> int:
     return int(n)
 
 
+def size_with_unit(value: object) -> int:
+    """``parse_size`` for what an administrator types: a bare number other than 0 is refused,
+    with the unit it probably lacks (seed 003: guests over-shrunk "due to bad UI - entering the
+    wrong units")."""
+    n = parse_size(value)
+    bare = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+    if bare and n != 0:
+        raise ConfigError(f"{value!r} has no unit: write '{n}MiB' (or '{n}B' if you mean "
+                          f"bytes)")
+    return n
+
+
 def _size(v: object) -> int:
-    return parse_size(v)
+    return size_with_unit(v)
 
 
 Size = Annotated[int, BeforeValidator(_size)]
@@ -87,7 +99,7 @@ _PERCENT_RE: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*")
 def _budget(v: object) -> int | str:
     if isinstance(v, str) and v.strip().lower() == "auto":
         return "auto"
-    return parse_size(v)
+    return size_with_unit(v)
 
 
 def _reserve(v: object) -> int | str:
@@ -98,7 +110,7 @@ def _reserve(v: object) -> int | str:
             if not 0.0 <= pct < 100.0:
                 raise ConfigError(f"{v!r}: a share of the host's memory must be under 100%")
             return f"{pct:g}%"
-    return parse_size(v)
+    return size_with_unit(v)
 
 
 def reserve_bytes(reserve: int | str, total_bytes: int) -> int:
@@ -120,7 +132,7 @@ def _limit(v: object) -> int | str:
         if not 0.0 <= pct <= 100.0:
             raise ConfigError(f"{v!r}: a share of the guest's RAM must be 0% to 100%")
         return f"{pct:g}%"
-    return parse_size(v)
+    return size_with_unit(v)
 
 
 #: A guest's ``min``/``max``: a size, or a share of its RAM (``"25%"``).
@@ -394,4 +406,5 @@ def load_config(path: Path | str) -> HostConfig:
 
 __all__ = ["DEFAULT_HOST_RESERVE", "DEFAULT_LIBVIRT_URI", "DefaultsConfig", "GuestConfig",
            "HostConfig", "default_socket_path", "limit_pages", "load_config",
-           "load_config_text", "parse_size", "reserve_bytes", "resolve_settings"]
+           "load_config_text", "parse_size", "reserve_bytes", "resolve_settings",
+           "size_with_unit"]

@@ -2,7 +2,8 @@
 
 Request ``{"op": OP, ...}`` -> ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
 "..."}``. Ops: ``status``; ``set`` (``guest``, ``size``: the guest's logical size with a unit,
-as QMP's ``balloon`` takes it, or ``"auto"`` to hand the guest back to the policy);
+as QMP's ``balloon`` takes it, or ``"auto"`` to hand the guest back to the policy; ``force``:
+set a size under the guest's safety floor);
 ``journal`` (``last``, ``guest``); ``register_qemu`` (``name``, ``qmp``, ``agent``,
 ``ram_bytes``); ``shutdown``.
 
@@ -57,7 +58,8 @@ class ControlTarget(Protocol):
     """What the control server asks of the daemon."""
 
     async def op_status(self) -> dict[str, Any]: ...
-    async def op_set(self, guest: str, size: str | int) -> dict[str, Any]: ...
+    async def op_set(self, guest: str, size: str | int,
+                     force: bool = False) -> dict[str, Any]: ...
     async def op_journal(self, last: int | None, guest: str | None) -> list[dict[str, Any]]: ...
     async def op_register_qemu(self, name: str, qmp: str, agent: str | None,
                                ram_bytes: int) -> dict[str, Any]: ...
@@ -195,7 +197,10 @@ class ControlServer:
                     raise _BadRequest(ControlCounter.CONTROL_BAD_ARGS,
                                       "size must be a string with a unit or bytes")
                 assert guest is not None
-                return await t.op_set(guest, size)
+                force = req.get("force", False)
+                if not isinstance(force, bool):
+                    raise _BadRequest(ControlCounter.CONTROL_BAD_ARGS, "force must be a bool")
+                return await t.op_set(guest, size, force)
             case "journal":
                 return await t.op_journal(_int(req, "last", optional=True),
                                           _str(req, "guest", optional=True))

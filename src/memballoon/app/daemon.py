@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from memballoon.app.config import HostConfig, parse_size, reserve_bytes, resolve_settings
+from memballoon.app.config import HostConfig, reserve_bytes, resolve_settings, size_with_unit
 from memballoon.app.control import ControlServer
 from memballoon.app.metrics import ManagerMetrics
 from memballoon.edge.aio import AsyncEngine
@@ -378,13 +378,13 @@ class Daemon:
                 * PAGE_SIZE, "short_bytes": h.short_pages * PAGE_SIZE,
                 "psi_some_avg10": h.psi_some_avg10, "psi_full_avg10": h.psi_full_avg10}
 
-    async def op_set(self, guest: str, size: str | int) -> dict[str, Any]:
+    async def op_set(self, guest: str, size: str | int, force: bool = False) -> dict[str, Any]:
         am = self._m()
         m = am.engine
         if size == "auto":
             return {"guest": guest, "manual": False, "cleared": m.clear_manual(guest)}
         try:
-            size_bytes = parse_size(size)
+            size_bytes = size_with_unit(size)
         except ConfigError as exc:
             raise ConfigError(f"size: {exc}") from None
         st = m.guests.get(guest)
@@ -395,7 +395,7 @@ class Daemon:
             raise ConfigError(f"size {size!r} = {size_bytes} bytes is above guest {guest}'s "
                               f"RAM ({ram} bytes)")
         balloon = st.ram_pages - bytes_to_pages(size_bytes)  # QMP-style: size kept, rounded
-        a, ok = await am.set_manual(guest, balloon)
+        a, ok = await am.set_manual(guest, balloon, force=force)
         return {"guest": guest, "manual": True, "applied": ok, "reason": a.reason,
                 "balloon_bytes": a.new_pages * PAGE_SIZE,
                 "size_bytes": (st.ram_pages - a.new_pages) * PAGE_SIZE}

@@ -97,7 +97,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 def _cmd_set(a: argparse.Namespace) -> int:
-    res = request(_socket(a), "set", guest=a.guest, size=a.size)
+    res = request(_socket(a), "set", guest=a.guest, size=a.size, force=a.force)
     print(json.dumps(res) if a.json else
           (f"{a.guest}: back to the policy" if not res.get("manual") else
            f"{a.guest}: size {_mib(res['size_bytes'])} MiB, balloon "
@@ -156,7 +156,10 @@ def register(sub: Any) -> None:
     p = client("set", "set a guest's size (its balloon is RAM - SIZE); SIZE 'auto' hands "
                "it back to the policy")
     p.add_argument("guest")
-    p.add_argument("size", help="e.g. 384MiB, 1GiB, or auto")
+    p.add_argument("size", help="e.g. 384MiB, 1GiB, or auto (a unit is required)")
+    p.add_argument("--force", action="store_true",
+                   help="set a size under the guest's safety floor (its min, or its working "
+                        "set plus 64 MiB)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_set)
 

@@ -6,7 +6,8 @@ that implements ``manager.port.AsyncIO``, each bounded by ``call_timeout_s``: a 
 hangs costs that round, counted as ``backend_error``), one round at a time (the loop, a manual
 target and the shutdown share a lock), a stop event, the shutdown's wait for balloons to
 deflate, and a watch on the host between steps: with a host probe, the host's memory is read
-every ``watch_s`` and a host fallen under its reserve gets the next step at once. Everything else, collect, decide, act and journal, is the engine's step.
+every ``watch_s`` and a host fallen under its reserve gets the next step at once. Everything
+else, collect, decide, act and journal, is the engine's step.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ class AsyncEngine:
                     self.engine.counters.inc(AsyncEngineCounter.TICK_HOOK_ERROR)
             return actions
 
-    async def set_manual(self, guest: str, balloon_pages: int) -> tuple[Action, bool]:
+    async def set_manual(self, guest: str, balloon_pages: int, *,
+                         force: bool = False) -> tuple[Action, bool]:
         async with self._lock:
             await self._io_call("refresh")
-            a, ok = self.engine.set_manual(guest, balloon_pages)
+            a, ok = self.engine.set_manual(guest, balloon_pages, force=force)
             await self._io_call("flush")
             return a, ok
 

@@ -46,10 +46,11 @@ from pydantic import Field
 
 from memballoon.manager.port import HostMemory
 from memballoon.model.counters import CounterName, Counters
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.snapshot import Snapshot
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Decision, Policy, clamp_balloon
+from memballoon.policy.observe import working_set_pages
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
@@ -85,6 +86,7 @@ class ManagerCounter(CounterName):
     # core: samples whose balloon or target lay outside the guest's RAM (a lying guest or a
     # broken backend), clamped into it so only that guest's figures are wrong
     SAMPLE_OUT_OF_RANGE = "sample_out_of_range"
+    MANUAL_REFUSED = "manual_refused"  # core: manual sizes under the guest's safety floor
 
 
 #: Where an ``Action`` comes from.
@@ -96,6 +98,11 @@ DECISIONS: Final[Mapping[ActionKind, ManagerCounter]] = {
     "correction": ManagerCounter.DECISIONS_CORRECTION,
     "shutdown": ManagerCounter.DECISIONS_SHUTDOWN,
 }
+
+#: A manual size keeps at least the guest's working set plus this (``safety_floor``).
+MANUAL_MARGIN_PAGES: Final = 64 * 256  # 64 MiB
+#: ... and without a report to read its working set from, at least this.
+MANUAL_MIN_PAGES: Final = 64 * 256  # 64 MiB
 
 #: Defaults of the hysteresis (see ``Hysteresis``).
 MIN_CHANGE_PAGES: Final = 256  # 1 MiB: below this a change is noise
@@ -355,9 +362,38 @@ class ManagerCore:
         self.counters.inc(ManagerCounter.ACTIONS)
 
     # ------------------------------------------------------------------ manual targets
-    def set_manual(self, now: float, st: GuestSample, balloon_pages: int) -> Action:
-        """Pin ``st``'s balloon (clamped to its limits); the policy leaves it alone."""
+    def safety_floor(self, s: GuestSample) -> tuple[int, str]:
+        """The least a guest may be set to by hand, and why: its min, and its working set in
+        its last report plus ``MANUAL_MARGIN_PAGES`` (without a report, at least
+        ``MANUAL_MIN_PAGES``). Seed 003: administrators over-shrink their guests and kill them,
+        "sometimes due to bad UI - entering the wrong units"."""
+        floor, why = s.floor_pages(), f"its min of {s.floor_pages()} pages"
+        r = s.report
+        if r is None:
+            least = min(s.ram_pages, MANUAL_MIN_PAGES)
+            if least > floor:
+                floor, why = least, (f"no pressure report from it yet: at least {least} pages")
+        else:
+            ws = working_set_pages(s, r, self.counters)
+            if ws + MANUAL_MARGIN_PAGES > floor:
+                floor = ws + MANUAL_MARGIN_PAGES
+                why = (f"its working set of {ws} pages (its size less MemAvailable in its last "
+                       f"report) plus a margin of {MANUAL_MARGIN_PAGES} pages")
+        return min(floor, s.ram_pages), why
+
+    def set_manual(self, now: float, st: GuestSample, balloon_pages: int, *,
+                   force: bool = False) -> Action:
+        """Pin ``st``'s balloon (clamped to its limits); the policy leaves it alone. A size
+        under the guest's safety floor is refused (ConfigError saying the floor and why)
+        unless ``force``."""
         s = self.sample(st)
+        floor, why = self.safety_floor(s)
+        size = s.ram_pages - balloon_pages
+        if size < floor and not force:
+            self.counters.inc(ManagerCounter.MANUAL_REFUSED)
+            raise ConfigError(f"guest {s.name}: a size of {size} pages ({size * PAGE_SIZE} "
+                              f"bytes) is under its safety floor of {floor} pages "
+                              f"({floor * PAGE_SIZE} bytes): {why}; force it to set it anyway")
         want = clamp_balloon(s, balloon_pages)
         self.manual[st.name] = want
         reason = "manual target" if want == balloon_pages else (

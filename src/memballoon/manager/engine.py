@@ -140,8 +140,10 @@ class Engine:
         return actions
 
     # ------------------------------------------------------------------ manual targets
-    def set_manual(self, guest: str, balloon_pages: int) -> tuple[Action, bool]:
-        """Pin ``guest``'s balloon; UsageError for an unknown or dead guest."""
+    def set_manual(self, guest: str, balloon_pages: int, *,
+                   force: bool = False) -> tuple[Action, bool]:
+        """Pin ``guest``'s balloon; UsageError for an unknown or dead guest, ConfigError for a
+        size under its safety floor unless ``force`` (``ManagerCore.set_manual``)."""
         guests = self.collect()
         if guests is None or guest not in guests:
             raise UsageError(f"no guest named {guest!r}")
@@ -149,7 +151,7 @@ class Engine:
         if not s.alive:
             raise UsageError(f"guest {guest!r} is not alive")
         now = self.clock.now()
-        a = self.core.set_manual(now, s, balloon_pages)
+        a = self.core.set_manual(now, s, balloon_pages, force=force)
         return a, self.apply(a, now)
 
     def clear_manual(self, guest: str) -> bool:
