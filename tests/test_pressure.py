@@ -6,7 +6,7 @@ import contextlib
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.model.counters import Counters
@@ -117,3 +117,29 @@ def test_report_without_sampling_fields_still_decodes() -> None:
     doc["active_touched"] = 101
     with pytest.raises(ReportError):
         PressureReport.decode(json.dumps(doc))
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target pressure_report`)
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats()
+    | st.text(max_size=8), lambda kids: st.lists(kids, max_size=3)
+    | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150)
+@given(reports, st.dictionaries(st.sampled_from(["v", "guest", "time_s", "free_bytes",
+                                                 "stall_pct", "refused_pages",
+                                                 "active_sampled", "active_touched", "extra"]),
+                                _values, max_size=3))
+def test_a_report_with_any_fields_changed_is_refused_once_or_within_bounds(
+        r: PressureReport, change: dict[str, object]) -> None:
+    doc = {**json.loads(r.encode()), **change}
+    c = Counters()
+    try:
+        got = PressureReport.decode(json.dumps(doc).encode(), counters=c)
+    except ReportError as exc:
+        assert c.as_dict() == {exc.counter.value: 1}  # counted once, by the rule it broke
+        return
+    assert 0.0 <= got.stall_pct <= 100.0 and 0.0 <= got.time_s <= MAX_VALUE
+    assert 0 <= got.free_bytes <= MAX_VALUE and got.active_touched <= got.active_sampled
+    assert PressureReport.decode(got.encode()) == got

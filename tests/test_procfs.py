@@ -65,3 +65,22 @@ def test_memory_stat() -> None:
                       source="memory.stat") == {"cache": 10, "total_inactive_file": 7}
     with pytest.raises(HostMemoryError):
         parse_stat("cache ten\n", source="memory.stat")
+
+
+# found by `memballoon bench fuzz` (target qga: a guest's PSI text read through qemu-ga)
+@pytest.mark.parametrize("text", [
+    "some avg10=0.00 avg60=0.00 avg300=0.00 total=5\n\n",  # was ValueError (unpacking)
+    "   \nsome avg10=0.00 avg60=0.00 avg300=0.00 total=5\n",
+])
+def test_blank_lines_in_psi_are_skipped(text: str) -> None:
+    assert parse_psi(text) == Psi(0.0, 0.0, 5)
+
+
+@pytest.mark.parametrize("text", [
+    "some avg10=0 avg60=0 total=5\nfull avg10=0 avg60=0 total=-5",  # was a negative count
+    "some avg10=0 avg60=0 total=-1", "some avg10=nan avg60=0 total=1",
+    "some avg10=0 avg60=0 total=1\nfull avg10=101 avg60=0 total=1",
+])
+def test_psi_figures_the_kernel_cannot_write_are_refused(text: str) -> None:
+    with pytest.raises(HostMemoryError, match="out of range"):
+        parse_psi(text)

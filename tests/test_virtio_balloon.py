@@ -128,3 +128,30 @@ def test_any_stats_bytes_decode_or_raise_stats_error(data: bytes) -> None:
         decode_stats(data, strict=True)
     except StatsError:
         assert c.total() > 0
+
+
+# fuzz properties (the long form: `memballoon bench fuzz --target virtio_stats
+# --target virtio_config`)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 2**64 - 1)), max_size=20),
+       st.binary(max_size=9))
+def test_strict_takes_exactly_what_lenient_takes_without_counting(
+        entries: list[tuple[int, int]], tail: bytes) -> None:
+    data = encode_stats(entries) + tail
+    c = Counters()
+    lenient = decode_stats(data, counters=c)
+    assert lenient == {t: v for t, v in entries if t < 16}  # a later entry for a tag wins
+    try:
+        assert decode_stats(data, strict=True) == lenient and c.total() == 0
+    except StatsError:
+        assert c.total() > 0
+    assert decode_stats(encode_stats(lenient), strict=True) == lenient
+
+
+@given(st.binary(max_size=40))
+def test_a_config_space_decodes_to_exactly_its_bytes_or_is_refused(data: bytes) -> None:
+    try:
+        cfg = BalloonConfig.decode(data)
+    except DeviceConfigError:
+        assert len(data) not in (16, 24)
+        return
+    assert cfg.encode(extended=len(data) == 24) == data

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.guest.memory import GuestMemory
 from memballoon.guest.virtio_driver import VirtioBalloonDriver
@@ -620,3 +622,47 @@ def _partial_deflate_over(ram: MemfdRam) -> None:
     dev.set_target(0)
     drv.work(5.0)
     assert dev.partial_huge_pages == 0 and mem.verify_contents() == 0
+
+
+# found by `memballoon bench fuzz` (target virtio_device): a queue set up again smaller while
+# the device held a buffer of its old ring made ``push_used`` raise UsageError out of
+# ``request_stats`` (the stats head) and out of ``notify`` (a held deflate, via retry_held)
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["setup", "stats", "inflate", "deflate", "pool",
+                                           "request"]),
+                          st.sampled_from([INFL, DEFL, vb.BalloonQueue.STATSQ]),
+                          st.integers(0, 7)), max_size=25))
+def test_queues_set_up_again_at_any_size_never_make_the_device_raise(
+        ops: list[tuple[str, vb.BalloonQueue, int]]) -> None:
+    g = huge_guest(F_STATS)
+    g.ram.pool = 0
+    area = AREA + 0x8000
+    for op, role, k in ops:
+        idx, _ = g.q[role]
+        if op == "setup":  # a new ring elsewhere, of any size up to the device's
+            area += 0x1000
+            lay = QueueLayout.packed(area, 1 << (k % 4))
+            g.q[role] = (idx, DriverQueue(g.view, lay, Counters()))
+            g.dev.setup_queue(idx, lay)
+        elif op == "pool":
+            g.ram.pool = k
+        elif op == "request":
+            g.dev.request_stats()
+            g.dev.retry_held()
+        else:  # a buffer on the op's own queue, if that ring has a descriptor free
+            target = {"stats": vb.BalloonQueue.STATSQ, "inflate": INFL, "deflate": DEFL}[op]
+            _, tq = g.q[target]
+            if not tq.num_free or tq.broken:
+                continue
+            if op == "stats":
+                g.view.write(g.buf, encode_stats({StatTag.MEMFREE: k}))
+                g.send(target, [(g.buf, 10, False)])
+            else:
+                pfns = range(k * HP, k * HP + (HP if op == "inflate" else 4))
+                g.send_pfns(target, list(pfns))
+        ball = g.dev.balloon_pfns()
+        assert g.dev.inflated_pages == ball.size
+        whole = ball[np.bincount(ball // HP, minlength=PAGES // HP)[ball // HP] == HP]
+        assert g.ram.resident_pages_of(whole) == 0  # a whole ballooned host page is released
+    snap = VirtioDeviceSnapshot.from_json(g.dev.snapshot().to_json())
+    assert VirtioBalloonDevice.restore(snap, g.ram, g.view).inflated_pages == g.dev.inflated_pages

@@ -362,3 +362,28 @@ def test_hostile_descriptor_tables_raise_only_peer_errors(
         for gpa, n in chain.readable + chain.writable:
             assert gpa >= 0 and gpa + n <= GUEST
         dev.push_used(chain.head, 0)
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target virtqueue_used`)
+@settings(max_examples=100, deadline=None)
+@given(size=st.sampled_from([1, 2, 4, 8]), start=st.integers(0, 0xFFFF),
+       rounds=st.lists(st.tuples(st.lists(st.integers(1, 64), max_size=4),
+                                 st.binary(min_size=4, max_size=4 + 8 * 8)), max_size=4))
+def test_hostile_used_rings_give_the_driver_only_chains_it_has_in_flight(
+        size: int, start: int, rounds: list[tuple[list[int], bytes]]) -> None:
+    q = make_pair(size, start=start)
+    view, drv = q.view, q.driver
+    flight: dict[int, int] = {}
+    for lengths, used in rounds:
+        for n in lengths[: drv.num_free]:
+            flight[drv.add([(DATA, n, True)])] = n
+        drv.publish()
+        view.write(q.device.layout.used_gpa + 2, used[: 2 + 8 * size])  # idx, then entries
+        try:
+            got = drv.collect()
+        except DescriptorError:
+            assert drv.broken and drv.collect() == []
+            return
+        for u in got:
+            assert 0 <= u.length <= flight.pop(u.head)  # in flight, and no more than it gave
+        assert drv.in_flight == len(flight) and drv.num_free + len(flight) == size

@@ -578,3 +578,47 @@ def test_a_pair_over_huge_pages_balloons_whole_blocks(batched: bool, target: int
     p.set_target(0)
     assert p.run_until(lambda q: q.driver.balloon_pages == 0, 20)
     assert p.violations == [] and p.device.partial_huge_pages == 0
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target vmw_device`): the host changing
+# its mind between any two commands, over 2 MiB host pages from a pool that may run dry
+_CMDS = [c for c in Command]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.sampled_from(_CMDS), st.lists(st.integers(0, PAGES // 512 + 1), max_size=6),
+              st.integers(0, PAGES + 600)),
+    st.tuples(st.sampled_from(["target", "reset", "busy", "pool"]), st.just([]),
+              st.integers(0, PAGES))), max_size=30))
+def test_every_reply_decodes_for_the_driver_and_the_balloon_stays_released(
+        ops: list[tuple[Command | str, list[int], int]]) -> None:
+    ram = NullRam(PAGES, host_page_frames=HPAGE_PMD_NR)
+    ram.touch(np.arange(PAGES, dtype=np.int64), 1)
+    ram.pool = 0
+    dev = VmwBalloonDevice(ram, defer_release=True)
+    for op, blocks, n in ops:
+        before = dev.actual_pages
+        if isinstance(op, Command):
+            if op.batched:  # 2 MiB heads, or 4 KiB frames spread over the blocks
+                heads = [b * 512 if op in (Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK)
+                         else b * 512 + n % 512 for b in blocks]
+                req = batch_request(op, heads)
+            else:
+                req = Request(op, n if op is not Command.START else 0x3E)
+            resp = decode_response(dev.handle(encode_request(req)), req)  # never a bad reply
+            dev.flush_release()
+            if resp.status is Status.SUCCESS and dev.actual_pages > before:
+                assert dev.actual_pages <= dev.target_pages  # locks never pass the target
+        elif op == "target":
+            dev.set_target(n)
+        elif op == "reset":
+            dev.request_reset()
+        elif op == "busy":
+            dev.busy_next(n % 3)
+        else:
+            ram.pool = n % 4
+        ball = dev.balloon_pfns()
+        assert dev.actual_pages == ball.size and (not ball.size or ball[-1] < PAGES)
+        whole = ball[np.bincount(ball // 512, minlength=PAGES // 512)[ball // 512] == 512]
+        assert ram.resident_pages_of(whole) == 0  # every whole ballooned host page released

@@ -208,3 +208,43 @@ def test_random_headers_only_frame_error(magic: int, cmd: int, data: int, tail: 
     except FrameError:
         return
     assert encode_request(req) == frame  # whatever decodes re-encodes to the same bytes
+
+
+# fuzz properties (the long form: `memballoon bench fuzz --target vmw_frame --target vmw_reply`)
+@settings(max_examples=100)
+@given(st.sampled_from([c for c in Command if c.batched]), st.data())
+def test_batch_frames_decode_to_exactly_their_encoding_or_a_frame_error(
+        cmd: Command, data: st.DataObject) -> None:
+    pfns = data.draw(st.lists(st.integers(0, (1 << 52) - 1), max_size=12))
+    low = data.draw(st.lists(st.integers(0, 0xFFF), min_size=len(pfns), max_size=len(pfns))
+                    | st.just([0] * len(pfns)))
+    count = data.draw(st.just(len(pfns)) | st.integers(0, 600))
+    word = data.draw(st.just(count) | _u64)
+    frame = struct.pack("<IIQI", VMW_BALLOON_HV_MAGIC, cmd, word, count) + b"".join(
+        struct.pack("<Q", p << 12 | lo) for p, lo in zip(pfns, low, strict=True)) + data.draw(
+        st.binary(max_size=9) | st.just(b""))
+    try:
+        req = decode_request(frame)
+    except FrameError:
+        return
+    assert encode_request(req) == frame and req.data == req.pfns.size == count
+
+
+@settings(max_examples=100)
+@given(_batch | _single, st.integers(-(2**31), 2**31 - 1), _u64, st.data())
+def test_a_reply_the_driver_takes_is_exactly_its_encoding(req: Request, status: int,
+                                                          result: int,
+                                                          data: st.DataObject) -> None:
+    codes = data.draw(st.lists(st.integers(0, 0xFFF), min_size=req.pfns.size,
+                               max_size=req.pfns.size) | st.just([0] * req.pfns.size))
+    entries = b"".join(struct.pack("<Q", int(p) << 12 | c)
+                       for p, c in zip(req.pfns.tolist(), codes, strict=True))
+    count = data.draw(st.just(req.pfns.size) | st.integers(0, 8))
+    frame = struct.pack("<iIQ", status, count, result) + data.draw(
+        st.just(entries) | st.binary(max_size=40))
+    try:
+        resp = decode_response(frame, req)
+    except FrameError:
+        return
+    assert encode_response(resp) == frame
+    assert not resp.pfns.size or np.array_equal(resp.pfns, req.pfns)

@@ -39,3 +39,29 @@ def test_oversized_and_unknown_frames_are_refused() -> None:
         Decoder().messages((1).to_bytes(4, "little") + b"\x63")
     with pytest.raises(FrameError):
         encode(Kind.VMW, b"\0" * MAX_FRAME)
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target wire`)
+@given(msgs, st.binary(max_size=40), st.integers(1, 9))
+def test_good_frames_then_garbage_in_pieces_decode_as_at_once(
+        items: list[tuple[Kind, bytes]], garbage: bytes, step: int) -> None:
+    stream = b"".join(encode(k, p) for k, p in items) + garbage
+
+    def run(chunks: list[bytes]) -> tuple[list[Message], bool, int]:
+        d, out = Decoder(), []
+        try:
+            for c in chunks:
+                d.feed(c)
+                while (m := d.next()) is not None:
+                    out.append(m)
+        except FrameError:
+            return out, True, d.pending
+        return out, False, d.pending
+
+    whole = run([stream])
+    pieces = run([stream[i : i + step] for i in range(0, len(stream), step)])
+    assert whole[:2] == pieces[:2]  # the same messages, the same verdict on the rest
+    got, failed, pending = pieces
+    assert got[: len(items)] == [Message(k, p) for k, p in items]
+    used = b"".join(encode(m.kind, m.payload) for m in got)
+    assert stream.startswith(used) and (failed or pending == len(stream) - len(used))

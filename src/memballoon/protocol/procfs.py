@@ -66,7 +66,7 @@ def parse_psi(text: str, *, source: str = "/proc/pressure/memory") -> Psi:
     """A PSI file's ``some`` (required) and ``full`` (optional) lines."""
     rows: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
-        kind, *fields = line.split()
+        kind, *fields = line.split() or [""]
         if kind in ("some", "full"):
             rows[kind] = dict(f.split("=", 1) for f in fields if "=" in f)
     if "some" not in rows:
@@ -74,7 +74,7 @@ def parse_psi(text: str, *, source: str = "/proc/pressure/memory") -> Psi:
     try:
         some = rows["some"]
         full = rows.get("full")
-        return Psi(
+        psi = Psi(
             some_avg10=float(some["avg10"]), some_avg60=float(some["avg60"]),
             some_total_us=int(some["total"]),
             full_avg10=float(full["avg10"]) if full is not None else None,
@@ -82,6 +82,14 @@ def parse_psi(text: str, *, source: str = "/proc/pressure/memory") -> Psi:
         )
     except (KeyError, ValueError) as exc:
         raise HostMemoryError(f"{source}: malformed PSI line ({exc})") from None
+    # a guest's PSI arrives through qemu-ga: only what a kernel can write (shares in percent,
+    # cumulative microseconds) gets through
+    avgs = (psi.some_avg10, psi.some_avg60, psi.full_avg10)
+    totals = (psi.some_total_us, psi.full_total_us)
+    if not (all(a is None or 0.0 <= a <= 100.0 for a in avgs)
+            and all(t is None or t >= 0 for t in totals)):
+        raise HostMemoryError(f"{source}: PSI figures out of range")
+    return psi
 
 
 def parse_counter(text: str, *, source: str) -> int | None:
