@@ -388,3 +388,20 @@ def test_attach_names_what_to_do_and_waits_for_the_vm(
                 await asyncio.to_thread(proc.close)
 
     asyncio.run(main())
+
+
+def test_an_attached_guest_target_follows_its_balloon_until_set(tmp_path: Path) -> None:
+    """QMP tells the balloon, never the target someone else asked for: until memballoon sets
+    one, an attached guest's target is its balloon (not the size it had when attached)."""
+    async def main() -> None:
+        state: dict[str, Any] = {"actual": RAM}
+        async with fake_world(tmp_path, {"g": balloon_handler(state)}) as (b, _):
+            state["actual"] = RAM - 256 * MIB  # `vm start --mib` pre-inflation lands
+            s = (await b.poll())["g"]
+            assert s.balloon_pages == s.target_pages == 256 * MIB // PAGE_SIZE
+            assert await b.apply_target("g", 100)
+            state["actual"] = RAM - 50 * PAGE_SIZE  # on its way
+            s = (await b.poll())["g"]
+            assert s.balloon_pages == 50 and s.target_pages == 100
+
+    run(main)

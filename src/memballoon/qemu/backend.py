@@ -152,6 +152,9 @@ class _Guest:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     balloon_pages: int = 0
     target_pages: int = 0
+    # memballoon set target_pages (a VM it attached to may still be moving to a target
+    # someone else set, which QMP does not tell: until then the target follows the balloon)
+    target_set: bool = False
     target_set_at: float = 0.0
     last_move_at: float = 0.0
     last_hint: int | None = None
@@ -272,6 +275,7 @@ class QemuBackend:
         if spec.start_bytes < spec.ram_bytes:  # pre-inflated: applied once the driver loads
             await qmp.set_logical_size(spec.start_bytes)
             g.target_pages = (spec.ram_bytes - spec.start_bytes) >> PAGE_SHIFT
+            g.target_set = True
             g.target_set_at = g.last_move_at = self.clock.now()
         await qmp.execute("cont")
         await agent.connect(wait_s=5.0)
@@ -485,7 +489,7 @@ class QemuBackend:
         if balloon_pages != g.target_pages:
             g.stuck = False
             self._stuck.discard(g.name)
-        g.target_pages = balloon_pages
+        g.target_pages, g.target_set = balloon_pages, True
         g.target_set_at = g.last_move_at = now
         self.counters.inc(QemuBackendCounter.QEMU_SET_TARGET)
         return True
@@ -578,6 +582,8 @@ class QemuBackend:
             g.last_move_at = now
         g.balloon_pages, g.last_hint = pages, hint
         g.history.add(now, pages)
+        if not g.target_set:
+            g.target_pages = pages
         self._check_stuck(g, now)
         await self._take_report(g, now)
 
