@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.app.config import load_config, load_config_text, parse_size, reserve_bytes
 from memballoon.model.errors import ConfigError
@@ -187,3 +190,32 @@ def test_a_config_file_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     p.write_bytes(b'budget = "1GiB"\n# \xff\xfe\n')
     with pytest.raises(ConfigError, match="UTF-8"):
         load_config(p)  # was UnicodeDecodeError
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target config`)
+_value = st.one_of(st.integers(-(2**70), 2**70).map(str), st.floats().map(repr),
+                   st.text(max_size=10).map(lambda t: json.dumps(t, ensure_ascii=False)),
+                   st.sampled_from(['"1GiB"', '"512 MiB"', '"1.5GiB"', '"25%"', '"auto"',
+                                    '"-3MiB"', '"0B"', "true", "[]", "{}", '"9e99GiB"',
+                                    '"' + "7" * 30 + 'KiB"', "[[[[1]]]]", '"local"', '"qemu"',
+                                    '"libvirt"', '"virtio"', '"idle"']))
+_key = st.sampled_from(["world", "budget", "host_reserve", "period_s", "name", "mib",
+                        "max_mib", "protocol", "workload", "min", "max", "shares", "swap",
+                        "journal", "socket", "uri", "domains", "params", "hold_s", "qmp", "x"])
+_line = st.builds("{} = {}".format, _key, _value) | st.sampled_from(
+    ["[[guests]]", "[policy]", "[hysteresis]", "[defaults]", "[policy.params]", "name = \"a\"",
+     "mib = 256"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_line, max_size=14))
+def test_any_config_loads_within_bounds_or_is_one_config_error(lines: list[str]) -> None:
+    try:
+        cfg = load_config_text("\n".join(lines), "host.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("host.toml")
+        return
+    assert cfg.budget == "auto" or cfg.budget > 0
+    for g in cfg.guests:
+        s = g.settings(1 << 18)
+        assert 0 <= s.min_pages <= (s.max_pages if s.max_pages is not None else 1 << 18)

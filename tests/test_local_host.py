@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.host.cgroup import detect
 from memballoon.host.hugepages import HUGETLB_DIR, SYSFS, read_hugetlb_pool
@@ -378,3 +380,21 @@ def test_a_hello_nested_past_the_recursion_limit_is_a_mismatch_not_an_exception(
     assert not hello_matches(json.dumps({**want, "pages": 4097}).encode(), want)
     assert not hello_matches(b"[1, 2]", want) and not hello_matches(b"\xff", want)
     assert peer_json_object(b'{"ok": true}') == {"ok": True}
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=3)
+                     | st.dictionaries(st.sampled_from(["v", "guest", "protocol", "pages", "pid"])
+                                       | st.text(max_size=4), kids, max_size=5), max_leaves=10)
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target hello`)
+@settings(max_examples=200)
+@given(_json.map(lambda d: json.dumps(d).encode()) | st.binary(max_size=64)
+       | st.integers(1, 5000).map(lambda d: b"{\"v\": " + b"[" * d + b"]" * d + b"}"))
+def test_any_hello_is_matched_or_not_never_raised(payload: bytes) -> None:
+    want = {"v": 1, "guest": "g", "protocol": "virtio", "pages": 4096, "pid": 7}
+    doc = peer_json_object(payload)
+    assert doc is None or isinstance(doc, dict)
+    assert hello_matches(payload, want) == (doc is not None and all(
+        doc.get(k) == v for k, v in want.items()))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.model.errors import MemballoonError
 from memballoon.protocol.procfs import (
@@ -84,3 +88,23 @@ def test_blank_lines_in_psi_are_skipped(text: str) -> None:
 def test_psi_figures_the_kernel_cannot_write_are_refused(text: str) -> None:
     with pytest.raises(HostMemoryError, match="out of range"):
         parse_psi(text)
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target qga`, a guest's /proc text)
+_words = st.sampled_from(["MemTotal:", "MemAvailable:", "kB", "some", "full", "avg10=1.5",
+                          "avg60=0", "total=12", "total=-3", "avg10=nan", "=", "pswpin", "9" * 30,
+                          "-1", "1e5", "\n", " ", "\t"])
+
+
+@settings(max_examples=200)
+@given(st.lists(_words | st.text(max_size=6), max_size=30).map(" ".join))
+def test_any_text_parses_within_bounds_or_is_a_host_memory_error(text: str) -> None:
+    for parse in (parse_meminfo, parse_stat, parse_counter):
+        with contextlib.suppress(HostMemoryError):
+            parse(text, source="guest")
+    try:
+        psi = parse_psi(text)
+    except HostMemoryError:
+        return
+    assert 0.0 <= psi.some_avg10 <= 100.0 and psi.some_total_us >= 0
+    assert psi.full_total_us is None or psi.full_total_us >= 0

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.model.counters import Counters
 from memballoon.model.errors import PeerError
@@ -143,3 +145,34 @@ def test_absent_agent_and_missing_file_pass_through_and_handles_close() -> None:
     with pytest.raises(GuestAgentError):
         read_file(big, "/f", Counters())
     assert not big.open  # closed though the read failed
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target qga`)
+_lines = st.lists(st.sampled_from(["MemTotal: 996624 kB", "MemAvailable: 1 kB", "MemFree: -4 kB",
+                                   "Cached: 99999999999999999999 kB", "pswpin 3", "oom_kill -1",
+                                   "balloon_inflate 9", "balloon_deflate 10", "",
+                                   "some avg10=2.50 avg60=1.00 avg300=0.20 total=123456",
+                                   "full avg10=1.25 avg60=0.50 avg300=0.10 total=-5",
+                                   "some avg10=inf avg60=0 total=1"]) | st.text(max_size=12),
+                  max_size=10).map("\n".join)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_lines, _lines, _lines, st.integers(1, 200))
+def test_any_guest_text_reports_within_bounds_or_is_a_guest_agent_error(
+        meminfo: str, vmstat: str, psi: str, chunk: int) -> None:
+    qga = FakeQga({"/proc/meminfo": meminfo, "/proc/vmstat": vmstat,
+                   "/proc/pressure/memory": psi}, chunk=chunk)
+    try:
+        a = read_report(qga, guest="d", counters=Counters(), now=1.0)
+    except GuestAgentError:
+        assert not qga.open  # every handle closed all the same
+        return
+    for k, v in vars(a).items():
+        if k.endswith("avg10"):
+            assert v is None or 0.0 <= v <= 100.0, k
+        elif k not in ("guest", "uptime_s"):
+            assert v is None or 0 <= v < 2**53, k
+    r = to_pressure_report(a, ram_bytes=1 << 30, balloon_target_pages=0,
+                           balloon_actual_pages=0, prev=None, period_s=1.0)
+    assert r.total_bytes >= 0 and 0.0 <= r.stall_pct <= 100.0

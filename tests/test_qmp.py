@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.model.counters import Counters
 from memballoon.model.errors import PeerError, UsageError
@@ -407,3 +410,41 @@ def test_socket_dropping_on_every_command_is_guest_gone(tmp_path: Path) -> None:
             await qmp.query_balloon()
 
     assert run(tmp_path, handle, body)["qmp_disconnect"] == 2
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target qmp`): every reply QEMU could
+# send for the balloon's commands, through the real qemu.qmp client
+_json = st.recursive(st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats()
+                     | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=3)
+                     | st.dictionaries(st.sampled_from(["actual", "base-memory", "stats",
+                                                        "last-update", "stat-free-memory",
+                                                        "class", "desc"]) | st.text(max_size=4),
+                                       kids, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["return", "error", "other"]), _json), min_size=1,
+                max_size=6))
+def test_any_reply_is_a_value_in_range_or_a_typed_error(
+        replies: list[tuple[str, object]]) -> None:
+    left = list(replies)
+
+    async def handle(cmd: str, args: dict[str, Any], msg_id: object) -> bytes:
+        key, value = left.pop(0) if left else ("return", {})
+        return json.dumps({key: value, "id": msg_id}).encode() + b"\n"
+
+    async def body(fake: FakeQmp, qmp: QmpClient) -> None:
+        for call in (qmp.query_balloon, qmp.balloon_pages, qmp.guest_stats):
+            try:
+                got = await call()
+            except PeerError:
+                continue
+            if isinstance(got, GuestStats):
+                assert got.last_update_s >= 0
+                assert all(v is None or 0 <= v < STAT_MISSING for v in vars(got).values())
+            else:
+                assert got >= 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(Path(tmp), handle, body, timeout_s=0.5)

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memballoon.guest.memory import GuestMemory
 from memballoon.guest.virtio_driver import VirtioBalloonDriver
 from memballoon.host.memfd import MemfdRam
+from memballoon.host.ram import NullRam
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.local.host import DEFAULT_VIRTIO_FEATURES
 from memballoon.local.link import GuestLink
@@ -249,3 +252,25 @@ def test_push_of_a_malformed_config_is_ignored(world: World) -> None:
     t.link.pump(1.0)
     assert t.read_config() == good
     assert t.counters["config_push_malformed"] == 1
+
+
+# fuzz property (the long form: `memballoon bench fuzz --target virtio_device`)
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=48) | st.sampled_from(list(VirtioOp)).flatmap(
+    lambda op: st.binary(max_size=40).map(lambda b: bytes([op]) + b)), max_size=20))
+def test_any_request_is_answered_well_formed_or_not_at_all(payloads: list[bytes]) -> None:
+    pages = 256
+    dev = VirtioBalloonDevice(NullRam(pages), GuestRamView(bytearray(pages * PAGE_SIZE),
+                                                           base_gpa=0,
+                                                           guest_bytes=pages * PAGE_SIZE),
+                              features=DEFAULT_VIRTIO_FEATURES)
+    sent: list[bytes] = []
+    ep = VirtioHostEndpoint(dev, [-1] * MAX_QUEUES, [], sent.append)
+    for p in payloads:
+        rep = ep.handle_request(p)  # never raises
+        if rep is not None:
+            (m,) = Decoder().messages(rep)
+            assert m.kind is Kind.VIRTIO_REPLY and m.payload[:1] in (b"\x00", b"\x01")
+        ep.notify_message(p[:2])
+    assert all(m.kind is Kind.CONFIG for m in Decoder().messages(b"".join(sent)))
+    assert 0 <= dev.actual_pages <= dev.inflated_pages
