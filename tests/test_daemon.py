@@ -413,3 +413,76 @@ def test_status_reads_the_last_period_and_polls_no_guest() -> None:
         assert "QEMU RSS" in st["budget_held_against"] and st["cgroup"] is None
 
     asyncio.run(main())
+
+
+ATTACH_ONLY = """
+world = "qemu"
+budget = "1536MiB"
+period_s = 0.5
+journal = "journal.jsonl"
+socket = "ctl/m.sock"
+state = "state.json"
+run_dir = "run"
+[[guests]]
+name = "att"
+qmp = "vm/qmp.sock"
+agent = "vm/agent.sock"
+min = "128MiB"
+"""
+
+
+@pytest.mark.qemu
+def test_a_daemon_killed_mid_run_comes_back_where_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11 item 4: SIGKILLed, restarted, the daemon re-attaches to the running VM and
+    goes on from its state file: the manual pin holds, the balloon is not moved back and
+    forth, nothing is released twice."""
+    from memballoon.qemu.image import build_guest_image
+    from memballoon.qemu.launch import QemuGuest, launch
+
+    image = build_guest_image()
+    cfg = tmp_path / "qemu.toml"
+    cfg.write_text(ATTACH_ONLY)
+    sock = str(tmp_path / "ctl" / "m.sock")
+    vm = launch(QemuGuest("att", max_mib=512, accel="tcg"), image, tmp_path / "vm")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(n: int) -> str:
+        log = tmp_path / f"daemon{n}.out"
+        with log.open("wb") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "memballoon.cli", "run",
+                                           "--config", str(cfg)], stdout=f,
+                                          stderr=subprocess.STDOUT))
+        return _wait_for(log, "ready", procs[-1], 120.0)
+
+    try:
+        vm.wait_ready(60)
+        out = start(1)
+        assert "none yet: starting afresh" in out
+        _until(sock, capsys, lambda g: g["att"]["alive"] and g["att"]["report_age_s"]
+               is not None, "served")
+        assert main(["set", "att", "384MiB", "--socket", sock]) == 0
+        capsys.readouterr()
+        _until(sock, capsys, lambda g: abs(g["att"]["actual_bytes"] - 128 * MIB) <= MIB,
+               "att ballooned")
+        time.sleep(1.5)  # a period or two: the state file holds the pin
+        procs[0].send_signal(signal.SIGKILL)  # no shutdown, no deflation
+        procs[0].wait(10)
+        assert vm.alive()
+        out = start(2)
+        assert "restored from" in out and "1 manual target(s)" in out
+        g = _until(sock, capsys, lambda g: g["att"]["alive"], "re-attached")
+        att = {x["name"]: x for x in g["guests"]}["att"]
+        assert att["manual"] and abs(att["actual_bytes"] - 128 * MIB) <= MIB
+        recs = [json.loads(x) for x in (tmp_path / "journal.jsonl").read_text().splitlines()
+                if '"att"' in x]
+        pinned = max(i for i, r in enumerate(recs) if r.get("kind") == "manual")
+        # the pin held through the restart: nothing but that pin moved the balloon since
+        assert [r["kind"] for r in recs[pinned + 1:] if "new_pages" in r] in ([], ["shutdown"])
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        vm.close()

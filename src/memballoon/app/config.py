@@ -297,6 +297,9 @@ class HostConfig(_Strict):
     hysteresis: HysteresisConfig = HysteresisConfig()
     journal: Path | None = None
     journal_max: Size = 8 * MIB
+    # what a restarted daemon goes on from (manual targets, each guest's last change, the
+    # policy's state); default: beside the control socket
+    state: Path | None = None
     socket: Path | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     run_dir: Path | None = None  # qemu: where QMP/agent sockets live
@@ -335,6 +338,10 @@ class HostConfig(_Strict):
     def guest(self, name: str) -> GuestConfig | None:
         """The ``[[guests]]`` entry named ``name``, if any."""
         return next((g for g in self.guests if g.name == name), None)
+
+    @property
+    def state_path(self) -> Path:
+        return self.state if self.state is not None else self.socket_path.parent / "state.json"
 
     @property
     def socket_path(self) -> Path:
@@ -391,7 +398,7 @@ def load_config(path: Path | str) -> HostConfig:
     base = p.parent
     # relative paths in the file are relative to the file, not to where the daemon started
     upd: dict[str, Any] = {}
-    for key in ("journal", "socket", "run_dir"):
+    for key in ("journal", "socket", "run_dir", "state"):
         v = getattr(cfg, key)
         if v is not None and not v.is_absolute():
             upd[key] = base / v
