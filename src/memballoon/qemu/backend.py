@@ -421,7 +421,8 @@ class QemuBackend:
     def notes(self) -> dict[str, str]:
         """Per guest, why it is gone or not attached yet ("" for a live one)."""
         out = {g.name: "" if g.alive else g.gone_reason for g in self._guests.values()}
-        out.update({w.name: f"not attached: {w.reason}" for w in self._waiting.values()})
+        out.update({w.name: "not attached: " + w.reason.removeprefix(f"guest {w.name}: ")
+                    for w in self._waiting.values()})
         return out
 
     def accels(self) -> dict[str, str]:
