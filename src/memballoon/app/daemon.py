@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -36,14 +37,22 @@ from memballoon.edge.aio import AsyncEngine
 from memballoon.edge.clock import MonotonicClock
 from memballoon.edge.hostmem import make_probe
 from memballoon.edge.journal import Journal
+from memballoon.edge.statefile import DaemonSnapshot, downtime_s, read_state, write_state
 from memballoon.manager.core import Hysteresis, ManagerCore
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import Backend, HostProbe
-from memballoon.model.counters import Counters
+from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import ConfigError, UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, RamKind, bytes_to_pages
 from memballoon.policy.base import Policy
+from memballoon.policy.registry import read_snapshot
 from memballoon.policy.sample import GuestSettings
+
+
+class DaemonCounter(CounterName):
+    """What the daemon itself counts (in the shared bag)."""
+
+    STATE_WRITE_FAILED = "state_write_failed"  # periods whose state file could not be written
 
 
 def make_policy(name: str, params: Mapping[str, Any]) -> Policy:
@@ -84,6 +93,7 @@ class Daemon:
         self.metrics: ManagerMetrics | None = None
         self.control: ControlServer | None = None
         self.stopping = asyncio.Event()
+        self._state_warned = False
         self.budget_enforced = False
         self.budget_reason = ""
         self.started = time.monotonic()
@@ -225,6 +235,7 @@ class Daemon:
                         counters=self.counters)
         self.manager = AsyncEngine(engine, period_s=cfg.period_s, on_tick=self._tick)
         core.settings.update(self.settings)  # those a backend settled while it started
+        self._restore(engine)
         if fixed is None:
             self.say("host budget auto: the guests may hold what the host has available "
                      "beyond its reserve")
@@ -245,7 +256,44 @@ class Daemon:
             self.say(f"metrics http://127.0.0.1:{port}/metrics")
         self.say(f"journal {cfg.journal or '(memory only)'}")
 
+    def _restore(self, e: Engine) -> None:
+        """Go on from the state a stopped or crashed daemon left (its manual targets, each
+        guest's last change, the policy's memory), aged by the time it was down."""
+        path = self.cfg.state_path
+        snap = read_state(path, world=self.cfg.world, policy=self.policy.name)
+        if snap is None:
+            self.say(f"state {path} (none yet: starting afresh)")
+            return
+        down = downtime_s(snap)
+        at = e.now() - down  # restoring at an earlier moment ages every stored age by ``down``
+        policy_snap = read_snapshot(self.policy.name, json.dumps(snap.policy_state))
+        e.core.restore(snap.core, at)
+        self.policy.restore(policy_snap, at)
+        gone = sorted(set(snap.core.manual) - set(e.backend.guests()))
+        self.say(f"state {path}: restored from {down:.0f} s ago, {len(snap.core.manual)} manual "
+                 f"target(s)" + (f"; not running now: {', '.join(gone)}" if gone else ""))
+        if self.cfg.world == "local":
+            self.say("local guests do not outlive their daemon: they started afresh, their "
+                     "balloons empty")
+
+    def _save(self, e: Engine) -> None:
+        now = e.now()
+        snap = DaemonSnapshot(
+            version=1, world=self.cfg.world, policy=self.policy.name, saved_at=time.time(),
+            core=e.core.snapshot(now), policy_state=json.loads(
+                self.policy.snapshot(now).model_dump_json()),
+            targets={g: s.target_pages for g, s in e.guests.items() if s.alive})
+        try:
+            write_state(self.cfg.state_path, snap)
+        except OSError as exc:
+            self.counters.inc(DaemonCounter.STATE_WRITE_FAILED)
+            if not self._state_warned:
+                self._state_warned = True
+                self.say(f"cannot write state {self.cfg.state_path}: {exc.strerror}; a restart "
+                         "will start afresh")
+
     def _tick(self, e: Engine) -> None:
+        self._save(e)
         self._collected_at = e.now()
         for rec in self._say_backend_events(e.backend):
             e.journal.write(rec, mono=e.now())
