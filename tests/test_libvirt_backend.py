@@ -355,6 +355,13 @@ def test_selects_balloon_domains_turns_stats_on_and_says_why_it_leaves_others(
     assert not w.b.drain_events()  # said once
     fake.doms["web-3"].actual = 768 * 1024  # its driver took the balloon libvirt asked for
     assert w.step()["web-3"].target_pages == 256 * MIB // PAGE_SIZE
+    # db gets a balloon (virsh edit) and is started again: managed from then on
+    fake.doms["db"].xml = domain_xml("db", IMG, max_mib=1024)
+    w.b._on_lifecycle(None, fake.doms["db"], 0, 1, None)  # defined: updated
+    w.b._on_lifecycle(None, fake.doms["db"], 2, 0, None)  # started: booted
+    assert w.step()["db"].alive and w.b.notes()["db"] == ""
+    w.b._on_lifecycle(None, fake.doms["web-1"], 1, 0, None)  # undefined: still running
+    assert w.step()["web-1"].alive
 
 
 def test_targets_and_a_domain_destroyed_between_collect_and_act(fake: FakeLibvirt) -> None:

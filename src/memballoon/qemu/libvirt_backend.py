@@ -501,12 +501,13 @@ class LibvirtBackend:
             self.counters.inc(LibvirtCounter.LIBVIRT_EVENT)
             what = lifecycle_text(self._libvirt, event, detail)
             d = self._doms.get(name)
-            if what.startswith(("stopped", "crashed", "undefined")) and d is not None and (
+            # only a stop ends a run: a crash may leave it paused, an undefine running
+            if what.startswith("stopped") and d is not None and (
                     d.alive or d.gone_reason.startswith(NOT_RUNNING)):
                 self._gone(d, what, now)  # the event says why; the poll only saw it go
+            if what.startswith("started") and d is not None:
+                d.uuid = ""  # a new run: read its XML and size again
             if what.startswith(("started", "defined")):
-                if d is not None:
-                    d.uuid = ""  # a new run: read its XML and size again
                 for uuid in [u for u, n in self._ignored.items() if n == name]:
                     del self._ignored[uuid]  # it may have a balloon now
             if what == "shutting down: finished":
