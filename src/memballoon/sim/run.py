@@ -263,11 +263,12 @@ def compare(sc: Scenario, policies: Sequence[str], *, map_runs: MapRuns = map,
 
 
 def step_response(rows: Sequence[Sequence[float]], column: int, t_step: float,
-                  fraction: float = 0.9) -> float | None:
+                  until: float = float("inf"), fraction: float = 0.9) -> float | None:
     """Seconds after ``t_step`` until ``column`` of the series ``rows`` covered ``fraction`` of
-    its way from its value at the step to its value at the end of the window (None: never)."""
+    its way from its value at the step to its value at ``until`` (the window's end; None:
+    never)."""
     before = [r for r in rows if r[0] <= t_step]
-    after = [r for r in rows if r[0] > t_step]
+    after = [r for r in rows if t_step < r[0] <= until]
     if not before or not after:
         return None
     start, end = before[-1][column], after[-1][column]
