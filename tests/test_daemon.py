@@ -317,10 +317,8 @@ def test_qemu_world_launches_attaches_and_leaves_the_attached_vm_running(
         if st["budget_enforced"]:
             cg = st["cgroup"]
             assert cg["limit_bytes"] == 1536 * MIB and cg["usage_bytes"] > 0
-        t0 = time.monotonic()
-        for _ in range(5):
-            _status(sock, capsys)
-        assert (time.monotonic() - t0) / 5 < 0.25  # the last period's figures, no polling
+        # status reads the last period's figures and polls no guest: checked without a clock in
+        # test_status_reads_the_last_period_and_polls_no_guest
         assert main(["set", "att", "384MiB", "--socket", sock]) == 0
         capsys.readouterr()
         _until(sock, capsys, lambda g: abs(g["att"]["actual_bytes"] - 128 * MIB) <= MIB,

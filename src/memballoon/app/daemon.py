@@ -74,10 +74,10 @@ def make_policy(name: str, params: Mapping[str, Any]) -> Policy:
 class Daemon:
     """The running daemon: backend, manager, control server, metrics (module docstring)."""
 
-    def __init__(self, cfg: HostConfig, *, out: TextIO = sys.stdout,
+    def __init__(self, cfg: HostConfig, *, out: TextIO | None = None,
                  policy: Policy | None = None) -> None:
         self.cfg = cfg
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # read now: pytest swaps it
         self.counters = Counters()
         self.policy = policy if policy is not None else make_policy(cfg.policy.name,
                                                                     cfg.policy.params)
@@ -470,7 +470,7 @@ class Daemon:
         return {"stopping": True}
 
 
-async def serve(cfg: HostConfig, *, out: TextIO = sys.stdout) -> int:
+async def serve(cfg: HostConfig, *, out: TextIO | None = None) -> int:
     return await Daemon(cfg, out=out).run()
 
 

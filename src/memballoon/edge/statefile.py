@@ -43,6 +43,7 @@ class DaemonSnapshot(Snapshot):
 def write_state(path: Path, snap: DaemonSnapshot) -> None:
     """Replace ``path`` with ``snap`` atomically (see the module docstring)."""
     data = snap.to_json().encode()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
