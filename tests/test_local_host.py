@@ -306,10 +306,14 @@ def test_a_hugetlb_pool_run_dry_mid_run_leaves_the_guests_running_on_what_they_h
                 await asyncio.sleep(2.0)
                 snap = host.guests()
                 for n, v in snap.items():
-                    assert v.alive and v.balloon_pages > 0, n  # still ballooned, alive
+                    assert v.alive, n
                     assert "hugetlb" in (host.host_memory_error(n) or ""), n
                     assert host.counters_of(n)["readmit_unbacked_pages"] > 0, n
+                # the frames stay in the balloon: the VMware driver keeps them, the virtio
+                # device holds the deflates (the driver counts them in flight, not ballooned)
+                assert snap["b"].balloon_pages > 0
                 assert host.counters_of("v")["deflate_held"] > 0
+                assert host.counters_of("v").get("deflated_pages", 0) < half
                 assert host.counters_of("b")["error_busy"] > 0
                 seen = {n: v.report_time for n, v in snap.items()}
                 await asyncio.sleep(1.0)  # the guests keep stepping and reporting
