@@ -23,6 +23,12 @@ command -v libvirtd >/dev/null 2>&1 || missing+=(libvirt-daemon)
     || missing+=(libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null 2>&1 || missing+=(libvirt-clients)
 pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev pkg-config)
+# libvirt-python has no wheels on PyPI: building it needs a C compiler and Python's headers
+if [ -x "$venv_py" ] && ! "$venv_py" -c "import libvirt" 2>/dev/null; then
+    command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+    [ -e "$("$venv_py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+        || missing+=(python3-dev)
+fi
 
 if [ ${#missing[@]} -ne 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
