@@ -10,6 +10,7 @@ from memballoon.guest.memory import (
     linux_watermarks,
 )
 from memballoon.guest.workload import Demand
+from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PageState, mib_to_pages
@@ -311,3 +312,50 @@ def test_the_store_forgets_what_the_balloon_takes_whole_blocks_with_huge_pages()
 def test_host_pages_must_be_4k_or_a_block() -> None:
     with pytest.raises(UsageError):
         GuestMemory(G64, host_page_frames=64)
+
+
+# ------------------------------------------------------------------ single takes in bulk
+def _aged(seed: int) -> GuestMemory:
+    """A guest that has lived a little: workload steps, balloon takes and gives (single and
+    bulk), free page reporting, so the allocator's cursor and reported blocks are anywhere."""
+    rng = np.random.default_rng(seed)
+    m = GuestMemory(16384 * int(rng.integers(1, 4)), swap_pages=int(rng.choice([0, 2000])))
+    for t in range(1, int(rng.integers(2, 6))):
+        anon = int(rng.integers(0, m.total_pages // 2))
+        f = int(rng.integers(0, m.total_pages // 4))
+        m.step(float(t), 1.0, Demand(anon, anon // 2, f, f // 3, 0.01))
+        b = m.alloc_nosleep(int(rng.integers(1, 3000)))
+        if b.size:
+            m.free_balloon(b[: int(rng.integers(0, b.size + 1))])
+        for _ in range(int(rng.integers(0, 200))):
+            m.alloc_nosleep(1)
+        blocks = m.isolate_reportable(int(rng.integers(1, 8)), m.watermarks.low)
+        m.return_isolated(blocks, reported=bool(rng.random() < 0.8))
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(1, 20_000), st.one_of(st.none(), st.integers(0, 20_000)))
+def test_single_takes_in_bulk_are_the_single_takes(seed: int, n: int, keep: int | None) -> None:
+    # alloc_nosleep_each(n): the frames n calls of alloc_nosleep(1) take, in their order, and
+    # the same state after (the cursor, reported blocks); a caller that keeps only the first
+    # k leaves the state of k calls
+    one, bulk = _aged(seed), _aged(seed)
+    k = n if keep is None else min(n, keep)
+    singles = []
+    for _ in range(k):
+        f = one.alloc_nosleep(1)
+        if f.size == 0:
+            break
+        singles.append(int(f[0]))
+    got = bulk.alloc_nosleep_each(n, lambda frames: min(k, int(frames.size)))
+    assert got.tolist() == singles
+    assert state_diff(state_of(one), state_of(bulk)) == []
+    assert bulk.check_invariants() == []
+
+
+def test_single_takes_in_bulk_refuse_huge_host_pages_and_a_bad_keep() -> None:
+    with pytest.raises(UsageError, match="4 KiB host pages only"):
+        GuestMemory(16384, host_page_frames=512).alloc_nosleep_each(10, lambda f: 0)
+    with pytest.raises(UsageError, match="keep answered"):
+        GuestMemory(16384).alloc_nosleep_each(10, lambda f: 99)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.harness.pair import vmw_pair
+from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceSnapshot
 from memballoon.model.errors import ConfigError, UsageError
@@ -622,3 +623,42 @@ def test_every_reply_decodes_for_the_driver_and_the_balloon_stays_released(
         assert dev.actual_pages == ball.size and (not ball.size or ball[-1] < PAGES)
         whole = ball[np.bincount(ball // 512, minlength=PAGES // 512)[ball // 512] == 512]
         assert ram.resident_pages_of(whole) == 0  # every whole ballooned host page released
+
+
+# ------------------------------------------------------------------ runs of single pages
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, PAGES + 20), max_size=60), st.integers(0, 80),
+       st.lists(st.integers(0, PAGES - 1), max_size=5), st.booleans())
+def test_a_run_ends_where_its_commands_one_by_one_would_first_fail(
+        pfns: list[int], target: int, pinned: list[int], unlock: bool) -> None:
+    # lock_run/unlock_run: the state and counters of sending each page alone, up to (not
+    # including) the first page that would not be answered SUCCESS
+    one, _ = started(target=target)
+    run, _ = started(target=target)
+    for dev in (one, run):
+        dev.set_pinned(pinned)
+        if unlock:  # something to unlock: the even pages the run names
+            for p in sorted({p for p in pfns if p % 2 == 0 and p < PAGES})[:target]:
+                send(dev, Request(Command.LOCK, p))
+    arr = np.array(pfns, dtype=np.int64)
+    n = run.unlock_run(arr) if unlock else run.lock_run(arr)
+    cmd = Command.UNLOCK if unlock else Command.LOCK
+    for p in pfns[:n]:
+        assert send(one, Request(cmd, p)).status is Status.SUCCESS
+    assert state_diff(state_of(one), state_of(run)) == []
+    if n < len(pfns):  # the run stopped where a command of its own would not succeed
+        assert send(one, Request(cmd, pfns[n])).status is not Status.SUCCESS
+
+
+def test_runs_stop_for_a_session_that_is_not_plain() -> None:
+    dev, ram = started(target=10)
+    pfns = np.arange(5, dtype=np.int64)
+    dev.busy_next(1)
+    assert dev.lock_run(pfns) == 0 and not dev.plain
+    send(dev, Request(Command.GET_TARGET, PAGES))  # the busy answer
+    assert dev.plain and dev.lock_run(pfns) == 5 and dev.actual_pages == 5
+    assert dev.counters["cmd_lock"] == 5 and ram.released_pages_total == 5
+    dev.request_reset()
+    assert dev.unlock_run(pfns) == 0
+    huge, _ = started(target=10, ram=NullRam(PAGES, host_page_frames=HPAGE_PMD_NR))
+    assert huge.lock_run(pfns) == 0  # huge host pages: page by page only

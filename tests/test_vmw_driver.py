@@ -25,7 +25,8 @@ from memballoon.guest.vmw_driver import (
     PfnStack,
 )
 from memballoon.guest.workload import Demand
-from memballoon.harness.pair import VmwPair, vmw_pair
+from memballoon.harness.pair import VmwPair, check_pair, vmw_pair
+from memballoon.harness.state import state_diff, state_of
 from memballoon.model.units import GIB, MIB, PAGE_SIZE, PageState
 from memballoon.protocol.vmw import (
     Capability,
@@ -665,3 +666,63 @@ def test_long_random_run(mode: str) -> None:
             p.device.busy_next(rng.randrange(1, 4))
         p.work()
         assert p.check() == []
+
+
+# ------------------------------------------------------------------ the bulk path
+def _bulk_state(pair: VmwPair) -> object:
+    """Everything the pair holds but the link itself (a tapped one keeps its log)."""
+    drv = {k: v for k, v in vars(pair.driver).items() if k not in ("port", "cond_resched")}
+    return state_of((pair.mem, pair.ram, pair.device, drv, pair.yields, pair.cycles, pair.now))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.lists(st.tuples(st.integers(1, 3), st.floats(0.0, 0.95), st.floats(0.0, 0.9)),
+             min_size=1, max_size=5),
+    st.sampled_from(["none", "pinned", "busy", "reset", "slow"]),
+)
+def test_runs_of_single_pages_end_where_page_by_page_ends(
+        seed: int, plan: list[tuple[int, float, float]], trouble: str) -> None:
+    # the seed's one LOCK/UNLOCK per page, taken in bulk by an in-process host, ends in exactly
+    # the guest, driver, device and host state of one command per page (a tap forces those)
+    pages = SMALL
+    one_by_one, bulk = (vmw_pair(pages, record=tapped) for tapped in (True, False))
+    rng = np.random.default_rng(seed)
+    pinned = np.sort(rng.choice(pages, 20, replace=False))
+    for periods, target, used in plan:
+        demand = Demand(int(used * pages * 0.5), int(used * pages * 0.25), int(used * pages * 0.3),
+                        int(used * pages * 0.1), 0.02)
+        for pair in (one_by_one, bulk):
+            pair.set_target(int(target * pages))
+            match trouble:
+                case "pinned":
+                    pair.device.set_pinned(pinned)
+                case "busy":
+                    pair.device.busy_next(2)
+                case "reset":
+                    pair.device.request_reset()
+                case "slow":
+                    pair.driver.slow_allocation_cycles = 3
+            for _ in range(periods):
+                pair.now += 1.0
+                pair.mem.step(pair.now, 1.0, demand)
+                pair.driver.work(pair.now)
+                pair.cycles += 1
+        diff = state_diff(_bulk_state(one_by_one), _bulk_state(bulk))
+        assert diff == [], diff
+    assert check_pair(bulk) == []
+
+
+def test_the_bulk_path_sends_runs_and_a_tap_sees_every_command() -> None:
+    plain = vmw_pair(SMALL * 4)
+    plain.set_target(SMALL * 2)
+    plain.tick()
+    assert plain.driver.balloon_pages == VMW_BALLOON_NOSLEEP_ALLOC_MAX + 1
+    assert plain.device.counters["cmd_lock"] == VMW_BALLOON_NOSLEEP_ALLOC_MAX + 1
+    assert plain.yields == (VMW_BALLOON_NOSLEEP_ALLOC_MAX + 1) // (VMW_BALLOON_YIELD_THRESHOLD + 1)
+    tapped = vmw_pair(SMALL * 4, record=True)
+    tapped.set_target(SMALL * 2)
+    tapped.tick()
+    assert tapped.port.commands().count(Command.LOCK) == VMW_BALLOON_NOSLEEP_ALLOC_MAX + 1
+    assert tapped.driver.balloon_pfns().tolist() == plain.driver.balloon_pfns().tolist()

@@ -490,6 +490,74 @@ class GuestMemory:
         self._forget(pfns)
         return pfns
 
+    def alloc_nosleep_each(self, n: int, keep: Callable[[PfnArray], int]) -> PfnArray:
+        """What ``n`` calls of ``alloc_nosleep(1)`` take, in one call: the same frames in the
+        same order, and the same state after (the allocator's cursor included), so the seed's
+        page-at-a-time loop can run in bulk in the simulator (a property test holds it to
+        that). ``keep(frames)`` says how many of them, from the first, the caller keeps (a
+        host that locks them in order until it would refuse one); the rest are as if never
+        taken. Returns the frames kept. 4 KiB host pages only (huge ones fill blocks their
+        own way, ``_take_blocks``)."""
+        if self.host_page_frames != 1:
+            raise UsageError("alloc_nosleep_each: 4 KiB host pages only")
+        saved = (self._hint, self._hint_free, self._hint_pos, self.reported.copy())
+        frames = self._take_singles(n, self.watermarks.min)
+        kept = keep(frames) if frames.size else 0
+        if not 0 <= kept <= frames.size:
+            raise UsageError(f"keep answered {kept} of {frames.size} frames")
+        if kept < frames.size:
+            # undo, and take exactly what the first ``kept`` single calls would have
+            self._give_free(frames)
+            self._hint, self._hint_free, self._hint_pos = saved[:3]
+            self.reported[:] = saved[3]
+            frames = self._take_singles(kept, self.watermarks.min)
+        self._balloon += int(frames.size)
+        self._forget(frames)
+        return frames
+
+    def _take_singles(self, n: int, floor: int) -> PfnArray:
+        """``n`` calls of ``_take_free(1, floor, BALLOON)`` at once: the walk of the cached
+        free frames of the current block vectorized, the rest by the single take itself."""
+        n = min(n, self._free - floor)
+        if n <= 0:
+            return _EMPTY
+        parts: list[PfnArray] = []
+        got = 0
+        while got < n:
+            hf, pos = self._hint_free, self._hint_pos
+            if pos < hf.size:
+                rest = hf[pos:]
+                ok = np.flatnonzero((self.state[rest] == _FREE)
+                                    & ~self.reported[rest >> BLOCK_ORDER])
+                if ok.size >= n - got:
+                    ok = ok[: n - got]
+                    self._hint_pos = pos + int(ok[-1]) + 1
+                else:
+                    self._hint_pos = hf.size
+                if ok.size:
+                    take = rest[ok]
+                    self.state[take] = _BALLOON
+                    self._block_sub(take)
+                    self._free -= int(take.size)
+                    parts.append(take)
+                    got += int(take.size)
+                continue
+            b = self._hint
+            if self._bfree[b] > 0 and not self.reported[b]:
+                lo = b * BLOCK_PAGES
+                self._hint_free = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
+                self._hint_pos = 0
+                if self._hint_free.size:
+                    continue
+            one = self._take_free(1, floor, PageState.BALLOON)  # moves the cursor on
+            if one.size == 0:
+                break
+            parts.append(one)
+            got += 1
+        if not parts:
+            return _EMPTY
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def alloc_sleep(self, n: int) -> PfnArray:
         """Up to ``n`` frames for the balloon; may reclaim, never below the min watermark."""
         tally = _Tally()

@@ -50,6 +50,7 @@ from memballoon.host.virtio_device import (
 from memballoon.host.vmw_device import VmwBalloonDevice, VmwDeviceCounter, VmwDeviceSnapshot
 from memballoon.model.counters import Counters
 from memballoon.model.errors import UsageError
+from memballoon.model.pages import PfnArray
 from memballoon.model.units import PageState
 from memballoon.protocol.virtio_balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX, BalloonConfig
 from memballoon.protocol.virtio_transport import DirectTransport
@@ -216,6 +217,19 @@ class BackdoorTap:
         """The commands logged so far, in order."""
         return [c for c, _, _ in self.log or ()]
 
+    @property
+    def tapped(self) -> bool:
+        return self.log is not None or self.before is not None or self.reply is not None
+
+    def lock_run(self, pfns: PfnArray) -> int:
+        """A run of version-2 LOCKs in one call (``VmwBalloonDevice.lock_run``); none through
+        a tap, which must see every command."""
+        return 0 if self.tapped else self.device.lock_run(pfns)
+
+    def unlock_run(self, pfns: PfnArray) -> int:
+        """A run of version-2 UNLOCKs in one call (``VmwBalloonDevice.unlock_run``)."""
+        return 0 if self.tapped else self.device.unlock_run(pfns)
+
 
 @dataclass(eq=False)
 class VmwPair(Pair):
@@ -231,10 +245,8 @@ class VmwPair(Pair):
         # the device answers GET_TARGET with the size; nothing taps the link (a tap sees
         # every command)
         dev, limit = self.device, self.mem.total_pages
-        port = self.port
         return (self.driver.quiet() and dev.plain and dev.guest_limit == limit
-                and min(dev.target_pages, limit) == self.driver.size
-                and port.log is None and port.before is None and port.reply is None)
+                and min(dev.target_pages, limit) == self.driver.size and not self.port.tapped)
 
     def _link_idle(self) -> None:
         self.driver.idle_work(self.now)

@@ -450,6 +450,54 @@ class VmwBalloonDevice:
         self.counters.inc(_STATUS_COUNTER[st])
         return st
 
+    # ------------------------------------------------------------------ runs of single pages
+    def lock_run(self, pfns: PfnArray) -> int:
+        """Answer a version-2 LOCK of each of ``pfns`` in turn, as ``handle`` would, and stop
+        before the first that would not be SUCCESS: returns how many were locked, with the
+        state and counters of that many LOCK commands. The simulator's bulk path for the
+        seed's driver, which sends one per page (a property test holds it to that). Nothing
+        with huge host pages or while the device would not answer plainly."""
+        if not self.plain or self._host.frames != 1 or pfns.size == 0:
+            return 0
+        p = pfns[: max(0, self._target - self._n_locked)]  # the rest: PPN_NOTNEEDED
+        n = self._run_length(p, locked=False)
+        if n:
+            take = p[:n]
+            self._host.take(coalesce(take))
+            self._locked[take] = True
+            self._n_locked += n
+            self.counters.inc(VmwDeviceCounter.CMD_LOCK, n)
+        return n
+
+    def unlock_run(self, pfns: PfnArray) -> int:
+        """``lock_run`` for version-2 UNLOCKs: how many of ``pfns``, in turn, were unlocked
+        before the first that would not be SUCCESS."""
+        if not self.plain or self._host.frames != 1 or pfns.size == 0:
+            return 0
+        n = self._run_length(pfns, locked=True)
+        if n:
+            give = pfns[:n]
+            self._host.give(coalesce(give))  # 4 KiB host pages: never held back
+            self._locked[give] = False
+            self._n_locked -= n
+            self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
+        return n
+
+    def _run_length(self, p: PfnArray, *, locked: bool) -> int:
+        """How many of ``p``, from the first, pass a single LOCK's checks (``locked`` False:
+        inside, not locked, not pinned) or a single UNLOCK's (True: inside, locked, not as
+        part of a 2 MiB page), a page given twice failing the second time."""
+        if p.size == 0:
+            return 0
+        inside = p < self._guest_pages
+        q = np.where(inside, p, 0)
+        if locked:
+            ok = inside & self._locked[q] & ~self._huge[q >> VMW_BALLOON_2M_ORDER]
+        else:
+            ok = inside & ~self._locked[q] & ~self._pinned[q]
+        ok &= ~self._repeats(p)
+        return int(p.size) if bool(ok.all()) else int(np.argmin(ok))
+
     # ------------------------------------------------------------------ batches
     def _classify(self, pfns: PfnArray) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
         """Statuses preset to SUCCESS, with PPN_INVALID marked; and the in-guest mask."""
