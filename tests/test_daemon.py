@@ -339,6 +339,16 @@ def test_qemu_world_launches_attaches_and_leaves_the_attached_vm_running(
             proc.wait()
         vm.close()
     assert "balloons deflated" in log.read_text()
+    launched = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path / "run")
+                in _cmdline(int(pid))]
+    assert launched == []  # the VM it launched is stopped with it
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_status_reads_the_last_period_and_polls_no_guest() -> None:

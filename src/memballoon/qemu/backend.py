@@ -532,11 +532,13 @@ class QemuBackend:
                 self.budget.cgroup.remove()
 
     async def _close_guest(self, g: _Guest) -> None:
-        if g.agent is not None:
-            await g.agent.close()
-        await g.qmp.close()
-        if g.proc is not None:
-            await asyncio.to_thread(g.proc.close)
+        try:
+            if g.agent is not None:
+                await g.agent.close()
+            await g.qmp.close()
+        finally:  # a QEMU we launched is stopped whatever its sockets did
+            if g.proc is not None:
+                await asyncio.to_thread(g.proc.close)
 
     async def __aenter__(self) -> QemuBackend:
         return self
