@@ -1,6 +1,8 @@
 """``memballoon bench host-pressure``: a host-side process squeezes the guests' share of the host.
 
-The scenario (issue 13), once per policy, on real QEMU guests: two guests of ``GUEST_MIB`` run in
+The scenario (issue 13), once per policy, on real guests: libvirt domains (``--world libvirt``,
+a running libvirtd; their QEMUs moved into the cgroup with their charges) or QEMU VMs the
+backend launches (``--world qemu``). Two guests of ``GUEST_MIB`` run in
 one memory cgroup that stands for the guests' share of the host (limit ``SHARE_MIB``); each
 holds ``HELD_MIB`` in tmpfs and has touched and freed ``FREED_MIB`` more (memory its QEMU still
 holds, free inside the guest). The manager runs with ``budget = "auto"`` and a host reserve of
@@ -12,8 +14,8 @@ probe and each manager step:
 
 - ``first_shrink_s``: from the moment the available memory crossed the reserve to the first
   balloon growth;
-- ``reversals_under_pressure``: guests grown back (a balloon target lowered) while the host
-  was under its reserve;
+- ``reversals_under_pressure``: guests grown back (a balloon target lowered below the balloon
+  it has) while the host was under its reserve;
 - ``recovered_s``: from the process's exit until every guest's target is back within
   ``RECOVERED_TOLERANCE_MIB`` of its idle size (None: not within ``RECOVER_MAX_S``);
 - ``guest_oom_kills`` (guest kernel log and pressure reports), ``host_min_available_bytes``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -36,14 +39,16 @@ from typing import Any, Final
 from memballoon.edge.aio import AsyncEngine
 from memballoon.edge.hostmem import CgroupProbe
 from memballoon.edge.journal import Journal
+from memballoon.host.cgroup import MemoryCgroup
 from memballoon.manager.core import ManagerCore
 from memballoon.manager.engine import Engine
 from memballoon.model.errors import ConfigError, MemballoonError
 from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages, mib_to_pages
 from memballoon.policy.registry import make_policy
 from memballoon.policy.sample import GuestSettings
+from memballoon.qemu.agent import AgentChannel
 from memballoon.qemu.backend import QemuBackend
-from memballoon.qemu.image import build_guest_image
+from memballoon.qemu.image import GuestImage, build_guest_image
 from memballoon.qemu.launch import QemuGuest
 
 POLICIES: Final = ("default", "mom", "proxmox")
@@ -84,7 +89,9 @@ class _Trace:
     """What the bench saw, on the backend's clock."""
 
     avail: list[tuple[float, int]] = field(default_factory=list)  # 0.1 s probe samples
-    steps: list[tuple[float, int, dict[str, int]]] = field(default_factory=list)  # avail, targets
+    # each step: time, the host's available pages, each guest's target and actual balloon
+    steps: list[tuple[float, int, dict[str, int], dict[str, int]]] = field(
+        default_factory=list)
 
 
 class _Hog:
@@ -137,11 +144,15 @@ def measure(trace: _Trace, reserve: int, idle: dict[str, int], t_exit: float,
     reversals = 0
     prev: dict[str, int] | None = None
     recovered: float | None = None
-    for t, avail, targets in trace.steps:
+    for t, avail, targets, actual in trace.steps:
         if prev is not None:
             if any(targets[g] > prev.get(g, targets[g]) for g in targets):
                 growths.append(t)
-            if avail < reserve and any(targets[g] < prev.get(g, targets[g]) for g in targets):
+            # a guest grown back: its target lowered below the balloon it has (a target only
+            # brought down to the balloon it reached is no growth)
+            if avail < reserve and any(targets[g] < prev.get(g, targets[g])
+                                       and targets[g] < actual.get(g, 0) - tolerance_pages
+                                       for g in targets):
                 reversals += 1
         prev = targets
         if recovered is None and t >= t_exit and all(
@@ -156,104 +167,216 @@ def measure(trace: _Trace, reserve: int, idle: dict[str, int], t_exit: float,
     }
 
 
-async def run_one(policy_name: str, *, run_dir: Path) -> dict[str, Any]:
+GUESTS: Final = ("g1", "g2")
+#: virDomainCreateFlags VIR_DOMAIN_START_PAUSED (libvirt include/libvirt-domain.h).
+VIR_DOMAIN_START_PAUSED: Final = 1
+CONSOLE_TIMEOUT_S: Final = 120.0
+BOOT_TIMEOUT_S: Final = 120.0
+
+
+@dataclass
+class _World:
+    """The guests of one run, whichever world runs them."""
+
+    backend: Any  # a Backend with AsyncIO (QemuBackend, LibvirtBackend)
+    cgroup: MemoryCgroup
+    consoles: dict[str, Path]
+    agents: dict[str, AgentChannel]
+    closers: list[Any] = field(default_factory=list)
+
+
+async def _wait_console(path: Path, marker: str, after: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONSOLE_TIMEOUT_S
+    while loop.time() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if any(line.startswith(marker) for line in text[after:].splitlines()):
+            return
+        await asyncio.sleep(0.1)
+    raise MemballoonError(f"{marker} never came on {path}")
+
+
+async def _qemu_world(image: GuestImage, run_dir: Path, cg_name: str) -> _World:
+    specs = [QemuGuest(n, max_mib=GUEST_MIB, accel="tcg") for n in GUESTS]
+    b = await QemuBackend.create(specs, run_dir=run_dir, budget_bytes=SHARE_MIB * MIB,
+                                 image=image, cgroup_name=cg_name)
+    if b.budget is None or b.budget.cgroup is None:
+        await b.close()
+        raise ConfigError("bench host-pressure needs root and a memory cgroup")
+    consoles, agents = {}, {}
+    for n in GUESTS:
+        proc, agent = b.process(n), b.agent(n)
+        assert proc is not None and agent is not None
+        consoles[n], agents[n] = proc.console_path, agent
+    return _World(b, b.budget.cgroup, consoles, agents, [b.close])
+
+
+async def _libvirt_world(image: GuestImage, run_dir: Path, cg_name: str, uri: str) -> _World:
+    from memballoon.qemu.libvirt_backend import LibvirtBackend, _import_libvirt, domain_xml
+
+    lv = _import_libvirt()
+    cgroup = MemoryCgroup.create(cg_name, SHARE_MIB * MIB)
+    conn = lv.open(uri)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doms: list[Any] = []
+    consoles: dict[str, Path] = {}
+
+    async def close() -> None:
+        for d in doms:
+            with contextlib.suppress(lv.libvirtError):
+                d.destroy()
+        conn.close()
+        with contextlib.suppress(MemballoonError):
+            cgroup.remove()
+
+    try:
+        for n in GUESTS:
+            consoles[n] = run_dir / f"{n}.console"
+            xml = domain_xml(f"mb-hp-{n}", image, max_mib=GUEST_MIB,
+                             agent_path=str(run_dir / f"{n}.agent"))
+            xml = xml.replace("<serial type='pty'><target port='0'/></serial>",
+                              f"<serial type='file'><source path='{consoles[n]}'/>"
+                              "<target port='0'/></serial>")
+            # started paused, joined to the cgroup, then run: every page the guest touches is
+            # charged there (the QemuBackend launches its VMs the same way)
+            dom = conn.createXML(xml, VIR_DOMAIN_START_PAUSED)
+            doms.append(dom)
+            cgroup.add(int(Path(f"/run/libvirt/qemu/mb-hp-{n}.pid").read_text()))
+            dom.resume()
+        b = LibvirtBackend(uri, domains=[f"mb-hp-{n}" for n in GUESTS])
+    except BaseException:
+        await close()
+        raise
+    names = {f"mb-hp-{n}": n for n in GUESTS}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOOT_TIMEOUT_S
+    while True:  # booted: both report through the agent channel
+        snap = await b.poll()
+        if all(s.alive and s.report is not None for s in snap.values()) and len(snap) == 2:
+            break
+        if loop.time() > deadline:
+            await close()
+            raise MemballoonError(f"libvirt domains did not boot and report: {dict(snap)}")
+        await asyncio.sleep(0.5)
+    agents = {names[d]: a for d in names if (a := b.agent(d)) is not None}
+    consoles = {f"mb-hp-{n}": consoles[n] for n in GUESTS}
+    agents = {f"mb-hp-{n}": agents[n] for n in GUESTS}
+
+    async def close_all() -> None:
+        await b.aclose()
+        await close()
+
+    return _World(b, cgroup, consoles, agents, [close_all])
+
+
+async def run_one(policy_name: str, *, run_dir: Path, world: str = "qemu",
+                  uri: str = "qemu:///system") -> dict[str, Any]:
     image = await asyncio.to_thread(build_guest_image)
     cg_name = f"memballoon-hp-{os.getpid()}-{policy_name}"
-    specs = [QemuGuest(n, max_mib=GUEST_MIB, accel="tcg") for n in ("g1", "g2")]
-    b = await QemuBackend.create(specs, run_dir=run_dir / policy_name,
-                                 budget_bytes=SHARE_MIB * MIB, image=image, cgroup_name=cg_name)
-    async with b:
-        if b.budget is None or b.budget.cgroup is None:
-            raise ConfigError("bench host-pressure needs root and a memory cgroup")
-        cgroup = b.budget.cgroup
-        for name in ("g1", "g2"):  # touched and freed, then held: QEMU holds both
-            agent, proc = b.agent(name), b.process(name)
-            assert agent is not None and proc is not None
-            for cmd, marker in ((f"hog {FREED_MIB}", "MEMBALLOON-HOG"),
-                                ("unhog", "MEMBALLOON-UNHOG"),
-                                (f"hog {HELD_MIB}", "MEMBALLOON-HOG")):
-                start = len(proc.console_text())
-                await agent.send_command(cmd)
-                await proc.wait_for_console_async(marker, 120, after=start)
-        probe = CgroupProbe(cgroup.path)
-        reserve = mib_to_pages(RESERVE_MIB)
-        settings = dict.fromkeys(("g1", "g2"), GuestSettings(min_pages=mib_to_pages(MIN_MIB)))
-        core = ManagerCore(make_policy(policy_name), settings, None, reserve_pages=reserve,
-                           counters=b.counters)
-        engine = Engine(b, core, Journal(None), b.clock, host_probe=probe)
-        trace = _Trace()
+    w = (await _libvirt_world(image, run_dir / policy_name, cg_name, uri) if world == "libvirt"
+         else await _qemu_world(image, run_dir / policy_name, cg_name))
+    try:
+        return await _scenario(policy_name, w)
+    finally:
+        for close in w.closers:
+            await close()
 
-        def tick(e: Engine) -> None:
-            if e.host is not None:
-                trace.steps.append((e.now(), bytes_to_pages(max(0, e.host.available_bytes)),
-                                    {g: s.target_pages for g, s in e.guests.items()}))
 
-        shell = AsyncEngine(engine, period_s=PERIOD_S, on_tick=tick)
-        task = asyncio.create_task(shell.run())
-        fail0 = _failcnt(cgroup.path)
-        stop = asyncio.Event()
+async def _scenario(policy_name: str, w: _World) -> dict[str, Any]:
+    b, cgroup = w.backend, w.cgroup
+    names = list(w.agents)
+    for name in names:  # touched and freed, then held: QEMU holds both
+        for cmd, marker in ((f"hog {FREED_MIB}", "MEMBALLOON-HOG"),
+                            ("unhog", "MEMBALLOON-UNHOG"),
+                            (f"hog {HELD_MIB}", "MEMBALLOON-HOG")):
+            console = w.consoles[name]
+            start = len(console.read_text(errors="replace")) if console.exists() else 0
+            await w.agents[name].send_command(cmd)
+            await _wait_console(console, marker, start)
+    probe = CgroupProbe(cgroup.path)
+    reserve = mib_to_pages(RESERVE_MIB)
+    settings = dict.fromkeys(names, GuestSettings(min_pages=mib_to_pages(MIN_MIB)))
+    core = ManagerCore(make_policy(policy_name), settings, None, reserve_pages=reserve,
+                       counters=b.counters)
+    engine = Engine(b, core, Journal(None), b.clock, host_probe=probe)
+    trace = _Trace()
 
-        async def sample() -> None:
-            while not stop.is_set():
-                trace.avail.append((b.clock.now(),
-                                    bytes_to_pages(max(0, probe.read().available_bytes))))
-                await asyncio.sleep(SAMPLE_S)
+    def tick(e: Engine) -> None:
+        if e.host is not None:
+            trace.steps.append((e.now(), bytes_to_pages(max(0, e.host.available_bytes)),
+                                {g: s.target_pages for g, s in e.guests.items()},
+                                {g: s.balloon_pages for g, s in e.guests.items()}))
 
-        sampler = asyncio.create_task(sample())
-        hog: _Hog | None = None
-        try:
-            await asyncio.sleep(SETTLE_S)
-            idle = {g: s.target_pages for g, s in engine.guests.items()}
-            want = max(0, probe.read().available_bytes - RESERVE_MIB * MIB) // MIB \
-                + OVERSHOOT_MIB
-            hog = _Hog(cgroup.path / "cgroup.procs")
-            while hog.mib < want:
-                await asyncio.to_thread(hog.grow, min(HOG_STEP_MIB, want - hog.mib))
-                await asyncio.sleep(HOG_STEP_S)
-            await asyncio.sleep(HOLD_S)
+    shell = AsyncEngine(engine, period_s=PERIOD_S, on_tick=tick)
+    task = asyncio.create_task(shell.run())
+    fail0 = _failcnt(cgroup.path)
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            trace.avail.append((b.clock.now(),
+                                bytes_to_pages(max(0, probe.read().available_bytes))))
+            await asyncio.sleep(SAMPLE_S)
+
+    sampler = asyncio.create_task(sample())
+    hog: _Hog | None = None
+    try:
+        await asyncio.sleep(SETTLE_S)
+        idle = {g: s.target_pages for g, s in engine.guests.items()}
+        want = max(0, probe.read().available_bytes - RESERVE_MIB * MIB) // MIB \
+            + OVERSHOOT_MIB
+        hog = _Hog(cgroup.path / "cgroup.procs")
+        while hog.mib < want:
+            await asyncio.to_thread(hog.grow, min(HOG_STEP_MIB, want - hog.mib))
+            await asyncio.sleep(HOG_STEP_S)
+        await asyncio.sleep(HOLD_S)
+        hog.exit()
+        t_exit = b.clock.now()
+        tol = mib_to_pages(RECOVERED_TOLERANCE_MIB)
+        deadline = t_exit + RECOVER_MAX_S
+        while b.clock.now() < deadline and not all(
+                abs(engine.guests[g].target_pages - idle[g]) <= tol for g in idle):
+            await asyncio.sleep(SAMPLE_S)
+        await asyncio.sleep(2 * PERIOD_S)
+    finally:
+        if hog is not None:
             hog.exit()
-            t_exit = b.clock.now()
-            tol = mib_to_pages(RECOVERED_TOLERANCE_MIB)
-            deadline = t_exit + RECOVER_MAX_S
-            while b.clock.now() < deadline and not all(
-                    abs(engine.guests[g].target_pages - idle[g]) <= tol for g in idle):
-                await asyncio.sleep(SAMPLE_S)
-            await asyncio.sleep(2 * PERIOD_S)
-        finally:
-            if hog is not None:
-                hog.exit()
-            stop.set()
-            await sampler
-            shell.stop()
-            await task
-        out = measure(trace, reserve, idle, t_exit, mib_to_pages(RECOVERED_TOLERANCE_MIB))
-        snap = await b.poll()
-        oom = 0
-        for name in ("g1", "g2"):
-            proc = b.process(name)
-            console = proc.console_text() if proc is not None else ""
-            rep = snap[name].report
-            oom += int(any(s in console for s in OOM_SIGNS)) + (rep.oom_kills if rep else 0)
-        out.update({
-            "hog_mib": hog.mib if hog is not None else 0,
-            "guest_oom_kills": oom,
-            "limit_hits": _failcnt(cgroup.path) - fail0,
-            "idle_sizes_mib": {g: (GUEST_MIB * MIB - p * PAGE_SIZE) // MIB
-                               for g, p in idle.items()},
-            "decisions": engine.decisions,
-        })
-        return out
+        stop.set()
+        await sampler
+        shell.stop()
+        await task
+    out = measure(trace, reserve, idle, t_exit, mib_to_pages(RECOVERED_TOLERANCE_MIB))
+    snap = await b.poll()
+    oom = 0
+    for name in names:
+        log = w.consoles[name].read_text(errors="replace")
+        rep = snap[name].report
+        oom += int(any(s in log for s in OOM_SIGNS)) + (rep.oom_kills if rep else 0)
+    out.update({
+        "world": b.name,
+        "hog_mib": hog.mib if hog is not None else 0,
+        "guest_oom_kills": oom,
+        "limit_hits": _failcnt(cgroup.path) - fail0,
+        "idle_sizes_mib": {g: (GUEST_MIB * MIB - p * PAGE_SIZE) // MIB
+                           for g, p in idle.items()},
+        "decisions": engine.decisions,
+        "held_back": {k: v for k, v in b.counters.as_dict().items()
+                      if k.startswith("skip_") or k == "set_target_failed"},
+    })
+    return out
 
 
-def run_bench(policies: list[str], *, progress: Any = None) -> dict[str, Any]:
+def run_bench(policies: list[str], *, world: str = "qemu", uri: str = "qemu:///system",
+              progress: Any = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mb-hp-", dir="/tmp") as tmp:
         for name in policies:
             if progress is not None:
-                progress(f"bench host-pressure: {name} (about 2 minutes)")
-            results[name] = asyncio.run(run_one(name, run_dir=Path(tmp)))
-    return {"guest_mib": GUEST_MIB, "share_mib": SHARE_MIB, "reserve_mib": RESERVE_MIB,
-            "period_s": PERIOD_S, "policies": results}
+                progress(f"bench host-pressure: {name} on {world} (about 2 minutes)")
+            results[name] = asyncio.run(run_one(name, run_dir=Path(tmp), world=world,
+                                                uri=uri))
+    return {"world": world, "guest_mib": GUEST_MIB, "share_mib": SHARE_MIB,
+            "reserve_mib": RESERVE_MIB, "period_s": PERIOD_S, "policies": results}
 
 
 def register(bsub: Any) -> None:
@@ -262,7 +385,7 @@ def register(bsub: Any) -> None:
             print(f"memballoon: {msg}", file=sys.stderr, flush=True)
 
         names = [n.strip() for n in a.policies.split(",") if n.strip()]
-        res = run_bench(names, progress=progress)
+        res = run_bench(names, world=a.world, uri=a.uri, progress=progress)
         if a.json:
             print(json.dumps(res))
         else:
@@ -276,6 +399,9 @@ def register(bsub: Any) -> None:
                         "it past the host reserve, holds, and exits.")
     p.add_argument("--policies", default=",".join(POLICIES),
                    help=f"comma-separated (default {','.join(POLICIES)})")
+    p.add_argument("--world", choices=["qemu", "libvirt"], default="qemu",
+                   help="QEMU VMs the backend launches, or libvirt domains (default qemu)")
+    p.add_argument("--uri", default="qemu:///system", help="libvirt URI (--world libvirt)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd)
 
