@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ from memballoon.host.hugepages import (
 )
 from memballoon.model.errors import HostResourceError, UsageError
 from memballoon.model.units import RamKind
-
-ROOT = os.geteuid() == 0
 
 
 def fake_sysfs(tmp_path: Path, *, top: str = "always within_size advise [never] deny force",
@@ -113,8 +110,8 @@ def test_huge_pages_for() -> None:
         huge_pages_for(100)
 
 
-@pytest.mark.skipif(not ROOT, reason="the real knobs belong to root (CI runs as root)")
-def test_real_setup_grows_the_pool_and_thp_then_puts_both_back() -> None:
+def test_real_setup_grows_the_pool_and_thp_then_puts_both_back(huge_host: object) -> None:
+    # huge_host: root only, and its lock keeps the other tests' settings out of the way
     pool0 = read_hugetlb_pool()
     thp0 = (SYSFS / THP_SHMEM).read_text()
     with HugePageSetup() as setup:
