@@ -33,17 +33,13 @@ def _progress(msg: str) -> None:
 
 
 def _cmd_bench_protocol(args: argparse.Namespace) -> int:
-    from memballoon.bench.protocol import run_many, run_single
+    from memballoon.bench.protocol import run_single
 
-    if args.guests:
-        result = run_many(args.protocol, args.guests, args.simulated_seconds,
-                          seed=args.seed, progress=_progress)
-    else:
-        if args.guest_mib is None or args.balloon_mib is None:
-            raise MemballoonError("bench protocol: give --guest-mib and --balloon-mib "
-                                  "(or --guests K --simulated-seconds T)")
-        result = run_single(args.protocol, args.guest_mib, args.balloon_mib,
-                            workload=args.workload, max_cycles=args.max_cycles)
+    if args.guest_mib is None or args.balloon_mib is None:
+        raise MemballoonError("bench protocol: give --guest-mib and --balloon-mib "
+                              "(many guests: memballoon bench sim)")
+    result = run_single(args.protocol, args.guest_mib, args.balloon_mib,
+                        workload=args.workload, max_cycles=args.max_cycles)
     _emit(result, args.json)
     return 0 if result["invariant_violations"] == 0 else 1
 
@@ -115,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     bp = bsub.add_parser(
         "protocol",
-        help="a driver/device pair (or many) on the virtual clock",
-        description="Inflate one guest's balloon on the virtual clock, or run many guests.",
+        help="a driver/device pair on the virtual clock",
+        description="Inflate one guest's balloon on the virtual clock (many guests: bench sim).",
     )
     bp.add_argument("--protocol", choices=["vmw", "vmw-batched", "virtio"], default="virtio")
     bp.add_argument("--guest-mib", type=positive_int, help="guest RAM, MiB")
@@ -124,14 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--workload", choices=["idle", "busy"], default="idle")
     bp.add_argument("--max-cycles", type=positive_int, default=10_000,
                     help="stop after this many driver work periods (default 10000)")
-    bp.add_argument("--guests", type=nonneg_int, default=0,
-                    help="run K independent guests instead of one pair")
-    bp.add_argument("--simulated-seconds", type=positive_int, default=60,
-                    help="with --guests: simulated time to run (default 60)")
-    bp.add_argument("--seed", type=int, default=1)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
-    for bench_area in ("memballoon.bench.policy", "memballoon.bench.fuzz"):
+    for bench_area in ("memballoon.bench.policy", "memballoon.bench.fuzz", "memballoon.bench.sim"):
         importlib.import_module(bench_area).register(bsub)
     importlib.import_module("memballoon.bench.host_pressure").register(bsub)
     br = bsub.add_parser(

@@ -549,14 +549,45 @@ class GuestMemory:
                 self._hint_pos = 0
                 if self._hint_free.size:
                     continue
-            one = self._take_free(1, floor, PageState.BALLOON)  # moves the cursor on
-            if one.size == 0:
-                break
-            parts.append(one)
-            got += 1
+            parts.append(self._take_lowest(n - got))
+            break
         if not parts:
             return _EMPTY
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _take_lowest(self, k: int) -> PfnArray:
+        """``k`` single takes once the cursor's block is spent: each takes the first free frame
+        of the lowest block with any (blocks not reported first) and moves the cursor there,
+        and the takes after it walk that block's free frames (refreshed on the second take),
+        so the blocks are emptied one after the other in that order."""
+        cand = np.flatnonzero(self._bfree > 0)
+        if self.reported.any():
+            rep = self.reported[cand]
+            cand = np.concatenate((cand[~rep], cand[rep]))
+        counts = self._bfree[cand].astype(np.int64)
+        cum = np.cumsum(counts)
+        last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
+        blocks = cand[: last + 1]
+        frames = block_frames(blocks, BLOCK_ORDER)
+        frees: PfnArray = frames[self.state[frames] == _FREE]  # block by block, ascending
+        take = frees[:k]
+        m_last = k - (int(cum[last - 1]) if last else 0)
+        self.state[take] = _BALLOON
+        self._bfree[blocks[:-1]] = 0
+        self._bfree[blocks[-1]] -= m_last
+        self.reported[blocks] = False
+        self._free -= k
+        self._hint = int(blocks[-1])
+        # the cache as the single takes leave it: the free frames of the last block they took
+        # a second frame from, after its first, walked as far as they went
+        taken = np.append(counts[:last], m_last)
+        twice = np.flatnonzero(taken >= 2)
+        if twice.size:
+            j = int(twice[-1])
+            start = int(cum[j - 1]) if j else 0
+            self._hint_free = frees[start + 1 : start + int(counts[j])]
+            self._hint_pos = int(taken[j]) - 1
+        return take
 
     def alloc_sleep(self, n: int) -> PfnArray:
         """Up to ``n`` frames for the balloon; may reclaim, never below the min watermark."""

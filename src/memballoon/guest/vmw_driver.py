@@ -661,7 +661,7 @@ class VmwBalloonDriver:
             return 0
         n = port.unlock_run(self.pages.peek(k))
         if n:
-            self.mem.free_balloon(self.pages.pop(n))
+            self.mem.free_balloon(self.pages.pop(n)[::-1])  # oldest first: in order, cheap
             self.seed_stats.unlock += n
             self.seed_stats.free += n
             self.size -= n

@@ -477,7 +477,7 @@ class VmwBalloonDevice:
         n = self._run_length(pfns, locked=True)
         if n:
             give = pfns[:n]
-            self._host.give(coalesce(give))  # 4 KiB host pages: never held back
+            self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
             self._locked[give] = False
             self._n_locked -= n
             self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
@@ -510,8 +510,12 @@ class VmwBalloonDevice:
     @staticmethod
     def _repeats(pfns: PfnArray) -> npt.NDArray[np.bool_]:
         """True for every entry whose PFN already appeared earlier in the batch."""
-        if pfns.size < 2 or bool((np.diff(pfns) > 0).all()):
-            return np.zeros(pfns.size, dtype=np.bool_)  # ascending, as drivers send them
+        if pfns.size < 2:
+            return np.zeros(pfns.size, dtype=np.bool_)
+        steps = np.diff(pfns)
+        if bool((steps > 0).all()) or bool((steps < 0).all()):
+            # ascending, as drivers send batches, or descending, a stack's newest first
+            return np.zeros(pfns.size, dtype=np.bool_)
         _, first = np.unique(pfns, return_index=True)
         rep = np.ones(pfns.size, dtype=np.bool_)
         rep[first] = False

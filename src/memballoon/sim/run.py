@@ -90,6 +90,7 @@ class RunResult:
     idle_periods: int
     guests: list[GuestResult]
     engine_step_s: list[float] = field(default_factory=list)
+    check_s: float | None = None  # time the invariant checks took, on the caller's stopwatch
     series: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def to_json(self, *, guests: bool = True) -> dict[str, Any]:
@@ -106,6 +107,8 @@ class RunResult:
             "violations_sample": self.violations_sample,
             "guest_ticks": self.ticks, "guest_idle_periods": self.idle_periods,
         }
+        if self.check_s is not None:
+            out["check_seconds"] = round(self.check_s, 3)
         if self.engine_step_s:
             st = np.array(self.engine_step_s) * 1e3
             out["engine_step_ms_p50"] = round(float(np.percentile(st, 50)), 3)
@@ -139,6 +142,7 @@ def run_scenario(sc: Scenario, *, progress: Progress | None = None,
     next_record = 0.0
     spot_every = max(1, round(SPOT_CHECK_S / sc.period_s))
     violations: list[str] = []
+    check_s = 0.0
     pairs = [b.pair(n) for n in names]
     for k in range(steps):
         b.advance(sc.period_s)
@@ -162,12 +166,16 @@ def run_scenario(sc: Scenario, *, progress: Progress | None = None,
         if sc.check == "spot" and k % spot_every == 0:
             i = (k // spot_every) % len(names)
             if b.alive(names[i]):
+                c0 = stopwatch() if stopwatch is not None else 0.0
                 b.sync()
                 violations.extend(f"{names[i]}: {v}" for v in check_pair(pairs[i]))
+                check_s += stopwatch() - c0 if stopwatch is not None else 0.0
         if progress is not None:
             progress(sc.name, (k + 1) * sc.period_s, steps * sc.period_s)
+    c0 = stopwatch() if stopwatch is not None else 0.0
     b.sync()
     violations.extend(b.violations(full=True))
+    check_s += stopwatch() - c0 if stopwatch is not None else 0.0
     in_guest = [p.mem.events.oom_kills for p in pairs]
     st = np.frombuffer(stalls, dtype=np.float64) if len(stalls) else np.zeros(1)
     p99 = float(np.percentile(st, 99))
@@ -194,6 +202,7 @@ def run_scenario(sc: Scenario, *, progress: Progress | None = None,
         invariant_violations=len(violations), violations_sample=violations[:VIOLATIONS_KEPT],
         ticks=b.counters[SimCounter.TICKS], idle_periods=b.counters[SimCounter.IDLE_PERIODS],
         guests=guests, engine_step_s=step_s, series=series,
+        check_s=check_s if stopwatch is not None else None,
     )
 
 

@@ -1,0 +1,106 @@
+"""`memballoon sim`: list, show, run and compare scenarios; JSON out; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memballoon.app.scenario import BUILTIN, load_scenario
+from memballoon.app.sim_cli import toucher_steps
+from memballoon.cli import main
+
+TINY = """
+description = "two small guests"
+duration = "30s"
+[host]
+memory = "200MiB"
+[[guests]]
+name = "idle"
+ram = "128MiB"
+min = "12.5%"
+workload = { kind = "idle", anon = "8MiB", file = "4MiB" }
+[[guests]]
+name = "web"
+ram = "128MiB"
+protocol = "vmw"
+min = "12.5%"
+workload = { kind = "steady", anon = "40MiB", file = "16MiB" }
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+def test_list_and_show_the_builtin_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in BUILTIN)
+    assert main(["sim", "show", "overcommit"]) == 0
+    assert "[sweep]" in capsys.readouterr().out
+    assert main(["sim", "show", "nope"]) == 2
+    assert "not a built-in scenario file" in capsys.readouterr().err
+
+
+def test_run_prints_one_json_object(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "run", str(tiny), "--json", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["scenario"] == "tiny" and doc["description"] == "two small guests"
+    (run,) = doc["runs"]
+    for key in ("host_peak_resident_bytes", "mean_released_bytes", "guest_oom_kills",
+                "mean_stall_pct", "p99_stall_pct", "per_guest", "safe"):
+        assert key in run
+    assert run["simulated_seconds"] == 30.0 and run["policy"] == "default"
+    assert main(["sim", "run", str(tiny), "--policy", "static", "--duration", "10s",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "static" in text and "mean size" in text
+
+
+def test_compare_runs_each_policy(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "compare", "--scenario", str(tiny), "--policies", "static,mom",
+                 "--duration", "20s", "--json", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc["policies"]) == ["static", "mom"]
+    assert main(["sim", "compare", "--scenario", str(tiny), "--policies", "static",
+                 "--duration", "10s", "--no-progress"]) == 0
+    assert "static" in capsys.readouterr().out
+
+
+def test_a_sweep_in_two_processes_gives_the_same_answer(
+        tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny.write_text(TINY.replace('[host]\nmemory = "200MiB"\n', "[sweep]\nshares = [1.0, 0.1]\n"))
+    out = []
+    for jobs in ("1", "2"):
+        assert main(["sim", "run", str(tiny), "--duration", "20s", "--jobs", jobs, "--json",
+                     "--no-progress"]) == 0
+        out.append(json.loads(capsys.readouterr().out)["runs"][0])
+    assert out[0]["sweep"] == out[1]["sweep"]
+    assert out[0]["min_safe_budget_ratio"] == 1.0  # 10% of the RAM is too little
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sim", "run", "no-such-scenario"], "no built-in scenario of that name"),
+    (["sim", "compare", "--scenario", "idle-tax", "--policies", "greedy"],
+     "--policies: unknown policy 'greedy'"),
+    (["sim", "run", "idle-tax", "--duration", "soon"], "--duration: 'soon' is not a duration"),
+])
+def test_bad_input_exits_2_naming_it(argv: list[str], needle: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--no-progress"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_toucher_steps_read_the_estimate_at_each_step() -> None:
+    sc = load_scenario("ws-estimator")
+    rows = [[float(t), 0.0, 0.0, 0.0, 0.25 if ((t - 1) // 600) % 2 else 0.05]
+            for t in range(0, 2400, 5)]
+    steps = toucher_steps(sc, {"series": {"toucher": rows}})
+    assert [s["step"] for s in steps] == ["up", "down", "up"]
+    assert all(s["seconds_to_90pct"] == 5.0 for s in steps)
+    assert toucher_steps(sc, {"series": {}}) == []
