@@ -215,8 +215,12 @@ async def _libvirt_world(image: GuestImage, run_dir: Path, cg_name: str, uri: st
     from memballoon.qemu.libvirt_backend import LibvirtBackend, _import_libvirt, domain_xml
 
     lv = _import_libvirt()
+    try:
+        conn = lv.open(uri)
+    except lv.libvirtError as exc:
+        raise ConfigError(f"--uri {uri}: cannot connect to libvirt ({exc}); is libvirtd "
+                          "running?") from None
     cgroup = MemoryCgroup.create(cg_name, SHARE_MIB * MIB)
-    conn = lv.open(uri)
     run_dir.mkdir(parents=True, exist_ok=True)
     doms: list[Any] = []
     consoles: dict[str, Path] = {}
@@ -239,6 +243,8 @@ async def _libvirt_world(image: GuestImage, run_dir: Path, cg_name: str, uri: st
                               "<target port='0'/></serial>")
             # started paused, joined to the cgroup, then run: every page the guest touches is
             # charged there (the QemuBackend launches its VMs the same way)
+            with contextlib.suppress(lv.libvirtError):  # the bench's own, left by a run
+                conn.lookupByName(f"mb-hp-{n}").destroy()  # that was killed
             dom = conn.createXML(xml, VIR_DOMAIN_START_PAUSED)
             doms.append(dom)
             cgroup.add(int(Path(f"/run/libvirt/qemu/mb-hp-{n}.pid").read_text()))
@@ -247,24 +253,33 @@ async def _libvirt_world(image: GuestImage, run_dir: Path, cg_name: str, uri: st
     except BaseException:
         await close()
         raise
-    names = {f"mb-hp-{n}": n for n in GUESTS}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + BOOT_TIMEOUT_S
-    while True:  # booted: both report through the agent channel
-        snap = await b.poll()
-        if all(s.alive and s.report is not None for s in snap.values()) and len(snap) == 2:
-            break
-        if loop.time() > deadline:
-            await close()
-            raise MemballoonError(f"libvirt domains did not boot and report: {dict(snap)}")
-        await asyncio.sleep(0.5)
-    agents = {names[d]: a for d in names if (a := b.agent(d)) is not None}
+    try:
+        while True:  # booted: both report through the agent channel
+            snap = await b.poll()
+            if len(snap) == 2 and all(s.alive and s.report is not None for s in snap.values()):
+                break
+            if loop.time() > deadline:
+                raise MemballoonError(f"libvirt domains did not boot and report: {dict(snap)}")
+            await asyncio.sleep(0.5)
+        agents: dict[str, AgentChannel] = {}
+        for n in GUESTS:
+            a = b.agent(f"mb-hp-{n}")
+            if a is None:
+                raise MemballoonError(f"domain mb-hp-{n} has no memballoon agent channel")
+            agents[f"mb-hp-{n}"] = a
+    except BaseException:
+        b.close()
+        await close()
+        raise
     consoles = {f"mb-hp-{n}": consoles[n] for n in GUESTS}
-    agents = {f"mb-hp-{n}": agents[n] for n in GUESTS}
 
     async def close_all() -> None:
-        await b.aclose()
-        await close()
+        try:
+            await b.aclose()
+        finally:  # the domains go whatever the backend's sockets did
+            await close()
 
     return _World(b, cgroup, consoles, agents, [close_all])
 
