@@ -64,7 +64,7 @@ def test_a_short_hugetlb_pool_asks_for_what_is_missing(tmp_path: Path) -> None:
     assert missing(RamKind.HUGETLB, 20, sysfs) == {}
     assert missing(RamKind.HUGETLB, 64, sysfs) == {
         sysfs / HUGETLB_DIR / "nr_hugepages": "84"}
-    with pytest.raises(HostResourceError, match="20 pages free"):
+    with pytest.raises(HostResourceError, match="20 of its 40 pages free, 64 needed"):
         check_host({RamKind.HUGETLB: 64}, sysfs)
     assert missing(RamKind.SMALL, 10**6, sysfs) == {}
 

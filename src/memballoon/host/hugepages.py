@@ -121,12 +121,15 @@ def missing(kind: RamKind, huge_pages: int, sysfs: Path = SYSFS) -> dict[Path, s
                 if short > 0 else {}
 
 
-def describe(kind: RamKind, writes: dict[Path, str], sysfs: Path = SYSFS) -> str:
-    """One line: why the host is not ready for ``kind`` and the commands that make it so."""
+def describe(kind: RamKind, writes: dict[Path, str], sysfs: Path = SYSFS,
+             huge_pages: int | None = None) -> str:
+    """One line: why the host is not ready for ``kind`` (needing ``huge_pages`` 2 MiB pages)
+    and the commands that make it so."""
     if kind is RamKind.HUGETLB:
         pool = read_hugetlb_pool(sysfs)
-        why = (f"the 2 MiB hugetlb pool has {pool.available} pages free "
-               f"({pool.total} reserved in all), too few")
+        need = "" if huge_pages is None else f", {huge_pages} needed"
+        why = (f"the 2 MiB hugetlb pool has {pool.available} of its {pool.total} pages "
+               f"free{need}")
     else:
         why = f"shmem transparent huge pages are {read_thp_shmem(sysfs).effective!r}"
     cmds = "; ".join(f"echo {v} > {p}" for p, v in writes.items())
@@ -140,7 +143,7 @@ def check_host(needs: dict[RamKind, int], sysfs: Path = SYSFS) -> None:
     for kind, pages in needs.items():
         writes = missing(kind, pages, sysfs)
         if writes:
-            raise HostResourceError(describe(kind, writes, sysfs))
+            raise HostResourceError(describe(kind, writes, sysfs, pages))
 
 
 class HugePageSetup:
@@ -161,7 +164,8 @@ class HugePageSetup:
         for kind, pages in needs.items():
             writes = missing(kind, pages, self.sysfs)
             if writes and self.sysfs == SYSFS and os.geteuid() != 0:
-                raise HostResourceError(f"--setup-hugepages needs root; {describe(kind, writes)}")
+                raise HostResourceError(f"--setup-hugepages needs root; "
+                                        f"{describe(kind, writes, huge_pages=pages)}")
             for path, value in writes.items():
                 old = path.read_text().strip()
                 self._saved.setdefault(path, _selected(old) if "[" in old else old)
@@ -169,9 +173,9 @@ class HugePageSetup:
                 done.append(f"{path}: {self._saved[path]} -> {value}")
             still = missing(kind, pages, self.sysfs)
             if still:
-                raise HostResourceError(f"--setup-hugepages: the kernel did not take it "
-                                        f"({describe(kind, still, self.sysfs)}); memory may be "
-                                        "too fragmented for more huge pages")
+                why = describe(kind, still, self.sysfs, pages)
+                raise HostResourceError(f"--setup-hugepages: the kernel did not take it ({why}); "
+                                        "memory may be too fragmented for more huge pages")
         return done
 
     def restore(self) -> None:

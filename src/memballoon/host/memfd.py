@@ -138,7 +138,7 @@ def hugetlb_short(need: int) -> str:
 
     try:
         writes = missing(RamKind.HUGETLB, need)
-        return describe(RamKind.HUGETLB, writes) if writes else (
+        return describe(RamKind.HUGETLB, writes, huge_pages=need) if writes else (
             f"the 2 MiB hugetlb pool could not give {need} pages")
     except HostResourceError as exc:
         return str(exc)
