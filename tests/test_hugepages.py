@@ -120,3 +120,37 @@ def test_real_setup_grows_the_pool_and_thp_then_puts_both_back(huge_host: object
         assert read_thp_shmem().ok
     assert read_hugetlb_pool().total == pool0.total
     assert (SYSFS / THP_SHMEM).read_text() == thp0
+
+
+class FakeKernel(HugePageSetup):
+    """A setup whose writes to the fake pool act as the kernel's do: every page added is free."""
+
+    @staticmethod
+    def _write(path: Path, value: str) -> None:
+        if path.name == "nr_hugepages":
+            old = int(path.read_text())
+            free = path.parent / "free_hugepages"
+            free.write_text(str(int(free.read_text()) + int(value) - old))
+        path.write_text(value)
+
+
+def test_two_runs_setting_up_at_once_each_take_back_only_their_own(tmp_path: Path) -> None:
+    sysfs = fake_sysfs(tmp_path, pool=(4, 0, 0))  # 4 pages, all in use by someone else
+    nr = sysfs / HUGETLB_DIR / "nr_hugepages"
+    a, b = FakeKernel(sysfs), FakeKernel(sysfs)
+    assert a.ensure({RamKind.HUGETLB: 10, RamKind.THP: 1}) == [
+        f"{nr}: 4 -> 14", f"{sysfs / THP_SHMEM}: never -> advise"]
+    assert b.ensure({RamKind.HUGETLB: 15, RamKind.THP: 1}) == [f"{nr}: 14 -> 19"]
+    a.restore()  # the pool loses a's 10 pages, not b's
+    assert nr.read_text() == "9" and read_hugetlb_pool(sysfs).available == 5
+    b.restore()
+    assert nr.read_text() == "4" and read_thp_shmem(sysfs).effective == "never"
+
+
+def test_a_knob_someone_else_changed_since_is_left_alone(tmp_path: Path) -> None:
+    sysfs = fake_sysfs(tmp_path)
+    setup = HugePageSetup(sysfs)
+    setup.ensure({RamKind.THP: 1})
+    (sysfs / THP_SHMEM).write_text("always")  # an administrator's choice meanwhile
+    setup.restore()
+    assert (sysfs / THP_SHMEM).read_text() == "always"

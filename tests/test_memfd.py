@@ -454,8 +454,13 @@ def test_a_hugetlb_guest_larger_than_the_pool_is_refused_with_what_to_set(
 def test_attach_refuses_ram_of_another_page_size(huge_host: HugeHost) -> None:
     huge_host(RamKind.HUGETLB, 1)
     counters = Counters()
-    with MemfdRam(HP, kind=RamKind.HUGETLB) as r, pytest.raises(PeerError):
-        MemfdRam.attach(os.dup(r.fd), HP, counters=counters)  # told 4k, given hugetlbfs
-    with MemfdRam(HP) as r, pytest.raises(PeerError):
-        MemfdRam.attach(os.dup(r.fd), HP, kind=RamKind.HUGETLB, counters=counters)
+    for ram, told in ((MemfdRam(HP, kind=RamKind.HUGETLB), RamKind.SMALL),
+                      (MemfdRam(HP), RamKind.HUGETLB)):
+        fd = os.dup(ram.fd)
+        try:
+            with pytest.raises(PeerError):
+                MemfdRam.attach(fd, HP, kind=told, counters=counters)
+        finally:
+            os.close(fd)  # refused: still ours (a hugetlbfs file kept open keeps its pages)
+            ram.close()
     assert counters["memfd_attach_rejected"] == 2

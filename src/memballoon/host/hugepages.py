@@ -147,16 +147,22 @@ def check_host(needs: dict[RamKind, int], sysfs: Path = SYSFS) -> None:
 
 
 class HugePageSetup:
-    """Sets what ``missing`` lists for a run, and puts it all back (``with`` or ``restore``)."""
+    """Sets what ``missing`` lists for a run, and puts it all back (``with`` or ``restore``).
+
+    Other runs may set the same knobs meanwhile, so what is put back is this run's own change:
+    the pool shrinks by the pages this run added to it (not to the size it saw first), and a
+    THP knob is written back only if it still says what this run wrote.
+    """
 
     def __init__(self, sysfs: Path = SYSFS) -> None:
         self.sysfs = sysfs
-        self._saved: dict[Path, str] = {}  # first value seen, per file changed
+        self._saved: dict[Path, tuple[str, str]] = {}  # file -> (value before, value written)
+        self._added = 0  # pool pages this run added
 
     @property
     def changed(self) -> dict[Path, str]:
         """The files written so far and what they held before."""
-        return dict(self._saved)
+        return {p: before for p, (before, _) in self._saved.items()}
 
     def ensure(self, needs: dict[RamKind, int]) -> list[str]:
         """Make the host ready for ``needs``; one line per value written (empty: ready)."""
@@ -167,10 +173,12 @@ class HugePageSetup:
                 raise HostResourceError(f"--setup-hugepages needs root; "
                                         f"{describe(kind, writes, huge_pages=pages)}")
             for path, value in writes.items():
-                old = path.read_text().strip()
-                self._saved.setdefault(path, _selected(old) if "[" in old else old)
+                old = _selected(path.read_text())
                 self._write(path, value)
-                done.append(f"{path}: {self._saved[path]} -> {value}")
+                if kind is RamKind.HUGETLB:
+                    self._added += int(value) - int(old)
+                self._saved[path] = (self._saved.get(path, (old, value))[0], value)
+                done.append(f"{path}: {old} -> {value}")
             still = missing(kind, pages, self.sysfs)
             if still:
                 why = describe(kind, still, self.sysfs, pages)
@@ -179,14 +187,19 @@ class HugePageSetup:
         return done
 
     def restore(self) -> None:
-        """Write back every value changed, last change first."""
+        """Undo this run's changes, last first (see the class docstring)."""
         errors: list[str] = []
-        for path, value in reversed(list(self._saved.items())):
+        for path, (before, written) in reversed(list(self._saved.items())):
             try:
-                self._write(path, value)
-            except HostResourceError as exc:
-                errors.append(str(exc))
+                if path.name == "nr_hugepages":
+                    now = int(path.read_text())
+                    self._write(path, str(max(0, now - self._added)))
+                elif _selected(path.read_text()) == written:
+                    self._write(path, before)
+            except (HostResourceError, OSError, ValueError) as exc:
+                errors.append(f"{path}: {exc}")
         self._saved.clear()
+        self._added = 0
         if errors:
             raise HostResourceError("; ".join(errors))
 
