@@ -53,3 +53,48 @@ def test_tail_peeks_at_the_newest() -> None:
     assert d.tail(4).tolist() == [6, 7, 8, 9]
     assert d.tail(100).tolist() == list(range(3, 10))
     assert len(d) == 7
+
+
+scattered_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.lists(st.integers(0, 300), max_size=40)),
+        st.tuples(st.just("front"), st.integers(0, 50)),
+        st.tuples(st.just("back"), st.integers(0, 50)),
+        st.tuples(st.just("tail"), st.integers(0, 50)),
+    ),
+    max_size=80,
+)
+
+
+@given(scattered_ops)
+def test_runs_of_any_frames_behave_as_a_python_deque(script: list[tuple[str, object]]) -> None:
+    # frames in any order (runs of one, runs that continue the newest, repeats): the runs
+    # are bookkeeping only
+    d = PfnDeque()
+    ref: deque[int] = deque()
+    for op, arg in script:
+        if op == "push":
+            vals = np.array(arg, dtype=np.int64)
+            d.push_back(vals)
+            ref.extend(vals.tolist())
+        elif op == "front":
+            assert d.pop_front(arg).tolist() == [ref.popleft() for _ in range(min(arg, len(ref)))]  # type: ignore[arg-type]
+        elif op == "back":
+            m = min(arg, len(ref))  # type: ignore[call-overload]
+            assert d.pop_back(arg).tolist() == [ref.pop() for _ in range(m)][::-1]  # type: ignore[arg-type]
+        else:
+            k = min(arg, len(ref))  # type: ignore[call-overload]
+            assert d.tail(arg).tolist() == (list(ref)[len(ref) - k:] if k else [])  # type: ignore[arg-type]
+        assert len(d) == len(ref) and d.to_array().tolist() == list(ref)
+
+
+def test_a_balloon_of_millions_of_frames_is_a_few_runs() -> None:
+    d = PfnDeque()
+    n = 8192 * 256
+    for lo in range(0, n, 256):  # a virtio balloon filled 256 frames at a time
+        d.push_back(np.arange(lo, lo + 256, dtype=np.int64))
+    assert len(d) == n and d._n == 1  # one run
+    d.pop_back(1000)
+    d.push_back(np.array([5_000_000], dtype=np.int64))
+    d.pop_front(10)
+    assert d._n == 2 and d.tail(2).tolist() == [n - 1001, 5_000_000]

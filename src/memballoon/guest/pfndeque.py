@@ -1,8 +1,12 @@
-"""A growable ring buffer of page frame numbers, oldest at the front.
+"""A deque of page frame numbers, oldest at the front, kept as runs of consecutive frames.
 
 The guest model keeps its anonymous and page-cache pages in LRU order with one of these: new
 and refaulted pages join the back (hot), reclaim takes from the front (cold), a shrinking
-workload frees from the back. Every operation costs what it moves, never the guest's size.
+workload frees from the back; the virtio driver keeps its balloon in one. Frames come from the
+allocator in ascending runs (a block's free frames, whole free blocks), so the deque stores
+``(first frame, length)`` runs: a balloon of millions of pages is a few runs, not four bytes a
+page (a thousand simulated guests of 8 GiB would need gigabytes), and every operation costs
+what it moves plus the runs it touches, never the guest's size.
 """
 
 from __future__ import annotations
@@ -10,94 +14,168 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-_MIN_CAPACITY = 256
+_MIN_RUNS = 16
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def _runs(p: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``p`` as runs of consecutive frames: their first frames and lengths."""
+    if p.size == 1:
+        return p.copy(), np.ones(1, dtype=np.int64)
+    brk = np.flatnonzero(np.diff(p) != 1) + 1
+    edges = np.concatenate(([0], brk, [p.size]))
+    return p[edges[:-1]], np.diff(edges)
+
+
+def _expand(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The frames of runs, in order."""
+    if starts.size == 0:
+        return _EMPTY.copy()
+    if starts.size == 1:
+        return np.arange(starts[0], starts[0] + lens[0], dtype=np.int64)
+    total = int(lens.sum())
+    offsets = np.cumsum(lens) - lens
+    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
 
 
 class PfnDeque:
-    __slots__ = ("_buf", "_head", "_len")
+    __slots__ = ("_head", "_len", "_lens", "_n", "_starts")
 
     def __init__(self) -> None:
-        self._buf: npt.NDArray[np.int32] = np.empty(_MIN_CAPACITY, dtype=np.int32)
-        self._head = 0
-        self._len = 0
+        self._starts: npt.NDArray[np.int64] = np.empty(_MIN_RUNS, dtype=np.int64)
+        self._lens: npt.NDArray[np.int64] = np.empty(_MIN_RUNS, dtype=np.int64)
+        self._head = 0  # the oldest run's slot
+        self._n = 0  # runs held, from _head on
+        self._len = 0  # frames held
 
     def __len__(self) -> int:
         return self._len
 
-    def _grow(self, need: int) -> None:
-        cap = self._buf.size
-        if need <= cap:
+    def _room(self, more: int) -> None:
+        """Slots for ``more`` runs after the newest (slide to the start, or grow)."""
+        cap = self._starts.size
+        if self._head + self._n + more <= cap:
             return
-        new_cap = max(cap * 2, need)
-        new = np.empty(new_cap, dtype=np.int32)
-        new[: self._len] = self._ordered()
-        self._buf = new
-        self._head = 0
-
-    def _ordered(self) -> npt.NDArray[np.int32]:
-        cap = self._buf.size
-        end = self._head + self._len
-        if end <= cap:
-            return self._buf[self._head : end]
-        return np.concatenate((self._buf[self._head :], self._buf[: end - cap]))
+        h, n = self._head, self._n
+        new_cap = cap if n + more <= cap // 2 else max(2 * cap, n + more)
+        starts = np.empty(new_cap, dtype=np.int64)
+        lens = np.empty(new_cap, dtype=np.int64)
+        starts[:n] = self._starts[h : h + n]
+        lens[:n] = self._lens[h : h + n]
+        self._starts, self._lens, self._head = starts, lens, 0
 
     def to_array(self) -> npt.NDArray[np.int64]:
         """All PFNs, oldest first (a copy)."""
-        return self._ordered().astype(np.int64)
+        h, n = self._head, self._n
+        return _expand(self._starts[h : h + n], self._lens[h : h + n])
 
     def push_back(self, pfns: npt.NDArray[np.int64]) -> None:
         k = int(pfns.size)
         if k == 0:
             return
-        self._grow(self._len + k)
-        cap = self._buf.size
-        start = (self._head + self._len) % cap
-        first = min(k, cap - start)
-        self._buf[start : start + first] = pfns[:first]
-        if first < k:
-            self._buf[: k - first] = pfns[first:]
+        p = np.asarray(pfns, dtype=np.int64).reshape(-1)
+        last = self._head + self._n - 1
+        if k == 1:  # the page-at-a-time paths: extend the newest run when it continues it
+            pfn = int(p[0])
+            if self._n and int(self._starts[last] + self._lens[last]) == pfn:
+                self._lens[last] += 1
+            else:
+                self._room(1)
+                i = self._head + self._n
+                self._starts[i], self._lens[i] = pfn, 1
+                self._n += 1
+            self._len += 1
+            return
+        starts, lens = _runs(p)
+        if self._n and int(self._starts[last] + self._lens[last]) == int(starts[0]):
+            self._lens[last] += lens[0]
+            starts, lens = starts[1:], lens[1:]
+        m = int(starts.size)
+        if m:
+            self._room(m)
+            i = self._head + self._n
+            self._starts[i : i + m] = starts
+            self._lens[i : i + m] = lens
+            self._n += m
         self._len += k
+
+    def _front_runs(self, k: int) -> int:
+        """How many runs from the oldest hold the oldest ``k`` frames (the last maybe partly)."""
+        h, n, w = self._head, self._n, 8
+        while True:
+            w = min(w, n)
+            cum = np.cumsum(self._lens[h : h + w])
+            if cum[-1] >= k or w == n:
+                return int(np.searchsorted(cum, k)) + 1
+            w *= 4
+
+    def _back_runs(self, k: int) -> int:
+        """How many runs from the newest hold the newest ``k`` frames (the last maybe partly)."""
+        end, n, w = self._head + self._n, self._n, 8
+        while True:
+            w = min(w, n)
+            cum = np.cumsum(self._lens[end - w : end][::-1])
+            if cum[-1] >= k or w == n:
+                return int(np.searchsorted(cum, k)) + 1
+            w *= 4
 
     def pop_front(self, k: int) -> npt.NDArray[np.int64]:
         """Remove and return up to ``k`` of the oldest PFNs, oldest first."""
         k = min(k, self._len)
         if k <= 0:
-            return np.empty(0, dtype=np.int64)
-        cap = self._buf.size
-        end = self._head + k
-        if end <= cap:
-            out = self._buf[self._head : end].astype(np.int64)
-        else:
-            out = np.concatenate((self._buf[self._head :], self._buf[: end - cap])).astype(
-                np.int64
-            )
-        self._head = end % cap
+            return _EMPTY.copy()
+        h = self._head
+        r = self._front_runs(k)
+        starts = self._starts[h : h + r].copy()
+        lens = self._lens[h : h + r].copy()
+        extra = int(lens.sum()) - k  # what the last run keeps
+        lens[-1] -= extra
+        out = _expand(starts, lens)
+        if extra:
+            self._starts[h + r - 1] += lens[-1]
+            self._lens[h + r - 1] = extra
+            r -= 1
+        self._head += r
+        self._n -= r
         self._len -= k
+        if self._n == 0:
+            self._head = 0
         return out
+
+    def _newest(self, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        """The runs holding the newest ``k`` frames (the first cut to fit), oldest first, and
+        how many of the deque's runs they reach into."""
+        end = self._head + self._n
+        r = self._back_runs(k)
+        starts = self._starts[end - r : end].copy()
+        lens = self._lens[end - r : end].copy()
+        extra = int(lens.sum()) - k
+        starts[0] += extra
+        lens[0] -= extra
+        return starts, lens, r
 
     def pop_back(self, k: int) -> npt.NDArray[np.int64]:
         """Remove and return up to ``k`` of the newest PFNs, oldest of them first."""
         k = min(k, self._len)
         if k <= 0:
-            return np.empty(0, dtype=np.int64)
-        cap = self._buf.size
-        start = (self._head + self._len - k) % cap
-        end = start + k
-        if end <= cap:
-            out = self._buf[start:end].astype(np.int64)
-        else:
-            out = np.concatenate((self._buf[start:], self._buf[: end - cap])).astype(np.int64)
+            return _EMPTY.copy()
+        starts, lens, r = self._newest(k)
+        out = _expand(starts, lens)
+        end = self._head + self._n
+        kept = int(self._lens[end - r]) - int(lens[0])  # what stays of the oldest run touched
+        if kept:
+            self._lens[end - r] = kept
+            r -= 1
+        self._n -= r
         self._len -= k
+        if self._n == 0:
+            self._head = 0
         return out
 
     def tail(self, k: int) -> npt.NDArray[np.int64]:
         """The newest ``k`` PFNs (a copy), without removing them."""
         k = min(max(k, 0), self._len)
         if k == 0:
-            return np.empty(0, dtype=np.int64)
-        cap = self._buf.size
-        start = (self._head + self._len - k) % cap
-        end = start + k
-        if end <= cap:
-            return self._buf[start:end].astype(np.int64)
-        return np.concatenate((self._buf[start:], self._buf[: end - cap])).astype(np.int64)
+            return _EMPTY.copy()
+        starts, lens, _ = self._newest(k)
+        return _expand(starts, lens)

@@ -95,8 +95,10 @@ class NullRam:
         freed = 0
         for start, end in ranges.tolist():
             seg = self._resident[start:end]
-            freed += int(seg.sum())
-            seg[:] = 0
+            held = int(np.count_nonzero(seg))
+            if held:  # zeros written over pages never touched would make this table resident
+                freed += held
+                seg[:] = 0
         self._resident_pages -= freed
         n = range_pages(ranges)
         self.released_pages_total += n

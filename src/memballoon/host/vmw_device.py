@@ -411,11 +411,13 @@ class VmwBalloonDevice:
         return Response(Status.SUCCESS)
 
     def _forget_all(self) -> None:
+        # with nothing locked the tables are clear already: writing them anyway would make a
+        # simulated guest's untouched tables resident
         if self._n_locked:
             self._host.give(coalesce(self.balloon_pfns()), force=True)  # the guest takes all
             self.counters.inc(VmwDeviceCounter.PAGES_FORGOTTEN, self._n_locked)
-        self._locked[:] = False
-        self._huge[:] = False
+            self._locked[:] = False
+            self._huge[:] = False
         self._n_locked = 0
 
     # ------------------------------------------------------------------ single pages
