@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from memballoon.edge.statefile import DaemonSnapshot, downtime_s, read_state, write_state
+from memballoon.edge.statefile import (
+    DaemonSnapshot,
+    downtime_s,
+    is_ours,
+    read_state,
+    set_aside,
+    write_state,
+)
 from memballoon.manager.core import CoreSnapshot
 from memballoon.model.errors import ConfigError
 
@@ -29,9 +36,9 @@ def snap(saved_at: float = 1000.0, **kw: object) -> DaemonSnapshot:
 
 def test_round_trip_and_downtime(tmp_path: Path) -> None:
     p = tmp_path / "state.json"
-    assert read_state(p, world="qemu", policy="default") is None
+    assert read_state(p) is None
     write_state(p, snap())
-    back = read_state(p, world="qemu", policy="default")
+    back = read_state(p)
     assert back == snap() and oct(p.stat().st_mode & 0o777) == "0o600"
     assert downtime_s(back, wall=lambda: 1012.5) == 12.5
     assert downtime_s(back, wall=lambda: 900.0) == 0.0  # the wall clock went back
@@ -46,17 +53,20 @@ def test_a_bad_state_file_is_refused_and_says_what_to_do(tmp_path: Path, text: s
     p = tmp_path / "state.json"
     p.write_text(text)
     with pytest.raises(ConfigError, match="start afresh") as ei:
-        read_state(p, world="qemu", policy="default")
+        read_state(p)
     assert needle in str(ei.value)
 
 
-def test_another_daemons_state_is_refused(tmp_path: Path) -> None:
+def test_another_daemons_state_is_set_aside_not_restored(tmp_path: Path) -> None:
     p = tmp_path / "state.json"
     write_state(p, snap())
-    with pytest.raises(ConfigError, match="'local'"):
-        read_state(p, world="local", policy="default")
-    with pytest.raises(ConfigError, match="'mom'"):
-        read_state(p, world="qemu", policy="mom")
+    s = read_state(p)
+    assert s is not None and is_ours(s, world="qemu", policy="default")
+    assert not is_ours(s, world="local", policy="default")
+    assert not is_ours(s, world="qemu", policy="mom")
+    kept = set_aside(p, s)
+    assert kept.name == "state.json.qemu-default" and not p.exists()
+    assert read_state(kept) == s
 
 
 def test_a_writer_killed_at_any_moment_leaves_a_whole_document(tmp_path: Path) -> None:
@@ -80,5 +90,5 @@ def test_a_writer_killed_at_any_moment_leaves_a_whole_document(tmp_path: Path) -
         except subprocess.TimeoutExpired:
             child.send_signal(signal.SIGKILL)
             child.wait()
-        back = read_state(p, world="qemu", policy="default")
+        back = read_state(p)
         assert back is not None and back.targets == {"a": 5, "b": 0}

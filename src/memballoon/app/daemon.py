@@ -37,7 +37,14 @@ from memballoon.edge.aio import AsyncEngine
 from memballoon.edge.clock import MonotonicClock
 from memballoon.edge.hostmem import make_probe
 from memballoon.edge.journal import Journal
-from memballoon.edge.statefile import DaemonSnapshot, downtime_s, read_state, write_state
+from memballoon.edge.statefile import (
+    DaemonSnapshot,
+    downtime_s,
+    is_ours,
+    read_state,
+    set_aside,
+    write_state,
+)
 from memballoon.manager.core import Hysteresis, ManagerCore
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import Backend, HostProbe
@@ -260,9 +267,14 @@ class Daemon:
         """Go on from the state a stopped or crashed daemon left (its manual targets, each
         guest's last change, the policy's memory), aged by the time it was down."""
         path = self.cfg.state_path
-        snap = read_state(path, world=self.cfg.world, policy=self.policy.name)
+        snap = read_state(path)
         if snap is None:
             self.say(f"state {path} (none yet: starting afresh)")
+            return
+        if not is_ours(snap, world=self.cfg.world, policy=self.policy.name):
+            kept = set_aside(path, snap)
+            self.say(f"state {path} was left by a {snap.world} daemon with policy "
+                     f"{snap.policy}: set aside as {kept.name}, starting afresh")
             return
         down = downtime_s(snap)
         at = e.now() - down  # restoring at an earlier moment ages every stored age by ``down``

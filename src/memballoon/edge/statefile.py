@@ -9,9 +9,10 @@ of saving; the wall clock at saving (``saved_at``) lets a restart age them by th
 daemon was down (a monotonic clock does not survive a restart; a wall clock that jumped back
 counts as no time).
 
-Reading is strict: a document of another version, another policy or a malformed one is
-refused with a ConfigError that says what to do (move the file away to start afresh), never
-half-read.
+Reading is strict: a document of another version or a malformed one is refused with a
+ConfigError that says what to do (move the file away to start afresh), never half-read; one
+left by a daemon of another world or policy is set aside (renamed, kept) and the daemon starts
+afresh, saying so.
 """
 
 from __future__ import annotations
@@ -64,25 +65,34 @@ def write_state(path: Path, snap: DaemonSnapshot) -> None:
         os.close(dfd)
 
 
-def read_state(path: Path, *, world: str, policy: str) -> DaemonSnapshot | None:
-    """The state at ``path`` (None when there is none); ConfigError for one that is not this
-    daemon's (another version, world or policy) or not whole."""
+def read_state(path: Path) -> DaemonSnapshot | None:
+    """The state at ``path`` (None when there is none); ConfigError for one of another version
+    or not whole (never half-read). Whether it is this daemon's (its world and policy) is the
+    caller's to check: ``is_ours``."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError(f"state file {path}: cannot read it: {exc.strerror}") from None
-    afresh = f"move {path} away to start afresh"
     try:
-        snap = DaemonSnapshot.from_json(data)
+        return DaemonSnapshot.from_json(data)
     except ConfigError as exc:
-        raise ConfigError(f"state file {path}: {exc}; {afresh}") from None
-    if snap.world != world or snap.policy != policy:
-        raise ConfigError(f"state file {path} is of world {snap.world!r} with policy "
-                          f"{snap.policy!r}, this daemon runs {world!r} with {policy!r}; "
-                          f"{afresh}")
-    return snap
+        raise ConfigError(f"state file {path}: {exc}; move {path} away to start afresh"
+                          ) from None
+
+
+def is_ours(snap: DaemonSnapshot, *, world: str, policy: str) -> bool:
+    """Whether ``snap`` was left by a daemon of this world and policy (another's state says
+    nothing about these guests: it is set aside, not restored)."""
+    return snap.world == world and snap.policy == policy
+
+
+def set_aside(path: Path, snap: DaemonSnapshot) -> Path:
+    """Rename another daemon's state out of the way (kept, not deleted); returns where."""
+    to = path.with_name(f"{path.name}.{snap.world}-{snap.policy}")
+    os.replace(path, to)
+    return to
 
 
 def downtime_s(snap: DaemonSnapshot, wall: Callable[[], float] = time.time) -> float:
@@ -91,4 +101,4 @@ def downtime_s(snap: DaemonSnapshot, wall: Callable[[], float] = time.time) -> f
     return max(0.0, wall() - snap.saved_at)
 
 
-__all__ = ["DaemonSnapshot", "downtime_s", "read_state", "write_state"]
+__all__ = ["DaemonSnapshot", "downtime_s", "is_ours", "read_state", "set_aside", "write_state"]
