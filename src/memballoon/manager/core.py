@@ -393,7 +393,7 @@ class ManagerCore:
             self.counters.inc(ManagerCounter.MANUAL_REFUSED)
             raise ConfigError(f"guest {s.name}: a size of {size} pages ({size * PAGE_SIZE} "
                               f"bytes) is under its safety floor of {floor} pages "
-                              f"({floor * PAGE_SIZE} bytes): {why}; force it to set it anyway")
+                              f"({floor * PAGE_SIZE} bytes): {why}; --force sets it anyway")
         want = clamp_balloon(s, balloon_pages)
         self.manual[st.name] = want
         reason = "manual target" if want == balloon_pages else (
