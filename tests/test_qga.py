@@ -176,3 +176,11 @@ def test_any_guest_text_reports_within_bounds_or_is_a_guest_agent_error(
     r = to_pressure_report(a, ram_bytes=1 << 30, balloon_target_pages=0,
                            balloon_actual_pages=0, prev=None, period_s=1.0)
     assert r.total_bytes >= 0 and 0.0 <= r.stall_pct <= 100.0
+
+
+def test_a_psi_full_total_past_belief_is_left_out() -> None:
+    # found by `memballoon bench fuzz` (target qga): some_total was bounded, full_total was not
+    huge = "full avg10=1.25 avg60=0.50 avg300=0.10 total=" + "6" * 60 + "\n"
+    qga = FakeQga({**FILES, "/proc/pressure/memory": PSI.splitlines()[0] + "\n" + huge})
+    a = read_report(qga, guest="d", counters=Counters(), now=1.0)
+    assert a.psi_full_total_us is None and a.psi_some_total_us == 123456

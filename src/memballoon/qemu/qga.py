@@ -141,6 +141,7 @@ def read_report(command: AgentCommand, *, guest: str, counters: Counters,
         raise _bad(counters, QgaCounter.QGA_BAD_TEXT, f"{guest}: PSI out of range")
     counters.inc(QgaCounter.QGA_REPORTS)
     full10 = None if psi is None else psi.full_avg10
+    full_us = None if psi is None else psi.full_total_us  # optional: left out past belief
     return AgentReport(
         guest=guest, uptime_s=max(0.0, now),
         mem_total_bytes=_count(mi, "MemTotal"), mem_free_bytes=_count(mi, "MemFree"),
@@ -153,7 +154,7 @@ def read_report(command: AgentCommand, *, guest: str, counters: Counters,
         psi_some_avg10=None if psi is None else psi.some_avg10,
         psi_some_total_us=None if psi is None else psi.some_total_us,
         psi_full_avg10=None if full10 is None or not 0.0 <= full10 <= 100.0 else full10,
-        psi_full_total_us=None if psi is None else psi.full_total_us,
+        psi_full_total_us=None if full_us is None or not 0 <= full_us < MAX_VALUE else full_us,
     )
 
 
