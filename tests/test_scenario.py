@@ -225,8 +225,17 @@ def test_bench_policy_scenario_is_bench_policys_own() -> None:
     sc = bench_policy_scenario()
     specs, budget = bench.scenario(1, bench.SECONDS)
     assert [g.name for g in sc.guests] == [s.name for s in specs]
-    assert sc.host_bytes == budget and sc.budget_pages == budget // PAGE_SIZE
+    assert sc.host_bytes is None and sc.budget_pages == budget // PAGE_SIZE
     assert all(g.protocol == "virtio" for g in sc.guests)
     assert all(g.settings.min_pages == g.ram_pages // 8 for g in sc.guests)
     peaks = sum(bench.peak_bytes(s.workload, s.mib, s.seed, bench.SECONDS) for s in specs)
     assert peaks == pytest.approx(1.5 * budget, rel=0.01)
+
+
+def test_a_reserve_share_follows_each_host_of_a_sweep() -> None:
+    sc = load(BASE + '[host]\nreserve = "5%"\n[sweep]\nshares = [1.0, 0.5]')
+    half = sc.with_host_share(0.5)  # type: ignore[attr-defined]
+    assert half.reserve_pages == int(0.05 * half.host_bytes) // PAGE_SIZE
+    assert half.budget_pages == half.host_bytes // PAGE_SIZE - half.reserve_pages
+    with pytest.raises(ConfigError, match="host.reserve: '100%': a share of the host's memory"):
+        load(BASE + '[host]\nmemory = "1GiB"\nreserve = "100%"')

@@ -125,3 +125,14 @@ def test_bad_schedules_are_refused() -> None:
         Bursts(every_s=0)
     with pytest.raises(UsageError):
         Toucher(period_s=0)
+
+
+def test_a_spike_grows_over_its_ramp() -> None:
+    w = Bursts(base_mib=64, spike_mib=256, every_s=100, ramp_s=10, seed=3)
+    w.demand(0.0)  # draws the first spike
+    start, end, extra = w._spikes[0]
+    assert end - start > 12  # this seed's first spike outlasts its ramp
+    sizes = [w.demand(start + s).anon_pages for s in range(0, 12)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert sizes[-1] == mib_to_pages(64 + extra)
+    assert w.next_change(start + 1) == start + 1  # growing: any moment

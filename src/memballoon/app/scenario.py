@@ -114,7 +114,8 @@ WORKLOAD_PARAMS: Final[dict[str, dict[str, tuple[str, object]]]] = {
     "diurnal": {"low": ("size", "5%"), "high": ("size", "30%"), "file": ("size", "5%"),
                 "period": ("time", 3600.0), "step": ("size", "8MiB")},
     "bursts": {"base": ("size", "10%"), "spike": ("size", "40%"), "file": ("size", "5%"),
-               "every": ("time", 600.0), "median": ("time", 40.0), "sigma": ("number", 1.0)},
+               "every": ("time", 600.0), "median": ("time", 40.0), "sigma": ("number", 1.0),
+               "ramp": ("time", 10.0)},
     "dbench": {"anon": ("size", "5%"), "file": ("size", "50%"), "run": ("time", 300.0),
                "pause": ("time", 120.0), "hot": ("fraction", 0.6), "phase": ("time", 0.0)},
     "toucher": {"low": ("size", "5%"), "high": ("size", "25%"), "period": ("time", 300.0),
@@ -341,7 +342,7 @@ def _workload(kind: str, v: Mapping[str, Any], seed: int,
             case "bursts":
                 return Bursts(base_mib=v["base"], spike_mib=v["spike"], file_mib=v["file"],
                               every_s=v["every"], median_s=v["median"], sigma=v["sigma"],
-                              seed=seed)
+                              ramp_s=v["ramp"], seed=seed)
             case "dbench":
                 return Dbench(anon_mib=v["anon"], file_mib=v["file"], run_s=v["run"],
                               pause_s=v["pause"], hot=v["hot"], phase_s=v["phase"])
@@ -491,8 +492,16 @@ def _scenario(doc: dict[str, Any], default_name: str, base: Path | None) -> Scen
                                                      what="the guests' summed RAM")
     if host_bytes is not None and host_bytes < PAGE_SIZE:
         raise ConfigError(f"host.memory: {mem!r} leaves no memory")
-    reserve = size_bytes(host.get("reserve", 0), "host.reserve", host_bytes,
-                         what="the host's memory") // PAGE_SIZE
+    reserve_raw = host.get("reserve", 0)
+    reserve_share = share(reserve_raw)
+    if reserve_share is not None and not 0 <= reserve_share < 1:
+        raise ConfigError(f"host.reserve: {reserve_raw!r}: a share of the host's memory must "
+                          "be under 100%")
+    if reserve_share is not None and host_bytes is None and sweep:
+        reserve = 0  # each host of the sweep keeps its share
+    else:
+        reserve = size_bytes(reserve_raw, "host.reserve", host_bytes,
+                             what="the host's memory") // PAGE_SIZE
     budget_raw = host.get("budget", "memory")
     if budget_raw == "auto":
         if host_bytes is None and not sweep:
@@ -523,7 +532,8 @@ def _scenario(doc: dict[str, Any], default_name: str, base: Path | None) -> Scen
         host_bytes = ram_bytes  # a sweep sets it per point; this is the largest host's
     return Scenario(
         name=name, seconds=seconds, guests=guests, host_bytes=host_bytes, budget_pages=budget,
-        reserve_pages=reserve, host_use=HostUse(tuple(spans)), policy=policy,
+        reserve_pages=reserve, reserve_share=reserve_share, host_use=HostUse(tuple(spans)),
+        policy=policy,
         policy_params=params, variants=variants, sweep_shares=sweep,
         max_stall_pct=max_stall, seed=seed, period_s=period, report_every_s=report,
         driver_period_s=driver_period, record_every_s=record, check=check,
@@ -562,7 +572,9 @@ def bench_policy_scenario(seconds: float | None = None, seed: int = 1) -> Scenar
                   make_workload(s.workload, s.mib, s.seed),
                   GuestSettings(min_pages=int(s.mib * MIB // PAGE_SIZE * bench.FLOOR_FRACTION)))
         for s in specs)
-    return Scenario(name="bench-policy", seconds=secs, guests=guests, host_bytes=budget,
+    # no host limit: the real bench's cgroup holds the guests' budget plus their processes'
+    # own interpreters, which the simulator has no model of; the manager's budget is the same
+    return Scenario(name="bench-policy", seconds=secs, guests=guests, host_bytes=None,
                     budget_pages=budget // PAGE_SIZE, seed=seed,
                     description="bench policy's four local guests (bursty, ramp, steady, "
                                 "idle; peaks 1.5 times the budget), simulated")

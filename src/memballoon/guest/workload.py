@@ -253,7 +253,8 @@ class Bursts:
 
     Spikes start as a Poisson process, ``every_s`` apart on average (counted from the end of
     the previous one); each lasts a log-normal time (``median_s``, ``sigma``: most under two
-    minutes) and adds between a quarter of ``spike_mib`` and all of it. The schedule is drawn
+    minutes) and adds between a quarter of ``spike_mib`` and all of it, growing to that over
+    its first ``ramp_s`` (programs allocate at a rate, not all at once). The schedule is drawn
     from ``seed`` as far as it has been asked for: the same seed, the same spikes.
     """
 
@@ -264,6 +265,7 @@ class Bursts:
     median_s: float = BURST_MEDIAN_S
     sigma: float = BURST_SIGMA
     seed: int = 0
+    ramp_s: float = 10.0
     name: str = "bursts"
     # the spikes drawn so far, (start, end, extra MiB); starts ascending, spikes apart
     _spikes: list[tuple[float, float, float]] = field(
@@ -272,8 +274,8 @@ class Bursts:
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.every_s <= 0 or self.median_s <= 0 or self.sigma < 0:
-            raise UsageError("Bursts: every_s and median_s must be > 0, sigma >= 0")
+        if self.every_s <= 0 or self.median_s <= 0 or self.sigma < 0 or self.ramp_s < 0:
+            raise UsageError("Bursts: every_s and median_s must be > 0, sigma and ramp_s >= 0")
         object.__setattr__(self, "_rng", random.Random(self.seed))
 
     def _draw_until(self, now: float) -> None:
@@ -295,12 +297,20 @@ class Bursts:
 
     def demand(self, now: float) -> Demand:
         _, spike = self._at(now)
-        anon = self.base_mib + (spike[2] if spike is not None else 0.0)
-        return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.8, 0.05)
+        extra = 0.0
+        if spike is not None:
+            grown = 1.0 if self.ramp_s <= 0 else min(1.0, (now - spike[0] + 1.0) / self.ramp_s)
+            extra = spike[2] * grown
+        return _demand(mib_to_pages(self.base_mib + extra), mib_to_pages(self.file_mib), 0.8,
+                       0.05)
 
     def next_change(self, now: float) -> float:
         i, spike = self._at(now)
-        return spike[1] if spike is not None else self._spikes[i][0]
+        if spike is None:
+            return self._spikes[i][0]
+        if self.ramp_s > 0 and now - spike[0] + 1.0 < self.ramp_s:
+            return now  # growing toward its height
+        return spike[1]
 
 
 @dataclass(frozen=True)

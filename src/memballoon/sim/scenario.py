@@ -80,6 +80,7 @@ class Scenario:
     host_bytes: int | None = None
     budget_pages: int | None = None  # None: "auto" (needs host_bytes)
     reserve_pages: int = 0
+    reserve_share: float | None = None  # the reserve as a share of the host's memory
     host_use: HostUse = field(default_factory=HostUse)
     policy: str = "default"
     policy_params: Mapping[str, Any] = field(default_factory=dict)
@@ -115,9 +116,12 @@ class Scenario:
         """This scenario on a host of ``share`` times the guests' RAM, a fixed budget of the
         same (an auto budget stays auto): one point of a sweep."""
         host = int(share * self.ram_pages) * PAGE_SIZE
-        budget = None if self.budget_pages is None else max(1, host // PAGE_SIZE
-                                                            - self.reserve_pages)
-        return replace(self, host_bytes=host, budget_pages=budget, sweep_shares=())
+        reserve = self.reserve_pages
+        if self.reserve_share is not None:
+            reserve = int(self.reserve_share * host) // PAGE_SIZE
+        budget = None if self.budget_pages is None else max(1, host // PAGE_SIZE - reserve)
+        return replace(self, host_bytes=host, budget_pages=budget, reserve_pages=reserve,
+                       sweep_shares=())
 
     def with_policy(self, policy: str, params: Mapping[str, Any] | None = None) -> Scenario:
         return replace(self, policy=policy, policy_params=dict(params or {}), variants=())
