@@ -237,5 +237,5 @@ def test_a_reserve_share_follows_each_host_of_a_sweep() -> None:
     half = sc.with_host_share(0.5)  # type: ignore[attr-defined]
     assert half.reserve_pages == int(0.05 * half.host_bytes) // PAGE_SIZE
     assert half.budget_pages == half.host_bytes // PAGE_SIZE - half.reserve_pages
-    with pytest.raises(ConfigError, match="host.reserve: '100%': a share of the host's memory"):
+    with pytest.raises(ConfigError, match=r"host\.reserve: '100%': a share of the host's"):
         load(BASE + '[host]\nmemory = "1GiB"\nreserve = "100%"')
