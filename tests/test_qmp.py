@@ -196,6 +196,9 @@ def test_guest_stats_missing_values_are_none(tmp_path: Path) -> None:
         {"stats": [], "last-update": 0},
         {"stats": {}},
         [],
+        # found by `memballoon bench fuzz` (target qmp): last-update had no upper bound
+        {"stats": {}, "last-update": 2**63},
+        {"stats": {}, "last-update": 10**30},
     ],
 )
 def test_malformed_guest_stats(tmp_path: Path, bad: object) -> None:

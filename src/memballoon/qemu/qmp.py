@@ -353,7 +353,8 @@ class QmpClient:
             raise self._bad(f"guest-stats: not an object: {reply!r:.200}")
         stats = reply.get("stats")
         last = reply.get("last-update")
-        if not isinstance(stats, Mapping) or not _is_int(last) or last < 0:
+        # last-update is QEMU's time_t: an int64 of seconds, never negative
+        if not isinstance(stats, Mapping) or not _is_int(last) or not 0 <= last < 1 << 63:
             raise self._bad(f"guest-stats: missing stats or last-update: {reply!r:.200}")
         values: dict[str, int | None] = {}
         for key, field in _STAT_FIELDS.items():
