@@ -666,3 +666,27 @@ def test_queues_set_up_again_at_any_size_never_make_the_device_raise(
         assert g.ram.resident_pages_of(whole) == 0  # a whole ballooned host page is released
     snap = VirtioDeviceSnapshot.from_json(g.dev.snapshot().to_json())
     assert VirtioBalloonDevice.restore(snap, g.ram, g.view).inflated_pages == g.dev.inflated_pages
+
+
+# ------------------------------------------------------------------ rounds in bulk
+def test_rounds_in_bulk_only_where_every_frame_goes_through() -> None:
+    pair = virtio_pair(65536)
+    dev, drv = pair.device, pair.driver
+    inflateq, deflateq = 0, 1
+    assert dev.can_take_rounds(inflateq) and dev.can_take_rounds(deflateq)
+    assert not dev.can_take_rounds(2)  # the stats queue: never in bulk
+    dev.pin([100])
+    assert not dev.can_take_rounds(inflateq)  # a pinned frame is refused buffer by buffer
+    huge = virtio_pair(65536, host_page_frames=512)
+    assert not huge.device.can_take_rounds(deflateq)  # a huge page may have to hold a deflate
+    q = drv._queues[drv_role(drv, inflateq)]
+    with pytest.raises(UsageError, match="outside the guest"):
+        dev.take_rounds(inflateq, q, [[(0x100000, 16, False)]], [0], 1,
+                        np.array([70000], dtype=np.int64))
+    with pytest.raises(UsageError, match="disagree"):  # a deflate of frames not in the balloon
+        dev.take_rounds(deflateq, drv._queues[drv_role(drv, deflateq)],
+                        [[(0x100000, 16, False)]], [0], 1, np.array([5], dtype=np.int64))
+
+
+def drv_role(drv: VirtioBalloonDriver, index: int) -> Any:
+    return next(role for role, i in drv._qidx.items() if i == index)

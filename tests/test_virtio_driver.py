@@ -22,7 +22,8 @@ from memballoon.guest.virtio_driver import (
     driver_area_bytes,
 )
 from memballoon.guest.workload import Demand
-from memballoon.harness.pair import VirtioPair, virtio_pair
+from memballoon.harness.pair import VirtioPair, check_pair, virtio_pair
+from memballoon.harness.state import state_diff, state_of
 from memballoon.host.virtio_device import SUPPORTED_FEATURES
 from memballoon.model.errors import UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
@@ -410,3 +411,57 @@ def test_pair_invariants_hold_over_random_targets_and_workloads(
         r.work()
         assert r.check() == []
         assert r.driver.transient_pfns().size == 0  # synchronous device: nothing in flight
+
+
+# ------------------------------------------------------------------ the bulk path
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.floats(0.0, 0.95), st.floats(0.0, 0.8)),
+             min_size=1, max_size=5),
+    st.sampled_from([
+        SUPPORTED_FEATURES,
+        SUPPORTED_FEATURES & ~features_of(vb.VIRTIO_BALLOON_X_F_HOST_REFUSE),
+        SUPPORTED_FEATURES & ~features_of(vb.VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+                                          vb.VIRTIO_BALLOON_F_MUST_TELL_HOST),
+    ]),
+    st.sampled_from([1, BLOCK_PAGES]),
+    st.booleans(),
+)
+def test_rounds_of_buffers_end_where_doorbell_by_doorbell_ends(
+        plan: list[tuple[int, float, float]], features: int, host_frames: int,
+        pin: bool) -> None:
+    # the simulator's bulk inflate and deflate (whole rounds of arrays in one call) end in
+    # exactly the guest, driver, device, queue and ring-memory state of one doorbell a round
+    pages = SMALL * 4
+    one, bulk = (virtio_pair(pages, features=features, host_page_frames=host_frames)
+                 for _ in range(2))
+    one.transport.bulk = False
+    for pair in (one, bulk):
+        if pin:
+            pair.device.pin(np.arange(pages - 4096, pages - 4000))
+    for periods, target, used in plan:
+        demand = Demand(int(used * pages * 0.5), int(used * pages * 0.25), int(used * pages * 0.3),
+                        int(used * pages * 0.1), 0.02)
+        for pair in (one, bulk):
+            pair.set_target(int(target * pages))
+            for _ in range(periods):
+                pair.now += pair.period_s
+                pair.mem.step(pair.now, pair.period_s, demand)
+                pair.driver.work(pair.now)
+    one.transport.bulk = True
+    diff = state_diff(state_of(one), state_of(bulk))
+    assert diff == [], diff
+    assert check_pair(bulk) == []
+
+
+def test_bulk_rounds_are_taken_only_where_every_frame_goes_through() -> None:
+    pair = virtio_pair(SMALL * 4)
+    pair.set_target(SMALL * 3)
+    pair.tick()
+    assert pair.driver.balloon_pages == SMALL * 3
+    assert pair.transport.notifies >= 2  # rounds in bulk count their doorbells
+    held = virtio_pair(SMALL * 4, deferred=True)
+    assert not held.transport.can_take_rounds(0)  # a deferred device: buffer by buffer
+    pinned = virtio_pair(SMALL * 4)
+    pinned.device.pin([5000])
+    assert not pinned.transport.can_take_rounds(0)

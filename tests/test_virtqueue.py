@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.harness.pair import QueuePair, queue_pair
+from memballoon.harness.state import state_diff, state_of
 from memballoon.model.errors import DescriptorError, GuestAddressError, PeerError, UsageError
 from memballoon.protocol.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
@@ -20,6 +21,7 @@ from memballoon.protocol.virtqueue import (
     GuestRamView,
     QueueLayout,
     avail_ring_bytes,
+    complete_rounds,
     desc_table_bytes,
     used_ring_bytes,
 )
@@ -387,3 +389,49 @@ def test_hostile_used_rings_give_the_driver_only_chains_it_has_in_flight(
         for u in got:
             assert 0 <= u.length <= flight.pop(u.head)  # in flight, and no more than it gave
         assert drv.in_flight == len(flight) and drv.num_free + len(flight) == size
+
+
+# ---------------------------------------------------------------- rounds in bulk
+chain_shapes = st.lists(st.lists(st.booleans(), min_size=1, max_size=3).map(sorted),
+                        min_size=1, max_size=4)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 0xFFFF), st.sampled_from([4, 8, 16]), chain_shapes, st.integers(1, 40),
+       st.integers(0, 3))
+def test_complete_rounds_ends_where_honest_round_trips_end(
+        start: int, size: int, shapes: list[list[bool]], rounds: int, warmup: int) -> None:
+    # the simulator's bulk path: both ends, the free list and the rings' guest memory as that
+    # many add/publish/pop/push_used/collect round trips leave them (across the 16-bit wrap)
+    chains = [[(DATA + 0x100 * i + 0x10 * j, 8 + j, w) for j, w in enumerate(shape)]
+              for i, shape in enumerate(shapes)]
+    if sum(map(len, chains)) > size:
+        return
+    lengths = [sum(n for _, n, w in c if w) for c in chains]
+    honest, bulk = make_pair(size, start=start), make_pair(size, start=start)
+
+    def round_trip(q: QueuePair) -> None:
+        length_of = {q.driver.add(bufs): n for bufs, n in zip(chains, lengths, strict=True)}
+        q.driver.publish()
+        while (chain := q.device.pop()) is not None:
+            q.device.push_used(chain.head, length_of[chain.head])
+        q.driver.collect()
+
+    for q in (honest, bulk):
+        for _ in range(warmup):
+            round_trip(q)
+    for _ in range(rounds):
+        round_trip(honest)
+    complete_rounds(bulk.driver, bulk.device, chains, lengths, rounds)
+    assert state_diff(state_of(honest), state_of(bulk)) == []
+    assert bulk.check() == []
+
+
+def test_complete_rounds_refuses_queues_in_use() -> None:
+    q = make_pair(8)
+    q.driver.add([(DATA, 8, False)])
+    with pytest.raises(UsageError, match="in flight"):
+        complete_rounds(q.driver, q.device, [[(DATA, 8, False)]], [0], 1)
+    q2 = make_pair(8)
+    with pytest.raises(UsageError, match="bad chains"):
+        complete_rounds(q2.driver, q2.device, [[(DATA, 8, False)] * 9], [0], 1)

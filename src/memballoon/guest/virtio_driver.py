@@ -80,7 +80,7 @@ from memballoon.protocol.virtio_balloon import (
     has,
     queue_indices,
 )
-from memballoon.protocol.virtio_transport import VirtioTransport
+from memballoon.protocol.virtio_transport import BulkRounds, VirtioTransport
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 
@@ -414,11 +414,12 @@ class VirtioBalloonDriver:
                     self.counters.inc(VirtioDriverCounter.REFUSED_LIMIT)
                     self._adjust_pending = True  # the refused frames go back; try again later
                     break
-                if self._fill(diff) == 0:
+                if self._fill_rounds(diff) == 0 and self._fill(diff) == 0:
                     self._adjust_pending = True  # "Out of puff!": Linux retries in 200 ms
                     break
             elif diff < 0:
-                if self._leak(min(-diff, self.array_pfns)) == 0:
+                if (self._leak_rounds(-diff) == 0
+                        and self._leak(min(-diff, self.array_pfns)) == 0):
                     self._adjust_pending = True
                     break
             else:
@@ -504,6 +505,66 @@ class VirtioBalloonDriver:
         q.publish()
         self._kick(BalloonQueue.INFLATEQ)
         return k
+
+    def _fill_rounds(self, n: int) -> int:
+        """Whole rounds of ``_fill`` (``FILL_BATCH`` arrays of ``array_pfns`` frames and one
+        doorbell each) in one call, when the transport carries them in this process and the
+        device will take every frame (``BulkRounds``), and memory is there for every round
+        without reclaim: the simulator's bulk path, ending where that many rounds and their
+        config reads end (a property test holds it to that). Returns frames sent; 0: go
+        round by round."""
+        a = self.array_pfns
+        k = FILL_BATCH * a
+        rounds = min(n, self.mem.free_pages - self.mem.watermarks.min) // k
+        role = BalloonQueue.INFLATEQ
+        t, q = self.transport, self._queues.get(role)
+        if rounds < 2 or q is None or not isinstance(t, BulkRounds):
+            return 0  # a round alone is no faster in bulk
+        refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
+        slots = self._slots[role]
+        if (q.broken or role in self._stalled or len(self._refused) or self._inflight_inflate
+                or any(s.busy for s in slots) or q.num_free < FILL_BATCH * (1 + refuse)
+                or any(r is role for r, _ in self._pending)
+                or not t.can_take_rounds(self._qidx[role])):
+            return 0
+        slots = slots[:FILL_BATCH]
+        chains = [[(s.gpa, 4 * a, False), *([(s.status_gpa, a, True)] if refuse else [])]
+                  for s in slots]
+        frames = [self.mem.alloc_sleep(k) for _ in range(rounds)]  # whole: no reclaim
+        every = np.concatenate(frames)
+        t.take_rounds(self._qidx[role], q, chains, [a if refuse else 0] * FILL_BATCH, rounds,
+                      every)
+        wire = frames[-1].astype("<u4")
+        for i, s in enumerate(slots):  # the arrays hold the last round's frames
+            self.view.write(s.gpa, wire[i * a : (i + 1) * a].tobytes())
+        self._balloon.push_back(every)
+        if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            self.mem.adjust_managed(int(every.size))
+        self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, rounds * FILL_BATCH)
+        self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(every.size))
+        return int(every.size)
+
+    def _leak_rounds(self, n: int) -> int:
+        """Whole rounds of ``_leak`` (a full array and a doorbell each) in one call, as
+        ``_fill_rounds`` does for inflation; returns frames taken out of the balloon."""
+        a = self.array_pfns
+        rounds = min(n, len(self._balloon)) // a
+        role = BalloonQueue.DEFLATEQ
+        t, q = self.transport, self._queues.get(role)
+        if rounds < 2 or q is None or not isinstance(t, BulkRounds):
+            return 0
+        slots = self._slots[role]
+        if (q.broken or role in self._stalled or any(s.busy for s in slots) or q.num_free < 1
+                or any(r is role for r, _ in self._pending)
+                or not t.can_take_rounds(self._qidx[role])):
+            return 0
+        every = self._balloon.pop_back(rounds * a)  # the rounds took it newest first
+        t.take_rounds(self._qidx[role], q, [[(slots[0].gpa, 4 * a, False)]], [0], rounds,
+                      every)
+        self.view.write(slots[0].gpa, every[:a].astype("<u4").tobytes())  # the last array
+        self._give_back(every)
+        self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS, rounds)
+        return int(every.size)
 
     def _leak(self, n: int) -> int:
         """Take up to ``n`` frames out of the balloon via the deflateq; returns frames taken."""

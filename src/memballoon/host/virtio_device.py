@@ -57,6 +57,7 @@ the snapshot).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, Self
 
@@ -107,8 +108,10 @@ from memballoon.protocol.virtqueue import (
     VIRTQ_MAX_SIZE,
     Chain,
     DeviceQueue,
+    DriverQueue,
     GuestRamView,
     QueueLayout,
+    complete_rounds,
 )
 
 #: What this device can offer; FREE_PAGE_HINT and PAGE_POISON are not implemented.
@@ -512,6 +515,52 @@ class VirtioBalloonDevice:
         used += len(done)
         if used:
             self._interrupt_used(queue)
+
+    # ------------------------------------------------------------------ rounds in bulk
+    def can_take_rounds(self, queue: int) -> bool:
+        """Whether the next rounds of inflate or deflate buffers on ``queue`` will have every
+        frame taken or given back (``BulkRounds``): a healthy queue, nothing held or waiting
+        to be released, no frame pinned (a refusal goes buffer by buffer), 4 KiB host pages
+        for a deflate (a huge page the host cannot back again holds its buffer)."""
+        role = self._roles.get(queue)
+        if role not in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ) or queue not in self._queues:
+            return False
+        if queue in self.broken_queues or self._held or self._to_release:
+            return False
+        if role is BalloonQueue.DEFLATEQ:
+            return self._host.frames == 1
+        return not bool(self._pinned.any())
+
+    def take_rounds(self, queue: int, driver: DriverQueue,
+                    chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
+                    rounds: int, frames: PfnArray) -> None:
+        """Take (inflateq) or give back (deflateq) ``frames`` as ``rounds`` doorbells of
+        ``chains`` would, every frame going through, every buffer returned used with its
+        status bytes written (``BulkRounds``; only after ``can_take_rounds``): the bitmap,
+        counters, host memory and both ends of the queue as that many doorbells leave them."""
+        n = int(frames.size)
+        inflate = self._roles[queue] is BalloonQueue.INFLATEQ
+        if n:
+            if int(frames.max()) >= self._guest_pages:
+                raise UsageError("take_rounds: a frame outside the guest")
+            held = self._inflated[frames]
+            if bool(held.any()) if inflate else not bool(held.all()):
+                raise UsageError("take_rounds: the driver's balloon and ours disagree")
+        if inflate:
+            self._inflated[frames] = True
+            self._inflated_count += n
+            self._to_release.append(coalesce(frames))
+            self._flush_release()
+            self.counters.inc(VirtioDeviceCounter.INFLATE_BUFFERS, rounds * len(chains))
+            self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES, n)
+            if self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE):
+                for bufs, length in zip(chains, lengths, strict=True):
+                    gpa = next(g for g, _, writable in bufs if writable)
+                    self._view.fill(gpa, length, VIRTIO_BALLOON_X_STATUS_TAKEN)
+        else:
+            self.counters.inc(VirtioDeviceCounter.DEFLATE_BUFFERS, rounds * len(chains))
+            self._give(frames)  # 4 KiB host pages: the host backs every one again
+        complete_rounds(driver, self._queues[queue], chains, lengths, rounds)
 
     def _flush_release(self) -> None:
         if not self._to_release:

@@ -18,10 +18,13 @@ queued until ``run_device()``, which lets tests hold buffers in flight.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
-from memballoon.protocol.virtqueue import GuestRamView, QueueLayout
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 ConfigHandler = Callable[[], None]
 UsedHandler = Callable[[int], None]
@@ -99,12 +102,38 @@ class VirtioDeviceModel(Protocol):
     def attach(self, irq: InterruptSink) -> None: ...
 
 
-class DirectTransport:
-    """An in-process transport: the device is an object, interrupts are plain calls."""
+@runtime_checkable
+class BulkRounds(Protocol):
+    """A device in this process (or the link to one) that takes whole rounds of inflate or
+    deflate buffers in one call: the simulator's bulk path."""
 
-    def __init__(self, device: VirtioDeviceModel, *, deferred: bool = False) -> None:
+    def can_take_rounds(self, queue: int) -> bool:
+        """Whether every frame of the next rounds on ``queue`` (the inflateq or the deflateq)
+        will be taken or given back (a healthy queue, nothing held, nothing pinned, nothing to
+        release first)."""
+        ...
+
+    def take_rounds(self, queue: int, driver: DriverQueue,
+                    chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
+                    rounds: int, frames: npt.NDArray[np.int64]) -> None:
+        """Take (inflateq) or give back (deflateq) ``frames`` as ``rounds`` doorbells of
+        ``chains`` would, each buffer used with its length in ``lengths``: both ends of the
+        queue as those round trips leave them."""
+        ...
+
+
+class DirectTransport:
+    """An in-process transport: the device is an object, interrupts are plain calls.
+
+    With ``bulk`` (and a synchronous device that can: ``BulkRounds``), ``take_rounds``
+    carries whole rounds of inflate or deflate buffers in one call, the simulator's bulk path;
+    the driver and the device end as that many doorbells and interrupts leave them."""
+
+    def __init__(self, device: VirtioDeviceModel, *, deferred: bool = False,
+                 bulk: bool = True) -> None:
         self.device = device
         self.deferred = deferred
+        self.bulk = bulk
         self._kicks: list[int] = []
         self._on_config: ConfigHandler | None = None
         self._on_used: UsedHandler | None = None
@@ -154,6 +183,25 @@ class DirectTransport:
     def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
         self._on_config = config_changed
         self._on_used = used
+
+    def can_take_rounds(self, queue: int) -> bool:
+        """Whether ``take_rounds`` may carry the next rounds on ``queue``."""
+        dev = self.device
+        return (self.bulk and not self.deferred and not self._kicks
+                and isinstance(dev, BulkRounds) and dev.can_take_rounds(queue))
+
+    def take_rounds(self, queue: int, driver: DriverQueue,
+                    chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
+                    rounds: int, frames: npt.NDArray[np.int64]) -> None:
+        """``rounds`` times: publish ``chains``, ring the doorbell, the device takes or gives
+        back its part of ``frames`` and returns every buffer used, one interrupt; in one call
+        (only after ``can_take_rounds``)."""
+        dev = self.device
+        assert isinstance(dev, BulkRounds)
+        dev.take_rounds(queue, driver, chains, lengths, rounds, frames)
+        self.notifies += rounds
+        for _ in range(rounds):
+            self.used_buffers(queue)
 
     # -------------------------------------------------------------- the device's side
     def config_changed(self) -> None:
