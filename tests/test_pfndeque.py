@@ -98,3 +98,11 @@ def test_a_balloon_of_millions_of_frames_is_a_few_runs() -> None:
     d.push_back(np.array([5_000_000], dtype=np.int64))
     d.pop_front(10)
     assert d._n == 2 and d.tail(2).tolist() == [n - 1001, 5_000_000]
+
+
+def test_newest_is_the_last_pushed() -> None:
+    d = PfnDeque()
+    d.push_back(np.array([7, 8, 9, 20], dtype=np.int64))
+    assert d.newest() == 20
+    d.pop_back(1)
+    assert d.newest() == 9

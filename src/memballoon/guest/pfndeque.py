@@ -172,6 +172,11 @@ class PfnDeque:
             self._head = 0
         return out
 
+    def newest(self) -> int:
+        """The newest PFN (the deque must not be empty)."""
+        last = self._head + self._n - 1
+        return int(self._starts[last] + self._lens[last] - 1)
+
     def tail(self, k: int) -> npt.NDArray[np.int64]:
         """The newest ``k`` PFNs (a copy), without removing them."""
         k = min(max(k, 0), self._len)

@@ -71,9 +71,9 @@ from dataclasses import dataclass, fields
 from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 
 from memballoon.guest.memory import GuestMemory
+from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import PeerError
 from memballoon.model.pages import PfnArray, block_frames
@@ -239,51 +239,37 @@ def frames_of(heads: PfnArray) -> PfnArray:
 
 
 class PfnStack:
-    """A growable stack of PFNs on a numpy array (the seed's ``pages`` list, newest on top)."""
+    """A stack of PFNs (the seed's ``pages`` list, newest on top), kept as runs of consecutive
+    frames in a ``PfnDeque``: a balloon of millions of pages is a few runs, not 8 bytes a page
+    (a thousand simulated guests)."""
 
-    __slots__ = ("_buf", "_n")
+    __slots__ = ("_d",)
 
-    def __init__(self, capacity: int = 1024) -> None:
-        self._buf: npt.NDArray[np.int64] = np.empty(max(16, capacity), dtype=np.int64)
-        self._n = 0
+    def __init__(self, capacity: int = 0) -> None:
+        self._d = PfnDeque()  # ``capacity``: kept for callers; runs need no reservation
 
     def __len__(self) -> int:
-        return self._n
-
-    def _reserve(self, need: int) -> None:
-        if need > self._buf.size:
-            new = np.empty(max(need, 2 * self._buf.size), dtype=np.int64)
-            new[: self._n] = self._buf[: self._n]
-            self._buf = new
+        return len(self._d)
 
     def push(self, pfn: int) -> None:
-        if self._n == self._buf.size:
-            self._reserve(self._n + 1)
-        self._buf[self._n] = pfn
-        self._n += 1
+        self._d.push_back(np.array([pfn], dtype=np.int64))
 
     def extend(self, pfns: PfnArray) -> None:
-        k = int(pfns.size)
-        self._reserve(self._n + k)
-        self._buf[self._n : self._n + k] = pfns
-        self._n += k
+        self._d.push_back(pfns)
 
     def top(self) -> int:
-        return int(self._buf[self._n - 1])
+        return self._d.newest()
 
     def peek(self, k: int) -> PfnArray:
         """The ``k`` newest PFNs (a copy), newest first."""
-        k = min(k, self._n)
-        return self._buf[self._n - k : self._n][::-1].copy()
+        return self._d.tail(k)[::-1]
 
     def pop(self, k: int = 1) -> PfnArray:
         """Remove and return the ``k`` newest PFNs, newest first."""
-        out = self.peek(k)
-        self._n -= out.size
-        return out
+        return self._d.pop_back(k)[::-1]
 
     def to_array(self) -> PfnArray:
-        return self._buf[: self._n].copy()
+        return self._d.to_array()
 
 
 # enum members as module constants: member lookups are slow on 3.11, paid once per page here
