@@ -1,6 +1,6 @@
 from memballoon.guest.report import guest_report, refused_pages
 from memballoon.guest.workload import Steady
-from memballoon.harness.pair import make_pair
+from memballoon.harness.pair import make_pair, virtio_pair, vmw_pair
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
 from memballoon.protocol.pressure import PressureReport
 
@@ -42,3 +42,19 @@ def test_refused_2m_pages_count_as_their_frames() -> None:
     st = pair.driver.stats()
     assert st["err2mAlloc"] >= 1
     assert refused_pages(pair.driver) == st["errAlloc"] + 512 * st["err2mAlloc"]
+
+
+def test_refused_pages_read_directly_agree_with_the_drivers_statistics() -> None:
+    vmw, batched, virtio = (vmw_pair(mib_to_pages(64)),
+                            vmw_pair(mib_to_pages(64), batched=True),
+                            virtio_pair(mib_to_pages(64)))
+    vmw.device.set_pinned(range(4000, 4100))
+    batched.device.set_pinned(range(8000, 8600))
+    virtio.device.pin(range(4000, 4100))
+    for pair in (vmw, batched, virtio):
+        pair.set_target(mib_to_pages(40))
+        pair.run_until(lambda p: False, 3)
+        st = pair.driver.stats()
+        want = (st["errAlloc"] + (st.get("err2mAlloc", 0) << 9) if "errAlloc" in st
+                else st["refused_pages"])
+        assert refused_pages(pair.driver) == want and want > 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from memballoon.guest.driver import BalloonDriver
 from memballoon.guest.memory import GuestMemory
+from memballoon.guest.virtio_driver import VirtioBalloonDriver, VirtioDriverCounter
+from memballoon.guest.vmw_driver import VmwBalloonDriver
 from memballoon.model.units import PAGE_SIZE
 from memballoon.protocol.pressure import PressureReport
 from memballoon.protocol.vmw import VMW_BALLOON_2M_ORDER
@@ -16,6 +18,13 @@ from memballoon.protocol.vmw import VMW_BALLOON_2M_ORDER
 
 def refused_pages(driver: BalloonDriver) -> int | None:
     """The driver's cumulative count of frames the host refused (None: it has no refusals)."""
+    # read where the two drivers keep it: stats() builds every name, once per report (the
+    # simulator makes thousands a second)
+    if isinstance(driver, VmwBalloonDriver):
+        seed = driver.seed_stats
+        return max(0, seed.refused_alloc + (seed.refused_alloc_2m << VMW_BALLOON_2M_ORDER))
+    if isinstance(driver, VirtioBalloonDriver):
+        return max(0, driver.counters[VirtioDriverCounter.REFUSED_PAGES])
     st = driver.stats()
     if "errAlloc" in st:
         # vmw: the seed's refused allocations, and refused 2 MiB pages in frames
