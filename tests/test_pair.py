@@ -218,7 +218,8 @@ def test_the_backdoor_tap_logs_intercepts_and_replaces() -> None:
     p.device.set_target(0)
     p.work()
     assert p.driver.counters["reply_short_frame"] == 1 and p.driver.balloon_pages == 3
-    assert p.port.log[-1] == (Command.GET_TARGET, SMALL, Status.SUCCESS)  # what the device said
+    # what the device said
+    assert p.port.log[-1] == (Command.GET_TARGET, p.mem.managed_pages, Status.SUCCESS)
     assert p.check() == []
 
 

@@ -408,7 +408,7 @@ def test_reset_pops_without_unlock_then_start_then_guest_id() -> None:
     p.work()
     p.device.request_reset()
     p.work()  # GET_TARGET answers RESET
-    assert p.port.log[-1] == (Command.GET_TARGET, SMALL, Status.ERROR_RESET)
+    assert p.port.log[-1] == (Command.GET_TARGET, p.mem.managed_pages, Status.ERROR_RESET)
     assert p.driver.reset_required and p.driver.balloon_pages == 0 and p.driver.size == 300
     assert p.check() == []
     mark = len(p.port.log)
@@ -526,9 +526,23 @@ def test_batched_reset_and_busy() -> None:
 
 
 # ------------------------------------------------------------------ GET_TARGET, unload, bad replies
+def test_get_target_sends_totalram_the_managed_pages_not_every_frame() -> None:
+    # seed 004 vmballoon_send_get_target: limit = si_meminfo().totalram (MemTotal: the frames
+    # less what the kernel reserved at boot), also once the balloon holds pages
+    p = make_pair()
+    p.device.set_target(700)
+    p.work()
+    p.work()
+    limits = [data for cmd, data, _ in p.port.log if cmd is Command.GET_TARGET]
+    assert len(limits) >= 2 and p.driver.size == 700
+    assert set(limits) == {p.mem.total_pages - p.mem.reserved_pages}
+    assert p.mem.reserved_pages > 0 and p.device.guest_limit == limits[-1]
+
+
 def test_get_target_fails_when_total_ram_does_not_fit_32_bits() -> None:
     p = make_pair()
-    p.mem.total_pages = 1 << 32  # a 16 TiB guest, as far as the driver's si_meminfo sees
+    # a 16 TiB guest, as far as the driver's si_meminfo sees
+    p.mem.total_pages = (1 << 32) + p.mem.reserved_pages
     p.device.set_target(100)
     mark = len(p.port.log)
     p.work()

@@ -291,13 +291,13 @@ async def run_one(policy_name: str, *, run_dir: Path, world: str = "qemu",
     w = (await _libvirt_world(image, run_dir / policy_name, cg_name, uri) if world == "libvirt"
          else await _qemu_world(image, run_dir / policy_name, cg_name))
     try:
-        return await _scenario(policy_name, w)
+        return await _scenario(policy_name, w, run_dir / policy_name / "journal.jsonl")
     finally:
         for close in w.closers:
             await close()
 
 
-async def _scenario(policy_name: str, w: _World) -> dict[str, Any]:
+async def _scenario(policy_name: str, w: _World, journal: Path) -> dict[str, Any]:
     b, cgroup = w.backend, w.cgroup
     names = list(w.agents)
     for name in names:  # touched and freed, then held: QEMU holds both
@@ -313,7 +313,8 @@ async def _scenario(policy_name: str, w: _World) -> dict[str, Any]:
     settings = dict.fromkeys(names, GuestSettings(min_pages=mib_to_pages(MIN_MIB)))
     core = ManagerCore(make_policy(policy_name), settings, None, reserve_pages=reserve,
                        counters=b.counters)
-    engine = Engine(b, core, Journal(None), b.clock, host_probe=probe)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    engine = Engine(b, core, Journal(journal), b.clock, host_probe=probe)
     trace = _Trace()
 
     def tick(e: Engine) -> None:
@@ -361,6 +362,10 @@ async def _scenario(policy_name: str, w: _World) -> dict[str, Any]:
         shell.stop()
         await task
     out = measure(trace, reserve, idle, t_exit, mib_to_pages(RECOVERED_TOLERANCE_MIB))
+    # beside the journal: what the figures were measured from
+    (journal.parent / "trace.json").write_text(json.dumps(
+        {"reserve_pages": reserve, "t_exit": t_exit, "idle": idle, "avail": trace.avail,
+         "steps": trace.steps}))
     snap = await b.poll()
     oom = 0
     for name in names:

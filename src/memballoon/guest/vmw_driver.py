@@ -412,7 +412,9 @@ class VmwBalloonDriver:
         return False
 
     def _send_get_target(self) -> int | None:
-        limit = self.mem.total_pages  # the seed's si_meminfo() totalram
+        # the seed's si_meminfo() totalram: the pages the kernel manages (MemTotal), not every
+        # frame; this driver never takes its balloon out of it (no adjust_managed_page_count)
+        limit = self.mem.managed_pages
         if limit > PFN32_MAX:
             self.counters.inc(VmwDriverCounter.LIMIT_OVER_32_BITS)
             return None

@@ -246,7 +246,7 @@ class VmwPair(Pair):
     def _link_quiet(self) -> bool:
         # the device answers GET_TARGET with the size; nothing taps the link (a tap sees
         # every command)
-        dev, limit = self.device, self.mem.total_pages
+        dev, limit = self.device, self.mem.managed_pages
         return (self.driver.quiet() and dev.plain and dev.guest_limit == limit
                 and min(dev.target_pages, limit) == self.driver.size and not self.port.tapped)
 
