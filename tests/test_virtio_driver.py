@@ -465,3 +465,69 @@ def test_bulk_rounds_are_taken_only_where_every_frame_goes_through() -> None:
     pinned = virtio_pair(SMALL * 4)
     pinned.device.pin([5000])
     assert not pinned.transport.can_take_rounds(0)
+
+
+def _reset_after_config_read(r: VirtioPair, nth: int) -> None:
+    """The host resets the balloon just after the driver's ``nth`` config read, which saw the
+    old generation: the driver goes on to its next inflate buffer (seed 001 over virtio: a
+    device in another process can reset at any moment)."""
+    real, seen = r.transport.read_config, [0]
+
+    def read_config() -> bytes:
+        cfg = real()
+        seen[0] += 1
+        if seen[0] == nth:
+            r.device.request_reset()
+        return cfg
+
+    r.transport.read_config = read_config  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("features", [SUPPORTED_FEATURES, SUPPORTED_FEATURES & ~REFUSE])
+def test_a_reset_between_two_inflate_buffers_leaves_no_frame_held(features: int) -> None:
+    # the device takes nothing into the balloon while its reset is not acknowledged: the
+    # driver drops what it sent before it saw the new generation, so both end empty
+    r = make_pair(features)
+    _reset_after_config_read(r, 2)
+    r.device.set_target(3 * FILL_BATCH * vb.VIRTIO_BALLOON_ARRAY_PFNS_MAX // 2)
+    r.work()
+    assert r.device.reset_pending and r.device.counters["inflate_while_reset_pending"] > 0
+    r.device.set_target(0)
+    r.work()
+    assert not r.device.reset_pending and r.driver.counters["resets"] == 1
+    assert r.device.balloon_pfns().size == 0 and r.driver.balloon_pages == 0
+    assert r.driver.transient_pfns().size == 0
+    assert r.check() == []
+    r.device.set_target(700)
+    r.work()
+    assert r.driver.balloon_pages == 700 and r.device.inflated_pages == 700
+    assert r.check() == []
+
+
+@pytest.mark.parametrize("features", [SUPPORTED_FEATURES, SUPPORTED_FEATURES & ~REFUSE])
+def test_a_reset_with_an_inflate_buffer_still_out_is_acknowledged_once_it_is_back(
+        features: int) -> None:
+    # a pipelined transport: the buffer sent before the driver saw the reset comes back after;
+    # the ack waits for it, the device takes nothing meanwhile, both end empty
+    r = make_pair(features, deferred=True)
+    r.device.set_target(600)
+    r.work()
+    r.transport.run_device()
+    r.work()
+    assert r.driver.balloon_pages == 600
+    r.device.set_target(900)
+    r.work()  # 300 more in flight, the doorbell held
+    r.device.request_reset()  # drains them into the old balloon, takes all back
+    r.device.set_target(1200)
+    r.work()  # sees the reset: the buffers are back (drained), acks
+    assert not r.device.reset_pending and r.driver.balloon_pages == 0
+    r.work()  # inflates again: held in flight
+    r.device.request_reset()  # a second reset, the new buffers already queued
+    r.work()
+    r.transport.run_device()
+    r.work()
+    r.transport.run_device()
+    r.work()
+    assert r.check() == []
+    assert r.device.balloon_pfns().size == r.driver.balloon_pages
+    assert set(r.device.balloon_pfns().tolist()) == set(r.driver.balloon_pfns().tolist())

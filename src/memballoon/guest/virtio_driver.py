@@ -10,7 +10,9 @@ run of Linux's ``update_balloon_size_func`` re-queued until done:
 1. collect what the device used (complete inflates and deflates, refill the stats buffer the
    device handed back);
 2. read the config; with the private HOST_RESET bit, a new ``x_reset_generation`` means the
-   host took the balloon back: drop every frame WITHOUT telling the device, then ack;
+   host took the balloon back: drop every frame WITHOUT telling the device, then ack (once
+   every inflate buffer sent before is back: until the ack the device takes nothing, and
+   those frames are dropped with the rest; the loop of step 3 stops when it sees a reset);
 3. inflate (``fill_balloon``) or deflate (``leak_balloon``) in buffers of at most
    VIRTIO_BALLOON_ARRAY_PFNS_MAX PFNs until the target is reached or an allocation fails
    ("Out of puff!": Linux sleeps 200 ms and tries again, hence ``period_s`` = 0.2);
@@ -100,6 +102,8 @@ class VirtioDriverCounter(CounterName):
     REFUSED_FREED = "refused_freed"  # refused frames freed again
     RESETS = "resets"  # host resets handled (a new x_reset_generation)
     RESET_DROPPED_PAGES = "reset_dropped_pages"  # balloon frames dropped by host resets
+    # resets acknowledged a period later: inflate buffers sent before were still out
+    RESET_ACK_DEFERRED = "reset_ack_deferred"
     OOM_DEFLATED_PAGES = "oom_deflated_pages"  # frames the OOM notifier gave back
     USED_RING_BROKEN = "used_ring_broken"  # collects that found a queue's used ring broken
     USED_UNEXPECTED = "used_unexpected"  # used buffers the driver had not sent (skipped)
@@ -329,11 +333,11 @@ class VirtioBalloonDriver:
         self._collect_all()
         cfg = self._read_config()
         if cfg is not None:
-            if (
-                self.has_feature(VIRTIO_BALLOON_X_F_HOST_RESET)
-                and cfg.x_reset_generation != self._reset_gen
-            ):
-                self._host_reset(cfg.x_reset_generation)
+            if self._reset_seen(cfg) and not self._host_reset(cfg.x_reset_generation):
+                self._adjust_pending = True  # finish the reset first: adjust next period
+                self._update_actual()
+                self._used_seen = self.used_interrupts
+                return
             if cfg.num_pages != self._target:
                 self._adjust_pending = True  # a transport that dropped the interrupt
             self._target = cfg.num_pages
@@ -426,6 +430,9 @@ class VirtioBalloonDriver:
                 break
             cfg = self._read_config()  # Linux re-reads num_pages each time the work re-runs
             if cfg is None:
+                break
+            if self._reset_seen(cfg):
+                self._adjust_pending = True  # the host reset the balloon: work() handles it
                 break
             self._target = cfg.num_pages
         self._free_refused()
@@ -605,9 +612,25 @@ class VirtioBalloonDriver:
             self.mem.free_balloon(pfns)
             self.counters.inc(VirtioDriverCounter.REFUSED_FREED, int(pfns.size))
 
-    def _host_reset(self, generation: int) -> None:
-        """The host reset the balloon: drop every frame without telling it (seed 001)."""
+    def _reset_seen(self, cfg: BalloonConfig) -> bool:
+        return (self.has_feature(VIRTIO_BALLOON_X_F_HOST_RESET)
+                and cfg.x_reset_generation != self._reset_gen)
+
+    def _host_reset(self, generation: int) -> bool:
+        """The host reset the balloon: drop every frame without telling it (seed 001).
+
+        The device takes nothing while the reset is not acknowledged, so inflate buffers sent
+        before the driver saw it must be back (and dropped with the rest) before the ack: one
+        still in flight at the ack would be taken into the new balloon after we dropped its
+        frames. False: some are still out; the ack waits for the next work."""
         self._collect_all()  # the device drained its queues before bumping the generation
+        qi = self._qidx.get(BalloonQueue.INFLATEQ)
+        if self._inflight_inflate and qi is not None:
+            self.transport.wait_idle(qi)
+            self._collect(BalloonQueue.INFLATEQ)
+        if self._inflight_inflate:
+            self.counters.inc(VirtioDriverCounter.RESET_ACK_DEFERRED)
+            return False
         pfns = self._balloon.pop_back(len(self._balloon))
         if pfns.size:
             self._give_back(pfns)
@@ -620,6 +643,7 @@ class VirtioBalloonDriver:
         self.transport.write_config(OFFSET_X_RESET_ACK, encode_u32(generation))
         self.counters.inc(VirtioDriverCounter.RESETS)
         self.counters.inc(VirtioDriverCounter.RESET_DROPPED_PAGES, int(pfns.size))
+        return True
 
     def _oom_notify(self) -> int:
         """virtballoon_oom_notify: deflate VIRTIO_BALLOON_OOM_NR_PAGES instead of an OOM kill."""

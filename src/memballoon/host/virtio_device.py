@@ -28,7 +28,10 @@ HOST_REFUSE the inflate chain carries a status byte per PFN and the device refus
 frames (and any PFN it would not take anyway); with HOST_RESET, ``request_reset`` first
 drains the inflate and deflate queues, then readmits the whole balloon, bumps
 ``x_reset_generation`` and raises a config change: buffers the driver sees used before the new
-generation belong to the old balloon, which the driver then drops without telling us.
+generation belong to the old balloon, which the driver then drops without telling us. Until the
+driver acknowledges the generation, inflate buffers take nothing (refused with HOST_REFUSE): a
+driver between two inflate buffers when the reset came sends the second one before it sees the
+reset, and drops its frames with the rest.
 
 Everything in the queues is untrusted. A malformed chain is counted, returned used with length
 0 and nothing in it is acted on. A broken ring (avail.idx running ahead, a layout outside
@@ -177,6 +180,8 @@ class VirtioDeviceCounter(CounterName):
     INFLATE_PFN_DUPLICATE = "inflate_pfn_duplicate"  # PFNs repeated within one doorbell
     INFLATE_PFN_ALREADY_IN_BALLOON = "inflate_pfn_already_in_balloon"  # PFNs we hold already
     INFLATE_REFUSED_PINNED = "inflate_refused_pinned"  # pinned frames refused (HOST_REFUSE)
+    # frames of inflate buffers sent before the driver acknowledged a reset: not taken
+    INFLATE_WHILE_RESET_PENDING = "inflate_while_reset_pending"
     INFLATE_PINNED_TAKEN = "inflate_pinned_taken"  # pinned frames taken (no HOST_REFUSE)
     # deflate
     DEFLATE_BUFFERS = "deflate_buffers"  # deflate buffers processed
@@ -529,7 +534,7 @@ class VirtioBalloonDevice:
             return False
         if role is BalloonQueue.DEFLATEQ:
             return self._host.frames == 1
-        return not bool(self._pinned.any())
+        return not self.reset_pending and not bool(self._pinned.any())
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
@@ -827,7 +832,12 @@ class VirtioBalloonDevice:
         pfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
         refuse = self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE)
         ok: npt.NDArray[np.bool_] | None = None  # None: all taken
-        if not self._take_run(pfns):
+        if self.reset_pending:
+            # sent before the driver saw the reset: it drops these frames when it does, so
+            # taking them would hold (and release) frames the guest has back (seed 001)
+            self.counters.inc(VirtioDeviceCounter.INFLATE_WHILE_RESET_PENDING, int(pfns.size))
+            ok = np.zeros(pfns.size, dtype=np.bool_)
+        elif not self._take_run(pfns):
             ok = self._take_scattered(pfns, refuse)
         self.counters.inc(VirtioDeviceCounter.INFLATE_BUFFERS, len(items))
         self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES,
