@@ -274,3 +274,28 @@ def test_any_request_is_answered_well_formed_or_not_at_all(payloads: list[bytes]
         ep.notify_message(p[:2])
     assert all(m.kind is Kind.CONFIG for m in Decoder().messages(b"".join(sent)))
     assert 0 <= dev.actual_pages <= dev.inflated_pages
+
+
+def test_refusals_heard_late_over_the_pipeline_still_reach_the_target(world: World) -> None:
+    # issue 11 (seed 001 over a pipelined transport): the host refuses more frames than one
+    # cycle may; their refusals come back after the fill loop counted them as on their way.
+    # The driver goes round again and keeps them aside until the target is reached.
+    mem = GuestMemory(PAGES, store=world.guest_ram)
+    drv = VirtioBalloonDriver(mem, world.transport)
+    drv.load(0.0)
+    pinned = np.flatnonzero(mem.state == PageState.FREE)[:1500]
+    with world.host.lock:
+        world.device.pin(pinned)
+    world.set_target(PAGES // 2)
+    world.transport.link.pump(1.0)
+    t = 0.1
+    for _ in range(12):
+        drv.work(t)
+        world.transport.drain(5.0)
+        t += 0.2
+    drv.work(t)
+    assert drv.balloon_pages == world.device.inflated_pages == PAGES // 2
+    assert drv.counters["refused_pages"] >= pinned.size and drv.refused_pages == 0
+    assert drv.transient_pfns().size == 0
+    assert not np.isin(drv.balloon_pfns(), pinned).any()
+    assert bool((mem.state[pinned] == PageState.FREE).all())

@@ -91,7 +91,8 @@ class VirtioDriverCounter(CounterName):
 
     QUEUE_UNAVAILABLE = "queue_unavailable"  # queues not set up: size 0 or not a power of 2
     CONFIG_MALFORMED = "config_malformed"  # config space reads that did not decode
-    REFUSED_LIMIT = "refused_limit"  # inflate cycles stopped with VIRTIO_BALLOON_X_MAX_REFUSED held
+    # inflate cycles stopped after VIRTIO_BALLOON_X_MAX_REFUSED new refusals
+    REFUSED_LIMIT = "refused_limit"
     INFLATE_QUEUE_FULL = "inflate_queue_full"  # inflates put off: no inflateq, or no free slot
     QUEUE_STALLED = "queue_stalled"  # inflates/deflates put off: the device holds earlier ones
     ALLOC_FAIL = "alloc_fail"  # inflates that got no frame ("Out of puff!")
@@ -122,6 +123,8 @@ PAGE_REPORTING_CAPACITY: Final = 32
 #: Refused frames kept aside before an inflate cycle gives up (4 buffers' worth): bounds what
 #: a device refusing everything can make the guest allocate.
 VIRTIO_BALLOON_X_MAX_REFUSED: Final = 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX
+#: Refused frames kept aside across inflate cycles until the target is reached (16 MiB).
+VIRTIO_BALLOON_X_MAX_REFUSED_HELD: Final = 4 * VIRTIO_BALLOON_X_MAX_REFUSED
 
 #: The driver asks for at most this queue size (a device may offer up to 32768).
 DRIVER_QUEUE_SIZE_MAX: Final = 256
@@ -267,6 +270,11 @@ class VirtioBalloonDriver:
     def balloon_pfns(self) -> PfnArray:
         return np.sort(self._balloon.to_array())
 
+    @property
+    def refused_pages(self) -> int:
+        """Frames the device refused, held aside until the target is reached."""
+        return len(self._refused)
+
     def transient_pfns(self) -> PfnArray:
         parts = [self._refused.to_array()]
         for p in self._pending.values():
@@ -411,15 +419,18 @@ class VirtioBalloonDriver:
     # ------------------------------------------------------------------ inflate / deflate
     def _adjust(self) -> None:
         self._adjust_pending = False
+        held = len(self._refused)  # refused in earlier runs, still kept aside
+        short = False  # "Out of puff!": the guest needs its memory more than we do
         while True:
             diff = self._target - (len(self._balloon) + self._inflight_inflate)
             if diff > 0:
-                if len(self._refused) >= VIRTIO_BALLOON_X_MAX_REFUSED:
+                if len(self._refused) - held >= VIRTIO_BALLOON_X_MAX_REFUSED:
                     self.counters.inc(VirtioDriverCounter.REFUSED_LIMIT)
-                    self._adjust_pending = True  # the refused frames go back; try again later
+                    self._adjust_pending = True  # try again later
                     break
                 if self._fill_rounds(diff) == 0 and self._fill(diff) == 0:
                     self._adjust_pending = True  # "Out of puff!": Linux retries in 200 ms
+                    short = True
                     break
             elif diff < 0:
                 if (self._leak_rounds(-diff) == 0
@@ -435,7 +446,18 @@ class VirtioBalloonDriver:
                 self._adjust_pending = True  # the host reset the balloon: work() handles it
                 break
             self._target = cfg.num_pages
-        self._free_refused()
+        self._settle_refused(short)
+
+    def _settle_refused(self, short: bool) -> None:
+        """Seed 001: refused frames go back once the target is reached. Until then they stay
+        aside, across runs too (a pipelined transport hears of refusals a run late, and a frame
+        given back is the next one the allocator hands out), up to
+        ``VIRTIO_BALLOON_X_MAX_REFUSED_HELD`` (the oldest go first), and all go back when the
+        guest is short of memory or the balloon is not growing."""
+        if short or len(self._balloon) + self._inflight_inflate >= self._target:
+            self._free_refused()
+        else:
+            self._free_refused(len(self._refused) - VIRTIO_BALLOON_X_MAX_REFUSED_HELD)
 
     def _free_slot(self, role: BalloonQueue) -> _Slot | None:
         slots = self._free_slots(role, 1)
@@ -606,8 +628,12 @@ class VirtioBalloonDriver:
         self._freed_total += k
         self.counters.inc(VirtioDriverCounter.DEFLATED_PAGES, k)
 
-    def _free_refused(self) -> None:
-        pfns = self._refused.pop_front(len(self._refused))
+    def _free_refused(self, n: int | None = None) -> None:
+        """Give the ``n`` oldest refused frames back to the guest (all by default)."""
+        n = len(self._refused) if n is None else min(n, len(self._refused))
+        if n <= 0:
+            return
+        pfns = self._refused.pop_front(n)
         if pfns.size:
             self.mem.free_balloon(pfns)
             self.counters.inc(VirtioDriverCounter.REFUSED_FREED, int(pfns.size))
@@ -720,6 +746,9 @@ class VirtioBalloonDriver:
             ref = p.pfns[~taken]
             self._refused.push_back(ref)
             self.counters.inc(VirtioDriverCounter.REFUSED_PAGES, int(ref.size))
+            # the fill counted these as on their way: with a pipelined transport the loop may
+            # have ended on that count, so go round again (other frames, then free these)
+            self._adjust_pending = True
 
     def _taken_mask(self, status: npt.NDArray[np.uint8], length: int) -> npt.NDArray[np.bool_]:
         """Which frames of an inflate buffer the device took, from its status bytes."""

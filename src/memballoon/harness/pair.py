@@ -37,7 +37,11 @@ import numpy as np
 
 from memballoon.guest.driver import BalloonDriver
 from memballoon.guest.memory import GuestMemory, StepReport
-from memballoon.guest.virtio_driver import VirtioBalloonDriver, driver_area_view
+from memballoon.guest.virtio_driver import (
+    VIRTIO_BALLOON_X_MAX_REFUSED_HELD,
+    VirtioBalloonDriver,
+    driver_area_view,
+)
 from memballoon.guest.vmw_driver import VmwBalloonDriver
 from memballoon.guest.workload import Idle, Workload
 from memballoon.host.device import BalloonDevice
@@ -332,9 +336,13 @@ class VirtioPair(Pair):
         actual = BalloonConfig.decode(self.device.read_config()).actual
         if actual != self.driver.balloon_pages:
             errs.append(f"config actual {actual} != driver balloon {self.driver.balloon_pages}")
-        transient = self.driver.transient_pfns().size
+        # refused frames wait aside until the target is reached: not in flight
+        transient = self.driver.transient_pfns().size - self.driver.refused_pages
         if not self.transport.deferred and transient:
             errs.append(f"{transient} frames in flight with a synchronous device")
+        if self.driver.refused_pages > VIRTIO_BALLOON_X_MAX_REFUSED_HELD:
+            errs.append(f"{self.driver.refused_pages} refused frames held, more than "
+                        f"{VIRTIO_BALLOON_X_MAX_REFUSED_HELD}")
         return errs
 
 
