@@ -21,7 +21,13 @@ def test_measure_reads_the_figures_off_a_trace() -> None:
                       (2.6, 90, {"a": 30, "b": 10}, {"a": 45, "b": 0}),
                       (3.6, 300, {"a": 60, "b": 10}, {"a": 30, "b": 10}),
                       # back within 5 pages: recovered
-                      (5.6, 300, {"a": 2, "b": 1}, {"a": 2, "b": 1})])
+                      (5.6, 300, {"a": 2, "b": 1}, {"a": 2, "b": 1})],
+               changes=[(1.6, 80, "a", 0, 50, 0),
+                        (2.1, 85, "a", 50, 45, 45),  # brought down to its balloon: no growth
+                        (2.6, 90, "a", 45, 30, 45),  # a reversal: a grew while the host was short
+                        (2.6, 90, "b", 0, 10, 0),
+                        (3.6, 300, "a", 30, 60, 30),
+                        (5.6, 300, "a", 60, 2, 30)])  # the host has room again: no reversal
     m = measure(t, reserve=100, idle={"a": 0, "b": 0}, t_exit=4.0, tolerance_pages=5)
     assert m["crossed_reserve"] and m["first_shrink_s"] == pytest.approx(0.6)
     assert m["reversals_under_pressure"] == 1 and m["recovered_s"] == pytest.approx(1.6)

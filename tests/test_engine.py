@@ -99,6 +99,7 @@ def test_misbehaving_guests_never_stop_the_others() -> None:
     assert b.counters["set_target_failed"] == 2
     applied = {r["guest"]: r["applied"] for r in e.journal.tail()}  # type: ignore[attr-defined]
     assert applied == {"bad": False, "no": False, "ok": True}
+    assert [a.guest for a in e.last_applied] == ["ok"]  # what the backend took, this step
 
 
 def test_backend_failure_skips_a_round_only() -> None:

@@ -14,8 +14,8 @@ probe and each manager step:
 
 - ``first_shrink_s``: from the moment the available memory crossed the reserve to the first
   balloon growth;
-- ``reversals_under_pressure``: guests grown back (a balloon target lowered below the balloon
-  it has) while the host was under its reserve;
+- ``reversals_under_pressure``: guests the manager grew back (a balloon target it set below
+  the balloon the guest had) while the host was under its reserve;
 - ``recovered_s``: from the process's exit until every guest's target is back within
   ``RECOVERED_TOLERANCE_MIB`` of its idle size (None: not within ``RECOVER_MAX_S``);
 - ``guest_oom_kills`` (guest kernel log and pressure reports), ``host_min_available_bytes``,
@@ -92,6 +92,9 @@ class _Trace:
     # each step: time, the host's available pages, each guest's target and actual balloon
     steps: list[tuple[float, int, dict[str, int], dict[str, int]]] = field(
         default_factory=list)
+    # each target the manager set: time, the host's available pages, guest, old and new
+    # target, the balloon it had
+    changes: list[tuple[float, int, str, int, int, int]] = field(default_factory=list)
 
 
 class _Hog:
@@ -141,19 +144,15 @@ def measure(trace: _Trace, reserve: int, idle: dict[str, int], t_exit: float,
     """The figures of one run from its trace (see the module docstring); pure."""
     cross = next((t for t, a in trace.avail if a < reserve), None)
     growths: list[float] = []
-    reversals = 0
+    # a guest grown back by the manager while the host was short: a target it set below the
+    # balloon the guest had (a target only brought down to the balloon it reached is no growth)
+    reversals = sum(1 for _, avail, _, old, new, balloon in trace.changes
+                    if avail < reserve and new < old and new < balloon - tolerance_pages)
     prev: dict[str, int] | None = None
     recovered: float | None = None
-    for t, avail, targets, actual in trace.steps:
-        if prev is not None:
-            if any(targets[g] > prev.get(g, targets[g]) for g in targets):
-                growths.append(t)
-            # a guest grown back: its target lowered below the balloon it has (a target only
-            # brought down to the balloon it reached is no growth)
-            if avail < reserve and any(targets[g] < prev.get(g, targets[g])
-                                       and targets[g] < actual.get(g, 0) - tolerance_pages
-                                       for g in targets):
-                reversals += 1
+    for t, _, targets, _ in trace.steps:
+        if prev is not None and any(targets[g] > prev.get(g, targets[g]) for g in targets):
+            growths.append(t)
         prev = targets
         if recovered is None and t >= t_exit and all(
                 abs(targets[g] - idle[g]) <= tolerance_pages for g in idle):
@@ -319,9 +318,14 @@ async def _scenario(policy_name: str, w: _World, journal: Path) -> dict[str, Any
 
     def tick(e: Engine) -> None:
         if e.host is not None:
-            trace.steps.append((e.now(), bytes_to_pages(max(0, e.host.available_bytes)),
-                                {g: s.target_pages for g, s in e.guests.items()},
-                                {g: s.balloon_pages for g, s in e.guests.items()}))
+            now, avail = e.now(), bytes_to_pages(max(0, e.host.available_bytes))
+            trace.steps.append((now, avail,
+                                {g: s.target_pages for g, s in e.guests.items() if s.alive},
+                                {g: s.balloon_pages for g, s in e.guests.items() if s.alive}))
+            for a in e.last_applied:
+                s = e.guests.get(a.guest)
+                trace.changes.append((now, avail, a.guest, a.old_pages, a.new_pages,
+                                      s.balloon_pages if s is not None else 0))
 
     shell = AsyncEngine(engine, period_s=PERIOD_S, on_tick=tick)
     task = asyncio.create_task(shell.run())
@@ -365,7 +369,7 @@ async def _scenario(policy_name: str, w: _World, journal: Path) -> dict[str, Any
     # beside the journal: what the figures were measured from
     (journal.parent / "trace.json").write_text(json.dumps(
         {"reserve_pages": reserve, "t_exit": t_exit, "idle": idle, "avail": trace.avail,
-         "steps": trace.steps}))
+         "steps": trace.steps, "changes": trace.changes}))
     snap = await b.poll()
     oom = 0
     for name in names:

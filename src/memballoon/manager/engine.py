@@ -57,6 +57,7 @@ class Engine:
         self.clock = clock
         self.counters = counters if counters is not None else core.counters
         self.guests: Mapping[str, GuestSample] = {}  # the last collect's samples
+        self.last_applied: list[Action] = []  # the last step's actions the backend took
         self.host_resident_bytes = 0
         self.decisions = 0  # targets the backend took
         self.steps = 0
@@ -135,8 +136,7 @@ class Engine:
         actions = self.core.step(now, guests, self.host_resident_bytes, self.host)
         for e in self.core.drain_events():
             self.journal.write({"kind": e.kind, "guest": e.guest, "reason": e.detail}, mono=now)
-        for a in actions:
-            self.apply(a, now)
+        self.last_applied = [a for a in actions if self.apply(a, now)]
         return actions
 
     # ------------------------------------------------------------------ manual targets
