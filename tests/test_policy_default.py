@@ -23,6 +23,7 @@ from memballoon.policy.default import (
     BACKOFF_MIN_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
+    EMERGENCY_MARGIN_PAGES,
     HOST_PSI_RECLAIM_FRACTION,
     HOST_PSI_SOME_PCT,
     MAJOR_FAULTS_QUIET_PER_S,
@@ -260,6 +261,34 @@ def test_a_host_short_of_its_reserve_is_paid_back_at_once_and_nobody_grows() -> 
     assert "grow" not in ds  # its growth back to its floor waits for the host
 
 
+def test_an_emergency_while_the_host_is_short_restores_only_the_small_margin() -> None:
+    # seen on a real libvirt host: squeezed to its working set plus the budget's margin, a
+    # guest's next report read a few pages less and the emergency deflated it back to its full
+    # margin (100 MiB of a 1 GiB guest) while the host was still under its reserve
+    reserve = RAM // 4
+    short = HostSample(budget_pages=2 * RAM - reserve // 2, resident_pages=2 * RAM,
+                       total_pages=8 * RAM, available_pages=reserve // 2, reserve_pages=reserve)
+    balloon = RAM // 2
+    squeezed = BUDGET_MARGIN_PAGES - 20  # a few pages under where the budget left it
+    assert one(DefaultPolicy(probe=False),
+               sample(report(10.0, avail=squeezed, balloon=balloon), balloon=balloon), 10.0,
+               short) is None  # above the emergency line: held, not grown back
+    ds = [d for d in DefaultPolicy(probe=False).decide(
+        short, [sample(report(10.0, avail=100, balloon=balloon), balloon=balloon)], 10.0)]
+    assert len(ds) == 1 and ds[0].urgent and "emergency deflate" in ds[0].reason
+    # out of danger (the budget's margin back), no further
+    assert ds[0].balloon_pages == balloon - (BUDGET_MARGIN_PAGES - 100)
+    assert "host short: to the small margin" in ds[0].reason
+    roomy = one(DefaultPolicy(probe=False),
+                sample(report(10.0, avail=100, balloon=balloon), balloon=balloon), 10.0)
+    assert roomy is not None and roomy.balloon_pages < ds[0].balloon_pages  # the full margin
+    p = DefaultPolicy(probe=False)
+    one(p, sample(report(9.0, avail=100, balloon=balloon), balloon=balloon), 9.0, short)
+    oom = one(p, sample(report(10.0, avail=100, balloon=balloon, oom=1), balloon=balloon), 10.0,
+              short)
+    assert oom is not None and oom.balloon_pages == 0  # an OOM kill still gets it all back
+
+
 def test_host_memory_pressure_reclaims_a_step_with_memory_available() -> None:
     p = DefaultPolicy(probe=False)
     host = HostSample(budget_pages=10 * RAM, resident_pages=RAM, total_pages=8 * RAM,
@@ -493,9 +522,12 @@ def test_rule_blind() -> None:
 def test_rule_emergency() -> None:
     r = RULE["emergency"]
     b = RAM // 2
-    # under the small margin (8 MiB plus the lookahead), not under the full one, is emergency
-    assert not r.when(figs(balloon=b, avail=BUDGET_MARGIN_PAGES, ahead=0))
-    assert r.when(figs(balloon=b, avail=BUDGET_MARGIN_PAGES + 99, ahead=100))
+    # under the small margin (4 MiB plus the lookahead), not under the full one nor under the
+    # budget's (8 MiB: where a short host squeezes a guest), is emergency
+    assert EMERGENCY_MARGIN_PAGES == BUDGET_MARGIN_PAGES // 2 == mib_to_pages(4)
+    assert not r.when(figs(balloon=b, avail=EMERGENCY_MARGIN_PAGES, ahead=0))
+    assert not r.when(figs(balloon=b, avail=BUDGET_MARGIN_PAGES - 1, ahead=0))
+    assert r.when(figs(balloon=b, avail=EMERGENCY_MARGIN_PAGES + 99, ahead=100))
     f = figs(balloon=b, avail=100, severity=0.5)
     ruling = r.decide(f)
     assert ruling == Ruling(RAM - b + MARGIN - 100, f.floor, 100.5,

@@ -13,9 +13,11 @@ read one ``Figures`` record computed once a call):
 
 1. **blind**: no report, or one older than ``max_report_age_s``: never inflate; an inflation in
    progress stops where it is (target := actual).
-2. **emergency**: MemAvailable under the small margin (``BUDGET_MARGIN_PAGES`` plus
-   ``LOOKAHEAD_S`` of the working set's recent growth), or an OOM kill since last time: deflate
-   at once by what restores the full margin (so a ramping guest gets ahead of its ramp).
+2. **emergency**: MemAvailable under the small margin (``EMERGENCY_MARGIN_PAGES``, half the
+   budget's ``BUDGET_MARGIN_PAGES``, plus ``LOOKAHEAD_S`` of the working set's recent growth),
+   or an OOM kill since last time: deflate at once by what restores the full margin (so a
+   ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
+   margin (an OOM kill still gets the whole balloon back).
 3. **own_pressure**: the trouble of rule 4 in a guest with no balloon and no target: hold (the
    pressure is the guest's own; remembering it as a size that hurt would stop probing).
 4. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
@@ -110,6 +112,10 @@ BIG_STEP_MAX_FRACTION: Final = 0.25
 # smaller margin (and the growth lookahead), not to their recent peak: memory a finished burst
 # left free is the first the host takes back.
 BUDGET_MARGIN_PAGES: Final = mib_to_pages(8)
+# MemAvailable under this (plus the lookahead) is an emergency: half the budget's margin, so a
+# guest the budget squeezed to its working set plus BUDGET_MARGIN_PAGES is not deflated again
+# by the next report's noise (it was, on a real host: a reversal while the host was short).
+EMERGENCY_MARGIN_PAGES: Final = BUDGET_MARGIN_PAGES // 2
 # The working-set peak is taken over this window: memory a finished burst freed is reclaimed
 # about this long after it (a longer window keeps burst-sized memory idle on the host; the next
 # burst is met by the emergency deflation and, for virtio, deflate-on-OOM).
@@ -297,8 +303,13 @@ class Figures:
 
     @property
     def emergency_margin(self) -> int:
-        # what the budget may squeeze a guest to; between it and the full margin the guest is
-        # only tight: no probing (its floor holds it)
+        # under what the budget may squeeze a guest to (``squeeze_margin``); between it and
+        # the full margin the guest is only tight: no probing (its floor holds it)
+        return EMERGENCY_MARGIN_PAGES + self.ahead
+
+    @property
+    def squeeze_margin(self) -> int:
+        """The MemAvailable a host short of memory leaves a guest: its budget margin."""
         return BUDGET_MARGIN_PAGES + self.ahead
 
     @property
@@ -496,6 +507,9 @@ class _Plan:
     soft_floor: int = 0  # the size that keeps the guest's page cache: reclaimed second
     budget_floor: int = 0  # how far the host budget may squeeze: working set + small margin
     budget_cut: bool = False  # reclaimed for the host budget (urgent: not held back)
+    # an emergency (no OOM kill): the size that restores only the budget's margin, all the
+    # host gives while it is short itself
+    relief: int | None = None
 
 
 class DefaultPolicy:
@@ -596,6 +610,8 @@ class DefaultPolicy:
         m.remember(f, ruling)
         p = _Plan(g, rule.verdict, ruling.size, ruling.floor, ruling.pressure,
                   rule.why(f, ruling), f.inputs(), ruling.balloon, budget_floor=f.budget_floor)
+        if rule.verdict is Verdict.EMERGENCY and f.d_oom == 0:
+            p.relief = min(ruling.size, f.size + f.squeeze_margin - f.avail)
         if g.report is not None:
             # the size above which the guest's memory is MemFree beyond the margin (a blind
             # guest's stale report is read too: its inconsistencies are counted all the same)
@@ -638,6 +654,10 @@ class DefaultPolicy:
         if excess > 0:
             excess = self._reclaim(plans, excess, cause)
         if pressed:  # no guest grows back while the host itself is short (emergencies do)
+            for p in plans:
+                if p.relief is not None and p.relief < p.size:
+                    p.size = p.relief  # just out of danger, not back to the full margin
+                    p.why += f" (host short: to the small margin, size {p.relief})"
             excess = max(excess, sum(max(0, p.size - p.g.size_pages) for p in plans))
         if excess > 0:
             self._cut_growth(plans, excess, cause)
