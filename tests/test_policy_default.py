@@ -26,6 +26,7 @@ from memballoon.policy.default import (
     EMERGENCY_MARGIN_PAGES,
     HOST_PSI_RECLAIM_FRACTION,
     HOST_PSI_SOME_PCT,
+    LOOKAHEAD_S,
     MAJOR_FAULTS_QUIET_PER_S,
     MARGIN_FRACTION,
     MARGIN_MIN_PAGES,
@@ -287,6 +288,18 @@ def test_an_emergency_while_the_host_is_short_restores_only_the_small_margin() -
     oom = one(p, sample(report(10.0, avail=100, balloon=balloon, oom=1), balloon=balloon), 10.0,
               short)
     assert oom is not None and oom.balloon_pages == 0  # an OOM kill still gets it all back
+
+
+def test_the_lookahead_is_the_growth_over_the_reports_interval_not_the_calls() -> None:
+    # a short host's early steps call the policy 0.2 s apart; a report written 2 s after the
+    # last one, arriving just after a call, grew the working set by 600 pages over 2 s
+    p = DefaultPolicy(probe=False)
+    m = GuestMemo()
+    p.figures(sample(report(10.0, avail=RAM // 2)), m, 10.0)
+    p.figures(sample(report(10.0, avail=RAM // 2)), m, 11.8)  # the same report again
+    f = p.figures(sample(report(12.0, avail=RAM // 2 - 600)), m, 12.0)
+    assert f.ws - RAM // 2 == 600
+    assert f.ahead == int(600 / 2.0 * LOOKAHEAD_S)  # not 600 / 0.2 s
 
 
 def test_host_memory_pressure_reclaims_a_step_with_memory_available() -> None:

@@ -186,12 +186,14 @@ class GuestMemo:
     oom_at: float = NEVER  # the last OOM kill: for a while its shrunk working set is the kill's
     quiet_calls: int = 0  # probes in a row without trouble (a new guest starts at 0)
 
-    def see_working_set(self, ws: int, now: float) -> tuple[float, int]:
-        """Record ``ws`` at ``now``: its growth rate since the last call (pages/s, never
-        negative) and its peak over ``WS_WINDOW_S``."""
+    def see_working_set(self, ws: int, now: float, dt: float) -> tuple[float, int]:
+        """Record ``ws`` at ``now``: its growth rate (pages/s, never negative) since the last
+        call's, over ``dt`` (the seconds the reports are apart: a report that arrives just
+        after a call, as under the early steps of a short host, spans its own interval, not
+        the calls') and its peak over ``WS_WINDOW_S``."""
         growth = 0.0
-        if self.ws and now > self.ws[-1][0]:
-            growth = max(0.0, (ws - self.ws[-1][1]) / (now - self.ws[-1][0]))
+        if self.ws and dt > 0:
+            growth = max(0.0, (ws - self.ws[-1][1]) / dt)
         self.ws.append((now, ws))
         while self.ws and self.ws[0][0] < now - WS_WINDOW_S:
             self.ws.popleft()
@@ -575,7 +577,7 @@ class DefaultPolicy:
 
         ws = working_set_pages(g, r, c)
         avail = available_pages(g, r, c)
-        growth, peak = m.see_working_set(ws, now)
+        growth, peak = m.see_working_set(ws, now, dt)
         ram = g.ram_pages
         # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
         ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
