@@ -353,7 +353,7 @@ class MemoryCgroup:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # a "pid" past what a pid can be: none
         return False
     except PermissionError:
         return True
