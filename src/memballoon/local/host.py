@@ -127,8 +127,13 @@ GUEST_MODULE: Final = "memballoon.local.guest_main"
 #: What one guest process holds beside its RAM (interpreter, numpy, the model's arrays): a
 #: cgroup that enforces a budget for guest RAM gets this much a guest on top.
 PROCESS_OVERHEAD_BYTES: Final = 64 * MIB
-#: A guest of fewer pages cannot hold the guest model's reserved frames and driver area.
-MIN_GUEST_MIB: Final = 16
+#: The smallest guest that runs: the guest model keeps max(16 MiB, RAM/64) reserved (kernel
+#: image, page tables, struct pages) and that must stay under half its RAM, so more than 32 MiB.
+#: Measured: 16 to 32 MiB guests exit at start ("reserved_pages 4096 out of range"), 33 MiB ones
+#: of every protocol and workload run and take a balloon of half their RAM.
+MIN_GUEST_MIB: Final = 33
+#: A guest's work period: finite, and no longer than an hour.
+MAX_GUEST_PERIOD_S: Final = 3600.0
 #: How long a dead guest's cgroup is given to empty (its processes killed) before it is left.
 CGROUP_EMPTY_WAIT_S: Final = 5.0
 
@@ -231,11 +236,14 @@ class GuestSpec:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"guest name {self.name!r}: use letters, digits, '-', '_'")
         if self.mib < MIN_GUEST_MIB:
-            raise ConfigError(f"guest {self.name}: mib must be >= {MIN_GUEST_MIB}, got {self.mib}")
+            raise ConfigError(f"guest {self.name}: {self.mib} MiB is too small to run: a local "
+                              f"guest needs at least {MIN_GUEST_MIB} MiB (16 MiB its kernel "
+                              "keeps, under half its RAM)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"guest {self.name}: protocol {self.protocol!r} not in {PROTOCOLS}")
-        if not self.period_s > 0:
-            raise ConfigError(f"guest {self.name}: period_s must be positive")
+        if not 0 < self.period_s <= MAX_GUEST_PERIOD_S:  # NaN too
+            raise ConfigError(f"guest {self.name}: period_s = {self.period_s!r} s is outside "
+                              f"the allowed range: more than 0 to {MAX_GUEST_PERIOD_S:g} s")
         if self.swap_mib < 0:
             raise ConfigError(f"guest {self.name}: swap_mib must be >= 0")
         try:
@@ -876,6 +884,21 @@ class LocalHost:
     def ram(self, name: str) -> MemfdRam:
         """The host's ``MemfdRam`` of a guest (closed once the guest is dead)."""
         return self._guest(name).ram
+
+    def not_ready(self) -> dict[str, str]:
+        """The guests that died before saying HELLO, each with why (after ``start``)."""
+        out: dict[str, str] = {}
+        for name, g in self._guests.items():
+            if g.hello.is_set() and g.alive:
+                continue
+            rc = g.exit_code
+            why = ("no HELLO in time" if g.counters[LocalHostCounter.DIED_HELLO_TIMEOUT]
+                   else "a HELLO that does not match" if g.counters[
+                       LocalHostCounter.DIED_BAD_HELLO]
+                   else f"exited with status {rc}" if rc is not None and rc >= 0
+                   else f"killed by signal {-rc}" if rc is not None else "gone")
+            out[name] = why
+        return out
 
     def guest_uid(self, name: str) -> int | None:
         """The guest's private uid (None: it runs as the host's)."""
