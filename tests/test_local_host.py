@@ -250,6 +250,11 @@ def test_budget_is_enforced_by_a_cgroup_the_guests_joined_first() -> None:
 def test_specs_are_checked() -> None:
     with pytest.raises(ConfigError):
         GuestSpec("x", 8, "virtio", "idle")
+    with pytest.raises(ConfigError, match=r"32 MiB is too small to run.*at least 33 MiB"):
+        GuestSpec("x", 32, "virtio", "idle")  # exited at start: its kernel's 16 MiB is half
+    for period in (float("inf"), float("nan"), -1.0, 0.0, 1e9):
+        with pytest.raises(ConfigError, match="period_s"):
+            GuestSpec("x", 64, "virtio", "idle", period_s=period)
     with pytest.raises(ConfigError):
         GuestSpec("x", 64, "carrier-pigeon", "idle")
     with pytest.raises(ConfigError):
@@ -269,7 +274,7 @@ HugeHost = Callable[[RamKind, int], None]  # the huge_host fixture (conftest.py)
 def test_a_host_not_set_up_for_huge_pages_is_refused_with_what_to_set(
         huge_host: HugeHost) -> None:
     pool = read_hugetlb_pool()  # the fixture's lock: no other test changes it meanwhile
-    mib = 2 * (pool.available + 16)  # more than the pool has free
+    mib = 2 * (pool.available + 17)  # more than the pool has free, and a guest that runs
 
     async def main() -> None:
         async with LocalHost([GuestSpec("h", mib, "virtio", "idle", ram=RamKind.HUGETLB)],
