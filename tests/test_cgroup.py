@@ -280,3 +280,29 @@ def test_a_guest_touching_past_the_limit_is_oom_killed(cgroup64: MemoryCgroup) -
         assert np.count_nonzero(ram.resident_mask(np.arange(pages))) * PAGE_SIZE == (
             ram.resident_bytes()
         )
+
+
+@needs_cgroup
+def test_clean_stale_removes_only_empty_cgroups_of_creators_that_are_gone() -> None:
+    from memballoon.host.cgroup import clean_stale
+
+    assert SUPPORT.root is not None
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text())  # no process has it
+    empty = SUPPORT.root / f"memballoon-{dead_pid}-empty"
+    busy = SUPPORT.root / f"memballoon-qemu-{dead_pid + 1}"
+    mine = SUPPORT.root / f"memballoon-{os.getpid()}-live"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        for d in (empty, empty / "guest-a", busy, mine):
+            d.mkdir()
+        (busy / "cgroup.procs").write_text(str(sleeper.pid))
+        done = clean_stale(SUPPORT)
+        assert str(empty) in done.removed and not empty.exists()
+        assert any(str(busy) in k for k in done.kept) and busy.exists()
+        assert mine.exists() and str(mine) not in done.removed  # its creator lives
+        assert "removed" in done.describe()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in (empty, busy, mine):
+            MemoryCgroup(SUPPORT.hierarchy, SUPPORT.root, d.name, None).remove()

@@ -43,7 +43,7 @@ def test_sizes(text: str | int, want: int) -> None:
     ('budget = "1GiB"\nbugdet = 1', ["bugdet", "unknown key"]),
     ("", ["budget", "required"]),
     ('budget = "1GiB"\nworld = "mars"', ["world", "'mars'", "local"]),
-    ('budget = "1GiB"\nperiod_s = 0', ["period_s", "greater than 0"]),
+    ('budget = "1GiB"\nperiod_s = 0', ["period_s", "0.0 s", "0.1 to 3600 s"]),
     ('budget = "1GiB"\nmetrics_port = 70000', ["metrics_port", "70000"]),
     ('budget = "1GiB"\n[policy]\nnme = "x"', ["policy.nme", "unknown key"]),
     ('budget = "1GiB"\n[hysteresis]\nmin_change = "1 parsec"', ["hysteresis.min_change",
@@ -219,3 +219,45 @@ def test_any_config_loads_within_bounds_or_is_one_config_error(lines: list[str])
     for g in cfg.guests:
         s = g.settings(1 << 18)
         assert 0 <= s.min_pages <= (s.max_pages if s.max_pages is not None else 1 << 18)
+
+
+# ------------------------------------------------------------------ values that cannot work
+@pytest.mark.parametrize(("toml", "needles"), [
+    # periods: infinite, vanishing (spins a core), negative, NaN; key, value, unit, range
+    ("period_s = inf", ["period_s", "inf s", "0.1 to 3600 s"]),
+    ("period_s = 1e-300", ["period_s", "1e-300 s", "0.1 to 3600 s"]),
+    ("period_s = -1", ["period_s", "-1.0 s", "0.1 to 3600 s"]),
+    ("period_s = nan", ["period_s", "nan s", "0.1 to 3600 s"]),
+    ('period_s = "1s"', ["period_s", "'1s'", "not a number of seconds"]),
+    (GUEST + "period_s = inf", ["guests[0].period_s", "inf s", "0.05 to 60 s"]),
+    (GUEST + "period_s = 1e-300", ["guests[0].period_s", "1e-300 s"]),
+    ("[hysteresis]\nhold_s = nan", ["hysteresis.hold_s", "nan s", "0 to 86400 s"]),
+    ("[hysteresis]\nreport_max_age_s = 0", ["hysteresis.report_max_age_s",
+                                            "more than 0 to 86400 s"]),
+    # guests too small to run, or absurdly large
+    ('[[guests]]\nname = "a"\nmib = 16', ["guests[0].mib", "16 MiB", "too small",
+                                         "at least 33 MiB"]),
+    ('[[guests]]\nname = "a"\nmib = 32', ["guests[0].mib", "at least 33 MiB"]),
+    ('[[guests]]\nname = "a"\nmib = 1073741824', ["guests[0].mib", "1073741824 MiB",
+                                                 "4 TiB"]),
+    ('world = "qemu"\n[[guests]]\nname = "q"\nmax_mib = 1073741824', ["guests[0].max_mib",
+                                                                    "4 TiB"]),
+    ('world = "qemu"\nguest_uid_base = 100000', ["guest_uid_base", "local"]),
+    ("guest_uid_base = 5", ["guest_uid_base", "1000"]),
+])
+def test_values_that_cannot_work_are_refused_with_key_value_unit_and_range(
+        toml: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config_text('budget = "1GiB"\n' + toml, "host.toml")
+    for n in needles:
+        assert n in str(ei.value), (n, str(ei.value))
+
+
+def test_the_smallest_local_guest_is_the_local_worlds() -> None:
+    from memballoon.app.config import MIN_LOCAL_GUEST_MIB
+    from memballoon.local.host import MIN_GUEST_MIB
+
+    assert MIN_LOCAL_GUEST_MIB == MIN_GUEST_MIB
+    h = load_config_text(f'budget = "1GiB"\n[[guests]]\nname = "a"\nmib = {MIN_GUEST_MIB}\n'
+                         "period_s = 0.05\n")
+    assert h.guests[0].mib == MIN_GUEST_MIB and h.guests[0].period_s == 0.05

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.app.config import parse_size
-from memballoon.app.control import MAX_LINE_BYTES, ControlError, ControlServer, request
+from memballoon.app.control import (
+    MAX_LINE_BYTES,
+    ControlError,
+    ControlServer,
+    check_socket_path,
+    request,
+)
 from memballoon.model.counters import Counters
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import ConfigError, UsageError
 
 
 class Target:
@@ -161,9 +168,16 @@ def test_second_daemon_on_a_live_socket_is_refused(tmp_path: Path) -> None:
                 await srv2.start()
         finally:
             await srv.close()
-        (tmp_path / "ctl" / "m.sock").touch()  # a stale file from a crash is replaced
-        await srv2.start()
+        path = tmp_path / "ctl" / "m.sock"
+        stale = socket.socket(socket.AF_UNIX)  # a socket left by a crash, nobody listening
+        stale.bind(str(path))
+        stale.close()
+        await srv2.start()  # is replaced
         await srv2.close()
+        path.write_text("precious")  # a regular file is never removed to make room
+        with pytest.raises(ConfigError, match="regular file: it is not removed"):
+            await srv2.start()
+        assert path.read_text() == "precious"
 
     asyncio.run(go())
 
@@ -192,3 +206,19 @@ def test_any_request_is_answered_with_json_and_no_internal_error(req: dict[str, 
     reply = asyncio.run(srv.handle_line(json.dumps(req).encode()))
     json.dumps(reply, default=str)
     assert isinstance(reply["ok"], bool) and srv.counters["control_internal_error"] == 0
+
+
+def test_a_socket_path_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    for bad, why in [(tmp_path / "file" / "m.sock", "is not a directory"),
+                     (tmp_path / "file" / "sub" / "m.sock", "is not a directory"),
+                     (tmp_path / "file", "regular file"),
+                     (tmp_path / ("x" * 120) / "m.sock", "more than the 107")]:
+        with pytest.raises(ConfigError, match=why):
+            check_socket_path(bad)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "m.sock").symlink_to(tmp_path / "file")
+    with pytest.raises(ConfigError, match="not a socket"):
+        check_socket_path(tmp_path / "d" / "m.sock")
+    check_socket_path(tmp_path / "new" / "dir" / "m.sock")  # made at start
+    assert (tmp_path / "file").read_text() == "x"

@@ -136,6 +136,80 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "magic" in capsys.readouterr().err
 
 
+# --- start-up refusals: nothing left behind, never "ready" (issue 11 item 3) ---------------
+
+def _ours() -> list[Path]:
+    """The memory cgroups this process's daemons made (LocalHost: memballoon-<pid>-...)."""
+    from memballoon.host.cgroup import detect
+
+    root = detect().root
+    return sorted(root.glob(f"memballoon-{os.getpid()}-*")) if root is not None else []
+
+
+def _refused(tmp_path: Path, toml: str) -> tuple[str, str]:
+    """Run a daemon on ``toml`` in this process: the ConfigError and what it said."""
+    import io
+
+    from memballoon.app.config import load_config
+    from memballoon.app.daemon import Daemon
+    from memballoon.model.errors import ConfigError
+
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(toml)
+    out = io.StringIO()
+    before = _ours()
+    with pytest.raises(ConfigError) as ei:
+        asyncio.run(Daemon(load_config(cfg), out=out).run())
+    said = out.getvalue()
+    assert "ready" not in said.splitlines(), said
+    assert _ours() == before  # no budget cgroup left behind
+    return str(ei.value), said
+
+
+def test_a_budget_or_a_local_guest_larger_than_the_host_is_refused(tmp_path: Path) -> None:
+    why, said = _refused(tmp_path, CONFIG.replace('budget = "160MiB"', 'budget = "64TiB"'))
+    assert "budget = 67108864 MiB is more than the host's memory" in why and "auto" in why
+    assert "ENFORCED" not in said
+    why, _ = _refused(tmp_path, CONFIG.replace("mib = 64\nworkload = \"idle\"",
+                                               "mib = 4194304\nworkload = \"idle\""))
+    assert "g1: mib = 4194304 is more than the host's memory" in why
+
+
+def test_a_socket_path_that_cannot_be_made_is_refused_before_any_guest_starts(
+        tmp_path: Path) -> None:
+    (tmp_path / "ctl").write_text("a regular file")
+    why, said = _refused(tmp_path, CONFIG)  # socket = "ctl/m.sock": under a regular file
+    assert "ctl is not a directory" in why and "guest" not in said
+    (tmp_path / "ctl").unlink()
+    (tmp_path / "ctl").mkdir()
+    (tmp_path / "ctl" / "m.sock").write_text("precious")
+    why, _ = _refused(tmp_path, CONFIG)
+    assert "regular file: it is not removed" in why
+    assert (tmp_path / "ctl" / "m.sock").read_text() == "precious"
+
+
+def test_a_journal_path_that_is_not_a_file_is_refused_before_any_guest_starts(
+        tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("keep")
+    (tmp_path / "journal.jsonl").symlink_to(tmp_path / "secret")
+    why, _ = _refused(tmp_path, CONFIG)
+    assert "journal" in why and "symlink" in why
+    assert (tmp_path / "secret").read_text() == "keep"
+    why, _ = _refused(tmp_path, CONFIG.replace('journal = "journal.jsonl"',
+                                               'journal = "/proc/sys/vm/drop_caches"'))
+    assert "proc filesystem" in why
+
+
+def test_guests_that_do_not_start_stop_the_daemon_before_ready(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memballoon.local import host
+
+    monkeypatch.setattr(host, "GUEST_MODULE", "memballoon.no_such_guest")  # exits at once
+    why, _ = _refused(tmp_path, CONFIG)
+    assert "guest(s) did not start: g1: " in why and "g2: " in why, why
+    assert not (tmp_path / "ctl" / "m.sock").exists()
+
+
 # --- the libvirt world, against a real libvirtd ---------------------------------------------
 
 LIBVIRT_CONFIG = """

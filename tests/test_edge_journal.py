@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from memballoon.edge.journal import Journal, read_journal, rotated
 from memballoon.manager.core import Action, Event
 from memballoon.model.counters import Counters
@@ -75,3 +77,26 @@ def test_memory_only_journal() -> None:
     j = Journal(None)
     j.action(Action("a", 0, 1, "r"), mono=0.0, applied=True)
     assert j.tail()[0]["guest"] == "a" and j.written == 1
+
+
+def test_a_journal_path_must_be_a_regular_file_or_new_in_an_existing_directory(
+        tmp_path: Path) -> None:
+    from memballoon.edge.journal import check_journal_path
+    from memballoon.model.errors import ConfigError
+
+    (tmp_path / "old.jsonl").write_text("")
+    assert check_journal_path(tmp_path / "old.jsonl") == tmp_path / "old.jsonl"
+    assert check_journal_path(tmp_path / "new.jsonl") == tmp_path / "new.jsonl"
+    secret = tmp_path / "secret"
+    secret.write_text("keep")
+    (tmp_path / "link.jsonl").symlink_to(secret)
+    (tmp_path / "dir.jsonl").mkdir()
+    for bad, why in [(tmp_path / "nowhere" / "j.jsonl", "not an existing directory"),
+                     (tmp_path / "link.jsonl", "is a symlink"),
+                     (tmp_path / "dir.jsonl", "not a regular file"),
+                     (Path("/proc/sys/vm/drop_caches"), "proc filesystem"),
+                     (Path("/sys/kernel/j.jsonl"), "sysfs filesystem"),
+                     (Path("/dev/null"), "not storage|not a regular file")]:
+        with pytest.raises(ConfigError, match=why):
+            Journal(bad)
+    assert secret.read_text() == "keep"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -97,10 +98,9 @@ HOSTILE = textwrap.dedent('''
 
 
 def _hostile(tmp_path: Path, name: str, mode: str, protocol: str = "virtio") -> GuestSpec:
-    script = tmp_path / "hostile_guest.py"
-    script.write_text(HOSTILE)
+    # the script on the command line: a guest's private uid cannot read pytest's tmp_path
     return GuestSpec(name, MIB_GUEST, protocol, "idle",
-                     program=(sys.executable, str(script), mode))
+                     program=(sys.executable, "-c", HOSTILE, mode))
 
 
 def _ok(v: GuestSample) -> bool:
@@ -236,7 +236,9 @@ def test_budget_is_enforced_by_a_cgroup_the_guests_joined_first() -> None:
             assert b is not None and b.enforced and b.cgroup is not None
             assert "enforced" in b.describe()
             assert await host.wait_until(lambda s: _ok(s["a"]), 30)
-            assert host.pid("a") in b.cgroup.pids()
+            own = host.guest_cgroup("a")
+            assert own is not None and own.path.parent == b.cgroup.path  # inside the budget's
+            assert host.pid("a") in own.pids()
             # the prefaulted RAM is charged to the guests' cgroup
             assert b.cgroup.usage_bytes() >= host.resident_bytes() // 2
             path = b.cgroup.path
@@ -248,6 +250,11 @@ def test_budget_is_enforced_by_a_cgroup_the_guests_joined_first() -> None:
 def test_specs_are_checked() -> None:
     with pytest.raises(ConfigError):
         GuestSpec("x", 8, "virtio", "idle")
+    with pytest.raises(ConfigError, match=r"32 MiB is too small to run.*at least 33 MiB"):
+        GuestSpec("x", 32, "virtio", "idle")  # exited at start: its kernel's 16 MiB is half
+    for period in (float("inf"), float("nan"), -1.0, 0.0, 1e9):
+        with pytest.raises(ConfigError, match="period_s"):
+            GuestSpec("x", 64, "virtio", "idle", period_s=period)
     with pytest.raises(ConfigError):
         GuestSpec("x", 64, "carrier-pigeon", "idle")
     with pytest.raises(ConfigError):
@@ -267,7 +274,7 @@ HugeHost = Callable[[RamKind, int], None]  # the huge_host fixture (conftest.py)
 def test_a_host_not_set_up_for_huge_pages_is_refused_with_what_to_set(
         huge_host: HugeHost) -> None:
     pool = read_hugetlb_pool()  # the fixture's lock: no other test changes it meanwhile
-    mib = 2 * (pool.available + 16)  # more than the pool has free
+    mib = 2 * (pool.available + 17)  # more than the pool has free, and a guest that runs
 
     async def main() -> None:
         async with LocalHost([GuestSpec("h", mib, "virtio", "idle", ram=RamKind.HUGETLB)],
@@ -402,3 +409,183 @@ def test_any_hello_is_matched_or_not_never_raised(payload: bytes) -> None:
     assert doc is None or isinstance(doc, dict)
     assert hello_matches(payload, want) == (doc is not None and all(
         doc.get(k) == v for k, v in want.items()))
+
+
+# ------------------------------------------------------------------ confinement (issue 11 item 2)
+#: A guest that reports where it is from its first statement, then tries what a hostile guest
+#: would against the others, its own RAM and the host, and leaves a child behind (stderr: JSON).
+PROBE = textwrap.dedent('''
+    import os
+    first = {"cgroup": open("/proc/self/cgroup").read(), "ids": os.getresuid()}
+    import argparse, errno, fcntl, json, socket, sys, time
+    from memballoon.local.guest_main import add_arguments
+    from memballoon.protocol.wire import Kind, encode
+
+    def err(f):
+        try:
+            f()
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+        return "ok"
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(sys.argv[1:])
+    sock = socket.socket(fileno=a.sock_fd)
+    hello = {"v": 1, "guest": a.name, "protocol": a.protocol, "pages": a.pages,
+             "pid": os.getpid()}
+    sock.sendall(encode(Kind.HELLO, json.dumps(hello).encode()))
+    other = None
+    while other is None:  # the other guest, by its command line (world-readable)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+            except OSError:
+                continue
+            if b"memballoon.local.guest_main" in argv and b"--name" in argv \\
+                    and argv[argv.index(b"--name") + 1] == b"a":
+                other = (int(pid), int(argv[argv.index(b"--mem-fd") + 1]))
+        time.sleep(0.05)
+    time.sleep(1.0)  # past its start-up
+    opid, ofd = other
+    host = os.getppid()
+    got = dict(first, other_pid=opid,
+               other_memfd=err(lambda: os.open(f"/proc/{opid}/fd/{ofd}", os.O_RDWR)),
+               host_fds=err(lambda: os.listdir(f"/proc/{host}/fd")),
+               signal_other=err(lambda: os.kill(opid, 0)),
+               shrink=err(lambda: os.ftruncate(a.mem_fd, 0)),
+               grow=err(lambda: os.ftruncate(a.mem_fd, a.pages * 8192)),
+               unseal=err(lambda: fcntl.fcntl(a.mem_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)))
+    child = os.fork()
+    if child == 0:
+        os.setsid()  # out of the guest's process group, as a child hiding from its kill
+        time.sleep(600)
+        os._exit(0)
+    got["child"] = child
+    sys.stderr.write(json.dumps(got) + "\\n")
+    sys.stderr.flush()
+    while True:
+        time.sleep(1)
+''')
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+async def _probe_report(err: Path, host: LocalHost) -> dict[str, object]:
+    ok = await host.wait_until(lambda s: b"child" in err.read_bytes(), 30)
+    assert ok, err.read_text()
+    return dict(json.loads(err.read_text().strip().splitlines()[-1]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not detect().usable,
+                    reason="needs root and a memory cgroup")
+def test_a_guest_is_confined_from_its_first_instruction_and_cannot_reach_the_others(
+        tmp_path: Path) -> None:
+    err = tmp_path / "probe.err"
+
+    async def main() -> None:
+        specs = [GuestSpec("a", MIB_GUEST, "virtio", "idle", prefault=True, period_s=0.2),
+                 GuestSpec("b", MIB_GUEST, "virtio", "idle",
+                           program=(sys.executable, "-c", PROBE))]
+        with err.open("wb") as f:
+            async with LocalHost(specs, budget_bytes=1024 * MIB, guest_stderr=f.fileno()) as host:
+                assert "guests confined" in host.confinement, host.confinement
+                assert host.counters["guests_unconfined"] == 0
+                got = await _probe_report(err, host)
+                cg_b = host.guest_cgroup("b")
+                assert cg_b is not None and host.budget is not None \
+                    and host.budget.cgroup is not None
+                # in its own cgroup, inside the budget's, and as its own uid, from the start
+                rel = "/" + str(cg_b.path.relative_to(cg_b.root))
+                assert f":memory:{rel}\n" in str(got["cgroup"]), got["cgroup"]
+                uid_b = host.guest_uid("b")
+                assert uid_b is not None and uid_b != 0 and got["ids"] == [uid_b] * 3
+                assert host.guest_uid("a") not in (None, 0, uid_b)
+                # another guest's memfd, the host's fds, signals: refused
+                assert got["other_pid"] == host.pid("a")
+                assert got["other_memfd"] == "EACCES" and got["host_fds"] == "EACCES"
+                assert got["signal_other"] == "EPERM"
+                # its own RAM cannot be resized, nor its seals changed
+                assert got["shrink"] == got["grow"] == got["unseal"] == "EPERM"
+                # memballoon's guest made itself non-dumpable: its /proc files are root's
+                a_pid = host.pid("a")
+                assert a_pid is not None and os.stat(f"/proc/{a_pid}/fd").st_uid == 0
+                assert f"Uid:\t{host.guest_uid('a')}" in Path(f"/proc/{a_pid}/status").read_text()
+                # the guest dies: the child it hid in a session of its own dies with it
+                child = int(str(got["child"]))
+                assert not _gone(child) and child in cg_b.pids()
+                b_pid = host.pid("b")
+                assert b_pid is not None
+                os.kill(b_pid, signal.SIGKILL)
+                assert await host.wait_until(lambda s: not s["b"].alive, 10)
+                assert await host.wait_until(lambda s: _gone(child), 10)
+                assert await host.wait_until(lambda s: not cg_b.path.exists(), 10)
+                assert host.counters_of("b")["guest_procs_killed"] >= 1
+                assert host.guests()["a"].alive  # the other goes on, its balloon served
+                await _inflate_deflate_other(host, "a")
+
+    asyncio.run(main())
+
+
+def test_unconfined_guests_are_said_once_and_counted_and_their_group_is_killed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root and no cgroup (simulated where we are root): what is not confined is said once,
+    each guest counted, and a dead guest's process group killed."""
+    from memballoon.host import cgroup
+    from memballoon.local import host as host_mod
+
+    monkeypatch.setattr(host_mod.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(host_mod, "detect", lambda: cgroup.CgroupSupport(
+        cgroup.Hierarchy.NONE, None, False, "no memory cgroup is mounted"))
+    err = tmp_path / "probe.err"
+    script = PROBE.replace("os.setsid()  #", "pass  #")  # the child stays in the group
+
+    async def main() -> None:
+        specs = [GuestSpec("a", MIB_GUEST, "virtio", "idle"),
+                 GuestSpec("b", MIB_GUEST, "virtio", "idle",
+                           program=(sys.executable, "-c", script))]
+        with err.open("wb") as f:
+            async with LocalHost(specs, budget_bytes=None, guest_stderr=f.fileno()) as host:
+                assert host.confinement.startswith("guests NOT confined: ")
+                assert "no private uid (not root)" in host.confinement
+                assert "no cgroup of their own" in host.confinement
+                assert host.counters["guests_unconfined"] == 2
+                assert host.guest_cgroup("b") is None and host.guest_uid("b") is None
+                got = await _probe_report(err, host)
+                child = int(str(got["child"]))
+                b_pid = host.pid("b")
+                assert b_pid is not None and not _gone(child)
+                os.kill(b_pid, signal.SIGKILL)
+                assert await host.wait_until(lambda s: _gone(child), 10)
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not detect().usable, reason="needs root and a memory cgroup")
+def test_a_stale_cgroup_of_a_dead_daemon_is_removed_at_start() -> None:
+    dead = subprocess.Popen(["true"])  # a pid that is no more
+    dead.wait()
+    root = detect().root
+    assert root is not None
+    stale = root / f"memballoon-{dead.pid}-dead"
+    stale.mkdir()
+    (stale / "guest-x").mkdir()
+
+    async def main() -> None:
+        async with LocalHost([GuestSpec("a", MIB_GUEST, "virtio", "idle")],
+                             budget_bytes=None) as host:
+            assert str(stale) in host.stale_cgroups.removed
+            assert not stale.exists()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for d in (stale / "guest-x", stale):
+            if d.exists():
+                d.rmdir()

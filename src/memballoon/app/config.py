@@ -15,6 +15,7 @@ See examples/host.toml, examples/qemu.toml, examples/qemu-attach.toml, examples/
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -90,6 +91,54 @@ def _size(v: object) -> int:
 
 
 Size = Annotated[int, BeforeValidator(_size)]
+
+#: The smallest local guest that runs: its kernel keeps 16 MiB (guest/memory.py: image, page
+#: tables, struct pages), which must stay under half its RAM (local.host.MIN_GUEST_MIB).
+MIN_LOCAL_GUEST_MIB: Final = 33
+#: The largest guest RAM a config may name (4 TiB); a local guest must also fit the host.
+MAX_GUEST_MIB: Final = 4 << 20
+
+
+def _guest_mib(lo: int, what: str) -> Any:
+    """A guest's RAM in MiB: a whole number from ``lo`` to ``MAX_GUEST_MIB``."""
+
+    def check(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{v!r} is not a whole number of MiB")
+        if v < lo:
+            raise ConfigError(f"{v} MiB is too small to run: {what} needs at least {lo} MiB")
+        if v > MAX_GUEST_MIB:
+            raise ConfigError(f"{v} MiB is more than {MAX_GUEST_MIB} MiB (4 TiB), the most a "
+                              "guest may have here")
+        return v
+
+    return BeforeValidator(check)
+
+
+def _seconds(lo: float, hi: float, *, lo_open: bool = False) -> Any:
+    """A duration in seconds within [lo, hi] (``(lo, hi]`` with ``lo_open``): inf, NaN, a
+    negative or a vanishing period (1e-300 s spins a core) is refused, with the range."""
+
+    def check(v: object) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{v!r} is not a number of seconds")
+        f = float(v)
+        low_ok = f > lo if lo_open else f >= lo
+        if not math.isfinite(f) or not low_ok or f > hi:
+            bound = f"more than {lo:g}" if lo_open else f"{lo:g}"
+            raise ConfigError(f"{f!r} s is outside the allowed range: {bound} to {hi:g} s")
+        return f
+
+    return BeforeValidator(check)
+
+
+#: The manager's period: 10 a second at most (shorter only spins), an hour at least.
+HostPeriod = Annotated[float, _seconds(0.1, 3600.0)]
+#: A local guest's work and report period.
+GuestPeriod = Annotated[float, _seconds(0.05, 60.0)]
+#: Hysteresis durations: up to a day.
+HoldSeconds = Annotated[float, _seconds(0.0, 86400.0)]
+MaxAgeSeconds = Annotated[float, _seconds(0.0, 86400.0, lo_open=True)]
 
 #: The default ``host_reserve``: this share of the host's memory stays available to the host.
 DEFAULT_HOST_RESERVE: Final = "5%"
@@ -169,8 +218,8 @@ class PolicyConfig(_Strict):
 class HysteresisConfig(_Strict):
     min_change: Size = 1 * MIB
     min_change_fraction: float = Field(default=0.0025, ge=0.0, lt=1.0)
-    hold_s: float = Field(default=10.0, ge=0.0)
-    report_max_age_s: float = Field(default=10.0, gt=0.0)
+    hold_s: HoldSeconds = 10.0
+    report_max_age_s: MaxAgeSeconds = 10.0
 
 
 class DefaultsConfig(_Strict):
@@ -198,14 +247,16 @@ def _check_order(lo: int | str | None, hi: int | str | None) -> None:
 class GuestConfig(_Strict):
     # libvirt domain names may hold more than this, but not in a [[guests]] entry: ask if so
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    mib: int | None = Field(default=None, ge=16)  # local
-    max_mib: int | None = Field(default=None, ge=64)  # qemu: RAM (attach: QEMU's, if given)
-    start_mib: int | None = Field(default=None, ge=64)  # qemu: logical size at boot
+    mib: Annotated[int, _guest_mib(MIN_LOCAL_GUEST_MIB, "a local guest (16 MiB its kernel "
+                                  "keeps, under half its RAM)")] | None = None  # local
+    # qemu: RAM (attach: QEMU's, if given); logical size at boot
+    max_mib: Annotated[int, _guest_mib(64, "a QEMU guest")] | None = None
+    start_mib: Annotated[int, _guest_mib(64, "a QEMU guest")] | None = None
     protocol: Literal["vmw", "vmw-batched", "virtio"] = "virtio"
     ram: Literal["4k", "thp", "hugetlb"] = "4k"  # local: what backs the RAM on the host
     workload: Literal["idle", "steady", "bursty", "ramp", "diurnal"] = "idle"
     seed: int = 0
-    period_s: float = Field(default=1.0, gt=0.0)
+    period_s: GuestPeriod = 1.0
     swap: Size = 0
     min: Limit | None = None  # a size or a share of the guest's RAM ("25%")
     max: Limit | None = None
@@ -292,7 +343,7 @@ class HostConfig(_Strict):
     budget: Budget
     host_reserve: Reserve = DEFAULT_HOST_RESERVE
     host_cgroup: str | None = None  # the cgroup standing for the guests' share (machine.slice)
-    period_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+    period_s: HostPeriod = 1.0
     policy: PolicyConfig = PolicyConfig()
     hysteresis: HysteresisConfig = HysteresisConfig()
     journal: Path | None = None
@@ -305,6 +356,9 @@ class HostConfig(_Strict):
     run_dir: Path | None = None  # qemu: where QMP/agent sockets live
     setup_hugepages: bool = False  # local: set shmem THP / the hugetlb pool up for huge-page
                                    # RAM for the run and put it back at exit
+    # local, as root: guests run as uids guest_uid_base, +1, ... (None: a block of 1024 picked
+    # by the daemon's pid above 1900000000)
+    guest_uid_base: int | None = Field(default=None, ge=1000, le=2**31 - 2)
     guests: list[GuestConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -329,6 +383,8 @@ class HostConfig(_Strict):
                     raise ConfigError(f"guest {g.name}: {', '.join(extra)}: a libvirt domain "
                                       "takes only min, max and shares here (its RAM and "
                                       "devices are libvirt's)")
+        if self.world != "local" and "guest_uid_base" in self.model_fields_set:
+            raise ConfigError("guest_uid_base: only for world = \"local\"")
         if self.world != "libvirt":
             extra = sorted({"uri", "domains", "stats_period_s"} & self.model_fields_set)
             if extra:

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,6 +94,38 @@ def _int(req: Mapping[str, Any], key: str, *, optional: bool = False) -> int | N
     return v
 
 
+#: sun_path holds 108 bytes with its NUL (unix(7)).
+MAX_SOCKET_PATH_BYTES: Final = 107
+
+
+def check_socket_path(path: Path) -> None:
+    """Whether the control socket can be made at ``path``; ConfigError says why not. A path
+    under a regular file, too long for AF_UNIX, or naming anything but a socket (a regular
+    file is never deleted to make room) is refused."""
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(f"socket = {str(path)!r}: {len(os.fsencode(str(path)))} bytes, more "
+                          f"than the {MAX_SOCKET_PATH_BYTES} a unix socket path may have")
+    for up in reversed(path.parents):
+        try:
+            st = up.stat()
+        except FileNotFoundError:
+            break  # made at start (mode 0700)
+        except OSError as exc:
+            raise ConfigError(f"socket = {str(path)!r}: {up}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"socket = {str(path)!r}: {up} is not a directory")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"socket = {str(path)!r}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
+        raise ConfigError(f"socket = {str(path)!r} exists and is {kind}: it is not removed to "
+                          "make room; choose another path")
+
+
 class ControlServer:
     def __init__(self, target: ControlTarget, path: Path | str, *,
                  counters: Counters | None = None, allowed_uid: int | None = None) -> None:
@@ -103,8 +136,9 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        check_socket_path(self.path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
+        if self.path.exists() or self.path.is_symlink():  # a socket (check_socket_path)
             if _alive(self.path):
                 raise ConfigError(f"control socket {self.path}: a daemon is already running")
             self.path.unlink()

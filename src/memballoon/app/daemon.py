@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from memballoon.app.config import HostConfig, reserve_bytes, resolve_settings, size_with_unit
-from memballoon.app.control import ControlServer
+from memballoon.app.control import ControlServer, check_socket_path
 from memballoon.app.metrics import ManagerMetrics
 from memballoon.edge.aio import AsyncEngine
 from memballoon.edge.clock import MonotonicClock
@@ -124,11 +124,21 @@ class Daemon:
         fixed = self.fixed_budget
         host = LocalHost(specs, clock=self.clock, budget_bytes=None if fixed is None
                          else fixed + PROCESS_OVERHEAD_BYTES * len(specs),
-                         setup_hugepages=self.cfg.setup_hugepages)
-        await host.start()
+                         setup_hugepages=self.cfg.setup_hugepages,
+                         guest_uid_base=self.cfg.guest_uid_base)
         self._closers.append(host.close)  # also puts back what setup_hugepages changed
+        await host.start()
         for line in host.host_changes:
             self.say(f"set {line} for the run (put back at exit)")
+        stale = host.stale_cgroups.describe()
+        if stale:
+            self.say(stale)
+        self.say(host.confinement)
+        dead = host.not_ready()
+        if dead:  # never "ready" over guests that cannot run
+            raise ConfigError("guest(s) did not start: " + "; ".join(
+                f"{n}: {why}" for n, why in sorted(dead.items())) + " (see the guest's error "
+                "above)")
         b = host.budget
         if b is not None:
             self.budget_enforced, self.budget_reason = b.enforced, b.reason
@@ -213,16 +223,38 @@ class Daemon:
         return None if b == "auto" else b
 
     def _host_memory(self) -> tuple[HostProbe, int]:
-        """The probe of the host's own memory and the reserve it keeps, said once."""
+        """The probe of the host's own memory and the reserve it keeps, said once; a budget,
+        or a local guest, larger than the host's memory is refused (it could never be held:
+        an "enforced" budget the host cannot back would be a lie)."""
         probe, what = make_probe(self.cfg.host_cgroup)
         total = probe.read().total_bytes
         reserve = reserve_bytes(self.cfg.host_reserve, total)
         self.say(f"{what}; host reserve {reserve / MIB:.0f} MiB of {total / MIB:.0f} MiB")
+        fixed = self.fixed_budget
+        if fixed is not None and fixed > total:
+            raise ConfigError(f"budget = {fixed / MIB:.0f} MiB is more than the host's memory "
+                              f"({total / MIB:.0f} MiB, {what}): it cannot be held; give at "
+                              f"most {total / MIB:.0f} MiB, or \"auto\"")
+        if self.cfg.world == "local":
+            for g in self.cfg.guests:
+                if g.ram_bytes is not None and g.ram_bytes > total:
+                    raise ConfigError(f"guests: {g.name}: mib = {g.ram_bytes // MIB} is more "
+                                      f"than the host's memory ({total / MIB:.0f} MiB): its "
+                                      "RAM could never be backed")
         return probe, reserve
+
+    def _preflight(self) -> Journal:
+        """What can be checked before any guest starts: the control socket's path, the
+        journal's (opened here); a failure leaves nothing behind."""
+        cfg = self.cfg
+        check_socket_path(cfg.socket_path)
+        return Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max),
+                       counters=self.counters)  # its write failures show in status
 
     async def start(self) -> None:
         cfg = self.cfg
         probe, reserve = self._host_memory()  # a bad host_cgroup fails before any guest starts
+        self.journal = self._preflight()
         start = {"local": self._start_local, "qemu": self._start_qemu,
                  "libvirt": self._start_libvirt}[cfg.world]
         backend = await start()
@@ -236,8 +268,6 @@ class Daemon:
                                   min_change_fraction=h.min_change_fraction, hold_s=h.hold_s,
                                   report_max_age_s=h.report_max_age_s),
             enforced=self.budget_enforced, counters=self.counters)
-        self.journal = Journal(cfg.journal, max_bytes=max(1024, cfg.journal_max),
-                               counters=self.counters)  # its failures show in status
         engine = Engine(backend, core, self.journal, self.clock, host_probe=probe,
                         counters=self.counters)
         self.manager = AsyncEngine(engine, period_s=cfg.period_s, on_tick=self._tick)
@@ -331,16 +361,25 @@ class Daemon:
         return 0
 
     async def shutdown(self) -> None:
-        if self.manager is not None:
-            self.say("stopping: deflating every guest to its max size")
-            ok = await self.manager.deflate_all()
-            self.say("balloons deflated" if ok else "some balloons did not deflate in time "
-                     "(see the journal)")
+        try:
+            if self.manager is not None:
+                self.say("stopping: deflating every guest to its max size")
+                ok = await self.manager.deflate_all()
+                self.say("balloons deflated" if ok else "some balloons did not deflate in time "
+                         "(see the journal)")
+        finally:  # whatever failed above, the guests, their cgroups and the socket go
             self.manager = None
+            await self._close_all()
+
+    async def _close_all(self) -> None:
         if self.control is not None:
-            await self.control.close()
+            with contextlib.suppress(Exception):
+                await self.control.close()
+            self.control = None
         if self.metrics is not None:
-            self.metrics.close()
+            with contextlib.suppress(Exception):
+                self.metrics.close()
+            self.metrics = None
         for close in reversed(self._closers):
             with contextlib.suppress(Exception):
                 await close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,8 +26,16 @@ from typing import Any, Final
 
 from memballoon.manager.core import Action, Event
 from memballoon.model.counters import CounterName, Counters
-from memballoon.model.errors import UsageError
+from memballoon.model.errors import ConfigError, UsageError
 
+#: Filesystems that are not storage: a "regular file" there is a kernel knob (/proc/sys,
+#: /sys, cgroup files), written to as root it would change the machine, not keep a journal.
+PSEUDO_FS: Final = frozenset({
+    "proc", "sysfs", "cgroup", "cgroup2", "devtmpfs", "devpts", "debugfs", "tracefs",
+    "securityfs", "configfs", "bpf", "pstore", "efivarfs", "hugetlbfs", "mqueue", "fusectl",
+    "binfmt_misc", "autofs", "rpc_pipefs", "nsfs", "selinuxfs",
+})
+MOUNTS: Final = Path("/proc/self/mounts")
 MAX_BYTES: Final = 8 << 20
 KEEP: Final = 3
 MEMORY_RECORDS: Final = 1000
@@ -42,6 +51,53 @@ class JournalCounter(CounterName):
     JOURNAL_WRITE_FAILED = "journal_write_failed"  # records the file did not take (OSError)
     JOURNAL_ROTATIONS = "journal_rotations"  # rotations of the file past max_bytes
     JOURNAL_BAD_LINE = "journal_bad_line"  # lines read back that are not JSON objects
+
+
+def _fstype(path: Path, mounts: Path = MOUNTS) -> str | None:
+    """The type of the filesystem ``path`` (resolved) is on: its longest mount point."""
+    try:
+        table = mounts.read_text()
+    except OSError:
+        return None
+    best, kind = "", None
+    where = str(path)
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        inside = where == mnt or where.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, kind = mnt, parts[2]
+    return kind
+
+
+def check_journal_path(path: Path | str, key: str = "journal") -> Path:
+    """The journal's path, if it is one: a regular file (not a symlink), or a new file in an
+    existing directory, on a filesystem that stores files (not /proc, /sys, a cgroup...).
+    ConfigError names the key, the path and what is wrong."""
+    p = Path(path)
+    if not p.is_absolute():
+        p = Path.cwd() / p
+    parent = p.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key} = {str(p)!r}: {parent} is not an existing directory (the "
+                          "journal goes in one; make it first)")
+    kind = _fstype(parent.resolve())
+    if kind in PSEUDO_FS:
+        raise ConfigError(f"{key} = {str(p)!r}: {parent} is on a {kind} filesystem, not "
+                          "storage; put the journal in a directory such as /var/lib/memballoon")
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return p
+    except OSError as exc:
+        raise ConfigError(f"{key} = {str(p)!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ConfigError(f"{key} = {str(p)!r} is {what}: the journal is only written to a "
+                          "regular file or a new one")
+    return p
 
 
 class Journal:
@@ -64,7 +120,7 @@ class Journal:
         self.counters = counters if counters is not None else Counters()
         self.written = 0
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path = check_journal_path(self.path)
 
     def action(self, a: Action, *, mono: float, applied: bool) -> dict[str, Any]:
         return self.write({**a.record(), "applied": applied}, mono=mono)
@@ -82,7 +138,9 @@ class Journal:
         line = (json.dumps(full, separators=(",", ":"), default=str) + "\n").encode()
         try:
             self._rotate_if_needed(len(line))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            # no symlink swapped in since the check is followed
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
             try:
                 os.write(fd, line)  # one write of one line: a reader never sees half a record
             finally:

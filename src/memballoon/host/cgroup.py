@@ -18,6 +18,12 @@ their RAM; the pages stay charged there as long as the memfd holds them.
 
 Where there is no usable hierarchy, or we are not root, the host cannot enforce a budget: it
 only watches resident bytes. ``make_budget`` says which, and why.
+
+Each local guest gets a cgroup of its own inside the budget's (``MemoryCgroup.child``, no limit
+of its own: the parent's holds them all), so that when the guest dies every process in it can
+be killed (``kill_pass``) and none outlives it. A daemon killed with SIGKILL leaves its cgroups
+behind; ``clean_stale`` removes those whose creator (the pid in their name) is gone and that
+hold no task, children first.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +52,9 @@ _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 REMOVE_TIMEOUT_S: Final = 2.0
 #: v2 writes "max" for no limit; v1 reports a huge page-rounded number.
 _UNLIMITED: Final = "max"
+#: The cgroups memballoon makes, with the pid of the process that made them:
+#: ``memballoon-<pid>-...`` (local world), ``memballoon-<tag>-<pid>[-...]`` (qemu, benches).
+STALE_RE: Final = re.compile(r"^memballoon-(?:[a-z]+-)?([0-9]+)(?:-.*)?$")
 
 
 class Hierarchy(StrEnum):
@@ -112,32 +123,35 @@ def _support(h: Hierarchy, root: Path, is_root: bool) -> CgroupSupport:
 
 
 class MemoryCgroup:
-    """One memory cgroup directory we created, with a hard memory limit."""
+    """One memory cgroup directory we created, with a hard memory limit (None: none of its own,
+    a guest's inside the budget's)."""
 
     __slots__ = ("hierarchy", "limit_bytes", "name", "path", "root")
 
-    def __init__(self, hierarchy: Hierarchy, root: Path, name: str, limit_bytes: int) -> None:
-        # Use ``create``; this only binds an existing directory.
+    def __init__(self, hierarchy: Hierarchy, root: Path, name: str, limit_bytes: int | None,
+                 *, path: Path | None = None) -> None:
+        # Use ``create`` or ``child``; this only binds an existing directory.
         if hierarchy is Hierarchy.NONE:
             raise ConfigError("no memory cgroup hierarchy to bind to")
         self.hierarchy = hierarchy
         self.root = root
         self.name = name
-        self.path = root / name
+        self.path = root / name if path is None else path
         self.limit_bytes = limit_bytes
 
     @classmethod
     def create(
-        cls, name: str, limit_bytes: int, *, support: CgroupSupport | None = None
+        cls, name: str, limit_bytes: int | None, *, support: CgroupSupport | None = None
     ) -> MemoryCgroup:
-        """Make ``<root>/<name>`` with a hard limit of ``limit_bytes`` (no swap to escape to).
+        """Make ``<root>/<name>`` with a hard limit of ``limit_bytes`` (no swap to escape to;
+        None: no limit, a cgroup only to hold guests' cgroups).
 
         A directory left by an earlier run that died is removed first when it is empty of
         tasks; one with tasks in it is refused (``ConfigError``).
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"cgroup name {name!r}: use letters, digits, '_', '-', '.'")
-        if limit_bytes <= 0:
+        if limit_bytes is not None and limit_bytes <= 0:
             raise ConfigError(f"cgroup limit must be positive, got {limit_bytes} bytes")
         s = detect() if support is None else support
         if s.root is None or s.hierarchy is Hierarchy.NONE:
@@ -156,6 +170,8 @@ class MemoryCgroup:
             cg.path.mkdir()
         except OSError as exc:
             raise MemballoonError(f"cannot create cgroup {cg.path}: {exc}") from exc
+        if limit_bytes is None:
+            return cg
         try:
             if s.hierarchy is Hierarchy.V1:
                 cg._write("memory.limit_in_bytes", str(limit_bytes))
@@ -168,9 +184,57 @@ class MemoryCgroup:
             raise
         return cg
 
-    def _enable_v2_memory_controller(self) -> None:
+    def child(self, name: str) -> MemoryCgroup:
+        """Make ``<this>/<name>``, with no limit of its own (this one's holds it). One left by
+        an earlier run is reused when empty; one with tasks is refused (``ConfigError``)."""
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"cgroup name {name!r}: use letters, digits, '_', '-', '.'")
+        cg = MemoryCgroup(self.hierarchy, self.root, name, None, path=self.path / name)
+        if cg.path.exists():
+            if cg.pids():
+                raise ConfigError(f"cgroup {cg.path} exists and has tasks; remove it first")
+            return cg
+        if self.hierarchy is Hierarchy.V2:
+            self._enable_v2_memory_controller(self.path / "cgroup.subtree_control")
+        try:
+            cg.path.mkdir()
+        except OSError as exc:
+            raise MemballoonError(f"cannot create cgroup {cg.path}: {exc}") from exc
+        return cg
+
+    def open_procs(self) -> int:
+        """An fd open for writing on ``cgroup.procs`` (close-on-exec): a child about to exec
+        writes its own pid to it (``local/confine.py``), so it is in here from its first
+        instruction, and the check of write permission was done here, as root."""
+        try:
+            return os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MemballoonError(f"cannot open {self.path / 'cgroup.procs'}: {exc}") from exc
+
+    def kill_pass(self) -> int:
+        """SIGKILL every process in the cgroup now; how many were signalled. A process forked
+        meanwhile shows in the next pass (a process with SIGKILL pending cannot fork), so
+        passes until ``pids()`` is empty leave none."""
+        n = 0
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+        return n
+
+    def try_rmdir(self) -> bool:
+        """Remove the (empty) directory; False while tasks (or child cgroups) keep it busy."""
+        try:
+            self._rmdir()
+        except OSError as exc:
+            if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            raise MemballoonError(f"cannot remove cgroup {self.path}: {exc}") from exc
+        return True
+
+    def _enable_v2_memory_controller(self, ctl: Path | None = None) -> None:
         # Children of a v2 cgroup get the memory files only when the parent delegates it.
-        ctl = self.root / "cgroup.subtree_control"
+        ctl = self.root / "cgroup.subtree_control" if ctl is None else ctl
         try:
             if "memory" not in ctl.read_text().split():
                 ctl.write_text("+memory")
@@ -254,9 +318,13 @@ class MemoryCgroup:
         return keyed.get("oom_kill", 0)
 
     def remove(self) -> None:
-        """Move any tasks left to the hierarchy's root, then remove the directory."""
+        """Move any tasks left to the hierarchy's root, then remove the directory (and the
+        cgroups under it first)."""
         if not self.path.exists():
             return
+        with contextlib.suppress(OSError):  # guests' cgroups first: v1 keeps a parent busy
+            for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
+                MemoryCgroup(self.hierarchy, self.root, sub.name, None, path=sub).remove()
         deadline = time.monotonic() + REMOVE_TIMEOUT_S
         while True:
             for pid in self.pids():
@@ -280,6 +348,81 @@ class MemoryCgroup:
 
     def __repr__(self) -> str:
         return f"MemoryCgroup({self.hierarchy.value}, {str(self.path)!r}, {self.limit_bytes})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # a "pid" past what a pid can be: none
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _has_tasks(path: Path) -> bool:
+    """Whether ``path`` or any cgroup under it holds a task (unreadable counts as yes)."""
+    for d, _dirs, files in os.walk(path):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            if (Path(d) / "cgroup.procs").read_text().split():
+                return True
+        except OSError:
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class StaleCleanup:
+    """What ``clean_stale`` did: cgroups removed, and those left (with why)."""
+
+    removed: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = []
+        if self.removed:
+            parts.append(f"removed {len(self.removed)} empty cgroup(s) left by memballoon "
+                         f"processes that are gone: {', '.join(self.removed)}")
+        if self.kept:
+            parts.append(f"left {len(self.kept)}: {'; '.join(self.kept)}")
+        return "; ".join(parts)
+
+
+def clean_stale(support: CgroupSupport | None = None, *,
+                alive: Callable[[int], bool] = _pid_alive) -> StaleCleanup:
+    """Remove ``memballoon-*`` cgroups at the hierarchy's root whose creator (the pid in the
+    name, ``STALE_RE``) is gone and that hold no task anywhere beneath, children first. A live
+    creator's cgroup is never touched (it may be about to use it, empty); one with tasks is
+    left and said."""
+    s = detect() if support is None else support
+    if not s.usable or s.root is None:
+        return StaleCleanup()
+    removed: list[str] = []
+    kept: list[str] = []
+    try:
+        names = sorted(p.name for p in s.root.iterdir() if p.is_dir())
+    except OSError:
+        return StaleCleanup()
+    for name in names:
+        m = STALE_RE.match(name)
+        if m is None or alive(int(m.group(1))):
+            continue
+        top = s.root / name
+        if _has_tasks(top):
+            kept.append(f"{top} still holds tasks")
+            continue
+        dirs = sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: -len(p.parts))
+        try:
+            for d in dirs:  # deepest first: a v1 cgroup with children cannot go
+                with contextlib.suppress(FileNotFoundError):
+                    d.rmdir()
+        except OSError as exc:
+            kept.append(f"{top}: {exc.strerror}")
+            continue
+        removed.append(str(top))
+    return StaleCleanup(tuple(removed), tuple(kept))
 
 
 class BudgetMode(StrEnum):

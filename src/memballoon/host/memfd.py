@@ -171,7 +171,11 @@ class MemfdRam:
         except OSError as exc:
             raise HostResourceError(f"memfd_create for --ram {kind}: {exc.strerror}") from exc
         try:
-            os.ftruncate(fd, guest_pages << PAGE_SHIFT)
+            try:
+                os.ftruncate(fd, guest_pages << PAGE_SHIFT)
+            except OSError as exc:
+                raise HostResourceError(f"sizing guest RAM to {guest_pages << PAGE_SHIFT} "
+                                        f"bytes: {exc.strerror}") from exc
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             self._open(fd, guest_pages, kind)
         except BaseException:
@@ -227,7 +231,8 @@ class MemfdRam:
                 need = guest_pages // self._host_frames
                 raise HostResourceError(f"mapping {need} hugetlb pages: {exc.strerror}; "
                                         f"{hugetlb_short(need)}") from exc
-            raise
+            raise HostResourceError(f"mapping {guest_pages << PAGE_SHIFT} bytes of guest RAM: "
+                                    f"{exc.strerror}") from exc
         if kind is RamKind.THP:
             self._mm.madvise(mmap.MADV_HUGEPAGE)
         self._view: memoryview | None = memoryview(self._mm)

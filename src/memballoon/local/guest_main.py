@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 The host starts this process with inherited fds: one end of a socketpair, the guest's RAM
 memfd and, for virtio, one doorbell and one interrupt eventfd per queue (their numbers are on
-the command line). With ``--cgroup-procs`` the process first writes its own pid into the
-host's memory cgroup, before it touches any of its RAM, since shmem pages are charged to the
-cgroup of the first toucher (host/cgroup.py).
+the command line). A root host has put it in its memory cgroup and under a private uid before
+it started (local/confine.py: nothing is left to the guest); the first thing it does itself is
+make itself not dumpable, so that no process of its uid can open its memfd through /proc.
 
 It then says HELLO, maps the memfd (``MemfdRam.attach``: size, seals and page size checked
 against ``--ram``), builds the guest model (``GuestMemory`` over that RAM, so the workload
@@ -48,6 +48,7 @@ from memballoon.guest.memory import GuestMemory, StepReport
 from memballoon.guest.report import guest_report
 from memballoon.guest.workload import WORKLOADS, make_workload, parse_spec
 from memballoon.host.memfd import MemfdRam
+from memballoon.local.confine import set_dumpable
 from memballoon.local.link import GuestLink, LinkClosedError
 from memballoon.local.transport_virtio import LocalVirtioTransport
 from memballoon.local.transport_vmw import SocketBackdoor
@@ -95,18 +96,11 @@ class GuestConfig:
     mem_fd: int
     kick_fds: tuple[int, ...] = ()
     irq_fds: tuple[int, ...] = ()
-    cgroup_procs: str | None = None
     prefault: bool = False
     swap_pages: int = 0
     sample_period_s: float = ACTIVE_SAMPLE_PERIOD_S
     ram: RamKind = RamKind.SMALL
     array_pfns: int | None = None  # virtio: PFNs an array (None: Linux's, or 16 huge pages)
-
-
-def join_cgroup(procs_path: str) -> None:
-    """Write our own pid into a cgroup's ``cgroup.procs`` (before touching any memory)."""
-    with open(procs_path, "w") as f:
-        f.write(str(os.getpid()))
 
 
 class GuestRuntime:
@@ -316,7 +310,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fd", type=int, required=True, help="inherited memfd of the guest's RAM")
     p.add_argument("--kick-fds", type=_fds, default=(), help="virtio doorbell eventfds, by queue")
     p.add_argument("--irq-fds", type=_fds, default=(), help="virtio interrupt eventfds, by queue")
-    p.add_argument("--cgroup-procs", help="write our pid here first (the host's memory cgroup)")
     p.add_argument("--prefault", action="store_true", help="write every free page at start")
     p.add_argument("--swap-pages", type=int, default=0)
     p.add_argument("--sample-period", type=float, default=ACTIVE_SAMPLE_PERIOD_S,
@@ -332,17 +325,15 @@ def config_from_args(a: argparse.Namespace) -> GuestConfig:
     return GuestConfig(
         name=a.name, protocol=a.protocol, pages=a.pages, workload=a.workload, seed=a.seed,
         period_s=a.period, sock_fd=a.sock_fd, mem_fd=a.mem_fd, kick_fds=a.kick_fds,
-        irq_fds=a.irq_fds, cgroup_procs=a.cgroup_procs, prefault=a.prefault,
+        irq_fds=a.irq_fds, prefault=a.prefault,
         swap_pages=a.swap_pages, sample_period_s=a.sample_period, ram=a.ram,
         array_pfns=a.array_pfns,
     )
 
 
 def _cmd_guest(a: argparse.Namespace) -> int:
-    cfg = config_from_args(a)
-    if cfg.cgroup_procs:
-        join_cgroup(cfg.cgroup_procs)  # first: before any page of the RAM is touched
-    return GuestRuntime(cfg).run()
+    set_dumpable(False)  # first: our memfd is not to be opened through /proc/PID/fd
+    return GuestRuntime(config_from_args(a)).run()
 
 
 def register(sub: Any) -> None:

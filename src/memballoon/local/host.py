@@ -6,10 +6,14 @@ Theory of operation
 where the machine has one and we are root, else watched only: ``host/cgroup.py``), then for
 each ``GuestSpec``: the guest's RAM (``MemfdRam``, sealed), a socketpair, and for virtio one
 doorbell and one interrupt eventfd per queue; it spawns ``python -m
-memballoon.local.guest_main`` with those fds inherited (``pass_fds``) and, when the budget is
-enforced, ``--cgroup-procs``: the child joins the cgroup itself, before it touches its RAM
-(shmem is charged to its first toucher). The host's end of each guest is served on the one
-event loop:
+memballoon.local.guest_main`` with those fds inherited (``pass_fds``), confined when the host is
+root (``local/confine.py``): between fork and exec the child joins a memory cgroup of its own
+(inside the budget's, or inside one holding the guests when no budget is set), so it is there
+from its first instruction (shmem is charged to its first toucher), and drops to a private uid.
+Not root, the guests run unconfined, as the host's uid: ``confinement`` says so once and
+``guests_unconfined`` counts them. Before that, cgroups left by a daemon killed with SIGKILL
+are removed (``clean_stale``, said in ``stale_cgroups``). The host's end of each guest is served
+on the one event loop:
 
 - the socket (non-blocking, ``add_reader``): HELLO (checked against the spec), VMW frames to
   the ``VmwBalloonDevice``, virtio requests to the ``VirtioBalloonDevice``, STATUS reports
@@ -24,9 +28,10 @@ enough pool pages): what is missing is a ``HostResourceError`` naming what to se
 ``setup_hugepages``, set for the run and put back at ``close`` (``host/hugepages.py``).
 
 A guest's death is noticed at once (EOF on its socket, or its exit, e.g. a SIGKILL from the
-cgroup's OOM killer): it is marked dead, what its RAM held is recorded
-(``resident_at_exit_bytes``), then the whole memfd is punched and closed, so the memory is back
-at once; the other guests go on. Everything a guest sends is untrusted: malformed input is
+cgroup's OOM killer): it is marked dead, every process in its cgroup is killed (a child it
+forked does not outlive it to touch memory again) and the cgroup removed, what its RAM held is
+recorded (``resident_at_exit_bytes``), then the whole memfd is punched and closed, so the memory
+is back at once; the other guests go on. Everything a guest sends is untrusted: malformed input is
 counted in that guest's ``counters`` and answered with the protocol's own status; garbage
 framing drops (and kills) that guest only; its devices only ever release ranges inside its own
 RAM. ``close`` says BYE, waits, terminates, kills, frees and removes the cgroup.
@@ -44,6 +49,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,12 +62,21 @@ from typing import Any, Final, Protocol
 import numpy as np
 
 from memballoon.edge.clock import MonotonicClock
-from memballoon.host.cgroup import Budget, make_budget
+from memballoon.host.cgroup import (
+    Budget,
+    CgroupSupport,
+    MemoryCgroup,
+    StaleCleanup,
+    clean_stale,
+    detect,
+    make_budget,
+)
 from memballoon.host.device import BalloonDevice
 from memballoon.host.hugepages import HugePageSetup, check_host, huge_pages_for
 from memballoon.host.memfd import MemfdRam
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.host.vmw_device import VmwBalloonDevice
+from memballoon.local.confine import Reach, guest_uids, needed_paths, plan_reach, preexec
 from memballoon.local.guest_main import HELLO_VERSION, PROTOCOLS
 from memballoon.local.transport_virtio import VirtioHostEndpoint, make_eventfds
 from memballoon.local.transport_vmw import VmwHostEndpoint
@@ -112,8 +127,15 @@ GUEST_MODULE: Final = "memballoon.local.guest_main"
 #: What one guest process holds beside its RAM (interpreter, numpy, the model's arrays): a
 #: cgroup that enforces a budget for guest RAM gets this much a guest on top.
 PROCESS_OVERHEAD_BYTES: Final = 64 * MIB
-#: A guest of fewer pages cannot hold the guest model's reserved frames and driver area.
-MIN_GUEST_MIB: Final = 16
+#: The smallest guest that runs: the guest model keeps max(16 MiB, RAM/64) reserved (kernel
+#: image, page tables, struct pages) and that must stay under half its RAM, so more than 32 MiB.
+#: Measured: 16 to 32 MiB guests exit at start ("reserved_pages 4096 out of range"), 33 MiB ones
+#: of every protocol and workload run and take a balloon of half their RAM.
+MIN_GUEST_MIB: Final = 33
+#: A guest's work period: finite, and no longer than an hour.
+MAX_GUEST_PERIOD_S: Final = 3600.0
+#: How long a dead guest's cgroup is given to empty (its processes killed) before it is left.
+CGROUP_EMPTY_WAIT_S: Final = 5.0
 
 
 class LocalHostCounter(CounterName):
@@ -133,6 +155,9 @@ class LocalHostCounter(CounterName):
     SET_TARGET_DEAD = "set_target_dead"  # targets for a dead guest (refused)
     SET_TARGET_REFUSED = "set_target_refused"  # host-wide: unknown guest or target out of range
     CGROUP_REMOVE_FAILED = "cgroup_remove_failed"  # host-wide: budget cgroups not removed at close
+    GUEST_CGROUP_LEFT = "guest_cgroup_left"  # host-wide: dead guests' cgroups that did not empty
+    GUEST_PROCS_KILLED = "guest_procs_killed"  # processes killed in dead guests' cgroups
+    GUESTS_UNCONFINED = "guests_unconfined"  # host-wide: guests started without cgroup or uid
     FREE_FAILED = "free_failed"  # host-wide: dead guests' RAM that could not be measured or punched
     RAM_CLOSE_DEFERRED = "ram_close_deferred"  # host-wide: dead guests' RAM still mapped at close
     DIED_HELLO_TIMEOUT = "died_hello_timeout"  # deaths: no HELLO in time
@@ -211,11 +236,14 @@ class GuestSpec:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"guest name {self.name!r}: use letters, digits, '-', '_'")
         if self.mib < MIN_GUEST_MIB:
-            raise ConfigError(f"guest {self.name}: mib must be >= {MIN_GUEST_MIB}, got {self.mib}")
+            raise ConfigError(f"guest {self.name}: {self.mib} MiB is too small to run: a local "
+                              f"guest needs at least {MIN_GUEST_MIB} MiB (16 MiB its kernel "
+                              "keeps, under half its RAM)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"guest {self.name}: protocol {self.protocol!r} not in {PROTOCOLS}")
-        if not self.period_s > 0:
-            raise ConfigError(f"guest {self.name}: period_s must be positive")
+        if not 0 < self.period_s <= MAX_GUEST_PERIOD_S:  # NaN too
+            raise ConfigError(f"guest {self.name}: period_s = {self.period_s!r} s is outside "
+                              f"the allowed range: more than 0 to {MAX_GUEST_PERIOD_S:g} s")
         if self.swap_mib < 0:
             raise ConfigError(f"guest {self.name}: swap_mib must be >= 0")
         try:
@@ -301,6 +329,9 @@ class _Guest:
     final_actual: int = 0
     watcher: asyncio.Task[None] | None = None
     guest_end: socket.socket | None = None  # the child's end, until it is spawned
+    cgroup: MemoryCgroup | None = None  # its own, inside the budget's (None: unconfined)
+    uid: int | None = None  # its private uid (None: the host's)
+    emptied: asyncio.Task[None] | None = None  # its cgroup being emptied and removed
 
     @property
     def device_counters(self) -> Counters | None:
@@ -322,6 +353,7 @@ class LocalHost:
         guest_stderr: int | None = None,
         clock: Clock | None = None,
         setup_hugepages: bool = False,
+        guest_uid_base: int | None = None,
     ) -> None:
         self.specs = list(specs)
         names = [s.name for s in self.specs]
@@ -346,6 +378,16 @@ class LocalHost:
         self.freed_at_exit_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.guest_uid_base = guest_uid_base
+        #: where the guests' cgroups are made: the budget's, or one of ours with no limit
+        self._guest_parent: MemoryCgroup | None = None
+        self._own_parent = False
+        self._uids: list[int] | None = None  # the guests' private uids, in spec order
+        self._reach: Reach = ()  # directories closed to the guests' uids on the way to Python
+        #: one line: how the guests are confined, or what is not and why
+        self.confinement = ""
+        #: cgroups left by dead memballoon processes, removed (or not) at start
+        self.stale_cgroups = StaleCleanup()
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> LocalHost:
@@ -389,20 +431,66 @@ class LocalHost:
             self.host_changes = self._hugepages.ensure(needs)
         elif needs:
             check_host(needs)
+        support = detect()
+        if support.usable:
+            self.stale_cgroups = clean_stale(support)
         if self.budget_bytes is not None:
-            self._budget = make_budget(self.cgroup_name, self.budget_bytes)
+            self._budget = make_budget(self.cgroup_name, self.budget_bytes, support=support)
+        self._confine(support)
         for spec in self.specs:
             g = self._make_guest(spec)
-            self._guests[spec.name] = g
             await self._spawn(g)
         await self._wait_ready()
+
+    def _confine(self, support: CgroupSupport) -> None:
+        """Where the guests' cgroups go and which uids they get (``local/confine.py``); what
+        cannot be had is said in ``confinement``."""
+        b = self._budget
+        missing: list[str] = []
+        if b is not None and b.cgroup is not None:
+            self._guest_parent = b.cgroup
+        elif support.usable:
+            try:
+                self._guest_parent = MemoryCgroup.create(self.cgroup_name, None,
+                                                         support=support)
+                self._own_parent = True
+            except MemballoonError as exc:
+                missing.append(f"no cgroup of their own ({exc}): a child a guest forks may "
+                               "outlive it unless it stays in the guest's process group")
+        else:
+            missing.append(f"no cgroup of their own ({support.reason}): a child a guest forks "
+                           "may outlive it unless it stays in the guest's process group")
+        if os.geteuid() == 0:
+            self._uids = guest_uids(len(self.specs), self.guest_uid_base, os.getpid())
+            self._reach = plan_reach(needed_paths(
+                [a for s in self.specs for a in (s.program or ())]))
+        else:
+            missing.append(f"no private uid (not root): guests run as uid {os.geteuid()}, as "
+                           "this host does, so a guest could open this host's memfds (every "
+                           "guest's RAM) through /proc")
+        if missing:
+            self.confinement = "guests NOT confined: " + "; ".join(missing)
+            return
+        assert self._guest_parent is not None and self._uids is not None
+        first, last = self._uids[0], self._uids[-1]
+        self.confinement = (f"guests confined: each in a memory cgroup of its own under "
+                            f"{self._guest_parent.path} from its first instruction, as its own "
+                            f"uid ({first}" + (f" to {last})" if last != first else ")")
+                            + ", no new privileges, killed with its cgroup")
 
     def _make_guest(self, spec: GuestSpec) -> _Guest:
         ram = MemfdRam(spec.pages, kind=spec.ram, name=f"memballoon-{spec.name}")
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         g = _Guest(spec, ram, host_end, Counters(), guest_end=guest_end)
+        self._guests[spec.name] = g  # closed with the others if anything below fails
         g.endpoint = _ENDPOINTS[spec.protocol](self, g)
         g.kick_fds, g.irq_fds = list(g.endpoint.kick_fds), list(g.endpoint.irq_fds)
+        if self._guest_parent is not None:
+            g.cgroup = self._guest_parent.child(f"guest-{spec.name}")
+        if self._uids is not None:
+            g.uid = self._uids[len(self._guests) - 1]
+        if g.cgroup is None or g.uid is None:
+            self.counters.inc(LocalHostCounter.GUESTS_UNCONFINED)
         return g
 
     def _virtio_endpoint(self, g: _Guest) -> HostEndpoint:
@@ -431,9 +519,6 @@ class LocalHost:
             argv += ["--array-pfns", str(s.virtio_array_pfns)]
         if s.prefault:
             argv.append("--prefault")
-        b = self._budget
-        if b is not None and b.cgroup is not None:
-            argv += ["--cgroup-procs", str(b.cgroup.path / "cgroup.procs")]
         return argv
 
     async def _spawn(self, g: _Guest) -> None:
@@ -442,12 +527,17 @@ class LocalHost:
         guest_end = g.guest_end
         assert guest_end is not None
         fds = [guest_end.fileno(), g.ram.fd, *g.kick_fds, *g.irq_fds]
+        procs_fd = g.cgroup.open_procs() if g.cgroup is not None else None
         try:
+            # a process group of its own: what kills an unconfined guest's children
             g.proc = await asyncio.create_subprocess_exec(
                 *self._argv(g, guest_end), pass_fds=fds, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=self.guest_stderr,
+                preexec_fn=preexec(procs_fd, g.uid, self._reach), process_group=0,
             )
         finally:
+            if procs_fd is not None:
+                os.close(procs_fd)
             guest_end.close()  # the child has its copy; EOF then means the child is gone
             g.guest_end = None
         g.sock.setblocking(False)
@@ -505,10 +595,18 @@ class LocalHost:
             self._die(g, LocalHostCounter.DIED_SHUTDOWN)
             if g.watcher is not None and not g.watcher.done():
                 g.watcher.cancel()
+            if g.emptied is None:
+                self._kill_the_rest(g)
+        emptying = [g.emptied for g in guests if g.emptied is not None]
+        if emptying:
+            await asyncio.gather(*emptying, return_exceptions=True)
         b = self._budget
-        if b is not None and b.cgroup is not None:
+        parents = [b.cgroup] if b is not None and b.cgroup is not None else []
+        if self._own_parent and self._guest_parent is not None:
+            parents.append(self._guest_parent)
+        for cg in parents:
             try:
-                b.cgroup.remove()
+                cg.remove()
             except MemballoonError:
                 self.counters.inc(LocalHostCounter.CGROUP_REMOVE_FAILED)
         if self._hugepages is not None:  # the guests' RAM is freed: put the host back
@@ -534,6 +632,8 @@ class LocalHost:
             # a live process whose link is gone or broken is of no use: make sure it is gone
             with contextlib.suppress(ProcessLookupError):
                 g.proc.kill()
+        if not self._closed:  # closing: the guest exits on its own first (close kills the rest)
+            self._kill_the_rest(g)
         loop = self._loop
         for fd in g.kick_fds:
             if loop is not None:
@@ -566,6 +666,41 @@ class LocalHost:
                 ram.close()
             except UsageError:
                 self.counters.inc(LocalHostCounter.RAM_CLOSE_DEFERRED)
+
+    def _kill_the_rest(self, g: _Guest) -> None:
+        """Every process the dead guest left (its cgroup's, else its process group's): none
+        outlives it to touch memory again. The cgroup is emptied and removed off the loop's
+        critical path (``_empty_cgroup``)."""
+        if g.cgroup is None:
+            if g.proc is not None:
+                with contextlib.suppress(OSError):
+                    os.killpg(g.proc.pid, signal.SIGKILL)
+            return
+        with contextlib.suppress(MemballoonError):  # _empty_cgroup tries again, and counts
+            g.counters.inc(LocalHostCounter.GUEST_PROCS_KILLED, g.cgroup.kill_pass())
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            g.emptied = loop.create_task(self._empty_cgroup(g, g.cgroup))
+        else:
+            with contextlib.suppress(MemballoonError):
+                if not g.cgroup.pids() and g.cgroup.try_rmdir():
+                    return
+            self.counters.inc(LocalHostCounter.GUEST_CGROUP_LEFT)
+
+    async def _empty_cgroup(self, g: _Guest, cg: MemoryCgroup) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CGROUP_EMPTY_WAIT_S
+        while True:
+            try:
+                g.counters.inc(LocalHostCounter.GUEST_PROCS_KILLED, cg.kill_pass())
+                if not cg.pids() and cg.try_rmdir():
+                    return
+            except MemballoonError:
+                break
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        self.counters.inc(LocalHostCounter.GUEST_CGROUP_LEFT)
 
     def _disconnect(self, g: _Guest) -> None:
         if not g.connected:
@@ -749,6 +884,29 @@ class LocalHost:
     def ram(self, name: str) -> MemfdRam:
         """The host's ``MemfdRam`` of a guest (closed once the guest is dead)."""
         return self._guest(name).ram
+
+    def not_ready(self) -> dict[str, str]:
+        """The guests that died before saying HELLO, each with why (after ``start``)."""
+        out: dict[str, str] = {}
+        for name, g in self._guests.items():
+            if g.hello.is_set() and g.alive:
+                continue
+            rc = g.exit_code
+            why = ("no HELLO in time" if g.counters[LocalHostCounter.DIED_HELLO_TIMEOUT]
+                   else "a HELLO that does not match" if g.counters[
+                       LocalHostCounter.DIED_BAD_HELLO]
+                   else f"exited with status {rc}" if rc is not None and rc >= 0
+                   else f"killed by signal {-rc}" if rc is not None else "gone")
+            out[name] = why
+        return out
+
+    def guest_uid(self, name: str) -> int | None:
+        """The guest's private uid (None: it runs as the host's)."""
+        return self._guest(name).uid
+
+    def guest_cgroup(self, name: str) -> MemoryCgroup | None:
+        """The guest's own memory cgroup (None: unconfined)."""
+        return self._guest(name).cgroup
 
     def exit_code(self, name: str) -> int | None:
         """The guest process's exit status (None while it runs)."""
