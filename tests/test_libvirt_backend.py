@@ -30,6 +30,7 @@ from memballoon.manager.port import ManualClock
 from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError
 from memballoon.model.units import KIB, MIB, PAGE_SIZE
+from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
 from memballoon.qemu.image import GuestImage, build_guest_image
 from memballoon.qemu.libvirt_backend import (
@@ -671,3 +672,26 @@ def test_qemu_guest_agent_through_real_libvirtd(libvirtd: Libvirtd,  # noqa: F81
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
         conn.close()
+
+
+def test_a_wall_clock_stepped_back_or_forward_leaves_the_stats_fresh(fake: FakeLibvirt) -> None:
+    # issue 11 item 7: the host's wall clock jumps (an NTP step, an admin's date). QEMU's
+    # last-update is on that wall clock; a report written after the step is fresh either way,
+    # and the balloon history restarts rather than attributing old-timeline balloons
+    d = fake.add("g")
+    w = World(fake)
+
+    def fresh_after(step_s: float) -> GuestSample:
+        w.wall[0] += step_s
+        d.last_update = int(w.wall[0])
+        d.actual = GIB_KIB - 100 * 1024
+        return w.step()["g"]
+
+    s = fresh_after(0)
+    assert s.report is not None and s.report_age_s(w.clock.now()) == pytest.approx(1.0)
+    for jump in (-3600.0, 7200.0):
+        s = fresh_after(jump)
+        assert w.b.pressure_sources()["g"] == "balloon-stats"
+        assert s.report is not None and s.report_age_s(w.clock.now()) == pytest.approx(1.0)
+        assert s.report.balloon_actual_pages == 100 * MIB // PAGE_SIZE
+    assert w.b.counters["libvirt_wall_clock_stepped_back"] == 1

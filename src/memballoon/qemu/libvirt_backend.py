@@ -86,6 +86,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI: Final = "qemu:///system"
 STATS_PERIOD_S: Final = 2
+#: A wall clock that goes back by more than this was stepped (smaller: jitter, ignored).
+WALL_STEP_BACK_S: Final = 5.0
 #: virDomainModificationImpact VIR_DOMAIN_AFFECT_LIVE (libvirt include/libvirt-domain.h).
 VIR_DOMAIN_AFFECT_LIVE: Final = 1
 #: virDomainState VIR_DOMAIN_RUNNING and VIR_DOMAIN_PAUSED.
@@ -125,6 +127,8 @@ class LibvirtCounter(CounterName):
     """What ``LibvirtBackend`` counts (libvirt's answers and the guests' are untrusted)."""
 
     LIBVIRT_CONNECT = "libvirt_connect"  # connections opened (the first, and after a drop)
+    # the host's wall clock went back by more than WALL_STEP_BACK_S (histories restarted)
+    LIBVIRT_WALL_CLOCK_STEPPED_BACK = "libvirt_wall_clock_stepped_back"
     LIBVIRT_CONNECT_FAILED = "libvirt_connect_failed"  # refreshes that found no libvirtd
     LIBVIRT_DISCONNECTED = "libvirt_disconnected"  # connections that dropped (libvirtd went)
     LIBVIRT_NO_DOMAIN = "libvirt_no_domain"  # domains named in the config libvirt does not run
@@ -522,7 +526,16 @@ class LibvirtBackend:
 
     def _wall_now(self) -> float:
         """The wall clock, never going back (an NTP step must not reorder the history)."""
-        self._wall_last = max(self._wall_last, self.wall())
+        w = self.wall()
+        if w < self._wall_last - WALL_STEP_BACK_S:
+            # stepped back (an NTP step, an admin's date): QEMU's last-update follows the new
+            # time, so holding the old one would age every stats report by the step; the
+            # balloon histories are of the old timeline: start them again
+            self.counters.inc(LibvirtCounter.LIBVIRT_WALL_CLOCK_STEPPED_BACK)
+            for d in self._doms.values():
+                d.history.clear()
+            self._wall_last = w
+        self._wall_last = max(self._wall_last, w)
         return self._wall_last
 
     def _gone(self, d: _Domain, why: str, now: float) -> None:
