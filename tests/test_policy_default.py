@@ -40,6 +40,7 @@ from memballoon.policy.default import (
     RULES,
     STALL_QUIET_PCT,
     STALL_TROUBLE_PCT,
+    STUCK_AFTER_S,
     DefaultCounter,
     DefaultPolicy,
     DefaultSnapshot,
@@ -187,6 +188,30 @@ def test_stalled_inflation_gets_target_lowered_to_actual() -> None:
     g = sample(report(1, avail=RAM // 2, balloon=b, target=t), balloon=b, target=t)
     d = one(p, g, 1.0)
     assert d is not None and d.balloon_pages == b and "stalled" in d.reason
+
+
+def test_an_inflation_is_stuck_only_after_a_period_without_growth() -> None:
+    # a short host's early steps call every 0.2 s: a balloon that did not move in 0.2 s (a
+    # slow guest, libvirt's 2 s stats) is not stuck yet; after STUCK_AFTER_S it is
+    p = DefaultPolicy()
+    b, t = RAM // 4, RAM // 2
+    for i in range(5):
+        now = 0.2 * i
+        g = sample(report(now, avail=RAM // 2, balloon=b, target=t), balloon=b, target=t)
+        assert one(p, g, now) is None, now
+    g = sample(report(1.0, avail=RAM // 2, balloon=b, target=t), balloon=b, target=t)
+    d = one(p, g, 1.0)
+    assert STUCK_AFTER_S == 1.0 and d is not None and "stalled" in d.reason
+    # a new target gives the balloon its time again
+    p = DefaultPolicy()
+    t2 = t + RAM // 8
+    for now, target in ((0.0, t), (0.8, t2), (1.2, t2), (1.6, t2)):
+        g = sample(report(now, avail=RAM // 2, balloon=b, target=target), balloon=b,
+                   target=target)
+        assert one(p, g, now) is None, now
+    g = sample(report(1.8, avail=RAM // 2, balloon=b, target=t2), balloon=b, target=t2)
+    d = one(p, g, 1.8)
+    assert d is not None and "stalled" in d.reason
 
 
 def test_refused_pages_stop_inflation() -> None:

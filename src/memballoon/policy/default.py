@@ -23,9 +23,9 @@ read one ``Figures`` record computed once a call):
 4. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
    probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``).
-5. **stalled** inflation: the target is above the balloon and the balloon did not grow since
-   the last call, or the guest refused pages: lower the target to the actual balloon (give the
-   guest back the rest), halve the probe step.
+5. **stalled** inflation: the target is above the balloon and the balloon has not grown for
+   ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
+   actual balloon (give the guest back the rest), halve the probe step.
 6. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
    plus margin): grow it back to the floor.
 7. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
@@ -123,6 +123,10 @@ WS_WINDOW_S: Final = 5.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
+# An inflation is stalled once its balloon has not grown for this long under the same target:
+# one period of the daemon's; a short host's early steps come every 0.2 s, and a balloon that
+# did not move in 0.2 s (a slow guest, libvirt's 2 s stats) is not yet stuck.
+STUCK_AFTER_S: Final = 1.0
 # The host's own pressure (PSI "some" avg10 of host memory, in percent): at or above this the
 # host is short even with memory available; each call then reclaims this share of the host's
 # memory from the guests, and no guest grows (senpai's 10% is a workload's ceiling; a host
@@ -180,6 +184,10 @@ class GuestMemo:
     last: ReportCounts | None = None  # the last fresh report (None: rates start over)
     last_now: float | None = None  # when it was read
     last_balloon: int | None = None
+    # since when the balloon has not grown under the same target (a restored memo: from the
+    # restore on); an inflation is stuck only after STUCK_AFTER_S of that
+    still_since: float = NEVER
+    last_target: int | None = None  # the target at the last call (not kept in snapshots)
     hurt_size: int = 0  # the size at which the guest last hurt (plus the back-off)
     hurt_at: float = NEVER  # when (remembered for PRESSURE_MEMORY_S)
     hurt_ws: int = 0  # its working set then
@@ -235,7 +243,7 @@ class GuestMemo:
                 last.time_s, last.swap_in_pages, last.major_faults, last.oom_kills,
                 last.refused_pages),
             last_now=None if last is None else now - last.age_s,
-            last_balloon=snap.last_balloon, hurt_size=snap.hurt_size,
+            last_balloon=snap.last_balloon, still_since=now, hurt_size=snap.hurt_size,
             hurt_at=_time_or_never(now, snap.hurt_age_s), hurt_ws=snap.hurt_ws,
             oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls)
 
@@ -570,10 +578,14 @@ class DefaultPolicy:
                 d_refused = counter_delta(r.refused_pages, prev.refused_pages, c,
                                           PolicyReportCounter.REFUSED_BACKWARDS)
         swapin_rate = d_swapin / dt if dt > 0 else 0.0
-        stuck = (m.last_balloon is not None and g.target_pages > g.balloon_pages
-                 and g.balloon_pages <= m.last_balloon)
+        grown = m.last_balloon is None or g.balloon_pages > m.last_balloon
+        if grown or g.target_pages != m.last_target:
+            m.still_since = now  # moving, or asked for something new: give it time
+        stuck = (not grown and g.target_pages > g.balloon_pages
+                 and now - m.still_since >= STUCK_AFTER_S)
         last_balloon = m.last_balloon
         m.last, m.last_now, m.last_balloon = ReportCounts.of(r), now, g.balloon_pages
+        m.last_target = g.target_pages
 
         ws = working_set_pages(g, r, c)
         avail = available_pages(g, r, c)
