@@ -27,7 +27,7 @@ from memballoon.local.host import (
     peer_json_object,
 )
 from memballoon.manager.port import ManualClock
-from memballoon.model.errors import ConfigError, HostResourceError
+from memballoon.model.errors import ConfigError, HostResourceError, UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, RamKind
 from memballoon.policy.sample import GuestSample
 
@@ -513,5 +513,25 @@ def test_a_flooding_guest_is_throttled_and_the_others_keep_being_served(tmp_path
             assert host.counters_of("evil")["turns_cut"] > 0
             assert "throttled" not in host.counters_of("good")
             assert good["chains"] > 0 and host.guests()["evil"].alive
+
+    asyncio.run(main())
+
+
+def test_a_dead_guest_restarts_afresh_and_is_served() -> None:
+    async def main() -> None:
+        specs = [GuestSpec("g", 64, "virtio", "idle", prefault=True)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert await host.wait_until(lambda s: _ok(s["g"]), 30)
+            with pytest.raises(UsageError):
+                await host.restart("g")  # alive
+            first = host.pid("g")
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            assert await host.wait_until(lambda s: not s["g"].alive, 10)
+            assert await host.restart("g")
+            assert host.pid("g") != first and host.guests()["g"].alive
+            assert host.set_target("g", 2048)
+            assert await host.wait_until(lambda s: s["g"].balloon_pages == 2048, 20)
+            assert (await host.control("g", "verify"))["lost_pages"] == 0
 
     asyncio.run(main())

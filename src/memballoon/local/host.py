@@ -63,6 +63,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from memballoon.edge.clock import MonotonicClock
 from memballoon.host.cgroup import Budget, make_budget
@@ -498,21 +499,33 @@ class LocalHost:
         for q, fd in enumerate(g.kick_fds):
             self._loop.add_reader(fd, self._on_kick, g, q)
 
-    async def _wait_ready(self) -> None:
-        async def one(g: _Guest) -> None:
-            dead = asyncio.ensure_future(self._until_dead(g))
-            hello = asyncio.ensure_future(g.hello.wait())
-            try:
-                await asyncio.wait({dead, hello}, timeout=self.ready_timeout_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                dead.cancel()
-                hello.cancel()
-            if g.alive and not g.hello.is_set():
-                g.counters.inc(LocalHostCounter.HELLO_TIMEOUT)
-                self._die(g, LocalHostCounter.DIED_HELLO_TIMEOUT)
+    async def restart(self, name: str) -> bool:
+        """Start a dead guest again, as a machine boots anew: fresh RAM, a new process, a new
+        device (its counters and its meter start afresh). Whether it said HELLO in time."""
+        old = self._guest(name)
+        if old.alive or self._closed:
+            raise UsageError(f"restart {name}: the guest is {'alive' if old.alive else 'gone'}")
+        g = self._make_guest(old.spec)
+        self._guests[name] = g
+        await self._spawn(g)
+        await self._ready(g)
+        return g.alive
 
-        await asyncio.gather(*(one(g) for g in self._guests.values()))
+    async def _wait_ready(self) -> None:
+        await asyncio.gather(*(self._ready(g) for g in self._guests.values()))
+
+    async def _ready(self, g: _Guest) -> None:
+        dead = asyncio.ensure_future(self._until_dead(g))
+        hello = asyncio.ensure_future(g.hello.wait())
+        try:
+            await asyncio.wait({dead, hello}, timeout=self.ready_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            hello.cancel()
+        if g.alive and not g.hello.is_set():
+            g.counters.inc(LocalHostCounter.HELLO_TIMEOUT)
+            self._die(g, LocalHostCounter.DIED_HELLO_TIMEOUT)
 
     async def _until_dead(self, g: _Guest) -> None:
         while g.alive:
@@ -902,6 +915,11 @@ class LocalHost:
     def resident_at_exit_bytes(self, name: str) -> int | None:
         """What the guest's RAM held when it died (None while it lives)."""
         return self._guest(name).resident_at_exit
+
+    def balloon_pfns(self, name: str) -> npt.NDArray[np.int64]:
+        """The frames the guest's device holds in its balloon (none once dead)."""
+        ep = self._guest(name).endpoint
+        return ep.device.balloon_pfns() if ep is not None else np.zeros(0, dtype=np.int64)
 
     def partial_huge_pages(self, name: str) -> int:
         """Host huge pages the guest's balloon holds in part (0 with 4 KiB RAM or once dead)."""
