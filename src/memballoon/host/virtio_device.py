@@ -551,7 +551,10 @@ class VirtioBalloonDevice:
         descs_before = dq.descriptors_read
         done: list[tuple[int, int]] = []
         batch: list[tuple[int, Chain, PfnArray]] = []  # inflate chains: (slot in done, ...)
-        while max_chains is None or popped < max_chains:
+        # at most a ring's worth without a bound: a used ring laid over the avail ring would
+        # otherwise refill it with every bad chain returned, for ever
+        limit = 2 * dq.size if max_chains is None else max_chains
+        while popped < limit:
             try:
                 chain = dq.pop()
             except PeerError:
