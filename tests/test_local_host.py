@@ -18,9 +18,17 @@ from hypothesis import strategies as st
 
 from memballoon.host.cgroup import detect
 from memballoon.host.hugepages import HUGETLB_DIR, SYSFS, read_hugetlb_pool
-from memballoon.local.host import GuestSpec, LocalHost, hello_matches, peer_json_object
+from memballoon.host.virtio_device import MAX_PFN_BUFFER_BYTES
+from memballoon.local.fairness import WorkLimits
+from memballoon.local.host import (
+    CHUNK_CHAINS,
+    GuestSpec,
+    LocalHost,
+    hello_matches,
+    peer_json_object,
+)
 from memballoon.manager.port import ManualClock
-from memballoon.model.errors import ConfigError, HostResourceError
+from memballoon.model.errors import ConfigError, HostResourceError, UsageError
 from memballoon.model.units import MIB, PAGE_SIZE, RamKind
 from memballoon.policy.sample import GuestSample
 
@@ -68,6 +76,43 @@ HOSTILE = textwrap.dedent('''
         call(batch_request(Command.BATCHED_2M_UNLOCK, [0, 8192 + 1]))
         big = struct.pack("<IIQI", 0x456C6D6F, 8, 600, 600) + bytes(8 * 600)
         link.request(Kind.VMW, big, Kind.VMW)
+    elif mode == "deaf":  # reads nothing more: the host's next send fails (a config push)
+        sock.shutdown(socket.SHUT_RD)
+        sock.sendall(encode(Kind.BYE))  # says it is deaf now
+    elif mode == "deaf_vmw":  # LOCKs, then reads nothing: the host cannot send the replies
+        from memballoon.protocol.vmw import (
+            Command, Request, batch_request, decode_response, encode_request)
+        ram = MemfdRam.attach(a.mem_fd, a.pages)
+        ram.touch(np.arange(8192, 8192 + 2048), 0)
+        link = GuestLink(sock)
+        call = lambda req: link.request(Kind.VMW, encode_request(req), Kind.VMW)
+        call(Request(Command.START, 2 | 4 | 8))
+        get = Request(Command.GET_TARGET, a.pages)
+        end = time.monotonic() + 20
+        while decode_response(call(get), get).result < 2048 and time.monotonic() < end:
+            time.sleep(0.05)
+        sock.shutdown(socket.SHUT_RD)
+        sock.sendall(b"".join(encode(Kind.VMW, encode_request(
+            batch_request(Command.BATCHED_2M_LOCK, [8192 + 512 * k]))) for k in range(4)))
+    elif mode == "storm":  # a fresh round of large chains behind every doorbell, without end
+        ram = MemfdRam.attach(a.mem_fd, a.pages)
+        link = GuestLink(sock)
+        view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
+        t = LocalVirtioTransport(link, view, a.kick_fds, a.irq_fds)
+        t.set_driver_features(1)  # MUST_TELL_HOST only: plain PFN arrays
+        lay = QueueLayout.packed(1 << 20, 128)
+        t.setup_queue(0, lay)
+        buf = 2 << 20  # 64 KiB of PFNs (its own frames) in 128 descriptors of 512 bytes
+        view.write(buf, np.arange(8192, 8192 + 16384, dtype="<u4").tobytes())
+        for i in range(128):
+            view.write(lay.desc_gpa + 16 * i, struct.pack(
+                "<QIHH", buf + 512 * i, 512, 1 if i < 127 else 0, i + 1 if i < 127 else 0))
+        bells = encode(Kind.NOTIFY, struct.pack("<H", 0)) * 64
+        while True:  # every avail slot names head 0: 128 chains of 128 descriptors a round
+            used = view.read_u16(lay.used_gpa + 2)
+            view.write_u16(lay.avail_gpa + 2, (used + 128) & 0xFFFF)
+            t.notify(0)
+            sock.sendall(bells)
     else:
         ram = MemfdRam.attach(a.mem_fd, a.pages)
         link = GuestLink(sock)
@@ -589,3 +634,91 @@ def test_a_stale_cgroup_of_a_dead_daemon_is_removed_at_start() -> None:
         for d in (stale / "guest-x", stale):
             if d.exists():
                 d.rmdir()
+
+
+def test_a_vmw_guest_that_cannot_be_answered_raises_nothing_in_the_host(tmp_path: Path) -> None:
+    # issue 11: a send failing during a VMware reply killed the guest, then the host went on
+    # with the reply's after-work on the dead guest's RAM (an exception in its dispatch)
+    async def main() -> None:
+        async with LocalHost([_hostile(tmp_path, "deaf", "deaf_vmw", "vmw-batched")],
+                             budget_bytes=None) as host:
+            host.set_target("deaf", 2048)
+            assert await host.wait_until(lambda s: not s["deaf"].alive, 30)
+            c = host.counters_of("deaf")
+            assert c["died_send_failed"] == 1
+            assert not [k for k in c if k.startswith("error_")], c
+
+    asyncio.run(main())
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_guest_dead_during_a_config_push_leaves_no_fd_and_no_mapping(tmp_path: Path) -> None:
+    # issue 11: a guest that died while the host pushed it a config change left its memfd and
+    # the host's mapping of it open for good (the device's view was still on the stack)
+    async def main() -> None:
+        await asyncio.sleep(0)
+        before = _fds()
+        async with LocalHost([_hostile(tmp_path, "deaf", "deaf")], budget_bytes=None) as host:
+            assert await host.wait_until(
+                lambda s: host.counters_of("deaf").get("bye_received", 0) == 1, 10)
+            assert _fds() > before
+            host.set_target("deaf", 1000)  # its config push cannot be sent: it dies under it
+            assert not host.guests()["deaf"].alive
+            await asyncio.sleep(0.1)  # a turn of the loop
+            assert host.counters_of("deaf")["died_send_failed"] == 1
+            assert _fds() == before
+            assert "memballoon-deaf" not in Path("/proc/self/maps").read_text()
+            assert host.ram("deaf").closed
+        assert host.counters["ram_close_deferred"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_flooding_guest_is_throttled_and_the_others_keep_being_served(tmp_path: Path) -> None:
+    # issue 11: a backlog of doorbells, each finding a fresh round of 128 chains of 128
+    # descriptors, froze the host's loop (40+ s) and slowed another guest's inflate 100-fold
+    async def main() -> None:
+        specs = [_hostile(tmp_path, "evil", "storm"),
+                 GuestSpec("good", MIB_GUEST, "virtio", "idle", prefault=True)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert await host.wait_until(lambda s: _ok(s["good"]), 30)
+            assert await host.wait_until(
+                lambda s: host.counters_of("evil").get("throttled", 0) >= 2, 30)
+            await _inflate_deflate_other(host, "good")
+            evil, good = host.work_of("evil"), host.work_of("good")
+            lim = WorkLimits.for_guest(MIB_GUEST * MIB // PAGE_SIZE)
+            chain_bytes = MAX_PFN_BUFFER_BYTES + 16 * 128
+            assert evil["max_turn_chains"] <= lim.turn_chains
+            assert evil["max_turn_bytes"] <= lim.turn_bytes + CHUNK_CHAINS * chain_bytes
+            # a period's share, never more (one chunk of slack at the period's edge)
+            assert evil["chains"] <= evil["periods"] * lim.period_chains + CHUNK_CHAINS
+            assert evil["bytes"] <= evil["periods"] * (lim.period_bytes
+                                                       + CHUNK_CHAINS * chain_bytes)
+            assert host.counters_of("evil")["turns_cut"] > 0
+            assert "throttled" not in host.counters_of("good")
+            assert good["chains"] > 0 and host.guests()["evil"].alive
+
+    asyncio.run(main())
+
+
+def test_a_dead_guest_restarts_afresh_and_is_served() -> None:
+    async def main() -> None:
+        specs = [GuestSpec("g", 64, "virtio", "idle", prefault=True)]
+        async with LocalHost(specs, budget_bytes=None) as host:
+            assert await host.wait_until(lambda s: _ok(s["g"]), 30)
+            with pytest.raises(UsageError):
+                await host.restart("g")  # alive
+            first = host.pid("g")
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            assert await host.wait_until(lambda s: not s["g"].alive, 10)
+            assert await host.restart("g")
+            assert host.pid("g") != first and host.guests()["g"].alive
+            assert host.set_target("g", 2048)
+            assert await host.wait_until(lambda s: s["g"].balloon_pages == 2048, 20)
+            assert (await host.control("g", "verify"))["lost_pages"] == 0
+
+    asyncio.run(main())

@@ -58,6 +58,7 @@ class HostThread:
                 for fd in r:
                     if fd != self.sock.fileno():
                         self.ep.kick(self.ep.kick_fds.index(fd))
+                        self._run_pending()
                         continue
                     try:
                         data = self.sock.recv(1 << 16)
@@ -70,6 +71,11 @@ class HostThread:
                             self.sock.sendall(rep)
                         elif m.kind is Kind.NOTIFY:
                             self.ep.notify_message(m.payload)
+                            self._run_pending()
+
+    def _run_pending(self) -> None:
+        for q in sorted(self.ep.pending):
+            self.ep.run(q)
 
 
 @dataclass
@@ -201,9 +207,10 @@ def test_hostile_requests_are_counted_and_refused(world: World) -> None:
     # a queue laid outside guest RAM: the device counts it, nothing breaks
     out = PAGES * PAGE_SIZE
     ep.handle_request(bytes([VirtioOp.SET_FEATURES]) + struct.pack("<Q", 1))
-    ep.handle_request(bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 0, 16, out, out,
-                                                                    out))
+    rep = ep.handle_request(bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 0, 16, out,
+                                                                          out, out))
     assert ep.counters["setup_bad_layout"] == 1
+    assert rep is not None and Decoder().messages(rep)[0].payload == bytes([REPLY_BAD])
     ep.notify_message(b"\x00")
     ep.notify_message(struct.pack("<H", 0))
     assert ep.counters["notify_malformed"] == 1
@@ -299,3 +306,26 @@ def test_refusals_heard_late_over_the_pipeline_still_reach_the_target(world: Wor
     assert drv.transient_pfns().size == 0
     assert not np.isin(drv.balloon_pfns(), pinned).any()
     assert bool((mem.state[pinned] == PageState.FREE).all())
+
+
+def test_a_queue_set_up_the_device_refuses_is_answered_failed(world: World) -> None:
+    # issue 11: a set-up the device refused (counted) was answered OK, the guest none the wiser
+    ep = world.endpoint
+    ep.handle_request(bytes([VirtioOp.SET_FEATURES]) + struct.pack("<Q", 1))
+    ok = bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 0, 16, 0x100000, 0x100100,
+                                                     0x100200)
+    too_large = bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 0, 4096, 0x100000,
+                                                            0x110000, 0x112000)
+    misaligned = bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 1, 16, 0x100008,
+                                                             0x100100, 0x100200)
+    no_queue = bytes([VirtioOp.SETUP_QUEUE]) + struct.pack("<HIQQQ", 3, 16, 0x100000,
+                                                           0x100100, 0x100200)
+    replies = {name: ep.handle_request(req) for name, req in (
+        ("ok", ok), ("too_large", too_large), ("misaligned", misaligned), ("no_queue", no_queue))}
+    status = {n: Decoder().messages(r)[0].payload[:1] for n, r in replies.items() if r}
+    assert status == {"ok": b"\x00", "too_large": REPLY_BAD.to_bytes(1, "little"),
+                      "misaligned": REPLY_BAD.to_bytes(1, "little"),
+                      "no_queue": REPLY_BAD.to_bytes(1, "little")}
+    c = world.device.counters
+    assert (c["setup_queue_too_large"], c["setup_bad_layout"], c["setup_unknown_queue"]) == (
+        1, 1, 1)

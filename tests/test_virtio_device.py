@@ -34,7 +34,7 @@ from memballoon.protocol.virtio_transport import DirectTransport
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 PAGES = 16384  # 64 MiB guest
-AREA = 1 * MIB
+AREA = 48 * MIB  # the rings and buffers: clear of the frames the tests balloon
 F_REFUSE = features_of(vb.VIRTIO_BALLOON_X_F_HOST_REFUSE)
 F_RESET = features_of(vb.VIRTIO_BALLOON_X_F_HOST_RESET)
 F_STATS = features_of(vb.VIRTIO_BALLOON_F_STATS_VQ)
@@ -690,3 +690,61 @@ def test_rounds_in_bulk_only_where_every_frame_goes_through() -> None:
 
 def drv_role(drv: VirtioBalloonDriver, index: int) -> Any:
     return next(role for role, i in drv._qidx.items() if i == index)
+
+
+# ------------------------------------------------------------------ released memory
+def test_buffers_and_rings_in_ballooned_frames_are_refused_never_read() -> None:
+    # issue 11: a guest that points a buffer or a ring into its own ballooned frames made the
+    # host read them, faulting released memory back in outside the budget
+    ram = MemfdRam(8192)
+    try:
+        _buffers_and_rings_in_the_balloon(ram)
+        gc.collect()
+    finally:
+        ram.close()
+
+
+def _buffers_and_rings_in_the_balloon(ram: MemfdRam) -> None:
+    view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
+    dev = VirtioBalloonDevice(ram, view, features=features_of(vb.VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    dev.set_driver_features(dev.device_features())
+    rings = {INFL: QueueLayout.packed(1000 * PAGE_SIZE, 8),
+             DEFL: QueueLayout.packed(1001 * PAGE_SIZE, 8)}
+    q = {role: DriverQueue(view, lay, Counters()) for role, lay in rings.items()}
+    for i, role in enumerate((INFL, DEFL)):
+        dev.setup_queue(i, rings[role])
+    ram.touch(np.arange(2000, 2100), 0)
+
+    def send(role: vb.BalloonQueue, buf_pfn: int, pfns: list[int]) -> None:
+        data = np.asarray(pfns, dtype="<u4").tobytes()
+        view.write(buf_pfn * PAGE_SIZE, data)
+        q[role].add([(buf_pfn * PAGE_SIZE, len(data), False)])
+        q[role].publish()
+        dev.notify(0 if role is INFL else 1)
+
+    send(INFL, 3000, list(range(2000, 2010)))
+    assert dev.inflated_pages == 10
+    assert not ram.resident_mask(np.arange(2000, 2010)).any()
+    # the guest writes its PFN arrays through its own mapping before ballooning their frames:
+    # here they are written first, then their frames are released under them
+    view.write(2005 * PAGE_SIZE, np.asarray([2001, 2002], dtype="<u4").tobytes())
+    view.write(2003 * PAGE_SIZE, np.asarray([2050], dtype="<u4").tobytes())
+    ram.release(np.array([[2003, 2004], [2005, 2006]]))
+    for role, buf, n in ((DEFL, 2005, 2), (INFL, 2003, 1)):  # PFN arrays in ballooned frames
+        q[role].add([(buf * PAGE_SIZE, 4 * n, False)])
+        q[role].publish()
+        dev.notify(0 if role is INFL else 1)
+    assert not ram.resident_mask(np.arange(2000, 2010)).any()  # not read: still released
+    assert dev.counters["buffer_in_balloon"] == 2
+    assert dev.counters["deflateq_bad_descriptor"] == 1
+    assert dev.counters["inflateq_bad_descriptor"] == 1
+    assert dev.inflated_pages == 10  # nothing done with either
+    # a queue set up again with its rings in the balloon: refused, not read
+    assert not dev.setup_queue(1, QueueLayout.packed(2006 * PAGE_SIZE, 8))
+    assert dev.counters["setup_ring_in_balloon"] == 1 and 1 in dev.broken_queues
+    assert not ram.resident_mask(np.arange(2000, 2010)).any()
+    # the frames holding a live queue's rings never go into the balloon
+    send(INFL, 3000, [1000, 2060])
+    assert dev.counters["inflate_pfn_ring"] == 1
+    assert dev.balloon_pfns().tolist() == [*range(2000, 2010), 2060]
+    assert ram.resident_mask(np.array([1000])).all()

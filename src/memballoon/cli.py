@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop after this many driver work periods (default 10000)")
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=_cmd_bench_protocol)
-    for bench_area in ("memballoon.bench.policy", "memballoon.bench.fuzz", "memballoon.bench.sim"):
+    for bench_area in ("memballoon.bench.policy", "memballoon.bench.fuzz", "memballoon.bench.sim",
+                       "memballoon.bench.soak"):
         importlib.import_module(bench_area).register(bsub)
     importlib.import_module("memballoon.bench.host_pressure").register(bsub)
     br = bsub.add_parser(

@@ -701,6 +701,11 @@ def _virtio_device() -> Target:
                 q = r.uint(1)
                 ep.handle_message(Kind.NOTIFY, struct.pack("<H", q % 6) if q < 250
                                   else r.take(q - 248))
+                bound = q // 6 % 5  # the host's turn: all chains, or at most 1 to 4
+                for pq in sorted(ep.pending):
+                    for _ in range(64):  # the next turns (a used ring over the avail ring
+                        if ep.run(pq, bound or None) != bound:  # can refill it for ever)
+                            break
             elif op == 8:
                 what = r.uint(1) % 4
                 if what == 0:

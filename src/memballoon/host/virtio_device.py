@@ -34,11 +34,18 @@ driver between two inflate buffers when the reset came sends the second one befo
 reset, and drops its frames with the rest.
 
 Everything in the queues is untrusted. A malformed chain is counted, returned used with length
-0 and nothing in it is acted on. A broken ring (avail.idx running ahead, a layout outside
-guest memory) marks that queue broken, the spec's DEVICE_NEEDS_RESET (VIRTIO 1.2 2.1.2): we
-stop processing it until the driver sets it up again; the rest of the device keeps working.
+0 and nothing in it is acted on. The device never reads or writes a frame in the balloon (the
+host released it: a read would fault it back in, charged to no budget): a queue whose rings
+lie in ballooned frames is refused at set-up, an inflate of a frame holding a ring is refused,
+and a chain with a buffer or an indirect table in a ballooned frame is refused before any of
+it is read (``buffer_in_balloon``, ``setup_ring_in_balloon``, ``inflate_pfn_ring``). A
+broken ring (avail.idx running ahead, a layout outside guest memory) marks that queue broken,
+the spec's DEVICE_NEEDS_RESET (VIRTIO 1.2 2.1.2): we stop processing it until the driver sets
+it up again; the rest of the device keeps working.
 No exception leaves ``notify``; the backend is only asked to release PFNs inside the guest
-(and checks again itself).
+(and checks again itself). ``notify(queue, max_chains=k)`` pops at most ``k`` chains, so a
+host can bound the work one guest gets per turn of its loop; ``work_bytes`` counts the guest
+memory the queues made the device read or write (descriptors, buffers), for the same end.
 
 Counter names (``counters``) are the Firecracker-style metrics of this device.
 
@@ -108,13 +115,17 @@ from memballoon.protocol.virtio_balloon import (
 )
 from memballoon.protocol.virtio_transport import InterruptSink
 from memballoon.protocol.virtqueue import (
+    VIRTQ_DESC_BYTES,
     VIRTQ_MAX_SIZE,
     Chain,
     DeviceQueue,
     DriverQueue,
     GuestRamView,
     QueueLayout,
+    avail_ring_bytes,
     complete_rounds,
+    desc_table_bytes,
+    used_ring_bytes,
 )
 
 #: What this device can offer; FREE_PAGE_HINT and PAGE_POISON are not implemented.
@@ -154,6 +165,10 @@ class VirtioDeviceCounter(CounterName):
     # balloon is reported at what the device holds)
     ACTUAL_BEYOND_HELD = "actual_beyond_held"
     NOTIFY_DEAD_QUEUE = "notify_dead_queue"  # doorbells of a queue not set up, or broken
+    # the host never touches a frame it released: rings or buffers there are refused
+    SETUP_RING_IN_BALLOON = "setup_ring_in_balloon"  # set-ups with rings in ballooned frames
+    BUFFER_IN_BALLOON = "buffer_in_balloon"  # buffers or indirect tables in ballooned frames
+    INFLATE_PFN_RING = "inflate_pfn_ring"  # PFNs of frames holding a queue's rings (refused)
     # per queue we serve (_QUEUE_COUNTERS): chains whose content was malformed, chains whose
     # descriptors were, avail rings found corrupt (NEEDS_RESET), heads outside the table
     INFLATEQ_BAD_BUFFER = "inflateq_bad_buffer"  # malformed content
@@ -366,6 +381,10 @@ class VirtioBalloonDevice:
         # deflate buffers held for want of host memory: (deflateq index, head, frames left)
         self._held: list[tuple[int, int, PfnArray]] = []
         self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
+        # frames holding a set-up queue's rings: never taken into the balloon
+        self._rings = np.zeros(self._guest_pages, dtype=np.bool_)
+        #: guest memory the queues made us read or write (descriptors, buffers), cumulative
+        self.work_bytes = 0
         self._num_pages = 0
         self._actual = 0
         self._poison_val = 0
@@ -397,6 +416,7 @@ class VirtioBalloonDevice:
         self.features = features & self._offered
         self._roles = {i: q for q, i in queue_indices(self.features).items()}
         self._queues.clear()
+        self._rings[:] = False
         self.broken_queues.clear()
         self._stats_head = None
         self._held.clear()  # the rings are gone: their held buffers with them
@@ -404,26 +424,76 @@ class VirtioBalloonDevice:
     def queue_max_size(self, queue: int) -> int:
         return self.queue_size if queue in self._roles else 0
 
-    def setup_queue(self, queue: int, layout: QueueLayout) -> None:
+    def setup_queue(self, queue: int, layout: QueueLayout) -> bool:
+        """Set ``queue`` up on ``layout``; whether it is usable (a refusal is counted and the
+        transport answers it as failed)."""
         role = self._roles.get(queue)
         if role is None:
             self.counters.inc(VirtioDeviceCounter.SETUP_UNKNOWN_QUEUE)
-            return
+            return False
         # a queue set up again is a new ring: buffers held from the old one are gone with it
         # (their heads pushed onto the new ring would name chains it never made available)
         if role is BalloonQueue.STATSQ:
             self._stats_head = None
         self._held = [h for h in self._held if h[0] != queue]
+        self._queues.pop(queue, None)
+        ok = False
         if layout.size > self.queue_size:
             self.counters.inc(VirtioDeviceCounter.SETUP_QUEUE_TOO_LARGE)
-            self.broken_queues.add(queue)
-            return
-        try:
-            self._queues[queue] = self._device_queue(role, layout)
+        elif self._layout_in_balloon(layout):  # checked before the layout check reads it
+            self.counters.inc(VirtioDeviceCounter.SETUP_RING_IN_BALLOON)
+        else:
+            try:
+                self._queues[queue] = self._device_queue(role, layout)
+                ok = True
+            except PeerError:
+                self.counters.inc(VirtioDeviceCounter.SETUP_BAD_LAYOUT)
+        if ok:
             self.broken_queues.discard(queue)
-        except PeerError:
-            self.counters.inc(VirtioDeviceCounter.SETUP_BAD_LAYOUT)
+        else:
             self.broken_queues.add(queue)
+        self._mark_rings()
+        return ok
+
+    @staticmethod
+    def _areas(layout: QueueLayout) -> tuple[tuple[int, int], ...]:
+        return ((layout.desc_gpa, desc_table_bytes(layout.size)),
+                (layout.avail_gpa, avail_ring_bytes(layout.size)),
+                (layout.used_gpa, used_ring_bytes(layout.size)))
+
+    def _frames_of(self, gpa: int, length: int) -> tuple[int, int]:
+        """The frames ``[lo, hi)`` that ``length`` bytes at ``gpa`` touch, clipped to the guest."""
+        lo = max(gpa, 0) >> PAGE_SHIFT
+        hi = min((gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT, self._guest_pages)
+        return lo, hi
+
+    def _layout_in_balloon(self, layout: QueueLayout) -> bool:
+        if not self._inflated_count:
+            return False
+        for gpa, n in self._areas(layout):
+            lo, hi = self._frames_of(gpa, n)
+            if lo < hi and bool(self._inflated[lo:hi].any()):
+                return True
+        return False
+
+    def _mark_rings(self) -> None:
+        """Which frames hold the rings of the queues set up now (never ballooned)."""
+        self._rings[:] = False
+        for dq in self._queues.values():
+            for gpa, n in self._areas(dq.layout):
+                lo, hi = self._frames_of(gpa, n)
+                self._rings[lo:hi] = True
+
+    def _in_balloon(self, gpa: int, length: int) -> bool:
+        """Whether a buffer (or indirect table) touches a ballooned frame: the queues' guard,
+        called before anything there is read; counts each one found."""
+        if not self._inflated_count or length <= 0:
+            return False
+        lo, hi = self._frames_of(gpa, length)
+        hit = bool(self._inflated[lo]) if hi - lo == 1 else bool(self._inflated[lo:hi].any())
+        if hit:
+            self.counters.inc(VirtioDeviceCounter.BUFFER_IN_BALLOON)
+        return hit
 
     def _device_queue(self, role: BalloonQueue, layout: QueueLayout, *,
                       start_index: int = 0) -> DeviceQueue:
@@ -437,6 +507,7 @@ class VirtioBalloonDevice:
                 role is BalloonQueue.INFLATEQ and refuse),
             indirect=self._has(VIRTIO_F_INDIRECT_DESC),
             start_index=start_index,
+            guard=self._in_balloon,
         )
 
     def read_config(self) -> bytes:
@@ -469,28 +540,39 @@ class VirtioBalloonDevice:
         else:
             self.counters.inc(VirtioDeviceCounter.CONFIG_WRITE_READONLY)
 
-    def notify(self, queue: int) -> None:
-        """The doorbell. Processes every available chain; never raises."""
+    def notify(self, queue: int, *, max_chains: int | None = None) -> int:
+        """The doorbell. Processes every available chain, or at most ``max_chains`` of them
+        (the host's bound on one turn of work: it rings again for the rest); returns how many
+        chains it popped. Never raises."""
         if self._held:
             self.retry_held()
         dq = self._queues.get(queue)
         if dq is None or queue in self.broken_queues:
             self.counters.inc(VirtioDeviceCounter.NOTIFY_DEAD_QUEUE)
-            return
+            return 0
         role = self._roles[queue]
         used = 0
+        popped = 0
+        descs_before = dq.descriptors_read
         done: list[tuple[int, int]] = []
         batch: list[tuple[int, Chain, PfnArray]] = []  # inflate chains: (slot in done, ...)
-        while True:
+        # at most a ring's worth without a bound: a used ring laid over the avail ring would
+        # otherwise refill it with every bad chain returned, for ever
+        limit = 2 * dq.size if max_chains is None else max_chains
+        while popped < limit:
             try:
                 chain = dq.pop()
             except PeerError:
+                popped += 1
                 used += self._bad_chain(queue, dq)
                 if queue in self.broken_queues:
                     break
                 continue
             if chain is None:
                 break
+            popped += 1
+            if role is not BalloonQueue.REPORTING_VQ:  # reported ranges are not read
+                self.work_bytes += chain.readable_bytes + chain.writable_bytes
             if role is BalloonQueue.INFLATEQ:
                 # inflate buffers are checked one by one, then validated and taken together
                 try:
@@ -520,6 +602,8 @@ class VirtioBalloonDevice:
         used += len(done)
         if used:
             self._interrupt_used(queue)
+        self.work_bytes += VIRTQ_DESC_BYTES * (dq.descriptors_read - descs_before)
+        return popped
 
     # ------------------------------------------------------------------ rounds in bulk
     def can_take_rounds(self, queue: int) -> bool:
@@ -565,7 +649,11 @@ class VirtioBalloonDevice:
         else:
             self.counters.inc(VirtioDeviceCounter.DEFLATE_BUFFERS, rounds * len(chains))
             self._give(frames)  # 4 KiB host pages: the host backs every one again
-        complete_rounds(driver, self._queues[queue], chains, lengths, rounds)
+        dq = self._queues[queue]
+        descs_before = dq.descriptors_read
+        complete_rounds(driver, dq, chains, lengths, rounds)
+        self.work_bytes += rounds * sum(n for bufs in chains for _, n, _ in bufs) + (
+            VIRTQ_DESC_BYTES * (dq.descriptors_read - descs_before))
 
     def _flush_release(self) -> None:
         if not self._to_release:
@@ -730,6 +818,7 @@ class VirtioBalloonDevice:
                 raise ConfigError(f"VirtioDeviceSnapshot: queue {q.index}: {exc}") from exc
             dq.used_idx = q.used_idx
             dev._queues[q.index] = dq
+        dev._mark_rings()
         dev.broken_queues.update(snap.broken_queues)
         dev._stats_head = snap.stats_head
         dev._num_pages = snap.num_pages
@@ -862,7 +951,8 @@ class VirtioBalloonDevice:
         if not bool((np.diff(pfns) == 1).all()):
             return False
         lo, hi = int(pfns[0]), int(pfns[-1]) + 1
-        if hi > self._guest_pages or self._inflated[lo:hi].any() or self._pinned[lo:hi].any():
+        if (hi > self._guest_pages or self._inflated[lo:hi].any() or self._pinned[lo:hi].any()
+                or self._rings[lo:hi].any()):
             return False
         self._inflated[lo:hi] = True
         self._inflated_count += hi - lo
@@ -878,6 +968,10 @@ class VirtioBalloonDevice:
             self.counters.inc(VirtioDeviceCounter.INFLATE_PFN_ALREADY_IN_BALLOON,
                               int(already.sum()))
             ok &= ~already
+        ring = ok & self._rings[safe]
+        if ring.any():  # the host would read the ring from a frame it released
+            self.counters.inc(VirtioDeviceCounter.INFLATE_PFN_RING, int(ring.sum()))
+            ok &= ~ring
         pinned = ok & self._pinned[safe]
         if pinned.any():
             if refuse:

@@ -18,9 +18,16 @@ on the one event loop:
 - the socket (non-blocking, ``add_reader``): HELLO (checked against the spec), VMW frames to
   the ``VmwBalloonDevice``, virtio requests to the ``VirtioBalloonDevice``, STATUS reports
   (``PressureReport``, strictly decoded), CONTROL replies, BYE;
-- each virtio doorbell eventfd: the device runs at once and processes every available chain,
-  reading the rings through the host's own mapping of the guest's RAM;
+- each virtio doorbell eventfd (or NOTIFY message): the queue is noted pending and the device
+  pops its chains, reading the rings through the host's own mapping of the guest's RAM;
 - the process itself: its exit is awaited.
+
+A guest's input is served in bounded turns (``local/fairness.py``): a turn handles pending
+doorbells a few chains at a time and decoded messages until the guest's per-turn share is
+spent, then the loop serves the others before the guest's next turn; a guest past its share of
+a period is throttled (not read at all) until the period ends. No exception from a guest's
+input reaches the loop (unexpected ones are counted by class), and the loop thread's CPU time
+spent on each guest is kept (``work_of``).
 
 A guest's RAM is 4 KiB shmem, shmem in transparent huge pages or hugetlbfs (``GuestSpec.ram``).
 Before the first guest starts, the host is checked for what huge-page RAM needs (shmem THP on,
@@ -53,13 +60,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from memballoon.edge.clock import MonotonicClock
 from memballoon.host.cgroup import (
@@ -77,6 +87,7 @@ from memballoon.host.memfd import MemfdRam
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.host.vmw_device import VmwBalloonDevice
 from memballoon.local.confine import Reach, guest_uids, needed_paths, plan_reach, preexec
+from memballoon.local.fairness import FairnessCounter, WorkLimits, WorkMeter
 from memballoon.local.guest_main import HELLO_VERSION, PROTOCOLS
 from memballoon.local.transport_virtio import VirtioHostEndpoint, make_eventfds
 from memballoon.local.transport_vmw import VmwHostEndpoint
@@ -136,6 +147,8 @@ MIN_GUEST_MIB: Final = 33
 MAX_GUEST_PERIOD_S: Final = 3600.0
 #: How long a dead guest's cgroup is given to empty (its processes killed) before it is left.
 CGROUP_EMPTY_WAIT_S: Final = 5.0
+#: Chains one call to the device may pop, so a turn's byte share is checked between calls.
+CHUNK_CHAINS: Final = 8
 
 
 class LocalHostCounter(CounterName):
@@ -301,7 +314,21 @@ class HostEndpoint(Protocol):
         ...
 
     def kick(self, queue: int) -> None:
-        """A doorbell eventfd is readable."""
+        """A doorbell eventfd is readable: drain it, note the queue in ``pending``."""
+        ...
+
+    @property
+    def pending(self) -> AbstractSet[int]:
+        """Queues rung (eventfd or message) whose chains are not all popped yet."""
+        ...
+
+    def run(self, queue: int, max_chains: int | None = None) -> int:
+        """Device work for a pending queue: at most ``max_chains`` chains; how many popped."""
+        ...
+
+    @property
+    def work_bytes(self) -> int:
+        """Guest memory the device read or wrote for the queues so far."""
         ...
 
 
@@ -332,6 +359,12 @@ class _Guest:
     cgroup: MemoryCgroup | None = None  # its own, inside the budget's (None: unconfined)
     uid: int | None = None  # its private uid (None: the host's)
     emptied: asyncio.Task[None] | None = None  # its cgroup being emptied and removed
+    meter: WorkMeter = field(default_factory=lambda: WorkMeter(WorkLimits()))
+    inbox: deque[Message] = field(default_factory=deque)  # decoded, not handled yet
+    reading: bool = False  # the socket's reader is registered
+    throttled: bool = False  # past its period's share: not served until the period ends
+    turn_scheduled: bool = False
+    cpu_s: float = 0.0  # the loop thread's CPU time spent on this guest
 
     @property
     def device_counters(self) -> Counters | None:
@@ -354,8 +387,11 @@ class LocalHost:
         clock: Clock | None = None,
         setup_hugepages: bool = False,
         guest_uid_base: int | None = None,
+        work_limits: WorkLimits | None = None,
     ) -> None:
         self.specs = list(specs)
+        #: each guest's share of the loop (None: ``WorkLimits.for_guest`` of its RAM)
+        self.work_limits = work_limits
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ConfigError(f"guest names must be unique: {names}")
@@ -481,7 +517,9 @@ class LocalHost:
     def _make_guest(self, spec: GuestSpec) -> _Guest:
         ram = MemfdRam(spec.pages, kind=spec.ram, name=f"memballoon-{spec.name}")
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        g = _Guest(spec, ram, host_end, Counters(), guest_end=guest_end)
+        limits = self.work_limits or WorkLimits.for_guest(spec.pages)
+        g = _Guest(spec, ram, host_end, Counters(), guest_end=guest_end,
+                   meter=WorkMeter(limits))
         self._guests[spec.name] = g  # closed with the others if anything below fails
         g.endpoint = _ENDPOINTS[spec.protocol](self, g)
         g.kick_fds, g.irq_fds = list(g.endpoint.kick_fds), list(g.endpoint.irq_fds)
@@ -542,25 +580,42 @@ class LocalHost:
             g.guest_end = None
         g.sock.setblocking(False)
         loop.add_reader(g.sock.fileno(), self._on_readable, g)
-        for q, fd in enumerate(g.kick_fds):
-            loop.add_reader(fd, self._on_kick, g, q)
+        g.reading = True
+        self._add_kick_readers(g)
         g.watcher = loop.create_task(self._watch(g))
 
-    async def _wait_ready(self) -> None:
-        async def one(g: _Guest) -> None:
-            dead = asyncio.ensure_future(self._until_dead(g))
-            hello = asyncio.ensure_future(g.hello.wait())
-            try:
-                await asyncio.wait({dead, hello}, timeout=self.ready_timeout_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                dead.cancel()
-                hello.cancel()
-            if g.alive and not g.hello.is_set():
-                g.counters.inc(LocalHostCounter.HELLO_TIMEOUT)
-                self._die(g, LocalHostCounter.DIED_HELLO_TIMEOUT)
+    def _add_kick_readers(self, g: _Guest) -> None:
+        assert self._loop is not None
+        for q, fd in enumerate(g.kick_fds):
+            self._loop.add_reader(fd, self._on_kick, g, q)
 
-        await asyncio.gather(*(one(g) for g in self._guests.values()))
+    async def restart(self, name: str) -> bool:
+        """Start a dead guest again, as a machine boots anew: fresh RAM, a new process, a new
+        device (its counters and its meter start afresh). Whether it said HELLO in time."""
+        old = self._guest(name)
+        if old.alive or self._closed:
+            raise UsageError(f"restart {name}: the guest is {'alive' if old.alive else 'gone'}")
+        g = self._make_guest(old.spec)
+        self._guests[name] = g
+        await self._spawn(g)
+        await self._ready(g)
+        return g.alive
+
+    async def _wait_ready(self) -> None:
+        await asyncio.gather(*(self._ready(g) for g in self._guests.values()))
+
+    async def _ready(self, g: _Guest) -> None:
+        dead = asyncio.ensure_future(self._until_dead(g))
+        hello = asyncio.ensure_future(g.hello.wait())
+        try:
+            await asyncio.wait({dead, hello}, timeout=self.ready_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            hello.cancel()
+        if g.alive and not g.hello.is_set():
+            g.counters.inc(LocalHostCounter.HELLO_TIMEOUT)
+            self._die(g, LocalHostCounter.DIED_HELLO_TIMEOUT)
 
     async def _until_dead(self, g: _Guest) -> None:
         while g.alive:
@@ -600,6 +655,10 @@ class LocalHost:
         emptying = [g.emptied for g in guests if g.emptied is not None]
         if emptying:
             await asyncio.gather(*emptying, return_exceptions=True)
+        await asyncio.sleep(0)  # closes put off until the stack let go of a device run
+        for g in guests:
+            if not g.ram.closed:
+                self._close_ram(g, last=True)
         b = self._budget
         parents = [b.cgroup] if b is not None and b.cgroup is not None else []
         if self._own_parent and self._guest_parent is not None:
@@ -627,6 +686,7 @@ class LocalHost:
             return
         g.alive = False
         g.counters.inc(why)
+        g.inbox.clear()
         self._disconnect(g)
         if g.proc is not None and g.proc.returncode is None and not self._closed:
             # a live process whose link is gone or broken is of no use: make sure it is gone
@@ -658,14 +718,24 @@ class LocalHost:
             with contextlib.suppress(OSError):
                 os.close(fd)
         g.kick_fds, g.irq_fds = [], []
+        self._close_ram(g)
+
+    def _close_ram(self, g: _Guest, *, last: bool = False) -> None:
+        """Unmap and close a dead guest's memfd. A guest that dies under a call into its device
+        (a config push whose send failed) leaves the device's view of the mapping alive on
+        the stack: the close is then tried again once the loop's turn is over."""
         try:
-            ram.close()
+            g.ram.close()
+            return
         except UsageError:
             gc.collect()
-            try:
-                ram.close()
-            except UsageError:
+        try:
+            g.ram.close()
+        except UsageError:
+            if last or self._loop is None or self._loop.is_closed():
                 self.counters.inc(LocalHostCounter.RAM_CLOSE_DEFERRED)
+            else:
+                self._loop.call_soon(lambda: self._close_ram(g, last=True))
 
     def _kill_the_rest(self, g: _Guest) -> None:
         """Every process the dead guest left (its cgroup's, else its process group's): none
@@ -749,6 +819,9 @@ class LocalHost:
             self._loop.remove_writer(g.sock.fileno())
 
     def _on_readable(self, g: _Guest) -> None:
+        self._guarded(g, self._read, g)
+
+    def _read(self, g: _Guest) -> None:
         if not g.connected:
             return
         try:
@@ -761,22 +834,106 @@ class LocalHost:
             self._die(g, LocalHostCounter.DIED_EOF)
             return
         try:
-            msgs = g.dec.messages(data)
+            g.inbox.extend(g.dec.messages(data))
         except FrameError:
             g.counters.inc(LocalHostCounter.FRAME_ERROR)
             self._die(g, LocalHostCounter.DIED_GARBAGE)
             return
-        for m in msgs:
-            if not g.connected:
-                return
-            try:
-                self._dispatch(g, m)
-            except MemballoonError as exc:  # a peer error the handlers did not expect
-                g.counters.inc(_HANDLER_ERRORS.get(type(exc), LocalHostCounter.ERROR_OTHER))
+        self._turn(g)
 
     def _on_kick(self, g: _Guest, queue: int) -> None:
-        if g.endpoint is not None:
-            g.endpoint.kick(queue)
+        self._guarded(g, self._kick, g, queue)
+
+    def _kick(self, g: _Guest, queue: int) -> None:
+        if g.endpoint is None:
+            return
+        g.endpoint.kick(queue)
+        g.meter.charge(doorbells=1)
+        if g.throttled:
+            g.counters.inc(FairnessCounter.DOORBELLS_THROTTLED)
+            return
+        if not g.turn_scheduled:
+            self._turn(g)
+
+    def _on_turn(self, g: _Guest) -> None:
+        g.turn_scheduled = False
+        self._guarded(g, self._turn, g)
+
+    def _guarded(self, g: _Guest, fn: Callable[..., None], *args: Any) -> None:
+        """Run a loop callback for ``g``: its CPU time is the guest's, and nothing it raises
+        reaches the loop (a bug on our side, counted ``error_other``: the guest goes on)."""
+        t0 = time.thread_time()
+        try:
+            fn(*args)
+        except Exception:
+            g.counters.inc(LocalHostCounter.ERROR_OTHER)
+        finally:
+            g.cpu_s += time.thread_time() - t0
+
+    def _turn(self, g: _Guest) -> None:
+        """One bounded turn of ``g``'s pending work (see the module docstring)."""
+        if not g.alive or g.throttled or self._loop is None:
+            return
+        m = g.meter
+        m.start_turn(self._loop.time())
+        while g.alive and (ep := g.endpoint) is not None and not m.turn_spent:
+            try:
+                if ep.pending:
+                    q = min(ep.pending)
+                    before = ep.work_bytes
+                    popped = ep.run(q, min(m.chains_left(), CHUNK_CHAINS))
+                    m.charge(chains=popped, nbytes=ep.work_bytes - before)
+                elif g.inbox:
+                    msg = g.inbox.popleft()
+                    m.charge(messages=1, nbytes=len(msg.payload),
+                             doorbells=int(msg.kind is Kind.NOTIFY))
+                    self._dispatch(g, msg)
+                else:
+                    break
+            except MemballoonError as exc:  # a peer error the handlers did not expect
+                g.counters.inc(_HANDLER_ERRORS.get(type(exc), LocalHostCounter.ERROR_OTHER))
+            except Exception:  # a bug on our side: counted, the guest goes on
+                g.counters.inc(LocalHostCounter.ERROR_OTHER)
+        self._after_turn(g)
+
+    def _after_turn(self, g: _Guest) -> None:
+        loop, ep = self._loop, g.endpoint
+        if not g.alive or ep is None or loop is None:
+            return
+        if g.inbox and g.reading:  # read no more of it until what it sent is handled
+            loop.remove_reader(g.sock.fileno())
+            g.reading = False
+        if g.inbox or ep.pending:
+            if g.meter.exhausted:
+                self._throttle(g)
+                return
+            g.counters.inc(FairnessCounter.TURNS_CUT)
+            if not g.turn_scheduled:
+                g.turn_scheduled = True
+                loop.call_soon(self._on_turn, g)
+        elif not g.reading and g.connected:
+            loop.add_reader(g.sock.fileno(), self._on_readable, g)
+            g.reading = True
+
+    def _throttle(self, g: _Guest) -> None:
+        """Past its period's share: read nothing of ``g`` until the period ends."""
+        loop = self._loop
+        assert loop is not None and g.meter.period_end is not None
+        g.throttled = True
+        g.counters.inc(FairnessCounter.THROTTLED)
+        if g.reading:
+            loop.remove_reader(g.sock.fileno())
+            g.reading = False
+        for fd in g.kick_fds:
+            loop.remove_reader(fd)
+        loop.call_at(g.meter.period_end, self._on_resume, g)
+
+    def _on_resume(self, g: _Guest) -> None:
+        g.throttled = False
+        if not g.alive:
+            return
+        self._add_kick_readers(g)
+        self._guarded(g, self._turn, g)
 
     def _dispatch(self, g: _Guest, m: Message) -> None:
         ep = g.endpoint
@@ -785,7 +942,8 @@ class LocalHost:
                 reply = ep.handle_message(kind, m.payload)
                 if reply is not None:
                     self._send(g, reply)
-                ep.after_send()
+                if g.endpoint is ep:  # not if the send failed: the guest and its RAM are gone
+                    ep.after_send()
             case Kind.STATUS:
                 self._status(g, m.payload)
             case Kind.HELLO:
@@ -916,6 +1074,11 @@ class LocalHost:
         """What the guest's RAM held when it died (None while it lives)."""
         return self._guest(name).resident_at_exit
 
+    def balloon_pfns(self, name: str) -> npt.NDArray[np.int64]:
+        """The frames the guest's device holds in its balloon (none once dead)."""
+        ep = self._guest(name).endpoint
+        return ep.device.balloon_pfns() if ep is not None else np.zeros(0, dtype=np.int64)
+
     def partial_huge_pages(self, name: str) -> int:
         """Host huge pages the guest's balloon holds in part (0 with 4 KiB RAM or once dead)."""
         ep = self._guest(name).endpoint
@@ -925,6 +1088,12 @@ class LocalHost:
         """Why the host last could not give the guest memory back (a hugetlb pool run dry)."""
         ep = self._guest(name).endpoint
         return ep.device.host_pages.last_error if ep is not None else None
+
+    def work_of(self, name: str) -> dict[str, float]:
+        """What serving the guest cost: its ``WorkMeter`` figures and the loop thread's CPU
+        seconds spent on it (``cpu_s``)."""
+        g = self._guest(name)
+        return {**g.meter.stats(), "cpu_s": g.cpu_s}
 
     def counters_of(self, name: str) -> dict[str, int]:
         """The guest's counters: the host's for it and its device's, in one bag."""

@@ -12,9 +12,10 @@ irqfd:
   socket (wire kinds ``VIRTIO`` / ``VIRTIO_REPLY``); config writes (``actual``) are one-way;
   config changes are pushed by the host as ``CONFIG`` messages carrying the whole config space,
   so the guest keeps a copy and reads it without a round trip (the config-change interrupt);
-- one doorbell eventfd per queue (the guest writes, the host's event loop reads and runs the
-  device, the ioeventfd) and one interrupt eventfd per queue (the host writes after it used
-  buffers, the guest ``wait`` polls it with a timeout, the irqfd).
+- one doorbell eventfd per queue (the guest writes, the host's event loop reads it and runs the
+  device for that queue in the guest's turn, ``run``: the ioeventfd) and one interrupt eventfd
+  per queue (the host writes after it used buffers, the guest ``wait`` polls it with a
+  timeout, the irqfd).
 
 The eventfds and the memfd reach the guest by inheritance (``subprocess`` ``pass_fds``), their
 numbers on its command line; the socket likewise (one end of a ``socketpair``).
@@ -304,6 +305,8 @@ class VirtioHostEndpoint:
         self.irq_fds = list(irq_fds)
         self.send = send
         self.counters = counters if counters is not None else device.counters
+        #: queues whose doorbell rang and whose chains the device has not all popped yet
+        self.pending: set[int] = set()
         device.attach(self)
 
     # -------------------------------------------------------------- InterruptSink
@@ -319,12 +322,13 @@ class VirtioHostEndpoint:
 
     # -------------------------------------------------------------- doorbells
     def kick(self, queue: int) -> None:
-        """The doorbell of ``queue`` rang (its eventfd is readable): run the device."""
+        """The doorbell of ``queue`` rang (its eventfd is readable): drain it and note the
+        queue as pending; the host runs the device for it in its own turn (``run``)."""
         n = _drain_eventfd(self.kick_fds[queue])
         self.counters.inc(VirtioTransportCounter.DOORBELLS)
         if n == 0:
             self.counters.inc(VirtioTransportCounter.DOORBELLS_SPURIOUS)
-        self.device.notify(queue)  # never raises; processes every available chain
+        self.pending.add(queue)
 
     def notify_message(self, payload: bytes) -> None:
         """A ``NOTIFY`` message: a doorbell rung over the socket instead of an eventfd."""
@@ -333,7 +337,21 @@ class VirtioHostEndpoint:
             return
         (q,) = _U16.unpack(payload)
         self.counters.inc(VirtioTransportCounter.NOTIFY_MESSAGES)
-        self.device.notify(q)
+        self.pending.add(q)
+
+    def run(self, queue: int, max_chains: int | None = None) -> int:
+        """Run the device for a pending ``queue``: at most ``max_chains`` chains (all without);
+        how many it popped. Fewer than ``max_chains`` means the queue is drained (it leaves
+        ``pending``). Never raises."""
+        popped = self.device.notify(queue, max_chains=max_chains)
+        if max_chains is None or popped < max_chains:
+            self.pending.discard(queue)
+        return popped
+
+    @property
+    def work_bytes(self) -> int:
+        """Guest memory the device read or wrote for the queues so far."""
+        return self.device.work_bytes
 
     # -------------------------------------------------------------- HostEndpoint
     def set_target(self, pages: int) -> bytes | None:
@@ -377,9 +395,8 @@ class VirtioHostEndpoint:
                 q, size, desc, avail, used = _SETUP.unpack(args)
                 if q >= len(self.kick_fds):
                     self.counters.inc(VirtioTransportCounter.SETUP_QUEUE_WITHOUT_EVENTFD)
-                else:
-                    d.setup_queue(q, QueueLayout(size, desc, avail, used))  # checks the layout
-                    data = b""
+                elif d.setup_queue(q, QueueLayout(size, desc, avail, used)):  # checks it
+                    data = b""  # a refused set-up (counted by the device) is answered BAD
             case VirtioOp.READ_CONFIG if not args:
                 data = d.read_config()
             case VirtioOp.WRITE_CONFIG if _U32.size < len(args) <= _U32.size + 8:

@@ -49,6 +49,8 @@ class VmwHostEndpoint:
     kinds = frozenset({Kind.VMW})
     kick_fds: tuple[int, ...] = ()  # the backdoor is the socket: no doorbells
     irq_fds: tuple[int, ...] = ()
+    pending: frozenset[int] = frozenset()  # no queues: every frame is answered at once
+    work_bytes = 0  # a frame's work is its message
 
     def __init__(self, device: VmwBalloonDevice, *, signalled: bool,
                  counters: Counters | None = None) -> None:
@@ -72,6 +74,9 @@ class VmwHostEndpoint:
 
     def kick(self, queue: int) -> None:
         self.counters.inc(VmwTransportCounter.KICK_WITHOUT_DOORBELL)
+
+    def run(self, queue: int, max_chains: int | None = None) -> int:
+        return 0
 
     def set_target(self, pages: int) -> bytes | None:
         """Set the target; returns the wake-up message to send, if the protocol has one."""

@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from memballoon.model.errors import PeerError
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 ConfigHandler = Callable[[], None]
@@ -45,7 +46,8 @@ class VirtioTransport(Protocol):
         ...
 
     def setup_queue(self, queue: int, layout: QueueLayout) -> None:
-        """Tell the device where ``queue``'s rings are (and enable it)."""
+        """Tell the device where ``queue``'s rings are (and enable it); ``PeerError`` if the
+        device refused them."""
         ...
 
     def read_config(self) -> bytes: ...
@@ -91,13 +93,15 @@ class VirtioDeviceModel(Protocol):
 
     def queue_max_size(self, queue: int) -> int: ...
 
-    def setup_queue(self, queue: int, layout: QueueLayout) -> None: ...
+    def setup_queue(self, queue: int, layout: QueueLayout) -> bool:
+        """Whether the queue is usable on ``layout`` (a refusal is the device's to count)."""
+        ...
 
     def read_config(self) -> bytes: ...
 
     def write_config(self, offset: int, data: bytes) -> None: ...
 
-    def notify(self, queue: int) -> None: ...
+    def notify(self, queue: int) -> int: ...
 
     def attach(self, irq: InterruptSink) -> None: ...
 
@@ -157,7 +161,8 @@ class DirectTransport:
         return self.device.queue_max_size(queue)
 
     def setup_queue(self, queue: int, layout: QueueLayout) -> None:
-        self.device.setup_queue(queue, layout)
+        if not self.device.setup_queue(queue, layout):
+            raise PeerError(f"the device refused queue {queue}'s rings")
 
     def read_config(self) -> bytes:
         return self.device.read_config()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import mmap
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -401,6 +401,7 @@ def complete_rounds(
     view.write_u16(lay.avail_gpa + 2, aidx)
     view.write_u16(lay.used_gpa + 2, uidx)
     driver._avail_idx = driver._last_used = device.last_avail = device.used_idx = aidx
+    device.descriptors_read += rounds * sum(map(len, chains))
 
 
 @dataclass(slots=True)
@@ -448,6 +449,11 @@ class DeviceQueue:
     After a failed ``pop`` the head that was consumed, if it was a valid index, is in
     ``failed_head`` so the caller can return it used with length 0. An available index that
     runs more than ``size`` ahead sets ``broken``: the ring can no longer be trusted.
+
+    ``guard(gpa, length)``, if given, is asked about every buffer and indirect table before
+    anything in it is read: True refuses the chain (``DescriptorError``). The balloon device
+    refuses memory it released this way. ``descriptors_read`` counts descriptor entries read
+    (the work a peer's chains cost us).
     """
 
     def __init__(
@@ -459,6 +465,7 @@ class DeviceQueue:
         writable: bool = True,
         indirect: bool = False,
         start_index: int = 0,
+        guard: Callable[[int, int], bool] | None = None,
     ) -> None:
         layout.check(view)
         self.view = view
@@ -467,6 +474,8 @@ class DeviceQueue:
         self.readable = readable
         self.writable = writable
         self.indirect = indirect
+        self.guard = guard
+        self.descriptors_read = 0
         self.last_avail = start_index & _U16
         self.used_idx = start_index & _U16  # our own shadow: the driver could scribble on the ring
         self.failed_head: int | None = None
@@ -512,6 +521,7 @@ class DeviceQueue:
             addr, length, flags, nxt = _DESC.unpack(
                 self.view.read(table + VIRTQ_DESC_BYTES * idx, VIRTQ_DESC_BYTES)
             )
+            self.descriptors_read += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self._indirect(chain, addr, length, flags, top=top)
             else:
@@ -531,11 +541,16 @@ class DeviceQueue:
             raise DescriptorError("INDIRECT descriptor with NEXT set")
         if length == 0 or length % VIRTQ_DESC_BYTES or length // VIRTQ_DESC_BYTES > VIRTQ_MAX_SIZE:
             raise DescriptorError(f"indirect table of {length} bytes")
+        self.view.check_guest(addr, length)
+        if self.guard is not None and self.guard(addr, length):
+            raise DescriptorError(f"indirect table [{addr:#x}, +{length:#x}) refused by the device")
         self.view.read(addr, length)  # mapped?
         self._walk(chain, addr, length // VIRTQ_DESC_BYTES, 0, top=False)
 
     def _buffer(self, chain: Chain, addr: int, length: int, flags: int) -> None:
         self.view.check_guest(addr, length)
+        if self.guard is not None and self.guard(addr, length):
+            raise DescriptorError(f"buffer [{addr:#x}, +{length:#x}) refused by the device")
         if flags & VIRTQ_DESC_F_WRITE:
             if not self.writable:
                 raise DescriptorError("device-writable buffer on a device-read-only queue")
