@@ -8,11 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.host.hostpages import HostPageCounter, HostPages, in_ranges
+from memballoon.host.memfd import MemfdRam
 from memballoon.host.ram import NullRam
 from memballoon.model.counters import Counters
-from memballoon.model.errors import HostResourceError, UsageError
+from memballoon.model.errors import HostResourceError, MemballoonError, UsageError
 from memballoon.model.pages import RangeArray, coalesce
-from memballoon.model.units import HPAGE_PMD_NR
+from memballoon.model.units import HPAGE_PMD_NR, PAGE_SIZE
 
 HP = HPAGE_PMD_NR
 PAGES = 8 * HP  # a 16 MiB guest in 8 host pages
@@ -173,3 +174,63 @@ def test_in_ranges() -> None:
     got = in_ranges(np.array([0, 4, 5, 9, 10, 11]), r((4, 6), (10, 11)))
     assert got.tolist() == [False, True, True, False, True, False]
     assert in_ranges(np.array([1, 2]), r()).tolist() == [False, False]
+
+
+# ------------------------------------------------------------------ releases that fail
+class _FailingMemfd(MemfdRam):
+    """A memfd whose host refuses the next ``fail`` releases (a host in trouble: fallocate
+    failing), as the backend reports it."""
+
+    fail = 0
+
+    def release(self, ranges: RangeArray) -> int:
+        if self.fail:
+            self.fail -= 1
+            raise MemballoonError("releasing PFNs: [Errno 5] Input/output error")
+        return super().release(ranges)
+
+
+def test_a_failed_release_is_owed_retried_and_never_punches_a_frame_given_back() -> None:
+    # issue 11 item 7: a host so full (or so broken) that releases fall behind: nothing
+    # raises, the frames stay in the balloon, their memory is released once the host can,
+    # and a frame the guest takes back before that is never punched (its data is kept)
+    with _FailingMemfd(2048, name="memballoon-test-owed") as ram:
+        every = np.arange(2048, dtype=np.int64)
+        ram.touch(every, 7)
+        c = Counters()
+        hp = HostPages(ram, c)
+        ram.fail = 2
+        assert hp.take(r((0, 512), (1024, 1536))) == 1024  # no exception: taken, owed
+        assert c[HostPageCounter.RELEASE_FAILED] == 1 and hp.owing
+        assert hp.release_owed_pages == 1024
+        assert ram.resident_bytes() == 2048 * PAGE_SIZE  # nothing released yet
+        hp.give(r((1024, 1536)))  # the guest takes these back before the host could
+        ram.touch(np.arange(1024, 1536, dtype=np.int64), 9)  # and writes to them
+        assert hp.release_owed_pages == 512
+        assert hp.retry_releases() == 0 and c[HostPageCounter.RELEASE_FAILED] == 2  # still
+        assert hp.retry_releases() == 512  # the host can again
+        assert not hp.owing and hp.release_owed_pages == 0
+        assert c[HostPageCounter.RELEASE_RETRIED] == 512
+        assert ram.resident_bytes() == (2048 - 512) * PAGE_SIZE  # st_blocks went down
+        assert ram.verify(np.arange(1024, 1536, dtype=np.int64)) == 0  # never punched
+        assert ram.verify(np.arange(512, 1024, dtype=np.int64)) == 0  # never in the balloon
+        assert hp.retry_releases() == 0  # nothing owed: nothing done
+
+
+def test_a_failed_huge_page_release_is_retried_whole() -> None:
+    rec, hp, c = touched()
+    real = rec.release
+    fails = [1]
+
+    def release(ranges: RangeArray) -> int:
+        if fails[0]:
+            fails[0] -= 1
+            raise MemballoonError("releasing PFNs: [Errno 12] Cannot allocate memory")
+        return real(ranges)
+
+    rec.release = release  # type: ignore[method-assign]
+    hp.take(r((0, HP)))  # a whole host page: its release fails
+    assert c[HostPageCounter.RELEASE_FAILED] == 1 and hp.release_owed_pages == HP
+    assert c[HostPageCounter.HUGE_PAGES_RELEASED] == 0
+    assert hp.retry_releases() == HP
+    assert c[HostPageCounter.HUGE_PAGES_RELEASED] == 1 and hp.release_owed_pages == 0

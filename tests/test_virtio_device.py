@@ -25,9 +25,9 @@ from memballoon.host.virtio_device import (
     VirtioDeviceSnapshot,
 )
 from memballoon.model.counters import Counters
-from memballoon.model.errors import ConfigError, UsageError
+from memballoon.model.errors import ConfigError, MemballoonError, UsageError
 from memballoon.model.pages import RangeArray
-from memballoon.model.units import HPAGE_PMD_NR, MIB, PAGE_SIZE, PageState, RamKind
+from memballoon.model.units import HPAGE_PMD_NR, MIB, PAGE_SIZE, PageState, RamKind, mib_to_pages
 from memballoon.protocol import virtio_balloon as vb
 from memballoon.protocol.virtio_balloon import BalloonConfig, StatTag, encode_stats, features_of
 from memballoon.protocol.virtio_transport import DirectTransport
@@ -748,3 +748,36 @@ def _buffers_and_rings_in_the_balloon(ram: MemfdRam) -> None:
     assert dev.counters["inflate_pfn_ring"] == 1
     assert dev.balloon_pfns().tolist() == [*range(2000, 2010), 2060]
     assert ram.resident_mask(np.array([1000])).all()
+
+
+def test_releases_the_host_fails_are_owed_and_paid_at_the_next_doorbell() -> None:
+    # issue 11 item 7: a host so full that its releases fall behind (fallocate refused):
+    # the doorbell raises nothing, the balloon holds, the release is paid once the host can
+    r = virtio_pair(mib_to_pages(64))
+
+    class Failing:  # the device's RAM, refusing its next release
+        fail = 1
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(r.ram, name)
+
+        def release(self, ranges: RangeArray) -> int:
+            if self.fail:
+                self.fail -= 1
+                raise MemballoonError("releasing PFNs: [Errno 5] Input/output error")
+            return r.ram.release(ranges)
+
+    r.device.host_pages.ram = Failing()  # type: ignore[assignment]
+    r.ram.touch(np.arange(r.ram.guest_pages, dtype=np.int64), 1)  # all of it resident
+    r.device.set_target(600)
+    r.work()
+    assert r.driver.balloon_pages == r.device.inflated_pages == 600
+    assert r.device.counters["release_failed"] == 1
+    assert r.device.release_owed_pages == 600
+    assert r.ram.resident_pages_of(r.device.balloon_pfns()) == 600
+    assert r.check() == []  # owed, not lost
+    r.device.set_target(900)
+    r.work()  # the next doorbell pays what was owed first
+    assert r.device.release_owed_pages == 0 and r.device.counters["release_retried"] == 600
+    assert r.ram.resident_pages_of(r.device.balloon_pfns()) == 0
+    assert r.check() == []

@@ -61,6 +61,12 @@ class BalloonDevice(Protocol):
         ...
 
     @property
+    def release_owed_pages(self) -> int:
+        """Balloon frames whose host memory a failed release still holds: retried at the next
+        doorbell or by the transport's periodic retry (``HostPages.retry_releases``)."""
+        ...
+
+    @property
     def host_pages(self) -> HostPages:
         """The host pages behind the guest's RAM (``last_error``: memory the host lacked)."""
         ...

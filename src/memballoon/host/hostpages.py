@@ -22,6 +22,10 @@ has been released (``_released``).
   a reset, where the guest takes its frames without asking).
 - ``release_free(ranges)``: free page reporting; whole host pages inside the ranges are
   released, the rest is kept (counted), the balloon's counts untouched.
+- A release the backend fails (``fallocate`` refused: a host in trouble) raises nothing: the
+  frames are in the balloon all the same (the guest gave them up) and their release is owed
+  (``release_owed_pages``, counted ``release_failed``); ``retry_releases`` pays it, and a
+  frame that leaves the balloon first is struck off, never punched once the guest has it back.
 
 Between calls ``count == frames`` holds exactly for released pages, so a device's balloon
 bitmap is all a restored device needs to rebuild this state (``rebuild``).
@@ -38,7 +42,7 @@ import numpy.typing as npt
 
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
-from memballoon.model.errors import HostResourceError, UsageError
+from memballoon.model.errors import HostResourceError, MemballoonError, UsageError
 from memballoon.model.pages import PfnArray, RangeArray, merge_ranges, range_pages
 
 _NO_RANGES = np.empty((0, 2), dtype=np.int64)
@@ -52,12 +56,15 @@ class HostPageCounter(CounterName):
     READMIT_UNBACKED_PAGES = "readmit_unbacked_pages"  # frames the host had no memory for
     READMIT_FORCED_UNBACKED = "readmit_forced_unbacked"  # of those, given up anyway (a reset)
     REPORT_PARTIAL_FRAMES = "report_partial_frames"  # reported free frames not whole host pages
+    RELEASE_FAILED = "release_failed"  # backend releases that failed (the frames' release owed)
+    RELEASE_RETRIED = "release_retried"  # owed frames released later
 
 
 class HostPages:
     """The host pages behind one guest's RAM and how much of each is ballooned."""
 
-    __slots__ = ("_count", "_partial", "_released", "counters", "frames", "last_error", "ram")
+    __slots__ = ("_count", "_owed", "_partial", "_released", "counters", "frames", "last_error",
+                 "owing", "ram")
 
     def __init__(self, ram: RamBackend, counters: Counters) -> None:
         self.ram = ram
@@ -72,6 +79,9 @@ class HostPages:
         self._partial = 0
         #: the last HostResourceError's message (a readmit the host had no memory for)
         self.last_error: str | None = None
+        #: 4 KiB host pages: frames in the balloon whose release failed (None: none ever did)
+        self._owed: npt.NDArray[np.bool_] | None = None
+        self.owing = False  # a release failed and is not paid yet: ``retry_releases`` has work
 
     @property
     def huge(self) -> bool:
@@ -87,11 +97,59 @@ class HostPages:
         return int(np.count_nonzero(self._released))
 
     # ------------------------------------------------------------------ the balloon
+    @property
+    def release_owed_pages(self) -> int:
+        """Frames in the balloon whose host memory a failed release still holds."""
+        if self.frames == 1:
+            return 0 if self._owed is None else int(np.count_nonzero(self._owed))
+        return int(np.count_nonzero((self._count == self.frames) & ~self._released)
+                   ) * self.frames
+
+    def _release(self, ranges: RangeArray) -> bool:
+        """The backend's release of ``ranges``; False (counted) when it failed."""
+        try:
+            self.ram.release(ranges)
+        except MemballoonError as exc:
+            self.last_error = str(exc)
+            self.counters.inc(HostPageCounter.RELEASE_FAILED)
+            self.owing = True
+            return False
+        return True
+
+    def retry_releases(self) -> int:
+        """Release what failed before (see the module docstring); returns the frames freed."""
+        if not self.owing:
+            return 0
+        self.owing = False  # set again if this release fails too
+        if self.frames == 1:
+            if self._owed is None or not self._owed.any():
+                return 0
+            edges = np.flatnonzero(np.diff(self._owed.astype(np.int8), prepend=0, append=0))
+            ranges = edges.astype(np.int64).reshape(-1, 2)
+            if not self._release(ranges):
+                return 0
+            self._owed[:] = False
+            n = range_pages(ranges)
+        else:
+            pages = np.flatnonzero((self._count == self.frames) & ~self._released)
+            if pages.size == 0 or not self._release(self._page_ranges(pages)):
+                return 0
+            self._released[pages] = True
+            self.counters.inc(HostPageCounter.HUGE_PAGES_RELEASED, int(pages.size))
+            n = int(pages.size) * self.frames
+        self.counters.inc(HostPageCounter.RELEASE_RETRIED, n)
+        return n
+
     def take(self, ranges: RangeArray) -> int:
         """Frames enter the balloon (none of them in it already); releases the host pages
         this completes. Returns the frames taken."""
         if self.frames == 1:
-            return self.ram.release(ranges)
+            if not self._release(ranges):
+                if self._owed is None:
+                    self._owed = np.zeros(self.ram.guest_pages, dtype=np.bool_)
+                for a, b in np.asarray(ranges, dtype=np.int64).tolist():
+                    self._owed[a:b] = True
+            return range_pages(ranges)
         if len(ranges) == 0:
             return 0
         if len(ranges) == 1 and self._take_in_one_page(int(ranges[0, 0]), int(ranges[0, 1])):
@@ -99,8 +157,7 @@ class HostPages:
         pages, delta = self._per_page(ranges)
         self._add(pages, delta)
         full = pages[(self._count[pages] == self.frames) & ~self._released[pages]]
-        if full.size:
-            self.ram.release(self._page_ranges(full))
+        if full.size and self._release(self._page_ranges(full)):
             self._released[full] = True
             self.counters.inc(HostPageCounter.HUGE_PAGES_RELEASED, int(full.size))
         return range_pages(ranges)
@@ -118,8 +175,8 @@ class HostPages:
             raise UsageError("host pages: frames taken twice")
         self._count[page] = after
         self._partial += (0 < after < p) - (0 < before < p)
-        if after == p and not self._released[page]:
-            self.ram.release(np.array([[page * p, (page + 1) * p]], dtype=np.int64))
+        if after == p and not self._released[page] and self._release(
+                np.array([[page * p, (page + 1) * p]], dtype=np.int64)):
             self._released[page] = True
             self.counters.inc(HostPageCounter.HUGE_PAGES_RELEASED)
         return True
@@ -132,6 +189,9 @@ class HostPages:
         the same and the shortfall is only counted.
         """
         if self.frames == 1:
+            if self._owed is not None:  # never released: nothing may punch them now
+                for a, b in np.asarray(ranges, dtype=np.int64).tolist():
+                    self._owed[a:b] = False
             self.ram.readmit(ranges)
             return _NO_RANGES
         if len(ranges) == 0:

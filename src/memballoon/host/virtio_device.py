@@ -544,7 +544,7 @@ class VirtioBalloonDevice:
         """The doorbell. Processes every available chain, or at most ``max_chains`` of them
         (the host's bound on one turn of work: it rings again for the rest); returns how many
         chains it popped. Never raises."""
-        if self._held:
+        if self._held or self._host.owing:
             self.retry_held()
         dq = self._queues.get(queue)
         if dq is None or queue in self.broken_queues:
@@ -662,8 +662,15 @@ class VirtioBalloonDevice:
         self._to_release.clear()
         self._host.take(ranges)
 
+    @property
+    def release_owed_pages(self) -> int:
+        """Balloon frames whose host memory a failed release still holds (retried)."""
+        return self._host.release_owed_pages
+
     def retry_held(self) -> int:
-        """Try again the deflates held for want of host memory; returns how many finished."""
+        """Try again the deflates held for want of host memory, and the releases the host
+        failed (``HostPages.retry_releases``); returns how many deflates finished."""
+        self._host.retry_releases()
         done = 0
         still: list[tuple[int, int, PfnArray]] = []
         for q, head, pfns in self._held:

@@ -332,8 +332,20 @@ class VmwBalloonDevice:
         return dev
 
     # ------------------------------------------------------------------ the backdoor
+    @property
+    def release_owed_pages(self) -> int:
+        """Balloon frames whose host memory a failed release still holds (retried)."""
+        return self._host.release_owed_pages
+
+    def retry_releases(self) -> int:
+        """Release what the host failed to before (``HostPages.retry_releases``)."""
+        return self._host.retry_releases()
+
     def flush_release(self) -> None:
-        """Release what batched LOCKs accepted (with ``defer_release``); idempotent."""
+        """Release what batched LOCKs accepted (with ``defer_release``), and what the host
+        failed to release before; idempotent."""
+        if self._host.owing:
+            self._host.retry_releases()
         if self._to_release:
             ranges = merge_range_lists(self._to_release)
             self._to_release.clear()

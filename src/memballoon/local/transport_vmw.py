@@ -70,7 +70,10 @@ class VmwHostEndpoint:
         self.device.flush_release()
 
     def retry(self) -> None:
-        pass  # the VMware driver retries a refused UNLOCK itself, in a later cycle
+        # the VMware driver retries a refused UNLOCK itself, in a later cycle; releases the
+        # host failed are ours to retry
+        if self.device.release_owed_pages:
+            self.device.retry_releases()
 
     def kick(self, queue: int) -> None:
         self.counters.inc(VmwTransportCounter.KICK_WITHOUT_DOORBELL)
