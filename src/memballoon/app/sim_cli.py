@@ -32,8 +32,9 @@ DEFAULT_COMPARE: tuple[str, ...] = ("static", "mom", "proxmox", "esx", "default"
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Progress]:
-    """A rich progress bar on stderr, one task per label; a no-op when not wanted."""
+def progress_bar(enabled: bool = True, console: Any = None) -> Iterator[Progress]:
+    """A rich progress bar on stderr (or ``console``), one task per label; a no-op when not
+    wanted."""
     if not enabled:
         yield lambda label, done, total: None
         return
@@ -42,7 +43,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
 
     bar = Progress(TextColumn("memballoon: {task.description}"), BarColumn(),
                    TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+                   console=console if console is not None else Console(stderr=True),
+                   transient=True)
     tasks: dict[str, Any] = {}
 
     def update(label: str, done: float, total: float) -> None:
