@@ -175,7 +175,9 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 def _cmd_list(a: argparse.Namespace) -> int:
     for name in BUILTIN:
         sc = load_scenario(name)
-        print(f"{name:<14} {len(sc.guests):>5} guests  {sc.seconds:>6g} s  {sc.description}")
+        n = len(sc.guests)
+        print(f"{name:<14} {n:>5} guest{'s' if n != 1 else ' '}  {sc.seconds:>6g} s  "
+              f"{sc.description}")
     return 0
 
 
