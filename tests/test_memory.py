@@ -359,3 +359,18 @@ def test_single_takes_in_bulk_refuse_huge_host_pages_and_a_bad_keep() -> None:
         GuestMemory(16384, host_page_frames=512).alloc_nosleep_each(10, lambda f: 0)
     with pytest.raises(UsageError, match="keep answered"):
         GuestMemory(16384).alloc_nosleep_each(10, lambda f: 99)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(1, 12), st.integers(513, 4096))
+def test_one_large_take_is_the_takes_of_its_parts(seed: int, rounds: int, k: int) -> None:
+    # virtio's bulk rounds take rounds * k frames in one alloc_sleep where the driver would
+    # make rounds calls of k (k over a block, none reclaiming): the same frames, in the same
+    # order, and the same state after (cursor, reported blocks, per-block free counts)
+    parts, whole = _aged(seed), _aged(seed)
+    rounds = min(rounds, (parts.free_pages - parts.watermarks.min) // k)
+    got = [parts.alloc_sleep(k) for _ in range(rounds)]
+    one = whole.alloc_sleep(rounds * k)
+    assert one.tolist() == (np.concatenate(got).tolist() if got else [])
+    assert state_diff(state_of(parts), state_of(whole)) == []
+    assert whole.check_invariants() == []

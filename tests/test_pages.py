@@ -11,10 +11,18 @@ from memballoon.model.pages import (
     block_frames,
     check_ranges,
     coalesce,
+    has_repeats,
     merge_range_lists,
     merge_ranges,
     range_pages,
+    sorted_pfns,
 )
+
+#: PFN lists as drivers make them: ascending runs in any order, maybe a repeat or a stray.
+_runs_in_any_order = st.lists(
+    st.tuples(st.integers(0, 3000), st.integers(1, 40)), max_size=12
+).flatmap(lambda runs: st.permutations(runs)).map(
+    lambda runs: [p for start, n in runs for p in range(start, start + n)])
 
 
 def test_coalesce_folds_runs() -> None:
@@ -87,3 +95,23 @@ def test_doctests() -> None:
     import memballoon.model.pages as mod
 
     assert doctest.testmod(mod).failed == 0
+
+
+@given(st.one_of(_runs_in_any_order, st.lists(st.integers(0, 300), max_size=200)))
+def test_run_wise_helpers_agree_with_a_sort(pfns: list[int]) -> None:
+    # coalesce, has_repeats and sorted_pfns work on runs, not a sort of the frames: the
+    # same answers as np.unique and np.sort, for runs in any order and for any frames
+    ranges = coalesce(pfns)
+    assert {p for s, e in ranges.tolist() for p in range(s, e)} == set(pfns)
+    if len(ranges) > 1:
+        assert bool((ranges[1:, 0] > ranges[:-1, 1]).all())
+    assert has_repeats(pfns) == (len(set(pfns)) != len(pfns))
+    assert sorted_pfns(pfns).tolist() == sorted(pfns)
+
+
+def test_run_wise_helpers_on_a_balloons_newest_rounds() -> None:
+    p = np.concatenate([np.arange(5000, 6000), np.arange(0, 1000), np.arange(3000, 3500)])
+    assert coalesce(p).tolist() == [[0, 1000], [3000, 3500], [5000, 6000]]
+    assert not has_repeats(p)
+    assert has_repeats(np.append(p, 3499))
+    assert sorted_pfns(p).tolist() == sorted(p.tolist())

@@ -291,3 +291,17 @@ def test_queue_pair_check_notices_a_scribbled_ring() -> None:
     q.view.write_u16(q.device.layout.used_gpa + 2, 0)
     q.view.write_u16(q.device.layout.avail_gpa + 2, 3)  # heads the driver never sent
     assert any("the device sees 3 available" in e for e in q.check())
+
+
+@pytest.mark.parametrize("protocol, signalled", [("vmw", False), ("vmw-batched", True),
+                                                 ("virtio", True)])
+def test_a_wake_runs_the_drivers_work_between_periods(protocol: str, signalled: bool) -> None:
+    pair = make_pair(protocol, mib_to_pages(64), Idle(anon_mib=4, file_mib=2), period_s=1.0)
+    pair.tick()
+    assert pair.signalled is signalled  # as the local world signals (WAKE, config interrupt)
+    pair.set_target(mib_to_pages(8))
+    pair.wake(pair.now)
+    assert pair.now == 1.0 and pair.cycles == 1  # no period passed
+    assert pair.driver.balloon_pages == mib_to_pages(8) and pair.check() == []
+    with pytest.raises(UsageError, match="before the pair's"):
+        pair.wake(0.5)

@@ -120,7 +120,10 @@ def test_sizes_in_decimal_or_binary_units_load(replace: str, where: str) -> None
 @pytest.mark.parametrize("old, new, where", [
     ('ram = "1GiB"', 'ram = "1 lightyear"', r"guests\[0\]\.ram: .*unknown unit 'lightyear'"),
     ('ram = "1GiB"', 'ram = "1MiB"', r"guests\[0\]\.ram: 1048576 bytes is under the 16 MiB"),
-    ('ram = "1GiB"', 'ram = ["2GiB", "1GiB"]', r"guests\[0\]\.ram: need 0 < smallest"),
+    ('ram = "1GiB"', 'ram = ["2GiB", "1GiB"]',
+     r"guests\[0\]\.ram: \['2GiB', '1GiB'\]: need 0 bytes < smallest <= largest"),
+    ('ram = "1GiB"', 'ram = ["1GiB", "2GiB"]\nram_step = "0"',
+     r"guests\[0\]\.ram_step: '0': need a step of more than 0 bytes"),
     ('name = "g"', 'name = "-g"', r"guests\[0\]\.name: '-g'"),
     ('workload = "idle"', 'workload = "sleepy"', r"guests\[0\]\.workload\.kind: 'sleepy' is "
                                                  "not one of"),
@@ -134,10 +137,13 @@ def test_sizes_in_decimal_or_binary_units_load(replace: str, where: str) -> None
     ('workload = "idle"', 'workload = { kind = "steady", colour = 1 }',
      r"guests\[0\]\.workload\.colour: unknown key"),
     ('workload = "idle"', 'workload = { kind = "bursts", every = 0 }',
-     r"workload bursts: Bursts: every_s and median_s must be > 0"),
+     r"guests\[0\]\.workload\.every: 0 is 0 seconds; a bursts workload needs a duration > 0 "
+     "seconds"),
     ('workload = "idle"', 'workload = { kind = "trace" }',
      r"guests\[0\]\.workload\.csv: missing"),
-    ('workload = "idle"', 'workload = "idle"\nmin = "2GiB"', r"need min <= max <= RAM"),
+    ('workload = "idle"', 'workload = "idle"\nmin = "2GiB"',
+     r"guests\[0\]\.min = '2GiB', guests\[0\]\.max = None: need min <= max <= RAM \(1024 "
+     r"MiB\): min is 2048 MiB"),
     ('workload = "idle"', 'workload = "idle"\nprotocol = "xen"',
      r"guests\[0\]\.protocol: 'xen' is not one of vmw, vmw-batched, virtio"),
     ('workload = "idle"', 'workload = "idle"\ncount = 0', r"guests\[0\]\.count: 0 must be"),

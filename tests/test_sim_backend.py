@@ -135,3 +135,32 @@ def test_a_host_short_of_memory_kills_the_largest_guest() -> None:
     assert pairs["big"].cycles == before  # and never run again
     with pytest.raises(UsageError):
         SimBackend({}, ManualClock()).probe()
+
+
+@pytest.mark.parametrize("protocol, at_once", [("virtio", True), ("vmw-batched", True),
+                                               ("vmw", False)])
+def test_a_signalled_target_runs_the_driver_at_once(protocol: str, at_once: bool) -> None:
+    # virtio's config interrupt and the batched VMware doorbell run the driver's work at the
+    # moment of the target, before the workload's next period (as the local guest process
+    # does); the legacy VMware driver finds the target at its next 1 s timer
+    pair = make_pair(protocol, mib_to_pages(256), Steady(anon_mib=16, file_mib=8),
+                     period_s=1.0)
+    b = SimBackend({"g": pair}, ManualClock())
+    b.advance(3.0)
+    target = mib_to_pages(64)
+    assert b.set_target("g", target)
+    assert pair.driver.balloon_pages == 0  # nothing runs inside the manager's step
+    steps: list[int] = []
+    real_step = pair.mem.step
+
+    def step(*args, **kw):  # type: ignore[no-untyped-def]
+        steps.append(pair.driver.balloon_pages)
+        return real_step(*args, **kw)
+
+    pair.mem.step = step  # type: ignore[method-assign]
+    b.advance(1.0)
+    assert steps, "the workload ran a period"
+    assert (steps[0] > 0) is at_once  # the balloon had moved before the workload's period
+    assert b.counters["sim_signalled_work"] == (1 if at_once else 0)
+    b.advance(10.0)
+    assert pair.driver.balloon_pages == target and b.violations() == []

@@ -104,3 +104,48 @@ def test_toucher_steps_read_the_estimate_at_each_step() -> None:
     assert [s["step"] for s in steps] == ["up", "down", "up"]
     assert all(s["seconds_to_90pct"] == 5.0 for s in steps)
     assert toucher_steps(sc, {"series": {}}) == []
+
+
+def test_a_run_draws_a_progress_bar_on_a_terminal(tiny: Path) -> None:
+    # the bar goes to the console it is given (stderr by default), one task per label, and
+    # follows the run to its end
+    import io
+
+    from rich.console import Console
+
+    from memballoon.app.sim_cli import progress_bar
+    from memballoon.sim.run import run_scenario
+
+    buf = io.StringIO()
+    term = Console(file=buf, force_terminal=True, width=100)
+    seen: list[tuple[str, float, float]] = []
+    with progress_bar(True, console=term) as prog:
+        def both(label: str, done: float, total: float) -> None:
+            seen.append((label, done, total))
+            prog(label, done, total)
+
+        run_scenario(load_scenario(str(tiny)), progress=both)
+    assert seen and seen[-1] == ("tiny", 30.0, 30.0)
+    assert "memballoon: tiny" in buf.getvalue() and "100%" in buf.getvalue()
+
+
+def test_the_commands_show_progress_unless_told_not_to(
+        tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import contextlib
+
+    from memballoon.app import sim_cli
+
+    calls: list[tuple[bool, str]] = []
+
+    @contextlib.contextmanager
+    def spy(enabled: bool = True, console: object = None):  # type: ignore[no-untyped-def]
+        yield lambda label, done, total: calls.append((enabled, label))
+
+    monkeypatch.setattr(sim_cli, "progress_bar", spy)
+    assert main(["sim", "run", str(tiny), "--duration", "5s", "--json"]) == 0
+    assert calls and all(enabled for enabled, _ in calls)
+    calls.clear()
+    assert main(["sim", "compare", "--scenario", str(tiny), "--policies", "static",
+                 "--duration", "5s", "--json", "--no-progress"]) == 0
+    assert calls and not any(enabled for enabled, _ in calls)
+    capsys.readouterr()

@@ -297,7 +297,7 @@ def workload_maker(value: object, key: str, base: Path | None) -> WorkloadMaker:
 
     def make(ram_bytes: int, seed: int) -> Workload:
         v = {p: _param(raw[p], what, t.key(p), ram_bytes) for p, (what, _) in spec.items()}
-        return _workload(kind, v, seed, rows)
+        return _workload(kind, v, seed, rows, t.path, raw)
 
     make(1 << 30, 0)  # a bad combination (a Demand the model refuses) shows now
     return make
@@ -320,7 +320,8 @@ def _param(value: object, what: str, key: str, ram_bytes: int) -> Any:
 
 
 def _workload(kind: str, v: Mapping[str, Any], seed: int,
-              rows: tuple[tuple[float, float, float], ...] | None) -> Workload:
+              rows: tuple[tuple[float, float, float], ...] | None, key: str = "workload",
+              raw: Mapping[str, object] | None = None) -> Workload:
     try:
         match kind:
             case "idle":
@@ -353,7 +354,15 @@ def _workload(kind: str, v: Mapping[str, Any], seed: int,
                 assert rows is not None
                 return Trace(rows, hot=v["hot"], cold_access_per_s=v["cold"])
     except UsageError as exc:  # the model's own limits (a time of 0 where it needs one)
-        raise ConfigError(f"workload {kind}: {exc}") from None
+        spec = WORKLOAD_PARAMS[kind]
+        zero = [p for p, (what, _) in spec.items() if what == "time" and v[p] == 0]
+        if zero:
+            p = zero[0]
+            shown = (raw or {}).get(p, 0)
+            raise ConfigError(f"{key}.{p}: {shown!r} is 0 seconds; a {kind} workload needs "
+                              f"a duration > 0 seconds here ({exc})") from None
+        raise ConfigError(f"{key}: a {kind} workload with these values is refused: "
+                          f"{exc}") from None
 
 
 # ---------------------------------------------------------------------- the scenario
@@ -375,9 +384,12 @@ def _guests(items: object, seed: int, base: Path | None) -> tuple[GuestSpec, ...
             if len(ram) != 2:
                 raise ConfigError(f"{t.key('ram')}: a range is [smallest, largest]")
             lo, hi = (size_bytes(r, f"{t.key('ram')}[{j}]") for j, r in enumerate(ram))
-            if not 0 < lo <= hi or step <= 0:
-                raise ConfigError(f"{t.key('ram')}: need 0 < smallest <= largest and a "
-                                  "positive ram_step")
+            if not 0 < lo <= hi:
+                raise ConfigError(f"{t.key('ram')}: {ram!r}: need 0 bytes < smallest <= "
+                                  "largest")
+            if step <= 0:
+                raise ConfigError(f"{t.key('ram_step')}: {t.get('ram_step')!r}: need a step "
+                                  "of more than 0 bytes")
         else:
             lo = hi = size_bytes(ram, t.key("ram"))
         if lo < 16 * MIB:
@@ -395,7 +407,11 @@ def _guests(items: object, seed: int, base: Path | None) -> tuple[GuestSpec, ...
                     for k, v in lim.items()}
             mn, mx = lims["min"] or 0, lims["max"]
             if mn > ram_pages or (mx is not None and not mn <= mx):
-                raise ConfigError(f"{t.key('min')}/{t.key('max')}: need min <= max <= RAM")
+                raise ConfigError(
+                    f"{t.key('min')} = {lim['min']!r}, {t.key('max')} = {lim['max']!r}: need "
+                    f"min <= max <= RAM ({ram_bytes / MIB:g} MiB): min is "
+                    f"{mn * PAGE_SIZE / MIB:g} MiB"
+                    + ("" if mx is None else f", max {mx * PAGE_SIZE / MIB:g} MiB"))
             gname = name if count == 1 else f"{name}-{n}"
             out.append(GuestSpec(
                 gname, ram_pages, protocol, make(ram_bytes, seed * 1000 + len(out)),

@@ -32,8 +32,9 @@ DEFAULT_COMPARE: tuple[str, ...] = ("static", "mom", "proxmox", "esx", "default"
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Progress]:
-    """A rich progress bar on stderr, one task per label; a no-op when not wanted."""
+def progress_bar(enabled: bool = True, console: Any = None) -> Iterator[Progress]:
+    """A rich progress bar on stderr (or ``console``), one task per label; a no-op when not
+    wanted."""
     if not enabled:
         yield lambda label, done, total: None
         return
@@ -42,7 +43,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
 
     bar = Progress(TextColumn("memballoon: {task.description}"), BarColumn(),
                    TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+                   console=console if console is not None else Console(stderr=True),
+                   transient=True)
     tasks: dict[str, Any] = {}
 
     def update(label: str, done: float, total: float) -> None:
@@ -173,7 +175,9 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 def _cmd_list(a: argparse.Namespace) -> int:
     for name in BUILTIN:
         sc = load_scenario(name)
-        print(f"{name:<14} {len(sc.guests):>5} guests  {sc.seconds:>6g} s  {sc.description}")
+        n = len(sc.guests)
+        print(f"{name:<14} {n:>5} guest{'s' if n != 1 else ' '}  {sc.seconds:>6g} s  "
+              f"{sc.description}")
     return 0
 
 

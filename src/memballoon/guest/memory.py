@@ -61,7 +61,14 @@ import numpy.typing as npt
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.guest.workload import Demand
 from memballoon.model.errors import UsageError
-from memballoon.model.pages import PageStore, PfnArray, block_frames, coalesce, merge_ranges
+from memballoon.model.pages import (
+    PageStore,
+    PfnArray,
+    block_frames,
+    coalesce,
+    has_repeats,
+    merge_ranges,
+)
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 
 BLOCK_ORDER = 9  # 2 MiB blocks: Linux page_reporting_order on x86-64
@@ -271,8 +278,11 @@ class GuestMemory:
             counts = np.diff(np.append(starts, blocks.size))
             self._bfree[blocks[starts]] += sign * counts.astype(np.int32)
             return
-        ub, counts = np.unique(blocks, return_counts=True)
-        self._bfree[ub] += sign * counts.astype(np.int32)
+        # runs of frames in any order (a balloon's newest rounds): count per run of blocks,
+        # then add (np.add.at: one block may head several runs), no sort
+        starts = np.concatenate(([0], np.flatnonzero(steps) + 1))
+        counts = np.diff(np.append(starts, blocks.size))
+        np.add.at(self._bfree, blocks[starts], sign * counts.astype(np.int32))
 
     # ------------------------------------------------------------------ raw allocation
     def _take_free(self, n: int, floor: int, new: PageState) -> PfnArray:
@@ -317,19 +327,21 @@ class GuestMemory:
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
-        parts: list[PfnArray] = []
-        got = 0
-        for b in cand.tolist():
-            idx = self._free_frames_of(b, n - got)
-            parts.append(idx)
-            got += idx.size
-            self._hint = b
-            self._bfree[b] -= idx.size
-            self.reported[b] = False  # the host refaults this block's pages on touch
-            if got >= n:
-                break
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._free -= got
+        # the first free frames of each block in that order until n (one numpy pass, not a
+        # loop over blocks: a balloon's bulk rounds take thousands of blocks at once)
+        cum = np.cumsum(self._bfree[cand], dtype=np.int64)
+        last = int(np.searchsorted(cum, n))  # the block the n-th frame is in
+        blocks = cand[: last + 1]
+        if blocks.size == 1:
+            out = self._free_frames_of(int(blocks[0]), n)
+        else:
+            frames = block_frames(blocks, BLOCK_ORDER)
+            out = frames[self.state[frames] == _FREE][:n]
+        self._bfree[blocks[:-1]] = 0
+        self._bfree[blocks[-1]] -= n - (int(cum[last - 1]) if last else 0)
+        self.reported[blocks] = False  # the host refaults these blocks' pages on touch
+        self._hint = int(blocks[-1])
+        self._free -= n
         self.state[out] = new
         return out
 
@@ -632,8 +644,7 @@ class GuestMemory:
             return
         if not bool((self.state[pfns] == _BALLOON).all()):
             raise UsageError("free_balloon: a frame that the balloon does not own")
-        if (pfns.size > 1 and not bool((np.diff(pfns) > 0).all())
-                and np.unique(pfns).size != pfns.size):
+        if has_repeats(pfns):
             raise UsageError("free_balloon: a frame given twice")
         self._give_free(pfns)
         self._balloon -= int(pfns.size)

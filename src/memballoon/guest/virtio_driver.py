@@ -55,7 +55,7 @@ from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
-from memballoon.model.pages import PfnArray
+from memballoon.model.pages import PfnArray, sorted_pfns
 from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
@@ -268,7 +268,7 @@ class VirtioBalloonDriver:
         return self._target
 
     def balloon_pfns(self) -> PfnArray:
-        return np.sort(self._balloon.to_array())
+        return sorted_pfns(self._balloon.to_array())
 
     @property
     def refused_pages(self) -> int:
@@ -280,7 +280,7 @@ class VirtioBalloonDriver:
         for p in self._pending.values():
             if p.kind is BalloonQueue.INFLATEQ or (p.kind is BalloonQueue.DEFLATEQ and not p.freed):
                 parts.append(p.pfns)
-        return np.sort(np.concatenate(parts))
+        return sorted_pfns(np.concatenate(parts))
 
     def stats(self) -> dict[str, int]:
         out = {
@@ -559,11 +559,17 @@ class VirtioBalloonDriver:
         slots = slots[:FILL_BATCH]
         chains = [[(s.gpa, 4 * a, False), *([(s.status_gpa, a, True)] if refuse else [])]
                   for s in slots]
-        frames = [self.mem.alloc_sleep(k) for _ in range(rounds)]  # whole: no reclaim
-        every = np.concatenate(frames)
+        if k > BLOCK_PAGES and self.mem.host_page_frames == 1:
+            # rounds of takes of more than a block each, none reclaiming: one take of them
+            # all is the same frames in the same order (each starts at the lowest free block)
+            every = self.mem.alloc_sleep(rounds * k)
+            last = every[-k:]
+        else:
+            frames = [self.mem.alloc_sleep(k) for _ in range(rounds)]  # whole: no reclaim
+            every, last = np.concatenate(frames), frames[-1]
         t.take_rounds(self._qidx[role], q, chains, [a if refuse else 0] * FILL_BATCH, rounds,
                       every)
-        wire = frames[-1].astype("<u4")
+        wire = last.astype("<u4")
         for i, s in enumerate(slots):  # the arrays hold the last round's frames
             self.view.write(s.gpa, wire[i * a : (i + 1) * a].tobytes())
         self._balloon.push_back(every)

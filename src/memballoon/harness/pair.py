@@ -59,7 +59,13 @@ from memballoon.model.units import PageState
 from memballoon.protocol.virtio_balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX, BalloonConfig
 from memballoon.protocol.virtio_transport import DirectTransport
 from memballoon.protocol.virtqueue import DeviceQueue, DriverQueue, GuestRamView, QueueLayout
-from memballoon.protocol.vmw import Command, Request, Status, decode_request, decode_response
+from memballoon.protocol.vmw import (
+    Command,
+    Request,
+    Status,
+    decode_request,
+    decode_response,
+)
 
 PROTOCOLS = ("vmw", "vmw-batched", "virtio")
 
@@ -83,6 +89,25 @@ class Pair:
 
     def set_target(self, pages: int) -> None:
         self.device.set_target(pages)
+
+    @property
+    def signalled(self) -> bool:
+        """Whether a new target reaches the driver at once (virtio's config interrupt,
+        VMware's doorbell), not at its next timer (the legacy VMware driver polls)."""
+        return False
+
+    def wake(self, now: float) -> None:
+        """The host signalled a new target at ``now`` (not before this pair's clock): the
+        driver's work runs at once, between two periods of the workload, as the local guest
+        process runs it on a config interrupt or a ``WAKE``."""
+        if now + 1e-9 < self.now:
+            raise UsageError(f"wake at {now:g} s, before the pair's {self.now:g} s")
+        self.driver.work(now)
+        if self.driver.balloon_pages != self.device.actual_pages:
+            self.violations.append(
+                f"t={now:g}: driver balloon {self.driver.balloon_pages} != device "
+                f"{self.device.actual_pages} after a wake"
+            )
 
     def tick(self, *, check: bool = True) -> None:
         """One period: the workload runs for ``period_s``, then the driver's work function."""
@@ -250,6 +275,12 @@ class VmwPair(Pair):
     def cond_resched(self) -> None:
         self.yields += 1
 
+    @property
+    def signalled(self) -> bool:
+        # the batched driver's doorbell (SIGNALLED_WAKEUP_CMD), which the local world sends
+        # as a WAKE message to every vmw-batched guest (local/host.py); the legacy one polls
+        return self.protocol == "vmw-batched"
+
     def _link_quiet(self) -> bool:
         # the device answers GET_TARGET with the size; nothing taps the link (a tap sees
         # every command)
@@ -325,6 +356,10 @@ class VirtioPair(Pair):
         new = VirtioBalloonDevice.restore(snap, self.ram, self.device.view)
         self.device = self.transport.device = new
         new.attach(self.transport)
+
+    @property
+    def signalled(self) -> bool:
+        return True  # a config change interrupts the guest
 
     def _link_quiet(self) -> bool:
         dev, t = self.device, self.transport

@@ -38,13 +38,64 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     steps = np.diff(p)
     if bool((steps == 1).all()):  # one ascending run, the usual batch: two numpy calls
         return np.array([[p[0], p[-1] + 1]], dtype=np.int64)
-    if not bool((steps > 0).all()):  # drivers send sorted runs: sort only when needed
-        p = np.unique(p)
-        steps = np.diff(p)
+    starts, ends = _run_bounds(p, steps)
+    if bool((steps > 0).all()):
+        return np.stack((starts, ends), axis=1)
+    # ascending runs in any order (a balloon's newest rounds, frames from several blocks):
+    # sort the runs, not the frames (a repeat is an overlap that the merge folds away)
+    return merge_ranges(starts, ends)
+
+
+def _run_bounds(p: PfnArray, steps: npt.NDArray[np.int64]) -> tuple[PfnArray, PfnArray]:
+    """The first frames and ends of ``p``'s runs of consecutive ascending frames."""
     breaks = np.flatnonzero(steps != 1) + 1
     starts = p[np.concatenate(([0], breaks))]
     ends = p[np.concatenate((breaks - 1, [p.size - 1]))] + 1
-    return np.stack((starts, ends), axis=1)
+    return starts, ends
+
+
+def has_repeats(pfns: npt.ArrayLike) -> bool:
+    """Whether a frame occurs twice in ``pfns`` (costs its runs, not a sort of its frames).
+
+    >>> has_repeats([5, 6, 1, 2]), has_repeats([5, 6, 1, 6])
+    (False, True)
+    """
+    p = as_pfns(pfns)
+    if p.size < 2:
+        return False
+    steps = np.diff(p)
+    if bool((steps > 0).all()):
+        return False
+    starts, ends = _run_bounds(p, steps)
+    order = np.argsort(starts, kind="stable")
+    return bool((starts[order][1:] < ends[order][:-1]).any())
+
+
+def sorted_pfns(pfns: npt.ArrayLike) -> PfnArray:
+    """``pfns`` ascending (a copy), sorted run by run: a few runs cost what they hold.
+
+    >>> sorted_pfns([7, 8, 3, 4, 1]).tolist()
+    [1, 3, 4, 7, 8]
+    """
+    p = as_pfns(pfns)
+    if p.size < 2:
+        return p.copy()
+    steps = np.diff(p)
+    if bool((steps >= 0).all()):
+        return p.copy()
+    breaks = np.flatnonzero(steps != 1) + 1
+    if breaks.size * 8 > p.size:  # short runs: a plain sort is cheaper
+        return np.sort(p)
+    first = np.concatenate(([0], breaks))
+    lens = np.diff(np.append(first, p.size))
+    order = np.argsort(p[first], kind="stable")
+    first, lens = first[order], lens[order]
+    # gather the runs in order of their first frames
+    idx = np.repeat(first - (np.cumsum(lens) - lens), lens) + np.arange(p.size)
+    out = p[idx]
+    if not bool((np.diff(out) >= 0).all()):  # runs that overlap (repeats): sort them out
+        out.sort()
+    return out
 
 
 def merge_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> RangeArray:

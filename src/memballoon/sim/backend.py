@@ -13,7 +13,12 @@ guest). A busy guest ticks every ``period_s`` (the workload runs, then the drive
 a tick that leaves the pair ``quiet`` (the guest model steady under the demand of the next
 period, the protocol with nothing to do) the guest sleeps: its next tick is when its workload's
 demand next changes (``guest.workload.next_change``), or never; a new balloon target
-(``set_target``) wakes it at its next period. Waking, it first accounts the periods it slept
+(``set_target``) wakes it at its next period, and where the protocol signals a new target
+(virtio's config interrupt, the batched VMware driver's doorbell: ``Pair.signalled``) the
+driver's work also runs at once, at the moment of the target (when the next ``advance``
+begins, so that a manager step's cost is the manager's alone), as the local guest process runs
+it on a config interrupt or a ``WAKE``; the legacy VMware driver polls at its next period.
+Waking, it first accounts the periods it slept
 through (``Pair.idle_period``: the timer and GET_TARGET counts a ticking guest would have made),
 so a sleeping guest ends in exactly the state of one ticked every period (a property test holds
 it to that) and costs nothing in between. ``sleep=False`` ticks every guest every period.
@@ -74,6 +79,7 @@ class SimCounter(CounterName):
     WAKES = "sim_wakes"  # sleeping guests woken (a target or a demand change)
     REPORTS = "sim_reports"  # pressure reports pushed
     HOST_OOM_KILLS = "host_oom_kills"  # guests the host killed: memory past the host's
+    SIGNALLED = "sim_signalled_work"  # driver work run at once on a signalled target
 
 
 @dataclass(eq=False)
@@ -89,6 +95,7 @@ class _SimGuest:
     alive: bool = True
     resident: int = 0  # host bytes behind the guest, as of its last tick
     sample: GuestSample | None = field(default=None, repr=False)  # cached until it changes
+    signalled: bool = False  # a signalled target waits for its driver's work
 
 
 class SimBackend:
@@ -135,6 +142,7 @@ class SimBackend:
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
         self._next_report = now + report_every_s
+        self._signalled: list[_SimGuest] = []
         self._resident = 0
         for g in self._guests:
             p = g.pair
@@ -211,10 +219,32 @@ class SimBackend:
         self.counters.inc(SimCounter.WAKES)
         self._schedule(g, p.now + p.period_s)
 
+    def _run_signalled(self) -> None:
+        """The driver work of every guest signalled a new target since the last ``advance``,
+        at the moment of the target (the clock has not moved since)."""
+        now = self.clock.now()
+        for g in self._signalled:
+            g.signalled = False
+            if not g.alive:
+                continue
+            p = g.pair
+            self._catch_up(g, now)
+            p.wake(now)
+            self.counters.inc(SimCounter.SIGNALLED)
+            resident = p.ram.resident_bytes()
+            self._resident += resident - g.resident
+            g.resident = resident
+            g.sample = None
+            if g.due > p.now + p.period_s + TIME_EPS:
+                self._schedule(g, p.now + p.period_s)
+        self._signalled.clear()
+
     def advance(self, seconds: float) -> float:
-        """Move the clock by ``seconds`` and run every guest up to it (ticks, then the reports
-        due at the same moment, in time order); then the host takes its memory back if it
-        must."""
+        """Move the clock by ``seconds`` and run every guest up to it (first the driver work
+        of signalled targets, then ticks and the reports due at the same moment, in time
+        order); then the host takes its memory back if it must."""
+        if self._signalled:
+            self._run_signalled()
         end = self.clock.now() + seconds
         heap, guests = self._heap, self._guests
         while True:
@@ -329,6 +359,9 @@ class SimBackend:
         self._wake(g)
         g.pair.set_target(balloon_pages)
         g.sample = None
+        if g.pair.signalled and not g.signalled:
+            g.signalled = True
+            self._signalled.append(g)
         return True
 
     def host_resident_bytes(self) -> int:
