@@ -42,6 +42,7 @@ from memballoon.edge.journal import Journal
 from memballoon.host.cgroup import MemoryCgroup
 from memballoon.manager.core import ManagerCore
 from memballoon.manager.engine import Engine
+from memballoon.model.counters import Counters
 from memballoon.model.errors import ConfigError, MemballoonError
 from memballoon.model.units import MIB, PAGE_SIZE, bytes_to_pages, mib_to_pages
 from memballoon.policy.registry import make_policy
@@ -95,6 +96,9 @@ class _Trace:
     # each target the manager set: time, the host's available pages, guest, old and new
     # target, the balloon it had
     changes: list[tuple[float, int, str, int, int, int]] = field(default_factory=list)
+    # each step: each guest's report age and the policy's counters (to read a run back)
+    ages: list[tuple[float, dict[str, float | None], dict[str, int]]] = field(
+        default_factory=list)
 
 
 class _Hog:
@@ -322,6 +326,8 @@ async def _scenario(policy_name: str, w: _World, journal: Path) -> dict[str, Any
             trace.steps.append((now, avail,
                                 {g: s.target_pages for g, s in e.guests.items() if s.alive},
                                 {g: s.balloon_pages for g, s in e.guests.items() if s.alive}))
+            trace.ages.append((now, {g: s.report_age_s(now) for g, s in e.guests.items()},
+                               dict(getattr(e.core.policy, "counters", Counters()).as_dict())))
             for a in e.last_applied:
                 s = e.guests.get(a.guest)
                 trace.changes.append((now, avail, a.guest, a.old_pages, a.new_pages,
@@ -369,7 +375,7 @@ async def _scenario(policy_name: str, w: _World, journal: Path) -> dict[str, Any
     # beside the journal: what the figures were measured from
     (journal.parent / "trace.json").write_text(json.dumps(
         {"reserve_pages": reserve, "t_exit": t_exit, "idle": idle, "avail": trace.avail,
-         "steps": trace.steps, "changes": trace.changes}))
+         "steps": trace.steps, "changes": trace.changes, "ages": trace.ages}))
     snap = await b.poll()
     oom = 0
     for name in names:
