@@ -119,13 +119,16 @@ def test_an_input_that_hangs_is_interrupted_and_counted() -> None:
         if data == b"loop":
             while True:
                 with contextlib.suppress(Exception):  # a catch-all must not hide the hang
-                    time.sleep(0.01)
+                    sum(range(1000))
+        if data == b"waits":  # off the CPU (a loaded machine, a nice level): no hang
+            time.sleep(0.6)
 
     tally = fuzz.Tally(_toy(run), hang_s=0.3)
     with fuzz._Watchdog(tally):
         tally.one(b"loop")
         tally.one(b"fine")
-    assert tally.crash_classes == {"Hang": 1} and tally.accepted == 1
+        tally.one(b"waits")
+    assert tally.crash_classes == {"Hang": 1} and tally.accepted == 2
 
 
 def test_hypothesis_runs_until_its_time_or_inputs_are_spent() -> None:

@@ -8,7 +8,7 @@ a wire frame, a HELLO, a QMP reply, an agent line, a config file, a control requ
 ``run(data, seen)`` feeds one input through the real code and checks what came out. An input
 *crashes* the target when it raises anything but the target's documented typed errors
 (``model/errors.py``: ``PeerError`` subclasses for a guest or peer, ``ConfigError`` for an
-admin), when it hangs (an input running past ``hang_s``, interrupted by a SIGALRM watchdog),
+admin), when it hangs (an input using ``hang_s`` of CPU, interrupted by a SIGALRM watchdog),
 or when the decoder accepts it and returns what it promises never to (``BrokenPromise``: a
 PFN outside the guest, a balloon frame the host still backs, a report that does not encode
 back). Entry points that must never raise (the devices, the control server) have no expected
@@ -1415,14 +1415,16 @@ class Tally:
 
 
 class _Watchdog:
-    """SIGALRM every tick: an input still running after ``hang_s`` gets ``_Hang`` raised in it
-    (Python code only; the parent's kill covers a hang inside C)."""
+    """SIGALRM every tick: an input that has used ``hang_s`` of CPU gets ``_Hang`` raised in it
+    (Python code only; the parent's kill covers a hang inside C). CPU time, not wall time: on a
+    loaded machine (or under ``nice``) a 30 ms input can wait seconds for a core, which is no
+    hang of the decoder's."""
 
     def __init__(self, tally: Tally) -> None:
         self.tally = tally
         self.tick = min(0.25, tally.hang_s / 4)
         self._last = -1
-        self._since = time.monotonic()
+        self._since = time.process_time()
         self._old: Any = None
 
     def __enter__(self) -> _Watchdog:
@@ -1435,7 +1437,7 @@ class _Watchdog:
         signal.signal(signal.SIGALRM, self._old)
 
     def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
-        t, now = self.tally, time.monotonic()
+        t, now = self.tally, time.process_time()
         if not t.in_input or t.inputs != self._last:
             self._last, self._since = t.inputs, now
         elif now - self._since > t.hang_s:
