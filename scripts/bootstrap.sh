@@ -13,6 +13,6 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "memballoon: installing Python packages into $venv (first run only)" >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test,fuzz]" >&2
     echo "$want" > "$stamp"
 fi
