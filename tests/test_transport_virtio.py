@@ -23,6 +23,7 @@ from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.local.host import DEFAULT_VIRTIO_FEATURES
 from memballoon.local.link import GuestLink
 from memballoon.local.transport_virtio import (
+    IRQ_COALESCE_CHAINS,
     MAX_QUEUES,
     REPLY_BAD,
     LocalVirtioTransport,
@@ -329,3 +330,49 @@ def test_a_queue_set_up_the_device_refuses_is_answered_failed(world: World) -> N
     c = world.device.counters
     assert (c["setup_queue_too_large"], c["setup_bad_layout"], c["setup_unknown_queue"]) == (
         1, 1, 1)
+
+
+def _irqs(fd: int) -> int:
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+def test_used_interrupts_come_once_per_drained_queue_or_coalesced_chains() -> None:
+    ram = MemfdRam(PAGES)
+    view = GuestRamView(ram.mapping, base_gpa=0, guest_bytes=ram.size_bytes)
+    dev = VirtioBalloonDevice(ram, view, features=DEFAULT_VIRTIO_FEATURES)
+    kick, irq = make_eventfds(), make_eventfds()
+    ep = VirtioHostEndpoint(dev, kick, irq, lambda _data: None)
+    try:
+        dev.set_driver_features(features_of(VIRTIO_BALLOON_F_MUST_TELL_HOST))
+        lay = QueueLayout.packed(1 << 20, 64)
+        assert dev.setup_queue(0, lay)
+        q = DriverQueue(view, lay, Counters())
+        dev.set_target(1000)
+        chunk = 8  # what the local host pops a call
+        assert IRQ_COALESCE_CHAINS % chunk == 0
+        n = IRQ_COALESCE_CHAINS + chunk
+        for i in range(n):
+            view.write((2 << 20) + 64 * i, np.array([5000 + i], "<u4").tobytes())
+            q.add([((2 << 20) + 64 * i, 4, False)])
+        q.publish()
+        os.write(kick[0], (1).to_bytes(8, "little"))
+        ep.kick(0)
+        raised = []
+        while 0 in ep.pending:
+            ep.run(0, chunk)
+            raised.append(_irqs(irq[0]))
+        # one interrupt once IRQ_COALESCE_CHAINS were used, one when the queue drained (the
+        # last call popped nothing), none per call in between
+        k = IRQ_COALESCE_CHAINS // chunk
+        assert raised == [0] * (k - 1) + [1] + [0] + [1]
+        assert len(q.collect()) == n and dev.inflated_pages == n
+        ep.used_buffers(2)  # outside a run (a stats request): at once
+        assert _irqs(irq[2]) == 1
+        ep.run(0, chunk)  # nothing new: no interrupt owed
+        assert _irqs(irq[0]) == 0
+    finally:
+        for fd in kick + irq:
+            os.close(fd)

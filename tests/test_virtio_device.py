@@ -560,16 +560,32 @@ def test_held_deflates_and_partial_pages_survive_a_snapshot() -> None:
         VirtioDeviceSnapshot.from_json(json.dumps(data))
 
 
-def test_a_reset_returns_held_deflates_and_gives_every_frame_back() -> None:
+def test_a_reset_never_gives_the_guest_a_frame_the_host_cannot_back() -> None:
     g = huge_guest(F_RESET)
     g.ram.pool = 0
-    g.send_pfns(INFL, list(range(0, HP)))
-    g.ram.pool = 0  # someone took the page it gave back
-    head = g.send_pfns(DEFL, list(range(0, 4)))  # the pool is dry: held
-    g.dev.request_reset()
+    g.send_pfns(INFL, list(range(0, 2 * HP)))
+    g.ram.pool = 1  # someone took one of the two pages it gave back
+    head = g.send_pfns(DEFL, list(range(0, 4)))  # page 0 comes back: the deflate is done
+    assert g.used(DEFL) == [(head, 0)]
+    head = g.send_pfns(DEFL, list(range(HP, HP + 4)))  # the pool is dry: held
+    gen = BalloonConfig.decode(g.dev.read_config()).x_reset_generation
+    config, readmits = g.irq.config, len(g.ram.readmit_calls)
+    # the driver would drop every frame of its balloon and touch page 1: refused, said
+    assert g.dev.request_reset() is False
+    assert g.dev.counters["reset_refused_unbacked"] == 1
+    assert g.dev.counters["readmit_forced_unbacked"] == 0
+    assert "pool" in (g.dev.host_pages.last_error or "")
+    assert BalloonConfig.decode(g.dev.read_config()).x_reset_generation == gen
+    assert g.irq.config == config and not g.dev.reset_pending
+    assert g.used(DEFL) == [] and g.dev.held_deflates == 1  # still held
+    assert g.dev.inflated_pages == 2 * HP - 4 and g.dev.partial_huge_pages == 1
+    assert len(g.ram.readmit_calls) > readmits and g.ram.pool == 0  # tried, nothing kept
+    g.ram.pool = 1  # memory is back: the reset goes through, the held deflate with it
+    assert g.dev.request_reset() is True
     assert (head, 0) in g.used(DEFL) and g.dev.held_deflates == 0
     assert g.dev.inflated_pages == 0 and g.dev.partial_huge_pages == 0
-    assert g.dev.counters["readmit_forced_unbacked"] == HP
+    assert BalloonConfig.decode(g.dev.read_config()).x_reset_generation == gen + 1
+    assert g.dev.counters["readmit_forced_unbacked"] == 0
 
 
 @pytest.mark.parametrize("target", [3000, 6 * HP, 1])

@@ -16,6 +16,7 @@ from memballoon.guest.virtio_driver import (
     HUGE_ARRAY_PFNS,
     PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY_S,
+    PFN_SLOTS,
     VIRTIO_BALLOON_RETRY_S,
     VIRTIO_BALLOON_X_MAX_REFUSED,
     VIRTIO_BALLOON_X_MAX_REFUSED_HELD,
@@ -96,8 +97,9 @@ def test_several_arrays_go_with_one_doorbell() -> None:
 
 def test_longer_arrays_when_asked_and_a_driver_area_to_hold_them() -> None:
     assert FILL_BATCH == 8 and HUGE_ARRAY_PFNS == 8192 and X_ARRAY_PFNS_MAX == 16384
-    assert DRIVER_AREA_BYTES == driver_area_bytes() == 128 * 1024  # Linux's arrays: as before
-    assert driver_area_bytes(HUGE_ARRAY_PFNS) > 2 * 16 * 5 * HUGE_ARRAY_PFNS
+    # rings, then PFN_SLOTS arrays and status bytes per inflate and deflate queue
+    assert DRIVER_AREA_BYTES == driver_area_bytes() == 64 * 1024 + 2 * PFN_SLOTS * 5 * 256
+    assert driver_area_bytes(HUGE_ARRAY_PFNS) > 2 * PFN_SLOTS * 5 * HUGE_ARRAY_PFNS
     r = virtio_pair(SMALL, array_pfns=HUGE_ARRAY_PFNS)
     r.device.set_target(10000)
     r.work()

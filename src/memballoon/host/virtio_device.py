@@ -26,7 +26,8 @@ periodic retry) finishes it once memory is back. The guest keeps running on what
 The seed-001 extensions (private feature bits, see protocol/virtio_balloon.py): with
 HOST_REFUSE the inflate chain carries a status byte per PFN and the device refuses pinned
 frames (and any PFN it would not take anyway); with HOST_RESET, ``request_reset`` first
-drains the inflate and deflate queues, then readmits the whole balloon, bumps
+drains the inflate and deflate queues, then readmits the whole balloon (refused, and nothing
+changed, if the host cannot back every frame of it: the driver would use them at once), bumps
 ``x_reset_generation`` and raises a config change: buffers the driver sees used before the new
 generation belong to the old balloon, which the driver then drops without telling us. Until the
 driver acknowledges the generation, inflate buffers take nothing (refused with HOST_REFUSE): a
@@ -209,6 +210,8 @@ class VirtioDeviceCounter(CounterName):
     REPORT_BUFFERS = "report_buffers"  # free page reports processed
     REPORTED_PAGES = "reported_pages"  # frames released because the guest reported them free
     RESETS = "resets"  # balloon resets (HOST_RESET)
+    # resets refused: the host could not back every balloon frame (a hugetlb pool run dry)
+    RESET_REFUSED_UNBACKED = "reset_refused_unbacked"
     # huge-page RAM (the HostPages counters share the bag)
     DEFLATE_HELD = "deflate_held"  # deflate buffers held: no host memory to back their frames
     DEFLATE_HELD_DONE = "deflate_held_done"  # held deflate buffers finished by a retry
@@ -756,27 +759,40 @@ class VirtioBalloonDevice:
         self._interrupt_used(q)
         return True
 
-    def request_reset(self) -> None:
-        """Reset the balloon (seed 001): take every balloon frame back, tell the driver."""
+    def request_reset(self) -> bool:
+        """Reset the balloon (seed 001): take every balloon frame back, tell the driver.
+
+        The driver drops its whole balloon and uses the frames at once, so every one must be
+        backed first: where the host cannot (a hugetlb pool run dry) the reset is refused,
+        nothing changes (the frames it could back are released again, held deflates stay
+        held), ``reset_refused_unbacked`` counts it and ``host_pages.last_error`` says why;
+        False. The caller tries again once memory is back."""
         if not self._has(VIRTIO_BALLOON_X_F_HOST_RESET):
             raise UsageError("request_reset: HOST_RESET was not negotiated")
         for role in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ):
             q = self._index_of(role)
             if q is not None and q in self._queues:
                 self.notify(q)  # drain: what is already queued belongs to the old balloon
+        pfns = self.balloon_pfns()
+        if pfns.size:
+            stuck = self._host.give(coalesce(pfns))
+            if len(stuck):
+                given = pfns[~in_ranges(pfns, stuck)]
+                if given.size:
+                    self._host.take(coalesce(given))  # as it was: released again
+                self.counters.inc(VirtioDeviceCounter.RESET_REFUSED_UNBACKED)
+                return False
         for q, head, _ in self._held:  # held deflates belong to the old balloon too
             if q in self._queues and q not in self.broken_queues:
                 self._queues[q].push_used(head, 0)
                 self._interrupt_used(q)
         self._held.clear()
-        pfns = self.balloon_pfns()
-        if pfns.size:
-            self._host.give(coalesce(pfns), force=True)  # the driver takes them all back
         self._inflated[:] = False
         self._inflated_count = 0
         self._reset_generation = (self._reset_generation + 1) & PFN32_MAX
         self.counters.inc(VirtioDeviceCounter.RESETS)
         self._config_interrupt()
+        return True
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self) -> VirtioDeviceSnapshot:

@@ -178,8 +178,10 @@ class GuestRuntime:
                     self._held = (t.in_flight(0), t.in_flight(1))
                     break
                 self._held = None
-            if d.balloon_pages != d.target_pages:
-                return now + d.period_s  # out of puff: Linux retries after 200 ms
+            if d.balloon_pages != d.target_pages or self._held is not None:
+                # out of puff (Linux retries after 200 ms), or buffers the host still holds:
+                # come back to collect them
+                return now + d.period_s
         return float("inf")
 
     def report(self, now: float) -> PressureReport:
@@ -257,6 +259,11 @@ class GuestRuntime:
                 if self.transport is not None and self.transport.config_pending:
                     self.transport.config_pending = False
                     run_work = True
+                if self._held is not None and self.link.inbox:
+                    # a drain gave up on buffers the host held (a loaded host can take longer
+                    # than VIRTIO_WAIT_S): collect what it used since before serving its
+                    # requests, so touch_free finds the frames a finished deflate gave back
+                    next_work = self.work(now)
                 while self.link.inbox and self.running:
                     run_work |= self.handle(self.link.inbox.popleft(), now)
                 if not self.running:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Final
 
+from memballoon.guest.virtio_driver import PFN_SLOTS
 from memballoon.host.virtio_device import VirtioBalloonDevice
 from memballoon.local.link import GuestLink
 from memballoon.model.counters import CounterName, Counters
@@ -55,7 +56,12 @@ from memballoon.protocol.wire import Kind, encode
 MAX_QUEUES: Final = 5
 #: inflateq and deflateq: the queues the guest may run ahead on.
 PIPELINED_QUEUES: Final = frozenset({0, 1})
-DEFAULT_PIPELINE_DEPTH: Final = 16
+DEFAULT_PIPELINE_DEPTH: Final = PFN_SLOTS
+#: Used buffers an inflate/deflate interrupt may wait for while the device still has chains
+#: to pop on that queue (the host runs it a few chains a call): one interrupt when the queue
+#: is drained or this many chains are used, not one per call. Half the guest's PFN buffers:
+#: it refills that half while the device works through the other.
+IRQ_COALESCE_CHAINS: Final = PFN_SLOTS // 2
 #: A wait gives up after this long (the device answers in well under a millisecond; this only
 #: bounds a hung host, whose death the socket reports anyway).
 WAIT_TIMEOUT_S: Final = 5.0
@@ -307,6 +313,8 @@ class VirtioHostEndpoint:
         self.counters = counters if counters is not None else device.counters
         #: queues whose doorbell rang and whose chains the device has not all popped yet
         self.pending: set[int] = set()
+        self._running: int | None = None  # the queue ``run`` is processing
+        self._owed: dict[int, int] = {}  # queue -> chains popped since its interrupt was owed
         device.attach(self)
 
     # -------------------------------------------------------------- InterruptSink
@@ -314,6 +322,12 @@ class VirtioHostEndpoint:
         self.send(encode(Kind.CONFIG, self.device.read_config()))
 
     def used_buffers(self, queue: int) -> None:
+        if queue == self._running and queue in PIPELINED_QUEUES:
+            self._owed.setdefault(queue, 0)  # ``run`` raises it (coalesced)
+            return
+        self._interrupt(queue)
+
+    def _interrupt(self, queue: int) -> None:
         if 0 <= queue < len(self.irq_fds):
             try:
                 os.write(self.irq_fds[queue], _ONE)
@@ -343,9 +357,21 @@ class VirtioHostEndpoint:
         """Run the device for a pending ``queue``: at most ``max_chains`` chains (all without);
         how many it popped. Fewer than ``max_chains`` means the queue is drained (it leaves
         ``pending``). Never raises."""
-        popped = self.device.notify(queue, max_chains=max_chains)
-        if max_chains is None or popped < max_chains:
+        self._running = queue
+        try:
+            popped = self.device.notify(queue, max_chains=max_chains)
+        finally:
+            self._running = None
+        drained = max_chains is None or popped < max_chains
+        if drained:
             self.pending.discard(queue)
+        if queue in self._owed:
+            # one interrupt per drained queue or IRQ_COALESCE_CHAINS chains: a wakeup of the
+            # guest per call would have it preempt the host for a few buffers at a time
+            self._owed[queue] += popped
+            if drained or self._owed[queue] >= IRQ_COALESCE_CHAINS:
+                del self._owed[queue]
+                self._interrupt(queue)
         return popped
 
     @property
