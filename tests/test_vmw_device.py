@@ -568,6 +568,25 @@ def test_an_unlock_the_pool_cannot_back_is_busy_and_the_page_stays_locked() -> N
     assert dev.partial_huge_pages == 1
 
 
+def test_a_reset_is_told_only_once_the_host_can_back_every_page() -> None:
+    # the guest pops its whole balloon on ERROR_RESET and touches it at once: with the hugetlb
+    # pool dry it would fault into nothing (SIGBUS), so the reset waits for memory
+    dev, ram = huge_started()
+    ram.pool = 0
+    send(dev, batch_request(Command.BATCHED_2M_LOCK, [0, HP]))
+    ram.pool = 1  # one of the two pages it gave back was taken by someone else
+    dev.request_reset()
+    resp = send(dev, Request(Command.GET_TARGET, PAGES))
+    assert resp.status is Status.SUCCESS  # answered on its merits: the reset waits
+    assert dev.counters["reset_deferred_unbacked"] == 1 and dev.counters["reset"] == 0
+    assert dev.counters["readmit_forced_unbacked"] == 0
+    assert dev.actual_pages == 2 * HP and ram.pool == 1  # as it was: nothing kept
+    ram.pool = 2  # memory is back: the next command tells the guest
+    assert send(dev, Request(Command.GET_TARGET, PAGES)).status is Status.ERROR_RESET
+    assert dev.actual_pages == 0 and dev.counters["reset"] == 1
+    assert dev.counters["readmit_forced_unbacked"] == 0
+
+
 @pytest.mark.parametrize(("batched", "target"), [(True, 3000), (False, 700), (True, 2 * HP)])
 def test_a_pair_over_huge_pages_balloons_whole_blocks(batched: bool, target: int) -> None:
     p = vmw_pair(4 * PAGES, batched=batched, host_page_frames=HP)  # a 64 MiB guest

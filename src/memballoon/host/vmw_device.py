@@ -130,6 +130,8 @@ class VmwDeviceCounter(CounterName):
     # sessions
     BUSY = "busy"  # commands answered ERROR_BUSY (busy_next)
     RESET = "reset"  # ERROR_RESET answers that told the guest of a requested reset
+    # a requested reset put off: the host could not back every balloon page (hugetlb pool dry)
+    RESET_DEFERRED_UNBACKED = "reset_deferred_unbacked"
     CMD_BEFORE_START = "cmd_before_start"  # commands outside a session (answered ERROR_RESET)
     PAGES_FORGOTTEN = "pages_forgotten"  # locked pages dropped by a reset or START
     BATCH_NOT_NEGOTIATED = "batch_not_negotiated"  # 4 KiB batches without BATCHED_CMDS
@@ -370,8 +372,7 @@ class VmwBalloonDevice:
         cmd = req.command
         if cmd is _START:
             return self._start(req.data)
-        if self._reset_pending:
-            self._forget_all()
+        if self._reset_pending and self._forget_all(backed_only=True):
             self._reset_pending = False
             self._started = False
             self.counters.inc(VmwDeviceCounter.RESET)
@@ -422,15 +423,29 @@ class VmwBalloonDevice:
         self._caps = Capability.BASIC_CMDS
         return Response(Status.SUCCESS)
 
-    def _forget_all(self) -> None:
+    def _forget_all(self, *, backed_only: bool = False) -> bool:
+        """The balloon is gone: the guest takes every page back at once. With ``backed_only``
+        (a reset we ask for), only if the host can back every one (a hugetlb pool run dry
+        cannot: the guest would fault into nothing); else nothing changes, the frames it could
+        back are released again, ``reset_deferred_unbacked`` counts it and False: the reset is
+        told at a later command, once memory is back. A START (the guest's own restart) takes
+        them back regardless."""
         # with nothing locked the tables are clear already: writing them anyway would make a
         # simulated guest's untouched tables resident
         if self._n_locked:
-            self._host.give(coalesce(self.balloon_pfns()), force=True)  # the guest takes all
+            pfns = self.balloon_pfns()
+            stuck = self._host.give(coalesce(pfns), force=not backed_only)
+            if len(stuck):
+                given = pfns[~in_ranges(pfns, stuck)]
+                if given.size:
+                    self._host.take(coalesce(given))  # as it was: released again
+                self.counters.inc(VmwDeviceCounter.RESET_DEFERRED_UNBACKED)
+                return False
             self.counters.inc(VmwDeviceCounter.PAGES_FORGOTTEN, self._n_locked)
             self._locked[:] = False
             self._huge[:] = False
         self._n_locked = 0
+        return True
 
     # ------------------------------------------------------------------ single pages
     def _lock_one(self, pfn: int) -> Status:
