@@ -327,7 +327,8 @@ async def _scenario(policy_name: str, w: _World, journal: Path) -> dict[str, Any
                                 {g: s.target_pages for g, s in e.guests.items() if s.alive},
                                 {g: s.balloon_pages for g, s in e.guests.items() if s.alive}))
             trace.ages.append((now, {g: s.report_age_s(now) for g, s in e.guests.items()},
-                               dict(getattr(e.core.policy, "counters", Counters()).as_dict())))
+                               {**getattr(e.core.policy, "counters", Counters()).as_dict(),
+                                **e.counters.as_dict()}))
             for a in e.last_applied:
                 s = e.guests.get(a.guest)
                 trace.changes.append((now, avail, a.guest, a.old_pages, a.new_pages,
