@@ -315,6 +315,24 @@ def test_an_emergency_while_the_host_is_short_restores_only_the_small_margin() -
     assert oom is not None and oom.balloon_pages == 0  # an OOM kill still gets it all back
 
 
+def test_a_guest_just_under_its_floor_still_gives_to_a_short_host() -> None:
+    # seen on a real libvirt host: a guest probed down to its floor, its working set a few
+    # pages up since: under its floor by 100 pages, it was no candidate for reclaim and the
+    # host, 160 MiB under its reserve, got nothing back for 20 s
+    reserve = RAM // 4
+    short = HostSample(budget_pages=2 * RAM - reserve // 2, resident_pages=2 * RAM,
+                       total_pages=8 * RAM, available_pages=reserve // 2, reserve_pages=reserve)
+    b = RAM // 2
+    margin = int(MARGIN_FRACTION * RAM)
+    g = sample(report(10.0, avail=margin - 100, balloon=b), balloon=b)
+    calm = one(DefaultPolicy(probe=False), g, 10.0)
+    assert calm is None  # 100 pages under its floor: not worth a change while the host has room
+    ds = DefaultPolicy(probe=False).decide(short, [g], 10.0)
+    assert len(ds) == 1 and ds[0].urgent and "under its reserve: reclaim" in ds[0].reason
+    # down to its working set plus the budget's margin, no further
+    assert ds[0].balloon_pages == b + (margin - 100) - BUDGET_MARGIN_PAGES
+
+
 def test_the_lookahead_is_the_growth_over_the_reports_interval_not_the_calls() -> None:
     # a short host's early steps call the policy 0.2 s apart; a report written 2 s after the
     # last one, arriving just after a call, grew the working set by 600 pages over 2 s

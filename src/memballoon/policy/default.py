@@ -44,7 +44,10 @@ Then the host: when the guests would together hold more than the budget (residen
 planned growth), the excess is reclaimed at once, first from the guests with the least pressure
 and the most idle memory above their floors; if that is not enough, growth back to floors is
 cut (emergency and back-off deflations stay: a guest's life comes first). When there is room,
-guests under pressure get it first (their deflations are planned before anything else).
+guests under pressure get it first (their deflations are planned before anything else). While
+the host itself is short (under its reserve, or its PSI high) no guest grows back: one under its
+floor holds, and gives like the others down to its budget floor (working set plus
+``BUDGET_MARGIN_PAGES``); an emergency deflates only to that margin.
 
 Pure: state between calls (probe steps, working-set history, last counters) lives in this
 object, one ``GuestMemo`` per guest; ``now`` is the manager's clock. What must survive a daemon
@@ -656,14 +659,23 @@ class DefaultPolicy:
             p = self._plan(g, now)
             if p is not None:
                 plans.append(p)
+        psi_pressed = (host.psi_some_avg10 is not None
+                       and host.psi_some_avg10 >= HOST_PSI_SOME_PCT)
+        pressed = host.short_pages > 0 or psi_pressed
+        if pressed:
+            for p in plans:
+                if p.verdict is Verdict.UNDER_FLOOR:
+                    # its growth back to its floor waits for the host, and meanwhile it may
+                    # give, as a held guest does, down to its budget floor: a guest a few
+                    # pages under a floor that moved with its working set's noise was no
+                    # candidate at all, and a short host got nothing back
+                    p.size = min(p.size, p.g.ram_pages - p.g.target_pages)
+                    p.verdict = Verdict.HOLD
         # the guests' growth if every plan is carried out, over what they hold now
         growth = sum(self._planned_size(p) - p.g.size_pages for p in plans)
         excess = host.resident_pages + growth - host.budget_pages
-        psi_pressed = (host.psi_some_avg10 is not None
-                       and host.psi_some_avg10 >= HOST_PSI_SOME_PCT)
         if psi_pressed and host.total_pages is not None:
             excess = max(excess, growth + int(HOST_PSI_RECLAIM_FRACTION * host.total_pages))
-        pressed = host.short_pages > 0 or psi_pressed
         cause = self._cause(host, excess, psi_pressed)
         if excess > 0:
             excess = self._reclaim(plans, excess, cause)
