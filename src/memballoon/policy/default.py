@@ -365,9 +365,9 @@ class Figures:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as ``Figures``: one a guest a call; never changed
 class Ruling:
-    """What a rule decides for one guest, and what the policy remembers of it."""
+    """What a rule decides for one guest, and what the policy remembers of it (read only)."""
 
     size: int  # planned size (pages the guest keeps)
     floor: int  # the safety floor the plan keeps
