@@ -104,6 +104,9 @@ MANUAL_MARGIN_PAGES: Final = 64 * 256  # 64 MiB
 #: ... and without a report to read its working set from, at least this.
 MANUAL_MIN_PAGES: Final = 64 * 256  # 64 MiB
 
+#: The settings of a guest the administrator said nothing about.
+NO_SETTINGS: Final = GuestSettings()
+
 #: Defaults of the hysteresis (see ``Hysteresis``).
 MIN_CHANGE_PAGES: Final = 256  # 1 MiB: below this a change is noise
 MIN_CHANGE_FRACTION: Final = 0.0025  # MoM ignores changes under 0.25% of the guest (peers.md)
@@ -217,14 +220,17 @@ class ManagerCore:
         """``s`` with its administrator's settings (the backend does not know them), its
         balloon and target clamped into its RAM (counted): a guest that reports a balloon
         of 0xFFFFFFFF pages must not make the host look over budget by as much."""
-        want = self.settings.get(s.name, GuestSettings())
-        ram = max(0, s.ram_pages)
-        bal = min(max(0, s.balloon_pages), ram)
-        tgt = min(max(0, s.target_pages), ram)
-        if (bal, tgt, ram) != (s.balloon_pages, s.target_pages, s.ram_pages):
-            self.counters.inc(ManagerCounter.SAMPLE_OUT_OF_RANGE)
-            return replace(s, ram_pages=ram, balloon_pages=bal, target_pages=tgt, settings=want)
-        return s if s.settings == want else replace(s, settings=want)
+        want = self.settings.get(s.name, NO_SETTINGS)
+        ram, bal, tgt = s.ram_pages, s.balloon_pages, s.target_pages
+        if not (0 <= bal <= ram and 0 <= tgt <= ram):  # else all in range: nothing to clamp
+            ram = max(0, ram)
+            bal = min(max(0, bal), ram)
+            tgt = min(max(0, tgt), ram)
+            if (bal, tgt, ram) != (s.balloon_pages, s.target_pages, s.ram_pages):
+                self.counters.inc(ManagerCounter.SAMPLE_OUT_OF_RANGE)
+                return replace(s, ram_pages=ram, balloon_pages=bal, target_pages=tgt,
+                               settings=want)
+        return s if s.settings is want or s.settings == want else replace(s, settings=want)
 
     def drain_events(self) -> list[Event]:
         ev, self.events = self.events, []
@@ -258,21 +264,26 @@ class ManagerCore:
         host: HostMemory | None = None,
     ) -> list[Action]:
         self.counters.inc(ManagerCounter.STEPS)
-        samples = {name: self.sample(s) for name, s in guests.items()}
+        sample = self.sample
+        samples = {name: sample(s) for name, s in guests.items()}
+        cur, prev = self._cur_report, self._prev_report
         for name, st in samples.items():
             r = st.report
-            if r is not None and self._cur_report.get(name) is not r:
-                if name in self._cur_report:
-                    self._prev_report[name] = self._cur_report[name]
-                self._cur_report[name] = r
+            if r is not None:
+                old = cur.get(name)  # never None once there
+                if old is not r:
+                    if old is not None:
+                        prev[name] = old
+                    cur[name] = r
         self.last_samples = samples
         self.last_host = self.host_sample(host_resident_bytes, host)
         decisions = self._decide(self.last_host, samples, now)
         actions: list[Action] = []
+        manual = self.manual
         for name, s in samples.items():
             if not s.alive:
                 continue
-            if name in self.manual:
+            if name in manual:
                 want = clamp_balloon(s, self.manual[name])
                 if want != s.target_pages:  # the backend lost it (restart): ask again
                     actions.append(Action(name, s.target_pages, want, "manual target", {},

@@ -60,6 +60,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import itemgetter
 from typing import Annotated, Final, Literal
 
 from pydantic import Field
@@ -185,6 +186,7 @@ class GuestMemo:
     step: float = PROBE_STEP_START  # probe step, share of RAM
     ws: deque[tuple[float, int]] = field(default_factory=deque)  # (now, working set pages)
     last: ReportCounts | None = None  # the last fresh report (None: rates start over)
+    last_report: PressureReport | None = None  # the report ``last`` was read off
     last_now: float | None = None  # when it was read
     last_balloon: int | None = None
     # since when the balloon has not grown under the same target (a restored memo: from the
@@ -205,10 +207,12 @@ class GuestMemo:
         growth = 0.0
         if self.ws and dt > 0:
             growth = max(0.0, (ws - self.ws[-1][1]) / dt)
-        self.ws.append((now, ws))
-        while self.ws and self.ws[0][0] < now - WS_WINDOW_S:
-            self.ws.popleft()
-        return growth, max(w for _, w in self.ws)
+        hist = self.ws
+        hist.append((now, ws))
+        oldest = now - WS_WINDOW_S
+        while hist and hist[0][0] < oldest:
+            hist.popleft()
+        return growth, max(map(_second, hist))
 
     def remember(self, f: Figures, ruling: Ruling) -> None:
         """Carry out what ``ruling`` asks this memory to keep."""
@@ -251,6 +255,9 @@ class GuestMemo:
             oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls)
 
 
+_second: Final = itemgetter(1)
+
+
 def _age(now: float, t: float) -> float:
     return max(0.0, now - t)  # a moment after ``now`` (a clock gone back) counts as now
 
@@ -264,9 +271,11 @@ def _time_or_never(now: float, age: float | None) -> float:
 
 
 # ---------------------------------------------------------------------- the rules
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 6 us a guest a call; never changed
 class Figures:
-    """One guest's figures for one call, computed once; every rule reads them and nothing else.
+    """One guest's figures for one call, computed once; every rule reads them and nothing else
+    (and none writes them). ``DefaultPolicy.figures`` builds it positionally: a new field
+    goes last, or there too.
 
     For a guest without a fresh report (``fresh`` false) only ``g`` and ``now`` mean anything:
     the blind rule, first, takes it.
@@ -299,7 +308,8 @@ class Figures:
 
     @property
     def size(self) -> int:
-        return self.g.size_pages
+        g = self.g  # GuestSample.size_pages, without a second property call (hot: per guest)
+        return g.ram_pages - g.balloon_pages
 
     @property
     def ram(self) -> int:
@@ -308,11 +318,13 @@ class Figures:
     @property
     def target_size(self) -> int:
         """The size the current target leaves the guest."""
-        return self.g.ram_pages - self.g.target_pages
+        g = self.g
+        return g.ram_pages - g.target_pages
 
     @property
     def inflating(self) -> bool:
-        return self.g.target_pages > self.g.balloon_pages
+        g = self.g
+        return g.target_pages > g.balloon_pages
 
     @property
     def emergency_margin(self) -> int:
@@ -336,7 +348,8 @@ class Figures:
 
     @property
     def settled(self) -> bool:
-        return abs(self.g.target_pages - self.g.balloon_pages) < MIN_CHANGE_PAGES
+        g = self.g
+        return abs(g.target_pages - g.balloon_pages) < MIN_CHANGE_PAGES
 
     def inputs(self) -> dict[str, float]:
         """The figures a decision journals."""
@@ -355,9 +368,9 @@ class Figures:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as ``Figures``: one a guest a call; never changed
 class Ruling:
-    """What a rule decides for one guest, and what the policy remembers of it."""
+    """What a rule decides for one guest, and what the policy remembers of it (read only)."""
 
     size: int  # planned size (pages the guest keeps)
     floor: int  # the safety floor the plan keeps
@@ -469,8 +482,10 @@ RULES: Final[tuple[Rule, ...]] = (
 
 def judge(f: Figures) -> tuple[Rule, Ruling | None]:
     """The first rule that applies to ``f``, and what it decides."""
-    rule = next(r for r in RULES if r.when(f))
-    return rule, rule.decide(f)
+    for rule in RULES:
+        if rule.when(f):
+            return rule, rule.decide(f)
+    raise AssertionError("the hold rule always applies")
 
 
 # ---------------------------------------------------------------------- snapshots
@@ -514,8 +529,11 @@ class _Plan:
     size: int  # planned size (pages the guest keeps)
     floor: int  # learned safety floor
     pressure: float  # 0 quiet .. larger worse (for ordering)
-    why: str
-    inputs: dict[str, float]
+    # what the reason and the journal's inputs are made of: written only for the few guests
+    # that get a decision (``why``, ``f.inputs()``), never for the ones that hold
+    f: Figures
+    rule: Rule
+    ruling: Ruling
     balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
     soft_floor: int = 0  # the size that keeps the guest's page cache: reclaimed second
     budget_floor: int = 0  # how far the host budget may squeeze: working set + small margin
@@ -523,6 +541,12 @@ class _Plan:
     # an emergency (no OOM kill): the size that restores only the budget's margin, all the
     # host gives while it is short itself
     relief: int | None = None
+    reason: str | None = None  # a reason replacing the rule's (the host's reclaim)
+    more: str = ""  # said after the reason (the host's cuts)
+
+    def why(self) -> str:
+        base = self.reason if self.reason is not None else self.rule.why(self.f, self.ruling)
+        return base + self.more
 
 
 class DefaultPolicy:
@@ -558,19 +582,21 @@ class DefaultPolicy:
     # ------------------------------------------------------------------ per guest
     def figures(self, g: GuestSample, m: GuestMemo, now: float) -> Figures:
         """``g``'s figures at ``now``; ``m`` takes in this call's report and working set."""
+        # called for every guest every call: attributes read once into locals
         r = fresh_report(g, self.max_report_age_s, now)
         if r is None:
             m.last = None  # rates restart from the next report
             return Figures(g, now, fresh=False)
         c = self.counters
         prev = m.last
+        balloon, target, ram = g.balloon_pages, g.target_pages, g.ram_pages
         dt = 0.0
-        if prev is not None and m.last_now is not None:
-            dt = r.time_s - prev.time_s
-            if dt <= 0:
-                dt = now - m.last_now  # the guest's clock did not move: ours did
         d_swapin = d_major = d_oom = d_refused = 0
         if prev is not None:
+            if m.last_now is not None:
+                dt = r.time_s - prev.time_s
+                if dt <= 0:
+                    dt = now - m.last_now  # the guest's clock did not move: ours did
             d_swapin = counter_delta(r.swap_in_pages, prev.swap_in_pages, c,
                                      PolicyReportCounter.SWAP_IN_BACKWARDS)
             d_major = counter_delta(r.major_faults, prev.major_faults, c,
@@ -581,43 +607,44 @@ class DefaultPolicy:
                 d_refused = counter_delta(r.refused_pages, prev.refused_pages, c,
                                           PolicyReportCounter.REFUSED_BACKWARDS)
         swapin_rate = d_swapin / dt if dt > 0 else 0.0
-        grown = m.last_balloon is None or g.balloon_pages > m.last_balloon
-        if grown or g.target_pages != m.last_target:
-            m.still_since = now  # moving, or asked for something new: give it time
-        stuck = (not grown and g.target_pages > g.balloon_pages
-                 and now - m.still_since >= STUCK_AFTER_S)
         last_balloon = m.last_balloon
-        m.last, m.last_now, m.last_balloon = ReportCounts.of(r), now, g.balloon_pages
-        m.last_target = g.target_pages
+        grown = last_balloon is None or balloon > last_balloon
+        if grown or target != m.last_target:
+            m.still_since = now  # moving, or asked for something new: give it time
+        stuck = not grown and target > balloon and now - m.still_since >= STUCK_AFTER_S
+        if prev is None or m.last_report is not r:  # the same report: the same counts
+            m.last, m.last_report = ReportCounts.of(r), r
+        m.last_now, m.last_balloon, m.last_target = now, balloon, target
 
         ws = working_set_pages(g, r, c)
         avail = available_pages(g, r, c)
         growth, peak = m.see_working_set(ws, now, dt)
-        ram = g.ram_pages
         # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
         ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if (now >= m.hurt_at + PRESSURE_MEMORY_S
                 or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)):
             m.hurt_size = 0  # the pain is old, or the working set shrank well below it
-        floor = min(max(g.settings.min_pages, peak + margin, m.hurt_size), g.ceiling_pages())
-        if r.stall_pct > self.stall_quiet_pct or d_swapin or d_oom or avail < margin:
+        min_pages, hurt_size = g.settings.min_pages, m.hurt_size
+        floor = min(max(min_pages, peak + margin, hurt_size), g.ceiling_pages())
+        stall_pct, trouble_pct = r.stall_pct, self.stall_trouble_pct
+        if stall_pct > self.stall_quiet_pct or d_swapin or d_oom or avail < margin:
             m.quiet_calls = 0  # anything but quiet starts the count again
+        # positional, in the order of the fields: a third of the cost of keywords
         return Figures(
-            g, now, stall_pct=r.stall_pct, d_swapin=d_swapin, d_oom=d_oom, d_refused=d_refused,
-            swapin_rate=swapin_rate, fault_rate=d_major / dt if dt > 0 else 0.0, stuck=stuck,
-            last_balloon=last_balloon, ws=ws, avail=avail, peak=peak, ahead=ahead,
-            margin=margin, floor=floor,
-            budget_floor=min(floor, max(g.settings.min_pages, m.hurt_size,
-                                        ws + BUDGET_MARGIN_PAGES + ahead)),
-            step=max(1, int(m.step * ram)),
-            severity=max(r.stall_pct / self.stall_trouble_pct if self.stall_trouble_pct
-                         else 0.0, swapin_rate / SWAPIN_TROUBLE_PER_S),
-            quiet_calls=m.quiet_calls, probe=self.probe, stall_quiet_pct=self.stall_quiet_pct,
-            stall_trouble_pct=self.stall_trouble_pct)
+            g, now, True, stall_pct, d_swapin, d_oom, d_refused, swapin_rate,
+            d_major / dt if dt > 0 else 0.0,  # fault_rate
+            stuck, last_balloon, ws, avail, peak, ahead, margin, floor,
+            min(floor, max(min_pages, hurt_size, ws + BUDGET_MARGIN_PAGES + ahead)),  # budget_floor
+            max(1, int(m.step * ram)),  # step
+            max(stall_pct / trouble_pct if trouble_pct else 0.0,
+                swapin_rate / SWAPIN_TROUBLE_PER_S),  # severity
+            m.quiet_calls, self.probe, self.stall_quiet_pct, trouble_pct)
 
     def _plan(self, g: GuestSample, now: float) -> _Plan | None:
-        m = self.state.setdefault(g.name, GuestMemo())
+        m = self.state.get(g.name)
+        if m is None:
+            m = self.state[g.name] = GuestMemo()
         f = self.figures(g, m, now)
         rule, ruling = judge(f)
         if rule.counter is not None:
@@ -625,8 +652,8 @@ class DefaultPolicy:
         if ruling is None:
             return None
         m.remember(f, ruling)
-        p = _Plan(g, rule.verdict, ruling.size, ruling.floor, ruling.pressure,
-                  rule.why(f, ruling), f.inputs(), ruling.balloon, budget_floor=f.budget_floor)
+        p = _Plan(g, rule.verdict, ruling.size, ruling.floor, ruling.pressure, f, rule, ruling,
+                  ruling.balloon, budget_floor=f.budget_floor)
         if rule.verdict is Verdict.EMERGENCY and f.d_oom == 0:
             p.relief = min(ruling.size, f.size + f.squeeze_margin - f.avail)
         if g.report is not None:
@@ -672,7 +699,12 @@ class DefaultPolicy:
                     p.size = min(p.size, p.g.ram_pages - p.g.target_pages)
                     p.verdict = Verdict.HOLD
         # the guests' growth if every plan is carried out, over what they hold now
-        growth = sum(self._planned_size(p) - p.g.size_pages for p in plans)
+        growth = 0
+        for p in plans:  # the planned size (an explicit balloon's, or ``size``) less the size
+            g = p.g
+            ram = g.ram_pages
+            growth += (ram - p.balloon if p.balloon is not None else p.size) - (
+                ram - g.balloon_pages)
         excess = host.resident_pages + growth - host.budget_pages
         if psi_pressed and host.total_pages is not None:
             excess = max(excess, growth + int(HOST_PSI_RECLAIM_FRACTION * host.total_pages))
@@ -683,7 +715,7 @@ class DefaultPolicy:
             for p in plans:
                 if p.relief is not None and p.relief < p.size:
                     p.size = p.relief  # just out of danger, not back to the full margin
-                    p.why += f" (host short: to the small margin, size {p.relief})"
+                    p.more += f" (host short: to the small margin, size {p.relief})"
             excess = max(excess, sum(max(0, p.size - p.g.size_pages) for p in plans))
         if excess > 0:
             self._cut_growth(plans, excess, cause)
@@ -697,15 +729,16 @@ class DefaultPolicy:
             if (p.verdict in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR)
                     and abs(balloon - g.target_pages) < MIN_CHANGE_PAGES):
                 continue
-            p.inputs["host_resident_pages"] = float(host.resident_pages)
-            p.inputs["host_budget_pages"] = float(host.budget_pages)
+            inputs = p.f.inputs()
+            inputs["host_resident_pages"] = float(host.resident_pages)
+            inputs["host_budget_pages"] = float(host.budget_pages)
             if host.available_pages is not None:
-                p.inputs["host_available_pages"] = float(host.available_pages)
-                p.inputs["host_reserve_pages"] = float(host.reserve_pages)
+                inputs["host_available_pages"] = float(host.available_pages)
+                inputs["host_reserve_pages"] = float(host.reserve_pages)
             if host.psi_some_avg10 is not None:
-                p.inputs["host_psi_some_avg10"] = host.psi_some_avg10
+                inputs["host_psi_some_avg10"] = host.psi_some_avg10
             urgent = p.verdict in URGENT or p.budget_cut
-            out.append(Decision(g.name, balloon, p.why, p.inputs, urgent=urgent))
+            out.append(Decision(g.name, balloon, p.why(), inputs, urgent=urgent))
         return out
 
     @staticmethod
@@ -720,10 +753,6 @@ class DefaultPolicy:
         if psi_pressed:
             return f"host memory pressure {host.psi_some_avg10:.1f}%"
         return f"planned growth would pass the budget by {excess} pages"
-
-    @staticmethod
-    def _planned_size(p: _Plan) -> int:
-        return p.g.ram_pages - p.balloon if p.balloon is not None else p.size
 
     def _reclaim(self, plans: list[_Plan], excess: int, cause: str) -> int:
         """Take ``excess`` pages from quiet guests above their floors; returns what is left.
@@ -748,8 +777,9 @@ class DefaultPolicy:
                 excess -= take
                 p.verdict = Verdict.PROBE
                 p.budget_cut = True
-                p.why = (f"default: {cause}: reclaim {take} "
-                         f"{'free' if soft else 'cache'} pages (floor {low(p)})")
+                p.reason = (f"default: {cause}: reclaim {take} "
+                            f"{'free' if soft else 'cache'} pages (floor {low(p)})")
+                p.more = ""
         return excess
 
     @staticmethod
@@ -764,4 +794,4 @@ class DefaultPolicy:
             cut = min(excess, max(0, grow))
             p.size -= cut
             excess -= cut
-            p.why += f" (cut by {cut} pages: {cause})"
+            p.more += f" (cut by {cut} pages: {cause})"

@@ -340,13 +340,12 @@ class SimBackend:
             s = g.sample
             if s is None:
                 p, rep = g.pair, g.report
+                # positional, in the order of the fields (a fleet rebuilds them all per report)
                 s = g.sample = GuestSample(
-                    name=g.name, ram_pages=p.mem.total_pages,
-                    balloon_pages=p.device.actual_pages if g.alive else 0,
-                    target_pages=p.device.target_pages, settings=g.settings, report=rep,
-                    report_time=g.report_time, alive=g.alive, resident_bytes=g.resident,
-                    active_sampled=rep.active_sampled if rep is not None else 0,
-                    active_touched=rep.active_touched if rep is not None else 0,
+                    g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
+                    p.device.target_pages, g.settings, rep, g.report_time, g.alive, g.resident,
+                    rep.active_sampled if rep is not None else 0,  # active_sampled
+                    rep.active_touched if rep is not None else 0,  # active_touched
                 )
             out[g.name] = s
         return out
