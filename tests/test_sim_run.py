@@ -3,6 +3,7 @@ the built-in scenarios (the long forms are `memballoon sim run/compare`)."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 from dataclasses import replace
 
@@ -130,3 +131,22 @@ def test_overcommit_in_short_form() -> None:
     assert res["policies"]["static"]["min_safe_budget_ratio"] == 0.7
     assert (res["policies"]["default"]["mean_released_bytes"]
             > res["policies"]["static"]["mean_released_bytes"] == 0)
+
+
+def test_a_run_gives_its_world_back_to_the_collector() -> None:
+    # the run freezes its world out of the collector's scans; when it ends nothing it froze
+    # stays frozen (else every run of a sweep would keep its world for good)
+    assert gc.get_freeze_count() == 0
+    frozen: list[int] = []
+    r = run_scenario(small(seconds=5.0), stopwatch=lambda: frozen.append(
+        gc.get_freeze_count()) or 0.0)
+    assert r.seconds == 5.0 and min(frozen) > 0  # frozen while it ran
+    assert gc.get_freeze_count() == 0
+    # a caller's own frozen objects stay frozen, and the run does not unfreeze them
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        run_scenario(small(seconds=5.0))
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()

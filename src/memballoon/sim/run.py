@@ -132,12 +132,16 @@ def run_scenario(sc: Scenario, *, progress: Progress | None = None,
     w = build(sc, on_report=on_report, sleep=sleep)
     # The guests' models live as long as the run and, outside the simulator, in processes of
     # their own: kept out of the collector's scans (a full collection of a fleet's world, 85
-    # thousand objects, stopped a manager step for tens of ms), back in when the run ends.
-    gc.freeze()
+    # thousand objects, stopped a manager step for tens of ms), back in when the run ends. A
+    # caller that froze objects itself is left as it is (``unfreeze`` takes all or nothing).
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     try:
         return _run_world(sc, w, stalls, progress, stopwatch)
     finally:
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress | None,
