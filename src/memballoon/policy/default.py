@@ -189,10 +189,10 @@ class GuestMemo:
     last_report: PressureReport | None = None  # the report ``last`` was read off
     last_now: float | None = None  # when it was read
     last_balloon: int | None = None
-    # since when the balloon has not grown under the same target (a restored memo: from the
-    # restore on); an inflation is stuck only after STUCK_AFTER_S of that
+    # since when the balloon has not grown under the same target; an inflation is stuck only
+    # after STUCK_AFTER_S of that
     still_since: float = NEVER
-    last_target: int | None = None  # the target at the last call (not kept in snapshots)
+    last_target: int | None = None  # the target at the last call
     hurt_size: int = 0  # the size at which the guest last hurt (plus the back-off)
     hurt_at: float = NEVER  # when (remembered for PRESSURE_MEMORY_S)
     hurt_ws: int = 0  # its working set then
@@ -239,7 +239,8 @@ class GuestMemo:
             step=self.step, working_set=tuple((_age(now, t), w) for t, w in self.ws),
             last_report=last, last_balloon=self.last_balloon, hurt_size=self.hurt_size,
             hurt_age_s=_age_or_never(now, self.hurt_at), hurt_ws=self.hurt_ws,
-            oom_age_s=_age_or_never(now, self.oom_at), quiet_calls=self.quiet_calls)
+            oom_age_s=_age_or_never(now, self.oom_at), quiet_calls=self.quiet_calls,
+            still_age_s=_age_or_never(now, self.still_since), last_target=self.last_target)
 
     @classmethod
     def restored(cls, snap: DefaultGuestSnapshot, now: float) -> GuestMemo:
@@ -250,7 +251,8 @@ class GuestMemo:
                 last.time_s, last.swap_in_pages, last.major_faults, last.oom_kills,
                 last.refused_pages),
             last_now=None if last is None else now - last.age_s,
-            last_balloon=snap.last_balloon, still_since=now, hurt_size=snap.hurt_size,
+            last_balloon=snap.last_balloon, still_since=_time_or_never(now, snap.still_age_s),
+            last_target=snap.last_target, hurt_size=snap.hurt_size,
             hurt_at=_time_or_never(now, snap.hurt_age_s), hurt_ws=snap.hurt_ws,
             oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls)
 
@@ -512,6 +514,10 @@ class DefaultGuestSnapshot(SnapshotPart):
     hurt_ws: Pages
     oom_age_s: Seconds | None
     quiet_calls: Annotated[int, Field(ge=0)]
+    # since when the balloon has not grown under the same target, and that target (a snapshot
+    # from before they were kept has neither: the next call starts the wait afresh)
+    still_age_s: Seconds | None = None
+    last_target: Pages | None = None
 
 
 class DefaultSnapshot(PolicySnapshot):
