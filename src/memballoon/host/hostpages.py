@@ -43,7 +43,7 @@ import numpy.typing as npt
 from memballoon.host.ram import RamBackend
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import HostResourceError, MemballoonError, UsageError
-from memballoon.model.pages import PfnArray, RangeArray, merge_ranges, range_pages
+from memballoon.model.pages import PfnArray, RangeArray, coalesce, merge_ranges, range_pages
 
 _NO_RANGES = np.empty((0, 2), dtype=np.int64)
 
@@ -221,6 +221,19 @@ class HostPages:
         keep = np.isin(pages, stuck, assume_unique=True)
         self._add(pages[~keep], -delta[~keep])
         return left
+
+    def give_all(self, pfns: PfnArray) -> bool:
+        """Every frame of ``pfns`` (sorted) leaves the balloon, or none does: where the backend
+        cannot back some of their host pages (a hugetlb pool run dry), the frames it could back
+        are taken again (released as before) and False. A reset uses it: it must never hand
+        the guest a frame the host cannot back."""
+        stuck = self.give(coalesce(pfns))
+        if len(stuck) == 0:
+            return True
+        given = pfns[~in_ranges(pfns, stuck)]
+        if given.size:
+            self.take(coalesce(given))  # as it was: released again
+        return False
 
     def release_free(self, ranges: RangeArray) -> int:
         """Free page reporting: release the whole host pages inside ``ranges``; returns the

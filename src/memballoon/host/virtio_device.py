@@ -774,14 +774,9 @@ class VirtioBalloonDevice:
             if q is not None and q in self._queues:
                 self.notify(q)  # drain: what is already queued belongs to the old balloon
         pfns = self.balloon_pfns()
-        if pfns.size:
-            stuck = self._host.give(coalesce(pfns))
-            if len(stuck):
-                given = pfns[~in_ranges(pfns, stuck)]
-                if given.size:
-                    self._host.take(coalesce(given))  # as it was: released again
-                self.counters.inc(VirtioDeviceCounter.RESET_REFUSED_UNBACKED)
-                return False
+        if pfns.size and not self._host.give_all(pfns):
+            self.counters.inc(VirtioDeviceCounter.RESET_REFUSED_UNBACKED)
+            return False
         for q, head, _ in self._held:  # held deflates belong to the old balloon too
             if q in self._queues and q not in self.broken_queues:
                 self._queues[q].push_used(head, 0)

@@ -346,8 +346,7 @@ class VmwBalloonDevice:
     def flush_release(self) -> None:
         """Release what batched LOCKs accepted (with ``defer_release``), and what the host
         failed to release before; idempotent."""
-        if self._host.owing:
-            self._host.retry_releases()
+        self._host.retry_releases()  # returns at once when nothing is owed
         if self._to_release:
             ranges = merge_range_lists(self._to_release)
             self._to_release.clear()
@@ -434,11 +433,9 @@ class VmwBalloonDevice:
         # simulated guest's untouched tables resident
         if self._n_locked:
             pfns = self.balloon_pfns()
-            stuck = self._host.give(coalesce(pfns), force=not backed_only)
-            if len(stuck):
-                given = pfns[~in_ranges(pfns, stuck)]
-                if given.size:
-                    self._host.take(coalesce(given))  # as it was: released again
+            if not backed_only:
+                self._host.give(coalesce(pfns), force=True)
+            elif not self._host.give_all(pfns):
                 self.counters.inc(VmwDeviceCounter.RESET_DEFERRED_UNBACKED)
                 return False
             self.counters.inc(VmwDeviceCounter.PAGES_FORGOTTEN, self._n_locked)

@@ -396,7 +396,7 @@ class VirtioHostEndpoint:
 
     def retry(self) -> None:
         """Finish deflates the device held for want of host memory, if memory is back."""
-        if self.device.held_deflates or self.device.release_owed_pages:
+        if self.device.held_deflates or self.device.host_pages.owing:
             self.device.retry_held()
 
     # -------------------------------------------------------------- requests
