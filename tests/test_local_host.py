@@ -54,22 +54,30 @@ HOSTILE = textwrap.dedent('''
     hello = {"v": 1, "guest": a.name, "protocol": a.protocol, "pages": a.pages,
              "pid": os.getpid()}
     sock.sendall(encode(Kind.HELLO, json.dumps(hello).encode()))
-    if mode == "garbage":
-        sock.sendall(encode(Kind.STATUS, b"{not json") + encode(Kind.VMW, b"junk"))
-        time.sleep(0.2)
-        sock.sendall(os.urandom(64) + b"\\xff\\xff\\xff\\xff")
-    elif mode == "bad_2m":
+
+    def vmw_session(touch):
+        """START a batched 2 MiB session, touch ``touch`` pages from frame 8192, and wait
+        until the host targets that many; returns the link and the request call."""
         from memballoon.protocol.vmw import (
-            Command, Request, batch_request, decode_response, encode_request)
+            Command, Request, decode_response, encode_request)
         ram = MemfdRam.attach(a.mem_fd, a.pages)
-        ram.touch(np.arange(8192, 8192 + 512), 0)
+        ram.touch(np.arange(8192, 8192 + touch), 0)
         link = GuestLink(sock)
         call = lambda req: link.request(Kind.VMW, encode_request(req), Kind.VMW)
         call(Request(Command.START, 2 | 4 | 8))
         get = Request(Command.GET_TARGET, a.pages)
         end = time.monotonic() + 20
-        while decode_response(call(get), get).result < 512 and time.monotonic() < end:
+        while decode_response(call(get), get).result < touch and time.monotonic() < end:
             time.sleep(0.05)  # until the host sets our target
+        return link, call
+
+    if mode == "garbage":
+        sock.sendall(encode(Kind.STATUS, b"{not json") + encode(Kind.VMW, b"junk"))
+        time.sleep(0.2)
+        sock.sendall(os.urandom(64) + b"\\xff\\xff\\xff\\xff")
+    elif mode == "bad_2m":
+        from memballoon.protocol.vmw import Command, batch_request
+        link, call = vmw_session(512)
         # past the end, straddling it, unaligned, far outside; then one 2 MiB page of our own
         heads = [a.pages, a.pages - 512 + 256, 511, 1 << 40, 8192]
         call(batch_request(Command.BATCHED_2M_LOCK, heads))
@@ -80,17 +88,8 @@ HOSTILE = textwrap.dedent('''
         sock.shutdown(socket.SHUT_RD)
         sock.sendall(encode(Kind.BYE))  # says it is deaf now
     elif mode == "deaf_vmw":  # LOCKs, then reads nothing: the host cannot send the replies
-        from memballoon.protocol.vmw import (
-            Command, Request, batch_request, decode_response, encode_request)
-        ram = MemfdRam.attach(a.mem_fd, a.pages)
-        ram.touch(np.arange(8192, 8192 + 2048), 0)
-        link = GuestLink(sock)
-        call = lambda req: link.request(Kind.VMW, encode_request(req), Kind.VMW)
-        call(Request(Command.START, 2 | 4 | 8))
-        get = Request(Command.GET_TARGET, a.pages)
-        end = time.monotonic() + 20
-        while decode_response(call(get), get).result < 2048 and time.monotonic() < end:
-            time.sleep(0.05)
+        from memballoon.protocol.vmw import Command, batch_request, encode_request
+        vmw_session(2048)
         sock.shutdown(socket.SHUT_RD)
         sock.sendall(b"".join(encode(Kind.VMW, encode_request(
             batch_request(Command.BATCHED_2M_LOCK, [8192 + 512 * k]))) for k in range(4)))
