@@ -344,19 +344,20 @@ class VirtioBalloonDriver:
             raise UsageError("work: the driver is not loaded")
         self._collect_all()
         cfg = self._read_config()
+        resetting = False  # a reset not finished yet: nothing else this period
         if cfg is not None:
-            if self._reset_seen(cfg) and not self._host_reset(cfg.x_reset_generation):
-                self._adjust_pending = True  # finish the reset first: adjust next period
-                self._update_actual()
-                self._used_seen = self.used_interrupts
-                return
-            if cfg.num_pages != self._target:
-                self._adjust_pending = True  # a transport that dropped the interrupt
-            self._target = cfg.num_pages
-            if self._adjust_pending:
-                self._adjust()
+            resetting = self._reset_seen(cfg) and not self._host_reset(cfg.x_reset_generation)
+            if resetting:
+                self._adjust_pending = True  # adjust next period
+            else:
+                if cfg.num_pages != self._target:
+                    self._adjust_pending = True  # a transport that dropped the interrupt
+                self._target = cfg.num_pages
+                if self._adjust_pending:
+                    self._adjust()
         self._update_actual()
-        if self.has_feature(VIRTIO_BALLOON_F_REPORTING) and now >= self._next_report:
+        if (not resetting and self.has_feature(VIRTIO_BALLOON_F_REPORTING)
+                and now >= self._next_report):
             self._report()
             self._next_report = now + PAGE_REPORTING_DELAY_S
         self._used_seen = self.used_interrupts  # what this run collected (quiet())
