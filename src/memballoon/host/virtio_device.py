@@ -736,7 +736,7 @@ class VirtioBalloonDevice:
         return self._reset_ack != self._reset_generation
 
     def balloon_pfns(self) -> PfnArray:
-        return np.flatnonzero(self._inflated).astype(np.int64)
+        return np.flatnonzero(self._inflated).astype(np.int64, copy=False)
 
     def pin(self, pfns: npt.ArrayLike) -> None:
         """Frames the host will not take (refused when HOST_REFUSE is negotiated)."""

@@ -245,7 +245,7 @@ class VmwBalloonDevice:
         return self._started
 
     def balloon_pfns(self) -> PfnArray:
-        return np.flatnonzero(self._locked).astype(np.int64)
+        return np.flatnonzero(self._locked).astype(np.int64, copy=False)
 
     @property
     def partial_huge_pages(self) -> int:
