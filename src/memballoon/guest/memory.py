@@ -204,6 +204,9 @@ class GuestMemory:
         self._bfree[-1] = total_pages - (nblocks - 1) * BLOCK_PAGES
         self._block_sub(np.arange(reserved_pages, dtype=np.int64))
         self.reported: npt.NDArray[np.bool_] = np.zeros(nblocks, dtype=np.bool_)
+        # the states a row per whole block (a view): whole-block takes write rows, no frame list
+        whole = total_pages // BLOCK_PAGES
+        self._state_rows = self.state[: whole * BLOCK_PAGES].reshape(whole, BLOCK_PAGES)
         self._free = total_pages - reserved_pages
         self._hint = 0  # block the last allocation took from
         self._hint_free: PfnArray = _EMPTY  # cached free frames of that block (single takes)
@@ -409,7 +412,8 @@ class GuestMemory:
                 if n - got >= BLOCK_PAGES:  # whole blocks, at once
                     blocks = self._whole_blocks((n - got) // BLOCK_PAGES)
                     if blocks.size:
-                        parts.append(self._take_whole(blocks))
+                        self._take_whole(blocks)
+                        parts.append(block_frames(blocks, BLOCK_ORDER))
                         got += int(blocks.size) * BLOCK_PAGES
                         continue
                 b = self._whole_block()
@@ -446,14 +450,12 @@ class GuestMemory:
             blocks = np.sort(np.concatenate((blocks, more)))
         return blocks.astype(np.int64)
 
-    def _take_whole(self, blocks: npt.NDArray[np.int64]) -> PfnArray:
-        """Mark wholly free ``blocks`` as the balloon's; their frames (the caller counts them
-        off ``_free``)."""
-        frames = block_frames(blocks, BLOCK_ORDER)
-        self.state[frames] = _BALLOON
+    def _take_whole(self, blocks: npt.NDArray[np.int64]) -> None:
+        """Mark wholly free ``blocks`` as the balloon's (the caller counts their frames off
+        ``_free``)."""
+        self._state_rows[blocks] = _BALLOON  # wholly free blocks are whole blocks
         self._bfree[blocks] = 0
         self.reported[blocks] = False  # the host refaults these on touch
-        return frames
 
     def _whole_block(self) -> int:
         """A wholly free block, one not reported to the host first; -1 if there is none."""

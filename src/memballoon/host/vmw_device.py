@@ -69,7 +69,6 @@ from memballoon.model.pages import (
     PfnArray,
     RangeArray,
     as_pfns,
-    block_frames,
     coalesce,
     merge_range_lists,
     merge_ranges,
@@ -209,6 +208,11 @@ class VmwBalloonDevice:
         self._pinned: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
         # per 2 MiB page: locked by a 2 MiB LOCK (a partial last block never is)
         self._huge: npt.NDArray[np.bool_] = np.zeros(-(-n // _2M_PAGES), dtype=np.bool_)
+        # the same flags a row per whole 2 MiB page (views): a 2 MiB batch reads its pages'
+        # rows, not a gather of every frame
+        whole = n // _2M_PAGES
+        self._locked_rows = self._locked[: whole * _2M_PAGES].reshape(whole, _2M_PAGES)
+        self._pinned_rows = self._pinned[: whole * _2M_PAGES].reshape(whole, _2M_PAGES)
         self._host = HostPages(ram, self.counters)
         self._n_locked = 0
         self._target = 0
@@ -611,11 +615,11 @@ class VmwBalloonDevice:
         idx = np.flatnonzero(valid)
         return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
 
-    def _block_any(self, flags: npt.NDArray[np.bool_], blocks: npt.NDArray[np.int64]
+    @staticmethod
+    def _block_any(rows: npt.NDArray[np.bool_], blocks: npt.NDArray[np.int64]
                    ) -> npt.NDArray[np.bool_]:
-        """Per block: is any of its frames set in ``flags``?"""
-        frames = block_frames(blocks, VMW_BALLOON_2M_ORDER)
-        return np.asarray(flags[frames].reshape(-1, _2M_PAGES).any(axis=1))
+        """Per whole block: is any of its frames set in ``rows`` (flags, a row per block)?"""
+        return np.asarray(rows[blocks].any(axis=1))
 
     def _set_blocks(self, blocks: npt.NDArray[np.int64], locked: bool) -> RangeArray:
         """Mark whole 2 MiB pages (un)locked; returns their frames as merged ranges."""
@@ -630,9 +634,9 @@ class VmwBalloonDevice:
 
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
-        locked = self._block_any(self._locked, blocks) | self._repeats(blocks)
+        locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
         st[idx[locked]] = Status.ERROR_PPN_LOCKED
-        pinned = ~locked & self._block_any(self._pinned, blocks)
+        pinned = ~locked & self._block_any(self._pinned_rows, blocks)
         st[idx[pinned]] = Status.ERROR_PPN_PINNED
         ok = ~locked & ~pinned
         cand = idx[ok]
