@@ -88,6 +88,7 @@ _EMPTY = np.empty(0, dtype=np.int64)
 # Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
 _FREE = int(PageState.FREE)
 _BALLOON = int(PageState.BALLOON)
+_ISOLATED = int(PageState.ISOLATED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,15 +276,15 @@ class GuestMemory:
         if blocks[0] == blocks[-1] and (pfns.size == 1 or bool((blocks == blocks[0]).all())):
             self._bfree[blocks[0]] += sign * int(pfns.size)
             return
-        steps = np.diff(blocks)
+        steps = blocks[1:] - blocks[:-1]
         if bool((steps >= 0).all()):  # frames in order (the usual): count runs, no sort
-            starts = np.concatenate(([0], np.flatnonzero(steps) + 1))
+            starts = np.concatenate(([0], steps.nonzero()[0] + 1))
             counts = np.diff(np.append(starts, blocks.size))
             self._bfree[blocks[starts]] += sign * counts.astype(np.int32)
             return
         # runs of frames in any order (a balloon's newest rounds): count per run of blocks,
         # then add (np.add.at: one block may head several runs), no sort
-        starts = np.concatenate(([0], np.flatnonzero(steps) + 1))
+        starts = np.concatenate(([0], steps.nonzero()[0] + 1))
         counts = np.diff(np.append(starts, blocks.size))
         np.add.at(self._bfree, blocks[starts], sign * counts.astype(np.int32))
 
@@ -313,7 +314,7 @@ class GuestMemory:
             if self._bfree[b] > 0 and not self.reported[b]:
                 lo = b * BLOCK_PAGES
                 self._hint_free = (
-                    np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
+                    (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0] + lo
                 )
                 self._hint_pos = 0
                 if self._hint_free.size:
@@ -326,7 +327,7 @@ class GuestMemory:
             self._free -= n
             self.state[out] = new
             return out
-        cand = np.flatnonzero(self._bfree > 0)
+        cand = (self._bfree > 0).nonzero()[0]
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
@@ -353,7 +354,8 @@ class GuestMemory:
         lo = b * BLOCK_PAGES
         if self._bfree[b] == BLOCK_PAGES:
             return np.arange(lo, lo + min(k, BLOCK_PAGES), dtype=np.int64)
-        return np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE)[:k] + lo
+        out: PfnArray = (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0][:k] + lo
+        return out
 
     def _give_free(self, pfns: PfnArray) -> None:
         self.state[pfns] = PageState.FREE
@@ -444,9 +446,9 @@ class GuestMemory:
     def _whole_blocks(self, k: int) -> npt.NDArray[np.int64]:
         """Up to ``k`` wholly free blocks, not reported ones first, ascending."""
         whole = self._bfree == BLOCK_PAGES
-        blocks = np.flatnonzero(whole & ~self.reported)[:k]
+        blocks: npt.NDArray[np.intp] = (whole & ~self.reported).nonzero()[0][:k]
         if blocks.size < k and self.reported.any():
-            more = np.flatnonzero(whole & self.reported)[: k - blocks.size]
+            more = (whole & self.reported).nonzero()[0][: k - blocks.size]
             blocks = np.sort(np.concatenate((blocks, more)))
         return blocks.astype(np.int64)
 
@@ -547,8 +549,8 @@ class GuestMemory:
             hf, pos = self._hint_free, self._hint_pos
             if pos < hf.size:
                 rest = hf[pos:]
-                ok = np.flatnonzero((self.state[rest] == _FREE)
-                                    & ~self.reported[rest >> BLOCK_ORDER])
+                ok = ((self.state[rest] == _FREE)
+                      & ~self.reported[rest >> BLOCK_ORDER]).nonzero()[0]
                 if ok.size >= n - got:
                     ok = ok[: n - got]
                     self._hint_pos = pos + int(ok[-1]) + 1
@@ -565,7 +567,7 @@ class GuestMemory:
             b = self._hint
             if self._bfree[b] > 0 and not self.reported[b]:
                 lo = b * BLOCK_PAGES
-                self._hint_free = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
+                self._hint_free = (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0] + lo
                 self._hint_pos = 0
                 if self._hint_free.size:
                     continue
@@ -580,7 +582,7 @@ class GuestMemory:
         of the lowest block with any (blocks not reported first) and moves the cursor there,
         and the takes after it walk that block's free frames (refreshed on the second take),
         so the blocks are emptied one after the other in that order."""
-        cand = np.flatnonzero(self._bfree > 0)
+        cand = (self._bfree > 0).nonzero()[0]
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
@@ -601,7 +603,7 @@ class GuestMemory:
         # the cache as the single takes leave it: the free frames of the last block they took
         # a second frame from, after its first, walked as far as they went
         taken = np.append(counts[:last], m_last)
-        twice = np.flatnonzero(taken >= 2)
+        twice = (taken >= 2).nonzero()[0]
         if twice.size:
             j = int(twice[-1])
             start = int(cum[j - 1]) if j else 0
@@ -681,8 +683,9 @@ class GuestMemory:
         k = min(max_blocks, room)
         if k <= 0:
             return _EMPTY
-        blocks = np.flatnonzero((self._bfree == BLOCK_PAGES) & ~self.reported)[:k]
-        self.state[block_frames(blocks, BLOCK_ORDER)] = PageState.ISOLATED
+        blocks: npt.NDArray[np.intp] = ((self._bfree == BLOCK_PAGES)
+                                        & ~self.reported).nonzero()[0][:k]
+        self._state_rows[blocks] = _ISOLATED  # wholly free blocks are whole blocks
         self._bfree[blocks] = 0
         n = int(blocks.size) * BLOCK_PAGES
         self._free -= n
@@ -691,10 +694,16 @@ class GuestMemory:
 
     def return_isolated(self, blocks: npt.NDArray[np.int64], reported: bool) -> None:
         """Put isolated blocks back on the free lists, marked reported if the host took them."""
-        frames = block_frames(blocks, BLOCK_ORDER)
-        if not bool((self.state[frames] == PageState.ISOLATED).all()):
-            raise UsageError("return_isolated: a block that is not isolated")
-        self.state[frames] = PageState.FREE
+        rows = self._state_rows
+        if blocks.size and int(blocks.min()) >= 0 and int(blocks.max()) < rows.shape[0]:
+            if not bool((rows[blocks] == _ISOLATED).all()):
+                raise UsageError("return_isolated: a block that is not isolated")
+            rows[blocks] = _FREE
+        else:
+            frames = block_frames(blocks, BLOCK_ORDER)
+            if not bool((self.state[frames] == _ISOLATED).all()):
+                raise UsageError("return_isolated: a block that is not isolated")
+            self.state[frames] = _FREE
         self._bfree[blocks] = BLOCK_PAGES
         self.reported[blocks] = reported
         n = int(blocks.size) * BLOCK_PAGES

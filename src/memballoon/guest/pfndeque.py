@@ -20,11 +20,18 @@ _EMPTY = np.empty(0, dtype=np.int64)
 
 def _runs(p: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """``p`` as runs of consecutive frames: their first frames and lengths."""
-    if p.size == 1:
+    k = p.size
+    if k == 1:
         return p.copy(), np.ones(1, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(p) != 1) + 1
-    edges = np.concatenate(([0], brk, [p.size]))
-    return p[edges[:-1]], np.diff(edges)
+    # slices and methods, not np.diff/np.flatnonzero: their Python wrappers cost more than
+    # the work on the short arrays a workload step pushes
+    brk = ((p[1:] - p[:-1]) != 1).nonzero()[0]
+    if brk.size == 0:  # one run (the usual)
+        return p[:1].copy(), np.array([k], dtype=np.int64)
+    edges = np.empty(brk.size + 2, dtype=np.int64)
+    edges[0], edges[-1] = 0, k
+    edges[1:-1] = brk + 1
+    return p[edges[:-1]], edges[1:] - edges[:-1]
 
 
 def expand_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]

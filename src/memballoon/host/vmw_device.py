@@ -542,7 +542,7 @@ class VmwBalloonDevice:
         """True for every entry whose PFN already appeared earlier in the batch."""
         if pfns.size < 2:
             return np.zeros(pfns.size, dtype=np.bool_)
-        steps = np.diff(pfns)
+        steps = pfns[1:] - pfns[:-1]
         if bool((steps > 0).all()) or bool((steps < 0).all()):
             # ascending, as drivers send batches, or descending, a stack's newest first
             return np.zeros(pfns.size, dtype=np.bool_)
@@ -561,7 +561,7 @@ class VmwBalloonDevice:
 
     def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
         st, inside = self._classify(pfns)
-        idx = np.flatnonzero(inside)
+        idx = inside.nonzero()[0]
         p = pfns[idx]
         locked = self._locked[p] | self._repeats(p)
         st[idx[locked]] = Status.ERROR_PPN_LOCKED
@@ -580,7 +580,7 @@ class VmwBalloonDevice:
 
     def _unlock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
         st, inside = self._classify(pfns)
-        idx = np.flatnonzero(inside)
+        idx = inside.nonzero()[0]
         p = pfns[idx]
         unlocked = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER] | self._repeats(p)
         st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
@@ -612,7 +612,7 @@ class VmwBalloonDevice:
         valid = (heads % _2M_PAGES == 0) & (heads + _2M_PAGES <= self._guest_pages)
         if not bool(valid.all()):
             st[~valid] = Status.ERROR_PPN_INVALID
-        idx = np.flatnonzero(valid)
+        idx = valid.nonzero()[0]
         return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
 
     @staticmethod
