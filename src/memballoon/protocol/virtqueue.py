@@ -33,7 +33,7 @@ import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -136,6 +136,10 @@ class GuestRamView:
     def read(self, gpa: int, length: int) -> bytes:
         off = self._offset(gpa, length)
         return self._mem[off : off + length].tobytes()
+
+    def unpack(self, fmt: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        """``fmt`` unpacked from the bytes at ``gpa`` (``read`` then unpack, without the copy)."""
+        return fmt.unpack_from(self._mem, self._offset(gpa, fmt.size))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
@@ -335,7 +339,7 @@ class DriverQueue:
         ring = self.layout.used_gpa + 4
         for k in range(n):
             slot = (self._last_used + k) % self.size
-            head, length = _USED_ELEM.unpack(self.view.read(ring + 8 * slot, 8))
+            head, length = self.view.unpack(_USED_ELEM, ring + 8 * slot)
             fl = self._flight.pop(head, None)
             if fl is None:
                 self.counters.inc(VirtqueueCounter.USED_UNKNOWN_HEAD)
@@ -551,9 +555,7 @@ class DeviceQueue:
             steps += 1
             if steps > count:
                 raise DescriptorError(f"chain from {first} loops or exceeds {count} entries")
-            addr, length, flags, nxt = _DESC.unpack(
-                self.view.read(table + VIRTQ_DESC_BYTES * idx, VIRTQ_DESC_BYTES)
-            )
+            addr, length, flags, nxt = self.view.unpack(_DESC, table + VIRTQ_DESC_BYTES * idx)
             self.descriptors_read += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self._indirect(chain, addr, length, flags, top=top)
