@@ -326,6 +326,8 @@ class VmwBalloonDriver:
         self.batched = batched
         self.huge_pages = huge_pages  # offer 2 MiB pages in batched mode
         self.cond_resched = cond_resched
+        self._bulk_seen: Backdoor | None = None  # the port _bulk() last looked at
+        self._bulk_port: BulkBackdoor | None = None  # that port, if it takes runs
         self.counters = Counters()
         self.seed_stats = VmwBalloonStats()
         # the seed's struct vmballoon; v4.20+ keeps one PageSize per page size, the 4 KiB one
@@ -626,9 +628,10 @@ class VmwBalloonDriver:
     def _bulk(self) -> BulkBackdoor | None:
         """The port, when it takes runs of single-page commands (module BulkBackdoor)."""
         port = self.port
-        if isinstance(port, BulkBackdoor) and self.mem.total_pages <= PFN32_MAX:
-            return port
-        return None
+        if port is not self._bulk_seen:  # a runtime Protocol check costs ~10 us: once a port
+            self._bulk_seen = port
+            self._bulk_port = port if isinstance(port, BulkBackdoor) else None
+        return self._bulk_port if self.mem.total_pages <= PFN32_MAX else None
 
     def _lock_run(self, k: int) -> int:
         """The first ``k`` pages of an inflate cycle, allocated without sleeping and locked,

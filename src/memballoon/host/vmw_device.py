@@ -519,14 +519,21 @@ class VmwBalloonDevice:
         part of a 2 MiB page), a page given twice failing the second time."""
         if p.size == 0:
             return 0
-        inside = p < self._guest_pages
-        q = np.where(inside, p, 0)
-        if locked:
-            ok = inside & self._locked[q] & ~self._huge[q >> VMW_BALLOON_2M_ORDER]
+        if int(p.max()) < self._guest_pages:  # the usual: no frame outside, no masking
+            if locked:
+                bad = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER]
+            else:
+                bad = self._locked[p] | self._pinned[p]
         else:
-            ok = inside & ~self._locked[q] & ~self._pinned[q]
-        ok &= ~self._repeats(p)
-        return int(p.size) if bool(ok.all()) else int(np.argmin(ok))
+            inside = p < self._guest_pages
+            q = np.where(inside, p, 0)
+            if locked:
+                bad = ~inside | ~self._locked[q] | self._huge[q >> VMW_BALLOON_2M_ORDER]
+            else:
+                bad = ~inside | self._locked[q] | self._pinned[q]
+        bad |= self._repeats(p)
+        i = int(bad.argmax())  # the first that fails, or 0 when none does
+        return i if bool(bad[i]) else int(p.size)
 
     # ------------------------------------------------------------------ batches
     def _classify(self, pfns: PfnArray) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
