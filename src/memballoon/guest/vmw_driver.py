@@ -68,7 +68,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -160,6 +160,11 @@ class BulkBackdoor(Protocol):
     def lock_run(self, pfns: PfnArray) -> int: ...
 
     def unlock_run(self, pfns: PfnArray) -> int: ...
+
+
+#: Classes of port -> whether they are ``BulkBackdoor``s (their methods, not their instances,
+#: make them one).
+_BULK_TYPES: dict[type, bool] = {}
 
 
 @dataclass(slots=True)
@@ -326,8 +331,6 @@ class VmwBalloonDriver:
         self.batched = batched
         self.huge_pages = huge_pages  # offer 2 MiB pages in batched mode
         self.cond_resched = cond_resched
-        self._bulk_seen: Backdoor | None = None  # the port _bulk() last looked at
-        self._bulk_port: BulkBackdoor | None = None  # that port, if it takes runs
         self.counters = Counters()
         self.seed_stats = VmwBalloonStats()
         # the seed's struct vmballoon; v4.20+ keeps one PageSize per page size, the 4 KiB one
@@ -628,10 +631,12 @@ class VmwBalloonDriver:
     def _bulk(self) -> BulkBackdoor | None:
         """The port, when it takes runs of single-page commands (module BulkBackdoor)."""
         port = self.port
-        if port is not self._bulk_seen:  # a runtime Protocol check costs ~10 us: once a port
-            self._bulk_seen = port
-            self._bulk_port = port if isinstance(port, BulkBackdoor) else None
-        return self._bulk_port if self.mem.total_pages <= PFN32_MAX else None
+        bulk = _BULK_TYPES.get(type(port))
+        if bulk is None:  # a runtime Protocol check costs ~10 us: once per class of port
+            bulk = _BULK_TYPES[type(port)] = isinstance(port, BulkBackdoor)
+        if bulk and self.mem.total_pages <= PFN32_MAX:
+            return cast(BulkBackdoor, port)
+        return None
 
     def _lock_run(self, k: int) -> int:
         """The first ``k`` pages of an inflate cycle, allocated without sleeping and locked,
