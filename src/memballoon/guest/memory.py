@@ -338,16 +338,41 @@ class GuestMemory:
         blocks = cand[: last + 1]
         if blocks.size == 1:
             out = self._free_frames_of(int(blocks[0]), n)
+            self.state[out] = new
         else:
-            frames = block_frames(blocks, BLOCK_ORDER)
-            out = frames[self.state[frames] == _FREE][:n]
+            out = self._take_blocks_free(blocks, n - int(cum[last - 1]), new)
         self._bfree[blocks[:-1]] = 0
         self._bfree[blocks[-1]] -= n - (int(cum[last - 1]) if last else 0)
         self.reported[blocks] = False  # the host refaults these blocks' pages on touch
         self._hint = int(blocks[-1])
         self._free -= n
-        self.state[out] = new
         return out
+
+    def _take_blocks_free(self, blocks: npt.NDArray[np.intp], m: int, new: PageState
+                          ) -> PfnArray:
+        """Every free frame of ``blocks`` but the last, then the first ``m`` of the last,
+        marked ``new``, block by block. A bulk take is mostly wholly free blocks after a few
+        partly used ones: those are looked at frame by frame, the whole ones are known
+        without a look and marked a row each (a partial last block of the guest is never
+        wholly free, so they are rows)."""
+        whole = self._bfree[blocks[:-1]] == BLOCK_PAGES
+        p = 0 if bool(whole.all()) else int((~whole).nonzero()[0][-1]) + 1
+        parts: list[PfnArray] = []
+        if p:  # the partly used blocks up to the last of them
+            frames = block_frames(blocks[:p], BLOCK_ORDER)
+            if int(blocks[:p].max()) >= len(self._state_rows):  # the guest's partial last
+                frames = frames[frames < self.total_pages]  # block (before reported ones)
+            head = frames[self.state[frames] == _FREE]
+            self.state[head] = new
+            parts.append(head)
+        mid = blocks[p:-1]
+        if mid.size:
+            self._state_rows[mid] = new
+            parts.append(block_frames(mid, BLOCK_ORDER))
+        tail = self._free_frames_of(int(blocks[-1]), m)
+        self.state[tail] = new
+        parts.append(tail)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _free_frames_of(self, b: int, k: int) -> PfnArray:
         """The first ``k`` free frames of block ``b`` (fewer if it has fewer), ascending."""
