@@ -390,18 +390,20 @@ def complete_rounds(
         free[len(free) - m:] = [top[i] for i in _power(_round_perm(chains, m), skip)]
         aidx = (aidx + skip * c) & _U16
         uidx = (uidx + skip * c) & _U16
-    for _ in range(tail):
+    for r in range(tail):
         taken: list[list[int]] = []
         for bufs in chains:
             ids = [free.pop() for _ in bufs]
+            taken.append(ids)
+            avail[aidx % size] = ids[0]
+            aidx = (aidx + 1) & _U16
+            if r + 1 < tail:
+                continue  # every round takes the same descriptors: the last one's stay
             n = len(ids)
             for i, (gpa, length, writable) in enumerate(bufs):
                 flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
                     VIRTQ_DESC_F_NEXT if i + 1 < n else 0)
                 descs[ids[i]] = (gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-            avail[aidx % size] = ids[0]
-            aidx = (aidx + 1) & _U16
-            taken.append(ids)
         for ids, length in zip(taken, lengths, strict=True):
             used[uidx % size] = (ids[0], length & 0xFFFF_FFFF)
             uidx = (uidx + 1) & _U16
@@ -410,10 +412,15 @@ def complete_rounds(
     view, lay = driver.view, driver.layout
     for idx, desc in descs.items():
         view.write(lay.desc_gpa + VIRTQ_DESC_BYTES * idx, _DESC.pack(*desc))
-    for slot, head in avail.items():
-        view.write_u16(lay.avail_gpa + 4 + 2 * slot, head)
-    for slot, (head, length) in used.items():
-        view.write(lay.used_gpa + 4 + 8 * slot, _USED_ELEM.pack(head, length))
+    if len(avail) == size:  # every slot: the rings in one write each
+        view.write(lay.avail_gpa + 4, struct.pack(f"<{size}H", *(avail[i] for i in range(size))))
+        view.write(lay.used_gpa + 4, struct.pack(
+            f"<{2 * size}I", *(v for i in range(size) for v in used[i])))
+    else:
+        for slot, head in avail.items():
+            view.write_u16(lay.avail_gpa + 4 + 2 * slot, head)
+        for slot, (head, length) in used.items():
+            view.write(lay.used_gpa + 4 + 8 * slot, _USED_ELEM.pack(head, length))
     view.write_u16(lay.avail_gpa + 2, aidx)
     view.write_u16(lay.used_gpa + 2, uidx)
     driver._avail_idx = driver._last_used = device.last_avail = device.used_idx = aidx
