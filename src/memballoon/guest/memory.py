@@ -931,17 +931,19 @@ class GuestMemory:
             errs.append("page states do not partition the guest's frames")
         for name, dq, st in (("anon", self.anon, PageState.ANON),
                              ("cache", self.cache, PageState.CACHE)):
-            arr = dq.to_array()
-            seen = np.zeros(self.total_pages, dtype=np.bool_)  # O(n), unlike np.unique
-            seen[arr] = True
-            if int(np.count_nonzero(seen)) != arr.size:
+            arr = dq.sorted_array()  # sorted by its runs: a frame twice is two neighbours
+            if bool((arr[1:] == arr[:-1]).any()):
                 errs.append(f"{name} list holds a frame twice")
             if arr.size and not bool((self.state[arr] == st).all()):
                 errs.append(f"{name} list holds a frame in another state")
-        free = (self.state == PageState.FREE).astype(np.int32)
-        pad = (-free.size) % BLOCK_PAGES
-        per_block = np.concatenate((free, np.zeros(pad, np.int32))).reshape(-1, BLOCK_PAGES)
-        if not np.array_equal(per_block.sum(axis=1), self._bfree):
+        free = self.state == _FREE
+        whole = len(self._state_rows)
+        per_block = np.empty(self._bfree.size, dtype=np.int64)  # rows of bools, summed
+        per_block[:whole] = free[: whole * BLOCK_PAGES].reshape(whole, BLOCK_PAGES).sum(
+            axis=1, dtype=np.int64)
+        if whole < per_block.size:  # the guest's partial last block
+            per_block[whole] = int(np.count_nonzero(free[whole * BLOCK_PAGES :]))
+        if not np.array_equal(per_block, self._bfree):
             errs.append("per-block free counts disagree with page states")
         if not 0 <= self.swapped <= self.swap_total_pages:
             errs.append(f"swapped {self.swapped} outside [0, {self.swap_total_pages}]")
