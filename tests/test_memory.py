@@ -374,3 +374,47 @@ def test_one_large_take_is_the_takes_of_its_parts(seed: int, rounds: int, k: int
     assert one.tolist() == (np.concatenate(got).tolist() if got else [])
     assert state_diff(state_of(parts), state_of(whole)) == []
     assert whole.check_invariants() == []
+
+
+def _first_free_frames(m: GuestMemory, n: int) -> list[int]:
+    """What a take of ``n`` >= 2 frames must return: from the block of the last take alone if
+    it has them all (not reported), else the free frames of the blocks with any, blocks not
+    reported first, each ascending."""
+    free = m.state == PageState.FREE
+    nb = m._bfree.size
+    b = m._hint
+    per = [np.flatnonzero(free[i * BLOCK_PAGES : (i + 1) * BLOCK_PAGES]) + i * BLOCK_PAGES
+           for i in range(nb)]
+    if per[b].size >= n and not m.reported[b]:
+        return per[b][:n].tolist()
+    order = [i for i in range(nb) if per[i].size and not m.reported[i]] + [
+        i for i in range(nb) if per[i].size and m.reported[i]]
+    return [int(f) for i in order for f in per[i]][:n]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 3)), max_size=25),
+       st.integers(2, 9000), st.booleans(), st.integers(0, 300))
+def test_a_bulk_take_is_the_free_frames_of_its_blocks_in_order(
+        script: list[tuple[int, int]], n: int, report: bool, odd: int) -> None:
+    # partly used blocks, wholly free ones, reported ones and a partial last block: a take
+    # of many blocks (some known whole without a look) is the frames a look at each gives
+    m = GuestMemory(12 * BLOCK_PAGES + odd, reserved_pages=300)
+    for k, keep_every in script:
+        got = m._take_free(k, 0, PageState.CACHE)
+        if keep_every and got.size:
+            m._give_free(got[::keep_every + 1].copy())  # holes in the blocks taken
+    if report:
+        blocks = m.isolate_reportable(3, 0)
+        m.return_isolated(blocks, True)
+    want = _first_free_frames(m, min(n, m.free_pages))
+    before = m.state.copy()
+    got = m._take_free(n, 0, PageState.BALLOON)
+    assert got.tolist() == want
+    after = before.copy()
+    after[got] = PageState.BALLOON
+    assert np.array_equal(m.state, after)
+    counts = np.bincount(np.flatnonzero(m.state == PageState.FREE) // BLOCK_PAGES,
+                         minlength=m._bfree.size)
+    assert np.array_equal(counts, m._bfree)
+    assert m.free_pages == int(np.count_nonzero(m.state == PageState.FREE))

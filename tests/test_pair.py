@@ -12,6 +12,7 @@ from memballoon.harness.pair import (
     Pair,
     VirtioPair,
     VmwPair,
+    _held_twice,
     check_pair,
     make_pair,
     queue_pair,
@@ -305,3 +306,14 @@ def test_a_wake_runs_the_drivers_work_between_periods(protocol: str, signalled: 
     assert pair.driver.balloon_pages == mib_to_pages(8) and pair.check() == []
     with pytest.raises(UsageError, match="before the pair's"):
         pair.wake(0.5)
+
+
+@given(st.lists(st.integers(0, 60), max_size=40), st.lists(st.integers(0, 60), max_size=6),
+       st.booleans())
+def test_held_twice_is_a_repeat_among_the_frames_held(
+        balloon: list[int], transient: list[int], ordered: bool) -> None:
+    # sorted (the drivers' contract) or not, as a bitmap of every frame held says
+    drv = np.array(sorted(balloon) if ordered else balloon, dtype=np.int64)
+    trans = np.array(sorted(transient) if ordered else transient, dtype=np.int64)
+    held = balloon + transient
+    assert _held_twice(drv, trans, 61) == (len(set(held)) != len(held))

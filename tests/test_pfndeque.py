@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.guest.pfndeque import PfnDeque
+from memballoon.guest.pfndeque import PfnDeque, sorted_runs
 
 ops = st.lists(
     st.one_of(
@@ -86,6 +86,7 @@ def test_runs_of_any_frames_behave_as_a_python_deque(script: list[tuple[str, obj
             k = min(arg, len(ref))  # type: ignore[call-overload]
             assert d.tail(arg).tolist() == (list(ref)[len(ref) - k:] if k else [])  # type: ignore[arg-type]
         assert len(d) == len(ref) and d.to_array().tolist() == list(ref)
+        assert d.sorted_array().tolist() == sorted(ref)  # repeats kept, as np.sort keeps them
 
 
 def test_a_balloon_of_millions_of_frames_is_a_few_runs() -> None:
@@ -106,3 +107,12 @@ def test_newest_is_the_last_pushed() -> None:
     assert d.newest() == 20
     d.pop_back(1)
     assert d.newest() == 9
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=30))
+def test_sorted_runs_is_a_sort_of_the_runs_frames(runs: list[tuple[int, int]]) -> None:
+    # runs in any order, overlapping or empty: the same array as sorting every frame
+    starts = np.array([s for s, _ in runs], dtype=np.int64)
+    lens = np.array([n for _, n in runs], dtype=np.int64)
+    frames = [f for s, n in runs for f in range(s, s + n)]
+    assert sorted_runs(starts, lens).tolist() == sorted(frames)

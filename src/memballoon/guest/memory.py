@@ -88,6 +88,7 @@ _EMPTY = np.empty(0, dtype=np.int64)
 # Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
 _FREE = int(PageState.FREE)
 _BALLOON = int(PageState.BALLOON)
+_ISOLATED = int(PageState.ISOLATED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +205,9 @@ class GuestMemory:
         self._bfree[-1] = total_pages - (nblocks - 1) * BLOCK_PAGES
         self._block_sub(np.arange(reserved_pages, dtype=np.int64))
         self.reported: npt.NDArray[np.bool_] = np.zeros(nblocks, dtype=np.bool_)
+        # the states a row per whole block (a view): whole-block takes write rows, no frame list
+        whole = total_pages // BLOCK_PAGES
+        self._state_rows = self.state[: whole * BLOCK_PAGES].reshape(whole, BLOCK_PAGES)
         self._free = total_pages - reserved_pages
         self._hint = 0  # block the last allocation took from
         self._hint_free: PfnArray = _EMPTY  # cached free frames of that block (single takes)
@@ -272,15 +276,15 @@ class GuestMemory:
         if blocks[0] == blocks[-1] and (pfns.size == 1 or bool((blocks == blocks[0]).all())):
             self._bfree[blocks[0]] += sign * int(pfns.size)
             return
-        steps = np.diff(blocks)
+        steps = blocks[1:] - blocks[:-1]
         if bool((steps >= 0).all()):  # frames in order (the usual): count runs, no sort
-            starts = np.concatenate(([0], np.flatnonzero(steps) + 1))
+            starts = np.concatenate(([0], steps.nonzero()[0] + 1))
             counts = np.diff(np.append(starts, blocks.size))
             self._bfree[blocks[starts]] += sign * counts.astype(np.int32)
             return
         # runs of frames in any order (a balloon's newest rounds): count per run of blocks,
         # then add (np.add.at: one block may head several runs), no sort
-        starts = np.concatenate(([0], np.flatnonzero(steps) + 1))
+        starts = np.concatenate(([0], steps.nonzero()[0] + 1))
         counts = np.diff(np.append(starts, blocks.size))
         np.add.at(self._bfree, blocks[starts], sign * counts.astype(np.int32))
 
@@ -310,7 +314,7 @@ class GuestMemory:
             if self._bfree[b] > 0 and not self.reported[b]:
                 lo = b * BLOCK_PAGES
                 self._hint_free = (
-                    np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
+                    (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0] + lo
                 )
                 self._hint_pos = 0
                 if self._hint_free.size:
@@ -323,7 +327,7 @@ class GuestMemory:
             self._free -= n
             self.state[out] = new
             return out
-        cand = np.flatnonzero(self._bfree > 0)
+        cand = (self._bfree > 0).nonzero()[0]
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
@@ -334,23 +338,49 @@ class GuestMemory:
         blocks = cand[: last + 1]
         if blocks.size == 1:
             out = self._free_frames_of(int(blocks[0]), n)
+            self.state[out] = new
         else:
-            frames = block_frames(blocks, BLOCK_ORDER)
-            out = frames[self.state[frames] == _FREE][:n]
+            out = self._take_blocks_free(blocks, n - int(cum[last - 1]), new)
         self._bfree[blocks[:-1]] = 0
         self._bfree[blocks[-1]] -= n - (int(cum[last - 1]) if last else 0)
         self.reported[blocks] = False  # the host refaults these blocks' pages on touch
         self._hint = int(blocks[-1])
         self._free -= n
-        self.state[out] = new
         return out
+
+    def _take_blocks_free(self, blocks: npt.NDArray[np.intp], m: int, new: PageState
+                          ) -> PfnArray:
+        """Every free frame of ``blocks`` but the last, then the first ``m`` of the last,
+        marked ``new``, block by block. A bulk take is mostly wholly free blocks after a few
+        partly used ones: those are looked at frame by frame, the whole ones are known
+        without a look and marked a row each (a partial last block of the guest is never
+        wholly free, so they are rows)."""
+        whole = self._bfree[blocks[:-1]] == BLOCK_PAGES
+        p = 0 if bool(whole.all()) else int((~whole).nonzero()[0][-1]) + 1
+        parts: list[PfnArray] = []
+        if p:  # the partly used blocks up to the last of them
+            frames = block_frames(blocks[:p], BLOCK_ORDER)
+            if int(blocks[:p].max()) >= len(self._state_rows):  # the guest's partial last
+                frames = frames[frames < self.total_pages]  # block (before reported ones)
+            head = frames[self.state[frames] == _FREE]
+            self.state[head] = new
+            parts.append(head)
+        mid = blocks[p:-1]
+        if mid.size:
+            self._state_rows[mid] = new
+            parts.append(block_frames(mid, BLOCK_ORDER))
+        tail = self._free_frames_of(int(blocks[-1]), m)
+        self.state[tail] = new
+        parts.append(tail)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _free_frames_of(self, b: int, k: int) -> PfnArray:
         """The first ``k`` free frames of block ``b`` (fewer if it has fewer), ascending."""
         lo = b * BLOCK_PAGES
         if self._bfree[b] == BLOCK_PAGES:
             return np.arange(lo, lo + min(k, BLOCK_PAGES), dtype=np.int64)
-        return np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE)[:k] + lo
+        out: PfnArray = (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0][:k] + lo
+        return out
 
     def _give_free(self, pfns: PfnArray) -> None:
         self.state[pfns] = PageState.FREE
@@ -409,7 +439,8 @@ class GuestMemory:
                 if n - got >= BLOCK_PAGES:  # whole blocks, at once
                     blocks = self._whole_blocks((n - got) // BLOCK_PAGES)
                     if blocks.size:
-                        parts.append(self._take_whole(blocks))
+                        self._take_whole(blocks)
+                        parts.append(block_frames(blocks, BLOCK_ORDER))
                         got += int(blocks.size) * BLOCK_PAGES
                         continue
                 b = self._whole_block()
@@ -440,20 +471,18 @@ class GuestMemory:
     def _whole_blocks(self, k: int) -> npt.NDArray[np.int64]:
         """Up to ``k`` wholly free blocks, not reported ones first, ascending."""
         whole = self._bfree == BLOCK_PAGES
-        blocks = np.flatnonzero(whole & ~self.reported)[:k]
+        blocks: npt.NDArray[np.intp] = (whole & ~self.reported).nonzero()[0][:k]
         if blocks.size < k and self.reported.any():
-            more = np.flatnonzero(whole & self.reported)[: k - blocks.size]
+            more = (whole & self.reported).nonzero()[0][: k - blocks.size]
             blocks = np.sort(np.concatenate((blocks, more)))
         return blocks.astype(np.int64)
 
-    def _take_whole(self, blocks: npt.NDArray[np.int64]) -> PfnArray:
-        """Mark wholly free ``blocks`` as the balloon's; their frames (the caller counts them
-        off ``_free``)."""
-        frames = block_frames(blocks, BLOCK_ORDER)
-        self.state[frames] = _BALLOON
+    def _take_whole(self, blocks: npt.NDArray[np.int64]) -> None:
+        """Mark wholly free ``blocks`` as the balloon's (the caller counts their frames off
+        ``_free``)."""
+        self._state_rows[blocks] = _BALLOON  # wholly free blocks are whole blocks
         self._bfree[blocks] = 0
         self.reported[blocks] = False  # the host refaults these on touch
-        return frames
 
     def _whole_block(self) -> int:
         """A wholly free block, one not reported to the host first; -1 if there is none."""
@@ -545,8 +574,8 @@ class GuestMemory:
             hf, pos = self._hint_free, self._hint_pos
             if pos < hf.size:
                 rest = hf[pos:]
-                ok = np.flatnonzero((self.state[rest] == _FREE)
-                                    & ~self.reported[rest >> BLOCK_ORDER])
+                ok = ((self.state[rest] == _FREE)
+                      & ~self.reported[rest >> BLOCK_ORDER]).nonzero()[0]
                 if ok.size >= n - got:
                     ok = ok[: n - got]
                     self._hint_pos = pos + int(ok[-1]) + 1
@@ -563,7 +592,7 @@ class GuestMemory:
             b = self._hint
             if self._bfree[b] > 0 and not self.reported[b]:
                 lo = b * BLOCK_PAGES
-                self._hint_free = np.flatnonzero(self.state[lo : lo + BLOCK_PAGES] == _FREE) + lo
+                self._hint_free = (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0] + lo
                 self._hint_pos = 0
                 if self._hint_free.size:
                     continue
@@ -578,7 +607,7 @@ class GuestMemory:
         of the lowest block with any (blocks not reported first) and moves the cursor there,
         and the takes after it walk that block's free frames (refreshed on the second take),
         so the blocks are emptied one after the other in that order."""
-        cand = np.flatnonzero(self._bfree > 0)
+        cand = (self._bfree > 0).nonzero()[0]
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
@@ -599,7 +628,7 @@ class GuestMemory:
         # the cache as the single takes leave it: the free frames of the last block they took
         # a second frame from, after its first, walked as far as they went
         taken = np.append(counts[:last], m_last)
-        twice = np.flatnonzero(taken >= 2)
+        twice = (taken >= 2).nonzero()[0]
         if twice.size:
             j = int(twice[-1])
             start = int(cum[j - 1]) if j else 0
@@ -679,8 +708,9 @@ class GuestMemory:
         k = min(max_blocks, room)
         if k <= 0:
             return _EMPTY
-        blocks = np.flatnonzero((self._bfree == BLOCK_PAGES) & ~self.reported)[:k]
-        self.state[block_frames(blocks, BLOCK_ORDER)] = PageState.ISOLATED
+        blocks: npt.NDArray[np.intp] = ((self._bfree == BLOCK_PAGES)
+                                        & ~self.reported).nonzero()[0][:k]
+        self._state_rows[blocks] = _ISOLATED  # wholly free blocks are whole blocks
         self._bfree[blocks] = 0
         n = int(blocks.size) * BLOCK_PAGES
         self._free -= n
@@ -689,10 +719,16 @@ class GuestMemory:
 
     def return_isolated(self, blocks: npt.NDArray[np.int64], reported: bool) -> None:
         """Put isolated blocks back on the free lists, marked reported if the host took them."""
-        frames = block_frames(blocks, BLOCK_ORDER)
-        if not bool((self.state[frames] == PageState.ISOLATED).all()):
-            raise UsageError("return_isolated: a block that is not isolated")
-        self.state[frames] = PageState.FREE
+        rows = self._state_rows
+        if blocks.size and int(blocks.min()) >= 0 and int(blocks.max()) < rows.shape[0]:
+            if not bool((rows[blocks] == _ISOLATED).all()):
+                raise UsageError("return_isolated: a block that is not isolated")
+            rows[blocks] = _FREE
+        else:
+            frames = block_frames(blocks, BLOCK_ORDER)
+            if not bool((self.state[frames] == _ISOLATED).all()):
+                raise UsageError("return_isolated: a block that is not isolated")
+            self.state[frames] = _FREE
         self._bfree[blocks] = BLOCK_PAGES
         self.reported[blocks] = reported
         n = int(blocks.size) * BLOCK_PAGES
@@ -895,17 +931,19 @@ class GuestMemory:
             errs.append("page states do not partition the guest's frames")
         for name, dq, st in (("anon", self.anon, PageState.ANON),
                              ("cache", self.cache, PageState.CACHE)):
-            arr = dq.to_array()
-            seen = np.zeros(self.total_pages, dtype=np.bool_)  # O(n), unlike np.unique
-            seen[arr] = True
-            if int(np.count_nonzero(seen)) != arr.size:
+            arr = dq.sorted_array()  # sorted by its runs: a frame twice is two neighbours
+            if bool((arr[1:] == arr[:-1]).any()):
                 errs.append(f"{name} list holds a frame twice")
             if arr.size and not bool((self.state[arr] == st).all()):
                 errs.append(f"{name} list holds a frame in another state")
-        free = (self.state == PageState.FREE).astype(np.int32)
-        pad = (-free.size) % BLOCK_PAGES
-        per_block = np.concatenate((free, np.zeros(pad, np.int32))).reshape(-1, BLOCK_PAGES)
-        if not np.array_equal(per_block.sum(axis=1), self._bfree):
+        free = self.state == _FREE
+        whole = len(self._state_rows)
+        per_block = np.empty(self._bfree.size, dtype=np.int64)  # rows of bools, summed
+        per_block[:whole] = free[: whole * BLOCK_PAGES].reshape(whole, BLOCK_PAGES).sum(
+            axis=1, dtype=np.int64)
+        if whole < per_block.size:  # the guest's partial last block
+            per_block[whole] = int(np.count_nonzero(free[whole * BLOCK_PAGES :]))
+        if not np.array_equal(per_block, self._bfree):
             errs.append("per-block free counts disagree with page states")
         if not 0 <= self.swapped <= self.swap_total_pages:
             errs.append(f"swapped {self.swapped} outside [0, {self.swap_total_pages}]")

@@ -20,14 +20,22 @@ _EMPTY = np.empty(0, dtype=np.int64)
 
 def _runs(p: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """``p`` as runs of consecutive frames: their first frames and lengths."""
-    if p.size == 1:
+    k = p.size
+    if k == 1:
         return p.copy(), np.ones(1, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(p) != 1) + 1
-    edges = np.concatenate(([0], brk, [p.size]))
-    return p[edges[:-1]], np.diff(edges)
+    # slices and methods, not np.diff/np.flatnonzero: their Python wrappers cost more than
+    # the work on the short arrays a workload step pushes
+    brk = ((p[1:] - p[:-1]) != 1).nonzero()[0]
+    if brk.size == 0:  # one run (the usual)
+        return p[:1].copy(), np.array([k], dtype=np.int64)
+    edges = np.empty(brk.size + 2, dtype=np.int64)
+    edges[0], edges[-1] = 0, k
+    edges[1:-1] = brk + 1
+    return p[edges[:-1]], edges[1:] - edges[:-1]
 
 
-def _expand(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def expand_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.int64]:
     """The frames of runs, in order."""
     if starts.size == 0:
         return _EMPTY.copy()
@@ -36,6 +44,20 @@ def _expand(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]) -> npt.N
     total = int(lens.sum())
     offsets = np.cumsum(lens) - lens
     return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
+
+
+def sorted_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.int64]:
+    """The frames of runs, ascending (``np.sort`` of their frames, repeats kept): the runs are
+    ordered by their first frames, so the cost is the runs' and the frames' count, no sort of
+    the frames unless runs overlap."""
+    if starts.size > 1:
+        order = np.argsort(starts, kind="stable")
+        starts, lens = starts[order], lens[order]
+    out = expand_runs(starts, lens)
+    if starts.size > 1 and bool((starts[1:] < starts[:-1] + lens[:-1]).any()):
+        out.sort()  # runs that overlap (a frame held twice): as np.sort leaves them
+    return out
 
 
 class PfnDeque:
@@ -67,7 +89,16 @@ class PfnDeque:
     def to_array(self) -> npt.NDArray[np.int64]:
         """All PFNs, oldest first (a copy)."""
         h, n = self._head, self._n
-        return _expand(self._starts[h : h + n], self._lens[h : h + n])
+        return expand_runs(self._starts[h : h + n], self._lens[h : h + n])
+
+    def runs(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The runs held, oldest first: their first frames and lengths (copies)."""
+        h, n = self._head, self._n
+        return self._starts[h : h + n].copy(), self._lens[h : h + n].copy()
+
+    def sorted_array(self) -> npt.NDArray[np.int64]:
+        """All PFNs, ascending (``np.sort(to_array())``, at the cost of the runs)."""
+        return sorted_runs(*self.runs())
 
     def push_back(self, pfns: npt.NDArray[np.int64]) -> None:
         k = int(pfns.size)
@@ -130,7 +161,7 @@ class PfnDeque:
         lens = self._lens[h : h + r].copy()
         extra = int(lens.sum()) - k  # what the last run keeps
         lens[-1] -= extra
-        out = _expand(starts, lens)
+        out = expand_runs(starts, lens)
         if extra:
             self._starts[h + r - 1] += lens[-1]
             self._lens[h + r - 1] = extra
@@ -160,7 +191,7 @@ class PfnDeque:
         if k <= 0:
             return _EMPTY.copy()
         starts, lens, r = self._newest(k)
-        out = _expand(starts, lens)
+        out = expand_runs(starts, lens)
         end = self._head + self._n
         kept = int(self._lens[end - r]) - int(lens[0])  # what stays of the oldest run touched
         if kept:
@@ -183,4 +214,4 @@ class PfnDeque:
         if k == 0:
             return _EMPTY.copy()
         starts, lens, _ = self._newest(k)
-        return _expand(starts, lens)
+        return expand_runs(starts, lens)

@@ -272,7 +272,7 @@ class VirtioBalloonDriver:
         return self._target
 
     def balloon_pfns(self) -> PfnArray:
-        return sorted_pfns(self._balloon.to_array())
+        return self._balloon.sorted_array()
 
     @property
     def refused_pages(self) -> int:

@@ -68,12 +68,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Protocol, cast, runtime_checkable
 
 import numpy as np
 
 from memballoon.guest.memory import GuestMemory
-from memballoon.guest.pfndeque import PfnDeque
+from memballoon.guest.pfndeque import PfnDeque, expand_runs, sorted_runs
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import PeerError
 from memballoon.model.pages import PfnArray, block_frames
@@ -160,6 +160,11 @@ class BulkBackdoor(Protocol):
     def lock_run(self, pfns: PfnArray) -> int: ...
 
     def unlock_run(self, pfns: PfnArray) -> int: ...
+
+
+#: Classes of port -> whether they are ``BulkBackdoor``s (their methods, not their instances,
+#: make them one).
+_BULK_TYPES: dict[type, bool] = {}
 
 
 @dataclass(slots=True)
@@ -270,6 +275,10 @@ class PfnStack:
 
     def to_array(self) -> PfnArray:
         return self._d.to_array()
+
+    def runs(self) -> tuple[PfnArray, PfnArray]:
+        """The runs of consecutive frames held, oldest first: first frames and lengths."""
+        return self._d.runs()
 
 
 # enum members as module constants: member lookups are slow on 3.11, paid once per page here
@@ -622,8 +631,11 @@ class VmwBalloonDriver:
     def _bulk(self) -> BulkBackdoor | None:
         """The port, when it takes runs of single-page commands (module BulkBackdoor)."""
         port = self.port
-        if isinstance(port, BulkBackdoor) and self.mem.total_pages <= PFN32_MAX:
-            return port
+        bulk = _BULK_TYPES.get(type(port))
+        if bulk is None:  # a runtime Protocol check costs ~10 us: once per class of port
+            bulk = _BULK_TYPES[type(port)] = isinstance(port, BulkBackdoor)
+        if bulk and self.mem.total_pages <= PFN32_MAX:
+            return cast(BulkBackdoor, port)
         return None
 
     def _lock_run(self, k: int) -> int:
@@ -818,17 +830,28 @@ class VmwBalloonDriver:
     def balloon_pfns(self) -> PfnArray:
         if self.reset_required:
             return _NO_PAGES
-        return np.sort(self._held_frames())
+        return sorted_runs(*self._runs(held=True, refused=False))
 
-    def _held_frames(self) -> PfnArray:
-        """Frames of both balloon lists (the host's view unless a reset is pending)."""
-        return np.concatenate([ps.frames_of(ps.pages.to_array()) for ps in self.page_sizes])
+    def _runs(self, *, held: bool, refused: bool) -> tuple[PfnArray, PfnArray]:
+        """Runs of frames (first frames, lengths) of the balloon lists (``held``) and the
+        refused ones: sorting a balloon of millions of frames costs its runs then."""
+        starts: list[PfnArray] = []
+        lens: list[PfnArray] = []
+        for ps in self.page_sizes:
+            for stack, on in ((ps.pages, held), (ps.refused_pages, refused)):
+                if not on:
+                    continue
+                s, n = stack.runs()
+                if ps.frames > 1:  # a run of 2 MiB pages: each page a run of its frames
+                    s = expand_runs(s, n)
+                    n = np.full(s.size, ps.frames, dtype=np.int64)
+                starts.append(s)
+                lens.append(n)
+        return np.concatenate(starts), np.concatenate(lens)
 
     def transient_pfns(self) -> PfnArray:
-        parts = [ps.frames_of(ps.refused_pages.to_array()) for ps in self.page_sizes]
-        if self.reset_required:
-            parts.append(self._held_frames())  # the host forgot them; the next work pops
-        return np.sort(np.concatenate(parts))
+        # while a reset is pending, the balloon too: the host forgot it; the next work pops
+        return sorted_runs(*self._runs(held=self.reset_required, refused=True))
 
     def _seed_counts(self) -> dict[str, int]:
         # a flat dict of ints: dataclasses.asdict deep-copies and costs 0.2 ms a call, once per

@@ -133,7 +133,7 @@ class NullRam:
         if pfns.size == 0:
             return
         seg = self._resident[pfns]
-        self._resident_pages += int(pfns.size - seg.sum())
+        self._resident_pages += int(pfns.size) - int(np.count_nonzero(seg))  # 0/1 bytes
         self._resident[pfns] = 1
 
     def verify(self, pfns: PfnArray) -> int:

@@ -69,7 +69,6 @@ from memballoon.model.pages import (
     PfnArray,
     RangeArray,
     as_pfns,
-    block_frames,
     coalesce,
     merge_range_lists,
     merge_ranges,
@@ -209,6 +208,11 @@ class VmwBalloonDevice:
         self._pinned: npt.NDArray[np.bool_] = np.zeros(n, dtype=np.bool_)
         # per 2 MiB page: locked by a 2 MiB LOCK (a partial last block never is)
         self._huge: npt.NDArray[np.bool_] = np.zeros(-(-n // _2M_PAGES), dtype=np.bool_)
+        # the same flags a row per whole 2 MiB page (views): a 2 MiB batch reads its pages'
+        # rows, not a gather of every frame
+        whole = n // _2M_PAGES
+        self._locked_rows = self._locked[: whole * _2M_PAGES].reshape(whole, _2M_PAGES)
+        self._pinned_rows = self._pinned[: whole * _2M_PAGES].reshape(whole, _2M_PAGES)
         self._host = HostPages(ram, self.counters)
         self._n_locked = 0
         self._target = 0
@@ -245,7 +249,7 @@ class VmwBalloonDevice:
         return self._started
 
     def balloon_pfns(self) -> PfnArray:
-        return np.flatnonzero(self._locked).astype(np.int64)
+        return np.flatnonzero(self._locked).astype(np.int64, copy=False)
 
     @property
     def partial_huge_pages(self) -> int:
@@ -515,14 +519,21 @@ class VmwBalloonDevice:
         part of a 2 MiB page), a page given twice failing the second time."""
         if p.size == 0:
             return 0
-        inside = p < self._guest_pages
-        q = np.where(inside, p, 0)
-        if locked:
-            ok = inside & self._locked[q] & ~self._huge[q >> VMW_BALLOON_2M_ORDER]
+        if int(p.max()) < self._guest_pages:  # the usual: no frame outside, no masking
+            if locked:
+                bad = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER]
+            else:
+                bad = self._locked[p] | self._pinned[p]
         else:
-            ok = inside & ~self._locked[q] & ~self._pinned[q]
-        ok &= ~self._repeats(p)
-        return int(p.size) if bool(ok.all()) else int(np.argmin(ok))
+            inside = p < self._guest_pages
+            q = np.where(inside, p, 0)
+            if locked:
+                bad = ~inside | ~self._locked[q] | self._huge[q >> VMW_BALLOON_2M_ORDER]
+            else:
+                bad = ~inside | self._locked[q] | self._pinned[q]
+        bad |= self._repeats(p)
+        i = int(bad.argmax())  # the first that fails, or 0 when none does
+        return i if bool(bad[i]) else int(p.size)
 
     # ------------------------------------------------------------------ batches
     def _classify(self, pfns: PfnArray) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
@@ -538,7 +549,7 @@ class VmwBalloonDevice:
         """True for every entry whose PFN already appeared earlier in the batch."""
         if pfns.size < 2:
             return np.zeros(pfns.size, dtype=np.bool_)
-        steps = np.diff(pfns)
+        steps = pfns[1:] - pfns[:-1]
         if bool((steps > 0).all()) or bool((steps < 0).all()):
             # ascending, as drivers send batches, or descending, a stack's newest first
             return np.zeros(pfns.size, dtype=np.bool_)
@@ -557,7 +568,7 @@ class VmwBalloonDevice:
 
     def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
         st, inside = self._classify(pfns)
-        idx = np.flatnonzero(inside)
+        idx = inside.nonzero()[0]
         p = pfns[idx]
         locked = self._locked[p] | self._repeats(p)
         st[idx[locked]] = Status.ERROR_PPN_LOCKED
@@ -576,7 +587,7 @@ class VmwBalloonDevice:
 
     def _unlock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
         st, inside = self._classify(pfns)
-        idx = np.flatnonzero(inside)
+        idx = inside.nonzero()[0]
         p = pfns[idx]
         unlocked = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER] | self._repeats(p)
         st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
@@ -608,14 +619,14 @@ class VmwBalloonDevice:
         valid = (heads % _2M_PAGES == 0) & (heads + _2M_PAGES <= self._guest_pages)
         if not bool(valid.all()):
             st[~valid] = Status.ERROR_PPN_INVALID
-        idx = np.flatnonzero(valid)
+        idx = valid.nonzero()[0]
         return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
 
-    def _block_any(self, flags: npt.NDArray[np.bool_], blocks: npt.NDArray[np.int64]
+    @staticmethod
+    def _block_any(rows: npt.NDArray[np.bool_], blocks: npt.NDArray[np.int64]
                    ) -> npt.NDArray[np.bool_]:
-        """Per block: is any of its frames set in ``flags``?"""
-        frames = block_frames(blocks, VMW_BALLOON_2M_ORDER)
-        return np.asarray(flags[frames].reshape(-1, _2M_PAGES).any(axis=1))
+        """Per whole block: is any of its frames set in ``rows`` (flags, a row per block)?"""
+        return np.asarray(rows[blocks].any(axis=1))
 
     def _set_blocks(self, blocks: npt.NDArray[np.int64], locked: bool) -> RangeArray:
         """Mark whole 2 MiB pages (un)locked; returns their frames as merged ranges."""
@@ -630,9 +641,9 @@ class VmwBalloonDevice:
 
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
-        locked = self._block_any(self._locked, blocks) | self._repeats(blocks)
+        locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
         st[idx[locked]] = Status.ERROR_PPN_LOCKED
-        pinned = ~locked & self._block_any(self._pinned, blocks)
+        pinned = ~locked & self._block_any(self._pinned_rows, blocks)
         st[idx[pinned]] = Status.ERROR_PPN_PINNED
         ok = ~locked & ~pinned
         cand = idx[ok]

@@ -35,7 +35,7 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     p = as_pfns(pfns)
     if p.size == 0:
         return np.empty((0, 2), dtype=np.int64)
-    steps = np.diff(p)
+    steps = p[1:] - p[:-1]
     if bool((steps == 1).all()):  # one ascending run, the usual batch: two numpy calls
         return np.array([[p[0], p[-1] + 1]], dtype=np.int64)
     starts, ends = _run_bounds(p, steps)
@@ -48,7 +48,7 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
 
 def _run_bounds(p: PfnArray, steps: npt.NDArray[np.int64]) -> tuple[PfnArray, PfnArray]:
     """The first frames and ends of ``p``'s runs of consecutive ascending frames."""
-    breaks = np.flatnonzero(steps != 1) + 1
+    breaks = (steps != 1).nonzero()[0] + 1
     starts = p[np.concatenate(([0], breaks))]
     ends = p[np.concatenate((breaks - 1, [p.size - 1]))] + 1
     return starts, ends
@@ -63,7 +63,7 @@ def has_repeats(pfns: npt.ArrayLike) -> bool:
     p = as_pfns(pfns)
     if p.size < 2:
         return False
-    steps = np.diff(p)
+    steps = p[1:] - p[:-1]
     if bool((steps > 0).all()):
         return False
     starts, ends = _run_bounds(p, steps)
@@ -80,10 +80,10 @@ def sorted_pfns(pfns: npt.ArrayLike) -> PfnArray:
     p = as_pfns(pfns)
     if p.size < 2:
         return p.copy()
-    steps = np.diff(p)
+    steps = p[1:] - p[:-1]
     if bool((steps >= 0).all()):
         return p.copy()
-    breaks = np.flatnonzero(steps != 1) + 1
+    breaks = (steps != 1).nonzero()[0] + 1
     if breaks.size * 8 > p.size:  # short runs: a plain sort is cheaper
         return np.sort(p)
     first = np.concatenate(([0], breaks))
@@ -93,7 +93,7 @@ def sorted_pfns(pfns: npt.ArrayLike) -> PfnArray:
     # gather the runs in order of their first frames
     idx = np.repeat(first - (np.cumsum(lens) - lens), lens) + np.arange(p.size)
     out = p[idx]
-    if not bool((np.diff(out) >= 0).all()):  # runs that overlap (repeats): sort them out
+    if not bool(((out[1:] - out[:-1]) >= 0).all()):  # runs that overlap (repeats): sort them out
         out.sort()
     return out
 
@@ -116,7 +116,7 @@ def merge_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> RangeArray:
     s, e = s[order], np.maximum.accumulate(e[order])
     # a new range begins where a start lies beyond every end before it
     new = np.concatenate(([True], s[1:] > e[:-1]))
-    first = np.flatnonzero(new)
+    first = new.nonzero()[0]
     last = np.concatenate((first[1:] - 1, [s.size - 1]))
     return np.stack((s[first], e[last]), axis=1)
 

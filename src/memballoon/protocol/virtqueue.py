@@ -33,7 +33,7 @@ import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -136,6 +136,10 @@ class GuestRamView:
     def read(self, gpa: int, length: int) -> bytes:
         off = self._offset(gpa, length)
         return self._mem[off : off + length].tobytes()
+
+    def unpack(self, fmt: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        """``fmt`` unpacked from the bytes at ``gpa`` (``read`` then unpack, without the copy)."""
+        return fmt.unpack_from(self._mem, self._offset(gpa, fmt.size))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
@@ -335,7 +339,7 @@ class DriverQueue:
         ring = self.layout.used_gpa + 4
         for k in range(n):
             slot = (self._last_used + k) % self.size
-            head, length = _USED_ELEM.unpack(self.view.read(ring + 8 * slot, 8))
+            head, length = self.view.unpack(_USED_ELEM, ring + 8 * slot)
             fl = self._flight.pop(head, None)
             if fl is None:
                 self.counters.inc(VirtqueueCounter.USED_UNKNOWN_HEAD)
@@ -386,18 +390,20 @@ def complete_rounds(
         free[len(free) - m:] = [top[i] for i in _power(_round_perm(chains, m), skip)]
         aidx = (aidx + skip * c) & _U16
         uidx = (uidx + skip * c) & _U16
-    for _ in range(tail):
+    for r in range(tail):
         taken: list[list[int]] = []
         for bufs in chains:
             ids = [free.pop() for _ in bufs]
+            taken.append(ids)
+            avail[aidx % size] = ids[0]
+            aidx = (aidx + 1) & _U16
+            if r + 1 < tail:
+                continue  # every round takes the same descriptors: the last one's stay
             n = len(ids)
             for i, (gpa, length, writable) in enumerate(bufs):
                 flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
                     VIRTQ_DESC_F_NEXT if i + 1 < n else 0)
                 descs[ids[i]] = (gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-            avail[aidx % size] = ids[0]
-            aidx = (aidx + 1) & _U16
-            taken.append(ids)
         for ids, length in zip(taken, lengths, strict=True):
             used[uidx % size] = (ids[0], length & 0xFFFF_FFFF)
             uidx = (uidx + 1) & _U16
@@ -406,10 +412,15 @@ def complete_rounds(
     view, lay = driver.view, driver.layout
     for idx, desc in descs.items():
         view.write(lay.desc_gpa + VIRTQ_DESC_BYTES * idx, _DESC.pack(*desc))
-    for slot, head in avail.items():
-        view.write_u16(lay.avail_gpa + 4 + 2 * slot, head)
-    for slot, (head, length) in used.items():
-        view.write(lay.used_gpa + 4 + 8 * slot, _USED_ELEM.pack(head, length))
+    if len(avail) == size:  # every slot: the rings in one write each
+        view.write(lay.avail_gpa + 4, struct.pack(f"<{size}H", *(avail[i] for i in range(size))))
+        view.write(lay.used_gpa + 4, struct.pack(
+            f"<{2 * size}I", *(v for i in range(size) for v in used[i])))
+    else:
+        for slot, head in avail.items():
+            view.write_u16(lay.avail_gpa + 4 + 2 * slot, head)
+        for slot, (head, length) in used.items():
+            view.write(lay.used_gpa + 4 + 8 * slot, _USED_ELEM.pack(head, length))
     view.write_u16(lay.avail_gpa + 2, aidx)
     view.write_u16(lay.used_gpa + 2, uidx)
     driver._avail_idx = driver._last_used = device.last_avail = device.used_idx = aidx
@@ -551,9 +562,7 @@ class DeviceQueue:
             steps += 1
             if steps > count:
                 raise DescriptorError(f"chain from {first} loops or exceeds {count} entries")
-            addr, length, flags, nxt = _DESC.unpack(
-                self.view.read(table + VIRTQ_DESC_BYTES * idx, VIRTQ_DESC_BYTES)
-            )
+            addr, length, flags, nxt = self.view.unpack(_DESC, table + VIRTQ_DESC_BYTES * idx)
             self.descriptors_read += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self._indirect(chain, addr, length, flags, top=top)
