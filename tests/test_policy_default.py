@@ -148,6 +148,48 @@ def test_a_big_step_takes_memfree_never_the_page_cache() -> None:
     assert p.state["g"].quiet_calls > QUIET_CALLS_BEFORE_BIG_STEP
 
 
+def test_a_report_already_read_is_probed_again_only_into_idle_memfree() -> None:
+    # reports every 2 s, decisions every second: the second call reads the report the first
+    # probed on, which shows nothing of that probe. A guest whose MemFree is used up by then
+    # (a file server filling its cache) is not probed blind into its cache; one with MemFree
+    # idle still beyond twice the margin, less what the balloon took since, is
+    p = DefaultPolicy()
+    margin = int(MARGIN_FRACTION * RAM)
+    ws, b = RAM // 10, 0
+    for t in range(QUIET_CALLS_BEFORE_BIG_STEP):  # known quiet, MemFree a little over the margin
+        r = report(2.0 * t, avail=RAM - ws - b, free=margin + STEP + 1, balloon=b)
+        d = one(p, sample(r, balloon=b), 2.0 * t)
+        assert d is not None and "probe" in d.reason
+        b = d.balloon_pages
+    r = report(10.0, avail=RAM - ws - b, free=margin + STEP + 1, balloon=b)
+    d = one(p, sample(r, balloon=b), 10.0)
+    assert d is not None and d.balloon_pages > b
+    b2 = d.balloon_pages
+    assert one(p, sample(r, balloon=b2), 11.0) is None  # the same report: hold
+    # a new report: a probe again
+    r = report(12.0, avail=RAM - ws - b2, free=margin + STEP + 1, balloon=b2)
+    d = one(p, sample(r, balloon=b2), 12.0)
+    assert d is not None and d.balloon_pages > b2
+    # idle MemFree: a second, big, step on the same report, of half what is idle still
+    p = DefaultPolicy()
+    b, big = 0, 0
+    for t in range(QUIET_CALLS_BEFORE_BIG_STEP + 2):
+        r = report(2.0 * t, avail=RAM - ws - b, balloon=b)
+        d = one(p, sample(r, balloon=b), 2.0 * t)
+        assert d is not None
+        b2 = d.balloon_pages
+        d = one(p, sample(r, balloon=b2), 2.0 * t + 1)
+        free_now = RAM - ws - b2
+        if free_now > 2 * margin and t + 1 >= QUIET_CALLS_BEFORE_BIG_STEP:
+            assert d is not None
+            assert d.balloon_pages - b2 == min((free_now - margin) // 2, RAM // 4), t
+            b2, big = d.balloon_pages, big + 1
+        else:
+            assert d is None, t
+        b = b2
+    assert big >= 2
+
+
 def test_a_stall_while_the_balloon_reclaims_unread_cache_holds() -> None:
     # the balloon grows and the guest stalls reclaiming cache for it, but refaults nothing: the
     # cache was not read (a paused file server's); the policy holds its target, remembers no
@@ -650,7 +692,7 @@ def figs(*, balloon: int = 0, target: int | None = None, max_pages: int | None =
     base: dict[str, Any] = {"ws": RAM // 4, "peak": RAM // 4, "margin": MARGIN,
                             "avail": RAM - balloon - RAM // 4,
                             "floor": RAM // 4 + MARGIN, "budget_floor": RAM // 4 + MARGIN,
-                            "step": STEP}
+                            "step": STEP, "report_balloon": balloon}
     base["free"] = kw.get("avail", base["avail"])  # no page cache unless ``free`` says so
     return Figures(g, 100.0, **(base | kw))
 

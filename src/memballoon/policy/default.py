@@ -41,7 +41,10 @@ read one ``Figures`` record computed once a call):
 8. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
    balloon at its target: probe down by the step (by half the MemFree beyond the margin when
    that is more than twice the margin: idle memory; not MemAvailable, whose page cache may be
-   hot: a big step into it evicts what the guest reads), never below the floor; the step grows
+   hot: a big step into it evicts what the guest reads), never below the floor. Only on a new
+   report (libvirt's come every 2 s, the daemon decides every second): one the last call read
+   shows nothing of that call's probe, so it allows only a big step into the MemFree idle still
+   once the balloon's growth since the report is taken off. The step grows
    by ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
    ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
    are the model: slow growth while things go well, halving on failure).
@@ -330,6 +333,8 @@ class Figures:
     stall_quiet_pct: float = STALL_QUIET_PCT
     stall_trouble_pct: float = STALL_TROUBLE_PCT
     free: int = 0  # MemFree: memory nobody uses (not even the page cache)
+    repeated: bool = False  # the report is the one the last call read (reports every 2 s)
+    report_balloon: int = 0  # the balloon the report saw
 
     @property
     def size(self) -> int:
@@ -370,6 +375,17 @@ class Figures:
     def quiet(self) -> bool:
         return (self.stall_pct <= self.stall_quiet_pct and self.d_swapin == 0
                 and self.fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
+
+    @property
+    def free_now(self) -> int:
+        """MemFree less what the balloon took since the report (it takes free pages first)."""
+        return max(0, self.free - max(0, self.g.balloon_pages - self.report_balloon))
+
+    @property
+    def idle(self) -> bool:
+        """Free memory beyond twice the margin, seen quiet for a while: a big probe step."""
+        return (self.free_now > 2 * self.margin
+                and self.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP)
 
     @property
     def settled(self) -> bool:
@@ -478,15 +494,22 @@ def _why_stalled(f: Figures, _: Ruling) -> str:
     return f"default: inflation stalled: {why}: target := actual"
 
 
+def _probes(f: Figures) -> bool:
+    # a report the last call read already shows nothing of that call's probe: probe again
+    # only into free memory that is idle still (the balloon's growth since taken off)
+    return (f.probe and f.quiet and f.settled and f.target_size > f.floor
+            and (not f.repeated or f.idle))
+
+
 def _probe(f: Figures) -> Ruling:
-    step = f.step
-    if f.free > 2 * f.margin and f.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP:
+    step = 0 if f.repeated else f.step
+    if f.idle:
         # idle free memory, seen quiet for a while: take half of it a call (at most
         # BIG_STEP_MAX_FRACTION of RAM), not just the probe step. MemFree, not MemAvailable:
         # the page cache counts as available, but a big step into a cache the guest reads
         # evicts its hot pages at once, and the guest stalls refaulting them for tens of
         # seconds after the balloon gave them back; cache is probed by the step alone
-        step = max(step, min((f.free - f.margin) // 2, int(BIG_STEP_MAX_FRACTION * f.ram)))
+        step = max(step, min((f.free_now - f.margin) // 2, int(BIG_STEP_MAX_FRACTION * f.ram)))
     return Ruling(max(f.floor, f.target_size - step), f.floor, f.severity, quiet=True)
 
 
@@ -516,7 +539,7 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f: Ruling(f.floor, f.floor, f.severity),
          lambda f, r: f"default: size {f.target_size} under safety floor {f.floor}: grow"),
     Rule("probe", Verdict.PROBE,
-         lambda f: f.probe and f.quiet and f.settled and f.target_size > f.floor, _probe,
+         _probes, _probe,
          lambda f, r: f"default: quiet (stall {f.stall_pct:.2f}%): probe down "
                       f"{f.target_size - r.size} pages toward floor {f.floor}"),
     Rule("hold", Verdict.HOLD, lambda f: True,
@@ -664,7 +687,8 @@ class DefaultPolicy:
         if grown or target != m.last_target:
             m.still_since = now  # moving, or asked for something new: give it time
         stuck = not grown and target > balloon and now - m.still_since >= STUCK_AFTER_S
-        if prev is None or m.last_report is not r:  # the same report: the same counts
+        repeated = prev is not None and m.last_report is r  # seen at the last call already
+        if not repeated:  # the same report: the same counts
             m.last, m.last_report = ReportCounts.of(r), r
         m.last_now, m.last_balloon, m.last_target = now, balloon, target
 
@@ -697,7 +721,7 @@ class DefaultPolicy:
             max(stall_pct / trouble_pct if trouble_pct else 0.0,
                 swapin_rate / SWAPIN_TROUBLE_PER_S),  # severity
             m.quiet_calls, self.probe, self.stall_quiet_pct, trouble_pct,
-            free_pages(g, r, c))
+            free_pages(g, r, c), repeated, r.balloon_actual_pages)
 
     def _plan(self, g: GuestSample, now: float) -> _Plan | None:
         m = self.state.get(g.name)
