@@ -32,11 +32,13 @@ from memballoon.policy.default import (
     MARGIN_MIN_PAGES,
     MAX_REPORT_AGE_S,
     MIN_CHANGE_PAGES,
+    PRESSURE_MEMORY_S,
     PROBE_STEP_INC,
     PROBE_STEP_MAX,
     PROBE_STEP_MIN,
     PROBE_STEP_START,
     QUIET_CALLS_BEFORE_BIG_STEP,
+    REFAULT_MEMORY_S,
     RULES,
     STALL_QUIET_PCT,
     STALL_TROUBLE_PCT,
@@ -62,9 +64,11 @@ HOST = HostSample(budget_pages=10 * RAM, resident_pages=RAM)  # plenty of room
 
 def report(t: float, *, avail: int, balloon: int = 0, stall: float = 0.0, swap_in: int = 0,
            major: int = 0, oom: int = 0, refused: int | None = None,
-           target: int | None = None) -> PressureReport:
+           target: int | None = None, free: int | None = None) -> PressureReport:
+    # MemFree is MemAvailable (no page cache) unless ``free`` says otherwise
     return PressureReport(
-        guest="g", time_s=t, total_bytes=RAM * PAGE_SIZE, free_bytes=avail * PAGE_SIZE,
+        guest="g", time_s=t, total_bytes=RAM * PAGE_SIZE,
+        free_bytes=(avail if free is None else free) * PAGE_SIZE,
         available_bytes=avail * PAGE_SIZE, anon_bytes=0, cache_bytes=0,
         balloon_bytes=balloon * PAGE_SIZE, swap_in_pages=swap_in, swap_out_pages=0,
         major_faults=major, oom_kills=oom, stall_us=0, stall_pct=stall,
@@ -124,6 +128,147 @@ def test_idle_free_memory_is_taken_half_a_call_once_the_guest_is_known_quiet() -
     assert steps[0] == int(PROBE_STEP_START * RAM)
     assert max(steps[3:]) > int(PROBE_STEP_MAX * RAM)
     assert max(steps) <= RAM // 4
+
+
+def test_a_big_step_takes_memfree_never_the_page_cache() -> None:
+    # a guest whose MemAvailable is mostly page cache (a file server's, an idle VM's after a
+    # nightly job): known quiet, it is still probed by the step alone, as the cache may be hot;
+    # a big step into it evicted the hot part at once and the guest stalled refaulting it
+    p = DefaultPolicy()
+    margin = int(MARGIN_FRACTION * RAM)
+    ws, free = RAM // 10, 2 * margin  # MemFree: not more than twice the margin
+    b = 0
+    for t in range(QUIET_CALLS_BEFORE_BIG_STEP + 3):
+        step = p.state["g"].step if "g" in p.state else PROBE_STEP_START
+        r = report(5.0 * t, avail=RAM - ws - b, free=free, balloon=b)
+        d = one(p, sample(r, balloon=b), 5.0 * t)
+        assert d is not None and "probe" in d.reason
+        assert d.balloon_pages - b == int(step * RAM), t  # the step, not half of MemAvailable
+        b = d.balloon_pages
+    assert p.state["g"].quiet_calls > QUIET_CALLS_BEFORE_BIG_STEP
+
+
+def test_a_report_already_read_is_probed_again_only_into_idle_memfree() -> None:
+    # reports every 2 s, decisions every second: the second call reads the report the first
+    # probed on, which shows nothing of that probe. A guest whose MemFree is used up by then
+    # (a file server filling its cache) is not probed blind into its cache; one with MemFree
+    # idle still beyond twice the margin, less what the balloon took since, is
+    p = DefaultPolicy()
+    margin = int(MARGIN_FRACTION * RAM)
+    ws, b = RAM // 10, 0
+    for t in range(QUIET_CALLS_BEFORE_BIG_STEP):  # known quiet, MemFree a little over the margin
+        r = report(2.0 * t, avail=RAM - ws - b, free=margin + STEP + 1, balloon=b)
+        d = one(p, sample(r, balloon=b), 2.0 * t)
+        assert d is not None and "probe" in d.reason
+        b = d.balloon_pages
+    r = report(10.0, avail=RAM - ws - b, free=margin + STEP + 1, balloon=b)
+    d = one(p, sample(r, balloon=b), 10.0)
+    assert d is not None and d.balloon_pages > b
+    b2 = d.balloon_pages
+    assert one(p, sample(r, balloon=b2), 11.0) is None  # the same report: hold
+    # a new report: a probe again
+    r = report(12.0, avail=RAM - ws - b2, free=margin + STEP + 1, balloon=b2)
+    d = one(p, sample(r, balloon=b2), 12.0)
+    assert d is not None and d.balloon_pages > b2
+    # idle MemFree: a second, big, step on the same report, of half what is idle still
+    p = DefaultPolicy()
+    b, big = 0, 0
+    for t in range(QUIET_CALLS_BEFORE_BIG_STEP + 2):
+        r = report(2.0 * t, avail=RAM - ws - b, balloon=b)
+        d = one(p, sample(r, balloon=b), 2.0 * t)
+        assert d is not None
+        b2 = d.balloon_pages
+        d = one(p, sample(r, balloon=b2), 2.0 * t + 1)
+        free_now = RAM - ws - b2
+        if free_now > 2 * margin and t + 1 >= QUIET_CALLS_BEFORE_BIG_STEP:
+            assert d is not None
+            assert d.balloon_pages - b2 == min((free_now - margin) // 2, RAM // 4), t
+            b2, big = d.balloon_pages, big + 1
+        else:
+            assert d is None, t
+        b = b2
+    assert big >= 2
+
+
+def test_a_stall_while_the_balloon_reclaims_unread_cache_holds() -> None:
+    # the balloon grows and the guest stalls reclaiming cache for it, but refaults nothing: the
+    # cache was not read (a paused file server's); the policy holds its target, remembers no
+    # size that hurt and keeps its step. A stall with refaults is trouble: back off
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 4
+    d = one(p, sample(report(0, avail=RAM - ws - b, balloon=b, major=100), balloon=b), 0.0)
+    assert d is not None and "probe" in d.reason
+    b2 = d.balloon_pages
+    step = p.state["g"].step
+    g = sample(report(1, avail=RAM - ws - b2, balloon=b2, stall=3.0, major=100), balloon=b2)
+    assert one(p, g, 1.0) is None  # hold: the target stays where the balloon went
+    m = p.state["g"]
+    assert (m.hurt_size, m.step) == (0, step)
+    rule, _ = judge(p.figures(g, GuestMemo(last_balloon=b), 1.0))
+    assert rule.name == "reclaiming"
+    # the same stall with refaults since the last report: the balloon took what is read
+    b3 = b2 + STEP
+    g = sample(report(2, avail=RAM - ws - b3, balloon=b3, stall=3.0, major=600), balloon=b3,
+               target=b2)
+    d = one(p, g, 2.0)
+    assert d is not None and "back off" in d.reason and d.balloon_pages < b3
+    assert p.state["g"].hurt_size > 0
+
+
+def test_a_size_that_hurt_by_refaults_is_forgotten_once_they_stop() -> None:
+    # a probe into a cache the guest reads: refaults, a back-off, a size that hurt. While the
+    # guest still refaults (here a trickle too small to stop the probes) it is not probed
+    # below that size; REFAULT_MEMORY_S after its last refault, it is: the reads have ended
+    # (an idle guest's nightly job), so the cache is cold now
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 4
+    major = 0
+    d = one(p, sample(report(0, avail=RAM - ws - b, balloon=b), balloon=b), 0.0)
+    assert d is not None
+    b = d.balloon_pages
+    major += 5000
+    d = one(p, sample(report(5, avail=RAM - ws - b, balloon=b, stall=5.0, major=major),
+                      balloon=b), 5.0)
+    assert d is not None and "back off" in d.reason
+    hurt = p.state["g"].hurt_size
+    assert hurt == RAM - b + int(MARGIN_FRACTION * RAM) and p.state["g"].hurt_refaulted
+    b = d.balloon_pages
+    last_fault = 60.0
+    sizes: dict[float, int] = {}
+    for t in range(10, 200, 5):
+        if t <= last_fault:
+            major += 100  # 20 a second: quiet enough to probe, but still reading back
+        d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, major=major), balloon=b),
+                float(t))
+        b = d.balloon_pages if d is not None else b
+        sizes[t] = RAM - b
+    before = [s for t, s in sizes.items() if t < last_fault + REFAULT_MEMORY_S]
+    after = [s for t, s in sizes.items() if t >= last_fault + REFAULT_MEMORY_S]
+    assert min(before) == hurt  # probed down to the size that hurt, and held there
+    assert min(after) < hurt and p.state["g"].hurt_size == 0
+    assert PRESSURE_MEMORY_S > 200  # the old rule alone would have held it all along
+
+
+def test_a_size_that_hurt_without_refaults_is_kept_for_the_whole_memory() -> None:
+    # a stall with no refault and no balloon growing (the workload's own reclaim, squeezed):
+    # its size is remembered for PRESSURE_MEMORY_S though the guest never faults
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 2
+    one(p, sample(report(0, avail=RAM - ws - b, balloon=b), balloon=b), 0.0)
+    d = one(p, sample(report(5, avail=RAM - ws - b, balloon=b, stall=5.0), balloon=b), 5.0)
+    assert d is not None and "back off" in d.reason
+    m = p.state["g"]
+    hurt = m.hurt_size
+    assert hurt == RAM - b + int(MARGIN_FRACTION * RAM) and not m.hurt_refaulted
+    b = d.balloon_pages
+    for t in range(10, 200, 5):
+        d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b), balloon=b), float(t))
+        b = d.balloon_pages if d is not None else b
+        assert RAM - b >= hurt, t
+    assert p.state["g"].hurt_size == hurt and RAM - b == hurt
 
 
 def test_probe_stops_at_the_learned_floor() -> None:
@@ -547,13 +692,14 @@ def figs(*, balloon: int = 0, target: int | None = None, max_pages: int | None =
     base: dict[str, Any] = {"ws": RAM // 4, "peak": RAM // 4, "margin": MARGIN,
                             "avail": RAM - balloon - RAM // 4,
                             "floor": RAM // 4 + MARGIN, "budget_floor": RAM // 4 + MARGIN,
-                            "step": STEP}
+                            "step": STEP, "report_balloon": balloon}
+    base["free"] = kw.get("avail", base["avail"])  # no page cache unless ``free`` says so
     return Figures(g, 100.0, **(base | kw))
 
 
 def test_rules_table_follows_the_module_docstring() -> None:
     names = [r.name for r in RULES]
-    assert names == ["blind", "emergency", "own_pressure", "trouble", "stalled",
+    assert names == ["blind", "emergency", "own_pressure", "reclaiming", "trouble", "stalled",
                      "under_floor", "probe", "hold"]
     doc = default_module.__doc__ or ""
     at = [doc.index(f"**{n}**") for n in names]
@@ -680,6 +826,14 @@ def test_rule_probe() -> None:
     assert big.size == max(idle.floor, RAM - half)
     new = r.decide(figs(avail=RAM - RAM // 4, quiet_calls=QUIET_CALLS_BEFORE_BIG_STEP - 1))
     assert new is not None and new.size == RAM - STEP  # a guest not yet known quiet
+    # the same MemAvailable, but page cache beyond twice the margin of MemFree: the step only
+    # (the cache may be hot); with a little more MemFree, half of that MemFree beyond the margin
+    cached = r.decide(figs(avail=RAM - RAM // 4, free=2 * MARGIN,
+                           quiet_calls=QUIET_CALLS_BEFORE_BIG_STEP))
+    assert cached is not None and cached.size == RAM - STEP
+    some = r.decide(figs(avail=RAM - RAM // 4, free=2 * MARGIN + 2 * STEP,
+                         quiet_calls=QUIET_CALLS_BEFORE_BIG_STEP))
+    assert some is not None and some.size == RAM - (MARGIN + 2 * STEP) // 2
     near = r.decide(figs(balloon=RAM - (RAM // 4 + MARGIN) - 10))
     assert near is not None and near.size == RAM // 4 + MARGIN  # never below the floor
 
@@ -700,7 +854,11 @@ def test_memo_remembers_what_a_ruling_asks() -> None:
     assert (m.quiet_calls, m.step) == (1, PROBE_STEP_START + PROBE_STEP_INC)
     m.remember(f, Ruling(1, 1, 0.0, hurt=5000, oom=True))
     assert (m.hurt_size, m.hurt_at, m.hurt_ws, m.oom_at) == (5000, 100.0, 1234, 100.0)
-    assert m.step == (PROBE_STEP_START + PROBE_STEP_INC) / 2
+    assert m.step == (PROBE_STEP_START + PROBE_STEP_INC) / 2 and not m.hurt_refaulted
+    m.remember(f, Ruling(1, 1, 0.0, hurt=6000, refaulted=True))
+    assert (m.hurt_size, m.hurt_refaulted) == (6000, True)
+    m.remember(f, Ruling(1, 1, 0.0, hurt=7000))  # the last hurt says how it hurt
+    assert (m.hurt_size, m.hurt_refaulted) == (7000, False)
 
 
 # ---------------------------------------------------------------------- snapshots
@@ -731,6 +889,7 @@ def test_snapshot_round_trip_through_json_decides_alike() -> None:
     b, _ = script(p, None, 0, 100, 0)
     snap = p.snapshot(100.0)
     assert set(snap.guests) == {"g"} and snap.guests["g"].hurt_age_s is not None
+    assert snap.guests["g"].hurt_refaulted and snap.guests["g"].faulted_age_s == 5.0
     data = snap.model_dump_json()
     q = DefaultPolicy()
     q.restore(DefaultSnapshot.model_validate_json(data), 100.0)
@@ -749,6 +908,7 @@ def test_restore_on_another_clock_keeps_ages() -> None:
     assert q.snapshot(7.0) == snap  # every age as it was
     mp, mq = p.state["g"], q.state["g"]
     assert mq.hurt_at == mp.hurt_at - 123.0 and mq.oom_at == mp.oom_at - 123.0
+    assert mq.faulted_at == mp.faulted_at - 123.0 and mq.hurt_refaulted == mp.hurt_refaulted
     assert [t for t, _ in mq.ws] == [t - 123.0 for t, _ in mp.ws]
     assert mq.last_now == 7.0 - (130.0 - (mp.last_now or 0.0))
     # later, the restored policy decides as the original would have (its clock shifted)
@@ -765,7 +925,8 @@ def test_snapshot_of_a_new_guest_says_never() -> None:
     q = DefaultPolicy()
     q.restore(p.snapshot(3.0), 50.0)
     m = q.state["g"]
-    assert m.hurt_at == m.oom_at == float("-inf") and m.last_now == 47.0
+    assert m.hurt_at == m.oom_at == m.faulted_at == float("-inf") and m.last_now == 47.0
+    assert s.faulted_age_s is None and not s.hurt_refaulted
     blind = DefaultPolicy()
     one(blind, sample(None), 0.0)
     assert blind.snapshot(0.0).guests["g"].last_report is None  # rates start over

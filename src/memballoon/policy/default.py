@@ -18,23 +18,37 @@ read one ``Figures`` record computed once a call):
    or an OOM kill since last time: deflate at once by what restores the full margin (so a
    ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
    margin (an OOM kill still gets the whole balloon back).
-3. **own_pressure**: the trouble of rule 4 in a guest with no balloon and no target: hold (the
+3. **own_pressure**: the trouble of rule 5 in a guest with no balloon and no target: hold (the
    pressure is the guest's own; remembering it as a size that hurt would stop probing).
-4. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
+4. **reclaiming**: the trouble of rule 5 while the balloon grew since the last call, with no
+   major fault and no swap-in since the last report and MemAvailable above the margin: hold.
+   The stall is the guest reclaiming cache nobody reads to hand the balloon its pages (PSI
+   counts that direct reclaim too); a workload that missed what the balloon took would refault
+   it. Backing off would give a paused file server its cold cache back, and remember its size.
+5. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
-   probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``).
-5. **stalled** inflation: the target is above the balloon and the balloon has not grown for
+   probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``;
+   when the guest was refaulting, only until it has gone ``REFAULT_MEMORY_S`` without a major
+   fault or swap-in: it reads nothing back any more, so what it re-read then is cold now (an
+   idle guest's nightly job, a file server's run, has ended); the back-offs while a probe's
+   refaults tail off remember sizes up to the guest's whole RAM, which would otherwise stand
+   for all of ``PRESSURE_MEMORY_S``).
+6. **stalled** inflation: the target is above the balloon and the balloon has not grown for
    ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
    actual balloon (give the guest back the rest), halve the probe step.
-6. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
+7. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
    plus margin): grow it back to the floor.
-7. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
-   balloon at its target: probe down by the step (by half the free memory beyond the margin
-   when that is more than twice the margin: idle memory), never below the floor; the step grows
+8. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
+   balloon at its target: probe down by the step (by half the MemFree beyond the margin when
+   that is more than twice the margin: idle memory; not MemAvailable, whose page cache may be
+   hot: a big step into it evicts what the guest reads), never below the floor. Only on a new
+   report (libvirt's come every 2 s, the daemon decides every second): one the last call read
+   shows nothing of that call's probe, so it allows only a big step into the MemFree idle still
+   once the balloon's growth since the report is taken off. The step grows
    by ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
    ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
    are the model: slow growth while things go well, halving on failure).
-8. **hold**: otherwise.
+9. **hold**: otherwise.
 
 The safety floor is ``max(settings.min_pages, peak working set over WS_WINDOW_S + margin, the
 size that last hurt)``; the working set is the guest's size minus MemAvailable (what it cannot
@@ -125,6 +139,10 @@ EMERGENCY_MARGIN_PAGES: Final = BUDGET_MARGIN_PAGES // 2
 # burst is met by the emergency deflation and, for virtio, deflate-on-OOM).
 WS_WINDOW_S: Final = 5.0
 PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this long
+# ... unless it hurt by refaults (major faults, swap-ins) and the guest has had none for this
+# long since: it reads nothing back any more, so what it re-read then is cold now (an idle
+# guest's nightly job or a file server's run has ended), and a probe may find it out
+REFAULT_MEMORY_S: Final = 30.0
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
 # An inflation is stalled once its balloon has not grown for this long under the same target:
@@ -197,6 +215,8 @@ class GuestMemo:
     hurt_at: float = NEVER  # when (remembered for PRESSURE_MEMORY_S)
     hurt_ws: int = 0  # its working set then
     oom_at: float = NEVER  # the last OOM kill: for a while its shrunk working set is the kill's
+    hurt_refaulted: bool = False  # the guest refaulted when it last hurt
+    faulted_at: float = NEVER  # its last major fault or swap-in
     quiet_calls: int = 0  # probes in a row without trouble (a new guest starts at 0)
 
     def see_working_set(self, ws: int, now: float, dt: float) -> tuple[float, int]:
@@ -221,6 +241,7 @@ class GuestMemo:
             # step halves on failure)
             self.step = max(PROBE_STEP_MIN, self.step / 2)
             self.hurt_size, self.hurt_at, self.hurt_ws = ruling.hurt, f.now, f.ws
+            self.hurt_refaulted = ruling.refaulted
         if ruling.oom:
             self.oom_at = f.now
         if ruling.quiet:
@@ -240,7 +261,9 @@ class GuestMemo:
             last_report=last, last_balloon=self.last_balloon, hurt_size=self.hurt_size,
             hurt_age_s=_age_or_never(now, self.hurt_at), hurt_ws=self.hurt_ws,
             oom_age_s=_age_or_never(now, self.oom_at), quiet_calls=self.quiet_calls,
-            still_age_s=_age_or_never(now, self.still_since), last_target=self.last_target)
+            still_age_s=_age_or_never(now, self.still_since), last_target=self.last_target,
+            hurt_refaulted=self.hurt_refaulted,
+            faulted_age_s=_age_or_never(now, self.faulted_at))
 
     @classmethod
     def restored(cls, snap: DefaultGuestSnapshot, now: float) -> GuestMemo:
@@ -254,7 +277,9 @@ class GuestMemo:
             last_balloon=snap.last_balloon, still_since=_time_or_never(now, snap.still_age_s),
             last_target=snap.last_target, hurt_size=snap.hurt_size,
             hurt_at=_time_or_never(now, snap.hurt_age_s), hurt_ws=snap.hurt_ws,
-            oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls)
+            oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls,
+            hurt_refaulted=snap.hurt_refaulted,
+            faulted_at=_time_or_never(now, snap.faulted_age_s))
 
 
 _second: Final = itemgetter(1)
@@ -307,6 +332,9 @@ class Figures:
     probe: bool = True  # the policy's settings
     stall_quiet_pct: float = STALL_QUIET_PCT
     stall_trouble_pct: float = STALL_TROUBLE_PCT
+    free: int = 0  # MemFree: memory nobody uses (not even the page cache)
+    repeated: bool = False  # the report is the one the last call read (reports every 2 s)
+    report_balloon: int = 0  # the balloon the report saw
 
     @property
     def size(self) -> int:
@@ -349,6 +377,17 @@ class Figures:
                 and self.fault_rate <= MAJOR_FAULTS_QUIET_PER_S)
 
     @property
+    def free_now(self) -> int:
+        """MemFree less what the balloon took since the report (it takes free pages first)."""
+        return max(0, self.free - max(0, self.g.balloon_pages - self.report_balloon))
+
+    @property
+    def idle(self) -> bool:
+        """Free memory beyond twice the margin, seen quiet for a while: a big probe step."""
+        return (self.free_now > 2 * self.margin
+                and self.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP)
+
+    @property
     def settled(self) -> bool:
         g = self.g
         return abs(g.target_pages - g.balloon_pages) < MIN_CHANGE_PAGES
@@ -380,6 +419,7 @@ class Ruling:
     balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
     hurt: int | None = None  # a size that hurt: no probing below it a while; the step halves
     oom: bool = False  # an OOM kill: the shrunk working set says nothing for a while
+    refaulted: bool = False  # it hurt by refaults: forgotten once they stop (REFAULT_MEMORY_S)
     quiet: bool = False  # a quiet probe: one more in a row; the step grows
 
 
@@ -428,13 +468,23 @@ def _own_pressure(f: Figures) -> bool:
     return f.troubled and f.g.balloon_pages == 0 and f.g.target_pages == 0
 
 
+def _reclaiming(f: Figures) -> bool:
+    # troubled while the balloon grew, with no refault and no swap-in since the last report
+    # and MemAvailable still above the margin: the stall is the guest reclaiming, for the
+    # balloon, page cache nobody reads (PSI counts the balloon's direct reclaim too), not its
+    # workload missing memory; a workload that missed what the balloon took refaults it
+    return (f.troubled and f.d_swapin == 0 and f.fault_rate == 0.0 and f.avail >= f.margin
+            and f.last_balloon is not None and f.g.balloon_pages > f.last_balloon)
+
+
 def _trouble(f: Figures) -> Ruling:
     # senpai: a back-off that grows with the pressure; the deflation may go below the size
     # remembered as hurting (plus the margin), to relieve the pressure now
     scale = min(BACKOFF_MAX_SCALE, max(1.0, f.severity))
     new = f.size + int(max(BACKOFF_MIN_FRACTION * f.ram, 2 * f.step) * scale)
     hurt = min(new, f.size + f.margin, f.g.ceiling_pages())
-    return Ruling(new, max(f.floor, new), f.severity, hurt=hurt)
+    return Ruling(new, max(f.floor, new), f.severity, hurt=hurt,
+                  refaulted=f.fault_rate > 0 or f.d_swapin > 0)
 
 
 def _why_stalled(f: Figures, _: Ruling) -> str:
@@ -444,12 +494,22 @@ def _why_stalled(f: Figures, _: Ruling) -> str:
     return f"default: inflation stalled: {why}: target := actual"
 
 
+def _probes(f: Figures) -> bool:
+    # a report the last call read already shows nothing of that call's probe: probe again
+    # only into free memory that is idle still (the balloon's growth since taken off)
+    return (f.probe and f.quiet and f.settled and f.target_size > f.floor
+            and (not f.repeated or f.idle))
+
+
 def _probe(f: Figures) -> Ruling:
-    step = f.step
-    if f.avail > 2 * f.margin and f.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP:
+    step = 0 if f.repeated else f.step
+    if f.idle:
         # idle free memory, seen quiet for a while: take half of it a call (at most
-        # BIG_STEP_MAX_FRACTION of RAM), not just the probe step
-        step = max(step, min((f.avail - f.margin) // 2, int(BIG_STEP_MAX_FRACTION * f.ram)))
+        # BIG_STEP_MAX_FRACTION of RAM), not just the probe step. MemFree, not MemAvailable:
+        # the page cache counts as available, but a big step into a cache the guest reads
+        # evicts its hot pages at once, and the guest stalls refaulting them for tens of
+        # seconds after the balloon gave them back; cache is probed by the step alone
+        step = max(step, min((f.free_now - f.margin) // 2, int(BIG_STEP_MAX_FRACTION * f.ram)))
     return Ruling(max(f.floor, f.target_size - step), f.floor, f.severity, quiet=True)
 
 
@@ -464,6 +524,11 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f: Ruling(f.size, f.floor, f.severity),
          lambda f, r: f"default: stall {f.stall_pct:.2f}% with no balloon: hold",
          DefaultCounter.PRESSURE_WITHOUT_BALLOON),
+    Rule("reclaiming", Verdict.HOLD, _reclaiming,
+         lambda f: Ruling(f.target_size, f.floor, f.severity),
+         lambda f, r: f"default: stall {f.stall_pct:.2f}% while the balloon grew by "
+                      f"{f.g.balloon_pages - (f.last_balloon or 0)} pages, no refault: hold "
+                      f"(the inflation's own reclaim)"),
     Rule("trouble", Verdict.TROUBLE, lambda f: f.troubled, _trouble,
          lambda f, r: f"default: back off: stall {f.stall_pct:.2f}%, swap-in "
                       f"{f.swapin_rate:.0f} pages/s"),
@@ -474,7 +539,7 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f: Ruling(f.floor, f.floor, f.severity),
          lambda f, r: f"default: size {f.target_size} under safety floor {f.floor}: grow"),
     Rule("probe", Verdict.PROBE,
-         lambda f: f.probe and f.quiet and f.settled and f.target_size > f.floor, _probe,
+         _probes, _probe,
          lambda f, r: f"default: quiet (stall {f.stall_pct:.2f}%): probe down "
                       f"{f.target_size - r.size} pages toward floor {f.floor}"),
     Rule("hold", Verdict.HOLD, lambda f: True,
@@ -518,6 +583,10 @@ class DefaultGuestSnapshot(SnapshotPart):
     # from before they were kept has neither: the next call starts the wait afresh)
     still_age_s: Seconds | None = None
     last_target: Pages | None = None
+    # whether the guest refaulted when it last hurt, and its last refault (older snapshots:
+    # not refaulted, never)
+    hurt_refaulted: bool = False
+    faulted_age_s: Seconds | None = None
 
 
 class DefaultSnapshot(PolicySnapshot):
@@ -618,7 +687,8 @@ class DefaultPolicy:
         if grown or target != m.last_target:
             m.still_since = now  # moving, or asked for something new: give it time
         stuck = not grown and target > balloon and now - m.still_since >= STUCK_AFTER_S
-        if prev is None or m.last_report is not r:  # the same report: the same counts
+        repeated = prev is not None and m.last_report is r  # seen at the last call already
+        if not repeated:  # the same report: the same counts
             m.last, m.last_report = ReportCounts.of(r), r
         m.last_now, m.last_balloon, m.last_target = now, balloon, target
 
@@ -628,9 +698,14 @@ class DefaultPolicy:
         # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
         ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
+        if d_major or d_swapin:
+            m.faulted_at = now
         if (now >= m.hurt_at + PRESSURE_MEMORY_S
-                or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)):
-            m.hurt_size = 0  # the pain is old, or the working set shrank well below it
+                or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)
+                or (m.hurt_refaulted and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)):
+            # the pain is old, the working set shrank well below it, or it was refaults and
+            # they stopped
+            m.hurt_size = 0
         min_pages, hurt_size = g.settings.min_pages, m.hurt_size
         floor = min(max(min_pages, peak + margin, hurt_size), g.ceiling_pages())
         stall_pct, trouble_pct = r.stall_pct, self.stall_trouble_pct
@@ -645,7 +720,8 @@ class DefaultPolicy:
             max(1, int(m.step * ram)),  # step
             max(stall_pct / trouble_pct if trouble_pct else 0.0,
                 swapin_rate / SWAPIN_TROUBLE_PER_S),  # severity
-            m.quiet_calls, self.probe, self.stall_quiet_pct, trouble_pct)
+            m.quiet_calls, self.probe, self.stall_quiet_pct, trouble_pct,
+            free_pages(g, r, c), repeated, r.balloon_actual_pages)
 
     def _plan(self, g: GuestSample, now: float) -> _Plan | None:
         m = self.state.get(g.name)
@@ -665,7 +741,7 @@ class DefaultPolicy:
         if g.report is not None:
             # the size above which the guest's memory is MemFree beyond the margin (a blind
             # guest's stale report is read too: its inconsistencies are counted all the same)
-            free = free_pages(g, g.report, self.counters)
+            free = f.free if f.fresh else free_pages(g, g.report, self.counters)
             p.soft_floor = max(p.budget_floor, g.size_pages - max(0, free - BUDGET_MARGIN_PAGES))
         return p
 
