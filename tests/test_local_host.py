@@ -186,13 +186,20 @@ def test_two_guests_inflate_returns_host_memory_and_data_stays_intact() -> None:
                 host.set_target(n, 0)
             assert await host.wait_until(
                 lambda s: all(v.balloon_pages == 0 for v in s.values()), 30)
-            for n in before:
-                touched = await host.control(n, "touch_free")
-                assert touched["touched_pages"] >= HALF
-                check = await host.control(n, "verify")
-                assert check["lost_pages"] == 0 and check["checked_pages"] > 0
-                assert check["invariant_errors"] == []
-            after = {n: v.resident_bytes for n, v in host.guests().items()}
+            # touched, the deflated pages are the host's memory again; a free page reporting
+            # pass (every 2 s) may release just-deflated free blocks after a touch: once
+            # reported they stay so, and the next touch brings them back for good
+            for _ in range(3):
+                for n in before:
+                    touched = await host.control(n, "touch_free")
+                    assert touched["touched_pages"] >= HALF
+                    check = await host.control(n, "verify")
+                    assert check["lost_pages"] == 0 and check["checked_pages"] > 0
+                    assert check["invariant_errors"] == []
+                after = {n: v.resident_bytes for n, v in host.guests().items()}
+                if all(after[n] >= before[n] for n in before):
+                    break
+                await asyncio.sleep(2.5)
             stats = {n: (await host.control(n, "stats"))["driver"] for n in before}
             assert all(after[n] >= before[n] for n in before), (before, after, stats)
             assert not host.set_target("v", MIB_GUEST * MIB)  # past its RAM: refused
