@@ -16,6 +16,7 @@ from memballoon.model.pages import (
     merge_ranges,
     range_pages,
     sorted_pfns,
+    sorted_runs,
 )
 
 #: PFN lists as drivers make them: ascending runs in any order, maybe a repeat or a stray.
@@ -115,3 +116,12 @@ def test_run_wise_helpers_on_a_balloons_newest_rounds() -> None:
     assert not has_repeats(p)
     assert has_repeats(np.append(p, 3499))
     assert sorted_pfns(p).tolist() == sorted(p.tolist())
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=30))
+def test_sorted_runs_is_a_sort_of_the_runs_frames(runs: list[tuple[int, int]]) -> None:
+    # runs in any order, overlapping or empty: the same array as sorting every frame
+    starts = np.array([s for s, _ in runs], dtype=np.int64)
+    lens = np.array([n for _, n in runs], dtype=np.int64)
+    frames = [f for s, n in runs for f in range(s, s + n)]
+    assert sorted_runs(starts, lens).tolist() == sorted(frames)

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memballoon.guest.pfndeque import PfnDeque, sorted_runs
+from memballoon.guest.pfndeque import PfnDeque
 
 ops = st.lists(
     st.one_of(
@@ -107,12 +107,3 @@ def test_newest_is_the_last_pushed() -> None:
     assert d.newest() == 20
     d.pop_back(1)
     assert d.newest() == 9
-
-
-@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=30))
-def test_sorted_runs_is_a_sort_of_the_runs_frames(runs: list[tuple[int, int]]) -> None:
-    # runs in any order, overlapping or empty: the same array as sorting every frame
-    starts = np.array([s for s, _ in runs], dtype=np.int64)
-    lens = np.array([n for _, n in runs], dtype=np.int64)
-    frames = [f for s, n in runs for f in range(s, s + n)]
-    assert sorted_runs(starts, lens).tolist() == sorted(frames)

@@ -719,16 +719,12 @@ class GuestMemory:
 
     def return_isolated(self, blocks: npt.NDArray[np.int64], reported: bool) -> None:
         """Put isolated blocks back on the free lists, marked reported if the host took them."""
+        # only whole blocks are ever isolated (a partial last block is never wholly free)
         rows = self._state_rows
-        if blocks.size and int(blocks.min()) >= 0 and int(blocks.max()) < rows.shape[0]:
-            if not bool((rows[blocks] == _ISOLATED).all()):
-                raise UsageError("return_isolated: a block that is not isolated")
-            rows[blocks] = _FREE
-        else:
-            frames = block_frames(blocks, BLOCK_ORDER)
-            if not bool((self.state[frames] == _ISOLATED).all()):
-                raise UsageError("return_isolated: a block that is not isolated")
-            self.state[frames] = _FREE
+        if blocks.size and (int(blocks.min()) < 0 or int(blocks.max()) >= rows.shape[0]
+                            or not bool((rows[blocks] == _ISOLATED).all())):
+            raise UsageError("return_isolated: a block that is not isolated")
+        rows[blocks] = _FREE
         self._bfree[blocks] = BLOCK_PAGES
         self.reported[blocks] = reported
         n = int(blocks.size) * BLOCK_PAGES

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from memballoon.model.pages import expand_runs, sorted_runs
+
 _MIN_RUNS = 16
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -32,32 +34,6 @@ def _runs(p: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[
     edges[0], edges[-1] = 0, k
     edges[1:-1] = brk + 1
     return p[edges[:-1]], edges[1:] - edges[:-1]
-
-
-def expand_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
-                ) -> npt.NDArray[np.int64]:
-    """The frames of runs, in order."""
-    if starts.size == 0:
-        return _EMPTY.copy()
-    if starts.size == 1:
-        return np.arange(starts[0], starts[0] + lens[0], dtype=np.int64)
-    total = int(lens.sum())
-    offsets = np.cumsum(lens) - lens
-    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
-
-
-def sorted_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
-                ) -> npt.NDArray[np.int64]:
-    """The frames of runs, ascending (``np.sort`` of their frames, repeats kept): the runs are
-    ordered by their first frames, so the cost is the runs' and the frames' count, no sort of
-    the frames unless runs overlap."""
-    if starts.size > 1:
-        order = np.argsort(starts, kind="stable")
-        starts, lens = starts[order], lens[order]
-    out = expand_runs(starts, lens)
-    if starts.size > 1 and bool((starts[1:] < starts[:-1] + lens[:-1]).any()):
-        out.sort()  # runs that overlap (a frame held twice): as np.sort leaves them
-    return out
 
 
 class PfnDeque:

@@ -73,10 +73,10 @@ from typing import Final, Protocol, cast, runtime_checkable
 import numpy as np
 
 from memballoon.guest.memory import GuestMemory
-from memballoon.guest.pfndeque import PfnDeque, expand_runs, sorted_runs
+from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import PeerError
-from memballoon.model.pages import PfnArray, block_frames
+from memballoon.model.pages import PfnArray, block_frames, expand_runs, sorted_runs
 from memballoon.model.units import PFN32_MAX
 from memballoon.protocol.vmw import (
     VMW_BALLOON_2M_ORDER,

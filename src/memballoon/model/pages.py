@@ -87,14 +87,32 @@ def sorted_pfns(pfns: npt.ArrayLike) -> PfnArray:
     if breaks.size * 8 > p.size:  # short runs: a plain sort is cheaper
         return np.sort(p)
     first = np.concatenate(([0], breaks))
-    lens = np.diff(np.append(first, p.size))
-    order = np.argsort(p[first], kind="stable")
-    first, lens = first[order], lens[order]
-    # gather the runs in order of their first frames
-    idx = np.repeat(first - (np.cumsum(lens) - lens), lens) + np.arange(p.size)
-    out = p[idx]
-    if not bool(((out[1:] - out[:-1]) >= 0).all()):  # runs that overlap (repeats): sort them out
-        out.sort()
+    return sorted_runs(p[first], np.diff(np.append(first, p.size)))
+
+
+def expand_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.int64]:
+    """The frames of runs, in order."""
+    if starts.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if starts.size == 1:
+        return np.arange(starts[0], starts[0] + lens[0], dtype=np.int64)
+    total = int(lens.sum())
+    offsets = np.cumsum(lens) - lens
+    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
+
+
+def sorted_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.int64]:
+    """The frames of runs, ascending (``np.sort`` of their frames, repeats kept): the runs are
+    ordered by their first frames, so the cost is the runs' and the frames' count, no sort of
+    the frames unless runs overlap."""
+    if starts.size > 1:
+        order = np.argsort(starts, kind="stable")
+        starts, lens = starts[order], lens[order]
+    out = expand_runs(starts, lens)
+    if starts.size > 1 and bool((starts[1:] < starts[:-1] + lens[:-1]).any()):
+        out.sort()  # runs that overlap (a frame held twice): as np.sort leaves them
     return out
 
 
