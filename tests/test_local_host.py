@@ -26,6 +26,7 @@ from memballoon.local.host import (
     LocalHost,
     hello_matches,
     peer_json_object,
+    signal_child,
 )
 from memballoon.manager.port import ManualClock
 from memballoon.model.errors import ConfigError, HostResourceError, UsageError
@@ -730,3 +731,28 @@ def test_a_dead_guest_restarts_afresh_and_is_served() -> None:
             assert (await host.control("g", "verify"))["lost_pages"] == 0
 
     asyncio.run(main())
+
+
+def test_a_child_is_signalled_without_being_reaped_under_the_watcher(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``signal_child`` goes around ``Popen.send_signal``, whose poll (``waitpid``) can reap a
+    just-dead guest under asyncio's child watcher (which then logs "Unknown child process pid"
+    and reports 255): the watcher alone reaps, and sees the signal."""
+    polled: list[int] = []
+    real = subprocess.Popen.send_signal
+
+    def send_signal(self: subprocess.Popen[bytes], sig: int) -> None:
+        polled.append(sig)
+        real(self, sig)
+
+    monkeypatch.setattr(subprocess.Popen, "send_signal", send_signal)
+
+    async def run() -> int:
+        proc = await asyncio.create_subprocess_exec("sleep", "30")
+        signal_child(proc, signal.SIGKILL)
+        rc = await asyncio.wait_for(proc.wait(), 10)
+        signal_child(proc, signal.SIGKILL)  # reaped: nothing to signal, nothing raised
+        return rc
+
+    assert asyncio.run(run()) == -signal.SIGKILL
+    assert polled == []

@@ -228,6 +228,16 @@ def hello_matches(payload: bytes, want: Mapping[str, object]) -> bool:
     return doc is not None and all(doc.get(k) == v for k, v in want.items())
 
 
+def signal_child(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Send ``sig`` to a child that has not been reaped, without reaping it. ``Process.kill``
+    goes through ``Popen.send_signal``, which polls (``waitpid``) first: a child that just died
+    (a guest the cgroup OOM-killed) is then reaped under asyncio's child watcher, which logs
+    "Unknown child process pid" and reports exit code 255 instead of the signal."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
 @dataclass(frozen=True, slots=True)
 class GuestSpec:
     """One local guest. ``program`` replaces ``python -m memballoon.local.guest_main`` (the
@@ -639,14 +649,12 @@ class LocalHost:
                 self._send(g, encode(Kind.BYE))
         await self._reap(guests, BYE_WAIT_S)
         for g in guests:
-            if g.proc is not None and g.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    g.proc.terminate()
+            if g.proc is not None:
+                signal_child(g.proc, signal.SIGTERM)
         await self._reap(guests, TERM_WAIT_S)
         for g in guests:
-            if g.proc is not None and g.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    g.proc.kill()
+            if g.proc is not None:
+                signal_child(g.proc, signal.SIGKILL)
         await self._reap(guests, TERM_WAIT_S)
         for g in guests:
             self._die(g, LocalHostCounter.DIED_SHUTDOWN)
@@ -690,10 +698,9 @@ class LocalHost:
         g.counters.inc(why)
         g.inbox.clear()
         self._disconnect(g)
-        if g.proc is not None and g.proc.returncode is None and not self._closed:
+        if g.proc is not None and not self._closed:
             # a live process whose link is gone or broken is of no use: make sure it is gone
-            with contextlib.suppress(ProcessLookupError):
-                g.proc.kill()
+            signal_child(g.proc, signal.SIGKILL)
         if not self._closed:  # closing: the guest exits on its own first (close kills the rest)
             self._kill_the_rest(g)
         loop = self._loop
