@@ -43,6 +43,7 @@ from memballoon.policy.default import (
     STALL_QUIET_PCT,
     STALL_TROUBLE_PCT,
     STUCK_AFTER_S,
+    SWAPIN_TROUBLE_PER_S,
     DefaultCounter,
     DefaultPolicy,
     DefaultSnapshot,
@@ -707,6 +708,21 @@ def test_rules_table_follows_the_module_docstring() -> None:
     # the first rule that applies decides: an OOM-killed guest in trouble is an emergency
     rule, ruling = judge(figs(d_oom=1, stall_pct=50.0, balloon=RAM // 2))
     assert rule.name == "emergency" and ruling is not None and ruling.oom
+
+
+def test_rules_marked_troubled_apply_only_to_a_troubled_guest() -> None:
+    # ``judge`` skips them for a quiet guest: each must ask for ``Figures.troubled`` itself
+    flagged = [r for r in RULES if r.troubled]
+    assert {r.name for r in flagged} == {"own_pressure", "reclaiming", "trouble"}
+    for balloon in (0, RAM // 4):
+        for kw in ({}, {"stall_pct": STALL_TROUBLE_PCT}, {"swapin_rate": SWAPIN_TROUBLE_PER_S}):
+            f = figs(balloon=balloon, last_balloon=0, **kw)
+            assert not f.troubled and not any(r.when(f) for r in flagged)
+            # the same guest troubled: the rule for it applies
+            hurt = figs(balloon=balloon, last_balloon=0, **(kw | {"stall_pct": 5.0}))
+            assert hurt.troubled
+            assert RULE["own_pressure" if balloon == 0 else "reclaiming"].when(hurt)
+            assert judge(hurt)[0].name == ("own_pressure" if balloon == 0 else "reclaiming")
 
 
 def test_rule_blind() -> None:

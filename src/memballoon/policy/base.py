@@ -96,6 +96,13 @@ class Policy(Protocol):
 
 def clamp_balloon(g: GuestSample, balloon_pages: int) -> int:
     """The balloon nearest ``balloon_pages`` that keeps ``g`` within its floor and ceiling."""
-    lo = g.ram_pages - g.ceiling_pages()  # smallest balloon: the guest at its ceiling
-    hi = g.ram_pages - g.floor_pages()  # largest balloon: the guest at its floor
-    return max(lo, min(hi, balloon_pages))
+    # ``GuestSample.ceiling_pages``/``floor_pages`` and max(lo, min(hi, ...)) written out:
+    # the policy and the manager clamp every guest every call
+    ram, settings = g.ram_pages, g.settings
+    mx = settings.max_pages
+    lo = 0 if mx is None or mx >= ram else ram - mx  # smallest balloon: the guest at its ceiling
+    mn = settings.min_pages
+    hi = ram - (mn if mn < ram else ram)  # largest balloon: the guest at its floor
+    if balloon_pages > hi:
+        balloon_pages = hi
+    return lo if balloon_pages < lo else balloon_pages

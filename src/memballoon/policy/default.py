@@ -191,10 +191,6 @@ class ReportCounts:
     oom_kills: int
     refused_pages: int | None
 
-    @classmethod
-    def of(cls, r: PressureReport) -> ReportCounts:
-        return cls(r.time_s, r.swap_in_pages, r.major_faults, r.oom_kills, r.refused_pages)
-
 
 @dataclass(slots=True)
 class GuestMemo:
@@ -203,8 +199,10 @@ class GuestMemo:
 
     step: float = PROBE_STEP_START  # probe step, share of RAM
     ws: deque[tuple[float, int]] = field(default_factory=deque)  # (now, working set pages)
-    last: ReportCounts | None = None  # the last fresh report (None: rates start over)
-    last_report: PressureReport | None = None  # the report ``last`` was read off
+    # the last fresh report, kept whole (its counts are what the next report's rates are
+    # computed from; a report is immutable, and ``last is report`` tells a report the last call
+    # read already), or a restored snapshot's counts; None: rates start over
+    last: PressureReport | ReportCounts | None = None
     last_now: float | None = None  # when it was read
     last_balloon: int | None = None
     # since when the balloon has not grown under the same target; an inflation is stuck only
@@ -225,9 +223,11 @@ class GuestMemo:
         after a call, as under the early steps of a short host, spans its own interval, not
         the calls') and its peak over ``WS_WINDOW_S``."""
         growth = 0.0
-        if self.ws and dt > 0:
-            growth = max(0.0, (ws - self.ws[-1][1]) / dt)
         hist = self.ws
+        if hist and dt > 0:
+            growth = (ws - hist[-1][1]) / dt
+            if growth < 0.0:
+                growth = 0.0
         hist.append((now, ws))
         oldest = now - WS_WINDOW_S
         while hist and hist[0][0] < oldest:
@@ -436,6 +436,9 @@ class Rule:
     decide: Callable[[Figures], Ruling | None]
     why: Callable[[Figures, Ruling], str]
     counter: DefaultCounter | None = None  # counted each time the rule applies
+    # the rule applies only to a troubled guest (its ``when`` requires ``Figures.troubled``):
+    # ``judge`` tests that once for all such rules, not in each (most guests are quiet)
+    troubled: bool = False
 
 
 def _blind(f: Figures) -> Ruling | None:
@@ -523,15 +526,15 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule("own_pressure", Verdict.HOLD, _own_pressure,
          lambda f: Ruling(f.size, f.floor, f.severity),
          lambda f, r: f"default: stall {f.stall_pct:.2f}% with no balloon: hold",
-         DefaultCounter.PRESSURE_WITHOUT_BALLOON),
+         DefaultCounter.PRESSURE_WITHOUT_BALLOON, troubled=True),
     Rule("reclaiming", Verdict.HOLD, _reclaiming,
          lambda f: Ruling(f.target_size, f.floor, f.severity),
          lambda f, r: f"default: stall {f.stall_pct:.2f}% while the balloon grew by "
                       f"{f.g.balloon_pages - (f.last_balloon or 0)} pages, no refault: hold "
-                      f"(the inflation's own reclaim)"),
+                      f"(the inflation's own reclaim)", troubled=True),
     Rule("trouble", Verdict.TROUBLE, lambda f: f.troubled, _trouble,
          lambda f, r: f"default: back off: stall {f.stall_pct:.2f}%, swap-in "
-                      f"{f.swapin_rate:.0f} pages/s"),
+                      f"{f.swapin_rate:.0f} pages/s", troubled=True),
     Rule("stalled", Verdict.STALLED, lambda f: f.stuck or (f.d_refused > 0 and f.inflating),
          lambda f: Ruling(f.size, f.floor, f.severity, balloon=f.g.balloon_pages, hurt=f.size),
          _why_stalled),
@@ -549,8 +552,9 @@ RULES: Final[tuple[Rule, ...]] = (
 
 def judge(f: Figures) -> tuple[Rule, Ruling | None]:
     """The first rule that applies to ``f``, and what it decides."""
+    troubled = f.troubled
     for rule in RULES:
-        if rule.when(f):
+        if (troubled or not rule.troubled) and rule.when(f):
             return rule, rule.decide(f)
     raise AssertionError("the hold rule always applies")
 
@@ -610,7 +614,7 @@ class _Plan:
     rule: Rule
     ruling: Ruling
     balloon: int | None = None  # an explicit balloon (blind, stalled), else from ``size``
-    soft_floor: int = 0  # the size that keeps the guest's page cache: reclaimed second
+    free: int | None = None  # MemFree in its report (None: no report), for ``soft_floor``
     budget_floor: int = 0  # how far the host budget may squeeze: working set + small margin
     budget_cut: bool = False  # reclaimed for the host budget (urgent: not held back)
     # an emergency (no OOM kill): the size that restores only the budget's margin, all the
@@ -622,6 +626,14 @@ class _Plan:
     def why(self) -> str:
         base = self.reason if self.reason is not None else self.rule.why(self.f, self.ruling)
         return base + self.more
+
+    def soft_floor(self) -> int:
+        """The size above which the guest's memory is MemFree beyond the margin: the host's
+        reclaim takes that first, the page cache second (asked only when the host reclaims)."""
+        if self.free is None:
+            return 0
+        return max(self.budget_floor,
+                   self.g.size_pages - max(0, self.free - BUDGET_MARGIN_PAGES))
 
 
 class DefaultPolicy:
@@ -665,6 +677,7 @@ class DefaultPolicy:
         c = self.counters
         prev = m.last
         balloon, target, ram = g.balloon_pages, g.target_pages, g.ram_pages
+        repeated = prev is r  # the report the last call read (reports every 2 s, calls 1 s)
         dt = 0.0
         d_swapin = d_major = d_oom = d_refused = 0
         if prev is not None:
@@ -672,25 +685,30 @@ class DefaultPolicy:
                 dt = r.time_s - prev.time_s
                 if dt <= 0:
                     dt = now - m.last_now  # the guest's clock did not move: ours did
-            d_swapin = counter_delta(r.swap_in_pages, prev.swap_in_pages, c,
-                                     PolicyReportCounter.SWAP_IN_BACKWARDS)
-            d_major = counter_delta(r.major_faults, prev.major_faults, c,
-                                    PolicyReportCounter.MAJOR_FAULTS_BACKWARDS)
-            d_oom = counter_delta(r.oom_kills, prev.oom_kills, c,
-                                  PolicyReportCounter.OOM_KILLS_BACKWARDS)
-            if r.refused_pages is not None:
-                d_refused = counter_delta(r.refused_pages, prev.refused_pages, c,
-                                          PolicyReportCounter.REFUSED_BACKWARDS)
+            if not repeated:  # (a report's counters against themselves: every delta is 0)
+                # the plain differences; ``counter_delta`` (0, counted) for one gone back
+                d_swapin = r.swap_in_pages - prev.swap_in_pages
+                if d_swapin < 0:
+                    d_swapin = counter_delta(r.swap_in_pages, prev.swap_in_pages, c,
+                                             PolicyReportCounter.SWAP_IN_BACKWARDS)
+                d_major = r.major_faults - prev.major_faults
+                if d_major < 0:
+                    d_major = counter_delta(r.major_faults, prev.major_faults, c,
+                                            PolicyReportCounter.MAJOR_FAULTS_BACKWARDS)
+                d_oom = r.oom_kills - prev.oom_kills
+                if d_oom < 0:
+                    d_oom = counter_delta(r.oom_kills, prev.oom_kills, c,
+                                          PolicyReportCounter.OOM_KILLS_BACKWARDS)
+                if r.refused_pages is not None:
+                    d_refused = counter_delta(r.refused_pages, prev.refused_pages, c,
+                                              PolicyReportCounter.REFUSED_BACKWARDS)
         swapin_rate = d_swapin / dt if dt > 0 else 0.0
         last_balloon = m.last_balloon
         grown = last_balloon is None or balloon > last_balloon
         if grown or target != m.last_target:
             m.still_since = now  # moving, or asked for something new: give it time
         stuck = not grown and target > balloon and now - m.still_since >= STUCK_AFTER_S
-        repeated = prev is not None and m.last_report is r  # seen at the last call already
-        if not repeated:  # the same report: the same counts
-            m.last, m.last_report = ReportCounts.of(r), r
-        m.last_now, m.last_balloon, m.last_target = now, balloon, target
+        m.last, m.last_now, m.last_balloon, m.last_target = r, now, balloon, target
 
         ws = working_set_pages(g, r, c)
         avail = available_pages(g, r, c)
@@ -700,14 +718,18 @@ class DefaultPolicy:
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if d_major or d_swapin:
             m.faulted_at = now
-        if (now >= m.hurt_at + PRESSURE_MEMORY_S
+        if m.hurt_size and (
+                now >= m.hurt_at + PRESSURE_MEMORY_S
                 or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)
                 or (m.hurt_refaulted and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)):
             # the pain is old, the working set shrank well below it, or it was refaults and
             # they stopped
             m.hurt_size = 0
-        min_pages, hurt_size = g.settings.min_pages, m.hurt_size
-        floor = min(max(min_pages, peak + margin, hurt_size), g.ceiling_pages())
+        settings = g.settings
+        min_pages, hurt_size, ceiling = settings.min_pages, m.hurt_size, settings.max_pages
+        if ceiling is None or ceiling > ram:  # ``g.ceiling_pages()``, without the call
+            ceiling = ram
+        floor = min(max(min_pages, peak + margin, hurt_size), ceiling)
         stall_pct, trouble_pct = r.stall_pct, self.stall_trouble_pct
         if stall_pct > self.stall_quiet_pct or d_swapin or d_oom or avail < margin:
             m.quiet_calls = 0  # anything but quiet starts the count again
@@ -739,10 +761,9 @@ class DefaultPolicy:
         if rule.verdict is Verdict.EMERGENCY and f.d_oom == 0:
             p.relief = min(ruling.size, f.size + f.squeeze_margin - f.avail)
         if g.report is not None:
-            # the size above which the guest's memory is MemFree beyond the margin (a blind
-            # guest's stale report is read too: its inconsistencies are counted all the same)
-            free = f.free if f.fresh else free_pages(g, g.report, self.counters)
-            p.soft_floor = max(p.budget_floor, g.size_pages - max(0, free - BUDGET_MARGIN_PAGES))
+            # for ``soft_floor`` (a blind guest's stale report is read too: its
+            # inconsistencies are counted all the same)
+            p.free = f.free if f.fresh else free_pages(g, g.report, self.counters)
         return p
 
     # ------------------------------------------------------------------ snapshot
@@ -846,7 +867,7 @@ class DefaultPolicy:
                  and p.balloon is None]
         for soft in (True, False):
             def low(p: _Plan, soft: bool = soft) -> int:
-                return p.soft_floor if soft else p.budget_floor
+                return p.soft_floor() if soft else p.budget_floor
 
             cands.sort(key=lambda p: (p.pressure, -(p.size - low(p)), p.g.name))
             for p in cands:

@@ -31,21 +31,18 @@ class PolicyReportCounter(CounterName):
 def fresh_report(g: GuestSample, max_age_s: float, now: float) -> PressureReport | None:
     """``g``'s report if the guest is alive and the report is no older than ``max_age_s`` at
     ``now`` (a report stamped in the future, a clock gone wrong, counts as fresh)."""
-    if not g.alive or g.report is None:
+    r = g.report
+    if r is None or not g.alive:
         return None
-    age = g.report_age_s(now)
-    if age is None or age > max_age_s:
+    t = g.report_time  # ``GuestSample.report_age_s`` inline: every guest every call
+    if t is None or max(0.0, now - t) > max_age_s:
         return None
-    return g.report
-
-
-def _pages(size_bytes: int) -> int:
-    return max(0, size_bytes) // PAGE_SIZE
+    return r
 
 
 def free_pages(g: GuestSample, r: PressureReport, counters: Counters) -> int:
     """MemFree in pages, at most what the guest keeps."""
-    free = _pages(r.free_bytes)
+    free = max(0, r.free_bytes) // PAGE_SIZE  # (a negative figure: 0)
     if free > g.ram_pages:
         counters.inc(PolicyReportCounter.FREE_ABOVE_RAM)
         return max(0, g.size_pages)
@@ -54,11 +51,12 @@ def free_pages(g: GuestSample, r: PressureReport, counters: Counters) -> int:
 
 def available_pages(g: GuestSample, r: PressureReport, counters: Counters) -> int:
     """MemAvailable in pages, at most what the guest keeps."""
-    avail = _pages(r.available_bytes)
-    if avail > g.size_pages:
+    avail = max(0, r.available_bytes) // PAGE_SIZE
+    size = g.ram_pages - g.balloon_pages  # ``size_pages``, without the property call
+    if avail > size:
         if avail > g.ram_pages:
             counters.inc(PolicyReportCounter.AVAILABLE_ABOVE_RAM)
-        return max(0, g.size_pages)
+        return max(0, size)
     return avail
 
 
@@ -74,7 +72,7 @@ def working_set_pages(g: GuestSample, r: PressureReport, counters: Counters) -> 
     # RAM minus the balloon the report saw: not the report's total, which is MemTotal in a
     # real Linux guest and already lacks the balloon there when deflate-on-OOM is off
     size_then = g.ram_pages - min(g.ram_pages, r.balloon_actual_pages)
-    avail = _pages(r.available_bytes)
+    avail = max(0, r.available_bytes) // PAGE_SIZE
     if avail > size_then:
         counters.inc(PolicyReportCounter.AVAILABLE_ABOVE_SIZE)
         avail = size_then
