@@ -418,3 +418,54 @@ def test_a_bulk_take_is_the_free_frames_of_its_blocks_in_order(
                          minlength=m._bfree.size)
     assert np.array_equal(counts, m._bfree)
     assert m.free_pages == int(np.count_nonzero(m.state == PageState.FREE))
+
+
+def _odd_guest(script: list[tuple[int, int]], report: int, odd: int) -> GuestMemory:
+    """A guest of 12 blocks and ``odd`` frames (a partial last block), partly used blocks
+    with holes, and up to ``report`` blocks reported (so they come after the partial one)."""
+    m = GuestMemory(12 * BLOCK_PAGES + odd, reserved_pages=300)
+    for k, keep_every in script:
+        got = m._take_free(k, 0, PageState.CACHE)
+        hole = np.zeros(got.size, dtype=np.bool_)
+        if keep_every:
+            hole[:: keep_every + 1] = True  # holes in the blocks taken
+            m._give_free(got[hole])
+        m.cache.push_back(got[~hole])
+    if report:
+        m.return_isolated(m.isolate_reportable(report, 0), True)
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 3)), max_size=12),
+       st.integers(1, 7000), st.integers(0, 3), st.integers(1, 511))
+def test_single_takes_in_bulk_reach_a_partial_last_block(
+        script: list[tuple[int, int]], n: int, report: int, odd: int) -> None:
+    # the legacy VMware driver's bulk single takes (_take_lowest) on a guest whose size is
+    # not whole blocks: they reach its partial last block, ahead of reported blocks or as the
+    # last block taken, as the single takes do (that raised IndexError before)
+    one, bulk = _odd_guest(script, report, odd), _odd_guest(script, report, odd)
+    singles = []
+    for _ in range(n):
+        f = one.alloc_nosleep(1)
+        if f.size == 0:
+            break
+        singles.append(int(f[0]))
+    got = bulk.alloc_nosleep_each(n, lambda frames: int(frames.size))
+    assert got.tolist() == singles
+    assert state_diff(state_of(one), state_of(bulk)) == []
+    assert bulk.check_invariants() == []
+
+
+def test_single_takes_in_bulk_take_a_partial_last_block_before_reported_ones() -> None:
+    # the case that raised IndexError: the partial last block (100 frames) comes before the
+    # reported block 11 among the blocks a bulk take empties
+    m = _odd_guest([(4900, 0)], 0, 100)  # blocks 0-9 used, block 10 partly
+    m.return_isolated(m.isolate_reportable(1, 0), True)
+    assert m.reported.nonzero()[0].tolist() == [11]
+    got = m.alloc_nosleep_each(m.free_pages, lambda frames: int(frames.size))
+    last = 12 * BLOCK_PAGES
+    assert got.size == m.total_pages - 300 - 4900 - m.watermarks.min
+    # block 10's rest, then the partial block's 100 frames, then the reported block
+    assert got[432 : 432 + 100].tolist() == list(range(last, last + 100))
+    assert m.check_invariants() == []

@@ -616,6 +616,8 @@ class GuestMemory:
         last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
         blocks = cand[: last + 1]
         frames = block_frames(blocks, BLOCK_ORDER)
+        if int(blocks.max()) >= len(self._state_rows):  # the guest's partial last block
+            frames = frames[frames < self.total_pages]  # (anywhere: before reported ones)
         frees: PfnArray = frames[self.state[frames] == _FREE]  # block by block, ascending
         take = frees[:k]
         m_last = k - (int(cum[last - 1]) if last else 0)
