@@ -588,14 +588,28 @@ class VmwBalloonDriver:
         rate = self.rate_alloc if self.slow_allocation_cycles else VMW_BALLOON_NOSLEEP_ALLOC_MAX
         can_sleep = False
         error = _OK
-        # the pages that would all go through, in one go (a bulk host); the loop goes on from
-        # where the first failure would be, or not at all if the cycle's last page went
-        run = self._lock_run(min(goal, rate + 1))
-        for _ in range(run // (VMW_BALLOON_YIELD_THRESHOLD + 1)):
-            self._yield()
-        allocations = run % (VMW_BALLOON_YIELD_THRESHOLD + 1)
-        i = min(run, rate)
-        while i < goal and run <= rate:
+        allocations = 0
+        i = 0
+        bulk = self._bulk() is not None and self.mem.host_page_frames == 1
+        while i < goal:
+            if bulk:
+                # the pages up to the cycle's end that the allocator gives without reclaim and
+                # the host takes, in one go (a bulk host), as the loop below would take them;
+                # the page where that stops (reclaim, a refusal, none left) goes on its own
+                want = min(goal, rate + 1) - i
+                n = self._lock_run(want, can_sleep)
+                if n:
+                    error = _OK
+                    allocations += n
+                    for _ in range(allocations // (VMW_BALLOON_YIELD_THRESHOLD + 1)):
+                        self._yield()
+                    allocations %= VMW_BALLOON_YIELD_THRESHOLD + 1
+                    if i + n > rate:  # its last page was the one at i == rate: the seed stops
+                        i = rate
+                        break
+                    i += n
+                    if n == want:
+                        break
             error = self._reserve_page(can_sleep)
             if error != _OK:
                 if error != _ENOMEM:
@@ -638,18 +652,27 @@ class VmwBalloonDriver:
             return cast(BulkBackdoor, port)
         return None
 
-    def _lock_run(self, k: int) -> int:
-        """The first ``k`` pages of an inflate cycle, allocated without sleeping and locked,
-        in one go as far as every one would succeed; returns how many."""
+    def _lock_run(self, k: int, can_sleep: bool = False) -> int:
+        """The next ``k`` pages of an inflate cycle, allocated and locked, in one go as far
+        as every one would succeed; returns how many. A sleeping allocation that finds a free
+        frame above the min watermark takes what a non-sleeping one would (no reclaim, no
+        stall): the run stops where one would have to reclaim."""
         port = self._bulk()
-        if port is None or k <= 0 or self.mem.host_page_frames != 1:
+        if port is None or self.mem.host_page_frames != 1:
             return 0
-        frames = self.mem.alloc_nosleep_each(k, port.lock_run)
+        mem = self.mem
+        k = min(k, mem.free_pages - mem.watermarks.min)  # past that: none, or reclaim
+        if k <= 0:
+            return 0
+        frames = mem.alloc_nosleep_each(k, port.lock_run)
         n = int(frames.size)
         if n:
             self.pages.extend(frames)
             self.size += n
-            self.seed_stats.alloc += n
+            if can_sleep:
+                self.seed_stats.sleep_alloc += n
+            else:
+                self.seed_stats.alloc += n
             self.seed_stats.lock += n
         return n
 
