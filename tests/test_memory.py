@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.guest.memory import (
+    BLOCK_ORDER,
     BLOCK_PAGES,
     MAJOR_FAULT_S,
     GuestMemory,
@@ -13,6 +14,7 @@ from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
+from memballoon.model.pages import block_frames
 from memballoon.model.units import PageState, mib_to_pages
 
 G64 = mib_to_pages(64)
@@ -469,3 +471,31 @@ def test_single_takes_in_bulk_take_a_partial_last_block_before_reported_ones() -
     # block 10's rest, then the partial block's 100 frames, then the reported block
     assert got[432 : 432 + 100].tolist() == list(range(last, last + 100))
     assert m.check_invariants() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(0, 40), st.sampled_from(["ok", "twice", "not_ours"]))
+def test_freeing_whole_blocks_is_freeing_their_frames(seed: int, k: int, case: str) -> None:
+    # a VMware driver's 2 MiB pages go back a row each: the same state, counts and errors
+    # as free_balloon of every frame of theirs
+    rows, frames = _aged(seed), _aged(seed)
+    n = int(np.random.default_rng(seed).integers(0, 64))
+    heads = rows.alloc_huge(n)
+    assert frames.alloc_huge(n).tolist() == heads.tolist()
+    give = heads[np.random.default_rng(k).permutation(heads.size)][: k or None]
+    if case == "twice" and give.size:
+        give = np.append(give, give[0])
+    elif case == "not_ours":
+        give = np.append(give, 0)  # a block of reserved frames
+    errors = []
+    for free, arg in ((rows.free_balloon_blocks, give),
+                      (frames.free_balloon, block_frames(give >> BLOCK_ORDER, BLOCK_ORDER))):
+        try:
+            free(arg)
+            errors.append("")
+        except UsageError as exc:
+            errors.append(str(exc))
+    assert errors[0] == errors[1]
+    assert (errors[0] != "") == (case == "not_ours" or (case == "twice" and give.size > 0))
+    assert state_diff(state_of(frames), state_of(rows)) == []
+    assert rows.check_invariants() == []

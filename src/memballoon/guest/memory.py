@@ -680,6 +680,28 @@ class GuestMemory:
         self._give_free(pfns)
         self._balloon -= int(pfns.size)
 
+    def free_balloon_blocks(self, heads: PfnArray) -> None:
+        """``free_balloon`` of every frame of the 2 MiB blocks starting at ``heads`` (a
+        VMware driver's 2 MiB pages), a row of the state each, not a list of their frames:
+        the same state, counts and errors."""
+        if heads.size == 0:
+            return
+        blocks = heads >> BLOCK_ORDER
+        rows = self._state_rows
+        if (bool((heads & (BLOCK_PAGES - 1)).any()) or int(blocks.min()) < 0
+                or int(blocks.max()) >= len(rows)):  # not whole blocks: frame by frame
+            self.free_balloon(block_frames(blocks, BLOCK_ORDER))
+            return
+        if not bool((rows[blocks] == _BALLOON).all()):
+            raise UsageError("free_balloon: a frame that the balloon does not own")
+        if has_repeats(blocks):
+            raise UsageError("free_balloon: a frame given twice")
+        rows[blocks] = _FREE
+        self._bfree[blocks] += BLOCK_PAGES  # every frame was the balloon's: none was free
+        n = int(blocks.size) * BLOCK_PAGES
+        self._free += n
+        self._balloon -= n
+
     def adjust_managed(self, delta_pages: int) -> None:
         """The balloon took (positive) or gave back (negative) pages of MemTotal."""
         self._managed_adjust += delta_pages

@@ -92,6 +92,7 @@ from memballoon.protocol.vmw import (
     batch_request,
     decode_response,
     encode_request,
+    scalar_request,
 )
 
 
@@ -285,7 +286,8 @@ class PfnStack:
 _SUCCESS, _ERROR_RESET, _ERROR_PPN_NOTNEEDED = (
     Status.SUCCESS, Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED
 )
-_LOCK, _UNLOCK = Command.LOCK, Command.UNLOCK
+_LOCK, _UNLOCK, _GET_TARGET = Command.LOCK, Command.UNLOCK, Command.GET_TARGET
+_FAILED = Response(Status.FAILURE)  # what a reply that does not decode reads as
 
 _NO_PAGES: PfnArray = np.empty(0, dtype=np.int64)
 _OK = 0
@@ -310,6 +312,14 @@ class PageSize:
     def frames_of(self, pfns: PfnArray) -> PfnArray:
         """Every frame of the pages starting at ``pfns``."""
         return pfns if self.frames == 1 else frames_of(pfns)
+
+    def free(self, mem: GuestMemory, pfns: PfnArray) -> None:
+        """Give the pages starting at ``pfns`` back to the guest (2 MiB ones a block each,
+        not a list of their frames)."""
+        if self.frames == 1:
+            mem.free_balloon(pfns)
+        else:
+            mem.free_balloon_blocks(pfns)
 
 
 class VmwBalloonDriver:
@@ -380,7 +390,7 @@ class VmwBalloonDriver:
                                                      VmwDriverCounter.BACKDOOR_PEER_ERROR))
         except OSError:
             self.counters.inc(VmwDriverCounter.BACKDOOR_OS_ERROR)
-        return Response(Status.FAILURE)
+        return _FAILED
 
     def _check_status(self, status: Status) -> bool:
         # the seed's vmballoon_check_status: RESET means the host wants the reset sequence
@@ -397,7 +407,7 @@ class VmwBalloonDriver:
             offer = BATCHED_DRIVER_CAPABILITIES
             if not self.huge_pages:
                 offer &= ~Capability.BATCHED_2M_CMDS
-        resp = self._cmd(Request(Command.START, int(offer)))
+        resp = self._cmd(scalar_request(Command.START, int(offer)))
         if resp.status is Status.SUCCESS_WITH_CAPABILITIES and self.batched:
             self.capabilities = Capability(resp.result & int(offer))
         elif resp.status is Status.SUCCESS:
@@ -413,7 +423,7 @@ class VmwBalloonDriver:
         return True
 
     def _send_guest_id(self) -> bool:
-        resp = self._cmd(Request(Command.GUEST_ID, VMW_BALLOON_GUEST_ID))
+        resp = self._cmd(scalar_request(Command.GUEST_ID, VMW_BALLOON_GUEST_ID))
         self.seed_stats.guest_type += 1
         if self._check_status(resp.status):
             return True
@@ -428,7 +438,7 @@ class VmwBalloonDriver:
             self.counters.inc(VmwDriverCounter.LIMIT_OVER_32_BITS)
             return None
         self.seed_stats.target += 1
-        resp = self._cmd(Request(Command.GET_TARGET, limit))
+        resp = self._cmd(scalar_request(_GET_TARGET, limit))
         if self._check_status(resp.status):
             return resp.result & PFN32_MAX  # the seed stores it in a u32
         self.seed_stats.target_fail += 1
@@ -438,7 +448,7 @@ class VmwBalloonDriver:
         if pfn > PFN32_MAX:
             return False, None  # the seed: no command, no status
         self.seed_stats.lock += 1
-        status = self._cmd(Request(_LOCK, pfn)).status
+        status = self._cmd(scalar_request(_LOCK, pfn)).status
         if self._check_status(status):
             return True, status
         self.seed_stats.lock_fail += 1
@@ -448,7 +458,7 @@ class VmwBalloonDriver:
         if pfn > PFN32_MAX:
             return False
         self.seed_stats.unlock += 1
-        if self._check_status(self._cmd(Request(_UNLOCK, pfn)).status):
+        if self._check_status(self._cmd(scalar_request(_UNLOCK, pfn)).status):
             return True
         self.seed_stats.unlock_fail += 1
         return False
@@ -508,7 +518,7 @@ class VmwBalloonDriver:
         huge = self.page_sizes[1]
         heads = huge.pages.pop(len(huge.pages))
         if heads.size:
-            self.mem.free_balloon(frames_of(np.sort(heads)))
+            huge.free(self.mem, heads)
             self._stat(huge, "free", int(heads.size))
             self.size -= int(heads.size) * huge.frames
         rate = max(1, self.rate_free)
@@ -710,7 +720,7 @@ class VmwBalloonDriver:
         return got
 
     def _free_refused(self, ps: PageSize, pfns: PfnArray) -> None:
-        self.mem.free_balloon(ps.frames_of(pfns))
+        ps.free(self.mem, pfns)
         self._stat(ps, "refused_free", int(pfns.size))
 
     def _lock_batch(self, ps: PageSize, pfns: PfnArray) -> int:
@@ -725,7 +735,7 @@ class VmwBalloonDriver:
             # the batch's status overrides the pages' ones
             self._stat(ps, "batch_lock_fail")
             self._stat(ps, "refused_alloc", int(pfns.size))
-            self.mem.free_balloon(ps.frames_of(pfns))
+            ps.free(self.mem, pfns)
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
         ok = resp.statuses == Status.SUCCESS
@@ -819,7 +829,7 @@ class VmwBalloonDriver:
         ok = resp.statuses == Status.SUCCESS
         freed = batch[ok]
         if freed.size:
-            self.mem.free_balloon(ps.frames_of(np.sort(freed)))
+            ps.free(self.mem, np.sort(freed))
             self._stat(ps, "free", int(freed.size))
             self.size -= int(freed.size) * ps.frames
         if not bool(ok.all()):

@@ -84,6 +84,7 @@ from memballoon.protocol.vmw import (
     VmwFrameError,
     decode_request,
     encode_response,
+    scalar_response,
 )
 
 #: What this device can grant at START.
@@ -358,12 +359,13 @@ class VmwBalloonDevice:
 
     def handle(self, request: bytes) -> bytes:
         """Answer one request frame (never raises)."""
-        self.flush_release()  # whatever an earlier LOCK accepted is released before we go on
+        if self._to_release or self._host.owing:
+            self.flush_release()  # whatever an earlier LOCK accepted is released first
         try:
             req = decode_request(request)
         except VmwFrameError as exc:
             self.counters.inc(_FRAME_COUNTER[exc.reason])
-            return encode_response(Response(exc.status))
+            return encode_response(scalar_response(exc.status))
         self.counters.inc(_CMD_COUNTER[req.command])
         return encode_response(self._answer(req))
 
@@ -371,7 +373,7 @@ class VmwBalloonDevice:
         if self._busy_left > 0:
             self._busy_left -= 1
             self.counters.inc(VmwDeviceCounter.BUSY)
-            return Response(Status.ERROR_BUSY)
+            return scalar_response(Status.ERROR_BUSY)
         cmd = req.command
         if cmd is _START:
             return self._start(req.data)
@@ -379,28 +381,28 @@ class VmwBalloonDevice:
             self._reset_pending = False
             self._started = False
             self.counters.inc(VmwDeviceCounter.RESET)
-            return Response(Status.ERROR_RESET)
+            return scalar_response(Status.ERROR_RESET)
         if not self._started:
             self.counters.inc(VmwDeviceCounter.CMD_BEFORE_START)
-            return Response(Status.ERROR_RESET)
+            return scalar_response(Status.ERROR_RESET)
         # plain comparisons, not ``match``: member lookups are slow on 3.11 and LOCK/UNLOCK
         # come once per page
         if cmd is _LOCK:
-            return Response(self._lock_one(req.data), self._target)
+            return scalar_response(self._lock_one(req.data), self._target)
         if cmd is _UNLOCK:
-            return Response(self._unlock_one(req.data), self._target)
+            return scalar_response(self._unlock_one(req.data), self._target)
         if cmd is _GET_TARGET:
             self.guest_limit = req.data
-            return Response(_SUCCESS, min(self._target, req.data))
+            return scalar_response(_SUCCESS, min(self._target, req.data))
         if cmd is _GUEST_ID:
             self.guest_id = req.data
-            return Response(_SUCCESS)
+            return scalar_response(_SUCCESS)
         # a batch of 4 KiB or 2 MiB pages
         huge = cmd in _2M_COMMANDS
         if not self._caps & (Capability.BATCHED_2M_CMDS if huge else Capability.BATCHED_CMDS):
             self.counters.inc(VmwDeviceCounter.BATCH_2M_NOT_NEGOTIATED if huge
                               else VmwDeviceCounter.BATCH_NOT_NEGOTIATED)
-            return Response(Status.ERROR_CMD_INVALID)
+            return scalar_response(Status.ERROR_CMD_INVALID)
         if cmd is _BATCHED_LOCK:
             statuses = self._lock_batch(req.pfns)
         elif cmd is _BATCHED_2M_LOCK:
@@ -421,10 +423,10 @@ class VmwBalloonDevice:
             if not self.supports_2m:
                 grant &= ~Capability.BATCHED_2M_CMDS
             self._caps = offer & grant | Capability.BASIC_CMDS
-            return Response(Status.SUCCESS_WITH_CAPABILITIES, int(self._caps))
+            return scalar_response(Status.SUCCESS_WITH_CAPABILITIES, int(self._caps))
         # a version-2 peer (data 2 == BASIC_CMDS), or batching not on offer here
         self._caps = Capability.BASIC_CMDS
-        return Response(Status.SUCCESS)
+        return scalar_response(Status.SUCCESS)
 
     def _forget_all(self, *, backed_only: bool = False) -> bool:
         """The balloon is gone: the guest takes every page back at once. With ``backed_only``

@@ -40,6 +40,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,8 @@ from memballoon.model.units import PAGE_SHIFT, PFN32_MAX
 
 PfnArray = npt.NDArray[np.int64]
 StatusArray = npt.NDArray[np.int32]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # The seed's constants (vmw_balloon.c, v2.6.34).
 VMW_BALLOON_HV_PORT = 0x5670
@@ -191,6 +194,39 @@ class Response:
     __hash__ = None  # type: ignore[assignment]
 
 
+# Memos of the single-register messages (frozen, so shareable): a guest sends GET_TARGET
+# every period and a version-2 driver a LOCK per page, and building a frozen dataclass costs
+# more than the rest of a round trip. Bounded: emptied when full.
+_MEMO_MAX = 1 << 12
+_requests: dict[tuple[int, int], Request] = {}
+_responses: dict[tuple[int, int], Response] = {}
+_request_frames: dict[bytes, Request] = {}
+_response_frames: dict[bytes, Response] = {}
+
+
+def _remember(memo: dict[_K, _V], key: _K, value: _V) -> _V:
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
+def scalar_request(command: Command, data: int = 0) -> Request:
+    """``Request(command, data)`` for a command without a batch, shared (it is frozen)."""
+    req = _requests.get((command, data))
+    if req is None:
+        req = _remember(_requests, (command, data), Request(command, data))
+    return req
+
+
+def scalar_response(status: Status, result: int = 0) -> Response:
+    """``Response(status, result)`` without entries, shared (it is frozen)."""
+    resp = _responses.get((status, result))
+    if resp is None:
+        resp = _remember(_responses, (status, result), Response(status, result))
+    return resp
+
+
 def batch_request(command: Command, pfns: npt.ArrayLike) -> Request:
     """A batched command (4 KiB or 2 MiB pages) of ``pfns`` (data = count)."""
     arr = np.asarray(pfns, dtype=np.int64).reshape(-1)
@@ -221,6 +257,10 @@ def encode_request(req: Request) -> bytes:
 def decode_request(frame: bytes) -> Request:
     """Parse a request frame; raises ``VmwFrameError`` on every malformed frame."""
     size = len(frame)
+    if size == REQUEST_HEADER_SIZE and type(frame) is bytes:  # no batch: seen before, likely
+        known = _request_frames.get(frame)
+        if known is not None:
+            return known
     if size < REQUEST_HEADER_SIZE:
         raise VmwFrameError("short_frame", f"{size} bytes, header needs {REQUEST_HEADER_SIZE}")
     magic, cmd, data = _REQ.unpack_from(frame)
@@ -236,7 +276,7 @@ def decode_request(frame: bytes) -> Request:
             raise VmwFrameError(
                 "pfn_over_32_bits", f"{command.name} PFN {data:#x}", Status.ERROR_PPN_INVALID
             )
-        return Request(command, data)
+        return _remember(_request_frames, bytes(frame), scalar_request(command, data))
     body = REQUEST_HEADER_SIZE + _COUNT.size
     if size < body:
         raise VmwFrameError("short_frame", f"{command.name} without a count")
@@ -281,6 +321,12 @@ def decode_response(frame: bytes, request: Request) -> Response:
     batch the guest gave it; it does not choose pages).
     """
     size = len(frame)
+    if size == RESPONSE_HEADER_SIZE and type(frame) is bytes:  # no entries: seen before, likely
+        known = _response_frames.get(frame)
+        if known is not None:
+            if known.status is _SUCCESS and request.pfns.size:
+                raise VmwFrameError("count_mismatch", "successful batch answered without entries")
+            return known
     if size < RESPONSE_HEADER_SIZE:
         raise VmwFrameError("short_frame", f"{size} bytes, header needs {RESPONSE_HEADER_SIZE}")
     raw_status, count, result = _RESP.unpack_from(frame)
@@ -292,9 +338,10 @@ def decode_response(frame: bytes, request: Request) -> Response:
         raise VmwFrameError("short_frame" if size < want else "long_frame",
                             f"{size} bytes for {count} entries, want {want}")
     if count == 0:
+        resp = _remember(_response_frames, bytes(frame), scalar_response(status, result))
         if status is _SUCCESS and request.pfns.size:
             raise VmwFrameError("count_mismatch", "successful batch answered without entries")
-        return Response(status, result)
+        return resp
     if request.command not in _BATCHED_COMMANDS:
         raise VmwFrameError("count_mismatch", f"{request.command.name} answered with entries")
     if count != request.pfns.size:
