@@ -738,7 +738,7 @@ class VmwBalloonDriver:
             ps.free(self.mem, pfns)
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
-        ok = resp.statuses == Status.SUCCESS
+        ok = resp.statuses == _SUCCESS
         ps.pages.extend(pfns[ok])
         self.size += int(ok.sum()) * ps.frames
         refused = pfns[~ok]
@@ -746,8 +746,8 @@ class VmwBalloonDriver:
             return _OK
         self._stat(ps, "refused_alloc", int(refused.size))
         codes = resp.statuses[~ok]
-        stop = bool(np.isin(codes, (Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED)).any())
-        if bool((codes == Status.ERROR_RESET).any()):
+        stop = bool(np.isin(codes, (_ERROR_RESET, _ERROR_PPN_NOTNEEDED)).any())
+        if bool((codes == _ERROR_RESET).any()):
             self.reset_required = True
         room = max(0, VMW_BALLOON_MAX_REFUSED - ps.n_refused_pages)
         keep, drop = refused[:room], refused[room:]
@@ -826,16 +826,17 @@ class VmwBalloonDriver:
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False
         self.target = resp.result & PFN32_MAX
-        ok = resp.statuses == Status.SUCCESS
+        ok = resp.statuses == _SUCCESS
         freed = batch[ok]
         if freed.size:
-            ps.free(self.mem, np.sort(freed))
+            # the stack's newest first: reversed, ascending (the guest's cheap case)
+            ps.free(self.mem, freed[::-1] if freed[0] > freed[-1] else freed)
             self._stat(ps, "free", int(freed.size))
             self.size -= int(freed.size) * ps.frames
         if not bool(ok.all()):
             # v4.20+: pages the host would not unlock go back into the balloon
             ps.pages.extend(batch[~ok][::-1])
-            if bool((resp.statuses == Status.ERROR_RESET).any()):
+            if bool((resp.statuses == _ERROR_RESET).any()):
                 self.reset_required = True
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False

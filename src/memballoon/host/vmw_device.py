@@ -95,7 +95,13 @@ _START, _GET_TARGET, _LOCK, _UNLOCK, _GUEST_ID, _BATCHED_LOCK, _BATCHED_2M_LOCK 
 )
 _2M_COMMANDS = (Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK)
 _2M_PAGES = 1 << VMW_BALLOON_2M_ORDER
+# enum members as module constants: member lookups are slow on 3.11 (a batch makes several)
 _SUCCESS = Status.SUCCESS
+_PPN_INVALID, _PPN_LOCKED, _PPN_UNLOCKED, _PPN_PINNED, _PPN_NOTNEEDED, _BUSY = (
+    Status.ERROR_PPN_INVALID, Status.ERROR_PPN_LOCKED, Status.ERROR_PPN_UNLOCKED,
+    Status.ERROR_PPN_PINNED, Status.ERROR_PPN_NOTNEEDED, Status.ERROR_BUSY,
+)
+_BATCHED_BIT, _BATCHED_2M_BIT = int(Capability.BATCHED_CMDS), int(Capability.BATCHED_2M_CMDS)
 
 
 class VmwDeviceCounter(CounterName):
@@ -399,7 +405,7 @@ class VmwBalloonDevice:
             return scalar_response(_SUCCESS)
         # a batch of 4 KiB or 2 MiB pages
         huge = cmd in _2M_COMMANDS
-        if not self._caps & (Capability.BATCHED_2M_CMDS if huge else Capability.BATCHED_CMDS):
+        if not int(self._caps) & (_BATCHED_2M_BIT if huge else _BATCHED_BIT):
             self.counters.inc(VmwDeviceCounter.BATCH_2M_NOT_NEGOTIATED if huge
                               else VmwDeviceCounter.BATCH_NOT_NEGOTIATED)
             return scalar_response(Status.ERROR_CMD_INVALID)
@@ -453,13 +459,13 @@ class VmwBalloonDevice:
     # ------------------------------------------------------------------ single pages
     def _lock_one(self, pfn: int) -> Status:
         if pfn >= self._guest_pages:
-            st = Status.ERROR_PPN_INVALID
+            st = _PPN_INVALID
         elif self._locked[pfn]:
-            st = Status.ERROR_PPN_LOCKED
+            st = _PPN_LOCKED
         elif self._pinned[pfn]:
-            st = Status.ERROR_PPN_PINNED
+            st = _PPN_PINNED
         elif self._n_locked >= self._target:
-            st = Status.ERROR_PPN_NOTNEEDED
+            st = _PPN_NOTNEEDED
         else:
             self._host.take(np.array([[pfn, pfn + 1]], dtype=np.int64))
             self._locked[pfn] = True
@@ -470,11 +476,11 @@ class VmwBalloonDevice:
 
     def _unlock_one(self, pfn: int) -> Status:
         if pfn >= self._guest_pages:
-            st = Status.ERROR_PPN_INVALID
+            st = _PPN_INVALID
         elif not self._locked[pfn] or self._huge[pfn >> VMW_BALLOON_2M_ORDER]:
-            st = Status.ERROR_PPN_UNLOCKED  # not locked, or locked as part of a 2 MiB page
+            st = _PPN_UNLOCKED  # not locked, or locked as part of a 2 MiB page
         elif len(self._host.give(np.array([[pfn, pfn + 1]], dtype=np.int64))):
-            st = Status.ERROR_BUSY  # no host memory behind it now: it stays locked
+            st = _BUSY  # no host memory behind it now: it stays locked
         else:
             self._locked[pfn] = False
             self._n_locked -= 1
@@ -543,7 +549,7 @@ class VmwBalloonDevice:
         st = np.zeros(pfns.size, dtype=np.int32)
         inside = pfns < self._guest_pages
         if not bool(inside.all()):
-            st[~inside] = Status.ERROR_PPN_INVALID
+            st[~inside] = _PPN_INVALID
         return st, inside
 
     @staticmethod
@@ -561,7 +567,7 @@ class VmwBalloonDevice:
         return rep
 
     def _count_statuses(self, st: npt.NDArray[np.int32]) -> None:
-        bad = st[st != Status.SUCCESS]
+        bad = st[st != _SUCCESS]
         if bad.size == 0:
             return
         codes, counts = np.unique(bad, return_counts=True)
@@ -573,12 +579,12 @@ class VmwBalloonDevice:
         idx = inside.nonzero()[0]
         p = pfns[idx]
         locked = self._locked[p] | self._repeats(p)
-        st[idx[locked]] = Status.ERROR_PPN_LOCKED
+        st[idx[locked]] = _PPN_LOCKED
         pinned = ~locked & self._pinned[p]
-        st[idx[pinned]] = Status.ERROR_PPN_PINNED
+        st[idx[pinned]] = _PPN_PINNED
         cand = idx[~locked & ~pinned]
         room = max(0, self._target - self._n_locked)
-        st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
+        st[cand[room:]] = _PPN_NOTNEEDED
         take = pfns[cand[:room]]
         if take.size:
             self._release(coalesce(take))
@@ -592,14 +598,16 @@ class VmwBalloonDevice:
         idx = inside.nonzero()[0]
         p = pfns[idx]
         unlocked = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER] | self._repeats(p)
-        st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
+        st[idx[unlocked]] = _PPN_UNLOCKED
         give = p[~unlocked]
         if give.size:
-            stuck = self._host.give(coalesce(give))
+            # a driver's batch is its stack's newest first: descending, ascending reversed
+            # (the same ranges; coalesce folds an ascending list at once)
+            stuck = self._host.give(coalesce(give[::-1] if give[0] > give[-1] else give))
             if len(stuck):  # no host memory behind these now: they stay locked
                 busy = np.zeros(pfns.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = in_ranges(give, stuck)
-                st[busy] = Status.ERROR_BUSY
+                st[busy] = _BUSY
                 give = give[~in_ranges(give, stuck)]
             self._locked[give] = False
             self._n_locked -= int(give.size)
@@ -620,7 +628,7 @@ class VmwBalloonDevice:
         st = np.zeros(heads.size, dtype=np.int32)
         valid = (heads % _2M_PAGES == 0) & (heads + _2M_PAGES <= self._guest_pages)
         if not bool(valid.all()):
-            st[~valid] = Status.ERROR_PPN_INVALID
+            st[~valid] = _PPN_INVALID
         idx = valid.nonzero()[0]
         return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
 
@@ -644,13 +652,13 @@ class VmwBalloonDevice:
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
         locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
-        st[idx[locked]] = Status.ERROR_PPN_LOCKED
+        st[idx[locked]] = _PPN_LOCKED
         pinned = ~locked & self._block_any(self._pinned_rows, blocks)
-        st[idx[pinned]] = Status.ERROR_PPN_PINNED
+        st[idx[pinned]] = _PPN_PINNED
         ok = ~locked & ~pinned
         cand = idx[ok]
         room = max(0, self._target - self._n_locked) // _2M_PAGES  # never past the target
-        st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
+        st[cand[room:]] = _PPN_NOTNEEDED
         take = blocks[ok][:room]
         if take.size:
             self._release(self._set_blocks(take, True))
@@ -660,7 +668,7 @@ class VmwBalloonDevice:
     def _unlock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
         unlocked = ~self._huge[blocks] | self._repeats(blocks)
-        st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
+        st[idx[unlocked]] = _PPN_UNLOCKED
         give = blocks[~unlocked]
         if give.size:
             starts = give * _2M_PAGES
@@ -669,7 +677,7 @@ class VmwBalloonDevice:
                 busy_blocks = in_ranges(starts, stuck)
                 busy = np.zeros(heads.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = busy_blocks
-                st[busy] = Status.ERROR_BUSY
+                st[busy] = _BUSY
                 give = give[~busy_blocks]
             self._set_blocks(give, False)
         self._count_statuses(st)

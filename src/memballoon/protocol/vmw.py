@@ -114,7 +114,10 @@ _BATCHED_COMMANDS = frozenset((Command.BATCHED_LOCK, Command.BATCHED_UNLOCK,
 _PAGE_COMMANDS = frozenset((Command.LOCK, Command.UNLOCK))
 _COMMAND_BY_VALUE = {int(c): c for c in Command}
 _STATUS_BY_VALUE = {int(s): s for s in Status}
-_SUCCESS = Status.SUCCESS
+_SUCCESS, _FAILURE = Status.SUCCESS, Status.FAILURE
+_SHIFT_U64 = np.uint64(PAGE_SHIFT)
+_MASK_U64 = np.uint64(ENTRY_STATUS_MASK)
+_ENTRY_PFN_MAX_U64 = np.uint64(ENTRY_PFN_MAX)
 #: Statuses a single page of a batch can carry.
 _ENTRY_STATUSES = np.array(
     [int(s) for s in Status if s is not Status.SUCCESS_WITH_CAPABILITIES], dtype=np.int32
@@ -248,10 +251,12 @@ def encode_request(req: Request) -> bytes:
     n = int(req.pfns.size)
     if n > VMW_BALLOON_BATCH_MAX_PAGES or req.data != n:
         raise UsageError(f"batch of {n} pages with data {req.data}")
-    if n and (int(req.pfns.min()) < 0 or int(req.pfns.max()) > ENTRY_PFN_MAX):
+    # as u64 a negative PFN is over the maximum too: one comparison checks both bounds
+    pfns = np.asarray(req.pfns, dtype=np.int64).view(np.uint64)
+    if n and bool((pfns > _ENTRY_PFN_MAX_U64).any()):
         raise UsageError("batch PFN out of range")
-    entries = (req.pfns.astype("<u8") << np.uint64(PAGE_SHIFT)).tobytes()
-    return head + _COUNT.pack(n) + entries
+    entries = (pfns << _SHIFT_U64).astype("<u8", copy=False)  # no-op on little-endian
+    return b"".join((head, _COUNT.pack(n), entries.tobytes()))
 
 
 def decode_request(frame: bytes) -> Request:
@@ -290,10 +295,10 @@ def decode_request(frame: bytes) -> Request:
         raise VmwFrameError("short_frame" if size < want else "long_frame",
                             f"{size} bytes for {count} entries, want {want}")
     entries = np.frombuffer(frame, dtype="<u8", count=count, offset=body)
-    if count and bool((entries & np.uint64(ENTRY_STATUS_MASK)).any()):
+    if count and bool((entries & _MASK_U64).any()):
         raise VmwFrameError("entry_low_bits", "request entry with low bits set",
                             Status.ERROR_PPN_INVALID)
-    pfns = (entries >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    pfns: PfnArray = (entries >> _SHIFT_U64).view(np.int64)  # under 2**52: same as a cast
     return Request(command, data, pfns)
 
 
@@ -308,9 +313,9 @@ def encode_response(resp: Response) -> bytes:
     head = _RESP.pack(int(resp.status), n, resp.result)
     if n == 0:
         return head
-    codes = resp.statuses.astype(np.int64) & ENTRY_STATUS_MASK
-    entries = (resp.pfns.astype("<u8") << np.uint64(PAGE_SHIFT)) | codes.astype("<u8")
-    body: bytes = entries.astype("<u8").tobytes()
+    codes = (np.asarray(resp.statuses, dtype=np.int64) & ENTRY_STATUS_MASK).view(np.uint64)
+    pfns = np.asarray(resp.pfns, dtype=np.int64).view(np.uint64)  # wraps as a cast to u64
+    body: bytes = ((pfns << _SHIFT_U64) | codes).astype("<u8", copy=False).tobytes()
     return head + body
 
 
@@ -346,16 +351,18 @@ def decode_response(frame: bytes, request: Request) -> Response:
         raise VmwFrameError("count_mismatch", f"{request.command.name} answered with entries")
     if count != request.pfns.size:
         raise VmwFrameError("count_mismatch", f"{count} entries for {request.pfns.size} pages")
-    if status is not Status.SUCCESS:
+    if status is not _SUCCESS:
         raise VmwFrameError("count_mismatch", f"entries with batch status {status.name}")
     entries = np.frombuffer(frame, dtype="<u8", count=count, offset=RESPONSE_HEADER_SIZE)
-    pfns = (entries >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-    if not np.array_equal(pfns, request.pfns):
+    pfns: PfnArray = (entries >> _SHIFT_U64).view(np.int64)  # under 2**52: same as a cast
+    if not bool((pfns == request.pfns).all()):  # as many as the request's (checked above)
         raise VmwFrameError("pfn_mismatch", "batch answer does not echo the request's PFNs")
-    codes = (entries & np.uint64(ENTRY_STATUS_MASK)).astype(np.int32)
-    codes[codes == _FAILURE_ENTRY] = Status.FAILURE
-    if codes.any():  # all SUCCESS (0) is the common answer: nothing to look up
-        bad = ~np.isin(codes, _ENTRY_STATUSES)
-        if bool(bad.any()):
-            raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
+    low = entries & _MASK_U64
+    if not bool(low.any()):  # every page SUCCESS (0): the common answer, nothing to look up
+        return Response(status, result, pfns, np.zeros(count, dtype=np.int32))
+    codes = low.astype(np.int32)
+    codes[codes == _FAILURE_ENTRY] = _FAILURE
+    bad = ~np.isin(codes, _ENTRY_STATUSES)
+    if bool(bad.any()):
+        raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
     return Response(status, result, pfns, codes)
