@@ -287,6 +287,9 @@ _SUCCESS, _ERROR_RESET, _ERROR_PPN_NOTNEEDED = (
     Status.SUCCESS, Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED
 )
 _LOCK, _UNLOCK, _GET_TARGET = Command.LOCK, Command.UNLOCK, Command.GET_TARGET
+# and as plain ints for numpy: it probes an enum member for array protocols on every use
+_I_SUCCESS, _I_ERROR_RESET, _I_ERROR_PPN_NOTNEEDED = (
+    int(_SUCCESS), int(_ERROR_RESET), int(_ERROR_PPN_NOTNEEDED))
 _FAILED = Response(Status.FAILURE)  # what a reply that does not decode reads as
 
 _NO_PAGES: PfnArray = np.empty(0, dtype=np.int64)
@@ -738,7 +741,7 @@ class VmwBalloonDriver:
             ps.free(self.mem, pfns)
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
-        ok = resp.statuses == _SUCCESS
+        ok = resp.statuses == _I_SUCCESS
         ps.pages.extend(pfns[ok])
         self.size += int(ok.sum()) * ps.frames
         refused = pfns[~ok]
@@ -746,8 +749,8 @@ class VmwBalloonDriver:
             return _OK
         self._stat(ps, "refused_alloc", int(refused.size))
         codes = resp.statuses[~ok]
-        stop = bool(np.isin(codes, (_ERROR_RESET, _ERROR_PPN_NOTNEEDED)).any())
-        if bool((codes == _ERROR_RESET).any()):
+        stop = bool(np.isin(codes, (_I_ERROR_RESET, _I_ERROR_PPN_NOTNEEDED)).any())
+        if bool((codes == _I_ERROR_RESET).any()):
             self.reset_required = True
         room = max(0, VMW_BALLOON_MAX_REFUSED - ps.n_refused_pages)
         keep, drop = refused[:room], refused[room:]
@@ -826,7 +829,7 @@ class VmwBalloonDriver:
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False
         self.target = resp.result & PFN32_MAX
-        ok = resp.statuses == _SUCCESS
+        ok = resp.statuses == _I_SUCCESS
         freed = batch[ok]
         if freed.size:
             # the stack's newest first: reversed, ascending (the guest's cheap case)
@@ -836,7 +839,7 @@ class VmwBalloonDriver:
         if not bool(ok.all()):
             # v4.20+: pages the host would not unlock go back into the balloon
             ps.pages.extend(batch[~ok][::-1])
-            if bool((resp.statuses == _ERROR_RESET).any()):
+            if bool((resp.statuses == _I_ERROR_RESET).any()):
                 self.reset_required = True
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False

@@ -102,6 +102,10 @@ _PPN_INVALID, _PPN_LOCKED, _PPN_UNLOCKED, _PPN_PINNED, _PPN_NOTNEEDED, _BUSY = (
     Status.ERROR_PPN_PINNED, Status.ERROR_PPN_NOTNEEDED, Status.ERROR_BUSY,
 )
 _BATCHED_BIT, _BATCHED_2M_BIT = int(Capability.BATCHED_CMDS), int(Capability.BATCHED_2M_CMDS)
+# and as plain ints for numpy: it probes an enum member for array protocols on every use
+_I_SUCCESS, _I_PPN_INVALID, _I_PPN_LOCKED, _I_PPN_UNLOCKED, _I_PPN_PINNED = (
+    int(_SUCCESS), int(_PPN_INVALID), int(_PPN_LOCKED), int(_PPN_UNLOCKED), int(_PPN_PINNED))
+_I_PPN_NOTNEEDED, _I_BUSY = int(_PPN_NOTNEEDED), int(_BUSY)
 
 
 class VmwDeviceCounter(CounterName):
@@ -549,7 +553,7 @@ class VmwBalloonDevice:
         st = np.zeros(pfns.size, dtype=np.int32)
         inside = pfns < self._guest_pages
         if not bool(inside.all()):
-            st[~inside] = _PPN_INVALID
+            st[~inside] = _I_PPN_INVALID
         return st, inside
 
     @staticmethod
@@ -567,7 +571,7 @@ class VmwBalloonDevice:
         return rep
 
     def _count_statuses(self, st: npt.NDArray[np.int32]) -> None:
-        bad = st[st != _SUCCESS]
+        bad = st[st != _I_SUCCESS]
         if bad.size == 0:
             return
         codes, counts = np.unique(bad, return_counts=True)
@@ -579,12 +583,12 @@ class VmwBalloonDevice:
         idx = inside.nonzero()[0]
         p = pfns[idx]
         locked = self._locked[p] | self._repeats(p)
-        st[idx[locked]] = _PPN_LOCKED
+        st[idx[locked]] = _I_PPN_LOCKED
         pinned = ~locked & self._pinned[p]
-        st[idx[pinned]] = _PPN_PINNED
+        st[idx[pinned]] = _I_PPN_PINNED
         cand = idx[~locked & ~pinned]
         room = max(0, self._target - self._n_locked)
-        st[cand[room:]] = _PPN_NOTNEEDED
+        st[cand[room:]] = _I_PPN_NOTNEEDED
         take = pfns[cand[:room]]
         if take.size:
             self._release(coalesce(take))
@@ -598,7 +602,7 @@ class VmwBalloonDevice:
         idx = inside.nonzero()[0]
         p = pfns[idx]
         unlocked = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER] | self._repeats(p)
-        st[idx[unlocked]] = _PPN_UNLOCKED
+        st[idx[unlocked]] = _I_PPN_UNLOCKED
         give = p[~unlocked]
         if give.size:
             # a driver's batch is its stack's newest first: descending, ascending reversed
@@ -607,7 +611,7 @@ class VmwBalloonDevice:
             if len(stuck):  # no host memory behind these now: they stay locked
                 busy = np.zeros(pfns.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = in_ranges(give, stuck)
-                st[busy] = _BUSY
+                st[busy] = _I_BUSY
                 give = give[~in_ranges(give, stuck)]
             self._locked[give] = False
             self._n_locked -= int(give.size)
@@ -628,7 +632,7 @@ class VmwBalloonDevice:
         st = np.zeros(heads.size, dtype=np.int32)
         valid = (heads % _2M_PAGES == 0) & (heads + _2M_PAGES <= self._guest_pages)
         if not bool(valid.all()):
-            st[~valid] = _PPN_INVALID
+            st[~valid] = _I_PPN_INVALID
         idx = valid.nonzero()[0]
         return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
 
@@ -652,13 +656,13 @@ class VmwBalloonDevice:
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
         locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
-        st[idx[locked]] = _PPN_LOCKED
+        st[idx[locked]] = _I_PPN_LOCKED
         pinned = ~locked & self._block_any(self._pinned_rows, blocks)
-        st[idx[pinned]] = _PPN_PINNED
+        st[idx[pinned]] = _I_PPN_PINNED
         ok = ~locked & ~pinned
         cand = idx[ok]
         room = max(0, self._target - self._n_locked) // _2M_PAGES  # never past the target
-        st[cand[room:]] = _PPN_NOTNEEDED
+        st[cand[room:]] = _I_PPN_NOTNEEDED
         take = blocks[ok][:room]
         if take.size:
             self._release(self._set_blocks(take, True))
@@ -668,7 +672,7 @@ class VmwBalloonDevice:
     def _unlock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
         unlocked = ~self._huge[blocks] | self._repeats(blocks)
-        st[idx[unlocked]] = _PPN_UNLOCKED
+        st[idx[unlocked]] = _I_PPN_UNLOCKED
         give = blocks[~unlocked]
         if give.size:
             starts = give * _2M_PAGES
@@ -677,7 +681,7 @@ class VmwBalloonDevice:
                 busy_blocks = in_ranges(starts, stuck)
                 busy = np.zeros(heads.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = busy_blocks
-                st[busy] = _BUSY
+                st[busy] = _I_BUSY
                 give = give[~busy_blocks]
             self._set_blocks(give, False)
         self._count_statuses(st)

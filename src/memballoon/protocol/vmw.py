@@ -114,7 +114,7 @@ _BATCHED_COMMANDS = frozenset((Command.BATCHED_LOCK, Command.BATCHED_UNLOCK,
 _PAGE_COMMANDS = frozenset((Command.LOCK, Command.UNLOCK))
 _COMMAND_BY_VALUE = {int(c): c for c in Command}
 _STATUS_BY_VALUE = {int(s): s for s in Status}
-_SUCCESS, _FAILURE = Status.SUCCESS, Status.FAILURE
+_SUCCESS = Status.SUCCESS
 _SHIFT_U64 = np.uint64(PAGE_SHIFT)
 _MASK_U64 = np.uint64(ENTRY_STATUS_MASK)
 _ENTRY_PFN_MAX_U64 = np.uint64(ENTRY_PFN_MAX)
@@ -361,7 +361,7 @@ def decode_response(frame: bytes, request: Request) -> Response:
     if not bool(low.any()):  # every page SUCCESS (0): the common answer, nothing to look up
         return Response(status, result, pfns, np.zeros(count, dtype=np.int32))
     codes = low.astype(np.int32)
-    codes[codes == _FAILURE_ENTRY] = _FAILURE
+    codes[codes == _FAILURE_ENTRY] = -1  # Status.FAILURE (a plain int for numpy)
     bad = ~np.isin(codes, _ENTRY_STATUSES)
     if bool(bad.any()):
         raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
