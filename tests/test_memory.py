@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memballoon.guest.memory import (
+    BLOCK_ORDER,
     BLOCK_PAGES,
     MAJOR_FAULT_S,
     GuestMemory,
@@ -13,6 +14,7 @@ from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
+from memballoon.model.pages import block_frames
 from memballoon.model.units import PageState, mib_to_pages
 
 G64 = mib_to_pages(64)
@@ -418,3 +420,82 @@ def test_a_bulk_take_is_the_free_frames_of_its_blocks_in_order(
                          minlength=m._bfree.size)
     assert np.array_equal(counts, m._bfree)
     assert m.free_pages == int(np.count_nonzero(m.state == PageState.FREE))
+
+
+def _odd_guest(script: list[tuple[int, int]], report: int, odd: int) -> GuestMemory:
+    """A guest of 12 blocks and ``odd`` frames (a partial last block), partly used blocks
+    with holes, and up to ``report`` blocks reported (so they come after the partial one)."""
+    m = GuestMemory(12 * BLOCK_PAGES + odd, reserved_pages=300)
+    for k, keep_every in script:
+        got = m._take_free(k, 0, PageState.CACHE)
+        hole = np.zeros(got.size, dtype=np.bool_)
+        if keep_every:
+            hole[:: keep_every + 1] = True  # holes in the blocks taken
+            m._give_free(got[hole])
+        m.cache.push_back(got[~hole])
+    if report:
+        m.return_isolated(m.isolate_reportable(report, 0), True)
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 3)), max_size=12),
+       st.integers(1, 7000), st.integers(0, 3), st.integers(1, 511))
+def test_single_takes_in_bulk_reach_a_partial_last_block(
+        script: list[tuple[int, int]], n: int, report: int, odd: int) -> None:
+    # the legacy VMware driver's bulk single takes (_take_lowest) on a guest whose size is
+    # not whole blocks: they reach its partial last block, ahead of reported blocks or as the
+    # last block taken, as the single takes do (that raised IndexError before)
+    one, bulk = _odd_guest(script, report, odd), _odd_guest(script, report, odd)
+    singles = []
+    for _ in range(n):
+        f = one.alloc_nosleep(1)
+        if f.size == 0:
+            break
+        singles.append(int(f[0]))
+    got = bulk.alloc_nosleep_each(n, lambda frames: int(frames.size))
+    assert got.tolist() == singles
+    assert state_diff(state_of(one), state_of(bulk)) == []
+    assert bulk.check_invariants() == []
+
+
+def test_single_takes_in_bulk_take_a_partial_last_block_before_reported_ones() -> None:
+    # the case that raised IndexError: the partial last block (100 frames) comes before the
+    # reported block 11 among the blocks a bulk take empties
+    m = _odd_guest([(4900, 0)], 0, 100)  # blocks 0-9 used, block 10 partly
+    m.return_isolated(m.isolate_reportable(1, 0), True)
+    assert m.reported.nonzero()[0].tolist() == [11]
+    got = m.alloc_nosleep_each(m.free_pages, lambda frames: int(frames.size))
+    last = 12 * BLOCK_PAGES
+    assert got.size == m.total_pages - 300 - 4900 - m.watermarks.min
+    # block 10's rest, then the partial block's 100 frames, then the reported block
+    assert got[432 : 432 + 100].tolist() == list(range(last, last + 100))
+    assert m.check_invariants() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(0, 40), st.sampled_from(["ok", "twice", "not_ours"]))
+def test_freeing_whole_blocks_is_freeing_their_frames(seed: int, k: int, case: str) -> None:
+    # a VMware driver's 2 MiB pages go back a row each: the same state, counts and errors
+    # as free_balloon of every frame of theirs
+    rows, frames = _aged(seed), _aged(seed)
+    n = int(np.random.default_rng(seed).integers(0, 64))
+    heads = rows.alloc_huge(n)
+    assert frames.alloc_huge(n).tolist() == heads.tolist()
+    give = heads[np.random.default_rng(k).permutation(heads.size)][: k or None]
+    if case == "twice" and give.size:
+        give = np.append(give, give[0])
+    elif case == "not_ours":
+        give = np.append(give, 0)  # a block of reserved frames
+    errors = []
+    for free, arg in ((rows.free_balloon_blocks, give),
+                      (frames.free_balloon, block_frames(give >> BLOCK_ORDER, BLOCK_ORDER))):
+        try:
+            free(arg)
+            errors.append("")
+        except UsageError as exc:
+            errors.append(str(exc))
+    assert errors[0] == errors[1]
+    assert (errors[0] != "") == (case == "not_ours" or (case == "twice" and give.size > 0))
+    assert state_diff(state_of(frames), state_of(rows)) == []
+    assert rows.check_invariants() == []

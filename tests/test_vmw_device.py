@@ -681,3 +681,26 @@ def test_runs_stop_for_a_session_that_is_not_plain() -> None:
     assert dev.unlock_run(pfns) == 0
     huge, _ = started(target=10, ram=NullRam(PAGES, host_page_frames=HPAGE_PMD_NR))
     assert huge.lock_run(pfns) == 0  # huge host pages: page by page only
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, PAGES - 1), min_size=1, max_size=300, unique=True),
+       st.integers(0, 2**16), st.sampled_from(["ascending", "descending", "shuffled"]))
+def test_a_batched_unlock_ends_the_same_in_any_order(
+        locked: list[int], seed: int, order: str) -> None:
+    # a driver's batch is its stack's newest first (descending); the device folds it into
+    # the same ranges whatever the order: the same statuses, state, counters and RAM
+    rng = np.random.default_rng(seed)
+    pfns = np.array(locked, dtype=np.int64)
+    give = rng.choice(pfns, int(rng.integers(1, pfns.size + 1)), replace=False)
+    give = np.sort(give)
+    arranged = {"ascending": give, "descending": give[::-1].copy(),
+                "shuffled": rng.permutation(give)}[order]
+    ends = []
+    for batch in (np.sort(give), arranged):
+        dev, ram = started(batched=True, target=PAGES)
+        assert not send(dev, batch_request(Command.BATCHED_LOCK, pfns)).statuses.any()
+        resp = send(dev, batch_request(Command.BATCHED_UNLOCK, batch))
+        assert not resp.statuses.any()
+        ends.append(state_of((dev, ram)))
+    assert state_diff(ends[0], ends[1]) == []

@@ -740,3 +740,67 @@ def test_the_bulk_path_sends_runs_and_a_tap_sees_every_command() -> None:
     tapped.tick()
     assert tapped.port.commands().count(Command.LOCK) == VMW_BALLOON_NOSLEEP_ALLOC_MAX + 1
     assert tapped.driver.balloon_pfns().tolist() == plain.driver.balloon_pfns().tolist()
+
+
+def _pressed(tapped: bool, swap: int) -> VmwPair:
+    """A guest whose page cache filled it to the low watermark: non-sleeping allocations
+    fail soon, sleeping ones reclaim (a guest of the fleet under pressure)."""
+    p = vmw_pair(SMALL, record=tapped, swap_pages=swap)
+    p.mem.step(1.0, 1.0, Demand(SMALL // 8, SMALL // 16, SMALL, SMALL // 2, 0.0))
+    return p
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.lists(st.tuples(st.integers(1, 3), st.floats(0.0, 0.9), st.floats(0.0, 0.5)),
+             min_size=1, max_size=5),
+    st.sampled_from(["none", "pinned", "busy", "reset", "slow"]),
+    st.sampled_from([0, 3000]),
+)
+def test_sleeping_runs_end_where_page_by_page_ends(
+        seed: int, plan: list[tuple[int, float, float]], trouble: str, swap: int) -> None:
+    # sleeping allocations (after a failed non-sleeping one) taken in runs between reclaims:
+    # the same guest (reclaim, stall, events), driver (stats, rates, lists), device and host
+    # state as one alloc_sleep(1) and one LOCK per page
+    one_by_one, bulk = (_pressed(tapped, swap) for tapped in (True, False))
+    rng = np.random.default_rng(seed)
+    free = np.flatnonzero(bulk.mem.state == PageState.FREE)
+    pinned = np.sort(rng.choice(free, min(40, free.size), replace=False))
+    for periods, target, anon in plan:
+        demand = Demand(int(anon * SMALL), int(anon * SMALL) // 2, SMALL, SMALL // 2, 0.01)
+        for pair in (one_by_one, bulk):
+            pair.set_target(int(target * SMALL))
+            match trouble:
+                case "pinned":
+                    pair.device.set_pinned(pinned)
+                case "busy":
+                    pair.device.busy_next(1)
+                case "reset":
+                    pair.device.request_reset()
+                case "slow":
+                    pair.driver.slow_allocation_cycles = 3
+            for _ in range(periods):
+                pair.now += 1.0
+                pair.mem.step(pair.now, 1.0, demand)
+                pair.driver.work(pair.now)
+                pair.cycles += 1
+        diff = state_diff(_bulk_state(one_by_one), _bulk_state(bulk))
+        assert diff == [], diff
+    assert check_pair(bulk) == []
+
+
+def test_sleeping_runs_reclaim_as_page_by_page_and_a_tap_sees_every_lock() -> None:
+    one_by_one, bulk = _pressed(True, 0), _pressed(False, 0)
+    for pair in (one_by_one, bulk):
+        pair.set_target(SMALL // 2)
+        pair.driver.work(pair.now)
+    st_ = bulk.driver.seed_stats
+    assert st_.alloc_fail == 1 and st_.sleep_alloc > 200  # the cycle went on sleeping
+    assert st_.alloc - st_.alloc_fail + st_.sleep_alloc == st_.lock
+    # rate_alloc + 1 iterations, the failed allocation one of them
+    assert st_.lock == VMW_BALLOON_RATE_ALLOC_MAX
+    assert bulk.mem.events.direct_reclaim > 200 and bulk.mem.events.stall_us > 0
+    assert one_by_one.port.commands().count(Command.LOCK) == st_.lock
+    assert bulk.device.counters["cmd_lock"] == st_.lock
+    assert state_diff(_bulk_state(one_by_one), _bulk_state(bulk)) == []

@@ -31,6 +31,8 @@ from memballoon.protocol.vmw import (
     decode_response,
     encode_request,
     encode_response,
+    scalar_request,
+    scalar_response,
 )
 
 
@@ -248,3 +250,25 @@ def test_a_reply_the_driver_takes_is_exactly_its_encoding(req: Request, status: 
         return
     assert encode_response(resp) == frame
     assert not resp.pfns.size or np.array_equal(resp.pfns, req.pfns)
+
+
+def test_scalar_messages_are_shared_and_decode_the_same_every_time() -> None:
+    # GET_TARGET every period, a LOCK per page: the messages without a batch are memoized
+    # (they are frozen), and a memo never lets a frame through that the codec refuses
+    assert scalar_request(Command.GET_TARGET, 7) is scalar_request(Command.GET_TARGET, 7)
+    assert scalar_request(Command.LOCK, 7) == Request(Command.LOCK, 7)
+    assert scalar_response(Status.SUCCESS, 9) is scalar_response(Status.SUCCESS, 9)
+    assert scalar_response(Status.ERROR_BUSY) == Response(Status.ERROR_BUSY)
+    frame = encode_request(Request(Command.GET_TARGET, 4096))
+    first, again = decode_request(frame), decode_request(bytes(frame))
+    assert first is again and first == Request(Command.GET_TARGET, 4096)
+    assert decode_request(bytearray(frame)) == first  # a frame that is not bytes: no memo
+    lock = Request(Command.LOCK, 3)
+    ok = encode_response(Response(Status.SUCCESS, 5))
+    assert decode_response(ok, lock) is decode_response(ok, lock)
+    batch = batch_request(Command.BATCHED_LOCK, [1, 2])
+    for _ in range(2):  # the memoized answer is still refused for a batch
+        with pytest.raises(VmwFrameError, match="count_mismatch"):
+            decode_response(ok, batch)
+    with pytest.raises(VmwFrameError, match="bad_magic"):
+        decode_request(b"\0" * REQUEST_HEADER_SIZE)

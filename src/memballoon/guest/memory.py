@@ -616,6 +616,8 @@ class GuestMemory:
         last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
         blocks = cand[: last + 1]
         frames = block_frames(blocks, BLOCK_ORDER)
+        if int(blocks.max()) >= len(self._state_rows):  # the guest's partial last block
+            frames = frames[frames < self.total_pages]  # (anywhere: before reported ones)
         frees: PfnArray = frames[self.state[frames] == _FREE]  # block by block, ascending
         take = frees[:k]
         m_last = k - (int(cum[last - 1]) if last else 0)
@@ -677,6 +679,28 @@ class GuestMemory:
             raise UsageError("free_balloon: a frame given twice")
         self._give_free(pfns)
         self._balloon -= int(pfns.size)
+
+    def free_balloon_blocks(self, heads: PfnArray) -> None:
+        """``free_balloon`` of every frame of the 2 MiB blocks starting at ``heads`` (a
+        VMware driver's 2 MiB pages), a row of the state each, not a list of their frames:
+        the same state, counts and errors."""
+        if heads.size == 0:
+            return
+        blocks = heads >> BLOCK_ORDER
+        rows = self._state_rows
+        if (bool((heads & (BLOCK_PAGES - 1)).any()) or int(blocks.min()) < 0
+                or int(blocks.max()) >= len(rows)):  # not whole blocks: frame by frame
+            self.free_balloon(block_frames(blocks, BLOCK_ORDER))
+            return
+        if not bool((rows[blocks] == _BALLOON).all()):
+            raise UsageError("free_balloon: a frame that the balloon does not own")
+        if has_repeats(blocks):
+            raise UsageError("free_balloon: a frame given twice")
+        rows[blocks] = _FREE
+        self._bfree[blocks] += BLOCK_PAGES  # every frame was the balloon's: none was free
+        n = int(blocks.size) * BLOCK_PAGES
+        self._free += n
+        self._balloon -= n
 
     def adjust_managed(self, delta_pages: int) -> None:
         """The balloon took (positive) or gave back (negative) pages of MemTotal."""

@@ -92,6 +92,7 @@ from memballoon.protocol.vmw import (
     batch_request,
     decode_response,
     encode_request,
+    scalar_request,
 )
 
 
@@ -285,7 +286,11 @@ class PfnStack:
 _SUCCESS, _ERROR_RESET, _ERROR_PPN_NOTNEEDED = (
     Status.SUCCESS, Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED
 )
-_LOCK, _UNLOCK = Command.LOCK, Command.UNLOCK
+_LOCK, _UNLOCK, _GET_TARGET = Command.LOCK, Command.UNLOCK, Command.GET_TARGET
+# and as plain ints for numpy: it probes an enum member for array protocols on every use
+_I_SUCCESS, _I_ERROR_RESET, _I_ERROR_PPN_NOTNEEDED = (
+    int(_SUCCESS), int(_ERROR_RESET), int(_ERROR_PPN_NOTNEEDED))
+_FAILED = Response(Status.FAILURE)  # what a reply that does not decode reads as
 
 _NO_PAGES: PfnArray = np.empty(0, dtype=np.int64)
 _OK = 0
@@ -310,6 +315,14 @@ class PageSize:
     def frames_of(self, pfns: PfnArray) -> PfnArray:
         """Every frame of the pages starting at ``pfns``."""
         return pfns if self.frames == 1 else frames_of(pfns)
+
+    def free(self, mem: GuestMemory, pfns: PfnArray) -> None:
+        """Give the pages starting at ``pfns`` back to the guest (2 MiB ones a block each,
+        not a list of their frames)."""
+        if self.frames == 1:
+            mem.free_balloon(pfns)
+        else:
+            mem.free_balloon_blocks(pfns)
 
 
 class VmwBalloonDriver:
@@ -380,7 +393,7 @@ class VmwBalloonDriver:
                                                      VmwDriverCounter.BACKDOOR_PEER_ERROR))
         except OSError:
             self.counters.inc(VmwDriverCounter.BACKDOOR_OS_ERROR)
-        return Response(Status.FAILURE)
+        return _FAILED
 
     def _check_status(self, status: Status) -> bool:
         # the seed's vmballoon_check_status: RESET means the host wants the reset sequence
@@ -397,7 +410,7 @@ class VmwBalloonDriver:
             offer = BATCHED_DRIVER_CAPABILITIES
             if not self.huge_pages:
                 offer &= ~Capability.BATCHED_2M_CMDS
-        resp = self._cmd(Request(Command.START, int(offer)))
+        resp = self._cmd(scalar_request(Command.START, int(offer)))
         if resp.status is Status.SUCCESS_WITH_CAPABILITIES and self.batched:
             self.capabilities = Capability(resp.result & int(offer))
         elif resp.status is Status.SUCCESS:
@@ -413,7 +426,7 @@ class VmwBalloonDriver:
         return True
 
     def _send_guest_id(self) -> bool:
-        resp = self._cmd(Request(Command.GUEST_ID, VMW_BALLOON_GUEST_ID))
+        resp = self._cmd(scalar_request(Command.GUEST_ID, VMW_BALLOON_GUEST_ID))
         self.seed_stats.guest_type += 1
         if self._check_status(resp.status):
             return True
@@ -428,7 +441,7 @@ class VmwBalloonDriver:
             self.counters.inc(VmwDriverCounter.LIMIT_OVER_32_BITS)
             return None
         self.seed_stats.target += 1
-        resp = self._cmd(Request(Command.GET_TARGET, limit))
+        resp = self._cmd(scalar_request(_GET_TARGET, limit))
         if self._check_status(resp.status):
             return resp.result & PFN32_MAX  # the seed stores it in a u32
         self.seed_stats.target_fail += 1
@@ -438,7 +451,7 @@ class VmwBalloonDriver:
         if pfn > PFN32_MAX:
             return False, None  # the seed: no command, no status
         self.seed_stats.lock += 1
-        status = self._cmd(Request(_LOCK, pfn)).status
+        status = self._cmd(scalar_request(_LOCK, pfn)).status
         if self._check_status(status):
             return True, status
         self.seed_stats.lock_fail += 1
@@ -448,7 +461,7 @@ class VmwBalloonDriver:
         if pfn > PFN32_MAX:
             return False
         self.seed_stats.unlock += 1
-        if self._check_status(self._cmd(Request(_UNLOCK, pfn)).status):
+        if self._check_status(self._cmd(scalar_request(_UNLOCK, pfn)).status):
             return True
         self.seed_stats.unlock_fail += 1
         return False
@@ -508,7 +521,7 @@ class VmwBalloonDriver:
         huge = self.page_sizes[1]
         heads = huge.pages.pop(len(huge.pages))
         if heads.size:
-            self.mem.free_balloon(frames_of(np.sort(heads)))
+            huge.free(self.mem, heads)
             self._stat(huge, "free", int(heads.size))
             self.size -= int(heads.size) * huge.frames
         rate = max(1, self.rate_free)
@@ -588,14 +601,28 @@ class VmwBalloonDriver:
         rate = self.rate_alloc if self.slow_allocation_cycles else VMW_BALLOON_NOSLEEP_ALLOC_MAX
         can_sleep = False
         error = _OK
-        # the pages that would all go through, in one go (a bulk host); the loop goes on from
-        # where the first failure would be, or not at all if the cycle's last page went
-        run = self._lock_run(min(goal, rate + 1))
-        for _ in range(run // (VMW_BALLOON_YIELD_THRESHOLD + 1)):
-            self._yield()
-        allocations = run % (VMW_BALLOON_YIELD_THRESHOLD + 1)
-        i = min(run, rate)
-        while i < goal and run <= rate:
+        allocations = 0
+        i = 0
+        bulk = self._bulk() is not None and self.mem.host_page_frames == 1
+        while i < goal:
+            if bulk:
+                # the pages up to the cycle's end that the allocator gives without reclaim and
+                # the host takes, in one go (a bulk host), as the loop below would take them;
+                # the page where that stops (reclaim, a refusal, none left) goes on its own
+                want = min(goal, rate + 1) - i
+                n = self._lock_run(want, can_sleep)
+                if n:
+                    error = _OK
+                    allocations += n
+                    for _ in range(allocations // (VMW_BALLOON_YIELD_THRESHOLD + 1)):
+                        self._yield()
+                    allocations %= VMW_BALLOON_YIELD_THRESHOLD + 1
+                    if i + n > rate:  # its last page was the one at i == rate: the seed stops
+                        i = rate
+                        break
+                    i += n
+                    if n == want:
+                        break
             error = self._reserve_page(can_sleep)
             if error != _OK:
                 if error != _ENOMEM:
@@ -638,18 +665,27 @@ class VmwBalloonDriver:
             return cast(BulkBackdoor, port)
         return None
 
-    def _lock_run(self, k: int) -> int:
-        """The first ``k`` pages of an inflate cycle, allocated without sleeping and locked,
-        in one go as far as every one would succeed; returns how many."""
+    def _lock_run(self, k: int, can_sleep: bool = False) -> int:
+        """The next ``k`` pages of an inflate cycle, allocated and locked, in one go as far
+        as every one would succeed; returns how many. A sleeping allocation that finds a free
+        frame above the min watermark takes what a non-sleeping one would (no reclaim, no
+        stall): the run stops where one would have to reclaim."""
         port = self._bulk()
-        if port is None or k <= 0 or self.mem.host_page_frames != 1:
+        if port is None or self.mem.host_page_frames != 1:
             return 0
-        frames = self.mem.alloc_nosleep_each(k, port.lock_run)
+        mem = self.mem
+        k = min(k, mem.free_pages - mem.watermarks.min)  # past that: none, or reclaim
+        if k <= 0:
+            return 0
+        frames = mem.alloc_nosleep_each(k, port.lock_run)
         n = int(frames.size)
         if n:
             self.pages.extend(frames)
             self.size += n
-            self.seed_stats.alloc += n
+            if can_sleep:
+                self.seed_stats.sleep_alloc += n
+            else:
+                self.seed_stats.alloc += n
             self.seed_stats.lock += n
         return n
 
@@ -687,7 +723,7 @@ class VmwBalloonDriver:
         return got
 
     def _free_refused(self, ps: PageSize, pfns: PfnArray) -> None:
-        self.mem.free_balloon(ps.frames_of(pfns))
+        ps.free(self.mem, pfns)
         self._stat(ps, "refused_free", int(pfns.size))
 
     def _lock_batch(self, ps: PageSize, pfns: PfnArray) -> int:
@@ -702,10 +738,10 @@ class VmwBalloonDriver:
             # the batch's status overrides the pages' ones
             self._stat(ps, "batch_lock_fail")
             self._stat(ps, "refused_alloc", int(pfns.size))
-            self.mem.free_balloon(ps.frames_of(pfns))
+            ps.free(self.mem, pfns)
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
-        ok = resp.statuses == Status.SUCCESS
+        ok = resp.statuses == _I_SUCCESS
         ps.pages.extend(pfns[ok])
         self.size += int(ok.sum()) * ps.frames
         refused = pfns[~ok]
@@ -713,8 +749,8 @@ class VmwBalloonDriver:
             return _OK
         self._stat(ps, "refused_alloc", int(refused.size))
         codes = resp.statuses[~ok]
-        stop = bool(np.isin(codes, (Status.ERROR_RESET, Status.ERROR_PPN_NOTNEEDED)).any())
-        if bool((codes == Status.ERROR_RESET).any()):
+        stop = bool(np.isin(codes, (_I_ERROR_RESET, _I_ERROR_PPN_NOTNEEDED)).any())
+        if bool((codes == _I_ERROR_RESET).any()):
             self.reset_required = True
         room = max(0, VMW_BALLOON_MAX_REFUSED - ps.n_refused_pages)
         keep, drop = refused[:room], refused[room:]
@@ -793,16 +829,17 @@ class VmwBalloonDriver:
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False
         self.target = resp.result & PFN32_MAX
-        ok = resp.statuses == Status.SUCCESS
+        ok = resp.statuses == _I_SUCCESS
         freed = batch[ok]
         if freed.size:
-            self.mem.free_balloon(ps.frames_of(np.sort(freed)))
+            # the stack's newest first: reversed, ascending (the guest's cheap case)
+            ps.free(self.mem, freed[::-1] if freed[0] > freed[-1] else freed)
             self._stat(ps, "free", int(freed.size))
             self.size -= int(freed.size) * ps.frames
         if not bool(ok.all()):
             # v4.20+: pages the host would not unlock go back into the balloon
             ps.pages.extend(batch[~ok][::-1])
-            if bool((resp.statuses == Status.ERROR_RESET).any()):
+            if bool((resp.statuses == _I_ERROR_RESET).any()):
                 self.reset_required = True
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False

@@ -84,6 +84,7 @@ from memballoon.protocol.vmw import (
     VmwFrameError,
     decode_request,
     encode_response,
+    scalar_response,
 )
 
 #: What this device can grant at START.
@@ -94,7 +95,17 @@ _START, _GET_TARGET, _LOCK, _UNLOCK, _GUEST_ID, _BATCHED_LOCK, _BATCHED_2M_LOCK 
 )
 _2M_COMMANDS = (Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK)
 _2M_PAGES = 1 << VMW_BALLOON_2M_ORDER
+# enum members as module constants: member lookups are slow on 3.11 (a batch makes several)
 _SUCCESS = Status.SUCCESS
+_PPN_INVALID, _PPN_LOCKED, _PPN_UNLOCKED, _PPN_PINNED, _PPN_NOTNEEDED, _BUSY = (
+    Status.ERROR_PPN_INVALID, Status.ERROR_PPN_LOCKED, Status.ERROR_PPN_UNLOCKED,
+    Status.ERROR_PPN_PINNED, Status.ERROR_PPN_NOTNEEDED, Status.ERROR_BUSY,
+)
+_BATCHED_BIT, _BATCHED_2M_BIT = int(Capability.BATCHED_CMDS), int(Capability.BATCHED_2M_CMDS)
+# and as plain ints for numpy: it probes an enum member for array protocols on every use
+_I_SUCCESS, _I_PPN_INVALID, _I_PPN_LOCKED, _I_PPN_UNLOCKED, _I_PPN_PINNED = (
+    int(_SUCCESS), int(_PPN_INVALID), int(_PPN_LOCKED), int(_PPN_UNLOCKED), int(_PPN_PINNED))
+_I_PPN_NOTNEEDED, _I_BUSY = int(_PPN_NOTNEEDED), int(_BUSY)
 
 
 class VmwDeviceCounter(CounterName):
@@ -358,12 +369,13 @@ class VmwBalloonDevice:
 
     def handle(self, request: bytes) -> bytes:
         """Answer one request frame (never raises)."""
-        self.flush_release()  # whatever an earlier LOCK accepted is released before we go on
+        if self._to_release or self._host.owing:
+            self.flush_release()  # whatever an earlier LOCK accepted is released first
         try:
             req = decode_request(request)
         except VmwFrameError as exc:
             self.counters.inc(_FRAME_COUNTER[exc.reason])
-            return encode_response(Response(exc.status))
+            return encode_response(scalar_response(exc.status))
         self.counters.inc(_CMD_COUNTER[req.command])
         return encode_response(self._answer(req))
 
@@ -371,7 +383,7 @@ class VmwBalloonDevice:
         if self._busy_left > 0:
             self._busy_left -= 1
             self.counters.inc(VmwDeviceCounter.BUSY)
-            return Response(Status.ERROR_BUSY)
+            return scalar_response(Status.ERROR_BUSY)
         cmd = req.command
         if cmd is _START:
             return self._start(req.data)
@@ -379,28 +391,28 @@ class VmwBalloonDevice:
             self._reset_pending = False
             self._started = False
             self.counters.inc(VmwDeviceCounter.RESET)
-            return Response(Status.ERROR_RESET)
+            return scalar_response(Status.ERROR_RESET)
         if not self._started:
             self.counters.inc(VmwDeviceCounter.CMD_BEFORE_START)
-            return Response(Status.ERROR_RESET)
+            return scalar_response(Status.ERROR_RESET)
         # plain comparisons, not ``match``: member lookups are slow on 3.11 and LOCK/UNLOCK
         # come once per page
         if cmd is _LOCK:
-            return Response(self._lock_one(req.data), self._target)
+            return scalar_response(self._lock_one(req.data), self._target)
         if cmd is _UNLOCK:
-            return Response(self._unlock_one(req.data), self._target)
+            return scalar_response(self._unlock_one(req.data), self._target)
         if cmd is _GET_TARGET:
             self.guest_limit = req.data
-            return Response(_SUCCESS, min(self._target, req.data))
+            return scalar_response(_SUCCESS, min(self._target, req.data))
         if cmd is _GUEST_ID:
             self.guest_id = req.data
-            return Response(_SUCCESS)
+            return scalar_response(_SUCCESS)
         # a batch of 4 KiB or 2 MiB pages
         huge = cmd in _2M_COMMANDS
-        if not self._caps & (Capability.BATCHED_2M_CMDS if huge else Capability.BATCHED_CMDS):
+        if not int(self._caps) & (_BATCHED_2M_BIT if huge else _BATCHED_BIT):
             self.counters.inc(VmwDeviceCounter.BATCH_2M_NOT_NEGOTIATED if huge
                               else VmwDeviceCounter.BATCH_NOT_NEGOTIATED)
-            return Response(Status.ERROR_CMD_INVALID)
+            return scalar_response(Status.ERROR_CMD_INVALID)
         if cmd is _BATCHED_LOCK:
             statuses = self._lock_batch(req.pfns)
         elif cmd is _BATCHED_2M_LOCK:
@@ -421,10 +433,10 @@ class VmwBalloonDevice:
             if not self.supports_2m:
                 grant &= ~Capability.BATCHED_2M_CMDS
             self._caps = offer & grant | Capability.BASIC_CMDS
-            return Response(Status.SUCCESS_WITH_CAPABILITIES, int(self._caps))
+            return scalar_response(Status.SUCCESS_WITH_CAPABILITIES, int(self._caps))
         # a version-2 peer (data 2 == BASIC_CMDS), or batching not on offer here
         self._caps = Capability.BASIC_CMDS
-        return Response(Status.SUCCESS)
+        return scalar_response(Status.SUCCESS)
 
     def _forget_all(self, *, backed_only: bool = False) -> bool:
         """The balloon is gone: the guest takes every page back at once. With ``backed_only``
@@ -451,13 +463,13 @@ class VmwBalloonDevice:
     # ------------------------------------------------------------------ single pages
     def _lock_one(self, pfn: int) -> Status:
         if pfn >= self._guest_pages:
-            st = Status.ERROR_PPN_INVALID
+            st = _PPN_INVALID
         elif self._locked[pfn]:
-            st = Status.ERROR_PPN_LOCKED
+            st = _PPN_LOCKED
         elif self._pinned[pfn]:
-            st = Status.ERROR_PPN_PINNED
+            st = _PPN_PINNED
         elif self._n_locked >= self._target:
-            st = Status.ERROR_PPN_NOTNEEDED
+            st = _PPN_NOTNEEDED
         else:
             self._host.take(np.array([[pfn, pfn + 1]], dtype=np.int64))
             self._locked[pfn] = True
@@ -468,11 +480,11 @@ class VmwBalloonDevice:
 
     def _unlock_one(self, pfn: int) -> Status:
         if pfn >= self._guest_pages:
-            st = Status.ERROR_PPN_INVALID
+            st = _PPN_INVALID
         elif not self._locked[pfn] or self._huge[pfn >> VMW_BALLOON_2M_ORDER]:
-            st = Status.ERROR_PPN_UNLOCKED  # not locked, or locked as part of a 2 MiB page
+            st = _PPN_UNLOCKED  # not locked, or locked as part of a 2 MiB page
         elif len(self._host.give(np.array([[pfn, pfn + 1]], dtype=np.int64))):
-            st = Status.ERROR_BUSY  # no host memory behind it now: it stays locked
+            st = _BUSY  # no host memory behind it now: it stays locked
         else:
             self._locked[pfn] = False
             self._n_locked -= 1
@@ -541,7 +553,7 @@ class VmwBalloonDevice:
         st = np.zeros(pfns.size, dtype=np.int32)
         inside = pfns < self._guest_pages
         if not bool(inside.all()):
-            st[~inside] = Status.ERROR_PPN_INVALID
+            st[~inside] = _I_PPN_INVALID
         return st, inside
 
     @staticmethod
@@ -559,7 +571,7 @@ class VmwBalloonDevice:
         return rep
 
     def _count_statuses(self, st: npt.NDArray[np.int32]) -> None:
-        bad = st[st != Status.SUCCESS]
+        bad = st[st != _I_SUCCESS]
         if bad.size == 0:
             return
         codes, counts = np.unique(bad, return_counts=True)
@@ -571,12 +583,12 @@ class VmwBalloonDevice:
         idx = inside.nonzero()[0]
         p = pfns[idx]
         locked = self._locked[p] | self._repeats(p)
-        st[idx[locked]] = Status.ERROR_PPN_LOCKED
+        st[idx[locked]] = _I_PPN_LOCKED
         pinned = ~locked & self._pinned[p]
-        st[idx[pinned]] = Status.ERROR_PPN_PINNED
+        st[idx[pinned]] = _I_PPN_PINNED
         cand = idx[~locked & ~pinned]
         room = max(0, self._target - self._n_locked)
-        st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
+        st[cand[room:]] = _I_PPN_NOTNEEDED
         take = pfns[cand[:room]]
         if take.size:
             self._release(coalesce(take))
@@ -590,14 +602,16 @@ class VmwBalloonDevice:
         idx = inside.nonzero()[0]
         p = pfns[idx]
         unlocked = ~self._locked[p] | self._huge[p >> VMW_BALLOON_2M_ORDER] | self._repeats(p)
-        st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
+        st[idx[unlocked]] = _I_PPN_UNLOCKED
         give = p[~unlocked]
         if give.size:
-            stuck = self._host.give(coalesce(give))
+            # a driver's batch is its stack's newest first: descending, ascending reversed
+            # (the same ranges; coalesce folds an ascending list at once)
+            stuck = self._host.give(coalesce(give[::-1] if give[0] > give[-1] else give))
             if len(stuck):  # no host memory behind these now: they stay locked
                 busy = np.zeros(pfns.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = in_ranges(give, stuck)
-                st[busy] = Status.ERROR_BUSY
+                st[busy] = _I_BUSY
                 give = give[~in_ranges(give, stuck)]
             self._locked[give] = False
             self._n_locked -= int(give.size)
@@ -618,7 +632,7 @@ class VmwBalloonDevice:
         st = np.zeros(heads.size, dtype=np.int32)
         valid = (heads % _2M_PAGES == 0) & (heads + _2M_PAGES <= self._guest_pages)
         if not bool(valid.all()):
-            st[~valid] = Status.ERROR_PPN_INVALID
+            st[~valid] = _I_PPN_INVALID
         idx = valid.nonzero()[0]
         return st, idx, heads[idx] >> VMW_BALLOON_2M_ORDER
 
@@ -642,13 +656,13 @@ class VmwBalloonDevice:
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
         locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
-        st[idx[locked]] = Status.ERROR_PPN_LOCKED
+        st[idx[locked]] = _I_PPN_LOCKED
         pinned = ~locked & self._block_any(self._pinned_rows, blocks)
-        st[idx[pinned]] = Status.ERROR_PPN_PINNED
+        st[idx[pinned]] = _I_PPN_PINNED
         ok = ~locked & ~pinned
         cand = idx[ok]
         room = max(0, self._target - self._n_locked) // _2M_PAGES  # never past the target
-        st[cand[room:]] = Status.ERROR_PPN_NOTNEEDED
+        st[cand[room:]] = _I_PPN_NOTNEEDED
         take = blocks[ok][:room]
         if take.size:
             self._release(self._set_blocks(take, True))
@@ -658,7 +672,7 @@ class VmwBalloonDevice:
     def _unlock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
         st, idx, blocks = self._classify_2m(heads)
         unlocked = ~self._huge[blocks] | self._repeats(blocks)
-        st[idx[unlocked]] = Status.ERROR_PPN_UNLOCKED
+        st[idx[unlocked]] = _I_PPN_UNLOCKED
         give = blocks[~unlocked]
         if give.size:
             starts = give * _2M_PAGES
@@ -667,7 +681,7 @@ class VmwBalloonDevice:
                 busy_blocks = in_ranges(starts, stuck)
                 busy = np.zeros(heads.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = busy_blocks
-                st[busy] = Status.ERROR_BUSY
+                st[busy] = _I_BUSY
                 give = give[~busy_blocks]
             self._set_blocks(give, False)
         self._count_statuses(st)

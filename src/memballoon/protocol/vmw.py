@@ -40,6 +40,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,8 @@ from memballoon.model.units import PAGE_SHIFT, PFN32_MAX
 
 PfnArray = npt.NDArray[np.int64]
 StatusArray = npt.NDArray[np.int32]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # The seed's constants (vmw_balloon.c, v2.6.34).
 VMW_BALLOON_HV_PORT = 0x5670
@@ -112,6 +115,9 @@ _PAGE_COMMANDS = frozenset((Command.LOCK, Command.UNLOCK))
 _COMMAND_BY_VALUE = {int(c): c for c in Command}
 _STATUS_BY_VALUE = {int(s): s for s in Status}
 _SUCCESS = Status.SUCCESS
+_SHIFT_U64 = np.uint64(PAGE_SHIFT)
+_MASK_U64 = np.uint64(ENTRY_STATUS_MASK)
+_ENTRY_PFN_MAX_U64 = np.uint64(ENTRY_PFN_MAX)
 #: Statuses a single page of a batch can carry.
 _ENTRY_STATUSES = np.array(
     [int(s) for s in Status if s is not Status.SUCCESS_WITH_CAPABILITIES], dtype=np.int32
@@ -191,6 +197,39 @@ class Response:
     __hash__ = None  # type: ignore[assignment]
 
 
+# Memos of the single-register messages (frozen, so shareable): a guest sends GET_TARGET
+# every period and a version-2 driver a LOCK per page, and building a frozen dataclass costs
+# more than the rest of a round trip. Bounded: emptied when full.
+_MEMO_MAX = 1 << 12
+_requests: dict[tuple[int, int], Request] = {}
+_responses: dict[tuple[int, int], Response] = {}
+_request_frames: dict[bytes, Request] = {}
+_response_frames: dict[bytes, Response] = {}
+
+
+def _remember(memo: dict[_K, _V], key: _K, value: _V) -> _V:
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
+def scalar_request(command: Command, data: int = 0) -> Request:
+    """``Request(command, data)`` for a command without a batch, shared (it is frozen)."""
+    req = _requests.get((command, data))
+    if req is None:
+        req = _remember(_requests, (command, data), Request(command, data))
+    return req
+
+
+def scalar_response(status: Status, result: int = 0) -> Response:
+    """``Response(status, result)`` without entries, shared (it is frozen)."""
+    resp = _responses.get((status, result))
+    if resp is None:
+        resp = _remember(_responses, (status, result), Response(status, result))
+    return resp
+
+
 def batch_request(command: Command, pfns: npt.ArrayLike) -> Request:
     """A batched command (4 KiB or 2 MiB pages) of ``pfns`` (data = count)."""
     arr = np.asarray(pfns, dtype=np.int64).reshape(-1)
@@ -212,15 +251,21 @@ def encode_request(req: Request) -> bytes:
     n = int(req.pfns.size)
     if n > VMW_BALLOON_BATCH_MAX_PAGES or req.data != n:
         raise UsageError(f"batch of {n} pages with data {req.data}")
-    if n and (int(req.pfns.min()) < 0 or int(req.pfns.max()) > ENTRY_PFN_MAX):
+    # as u64 a negative PFN is over the maximum too: one comparison checks both bounds
+    pfns = np.asarray(req.pfns, dtype=np.int64).view(np.uint64)
+    if n and bool((pfns > _ENTRY_PFN_MAX_U64).any()):
         raise UsageError("batch PFN out of range")
-    entries = (req.pfns.astype("<u8") << np.uint64(PAGE_SHIFT)).tobytes()
-    return head + _COUNT.pack(n) + entries
+    entries = (pfns << _SHIFT_U64).astype("<u8", copy=False)  # no-op on little-endian
+    return b"".join((head, _COUNT.pack(n), entries.tobytes()))
 
 
 def decode_request(frame: bytes) -> Request:
     """Parse a request frame; raises ``VmwFrameError`` on every malformed frame."""
     size = len(frame)
+    if size == REQUEST_HEADER_SIZE and type(frame) is bytes:  # no batch: seen before, likely
+        known = _request_frames.get(frame)
+        if known is not None:
+            return known
     if size < REQUEST_HEADER_SIZE:
         raise VmwFrameError("short_frame", f"{size} bytes, header needs {REQUEST_HEADER_SIZE}")
     magic, cmd, data = _REQ.unpack_from(frame)
@@ -236,7 +281,7 @@ def decode_request(frame: bytes) -> Request:
             raise VmwFrameError(
                 "pfn_over_32_bits", f"{command.name} PFN {data:#x}", Status.ERROR_PPN_INVALID
             )
-        return Request(command, data)
+        return _remember(_request_frames, bytes(frame), scalar_request(command, data))
     body = REQUEST_HEADER_SIZE + _COUNT.size
     if size < body:
         raise VmwFrameError("short_frame", f"{command.name} without a count")
@@ -250,10 +295,10 @@ def decode_request(frame: bytes) -> Request:
         raise VmwFrameError("short_frame" if size < want else "long_frame",
                             f"{size} bytes for {count} entries, want {want}")
     entries = np.frombuffer(frame, dtype="<u8", count=count, offset=body)
-    if count and bool((entries & np.uint64(ENTRY_STATUS_MASK)).any()):
+    if count and bool((entries & _MASK_U64).any()):
         raise VmwFrameError("entry_low_bits", "request entry with low bits set",
                             Status.ERROR_PPN_INVALID)
-    pfns = (entries >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    pfns: PfnArray = (entries >> _SHIFT_U64).view(np.int64)  # under 2**52: same as a cast
     return Request(command, data, pfns)
 
 
@@ -268,9 +313,9 @@ def encode_response(resp: Response) -> bytes:
     head = _RESP.pack(int(resp.status), n, resp.result)
     if n == 0:
         return head
-    codes = resp.statuses.astype(np.int64) & ENTRY_STATUS_MASK
-    entries = (resp.pfns.astype("<u8") << np.uint64(PAGE_SHIFT)) | codes.astype("<u8")
-    body: bytes = entries.astype("<u8").tobytes()
+    codes = (np.asarray(resp.statuses, dtype=np.int64) & ENTRY_STATUS_MASK).view(np.uint64)
+    pfns = np.asarray(resp.pfns, dtype=np.int64).view(np.uint64)  # wraps as a cast to u64
+    body: bytes = ((pfns << _SHIFT_U64) | codes).astype("<u8", copy=False).tobytes()
     return head + body
 
 
@@ -281,6 +326,12 @@ def decode_response(frame: bytes, request: Request) -> Response:
     batch the guest gave it; it does not choose pages).
     """
     size = len(frame)
+    if size == RESPONSE_HEADER_SIZE and type(frame) is bytes:  # no entries: seen before, likely
+        known = _response_frames.get(frame)
+        if known is not None:
+            if known.status is _SUCCESS and request.pfns.size:
+                raise VmwFrameError("count_mismatch", "successful batch answered without entries")
+            return known
     if size < RESPONSE_HEADER_SIZE:
         raise VmwFrameError("short_frame", f"{size} bytes, header needs {RESPONSE_HEADER_SIZE}")
     raw_status, count, result = _RESP.unpack_from(frame)
@@ -292,23 +343,26 @@ def decode_response(frame: bytes, request: Request) -> Response:
         raise VmwFrameError("short_frame" if size < want else "long_frame",
                             f"{size} bytes for {count} entries, want {want}")
     if count == 0:
+        resp = _remember(_response_frames, bytes(frame), scalar_response(status, result))
         if status is _SUCCESS and request.pfns.size:
             raise VmwFrameError("count_mismatch", "successful batch answered without entries")
-        return Response(status, result)
+        return resp
     if request.command not in _BATCHED_COMMANDS:
         raise VmwFrameError("count_mismatch", f"{request.command.name} answered with entries")
     if count != request.pfns.size:
         raise VmwFrameError("count_mismatch", f"{count} entries for {request.pfns.size} pages")
-    if status is not Status.SUCCESS:
+    if status is not _SUCCESS:
         raise VmwFrameError("count_mismatch", f"entries with batch status {status.name}")
     entries = np.frombuffer(frame, dtype="<u8", count=count, offset=RESPONSE_HEADER_SIZE)
-    pfns = (entries >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-    if not np.array_equal(pfns, request.pfns):
+    pfns: PfnArray = (entries >> _SHIFT_U64).view(np.int64)  # under 2**52: same as a cast
+    if not bool((pfns == request.pfns).all()):  # as many as the request's (checked above)
         raise VmwFrameError("pfn_mismatch", "batch answer does not echo the request's PFNs")
-    codes = (entries & np.uint64(ENTRY_STATUS_MASK)).astype(np.int32)
-    codes[codes == _FAILURE_ENTRY] = Status.FAILURE
-    if codes.any():  # all SUCCESS (0) is the common answer: nothing to look up
-        bad = ~np.isin(codes, _ENTRY_STATUSES)
-        if bool(bad.any()):
-            raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
+    low = entries & _MASK_U64
+    if not bool(low.any()):  # every page SUCCESS (0): the common answer, nothing to look up
+        return Response(status, result, pfns, np.zeros(count, dtype=np.int32))
+    codes = low.astype(np.int32)
+    codes[codes == _FAILURE_ENTRY] = -1  # Status.FAILURE (a plain int for numpy)
+    bad = ~np.isin(codes, _ENTRY_STATUSES)
+    if bool(bad.any()):
+        raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
     return Response(status, result, pfns, codes)
