@@ -397,7 +397,7 @@ chain_shapes = st.lists(st.lists(st.booleans(), min_size=1, max_size=3).map(sort
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.integers(0, 0xFFFF), st.sampled_from([4, 8, 16]), chain_shapes, st.integers(1, 200),
+@given(st.integers(0, 0xFFFF), st.sampled_from([4, 8, 16, 128]), chain_shapes, st.integers(1, 200),
        st.integers(0, 3))
 def test_complete_rounds_ends_where_honest_round_trips_end(
         start: int, size: int, shapes: list[list[bool]], rounds: int, warmup: int) -> None:

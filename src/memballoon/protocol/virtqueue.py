@@ -70,6 +70,7 @@ _U16S = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _U16_DTYPE = np.dtype("<u2")
 _USED_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 
 Buffer = bytearray | memoryview | mmap.mmap
 
@@ -170,6 +171,12 @@ class GuestRamView:
         dt = np.dtype(dtype)
         off = self._offset(gpa, count * dt.itemsize)
         return np.frombuffer(self._mem, dtype=dt, count=count, offset=off).copy()
+
+    def array(self, gpa: int, count: int, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+        """``count`` items of ``dtype`` at ``gpa`` as a writable array over the memory itself
+        (no copy: for a bulk path's writes; the peer may change what it reads)."""
+        off = self._offset(gpa, count * dtype.itemsize)
+        return np.frombuffer(self._mem, dtype=dtype, count=count, offset=off)
 
     def write_array(self, gpa: int, arr: npt.NDArray[np.generic]) -> None:
         self.write(gpa, np.ascontiguousarray(arr).tobytes())
@@ -374,76 +381,62 @@ def complete_rounds(
     if len(lengths) != len(chains) or sum(map(len, chains)) > len(driver._free):
         raise UsageError("complete_rounds: bad chains")
     size, free = driver.size, driver._free
-    descs: dict[int, tuple[int, int, int, int]] = {}
-    avail: dict[int, int] = {}
-    used: dict[int, tuple[int, int]] = {}
-    aidx, uidx = driver._avail_idx, device.used_idx
-    # Every round takes the same descriptors (the top of the free list, which it leaves
-    # permuted) and writes the next len(chains) ring slots: only the last rounds that cover
-    # each slot once leave a mark in guest memory. The rounds before them move the indices
-    # and permute the free list's top, as a power of one round's permutation.
     c, m = len(chains), sum(map(len, chains))
-    tail = rounds if c == 0 else min(rounds, -(-size // c) + 1)
-    skip = rounds - tail
-    if skip and m:
-        top = free[len(free) - m:]
-        free[len(free) - m:] = [top[i] for i in _power(_round_perm(chains, m), skip)]
-        aidx = (aidx + skip * c) & _U16
-        uidx = (uidx + skip * c) & _U16
-    for r in range(tail):
-        taken: list[list[int]] = []
-        for bufs in chains:
-            ids = [free.pop() for _ in bufs]
-            taken.append(ids)
-            avail[aidx % size] = ids[0]
-            aidx = (aidx + 1) & _U16
-            if r + 1 < tail:
-                continue  # every round takes the same descriptors: the last one's stay
-            n = len(ids)
-            for i, (gpa, length, writable) in enumerate(bufs):
-                flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
-                    VIRTQ_DESC_F_NEXT if i + 1 < n else 0)
-                descs[ids[i]] = (gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-        for ids, length in zip(taken, lengths, strict=True):
-            used[uidx % size] = (ids[0], length & 0xFFFF_FFFF)
-            uidx = (uidx + 1) & _U16
-        for ids in taken:  # collected in used order, each chain's descriptors freed
-            free.extend(reversed(ids))
+    aidx = driver._avail_idx
     view, lay = driver.view, driver.layout
-    for idx, desc in descs.items():
-        view.write(lay.desc_gpa + VIRTQ_DESC_BYTES * idx, _DESC.pack(*desc))
-    if len(avail) == size:  # every slot: the rings in one write each
-        view.write(lay.avail_gpa + 4, struct.pack(f"<{size}H", *(avail[i] for i in range(size))))
-        view.write(lay.used_gpa + 4, struct.pack(
-            f"<{2 * size}I", *(v for i in range(size) for v in used[i])))
-    else:
-        for slot, head in avail.items():
-            view.write_u16(lay.avail_gpa + 4 + 2 * slot, head)
-        for slot, (head, length) in used.items():
-            view.write(lay.used_gpa + 4 + 8 * slot, _USED_ELEM.pack(head, length))
+    if rounds > 0 and m:
+        # Every round pops the same m descriptors (the top of the free list) chain by chain
+        # and frees them in used order: the top comes out permuted, the same way each round
+        # (``perm``: afterwards entry j holds what entry perm[j] held). Round r's descriptors
+        # are the top permuted r times; of its ring writes only the last ``size`` (a ring's
+        # worth, the last ``tail`` rounds) leave a mark, and of its descriptor writes only
+        # the last round's (each round writes the same m entries).
+        firsts = np.cumsum([0, *map(len, chains)])[:-1]  # chain j's first buffer
+        order = np.concatenate([np.arange(a + len(b) - 1, a - 1, -1)
+                                for a, b in zip(firsts.tolist(), chains, strict=True)])
+        perm = m - 1 - order  # pops run from the top (index m - 1) down
+        tail = min(rounds, -(-size // c))
+        top = np.array(free[len(free) - m:], dtype=np.int64)
+        top = top[_power_np(perm, rounds - tail)]
+        tops = np.empty((tail, m), dtype=np.int64)
+        for r in range(tail):
+            tops[r] = top
+            top = top[perm]
+        free[len(free) - m:] = top.tolist()
+        heads = tops[:, m - 1 - firsts].ravel()  # ring writes of the tail rounds, in order
+        lens = np.tile(np.asarray(lengths, dtype=np.int64) & 0xFFFF_FFFF, tail)
+        k = min(heads.size, size)
+        slots = (aidx + (rounds - tail) * c + heads.size - k + np.arange(k)) % size
+        view.array(lay.avail_gpa + 4, size, _U16_DTYPE)[slots] = heads[-k:]
+        used = view.array(lay.used_gpa + 4, size, _USED_DTYPE)
+        used["id"][slots] = heads[-k:]
+        used["len"][slots] = lens[-k:]
+        bufs = [buf for chain in chains for buf in chain]
+        last = np.zeros(m, dtype=np.bool_)
+        last[np.cumsum([len(b) for b in chains]) - 1] = True
+        ids = tops[-1][::-1]  # the last round's descriptors, in buffer order
+        table = view.array(lay.desc_gpa, size, _DESC_DTYPE)
+        rows = np.empty(m, dtype=_DESC_DTYPE)
+        rows["addr"] = [g for g, _, _ in bufs]
+        rows["len"] = [n for _, n, _ in bufs]
+        rows["flags"] = np.where([w for _, _, w in bufs], VIRTQ_DESC_F_WRITE, 0) | np.where(
+            last, 0, VIRTQ_DESC_F_NEXT)
+        rows["next"] = np.where(last, 0, np.roll(ids, -1))
+        table[ids] = rows
+    aidx = (aidx + rounds * c) & _U16 if rounds > 0 else aidx
     view.write_u16(lay.avail_gpa + 2, aidx)
-    view.write_u16(lay.used_gpa + 2, uidx)
+    view.write_u16(lay.used_gpa + 2, aidx)
     driver._avail_idx = driver._last_used = device.last_avail = device.used_idx = aidx
-    device.descriptors_read += rounds * sum(map(len, chains))
+    device.descriptors_read += max(rounds, 0) * m
 
 
-def _round_perm(chains: Sequence[Sequence[tuple[int, int, bool]]], m: int) -> list[int]:
-    """One round's effect on the top ``m`` entries of the free list: after it, entry ``j``
-    holds what entry ``perm[j]`` held (popped chain by chain, freed in used order)."""
-    stack = list(range(m))
-    taken = [[stack.pop() for _ in bufs] for bufs in chains]
-    for ids in taken:
-        stack.extend(reversed(ids))
-    return stack
-
-
-def _power(perm: list[int], k: int) -> list[int]:
+def _power_np(perm: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.int64]:
     """``perm`` applied ``k`` times (``out[j] = perm[perm[...perm[j]]]``)."""
-    out, base = list(range(len(perm))), perm
+    out, base = np.arange(perm.size), perm
     while k:
         if k & 1:
-            out = [out[i] for i in base]
-        base = [base[i] for i in base]
+            out = out[base]
+        base = base[base]
         k >>= 1
     return out
 
