@@ -705,8 +705,9 @@ class VirtioBalloonDriver:
 
     # ------------------------------------------------------------------ used buffers
     def _collect_all(self) -> None:
-        for role in list(self._queues):
-            self._collect(role)
+        for role, q in list(self._queues.items()):
+            if q.in_flight and not q.broken:  # else collect() finds nothing: skip the call
+                self._collect(role)
 
     def _collect(self, role: BalloonQueue) -> None:
         q = self._queues.get(role)

@@ -1061,18 +1061,18 @@ class VirtioBalloonDevice:
         return None
 
     def _report(self, chain: Chain) -> int:
-        starts: list[int] = []
-        ends: list[int] = []
         if chain.writable_bytes > self._view.guest_bytes:
             raise DescriptorError("reported ranges larger than the guest")
-        for gpa, length in chain.writable:
-            if gpa % PAGE_SIZE or length % PAGE_SIZE or length == 0:
-                raise DescriptorError(f"reported range [{gpa:#x}, +{length:#x}) not page-aligned")
-            starts.append(gpa >> PAGE_SHIFT)
-            ends.append((gpa + length) >> PAGE_SHIFT)
-        if not starts:
+        if not chain.writable:
             return 0
-        released = self._host.release_free(merge_ranges(starts, ends))
+        ext = np.array(chain.writable, dtype=np.int64)  # (gpa, length) rows: < 2**64 each
+        gpa, length = ext[:, 0], ext[:, 1]
+        bad = ((gpa | length) % PAGE_SIZE != 0) | (length == 0)
+        if bool(bad.any()):
+            g, n = chain.writable[int(bad.argmax())]  # the first bad one, as a walk finds it
+            raise DescriptorError(f"reported range [{g:#x}, +{n:#x}) not page-aligned")
+        released = self._host.release_free(
+            merge_ranges(gpa >> PAGE_SHIFT, (gpa + length) >> PAGE_SHIFT))
         self.counters.inc(VirtioDeviceCounter.REPORT_BUFFERS)
         self.counters.inc(VirtioDeviceCounter.REPORTED_PAGES, released)
         self.reported_pages_total += released

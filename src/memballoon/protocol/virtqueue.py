@@ -72,6 +72,9 @@ _U16_DTYPE = np.dtype("<u2")
 _USED_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
 _DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 
+#: Chains at least this long are written as one array (shorter: a struct write each is cheaper).
+_ADD_ARRAY_MIN: Final = 8
+
 Buffer = bytearray | memoryview | mmap.mmap
 
 
@@ -304,20 +307,32 @@ class DriverQueue:
             raise UsageError(f"add: {n} buffers, {len(self._free)} free descriptors")
         if self.broken:
             raise UsageError("add: the queue is broken")
-        ids = [self._free.pop() for _ in range(n)]
-        mem = bytearray(VIRTQ_DESC_BYTES)
-        wbytes = 0
-        seen_w = False
-        for i, (gpa, length, writable) in enumerate(bufs):
-            if seen_w and not writable:
-                raise UsageError("add: device-readable buffer after a device-writable one")
-            seen_w = seen_w or writable
-            wbytes += length if writable else 0
-            flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
-                VIRTQ_DESC_F_NEXT if i + 1 < n else 0
-            )
-            _DESC.pack_into(mem, 0, gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-            self.view.write(self.layout.desc_gpa + VIRTQ_DESC_BYTES * ids[i], mem)
+        writable = [w for _, _, w in bufs]
+        first_w = writable.index(True) if True in writable else n
+        if not all(writable[first_w:]):
+            raise UsageError("add: device-readable buffer after a device-writable one")
+        ids = self._free[-n:][::-1]  # popped one by one: the top of the stack first
+        del self._free[-n:]
+        wbytes = sum(length for _, length, w in bufs if w)
+        if n >= _ADD_ARRAY_MIN:
+            # a long chain (a free page report): the descriptors in one array write
+            rows = np.empty(n, dtype=_DESC_DTYPE)
+            rows["addr"] = [gpa for gpa, _, _ in bufs]
+            rows["len"] = [length for _, length, _ in bufs]
+            rows["flags"] = [(VIRTQ_DESC_F_WRITE if w else 0) | VIRTQ_DESC_F_NEXT
+                             for w in writable]
+            rows["flags"][-1] ^= VIRTQ_DESC_F_NEXT
+            rows["next"][:-1] = ids[1:]
+            rows["next"][-1] = 0
+            self.view.array(self.layout.desc_gpa, self.size, _DESC_DTYPE)[ids] = rows
+        else:
+            mem = bytearray(VIRTQ_DESC_BYTES)
+            for i, (gpa, length, w) in enumerate(bufs):
+                flags = (VIRTQ_DESC_F_WRITE if w else 0) | (
+                    VIRTQ_DESC_F_NEXT if i + 1 < n else 0
+                )
+                _DESC.pack_into(mem, 0, gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
+                self.view.write(self.layout.desc_gpa + VIRTQ_DESC_BYTES * ids[i], mem)
         head = ids[0]
         slot = self._avail_idx % self.size
         self.view.write_u16(self.layout.avail_gpa + 4 + 2 * slot, head)
@@ -547,6 +562,15 @@ class DeviceQueue:
         return chain
 
     def _walk(self, chain: Chain, table: int, count: int, first: int, *, top: bool) -> None:
+        # The table lies in the view (the layout was checked, an indirect table read), so its
+        # entries are unpacked straight from the buffer. A buffer must lie inside the guest,
+        # pass the guard before anything in it is read, and go the queue's way, readable ones
+        # first (this loop runs once per descriptor of every chain: no call per buffer).
+        view = self.view
+        mem, base = view._mem, view._offset(table, VIRTQ_DESC_BYTES * count)
+        guest, guard = view.guest_bytes, self.guard
+        readable, writable = chain.readable, chain.writable
+        unpack = _DESC.unpack_from
         idx = first
         steps = 0
         while True:
@@ -555,12 +579,28 @@ class DeviceQueue:
             steps += 1
             if steps > count:
                 raise DescriptorError(f"chain from {first} loops or exceeds {count} entries")
-            addr, length, flags, nxt = self.view.unpack(_DESC, table + VIRTQ_DESC_BYTES * idx)
+            addr, length, flags, nxt = unpack(mem, base + VIRTQ_DESC_BYTES * idx)
             self.descriptors_read += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self._indirect(chain, addr, length, flags, top=top)
             else:
-                self._buffer(chain, addr, length, flags)
+                if addr + length > guest:
+                    view.check_guest(addr, length)  # raises
+                if guard is not None and guard(addr, length):
+                    raise DescriptorError(
+                        f"buffer [{addr:#x}, +{length:#x}) refused by the device")
+                if flags & VIRTQ_DESC_F_WRITE:
+                    if not self.writable:
+                        raise DescriptorError(
+                            "device-writable buffer on a device-read-only queue")
+                    writable.append((addr, length))
+                else:
+                    if not self.readable:
+                        raise DescriptorError(
+                            "device-readable buffer on a device-write-only queue")
+                    if writable:
+                        raise DescriptorError("device-readable buffer after a device-writable one")
+                    readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return
             idx = nxt
@@ -581,21 +621,6 @@ class DeviceQueue:
             raise DescriptorError(f"indirect table [{addr:#x}, +{length:#x}) refused by the device")
         self.view.read(addr, length)  # mapped?
         self._walk(chain, addr, length // VIRTQ_DESC_BYTES, 0, top=False)
-
-    def _buffer(self, chain: Chain, addr: int, length: int, flags: int) -> None:
-        self.view.check_guest(addr, length)
-        if self.guard is not None and self.guard(addr, length):
-            raise DescriptorError(f"buffer [{addr:#x}, +{length:#x}) refused by the device")
-        if flags & VIRTQ_DESC_F_WRITE:
-            if not self.writable:
-                raise DescriptorError("device-writable buffer on a device-read-only queue")
-            chain.writable.append((addr, length))
-        else:
-            if not self.readable:
-                raise DescriptorError("device-readable buffer on a device-write-only queue")
-            if chain.writable:
-                raise DescriptorError("device-readable buffer after a device-writable one")
-            chain.readable.append((addr, length))
 
     def push_used(self, head: int, length: int) -> None:
         """Return chain ``head`` with ``length`` bytes written (2.7.8: entry, then idx)."""
