@@ -797,3 +797,22 @@ def test_releases_the_host_fails_are_owed_and_paid_at_the_next_doorbell() -> Non
     assert r.device.release_owed_pages == 0 and r.device.counters["release_retried"] == 600
     assert r.ram.resident_pages_of(r.device.balloon_pfns()) == 0
     assert r.check() == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 255), max_size=20), st.integers(0, 300 * PAGE_SIZE),
+       st.integers(0, 40 * PAGE_SIZE))
+def test_the_buffer_guard_finds_exactly_the_buffers_touching_the_balloon(
+        ballooned: list[int], gpa: int, length: int) -> None:
+    # the guard reads the bitmap through its bytearray (one memchr a buffer): it must agree
+    # with the bitmap's frames from the buffer's first to its last byte, inside the guest
+    pages = 256
+    dev = VirtioBalloonDevice(NullRam(pages), GuestRamView(bytearray(PAGE_SIZE), base_gpa=0,
+                                                           guest_bytes=pages * PAGE_SIZE),
+                              features=features_of(vb.VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    dev._inflated[np.asarray(ballooned, dtype=np.int64)] = True
+    dev._inflated_count = int(dev._inflated.sum())
+    lo, hi = gpa // PAGE_SIZE, min(-(-(gpa + length) // PAGE_SIZE), pages)
+    want = length > 0 and bool(dev._inflated[lo:hi].any())
+    assert dev._in_balloon(gpa, length) is want
+    assert dev.counters["buffer_in_balloon"] == int(want)

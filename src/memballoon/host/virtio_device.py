@@ -379,7 +379,11 @@ class VirtioBalloonDevice:
         self._offered = features | (1 << VIRTIO_F_VERSION_1)
         self.features = 0  # negotiated
         self._guest_pages = ram.guest_pages
-        self._inflated = np.zeros(self._guest_pages, dtype=np.bool_)
+        # the balloon bitmap, over a bytearray: whether a buffer touches the balloon is one
+        # memchr (``bytearray.find``), not a numpy call per buffer of every chain
+        self._inflated_bytes = bytearray(self._guest_pages)
+        self._inflated: npt.NDArray[np.bool_] = np.frombuffer(self._inflated_bytes,
+                                                              dtype=np.bool_)
         self._to_release: list[RangeArray] = []  # accepted inflate frames, released per doorbell
         self._inflated_count = 0
         self._host = HostPages(ram, self.counters)
@@ -494,8 +498,9 @@ class VirtioBalloonDevice:
         called before anything there is read; counts each one found."""
         if not self._inflated_count or length <= 0:
             return False
-        lo, hi = self._frames_of(gpa, length)
-        hit = bool(self._inflated[lo]) if hi - lo == 1 else bool(self._inflated[lo:hi].any())
+        lo = max(gpa, 0) >> PAGE_SHIFT  # _frames_of, inlined: once per buffer of every chain
+        hi = min((gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT, self._guest_pages)
+        hit = lo < hi and self._inflated_bytes.find(1, lo, hi) >= 0
         if hit:
             self.counters.inc(VirtioDeviceCounter.BUFFER_IN_BALLOON)
         return hit

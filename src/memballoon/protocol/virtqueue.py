@@ -28,6 +28,7 @@ No I/O, no clock: the caller owns the buffer.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import struct
 import sys
@@ -406,38 +407,31 @@ def complete_rounds(
         # are the top permuted r times; of its ring writes only the last ``size`` (a ring's
         # worth, the last ``tail`` rounds) leave a mark, and of its descriptor writes only
         # the last round's (each round writes the same m entries).
-        firsts = np.cumsum([0, *map(len, chains)])[:-1]  # chain j's first buffer
-        order = np.concatenate([np.arange(a + len(b) - 1, a - 1, -1)
-                                for a, b in zip(firsts.tolist(), chains, strict=True)])
-        perm = m - 1 - order  # pops run from the top (index m - 1) down
+        sizes = [len(bufs) for bufs in chains]
+        firsts = list(itertools.accumulate(sizes, initial=0))[:-1]  # chain j's first buffer
+        lasts = {a + n - 1 for a, n in zip(firsts, sizes, strict=True)}
+        # pops run from the top (index m - 1) down; each chain is freed in reverse
+        perm = [m - 1 - i for a, n in zip(firsts, sizes, strict=True)
+                for i in range(a + n - 1, a - 1, -1)]
+        cyc, start, pos, clen = _cycles(perm)
         tail = min(rounds, -(-size // c))
-        top = np.array(free[len(free) - m:], dtype=np.int64)
-        top = top[_power_np(perm, rounds - tail)]
-        tops = np.empty((tail, m), dtype=np.int64)
-        for r in range(tail):
-            tops[r] = top
-            top = top[perm]
-        free[len(free) - m:] = top.tolist()
-        heads = tops[:, m - 1 - firsts].ravel()  # ring writes of the tail rounds, in order
-        lens = np.tile(np.asarray(lengths, dtype=np.int64) & 0xFFFF_FFFF, tail)
-        k = min(heads.size, size)
-        slots = (aidx + (rounds - tail) * c + heads.size - k + np.arange(k)) % size
-        view.array(lay.avail_gpa + 4, size, _U16_DTYPE)[slots] = heads[-k:]
+        rs = np.arange(rounds - tail, rounds + 1)[:, None]  # the tail rounds, then the end
+        tops = np.array(free[len(free) - m:], dtype=np.int64)[cyc[start + (pos + rs) % clen]]
+        free[len(free) - m:] = tops[-1].tolist()
+        k = min(tail * c, size)
+        heads = tops[:-1, [m - 1 - a for a in firsts]].ravel()[-k:]  # the last k ring writes
+        writes = rounds * c - k + np.arange(k)  # their numbers among all rounds' writes
+        slots = (aidx + writes) % size
+        view.array(lay.avail_gpa + 4, size, _U16_DTYPE)[slots] = heads
         used = view.array(lay.used_gpa + 4, size, _USED_DTYPE)
-        used["id"][slots] = heads[-k:]
-        used["len"][slots] = lens[-k:]
+        used["id"][slots] = heads
+        used["len"][slots] = np.array([n & 0xFFFF_FFFF for n in lengths], np.int64)[writes % c]
+        ids = tops[-2].tolist()[::-1]  # the last round's descriptors, in buffer order
         bufs = [buf for chain in chains for buf in chain]
-        last = np.zeros(m, dtype=np.bool_)
-        last[np.cumsum([len(b) for b in chains]) - 1] = True
-        ids = tops[-1][::-1]  # the last round's descriptors, in buffer order
-        table = view.array(lay.desc_gpa, size, _DESC_DTYPE)
-        rows = np.empty(m, dtype=_DESC_DTYPE)
-        rows["addr"] = [g for g, _, _ in bufs]
-        rows["len"] = [n for _, n, _ in bufs]
-        rows["flags"] = np.where([w for _, _, w in bufs], VIRTQ_DESC_F_WRITE, 0) | np.where(
-            last, 0, VIRTQ_DESC_F_NEXT)
-        rows["next"] = np.where(last, 0, np.roll(ids, -1))
-        table[ids] = rows
+        view.array(lay.desc_gpa, size, _DESC_DTYPE)[ids] = np.array(
+            [(gpa, n, (VIRTQ_DESC_F_WRITE if w else 0) | (0 if i in lasts else VIRTQ_DESC_F_NEXT),
+              0 if i in lasts else ids[i + 1]) for i, (gpa, n, w) in enumerate(bufs)],
+            dtype=_DESC_DTYPE)
     aidx = (aidx + rounds * c) & _U16 if rounds > 0 else aidx
     view.write_u16(lay.avail_gpa + 2, aidx)
     view.write_u16(lay.used_gpa + 2, aidx)
@@ -445,15 +439,24 @@ def complete_rounds(
     device.descriptors_read += max(rounds, 0) * m
 
 
-def _power_np(perm: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.int64]:
-    """``perm`` applied ``k`` times (``out[j] = perm[perm[...perm[j]]]``)."""
-    out, base = np.arange(perm.size), perm
-    while k:
-        if k & 1:
-            out = out[base]
-        base = base[base]
-        k >>= 1
-    return out
+def _cycles(perm: list[int]) -> tuple[npt.NDArray[np.int64], ...]:
+    """``perm``'s cycles, so that ``perm`` applied r times maps j to
+    ``cyc[start[j] + (pos[j] + r) % clen[j]]``: ``cyc`` lists each cycle (j, perm[j], ...)."""
+    m = len(perm)
+    cyc: list[int] = []
+    start, pos, clen = [0] * m, [0] * m, [0] * m
+    seen = [False] * m
+    for j in range(m):
+        members = []
+        i = j
+        while not seen[i]:
+            seen[i] = True
+            members.append(i)
+            i = perm[i]
+        for p, i in enumerate(members):
+            start[i], pos[i], clen[i] = len(cyc), p, len(members)
+        cyc.extend(members)
+    return tuple(np.array(x, dtype=np.int64) for x in (cyc, start, pos, clen))
 
 
 @dataclass(slots=True)
