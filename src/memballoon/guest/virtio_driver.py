@@ -46,7 +46,7 @@ survived; a used ring that breaks stops that queue, its frames stay transient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -551,9 +551,10 @@ class VirtioBalloonDriver:
         k = FILL_BATCH * a
         rounds = min(n, self.mem.free_pages - self.mem.watermarks.min) // k
         role = BalloonQueue.INFLATEQ
-        t, q = self.transport, self._queues.get(role)
-        if rounds < 2 or q is None or not self._bulk or not isinstance(t, BulkRounds):
+        q = self._queues.get(role)
+        if rounds < 2 or q is None or not self._bulk:
             return 0  # a round alone is no faster in bulk
+        t = cast(BulkRounds, self.transport)  # _bulk: checked once, at __init__
         refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
         slots = self._slots[role]
         if (q.broken or role in self._stalled or len(self._refused) or self._inflight_inflate
@@ -590,9 +591,10 @@ class VirtioBalloonDriver:
         a = self.array_pfns
         rounds = min(n, len(self._balloon)) // a
         role = BalloonQueue.DEFLATEQ
-        t, q = self.transport, self._queues.get(role)
-        if rounds < 2 or q is None or not self._bulk or not isinstance(t, BulkRounds):
+        q = self._queues.get(role)
+        if rounds < 2 or q is None or not self._bulk:
             return 0
+        t = cast(BulkRounds, self.transport)  # _bulk: checked once, at __init__
         slots = self._slots[role]
         if (q.broken or role in self._stalled or any(s.busy for s in slots) or q.num_free < 1
                 or any(r is role for r, _ in self._pending)
@@ -705,9 +707,8 @@ class VirtioBalloonDriver:
 
     # ------------------------------------------------------------------ used buffers
     def _collect_all(self) -> None:
-        for role, q in list(self._queues.items()):
-            if q.in_flight and not q.broken:  # else collect() finds nothing: skip the call
-                self._collect(role)
+        for role in list(self._queues):
+            self._collect(role)
 
     def _collect(self, role: BalloonQueue) -> None:
         q = self._queues.get(role)

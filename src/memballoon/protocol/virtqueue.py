@@ -28,6 +28,7 @@ No I/O, no clock: the caller owns the buffer.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import struct
@@ -281,6 +282,7 @@ class DriverQueue:
         self.size = layout.size
         self.counters = counters
         view.fill(layout.desc_gpa, desc_table_bytes(self.size))
+        self._desc_off = view._offset(layout.desc_gpa, desc_table_bytes(self.size))
         view.fill(layout.avail_gpa, avail_ring_bytes(self.size))
         view.fill(layout.used_gpa, used_ring_bytes(self.size))
         self._free: list[int] = list(range(self.size - 1, -1, -1))  # stack: 0 first
@@ -304,36 +306,44 @@ class DriverQueue:
     def add(self, bufs: list[tuple[int, int, bool]]) -> int:
         """Queue a chain of ``(gpa, len, device_writable)`` buffers; returns its head index."""
         n = len(bufs)
-        if n == 0 or n > len(self._free):
-            raise UsageError(f"add: {n} buffers, {len(self._free)} free descriptors")
+        free = self._free
+        if n == 0 or n > len(free):
+            raise UsageError(f"add: {n} buffers, {len(free)} free descriptors")
         if self.broken:
             raise UsageError("add: the queue is broken")
-        writable = [w for _, _, w in bufs]
-        first_w = writable.index(True) if True in writable else n
-        if not all(writable[first_w:]):
-            raise UsageError("add: device-readable buffer after a device-writable one")
-        ids = self._free[-n:][::-1]  # popped one by one: the top of the stack first
-        del self._free[-n:]
-        wbytes = sum(length for _, length, w in bufs if w)
+        seen_w = False
+        wbytes = 0
+        for _, length, w in bufs:
+            if w:
+                seen_w = True
+                wbytes += length
+            elif seen_w:
+                raise UsageError("add: device-readable buffer after a device-writable one")
+        ids = free[-n:]  # popped one by one: the top of the stack first
+        ids.reverse()
+        del free[-n:]
         if n >= _ADD_ARRAY_MIN:
             # a long chain (a free page report): the descriptors in one array write
             rows = np.empty(n, dtype=_DESC_DTYPE)
             rows["addr"] = [gpa for gpa, _, _ in bufs]
             rows["len"] = [length for _, length, _ in bufs]
-            rows["flags"] = [(VIRTQ_DESC_F_WRITE if w else 0) | VIRTQ_DESC_F_NEXT
-                             for w in writable]
+            rows["flags"] = [VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT if w else VIRTQ_DESC_F_NEXT
+                             for _, _, w in bufs]
             rows["flags"][-1] ^= VIRTQ_DESC_F_NEXT
             rows["next"][:-1] = ids[1:]
             rows["next"][-1] = 0
             self.view.array(self.layout.desc_gpa, self.size, _DESC_DTYPE)[ids] = rows
         else:
-            mem = bytearray(VIRTQ_DESC_BYTES)
+            # the table lies in the view (checked at __init__): entries packed straight in
+            mem, table = self.view._mem, self._desc_off
+            last = n - 1
             for i, (gpa, length, w) in enumerate(bufs):
-                flags = (VIRTQ_DESC_F_WRITE if w else 0) | (
-                    VIRTQ_DESC_F_NEXT if i + 1 < n else 0
-                )
-                _DESC.pack_into(mem, 0, gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-                self.view.write(self.layout.desc_gpa + VIRTQ_DESC_BYTES * ids[i], mem)
+                flags = VIRTQ_DESC_F_WRITE if w else 0
+                if i < last:
+                    _DESC.pack_into(mem, table + VIRTQ_DESC_BYTES * ids[i], gpa, length,
+                                    flags | VIRTQ_DESC_F_NEXT, ids[i + 1])
+                else:
+                    _DESC.pack_into(mem, table + VIRTQ_DESC_BYTES * ids[i], gpa, length, flags, 0)
         head = ids[0]
         slot = self._avail_idx % self.size
         self.view.write_u16(self.layout.avail_gpa + 4 + 2 * slot, head)
@@ -407,31 +417,25 @@ def complete_rounds(
         # are the top permuted r times; of its ring writes only the last ``size`` (a ring's
         # worth, the last ``tail`` rounds) leave a mark, and of its descriptor writes only
         # the last round's (each round writes the same m entries).
-        sizes = [len(bufs) for bufs in chains]
-        firsts = list(itertools.accumulate(sizes, initial=0))[:-1]  # chain j's first buffer
-        lasts = {a + n - 1 for a, n in zip(firsts, sizes, strict=True)}
-        # pops run from the top (index m - 1) down; each chain is freed in reverse
-        perm = [m - 1 - i for a, n in zip(firsts, sizes, strict=True)
-                for i in range(a + n - 1, a - 1, -1)]
-        cyc, start, pos, clen = _cycles(perm)
+        shape = _round_shape(tuple(map(tuple, chains)))
         tail = min(rounds, -(-size // c))
         rs = np.arange(rounds - tail, rounds + 1)[:, None]  # the tail rounds, then the end
-        tops = np.array(free[len(free) - m:], dtype=np.int64)[cyc[start + (pos + rs) % clen]]
+        tops = np.array(free[len(free) - m:], dtype=np.int64)[
+            shape.cyc[shape.start + (shape.pos + rs) % shape.clen]]
         free[len(free) - m:] = tops[-1].tolist()
         k = min(tail * c, size)
-        heads = tops[:-1, [m - 1 - a for a in firsts]].ravel()[-k:]  # the last k ring writes
+        heads = tops[:-1, shape.head_cols].ravel()[-k:]  # the last k ring writes
         writes = rounds * c - k + np.arange(k)  # their numbers among all rounds' writes
         slots = (aidx + writes) % size
         view.array(lay.avail_gpa + 4, size, _U16_DTYPE)[slots] = heads
         used = view.array(lay.used_gpa + 4, size, _USED_DTYPE)
         used["id"][slots] = heads
         used["len"][slots] = np.array([n & 0xFFFF_FFFF for n in lengths], np.int64)[writes % c]
-        ids = tops[-2].tolist()[::-1]  # the last round's descriptors, in buffer order
-        bufs = [buf for chain in chains for buf in chain]
-        view.array(lay.desc_gpa, size, _DESC_DTYPE)[ids] = np.array(
-            [(gpa, n, (VIRTQ_DESC_F_WRITE if w else 0) | (0 if i in lasts else VIRTQ_DESC_F_NEXT),
-              0 if i in lasts else ids[i + 1]) for i, (gpa, n, w) in enumerate(bufs)],
-            dtype=_DESC_DTYPE)
+        ids = tops[-2, ::-1]  # the last round's descriptors, in buffer order
+        rows = shape.rows.copy()
+        rows["next"][:-1] = ids[1:]
+        rows["next"][shape.last] = 0
+        view.array(lay.desc_gpa, size, _DESC_DTYPE)[ids] = rows
     aidx = (aidx + rounds * c) & _U16 if rounds > 0 else aidx
     view.write_u16(lay.avail_gpa + 2, aidx)
     view.write_u16(lay.used_gpa + 2, aidx)
@@ -439,7 +443,40 @@ def complete_rounds(
     device.descriptors_read += max(rounds, 0) * m
 
 
-def _cycles(perm: list[int]) -> tuple[npt.NDArray[np.int64], ...]:
+@dataclass(frozen=True, slots=True)
+class _RoundShape:
+    """What ``complete_rounds`` derives from the chains alone (the same every inflate)."""
+
+    cyc: npt.NDArray[np.int64]  # the round permutation's cycles (``_cycles``)
+    start: npt.NDArray[np.int64]
+    pos: npt.NDArray[np.int64]
+    clen: npt.NDArray[np.int64]
+    head_cols: list[int]  # where each chain's head sits in the free list's top
+    rows: npt.NDArray[Any]  # the descriptors, ``next`` left 0
+    last: npt.NDArray[np.bool_]  # the last buffer of each chain
+
+
+@functools.lru_cache(maxsize=64)
+def _round_shape(chains: tuple[tuple[tuple[int, int, bool], ...], ...]) -> _RoundShape:
+    sizes = [len(bufs) for bufs in chains]
+    m = sum(sizes)
+    firsts = list(itertools.accumulate(sizes, initial=0))[:-1]  # chain j's first buffer
+    # pops run from the top (index m - 1) down; each chain is freed in reverse
+    perm = [m - 1 - i for a, n in zip(firsts, sizes, strict=True)
+            for i in range(a + n - 1, a - 1, -1)]
+    last = np.zeros(m, dtype=np.bool_)
+    last[[a + n - 1 for a, n in zip(firsts, sizes, strict=True)]] = True
+    bufs = [buf for chain in chains for buf in chain]
+    rows = np.array([(gpa, n, (VIRTQ_DESC_F_WRITE if w else 0)
+                      | (0 if end else VIRTQ_DESC_F_NEXT), 0)
+                     for (gpa, n, w), end in zip(bufs, last.tolist(), strict=True)],
+                    dtype=_DESC_DTYPE)
+    return _RoundShape(*_cycles(perm), head_cols=[m - 1 - a for a in firsts], rows=rows,
+                       last=last)
+
+
+def _cycles(perm: list[int]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64],
+                                     npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """``perm``'s cycles, so that ``perm`` applied r times maps j to
     ``cyc[start[j] + (pos[j] + r) % clen[j]]``: ``cyc`` lists each cycle (j, perm[j], ...)."""
     m = len(perm)
@@ -456,7 +493,8 @@ def _cycles(perm: list[int]) -> tuple[npt.NDArray[np.int64], ...]:
         for p, i in enumerate(members):
             start[i], pos[i], clen[i] = len(cyc), p, len(members)
         cyc.extend(members)
-    return tuple(np.array(x, dtype=np.int64) for x in (cyc, start, pos, clen))
+    return (np.array(cyc, dtype=np.int64), np.array(start, dtype=np.int64),
+            np.array(pos, dtype=np.int64), np.array(clen, dtype=np.int64))
 
 
 @dataclass(slots=True)
