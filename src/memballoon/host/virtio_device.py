@@ -106,9 +106,9 @@ from memballoon.protocol.virtio_balloon import (
     VIRTIO_BALLOON_X_STATUS_TAKEN,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
-    BalloonConfig,
     BalloonQueue,
     decode_stats,
+    encode_config,
     features_of,
     has,
     queue_indices,
@@ -521,15 +521,9 @@ class VirtioBalloonDevice:
         )
 
     def read_config(self) -> bytes:
-        cfg = BalloonConfig(
-            self._num_pages,
-            self._actual,
-            0,
-            self._poison_val,
-            self._reset_generation,
-            self._reset_ack,
-        )
-        return cfg.encode(extended=has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET))
+        return encode_config(self._num_pages, self._actual, 0, self._poison_val,
+                             self._reset_generation, self._reset_ack,
+                             extended=has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET))
 
     def write_config(self, offset: int, data: bytes) -> None:
         size = CONFIG_X_BYTES if has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET) else (
