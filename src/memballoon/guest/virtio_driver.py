@@ -157,6 +157,8 @@ DEFAULT_FEATURES: Final = features_of(
 )
 
 _EMPTY = np.empty(0, dtype=np.int64)
+#: The status bytes of an inflate buffer whose every frame was taken (the longest array's).
+_ALL_TAKEN: Final = bytes([VIRTIO_BALLOON_X_STATUS_TAKEN]) * X_ARRAY_PFNS_MAX
 
 
 def _align(n: int, a: int) -> int:
@@ -707,8 +709,9 @@ class VirtioBalloonDriver:
 
     # ------------------------------------------------------------------ used buffers
     def _collect_all(self) -> None:
-        for role in list(self._queues):
-            self._collect(role)
+        for role, q in self._queues.items():  # _collect never adds or drops a queue
+            if q.in_flight and not q.broken:  # else collect() finds nothing: skip the call
+                self._collect(role)
 
     def _collect(self, role: BalloonQueue) -> None:
         q = self._queues.get(role)
@@ -757,9 +760,10 @@ class VirtioBalloonDriver:
         self._inflight_inflate -= k
         taken: npt.NDArray[np.bool_] | None = None  # None: all taken
         if self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE) and p.slot is not None:
-            status = np.frombuffer(self.view.read(p.slot.status_gpa, k), dtype=np.uint8)
-            if length < k or not bool((status == VIRTIO_BALLOON_X_STATUS_TAKEN).all()):
-                taken = self._taken_mask(status, length)
+            raw = self.view.read(p.slot.status_gpa, k)
+            # every frame taken (the usual): one comparison of bytes, no array
+            if length < k or raw != _ALL_TAKEN[:k]:
+                taken = self._taken_mask(np.frombuffer(raw, dtype=np.uint8), length)
         if p.slot is not None:
             p.slot.busy = False
         acc = p.pfns if taken is None else p.pfns[taken]
