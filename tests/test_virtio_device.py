@@ -693,6 +693,12 @@ def test_rounds_in_bulk_only_where_every_frame_goes_through() -> None:
     assert not dev.can_take_rounds(2)  # the stats queue: never in bulk
     dev.pin([100])
     assert not dev.can_take_rounds(inflateq)  # a pinned frame is refused buffer by buffer
+    dev.pin([100, 101])
+    dev.unpin([100])
+    assert not dev.can_take_rounds(inflateq)  # 101 is still pinned
+    dev.unpin([101])
+    assert dev.can_take_rounds(inflateq)
+    dev.pin([100])
     huge = virtio_pair(65536, host_page_frames=512)
     assert not huge.device.can_take_rounds(deflateq)  # a huge page may have to hold a deflate
     q = drv._queues[drv_role(drv, inflateq)]

@@ -390,6 +390,7 @@ class VirtioBalloonDevice:
         # deflate buffers held for want of host memory: (deflateq index, head, frames left)
         self._held: list[tuple[int, int, PfnArray]] = []
         self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
+        self._pinned_count = 0  # frames pinned: none (the usual) skips every pinned check
         # frames holding a set-up queue's rings: never taken into the balloon
         self._rings = np.zeros(self._guest_pages, dtype=np.bool_)
         #: guest memory the queues made us read or write (descriptors, buffers), cumulative
@@ -622,7 +623,7 @@ class VirtioBalloonDevice:
             return False
         if role is BalloonQueue.DEFLATEQ:
             return self._host.frames == 1
-        return not self.reset_pending and not bool(self._pinned.any())
+        return not self.reset_pending and not self._pinned_count
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
@@ -639,7 +640,7 @@ class VirtioBalloonDevice:
             if int(runs[-1, 1]) > self._guest_pages:
                 raise UsageError("take_rounds: a frame outside the guest")
             spans = runs.tolist()
-            if any(self._inflated[a:b].any() for a, b in spans):
+            if any(self._inflated_bytes.find(1, a, b) >= 0 for a, b in spans):
                 raise UsageError("take_rounds: the driver's balloon and ours disagree")
             for a, b in spans:
                 self._inflated[a:b] = True
@@ -756,9 +757,11 @@ class VirtioBalloonDevice:
         if p.size and (p.min() < 0 or p.max() >= self._guest_pages):
             raise UsageError("pin: PFN outside the guest")
         self._pinned[p] = True
+        self._pinned_count = int(np.count_nonzero(self._pinned))
 
     def unpin(self, pfns: npt.ArrayLike) -> None:
         self._pinned[np.asarray(pfns, dtype=np.int64)] = False
+        self._pinned_count = int(np.count_nonzero(self._pinned))
 
     def request_stats(self) -> bool:
         """Hand the stats buffer back so the driver refills it; False if we do not hold one."""
@@ -859,6 +862,7 @@ class VirtioBalloonDevice:
         dev._inflated[:] = mask_of(snap.inflated, dev._guest_pages)
         dev._inflated_count = int(np.count_nonzero(dev._inflated))
         dev._pinned[:] = mask_of(snap.pinned, dev._guest_pages)
+        dev._pinned_count = int(np.count_nonzero(dev._pinned))
         dev._host.rebuild(dev._inflated)
         deflateq = dev._index_of(BalloonQueue.DEFLATEQ)
         if snap.held_deflates and deflateq is not None:
@@ -981,7 +985,8 @@ class VirtioBalloonDevice:
         if not bool(((pfns[1:] - pfns[:-1]) == 1).all()):
             return False
         lo, hi = int(pfns[0]), int(pfns[-1]) + 1
-        if (hi > self._guest_pages or self._inflated[lo:hi].any() or self._pinned[lo:hi].any()
+        if (hi > self._guest_pages or self._inflated_bytes.find(1, lo, hi) >= 0
+                or (self._pinned_count and self._pinned[lo:hi].any())
                 or self._rings[lo:hi].any()):
             return False
         self._inflated[lo:hi] = True
