@@ -822,3 +822,19 @@ def test_the_buffer_guard_finds_exactly_the_buffers_touching_the_balloon(
     want = length > 0 and bool(dev._inflated[lo:hi].any())
     assert dev._in_balloon(gpa, length) is want
     assert dev.counters["buffer_in_balloon"] == int(want)
+
+
+def test_two_held_deflates_of_the_same_frames_give_them_back_once() -> None:
+    # found by hypothesis (test_queues_set_up_again_...): with no host memory, two deflates
+    # naming the same frames were both held; once memory was back each gave them back, and
+    # the device counted them out of the balloon twice
+    g = huge_guest(F_STATS)
+    g.send_pfns(INFL, list(range(2 * HP, 3 * HP)))
+    g.ram.pool = 0  # no host page to back them again
+    for _ in range(2):
+        g.send_pfns(DEFL, list(range(2 * HP, 2 * HP + 4)))
+    assert g.dev.held_deflates == 2
+    g.send_pfns(INFL, list(range(0, HP)))  # a host page released: memory for the retries
+    g.dev.retry_held()
+    assert g.dev.held_deflates == 0
+    assert g.dev.inflated_pages == g.dev.balloon_pfns().size == HP + HP - 4

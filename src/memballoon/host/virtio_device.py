@@ -614,16 +614,19 @@ class VirtioBalloonDevice:
     def can_take_rounds(self, queue: int) -> bool:
         """Whether the next rounds of inflate or deflate buffers on ``queue`` will have every
         frame taken or given back (``BulkRounds``): a healthy queue, nothing held or waiting
-        to be released, no frame pinned (a refusal goes buffer by buffer), 4 KiB host pages
-        for a deflate (a huge page the host cannot back again holds its buffer)."""
+        to be released or owed (a doorbell retries failed releases first), no reset pending
+        (its buffers are refused, or name frames given back), no frame pinned (a refusal goes
+        buffer by buffer), 4 KiB host pages for a deflate (a huge page the host cannot back
+        again holds its buffer)."""
         role = self._roles.get(queue)
         if role not in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ) or queue not in self._queues:
             return False
-        if queue in self.broken_queues or self._held or self._to_release:
+        if (queue in self.broken_queues or self._held or self._to_release or self._host.owing
+                or self.reset_pending):
             return False
         if role is BalloonQueue.DEFLATEQ:
             return self._host.frames == 1
-        return not self.reset_pending and not self._pinned_count
+        return not self._pinned_count
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
@@ -693,7 +696,10 @@ class VirtioBalloonDevice:
             dq = self._queues.get(q)
             if dq is None or q in self.broken_queues:
                 continue  # the queue was set up again or broke: the buffer is gone with it
-            left = self._give(pfns)
+            # a held buffer naming frames an earlier one already gave back (the guest sent
+            # the same frames twice while both waited): those are out of the balloon now
+            live = pfns[self._inflated[pfns]]
+            left = self._give(live) if live.size else live
             if left.size:
                 still.append((q, head, left))
                 continue
