@@ -501,6 +501,15 @@ class VirtioBalloonDriver:
             return True
         return False
 
+    def _round_in_bulk(self, role: BalloonQueue, q: DriverQueue) -> bool:
+        """Whether one doorbell's buffers on ``role`` may go through the device in one call
+        (``BulkRounds.take_rounds``): the simulator's bulk path, for a single round too, as
+        cheap per buffer as whole rounds are. It ends where the doorbell, the device's work,
+        its used interrupt and the collect end (a property test holds it to that)."""
+        return (self._bulk and not q.in_flight and not q.broken and role not in self._stalled
+                and not any(r is role for r, _ in self._pending)
+                and cast(BulkRounds, self.transport).can_take_rounds(self._qidx[role]))
+
     def _fill(self, n: int) -> int:
         """Allocate up to ``n`` frames and send them on the inflateq, in up to ``FILL_BATCH``
         arrays of ``array_pfns`` frames and one doorbell; returns frames sent."""
@@ -522,6 +531,22 @@ class VirtioBalloonDriver:
             self.counters.inc(VirtioDriverCounter.ALLOC_FAIL)  # "Out of puff!"
             return 0
         wire = pfns.astype("<u4")
+        if self._round_in_bulk(BalloonQueue.INFLATEQ, q):
+            # this doorbell's buffers, in one call (the device takes every frame)
+            sizes = [int(pfns[i * a : (i + 1) * a].size) for i in range(-(-k // a))]
+            chains = [[(s.gpa, 4 * m, False), *([(s.status_gpa, m, True)] if refuse else [])]
+                      for s, m in zip(slots, sizes, strict=False)]
+            cast(BulkRounds, self.transport).take_rounds(
+                self._qidx[BalloonQueue.INFLATEQ], q, chains,
+                [m if refuse else 0 for m in sizes], 1, pfns)
+            for i, slot in enumerate(slots[: len(sizes)]):
+                self.view.write(slot.gpa, wire[i * a : (i + 1) * a].tobytes())
+            self._balloon.push_back(pfns)
+            if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+                self.mem.adjust_managed(k)
+            self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, len(sizes))
+            self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, k)
+            return k
         for i, slot in enumerate(slots):
             part = pfns[i * a : (i + 1) * a]
             m = int(part.size)
@@ -621,6 +646,15 @@ class VirtioBalloonDriver:
             self.counters.inc(VirtioDriverCounter.DEFLATE_QUEUE_FULL)
             return 0
         pfns = self._balloon.pop_back(n)
+        if self._round_in_bulk(BalloonQueue.DEFLATEQ, q):
+            # this doorbell's buffer, in one call (the device gives every frame back)
+            cast(BulkRounds, self.transport).take_rounds(
+                self._qidx[BalloonQueue.DEFLATEQ], q, [[(slot.gpa, 4 * n, False)]], [0], 1,
+                pfns)
+            self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
+            self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS)
+            self._give_back(pfns)
+            return n
         self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
         head = q.add([(slot.gpa, 4 * n, False)])
         q.publish()
