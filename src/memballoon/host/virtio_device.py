@@ -68,6 +68,7 @@ the snapshot).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, Self
@@ -146,6 +147,7 @@ MAX_PFN_BUFFER_BYTES = 64 * 1024
 MAX_STATS_BUFFER_BYTES = 4096
 
 _EMPTY = np.empty(0, dtype=np.int64)
+_BALLOONED = b"\x01"  # a frame's byte in the balloon bitmap
 #: Up to this many runs of frames, a bulk inflate checks and marks them a slice each.
 _FEW_RUNS = 64
 
@@ -379,9 +381,10 @@ class VirtioBalloonDevice:
         self._offered = features | (1 << VIRTIO_F_VERSION_1)
         self.features = 0  # negotiated
         self._guest_pages = ram.guest_pages
-        # the balloon bitmap, over a bytearray: whether a buffer touches the balloon is one
-        # memchr (``bytearray.find``), not a numpy call per buffer of every chain
-        self._inflated_bytes = bytearray(self._guest_pages)
+        # the balloon bitmap, over an anonymous mapping (zero pages until written, as numpy's
+        # zeros): whether a buffer touches the balloon is one memchr (``mmap.find``), not a
+        # numpy call per buffer of every chain
+        self._inflated_bytes = mmap.mmap(-1, self._guest_pages)
         self._inflated: npt.NDArray[np.bool_] = np.frombuffer(self._inflated_bytes,
                                                               dtype=np.bool_)
         self._to_release: list[RangeArray] = []  # accepted inflate frames, released per doorbell
@@ -501,7 +504,7 @@ class VirtioBalloonDevice:
             return False
         lo = max(gpa, 0) >> PAGE_SHIFT  # _frames_of, inlined: once per buffer of every chain
         hi = min((gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT, self._guest_pages)
-        hit = lo < hi and self._inflated_bytes.find(1, lo, hi) >= 0
+        hit = lo < hi and self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0
         if hit:
             self.counters.inc(VirtioDeviceCounter.BUFFER_IN_BALLOON)
         return hit
@@ -643,7 +646,7 @@ class VirtioBalloonDevice:
             if int(runs[-1, 1]) > self._guest_pages:
                 raise UsageError("take_rounds: a frame outside the guest")
             spans = runs.tolist()
-            if any(self._inflated_bytes.find(1, a, b) >= 0 for a, b in spans):
+            if any(self._inflated_bytes.find(_BALLOONED, a, b) >= 0 for a, b in spans):
                 raise UsageError("take_rounds: the driver's balloon and ours disagree")
             for a, b in spans:
                 self._inflated[a:b] = True
@@ -991,7 +994,7 @@ class VirtioBalloonDevice:
         if not bool(((pfns[1:] - pfns[:-1]) == 1).all()):
             return False
         lo, hi = int(pfns[0]), int(pfns[-1]) + 1
-        if (hi > self._guest_pages or self._inflated_bytes.find(1, lo, hi) >= 0
+        if (hi > self._guest_pages or self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0
                 or (self._pinned_count and self._pinned[lo:hi].any())
                 or self._rings[lo:hi].any()):
             return False
