@@ -381,10 +381,12 @@ class VirtioBalloonDevice:
         self._offered = features | (1 << VIRTIO_F_VERSION_1)
         self.features = 0  # negotiated
         self._guest_pages = ram.guest_pages
-        # the balloon bitmap, over an anonymous mapping (zero pages until written, as numpy's
-        # zeros): whether a buffer touches the balloon is one memchr (``mmap.find``), not a
-        # numpy call per buffer of every chain
-        self._inflated_bytes = mmap.mmap(-1, self._guest_pages)
+        # the balloon bitmap, over a private anonymous mapping (the zero page until written, as
+        # numpy's zeros; a shared one, mmap's default, is resident once read): whether a buffer
+        # touches the balloon is one memchr (``mmap.find``), not a numpy call per buffer of
+        # every chain
+        self._inflated_bytes = mmap.mmap(-1, self._guest_pages,
+                                         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._inflated: npt.NDArray[np.bool_] = np.frombuffer(self._inflated_bytes,
                                                               dtype=np.bool_)
         self._to_release: list[RangeArray] = []  # accepted inflate frames, released per doorbell
