@@ -580,7 +580,7 @@ class VirtioBalloonDriver:
         role = BalloonQueue.INFLATEQ
         q = self._queues.get(role)
         if rounds < 2 or q is None or not self._bulk:
-            return 0  # a round alone is no faster in bulk
+            return 0  # a round alone: _fill carries it (in bulk too, _round_in_bulk)
         t = cast(BulkRounds, self.transport)  # _bulk: checked once, at __init__
         refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
         slots = self._slots[role]
