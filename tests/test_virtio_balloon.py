@@ -78,6 +78,9 @@ def test_config_round_trip(a: int, b: int, c: int, d: int, e: int, f: int, ext: 
     data = cfg.encode(extended=ext)
     assert len(data) == (vb.CONFIG_X_BYTES if ext else vb.CONFIG_BYTES)
     assert BalloonConfig.decode(data) == cfg
+    # the device's encode without an object, and decodes remembered or not, agree
+    assert vb.encode_config(a, b, c, d, e if ext else 0, f if ext else 0, extended=ext) == data
+    assert BalloonConfig.decode(data) == BalloonConfig.decode(bytearray(data)) == cfg
 
 
 def test_config_layout_is_little_endian_u32s() -> None:
@@ -92,6 +95,8 @@ def test_config_layout_is_little_endian_u32s() -> None:
 @pytest.mark.parametrize("n", [0, 4, 15, 17, 23, 25, 64])
 def test_config_of_wrong_size_is_a_peer_error(n: int) -> None:
     with pytest.raises(DeviceConfigError):
+        BalloonConfig.decode(bytes(n))
+    with pytest.raises(DeviceConfigError):  # a remembered decode raises every time
         BalloonConfig.decode(bytes(n))
     with pytest.raises(DeviceConfigError):
         vb.decode_u32(bytes(3))

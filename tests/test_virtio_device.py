@@ -693,6 +693,12 @@ def test_rounds_in_bulk_only_where_every_frame_goes_through() -> None:
     assert not dev.can_take_rounds(2)  # the stats queue: never in bulk
     dev.pin([100])
     assert not dev.can_take_rounds(inflateq)  # a pinned frame is refused buffer by buffer
+    dev.pin([100, 101])
+    dev.unpin([100])
+    assert not dev.can_take_rounds(inflateq)  # 101 is still pinned
+    dev.unpin([101])
+    assert dev.can_take_rounds(inflateq)
+    dev.pin([100])
     huge = virtio_pair(65536, host_page_frames=512)
     assert not huge.device.can_take_rounds(deflateq)  # a huge page may have to hold a deflate
     q = drv._queues[drv_role(drv, inflateq)]
@@ -797,3 +803,38 @@ def test_releases_the_host_fails_are_owed_and_paid_at_the_next_doorbell() -> Non
     assert r.device.release_owed_pages == 0 and r.device.counters["release_retried"] == 600
     assert r.ram.resident_pages_of(r.device.balloon_pfns()) == 0
     assert r.check() == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 255), max_size=20), st.integers(0, 300 * PAGE_SIZE),
+       st.integers(0, 40 * PAGE_SIZE))
+def test_the_buffer_guard_finds_exactly_the_buffers_touching_the_balloon(
+        ballooned: list[int], gpa: int, length: int) -> None:
+    # the guard reads the bitmap through its bytearray (one memchr a buffer): it must agree
+    # with the bitmap's frames from the buffer's first to its last byte, inside the guest
+    pages = 256
+    dev = VirtioBalloonDevice(NullRam(pages), GuestRamView(bytearray(PAGE_SIZE), base_gpa=0,
+                                                           guest_bytes=pages * PAGE_SIZE),
+                              features=features_of(vb.VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    dev._inflated[np.asarray(ballooned, dtype=np.int64)] = True
+    dev._inflated_count = int(dev._inflated.sum())
+    lo, hi = gpa // PAGE_SIZE, min(-(-(gpa + length) // PAGE_SIZE), pages)
+    want = length > 0 and bool(dev._inflated[lo:hi].any())
+    assert dev._in_balloon(gpa, length) is want
+    assert dev.counters["buffer_in_balloon"] == int(want)
+
+
+def test_two_held_deflates_of_the_same_frames_give_them_back_once() -> None:
+    # found by hypothesis (test_queues_set_up_again_...): with no host memory, two deflates
+    # naming the same frames were both held; once memory was back each gave them back, and
+    # the device counted them out of the balloon twice
+    g = huge_guest(F_STATS)
+    g.send_pfns(INFL, list(range(2 * HP, 3 * HP)))
+    g.ram.pool = 0  # no host page to back them again
+    for _ in range(2):
+        g.send_pfns(DEFL, list(range(2 * HP, 2 * HP + 4)))
+    assert g.dev.held_deflates == 2
+    g.send_pfns(INFL, list(range(0, HP)))  # a host page released: memory for the retries
+    g.dev.retry_held()
+    assert g.dev.held_deflates == 0
+    assert g.dev.inflated_pages == g.dev.balloon_pfns().size == HP + HP - 4

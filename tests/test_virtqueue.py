@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from memballoon.harness.pair import QueuePair, queue_pair
 from memballoon.harness.state import state_diff, state_of
 from memballoon.model.errors import DescriptorError, GuestAddressError, PeerError, UsageError
+from memballoon.protocol import virtqueue
 from memballoon.protocol.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -211,6 +212,38 @@ def test_random_legal_chains_round_trip_across_wrap(
         assert drv.num_free == size and drv.in_flight == 0
 
 
+long_bufs_st = st.lists(
+    st.tuples(st.integers(0, 0x7FF), st.integers(0, 64), st.booleans()), min_size=1, max_size=24
+).map(lambda bs: sorted(((DATA + a, n, w) for a, n, w in bs), key=lambda b: b[2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.integers(0, 0xFFFF), size=st.sampled_from([32, 64]),
+       rounds=st.lists(st.lists(long_bufs_st, min_size=1, max_size=3), min_size=1, max_size=6))
+def test_long_chains_written_as_one_array_end_as_buffer_by_buffer(
+        start: int, size: int, rounds: list[list[list[tuple[int, int, bool]]]]) -> None:
+    # a chain of _ADD_ARRAY_MIN buffers or more (a free page report) is written in one array
+    # write: both ends and the rings' guest memory end as with a struct write per buffer
+    one, bulk = make_pair(size, start=start), make_pair(size, start=start)
+    for batch in rounds:
+        for q in (one, bulk):
+            saved = virtqueue._ADD_ARRAY_MIN
+            if q is one:
+                virtqueue._ADD_ARRAY_MIN = 1 << 30  # never the array path
+            try:
+                for bufs in batch:
+                    if q.driver.num_free >= len(bufs):
+                        q.driver.add(bufs)
+            finally:
+                virtqueue._ADD_ARRAY_MIN = saved
+            q.driver.publish()
+            while (chain := q.device.pop()) is not None:
+                q.device.push_used(chain.head, chain.writable_bytes)
+            q.driver.collect()
+        assert state_diff(state_of(one), state_of(bulk)) == []
+        assert bulk.check() == []
+
+
 # ---------------------------------------------------------------- hostile rings
 def test_loop_in_chain_is_rejected() -> None:
     q = make_pair(4)
@@ -397,7 +430,7 @@ chain_shapes = st.lists(st.lists(st.booleans(), min_size=1, max_size=3).map(sort
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.integers(0, 0xFFFF), st.sampled_from([4, 8, 16]), chain_shapes, st.integers(1, 200),
+@given(st.integers(0, 0xFFFF), st.sampled_from([4, 8, 16, 128]), chain_shapes, st.integers(1, 200),
        st.integers(0, 3))
 def test_complete_rounds_ends_where_honest_round_trips_end(
         start: int, size: int, shapes: list[list[bool]], rounds: int, warmup: int) -> None:

@@ -46,7 +46,7 @@ survived; a used ring that breaks stops that queue, its frames stay transient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -157,6 +157,8 @@ DEFAULT_FEATURES: Final = features_of(
 )
 
 _EMPTY = np.empty(0, dtype=np.int64)
+#: The status bytes of an inflate buffer whose every frame was taken (the longest array's).
+_ALL_TAKEN: Final = bytes([VIRTIO_BALLOON_X_STATUS_TAKEN]) * X_ARRAY_PFNS_MAX
 
 
 def _align(n: int, a: int) -> int:
@@ -499,6 +501,15 @@ class VirtioBalloonDriver:
             return True
         return False
 
+    def _round_in_bulk(self, role: BalloonQueue, q: DriverQueue) -> bool:
+        """Whether one doorbell's buffers on ``role`` may go through the device in one call
+        (``BulkRounds.take_rounds``): the simulator's bulk path, for a single round too, as
+        cheap per buffer as whole rounds are. It ends where the doorbell, the device's work,
+        its used interrupt and the collect end (a property test holds it to that)."""
+        return (self._bulk and not q.in_flight and not q.broken and role not in self._stalled
+                and not any(r is role for r, _ in self._pending)
+                and cast(BulkRounds, self.transport).can_take_rounds(self._qidx[role]))
+
     def _fill(self, n: int) -> int:
         """Allocate up to ``n`` frames and send them on the inflateq, in up to ``FILL_BATCH``
         arrays of ``array_pfns`` frames and one doorbell; returns frames sent."""
@@ -520,6 +531,22 @@ class VirtioBalloonDriver:
             self.counters.inc(VirtioDriverCounter.ALLOC_FAIL)  # "Out of puff!"
             return 0
         wire = pfns.astype("<u4")
+        if self._round_in_bulk(BalloonQueue.INFLATEQ, q):
+            # this doorbell's buffers, in one call (the device takes every frame)
+            sizes = [int(pfns[i * a : (i + 1) * a].size) for i in range(-(-k // a))]
+            chains = [[(s.gpa, 4 * m, False), *([(s.status_gpa, m, True)] if refuse else [])]
+                      for s, m in zip(slots, sizes, strict=False)]
+            cast(BulkRounds, self.transport).take_rounds(
+                self._qidx[BalloonQueue.INFLATEQ], q, chains,
+                [m if refuse else 0 for m in sizes], 1, pfns)
+            for i, slot in enumerate(slots[: len(sizes)]):
+                self.view.write(slot.gpa, wire[i * a : (i + 1) * a].tobytes())
+            self._balloon.push_back(pfns)
+            if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+                self.mem.adjust_managed(k)
+            self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, len(sizes))
+            self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, k)
+            return k
         for i, slot in enumerate(slots):
             part = pfns[i * a : (i + 1) * a]
             m = int(part.size)
@@ -551,9 +578,10 @@ class VirtioBalloonDriver:
         k = FILL_BATCH * a
         rounds = min(n, self.mem.free_pages - self.mem.watermarks.min) // k
         role = BalloonQueue.INFLATEQ
-        t, q = self.transport, self._queues.get(role)
-        if rounds < 2 or q is None or not self._bulk or not isinstance(t, BulkRounds):
-            return 0  # a round alone is no faster in bulk
+        q = self._queues.get(role)
+        if rounds < 2 or q is None or not self._bulk:
+            return 0  # a round alone: _fill carries it (in bulk too, _round_in_bulk)
+        t = cast(BulkRounds, self.transport)  # _bulk: checked once, at __init__
         refuse = self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE)
         slots = self._slots[role]
         if (q.broken or role in self._stalled or len(self._refused) or self._inflight_inflate
@@ -590,9 +618,10 @@ class VirtioBalloonDriver:
         a = self.array_pfns
         rounds = min(n, len(self._balloon)) // a
         role = BalloonQueue.DEFLATEQ
-        t, q = self.transport, self._queues.get(role)
-        if rounds < 2 or q is None or not self._bulk or not isinstance(t, BulkRounds):
+        q = self._queues.get(role)
+        if rounds < 2 or q is None or not self._bulk:
             return 0
+        t = cast(BulkRounds, self.transport)  # _bulk: checked once, at __init__
         slots = self._slots[role]
         if (q.broken or role in self._stalled or any(s.busy for s in slots) or q.num_free < 1
                 or any(r is role for r, _ in self._pending)
@@ -617,6 +646,15 @@ class VirtioBalloonDriver:
             self.counters.inc(VirtioDriverCounter.DEFLATE_QUEUE_FULL)
             return 0
         pfns = self._balloon.pop_back(n)
+        if self._round_in_bulk(BalloonQueue.DEFLATEQ, q):
+            # this doorbell's buffer, in one call (the device gives every frame back)
+            cast(BulkRounds, self.transport).take_rounds(
+                self._qidx[BalloonQueue.DEFLATEQ], q, [[(slot.gpa, 4 * n, False)]], [0], 1,
+                pfns)
+            self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
+            self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS)
+            self._give_back(pfns)
+            return n
         self.view.write(slot.gpa, pfns.astype("<u4").tobytes())
         head = q.add([(slot.gpa, 4 * n, False)])
         q.publish()
@@ -705,8 +743,9 @@ class VirtioBalloonDriver:
 
     # ------------------------------------------------------------------ used buffers
     def _collect_all(self) -> None:
-        for role in list(self._queues):
-            self._collect(role)
+        for role, q in self._queues.items():  # _collect never adds or drops a queue
+            if q.in_flight and not q.broken:  # else collect() finds nothing: skip the call
+                self._collect(role)
 
     def _collect(self, role: BalloonQueue) -> None:
         q = self._queues.get(role)
@@ -755,9 +794,10 @@ class VirtioBalloonDriver:
         self._inflight_inflate -= k
         taken: npt.NDArray[np.bool_] | None = None  # None: all taken
         if self.has_feature(VIRTIO_BALLOON_X_F_HOST_REFUSE) and p.slot is not None:
-            status = np.frombuffer(self.view.read(p.slot.status_gpa, k), dtype=np.uint8)
-            if length < k or not bool((status == VIRTIO_BALLOON_X_STATUS_TAKEN).all()):
-                taken = self._taken_mask(status, length)
+            raw = self.view.read(p.slot.status_gpa, k)
+            # every frame taken (the usual): one comparison of bytes, no array
+            if length < k or raw != _ALL_TAKEN[:k]:
+                taken = self._taken_mask(np.frombuffer(raw, dtype=np.uint8), length)
         if p.slot is not None:
             p.slot.busy = False
         acc = p.pfns if taken is None else p.pfns[taken]

@@ -68,6 +68,7 @@ the snapshot).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, Self
@@ -106,9 +107,9 @@ from memballoon.protocol.virtio_balloon import (
     VIRTIO_BALLOON_X_STATUS_TAKEN,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
-    BalloonConfig,
     BalloonQueue,
     decode_stats,
+    encode_config,
     features_of,
     has,
     queue_indices,
@@ -146,6 +147,7 @@ MAX_PFN_BUFFER_BYTES = 64 * 1024
 MAX_STATS_BUFFER_BYTES = 4096
 
 _EMPTY = np.empty(0, dtype=np.int64)
+_BALLOONED = b"\x01"  # a frame's byte in the balloon bitmap
 #: Up to this many runs of frames, a bulk inflate checks and marks them a slice each.
 _FEW_RUNS = 64
 
@@ -379,13 +381,21 @@ class VirtioBalloonDevice:
         self._offered = features | (1 << VIRTIO_F_VERSION_1)
         self.features = 0  # negotiated
         self._guest_pages = ram.guest_pages
-        self._inflated = np.zeros(self._guest_pages, dtype=np.bool_)
+        # the balloon bitmap, over a private anonymous mapping (the zero page until written, as
+        # numpy's zeros; a shared one, mmap's default, is resident once read): whether a buffer
+        # touches the balloon is one memchr (``mmap.find``), not a numpy call per buffer of
+        # every chain
+        self._inflated_bytes = mmap.mmap(-1, self._guest_pages,
+                                         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._inflated: npt.NDArray[np.bool_] = np.frombuffer(self._inflated_bytes,
+                                                              dtype=np.bool_)
         self._to_release: list[RangeArray] = []  # accepted inflate frames, released per doorbell
         self._inflated_count = 0
         self._host = HostPages(ram, self.counters)
         # deflate buffers held for want of host memory: (deflateq index, head, frames left)
         self._held: list[tuple[int, int, PfnArray]] = []
         self._pinned = np.zeros(self._guest_pages, dtype=np.bool_)
+        self._pinned_count = 0  # frames pinned: none (the usual) skips every pinned check
         # frames holding a set-up queue's rings: never taken into the balloon
         self._rings = np.zeros(self._guest_pages, dtype=np.bool_)
         #: guest memory the queues made us read or write (descriptors, buffers), cumulative
@@ -494,8 +504,9 @@ class VirtioBalloonDevice:
         called before anything there is read; counts each one found."""
         if not self._inflated_count or length <= 0:
             return False
-        lo, hi = self._frames_of(gpa, length)
-        hit = bool(self._inflated[lo]) if hi - lo == 1 else bool(self._inflated[lo:hi].any())
+        lo = max(gpa, 0) >> PAGE_SHIFT  # _frames_of, inlined: once per buffer of every chain
+        hi = min((gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT, self._guest_pages)
+        hit = lo < hi and self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0
         if hit:
             self.counters.inc(VirtioDeviceCounter.BUFFER_IN_BALLOON)
         return hit
@@ -516,15 +527,9 @@ class VirtioBalloonDevice:
         )
 
     def read_config(self) -> bytes:
-        cfg = BalloonConfig(
-            self._num_pages,
-            self._actual,
-            0,
-            self._poison_val,
-            self._reset_generation,
-            self._reset_ack,
-        )
-        return cfg.encode(extended=has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET))
+        return encode_config(self._num_pages, self._actual, 0, self._poison_val,
+                             self._reset_generation, self._reset_ack,
+                             extended=has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET))
 
     def write_config(self, offset: int, data: bytes) -> None:
         size = CONFIG_X_BYTES if has(self._offered, VIRTIO_BALLOON_X_F_HOST_RESET) else (
@@ -614,16 +619,19 @@ class VirtioBalloonDevice:
     def can_take_rounds(self, queue: int) -> bool:
         """Whether the next rounds of inflate or deflate buffers on ``queue`` will have every
         frame taken or given back (``BulkRounds``): a healthy queue, nothing held or waiting
-        to be released, no frame pinned (a refusal goes buffer by buffer), 4 KiB host pages
-        for a deflate (a huge page the host cannot back again holds its buffer)."""
+        to be released or owed (a doorbell retries failed releases first), no reset pending
+        (its buffers are refused, or name frames given back), no frame pinned (a refusal goes
+        buffer by buffer), 4 KiB host pages for a deflate (a huge page the host cannot back
+        again holds its buffer)."""
         role = self._roles.get(queue)
         if role not in (BalloonQueue.INFLATEQ, BalloonQueue.DEFLATEQ) or queue not in self._queues:
             return False
-        if queue in self.broken_queues or self._held or self._to_release:
+        if (queue in self.broken_queues or self._held or self._to_release or self._host.owing
+                or self.reset_pending):
             return False
         if role is BalloonQueue.DEFLATEQ:
             return self._host.frames == 1
-        return not self.reset_pending and not bool(self._pinned.any())
+        return not self._pinned_count
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
@@ -640,7 +648,7 @@ class VirtioBalloonDevice:
             if int(runs[-1, 1]) > self._guest_pages:
                 raise UsageError("take_rounds: a frame outside the guest")
             spans = runs.tolist()
-            if any(self._inflated[a:b].any() for a, b in spans):
+            if any(self._inflated_bytes.find(_BALLOONED, a, b) >= 0 for a, b in spans):
                 raise UsageError("take_rounds: the driver's balloon and ours disagree")
             for a, b in spans:
                 self._inflated[a:b] = True
@@ -693,7 +701,10 @@ class VirtioBalloonDevice:
             dq = self._queues.get(q)
             if dq is None or q in self.broken_queues:
                 continue  # the queue was set up again or broke: the buffer is gone with it
-            left = self._give(pfns)
+            # a held buffer naming frames an earlier one already gave back (the guest sent
+            # the same frames twice while both waited): those are out of the balloon now
+            live = pfns[self._inflated[pfns]]
+            left = self._give(live) if live.size else live
             if left.size:
                 still.append((q, head, left))
                 continue
@@ -757,9 +768,11 @@ class VirtioBalloonDevice:
         if p.size and (p.min() < 0 or p.max() >= self._guest_pages):
             raise UsageError("pin: PFN outside the guest")
         self._pinned[p] = True
+        self._pinned_count = int(np.count_nonzero(self._pinned))
 
     def unpin(self, pfns: npt.ArrayLike) -> None:
         self._pinned[np.asarray(pfns, dtype=np.int64)] = False
+        self._pinned_count = int(np.count_nonzero(self._pinned))
 
     def request_stats(self) -> bool:
         """Hand the stats buffer back so the driver refills it; False if we do not hold one."""
@@ -860,6 +873,7 @@ class VirtioBalloonDevice:
         dev._inflated[:] = mask_of(snap.inflated, dev._guest_pages)
         dev._inflated_count = int(np.count_nonzero(dev._inflated))
         dev._pinned[:] = mask_of(snap.pinned, dev._guest_pages)
+        dev._pinned_count = int(np.count_nonzero(dev._pinned))
         dev._host.rebuild(dev._inflated)
         deflateq = dev._index_of(BalloonQueue.DEFLATEQ)
         if snap.held_deflates and deflateq is not None:
@@ -982,7 +996,8 @@ class VirtioBalloonDevice:
         if not bool(((pfns[1:] - pfns[:-1]) == 1).all()):
             return False
         lo, hi = int(pfns[0]), int(pfns[-1]) + 1
-        if (hi > self._guest_pages or self._inflated[lo:hi].any() or self._pinned[lo:hi].any()
+        if (hi > self._guest_pages or self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0
+                or (self._pinned_count and self._pinned[lo:hi].any())
                 or self._rings[lo:hi].any()):
             return False
         self._inflated[lo:hi] = True
@@ -1061,18 +1076,18 @@ class VirtioBalloonDevice:
         return None
 
     def _report(self, chain: Chain) -> int:
-        starts: list[int] = []
-        ends: list[int] = []
         if chain.writable_bytes > self._view.guest_bytes:
             raise DescriptorError("reported ranges larger than the guest")
-        for gpa, length in chain.writable:
-            if gpa % PAGE_SIZE or length % PAGE_SIZE or length == 0:
-                raise DescriptorError(f"reported range [{gpa:#x}, +{length:#x}) not page-aligned")
-            starts.append(gpa >> PAGE_SHIFT)
-            ends.append((gpa + length) >> PAGE_SHIFT)
-        if not starts:
+        if not chain.writable:
             return 0
-        released = self._host.release_free(merge_ranges(starts, ends))
+        ext = np.array(chain.writable, dtype=np.int64)  # (gpa, length) rows: < 2**64 each
+        gpa, length = ext[:, 0], ext[:, 1]
+        bad = ((gpa | length) % PAGE_SIZE != 0) | (length == 0)
+        if bool(bad.any()):
+            g, n = chain.writable[int(bad.argmax())]  # the first bad one, as a walk finds it
+            raise DescriptorError(f"reported range [{g:#x}, +{n:#x}) not page-aligned")
+        released = self._host.release_free(
+            merge_ranges(gpa >> PAGE_SHIFT, (gpa + length) >> PAGE_SHIFT))
         self.counters.inc(VirtioDeviceCounter.REPORT_BUFFERS)
         self.counters.inc(VirtioDeviceCounter.REPORTED_PAGES, released)
         self.reported_pages_total += released

@@ -25,6 +25,7 @@ ones sit at 6 and 8, so the top two device bits are the farthest from anything a
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -145,19 +146,41 @@ class BalloonConfig:
     x_reset_ack: int = 0
 
     def encode(self, *, extended: bool = False) -> bytes:
-        base = (self.num_pages, self.actual, self.free_page_hint_cmd_id, self.poison_val)
-        if extended:
-            return _CONFIG_X.pack(*base, self.x_reset_generation, self.x_reset_ack)
-        return _CONFIG.pack(*base)
+        return encode_config(self.num_pages, self.actual, self.free_page_hint_cmd_id,
+                             self.poison_val, self.x_reset_generation, self.x_reset_ack,
+                             extended=extended)
 
     @classmethod
     def decode(cls, data: bytes) -> BalloonConfig:
         """``DeviceConfigError`` unless ``data`` is 16 or 24 bytes."""
+        if cls is BalloonConfig and type(data) is bytes:
+            return _decode_config(data)  # a driver reads the same bytes period after period
+        return cls._decode(data)
+
+    @classmethod
+    def _decode(cls, data: bytes) -> BalloonConfig:
         if len(data) == CONFIG_BYTES:
             return cls(*_CONFIG.unpack(data))
         if len(data) == CONFIG_X_BYTES:
             return cls(*_CONFIG_X.unpack(data))
         raise DeviceConfigError(f"balloon config of {len(data)} bytes (want 16 or 24)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_config(data: bytes) -> BalloonConfig:
+    """``BalloonConfig.decode``, remembered: the config is immutable, and decoding it anew costs
+    more than looking the bytes up (exceptions are not cached: they are raised again)."""
+    return BalloonConfig._decode(data)
+
+
+def encode_config(num_pages: int, actual: int, free_page_hint_cmd_id: int = 0,
+                  poison_val: int = 0, x_reset_generation: int = 0, x_reset_ack: int = 0, *,
+                  extended: bool = False) -> bytes:
+    """A ``BalloonConfig``'s bytes from its fields (a device's read, no object built)."""
+    if extended:
+        return _CONFIG_X.pack(num_pages, actual, free_page_hint_cmd_id, poison_val,
+                              x_reset_generation, x_reset_ack)
+    return _CONFIG.pack(num_pages, actual, free_page_hint_cmd_id, poison_val)
 
 
 def encode_u32(value: int) -> bytes:

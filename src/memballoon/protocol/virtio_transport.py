@@ -19,7 +19,7 @@ queued until ``run_device()``, which lets tests hold buffers in flight.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -126,6 +126,19 @@ class BulkRounds(Protocol):
         ...
 
 
+_TAKES_ROUNDS: dict[type, bool] = {}
+
+
+def _takes_rounds(device: object) -> bool:
+    """``isinstance(device, BulkRounds)``, remembered per class (a runtime Protocol check costs
+    tens of microseconds; the simulator asks at every inflate and deflate)."""
+    kind = type(device)
+    ok = _TAKES_ROUNDS.get(kind)
+    if ok is None:
+        ok = _TAKES_ROUNDS[kind] = isinstance(device, BulkRounds)
+    return ok
+
+
 class DirectTransport:
     """An in-process transport: the device is an object, interrupts are plain calls.
 
@@ -193,7 +206,7 @@ class DirectTransport:
         """Whether ``take_rounds`` may carry the next rounds on ``queue``."""
         dev = self.device
         return (self.bulk and not self.deferred and not self._kicks
-                and isinstance(dev, BulkRounds) and dev.can_take_rounds(queue))
+                and _takes_rounds(dev) and cast(BulkRounds, dev).can_take_rounds(queue))
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
@@ -202,11 +215,13 @@ class DirectTransport:
         back its part of ``frames`` and returns every buffer used, one interrupt; in one call
         (only after ``can_take_rounds``)."""
         dev = self.device
-        assert isinstance(dev, BulkRounds)
-        dev.take_rounds(queue, driver, chains, lengths, rounds, frames)
+        assert _takes_rounds(dev)
+        cast(BulkRounds, dev).take_rounds(queue, driver, chains, lengths, rounds, frames)
         self.notifies += rounds
-        for _ in range(rounds):
-            self.used_buffers(queue)
+        self.used_interrupts += rounds  # one used interrupt a round (used_buffers, inlined)
+        if self._on_used is not None:
+            for _ in range(rounds):
+                self._on_used(queue)
 
     # -------------------------------------------------------------- the device's side
     def config_changed(self) -> None:

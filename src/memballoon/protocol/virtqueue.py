@@ -28,6 +28,8 @@ No I/O, no clock: the caller owns the buffer.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import mmap
 import struct
 import sys
@@ -70,6 +72,10 @@ _U16S = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _U16_DTYPE = np.dtype("<u2")
 _USED_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+
+#: Chains at least this long are written as one array (shorter: a struct write each is cheaper).
+_ADD_ARRAY_MIN: Final = 8
 
 Buffer = bytearray | memoryview | mmap.mmap
 
@@ -171,6 +177,12 @@ class GuestRamView:
         off = self._offset(gpa, count * dt.itemsize)
         return np.frombuffer(self._mem, dtype=dt, count=count, offset=off).copy()
 
+    def array(self, gpa: int, count: int, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+        """``count`` items of ``dtype`` at ``gpa`` as a writable array over the memory itself
+        (no copy: for a bulk path's writes; the peer may change what it reads)."""
+        off = self._offset(gpa, count * dtype.itemsize)
+        return np.frombuffer(self._mem, dtype=dtype, count=count, offset=off)
+
     def write_array(self, gpa: int, arr: npt.NDArray[np.generic]) -> None:
         self.write(gpa, np.ascontiguousarray(arr).tobytes())
 
@@ -270,6 +282,7 @@ class DriverQueue:
         self.size = layout.size
         self.counters = counters
         view.fill(layout.desc_gpa, desc_table_bytes(self.size))
+        self._desc_off = view._offset(layout.desc_gpa, desc_table_bytes(self.size))
         view.fill(layout.avail_gpa, avail_ring_bytes(self.size))
         view.fill(layout.used_gpa, used_ring_bytes(self.size))
         self._free: list[int] = list(range(self.size - 1, -1, -1))  # stack: 0 first
@@ -293,24 +306,44 @@ class DriverQueue:
     def add(self, bufs: list[tuple[int, int, bool]]) -> int:
         """Queue a chain of ``(gpa, len, device_writable)`` buffers; returns its head index."""
         n = len(bufs)
-        if n == 0 or n > len(self._free):
-            raise UsageError(f"add: {n} buffers, {len(self._free)} free descriptors")
+        free = self._free
+        if n == 0 or n > len(free):
+            raise UsageError(f"add: {n} buffers, {len(free)} free descriptors")
         if self.broken:
             raise UsageError("add: the queue is broken")
-        ids = [self._free.pop() for _ in range(n)]
-        mem = bytearray(VIRTQ_DESC_BYTES)
-        wbytes = 0
         seen_w = False
-        for i, (gpa, length, writable) in enumerate(bufs):
-            if seen_w and not writable:
+        wbytes = 0
+        for _, length, w in bufs:
+            if w:
+                seen_w = True
+                wbytes += length
+            elif seen_w:
                 raise UsageError("add: device-readable buffer after a device-writable one")
-            seen_w = seen_w or writable
-            wbytes += length if writable else 0
-            flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
-                VIRTQ_DESC_F_NEXT if i + 1 < n else 0
-            )
-            _DESC.pack_into(mem, 0, gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-            self.view.write(self.layout.desc_gpa + VIRTQ_DESC_BYTES * ids[i], mem)
+        ids = free[-n:]  # popped one by one: the top of the stack first
+        ids.reverse()
+        del free[-n:]
+        if n >= _ADD_ARRAY_MIN:
+            # a long chain (a free page report): the descriptors in one array write
+            rows = np.empty(n, dtype=_DESC_DTYPE)
+            rows["addr"] = [gpa for gpa, _, _ in bufs]
+            rows["len"] = [length for _, length, _ in bufs]
+            rows["flags"] = [VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT if w else VIRTQ_DESC_F_NEXT
+                             for _, _, w in bufs]
+            rows["flags"][-1] ^= VIRTQ_DESC_F_NEXT
+            rows["next"][:-1] = ids[1:]
+            rows["next"][-1] = 0
+            self.view.array(self.layout.desc_gpa, self.size, _DESC_DTYPE)[ids] = rows
+        else:
+            # the table lies in the view (checked at __init__): entries packed straight in
+            mem, table = self.view._mem, self._desc_off
+            last = n - 1
+            for i, (gpa, length, w) in enumerate(bufs):
+                flags = VIRTQ_DESC_F_WRITE if w else 0
+                if i < last:
+                    _DESC.pack_into(mem, table + VIRTQ_DESC_BYTES * ids[i], gpa, length,
+                                    flags | VIRTQ_DESC_F_NEXT, ids[i + 1])
+                else:
+                    _DESC.pack_into(mem, table + VIRTQ_DESC_BYTES * ids[i], gpa, length, flags, 0)
         head = ids[0]
         slot = self._avail_idx % self.size
         self.view.write_u16(self.layout.avail_gpa + 4 + 2 * slot, head)
@@ -374,78 +407,94 @@ def complete_rounds(
     if len(lengths) != len(chains) or sum(map(len, chains)) > len(driver._free):
         raise UsageError("complete_rounds: bad chains")
     size, free = driver.size, driver._free
-    descs: dict[int, tuple[int, int, int, int]] = {}
-    avail: dict[int, int] = {}
-    used: dict[int, tuple[int, int]] = {}
-    aidx, uidx = driver._avail_idx, device.used_idx
-    # Every round takes the same descriptors (the top of the free list, which it leaves
-    # permuted) and writes the next len(chains) ring slots: only the last rounds that cover
-    # each slot once leave a mark in guest memory. The rounds before them move the indices
-    # and permute the free list's top, as a power of one round's permutation.
     c, m = len(chains), sum(map(len, chains))
-    tail = rounds if c == 0 else min(rounds, -(-size // c) + 1)
-    skip = rounds - tail
-    if skip and m:
-        top = free[len(free) - m:]
-        free[len(free) - m:] = [top[i] for i in _power(_round_perm(chains, m), skip)]
-        aidx = (aidx + skip * c) & _U16
-        uidx = (uidx + skip * c) & _U16
-    for r in range(tail):
-        taken: list[list[int]] = []
-        for bufs in chains:
-            ids = [free.pop() for _ in bufs]
-            taken.append(ids)
-            avail[aidx % size] = ids[0]
-            aidx = (aidx + 1) & _U16
-            if r + 1 < tail:
-                continue  # every round takes the same descriptors: the last one's stay
-            n = len(ids)
-            for i, (gpa, length, writable) in enumerate(bufs):
-                flags = (VIRTQ_DESC_F_WRITE if writable else 0) | (
-                    VIRTQ_DESC_F_NEXT if i + 1 < n else 0)
-                descs[ids[i]] = (gpa, length, flags, ids[i + 1] if i + 1 < n else 0)
-        for ids, length in zip(taken, lengths, strict=True):
-            used[uidx % size] = (ids[0], length & 0xFFFF_FFFF)
-            uidx = (uidx + 1) & _U16
-        for ids in taken:  # collected in used order, each chain's descriptors freed
-            free.extend(reversed(ids))
+    aidx = driver._avail_idx
     view, lay = driver.view, driver.layout
-    for idx, desc in descs.items():
-        view.write(lay.desc_gpa + VIRTQ_DESC_BYTES * idx, _DESC.pack(*desc))
-    if len(avail) == size:  # every slot: the rings in one write each
-        view.write(lay.avail_gpa + 4, struct.pack(f"<{size}H", *(avail[i] for i in range(size))))
-        view.write(lay.used_gpa + 4, struct.pack(
-            f"<{2 * size}I", *(v for i in range(size) for v in used[i])))
-    else:
-        for slot, head in avail.items():
-            view.write_u16(lay.avail_gpa + 4 + 2 * slot, head)
-        for slot, (head, length) in used.items():
-            view.write(lay.used_gpa + 4 + 8 * slot, _USED_ELEM.pack(head, length))
+    if rounds > 0 and m:
+        # Every round pops the same m descriptors (the top of the free list) chain by chain
+        # and frees them in used order: the top comes out permuted, the same way each round
+        # (``perm``: afterwards entry j holds what entry perm[j] held). Round r's descriptors
+        # are the top permuted r times; of its ring writes only the last ``size`` (a ring's
+        # worth, the last ``tail`` rounds) leave a mark, and of its descriptor writes only
+        # the last round's (each round writes the same m entries).
+        shape = _round_shape(tuple(map(tuple, chains)))
+        tail = min(rounds, -(-size // c))
+        rs = np.arange(rounds - tail, rounds + 1)[:, None]  # the tail rounds, then the end
+        tops = np.array(free[len(free) - m:], dtype=np.int64)[
+            shape.cyc[shape.start + (shape.pos + rs) % shape.clen]]
+        free[len(free) - m:] = tops[-1].tolist()
+        k = min(tail * c, size)
+        heads = tops[:-1, shape.head_cols].ravel()[-k:]  # the last k ring writes
+        writes = rounds * c - k + np.arange(k)  # their numbers among all rounds' writes
+        slots = (aidx + writes) % size
+        view.array(lay.avail_gpa + 4, size, _U16_DTYPE)[slots] = heads
+        used = view.array(lay.used_gpa + 4, size, _USED_DTYPE)
+        used["id"][slots] = heads
+        used["len"][slots] = np.array([n & 0xFFFF_FFFF for n in lengths], np.int64)[writes % c]
+        ids = tops[-2, ::-1]  # the last round's descriptors, in buffer order
+        rows = shape.rows.copy()
+        rows["next"][:-1] = ids[1:]
+        rows["next"][shape.last] = 0
+        view.array(lay.desc_gpa, size, _DESC_DTYPE)[ids] = rows
+    aidx = (aidx + rounds * c) & _U16 if rounds > 0 else aidx
     view.write_u16(lay.avail_gpa + 2, aidx)
-    view.write_u16(lay.used_gpa + 2, uidx)
+    view.write_u16(lay.used_gpa + 2, aidx)
     driver._avail_idx = driver._last_used = device.last_avail = device.used_idx = aidx
-    device.descriptors_read += rounds * sum(map(len, chains))
+    device.descriptors_read += max(rounds, 0) * m
 
 
-def _round_perm(chains: Sequence[Sequence[tuple[int, int, bool]]], m: int) -> list[int]:
-    """One round's effect on the top ``m`` entries of the free list: after it, entry ``j``
-    holds what entry ``perm[j]`` held (popped chain by chain, freed in used order)."""
-    stack = list(range(m))
-    taken = [[stack.pop() for _ in bufs] for bufs in chains]
-    for ids in taken:
-        stack.extend(reversed(ids))
-    return stack
+@dataclass(frozen=True, slots=True)
+class _RoundShape:
+    """What ``complete_rounds`` derives from the chains alone (the same every inflate)."""
+
+    cyc: npt.NDArray[np.int64]  # the round permutation's cycles (``_cycles``)
+    start: npt.NDArray[np.int64]
+    pos: npt.NDArray[np.int64]
+    clen: npt.NDArray[np.int64]
+    head_cols: list[int]  # where each chain's head sits in the free list's top
+    rows: npt.NDArray[Any]  # the descriptors, ``next`` left 0
+    last: npt.NDArray[np.bool_]  # the last buffer of each chain
 
 
-def _power(perm: list[int], k: int) -> list[int]:
-    """``perm`` applied ``k`` times (``out[j] = perm[perm[...perm[j]]]``)."""
-    out, base = list(range(len(perm))), perm
-    while k:
-        if k & 1:
-            out = [out[i] for i in base]
-        base = [base[i] for i in base]
-        k >>= 1
-    return out
+@functools.lru_cache(maxsize=64)
+def _round_shape(chains: tuple[tuple[tuple[int, int, bool], ...], ...]) -> _RoundShape:
+    sizes = [len(bufs) for bufs in chains]
+    m = sum(sizes)
+    firsts = list(itertools.accumulate(sizes, initial=0))[:-1]  # chain j's first buffer
+    # pops run from the top (index m - 1) down; each chain is freed in reverse
+    perm = [m - 1 - i for a, n in zip(firsts, sizes, strict=True)
+            for i in range(a + n - 1, a - 1, -1)]
+    last = np.zeros(m, dtype=np.bool_)
+    last[[a + n - 1 for a, n in zip(firsts, sizes, strict=True)]] = True
+    bufs = [buf for chain in chains for buf in chain]
+    rows = np.array([(gpa, n, (VIRTQ_DESC_F_WRITE if w else 0)
+                      | (0 if end else VIRTQ_DESC_F_NEXT), 0)
+                     for (gpa, n, w), end in zip(bufs, last.tolist(), strict=True)],
+                    dtype=_DESC_DTYPE)
+    return _RoundShape(*_cycles(perm), head_cols=[m - 1 - a for a in firsts], rows=rows,
+                       last=last)
+
+
+def _cycles(perm: list[int]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64],
+                                     npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``perm``'s cycles, so that ``perm`` applied r times maps j to
+    ``cyc[start[j] + (pos[j] + r) % clen[j]]``: ``cyc`` lists each cycle (j, perm[j], ...)."""
+    m = len(perm)
+    cyc: list[int] = []
+    start, pos, clen = [0] * m, [0] * m, [0] * m
+    seen = [False] * m
+    for j in range(m):
+        members = []
+        i = j
+        while not seen[i]:
+            seen[i] = True
+            members.append(i)
+            i = perm[i]
+        for p, i in enumerate(members):
+            start[i], pos[i], clen[i] = len(cyc), p, len(members)
+        cyc.extend(members)
+    return (np.array(cyc, dtype=np.int64), np.array(start, dtype=np.int64),
+            np.array(pos, dtype=np.int64), np.array(clen, dtype=np.int64))
 
 
 @dataclass(slots=True)
@@ -554,6 +603,15 @@ class DeviceQueue:
         return chain
 
     def _walk(self, chain: Chain, table: int, count: int, first: int, *, top: bool) -> None:
+        # The table lies in the view (the layout was checked, an indirect table read), so its
+        # entries are unpacked straight from the buffer. A buffer must lie inside the guest,
+        # pass the guard before anything in it is read, and go the queue's way, readable ones
+        # first (this loop runs once per descriptor of every chain: no call per buffer).
+        view = self.view
+        mem, base = view._mem, view._offset(table, VIRTQ_DESC_BYTES * count)
+        guest, guard = view.guest_bytes, self.guard
+        readable, writable = chain.readable, chain.writable
+        unpack = _DESC.unpack_from
         idx = first
         steps = 0
         while True:
@@ -562,12 +620,28 @@ class DeviceQueue:
             steps += 1
             if steps > count:
                 raise DescriptorError(f"chain from {first} loops or exceeds {count} entries")
-            addr, length, flags, nxt = self.view.unpack(_DESC, table + VIRTQ_DESC_BYTES * idx)
+            addr, length, flags, nxt = unpack(mem, base + VIRTQ_DESC_BYTES * idx)
             self.descriptors_read += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self._indirect(chain, addr, length, flags, top=top)
             else:
-                self._buffer(chain, addr, length, flags)
+                if addr + length > guest:
+                    view.check_guest(addr, length)  # raises
+                if guard is not None and guard(addr, length):
+                    raise DescriptorError(
+                        f"buffer [{addr:#x}, +{length:#x}) refused by the device")
+                if flags & VIRTQ_DESC_F_WRITE:
+                    if not self.writable:
+                        raise DescriptorError(
+                            "device-writable buffer on a device-read-only queue")
+                    writable.append((addr, length))
+                else:
+                    if not self.readable:
+                        raise DescriptorError(
+                            "device-readable buffer on a device-write-only queue")
+                    if writable:
+                        raise DescriptorError("device-readable buffer after a device-writable one")
+                    readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return
             idx = nxt
@@ -588,21 +662,6 @@ class DeviceQueue:
             raise DescriptorError(f"indirect table [{addr:#x}, +{length:#x}) refused by the device")
         self.view.read(addr, length)  # mapped?
         self._walk(chain, addr, length // VIRTQ_DESC_BYTES, 0, top=False)
-
-    def _buffer(self, chain: Chain, addr: int, length: int, flags: int) -> None:
-        self.view.check_guest(addr, length)
-        if self.guard is not None and self.guard(addr, length):
-            raise DescriptorError(f"buffer [{addr:#x}, +{length:#x}) refused by the device")
-        if flags & VIRTQ_DESC_F_WRITE:
-            if not self.writable:
-                raise DescriptorError("device-writable buffer on a device-read-only queue")
-            chain.writable.append((addr, length))
-        else:
-            if not self.readable:
-                raise DescriptorError("device-readable buffer on a device-write-only queue")
-            if chain.writable:
-                raise DescriptorError("device-readable buffer after a device-writable one")
-            chain.readable.append((addr, length))
 
     def push_used(self, head: int, length: int) -> None:
         """Return chain ``head`` with ``length`` bytes written (2.7.8: entry, then idx)."""
