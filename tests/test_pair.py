@@ -113,6 +113,38 @@ def test_idle_periods_of_a_quiet_pair_end_where_ticking_ends(
         assert skipped > 0  # an idle guest at its target does sleep
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(PROTOCOLS),
+    st.sampled_from([None, 0.2, 0.3, 1.0]),
+    st.integers(0, 15),
+    st.lists(st.tuples(st.integers(0, 60), st.floats(-0.5, 0.5)), min_size=1, max_size=4),
+)
+def test_idle_until_ends_where_a_quiet_pair_ticked_every_period_ends(
+        protocol: str, period_s: float | None, target: int,
+        stretches: list[tuple[int, float]]) -> None:
+    # the simulator's catch-up in one call: the same clock (float additions), driver clocks
+    # and statistics, device counters and last step as a quiet pair ticked every period
+    one = make_pair(protocol, SMALL, Idle(anon_mib=4, file_mib=2), period_s=period_s)
+    bulk = make_pair(protocol, SMALL, Idle(anon_mib=4, file_mib=2), period_s=period_s)
+    for p in (one, bulk):
+        p.set_target(target * 100)
+        p.run_until(lambda q: q.quiet(), 40, check=False)
+    assert one.quiet() and bulk.quiet()
+    for periods, slack in stretches:
+        # a limit between two ticks, or on one (the backend's epsilon)
+        limit = bulk.now + (periods + slack) * bulk.period_s
+        n = 0
+        while one.now + one.period_s <= limit:
+            assert one.quiet()
+            one.tick(check=False)
+            n += 1
+        assert bulk.idle_until(limit) == n
+        assert state_diff(state_of(one), state_of(bulk)) == []
+    assert bulk.idle_until(bulk.now) == 0
+    assert check_pair(bulk) == []
+
+
 def test_a_pair_is_not_quiet_with_work_to_do_or_a_tapped_link() -> None:
     pair = vmw_pair(SMALL, Idle(anon_mib=4, file_mib=2))
     pair.run_until(lambda p: False, 3, check=False)
@@ -132,6 +164,9 @@ def test_a_pair_is_not_quiet_with_work_to_do_or_a_tapped_link() -> None:
     assert not bare.quiet()
     with pytest.raises(UsageError):
         bare.idle_period()
+    with pytest.raises(UsageError):
+        bare.idle_until(bare.now + 10 * bare.period_s)
+    assert bare.idle_until(bare.now) == 0  # no period to skip: nothing asked of the link
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -164,16 +164,38 @@ class Pair:
         """One period of a quiet pair without running it: exactly what ``tick`` (unchecked)
         would do then, the idle step's report and the protocol's bookkeeping. Only while
         ``quiet()`` holds and nothing changed since (a target, the demand)."""
-        self.now += self.period_s
-        self.last_step = StepReport(self.now, self.period_s, 0.0, 0, 0, 0, False, 0, True)
-        self._link_idle()
-        self.cycles += 1
+        self.idle_until(self.now + self.period_s)
+
+    def idle_until(self, limit: float) -> int:
+        """``idle_period`` for every period whose tick falls at or before ``limit``, in one
+        call (the simulator's catch-up of a guest that slept); returns how many. The clock
+        moves by the same additions, and the driver sees each period's time, so the pair ends
+        exactly where as many ``idle_period`` calls end; only the per-period overhead goes."""
+        p = self.period_s
+        now = self.now
+        if now + p > limit:
+            return 0
+        work = self._link_idle_work()
+        n = 0
+        while now + p <= limit:
+            now += p
+            work(now)
+            n += 1
+        self.now = now
+        self.last_step = StepReport(now, p, 0.0, 0, 0, 0, False, 0, True)
+        self._link_idle_periods(n)
+        self.cycles += n
+        return n
 
     def _link_quiet(self) -> bool:
         return False
 
-    def _link_idle(self) -> None:
+    def _link_idle_work(self) -> Callable[[float], None]:
+        """What the driver does in each idle period, given that period's time."""
         raise UsageError(f"{type(self).__name__} cannot skip a period")
+
+    def _link_idle_periods(self, n: int) -> None:
+        """The protocol's bookkeeping of ``n`` idle periods beyond the driver's (counters)."""
 
 
 def check_pair(pair: Pair) -> list[str]:
@@ -308,9 +330,11 @@ class VmwPair(Pair):
         return (self.driver.quiet() and dev.plain and dev.guest_limit == limit
                 and min(dev.target_pages, limit) == self.driver.size and not self.port.tapped)
 
-    def _link_idle(self) -> None:
-        self.driver.idle_work(self.now)
-        self.device.counters.inc(VmwDeviceCounter.CMD_GET_TARGET)
+    def _link_idle_work(self) -> Callable[[float], None]:
+        return self.driver.idle_work
+
+    def _link_idle_periods(self, n: int) -> None:
+        self.device.counters.inc(VmwDeviceCounter.CMD_GET_TARGET, n)  # one per period
 
     def restart_device(self) -> None:
         old = self.device
@@ -386,8 +410,8 @@ class VirtioPair(Pair):
         return (self.driver.quiet() and not dev.reset_pending and dev.held_deflates == 0
                 and not t.deferred and not t.pending_kicks)
 
-    def _link_idle(self) -> None:
-        self.driver.idle_work(self.now)
+    def _link_idle_work(self) -> Callable[[float], None]:
+        return self.driver.idle_work
 
     def link_invariants(self) -> list[str]:
         errs: list[str] = []

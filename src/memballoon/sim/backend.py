@@ -19,7 +19,8 @@ driver's work also runs at once, at the moment of the target (when the next ``ad
 begins, so that a manager step's cost is the manager's alone), as the local guest process runs
 it on a config interrupt or a ``WAKE``; the legacy VMware driver polls at its next period.
 Waking, it first accounts the periods it slept
-through (``Pair.idle_period``: the timer and GET_TARGET counts a ticking guest would have made),
+through in one call (``Pair.idle_until``: the timer and GET_TARGET counts a ticking guest
+would have made, as many ``Pair.idle_period`` calls would),
 so a sleeping guest ends in exactly the state of one ticked every period (a property test holds
 it to that) and costs nothing in between. ``sleep=False`` ticks every guest every period.
 
@@ -175,11 +176,7 @@ class SimBackend:
 
     def _catch_up(self, g: _SimGuest, until: float) -> None:
         """Account the periods ``g`` slept through whose ticks fall at or before ``until``."""
-        p = g.pair
-        n = 0
-        while p.now + p.period_s <= until + TIME_EPS:
-            p.idle_period()
-            n += 1
+        n = g.pair.idle_until(until + TIME_EPS)
         if n:
             self.counters.inc(SimCounter.IDLE_PERIODS, n)
 
