@@ -49,6 +49,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from memballoon.guest.report import guest_report
 from memballoon.guest.workload import next_change
 from memballoon.harness.pair import Pair, check_pair
@@ -95,7 +98,8 @@ class _SimGuest:
     version: int = 0  # bumps when ``due`` changes: older heap entries are stale
     alive: bool = True
     resident: int = 0  # host bytes behind the guest, as of its last tick
-    sample: GuestSample | None = field(default=None, repr=False)  # cached until it changes
+    # cached until it changes (then the guest is on the backend's list of stale samples)
+    sample: GuestSample | None = field(default=None, repr=False)
     signalled: bool = False  # a signalled target waits for its driver's work
 
 
@@ -145,6 +149,14 @@ class SimBackend:
         self._next_report = now + report_every_s
         self._signalled: list[_SimGuest] = []
         self._resident = 0
+        # ``guests()``: the samples as of its last call, in the guests' order, and the guests
+        # whose sample changed since (rebuilt at the next call); each sample's balloon and
+        # resident bytes in arrays by guest, for a runner's per-step sums over the fleet
+        self._samples: dict[str, GuestSample] = {}
+        self._stale: list[_SimGuest] = list(self._guests)
+        self._returned: Mapping[str, GuestSample] | None = None
+        self._balloon_arr: npt.NDArray[np.int64] = np.zeros(len(self._guests), dtype=np.int64)
+        self._resident_arr: npt.NDArray[np.int64] = np.zeros(len(self._guests), dtype=np.int64)
         for g in self._guests:
             p = g.pair
             p.now = max(p.now, now)
@@ -188,7 +200,7 @@ class SimBackend:
         resident = p.ram.resident_bytes()
         self._resident += resident - g.resident
         g.resident = resident
-        g.sample = None
+        self._stale_sample(g)
         self._schedule(g, self._next_tick(g))
 
     def _next_tick(self, g: _SimGuest) -> float:
@@ -231,7 +243,7 @@ class SimBackend:
             resident = p.ram.resident_bytes()
             self._resident += resident - g.resident
             g.resident = resident
-            g.sample = None
+            self._stale_sample(g)
             if g.due > p.now + p.period_s + TIME_EPS:
                 self._schedule(g, p.now + p.period_s)
         self._signalled.clear()
@@ -292,7 +304,9 @@ class SimBackend:
         g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
                                 active_sampled=sampled, active_touched=touched)
         g.report_time = stamp
-        g.sample = None
+        if g.sample is not None:
+            g.sample = None
+            self._stale.append(g)
         self.counters.inc(SimCounter.REPORTS)
         if self.on_report is not None:
             self.on_report(g.name, g.report)
@@ -327,25 +341,44 @@ class SimBackend:
         g.alive = False
         self._resident -= g.resident
         g.resident = 0
-        g.sample = None
+        self._stale_sample(g)
         self._schedule(g, math.inf)
 
     # ------------------------------------------------------------------ the Backend port
+    def _stale_sample(self, g: _SimGuest) -> None:
+        """``g`` changed: its sample is rebuilt at the next ``guests()``."""
+        if g.sample is not None:
+            g.sample = None
+            self._stale.append(g)
+
     def guests(self) -> dict[str, GuestSample]:
-        out = {}
-        for g in self._guests:
-            s = g.sample
-            if s is None:
-                p, rep = g.pair, g.report
-                # positional, in the order of the fields (a fleet rebuilds them all per report)
-                s = g.sample = GuestSample(
-                    g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
-                    p.device.target_pages, g.settings, rep, g.report_time, g.alive, g.resident,
-                    rep.active_sampled if rep is not None else 0,  # active_sampled
-                    rep.active_touched if rep is not None else 0,  # active_touched
-                )
+        # only the samples of guests that changed are built again: the rest stand
+        out, balloons, residents = self._samples, self._balloon_arr, self._resident_arr
+        for g in self._stale:
+            p, rep = g.pair, g.report
+            # positional, in the order of the fields (a fleet rebuilds them all per report)
+            s = g.sample = GuestSample(
+                g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
+                p.device.target_pages, g.settings, rep, g.report_time, g.alive, g.resident,
+                rep.active_sampled if rep is not None else 0,  # active_sampled
+                rep.active_touched if rep is not None else 0,  # active_touched
+            )
             out[g.name] = s
-        return out
+            balloons[g.index] = s.balloon_pages
+            residents[g.index] = g.resident
+        self._stale.clear()
+        snap = self._returned = dict(out)  # the caller's own
+        return snap
+
+    def sample_figures(
+        self, samples: Mapping[str, GuestSample],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+        """The balloon pages (0 for the dead) and resident bytes of ``samples``, by guest in
+        the backend's order, when ``samples`` is what ``guests()`` returned last (a runner's
+        per-step sums without a walk over the fleet); else None. Read-only views."""
+        if samples is not self._returned:
+            return None
+        return self._balloon_arr, self._resident_arr
 
     def set_target(self, guest: str, balloon_pages: int) -> bool:
         g = self._by_name.get(guest)
@@ -354,7 +387,7 @@ class SimBackend:
             return False
         self._wake(g)
         g.pair.set_target(balloon_pages)
-        g.sample = None
+        self._stale_sample(g)
         if g.pair.signalled and not g.signalled:
             g.signalled = True
             self._signalled.append(g)
