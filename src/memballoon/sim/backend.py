@@ -194,7 +194,8 @@ class SimBackend:
 
     def _tick(self, g: _SimGuest) -> None:
         p = g.pair
-        self._catch_up(g, g.due - p.period_s)
+        if p.now + p.period_s <= g.due - p.period_s + TIME_EPS:  # it slept (``_catch_up``)
+            self._catch_up(g, g.due - p.period_s)
         p.tick(check=self.check)
         self.counters.inc(SimCounter.TICKS)
         resident = p.ram.resident_bytes()
@@ -284,32 +285,36 @@ class SimBackend:
 
     # ------------------------------------------------------------------ reports
     def _report_round(self, t: float) -> None:
+        """Every live guest pushes its report of time ``t`` (one loop over the fleet: a
+        round's cost is its reports')."""
         stamp = max(self.clock.now(), t)
+        rng = self.rng if self.active_samples > 0 else None
+        sampled = self.active_samples if rng is not None else 0
+        sink, stale = self.on_report, self._stale
+        n = 0
         for g in self._guests:
-            if g.alive:
-                self._report(g, t, stamp)
-
-    def _report(self, g: _SimGuest, t: float, stamp: float) -> None:
-        p, mem = g.pair, g.pair.mem
-        prev = g.report
-        if prev is not None and t > prev.time_s:
-            d_us = max(0, mem.events.stall_us - prev.stall_us)
-            stall_pct = 100.0 * d_us / ((t - prev.time_s) * 1e6)
-        else:
-            stall_pct = p.last_step.stall_pct if p.last_step is not None else 0.0
-        sampled = touched = 0
-        if self.rng is not None and self.active_samples > 0:
-            sampled = self.active_samples
-            touched = mem.sample_active(self.rng, sampled)
-        g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
-                                active_sampled=sampled, active_touched=touched)
-        g.report_time = stamp
-        if g.sample is not None:
-            g.sample = None
-            self._stale.append(g)
-        self.counters.inc(SimCounter.REPORTS)
-        if self.on_report is not None:
-            self.on_report(g.name, g.report)
+            if not g.alive:
+                continue
+            p = g.pair
+            mem = p.mem
+            prev = g.report
+            if prev is not None and t > prev.time_s:
+                d_us = max(0, mem.events.stall_us - prev.stall_us)
+                stall_pct = 100.0 * d_us / ((t - prev.time_s) * 1e6)
+            else:
+                stall_pct = p.last_step.stall_pct if p.last_step is not None else 0.0
+            touched = mem.sample_active(rng, sampled) if rng is not None else 0
+            r = g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
+                                        active_sampled=sampled, active_touched=touched)
+            g.report_time = stamp
+            if g.sample is not None:
+                g.sample = None
+                stale.append(g)
+            n += 1
+            if sink is not None:
+                sink(g.name, r)
+        if n:
+            self.counters.inc(SimCounter.REPORTS, n)
 
     # ------------------------------------------------------------------ the host
     def usage_bytes(self) -> int:
