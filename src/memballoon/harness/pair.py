@@ -110,10 +110,19 @@ class Pair:
             )
 
     def tick(self, *, check: bool = True) -> None:
-        """One period: the workload runs for ``period_s``, then the driver's work function."""
-        self.now += self.period_s
-        self.last_step = self.mem.step(self.now, self.period_s, self.workload.demand(self.now))
-        self.driver.work(self.now)
+        """One period: the workload runs for ``period_s``, then the driver's work function.
+
+        When the protocol has nothing to do (``_link_quiet``, asked after the workload ran:
+        the balloon at its target, nothing in flight or to report) the driver's work is what
+        it does in an idle period, and that is what runs (``_link_idle_work``): a busy guest
+        at its target costs its workload, not a round trip to the device per period."""
+        now = self.now = self.now + self.period_s
+        self.last_step = self.mem.step(now, self.period_s, self.workload.demand(now))
+        if self._link_quiet():
+            self._link_idle_work()(now)
+            self._link_idle_periods(1)
+        else:
+            self.driver.work(now)
         self.cycles += 1
         if check:
             self.violations.extend(f"t={self.now:g}: {v}" for v in check_pair(self))
