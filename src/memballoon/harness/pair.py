@@ -4,12 +4,13 @@ Like h11's ``ConnectionPair``: both ends of a protocol in one process, no I/O, n
 A ``Pair`` holds a guest (``GuestMemory`` over a ``NullRam``), its workload, the guest's balloon
 driver and the host's balloon device, and the link between them: the VMware backdoor as a
 function call (``BackdoorTap``), virtio through ``DirectTransport``. ``tick()`` advances the
-virtual clock by one period: the workload runs, then the driver's work function; ``work()``
-runs the driver alone, for tests that drive the guest's memory themselves; ``restart_device()``
-restarts the host's side through a JSON snapshot, under the driver's feet. ``make_pair`` builds
-a pair by protocol name (benchmarks, simulator); ``vmw_pair`` and ``virtio_pair`` build one
-with every knob of its protocol (driver and device tests). ``check_pair`` states the
-invariants the tests, the benchmark and the simulator hold a pair to:
+virtual clock by one period: the workload runs, then the driver's work function (its idle
+work when the protocol has nothing to do: the same state, a property test holds it to that);
+``work()`` runs the driver alone, for tests that drive the guest's memory themselves;
+``restart_device()`` restarts the host's side through a JSON snapshot, under the driver's feet.
+``make_pair`` builds a pair by protocol name (benchmarks, simulator); ``vmw_pair`` and
+``virtio_pair`` build one with every knob of its protocol (driver and device tests).
+``check_pair`` states the invariants the tests, the benchmark and the simulator hold a pair to:
 
 1. the guest's frames partition exactly into states (``GuestMemory.check_invariants``);
 2. the device's balloon equals the driver's balloon (nothing stays in flight between periods
