@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memballoon.guest.vmw_driver import VmwBalloonDriver
 from memballoon.guest.workload import Bursty, Idle, Ramp, Steady, Toucher
 from memballoon.harness.pair import (
     PROTOCOLS,
@@ -20,6 +21,7 @@ from memballoon.harness.pair import (
     vmw_pair,
 )
 from memballoon.harness.state import state_diff, state_of
+from memballoon.host.vmw_device import VmwDeviceCounter
 from memballoon.model.errors import UsageError
 from memballoon.model.units import HPAGE_PMD_NR, PageState, mib_to_pages
 from memballoon.protocol.virtio_balloon import VIRTIO_F_VERSION_1, features_of
@@ -113,6 +115,105 @@ def test_idle_periods_of_a_quiet_pair_end_where_ticking_ends(
         assert skipped > 0  # an idle guest at its target does sleep
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(PROTOCOLS),
+    st.sampled_from([None, 0.2, 0.3, 1.0]),
+    st.integers(0, 15),
+    st.lists(st.tuples(st.integers(0, 60), st.floats(-0.5, 0.5)), min_size=1, max_size=4),
+)
+def test_idle_until_ends_where_a_quiet_pair_ticked_every_period_ends(
+        protocol: str, period_s: float | None, target: int,
+        stretches: list[tuple[int, float]]) -> None:
+    # the simulator's catch-up in one call: the same clock (float additions), driver clocks
+    # and statistics, device counters and last step as a quiet pair ticked every period
+    one = make_pair(protocol, SMALL, Idle(anon_mib=4, file_mib=2), period_s=period_s)
+    bulk = make_pair(protocol, SMALL, Idle(anon_mib=4, file_mib=2), period_s=period_s)
+    for p in (one, bulk):
+        p.set_target(target * 100)
+        p.run_until(lambda q: q.quiet(), 40, check=False)
+    assert one.quiet() and bulk.quiet()
+    for periods, slack in stretches:
+        # a limit between two ticks, or on one (the backend's epsilon)
+        limit = bulk.now + (periods + slack) * bulk.period_s
+        n = 0
+        while one.now + one.period_s <= limit:
+            assert one.quiet()
+            one.tick(check=False)
+            n += 1
+        assert bulk.idle_until(limit) == n
+        assert state_diff(state_of(one), state_of(bulk)) == []
+    assert bulk.idle_until(bulk.now) == 0
+    assert check_pair(bulk) == []
+
+
+def _tick_with_work(p: Pair) -> None:
+    """``Pair.tick`` as it was before quiet periods skipped the driver: its work every time."""
+    p.now += p.period_s
+    p.last_step = p.mem.step(p.now, p.period_s, p.workload.demand(p.now))
+    p.driver.work(p.now)
+    p.cycles += 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(PROTOCOLS),
+    workloads,
+    st.lists(st.tuples(st.integers(1, 12), st.integers(0, mib_to_pages(G) - 1),
+                       st.sampled_from(["", "busy", "restart"])), max_size=6),
+    st.sampled_from([0, mib_to_pages(16)]),
+    st.sampled_from([1, HPAGE_PMD_NR]),
+)
+def test_a_tick_that_skips_the_drivers_idle_work_ends_where_working_ends(
+        protocol: str, workload: Steady, steps: list[tuple[int, int, str]], swap: int,
+        host_page_frames: int) -> None:
+    # a busy guest whose protocol has nothing to do: the idle work instead of the driver's
+    # full work ends in exactly the same pages, lists, counters and statistics
+    fast = make_pair(protocol, SMALL, workload, swap_pages=swap,
+                     host_page_frames=host_page_frames)
+    slow = make_pair(protocol, SMALL, workload, swap_pages=swap,
+                     host_page_frames=host_page_frames)
+    for periods, target, event in [*steps, (30, 0, "")]:
+        for p in (fast, slow):
+            p.set_target(target)
+            if event == "busy" and isinstance(p, VmwPair):
+                p.device.busy_next(3)
+            elif event == "restart":
+                p.restart_device()
+        for _ in range(periods):
+            fast.tick(check=False)
+            _tick_with_work(slow)
+        assert state_diff(state_of(slow), state_of(fast)) == []
+    assert check_pair(fast) == []
+
+
+def test_a_busy_guest_at_its_target_skips_the_drivers_round_trip(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = vmw_pair(SMALL, Steady(anon_mib=20, file_mib=30, cold_access_per_s=0.2))
+    pair.set_target(1000)
+    pair.run_until(lambda p: p.driver.balloon_pages == 1000, 10)
+    works: list[float] = []
+    real = VmwBalloonDriver.work
+
+    def work(self: VmwBalloonDriver, now: float) -> None:
+        works.append(now)
+        real(self, now)
+
+    monkeypatch.setattr(VmwBalloonDriver, "work", work)
+    gets = pair.device.counters[VmwDeviceCounter.CMD_GET_TARGET]
+    timer = pair.driver.seed_stats.timer
+    for _ in range(5):
+        pair.tick()
+        assert pair.last_step is not None and not pair.last_step.idle  # the workload ran
+    assert works == []  # the driver's work would have found nothing to do
+    assert pair.device.counters[VmwDeviceCounter.CMD_GET_TARGET] == gets + 5
+    assert pair.driver.seed_stats.timer == timer + 5
+    pair.set_target(2000)
+    pair.tick()
+    assert works == [pair.now]  # a new target: the driver works
+    assert pair.driver.balloon_pages > 1000
+
+
 def test_a_pair_is_not_quiet_with_work_to_do_or_a_tapped_link() -> None:
     pair = vmw_pair(SMALL, Idle(anon_mib=4, file_mib=2))
     pair.run_until(lambda p: False, 3, check=False)
@@ -132,6 +233,9 @@ def test_a_pair_is_not_quiet_with_work_to_do_or_a_tapped_link() -> None:
     assert not bare.quiet()
     with pytest.raises(UsageError):
         bare.idle_period()
+    with pytest.raises(UsageError):
+        bare.idle_until(bare.now + 10 * bare.period_s)
+    assert bare.idle_until(bare.now) == 0  # no period to skip: nothing asked of the link
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -14,6 +14,15 @@ def test_a_report_carries_the_guest_and_its_balloon_and_round_trips() -> None:
     mi = pair.mem.meminfo()
     assert r.total_bytes == mi.total_pages * PAGE_SIZE
     assert r.anon_bytes == mi.anon_pages * PAGE_SIZE
+    assert r.free_bytes == mi.free_pages * PAGE_SIZE
+    assert r.available_bytes == mi.available_pages * PAGE_SIZE > 0
+    assert r.cache_bytes == mi.cache_pages * PAGE_SIZE > 0
+    assert r.balloon_bytes == mi.balloon_pages * PAGE_SIZE
+    ev = pair.mem.events
+    assert (r.swap_in_pages, r.swap_out_pages, r.major_faults, r.oom_kills, r.stall_us) == (
+        ev.swap_in, ev.swap_out, ev.major_faults, ev.oom_kills, ev.stall_us)
+    assert r.balloon_target_pages == pair.driver.target_pages == 1000
+    assert r.guest == "g" and r.time_s == pair.now
     assert r.balloon_actual_pages == pair.driver.balloon_pages == 1000
     assert r.stall_pct == 100.0  # clamped to what PSI can say
     assert r.refused_pages == 0  # the seed's errAlloc

@@ -164,3 +164,32 @@ def test_a_signalled_target_runs_the_driver_at_once(protocol: str, at_once: bool
     assert b.counters["sim_signalled_work"] == (1 if at_once else 0)
     b.advance(10.0)
     assert pair.driver.balloon_pages == target and b.violations() == []
+
+
+@pytest.mark.parametrize("protocol", ["vmw", "virtio"])
+def test_samples_are_rebuilt_only_for_guests_that_changed(protocol: str) -> None:
+    b, e = _world(True, protocol, seed=5)
+    for step in range(60):
+        b.advance(1.0)
+        e.step()
+        samples = b.guests()
+        assert list(samples) == list(b.pairs)  # the guests' order
+        assert e.guests is not samples  # every call hands out a mapping of its own
+        balloons, resident = b.sample_figures(samples) or (None, None)
+        assert balloons is not None and resident is not None
+        assert balloons.tolist() == [s.balloon_pages if s.alive else 0 for s in samples.values()]
+        assert resident.tolist() == [s.resident_bytes or 0 for s in samples.values()]
+        assert b.sample_figures(e.guests) is None  # figures of the last samples only
+        for name, s in samples.items():
+            if not s.alive:
+                continue
+            g = b.pair(name)
+            assert s.balloon_pages == g.device.actual_pages
+            assert s.target_pages == g.device.target_pages
+            assert s.resident_bytes == g.ram.resident_bytes()
+        again = b.guests()
+        assert all(again[n] is samples[n] for n in samples)  # nothing changed: the same samples
+        if step == 30:
+            b.kill("g1")
+            dead = b.guests()["g1"]
+            assert not dead.alive and dead.balloon_pages == 0 and dead.resident_bytes == 0

@@ -847,7 +847,10 @@ class GuestMemory:
 
     def _quiet(self, d: Demand) -> bool:
         """Nothing to do for ``d``: no growth or shrink, no refault, no read, kswapd asleep."""
-        if d != self._last_demand or self._free < self.watermarks.low:
+        last = self._last_demand
+        # workloads hand back the same Demand while it holds: identity first (a dataclass
+        # comparison builds two tuples)
+        if (d is not last and d != last) or self._free < self.watermarks.low:
             return False
         resident = len(self.anon)
         if resident + self.swapped != d.anon_pages:

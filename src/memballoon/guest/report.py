@@ -44,26 +44,28 @@ def guest_report(
     active_sampled: int = 0,
     active_touched: int = 0,
 ) -> PressureReport:
-    mi = mem.meminfo()
+    # the figures of ``mem.meminfo()`` read straight from the model, and the report's fields
+    # passed in their order: the simulator builds one per guest per report round
     ev = mem.events
+    balloon = driver.balloon_pages
     return PressureReport(
-        guest=name,
-        time_s=now,
-        total_bytes=mi.total_pages * PAGE_SIZE,
-        free_bytes=mi.free_pages * PAGE_SIZE,
-        available_bytes=mi.available_pages * PAGE_SIZE,
-        anon_bytes=mi.anon_pages * PAGE_SIZE,
-        cache_bytes=mi.cache_pages * PAGE_SIZE,
-        balloon_bytes=driver.balloon_pages * PAGE_SIZE,
-        swap_in_pages=ev.swap_in,
-        swap_out_pages=ev.swap_out,
-        major_faults=ev.major_faults,
-        oom_kills=ev.oom_kills,
-        stall_us=ev.stall_us,
-        stall_pct=min(100.0, max(0.0, stall_pct)),
-        balloon_target_pages=driver.target_pages,
-        balloon_actual_pages=driver.balloon_pages,
-        refused_pages=refused_pages(driver),
-        active_sampled=active_sampled,
-        active_touched=active_touched,
+        name,  # guest
+        now,  # time_s
+        mem.total_pages * PAGE_SIZE,  # total_bytes
+        mem.free_pages * PAGE_SIZE,  # free_bytes
+        mem.available_pages() * PAGE_SIZE,  # available_bytes
+        len(mem.anon) * PAGE_SIZE,  # anon_bytes
+        len(mem.cache) * PAGE_SIZE,  # cache_bytes
+        balloon * PAGE_SIZE,  # balloon_bytes
+        ev.swap_in,  # swap_in_pages
+        ev.swap_out,  # swap_out_pages
+        ev.major_faults,  # major_faults
+        ev.oom_kills,  # oom_kills
+        ev.stall_us,  # stall_us
+        min(100.0, max(0.0, stall_pct)),  # stall_pct
+        driver.target_pages,  # balloon_target_pages
+        balloon,  # balloon_actual_pages
+        refused_pages(driver),  # refused_pages
+        active_sampled,
+        active_touched,
     )

@@ -4,12 +4,13 @@ Like h11's ``ConnectionPair``: both ends of a protocol in one process, no I/O, n
 A ``Pair`` holds a guest (``GuestMemory`` over a ``NullRam``), its workload, the guest's balloon
 driver and the host's balloon device, and the link between them: the VMware backdoor as a
 function call (``BackdoorTap``), virtio through ``DirectTransport``. ``tick()`` advances the
-virtual clock by one period: the workload runs, then the driver's work function; ``work()``
-runs the driver alone, for tests that drive the guest's memory themselves; ``restart_device()``
-restarts the host's side through a JSON snapshot, under the driver's feet. ``make_pair`` builds
-a pair by protocol name (benchmarks, simulator); ``vmw_pair`` and ``virtio_pair`` build one
-with every knob of its protocol (driver and device tests). ``check_pair`` states the
-invariants the tests, the benchmark and the simulator hold a pair to:
+virtual clock by one period: the workload runs, then the driver's work function (its idle
+work when the protocol has nothing to do: the same state, a property test holds it to that);
+``work()`` runs the driver alone, for tests that drive the guest's memory themselves;
+``restart_device()`` restarts the host's side through a JSON snapshot, under the driver's feet.
+``make_pair`` builds a pair by protocol name (benchmarks, simulator); ``vmw_pair`` and
+``virtio_pair`` build one with every knob of its protocol (driver and device tests).
+``check_pair`` states the invariants the tests, the benchmark and the simulator hold a pair to:
 
 1. the guest's frames partition exactly into states (``GuestMemory.check_invariants``);
 2. the device's balloon equals the driver's balloon (nothing stays in flight between periods
@@ -110,10 +111,19 @@ class Pair:
             )
 
     def tick(self, *, check: bool = True) -> None:
-        """One period: the workload runs for ``period_s``, then the driver's work function."""
-        self.now += self.period_s
-        self.last_step = self.mem.step(self.now, self.period_s, self.workload.demand(self.now))
-        self.driver.work(self.now)
+        """One period: the workload runs for ``period_s``, then the driver's work function.
+
+        When the protocol has nothing to do (``_link_quiet``, asked after the workload ran:
+        the balloon at its target, nothing in flight or to report) the driver's work is what
+        it does in an idle period, and that is what runs (``_link_idle_work``): a busy guest
+        at its target costs its workload, not a round trip to the device per period."""
+        now = self.now = self.now + self.period_s
+        self.last_step = self.mem.step(now, self.period_s, self.workload.demand(now))
+        if self._link_quiet():
+            self._link_idle_work()(now)
+            self._link_idle_periods(1)
+        else:
+            self.driver.work(now)
         self.cycles += 1
         if check:
             self.violations.extend(f"t={self.now:g}: {v}" for v in check_pair(self))
@@ -164,16 +174,38 @@ class Pair:
         """One period of a quiet pair without running it: exactly what ``tick`` (unchecked)
         would do then, the idle step's report and the protocol's bookkeeping. Only while
         ``quiet()`` holds and nothing changed since (a target, the demand)."""
-        self.now += self.period_s
-        self.last_step = StepReport(self.now, self.period_s, 0.0, 0, 0, 0, False, 0, True)
-        self._link_idle()
-        self.cycles += 1
+        self.idle_until(self.now + self.period_s)
+
+    def idle_until(self, limit: float) -> int:
+        """``idle_period`` for every period whose tick falls at or before ``limit``, in one
+        call (the simulator's catch-up of a guest that slept); returns how many. The clock
+        moves by the same additions, and the driver sees each period's time, so the pair ends
+        exactly where as many ``idle_period`` calls end; only the per-period overhead goes."""
+        p = self.period_s
+        now = self.now
+        if now + p > limit:
+            return 0
+        work = self._link_idle_work()
+        n = 0
+        while now + p <= limit:
+            now += p
+            work(now)
+            n += 1
+        self.now = now
+        self.last_step = StepReport(now, p, 0.0, 0, 0, 0, False, 0, True)
+        self._link_idle_periods(n)
+        self.cycles += n
+        return n
 
     def _link_quiet(self) -> bool:
         return False
 
-    def _link_idle(self) -> None:
+    def _link_idle_work(self) -> Callable[[float], None]:
+        """What the driver does in each idle period, given that period's time."""
         raise UsageError(f"{type(self).__name__} cannot skip a period")
+
+    def _link_idle_periods(self, n: int) -> None:
+        """The protocol's bookkeeping of ``n`` idle periods beyond the driver's (counters)."""
 
 
 def check_pair(pair: Pair) -> list[str]:
@@ -308,9 +340,11 @@ class VmwPair(Pair):
         return (self.driver.quiet() and dev.plain and dev.guest_limit == limit
                 and min(dev.target_pages, limit) == self.driver.size and not self.port.tapped)
 
-    def _link_idle(self) -> None:
-        self.driver.idle_work(self.now)
-        self.device.counters.inc(VmwDeviceCounter.CMD_GET_TARGET)
+    def _link_idle_work(self) -> Callable[[float], None]:
+        return self.driver.idle_work
+
+    def _link_idle_periods(self, n: int) -> None:
+        self.device.counters.inc(VmwDeviceCounter.CMD_GET_TARGET, n)  # one per period
 
     def restart_device(self) -> None:
         old = self.device
@@ -386,8 +420,8 @@ class VirtioPair(Pair):
         return (self.driver.quiet() and not dev.reset_pending and dev.held_deflates == 0
                 and not t.deferred and not t.pending_kicks)
 
-    def _link_idle(self) -> None:
-        self.driver.idle_work(self.now)
+    def _link_idle_work(self) -> Callable[[float], None]:
+        return self.driver.idle_work
 
     def link_invariants(self) -> list[str]:
         errs: list[str] = []

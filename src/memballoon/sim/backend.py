@@ -19,7 +19,8 @@ driver's work also runs at once, at the moment of the target (when the next ``ad
 begins, so that a manager step's cost is the manager's alone), as the local guest process runs
 it on a config interrupt or a ``WAKE``; the legacy VMware driver polls at its next period.
 Waking, it first accounts the periods it slept
-through (``Pair.idle_period``: the timer and GET_TARGET counts a ticking guest would have made),
+through in one call (``Pair.idle_until``: the timer and GET_TARGET counts a ticking guest
+would have made, as many ``Pair.idle_period`` calls would),
 so a sleeping guest ends in exactly the state of one ticked every period (a property test holds
 it to that) and costs nothing in between. ``sleep=False`` ticks every guest every period.
 
@@ -47,6 +48,9 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
+
+import numpy as np
+import numpy.typing as npt
 
 from memballoon.guest.report import guest_report
 from memballoon.guest.workload import next_change
@@ -94,7 +98,8 @@ class _SimGuest:
     version: int = 0  # bumps when ``due`` changes: older heap entries are stale
     alive: bool = True
     resident: int = 0  # host bytes behind the guest, as of its last tick
-    sample: GuestSample | None = field(default=None, repr=False)  # cached until it changes
+    # cached until it changes (then the guest is on the backend's list of stale samples)
+    sample: GuestSample | None = field(default=None, repr=False)
     signalled: bool = False  # a signalled target waits for its driver's work
 
 
@@ -144,6 +149,14 @@ class SimBackend:
         self._next_report = now + report_every_s
         self._signalled: list[_SimGuest] = []
         self._resident = 0
+        # ``guests()``: the samples as of its last call, in the guests' order, and the guests
+        # whose sample changed since (rebuilt at the next call); each sample's balloon and
+        # resident bytes in arrays by guest, for a runner's per-step sums over the fleet
+        self._samples: dict[str, GuestSample] = {}
+        self._stale: list[_SimGuest] = list(self._guests)
+        self._returned: Mapping[str, GuestSample] | None = None
+        self._balloon_arr: npt.NDArray[np.int64] = np.zeros(len(self._guests), dtype=np.int64)
+        self._resident_arr: npt.NDArray[np.int64] = np.zeros(len(self._guests), dtype=np.int64)
         for g in self._guests:
             p = g.pair
             p.now = max(p.now, now)
@@ -175,23 +188,20 @@ class SimBackend:
 
     def _catch_up(self, g: _SimGuest, until: float) -> None:
         """Account the periods ``g`` slept through whose ticks fall at or before ``until``."""
-        p = g.pair
-        n = 0
-        while p.now + p.period_s <= until + TIME_EPS:
-            p.idle_period()
-            n += 1
+        n = g.pair.idle_until(until + TIME_EPS)
         if n:
             self.counters.inc(SimCounter.IDLE_PERIODS, n)
 
     def _tick(self, g: _SimGuest) -> None:
         p = g.pair
-        self._catch_up(g, g.due - p.period_s)
+        if p.now + p.period_s <= g.due - p.period_s + TIME_EPS:  # it slept (``_catch_up``)
+            self._catch_up(g, g.due - p.period_s)
         p.tick(check=self.check)
         self.counters.inc(SimCounter.TICKS)
         resident = p.ram.resident_bytes()
         self._resident += resident - g.resident
         g.resident = resident
-        g.sample = None
+        self._stale_sample(g)
         self._schedule(g, self._next_tick(g))
 
     def _next_tick(self, g: _SimGuest) -> float:
@@ -234,7 +244,7 @@ class SimBackend:
             resident = p.ram.resident_bytes()
             self._resident += resident - g.resident
             g.resident = resident
-            g.sample = None
+            self._stale_sample(g)
             if g.due > p.now + p.period_s + TIME_EPS:
                 self._schedule(g, p.now + p.period_s)
         self._signalled.clear()
@@ -275,30 +285,36 @@ class SimBackend:
 
     # ------------------------------------------------------------------ reports
     def _report_round(self, t: float) -> None:
+        """Every live guest pushes its report of time ``t`` (one loop over the fleet: a
+        round's cost is its reports')."""
         stamp = max(self.clock.now(), t)
+        rng = self.rng if self.active_samples > 0 else None
+        sampled = self.active_samples if rng is not None else 0
+        sink, stale = self.on_report, self._stale
+        n = 0
         for g in self._guests:
-            if g.alive:
-                self._report(g, t, stamp)
-
-    def _report(self, g: _SimGuest, t: float, stamp: float) -> None:
-        p, mem = g.pair, g.pair.mem
-        prev = g.report
-        if prev is not None and t > prev.time_s:
-            d_us = max(0, mem.events.stall_us - prev.stall_us)
-            stall_pct = 100.0 * d_us / ((t - prev.time_s) * 1e6)
-        else:
-            stall_pct = p.last_step.stall_pct if p.last_step is not None else 0.0
-        sampled = touched = 0
-        if self.rng is not None and self.active_samples > 0:
-            sampled = self.active_samples
-            touched = mem.sample_active(self.rng, sampled)
-        g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
-                                active_sampled=sampled, active_touched=touched)
-        g.report_time = stamp
-        g.sample = None
-        self.counters.inc(SimCounter.REPORTS)
-        if self.on_report is not None:
-            self.on_report(g.name, g.report)
+            if not g.alive:
+                continue
+            p = g.pair
+            mem = p.mem
+            prev = g.report
+            if prev is not None and t > prev.time_s:
+                d_us = max(0, mem.events.stall_us - prev.stall_us)
+                stall_pct = 100.0 * d_us / ((t - prev.time_s) * 1e6)
+            else:
+                stall_pct = p.last_step.stall_pct if p.last_step is not None else 0.0
+            touched = mem.sample_active(rng, sampled) if rng is not None else 0
+            r = g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
+                                        active_sampled=sampled, active_touched=touched)
+            g.report_time = stamp
+            if g.sample is not None:
+                g.sample = None
+                stale.append(g)
+            n += 1
+            if sink is not None:
+                sink(g.name, r)
+        if n:
+            self.counters.inc(SimCounter.REPORTS, n)
 
     # ------------------------------------------------------------------ the host
     def usage_bytes(self) -> int:
@@ -330,25 +346,44 @@ class SimBackend:
         g.alive = False
         self._resident -= g.resident
         g.resident = 0
-        g.sample = None
+        self._stale_sample(g)
         self._schedule(g, math.inf)
 
     # ------------------------------------------------------------------ the Backend port
+    def _stale_sample(self, g: _SimGuest) -> None:
+        """``g`` changed: its sample is rebuilt at the next ``guests()``."""
+        if g.sample is not None:
+            g.sample = None
+            self._stale.append(g)
+
     def guests(self) -> dict[str, GuestSample]:
-        out = {}
-        for g in self._guests:
-            s = g.sample
-            if s is None:
-                p, rep = g.pair, g.report
-                # positional, in the order of the fields (a fleet rebuilds them all per report)
-                s = g.sample = GuestSample(
-                    g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
-                    p.device.target_pages, g.settings, rep, g.report_time, g.alive, g.resident,
-                    rep.active_sampled if rep is not None else 0,  # active_sampled
-                    rep.active_touched if rep is not None else 0,  # active_touched
-                )
+        # only the samples of guests that changed are built again: the rest stand
+        out, balloons, residents = self._samples, self._balloon_arr, self._resident_arr
+        for g in self._stale:
+            p, rep = g.pair, g.report
+            # positional, in the order of the fields (a fleet rebuilds them all per report)
+            s = g.sample = GuestSample(
+                g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
+                p.device.target_pages, g.settings, rep, g.report_time, g.alive, g.resident,
+                rep.active_sampled if rep is not None else 0,  # active_sampled
+                rep.active_touched if rep is not None else 0,  # active_touched
+            )
             out[g.name] = s
-        return out
+            balloons[g.index] = s.balloon_pages
+            residents[g.index] = g.resident
+        self._stale.clear()
+        snap = self._returned = dict(out)  # the caller's own
+        return snap
+
+    def sample_figures(
+        self, samples: Mapping[str, GuestSample],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+        """The balloon pages (0 for the dead) and resident bytes of ``samples``, by guest in
+        the backend's order, when ``samples`` is what ``guests()`` returned last (a runner's
+        per-step sums without a walk over the fleet); else None. Read-only views."""
+        if samples is not self._returned:
+            return None
+        return self._balloon_arr, self._resident_arr
 
     def set_target(self, guest: str, balloon_pages: int) -> bool:
         g = self._by_name.get(guest)
@@ -357,7 +392,7 @@ class SimBackend:
             return False
         self._wake(g)
         g.pair.set_target(balloon_pages)
-        g.sample = None
+        self._stale_sample(g)
         if g.pair.signalled and not g.signalled:
             g.signalled = True
             self._signalled.append(g)

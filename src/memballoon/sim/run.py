@@ -168,13 +168,17 @@ def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress 
         e.step()
         if stopwatch is not None:
             step_s.append(stopwatch() - t0)
-        samples = list(e.guests.values())
-        balloons = np.fromiter((s.balloon_pages if s.alive else 0 for s in samples),
-                               dtype=np.int64, count=len(samples))
+        figures = b.sample_figures(e.guests)  # kept by the backend as it builds samples
+        if figures is not None:
+            balloons, res = figures
+        else:
+            samples = list(e.guests.values())
+            balloons = np.fromiter((s.balloon_pages if s.alive else 0 for s in samples),
+                                   dtype=np.int64, count=len(samples))
+            res = np.fromiter((s.resident_bytes or 0 for s in samples), dtype=np.int64,
+                              count=len(samples))
         balloon_sum += balloons
         released += float(balloons.sum())
-        res = np.fromiter((s.resident_bytes or 0 for s in samples), dtype=np.int64,
-                          count=len(samples))
         np.maximum(peak_res, res, out=peak_res)
         now = b.clock.now()
         if series and now + 1e-9 >= next_record:
