@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -689,6 +690,30 @@ def _bulk_state(pair: VmwPair) -> object:
     return state_of((pair.mem, pair.ram, pair.device, drv, pair.yields, pair.cycles, pair.now))
 
 
+def _both_run(one_by_one: VmwPair, bulk: VmwPair, periods: int, target: int, demand: Demand,
+              trouble: str, pinned: npt.NDArray[np.int64], *, busy: int) -> None:
+    """One step of a plan on a tapped pair (a command per page) and a bulk one, with the same
+    trouble; then both hold exactly the same state."""
+    for pair in (one_by_one, bulk):
+        pair.set_target(target)
+        match trouble:
+            case "pinned":
+                pair.device.set_pinned(pinned)
+            case "busy":
+                pair.device.busy_next(busy)
+            case "reset":
+                pair.device.request_reset()
+            case "slow":
+                pair.driver.slow_allocation_cycles = 3
+        for _ in range(periods):
+            pair.now += 1.0
+            pair.mem.step(pair.now, 1.0, demand)
+            pair.driver.work(pair.now)
+            pair.cycles += 1
+    diff = state_diff(_bulk_state(one_by_one), _bulk_state(bulk))
+    assert diff == [], diff
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     st.integers(0, 2**16),
@@ -707,24 +732,8 @@ def test_runs_of_single_pages_end_where_page_by_page_ends(
     for periods, target, used in plan:
         demand = Demand(int(used * pages * 0.5), int(used * pages * 0.25), int(used * pages * 0.3),
                         int(used * pages * 0.1), 0.02)
-        for pair in (one_by_one, bulk):
-            pair.set_target(int(target * pages))
-            match trouble:
-                case "pinned":
-                    pair.device.set_pinned(pinned)
-                case "busy":
-                    pair.device.busy_next(2)
-                case "reset":
-                    pair.device.request_reset()
-                case "slow":
-                    pair.driver.slow_allocation_cycles = 3
-            for _ in range(periods):
-                pair.now += 1.0
-                pair.mem.step(pair.now, 1.0, demand)
-                pair.driver.work(pair.now)
-                pair.cycles += 1
-        diff = state_diff(_bulk_state(one_by_one), _bulk_state(bulk))
-        assert diff == [], diff
+        _both_run(one_by_one, bulk, periods, int(target * pages), demand,
+                  trouble, pinned, busy=2)
     assert check_pair(bulk) == []
 
 
@@ -769,24 +778,8 @@ def test_sleeping_runs_end_where_page_by_page_ends(
     pinned = np.sort(rng.choice(free, min(40, free.size), replace=False))
     for periods, target, anon in plan:
         demand = Demand(int(anon * SMALL), int(anon * SMALL) // 2, SMALL, SMALL // 2, 0.01)
-        for pair in (one_by_one, bulk):
-            pair.set_target(int(target * SMALL))
-            match trouble:
-                case "pinned":
-                    pair.device.set_pinned(pinned)
-                case "busy":
-                    pair.device.busy_next(1)
-                case "reset":
-                    pair.device.request_reset()
-                case "slow":
-                    pair.driver.slow_allocation_cycles = 3
-            for _ in range(periods):
-                pair.now += 1.0
-                pair.mem.step(pair.now, 1.0, demand)
-                pair.driver.work(pair.now)
-                pair.cycles += 1
-        diff = state_diff(_bulk_state(one_by_one), _bulk_state(bulk))
-        assert diff == [], diff
+        _both_run(one_by_one, bulk, periods, int(target * SMALL), demand,
+                  trouble, pinned, busy=1)
     assert check_pair(bulk) == []
 
 
