@@ -232,7 +232,9 @@ def signal_child(proc: asyncio.subprocess.Process, sig: int) -> None:
     """Send ``sig`` to a child that has not been reaped, without reaping it. ``Process.kill``
     goes through ``Popen.send_signal``, which polls (``waitpid``) first: a child that just died
     (a guest the cgroup OOM-killed) is then reaped under asyncio's child watcher, which logs
-    "Unknown child process pid" and reports exit code 255 instead of the signal."""
+    "Unknown child process pid" and reports exit code 255 instead of the signal. (Between the
+    watcher's reap and the loop hearing of it the pid is free; another process taking it in
+    that moment would need the pid space to wrap round.)"""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
