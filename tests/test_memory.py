@@ -317,6 +317,17 @@ def test_host_pages_must_be_4k_or_a_block() -> None:
 
 
 # ------------------------------------------------------------------ single takes in bulk
+def _single_takes(mem: GuestMemory, n: int) -> list[int]:
+    """The frames of up to ``n`` calls of ``alloc_nosleep(1)``, until one finds none."""
+    out = []
+    for _ in range(n):
+        f = mem.alloc_nosleep(1)
+        if f.size == 0:
+            break
+        out.append(int(f[0]))
+    return out
+
+
 def _aged(seed: int) -> GuestMemory:
     """A guest that has lived a little: workload steps, balloon takes and gives (single and
     bulk), free page reporting, so the allocator's cursor and reported blocks are anywhere."""
@@ -344,12 +355,7 @@ def test_single_takes_in_bulk_are_the_single_takes(seed: int, n: int, keep: int 
     # k leaves the state of k calls
     one, bulk = _aged(seed), _aged(seed)
     k = n if keep is None else min(n, keep)
-    singles = []
-    for _ in range(k):
-        f = one.alloc_nosleep(1)
-        if f.size == 0:
-            break
-        singles.append(int(f[0]))
+    singles = _single_takes(one, k)
     got = bulk.alloc_nosleep_each(n, lambda frames: min(k, int(frames.size)))
     assert got.tolist() == singles
     assert state_diff(state_of(one), state_of(bulk)) == []
@@ -447,12 +453,7 @@ def test_single_takes_in_bulk_reach_a_partial_last_block(
     # not whole blocks: they reach its partial last block, ahead of reported blocks or as the
     # last block taken, as the single takes do (that raised IndexError before)
     one, bulk = _odd_guest(script, report, odd), _odd_guest(script, report, odd)
-    singles = []
-    for _ in range(n):
-        f = one.alloc_nosleep(1)
-        if f.size == 0:
-            break
-        singles.append(int(f[0]))
+    singles = _single_takes(one, n)
     got = bulk.alloc_nosleep_each(n, lambda frames: int(frames.size))
     assert got.tolist() == singles
     assert state_diff(state_of(one), state_of(bulk)) == []

@@ -541,11 +541,8 @@ class VirtioBalloonDriver:
                 [m if refuse else 0 for m in sizes], 1, pfns)
             for i, slot in enumerate(slots[: len(sizes)]):
                 self.view.write(slot.gpa, wire[i * a : (i + 1) * a].tobytes())
-            self._balloon.push_back(pfns)
-            if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
-                self.mem.adjust_managed(k)
+            self._into_balloon(pfns)
             self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, len(sizes))
-            self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, k)
             return k
         for i, slot in enumerate(slots):
             part = pfns[i * a : (i + 1) * a]
@@ -605,11 +602,8 @@ class VirtioBalloonDriver:
         wire = last.astype("<u4")
         for i, s in enumerate(slots):  # the arrays hold the last round's frames
             self.view.write(s.gpa, wire[i * a : (i + 1) * a].tobytes())
-        self._balloon.push_back(every)
-        if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
-            self.mem.adjust_managed(int(every.size))
+        self._into_balloon(every)
         self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, rounds * FILL_BATCH)
-        self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(every.size))
         return int(every.size)
 
     def _leak_rounds(self, n: int) -> int:
@@ -781,11 +775,15 @@ class VirtioBalloonDriver:
             # one balloon update for every buffer this collect found used: the numpy calls
             # per buffer, not the frames, are what a Python guest pays (a used interrupt
             # brings a doorbell's worth, FILL_BATCH buffers)
-            acc = taken[0] if len(taken) == 1 else np.concatenate(taken)
-            self._balloon.push_back(acc)
-            if acc.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
-                self.mem.adjust_managed(int(acc.size))
-            self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(acc.size))
+            self._into_balloon(taken[0] if len(taken) == 1 else np.concatenate(taken))
+
+    def _into_balloon(self, pfns: PfnArray) -> None:
+        """Frames the device took (a collect's used buffers, or a bulk call's): into the
+        balloon, and out of MemTotal unless DEFLATE_ON_OOM."""
+        self._balloon.push_back(pfns)
+        if pfns.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            self.mem.adjust_managed(int(pfns.size))
+        self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(pfns.size))
 
     def _inflated(self, p: _Pending, length: int) -> PfnArray:
         """One used inflate buffer: its refused frames aside; returns the frames the device
