@@ -29,6 +29,8 @@ _runs_in_any_order = st.lists(
 def test_coalesce_folds_runs() -> None:
     assert coalesce([7, 3, 4, 5, 9]).tolist() == [[3, 6], [7, 8], [9, 10]]
     assert coalesce([]).shape == (0, 2)
+    assert coalesce([9, 8, 7, 6]).tolist() == [[6, 10]]  # one descending run (a VMware stack)
+    assert coalesce([9, 8, 6, 5]).tolist() == [[5, 7], [8, 10]]
 
 
 @given(st.sets(st.integers(0, 5000), max_size=300))

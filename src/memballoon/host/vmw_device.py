@@ -605,9 +605,7 @@ class VmwBalloonDevice:
         st[idx[unlocked]] = _I_PPN_UNLOCKED
         give = p[~unlocked]
         if give.size:
-            # a driver's batch is its stack's newest first: descending, ascending reversed
-            # (the same ranges; coalesce folds an ascending list at once)
-            stuck = self._host.give(coalesce(give[::-1] if give[0] > give[-1] else give))
+            stuck = self._host.give(coalesce(give))
             if len(stuck):  # no host memory behind these now: they stay locked
                 busy = np.zeros(pfns.size, dtype=np.bool_)
                 busy[idx[~unlocked]] = in_ranges(give, stuck)

@@ -38,6 +38,8 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     steps = p[1:] - p[:-1]
     if bool((steps == 1).all()):  # one ascending run, the usual batch: two numpy calls
         return np.array([[p[0], p[-1] + 1]], dtype=np.int64)
+    if bool((steps == -1).all()):  # one descending run: a VMware driver's stack, newest first
+        return np.array([[p[-1], p[0] + 1]], dtype=np.int64)
     starts, ends = _run_bounds(p, steps)
     if bool((steps > 0).all()):
         return np.stack((starts, ends), axis=1)
