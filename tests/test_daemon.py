@@ -243,8 +243,11 @@ def _until(sock: str, capsys: pytest.CaptureFixture[str], pred: Any, what: str,
     st: dict[str, Any] = {}
     while time.monotonic() < deadline:
         st = _status(sock, capsys)
-        if pred({g["name"]: g for g in st["guests"]}):
-            return st
+        try:
+            if pred({g["name"]: g for g in st["guests"]}):
+                return st
+        except KeyError:  # a guest not listed yet: the manager lists guests from its first tick
+            pass
         time.sleep(0.25)
     raise AssertionError(f"{what}: {json.dumps(st)[:3000]}")
 
