@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from memballoon.manager.core import Action, CoreSnapshot, Hysteresis, ManagerCore
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.base import Decision
+from memballoon.policy.base import Decision, clamp_balloon
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
 
@@ -301,3 +301,46 @@ def test_a_manual_size_under_the_safety_floor_is_refused_unless_forced() -> None
     assert c.safety_floor(c.sample(blind))[0] == MANUAL_MIN_PAGES
     mins = core(Fixed({}), c=GuestSettings(min_pages=60000))
     assert mins.safety_floor(mins.sample(state("c")))[0] == 60000
+
+
+LIMITS = st.sampled_from([GuestSettings(), GuestSettings(min_pages=40000),
+                          GuestSettings(max_pages=60000),
+                          GuestSettings(min_pages=20000, max_pages=50000)])
+
+
+@given(st.lists(st.tuples(st.integers(-10, RAM + 10), LIMITS, st.booleans(),
+                          st.one_of(st.none(), st.integers(0, RAM)), st.booleans()),
+                min_size=1, max_size=8))
+def test_step_looks_only_at_guests_with_something_to_do(
+    guests: list[tuple[int, GuestSettings, bool, int | None, bool]],
+) -> None:
+    """Only the guests decided for, pinned or outside their limits are looked at: the actions
+    are still, in the guests' order, those of a look at every guest (a correction wherever no
+    decision moved a live guest whose target breaks its limits)."""
+    names = [f"g{i}" for i in range(len(guests))]
+    decided = {n: d for n, (_, _, _, d, _) in zip(names, guests, strict=True) if d is not None}
+    c = ManagerCore(Fixed(decided), {n: g[1] for n, g in zip(names, guests, strict=True)},
+                    budget_pages=100_000, hysteresis=Hysteresis(min_change_pages=0,
+                                                                min_change_fraction=0.0))
+    for n, (_, _, _, _, pinned) in zip(names, guests, strict=True):
+        if pinned:
+            c.manual[n] = 30000
+    states = {n: state(n, target=t, alive=alive)
+              for n, (t, _, alive, _, _) in zip(names, guests, strict=True)}
+    acts = c.step(101.0, states, 0)
+    want: list[tuple[str, str, int]] = []
+    for n, (_, _, alive, d, pinned) in zip(names, guests, strict=True):
+        s = c.last_samples[n]
+        if not alive:
+            continue
+        if pinned:
+            if clamp_balloon(s, 30000) != s.target_pages:
+                want.append((n, "manual", clamp_balloon(s, 30000)))
+            continue
+        if d is not None and clamp_balloon(s, d) != s.target_pages:
+            forced = clamp_balloon(s, s.target_pages) != s.target_pages
+            want.append((n, "correction" if forced else "policy", clamp_balloon(s, d)))
+        elif clamp_balloon(s, s.target_pages) != s.target_pages:
+            want.append((n, "correction", clamp_balloon(s, s.target_pages)))
+    assert [(a.guest, a.kind, a.new_pages) for a in acts] == want
+    assert c.counters["sample_out_of_range"] == sum(1 for t, *_ in guests if not 0 <= t <= RAM)

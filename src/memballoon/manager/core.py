@@ -214,6 +214,9 @@ class ManagerCore:
         self.last_host: HostSample | None = None  # the policy's view of the host, last step
         self._prev_report: dict[str, PressureReport] = {}  # the report before the latest
         self._cur_report: dict[str, PressureReport] = {}
+        # the guests whose target is outside their floor/ceiling, last step (corrected when
+        # the policy says nothing)
+        self._out_of_limits: set[str] = set()
 
     # ------------------------------------------------------------------ views
     def sample(self, s: GuestSample) -> GuestSample:
@@ -264,24 +267,19 @@ class ManagerCore:
         host: HostMemory | None = None,
     ) -> list[Action]:
         self.counters.inc(ManagerCounter.STEPS)
-        sample = self.sample
-        samples = {name: sample(s) for name, s in guests.items()}
-        cur, prev = self._cur_report, self._prev_report
-        for name, st in samples.items():
-            r = st.report
-            if r is not None:
-                old = cur.get(name)  # never None once there
-                if old is not r:
-                    if old is not None:
-                        prev[name] = old
-                    cur[name] = r
+        samples = self._samples(guests)
         self.last_samples = samples
         self.last_host = self.host_sample(host_resident_bytes, host)
         decisions = self._decide(self.last_host, samples, now)
         actions: list[Action] = []
-        manual = self.manual
+        manual, out_of_limits = self.manual, self._out_of_limits
+        # a guest neither decided for, pinned, nor outside its limits gets no action: only
+        # those are looked at (in the guests' order, the order of the actions)
+        look = out_of_limits.union(decisions, manual)
+        if not look:
+            return actions
         for name, s in samples.items():
-            if not s.alive:
+            if name not in look or not s.alive:
                 continue
             if name in manual:
                 want = clamp_balloon(s, self.manual[name])
@@ -291,7 +289,7 @@ class ManagerCore:
                 continue
             d = decisions.get(name)
             a = self._vet(now, s, d) if d is not None else None
-            if a is None and clamp_balloon(s, s.target_pages) != s.target_pages:
+            if a is None and name in out_of_limits:
                 fixed = clamp_balloon(s, s.target_pages)
                 a = Action(name, s.target_pages, fixed, "target outside the guest's min/max",
                            {"floor_pages": s.floor_pages(), "ceiling_pages": s.ceiling_pages()},
@@ -301,6 +299,40 @@ class ManagerCore:
                 self._note(now, a)
                 actions.append(a)
         return actions
+
+    def _samples(self, guests: Mapping[str, GuestSample]) -> dict[str, GuestSample]:
+        """``sample`` of each of ``guests``, their reports noted (the latest and the one
+        before), and ``_out_of_limits`` set to the guests whose target is outside their
+        floor/ceiling (one loop over the fleet, its common case written out)."""
+        settings_get = self.settings.get
+        cur, prev = self._cur_report, self._prev_report
+        out_of_limits: set[str] = set()
+        samples: dict[str, GuestSample] = {}
+        for name, s in guests.items():
+            want = settings_get(s.name, NO_SETTINGS)
+            ram, tgt = s.ram_pages, s.target_pages
+            if s.settings is not want or not (0 <= s.balloon_pages <= ram and 0 <= tgt <= ram):
+                s = self.sample(s)  # settings to give, or figures to clamp: the general case
+                ram, tgt = s.ram_pages, s.target_pages
+            samples[name] = s
+            # ``clamp_balloon(s, tgt) != tgt`` written out, with ``want`` (equal to s.settings);
+            # without a min or max the target, in the RAM now, is within them
+            mx, mn = want.max_pages, want.min_pages
+            if mx is not None or mn:
+                lo = 0 if mx is None or mx >= ram else ram - mx
+                hi = ram - (mn if mn < ram else ram)
+                b = hi if tgt > hi else tgt
+                if (lo if b < lo else b) != tgt:
+                    out_of_limits.add(name)
+            r = s.report
+            if r is not None:
+                old = cur.get(name)  # never None once there
+                if old is not r:
+                    if old is not None:
+                        prev[name] = old
+                    cur[name] = r
+        self._out_of_limits = out_of_limits
+        return samples
 
     def _decide(
         self, host: HostSample, samples: Mapping[str, GuestSample], now: float
