@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Final, Literal
 
 from pydantic import Field
@@ -231,9 +231,9 @@ class ManagerCore:
             tgt = min(max(0, tgt), ram)
             if (bal, tgt, ram) != (s.balloon_pages, s.target_pages, s.ram_pages):
                 self.counters.inc(ManagerCounter.SAMPLE_OUT_OF_RANGE)
-                return s._replace(ram_pages=ram, balloon_pages=bal, target_pages=tgt,
+                return replace(s, ram_pages=ram, balloon_pages=bal, target_pages=tgt,
                                   settings=want)
-        return s if s.settings is want or s.settings == want else s._replace(settings=want)
+        return s if s.settings is want or s.settings == want else replace(s, settings=want)
 
     def drain_events(self) -> list[Event]:
         ev, self.events = self.events, []

@@ -14,10 +14,21 @@ Units: pages of 4 KiB. A guest's *size* is what it keeps (``ram_pages - balloon_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TypeVar, dataclass_transform
 
 from memballoon.model.errors import UsageError
 from memballoon.protocol.pressure import PressureReport
+
+_T = TypeVar("_T")
+
+@dataclass_transform(frozen_default=True)
+def _read_only_record(cls: type[_T]) -> type[_T]:
+    """A frozen dataclass to the type checker (``mypy --strict`` refuses any assignment to a
+    field), a plain one with ``__slots__`` at run time, hashed by its fields as a frozen one:
+    a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, 1.2 us
+    a sample against 0.2 us, and a backend builds one per changed guest every step (most of
+    a fleet); a named tuple builds as fast but reads its fields at half the speed."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +46,10 @@ class GuestSettings:
             raise UsageError("max_pages below min_pages")
 
 
-class GuestSample(NamedTuple):
-    """What the manager knows about one guest at one moment.
-
-    A named tuple, not a frozen dataclass: as immutable, and built in a fifth of the time (a
-    backend builds one per guest that changed, every step: most of a fleet). Changed copies
-    come from ``_replace``."""
+@_read_only_record
+class GuestSample:
+    """What the manager knows about one guest at one moment (read-only: changed copies come
+    from ``dataclasses.replace``)."""
 
     name: str
     ram_pages: int  # the guest's RAM: the most it can ever keep
