@@ -193,16 +193,25 @@ class SimBackend:
             self.counters.inc(SimCounter.IDLE_PERIODS, n)
 
     def _tick(self, g: _SimGuest) -> None:
+        """One period of ``g`` (``advance`` counts the ticks): a fleet runs hundreds a step,
+        so ``_stale_sample`` and ``_schedule`` are written out."""
         p = g.pair
-        if p.now + p.period_s <= g.due - p.period_s + TIME_EPS:  # it slept (``_catch_up``)
-            self._catch_up(g, g.due - p.period_s)
+        period = p.period_s
+        if p.now + period <= g.due - period + TIME_EPS:  # it slept (``_catch_up``)
+            self._catch_up(g, g.due - period)
         p.tick(check=self.check)
-        self.counters.inc(SimCounter.TICKS)
         resident = p.ram.resident_bytes()
         self._resident += resident - g.resident
         g.resident = resident
-        self._stale_sample(g)
-        self._schedule(g, self._next_tick(g))
+        if g.sample is not None:
+            g.sample = None
+            self._stale.append(g)
+        t = self._next_tick(g)
+        g.version += 1
+        g.due = t
+        if t < math.inf:
+            self._seq += 1
+            heapq.heappush(self._heap, (t, self._seq, g.index, g.version))
 
     def _next_tick(self, g: _SimGuest) -> float:
         """When ``g`` ticks next: one period on, or, quiet, when its demand next changes."""
@@ -256,20 +265,27 @@ class SimBackend:
         if self._signalled:
             self._run_signalled()
         end = self.clock.now() + seconds
-        heap, guests = self._heap, self._guests
-        while True:
-            t_tick = heap[0][0] if heap else math.inf
-            t_rep = self._next_report
-            if min(t_tick, t_rep) > end + TIME_EPS:
-                break
-            if t_tick <= t_rep + TIME_EPS:
-                _, _, idx, version = heapq.heappop(heap)
-                g = guests[idx]
-                if version == g.version and g.alive:
-                    self._tick(g)
-            else:
-                self._report_round(t_rep)
-                self._next_report = t_rep + self.report_every_s
+        limit = end + TIME_EPS
+        heap, guests, pop, tick = self._heap, self._guests, heapq.heappop, self._tick
+        ticks = 0
+        try:
+            while True:
+                t_tick = heap[0][0] if heap else math.inf
+                t_rep = self._next_report
+                if t_tick > limit and t_rep > limit:
+                    break
+                if t_tick <= t_rep + TIME_EPS:
+                    _, _, idx, version = pop(heap)
+                    g = guests[idx]
+                    if version == g.version and g.alive:
+                        tick(g)
+                        ticks += 1
+                else:
+                    self._report_round(t_rep)
+                    self._next_report = t_rep + self.report_every_s
+        finally:
+            if ticks:
+                self.counters.inc(SimCounter.TICKS, ticks)
         self.clock.set(max(self.clock.now(), end))
         self._enforce_host()
         return end
