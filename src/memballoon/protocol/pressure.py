@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from typing import Final
 
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import PeerError, UsageError
+from memballoon.model.record import read_only_record
 
 REPORT_VERSION: Final = 1
 #: A real report is about 500 bytes; a longer one is garbage or a flood.
@@ -62,7 +63,7 @@ class ReportError(PeerError):
         super().__init__(f"{self.reason}: {detail}")
 
 
-@dataclass(frozen=True, slots=True)
+@read_only_record
 class PressureReport:
     guest: str
     time_s: float  # guest clock: seconds since the guest started
