@@ -469,3 +469,40 @@ def test_complete_rounds_refuses_queues_in_use() -> None:
     q2 = make_pair(8)
     with pytest.raises(UsageError, match="bad chains"):
         complete_rounds(q2.driver, q2.device, [[(DATA, 8, False)] * 9], [0], 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 0xFFFF), st.lists(st.integers(1, 6), min_size=1, max_size=12))
+def test_take_known_ends_where_pop_ends(start: int, lens: list[int]) -> None:
+    # the simulator's bulk report: the chain a driver in this process just published, taken
+    # without its walk, leaves the device's end as pop leaves it (then the same used entry)
+    honest, bulk = make_pair(8, start=start), make_pair(8, start=start)
+    for n in lens:
+        bufs = [(DATA + 0x100 * j, 16, True) for j in range(n)]
+        for q in (honest, bulk):
+            head = q.driver.add(bufs)
+            q.driver.publish()
+            if q is honest:
+                chain = q.device.pop()
+                assert chain is not None and chain.head == head
+            else:
+                assert q.device.take_known(head, n)
+            q.device.push_used(head, 0)
+            q.driver.collect()
+        assert state_diff(state_of(honest), state_of(bulk)) == []
+        assert bulk.check() == []
+
+
+def test_take_known_takes_only_the_one_chain_available() -> None:
+    q = make_pair(8)
+    assert not q.device.take_known(0, 1)  # nothing available
+    a = q.driver.add([(DATA, 8, True)])
+    b = q.driver.add([(DATA + 8, 8, True)])
+    q.driver.publish()
+    assert not q.device.take_known(a, 1)  # two available: the device walks them
+    chain = q.device.pop()
+    assert chain is not None and chain.head == a
+    assert not q.device.take_known(a, 1)  # the one available is another head
+    assert q.device.take_known(b, 1) and q.device.pending() == 0
+    q.device.broken = True
+    assert not q.device.take_known(b, 1)

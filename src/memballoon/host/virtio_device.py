@@ -689,6 +689,39 @@ class VirtioBalloonDevice:
         self.work_bytes += rounds * sum(n for bufs in chains for _, n, _ in bufs) + (
             VIRTQ_DESC_BYTES * (dq.descriptors_read - descs_before))
 
+    def report_blocks(self, queue: int, head: int, blocks: npt.NDArray[np.int64],
+                      block_pages: int) -> bool:
+        """A free page report in one call (``BulkRounds``): the chain ``head`` just made
+        available on the reporting queue holds one device-writable buffer per aligned block
+        of ``blocks`` (``block_pages`` frames each). The doorbell, its walk and ``_report``
+        end where this ends (the same release, counters and used entry); False, having done
+        nothing, where the doorbell could end otherwise (a held deflate or owed release to
+        retry first, a block outside the guest or on a ballooned frame, another chain)."""
+        dq = self._queues.get(queue)
+        k = int(blocks.size)
+        if (dq is None or self._roles.get(queue) is not BalloonQueue.REPORTING_VQ
+                or queue in self.broken_queues or self._held or self._host.owing or k == 0):
+            return False
+        block_bytes = block_pages * PAGE_SIZE
+        if (int(blocks.min()) < 0 or (int(blocks.max()) + 1) * block_bytes > self._view.guest_bytes
+                or k * block_bytes > self._view.guest_bytes):
+            return False  # the walk or _report would refuse the chain
+        ranges = coalesce(blocks) * block_pages  # merge_ranges of the buffers' frames
+        if self._inflated_count and any(  # the guard (_in_balloon) would refuse it
+                self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0 for lo, hi in ranges.tolist()):
+            return False
+        if not dq.take_known(head, k):
+            return False
+        released = self._host.release_free(ranges)
+        self.counters.inc(VirtioDeviceCounter.REPORT_BUFFERS)
+        self.counters.inc(VirtioDeviceCounter.REPORTED_PAGES, released)
+        self.reported_pages_total += released
+        self._flush_release()
+        dq.push_used(head, 0)
+        self._interrupt_used(queue)
+        self.work_bytes += VIRTQ_DESC_BYTES * k
+        return True
+
     def _flush_release(self) -> None:
         if not self._to_release:
             return
