@@ -506,3 +506,23 @@ def test_take_known_takes_only_the_one_chain_available() -> None:
     assert q.device.take_known(b, 1) and q.device.pending() == 0
     q.device.broken = True
     assert not q.device.take_known(b, 1)
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377])
+def test_complete_rounds_plans_are_reused_across_numbers_of_rounds(rounds: int) -> None:
+    # a plan is cached by the rounds' class (past a ring's worth, the permutation's period):
+    # the same chains at many numbers of rounds, one after another on the same queues
+    chains = [[(DATA, 16, False), (DATA + 0x40, 4, True)], [(DATA + 0x80, 8, False)],
+              [(DATA + 0x100, 8, False), (DATA + 0x140, 2, True), (DATA + 0x180, 1, True)]]
+    lengths = [4, 0, 3]
+    honest, bulk = make_pair(16, start=0xFFF0), make_pair(16, start=0xFFF0)
+    for r in (rounds, rounds + 7, 3 * rounds):
+        for _ in range(r):
+            length_of = {honest.driver.add(bufs): n for bufs, n in zip(chains, lengths,
+                                                                       strict=True)}
+            honest.driver.publish()
+            while (chain := honest.device.pop()) is not None:
+                honest.device.push_used(chain.head, length_of[chain.head])
+            honest.driver.collect()
+        complete_rounds(bulk.driver, bulk.device, chains, lengths, r)
+        assert state_diff(state_of(honest), state_of(bulk)) == []

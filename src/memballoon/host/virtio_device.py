@@ -148,6 +148,8 @@ MAX_STATS_BUFFER_BYTES = 4096
 
 _EMPTY = np.empty(0, dtype=np.int64)
 _BALLOONED = b"\x01"  # a frame's byte in the balloon bitmap
+#: The status bytes of an inflate buffer whose every frame was taken (up to the longest).
+_ALL_TAKEN = bytes([VIRTIO_BALLOON_X_STATUS_TAKEN]) * (MAX_PFN_BUFFER_BYTES // 4)
 #: Up to this many runs of frames, a bulk inflate checks and marks them a slice each.
 _FEW_RUNS = 64
 
@@ -677,9 +679,15 @@ class VirtioBalloonDevice:
             self.counters.inc(VirtioDeviceCounter.INFLATE_BUFFERS, rounds * len(chains))
             self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES, n)
             if self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE):
+                view = self._view
                 for bufs, length in zip(chains, lengths, strict=True):
-                    gpa = next(g for g, _, writable in bufs if writable)
-                    self._view.fill(gpa, length, VIRTIO_BALLOON_X_STATUS_TAKEN)
+                    for gpa, _, writable in bufs:
+                        if writable:  # the status bytes: every frame taken
+                            if length <= len(_ALL_TAKEN):
+                                view.write(gpa, _ALL_TAKEN[:length])
+                            else:
+                                view.fill(gpa, length, VIRTIO_BALLOON_X_STATUS_TAKEN)
+                            break
         else:
             self.counters.inc(VirtioDeviceCounter.DEFLATE_BUFFERS, rounds * len(chains))
             self._give(frames)  # 4 KiB host pages: the host backs every one again
@@ -702,13 +710,14 @@ class VirtioBalloonDevice:
         if (dq is None or self._roles.get(queue) is not BalloonQueue.REPORTING_VQ
                 or queue in self.broken_queues or self._held or self._host.owing or k == 0):
             return False
-        block_bytes = block_pages * PAGE_SIZE
-        if (int(blocks.min()) < 0 or (int(blocks.max()) + 1) * block_bytes > self._view.guest_bytes
-                or k * block_bytes > self._view.guest_bytes):
-            return False  # the walk or _report would refuse the chain
         ranges = coalesce(blocks) * block_pages  # merge_ranges of the buffers' frames
+        spans = ranges.tolist()
+        guest = self._view.guest_bytes
+        if (spans[0][0] < 0 or spans[-1][1] * PAGE_SIZE > guest
+                or k * block_pages * PAGE_SIZE > guest):
+            return False  # the walk or _report would refuse the chain
         if self._inflated_count and any(  # the guard (_in_balloon) would refuse it
-                self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0 for lo, hi in ranges.tolist()):
+                self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0 for lo, hi in spans):
             return False
         if not dq.take_known(head, k):
             return False
