@@ -464,8 +464,10 @@ class _RoundPlan:
     last: npt.NDArray[np.bool_]  # the last buffer of each chain
 
 
+@functools.lru_cache(maxsize=1024)
 def _round_plan(chains: tuple[tuple[tuple[int, int, bool], ...], ...],
                 lengths: tuple[int, ...], rounds: int, size: int) -> _RoundPlan:
+    """``_round_plan_of`` for ``rounds`` (one lookup a call: the class of rounds once)."""
     shape = _round_shape(chains)
     full = -(-size // len(chains))  # rounds a ring's worth of slots takes
     if rounds > full:  # the tail is the same past that, and the permutation repeats
