@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -526,3 +527,23 @@ def test_complete_rounds_plans_are_reused_across_numbers_of_rounds(rounds: int) 
             honest.driver.collect()
         complete_rounds(bulk.driver, bulk.device, chains, lengths, r)
         assert state_diff(state_of(honest), state_of(bulk)) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 0x7FFF), min_size=1, max_size=8),
+                          st.integers(0, 4096), st.booleans()), min_size=1, max_size=12))
+def test_add_uniform_adds_what_add_adds(chains: list[tuple[list[int], int, bool]]) -> None:
+    # a free page report's chain: the same descriptors, ring slot, free list and chain in
+    # flight as add of the list, short chains and long ones (the array write)
+    listed, uniform = make_pair(8), make_pair(8)
+    for offsets, length, w in chains:
+        gpas = [DATA + 8 * o for o in offsets]
+        head = listed.driver.add([(g, length, w) for g in gpas])
+        assert uniform.driver.add_uniform(np.array(gpas, dtype=np.int64), length, w) == head
+        for q in (listed, uniform):
+            q.driver.publish()
+            chain = q.device.pop()
+            assert chain is not None and chain.head == head
+            q.device.push_used(head, 0)
+            assert [e.head for e in q.driver.collect()] == [head]
+        assert state_diff(state_of(listed), state_of(uniform)) == []

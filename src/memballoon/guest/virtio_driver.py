@@ -900,7 +900,7 @@ class VirtioBalloonDriver:
         if blocks.size == 0:
             return
         block_bytes = BLOCK_PAGES * PAGE_SIZE
-        head = q.add([(int(b) * block_bytes, block_bytes, True) for b in blocks.tolist()])
+        head = q.add_uniform(blocks * block_bytes, block_bytes, True)
         q.publish()
         self._pending[(role, head)] = _Pending(role, blocks=blocks)
         if self._bulk and cast(BulkRounds, self.transport).report_blocks(

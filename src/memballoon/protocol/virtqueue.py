@@ -352,6 +352,38 @@ class DriverQueue:
         self._flight[head] = _Flight(ids, wbytes)
         return head
 
+    def add_uniform(self, gpas: npt.NDArray[np.int64], length: int, writable: bool) -> int:
+        """``add`` of one ``length``-byte buffer at each of ``gpas`` (a free page report's
+        blocks), without building the list: the same descriptors, ring slot and chain."""
+        n = int(gpas.size)
+        if n < _ADD_ARRAY_MIN:
+            return self.add([(g, length, writable) for g in gpas.tolist()])
+        free = self._free
+        if n > len(free):
+            raise UsageError(f"add: {n} buffers, {len(free)} free descriptors")
+        if self.broken:
+            raise UsageError("add: the queue is broken")
+        if int(gpas.min()) < 0 or length < 0:
+            raise UsageError("add: a negative address or length")
+        ids = free[-n:]  # popped one by one: the top of the stack first
+        ids.reverse()
+        del free[-n:]
+        flags = VIRTQ_DESC_F_WRITE if writable else 0
+        rows = np.empty(n, dtype=_DESC_DTYPE)
+        rows["addr"] = gpas
+        rows["len"] = length
+        rows["flags"] = flags | VIRTQ_DESC_F_NEXT
+        rows["flags"][-1] = flags
+        rows["next"][:-1] = ids[1:]
+        rows["next"][-1] = 0
+        self.view.array(self.layout.desc_gpa, self.size, _DESC_DTYPE)[ids] = rows
+        head = ids[0]
+        slot = self._avail_idx % self.size
+        self.view.write_u16(self.layout.avail_gpa + 4 + 2 * slot, head)
+        self._avail_idx = (self._avail_idx + 1) & _U16
+        self._flight[head] = _Flight(ids, n * length if writable else 0)
+        return head
+
     def publish(self) -> None:
         self.view.write_u16(self.layout.avail_gpa + 2, self._avail_idx)
 
