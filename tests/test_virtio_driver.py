@@ -498,7 +498,8 @@ def test_bulk_rounds_are_taken_only_where_every_frame_goes_through() -> None:
 @settings(max_examples=30, deadline=None)
 @given(
     st.lists(st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 0.9), st.floats(0.2, 3.0),
-                       st.sampled_from(["none", "none", "stats", "reset", "pin", "dry", "wet"])),
+                       st.sampled_from(["none", "none", "stats", "reset", "pin", "dry", "wet",
+                                        "spike"])),
              min_size=1, max_size=12),
     st.sampled_from([
         SUPPORTED_FEATURES,
@@ -517,7 +518,7 @@ def test_free_page_reports_in_bulk_end_where_their_doorbells_end(
     # the simulator's bulk report (the doorbell, the device's walk, release and used entry in
     # one call) ends in exactly the guest, driver, device, host, queue and ring-memory state,
     # counters and statistics of the doorbell; also where it must fall back (a deflate the
-    # host holds for want of memory, an owed release, a reset, refusals)
+    # host holds for want of memory, an owed release, a reset, refusals, deflate on OOM)
     pages = SMALL * 8
     one, bulk = (virtio_pair(pages, features=features, host_page_frames=host_frames)
                  for _ in range(2))
@@ -539,6 +540,9 @@ def test_free_page_reports_in_bulk_end_where_their_doorbells_end(
                 pair.ram.pool = None
             pair.now += dt  # a free page report is due every PAGE_REPORTING_DELAY_S
             pair.mem.step(pair.now, dt, demand)
+            if event == "spike":  # the guest needs more than the balloon left it: OOM
+                pair.mem.step(pair.now, dt, Demand(int(0.9 * pages), int(0.45 * pages), 0, 0,
+                                                   0.02))
             pair.driver.work(pair.now)
     one.transport.bulk = True
     diff = state_diff(state_of(one), state_of(bulk))
