@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -469,3 +470,80 @@ def test_complete_rounds_refuses_queues_in_use() -> None:
     q2 = make_pair(8)
     with pytest.raises(UsageError, match="bad chains"):
         complete_rounds(q2.driver, q2.device, [[(DATA, 8, False)] * 9], [0], 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 0xFFFF), st.lists(st.integers(1, 6), min_size=1, max_size=12))
+def test_take_known_ends_where_pop_ends(start: int, lens: list[int]) -> None:
+    # the simulator's bulk report: the chain a driver in this process just published, taken
+    # without its walk, leaves the device's end as pop leaves it (then the same used entry)
+    honest, bulk = make_pair(8, start=start), make_pair(8, start=start)
+    for n in lens:
+        bufs = [(DATA + 0x100 * j, 16, True) for j in range(n)]
+        for q in (honest, bulk):
+            head = q.driver.add(bufs)
+            q.driver.publish()
+            if q is honest:
+                chain = q.device.pop()
+                assert chain is not None and chain.head == head
+            else:
+                assert q.device.take_known(head, n)
+            q.device.push_used(head, 0)
+            q.driver.collect()
+        assert state_diff(state_of(honest), state_of(bulk)) == []
+        assert bulk.check() == []
+
+
+def test_take_known_takes_only_the_one_chain_available() -> None:
+    q = make_pair(8)
+    assert not q.device.take_known(0, 1)  # nothing available
+    a = q.driver.add([(DATA, 8, True)])
+    b = q.driver.add([(DATA + 8, 8, True)])
+    q.driver.publish()
+    assert not q.device.take_known(a, 1)  # two available: the device walks them
+    chain = q.device.pop()
+    assert chain is not None and chain.head == a
+    assert not q.device.take_known(a, 1)  # the one available is another head
+    assert q.device.take_known(b, 1) and q.device.pending() == 0
+    q.device.broken = True
+    assert not q.device.take_known(b, 1)
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377])
+def test_complete_rounds_plans_are_reused_across_numbers_of_rounds(rounds: int) -> None:
+    # a plan is cached by the rounds' class (past a ring's worth, the permutation's period):
+    # the same chains at many numbers of rounds, one after another on the same queues
+    chains = [[(DATA, 16, False), (DATA + 0x40, 4, True)], [(DATA + 0x80, 8, False)],
+              [(DATA + 0x100, 8, False), (DATA + 0x140, 2, True), (DATA + 0x180, 1, True)]]
+    lengths = [4, 0, 3]
+    honest, bulk = make_pair(16, start=0xFFF0), make_pair(16, start=0xFFF0)
+    for r in (rounds, rounds + 7, 3 * rounds):
+        for _ in range(r):
+            length_of = {honest.driver.add(bufs): n for bufs, n in zip(chains, lengths,
+                                                                       strict=True)}
+            honest.driver.publish()
+            while (chain := honest.device.pop()) is not None:
+                honest.device.push_used(chain.head, length_of[chain.head])
+            honest.driver.collect()
+        complete_rounds(bulk.driver, bulk.device, chains, lengths, r)
+        assert state_diff(state_of(honest), state_of(bulk)) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 0x7FFF), min_size=1, max_size=8),
+                          st.integers(0, 4096), st.booleans()), min_size=1, max_size=12))
+def test_add_uniform_adds_what_add_adds(chains: list[tuple[list[int], int, bool]]) -> None:
+    # a free page report's chain: the same descriptors, ring slot, free list and chain in
+    # flight as add of the list, short chains and long ones (the array write)
+    listed, uniform = make_pair(8), make_pair(8)
+    for offsets, length, w in chains:
+        gpas = [DATA + 8 * o for o in offsets]
+        head = listed.driver.add([(g, length, w) for g in gpas])
+        assert uniform.driver.add_uniform(np.array(gpas, dtype=np.int64), length, w) == head
+        for q in (listed, uniform):
+            q.driver.publish()
+            chain = q.device.pop()
+            assert chain is not None and chain.head == head
+            q.device.push_used(head, 0)
+            assert [e.head for e in q.driver.collect()] == [head]
+        assert state_diff(state_of(listed), state_of(uniform)) == []

@@ -238,6 +238,7 @@ class VirtioBalloonDriver:
             raise UsageError(f"the transport's view does not map the driver area: {exc}") from exc
         self.counters = Counters()
         self.features = 0
+        self._reporting = False  # VIRTIO_BALLOON_F_REPORTING negotiated (set by load)
         self._loaded = False
         self._queues: dict[BalloonQueue, DriverQueue] = {}
         self._qidx: dict[BalloonQueue, int] = {}
@@ -307,6 +308,7 @@ class VirtioBalloonDriver:
             raise UsageError("load: the driver is already loaded")
         t = self.transport
         self.features = t.device_features() & self._want
+        self._reporting = self.has_feature(VIRTIO_BALLOON_F_REPORTING)
         t.set_driver_features(self.features)
         t.set_interrupt_handlers(self._irq_config, self._irq_used)
         cursor = self._area
@@ -358,8 +360,7 @@ class VirtioBalloonDriver:
                 if self._adjust_pending:
                     self._adjust()
         self._update_actual()
-        if (not resetting and self.has_feature(VIRTIO_BALLOON_F_REPORTING)
-                and now >= self._next_report):
+        if not resetting and self._reporting and now >= self._next_report:
             self._report()
             self._next_report = now + PAGE_REPORTING_DELAY_S
         self._used_seen = self.used_interrupts  # what this run collected (quiet())
@@ -373,18 +374,27 @@ class VirtioBalloonDriver:
                 or self.used_interrupts != self._used_seen
                 or self._target != len(self._balloon)):
             return False
-        if any(role is not BalloonQueue.STATSQ for role, _ in self._pending):
+        pending = self._pending
+        if pending and any(role is not BalloonQueue.STATSQ for role, _ in pending):
             return False
-        if not self.has_feature(VIRTIO_BALLOON_F_REPORTING):
+        if not self._reporting:
             return True
-        room = self._report_room()
-        return room is None or not self.mem.has_reportable(self.mem.watermarks.low)
+        # _report_room, inlined (this runs for every guest that might sleep, every period):
+        # no report is in flight here, so only the queue and the zone's free pages decide
+        q = self._queues.get(BalloonQueue.REPORTING_VQ)
+        if q is None or q.broken or not q._free:
+            return True
+        mem = self.mem
+        free, low = mem.free_pages, mem.watermarks.low
+        if free < low + PAGE_REPORTING_CAPACITY * BLOCK_PAGES or free // 16 // BLOCK_PAGES <= 0:
+            return True
+        return not mem.has_reportable(low)
 
     def idle_work(self, now: float) -> None:
         """What ``work`` does in a quiet period (``quiet`` held): a reporting pass, if due,
         finds nothing, and only its clock moves. The simulator accounts the periods a quiet
         guest sleeps through with this."""
-        if self.has_feature(VIRTIO_BALLOON_F_REPORTING) and now >= self._next_report:
+        if self._reporting and now >= self._next_report:
             self._next_report = now + PAGE_REPORTING_DELAY_S
 
     def unload(self, now: float) -> None:
@@ -890,7 +900,11 @@ class VirtioBalloonDriver:
         if blocks.size == 0:
             return
         block_bytes = BLOCK_PAGES * PAGE_SIZE
-        head = q.add([(int(b) * block_bytes, block_bytes, True) for b in blocks.tolist()])
+        head = q.add_uniform(blocks * block_bytes, block_bytes, True)
         q.publish()
         self._pending[(role, head)] = _Pending(role, blocks=blocks)
-        self._kick(role)
+        if self._bulk and cast(BulkRounds, self.transport).report_blocks(
+                self._qidx[role], head, blocks, BLOCK_PAGES):
+            self._collect(role)  # the doorbell, the device's work and its interrupt: done
+        else:
+            self._kick(role)

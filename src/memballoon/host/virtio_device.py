@@ -148,6 +148,9 @@ MAX_STATS_BUFFER_BYTES = 4096
 
 _EMPTY = np.empty(0, dtype=np.int64)
 _BALLOONED = b"\x01"  # a frame's byte in the balloon bitmap
+_NOT_BALLOONED = b"\x00"
+#: The status bytes of an inflate buffer whose every frame was taken (up to the longest).
+_ALL_TAKEN = bytes([VIRTIO_BALLOON_X_STATUS_TAKEN]) * (MAX_PFN_BUFFER_BYTES // 4)
 #: Up to this many runs of frames, a bulk inflate checks and marks them a slice each.
 _FEW_RUNS = 64
 
@@ -652,16 +655,20 @@ class VirtioBalloonDevice:
         counters, host memory and both ends of the queue as that many doorbells leave them."""
         n = int(frames.size)
         inflate = self._roles[queue] is BalloonQueue.INFLATEQ
-        runs = coalesce(frames) if inflate else None
-        if n and runs is not None and len(runs) <= _FEW_RUNS:
-            # the usual inflate: a few runs of frames, checked and marked a slice each
+        runs = coalesce(frames)
+        few = len(runs) <= _FEW_RUNS and (inflate or not n or int(runs[0, 0]) >= 0)
+        if n and few:
+            # the usual rounds: a few runs of frames, checked (and marked) a slice each
             if int(runs[-1, 1]) > self._guest_pages:
                 raise UsageError("take_rounds: a frame outside the guest")
             spans = runs.tolist()
-            if any(self._inflated_bytes.find(_BALLOONED, a, b) >= 0 for a, b in spans):
+            if inflate:
+                if any(self._inflated_bytes.find(_BALLOONED, a, b) >= 0 for a, b in spans):
+                    raise UsageError("take_rounds: the driver's balloon and ours disagree")
+                for a, b in spans:
+                    self._inflated[a:b] = True
+            elif any(self._inflated_bytes.find(_NOT_BALLOONED, a, b) >= 0 for a, b in spans):
                 raise UsageError("take_rounds: the driver's balloon and ours disagree")
-            for a, b in spans:
-                self._inflated[a:b] = True
         elif n:
             if int(frames.max()) >= self._guest_pages:
                 raise UsageError("take_rounds: a frame outside the guest")
@@ -670,24 +677,65 @@ class VirtioBalloonDevice:
                 raise UsageError("take_rounds: the driver's balloon and ours disagree")
             if inflate:
                 self._inflated[frames] = True
-        if inflate and runs is not None:
+        if inflate:
             self._inflated_count += n
             self._to_release.append(runs)
             self._flush_release()
             self.counters.inc(VirtioDeviceCounter.INFLATE_BUFFERS, rounds * len(chains))
             self.counters.inc(VirtioDeviceCounter.INFLATED_PAGES, n)
             if self._has(VIRTIO_BALLOON_X_F_HOST_REFUSE):
+                view = self._view
                 for bufs, length in zip(chains, lengths, strict=True):
-                    gpa = next(g for g, _, writable in bufs if writable)
-                    self._view.fill(gpa, length, VIRTIO_BALLOON_X_STATUS_TAKEN)
+                    for gpa, _, writable in bufs:
+                        if writable:  # the status bytes: every frame taken
+                            if length <= len(_ALL_TAKEN):
+                                view.write(gpa, _ALL_TAKEN[:length])
+                            else:
+                                view.fill(gpa, length, VIRTIO_BALLOON_X_STATUS_TAKEN)
+                            break
         else:
             self.counters.inc(VirtioDeviceCounter.DEFLATE_BUFFERS, rounds * len(chains))
-            self._give(frames)  # 4 KiB host pages: the host backs every one again
+            # 4 KiB host pages: the host backs every one again
+            self._give(frames, runs)
         dq = self._queues[queue]
         descs_before = dq.descriptors_read
         complete_rounds(driver, dq, chains, lengths, rounds)
         self.work_bytes += rounds * sum(n for bufs in chains for _, n, _ in bufs) + (
             VIRTQ_DESC_BYTES * (dq.descriptors_read - descs_before))
+
+    def report_blocks(self, queue: int, head: int, blocks: npt.NDArray[np.int64],
+                      block_pages: int) -> bool:
+        """A free page report in one call (``BulkRounds``): the chain ``head`` just made
+        available on the reporting queue holds one device-writable buffer per aligned block
+        of ``blocks`` (``block_pages`` frames each). The doorbell, its walk and ``_report``
+        end where this ends (the same release, counters and used entry); False, having done
+        nothing, where the doorbell could end otherwise (a held deflate or owed release to
+        retry first, a block outside the guest or on a ballooned frame, another chain)."""
+        dq = self._queues.get(queue)
+        k = int(blocks.size)
+        if (dq is None or self._roles.get(queue) is not BalloonQueue.REPORTING_VQ
+                or queue in self.broken_queues or self._held or self._host.owing or k == 0):
+            return False
+        ranges = coalesce(blocks) * block_pages  # merge_ranges of the buffers' frames
+        spans = ranges.tolist()
+        guest = self._view.guest_bytes
+        if (spans[0][0] < 0 or spans[-1][1] * PAGE_SIZE > guest
+                or k * block_pages * PAGE_SIZE > guest):
+            return False  # the walk or _report would refuse the chain
+        if self._inflated_count and any(  # the guard (_in_balloon) would refuse it
+                self._inflated_bytes.find(_BALLOONED, lo, hi) >= 0 for lo, hi in spans):
+            return False
+        if not dq.take_known(head, k):
+            return False
+        released = self._host.release_free(ranges)
+        self.counters.inc(VirtioDeviceCounter.REPORT_BUFFERS)
+        self.counters.inc(VirtioDeviceCounter.REPORTED_PAGES, released)
+        self.reported_pages_total += released
+        self._flush_release()
+        dq.push_used(head, 0)
+        self._interrupt_used(queue)
+        self.work_bytes += VIRTQ_DESC_BYTES * k
+        return True
 
     def _flush_release(self) -> None:
         if not self._to_release:
@@ -1060,13 +1108,21 @@ class VirtioBalloonDevice:
             return None
         return 0
 
-    def _give(self, pfns: PfnArray) -> PfnArray:
-        """Give balloon frames back to the guest; returns those the host could not back."""
-        stuck = self._host.give(coalesce(pfns))
+    def _give(self, pfns: PfnArray, runs: RangeArray | None = None) -> PfnArray:
+        """Give balloon frames back to the guest; returns those the host could not back.
+        ``runs``: ``coalesce(pfns)`` if the caller has it (a few runs: the bitmap is cleared
+        a slice each)."""
+        if runs is None:
+            runs = coalesce(pfns)
+        stuck = self._host.give(runs)
         left = pfns[in_ranges(pfns, stuck)] if len(stuck) else pfns[:0]
         given = pfns[~in_ranges(pfns, stuck)] if len(stuck) else pfns
         if given.size:
-            self._inflated[given] = False
+            if not len(stuck) and len(runs) <= _FEW_RUNS and int(runs[0, 0]) >= 0:
+                for a, b in runs.tolist():
+                    self._inflated[a:b] = False
+            else:
+                self._inflated[given] = False
             self._inflated_count -= int(given.size)
             self.counters.inc(VirtioDeviceCounter.DEFLATED_PAGES, int(given.size))
         return left

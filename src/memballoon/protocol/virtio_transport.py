@@ -125,6 +125,14 @@ class BulkRounds(Protocol):
         queue as those round trips leave them."""
         ...
 
+    def report_blocks(self, queue: int, head: int, blocks: npt.NDArray[np.int64],
+                      block_pages: int) -> bool:
+        """The doorbell of the free page report ``head`` just made available on ``queue`` (one
+        buffer per aligned block of ``blocks``, ``block_pages`` frames each), the device's
+        work and its used interrupt, in one call; False, having done nothing, where the
+        doorbell could end otherwise: ring it then."""
+        ...
+
 
 _TAKES_ROUNDS: dict[type, bool] = {}
 
@@ -222,6 +230,17 @@ class DirectTransport:
         if self._on_used is not None:
             for _ in range(rounds):
                 self._on_used(queue)
+
+    def report_blocks(self, queue: int, head: int, blocks: npt.NDArray[np.int64],
+                      block_pages: int) -> bool:
+        """``notify`` of a free page report, in one call where the device can (``bulk``, a
+        synchronous device, no kick queued)."""
+        dev = self.device
+        if not (self.bulk and not self.deferred and not self._kicks and _takes_rounds(dev)
+                and cast(BulkRounds, dev).report_blocks(queue, head, blocks, block_pages)):
+            return False
+        self.notifies += 1
+        return True
 
     # -------------------------------------------------------------- the device's side
     def config_changed(self) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import mmap
 import struct
 import sys
@@ -351,6 +352,38 @@ class DriverQueue:
         self._flight[head] = _Flight(ids, wbytes)
         return head
 
+    def add_uniform(self, gpas: npt.NDArray[np.int64], length: int, writable: bool) -> int:
+        """``add`` of one ``length``-byte buffer at each of ``gpas`` (a free page report's
+        blocks), without building the list: the same descriptors, ring slot and chain."""
+        n = int(gpas.size)
+        if n < _ADD_ARRAY_MIN:
+            return self.add([(g, length, writable) for g in gpas.tolist()])
+        free = self._free
+        if n > len(free):
+            raise UsageError(f"add: {n} buffers, {len(free)} free descriptors")
+        if self.broken:
+            raise UsageError("add: the queue is broken")
+        if int(gpas.min()) < 0 or length < 0:
+            raise UsageError("add: a negative address or length")
+        ids = free[-n:]  # popped one by one: the top of the stack first
+        ids.reverse()
+        del free[-n:]
+        flags = VIRTQ_DESC_F_WRITE if writable else 0
+        rows = np.empty(n, dtype=_DESC_DTYPE)
+        rows["addr"] = gpas
+        rows["len"] = length
+        rows["flags"] = flags | VIRTQ_DESC_F_NEXT
+        rows["flags"][-1] = flags
+        rows["next"][:-1] = ids[1:]
+        rows["next"][-1] = 0
+        self.view.array(self.layout.desc_gpa, self.size, _DESC_DTYPE)[ids] = rows
+        head = ids[0]
+        slot = self._avail_idx % self.size
+        self.view.write_u16(self.layout.avail_gpa + 4 + 2 * slot, head)
+        self._avail_idx = (self._avail_idx + 1) & _U16
+        self._flight[head] = _Flight(ids, n * length if writable else 0)
+        return head
+
     def publish(self) -> None:
         self.view.write_u16(self.layout.avail_gpa + 2, self._avail_idx)
 
@@ -411,30 +444,21 @@ def complete_rounds(
     aidx = driver._avail_idx
     view, lay = driver.view, driver.layout
     if rounds > 0 and m:
-        # Every round pops the same m descriptors (the top of the free list) chain by chain
-        # and frees them in used order: the top comes out permuted, the same way each round
-        # (``perm``: afterwards entry j holds what entry perm[j] held). Round r's descriptors
-        # are the top permuted r times; of its ring writes only the last ``size`` (a ring's
-        # worth, the last ``tail`` rounds) leave a mark, and of its descriptor writes only
-        # the last round's (each round writes the same m entries).
-        shape = _round_shape(tuple(map(tuple, chains)))
-        tail = min(rounds, -(-size // c))
-        rs = np.arange(rounds - tail, rounds + 1)[:, None]  # the tail rounds, then the end
-        tops = np.array(free[len(free) - m:], dtype=np.int64)[
-            shape.cyc[shape.start + (shape.pos + rs) % shape.clen]]
-        free[len(free) - m:] = tops[-1].tolist()
-        k = min(tail * c, size)
-        heads = tops[:-1, shape.head_cols].ravel()[-k:]  # the last k ring writes
-        writes = rounds * c - k + np.arange(k)  # their numbers among all rounds' writes
-        slots = (aidx + writes) % size
+        # which of the top's descriptors each write names (``_round_plan_of``): the same for
+        # every call of these chains, so only the gathers and the ring writes are per call
+        plan = _round_plan(tuple(map(tuple, chains)), tuple(lengths), rounds, size)
+        base = np.array(free[len(free) - m:], dtype=np.int64)
+        free[len(free) - m:] = base[plan.top].tolist()
+        heads = base[plan.heads]
+        slots = (aidx + rounds * c + plan.writes) % size
         view.array(lay.avail_gpa + 4, size, _U16_DTYPE)[slots] = heads
         used = view.array(lay.used_gpa + 4, size, _USED_DTYPE)
         used["id"][slots] = heads
-        used["len"][slots] = np.array([n & 0xFFFF_FFFF for n in lengths], np.int64)[writes % c]
-        ids = tops[-2, ::-1]  # the last round's descriptors, in buffer order
-        rows = shape.rows.copy()
+        used["len"][slots] = plan.lens
+        ids = base[plan.ids]
+        rows = plan.rows.copy()
         rows["next"][:-1] = ids[1:]
-        rows["next"][shape.last] = 0
+        rows["next"][plan.last] = 0
         view.array(lay.desc_gpa, size, _DESC_DTYPE)[ids] = rows
     aidx = (aidx + rounds * c) & _U16 if rounds > 0 else aidx
     view.write_u16(lay.avail_gpa + 2, aidx)
@@ -454,6 +478,55 @@ class _RoundShape:
     head_cols: list[int]  # where each chain's head sits in the free list's top
     rows: npt.NDArray[Any]  # the descriptors, ``next`` left 0
     last: npt.NDArray[np.bool_]  # the last buffer of each chain
+    period: int  # rounds after which the permutation is the identity again
+
+
+@dataclass(frozen=True, slots=True)
+class _RoundPlan:
+    """Where ``complete_rounds`` finds its writes in the free list's top (``base``, the m
+    descriptors every round pops): the same for every call with these chains, lengths, ring
+    size and number of rounds (up to the permutation's period, past a ring's worth)."""
+
+    top: npt.NDArray[np.int64]  # the top after the rounds: base[top]
+    heads: npt.NDArray[np.int64]  # the heads of the last k ring writes: base[heads]
+    writes: npt.NDArray[np.int64]  # those writes' numbers, less rounds * chains
+    lens: npt.NDArray[np.uint32]  # their used lengths
+    ids: npt.NDArray[np.int64]  # the last round's descriptors, in buffer order: base[ids]
+    rows: npt.NDArray[Any]  # the descriptors, ``next`` left 0
+    last: npt.NDArray[np.bool_]  # the last buffer of each chain
+
+
+@functools.lru_cache(maxsize=1024)
+def _round_plan(chains: tuple[tuple[tuple[int, int, bool], ...], ...],
+                lengths: tuple[int, ...], rounds: int, size: int) -> _RoundPlan:
+    """``_round_plan_of`` for ``rounds`` (one lookup a call: the class of rounds once)."""
+    shape = _round_shape(chains)
+    full = -(-size // len(chains))  # rounds a ring's worth of slots takes
+    if rounds > full:  # the tail is the same past that, and the permutation repeats
+        rounds = full + (rounds - full) % shape.period
+    return _round_plan_of(chains, lengths, rounds, size)
+
+
+@functools.lru_cache(maxsize=512)
+def _round_plan_of(chains: tuple[tuple[tuple[int, int, bool], ...], ...],
+                   lengths: tuple[int, ...], rounds: int, size: int) -> _RoundPlan:
+    # Every round pops the same m descriptors (the top of the free list) chain by chain and
+    # frees them in used order: the top comes out permuted, the same way each round
+    # (``perm``: afterwards entry j holds what entry perm[j] held). Round r's descriptors are
+    # the top permuted r times; of its ring writes only the last ``size`` (a ring's worth,
+    # the last ``tail`` rounds) leave a mark, and of its descriptor writes only the last
+    # round's (each round writes the same m entries).
+    shape = _round_shape(chains)
+    c = len(chains)
+    tail = min(rounds, -(-size // c))
+    rs = np.arange(rounds - tail, rounds + 1)[:, None]  # the tail rounds, then the end
+    idx = shape.cyc[shape.start + (shape.pos + rs) % shape.clen]
+    k = min(tail * c, size)
+    writes = np.arange(k, dtype=np.int64) - k  # the last k writes, less rounds * c
+    lens = np.array([n & 0xFFFF_FFFF for n in lengths], np.int64)[writes % c]
+    return _RoundPlan(top=idx[-1], heads=idx[:-1, shape.head_cols].ravel()[-k:],
+                      writes=writes, lens=lens.astype(np.uint32), ids=idx[-2, ::-1].copy(),
+                      rows=shape.rows, last=shape.last)
 
 
 @functools.lru_cache(maxsize=64)
@@ -471,8 +544,9 @@ def _round_shape(chains: tuple[tuple[tuple[int, int, bool], ...], ...]) -> _Roun
                       | (0 if end else VIRTQ_DESC_F_NEXT), 0)
                      for (gpa, n, w), end in zip(bufs, last.tolist(), strict=True)],
                     dtype=_DESC_DTYPE)
-    return _RoundShape(*_cycles(perm), head_cols=[m - 1 - a for a in firsts], rows=rows,
-                       last=last)
+    cyc, start, pos, clen = _cycles(perm)
+    return _RoundShape(cyc, start, pos, clen, head_cols=[m - 1 - a for a in firsts], rows=rows,
+                       last=last, period=math.lcm(*clen.tolist()))
 
 
 def _cycles(perm: list[int]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64],
@@ -601,6 +675,23 @@ class DeviceQueue:
         self._walk(chain, self.layout.desc_gpa, self.size, head, top=True)
         self.failed_head = None
         return chain
+
+    def take_known(self, head: int, descriptors: int) -> bool:
+        """Pop the one chain available, ``head``, without walking it: its ``descriptors``
+        entries are known valid (a driver in this process just added it: the simulator's bulk
+        report). False, having popped nothing, unless exactly that chain is available; after
+        True the queue is where ``pop`` leaves it (the walk's reads counted)."""
+        if self.broken:
+            return False
+        lay = self.layout
+        n = (self.view.read_u16(lay.avail_gpa + 2) - self.last_avail) & _U16
+        if n != 1 or self.view.read_u16(lay.avail_gpa + 4 + 2 * (self.last_avail % self.size)
+                                        ) != head:
+            return False
+        self.failed_head = None
+        self.last_avail = (self.last_avail + 1) & _U16
+        self.descriptors_read += descriptors
+        return True
 
     def _walk(self, chain: Chain, table: int, count: int, first: int, *, top: bool) -> None:
         # The table lies in the view (the layout was checked, an indirect table read), so its
