@@ -704,3 +704,49 @@ def test_a_batched_unlock_ends_the_same_in_any_order(
         assert not resp.statuses.any()
         ends.append(state_of((dev, ram)))
     assert state_diff(ends[0], ends[1]) == []
+
+
+# ------------------------------------------------------------------ batch fast paths
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, PAGES // 512 - 1), st.integers(1, 600), st.integers(0, PAGES + 600),
+       st.lists(st.integers(0, PAGES - 1), max_size=4),
+       st.lists(st.integers(0, PAGES - 1), max_size=4),
+       st.sampled_from(["run", "descending", "repeat", "outside", "scattered"]),
+       st.booleans())
+def test_a_batch_lock_ends_as_its_page_by_page_checks(
+        first: int, n: int, target: int, pinned: list[int], locked: list[int], shape: str,
+        huge: bool) -> None:
+    # _lock_batch and _lock_batch_2m answer the usual batch (every page granted) in a few
+    # numpy calls; the statuses, state, counters and RAM are those of the checked path
+    if huge:
+        heads = (np.arange(first, first + min(n, 8)) * 512).astype(np.int64)
+    else:
+        heads = np.arange(first * 512, first * 512 + n, dtype=np.int64)
+    pfns = {"run": heads, "descending": heads[::-1].copy(),
+            "repeat": np.append(heads, heads[-1]),
+            "outside": np.append(heads, PAGES + 512 * 8),
+            "scattered": heads[::2].copy()}[shape]
+    ends = []
+    for checked in (False, True):
+        dev, ram = started(batched=True, target=target)
+        dev.set_pinned(pinned)
+        for p in locked:
+            send(dev, Request(Command.LOCK, p))
+        if huge:
+            st_ = (dev._lock_batch_2m_checked if checked else dev._lock_batch_2m)(pfns)
+        else:
+            st_ = (dev._lock_batch_checked if checked else dev._lock_batch)(pfns)
+        ends.append((st_.tolist(), state_of((dev, ram))))
+    assert ends[0][0] == ends[1][0]
+    assert state_diff(ends[0][1], ends[1][1]) == []
+
+
+def test_a_granted_2m_batch_marks_whole_blocks() -> None:
+    dev, ram = started(batched=True, target=PAGES)
+    heads = np.array([0, 1024, 1536], dtype=np.int64)
+    assert not dev._lock_batch_2m(heads).any()
+    assert dev.balloon_pfns().tolist() == [*range(512), *range(1024, 2048)]
+    assert dev.actual_pages == 3 * 512 and ram.released_pages_total == 3 * 512
+    # a second lock of one of them: refused, nothing changes
+    assert dev._lock_batch_2m(heads[1:2]).tolist() == [Status.ERROR_PPN_LOCKED]
+    assert dev.actual_pages == 3 * 512

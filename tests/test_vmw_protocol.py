@@ -272,3 +272,64 @@ def test_scalar_messages_are_shared_and_decode_the_same_every_time() -> None:
             decode_response(ok, batch)
     with pytest.raises(VmwFrameError, match="bad_magic"):
         decode_request(b"\0" * REQUEST_HEADER_SIZE)
+
+
+# ------------------------------------------------------------------ the frame just encoded
+def _decoded(decode: object, *args: object) -> tuple[str, object]:
+    """What a decode gives: ("ok", the message) or ("error", the reason)."""
+    try:
+        return "ok", decode(*args)  # type: ignore[operator]
+    except VmwFrameError as exc:
+        return "error", exc.reason
+
+
+_BATCHED = [Command.BATCHED_LOCK, Command.BATCHED_UNLOCK, Command.BATCHED_2M_LOCK,
+            Command.BATCHED_2M_UNLOCK]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_BATCHED),
+       st.lists(st.integers(0, 2**40), min_size=1, max_size=20),
+       st.lists(st.sampled_from([0, 0, 0, 2, 3, 6, 7, -1, 0x3000000, 99, 4096 + 2]),
+                min_size=1, max_size=20),
+       st.sampled_from(list(Status)), st.integers(0, 2**64 - 1),
+       st.sampled_from(["echo", "other", "shorter", "scalar"]),
+       st.booleans())
+def test_the_frame_just_encoded_decodes_as_its_bytes_parse(
+        command: Command, pfns: list[int], codes: list[int], status: Status, result: int,
+        asked: str, wide: bool) -> None:
+    # a frame decoded right after it was encoded (a driver and a device in one process) is
+    # not parsed again; what comes out, message or error, is what parsing its bytes gives
+    req = batch_request(command, pfns)
+    frame = encode_request(req)
+    assert _decoded(decode_request, frame) == _decoded(decode_request, bytes(bytearray(frame)))
+    assert decode_request(frame) == req
+    n = len(pfns)
+    echo = np.array(pfns, dtype=np.int64) + (2**53 if wide else 0)  # past 52 bits: cut
+    statuses = np.resize(np.array(codes, dtype=np.int32), n)
+    frame = encode_response(Response(status, result, echo, statuses))
+    ask = {"echo": req, "other": batch_request(command, [p + 1 for p in pfns]),
+           "shorter": batch_request(command, pfns[1:]),
+           "scalar": scalar_request(Command.GET_TARGET, 5)}[asked]
+    got, parsed = (_decoded(decode_response, frame, ask),
+                   _decoded(decode_response, bytes(bytearray(frame)), ask))
+    assert got == parsed
+    if got[0] == "ok":
+        resp = got[1]
+        assert isinstance(resp, Response) and type(resp.result) is int
+        assert resp.statuses.dtype == np.int32 and resp.pfns.dtype == np.int64
+
+
+def test_the_memo_holds_a_copy_of_what_was_sent() -> None:
+    # the sender reusing its array after the send changes nothing of what was sent
+    pfns = np.arange(10, dtype=np.int64)
+    req = batch_request(Command.BATCHED_LOCK, pfns)
+    frame = encode_request(req)
+    pfns[:] = 99
+    assert decode_request(frame).pfns.tolist() == list(range(10))
+    statuses = np.zeros(10, dtype=np.int32)
+    answer = encode_response(Response(Status.SUCCESS, 7, np.arange(10), statuses))
+    statuses[:] = int(Status.ERROR_PPN_LOCKED)
+    resp = decode_response(answer, batch_request(Command.BATCHED_LOCK, np.arange(10)))
+    assert resp.statuses.tolist() == [0] * 10 and resp.result == 7
+    assert not resp.statuses.flags.writeable  # shared by every decode of the frame

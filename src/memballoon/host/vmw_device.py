@@ -579,6 +579,21 @@ class VmwBalloonDevice:
             self.counters.inc(_STATUS_COUNTER[code], n)
 
     def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        n = int(pfns.size)
+        if 0 < n <= self._target - self._n_locked and int(pfns.max()) < self._guest_pages:
+            # the usual batch: inside, under the target; if no page is locked, pinned or
+            # given twice, every one is SUCCESS (the checks below, in a few numpy calls)
+            bad = self._locked[pfns]
+            bad |= self._pinned[pfns]
+            if not bool(bad.any()) and not self._repeats(pfns).any():
+                self._release(coalesce(pfns))
+                self._locked[pfns] = True
+                self._n_locked += n
+                return np.zeros(n, dtype=np.int32)
+        return self._lock_batch_checked(pfns)
+
+    def _lock_batch_checked(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        """``_lock_batch`` entry by entry: every status (the reference its fast path keeps)."""
         st, inside = self._classify(pfns)
         idx = inside.nonzero()[0]
         p = pfns[idx]
@@ -644,14 +659,28 @@ class VmwBalloonDevice:
         """Mark whole 2 MiB pages (un)locked; returns their frames as merged ranges."""
         starts = blocks * _2M_PAGES
         ranges = merge_ranges(starts, starts + _2M_PAGES)
-        for lo, hi in ranges.tolist():
-            self._locked[lo:hi] = locked
+        self._locked_rows[blocks] = locked  # whole blocks (valid heads): one write
         self._huge[blocks] = locked
         delta = int(blocks.size) * _2M_PAGES
         self._n_locked += delta if locked else -delta
         return ranges
 
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
+        n = int(heads.size)
+        if (n > 0 and n * _2M_PAGES <= self._target - self._n_locked
+                and int(heads.max()) + _2M_PAGES <= self._guest_pages
+                and not bool((heads % _2M_PAGES).any())):
+            # the usual batch: whole aligned pages inside, under the target; if no frame of
+            # theirs is locked or pinned and none is given twice, every one is SUCCESS
+            blocks = heads >> VMW_BALLOON_2M_ORDER
+            if not (bool(self._locked_rows[blocks].any()) or bool(self._pinned_rows[blocks].any())
+                    or bool(self._repeats(blocks).any())):
+                self._release(self._set_blocks(blocks, True))
+                return np.zeros(n, dtype=np.int32)
+        return self._lock_batch_2m_checked(heads)
+
+    def _lock_batch_2m_checked(self, heads: PfnArray) -> npt.NDArray[np.int32]:
+        """``_lock_batch_2m`` page by page: every status (the reference of its fast path)."""
         st, idx, blocks = self._classify_2m(heads)
         locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
         st[idx[locked]] = _I_PPN_LOCKED
