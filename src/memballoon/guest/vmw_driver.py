@@ -741,6 +741,10 @@ class VmwBalloonDriver:
             ps.free(self.mem, pfns)
             return _EIO
         self.target = resp.result & PFN32_MAX  # v4.20+: LOCK replies carry the target
+        if not resp.statuses.any():  # every page locked (SUCCESS is 0): the usual answer
+            ps.pages.extend(pfns)
+            self.size += int(pfns.size) * ps.frames
+            return _OK
         ok = resp.statuses == _I_SUCCESS
         ps.pages.extend(pfns[ok])
         self.size += int(ok.sum()) * ps.frames

@@ -207,29 +207,6 @@ _request_frames: dict[bytes, Request] = {}
 _response_frames: dict[bytes, Response] = {}
 
 
-# The last batch frame each way, with what decoding it gives: a driver and a device in one
-# process (the simulator) hand the frame just encoded straight to the decoder, which then
-# returns that instead of parsing 4 KiB again. By identity (the memo holds the frame, so it
-# cannot be another object at the same address), with read-only copies of the arrays as they
-# were when encoded: exactly what a parse of the frame gives. Any other frame is parsed. Each
-# pair is one object, read once: a thread encoding meanwhile replaces it whole.
-class _Sent:
-    __slots__ = ("request", "response")
-
-    def __init__(self) -> None:
-        self.request: tuple[bytes, Request] | None = None
-        self.response: tuple[bytes, Response] | None = None
-
-
-_SENT = _Sent()
-
-
-def _frozen(a: npt.ArrayLike) -> PfnArray:
-    out: PfnArray = np.array(a, dtype=np.int64)  # a copy: the sender may reuse its array
-    out.flags.writeable = False
-    return out
-
-
 def _remember(memo: dict[_K, _V], key: _K, value: _V) -> _V:
     if len(memo) >= _MEMO_MAX:
         memo.clear()
@@ -279,18 +256,11 @@ def encode_request(req: Request) -> bytes:
     if n and bool((pfns > _ENTRY_PFN_MAX_U64).any()):
         raise UsageError("batch PFN out of range")
     entries = (pfns << _SHIFT_U64).astype("<u8", copy=False)  # no-op on little-endian
-    frame = b"".join((head, _COUNT.pack(n), entries.tobytes()))
-    # what decode_request parses from it: the known command, the data, the PFNs as sent
-    _SENT.request = (frame, Request(_COMMAND_BY_VALUE[int(req.command)], int(req.data),
-                                    _frozen(req.pfns)))
-    return frame
+    return b"".join((head, _COUNT.pack(n), entries.tobytes()))
 
 
 def decode_request(frame: bytes) -> Request:
     """Parse a request frame; raises ``VmwFrameError`` on every malformed frame."""
-    sent = _SENT.request
-    if sent is not None and frame is sent[0]:  # the batch just encoded
-        return sent[1]
     size = len(frame)
     if size == REQUEST_HEADER_SIZE and type(frame) is bytes:  # no batch: seen before, likely
         known = _request_frames.get(frame)
@@ -346,28 +316,7 @@ def encode_response(resp: Response) -> bytes:
     codes = (np.asarray(resp.statuses, dtype=np.int64) & ENTRY_STATUS_MASK).view(np.uint64)
     pfns = np.asarray(resp.pfns, dtype=np.int64).view(np.uint64)  # wraps as a cast to u64
     body: bytes = ((pfns << _SHIFT_U64) | codes).astype("<u8", copy=False).tobytes()
-    frame = head + body
-    _memo_response(frame, resp, pfns, codes)
-    return frame
-
-
-def _memo_response(frame: bytes, resp: Response, pfns: npt.NDArray[np.uint64],
-                   codes: npt.NDArray[np.uint64]) -> None:
-    """Remember what ``decode_response`` parses from ``frame``, a batch answer just encoded;
-    nothing when that parse would raise on its own (an unknown status, a PFN that does not
-    survive the shift): those frames go through the parser."""
-    status = _STATUS_BY_VALUE.get(int(resp.status))
-    if status is None or bool((pfns > _ENTRY_PFN_MAX_U64).any()):
-        return
-    if bool(codes.any()):
-        st = codes.astype(np.int32)
-        st[st == _FAILURE_ENTRY] = -1
-        if not bool(np.isin(st, _ENTRY_STATUSES).all()):
-            return
-    else:
-        st = np.zeros(codes.size, dtype=np.int32)
-    st.flags.writeable = False  # shared by every decode of the frame
-    _SENT.response = (frame, Response(status, int(resp.result), _frozen(pfns), st))
+    return head + body
 
 
 def decode_response(frame: bytes, request: Request) -> Response:
@@ -376,9 +325,6 @@ def decode_response(frame: bytes, request: Request) -> Response:
     A batched answer must echo the request's PFNs in order (the host writes statuses into the
     batch the guest gave it; it does not choose pages).
     """
-    sent = _SENT.response
-    if sent is not None and frame is sent[0]:  # the batch answer just encoded
-        return _check_answer(sent[1], request)
     size = len(frame)
     if size == RESPONSE_HEADER_SIZE and type(frame) is bytes:  # no entries: seen before, likely
         known = _response_frames.get(frame)
@@ -420,17 +366,3 @@ def decode_response(frame: bytes, request: Request) -> Response:
     if bool(bad.any()):
         raise VmwFrameError("unknown_status", f"page status {int(codes[bad][0])}")
     return Response(status, result, pfns, codes)
-
-
-def _check_answer(resp: Response, request: Request) -> Response:
-    """``decode_response``'s checks of a batch answer (entries, parsed) against ``request``."""
-    count = int(resp.pfns.size)
-    if request.command not in _BATCHED_COMMANDS:
-        raise VmwFrameError("count_mismatch", f"{request.command.name} answered with entries")
-    if count != request.pfns.size:
-        raise VmwFrameError("count_mismatch", f"{count} entries for {request.pfns.size} pages")
-    if resp.status is not _SUCCESS:
-        raise VmwFrameError("count_mismatch", f"entries with batch status {resp.status.name}")
-    if not bool((resp.pfns == request.pfns).all()):
-        raise VmwFrameError("pfn_mismatch", "batch answer does not echo the request's PFNs")
-    return resp
