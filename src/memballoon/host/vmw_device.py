@@ -379,6 +379,15 @@ class VmwBalloonDevice:
         self.counters.inc(_CMD_COUNTER[req.command])
         return encode_response(self._answer(req))
 
+    def answer(self, req: Request) -> Response:
+        """``handle`` of a request given as the message its frame decodes to: the response
+        whose frame ``handle`` would send, with the same state and counters (a driver in the
+        same process, which never sends a frame that does not decode; no bytes either way)."""
+        if self._to_release or self._host.owing:
+            self.flush_release()
+        self.counters.inc(_CMD_COUNTER[req.command])
+        return self._answer(req)
+
     def _answer(self, req: Request) -> Response:
         if self._busy_left > 0:
             self._busy_left -= 1
