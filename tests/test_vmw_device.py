@@ -750,3 +750,37 @@ def test_a_granted_2m_batch_marks_whole_blocks() -> None:
     # a second lock of one of them: refused, nothing changes
     assert dev._lock_batch_2m(heads[1:2]).tolist() == [Status.ERROR_PPN_LOCKED]
     assert dev.actual_pages == 3 * 512
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, PAGES + 3), st.integers(1, 700), st.integers(0, 800),
+       st.lists(st.integers(0, PAGES - 1), max_size=3),
+       st.lists(st.integers(0, PAGES - 1), max_size=3), st.booleans(), st.booleans(),
+       st.sampled_from(["", "4k", "2m"]))
+def test_a_run_of_consecutive_frames_ends_as_its_commands_one_by_one(
+        first: int, n: int, target: int, pinned: list[int], locked: list[int],
+        descending: bool, unlock: bool, held: str) -> None:
+    # lock_run/unlock_run check one run of consecutive frames (the seed driver's usual run:
+    # fresh frames ascending, its stack's newest first) with slices of the tables: the same
+    # count, state and counters as a command per frame, up to the first that would fail
+    pfns = np.arange(first, first + n, dtype=np.int64)
+    if descending:
+        pfns = pfns[::-1].copy()
+    one, _ = started(batched=True, target=target)
+    run, _ = started(batched=True, target=target)
+    for dev in (one, run):
+        dev.set_pinned(pinned)
+        for p in locked:
+            send(dev, Request(Command.LOCK, p))
+        if held == "4k":  # the run's frames locked first, so an unlock run has work
+            send(dev, batch_request(Command.BATCHED_LOCK, np.arange(max(first, 0),
+                                                                     min(first + n, PAGES))[:512]))
+        elif held == "2m":  # a 2 MiB page under the run: never unlocked as 4 KiB frames
+            send(dev, batch_request(Command.BATCHED_2M_LOCK, [max(first, 0) // 512 * 512]))
+    got = run.unlock_run(pfns) if unlock else run.lock_run(pfns)
+    cmd = Command.UNLOCK if unlock else Command.LOCK
+    for p in pfns[:got].tolist():
+        assert send(one, Request(cmd, p)).status is Status.SUCCESS
+    assert state_diff(state_of(one), state_of(run)) == []
+    if got < n:  # the run stopped where a command of its own would not succeed
+        assert send(one, Request(cmd, int(pfns[got]))).status is not Status.SUCCESS

@@ -511,11 +511,19 @@ class VmwBalloonDevice:
         if not self.plain or self._host.frames != 1 or pfns.size == 0:
             return 0
         p = pfns[: max(0, self._target - self._n_locked)]  # the rest: PPN_NOTNEEDED
-        n = self._run_length(p, locked=False)
+        span = self._span(p)
+        if span is not None and not (self._locked[span[0]:span[1]].any()
+                                     or self._pinned[span[0]:span[1]].any()):
+            n = int(p.size)  # one run of free frames, none pinned: every LOCK passes
+            self._host.take(np.array([span], dtype=np.int64))
+            self._locked[span[0]:span[1]] = True
+        else:
+            n = self._run_length(p, locked=False)
+            if n:
+                take = p[:n]
+                self._host.take(coalesce(take))
+                self._locked[take] = True
         if n:
-            take = p[:n]
-            self._host.take(coalesce(take))
-            self._locked[take] = True
             self._n_locked += n
             self.counters.inc(VmwDeviceCounter.CMD_LOCK, n)
         return n
@@ -525,14 +533,40 @@ class VmwBalloonDevice:
         before the first that would not be SUCCESS."""
         if not self.plain or self._host.frames != 1 or pfns.size == 0:
             return 0
-        n = self._run_length(pfns, locked=True)
+        span = self._span(pfns)
+        if span is not None and bool(self._locked[span[0]:span[1]].all()) and not bool(
+                self._huge[span[0] >> VMW_BALLOON_2M_ORDER:
+                           ((span[1] - 1) >> VMW_BALLOON_2M_ORDER) + 1].any()):
+            n = int(pfns.size)  # one run of frames locked as 4 KiB pages: every UNLOCK passes
+            self._host.give(np.array([span], dtype=np.int64))
+            self._locked[span[0]:span[1]] = False
+        else:
+            n = self._run_length(pfns, locked=True)
+            if n:
+                give = pfns[:n]
+                self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
+                self._locked[give] = False
         if n:
-            give = pfns[:n]
-            self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
-            self._locked[give] = False
             self._n_locked -= n
             self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
         return n
+
+    def _span(self, p: PfnArray) -> tuple[int, int] | None:
+        """``[first, end)`` when ``p`` is one run of consecutive frames inside the guest,
+        ascending or descending (a run's pages, a stack's newest first), else None: then its
+        checks are slices of the tables, not a gather per frame."""
+        if p.size == 0:
+            return None
+        lo, hi = int(p[0]), int(p[-1])
+        if lo > hi:
+            lo, hi = hi, lo
+        if lo < 0 or hi >= self._guest_pages or hi - lo != p.size - 1:
+            return None
+        # p.size - 1 steps, each of +-1 at least in size, add up to hi - lo: all are +-1
+        steps = p[1:] - p[:-1]
+        if p.size > 1 and not bool((steps == steps[0]).all()):
+            return None
+        return lo, hi + 1
 
     def _run_length(self, p: PfnArray, *, locked: bool) -> int:
         """How many of ``p``, from the first, pass a single LOCK's checks (``locked`` False:
