@@ -47,8 +47,20 @@ class DirectTap(BackdoorTap):
         return self.device.answer(request)
 
 
+class FramesTap(BackdoorTap):
+    """The pair's tap that declines every message: each command goes as a frame."""
+
+    def answer(self, request: Request) -> Response | None:
+        return None
+
+
 def _direct(pair: VmwPair) -> VmwPair:
     pair.port = pair.driver.port = DirectTap(pair.device)  # type: ignore[misc]
+    return pair
+
+
+def _frames(pair: VmwPair) -> VmwPair:
+    pair.port = pair.driver.port = FramesTap(pair.device)  # type: ignore[misc]
     return pair
 
 
@@ -65,16 +77,21 @@ _MODES = {"v2": {}, "batched": {"batched": True, "huge_pages": False},
 def _pair(mode: str, direct: bool, swap: int) -> VmwPair:
     # a direct pair does not load through the frames: its START and GUEST_ID go direct too
     p = vmw_pair(SMALL, load=False, swap_pages=swap, **_MODES[mode])  # type: ignore[arg-type]
-    if direct:
-        _direct(p)
+    _direct(p) if direct else _frames(p)
     p.driver.load(p.now)
     return p
 
 
-def test_a_direct_tap_is_a_direct_backdoor_and_a_plain_one_is_not() -> None:
-    dev = VmwBalloonDevice(NullRam(SMALL))
-    assert isinstance(DirectTap(dev), DirectBackdoor)
-    assert not isinstance(BackdoorTap(dev), DirectBackdoor)
+class _FramesOnly:
+    """A port that only carries frames (a real link)."""
+
+    def call(self, request: bytes) -> bytes:
+        return request
+
+
+def test_a_direct_tap_is_a_direct_backdoor_and_a_link_of_frames_is_not() -> None:
+    assert isinstance(DirectTap(VmwBalloonDevice(NullRam(SMALL))), DirectBackdoor)
+    assert not isinstance(_FramesOnly(), DirectBackdoor)
 
 
 @settings(max_examples=25, deadline=None)
