@@ -551,16 +551,18 @@ class VmwBalloonDevice:
             self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
         return n
 
-    def _span(self, p: PfnArray) -> tuple[int, int] | None:
-        """``[first, end)`` when ``p`` is one run of consecutive frames inside the guest,
-        ascending or descending (a run's pages, a stack's newest first), else None: then its
-        checks are slices of the tables, not a gather per frame."""
+    def _span(self, p: PfnArray, limit: int | None = None) -> tuple[int, int] | None:
+        """``[first, end)`` when ``p`` is one run of consecutive frames inside the guest (or
+        of numbers under ``limit``: blocks), ascending or descending (a run's pages, a stack's
+        newest first), else None: then its checks are slices of the tables, not a gather per
+        frame."""
         if p.size == 0:
             return None
         lo, hi = int(p[0]), int(p[-1])
         if lo > hi:
             lo, hi = hi, lo
-        if lo < 0 or hi >= self._guest_pages or hi - lo != p.size - 1:
+        if (lo < 0 or hi >= (self._guest_pages if limit is None else limit)
+                or hi - lo != p.size - 1):
             return None
         # p.size - 1 steps, each of +-1 at least in size, add up to hi - lo: all are +-1
         steps = p[1:] - p[:-1]
@@ -623,6 +625,14 @@ class VmwBalloonDevice:
 
     def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
         n = int(pfns.size)
+        span = self._span(pfns) if n <= self._target - self._n_locked else None
+        if span is not None and not (self._locked[span[0]:span[1]].any()
+                                     or self._pinned[span[0]:span[1]].any()):
+            # one run of free frames, under the target: slices of the tables, one range
+            self._release(np.array([span], dtype=np.int64))
+            self._locked[span[0]:span[1]] = True
+            self._n_locked += n
+            return np.zeros(n, dtype=np.int32)
         if 0 < n <= self._target - self._n_locked and int(pfns.max()) < self._guest_pages:
             # the usual batch: inside, under the target; if no page is locked, pinned or
             # given twice, every one is SUCCESS (the checks below, in a few numpy calls)
@@ -717,7 +727,16 @@ class VmwBalloonDevice:
             # the usual batch: whole aligned pages inside, under the target; if no frame of
             # theirs is locked or pinned and none is given twice, every one is SUCCESS
             blocks = heads >> VMW_BALLOON_2M_ORDER
-            if not (bool(self._locked_rows[blocks].any()) or bool(self._pinned_rows[blocks].any())
+            span = self._span(blocks, len(self._locked_rows))
+            if span is not None:  # consecutive pages: their frames are one slice
+                lo, hi = span[0] * _2M_PAGES, span[1] * _2M_PAGES
+                if not (self._locked[lo:hi].any() or self._pinned[lo:hi].any()):
+                    self._locked[lo:hi] = True  # what _set_blocks does, with slices
+                    self._huge[span[0]:span[1]] = True
+                    self._n_locked += hi - lo
+                    self._release(np.array([[lo, hi]], dtype=np.int64))
+                    return np.zeros(n, dtype=np.int32)
+            elif not (bool(self._locked_rows[blocks].any()) or bool(self._pinned_rows[blocks].any())
                     or bool(self._repeats(blocks).any())):
                 self._release(self._set_blocks(blocks, True))
                 return np.zeros(n, dtype=np.int32)
