@@ -784,3 +784,29 @@ def test_a_run_of_consecutive_frames_ends_as_its_commands_one_by_one(
     assert state_diff(state_of(one), state_of(run)) == []
     if got < n:  # the run stopped where a command of its own would not succeed
         assert send(one, Request(cmd, int(pfns[got]))).status is not Status.SUCCESS
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, PAGES // 512 - 2), st.integers(1, 600), st.integers(0, 599),
+       st.sampled_from(["run", "descending", "repeat", "outside", "scattered", "unlocked"]),
+       st.booleans())
+def test_a_batch_unlock_ends_as_its_page_by_page_checks(
+        first: int, n: int, cut: int, shape: str, huge_under: bool) -> None:
+    # _unlock_batch answers one run of locked 4 KiB frames (a stack's newest first) with
+    # slices; the statuses, state, counters and RAM are those of the checked path
+    held = np.arange(first * 512, first * 512 + n, dtype=np.int64)
+    pfns = {"run": held, "descending": held[::-1].copy(),
+            "repeat": np.append(held, held[-1]), "outside": np.append(held, PAGES + 1),
+            "scattered": held[::2].copy(), "unlocked": held + min(cut, n)}[shape]
+    ends = []
+    for checked in (False, True):
+        dev, ram = started(batched=True, target=PAGES)
+        send(dev, batch_request(Command.BATCHED_LOCK, held[:512]))
+        if len(held) > 512:
+            send(dev, batch_request(Command.BATCHED_LOCK, held[512:]))
+        if huge_under:  # a 2 MiB page right after: an unlock run reaching it is refused there
+            send(dev, batch_request(Command.BATCHED_2M_LOCK, [(first + 2) * 512]))
+        st_ = (dev._unlock_batch_checked if checked else dev._unlock_batch)(pfns)
+        ends.append((st_.tolist(), state_of((dev, ram))))
+    assert ends[0][0] == ends[1][0]
+    assert state_diff(ends[0][1], ends[1][1]) == []

@@ -859,16 +859,16 @@ class VmwBalloonDriver:
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)
             return False
         self.target = resp.result & PFN32_MAX
-        ok = resp.statuses == _I_SUCCESS
-        freed = batch[ok]
+        every = not resp.statuses.any()  # every page unlocked (SUCCESS is 0): the usual answer
+        freed = batch if every else batch[resp.statuses == _I_SUCCESS]
         if freed.size:
             # the stack's newest first: reversed, ascending (the guest's cheap case)
             ps.free(self.mem, freed[::-1] if freed[0] > freed[-1] else freed)
             self._stat(ps, "free", int(freed.size))
             self.size -= int(freed.size) * ps.frames
-        if not bool(ok.all()):
+        if not every:
             # v4.20+: pages the host would not unlock go back into the balloon
-            ps.pages.extend(batch[~ok][::-1])
+            ps.pages.extend(batch[resp.statuses != _I_SUCCESS][::-1])
             if bool((resp.statuses == _I_ERROR_RESET).any()):
                 self.reset_required = True
             self.rate_free = max(self.rate_free // 2, VMW_BALLOON_RATE_FREE_MIN)

@@ -666,6 +666,29 @@ class VmwBalloonDevice:
         return st
 
     def _unlock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        span = self._span(pfns)
+        if span is None or not bool(self._locked[span[0]:span[1]].all()) or bool(
+                self._huge[span[0] >> VMW_BALLOON_2M_ORDER:
+                           ((span[1] - 1) >> VMW_BALLOON_2M_ORDER) + 1].any()):
+            return self._unlock_batch_checked(pfns)
+        # one run of frames locked as 4 KiB pages (a stack's newest first): every one leaves
+        # unless the host cannot back it again; slices of the tables, one range
+        st = np.zeros(pfns.size, dtype=np.int32)
+        stuck = self._host.give(np.array([span], dtype=np.int64))
+        if len(stuck):  # no host memory behind these now: they stay locked
+            busy = in_ranges(pfns, stuck)
+            st[busy] = _I_BUSY
+            give = pfns[~busy]
+            self._locked[give] = False
+            self._n_locked -= int(give.size)
+            self._count_statuses(st)
+        else:
+            self._locked[span[0]:span[1]] = False
+            self._n_locked -= int(pfns.size)
+        return st
+
+    def _unlock_batch_checked(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        """``_unlock_batch`` entry by entry: every status (the reference of its fast path)."""
         st, inside = self._classify(pfns)
         idx = inside.nonzero()[0]
         p = pfns[idx]
