@@ -704,3 +704,109 @@ def test_a_batched_unlock_ends_the_same_in_any_order(
         assert not resp.statuses.any()
         ends.append(state_of((dev, ram)))
     assert state_diff(ends[0], ends[1]) == []
+
+
+# ------------------------------------------------------------------ batch fast paths
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, PAGES // 512 - 1), st.integers(1, 600), st.integers(0, PAGES + 600),
+       st.lists(st.integers(0, PAGES - 1), max_size=4),
+       st.lists(st.integers(0, PAGES - 1), max_size=4),
+       st.sampled_from(["run", "descending", "repeat", "outside", "scattered"]),
+       st.booleans())
+def test_a_batch_lock_ends_as_its_page_by_page_checks(
+        first: int, n: int, target: int, pinned: list[int], locked: list[int], shape: str,
+        huge: bool) -> None:
+    # _lock_batch and _lock_batch_2m answer the usual batch (every page granted) in a few
+    # numpy calls; the statuses, state, counters and RAM are those of the checked path
+    if huge:
+        heads = (np.arange(first, first + min(n, 8)) * 512).astype(np.int64)
+    else:
+        heads = np.arange(first * 512, first * 512 + n, dtype=np.int64)
+    pfns = {"run": heads, "descending": heads[::-1].copy(),
+            "repeat": np.append(heads, heads[-1]),
+            "outside": np.append(heads, PAGES + 512 * 8),
+            "scattered": heads[::2].copy()}[shape]
+    ends = []
+    for checked in (False, True):
+        dev, ram = started(batched=True, target=target)
+        dev.set_pinned(pinned)
+        for p in locked:
+            send(dev, Request(Command.LOCK, p))
+        if huge:
+            st_ = (dev._lock_batch_2m_checked if checked else dev._lock_batch_2m)(pfns)
+        else:
+            st_ = (dev._lock_batch_checked if checked else dev._lock_batch)(pfns)
+        ends.append((st_.tolist(), state_of((dev, ram))))
+    assert ends[0][0] == ends[1][0]
+    assert state_diff(ends[0][1], ends[1][1]) == []
+
+
+def test_a_granted_2m_batch_marks_whole_blocks() -> None:
+    dev, ram = started(batched=True, target=PAGES)
+    heads = np.array([0, 1024, 1536], dtype=np.int64)
+    assert not dev._lock_batch_2m(heads).any()
+    assert dev.balloon_pfns().tolist() == [*range(512), *range(1024, 2048)]
+    assert dev.actual_pages == 3 * 512 and ram.released_pages_total == 3 * 512
+    # a second lock of one of them: refused, nothing changes
+    assert dev._lock_batch_2m(heads[1:2]).tolist() == [Status.ERROR_PPN_LOCKED]
+    assert dev.actual_pages == 3 * 512
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, PAGES + 3), st.integers(1, 700), st.integers(0, 800),
+       st.lists(st.integers(0, PAGES - 1), max_size=3),
+       st.lists(st.integers(0, PAGES - 1), max_size=3), st.booleans(), st.booleans(),
+       st.sampled_from(["", "4k", "2m"]))
+def test_a_run_of_consecutive_frames_ends_as_its_commands_one_by_one(
+        first: int, n: int, target: int, pinned: list[int], locked: list[int],
+        descending: bool, unlock: bool, held: str) -> None:
+    # lock_run/unlock_run check one run of consecutive frames (the seed driver's usual run:
+    # fresh frames ascending, its stack's newest first) with slices of the tables: the same
+    # count, state and counters as a command per frame, up to the first that would fail
+    pfns = np.arange(first, first + n, dtype=np.int64)
+    if descending:
+        pfns = pfns[::-1].copy()
+    one, _ = started(batched=True, target=target)
+    run, _ = started(batched=True, target=target)
+    for dev in (one, run):
+        dev.set_pinned(pinned)
+        for p in locked:
+            send(dev, Request(Command.LOCK, p))
+        if held == "4k":  # the run's frames locked first, so an unlock run has work
+            send(dev, batch_request(Command.BATCHED_LOCK, np.arange(max(first, 0),
+                                                                     min(first + n, PAGES))[:512]))
+        elif held == "2m":  # a 2 MiB page under the run: never unlocked as 4 KiB frames
+            send(dev, batch_request(Command.BATCHED_2M_LOCK, [max(first, 0) // 512 * 512]))
+    got = run.unlock_run(pfns) if unlock else run.lock_run(pfns)
+    cmd = Command.UNLOCK if unlock else Command.LOCK
+    for p in pfns[:got].tolist():
+        assert send(one, Request(cmd, p)).status is Status.SUCCESS
+    assert state_diff(state_of(one), state_of(run)) == []
+    if got < n:  # the run stopped where a command of its own would not succeed
+        assert send(one, Request(cmd, int(pfns[got]))).status is not Status.SUCCESS
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, PAGES // 512 - 2), st.integers(1, 600), st.integers(0, 599),
+       st.sampled_from(["run", "descending", "repeat", "outside", "scattered", "unlocked"]),
+       st.booleans())
+def test_a_batch_unlock_ends_as_its_page_by_page_checks(
+        first: int, n: int, cut: int, shape: str, huge_under: bool) -> None:
+    # _unlock_batch answers one run of locked 4 KiB frames (a stack's newest first) with
+    # slices; the statuses, state, counters and RAM are those of the checked path
+    held = np.arange(first * 512, first * 512 + n, dtype=np.int64)
+    pfns = {"run": held, "descending": held[::-1].copy(),
+            "repeat": np.append(held, held[-1]), "outside": np.append(held, PAGES + 1),
+            "scattered": held[::2].copy(), "unlocked": held + min(cut, n)}[shape]
+    ends = []
+    for checked in (False, True):
+        dev, ram = started(batched=True, target=PAGES)
+        send(dev, batch_request(Command.BATCHED_LOCK, held[:512]))
+        if len(held) > 512:
+            send(dev, batch_request(Command.BATCHED_LOCK, held[512:]))
+        if huge_under:  # a 2 MiB page right after: an unlock run reaching it is refused there
+            send(dev, batch_request(Command.BATCHED_2M_LOCK, [(first + 2) * 512]))
+        st_ = (dev._unlock_batch_checked if checked else dev._unlock_batch)(pfns)
+        ends.append((st_.tolist(), state_of((dev, ram))))
+    assert ends[0][0] == ends[1][0]
+    assert state_diff(ends[0][1], ends[1][1]) == []

@@ -379,6 +379,15 @@ class VmwBalloonDevice:
         self.counters.inc(_CMD_COUNTER[req.command])
         return encode_response(self._answer(req))
 
+    def answer(self, req: Request) -> Response:
+        """``handle`` of a request given as the message its frame decodes to: the response
+        whose frame ``handle`` would send, with the same state and counters (a driver in the
+        same process, which never sends a frame that does not decode; no bytes either way)."""
+        if self._to_release or self._host.owing:
+            self.flush_release()
+        self.counters.inc(_CMD_COUNTER[req.command])
+        return self._answer(req)
+
     def _answer(self, req: Request) -> Response:
         if self._busy_left > 0:
             self._busy_left -= 1
@@ -502,11 +511,19 @@ class VmwBalloonDevice:
         if not self.plain or self._host.frames != 1 or pfns.size == 0:
             return 0
         p = pfns[: max(0, self._target - self._n_locked)]  # the rest: PPN_NOTNEEDED
-        n = self._run_length(p, locked=False)
+        span = self._span(p)
+        if span is not None and not (self._locked[span[0]:span[1]].any()
+                                     or self._pinned[span[0]:span[1]].any()):
+            n = int(p.size)  # one run of free frames, none pinned: every LOCK passes
+            self._host.take(np.array([span], dtype=np.int64))
+            self._locked[span[0]:span[1]] = True
+        else:
+            n = self._run_length(p, locked=False)
+            if n:
+                take = p[:n]
+                self._host.take(coalesce(take))
+                self._locked[take] = True
         if n:
-            take = p[:n]
-            self._host.take(coalesce(take))
-            self._locked[take] = True
             self._n_locked += n
             self.counters.inc(VmwDeviceCounter.CMD_LOCK, n)
         return n
@@ -516,14 +533,42 @@ class VmwBalloonDevice:
         before the first that would not be SUCCESS."""
         if not self.plain or self._host.frames != 1 or pfns.size == 0:
             return 0
-        n = self._run_length(pfns, locked=True)
+        span = self._span(pfns)
+        if span is not None and bool(self._locked[span[0]:span[1]].all()) and not bool(
+                self._huge[span[0] >> VMW_BALLOON_2M_ORDER:
+                           ((span[1] - 1) >> VMW_BALLOON_2M_ORDER) + 1].any()):
+            n = int(pfns.size)  # one run of frames locked as 4 KiB pages: every UNLOCK passes
+            self._host.give(np.array([span], dtype=np.int64))
+            self._locked[span[0]:span[1]] = False
+        else:
+            n = self._run_length(pfns, locked=True)
+            if n:
+                give = pfns[:n]
+                self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
+                self._locked[give] = False
         if n:
-            give = pfns[:n]
-            self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
-            self._locked[give] = False
             self._n_locked -= n
             self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
         return n
+
+    def _span(self, p: PfnArray, limit: int | None = None) -> tuple[int, int] | None:
+        """``[first, end)`` when ``p`` is one run of consecutive frames inside the guest (or
+        of numbers under ``limit``: blocks), ascending or descending (a run's pages, a stack's
+        newest first), else None: then its checks are slices of the tables, not a gather per
+        frame."""
+        if p.size == 0:
+            return None
+        lo, hi = int(p[0]), int(p[-1])
+        if lo > hi:
+            lo, hi = hi, lo
+        if (lo < 0 or hi >= (self._guest_pages if limit is None else limit)
+                or hi - lo != p.size - 1):
+            return None
+        # p.size - 1 steps, each of +-1 at least in size, add up to hi - lo: all are +-1
+        steps = p[1:] - p[:-1]
+        if p.size > 1 and not bool((steps == steps[0]).all()):
+            return None
+        return lo, hi + 1
 
     def _run_length(self, p: PfnArray, *, locked: bool) -> int:
         """How many of ``p``, from the first, pass a single LOCK's checks (``locked`` False:
@@ -579,6 +624,29 @@ class VmwBalloonDevice:
             self.counters.inc(_STATUS_COUNTER[code], n)
 
     def _lock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        n = int(pfns.size)
+        span = self._span(pfns) if n <= self._target - self._n_locked else None
+        if span is not None and not (self._locked[span[0]:span[1]].any()
+                                     or self._pinned[span[0]:span[1]].any()):
+            # one run of free frames, under the target: slices of the tables, one range
+            self._release(np.array([span], dtype=np.int64))
+            self._locked[span[0]:span[1]] = True
+            self._n_locked += n
+            return np.zeros(n, dtype=np.int32)
+        if 0 < n <= self._target - self._n_locked and int(pfns.max()) < self._guest_pages:
+            # the usual batch: inside, under the target; if no page is locked, pinned or
+            # given twice, every one is SUCCESS (the checks below, in a few numpy calls)
+            bad = self._locked[pfns]
+            bad |= self._pinned[pfns]
+            if not bool(bad.any()) and not self._repeats(pfns).any():
+                self._release(coalesce(pfns))
+                self._locked[pfns] = True
+                self._n_locked += n
+                return np.zeros(n, dtype=np.int32)
+        return self._lock_batch_checked(pfns)
+
+    def _lock_batch_checked(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        """``_lock_batch`` entry by entry: every status (the reference its fast path keeps)."""
         st, inside = self._classify(pfns)
         idx = inside.nonzero()[0]
         p = pfns[idx]
@@ -598,6 +666,29 @@ class VmwBalloonDevice:
         return st
 
     def _unlock_batch(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        span = self._span(pfns)
+        if span is None or not bool(self._locked[span[0]:span[1]].all()) or bool(
+                self._huge[span[0] >> VMW_BALLOON_2M_ORDER:
+                           ((span[1] - 1) >> VMW_BALLOON_2M_ORDER) + 1].any()):
+            return self._unlock_batch_checked(pfns)
+        # one run of frames locked as 4 KiB pages (a stack's newest first): every one leaves
+        # unless the host cannot back it again; slices of the tables, one range
+        st = np.zeros(pfns.size, dtype=np.int32)
+        stuck = self._host.give(np.array([span], dtype=np.int64))
+        if len(stuck):  # no host memory behind these now: they stay locked
+            busy = in_ranges(pfns, stuck)
+            st[busy] = _I_BUSY
+            give = pfns[~busy]
+            self._locked[give] = False
+            self._n_locked -= int(give.size)
+            self._count_statuses(st)
+        else:
+            self._locked[span[0]:span[1]] = False
+            self._n_locked -= int(pfns.size)
+        return st
+
+    def _unlock_batch_checked(self, pfns: PfnArray) -> npt.NDArray[np.int32]:
+        """``_unlock_batch`` entry by entry: every status (the reference of its fast path)."""
         st, inside = self._classify(pfns)
         idx = inside.nonzero()[0]
         p = pfns[idx]
@@ -642,16 +733,40 @@ class VmwBalloonDevice:
 
     def _set_blocks(self, blocks: npt.NDArray[np.int64], locked: bool) -> RangeArray:
         """Mark whole 2 MiB pages (un)locked; returns their frames as merged ranges."""
-        starts = blocks * _2M_PAGES
-        ranges = merge_ranges(starts, starts + _2M_PAGES)
-        for lo, hi in ranges.tolist():
-            self._locked[lo:hi] = locked
+        # the runs of consecutive blocks, in frames: what merge_ranges makes of the blocks'
+        # extents (they touch), in the two numpy calls of coalesce's usual single run
+        ranges = coalesce(blocks) << VMW_BALLOON_2M_ORDER
+        self._locked_rows[blocks] = locked  # whole blocks (valid heads): one write
         self._huge[blocks] = locked
         delta = int(blocks.size) * _2M_PAGES
         self._n_locked += delta if locked else -delta
         return ranges
 
     def _lock_batch_2m(self, heads: PfnArray) -> npt.NDArray[np.int32]:
+        n = int(heads.size)
+        if (n > 0 and n * _2M_PAGES <= self._target - self._n_locked
+                and int(heads.max()) + _2M_PAGES <= self._guest_pages
+                and not bool((heads % _2M_PAGES).any())):
+            # the usual batch: whole aligned pages inside, under the target; if no frame of
+            # theirs is locked or pinned and none is given twice, every one is SUCCESS
+            blocks = heads >> VMW_BALLOON_2M_ORDER
+            span = self._span(blocks, len(self._locked_rows))
+            if span is not None:  # consecutive pages: their frames are one slice
+                lo, hi = span[0] * _2M_PAGES, span[1] * _2M_PAGES
+                if not (self._locked[lo:hi].any() or self._pinned[lo:hi].any()):
+                    self._locked[lo:hi] = True  # what _set_blocks does, with slices
+                    self._huge[span[0]:span[1]] = True
+                    self._n_locked += hi - lo
+                    self._release(np.array([[lo, hi]], dtype=np.int64))
+                    return np.zeros(n, dtype=np.int32)
+            elif not (bool(self._locked_rows[blocks].any()) or bool(self._pinned_rows[blocks].any())
+                    or bool(self._repeats(blocks).any())):
+                self._release(self._set_blocks(blocks, True))
+                return np.zeros(n, dtype=np.int32)
+        return self._lock_batch_2m_checked(heads)
+
+    def _lock_batch_2m_checked(self, heads: PfnArray) -> npt.NDArray[np.int32]:
+        """``_lock_batch_2m`` page by page: every status (the reference of its fast path)."""
         st, idx, blocks = self._classify_2m(heads)
         locked = self._block_any(self._locked_rows, blocks) | self._repeats(blocks)
         st[idx[locked]] = _I_PPN_LOCKED
