@@ -63,6 +63,7 @@ from memballoon.protocol.virtqueue import DeviceQueue, DriverQueue, GuestRamView
 from memballoon.protocol.vmw import (
     Command,
     Request,
+    Response,
     Status,
     decode_request,
     decode_response,
@@ -315,6 +316,11 @@ class BackdoorTap:
     def unlock_run(self, pfns: PfnArray) -> int:
         """A run of version-2 UNLOCKs in one call (``VmwBalloonDevice.unlock_run``)."""
         return 0 if self.tapped else self.device.unlock_run(pfns)
+
+    def answer(self, request: Request) -> Response | None:
+        """A command as a message (``VmwBalloonDevice.answer``: no frame encoded or parsed
+        either way); none through a tap, which must see every frame."""
+        return None if self.tapped else self.device.answer(request)
 
 
 @dataclass(eq=False)
