@@ -500,3 +500,14 @@ def test_freeing_whole_blocks_is_freeing_their_frames(seed: int, k: int, case: s
     assert (errors[0] != "") == (case == "not_ours" or (case == "twice" and give.size > 0))
     assert state_diff(state_of(frames), state_of(rows)) == []
     assert rows.check_invariants() == []
+
+
+@given(st.lists(st.integers(0, 4 * BLOCK_PAGES + 99), max_size=300), st.sampled_from([1, -1]))
+def test_block_counts_follow_frames_in_any_order(frames: list[int], sign: int) -> None:
+    # the per-block free counts move by the frames each block holds, however the frames come
+    m = GuestMemory(4 * BLOCK_PAGES + 100, reserved_pages=16)
+    before = m._bfree.copy()
+    m._block_add(np.array(frames, dtype=np.int64), sign)
+    want = before.astype(np.int64)
+    np.add.at(want, np.array(frames, dtype=np.int64) >> BLOCK_ORDER, sign)
+    assert m._bfree.tolist() == want.tolist()

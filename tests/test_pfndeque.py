@@ -107,3 +107,16 @@ def test_newest_is_the_last_pushed() -> None:
     assert d.newest() == 20
     d.pop_back(1)
     assert d.newest() == 9
+
+
+@given(st.lists(st.tuples(st.integers(0, 600), st.integers(0, 40)), max_size=30),
+       st.lists(st.integers(0, 60), max_size=30))
+def test_push_run_is_push_back_of_its_frames(runs: list[tuple[int, int]], pops: list[int]
+                                             ) -> None:
+    a, b = PfnDeque(), PfnDeque()
+    for (first, k), pop in zip(runs, pops + [0] * len(runs), strict=False):
+        a.push_run(first, k)
+        b.push_back(np.arange(first, first + k, dtype=np.int64))
+        assert a.pop_front(pop).tolist() == b.pop_front(pop).tolist()
+        assert a.runs()[0].tolist() == b.runs()[0].tolist()
+        assert a.runs()[1].tolist() == b.runs()[1].tolist() and len(a) == len(b)

@@ -270,23 +270,28 @@ class GuestMemory:
         self._block_add(pfns, -1)
 
     def _block_add(self, pfns: PfnArray, sign: int = 1) -> None:
-        if pfns.size == 0:
+        k = int(pfns.size)
+        if k == 0:
+            return
+        if k == 1:
+            self._bfree[int(pfns[0]) >> BLOCK_ORDER] += sign
             return
         blocks = pfns >> BLOCK_ORDER
-        if blocks[0] == blocks[-1] and (pfns.size == 1 or bool((blocks == blocks[0]).all())):
-            self._bfree[blocks[0]] += sign * int(pfns.size)
+        lo, hi = int(blocks.min()), int(blocks.max())
+        if lo == hi:  # one block (the usual)
+            self._bfree[lo] += sign * k
             return
-        steps = blocks[1:] - blocks[:-1]
-        if bool((steps >= 0).all()):  # frames in order (the usual): count runs, no sort
-            starts = np.concatenate(([0], steps.nonzero()[0] + 1))
-            counts = np.diff(np.append(starts, blocks.size))
-            self._bfree[blocks[starts]] += sign * counts.astype(np.int32)
+        if lo < 0:  # negative frames index from the end, as the state array's do
+            np.add.at(self._bfree, blocks, sign)
             return
-        # runs of frames in any order (a balloon's newest rounds): count per run of blocks,
-        # then add (np.add.at: one block may head several runs), no sort
-        starts = np.concatenate(([0], steps.nonzero()[0] + 1))
-        counts = np.diff(np.append(starts, blocks.size))
-        np.add.at(self._bfree, blocks[starts], sign * counts.astype(np.int32))
+        # frames in any order: a count per block of their span (no sort, no per-run arrays;
+        # the span is at most the guest's blocks)
+        counts = np.bincount(blocks - lo)
+        seg = self._bfree[lo : hi + 1]
+        if sign > 0:
+            seg += counts
+        else:
+            seg -= counts
 
     # ------------------------------------------------------------------ raw allocation
     def _take_free(self, n: int, floor: int, new: PageState) -> PfnArray:
@@ -327,22 +332,31 @@ class GuestMemory:
             self._free -= n
             self.state[out] = new
             return out
-        cand = (self._bfree > 0).nonzero()[0]
+        bfree = self._bfree
+        cand = (bfree > 0).nonzero()[0]
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
-        # the first free frames of each block in that order until n (one numpy pass, not a
-        # loop over blocks: a balloon's bulk rounds take thousands of blocks at once)
-        cum = np.cumsum(self._bfree[cand], dtype=np.int64)
-        last = int(np.searchsorted(cum, n))  # the block the n-th frame is in
-        blocks = cand[: last + 1]
-        if blocks.size == 1:
-            out = self._free_frames_of(int(blocks[0]), n)
+        b = int(cand[0])
+        if int(bfree[b]) >= n:  # the first block holds them all (the usual small take)
+            out = self._free_frames_of(b, n)
             self.state[out] = new
-        else:
-            out = self._take_blocks_free(blocks, n - int(cum[last - 1]), new)
-        self._bfree[blocks[:-1]] = 0
-        self._bfree[blocks[-1]] -= n - (int(cum[last - 1]) if last else 0)
+            bfree[b] -= n
+            self.reported[b] = False  # the host refaults this block's pages on touch
+            self._hint = b
+            self._free -= n
+            return out
+        # the first free frames of each block in that order until n (one numpy pass, not a
+        # loop over blocks: a balloon's bulk rounds take thousands of blocks at once); the
+        # counts summed over a first few blocks, then over all if those hold too few
+        cum = np.cumsum(bfree[cand[:16]], dtype=np.int64)
+        if int(cum[-1]) < n:
+            cum = np.cumsum(bfree[cand], dtype=np.int64)
+        last = int(np.searchsorted(cum, n))  # the block the n-th frame is in (not the first)
+        blocks = cand[: last + 1]
+        out = self._take_blocks_free(blocks, n - int(cum[last - 1]), new)
+        bfree[blocks[:-1]] = 0
+        bfree[blocks[-1]] -= n - int(cum[last - 1])
         self.reported[blocks] = False  # the host refaults these blocks' pages on touch
         self._hint = int(blocks[-1])
         self._free -= n
@@ -383,7 +397,7 @@ class GuestMemory:
         return out
 
     def _give_free(self, pfns: PfnArray) -> None:
-        self.state[pfns] = PageState.FREE
+        self.state[pfns] = _FREE
         self._block_add(pfns)
         self._free += int(pfns.size)
 
@@ -497,8 +511,8 @@ class GuestMemory:
     def _forget(self, pfns: PfnArray) -> None:
         """Tell the store the balloon took these frames (with huge host pages: the blocks
         among theirs that are now wholly in the balloon)."""
-        if self.store is None or pfns.size == 0:
-            return
+        if self.store is None or pfns.size == 0 or getattr(self.store, "forget_is_noop", False):
+            return  # (a store whose forget does nothing: no ranges to build for it)
         if self.host_page_frames == 1:
             self.store.forget(coalesce(pfns))
             return
@@ -720,7 +734,8 @@ class GuestMemory:
         """Whether ``isolate_reportable(n, keep_free)`` would isolate a block (for any n > 0)."""
         if (self._free - keep_free) // BLOCK_PAGES <= 0:
             return False
-        return bool(((self._bfree == BLOCK_PAGES) & ~self.reported).any())
+        # wholly free and not reported: for booleans ``a & ~b`` is ``a > b`` (one call less)
+        return bool(((self._bfree == BLOCK_PAGES) > self.reported).any())
 
     def isolate_reportable(self, max_blocks: int, keep_free: int) -> npt.NDArray[np.int64]:
         """Take up to ``max_blocks`` wholly free, not yet reported 2 MiB blocks off the free lists.

@@ -127,7 +127,7 @@ class NullRam:
         return self._resident_pages * PAGE_SIZE
 
     def resident_pages_of(self, pfns: PfnArray) -> int:
-        return int(self._resident[pfns].sum())
+        return int(np.count_nonzero(self._resident[pfns]))  # 0/1 bytes: no widening sum
 
     def touch(self, pfns: PfnArray, generation: int) -> None:
         if pfns.size == 0:
@@ -141,3 +141,9 @@ class NullRam:
 
     def forget(self, ranges: RangeArray) -> None:
         pass  # no mapping to drop
+
+    @property
+    def forget_is_noop(self) -> bool:
+        """``forget`` does nothing (unless a subclass says otherwise): the guest model need
+        not build the ranges it would be told."""
+        return type(self).forget is NullRam.forget

@@ -199,5 +199,6 @@ class PageStore(Protocol):
     def forget(self, ranges: RangeArray) -> None:
         """The guest hands these frames to its balloon: it will not read them before it writes
         them again, so a store may drop its own access to them (content stays until the host
-        releases it)."""
+        releases it). A store whose ``forget`` does nothing may say so with a class attribute
+        ``forget_is_noop = True``: the guest model then skips building the ranges."""
         ...
