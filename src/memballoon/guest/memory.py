@@ -588,8 +588,9 @@ class GuestMemory:
             hf, pos = self._hint_free, self._hint_pos
             if pos < hf.size:
                 rest = hf[pos:]
-                ok = ((self.state[rest] == _FREE)
-                      & ~self.reported[rest >> BLOCK_ORDER]).nonzero()[0]
+                # the cached frames are one block's (each cache is filled from one block)
+                ok = (_EMPTY if self.reported[int(rest[0]) >> BLOCK_ORDER]
+                      else (self.state[rest] == _FREE).nonzero()[0])
                 if ok.size >= n - got:
                     ok = ok[: n - got]
                     self._hint_pos = pos + int(ok[-1]) + 1

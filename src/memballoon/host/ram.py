@@ -92,15 +92,16 @@ class NullRam:
 
     def release(self, ranges: RangeArray) -> int:
         self._check(ranges)
-        freed = 0
+        freed = n = 0
+        resident = self._resident
         for start, end in ranges.tolist():
-            seg = self._resident[start:end]
+            n += end - start
+            seg = resident[start:end]
             held = int(np.count_nonzero(seg))
             if held:  # zeros written over pages never touched would make this table resident
                 freed += held
-                seg[:] = 0
+                seg.fill(0)
         self._resident_pages -= freed
-        n = range_pages(ranges)
         self.released_pages_total += n
         if self.pool is not None:
             self.pool += n // self._host_frames
