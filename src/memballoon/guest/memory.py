@@ -303,6 +303,7 @@ class GuestMemory:
         n = min(n, self._free - floor)
         if n <= 0:
             return _EMPTY
+        v = int(new)  # numpy stores a plain int faster than an IntEnum member
         if n == 1:
             # fast path for the seed's page-at-a-time loop: walk a cached list of the free
             # frames of the current block, re-checking each (other paths may have taken it)
@@ -311,7 +312,7 @@ class GuestMemory:
                 pfn = int(hf[self._hint_pos])
                 self._hint_pos += 1
                 if self.state[pfn] == _FREE and not self.reported[pfn >> BLOCK_ORDER]:
-                    self.state[pfn] = new
+                    self.state[pfn] = v
                     self._bfree[pfn >> BLOCK_ORDER] -= 1
                     self._free -= 1
                     return np.array([pfn], dtype=np.int64)
@@ -325,12 +326,19 @@ class GuestMemory:
                 if self._hint_free.size:
                     return self._take_free(1, floor, new)
         b = self._hint
-        if self._bfree[b] >= n and not self.reported[b]:
+        have = int(self._bfree[b])
+        if have >= n and not self.reported[b]:
             # the block the last allocation took from still has enough: take from it alone
-            out = self._free_frames_of(b, n)
-            self._bfree[b] -= n
+            # (its first n free frames: the first n frames when it is wholly free)
+            lo = b * BLOCK_PAGES
+            if have == BLOCK_PAGES:
+                self.state[lo : lo + n] = v
+                out = np.arange(lo, lo + n, dtype=np.int64)
+            else:
+                out = (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0][:n] + lo
+                self.state[out] = v
+            self._bfree[b] = have - n
             self._free -= n
-            self.state[out] = new
             return out
         bfree = self._bfree
         cand = (bfree > 0).nonzero()[0]
@@ -340,7 +348,7 @@ class GuestMemory:
         b = int(cand[0])
         if int(bfree[b]) >= n:  # the first block holds them all (the usual small take)
             out = self._free_frames_of(b, n)
-            self.state[out] = new
+            self.state[out] = v
             bfree[b] -= n
             self.reported[b] = False  # the host refaults this block's pages on touch
             self._hint = b
@@ -354,7 +362,7 @@ class GuestMemory:
             cum = np.cumsum(bfree[cand], dtype=np.int64)
         last = int(np.searchsorted(cum, n))  # the block the n-th frame is in (not the first)
         blocks = cand[: last + 1]
-        out = self._take_blocks_free(blocks, n - int(cum[last - 1]), new)
+        out = self._take_blocks_free(blocks, n - int(cum[last - 1]), v)
         bfree[blocks[:-1]] = 0
         bfree[blocks[-1]] -= n - int(cum[last - 1])
         self.reported[blocks] = False  # the host refaults these blocks' pages on touch
@@ -362,8 +370,7 @@ class GuestMemory:
         self._free -= n
         return out
 
-    def _take_blocks_free(self, blocks: npt.NDArray[np.intp], m: int, new: PageState
-                          ) -> PfnArray:
+    def _take_blocks_free(self, blocks: npt.NDArray[np.intp], m: int, new: int) -> PfnArray:
         """Every free frame of ``blocks`` but the last, then the first ``m`` of the last,
         marked ``new``, block by block. A bulk take is mostly wholly free blocks after a few
         partly used ones: those are looked at frame by frame, the whole ones are known

@@ -133,9 +133,10 @@ class NullRam:
     def touch(self, pfns: PfnArray, generation: int) -> None:
         if pfns.size == 0:
             return
-        seg = self._resident[pfns]
-        self._resident_pages += int(pfns.size) - int(np.count_nonzero(seg))  # 0/1 bytes
-        self._resident[pfns] = 1
+        new = int(pfns.size) - int(np.count_nonzero(self._resident[pfns]))  # 0/1 bytes
+        if new:  # (pages touched again are resident already: nothing to write)
+            self._resident_pages += new
+            self._resident[pfns] = 1
 
     def verify(self, pfns: PfnArray) -> int:
         return 0  # no content to lose
