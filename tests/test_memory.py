@@ -511,3 +511,17 @@ def test_block_counts_follow_frames_in_any_order(frames: list[int], sign: int) -
     want = before.astype(np.int64)
     np.add.at(want, np.array(frames, dtype=np.int64) >> BLOCK_ORDER, sign)
     assert m._bfree.tolist() == want.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(1, 3000), st.booleans())
+def test_giving_runs_is_giving_their_frames(seed: int, k: int, anon: bool) -> None:
+    # _give_runs (a deque's oldest runs, by their bounds) ends where _give_free of their
+    # frames does: states, per-block counts, free count
+    a, b = _aged(seed), _aged(seed)
+    runs = (a.anon if anon else a.cache).pop_front_runs(k)
+    frames = (b.anon if anon else b.cache).pop_front(k)
+    assert a._give_runs(runs) == frames.size
+    b._give_free(frames)
+    assert np.array_equal(a.state, b.state) and np.array_equal(a._bfree, b._bfree)
+    assert a.free_pages == b.free_pages and a.check_invariants() == []

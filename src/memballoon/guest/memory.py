@@ -66,6 +66,7 @@ from memballoon.model.pages import (
     PfnArray,
     block_frames,
     coalesce,
+    expand_runs,
     has_repeats,
     merge_ranges,
 )
@@ -408,26 +409,48 @@ class GuestMemory:
         self._block_add(pfns)
         self._free += int(pfns.size)
 
+    def _give_runs(self, runs: list[tuple[int, int]]) -> int:
+        """``_give_free`` of the frames of ``(first, length)`` runs (a deque's oldest): a
+        slice and block counts from their bounds a run; returns the frames given."""
+        if len(runs) > 16:  # many short runs: one pass over their frames costs less
+            starts, lens = np.array(runs, dtype=np.int64).T
+            pfns = expand_runs(starts, lens)
+            self._give_free(pfns)
+            return int(pfns.size)
+        state, bfree, n = self.state, self._bfree, 0
+        for first, k in runs:
+            end = first + k
+            state[first:end] = _FREE
+            b0, b1 = first >> BLOCK_ORDER, (end - 1) >> BLOCK_ORDER
+            if b0 == b1:
+                bfree[b0] += k
+            else:  # the run's part of its first and last block, whole blocks between
+                bfree[b0] += (b0 + 1) * BLOCK_PAGES - first
+                if b1 > b0 + 1:
+                    bfree[b0 + 1 : b1] += BLOCK_PAGES
+                bfree[b1] += end - b1 * BLOCK_PAGES
+            n += k
+        self._free += n
+        return n
+
     # ------------------------------------------------------------------ reclaim
     def _reclaim(self, n: int, *, direct: bool, tally: _Tally) -> int:
         """Free up to ``n`` frames: coldest page cache first, then anonymous pages to swap."""
         freed = 0
-        victims = self.cache.pop_front(n)
-        if victims.size:
-            self._give_free(victims)
-            freed += int(victims.size)
-            self._file_evicted += int(victims.size)
+        gone = self._give_runs(self.cache.pop_front_runs(n))
+        if gone:
+            freed += gone
+            self._file_evicted += gone
         swap_room = self.swap_total_pages - self.swapped
         if freed < n and swap_room > 0:
-            out = self.anon.pop_front(min(n - freed, swap_room))
-            if out.size:
-                self._give_free(out)
-                self.swapped += int(out.size)
-                self.events.swap_out += int(out.size)
-                tally.swap_out += int(out.size)
-                freed += int(out.size)
+            out = self._give_runs(self.anon.pop_front_runs(min(n - freed, swap_room)))
+            if out:
+                self.swapped += out
+                self.events.swap_out += out
+                tally.swap_out += out
+                freed += out
                 if direct:
-                    tally.stall_s += out.size * SWAP_OUT_S_PER_PAGE
+                    tally.stall_s += out * SWAP_OUT_S_PER_PAGE
         ev = self.events
         if direct:
             ev.direct_scan += freed
@@ -605,11 +628,12 @@ class GuestMemory:
                     self._hint_pos = hf.size
                 if ok.size:
                     take = rest[ok]
+                    k = int(take.size)
                     self.state[take] = _BALLOON
-                    self._block_sub(take)
-                    self._free -= int(take.size)
+                    self._bfree[int(take[0]) >> BLOCK_ORDER] -= k  # all of one block
+                    self._free -= k
                     parts.append(take)
-                    got += int(take.size)
+                    got += k
                 continue
             b = self._hint
             if self._bfree[b] > 0 and not self.reported[b]:
@@ -848,13 +872,12 @@ class GuestMemory:
         short = n - int(pfns.size)
         if short > 0:
             # the cache recycles its own coldest pages rather than push the guest to OOM
-            victims = self.cache.pop_front(short)
-            if victims.size:
-                self._give_free(victims)
-                self._file_evicted += int(victims.size)
-                self.events.direct_reclaim += int(victims.size)
-                tally.stall_s += victims.size * DIRECT_RECLAIM_S_PER_PAGE
-                more = self._take_free(int(victims.size), 0, PageState.CACHE)
+            gone = self._give_runs(self.cache.pop_front_runs(short))
+            if gone:
+                self._file_evicted += gone
+                self.events.direct_reclaim += gone
+                tally.stall_s += gone * DIRECT_RECLAIM_S_PER_PAGE
+                more = self._take_free(gone, 0, PageState.CACHE)
                 pfns = np.concatenate((pfns, more)) if pfns.size else more
         k = int(pfns.size)
         self.events.major_faults += n

@@ -167,6 +167,41 @@ class PfnDeque:
             self._head = 0
         return out
 
+    def pop_front_runs(self, k: int) -> list[tuple[int, int]]:
+        """``pop_front(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
+        frames in order are what ``pop_front`` returns (no array of the frames)."""
+        k = min(k, self._len)
+        if k <= 0:
+            return []
+        h = self._head
+        first, held = int(self._starts[h]), int(self._lens[h])
+        if held >= k:  # within the oldest run (the usual)
+            if held > k:
+                self._starts[h] = first + k
+                self._lens[h] = held - k
+            else:
+                self._head += 1
+                self._n -= 1
+                if self._n == 0:
+                    self._head = 0
+            self._len -= k
+            return [(first, k)]
+        r = self._front_runs(k)
+        starts = self._starts[h : h + r].tolist()
+        lens = self._lens[h : h + r].tolist()
+        extra = sum(lens) - k  # what the last run keeps
+        lens[-1] -= extra
+        if extra:
+            self._starts[h + r - 1] += lens[-1]
+            self._lens[h + r - 1] = extra
+            r -= 1
+        self._head += r
+        self._n -= r
+        self._len -= k
+        if self._n == 0:
+            self._head = 0
+        return list(zip(starts, lens, strict=True))
+
     def _newest(self, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
         """The runs holding the newest ``k`` frames (the first cut to fit), oldest first, and
         how many of the deque's runs they reach into."""
