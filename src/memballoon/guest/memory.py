@@ -381,10 +381,7 @@ class GuestMemory:
         p = 0 if bool(whole.all()) else int((~whole).nonzero()[0][-1]) + 1
         parts: list[PfnArray] = []
         if p:  # the partly used blocks up to the last of them
-            frames = block_frames(blocks[:p], BLOCK_ORDER)
-            if int(blocks[:p].max()) >= len(self._state_rows):  # the guest's partial last
-                frames = frames[frames < self.total_pages]  # block (before reported ones)
-            head = frames[self.state[frames] == _FREE]
+            head = self._free_frames_in(blocks[:p])
             self.state[head] = new
             parts.append(head)
         mid = blocks[p:-1]
@@ -395,6 +392,18 @@ class GuestMemory:
         self.state[tail] = new
         parts.append(tail)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _free_frames_in(self, blocks: npt.NDArray[np.intp]) -> PfnArray:
+        """Every free frame of ``blocks``, block by block in their order, ascending in each
+        (the guest's partial last block may be anywhere among them: before reported ones)."""
+        if int(blocks.max()) < len(self._state_rows):  # whole blocks: rows of the state
+            rows, cols = (self._state_rows[blocks] == _FREE).nonzero()
+            out: PfnArray = (blocks[rows].astype(np.int64) << BLOCK_ORDER) + cols
+            return out
+        frames = block_frames(blocks, BLOCK_ORDER)
+        frames = frames[frames < self.total_pages]
+        rest: PfnArray = frames[self.state[frames] == _FREE]
+        return rest
 
     def _free_frames_of(self, b: int, k: int) -> PfnArray:
         """The first ``k`` free frames of block ``b`` (fewer if it has fewer), ascending."""
@@ -661,10 +670,7 @@ class GuestMemory:
         cum = np.cumsum(counts)
         last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
         blocks = cand[: last + 1]
-        frames = block_frames(blocks, BLOCK_ORDER)
-        if int(blocks.max()) >= len(self._state_rows):  # the guest's partial last block
-            frames = frames[frames < self.total_pages]  # (anywhere: before reported ones)
-        frees: PfnArray = frames[self.state[frames] == _FREE]  # block by block, ascending
+        frees = self._free_frames_in(blocks)
         take = frees[:k]
         m_last = k - (int(cum[last - 1]) if last else 0)
         self.state[take] = _BALLOON
