@@ -342,11 +342,13 @@ class GuestMemory:
             self._free -= n
             return out
         bfree = self._bfree
-        cand = (bfree > 0).nonzero()[0]
-        if self.reported.any():
-            rep = self.reported[cand]
-            cand = np.concatenate((cand[~rep], cand[rep]))
-        b = int(cand[0])
+        has = bfree > 0
+        # the first candidate: the lowest block with free frames not reported, else (all
+        # reported) the lowest with free frames; found without listing the candidates
+        unreported = has > self.reported
+        b = int(unreported.argmax())
+        if not unreported[b]:
+            b = int(has.argmax())
         if int(bfree[b]) >= n:  # the first block holds them all (the usual small take)
             out = self._free_frames_of(b, n)
             self.state[out] = v
@@ -355,6 +357,10 @@ class GuestMemory:
             self._hint = b
             self._free -= n
             return out
+        cand = has.nonzero()[0]
+        if self.reported.any():
+            rep = self.reported[cand]
+            cand = np.concatenate((cand[~rep], cand[rep]))
         # the first free frames of each block in that order until n (one numpy pass, not a
         # loop over blocks: a balloon's bulk rounds take thousands of blocks at once); the
         # counts summed over a first few blocks, then over all if those hold too few
