@@ -500,3 +500,28 @@ def test_freeing_whole_blocks_is_freeing_their_frames(seed: int, k: int, case: s
     assert (errors[0] != "") == (case == "not_ours" or (case == "twice" and give.size > 0))
     assert state_diff(state_of(frames), state_of(rows)) == []
     assert rows.check_invariants() == []
+
+
+@given(st.lists(st.integers(0, 4 * BLOCK_PAGES + 99), max_size=300), st.sampled_from([1, -1]))
+def test_block_counts_follow_frames_in_any_order(frames: list[int], sign: int) -> None:
+    # the per-block free counts move by the frames each block holds, however the frames come
+    m = GuestMemory(4 * BLOCK_PAGES + 100, reserved_pages=16)
+    before = m._bfree.copy()
+    m._block_add(np.array(frames, dtype=np.int64), sign)
+    want = before.astype(np.int64)
+    np.add.at(want, np.array(frames, dtype=np.int64) >> BLOCK_ORDER, sign)
+    assert m._bfree.tolist() == want.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(1, 3000), st.booleans())
+def test_giving_runs_is_giving_their_frames(seed: int, k: int, anon: bool) -> None:
+    # _give_runs (a deque's oldest runs, by their bounds) ends where _give_free of their
+    # frames does: states, per-block counts, free count
+    a, b = _aged(seed), _aged(seed)
+    runs = (a.anon if anon else a.cache).pop_front_runs(k)
+    frames = (b.anon if anon else b.cache).pop_front(k)
+    assert a._give_runs(runs) == frames.size
+    b._give_free(frames)
+    assert np.array_equal(a.state, b.state) and np.array_equal(a._bfree, b._bfree)
+    assert a.free_pages == b.free_pages and a.check_invariants() == []

@@ -31,6 +31,10 @@ def test_coalesce_folds_runs() -> None:
     assert coalesce([]).shape == (0, 2)
     assert coalesce([9, 8, 7, 6]).tolist() == [[6, 10]]  # one descending run (a VMware stack)
     assert coalesce([9, 8, 6, 5]).tolist() == [[5, 7], [8, 10]]
+    # ends as a run's, frames not in one: runs folded all the same
+    assert coalesce([5, 7, 6, 8]).tolist() == [[5, 9]]
+    assert coalesce([8, 6, 7, 5]).tolist() == [[5, 9]]
+    assert coalesce([4]).tolist() == [[4, 5]]
 
 
 @given(st.sets(st.integers(0, 5000), max_size=300))

@@ -107,3 +107,31 @@ def test_newest_is_the_last_pushed() -> None:
     assert d.newest() == 20
     d.pop_back(1)
     assert d.newest() == 9
+
+
+@given(st.lists(st.tuples(st.integers(0, 600), st.integers(0, 40)), max_size=30),
+       st.lists(st.integers(0, 60), max_size=30))
+def test_push_run_is_push_back_of_its_frames(runs: list[tuple[int, int]], pops: list[int]
+                                             ) -> None:
+    a, b = PfnDeque(), PfnDeque()
+    for (first, k), pop in zip(runs, pops + [0] * len(runs), strict=False):
+        a.push_run(first, k)
+        b.push_back(np.arange(first, first + k, dtype=np.int64))
+        assert a.pop_front(pop).tolist() == b.pop_front(pop).tolist()
+        assert a.runs()[0].tolist() == b.runs()[0].tolist()
+        assert a.runs()[1].tolist() == b.runs()[1].tolist() and len(a) == len(b)
+
+
+@given(scattered_ops, st.integers(0, 80))
+def test_pop_front_runs_are_the_frames_pop_front_returns(script: list[tuple[str, object]],
+                                                        k: int) -> None:
+    a, b = PfnDeque(), PfnDeque()
+    for op, arg in script:
+        if op == "push":
+            a.push_back(np.array(arg, dtype=np.int64))
+            b.push_back(np.array(arg, dtype=np.int64))
+    for _ in range(3):
+        runs = a.pop_front_runs(k)
+        assert [f for s, n in runs for f in range(s, s + n)] == b.pop_front(k).tolist()
+        assert all(n > 0 for _, n in runs)
+        assert len(a) == len(b) and a.to_array().tolist() == b.to_array().tolist()

@@ -5,7 +5,7 @@ import pytest
 
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import GuestAddressError, UsageError
-from memballoon.model.pages import coalesce
+from memballoon.model.pages import RangeArray, coalesce
 from memballoon.model.units import PAGE_SIZE
 
 
@@ -35,3 +35,21 @@ def test_null_ram_counts_resident_pages() -> None:
 def test_null_ram_needs_a_guest() -> None:
     with pytest.raises(UsageError):
         NullRam(0)
+
+
+def test_forget_is_a_noop_unless_a_subclass_overrides_it() -> None:
+    class Logging(NullRam):
+        def forget(self, ranges: RangeArray) -> None:
+            pass
+
+    assert NullRam(1024).forget_is_noop
+    assert not Logging(1024).forget_is_noop  # the guest model must tell it what it forgets
+
+
+def test_touch_counts_resident_pages_once() -> None:
+    ram = NullRam(1024)
+    ram.touch(np.array([1, 2, 3], dtype=np.int64), 1)
+    ram.touch(np.array([2, 3], dtype=np.int64), 2)  # resident already: no change
+    ram.touch(np.array([3, 4], dtype=np.int64), 3)
+    assert ram.resident_bytes() == 4 * PAGE_SIZE
+    assert ram.resident_pages_of(np.array([0, 1, 4, 5], dtype=np.int64)) == 2

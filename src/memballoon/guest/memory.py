@@ -66,6 +66,7 @@ from memballoon.model.pages import (
     PfnArray,
     block_frames,
     coalesce,
+    expand_runs,
     has_repeats,
     merge_ranges,
 )
@@ -270,23 +271,28 @@ class GuestMemory:
         self._block_add(pfns, -1)
 
     def _block_add(self, pfns: PfnArray, sign: int = 1) -> None:
-        if pfns.size == 0:
+        k = int(pfns.size)
+        if k == 0:
+            return
+        if k == 1:
+            self._bfree[int(pfns[0]) >> BLOCK_ORDER] += sign
             return
         blocks = pfns >> BLOCK_ORDER
-        if blocks[0] == blocks[-1] and (pfns.size == 1 or bool((blocks == blocks[0]).all())):
-            self._bfree[blocks[0]] += sign * int(pfns.size)
+        lo, hi = int(blocks.min()), int(blocks.max())
+        if lo == hi:  # one block (the usual)
+            self._bfree[lo] += sign * k
             return
-        steps = blocks[1:] - blocks[:-1]
-        if bool((steps >= 0).all()):  # frames in order (the usual): count runs, no sort
-            starts = np.concatenate(([0], steps.nonzero()[0] + 1))
-            counts = np.diff(np.append(starts, blocks.size))
-            self._bfree[blocks[starts]] += sign * counts.astype(np.int32)
+        if lo < 0:  # negative frames index from the end, as the state array's do
+            np.add.at(self._bfree, blocks, sign)
             return
-        # runs of frames in any order (a balloon's newest rounds): count per run of blocks,
-        # then add (np.add.at: one block may head several runs), no sort
-        starts = np.concatenate(([0], steps.nonzero()[0] + 1))
-        counts = np.diff(np.append(starts, blocks.size))
-        np.add.at(self._bfree, blocks[starts], sign * counts.astype(np.int32))
+        # frames in any order: a count per block of their span (no sort, no per-run arrays;
+        # the span is at most the guest's blocks)
+        counts = np.bincount(blocks - lo)
+        seg = self._bfree[lo : hi + 1]
+        if sign > 0:
+            seg += counts
+        else:
+            seg -= counts
 
     # ------------------------------------------------------------------ raw allocation
     def _take_free(self, n: int, floor: int, new: PageState) -> PfnArray:
@@ -298,6 +304,7 @@ class GuestMemory:
         n = min(n, self._free - floor)
         if n <= 0:
             return _EMPTY
+        v = int(new)  # numpy stores a plain int faster than an IntEnum member
         if n == 1:
             # fast path for the seed's page-at-a-time loop: walk a cached list of the free
             # frames of the current block, re-checking each (other paths may have taken it)
@@ -306,7 +313,7 @@ class GuestMemory:
                 pfn = int(hf[self._hint_pos])
                 self._hint_pos += 1
                 if self.state[pfn] == _FREE and not self.reported[pfn >> BLOCK_ORDER]:
-                    self.state[pfn] = new
+                    self.state[pfn] = v
                     self._bfree[pfn >> BLOCK_ORDER] -= 1
                     self._free -= 1
                     return np.array([pfn], dtype=np.int64)
@@ -320,36 +327,57 @@ class GuestMemory:
                 if self._hint_free.size:
                     return self._take_free(1, floor, new)
         b = self._hint
-        if self._bfree[b] >= n and not self.reported[b]:
+        have = int(self._bfree[b])
+        if have >= n and not self.reported[b]:
             # the block the last allocation took from still has enough: take from it alone
-            out = self._free_frames_of(b, n)
-            self._bfree[b] -= n
+            # (its first n free frames: the first n frames when it is wholly free)
+            lo = b * BLOCK_PAGES
+            if have == BLOCK_PAGES:
+                self.state[lo : lo + n] = v
+                out = np.arange(lo, lo + n, dtype=np.int64)
+            else:
+                out = (self.state[lo : lo + BLOCK_PAGES] == _FREE).nonzero()[0][:n] + lo
+                self.state[out] = v
+            self._bfree[b] = have - n
             self._free -= n
-            self.state[out] = new
             return out
-        cand = (self._bfree > 0).nonzero()[0]
+        bfree = self._bfree
+        has = bfree > 0
+        # the first candidate: the lowest block with free frames not reported, else (all
+        # reported) the lowest with free frames; found without listing the candidates
+        unreported = has > self.reported
+        b = int(unreported.argmax())
+        if not unreported[b]:
+            b = int(has.argmax())
+        if int(bfree[b]) >= n:  # the first block holds them all (the usual small take)
+            out = self._free_frames_of(b, n)
+            self.state[out] = v
+            bfree[b] -= n
+            self.reported[b] = False  # the host refaults this block's pages on touch
+            self._hint = b
+            self._free -= n
+            return out
+        cand = has.nonzero()[0]
         if self.reported.any():
             rep = self.reported[cand]
             cand = np.concatenate((cand[~rep], cand[rep]))
         # the first free frames of each block in that order until n (one numpy pass, not a
-        # loop over blocks: a balloon's bulk rounds take thousands of blocks at once)
-        cum = np.cumsum(self._bfree[cand], dtype=np.int64)
-        last = int(np.searchsorted(cum, n))  # the block the n-th frame is in
+        # loop over blocks: a balloon's bulk rounds take thousands of blocks at once); the
+        # counts summed over a first few blocks, then over all if those hold too few
+        cum = np.cumsum(bfree[cand[:16]], dtype=np.int64)
+        if int(cum[-1]) < n:
+            cum = np.cumsum(bfree[cand], dtype=np.int64)
+        last = int(np.searchsorted(cum, n))  # the block the n-th frame is in (not the first)
         blocks = cand[: last + 1]
-        if blocks.size == 1:
-            out = self._free_frames_of(int(blocks[0]), n)
-            self.state[out] = new
-        else:
-            out = self._take_blocks_free(blocks, n - int(cum[last - 1]), new)
-        self._bfree[blocks[:-1]] = 0
-        self._bfree[blocks[-1]] -= n - (int(cum[last - 1]) if last else 0)
+        out = self._take_blocks_free(blocks, n - int(cum[last - 1]), v)
+        bfree[blocks[:-1]] = 0
+        bfree[blocks[-1]] -= n - int(cum[last - 1])
         self.reported[blocks] = False  # the host refaults these blocks' pages on touch
         self._hint = int(blocks[-1])
         self._free -= n
         return out
 
-    def _take_blocks_free(self, blocks: npt.NDArray[np.intp], m: int, new: PageState
-                          ) -> PfnArray:
+    def _take_blocks_free(self, blocks: npt.NDArray[np.intp], m: int, new: int) -> PfnArray:
         """Every free frame of ``blocks`` but the last, then the first ``m`` of the last,
         marked ``new``, block by block. A bulk take is mostly wholly free blocks after a few
         partly used ones: those are looked at frame by frame, the whole ones are known
@@ -359,10 +387,7 @@ class GuestMemory:
         p = 0 if bool(whole.all()) else int((~whole).nonzero()[0][-1]) + 1
         parts: list[PfnArray] = []
         if p:  # the partly used blocks up to the last of them
-            frames = block_frames(blocks[:p], BLOCK_ORDER)
-            if int(blocks[:p].max()) >= len(self._state_rows):  # the guest's partial last
-                frames = frames[frames < self.total_pages]  # block (before reported ones)
-            head = frames[self.state[frames] == _FREE]
+            head = self._free_frames_in(blocks[:p])
             self.state[head] = new
             parts.append(head)
         mid = blocks[p:-1]
@@ -374,6 +399,20 @@ class GuestMemory:
         parts.append(tail)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _free_frames_in(self, blocks: npt.NDArray[np.intp]) -> PfnArray:
+        """Every free frame of ``blocks``, block by block in their order, ascending in each
+        (the guest's partial last block may be anywhere among them: before reported ones)."""
+        if int(blocks.max()) < len(self._state_rows):  # whole blocks: rows of the state
+            # one flat nonzero over the rows (a 2-D one costs several times more)
+            idx = (self._state_rows[blocks] == _FREE).reshape(-1).nonzero()[0]
+            out: PfnArray = ((blocks[idx >> BLOCK_ORDER].astype(np.int64) << BLOCK_ORDER)
+                             | (idx & (BLOCK_PAGES - 1)))
+            return out
+        frames = block_frames(blocks, BLOCK_ORDER)
+        frames = frames[frames < self.total_pages]
+        rest: PfnArray = frames[self.state[frames] == _FREE]
+        return rest
+
     def _free_frames_of(self, b: int, k: int) -> PfnArray:
         """The first ``k`` free frames of block ``b`` (fewer if it has fewer), ascending."""
         lo = b * BLOCK_PAGES
@@ -383,30 +422,52 @@ class GuestMemory:
         return out
 
     def _give_free(self, pfns: PfnArray) -> None:
-        self.state[pfns] = PageState.FREE
+        self.state[pfns] = _FREE
         self._block_add(pfns)
         self._free += int(pfns.size)
+
+    def _give_runs(self, runs: list[tuple[int, int]]) -> int:
+        """``_give_free`` of the frames of ``(first, length)`` runs (a deque's oldest): a
+        slice and block counts from their bounds a run; returns the frames given."""
+        if len(runs) > 16:  # many short runs: one pass over their frames costs less
+            starts, lens = np.array(runs, dtype=np.int64).T
+            pfns = expand_runs(starts, lens)
+            self._give_free(pfns)
+            return int(pfns.size)
+        state, bfree, n = self.state, self._bfree, 0
+        for first, k in runs:
+            end = first + k
+            state[first:end] = _FREE
+            b0, b1 = first >> BLOCK_ORDER, (end - 1) >> BLOCK_ORDER
+            if b0 == b1:
+                bfree[b0] += k
+            else:  # the run's part of its first and last block, whole blocks between
+                bfree[b0] += (b0 + 1) * BLOCK_PAGES - first
+                if b1 > b0 + 1:
+                    bfree[b0 + 1 : b1] += BLOCK_PAGES
+                bfree[b1] += end - b1 * BLOCK_PAGES
+            n += k
+        self._free += n
+        return n
 
     # ------------------------------------------------------------------ reclaim
     def _reclaim(self, n: int, *, direct: bool, tally: _Tally) -> int:
         """Free up to ``n`` frames: coldest page cache first, then anonymous pages to swap."""
         freed = 0
-        victims = self.cache.pop_front(n)
-        if victims.size:
-            self._give_free(victims)
-            freed += int(victims.size)
-            self._file_evicted += int(victims.size)
+        gone = self._give_runs(self.cache.pop_front_runs(n))
+        if gone:
+            freed += gone
+            self._file_evicted += gone
         swap_room = self.swap_total_pages - self.swapped
         if freed < n and swap_room > 0:
-            out = self.anon.pop_front(min(n - freed, swap_room))
-            if out.size:
-                self._give_free(out)
-                self.swapped += int(out.size)
-                self.events.swap_out += int(out.size)
-                tally.swap_out += int(out.size)
-                freed += int(out.size)
+            out = self._give_runs(self.anon.pop_front_runs(min(n - freed, swap_room)))
+            if out:
+                self.swapped += out
+                self.events.swap_out += out
+                tally.swap_out += out
+                freed += out
                 if direct:
-                    tally.stall_s += out.size * SWAP_OUT_S_PER_PAGE
+                    tally.stall_s += out * SWAP_OUT_S_PER_PAGE
         ev = self.events
         if direct:
             ev.direct_scan += freed
@@ -497,8 +558,8 @@ class GuestMemory:
     def _forget(self, pfns: PfnArray) -> None:
         """Tell the store the balloon took these frames (with huge host pages: the blocks
         among theirs that are now wholly in the balloon)."""
-        if self.store is None or pfns.size == 0:
-            return
+        if self.store is None or pfns.size == 0 or getattr(self.store, "forget_is_noop", False):
+            return  # (a store whose forget does nothing: no ranges to build for it)
         if self.host_page_frames == 1:
             self.store.forget(coalesce(pfns))
             return
@@ -574,8 +635,23 @@ class GuestMemory:
             hf, pos = self._hint_free, self._hint_pos
             if pos < hf.size:
                 rest = hf[pos:]
-                ok = ((self.state[rest] == _FREE)
-                      & ~self.reported[rest >> BLOCK_ORDER]).nonzero()[0]
+                # the cached frames are one block's (each cache is filled from one block)
+                if self.reported[int(rest[0]) >> BLOCK_ORDER]:
+                    self._hint_pos = hf.size
+                    continue
+                head = rest[: n - got]
+                if bool((self.state[head] == _FREE).all()):
+                    # the next cached frames are all still free (the usual): they are the take
+                    take = head.copy()
+                    k = int(take.size)
+                    self._hint_pos = pos + k
+                    self.state[take] = _BALLOON
+                    self._bfree[int(take[0]) >> BLOCK_ORDER] -= k
+                    self._free -= k
+                    parts.append(take)
+                    got += k
+                    continue
+                ok = (self.state[rest] == _FREE).nonzero()[0]
                 if ok.size >= n - got:
                     ok = ok[: n - got]
                     self._hint_pos = pos + int(ok[-1]) + 1
@@ -583,11 +659,12 @@ class GuestMemory:
                     self._hint_pos = hf.size
                 if ok.size:
                     take = rest[ok]
+                    k = int(take.size)
                     self.state[take] = _BALLOON
-                    self._block_sub(take)
-                    self._free -= int(take.size)
+                    self._bfree[int(take[0]) >> BLOCK_ORDER] -= k  # all of one block
+                    self._free -= k
                     parts.append(take)
-                    got += int(take.size)
+                    got += k
                 continue
             b = self._hint
             if self._bfree[b] > 0 and not self.reported[b]:
@@ -615,10 +692,7 @@ class GuestMemory:
         cum = np.cumsum(counts)
         last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
         blocks = cand[: last + 1]
-        frames = block_frames(blocks, BLOCK_ORDER)
-        if int(blocks.max()) >= len(self._state_rows):  # the guest's partial last block
-            frames = frames[frames < self.total_pages]  # (anywhere: before reported ones)
-        frees: PfnArray = frames[self.state[frames] == _FREE]  # block by block, ascending
+        frees = self._free_frames_in(blocks)
         take = frees[:k]
         m_last = k - (int(cum[last - 1]) if last else 0)
         self.state[take] = _BALLOON
@@ -665,7 +739,7 @@ class GuestMemory:
         self._free -= taken
         self._balloon += taken
         starts = blocks * BLOCK_PAGES
-        if self.store is not None:
+        if self.store is not None and not getattr(self.store, "forget_is_noop", False):
             self.store.forget(merge_ranges(starts, starts + BLOCK_PAGES))
         return starts
 
@@ -720,7 +794,8 @@ class GuestMemory:
         """Whether ``isolate_reportable(n, keep_free)`` would isolate a block (for any n > 0)."""
         if (self._free - keep_free) // BLOCK_PAGES <= 0:
             return False
-        return bool(((self._bfree == BLOCK_PAGES) & ~self.reported).any())
+        # wholly free and not reported: for booleans ``a & ~b`` is ``a > b`` (one call less)
+        return bool(((self._bfree == BLOCK_PAGES) > self.reported).any())
 
     def isolate_reportable(self, max_blocks: int, keep_free: int) -> npt.NDArray[np.int64]:
         """Take up to ``max_blocks`` wholly free, not yet reported 2 MiB blocks off the free lists.
@@ -825,13 +900,12 @@ class GuestMemory:
         short = n - int(pfns.size)
         if short > 0:
             # the cache recycles its own coldest pages rather than push the guest to OOM
-            victims = self.cache.pop_front(short)
-            if victims.size:
-                self._give_free(victims)
-                self._file_evicted += int(victims.size)
-                self.events.direct_reclaim += int(victims.size)
-                tally.stall_s += victims.size * DIRECT_RECLAIM_S_PER_PAGE
-                more = self._take_free(int(victims.size), 0, PageState.CACHE)
+            gone = self._give_runs(self.cache.pop_front_runs(short))
+            if gone:
+                self._file_evicted += gone
+                self.events.direct_reclaim += gone
+                tally.stall_s += gone * DIRECT_RECLAIM_S_PER_PAGE
+                more = self._take_free(gone, 0, PageState.CACHE)
                 pfns = np.concatenate((pfns, more)) if pfns.size else more
         k = int(pfns.size)
         self.events.major_faults += n

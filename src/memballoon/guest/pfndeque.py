@@ -20,16 +20,11 @@ _MIN_RUNS = 16
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
-def _runs(p: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """``p`` as runs of consecutive frames: their first frames and lengths."""
+def _runs(p: npt.NDArray[np.int64], brk: npt.NDArray[np.intp]
+          ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``p`` as runs of consecutive frames (their first frames and lengths), given the
+    indices after which it breaks (at least one)."""
     k = p.size
-    if k == 1:
-        return p.copy(), np.ones(1, dtype=np.int64)
-    # slices and methods, not np.diff/np.flatnonzero: their Python wrappers cost more than
-    # the work on the short arrays a workload step pushes
-    brk = ((p[1:] - p[:-1]) != 1).nonzero()[0]
-    if brk.size == 0:  # one run (the usual)
-        return p[:1].copy(), np.array([k], dtype=np.int64)
     edges = np.empty(brk.size + 2, dtype=np.int64)
     edges[0], edges[-1] = 0, k
     edges[1:-1] = brk + 1
@@ -76,24 +71,35 @@ class PfnDeque:
         """All PFNs, ascending (``np.sort(to_array())``, at the cost of the runs)."""
         return sorted_runs(*self.runs())
 
+    def push_run(self, first: int, k: int) -> None:
+        """``push_back`` of the ``k`` frames ``first, first + 1, ...`` (no array of them)."""
+        if k <= 0:
+            return
+        last = self._head + self._n - 1
+        if self._n and int(self._starts[last]) + int(self._lens[last]) == first:
+            self._lens[last] += k  # it continues the newest run
+        else:
+            self._room(1)
+            i = self._head + self._n
+            self._starts[i] = first
+            self._lens[i] = k
+            self._n += 1
+        self._len += k
+
     def push_back(self, pfns: npt.NDArray[np.int64]) -> None:
         k = int(pfns.size)
         if k == 0:
             return
         p = np.asarray(pfns, dtype=np.int64).reshape(-1)
-        last = self._head + self._n - 1
         if k == 1:  # the page-at-a-time paths: extend the newest run when it continues it
-            pfn = int(p[0])
-            if self._n and int(self._starts[last] + self._lens[last]) == pfn:
-                self._lens[last] += 1
-            else:
-                self._room(1)
-                i = self._head + self._n
-                self._starts[i], self._lens[i] = pfn, 1
-                self._n += 1
-            self._len += 1
+            self.push_run(int(p[0]), 1)
             return
-        starts, lens = _runs(p)
+        brk = ((p[1:] - p[:-1]) != 1).nonzero()[0]
+        if brk.size == 0:  # one run (the usual): no run arrays
+            self.push_run(int(p[0]), k)
+            return
+        starts, lens = _runs(p, brk)
+        last = self._head + self._n - 1
         if self._n and int(self._starts[last] + self._lens[last]) == int(starts[0]):
             self._lens[last] += lens[0]
             starts, lens = starts[1:], lens[1:]
@@ -132,6 +138,18 @@ class PfnDeque:
         if k <= 0:
             return _EMPTY.copy()
         h = self._head
+        first, held = int(self._starts[h]), int(self._lens[h])
+        if held >= k:  # within the oldest run (the usual): scalars, no run arrays
+            if held > k:
+                self._starts[h] = first + k
+                self._lens[h] = held - k
+            else:
+                self._head += 1
+                self._n -= 1
+                if self._n == 0:
+                    self._head = 0
+            self._len -= k
+            return np.arange(first, first + k, dtype=np.int64)
         r = self._front_runs(k)
         starts = self._starts[h : h + r].copy()
         lens = self._lens[h : h + r].copy()
@@ -148,6 +166,41 @@ class PfnDeque:
         if self._n == 0:
             self._head = 0
         return out
+
+    def pop_front_runs(self, k: int) -> list[tuple[int, int]]:
+        """``pop_front(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
+        frames in order are what ``pop_front`` returns (no array of the frames)."""
+        k = min(k, self._len)
+        if k <= 0:
+            return []
+        h = self._head
+        first, held = int(self._starts[h]), int(self._lens[h])
+        if held >= k:  # within the oldest run (the usual)
+            if held > k:
+                self._starts[h] = first + k
+                self._lens[h] = held - k
+            else:
+                self._head += 1
+                self._n -= 1
+                if self._n == 0:
+                    self._head = 0
+            self._len -= k
+            return [(first, k)]
+        r = self._front_runs(k)
+        starts = self._starts[h : h + r].tolist()
+        lens = self._lens[h : h + r].tolist()
+        extra = sum(lens) - k  # what the last run keeps
+        lens[-1] -= extra
+        if extra:
+            self._starts[h + r - 1] += lens[-1]
+            self._lens[h + r - 1] = extra
+            r -= 1
+        self._head += r
+        self._n -= r
+        self._len -= k
+        if self._n == 0:
+            self._head = 0
+        return list(zip(starts, lens, strict=True))
 
     def _newest(self, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
         """The runs holding the newest ``k`` frames (the first cut to fit), oldest first, and
@@ -166,9 +219,20 @@ class PfnDeque:
         k = min(k, self._len)
         if k <= 0:
             return _EMPTY.copy()
+        end = self._head + self._n
+        held = int(self._lens[end - 1])
+        if held >= k:  # within the newest run (the usual): scalars, no run arrays
+            first = int(self._starts[end - 1]) + held - k
+            if held > k:
+                self._lens[end - 1] = held - k
+            else:
+                self._n -= 1
+                if self._n == 0:
+                    self._head = 0
+            self._len -= k
+            return np.arange(first, first + k, dtype=np.int64)
         starts, lens, r = self._newest(k)
         out = expand_runs(starts, lens)
-        end = self._head + self._n
         kept = int(self._lens[end - r]) - int(lens[0])  # what stays of the oldest run touched
         if kept:
             self._lens[end - r] = kept
@@ -189,5 +253,9 @@ class PfnDeque:
         k = min(max(k, 0), self._len)
         if k == 0:
             return _EMPTY.copy()
+        last = self._head + self._n - 1
+        if int(self._lens[last]) >= k:  # within the newest run
+            end = int(self._starts[last]) + int(self._lens[last])
+            return np.arange(end - k, end, dtype=np.int64)
         starts, lens, _ = self._newest(k)
         return expand_runs(starts, lens)

@@ -92,15 +92,16 @@ class NullRam:
 
     def release(self, ranges: RangeArray) -> int:
         self._check(ranges)
-        freed = 0
+        freed = n = 0
+        resident = self._resident
         for start, end in ranges.tolist():
-            seg = self._resident[start:end]
+            n += end - start
+            seg = resident[start:end]
             held = int(np.count_nonzero(seg))
             if held:  # zeros written over pages never touched would make this table resident
                 freed += held
-                seg[:] = 0
+                seg.fill(0)
         self._resident_pages -= freed
-        n = range_pages(ranges)
         self.released_pages_total += n
         if self.pool is not None:
             self.pool += n // self._host_frames
@@ -127,17 +128,24 @@ class NullRam:
         return self._resident_pages * PAGE_SIZE
 
     def resident_pages_of(self, pfns: PfnArray) -> int:
-        return int(self._resident[pfns].sum())
+        return int(np.count_nonzero(self._resident[pfns]))  # 0/1 bytes: no widening sum
 
     def touch(self, pfns: PfnArray, generation: int) -> None:
         if pfns.size == 0:
             return
-        seg = self._resident[pfns]
-        self._resident_pages += int(pfns.size) - int(np.count_nonzero(seg))  # 0/1 bytes
-        self._resident[pfns] = 1
+        new = int(pfns.size) - int(np.count_nonzero(self._resident[pfns]))  # 0/1 bytes
+        if new:  # (pages touched again are resident already: nothing to write)
+            self._resident_pages += new
+            self._resident[pfns] = 1
 
     def verify(self, pfns: PfnArray) -> int:
         return 0  # no content to lose
 
     def forget(self, ranges: RangeArray) -> None:
         pass  # no mapping to drop
+
+    @property
+    def forget_is_noop(self) -> bool:
+        """``forget`` does nothing (unless a subclass says otherwise): the guest model need
+        not build the ranges it would be told."""
+        return type(self).forget is NullRam.forget

@@ -33,13 +33,19 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     [[3, 6], [7, 8], [9, 10]]
     """
     p = as_pfns(pfns)
-    if p.size == 0:
+    k = p.size
+    if k == 0:
         return np.empty((0, 2), dtype=np.int64)
+    first, last = int(p[0]), int(p[-1])
+    if k == 1:
+        return np.array([[first, first + 1]], dtype=np.int64)
     steps = p[1:] - p[:-1]
-    if bool((steps == 1).all()):  # one ascending run, the usual batch: two numpy calls
-        return np.array([[p[0], p[-1] + 1]], dtype=np.int64)
-    if bool((steps == -1).all()):  # one descending run: a VMware driver's stack, newest first
-        return np.array([[p[-1], p[0] + 1]], dtype=np.int64)
+    # one run (the usual batch): its ends say whether to check its steps
+    if last - first == k - 1 and bool((steps == 1).all()):
+        return np.array([[first, last + 1]], dtype=np.int64)
+    if first - last == k - 1 and bool((steps == -1).all()):
+        # one descending run: a VMware driver's stack, newest first
+        return np.array([[last, first + 1]], dtype=np.int64)
     starts, ends = _run_bounds(p, steps)
     if bool((steps > 0).all()):
         return np.stack((starts, ends), axis=1)
@@ -199,5 +205,6 @@ class PageStore(Protocol):
     def forget(self, ranges: RangeArray) -> None:
         """The guest hands these frames to its balloon: it will not read them before it writes
         them again, so a store may drop its own access to them (content stays until the host
-        releases it)."""
+        releases it). A store whose ``forget`` does nothing may say so with a class attribute
+        ``forget_is_noop = True``: the guest model then skips building the ranges."""
         ...
