@@ -15,6 +15,7 @@ def test_fleet_slice_has_no_difference(protocol: str, share: float | None) -> No
     assert len(calls) == 120
     compared, diffs, rules = check(pol, calls)
     assert diffs == []
+    assert check(pol, calls, persistent=True)[1] == []
     assert compared == sum(len(c.guests) for c in calls) > 0
     assert rules["probe"] > 0 and rules["hold"] > 0
 

@@ -1,6 +1,8 @@
 """The spike's columnar figures equal ``DefaultPolicy.figures`` exactly on reports built to hit
 the odd cases: counters going back, figures beyond RAM, a stale report, none, a repeated one,
-refused pages, a stuck inflation, OOM kills, troubled and idle guests, a size that hurt."""
+refused pages, a stuck inflation, OOM kills, troubled and idle guests, a size that hurt; and its
+columnar memory, carried on by ``figures_batch`` and ``remember_batch`` alone, stays the
+scalar ``GuestMemo``s."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import random
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.default import RULES, DefaultPolicy, GuestMemo, judge
-from memballoon.policy.default_batch import MemoColumns, figures_batch, gather
+from memballoon.policy.default_batch import MemoColumns, figures_batch, gather, remember_batch
 from memballoon.policy.observe import PolicyReportCounter
 from memballoon.policy.sample import GuestSample, GuestSettings
 from memballoon.protocol.pressure import PressureReport
@@ -17,6 +19,8 @@ from memballoon.protocol.pressure import PressureReport
 FIELDS = ("stall_pct", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_rate", "stuck",
           "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor", "budget_floor",
           "step", "severity", "quiet_calls", "free", "repeated", "report_balloon")
+REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt_ws",
+              "hurt_refaulted", "oom_at", "quiet_calls")
 RAM = 262144  # 1 GiB
 
 
@@ -60,6 +64,8 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
             m.hurt_size, m.hurt_at, m.hurt_ws = 150000, -100.0 * (i % 8), 90000
             m.hurt_refaulted, m.oom_at = i % 8 == 0, -400.0
     last: dict[str, GuestSample] = {}
+    # the columns carry the memory on alone (figures_batch, remember_batch) from the start
+    cols = MemoColumns.from_memos(list(memos.values()))
     picked = set()
     seen = Counters()
     now = 0.0
@@ -67,7 +73,9 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
         now += rng.choice([1.0, 1.0, 0.2])
         guests = [_guest(rng, i, now, last.get(f"g{i}")) for i in range(60)]
         before = [memos[g.name] for g in guests]
-        cols = MemoColumns.from_memos(before)
+        for i, m in enumerate(before):
+            for k in REMEMBERED:
+                assert getattr(cols, k)[i].item() == getattr(m, k), (call, m, k)
         counters = Counters()
         batch = figures_batch(pol, gather(guests), cols, now, counters)
         scalar = DefaultPolicy(margin_fraction=0.05)
@@ -90,6 +98,7 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
             if ruling is not None:
                 m.remember(f, ruling)  # what the next call's memory starts from
             last[g.name] = g
+        remember_batch(cols, batch, now)
         assert counters.as_dict() == scalar.counters.as_dict()
         for k, v in counters.as_dict().items():
             seen.inc(PolicyReportCounter(k), v)

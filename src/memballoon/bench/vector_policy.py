@@ -39,6 +39,7 @@ from memballoon.policy.default_batch import (
     MemoColumns,
     figures_batch,
     gather,
+    remember_batch,
 )
 from memballoon.policy.sample import GuestSample, HostSample
 from memballoon.sim.scenario import build
@@ -52,6 +53,11 @@ MEMO_FIELDS = ("still_since", "faulted_at", "hurt_size", "quiet_calls", "last_ba
                "last_target")
 
 
+#: ``GuestMemo`` fields compared before each call when the columns persist
+REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt_ws",
+              "hurt_refaulted", "oom_at", "quiet_calls")
+
+
 def _copy_memo(m: GuestMemo) -> GuestMemo:
     c = copy.copy(m)
     c.ws = deque(m.ws)
@@ -63,6 +69,7 @@ class Call:
     """One call of the policy: its inputs and what the scalar path made of them."""
 
     now: float
+    host: HostSample
     guests: list[GuestSample]  # the alive ones, in the order ``decide`` plans them
     before: list[GuestMemo]  # their memory before the call (a new guest: a new memo)
     figures: list[Figures] = field(default_factory=list)
@@ -84,7 +91,7 @@ def capture(protocol: str, guests: int, seconds: float, share: float | None,
     def spy_decide(host: HostSample, gs: Sequence[GuestSample], now: float) -> list[Decision]:
         if now >= skip:
             alive = [g for g in gs if g.alive]
-            calls.append(Call(now, alive, [_copy_memo(pol.state.get(g.name, GuestMemo()))
+            calls.append(Call(now, host, alive, [_copy_memo(pol.state.get(g.name, GuestMemo()))
                                            for g in alive]))
         return decide(host, gs, now)
 
@@ -121,18 +128,34 @@ def _fresh_policy(pol: DefaultPolicy) -> DefaultPolicy:
                          stall_quiet_pct=pol.stall_quiet_pct)
 
 
-def check(pol: DefaultPolicy, calls: Sequence[Call]) -> tuple[int, list[str], dict[str, int]]:
+def check(pol: DefaultPolicy, calls: Sequence[Call], persistent: bool = False
+          ) -> tuple[int, list[str], dict[str, int]]:
     """Every call through ``figures_batch``: the guest-calls compared, the differences (at most
-    50), and how often each rule was picked."""
+    50), and how often each rule was picked. Each call's memory is the scalar policy's before
+    it, as columns; ``persistent``: the columns of the first call carried on by
+    ``figures_batch`` and ``remember_batch`` alone, and compared with the scalar memory before
+    every call."""
     diffs: list[str] = []
     compared = 0
     rules = dict.fromkeys((r.name for r in RULES), 0)
+    slots = {g.name: i for i, g in enumerate(calls[0].guests)} if calls else {}
+    whole = MemoColumns.from_memos(calls[0].before) if calls else None
     for c in calls:
         scalar = _fresh_policy(pol)
         for g, m in zip(c.guests, c.before, strict=True):
             scalar.figures(g, _copy_memo(m), c.now)  # the counters of the calls' figures
         counters = Counters()
-        memo = MemoColumns.from_memos(c.before)
+        if persistent and whole is not None:
+            rows = np.array([slots[g.name] for g in c.guests], np.int64)
+            memo = whole.take(rows)
+            for i, m in enumerate(c.before):
+                for k in REMEMBERED:
+                    v = getattr(memo, k)[i].item()
+                    if not _same(v, getattr(m, k)):
+                        diffs.append(f"t={c.now} {m}: memo before {k} {v!r} != "
+                                     f"{getattr(m, k)!r}")
+        else:
+            memo = MemoColumns.from_memos(c.before)
         cols = figures_batch(pol, gather(c.guests), memo, c.now, counters)
         if counters.as_dict() != scalar.counters.as_dict():
             diffs.append(f"t={c.now}: counters {counters.as_dict()} != "
@@ -166,6 +189,9 @@ def check(pol: DefaultPolicy, calls: Sequence[Call]) -> tuple[int, list[str], di
                 diffs.append(f"t={c.now} {name}: memo ws differs")
             if len(diffs) >= 50:
                 return compared, diffs, rules
+        if persistent and whole is not None:
+            remember_batch(memo, cols, c.now)  # after the comparison with ``figures``' memory
+            whole.put(rows, memo)
     return compared, diffs, rules
 
 
@@ -179,14 +205,21 @@ def _median_s(fn: Callable[[], None], repeats: int) -> float:
 
 
 def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[str, float]:
-    """Median seconds per call over ``calls`` of: the scalar ``figures`` + ``judge`` per guest
-    (what ``_plan`` spends before building a plan), the columns built from the memos (a cost
-    the columnar policy would not have: its memory stays columns), and ``figures_batch``."""
+    """Milliseconds a call (the median of ``repeats`` runs over ``calls``) of: the scalar
+    ``decide`` whole; its ``figures`` + ``judge`` per guest (what ``_plan`` spends before
+    building a plan); the memos as columns (a cost a columnar policy would not have: its memory
+    stays columns); ``gather`` (the samples as columns); ``figures_batch`` on them."""
     def scalar() -> None:
         for c in calls:
             p = _fresh_policy(pol)
             for g, m in zip(c.guests, memos[c.now], strict=True):
                 judge(p.figures(g, m, c.now))
+
+    def decide() -> None:
+        for c in calls:
+            p = _fresh_policy(pol)
+            p.state = {g.name: m for g, m in zip(c.guests, memos[c.now], strict=True)}
+            p.decide(c.host, c.guests, c.now)
 
     def load() -> None:
         for c in calls:
@@ -201,17 +234,20 @@ def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[
             figures_batch(pol, inputs[c.now], cols[c.now], c.now, Counters())
 
     out: dict[str, float] = {}
-    scalar_t, load_t, gather_t, batch_t = [], [], [], []
+    scalar_t, decide_t, load_t, gather_t, batch_t = [], [], [], [], []
     for _ in range(repeats):
         # each repeat from the memory before the calls (both paths update it)
         memos = {c.now: [_copy_memo(m) for m in c.before] for c in calls}
         cols: dict[float, MemoColumns] = {}
         inputs: dict[float, GuestInputs] = {}
         scalar_t.append(_median_s(scalar, 1))
+        memos = {c.now: [_copy_memo(m) for m in c.before] for c in calls}
+        decide_t.append(_median_s(decide, 1))
         load_t.append(_median_s(load, 1))
         gather_t.append(_median_s(gathered, 1))
         batch_t.append(_median_s(batch, 1))
     n = len(calls)
+    out["decide_ms_per_call"] = 1e3 * statistics.median(decide_t) / n
     out["scalar_ms_per_call"] = 1e3 * statistics.median(scalar_t) / n
     out["load_ms_per_call"] = 1e3 * statistics.median(load_t) / n
     out["gather_ms_per_call"] = 1e3 * statistics.median(gather_t) / n
@@ -234,16 +270,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     pol, calls = capture(a.protocol, a.guests, a.seconds, a.share, a.skip)
     print(f"captured {len(calls)} calls in {time.perf_counter() - t0:.1f} s")
-    compared, diffs, rules = check(pol, calls)
-    print(f"compared {compared} guest-calls; rules picked: {rules}")
-    print(f"differences: {len(diffs)}")
-    for d in diffs:
-        print("  " + d)
+    bad = 0
+    for persistent in (False, True):
+        compared, diffs, rules = check(pol, calls, persistent)
+        what = "persistent columns" if persistent else "columns from each call's memos"
+        print(f"{what}: compared {compared} guest-calls; rules picked: {rules}")
+        print(f"differences: {len(diffs)}")
+        for d in diffs:
+            print("  " + d)
+        bad += len(diffs)
     t = timing(pol, calls[-a.timing_calls:], a.repeats)
     guests = statistics.mean(len(c.guests) for c in calls[-a.timing_calls:])
     print(f"timing over {min(len(calls), a.timing_calls)} calls of {guests:.0f} guests, "
           f"median of {a.repeats}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    return 1 if diffs else 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

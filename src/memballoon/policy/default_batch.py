@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,8 @@ import numpy.typing as npt
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.default import (
+    BACKOFF_MAX_SCALE,
+    BACKOFF_MIN_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
     LOOKAHEAD_MAX_FRACTION,
@@ -35,6 +37,9 @@ from memballoon.policy.default import (
     MIN_CHANGE_PAGES,
     NEVER,
     PRESSURE_MEMORY_S,
+    PROBE_STEP_INC,
+    PROBE_STEP_MAX,
+    PROBE_STEP_MIN,
     QUIET_CALLS_BEFORE_BIG_STEP,
     REFAULT_MEMORY_S,
     RULES,
@@ -146,6 +151,22 @@ class MemoColumns:
             quiet_calls=_i([m.quiet_calls for m in memos]),
         )
 
+    def take(self, rows: I64) -> MemoColumns:
+        """The memory of the guests in slots ``rows`` (a copy, row i for ``rows[i]``)."""
+        cols: dict[str, Any] = {
+            k: ([self.last_ref[r] for r in rows.tolist()] if k == "last_ref"
+                else getattr(self, k)[rows]) for k in self.__slots__}
+        return MemoColumns(**cols)
+
+    def put(self, rows: I64, part: MemoColumns) -> None:
+        """Write ``part`` (from ``take(rows)``) back to slots ``rows``."""
+        for k in self.__slots__:
+            if k == "last_ref":
+                for i, r in enumerate(rows.tolist()):
+                    self.last_ref[r] = part.last_ref[i]
+            else:
+                getattr(self, k)[rows] = getattr(part, k)
+
     def ws_of(self, i: int) -> list[tuple[float, int]]:
         """Guest ``i``'s working sets, oldest first (the deque's entries not yet dropped are
         those in the window at its last append: compare with the deque after a call)."""
@@ -184,6 +205,10 @@ class FigureColumns:
     repeated: B
     report_balloon: I64
     rule: I64
+    # what the rulings read besides the fields above
+    size: I64
+    ram: I64
+    ceiling: I64
 
 
 @dataclass(slots=True)
@@ -407,7 +432,37 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         has_last_balloon=has_last_balloon, last_balloon=last_balloon, ws=ws, avail=avail,
         peak=peak, ahead=ahead, margin=margin, floor=floor, budget_floor=budget_floor,
         step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
-        repeated=repeated, report_balloon=r_balloon, rule=rule)
+        repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling)
+
+
+def remember_batch(memo: MemoColumns, f: FigureColumns, now: float) -> None:
+    """``GuestMemo.remember`` of every guest's ruling: the sizes that hurt (emergency,
+    trouble, stalled; their ``Ruling.hurt``), an OOM kill, a quiet probe."""
+    rule = f.rule
+    emergency = rule == RULE_INDEX["emergency"]
+    trouble = rule == RULE_INDEX["trouble"]
+    stalled = rule == RULE_INDEX["stalled"]
+    size, margin, ceiling = f.size, f.margin, f.ceiling
+    # _emergency's and _trouble's hurt: min(new, size + margin, ceiling)
+    e_new = size + np.maximum(margin - f.avail, f.step)
+    ram = f.ram
+    scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, f.severity))
+    t_new = size + np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * f.step) * scale
+                            ).astype(np.int64)
+    cap = np.minimum(size + margin, ceiling)
+    hurt_mask = emergency | trouble | stalled
+    hurt = np.where(emergency, np.minimum(e_new, cap),
+                    np.where(trouble, np.minimum(t_new, cap), size))
+    rows = hurt_mask
+    memo.step[rows] = np.maximum(PROBE_STEP_MIN, memo.step[rows] / 2)
+    memo.hurt_size[rows] = hurt[rows]
+    memo.hurt_at[rows] = now
+    memo.hurt_ws[rows] = f.ws[rows]
+    memo.hurt_refaulted[rows] = (trouble & ((f.fault_rate > 0) | (f.d_swapin > 0)))[rows]
+    memo.oom_at[emergency & (f.d_oom > 0)] = now
+    quiet = rule == RULE_INDEX["probe"]
+    memo.quiet_calls[quiet] += 1
+    memo.step[quiet] = np.minimum(PROBE_STEP_MAX, memo.step[quiet] + PROBE_STEP_INC)
 
 
 __all__ = [
@@ -418,4 +473,5 @@ __all__ = [
     "MemoColumns",
     "figures_batch",
     "gather",
+    "remember_batch",
 ]
