@@ -11,7 +11,14 @@ import random
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.default import RULES, DefaultPolicy, GuestMemo, judge
-from memballoon.policy.default_batch import MemoColumns, figures_batch, gather, remember_batch
+from memballoon.policy.default_batch import (
+    MemoColumns,
+    figures_batch,
+    gather,
+    remember_batch,
+    ruling_of,
+    rulings_batch,
+)
 from memballoon.policy.observe import PolicyReportCounter
 from memballoon.policy.sample import GuestSample, GuestSettings
 from memballoon.protocol.pressure import PressureReport
@@ -24,7 +31,16 @@ REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt
 RAM = 262144  # 1 GiB
 
 
+def _quiet(i: int, t: float) -> GuestSample:
+    """A guest quiet call after call, mostly free: after a few probes, an idle one."""
+    r = PressureReport(f"g{i}", t, RAM * PAGE_SIZE, 150000 * PAGE_SIZE, 200000 * PAGE_SIZE,
+                       0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0)
+    return GuestSample(f"g{i}", RAM, 0, 0, GuestSettings(), r, t)
+
+
 def _guest(rng: random.Random, i: int, t: float, last: GuestSample | None) -> GuestSample:
+    if i >= 56:
+        return _quiet(i, t)
     balloon = rng.choice([0, 0, 1000, 50000, 200000])
     if last is not None and rng.random() < 0.5:
         balloon = last.balloon_pages  # a balloon that did not move (stuck, under a target)
@@ -68,6 +84,7 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
     cols = MemoColumns.from_memos(list(memos.values()))
     picked = set()
     seen = Counters()
+    cases: set[tuple[str, bool, bool, bool]] = set()  # (rule, None, idle, OOM kill)
     now = 0.0
     for call in range(40):
         now += rng.choice([1.0, 1.0, 0.2])
@@ -78,12 +95,15 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
                 assert getattr(cols, k)[i].item() == getattr(m, k), (call, m, k)
         counters = Counters()
         batch = figures_batch(pol, gather(guests), cols, now, counters)
+        rulings = rulings_batch(batch)
         scalar = DefaultPolicy(margin_fraction=0.05)
         for i, (g, m) in enumerate(zip(guests, before, strict=True)):
             f = scalar.figures(g, m, now)
             rule, ruling = judge(f)
             picked.add(rule.name)
             assert RULES[int(batch.rule[i])] is rule, (call, g.name)
+            assert ruling_of(rulings, i) == ruling, (call, g.name, rule.name)
+            cases.add((rule.name, ruling is None, f.fresh and f.idle, f.fresh and f.d_oom > 0))
             assert bool(batch.fresh[i]) is f.fresh
             if f.fresh:
                 for k in FIELDS:
@@ -98,9 +118,14 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
             if ruling is not None:
                 m.remember(f, ruling)  # what the next call's memory starts from
             last[g.name] = g
-        remember_batch(cols, batch, now)
+        remember_batch(cols, batch, rulings, now)
         assert counters.as_dict() == scalar.counters.as_dict()
         for k, v in counters.as_dict().items():
             seen.inc(PolicyReportCounter(k), v)
     assert {"blind", "emergency", "trouble", "stalled", "probe", "hold"} <= picked
     assert all(seen[c] > 0 for c in PolicyReportCounter), seen.as_dict()
+    # the rulings' branches: blind with and without a ruling, a big probe step into idle
+    # memory, an emergency for an OOM kill and one for MemAvailable
+    assert {("blind", True), ("blind", False)} <= {c[:2] for c in cases}
+    assert ("probe", True) in {(c[0], c[2]) for c in cases}
+    assert {("emergency", True), ("emergency", False)} <= {(c[0], c[3]) for c in cases}

@@ -40,6 +40,8 @@ from memballoon.policy.default_batch import (
     figures_batch,
     gather,
     remember_batch,
+    ruling_of,
+    rulings_batch,
 )
 from memballoon.policy.sample import GuestSample, HostSample
 from memballoon.sim.scenario import build
@@ -157,17 +159,20 @@ def check(pol: DefaultPolicy, calls: Sequence[Call], persistent: bool = False
         else:
             memo = MemoColumns.from_memos(c.before)
         cols = figures_batch(pol, gather(c.guests), memo, c.now, counters)
+        rul = rulings_batch(cols)
         if counters.as_dict() != scalar.counters.as_dict():
             diffs.append(f"t={c.now}: counters {counters.as_dict()} != "
                          f"{scalar.counters.as_dict()}")
         for i, (f, after) in enumerate(zip(c.figures, c.after, strict=True)):
             compared += 1
             name = f.g.name
-            rule, _ = judge(f)
+            rule, ruling = judge(f)
             rules[rule.name] += 1
             got = RULES[int(cols.rule[i])].name
             if got != rule.name:
                 diffs.append(f"t={c.now} {name}: rule {got} != {rule.name}")
+            elif ruling_of(rul, i) != ruling:
+                diffs.append(f"t={c.now} {name}: ruling {ruling_of(rul, i)} != {ruling}")
             if bool(cols.fresh[i]) != f.fresh:
                 diffs.append(f"t={c.now} {name}: fresh {cols.fresh[i]} != {f.fresh}")
                 continue
@@ -190,7 +195,7 @@ def check(pol: DefaultPolicy, calls: Sequence[Call], persistent: bool = False
             if len(diffs) >= 50:
                 return compared, diffs, rules
         if persistent and whole is not None:
-            remember_batch(memo, cols, c.now)  # after the comparison with ``figures``' memory
+            remember_batch(memo, cols, rul, c.now)  # after the comparison with ``figures``' memory
             whole.put(rows, memo)
     return compared, diffs, rules
 
@@ -208,7 +213,8 @@ def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[
     """Milliseconds a call (the median of ``repeats`` runs over ``calls``) of: the scalar
     ``decide`` whole; its ``figures`` + ``judge`` per guest (what ``_plan`` spends before
     building a plan); the memos as columns (a cost a columnar policy would not have: its memory
-    stays columns); ``gather`` (the samples as columns); ``figures_batch`` on them."""
+    stays columns); ``gather`` (the samples as columns); ``figures_batch`` + ``rulings_batch``
+    on them (what ``judge`` decides included, as in the scalar figure)."""
     def scalar() -> None:
         for c in calls:
             p = _fresh_policy(pol)
@@ -231,7 +237,7 @@ def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[
 
     def batch() -> None:
         for c in calls:
-            figures_batch(pol, inputs[c.now], cols[c.now], c.now, Counters())
+            rulings_batch(figures_batch(pol, inputs[c.now], cols[c.now], c.now, Counters()))
 
     out: dict[str, float] = {}
     scalar_t, decide_t, load_t, gather_t, batch_t = [], [], [], [], []

@@ -28,6 +28,7 @@ from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.default import (
     BACKOFF_MAX_SCALE,
     BACKOFF_MIN_FRACTION,
+    BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
     LOOKAHEAD_MAX_FRACTION,
@@ -49,6 +50,7 @@ from memballoon.policy.default import (
     DefaultPolicy,
     GuestMemo,
     ReportCounts,
+    Ruling,
 )
 from memballoon.policy.observe import PolicyReportCounter
 from memballoon.policy.sample import GuestSample
@@ -209,6 +211,11 @@ class FigureColumns:
     size: I64
     ram: I64
     ceiling: I64
+    balloon: I64
+    target_size: I64
+    inflating: B
+    free_now: I64
+    idle: B
 
 
 @dataclass(slots=True)
@@ -432,35 +439,90 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         has_last_balloon=has_last_balloon, last_balloon=last_balloon, ws=ws, avail=avail,
         peak=peak, ahead=ahead, margin=margin, floor=floor, budget_floor=budget_floor,
         step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
-        repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling)
+        repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling,
+        balloon=balloon, target_size=target_size, inflating=inflating, free_now=free_now,
+        idle=idle)
 
 
-def remember_batch(memo: MemoColumns, f: FigureColumns, now: float) -> None:
-    """``GuestMemo.remember`` of every guest's ruling: the sizes that hurt (emergency,
-    trouble, stalled; their ``Ruling.hurt``), an OOM kill, a quiet probe."""
+@dataclass(slots=True)
+class RulingColumns:
+    """``Ruling``'s fields for every guest (``none``: the rule decided None, blind and not
+    inflating; ``has_*`` false: None)."""
+
+    none: B
+    size: I64
+    floor: I64
+    pressure: F64
+    has_balloon: B
+    balloon: I64
+    has_hurt: B
+    hurt: I64
+    oom: B
+    refaulted: B
+    quiet: B
+
+
+def rulings_batch(f: FigureColumns) -> RulingColumns:
+    """What the rule ``f.rule`` picked decides, for every guest (each rule's ``decide``)."""
     rule = f.rule
-    emergency = rule == RULE_INDEX["emergency"]
-    trouble = rule == RULE_INDEX["trouble"]
-    stalled = rule == RULE_INDEX["stalled"]
-    size, margin, ceiling = f.size, f.margin, f.ceiling
-    # _emergency's and _trouble's hurt: min(new, size + margin, ceiling)
-    e_new = size + np.maximum(margin - f.avail, f.step)
-    ram = f.ram
+    is_ = {name: rule == i for name, i in RULE_INDEX.items()}
+    size, margin, ceiling, floor, ram, step = f.size, f.margin, f.ceiling, f.floor, f.ram, f.step
+    cap = np.minimum(size + margin, ceiling)  # a size that hurt is remembered no higher
+    # _emergency: the full margin back (an OOM kill: the whole balloon)
+    e_new = size + np.maximum(margin - f.avail, step)
+    e_hurt = np.minimum(e_new, cap)
+    e_size = np.maximum(np.where(f.d_oom > 0, ceiling, e_new), floor)
+    # _trouble: a back-off growing with the pressure
     scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, f.severity))
-    t_new = size + np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * f.step) * scale
+    t_new = size + np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale
                             ).astype(np.int64)
-    cap = np.minimum(size + margin, ceiling)
-    hurt_mask = emergency | trouble | stalled
-    hurt = np.where(emergency, np.minimum(e_new, cap),
-                    np.where(trouble, np.minimum(t_new, cap), size))
-    rows = hurt_mask
+    # _probe: the step (none on a repeated report), or half the idle MemFree
+    p_step = np.where(f.repeated, 0, step)
+    big = np.minimum((f.free_now - margin) // 2,
+                     np.trunc(BIG_STEP_MAX_FRACTION * ram).astype(np.int64))
+    p_step = np.where(f.idle, np.maximum(p_step, big), p_step)
+    p_size = np.maximum(floor, f.target_size - p_step)
+    r_size = np.select(
+        [is_["blind"], is_["emergency"], is_["own_pressure"], is_["trouble"], is_["stalled"],
+         is_["under_floor"], is_["probe"]],
+        [size, e_size, size, t_new, size, floor, p_size], f.target_size)  # reclaiming, hold
+    r_floor = np.select([is_["blind"], is_["trouble"]], [np.zeros_like(floor),
+                                                         np.maximum(floor, t_new)], floor)
+    pressure = np.select([is_["blind"], is_["emergency"]],
+                         [np.zeros_like(f.severity), 100.0 + f.severity], f.severity)
+    has_hurt = is_["emergency"] | is_["trouble"] | is_["stalled"]
+    hurt = np.select([is_["emergency"], is_["trouble"]], [e_hurt, np.minimum(t_new, cap)],
+                     size)
+    return RulingColumns(
+        none=is_["blind"] & ~f.inflating, size=r_size, floor=r_floor, pressure=pressure,
+        has_balloon=is_["blind"] | is_["stalled"], balloon=f.balloon, has_hurt=has_hurt,
+        hurt=hurt, oom=is_["emergency"] & (f.d_oom > 0),
+        refaulted=is_["trouble"] & ((f.fault_rate > 0) | (f.d_swapin > 0)),
+        quiet=is_["probe"])
+
+
+def ruling_of(r: RulingColumns, i: int) -> Ruling | None:
+    """Guest ``i``'s ``Ruling`` (None where its rule decided none), with Python numbers: what
+    the scalar rule's ``decide`` returns, to compare or to build a plan from."""
+    if r.none[i]:
+        return None
+    return Ruling(int(r.size[i]), int(r.floor[i]), float(r.pressure[i]),
+                  balloon=int(r.balloon[i]) if r.has_balloon[i] else None,
+                  hurt=int(r.hurt[i]) if r.has_hurt[i] else None, oom=bool(r.oom[i]),
+                  refaulted=bool(r.refaulted[i]), quiet=bool(r.quiet[i]))
+
+
+def remember_batch(memo: MemoColumns, f: FigureColumns, r: RulingColumns, now: float) -> None:
+    """``GuestMemo.remember`` of every guest's ruling: the size that hurt (its step halves),
+    an OOM kill, a quiet probe (its step grows)."""
+    rows = r.has_hurt & ~r.none
     memo.step[rows] = np.maximum(PROBE_STEP_MIN, memo.step[rows] / 2)
-    memo.hurt_size[rows] = hurt[rows]
+    memo.hurt_size[rows] = r.hurt[rows]
     memo.hurt_at[rows] = now
     memo.hurt_ws[rows] = f.ws[rows]
-    memo.hurt_refaulted[rows] = (trouble & ((f.fault_rate > 0) | (f.d_swapin > 0)))[rows]
-    memo.oom_at[emergency & (f.d_oom > 0)] = now
-    quiet = rule == RULE_INDEX["probe"]
+    memo.hurt_refaulted[rows] = r.refaulted[rows]
+    memo.oom_at[r.oom] = now
+    quiet = r.quiet
     memo.quiet_calls[quiet] += 1
     memo.step[quiet] = np.minimum(PROBE_STEP_MAX, memo.step[quiet] + PROBE_STEP_INC)
 
@@ -471,7 +533,10 @@ __all__ = [
     "FigureColumns",
     "GuestInputs",
     "MemoColumns",
+    "RulingColumns",
     "figures_batch",
     "gather",
     "remember_batch",
+    "ruling_of",
+    "rulings_batch",
 ]
