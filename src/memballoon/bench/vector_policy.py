@@ -1,10 +1,12 @@
-"""SPIKE: the columnar ``figures_batch`` against ``DefaultPolicy.figures``/``judge`` on the
-fleet's own inputs, field by field, and both timed (docs/design/vector-policy.md).
+"""SPIKE: the columnar ``figures_batch``/``rulings_batch``/``remember_batch`` against
+``DefaultPolicy.figures``/``judge``/``GuestMemo.remember`` on the fleet's own inputs, field by
+field, and both paths timed (docs/design/vector-policy.md).
 
 ``capture`` runs a fleet slice through the simulator and keeps, for every call of the policy,
 the guests it saw, a copy of each guest's memory before the call and the ``Figures`` the
-scalar path computed. ``check`` replays every call through ``figures_batch`` from that memory
-and lists every difference (figures, rule, the memory ``figures`` updates, the counters).
+scalar path computed. ``check`` replays every call through the columns, from that memory or
+(``persistent``) from the columns the calls before left, and lists every difference (figures,
+rule, ruling, the memory, the counters).
 ``timing`` replays calls through both paths from the same memory.
 
     PYTHONPATH=src .venv/bin/python -m memballoon.bench.vector_policy --guests 1000 --seconds 120

@@ -1,5 +1,6 @@
-"""SPIKE (not wired in): ``DefaultPolicy.figures`` and ``judge``'s choice of rule for every guest
-at once, with numpy, over the guests' memory kept as columns (one slot per guest).
+"""SPIKE (not wired in): ``DefaultPolicy.figures``, ``judge`` (the rule and its ruling) and
+``GuestMemo.remember`` for every guest at once, with numpy, over the guests' memory kept as
+columns (one slot per guest).
 
 What it must reproduce exactly (see docs/design/vector-policy.md): float64 arithmetic is
 IEEE-identical to Python's float; ``int()`` of a float truncates toward zero (``np.trunc``);
@@ -9,9 +10,9 @@ working sets is a ring of ``WS_RING`` slots whose live entries are those at or a
 back). The report inconsistencies the scalar helpers count one guest at a time are counted
 here by mask (same totals).
 
-Only ``figures``' part of the memory is kept here (what ``GuestMemo.remember`` changes after a
-ruling is not): the prototype is checked against the scalar policy from its memory before each
-call (``MemoColumns.from_memos``) by ``scripts/spike_vector_policy.py``.
+Not here yet: the plans, the host part of ``decide``, the decisions, guests coming and going
+(slots), snapshots. ``memballoon.bench.vector_policy`` checks all of this against the scalar
+policy, field by field, on the fleet's own inputs.
 """
 
 from __future__ import annotations
