@@ -202,6 +202,29 @@ def check(pol: DefaultPolicy, calls: Sequence[Call], persistent: bool = False
     return compared, diffs, rules
 
 
+def shape(calls: Sequence[Call]) -> dict[str, float]:
+    """Means a call of what the rest of the design depends on: the live guests; the samples
+    that are not the object the call before saw (what an incremental ``gather`` re-reads);
+    the guests whose rule is not ``hold`` (the plans a columnar ``decide`` would build as
+    objects; a hold emits nothing unless the clamp or the host moves it); of those, the
+    probes on a repeated report without an idle step (a no-op: size = target size)."""
+    seen: dict[str, GuestSample] = {}
+    live = changed = acting = noop = 0
+    for c in calls:
+        for g, f in zip(c.guests, c.figures, strict=True):
+            live += 1
+            changed += seen.get(g.name) is not g
+            seen[g.name] = g
+            rule, ruling = judge(f)
+            if rule.name != "hold":
+                acting += 1
+                noop += (rule.name == "probe" and ruling is not None
+                         and ruling.size == f.target_size)
+    n = max(1, len(calls))
+    return {"live": live / n, "changed_samples": changed / n, "not_hold": acting / n,
+            "noop_probes": noop / n}
+
+
 def _median_s(fn: Callable[[], None], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -287,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for d in diffs:
             print("  " + d)
         bad += len(diffs)
+    print("per call (mean): " + ", ".join(f"{k} {v:.1f}" for k, v in shape(calls).items()))
     t = timing(pol, calls[-a.timing_calls:], a.repeats)
     guests = statistics.mean(len(c.guests) for c in calls[-a.timing_calls:])
     print(f"timing over {min(len(calls), a.timing_calls)} calls of {guests:.0f} guests, "
