@@ -1,0 +1,543 @@
+"""SPIKE (not wired in): ``DefaultPolicy.figures``, ``judge`` (the rule and its ruling) and
+``GuestMemo.remember`` for every guest at once, with numpy, over the guests' memory kept as
+columns (one slot per guest).
+
+What it must reproduce exactly (see docs/design/vector-policy.md): float64 arithmetic is
+IEEE-identical to Python's float; ``int()`` of a float truncates toward zero (``np.trunc``);
+int / float is the int converted to float (exact under 2**53) then divided; the deque of
+working sets is a ring of ``WS_RING`` slots whose live entries are those at or after
+``now - WS_WINDOW_S`` (the deque drops its head only while it is older, and ``now`` never goes
+back). The report inconsistencies the scalar helpers count one guest at a time are counted
+here by mask (same totals).
+
+Not here yet: the plans, the host part of ``decide``, the decisions, guests coming and going
+(slots), snapshots. ``memballoon.bench.vector_policy`` checks all of this against the scalar
+policy, field by field, on the fleet's own inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from memballoon.model.counters import Counters
+from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.default import (
+    BACKOFF_MAX_SCALE,
+    BACKOFF_MIN_FRACTION,
+    BIG_STEP_MAX_FRACTION,
+    BUDGET_MARGIN_PAGES,
+    EMERGENCY_MARGIN_PAGES,
+    LOOKAHEAD_MAX_FRACTION,
+    LOOKAHEAD_S,
+    MAJOR_FAULTS_QUIET_PER_S,
+    MARGIN_MIN_PAGES,
+    MIN_CHANGE_PAGES,
+    NEVER,
+    PRESSURE_MEMORY_S,
+    PROBE_STEP_INC,
+    PROBE_STEP_MAX,
+    PROBE_STEP_MIN,
+    QUIET_CALLS_BEFORE_BIG_STEP,
+    REFAULT_MEMORY_S,
+    RULES,
+    STUCK_AFTER_S,
+    SWAPIN_TROUBLE_PER_S,
+    WS_WINDOW_S,
+    DefaultPolicy,
+    GuestMemo,
+    ReportCounts,
+    Ruling,
+)
+from memballoon.policy.observe import PolicyReportCounter
+from memballoon.policy.sample import GuestSample
+from memballoon.protocol.pressure import PressureReport
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+B = npt.NDArray[np.bool_]
+
+#: Slots of the working-set ring: the entries within WS_WINDOW_S plus the one to come (26 at
+#: the short host's 0.2 s early steps)
+WS_RING: Final = 32
+#: ``RULES``' positions, the value of ``FigureColumns.rule``
+RULE_INDEX: Final = {r.name: i for i, r in enumerate(RULES)}
+
+
+def _f(xs: Sequence[float]) -> F64:
+    return np.fromiter(xs, np.float64, len(xs))
+
+
+def _i(xs: Sequence[int]) -> I64:
+    return np.fromiter(xs, np.int64, len(xs))
+
+
+@dataclass(slots=True)
+class MemoColumns:
+    """``GuestMemo`` as columns, row i for guest slot i (``NEVER``: never; ``has_*`` false:
+    None)."""
+
+    step: F64
+    ws_t: F64  # (n, WS_RING) moments of the working sets; NEVER in an empty slot
+    ws_v: I64  # (n, WS_RING) the working sets
+    ws_pos: I64  # the slot the next working set goes to
+    ws_any: B  # the deque is not empty
+    ws_last: I64  # its newest working set
+    has_last: B  # ``last`` is not None
+    last_id: I64  # id() of the last report (kept alive by ``last_ref``), 0 for ReportCounts
+    last_ref: list[object]
+    last_time: F64
+    last_swapin: I64
+    last_major: I64
+    last_oom: I64
+    last_has_refused: B
+    last_refused: I64
+    has_last_now: B
+    last_now: F64
+    has_last_balloon: B
+    last_balloon: I64
+    still_since: F64
+    has_last_target: B
+    last_target: I64
+    hurt_size: I64
+    hurt_at: F64
+    hurt_ws: I64
+    oom_at: F64
+    hurt_refaulted: B
+    faulted_at: F64
+    quiet_calls: I64
+
+    @classmethod
+    def from_memos(cls, memos: Sequence[GuestMemo]) -> MemoColumns:
+        n = len(memos)
+        ws_t = np.full((n, WS_RING), NEVER)
+        ws_v = np.zeros((n, WS_RING), np.int64)
+        ws_pos = np.zeros(n, np.int64)
+        for i, m in enumerate(memos):
+            if len(m.ws) >= WS_RING:
+                raise ValueError(f"a working-set deque of {len(m.ws)} > the ring's {WS_RING}")
+            for j, (t, w) in enumerate(m.ws):
+                ws_t[i, j], ws_v[i, j] = t, w
+            ws_pos[i] = len(m.ws)
+        lasts = [m.last for m in memos]
+        counts = [ReportCounts(0.0, 0, 0, 0, None) if c is None else c for c in lasts]
+        return cls(
+            step=_f([m.step for m in memos]), ws_t=ws_t, ws_v=ws_v, ws_pos=ws_pos,
+            ws_any=np.array([bool(m.ws) for m in memos], np.bool_),
+            ws_last=_i([m.ws[-1][1] if m.ws else 0 for m in memos]),
+            has_last=np.array([c is not None for c in lasts], np.bool_),
+            last_id=_i([id(c) if isinstance(c, PressureReport) else 0 for c in lasts]),
+            last_ref=list(lasts),
+            last_time=_f([c.time_s for c in counts]),
+            last_swapin=_i([c.swap_in_pages for c in counts]),
+            last_major=_i([c.major_faults for c in counts]),
+            last_oom=_i([c.oom_kills for c in counts]),
+            last_has_refused=np.array([c.refused_pages is not None for c in counts], np.bool_),
+            last_refused=_i([c.refused_pages or 0 for c in counts]),
+            has_last_now=np.array([m.last_now is not None for m in memos], np.bool_),
+            last_now=_f([m.last_now if m.last_now is not None else 0.0 for m in memos]),
+            has_last_balloon=np.array([m.last_balloon is not None for m in memos], np.bool_),
+            last_balloon=_i([m.last_balloon or 0 for m in memos]),
+            still_since=_f([m.still_since for m in memos]),
+            has_last_target=np.array([m.last_target is not None for m in memos], np.bool_),
+            last_target=_i([m.last_target or 0 for m in memos]),
+            hurt_size=_i([m.hurt_size for m in memos]),
+            hurt_at=_f([m.hurt_at for m in memos]),
+            hurt_ws=_i([m.hurt_ws for m in memos]),
+            oom_at=_f([m.oom_at for m in memos]),
+            hurt_refaulted=np.array([m.hurt_refaulted for m in memos], np.bool_),
+            faulted_at=_f([m.faulted_at for m in memos]),
+            quiet_calls=_i([m.quiet_calls for m in memos]),
+        )
+
+    def take(self, rows: I64) -> MemoColumns:
+        """The memory of the guests in slots ``rows`` (a copy, row i for ``rows[i]``)."""
+        cols: dict[str, Any] = {
+            k: ([self.last_ref[r] for r in rows.tolist()] if k == "last_ref"
+                else getattr(self, k)[rows]) for k in self.__slots__}
+        return MemoColumns(**cols)
+
+    def put(self, rows: I64, part: MemoColumns) -> None:
+        """Write ``part`` (from ``take(rows)``) back to slots ``rows``."""
+        for k in self.__slots__:
+            if k == "last_ref":
+                for i, r in enumerate(rows.tolist()):
+                    self.last_ref[r] = part.last_ref[i]
+            else:
+                getattr(self, k)[rows] = getattr(part, k)
+
+    def ws_of(self, i: int) -> list[tuple[float, int]]:
+        """Guest ``i``'s working sets, oldest first (the deque's entries not yet dropped are
+        those in the window at its last append: compare with the deque after a call)."""
+        live = self.ws_t[i] != NEVER
+        order = np.argsort(self.ws_t[i][live], kind="stable")
+        return [(float(t), int(w)) for t, w in zip(self.ws_t[i][live][order],
+                                                  self.ws_v[i][live][order], strict=True)]
+
+
+@dataclass(slots=True)
+class FigureColumns:
+    """``Figures``' fields for every guest (meaningful where ``fresh``), and the rule ``judge``
+    picks (an index into ``RULES``)."""
+
+    fresh: B
+    stall_pct: F64
+    d_swapin: I64
+    d_oom: I64
+    d_refused: I64
+    swapin_rate: F64
+    fault_rate: F64
+    stuck: B
+    has_last_balloon: B
+    last_balloon: I64
+    ws: I64
+    avail: I64
+    peak: I64
+    ahead: I64
+    margin: I64
+    floor: I64
+    budget_floor: I64
+    step: I64
+    severity: F64
+    quiet_calls: I64
+    free: I64
+    repeated: B
+    report_balloon: I64
+    rule: I64
+    # what the rulings read besides the fields above
+    size: I64
+    ram: I64
+    ceiling: I64
+    balloon: I64
+    target_size: I64
+    inflating: B
+    free_now: I64
+    idle: B
+
+
+@dataclass(slots=True)
+class GuestInputs:
+    """What ``figures`` reads of the guests' samples and reports, as columns (a columnar
+    backend would hand these over; here ``gather`` reads them off the objects)."""
+
+    reps: list[PressureReport]  # each guest's report (a placeholder where it has none)
+    ram: I64
+    balloon: I64
+    target: I64
+    min_pages: I64
+    max_pages: I64  # -1: None
+    has_report: B  # a report and its arrival time
+    report_time: F64
+    r_id: I64  # id() of the report: ``prev is r`` is the same id while the memory holds it
+    r_time: F64
+    r_swapin: I64
+    r_major: I64
+    r_oom: I64
+    r_has_refused: B
+    r_refused: I64
+    r_avail_b: I64
+    r_free_b: I64
+    r_balloon: I64
+    stall: F64
+
+
+_NO_REPORT: Final = PressureReport("", 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0)
+
+
+def gather(guests: Sequence[GuestSample]) -> GuestInputs:
+    """``guests``' columns: the one per-guest Python loop left."""
+    reps = [g.report if g.report is not None else _NO_REPORT for g in guests]
+    mx = [g.settings.max_pages for g in guests]
+    rt = [g.report_time for g in guests]
+    rf = [r.refused_pages for r in reps]
+    return GuestInputs(
+        reps=reps,
+        ram=_i([g.ram_pages for g in guests]),
+        balloon=_i([g.balloon_pages for g in guests]),
+        target=_i([g.target_pages for g in guests]),
+        min_pages=_i([g.settings.min_pages for g in guests]),
+        max_pages=_i([-1 if x is None else x for x in mx]),
+        has_report=np.array([g.report is not None and g.report_time is not None
+                             for g in guests], np.bool_),
+        report_time=_f([0.0 if t is None else t for t in rt]),
+        r_id=_i([id(r) for r in reps]),
+        r_time=_f([r.time_s for r in reps]),
+        r_swapin=_i([r.swap_in_pages for r in reps]),
+        r_major=_i([r.major_faults for r in reps]),
+        r_oom=_i([r.oom_kills for r in reps]),
+        r_has_refused=np.array([x is not None for x in rf], np.bool_),
+        r_refused=_i([0 if x is None else x for x in rf]),
+        r_avail_b=_i([r.available_bytes for r in reps]),
+        r_free_b=_i([r.free_bytes for r in reps]),
+        r_balloon=_i([r.balloon_actual_pages for r in reps]),
+        stall=_f([r.stall_pct for r in reps]),
+    )
+
+
+def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
+                  now: float, counters: Counters) -> FigureColumns:
+    """``policy.figures`` and ``judge``'s rule for the guests of ``inp`` (alive, row i in
+    slot i of ``memo``, which takes in this call's reports as ``figures`` does its
+    ``GuestMemo``s)."""
+    n = len(inp.ram)
+    reps, ram, balloon, target = inp.reps, inp.ram, inp.balloon, inp.target
+    min_pages, max_pages, has_report, report_time = (
+        inp.min_pages, inp.max_pages, inp.has_report, inp.report_time)
+    r_id, r_time, r_swapin, r_major, r_oom = (
+        inp.r_id, inp.r_time, inp.r_swapin, inp.r_major, inp.r_oom)
+    r_has_refused, r_refused, r_avail_b, r_free_b, r_balloon, stall = (
+        inp.r_has_refused, inp.r_refused, inp.r_avail_b, inp.r_free_b, inp.r_balloon,
+        inp.stall)
+
+    # ---- fresh_report
+    fresh = has_report & (np.maximum(0.0, now - report_time) <= policy.max_report_age_s)
+    blind = ~fresh
+    m = memo
+    m.has_last[blind] = False  # rates restart from the next report
+
+    # ---- rates against the last report
+    prev = m.has_last & fresh
+    repeated = prev & (m.last_id == r_id)
+    dt = np.zeros(n)
+    timed = prev & m.has_last_now
+    dt_r = r_time - m.last_time
+    dt_now = now - m.last_now
+    dt[timed] = np.where(dt_r <= 0, dt_now, dt_r)[timed]
+    new = prev & ~repeated
+    d_swapin, d_major, d_oom = (np.where(new, r - before, 0) for r, before in (
+        (r_swapin, m.last_swapin), (r_major, m.last_major), (r_oom, m.last_oom)))
+    back = d_swapin < 0, d_major < 0, d_oom < 0
+    for mask, counter in zip(back, (PolicyReportCounter.SWAP_IN_BACKWARDS,
+                                    PolicyReportCounter.MAJOR_FAULTS_BACKWARDS,
+                                    PolicyReportCounter.OOM_KILLS_BACKWARDS), strict=True):
+        k = int(np.count_nonzero(mask))
+        if k:
+            counters.inc(counter, k)
+    d_swapin, d_major, d_oom = (np.maximum(d, 0) for d in (d_swapin, d_major, d_oom))
+    ref = new & r_has_refused & m.last_has_refused
+    d_refused = np.where(ref, r_refused - m.last_refused, 0)
+    k = int(np.count_nonzero(d_refused < 0))
+    if k:
+        counters.inc(PolicyReportCounter.REFUSED_BACKWARDS, k)
+    d_refused = np.maximum(d_refused, 0)
+    pos_dt = dt > 0
+    safe_dt = np.where(pos_dt, dt, 1.0)
+    swapin_rate = np.where(pos_dt, d_swapin / safe_dt, 0.0)
+    fault_rate = np.where(pos_dt, d_major / safe_dt, 0.0)
+
+    # ---- the balloon's progress
+    grown = ~m.has_last_balloon | (balloon > m.last_balloon)
+    moved = fresh & (grown | ~m.has_last_target | (target != m.last_target))
+    m.still_since[moved] = now
+    stuck = ~grown & (target > balloon) & (now - m.still_since >= STUCK_AFTER_S)
+    has_last_balloon = m.has_last_balloon.copy()
+    last_balloon = m.last_balloon.copy()
+
+    # ---- observe's page figures (their inconsistencies counted by mask, fresh guests only)
+    size = ram - balloon
+    size_then = ram - np.minimum(ram, r_balloon)
+    avail_raw = np.maximum(0, r_avail_b) // PAGE_SIZE
+    over_then = fresh & (avail_raw > size_then)
+    ws = np.maximum(0, size_then - np.minimum(avail_raw, size_then))
+    over_size = avail_raw > size
+    over_ram = fresh & over_size & (avail_raw > ram)
+    avail = np.where(over_size, np.maximum(0, size), avail_raw)
+    free_raw = np.maximum(0, r_free_b) // PAGE_SIZE
+    free_over = fresh & (free_raw > ram)
+    free = np.where(free_raw > ram, np.maximum(0, size), free_raw)
+    for mask, counter in ((over_then, PolicyReportCounter.AVAILABLE_ABOVE_SIZE),
+                          (over_ram, PolicyReportCounter.AVAILABLE_ABOVE_RAM),
+                          (free_over, PolicyReportCounter.FREE_ABOVE_RAM)):
+        k = int(np.count_nonzero(mask))
+        if k:
+            counters.inc(counter, k)
+
+    # ---- the working set's growth and peak (GuestMemo.see_working_set)
+    growth = np.zeros(n)
+    grow = fresh & m.ws_any & pos_dt
+    growth[grow] = np.maximum((ws - m.ws_last)[grow] / dt[grow], 0.0)
+    rows = np.flatnonzero(fresh)
+    slot = m.ws_pos[rows]
+    oldest = now - WS_WINDOW_S
+    if np.any(m.ws_t[rows, slot] >= oldest):
+        raise ValueError("working-set ring too small for this call rate")
+    m.ws_t[rows, slot] = now
+    m.ws_v[rows, slot] = ws[rows]
+    m.ws_pos[rows] = (slot + 1) % WS_RING
+    m.ws_any[rows] = True
+    m.ws_last[rows] = ws[rows]
+    peak = np.where(m.ws_t >= oldest, m.ws_v, np.iinfo(np.int64).min).max(axis=1)
+
+    # ---- margin, floor
+    ahead = np.minimum(np.trunc(growth * LOOKAHEAD_S),
+                       np.trunc(LOOKAHEAD_MAX_FRACTION * ram)).astype(np.int64)
+    margin = np.trunc(np.maximum(float(MARGIN_MIN_PAGES), policy.margin_fraction * ram)
+                      ).astype(np.int64) + ahead
+    m.faulted_at[fresh & ((d_major != 0) | (d_swapin != 0))] = now
+    forget = fresh & (m.hurt_size != 0) & (
+        (now >= m.hurt_at + PRESSURE_MEMORY_S)
+        | ((now >= m.oom_at + PRESSURE_MEMORY_S) & (ws + margin < m.hurt_ws))
+        | (m.hurt_refaulted & (now >= np.maximum(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)))
+    m.hurt_size[forget] = 0
+    hurt_size = m.hurt_size
+    ceiling = np.where((max_pages < 0) | (max_pages > ram), ram, max_pages)
+    floor = np.minimum(np.maximum(np.maximum(min_pages, peak + margin), hurt_size), ceiling)
+    unquiet = fresh & ((stall > policy.stall_quiet_pct) | (d_swapin != 0) | (d_oom != 0)
+                       | (avail < margin))
+    m.quiet_calls[unquiet] = 0
+    budget_floor = np.minimum(floor, np.maximum(np.maximum(min_pages, hurt_size),
+                                                ws + BUDGET_MARGIN_PAGES + ahead))
+    step = np.maximum(1, np.trunc(m.step * ram).astype(np.int64))
+    tp = policy.stall_trouble_pct
+    severity = np.maximum(stall / tp if tp else np.zeros(n), swapin_rate / SWAPIN_TROUBLE_PER_S)
+
+    # ---- the memory's last report (fresh guests)
+    m.has_last[rows] = True
+    m.last_id[rows] = r_id[rows]
+    for i in rows.tolist():
+        m.last_ref[i] = reps[i]
+    for col, val in ((m.last_time, r_time), (m.last_swapin, r_swapin),
+                     (m.last_major, r_major), (m.last_oom, r_oom),
+                     (m.last_refused, r_refused), (m.last_now, np.full(n, now)),
+                     (m.last_balloon, balloon), (m.last_target, target)):
+        col[rows] = val[rows]
+    m.last_has_refused[rows] = r_has_refused[rows]
+    for flag in (m.has_last_now, m.has_last_balloon, m.has_last_target):
+        flag[rows] = True
+
+    # ---- judge: the first rule whose ``when`` holds, in RULES' order
+    troubled = (stall > tp) | (swapin_rate > SWAPIN_TROUBLE_PER_S)
+    inflating = target > balloon
+    target_size = ram - target
+    quiet = ((stall <= policy.stall_quiet_pct) & (d_swapin == 0)
+             & (fault_rate <= MAJOR_FAULTS_QUIET_PER_S))
+    settled = np.abs(target - balloon) < MIN_CHANGE_PAGES
+    free_now = np.maximum(0, free - np.maximum(0, balloon - r_balloon))
+    idle = (free_now > 2 * margin) & (m.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP)
+    whens: dict[str, B] = {
+        "blind": blind,
+        "emergency": (d_oom > 0) | (avail < EMERGENCY_MARGIN_PAGES + ahead),
+        "own_pressure": troubled & (balloon == 0) & (target == 0),
+        "reclaiming": (troubled & (d_swapin == 0) & (fault_rate == 0.0) & (avail >= margin)
+                       & has_last_balloon & (balloon > last_balloon)),
+        "trouble": troubled,
+        "stalled": stuck | ((d_refused > 0) & inflating),
+        "under_floor": target_size < floor,
+        "probe": (policy.probe & quiet & settled & (target_size > floor)
+                  & (~repeated | idle)),
+        "hold": np.ones(n, np.bool_),
+    }
+    stack = np.stack([whens[r.name] for r in RULES])
+    rule = np.argmax(stack, axis=0).astype(np.int64)  # the first True (hold: always)
+
+    return FigureColumns(
+        fresh=fresh, stall_pct=stall, d_swapin=d_swapin, d_oom=d_oom, d_refused=d_refused,
+        swapin_rate=swapin_rate, fault_rate=fault_rate, stuck=stuck,
+        has_last_balloon=has_last_balloon, last_balloon=last_balloon, ws=ws, avail=avail,
+        peak=peak, ahead=ahead, margin=margin, floor=floor, budget_floor=budget_floor,
+        step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
+        repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling,
+        balloon=balloon, target_size=target_size, inflating=inflating, free_now=free_now,
+        idle=idle)
+
+
+@dataclass(slots=True)
+class RulingColumns:
+    """``Ruling``'s fields for every guest (``none``: the rule decided None, blind and not
+    inflating; ``has_*`` false: None)."""
+
+    none: B
+    size: I64
+    floor: I64
+    pressure: F64
+    has_balloon: B
+    balloon: I64
+    has_hurt: B
+    hurt: I64
+    oom: B
+    refaulted: B
+    quiet: B
+
+
+def rulings_batch(f: FigureColumns) -> RulingColumns:
+    """What the rule ``f.rule`` picked decides, for every guest (each rule's ``decide``)."""
+    rule = f.rule
+    is_ = {name: rule == i for name, i in RULE_INDEX.items()}
+    size, margin, ceiling, floor, ram, step = f.size, f.margin, f.ceiling, f.floor, f.ram, f.step
+    cap = np.minimum(size + margin, ceiling)  # a size that hurt is remembered no higher
+    # _emergency: the full margin back (an OOM kill: the whole balloon)
+    e_new = size + np.maximum(margin - f.avail, step)
+    e_hurt = np.minimum(e_new, cap)
+    e_size = np.maximum(np.where(f.d_oom > 0, ceiling, e_new), floor)
+    # _trouble: a back-off growing with the pressure
+    scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, f.severity))
+    t_new = size + np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale
+                            ).astype(np.int64)
+    # _probe: the step (none on a repeated report), or half the idle MemFree
+    p_step = np.where(f.repeated, 0, step)
+    big = np.minimum((f.free_now - margin) // 2,
+                     np.trunc(BIG_STEP_MAX_FRACTION * ram).astype(np.int64))
+    p_step = np.where(f.idle, np.maximum(p_step, big), p_step)
+    p_size = np.maximum(floor, f.target_size - p_step)
+    r_size = np.select(
+        [is_["blind"], is_["emergency"], is_["own_pressure"], is_["trouble"], is_["stalled"],
+         is_["under_floor"], is_["probe"]],
+        [size, e_size, size, t_new, size, floor, p_size], f.target_size)  # reclaiming, hold
+    r_floor = np.select([is_["blind"], is_["trouble"]], [np.zeros_like(floor),
+                                                         np.maximum(floor, t_new)], floor)
+    pressure = np.select([is_["blind"], is_["emergency"]],
+                         [np.zeros_like(f.severity), 100.0 + f.severity], f.severity)
+    has_hurt = is_["emergency"] | is_["trouble"] | is_["stalled"]
+    hurt = np.select([is_["emergency"], is_["trouble"]], [e_hurt, np.minimum(t_new, cap)],
+                     size)
+    return RulingColumns(
+        none=is_["blind"] & ~f.inflating, size=r_size, floor=r_floor, pressure=pressure,
+        has_balloon=is_["blind"] | is_["stalled"], balloon=f.balloon, has_hurt=has_hurt,
+        hurt=hurt, oom=is_["emergency"] & (f.d_oom > 0),
+        refaulted=is_["trouble"] & ((f.fault_rate > 0) | (f.d_swapin > 0)),
+        quiet=is_["probe"])
+
+
+def ruling_of(r: RulingColumns, i: int) -> Ruling | None:
+    """Guest ``i``'s ``Ruling`` (None where its rule decided none), with Python numbers: what
+    the scalar rule's ``decide`` returns, to compare or to build a plan from."""
+    if r.none[i]:
+        return None
+    return Ruling(int(r.size[i]), int(r.floor[i]), float(r.pressure[i]),
+                  balloon=int(r.balloon[i]) if r.has_balloon[i] else None,
+                  hurt=int(r.hurt[i]) if r.has_hurt[i] else None, oom=bool(r.oom[i]),
+                  refaulted=bool(r.refaulted[i]), quiet=bool(r.quiet[i]))
+
+
+def remember_batch(memo: MemoColumns, f: FigureColumns, r: RulingColumns, now: float) -> None:
+    """``GuestMemo.remember`` of every guest's ruling: the size that hurt (its step halves),
+    an OOM kill, a quiet probe (its step grows)."""
+    rows = r.has_hurt & ~r.none
+    memo.step[rows] = np.maximum(PROBE_STEP_MIN, memo.step[rows] / 2)
+    memo.hurt_size[rows] = r.hurt[rows]
+    memo.hurt_at[rows] = now
+    memo.hurt_ws[rows] = f.ws[rows]
+    memo.hurt_refaulted[rows] = r.refaulted[rows]
+    memo.oom_at[r.oom] = now
+    quiet = r.quiet
+    memo.quiet_calls[quiet] += 1
+    memo.step[quiet] = np.minimum(PROBE_STEP_MAX, memo.step[quiet] + PROBE_STEP_INC)
+
+
+__all__ = [
+    "RULE_INDEX",
+    "WS_RING",
+    "FigureColumns",
+    "GuestInputs",
+    "MemoColumns",
+    "RulingColumns",
+    "figures_batch",
+    "gather",
+    "remember_batch",
+    "ruling_of",
+    "rulings_batch",
+]
