@@ -1,4 +1,4 @@
-"""SPIKE: the columnar ``figures_batch``/``rulings_batch``/``remember_batch`` against
+"""The columnar ``figures_batch``/``rulings_batch``/``remember_batch`` against
 ``DefaultPolicy.figures``/``judge``/``GuestMemo.remember`` on the fleet's own inputs, field by
 field, and both paths timed (docs/design/vector-policy.md).
 
@@ -7,7 +7,9 @@ the guests it saw, a copy of each guest's memory before the call and the ``Figur
 scalar path computed. ``check`` replays every call through the columns, from that memory or
 (``persistent``) from the columns the calls before left, and lists every difference (figures,
 rule, ruling, the memory, the counters).
-``timing`` replays calls through both paths from the same memory.
+``timing`` replays calls through both paths from the same memory; ``wired`` carries one
+policy through the calls as the engine does, on ``decide``'s scalar path and on its columns
+(``BATCH_MIN_GUESTS``), and compares what they decide.
 
     PYTHONPATH=src .venv/bin/python -m memballoon.bench.vector_policy --guests 1000 --seconds 120
 """
@@ -62,6 +64,10 @@ REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt
               "hurt_refaulted", "oom_at", "quiet_calls")
 
 
+#: a ``BATCH_MIN_GUESTS`` no fleet reaches: the scalar path
+SCALAR_ONLY = 1 << 62
+
+
 def _copy_memo(m: GuestMemo) -> GuestMemo:
     c = copy.copy(m)
     c.ws = deque(m.ws)
@@ -89,6 +95,7 @@ def capture(protocol: str, guests: int, seconds: float, share: float | None,
     w = build(sc)
     pol = w.policy
     assert isinstance(pol, DefaultPolicy)
+    pol.BATCH_MIN_GUESTS = SCALAR_ONLY  # the spies watch the scalar path
     calls: list[Call] = []
     decide, figures = pol.decide, pol.figures
 
@@ -288,6 +295,42 @@ def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[
     return out
 
 
+def wired(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5
+          ) -> tuple[dict[str, float], int]:
+    """``DefaultPolicy.decide`` as wired in, one policy carried through ``calls`` in order
+    (as the engine calls it), on the scalar path and on the columns (``BATCH_MIN_GUESTS``
+    0), each from the memory before the first call (which is not timed: the columns load
+    there): milliseconds a call (median of ``repeats``), and how many calls' decisions,
+    counters or snapshots differ between the paths."""
+    def run(least: int, out: list[object]) -> float:
+        p = _fresh_policy(pol)
+        p.BATCH_MIN_GUESTS = least
+        c0 = calls[0]
+        p.state = {g.name: _copy_memo(m) for g, m in zip(c0.guests, c0.before, strict=True)}
+        out.append(p.decide(c0.host, c0.guests, c0.now))
+        t0 = time.perf_counter()
+        for c in calls[1:]:
+            out.append(p.decide(c.host, c.guests, c.now))
+        t = time.perf_counter() - t0
+        out.append(p.counters.as_dict())
+        out.append(p.snapshot(calls[-1].now))
+        return t
+
+    scalar_t, batch_t = [], []
+    differ = 0
+    for _ in range(repeats):
+        a: list[object] = []
+        b: list[object] = []
+        scalar_t.append(run(SCALAR_ONLY, a))
+        batch_t.append(run(0, b))
+        differ = max(differ, sum(x != y for x, y in zip(a, b, strict=True)))
+    n = max(1, len(calls) - 1)
+    out = {"scalar_decide_ms_per_call": 1e3 * statistics.median(scalar_t) / n,
+           "batch_decide_ms_per_call": 1e3 * statistics.median(batch_t) / n}
+    out["decide_speedup"] = out["scalar_decide_ms_per_call"] / out["batch_decide_ms_per_call"]
+    return out, differ
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--protocol", default="virtio")
@@ -315,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     guests = statistics.mean(len(c.guests) for c in calls[-a.timing_calls:])
     print(f"timing over {min(len(calls), a.timing_calls)} calls of {guests:.0f} guests, "
           f"median of {a.repeats}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    return 1 if bad else 0
+    w, differ = wired(pol, calls[-a.timing_calls:], a.repeats)
+    print("wired decide (one policy through the calls), median of "
+          f"{a.repeats}: " + ", ".join(f"{k} {v:.3f}" for k, v in w.items())
+          + f"; calls whose decisions/counters/snapshot differ: {differ}")
+    return 1 if bad or differ else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ policy, field by field, on the fleet's own inputs.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,12 +27,14 @@ import numpy.typing as npt
 
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.base import Decision
 from memballoon.policy.default import (
     BACKOFF_MAX_SCALE,
     BACKOFF_MIN_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
+    HOST_PSI_SOME_PCT,
     LOOKAHEAD_MAX_FRACTION,
     LOOKAHEAD_S,
     MAJOR_FAULTS_QUIET_PER_S,
@@ -49,12 +52,15 @@ from memballoon.policy.default import (
     SWAPIN_TROUBLE_PER_S,
     WS_WINDOW_S,
     DefaultPolicy,
+    Figures,
     GuestMemo,
     ReportCounts,
     Ruling,
+    Verdict,
+    _Plan,
 )
 from memballoon.policy.observe import PolicyReportCounter
-from memballoon.policy.sample import GuestSample
+from memballoon.policy.sample import GuestSample, HostSample
 from memballoon.protocol.pressure import PressureReport
 
 F64 = npt.NDArray[np.float64]
@@ -87,6 +93,9 @@ class MemoColumns:
     ws_pos: I64  # the slot the next working set goes to
     ws_any: B  # the deque is not empty
     ws_last: I64  # its newest working set
+    # ``now - WS_WINDOW_S`` at the last append: the deque holds the ring's entries at or after
+    # it (NEVER: no append yet, every entry the deque was loaded with)
+    ws_cut: F64
     has_last: B  # ``last`` is not None
     last_id: I64  # id() of the last report (kept alive by ``last_ref``), 0 for ReportCounts
     last_ref: list[object]
@@ -129,6 +138,7 @@ class MemoColumns:
             step=_f([m.step for m in memos]), ws_t=ws_t, ws_v=ws_v, ws_pos=ws_pos,
             ws_any=np.array([bool(m.ws) for m in memos], np.bool_),
             ws_last=_i([m.ws[-1][1] if m.ws else 0 for m in memos]),
+            ws_cut=np.full(n, NEVER),
             has_last=np.array([c is not None for c in lasts], np.bool_),
             last_id=_i([id(c) if isinstance(c, PressureReport) else 0 for c in lasts]),
             last_ref=list(lasts),
@@ -153,6 +163,47 @@ class MemoColumns:
             faulted_at=_f([m.faulted_at for m in memos]),
             quiet_calls=_i([m.quiet_calls for m in memos]),
         )
+
+    def memos(self) -> list[GuestMemo]:
+        """Every row as the ``GuestMemo`` the scalar path would hold (its deque: the ring's
+        entries the last append kept, oldest first)."""
+        n = len(self.step)
+        ws_t, ws_v = self.ws_t.tolist(), self.ws_v.tolist()
+        pos, cut = self.ws_pos.tolist(), self.ws_cut.tolist()
+        has_last, has_now = self.has_last.tolist(), self.has_last_now.tolist()
+        last_now = self.last_now.tolist()
+        has_b, last_b = self.has_last_balloon.tolist(), self.last_balloon.tolist()
+        has_t, last_t = self.has_last_target.tolist(), self.last_target.tolist()
+        out: list[GuestMemo] = []
+        for (i, step, still, hurt, hurt_at, hurt_ws, oom_at, refaulted, faulted,
+             quiet) in zip(range(n), self.step.tolist(), self.still_since.tolist(),
+                           self.hurt_size.tolist(), self.hurt_at.tolist(),
+                           self.hurt_ws.tolist(), self.oom_at.tolist(),
+                           self.hurt_refaulted.tolist(), self.faulted_at.tolist(),
+                           self.quiet_calls.tolist(), strict=True):
+            ts, vs, p, c = ws_t[i], ws_v[i], pos[i], cut[i]
+            ws: deque[tuple[float, int]] = deque()
+            for j in range(p, p + WS_RING):  # insertion order: the slot ``ws_pos`` is oldest
+                t = ts[j % WS_RING]
+                if t != NEVER and t >= c:
+                    ws.append((t, vs[j % WS_RING]))
+            last = self.last_ref[i] if has_last[i] else None
+            assert last is None or isinstance(last, PressureReport | ReportCounts)
+            out.append(GuestMemo(
+                step=step, ws=ws, last=last, last_now=last_now[i] if has_now[i] else None,
+                last_balloon=last_b[i] if has_b[i] else None, still_since=still,
+                last_target=last_t[i] if has_t[i] else None, hurt_size=hurt, hurt_at=hurt_at,
+                hurt_ws=hurt_ws, oom_at=oom_at, hurt_refaulted=refaulted, faulted_at=faulted,
+                quiet_calls=quiet))
+        return out
+
+    def concat(self, more: MemoColumns) -> MemoColumns:
+        """These rows, then ``more``'s."""
+        cols: dict[str, Any] = {
+            k: (self.last_ref + more.last_ref if k == "last_ref"
+                else np.concatenate([getattr(self, k), getattr(more, k)]))
+            for k in self.__slots__}
+        return MemoColumns(**cols)
 
     def take(self, rows: I64) -> MemoColumns:
         """The memory of the guests in slots ``rows`` (a copy, row i for ``rows[i]``)."""
@@ -370,6 +421,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     m.ws_pos[rows] = (slot + 1) % WS_RING
     m.ws_any[rows] = True
     m.ws_last[rows] = ws[rows]
+    m.ws_cut[rows] = oldest
     peak = np.where(m.ws_t >= oldest, m.ws_v, np.iinfo(np.int64).min).max(axis=1)
 
     # ---- margin, floor
@@ -528,13 +580,247 @@ def remember_batch(memo: MemoColumns, f: FigureColumns, r: RulingColumns, now: f
     memo.step[quiet] = np.minimum(PROBE_STEP_MAX, memo.step[quiet] + PROBE_STEP_INC)
 
 
+# ---------------------------------------------------------------------- the wired-in path
+#: what the columns' int64 arithmetic and int -> float conversions keep exact (a decoded
+#: report's counts are within it, ``protocol.pressure.MAX_VALUE``)
+_EXACT: Final = 1 << 53
+
+
+def _loadable(memos: Sequence[GuestMemo]) -> bool:
+    """Whether ``MemoColumns.from_memos`` carries these memories exactly: each deque fits the
+    ring, in time order (the scalar deque drops only its head), with finite moments and
+    exact counts."""
+    for m in memos:
+        if len(m.ws) >= WS_RING:
+            return False
+        t0 = NEVER
+        for t, w in m.ws:
+            if not t0 <= t < float("inf") or not -_EXACT < w < _EXACT:
+                return False
+            t0 = t
+    return True
+
+
+@dataclass(slots=True)
+class BatchMemo:
+    """``DefaultPolicy``'s memory while it decides as columns: one row a guest, in the order
+    the scalar ``state`` holds them (the order each guest first came alive, or the restored
+    snapshot's); a gone guest's row is dropped, a new guest's appended."""
+
+    cols: MemoColumns
+    names: list[str]
+    now: float = NEVER  # the last call's ``now``
+    seen: list[str] | None = None  # the last call's guests' names, and which were alive
+    seen_alive: list[bool] | None = None
+    rows: I64 | None = None  # the rows of the last call's live guests, in its order
+    whole: bool = False  # ``rows`` is every row in order (no take/put needed)
+
+    @classmethod
+    def load(cls, memos: dict[str, GuestMemo]) -> BatchMemo | None:
+        """``memos`` as columns (None: not exactly: the scalar path keeps them)."""
+        ms = list(memos.values())
+        if not _loadable(ms):
+            return None
+        try:
+            cols = MemoColumns.from_memos(ms)
+        except OverflowError:
+            return None
+        return cls(cols, list(memos))
+
+    def to_memos(self) -> dict[str, GuestMemo]:
+        return dict(zip(self.names, self.cols.memos(), strict=True))
+
+    def follow(self, names: list[str], alive: list[bool]) -> I64:
+        """The rows of the live guests among ``names`` (this call's guests, in order): the
+        rows of guests no longer listed dropped, a row appended for each new live one (the
+        scalar path: a memo for every guest it plans, none kept for a guest that went)."""
+        if names == self.seen and alive == self.seen_alive and self.rows is not None:
+            return self.rows
+        listed = set(names)
+        keep = [i for i, n in enumerate(self.names) if n in listed]
+        kept = [self.names[i] for i in keep]
+        known = set(kept)
+        new = [n for n, a in zip(names, alive, strict=True) if a and n not in known]
+        cols = self.cols
+        if len(keep) < len(self.names):
+            cols = cols.take(np.array(keep, np.int64))
+        if new:
+            cols = cols.concat(MemoColumns.from_memos([GuestMemo() for _ in new]))
+        self.cols, self.names = cols, kept + new
+        slot = {n: i for i, n in enumerate(self.names)}
+        rows = np.array([slot[n] for n, a in zip(names, alive, strict=True) if a], np.int64)
+        self.seen, self.seen_alive, self.rows = list(names), list(alive), rows
+        self.whole = len(rows) == len(self.names) and bool(
+            np.array_equal(rows, np.arange(len(rows))))
+        return rows
+
+
+def _exact(inp: GuestInputs, now: float) -> bool:
+    """Whether the columns compute what Python's numbers would: finite moments and
+    pressures, counts and sizes where int64 and float64 are exact (a decoded report's are;
+    one built in-process is not checked)."""
+    if not np.isfinite(now):
+        return False
+    for col in (inp.report_time, inp.r_time, inp.stall):
+        if not np.isfinite(col).all():
+            return False
+    for icol in (inp.ram, inp.balloon, inp.target, inp.min_pages, inp.max_pages, inp.r_swapin,
+                 inp.r_major, inp.r_oom, inp.r_refused, inp.r_avail_b, inp.r_free_b,
+                 inp.r_balloon):
+        if len(icol) and not (int(icol.min()) > -_EXACT and int(icol.max()) < _EXACT):
+            return False
+    return True
+
+
+#: ``RULES``' verdicts by rule index, and which of them a too small change skips
+_VERDICTS: Final = tuple(r.verdict for r in RULES)
+_SMALL_SKIPS: Final = np.array(
+    [v in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR) for v in _VERDICTS], np.bool_)
+_BLIND: Final = RULE_INDEX["blind"]
+_OWN_PRESSURE: Final = RULE_INDEX["own_pressure"]
+
+
+def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[GuestSample],
+                 now: float) -> list[Decision] | None:
+    """``policy.decide`` as columns: the same decisions, counters and memory. None (and
+    nothing changed but the memory's form) where the columns cannot be exact: a clock gone
+    back, a working set the ring cannot hold, figures beyond float64's exact range, two
+    guests of one name."""
+    bm = policy._batch
+    if bm is None:
+        bm = BatchMemo.load(policy._state)
+        if bm is None:
+            return None
+        policy._batch, policy._state = bm, {}
+    if now < bm.now:
+        return None  # the ring keeps the deque only while ``now`` never goes back
+    names = [g.name for g in guests]
+    alive = [g.alive for g in guests]
+    if names != bm.seen and len(set(names)) < len(names):
+        return None
+    rows = bm.follow(names, alive)
+    live = guests if len(rows) == len(guests) else [
+        g for g, a in zip(guests, alive, strict=True) if a]
+    try:
+        inp = gather(live)
+    except OverflowError:
+        return None
+    if not _exact(inp, now):
+        return None
+    memo = bm.cols if bm.whole else bm.cols.take(rows)
+    n = len(live)
+    if n and bool(np.any(memo.ws_t[np.arange(n), memo.ws_pos] >= now - WS_WINDOW_S)):
+        return None  # a call rate the ring cannot hold (figures_batch would raise)
+    counters = policy.counters
+    fc = figures_batch(policy, inp, memo, now, counters)
+    rc = rulings_batch(fc)
+    remember_batch(memo, fc, rc, now)
+    if not bm.whole:
+        bm.cols.put(rows, memo)
+    bm.now = now
+    rule = fc.rule
+    for index, counter in ((_BLIND, RULES[_BLIND].counter),
+                           (_OWN_PRESSURE, RULES[_OWN_PRESSURE].counter)):
+        k = int(np.count_nonzero(rule == index))
+        if k and counter is not None:
+            counters.inc(counter, k)
+    planned = ~rc.none
+    # ``_plan`` reads a blind guest's stale report too (for ``soft_floor``): its MemFree
+    # beyond RAM counts all the same
+    free_raw = np.maximum(0, inp.r_free_b) // PAGE_SIZE
+    k = int(np.count_nonzero(~fc.fresh & planned & (free_raw > inp.ram)))
+    if k:
+        counters.inc(PolicyReportCounter.FREE_ABOVE_RAM, k)
+
+    psi_pressed = (host.psi_some_avg10 is not None
+                   and host.psi_some_avg10 >= HOST_PSI_SOME_PCT)
+    pressed = host.short_pages > 0 or psi_pressed
+    excess = 0
+    if not pressed:
+        # the guests' growth if every plan is carried out (``_carry_out``'s sum)
+        ram, balloon = inp.ram, inp.balloon
+        planned_size = np.where(rc.has_balloon, ram - rc.balloon, rc.size)
+        growth = int(np.sum(np.where(planned, planned_size - (ram - balloon), 0)))
+        excess = host.resident_pages + growth - host.budget_pages
+    if pressed or excess > 0:
+        # the host needs memory back (rarer): the scalar host part over every plan
+        return policy._carry_out(host, _plans(policy, live, fc, rc, inp,
+                                              np.flatnonzero(planned), now))
+    # nobody's plan changes: decisions only where the plan moves the target enough
+    target = inp.target
+    wanted = np.where(rc.has_balloon, rc.balloon, inp.ram - rc.size)
+    ceiling_at = (inp.max_pages < 0) | (inp.max_pages >= inp.ram)
+    lo = np.where(ceiling_at, 0, inp.ram - inp.max_pages)
+    hi = inp.ram - np.where(inp.min_pages < inp.ram, inp.min_pages, inp.ram)
+    clamped = np.minimum(wanted, hi)
+    clamped = np.where(clamped < lo, lo, clamped)
+    emits = planned & (clamped != target) & ~(
+        _SMALL_SKIPS[rule] & (np.abs(clamped - target) < MIN_CHANGE_PAGES))
+    return policy._decisions(host, _plans(policy, live, fc, rc, inp, np.flatnonzero(emits),
+                                          now))
+
+
+def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns,
+           rc: RulingColumns, inp: GuestInputs, rows: I64, now: float) -> list[_Plan]:
+    """The ``_Plan`` of each of ``rows`` (of guests that have one, in order), as ``_plan``
+    builds it, with Python numbers."""
+    sel = rows
+    cols = {k: getattr(fc, k)[sel].tolist() for k in (
+        "fresh", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_rate", "stuck",
+        "has_last_balloon", "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor",
+        "budget_floor", "step", "severity", "quiet_calls", "free", "repeated", "rule")}
+    r_none = rc.none[sel].tolist()
+    r_size, r_floor, r_pressure = (rc.size[sel].tolist(), rc.floor[sel].tolist(),
+                                   rc.pressure[sel].tolist())
+    r_has_b, r_b = rc.has_balloon[sel].tolist(), rc.balloon[sel].tolist()
+    r_has_h, r_h = rc.has_hurt[sel].tolist(), rc.hurt[sel].tolist()
+    r_oom, r_ref, r_quiet = (rc.oom[sel].tolist(), rc.refaulted[sel].tolist(),
+                             rc.quiet[sel].tolist())
+    probe, quiet_pct, trouble_pct = (policy.probe, policy.stall_quiet_pct,
+                                     policy.stall_trouble_pct)
+    out: list[_Plan] = []
+    for j, i in enumerate(sel.tolist()):
+        assert not r_none[j]
+        g = live[i]
+        r = g.report
+        if cols["fresh"][j]:
+            assert r is not None
+            f = Figures(
+                g, now, True, r.stall_pct, cols["d_swapin"][j], cols["d_oom"][j],
+                cols["d_refused"][j], cols["swapin_rate"][j], cols["fault_rate"][j],
+                cols["stuck"][j],
+                cols["last_balloon"][j] if cols["has_last_balloon"][j] else None,
+                cols["ws"][j], cols["avail"][j], cols["peak"][j], cols["ahead"][j],
+                cols["margin"][j], cols["floor"][j], cols["budget_floor"][j], cols["step"][j],
+                cols["severity"][j], cols["quiet_calls"][j], probe, quiet_pct, trouble_pct,
+                cols["free"][j], cols["repeated"][j], r.balloon_actual_pages)
+        else:
+            f = Figures(g, now, fresh=False)
+        rule = RULES[cols["rule"][j]]
+        ruling = Ruling(r_size[j], r_floor[j], r_pressure[j],
+                        balloon=r_b[j] if r_has_b[j] else None,
+                        hurt=r_h[j] if r_has_h[j] else None, oom=r_oom[j],
+                        refaulted=r_ref[j], quiet=r_quiet[j])
+        p = _Plan(g, rule.verdict, ruling.size, ruling.floor, ruling.pressure, f, rule, ruling,
+                  ruling.balloon, budget_floor=f.budget_floor)
+        if rule.verdict is Verdict.EMERGENCY and f.d_oom == 0:
+            p.relief = min(ruling.size, f.size + f.squeeze_margin - f.avail)
+        if r is not None:
+            p.free = cols["free"][j]  # (counted above for a blind guest, by figures_batch
+            # for a fresh one)
+        out.append(p)
+    return out
+
+
 __all__ = [
     "RULE_INDEX",
     "WS_RING",
+    "BatchMemo",
     "FigureColumns",
     "GuestInputs",
     "MemoColumns",
     "RulingColumns",
+    "decide_batch",
     "figures_batch",
     "gather",
     "remember_batch",
