@@ -1,16 +1,34 @@
-"""The spike's columnar figures equal ``DefaultPolicy.figures`` exactly on reports built to hit
+"""The columnar figures equal ``DefaultPolicy.figures`` exactly on reports built to hit
 the odd cases: counters going back, figures beyond RAM, a stale report, none, a repeated one,
 refused pages, a stuck inflation, OOM kills, troubled and idle guests, a size that hurt; and its
 columnar memory, carried on by ``figures_batch`` and ``remember_batch`` alone, stays the
-scalar ``GuestMemo``s."""
+scalar ``GuestMemo``s. Wired in (``decide`` on the columns from ``BATCH_MIN_GUESTS``): the
+fleet slices of ``test_sim_decisions`` journal exactly their records with the columns forced,
+and a policy on the columns decides, counts, remembers and snapshots exactly as one on the
+scalar path, call after call, guests coming, going, dying, reordered, the host pressed."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import json
 import random
+from collections.abc import Iterator, Sequence
+
+import pytest
 
 from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
-from memballoon.policy.default import RULES, DefaultPolicy, GuestMemo, judge
+from memballoon.policy import default_batch
+from memballoon.policy.base import Decision
+from memballoon.policy.default import (
+    NEVER,
+    RULES,
+    DefaultPolicy,
+    DefaultSnapshot,
+    GuestMemo,
+    judge,
+)
 from memballoon.policy.default_batch import (
     MemoColumns,
     figures_batch,
@@ -20,8 +38,9 @@ from memballoon.policy.default_batch import (
     rulings_batch,
 )
 from memballoon.policy.observe import PolicyReportCounter
-from memballoon.policy.sample import GuestSample, GuestSettings
+from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
 from memballoon.protocol.pressure import PressureReport
+from test_sim_decisions import SLICES, fixture, run_slice
 
 FIELDS = ("stall_pct", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_rate", "stuck",
           "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor", "budget_floor",
@@ -129,3 +148,159 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
     assert {("blind", True), ("blind", False)} <= {c[:2] for c in cases}
     assert ("probe", True) in {(c[0], c[2]) for c in cases}
     assert {("emergency", True), ("emergency", False)} <= {(c[0], c[3]) for c in cases}
+
+
+# ---------------------------------------------------------------------- wired into decide
+class BatchCalls:
+    """Counts the calls ``decide`` ran on the columns (``decide_batch`` answered)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ran = self.refused = 0
+        real = default_batch.decide_batch
+
+        def spy(policy: DefaultPolicy, host: HostSample, guests: Sequence[GuestSample],
+                now: float) -> list[Decision] | None:
+            out = real(policy, host, guests, now)
+            if out is None:
+                self.refused += 1
+            else:
+                self.ran += 1
+            return out
+
+        monkeypatch.setattr(default_batch, "decide_batch", spy)
+
+
+@pytest.mark.parametrize("spec", SLICES, ids=[s[0] for s in SLICES])
+def test_a_fleet_slice_on_the_columns_decides_exactly_as_recorded(
+        spec: tuple[str, int, float, float | None], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DefaultPolicy, "BATCH_MIN_GUESTS", 0)  # 40 guests: force the columns
+    calls = BatchCalls(monkeypatch)
+    want = json.loads(gzip.decompress(fixture(spec[0]).read_bytes()))
+    got = json.loads(json.dumps(run_slice(*spec)))
+    assert calls.ran == round(spec[2]) and calls.refused == 0  # every call, on the columns
+    assert len(want["records"]) > 100
+    for i, (g, w) in enumerate(zip(got["records"], want["records"], strict=False)):
+        assert g == w, f"record {i} differs"
+    assert len(got["records"]) == len(want["records"])
+    assert got["counters"] == want["counters"]
+    assert got["policy_counters"] == want["policy_counters"]
+
+
+def _typed(ds: list[Decision]) -> str:
+    # the journal's view: JSON tells an int from a float (and refuses a numpy number)
+    return json.dumps([dataclasses.asdict(d) for d in ds])
+
+
+def _host(rng: random.Random, guests: Sequence[GuestSample]) -> HostSample:
+    """A host with room, one whose guests' growth would pass the budget, one short of its
+    reserve, one under memory pressure."""
+    held = sum(g.ram_pages - g.balloon_pages for g in guests if g.alive)
+    kind = rng.choice(["room", "room", "room", "over", "short", "psi"])
+    if kind == "room":
+        return HostSample(held * 4, held)
+    if kind == "over":
+        return HostSample(held - rng.randrange(0, RAM), held)
+    if kind == "short":
+        return HostSample(held, held, total_pages=held * 2, available_pages=1000,
+                          reserve_pages=rng.choice([2000, 300000]))
+    return HostSample(held * 2, held, total_pages=held * 2, psi_some_avg10=rng.choice(
+        [5.0, 25.0]))
+
+
+def _calls(seed: int, n: int, back: bool = True
+           ) -> Iterator[tuple[HostSample, list[GuestSample], float]]:
+    """``n`` calls of a fleet whose guests come, go, die, return and change order; the
+    clock steps 0.2 or 1 s, stands still now and then, and (``back``) once goes back."""
+    rng = random.Random(seed)
+    last: dict[str, GuestSample] = {}
+    now = 0.0
+    for call in range(n):
+        now += rng.choice([1.0, 1.0, 0.2, 0.0]) if call != n // 2 or not back else -3.0
+        listed = [i for i in range(70) if rng.random() < 0.93]
+        if rng.random() < 0.2:
+            rng.shuffle(listed)
+        guests = []
+        for i in listed:
+            g = _guest(rng, i, now, last.get(f"g{i}"))
+            if rng.random() < 0.05:
+                g = dataclasses.replace(g, alive=False)
+            last[g.name] = g
+            guests.append(g)
+        yield _host(rng, guests), guests, now
+
+
+def _memos_alike(a: dict[str, GuestMemo], b: dict[str, GuestMemo]) -> None:
+    assert list(a) == list(b)
+    for name, m in a.items():
+        assert m == b[name], name
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_columns_decide_count_remember_and_snapshot_as_the_scalar_path(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = BatchCalls(monkeypatch)
+    scalar, batch = DefaultPolicy(margin_fraction=0.05), DefaultPolicy(margin_fraction=0.05)
+    scalar.BATCH_MIN_GUESTS, batch.BATCH_MIN_GUESTS = 1 << 62, 0
+    decided = 0
+    for k, (host, guests, now) in enumerate(_calls(seed, 120)):
+        want = scalar.decide(host, guests, now)
+        got = batch.decide(host, guests, now)
+        assert _typed(got) == _typed(want), (k, now)
+        assert batch.counters.as_dict() == scalar.counters.as_dict(), k
+        decided += len(want)
+        if k % 7 == 0:  # (json: the order of the guests too)
+            assert (batch.snapshot(now).model_dump_json()
+                    == scalar.snapshot(now).model_dump_json()), k
+        if k % 29 == 28:  # the columns become GuestMemos, then columns again
+            _memos_alike(batch.state, scalar.state)
+    assert decided > 200
+    # (the clock went back once: the scalar path until the deques are in order again)
+    assert calls.ran > 80 and calls.refused >= 1
+    _memos_alike(batch.state, scalar.state)
+
+
+def test_a_snapshot_of_the_columns_restores_on_either_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = BatchCalls(monkeypatch)
+    source = DefaultPolicy()
+    source.BATCH_MIN_GUESTS = 0
+    stream = list(_calls(11, 60, back=False))
+    for host, guests, now in stream[:40]:
+        source.decide(host, guests, now)
+    assert source._batch is not None  # the memory is columns
+    at = stream[39][2]
+    snap = DefaultSnapshot.model_validate_json(source.snapshot(at).model_dump_json())
+    assert source._batch is not None  # ... and a snapshot leaves it so
+    assert snap.guests and any(s.hurt_age_s is not None for s in snap.guests.values())
+    assert any(s.oom_age_s is None and s.working_set for s in snap.guests.values())
+    later = 1000.0  # another clock: the moments are ages
+    scalar, batch = DefaultPolicy(), DefaultPolicy()
+    scalar.BATCH_MIN_GUESTS, batch.BATCH_MIN_GUESTS = 1 << 62, 0
+    for p in (scalar, batch):
+        p.restore(snap, later)
+    ran = calls.ran
+    for host, guests, now in stream[40:]:
+        t = later + now - at
+        assert _typed(batch.decide(host, guests, t)) == _typed(scalar.decide(host, guests, t))
+        assert batch.counters.as_dict() == scalar.counters.as_dict()
+        assert batch.snapshot(t) == scalar.snapshot(t)
+    assert calls.ran > ran
+    assert batch.snapshot(later + 100) == scalar.snapshot(later + 100)
+    _memos_alike(batch.state, scalar.state)
+
+
+def test_the_threshold_counts_live_guests() -> None:
+    rng = random.Random(3)
+    guests = [_quiet(i, 1.0) for i in range(10)]
+    guests[:4] = [dataclasses.replace(g, alive=False) for g in guests[:4]]
+    host = _host(rng, guests)
+    p = DefaultPolicy()
+    p.BATCH_MIN_GUESTS = 7  # 10 guests, 6 alive: the scalar path
+    p.decide(host, guests, 1.0)
+    assert p._batch is None and set(p.state) == {f"g{i}" for i in range(4, 10)}
+    p.BATCH_MIN_GUESTS = 6
+    p.decide(host, guests, 2.0)
+    assert p._batch is not None and p._batch.names == [f"g{i}" for i in range(4, 10)]
+    # read: GuestMemos again (one quiet probe: the second call saw the same report)
+    assert p.state["g5"].quiet_calls == 1 and p._batch is None
+    assert p.state["g5"].ws[-1][0] == 2.0 and p.state["g5"].oom_at == NEVER
