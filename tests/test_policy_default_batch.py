@@ -304,3 +304,25 @@ def test_the_threshold_counts_live_guests() -> None:
     # read: GuestMemos again (one quiet probe: the second call saw the same report)
     assert p.state["g5"].quiet_calls == 1 and p._batch is None
     assert p.state["g5"].ws[-1][0] == 2.0 and p.state["g5"].oom_at == NEVER
+
+
+@pytest.mark.parametrize("odd", ["stall", "count", "time"])
+def test_figures_the_columns_cannot_keep_exact_go_the_scalar_way(
+        odd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = BatchCalls(monkeypatch)
+    scalar, batch = DefaultPolicy(), DefaultPolicy()
+    scalar.BATCH_MIN_GUESTS, batch.BATCH_MIN_GUESTS = 1 << 62, 0
+    host = HostSample(RAM * 100, RAM * 10)
+    for now in (1.0, 2.0, 3.0):
+        guests = [_quiet(i, now) for i in range(10)]
+        if now == 2.0:  # a report built in-process: nothing checked its figures
+            r = guests[3].report
+            assert r is not None
+            r = dataclasses.replace(r, **{"stall": {"stall_pct": float("inf")},
+                                          "count": {"swap_in_pages": 1 << 60},
+                                          "time": {"time_s": float("nan")}}[odd])
+            guests[3] = dataclasses.replace(guests[3], report=r)
+        assert _typed(batch.decide(host, guests, now)) == _typed(scalar.decide(host, guests, now))
+        assert batch.counters.as_dict() == scalar.counters.as_dict()
+    assert (calls.ran, calls.refused) == (2, 1)
+    _memos_alike(batch.state, scalar.state)

@@ -661,15 +661,15 @@ def _exact(inp: GuestInputs, now: float) -> bool:
     one built in-process is not checked)."""
     if not np.isfinite(now):
         return False
-    for col in (inp.report_time, inp.r_time, inp.stall):
-        if not np.isfinite(col).all():
-            return False
-    for icol in (inp.ram, inp.balloon, inp.target, inp.min_pages, inp.max_pages, inp.r_swapin,
-                 inp.r_major, inp.r_oom, inp.r_refused, inp.r_avail_b, inp.r_free_b,
-                 inp.r_balloon):
-        if len(icol) and not (int(icol.min()) > -_EXACT and int(icol.max()) < _EXACT):
-            return False
-    return True
+    if not len(inp.ram):
+        return True
+    # one reduction over all the columns, not one a column (numpy's cost is per call)
+    if not np.isfinite(np.concatenate((inp.report_time, inp.r_time, inp.stall))).all():
+        return False
+    ints = np.concatenate((inp.ram, inp.balloon, inp.target, inp.min_pages, inp.max_pages,
+                           inp.r_swapin, inp.r_major, inp.r_oom, inp.r_refused, inp.r_avail_b,
+                           inp.r_free_b, inp.r_balloon))
+    return int(ints.min()) > -_EXACT and int(ints.max()) < _EXACT
 
 
 #: ``RULES``' verdicts by rule index, and which of them a too small change skips
