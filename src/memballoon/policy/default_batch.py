@@ -1,6 +1,9 @@
-"""SPIKE (not wired in): ``DefaultPolicy.figures``, ``judge`` (the rule and its ruling) and
-``GuestMemo.remember`` for every guest at once, with numpy, over the guests' memory kept as
-columns (one slot per guest).
+"""``DefaultPolicy.decide`` as columns, for big fleets: ``figures``, ``judge`` (the rule and
+its ruling) and ``GuestMemo.remember`` for every guest at once, with numpy, over the guests'
+memory kept as columns (one row a guest); then the host's part, from the columns when the
+host is neither short nor over budget (objects only for the guests that get a decision), else
+the scalar host part over every guest's plan. ``DefaultPolicy.decide`` calls ``decide_batch``
+from ``BATCH_MIN_GUESTS`` live guests.
 
 What it must reproduce exactly (see docs/design/vector-policy.md): float64 arithmetic is
 IEEE-identical to Python's float; ``int()`` of a float truncates toward zero (``np.trunc``);
@@ -8,11 +11,10 @@ int / float is the int converted to float (exact under 2**53) then divided; the 
 working sets is a ring of ``WS_RING`` slots whose live entries are those at or after
 ``now - WS_WINDOW_S`` (the deque drops its head only while it is older, and ``now`` never goes
 back). The report inconsistencies the scalar helpers count one guest at a time are counted
-here by mask (same totals).
-
-Not here yet: the plans, the host part of ``decide``, the decisions, guests coming and going
-(slots), snapshots. ``memballoon.bench.vector_policy`` checks all of this against the scalar
-policy, field by field, on the fleet's own inputs.
+here by mask (same totals). Where it cannot be exact (a clock gone back, a call rate the ring
+cannot hold, non-finite figures, counts beyond 2**53), ``decide_batch`` declines and the
+scalar path decides. ``memballoon.bench.vector_policy`` checks it against the scalar policy,
+field by field, on the fleet's own inputs.
 """
 
 from __future__ import annotations
