@@ -1,12 +1,13 @@
-"""The spike's check on fleet slices: every guest of every call, the columnar figures and rule
-equal the scalar policy's (the bench's own report of differences is empty), and its timing
-reports both paths."""
+"""The bench's check on fleet slices: every guest of every call, the columnar figures and rule
+equal the scalar policy's (the bench's own report of differences is empty), one policy
+carried through the calls decides alike on both paths of ``decide``, and its timing reports
+both paths."""
 
 from __future__ import annotations
 
 import pytest
 
-from memballoon.bench.vector_policy import capture, check, timing
+from memballoon.bench.vector_policy import capture, check, timing, wired
 
 
 @pytest.mark.parametrize(("protocol", "share"), [("virtio", None), ("vmw", 0.15)])
@@ -18,6 +19,10 @@ def test_fleet_slice_has_no_difference(protocol: str, share: float | None) -> No
     assert check(pol, calls, persistent=True)[1] == []
     assert compared == sum(len(c.guests) for c in calls) > 0
     assert rules["probe"] > 0 and rules["hold"] > 0
+    # one policy through the calls: the columns decide as the scalar path
+    w, differ = wired(pol, calls, repeats=1)
+    assert differ == 0
+    assert w["scalar_decide_ms_per_call"] > 0 and w["batch_decide_ms_per_call"] > 0
 
 
 def test_timing_reports_both_paths() -> None:

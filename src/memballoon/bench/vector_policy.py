@@ -35,6 +35,7 @@ from memballoon.policy.default import (
     DefaultPolicy,
     Figures,
     GuestMemo,
+    _Plan,
     judge,
 )
 from memballoon.policy.default_batch import (
@@ -302,9 +303,18 @@ def wired(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5
     0), each from the memory before the first call (which is not timed: the columns load
     there): milliseconds a call (median of ``repeats``), and how many calls' decisions,
     counters or snapshots differ between the paths."""
+    host_part = [0]
+
     def run(least: int, out: list[object]) -> float:
         p = _fresh_policy(pol)
         p.BATCH_MIN_GUESTS = least
+        carry_out = p._carry_out
+
+        def counted(host: HostSample, plans: list[_Plan]) -> list[Decision]:
+            host_part[0] += least == 0  # the columns' call fell back to the scalar host part
+            return carry_out(host, plans)
+
+        p._carry_out = counted  # type: ignore[method-assign]
         c0 = calls[0]
         p.state = {g.name: _copy_memo(m) for g, m in zip(c0.guests, c0.before, strict=True)}
         out.append(p.decide(c0.host, c0.guests, c0.now))
@@ -328,6 +338,7 @@ def wired(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5
     out = {"scalar_decide_ms_per_call": 1e3 * statistics.median(scalar_t) / n,
            "batch_decide_ms_per_call": 1e3 * statistics.median(batch_t) / n}
     out["decide_speedup"] = out["scalar_decide_ms_per_call"] / out["batch_decide_ms_per_call"]
+    out["host_part_calls"] = host_part[0] / repeats  # of the batched calls, on every plan
     return out, differ
 
 
