@@ -649,8 +649,10 @@ class DefaultPolicy:
     """
 
     #: live guests from which ``decide`` runs as columns (a test sets it on an instance: 0
-    #: forces the columns, a huge number the scalar path)
-    BATCH_MIN_GUESTS: int = 200
+    #: forces the columns, a huge number the scalar path); measured on fleet slices, the
+    #: columns are 0.7x the scalar path's speed at 40 guests, 0.9x at 60, 1.3x at 100, 2.1x
+    #: at 200, 4x at 1,000
+    BATCH_MIN_GUESTS: int = 100
 
     def __init__(
         self,
