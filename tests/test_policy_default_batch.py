@@ -26,16 +26,21 @@ from memballoon.policy.default import (
     RULES,
     DefaultPolicy,
     DefaultSnapshot,
+    Figures,
     GuestMemo,
+    Ruling,
     judge,
 )
 from memballoon.policy.default_batch import (
+    INPUT_KEYS,
+    RULE_INDEX,
     MemoColumns,
     figures_batch,
     gather,
     remember_batch,
     ruling_of,
     rulings_batch,
+    why_of,
 )
 from memballoon.policy.observe import PolicyReportCounter
 from memballoon.policy.sample import GuestSample, GuestSettings, HostSample
@@ -326,3 +331,54 @@ def test_figures_the_columns_cannot_keep_exact_go_the_scalar_way(
         assert batch.counters.as_dict() == scalar.counters.as_dict()
     assert (calls.ran, calls.refused) == (2, 1)
     _memos_alike(batch.state, scalar.state)
+
+
+def test_the_inputs_keys_are_the_figures_in_their_order() -> None:
+    f = Figures(_quiet(0, 1.0), 1.0, True)
+    assert tuple(f.inputs()) == INPUT_KEYS
+
+
+@pytest.mark.parametrize(("rule", "d_oom", "stall", "rate"), [
+    ("hold", 0, 0.1, 0.0), ("probe", 0, 0.123, 0.0), ("probe", 0, 0, 0.0),  # an int stall
+    ("under_floor", 0, 0.0, 0.0), ("emergency", 2, 0.5, 3.0), ("emergency", 0, 0.5, 3.0),
+    ("trouble", 0, 7.456, 1234.5), ("trouble", 0, 1.5, 0.0)])
+def test_the_column_reasons_are_the_rules_own(rule: str, d_oom: int, stall: float,
+                                              rate: float) -> None:
+    g = GuestSample("g", RAM, 50000, 60000, GuestSettings(), _quiet(0, 1.0).report, 1.0)
+    f = Figures(g, 1.0, True, stall, 3, d_oom, 0, rate, 0.0, False, 40000, 120000, 7000,
+                130000, 0, 26214, 160000, 150000, 5000, 1.5, 2)
+    ruling = Ruling(197000, f.floor, 1.5)
+    k = RULE_INDEX[rule]
+    want = RULES[k].why(f, ruling)
+    assert why_of(k, stall, d_oom, f.avail, f.margin, rate, f.target_size, f.floor,
+                  ruling.size) == want
+    with pytest.raises(ValueError, match="stalled"):
+        why_of(RULE_INDEX["stalled"], stall, d_oom, 0, 0, rate, 0, 0, 0)
+
+
+def test_decisions_with_reasons_from_the_columns_and_from_plans_in_one_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the columns write the reasons of the common rules; a blind or stalled guest's comes
+    # from its plan: both kinds in the same calls, in the guests' order
+    planned: list[int] = []
+    real = default_batch._plans
+
+    def spy(*args: object) -> list[object]:
+        out = real(*args)  # type: ignore[arg-type]
+        planned.append(len(out))
+        return out  # type: ignore[return-value]
+
+    monkeypatch.setattr(default_batch, "_plans", spy)
+    scalar, batch = DefaultPolicy(margin_fraction=0.05), DefaultPolicy(margin_fraction=0.05)
+    scalar.BATCH_MIN_GUESTS, batch.BATCH_MIN_GUESTS = 1 << 62, 0
+    mixed = 0
+    for host, guests, now in _calls(5, 60, back=False):
+        host = HostSample(host.budget_pages * 4, host.resident_pages)  # room: no host part
+        planned.clear()
+        want = scalar.decide(host, guests, now)
+        got = batch.decide(host, guests, now)
+        assert _typed(got) == _typed(want), now
+        assert batch.counters.as_dict() == scalar.counters.as_dict()
+        by_plan = sum(planned)
+        mixed += 0 < by_plan < len(want)
+    assert mixed >= 10

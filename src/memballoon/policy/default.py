@@ -872,6 +872,7 @@ class DefaultPolicy:
     def _decisions(host: HostSample, plans: list[_Plan]) -> list[Decision]:
         """The decisions ``plans`` come to (a plan that changes too little makes none)."""
         out: list[Decision] = []
+        host_inputs = DefaultPolicy.host_inputs(host)
         for p in plans:
             g = p.g
             balloon = p.balloon if p.balloon is not None else g.ram_pages - p.size
@@ -882,16 +883,22 @@ class DefaultPolicy:
                     and abs(balloon - g.target_pages) < MIN_CHANGE_PAGES):
                 continue
             inputs = p.f.inputs()
-            inputs["host_resident_pages"] = float(host.resident_pages)
-            inputs["host_budget_pages"] = float(host.budget_pages)
-            if host.available_pages is not None:
-                inputs["host_available_pages"] = float(host.available_pages)
-                inputs["host_reserve_pages"] = float(host.reserve_pages)
-            if host.psi_some_avg10 is not None:
-                inputs["host_psi_some_avg10"] = host.psi_some_avg10
+            inputs.update(host_inputs)
             urgent = p.verdict in URGENT or p.budget_cut
             out.append(Decision(g.name, balloon, p.why(), inputs, urgent=urgent))
         return out
+
+    @staticmethod
+    def host_inputs(host: HostSample) -> dict[str, float]:
+        """The host's figures every decision journals after its guest's."""
+        inputs = {"host_resident_pages": float(host.resident_pages),
+                  "host_budget_pages": float(host.budget_pages)}
+        if host.available_pages is not None:
+            inputs["host_available_pages"] = float(host.available_pages)
+            inputs["host_reserve_pages"] = float(host.reserve_pages)
+        if host.psi_some_avg10 is not None:
+            inputs["host_psi_some_avg10"] = host.psi_some_avg10
+        return inputs
 
     @staticmethod
     def _cause(host: HostSample, excess: int, psi_pressed: bool) -> str:

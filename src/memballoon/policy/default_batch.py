@@ -52,6 +52,7 @@ from memballoon.policy.default import (
     RULES,
     STUCK_AFTER_S,
     SWAPIN_TROUBLE_PER_S,
+    URGENT,
     WS_WINDOW_S,
     DefaultPolicy,
     Figures,
@@ -758,8 +759,89 @@ def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[Guest
     clamped = np.where(clamped < lo, lo, clamped)
     emits = planned & (clamped != target) & ~(
         _SMALL_SKIPS[rule] & (np.abs(clamped - target) < MIN_CHANGE_PAGES))
-    return policy._decisions(host, _plans(policy, live, fc, rc, inp, np.flatnonzero(emits),
-                                          now))
+    return _emit(policy, host, live, fc, rc, inp, np.flatnonzero(emits), clamped, now)
+
+
+#: the keys of a fresh guest's ``Figures.inputs``, in its order, and the columns they are
+#: read from (``stall_pct``: the report's own number, as ``Figures`` holds it)
+INPUT_KEYS: Final = (
+    "stall_pct", "swap_in_per_s", "major_faults_per_s", "oom_kills_new", "refused_new",
+    "available_pages", "working_set_pages", "peak_working_set_pages", "margin_pages",
+    "floor_pages", "size_pages", "balloon_pages", "target_pages", "step_pages",
+    "budget_floor_pages")
+_URGENT: Final = np.array([v in URGENT for v in _VERDICTS], np.bool_)
+_EMERGENCY: Final = RULE_INDEX["emergency"]
+_TROUBLE: Final = RULE_INDEX["trouble"]
+_UNDER_FLOOR: Final = RULE_INDEX["under_floor"]
+_PROBE: Final = RULE_INDEX["probe"]
+_HOLD: Final = RULE_INDEX["hold"]
+#: the rules whose reason ``_emit`` writes from the columns (``why_of``); the others' (rare:
+#: blind, own_pressure, reclaiming, stalled) come from their ``Rule.why`` over a ``_Plan``
+_COLUMN_WHY: Final = np.array([i in (_EMERGENCY, _TROUBLE, _UNDER_FLOOR, _PROBE, _HOLD)
+                               for i in range(len(RULES))], np.bool_)
+
+
+def why_of(rule: int, stall_pct: float, d_oom: int, avail: int, margin: int,
+           swapin_rate: float, target_size: int, floor: int, size: int) -> str:
+    """The reason ``RULES[rule].why`` gives a fresh guest with these figures and a ruling of
+    ``size`` (one of the ``_COLUMN_WHY`` rules)."""
+    if rule == _HOLD:
+        return "default: hold"
+    if rule == _PROBE:
+        return (f"default: quiet (stall {stall_pct:.2f}%): probe down "
+                f"{target_size - size} pages toward floor {floor}")
+    if rule == _UNDER_FLOOR:
+        return f"default: size {target_size} under safety floor {floor}: grow"
+    if rule == _EMERGENCY:
+        why = (f"guest OOM-killed ({d_oom} new)" if d_oom > 0
+               else f"available {avail} pages under margin {margin}")
+        return f"default: emergency deflate: {why}"
+    if rule == _TROUBLE:
+        return (f"default: back off: stall {stall_pct:.2f}%, swap-in "
+                f"{swapin_rate:.0f} pages/s")
+    raise ValueError(f"no column reason for rule {RULES[rule].name}")
+
+
+def _emit(policy: DefaultPolicy, host: HostSample, live: Sequence[GuestSample],
+          fc: FigureColumns, rc: RulingColumns, inp: GuestInputs, rows: I64, balloon: I64,
+          now: float) -> list[Decision]:
+    """``DefaultPolicy._decisions`` of the guests in ``rows`` (each gets one: ``balloon``,
+    the clamped target, moves enough), when the host part changed no plan: the reason and
+    the inputs from the columns, read once a column; a ``_Plan`` only where the rule's reason
+    is not written here."""
+    if not len(rows):
+        return []
+    rule = fc.rule[rows]
+    by_column = _COLUMN_WHY[rule]
+    plans = {} if by_column.all() else {
+        p.g.name: p for p in _plans(policy, live, fc, rc, inp, rows[~by_column], now)}
+    # every figure an input journals, as floats (the ints are below 2**53: exact)
+    figs = np.column_stack([c[rows] for c in (
+        fc.stall_pct, fc.swapin_rate, fc.fault_rate, fc.d_oom, fc.d_refused, fc.avail, fc.ws,
+        fc.peak, fc.margin, fc.floor, fc.size, inp.balloon, inp.target, fc.step,
+        fc.budget_floor)]).astype(np.float64).tolist()
+    host_inputs = DefaultPolicy.host_inputs(host)
+    out: list[Decision] = []
+    for (i, k, col, target, urgent, d_oom, avail, margin, rate, target_size, floor, size,
+         fig) in zip(rows.tolist(), rule.tolist(), by_column.tolist(), balloon[rows].tolist(),
+                     _URGENT[rule].tolist(), fc.d_oom[rows].tolist(), fc.avail[rows].tolist(),
+                     fc.margin[rows].tolist(), fc.swapin_rate[rows].tolist(),
+                     fc.target_size[rows].tolist(), fc.floor[rows].tolist(),
+                     rc.size[rows].tolist(), figs, strict=True):
+        g = live[i]
+        if col:
+            r = g.report  # (fresh: every column-reason rule follows blind)
+            assert r is not None
+            inputs = dict(zip(INPUT_KEYS, fig, strict=True))
+            inputs["stall_pct"] = r.stall_pct  # the report's number, as ``Figures`` holds it
+            reason = why_of(k, r.stall_pct, d_oom, avail, margin, rate, target_size, floor,
+                            size)
+        else:
+            p = plans[g.name]
+            inputs, reason = p.f.inputs(), p.why()
+        inputs.update(host_inputs)
+        out.append(Decision(g.name, target, reason, inputs, urgent=urgent))
+    return out
 
 
 def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns,
@@ -815,6 +897,7 @@ def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns
 
 
 __all__ = [
+    "INPUT_KEYS",
     "RULE_INDEX",
     "WS_RING",
     "BatchMemo",
@@ -828,4 +911,5 @@ __all__ = [
     "remember_batch",
     "ruling_of",
     "rulings_batch",
+    "why_of",
 ]
