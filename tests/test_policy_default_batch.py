@@ -15,6 +15,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import pytest
 
 from memballoon.model.counters import Counters
@@ -382,3 +383,50 @@ def test_decisions_with_reasons_from_the_columns_and_from_plans_in_one_call(
         by_plan = sum(planned)
         mixed += 0 < by_plan < len(want)
     assert mixed >= 10
+
+
+def _inputs_alike(a: default_batch.GuestInputs, b: default_batch.GuestInputs) -> None:
+    for k in a.__slots__:
+        x, y = getattr(a, k), getattr(b, k)
+        if k == "reps":
+            assert len(x) == len(y) and all(p is q for p, q in zip(x, y, strict=True))
+        else:
+            assert x.dtype == y.dtype and np.array_equal(x, y), k
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gather_rereads_only_new_reports_and_gets_the_same_columns(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[int] = []
+    real = default_batch._report_columns
+
+    def spy(reps: Sequence[PressureReport]) -> tuple[object, ...]:
+        read.append(len(reps))
+        return real(reps)
+
+    monkeypatch.setattr(default_batch, "_report_columns", spy)
+    rng = random.Random(seed)
+    last: dict[str, GuestSample] = {}
+    prev = None
+    partly = 0
+    for t in range(40):
+        n = rng.choice([30, 30, 30, 29])  # a call of another length reads every row
+        guests = []
+        for i in range(n):
+            g = _guest(rng, i, float(t), last.get(f"g{i}"))
+            if rng.random() < 0.4 and f"g{i}" in last:  # the report the last call had
+                g = dataclasses.replace(g, report=last[f"g{i}"].report)
+            if rng.random() < 0.05:
+                g = dataclasses.replace(g, report_time=None)
+            last[g.name] = g
+            guests.append(g)
+        if t % 10 == 3:  # every report refuses, or none says
+            guests = [g if g.report is None else dataclasses.replace(
+                g, report=dataclasses.replace(g.report, refused_pages=rng.choice([None, 7])))
+                for g in guests]
+        read.clear()
+        got = gather(guests, prev)
+        partly += read[0] < n if read else 1  # (none read: every report as before)
+        _inputs_alike(got, gather(guests))
+        prev = got
+    assert partly >= 12

@@ -300,36 +300,65 @@ class GuestInputs:
 
 
 _NO_REPORT: Final = PressureReport("", 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0)
+#: ``GuestInputs``' columns read off the reports alone (one report: the same figures)
+_REPORT_COLUMNS: Final = ("r_time", "r_swapin", "r_major", "r_oom", "r_has_refused",
+                          "r_refused", "r_avail_b", "r_free_b", "r_balloon", "stall")
+#: the share of new reports up to which ``gather`` re-reads only theirs
+_REREAD_MAX: Final = 0.75
 
 
-def gather(guests: Sequence[GuestSample]) -> GuestInputs:
-    """``guests``' columns: the one per-guest Python loop left."""
+def _report_columns(reps: Sequence[PressureReport]) -> tuple[Any, ...]:
+    """The ``_REPORT_COLUMNS`` of ``reps``."""
+    rf = [r.refused_pages for r in reps]
+    n = len(rf)
+    if None not in rf:  # (a C-level scan: the fleet's reports are all of one kind)
+        has_refused, refused = np.ones(n, np.bool_), _i(rf)  # type: ignore[arg-type]
+    elif rf.count(None) == n:
+        has_refused, refused = np.zeros(n, np.bool_), np.zeros(n, np.int64)
+    else:
+        has_refused = np.array([x is not None for x in rf], np.bool_)
+        refused = _i([0 if x is None else x for x in rf])
+    return (_f([r.time_s for r in reps]), _i([r.swap_in_pages for r in reps]),
+            _i([r.major_faults for r in reps]), _i([r.oom_kills for r in reps]),
+            has_refused, refused, _i([r.available_bytes for r in reps]),
+            _i([r.free_bytes for r in reps]), _i([r.balloon_actual_pages for r in reps]),
+            _f([r.stall_pct for r in reps]))
+
+
+def gather(guests: Sequence[GuestSample], prev: GuestInputs | None = None) -> GuestInputs:
+    """``guests``' columns: the one per-guest Python loop left. With ``prev`` (the columns
+    of as many guests, say the last call's), a row whose report is the same object as in
+    ``prev`` keeps ``prev``'s report figures (a report is immutable; ``prev.reps`` holds it,
+    so an equal id is the same report) and only the new reports are read."""
+    n = len(guests)
     reps = [g.report if g.report is not None else _NO_REPORT for g in guests]
+    r_id = _i([id(r) for r in reps])
+    report_cols: tuple[Any, ...] | None = None
+    if prev is not None and len(prev.reps) == n and n:
+        fresh = np.flatnonzero(r_id != prev.r_id)
+        if len(fresh) <= _REREAD_MAX * n:
+            report_cols = tuple(getattr(prev, k).copy() for k in _REPORT_COLUMNS)
+            if len(fresh):
+                rows = fresh.tolist()
+                for col, part in zip(report_cols, _report_columns([reps[i] for i in rows]),
+                                     strict=True):
+                    col[fresh] = part
+    if report_cols is None:
+        report_cols = _report_columns(reps)
     mx = [g.settings.max_pages for g in guests]
     rt = [g.report_time for g in guests]
-    rf = [r.refused_pages for r in reps]
+    has_report = r_id != id(_NO_REPORT)  # a report and its arrival time
+    if None in rt:
+        has_report &= np.array([t is not None for t in rt], np.bool_)
+        rt = [0.0 if t is None else t for t in rt]
     return GuestInputs(
-        reps=reps,
-        ram=_i([g.ram_pages for g in guests]),
+        reps=reps, ram=_i([g.ram_pages for g in guests]),
         balloon=_i([g.balloon_pages for g in guests]),
         target=_i([g.target_pages for g in guests]),
         min_pages=_i([g.settings.min_pages for g in guests]),
-        max_pages=_i([-1 if x is None else x for x in mx]),
-        has_report=np.array([g.report is not None and g.report_time is not None
-                             for g in guests], np.bool_),
-        report_time=_f([0.0 if t is None else t for t in rt]),
-        r_id=_i([id(r) for r in reps]),
-        r_time=_f([r.time_s for r in reps]),
-        r_swapin=_i([r.swap_in_pages for r in reps]),
-        r_major=_i([r.major_faults for r in reps]),
-        r_oom=_i([r.oom_kills for r in reps]),
-        r_has_refused=np.array([x is not None for x in rf], np.bool_),
-        r_refused=_i([0 if x is None else x for x in rf]),
-        r_avail_b=_i([r.available_bytes for r in reps]),
-        r_free_b=_i([r.free_bytes for r in reps]),
-        r_balloon=_i([r.balloon_actual_pages for r in reps]),
-        stall=_f([r.stall_pct for r in reps]),
-    )
+        max_pages=_i([-1 if x is None else x for x in mx]), has_report=has_report,
+        report_time=_f(rt),  # type: ignore[arg-type]
+        r_id=r_id, **dict(zip(_REPORT_COLUMNS, report_cols, strict=True)))
 
 
 def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
@@ -617,6 +646,7 @@ class BatchMemo:
     seen_alive: list[bool] | None = None
     rows: I64 | None = None  # the rows of the last call's live guests, in its order
     whole: bool = False  # ``rows`` is every row in order (no take/put needed)
+    inp: GuestInputs | None = None  # the last call's live guests' columns (``gather``'s prev)
 
     @classmethod
     def load(cls, memos: dict[str, GuestMemo]) -> BatchMemo | None:
@@ -705,9 +735,10 @@ def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[Guest
     live = guests if len(rows) == len(guests) else [
         g for g, a in zip(guests, alive, strict=True) if a]
     try:
-        inp = gather(live)
+        inp = gather(live, bm.inp)
     except OverflowError:
         return None
+    bm.inp = inp
     if not _exact(inp, now):
         return None
     memo = bm.cols if bm.whole else bm.cols.take(rows)
