@@ -444,16 +444,18 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     grow = fresh & m.ws_any & pos_dt
     growth[grow] = np.maximum((ws - m.ws_last)[grow] / dt[grow], 0.0)
     rows = np.flatnonzero(fresh)
-    slot = m.ws_pos[rows]
+    # the fresh rows: every row as a slice where all are (the fleet: no index arrays)
+    sel: slice | I64 = slice(None) if len(rows) == n else rows
+    slot = m.ws_pos[sel]
     oldest = now - WS_WINDOW_S
     if np.any(m.ws_t[rows, slot] >= oldest):
         raise ValueError("working-set ring too small for this call rate")
     m.ws_t[rows, slot] = now
-    m.ws_v[rows, slot] = ws[rows]
-    m.ws_pos[rows] = (slot + 1) % WS_RING
-    m.ws_any[rows] = True
-    m.ws_last[rows] = ws[rows]
-    m.ws_cut[rows] = oldest
+    m.ws_v[rows, slot] = ws[sel]
+    m.ws_pos[sel] = (slot + 1) % WS_RING
+    m.ws_any[sel] = True
+    m.ws_last[sel] = ws[sel]
+    m.ws_cut[sel] = oldest
     peak = np.where(m.ws_t >= oldest, m.ws_v, np.iinfo(np.int64).min).max(axis=1)
 
     # ---- margin, floor
@@ -480,18 +482,22 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     severity = np.maximum(stall / tp if tp else np.zeros(n), swapin_rate / SWAPIN_TROUBLE_PER_S)
 
     # ---- the memory's last report (fresh guests)
-    m.has_last[rows] = True
-    m.last_id[rows] = r_id[rows]
-    for i in rows.tolist():
-        m.last_ref[i] = reps[i]
+    m.has_last[sel] = True
+    m.last_id[sel] = r_id[sel]
+    if isinstance(sel, slice):
+        m.last_ref[:] = reps
+    else:
+        for i in rows.tolist():
+            m.last_ref[i] = reps[i]
     for col, val in ((m.last_time, r_time), (m.last_swapin, r_swapin),
                      (m.last_major, r_major), (m.last_oom, r_oom),
-                     (m.last_refused, r_refused), (m.last_now, np.full(n, now)),
-                     (m.last_balloon, balloon), (m.last_target, target)):
-        col[rows] = val[rows]
-    m.last_has_refused[rows] = r_has_refused[rows]
+                     (m.last_refused, r_refused), (m.last_balloon, balloon),
+                     (m.last_target, target)):
+        col[sel] = val[sel]
+    m.last_now[sel] = now
+    m.last_has_refused[sel] = r_has_refused[sel]
     for flag in (m.has_last_now, m.has_last_balloon, m.has_last_target):
-        flag[rows] = True
+        flag[sel] = True
 
     # ---- judge: the first rule whose ``when`` holds, in RULES' order
     troubled = (stall > tp) | (swapin_rate > SWAPIN_TROUBLE_PER_S)
@@ -834,9 +840,9 @@ def why_of(rule: int, stall_pct: float, d_oom: int, avail: int, margin: int,
 
 
 def _emit(policy: DefaultPolicy, host: HostSample, live: Sequence[GuestSample],
-          fc: FigureColumns, rc: RulingColumns, inp: GuestInputs, rows: I64, balloon: I64,
+          fc: FigureColumns, rc: RulingColumns, inp: GuestInputs, rows: I64, clamped: I64,
           now: float) -> list[Decision]:
-    """``DefaultPolicy._decisions`` of the guests in ``rows`` (each gets one: ``balloon``,
+    """``DefaultPolicy._decisions`` of the guests in ``rows`` (each gets one: ``clamped``,
     the clamped target, moves enough), when the host part changed no plan: the reason and
     the inputs from the columns, read once a column; a ``_Plan`` only where the rule's reason
     is not written here."""
@@ -854,7 +860,7 @@ def _emit(policy: DefaultPolicy, host: HostSample, live: Sequence[GuestSample],
     host_inputs = DefaultPolicy.host_inputs(host)
     out: list[Decision] = []
     for (i, k, col, target, urgent, d_oom, avail, margin, rate, target_size, floor, size,
-         fig) in zip(rows.tolist(), rule.tolist(), by_column.tolist(), balloon[rows].tolist(),
+         fig) in zip(rows.tolist(), rule.tolist(), by_column.tolist(), clamped[rows].tolist(),
                      _URGENT[rule].tolist(), fc.d_oom[rows].tolist(), fc.avail[rows].tolist(),
                      fc.margin[rows].tolist(), fc.swapin_rate[rows].tolist(),
                      fc.target_size[rows].tolist(), fc.floor[rows].tolist(),
