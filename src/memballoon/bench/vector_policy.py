@@ -247,8 +247,9 @@ def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[
     """Milliseconds a call (the median of ``repeats`` runs over ``calls``) of: the scalar
     ``decide`` whole; its ``figures`` + ``judge`` per guest (what ``_plan`` spends before
     building a plan); the memos as columns (a cost a columnar policy would not have: its memory
-    stays columns); ``gather`` (the samples as columns); ``figures_batch`` + ``rulings_batch``
-    on them (what ``judge`` decides included, as in the scalar figure)."""
+    stays columns); ``gather`` (the samples as columns, each call's new reports read);
+    ``figures_batch`` + ``rulings_batch`` on them (what ``judge`` decides included, as in
+    the scalar figure)."""
     def scalar() -> None:
         for c in calls:
             p = _fresh_policy(pol)
@@ -266,8 +267,9 @@ def timing(pol: DefaultPolicy, calls: Sequence[Call], repeats: int = 5) -> dict[
             cols[c.now] = MemoColumns.from_memos(c.before)
 
     def gathered() -> None:
+        prev = None  # (each call's from the last's, as ``decide`` gathers)
         for c in calls:
-            inputs[c.now] = gather(c.guests)
+            prev = inputs[c.now] = gather(c.guests, prev)
 
     def batch() -> None:
         for c in calls:

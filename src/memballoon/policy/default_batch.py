@@ -857,26 +857,29 @@ def _emit(policy: DefaultPolicy, host: HostSample, live: Sequence[GuestSample],
         fc.stall_pct, fc.swapin_rate, fc.fault_rate, fc.d_oom, fc.d_refused, fc.avail, fc.ws,
         fc.peak, fc.margin, fc.floor, fc.size, inp.balloon, inp.target, fc.step,
         fc.budget_floor)]).astype(np.float64).tolist()
+    # the host's figures follow the guest's: one dict of both a decision
     host_inputs = DefaultPolicy.host_inputs(host)
+    keys = INPUT_KEYS + tuple(host_inputs)
+    host_values = list(host_inputs.values())
     out: list[Decision] = []
-    for (i, k, col, target, urgent, d_oom, avail, margin, rate, target_size, floor, size,
+    for (i, k, col, target, urgent, d_oom, avail, margin, target_size, floor, size,
          fig) in zip(rows.tolist(), rule.tolist(), by_column.tolist(), clamped[rows].tolist(),
                      _URGENT[rule].tolist(), fc.d_oom[rows].tolist(), fc.avail[rows].tolist(),
-                     fc.margin[rows].tolist(), fc.swapin_rate[rows].tolist(),
-                     fc.target_size[rows].tolist(), fc.floor[rows].tolist(),
-                     rc.size[rows].tolist(), figs, strict=True):
+                     fc.margin[rows].tolist(), fc.target_size[rows].tolist(),
+                     fc.floor[rows].tolist(), rc.size[rows].tolist(), figs, strict=True):
         g = live[i]
         if col:
             r = g.report  # (fresh: every column-reason rule follows blind)
             assert r is not None
-            inputs = dict(zip(INPUT_KEYS, fig, strict=True))
-            inputs["stall_pct"] = r.stall_pct  # the report's number, as ``Figures`` holds it
-            reason = why_of(k, r.stall_pct, d_oom, avail, margin, rate, target_size, floor,
-                            size)
+            fig[0] = r.stall_pct  # the report's number, as ``Figures`` holds it
+            reason = why_of(k, r.stall_pct, d_oom, avail, margin, fig[1], target_size, floor,
+                            size)  # (fig[1]: the swap-in rate)
+            fig += host_values
+            inputs = dict(zip(keys, fig, strict=True))
         else:
             p = plans[g.name]
             inputs, reason = p.f.inputs(), p.why()
-        inputs.update(host_inputs)
+            inputs.update(host_inputs)
         out.append(Decision(g.name, target, reason, inputs, urgent=urgent))
     return out
 
