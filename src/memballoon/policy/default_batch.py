@@ -456,7 +456,9 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     m.ws_any[sel] = True
     m.ws_last[sel] = ws[sel]
     m.ws_cut[sel] = oldest
-    peak = np.where(m.ws_t >= oldest, m.ws_v, np.iinfo(np.int64).min).max(axis=1)
+    # the deque's peak: the max of the ring's entries in the window (a masked reduction, no
+    # (n, WS_RING) temporary; a guest with none, a blind one, gets int64's least as before)
+    peak = np.max(m.ws_v, axis=1, where=m.ws_t >= oldest, initial=np.iinfo(np.int64).min)
 
     # ---- margin, floor
     ahead = np.minimum(np.trunc(growth * LOOKAHEAD_S),
