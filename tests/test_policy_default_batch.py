@@ -385,6 +385,13 @@ def test_decisions_with_reasons_from_the_columns_and_from_plans_in_one_call(
     assert mixed >= 10
 
 
+def _sample(g: GuestSample, report: PressureReport | None, report_time: float | None
+            ) -> GuestSample:
+    """``g`` with another report (by its constructor: not relying on how a sample is made)."""
+    return GuestSample(g.name, g.ram_pages, g.balloon_pages, g.target_pages, g.settings,
+                       report, report_time, g.alive)
+
+
 def _inputs_alike(a: default_batch.GuestInputs, b: default_batch.GuestInputs) -> None:
     for k in a.__slots__:
         x, y = getattr(a, k), getattr(b, k)
@@ -415,15 +422,15 @@ def test_gather_rereads_only_new_reports_and_gets_the_same_columns(
         for i in range(n):
             g = _guest(rng, i, float(t), last.get(f"g{i}"))
             if rng.random() < 0.4 and f"g{i}" in last:  # the report the last call had
-                g = dataclasses.replace(g, report=last[f"g{i}"].report)
+                g = _sample(g, last[f"g{i}"].report, g.report_time)
             if rng.random() < 0.05:
-                g = dataclasses.replace(g, report_time=None)
+                g = _sample(g, g.report, None)
             last[g.name] = g
             guests.append(g)
         if t % 10 == 3:  # every report refuses, or none says
-            guests = [g if g.report is None else dataclasses.replace(
-                g, report=dataclasses.replace(g.report, refused_pages=rng.choice([None, 7])))
-                for g in guests]
+            guests = [g if g.report is None else _sample(
+                g, dataclasses.replace(g.report, refused_pages=rng.choice([None, 7])),
+                g.report_time) for g in guests]
         read.clear()
         got = gather(guests, prev)
         partly += read[0] < n if read else 1  # (none read: every report as before)
