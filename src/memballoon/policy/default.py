@@ -75,7 +75,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from operator import itemgetter
-from typing import Annotated, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 from pydantic import Field
 
@@ -101,6 +101,9 @@ from memballoon.policy.observe import (
 )
 from memballoon.policy.sample import GuestSample, HostSample
 from memballoon.protocol.pressure import PressureReport
+
+if TYPE_CHECKING:
+    from memballoon.policy.default_batch import BatchMemo
 
 # Probe step, as a share of the guest's RAM per decision (after vmw_balloon's adaptive rates).
 PROBE_STEP_START: Final = 0.02
@@ -637,7 +640,19 @@ class _Plan:
 
 
 class DefaultPolicy:
-    """memballoon's pressure-driven policy (see the module docstring)."""
+    """memballoon's pressure-driven policy (see the module docstring).
+
+    From ``BATCH_MIN_GUESTS`` live guests up, ``decide`` runs as columns
+    (``memballoon.policy.default_batch``: the same decisions, counters and memory, numpy's
+    fixed cost paid back from a few hundred guests); the memory is then kept as columns and
+    becomes ``GuestMemo``s again when ``state`` is read or a call runs the scalar path.
+    """
+
+    #: live guests from which ``decide`` runs as columns (a test sets it on an instance: 0
+    #: forces the columns, a huge number the scalar path); measured on fleet slices, the
+    #: columns are 0.7x the scalar path's speed at 40 guests, 0.9x at 60, 1.3x at 100, 2.1x
+    #: at 200, 4x at 1,000
+    BATCH_MIN_GUESTS: int = 100
 
     def __init__(
         self,
@@ -660,11 +675,25 @@ class DefaultPolicy:
         self.stall_trouble_pct = stall_trouble_pct
         self.stall_quiet_pct = stall_quiet_pct
         self.counters = Counters()
-        self.state: dict[str, GuestMemo] = {}
+        self._state: dict[str, GuestMemo] = {}
+        self._batch: BatchMemo | None = None  # the memory as columns, while batching
 
     @property
     def name(self) -> str:
         return "default"
+
+    @property
+    def state(self) -> dict[str, GuestMemo]:
+        """Each guest's memory, in the order the guests first came (the columns', if the
+        last call batched, become ``GuestMemo``s again: reading or changing them is safe)."""
+        if self._batch is not None:
+            self._state = self._batch.to_memos()
+            self._batch = None
+        return self._state
+
+    @state.setter
+    def state(self, memos: dict[str, GuestMemo]) -> None:
+        self._state, self._batch = memos, None
 
     # ------------------------------------------------------------------ per guest
     def figures(self, g: GuestSample, m: GuestMemo, now: float) -> Figures:
@@ -746,9 +775,9 @@ class DefaultPolicy:
             free_pages(g, r, c), repeated, r.balloon_actual_pages)
 
     def _plan(self, g: GuestSample, now: float) -> _Plan | None:
-        m = self.state.get(g.name)
+        m = self._state.get(g.name)  # (``decide`` made sure the memory is ``GuestMemo``s)
         if m is None:
-            m = self.state[g.name] = GuestMemo()
+            m = self._state[g.name] = GuestMemo()
         f = self.figures(g, m, now)
         rule, ruling = judge(f)
         if rule.counter is not None:
@@ -769,7 +798,9 @@ class DefaultPolicy:
     # ------------------------------------------------------------------ snapshot
     def snapshot(self, now: float) -> DefaultSnapshot:
         """Each guest's memory, its moments as ages at ``now``."""
-        return DefaultSnapshot(guests={n: m.snapshot(now) for n, m in self.state.items()})
+        # (the columns' memory is read as ``GuestMemo``s, not turned back into them)
+        memos = self._batch.to_memos() if self._batch is not None else self._state
+        return DefaultSnapshot(guests={n: m.snapshot(now) for n, m in memos.items()})
 
     def restore(self, snap: PolicySnapshot, now: float) -> None:
         """Take up ``snap`` (a ``DefaultSnapshot``) on the caller's clock at ``now``."""
@@ -780,8 +811,16 @@ class DefaultPolicy:
     def decide(
         self, host: HostSample, guests: Sequence[GuestSample], now: float
     ) -> list[Decision]:
-        for gone in set(self.state) - {g.name for g in guests}:
-            del self.state[gone]
+        least = self.BATCH_MIN_GUESTS
+        if len(guests) >= least and (least <= 0 or sum(g.alive for g in guests) >= least):
+            from memballoon.policy.default_batch import decide_batch  # (it imports this)
+
+            out = decide_batch(self, host, guests, now)
+            if out is not None:  # (None: inputs the columns refuse; nothing was changed)
+                return out
+        state = self.state
+        for gone in set(state) - {g.name for g in guests}:
+            del state[gone]
         plans: list[_Plan] = []
         for g in guests:
             if not g.alive:
@@ -789,6 +828,11 @@ class DefaultPolicy:
             p = self._plan(g, now)
             if p is not None:
                 plans.append(p)
+        return self._carry_out(host, plans)
+
+    def _carry_out(self, host: HostSample, plans: list[_Plan]) -> list[Decision]:
+        """The host's part of ``decide`` over the guests' ``plans``: the budget, the host's
+        shortness, and the decisions."""
         psi_pressed = (host.psi_some_avg10 is not None
                        and host.psi_some_avg10 >= HOST_PSI_SOME_PCT)
         pressed = host.short_pages > 0 or psi_pressed
@@ -822,7 +866,13 @@ class DefaultPolicy:
             excess = max(excess, sum(max(0, p.size - p.g.size_pages) for p in plans))
         if excess > 0:
             self._cut_growth(plans, excess, cause)
+        return self._decisions(host, plans)
+
+    @staticmethod
+    def _decisions(host: HostSample, plans: list[_Plan]) -> list[Decision]:
+        """The decisions ``plans`` come to (a plan that changes too little makes none)."""
         out: list[Decision] = []
+        host_inputs = DefaultPolicy.host_inputs(host)
         for p in plans:
             g = p.g
             balloon = p.balloon if p.balloon is not None else g.ram_pages - p.size
@@ -833,16 +883,22 @@ class DefaultPolicy:
                     and abs(balloon - g.target_pages) < MIN_CHANGE_PAGES):
                 continue
             inputs = p.f.inputs()
-            inputs["host_resident_pages"] = float(host.resident_pages)
-            inputs["host_budget_pages"] = float(host.budget_pages)
-            if host.available_pages is not None:
-                inputs["host_available_pages"] = float(host.available_pages)
-                inputs["host_reserve_pages"] = float(host.reserve_pages)
-            if host.psi_some_avg10 is not None:
-                inputs["host_psi_some_avg10"] = host.psi_some_avg10
+            inputs.update(host_inputs)
             urgent = p.verdict in URGENT or p.budget_cut
             out.append(Decision(g.name, balloon, p.why(), inputs, urgent=urgent))
         return out
+
+    @staticmethod
+    def host_inputs(host: HostSample) -> dict[str, float]:
+        """The host's figures every decision journals after its guest's."""
+        inputs = {"host_resident_pages": float(host.resident_pages),
+                  "host_budget_pages": float(host.budget_pages)}
+        if host.available_pages is not None:
+            inputs["host_available_pages"] = float(host.available_pages)
+            inputs["host_reserve_pages"] = float(host.reserve_pages)
+        if host.psi_some_avg10 is not None:
+            inputs["host_psi_some_avg10"] = host.psi_some_avg10
+        return inputs
 
     @staticmethod
     def _cause(host: HostSample, excess: int, psi_pressed: bool) -> str:
