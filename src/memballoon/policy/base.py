@@ -19,17 +19,18 @@ moment of the snapshot, never readings of a clock a new process does not share.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import Field, ValidationInfo, model_validator
 
 from memballoon.model.errors import ConfigError, UsageError
+from memballoon.model.record import read_only_record
 from memballoon.model.snapshot import Snapshot
 from memballoon.policy.sample import GuestSample, HostSample
 
 
-@dataclass(frozen=True, slots=True)
+@read_only_record
 class Decision:
     guest: str
     balloon_pages: int  # the new balloon target
