@@ -623,6 +623,65 @@ class GuestMemory:
         self._forget(frames)
         return frames
 
+    def alloc_sleep_each(
+        self, n: int, keep: Callable[[PfnArray], int]
+    ) -> tuple[PfnArray, int, bool]:
+        """What up to ``n`` calls of ``alloc_sleep(1)`` take, each frame offered to ``keep``
+        (``alloc_nosleep_each``'s) in order, in few calls: a call that finds a frame above the
+        min watermark takes what ``alloc_nosleep_each`` would, and one that must reclaim is
+        ``alloc_sleep(1)`` itself (the stall, the reclaim, its events), its frame offered with
+        the takes after it. Stops at the first frame ``keep`` declines: one taken without
+        reclaim is as if never taken; one a reclaiming call took stays taken and is returned
+        apart (the caller goes on with it as after ``alloc_sleep(1)``), else -1. Returns the
+        frames kept, that frame, and whether the last call found none (as ``alloc_sleep(1)``
+        does, its stall and reclaim done). The same state after as those calls (a property
+        test holds it to that). 4 KiB host pages only."""
+        if self.host_page_frames != 1:
+            raise UsageError("alloc_sleep_each: 4 KiB host pages only")
+        parts: list[PfnArray] = []
+        got = 0
+        head = _EMPTY  # a reclaiming call's frame, offered with the takes after it
+        floor = self.watermarks.min
+        while True:
+            room = min(n - got - int(head.size), self._free - floor)
+            if room <= 0 and head.size == 0:
+                if got >= n:
+                    break
+                head = self.alloc_sleep(1)
+                if head.size == 0:
+                    return self._joined(parts), -1, True
+                continue
+            saved = (self._hint, self._hint_free, self._hint_pos, self.reported.copy())
+            frames = self._take_singles(room, floor) if room > 0 else _EMPTY
+            offer = np.concatenate((head, frames)) if head.size else frames
+            kept = keep(offer)
+            if not 0 <= kept <= offer.size:
+                raise UsageError(f"keep answered {kept} of {offer.size} frames")
+            declined = kept < offer.size
+            if declined:
+                # undo the takes after the last kept frame, and take what that many would
+                self._give_free(frames)
+                self._hint, self._hint_free, self._hint_pos = saved[:3]
+                self.reported[:] = saved[3]
+                if kept == 0 and head.size:
+                    return self._joined(parts), int(head[0]), False
+                frames = self._take_singles(kept - int(head.size), floor)
+                offer = np.concatenate((head, frames)) if head.size else frames
+            self._balloon += int(frames.size)
+            self._forget(frames)
+            parts.append(offer)
+            got += int(offer.size)
+            head = _EMPTY
+            if declined or got >= n:
+                break
+        return self._joined(parts), -1, False
+
+    @staticmethod
+    def _joined(parts: list[PfnArray]) -> PfnArray:
+        if not parts:
+            return _EMPTY
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _take_singles(self, n: int, floor: int) -> PfnArray:
         """``n`` calls of ``_take_free(1, floor, BALLOON)`` at once: the walk of the cached
         free frames of the current block vectorized, the rest by the single take itself."""
