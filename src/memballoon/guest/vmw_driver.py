@@ -638,9 +638,10 @@ class VmwBalloonDriver:
         bulk = self._bulk() is not None and self.mem.host_page_frames == 1
         while i < goal:
             if bulk:
-                # the pages up to the cycle's end that the allocator gives without reclaim and
-                # the host takes, in one go (a bulk host), as the loop below would take them;
-                # the page where that stops (reclaim, a refusal, none left) goes on its own
+                # the pages up to the cycle's end that the allocator gives (sleeping ones with
+                # the reclaims they need) and the host takes, in one go (a bulk host), as the
+                # loop below would take them; the page where that stops (a refusal, none left
+                # without sleeping) goes on its own, or the cycle fails as the seed's would
                 want = min(goal, rate + 1) - i
                 n, taken, failed = self._lock_run(want, can_sleep)
                 if n:
