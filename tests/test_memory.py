@@ -14,7 +14,7 @@ from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
-from memballoon.model.pages import block_frames
+from memballoon.model.pages import PfnArray, block_frames
 from memballoon.model.units import PageState, mib_to_pages
 
 G64 = mib_to_pages(64)
@@ -525,3 +525,65 @@ def test_giving_runs_is_giving_their_frames(seed: int, k: int, anon: bool) -> No
     b._give_free(frames)
     assert np.array_equal(a.state, b.state) and np.array_equal(a._bfree, b._bfree)
     assert a.free_pages == b.free_pages and a.check_invariants() == []
+
+
+# ------------------------------------------------------------------ sleeping single takes in bulk
+def _sleeping_takes(mem: GuestMemory, n: int, k: int) -> tuple[list[int], int, bool]:
+    """``alloc_sleep_each(n, keep)`` one call at a time, ``keep`` declining the frame at
+    ``k``: the frames of up to ``n`` calls of ``alloc_sleep(1)``; at ``k``, a call that would
+    reclaim is made and its frame returned apart, one that would not is not made."""
+    out: list[int] = []
+    for j in range(n):
+        if j == k and mem.free_pages > mem.watermarks.min:
+            return out, -1, False
+        f = mem.alloc_sleep(1)
+        if f.size == 0:
+            return out, -1, True
+        if j == k:
+            return out, int(f[0]), False
+        out.append(int(f[0]))
+    return out, -1, False
+
+
+def _pressed_guest(seed: int) -> GuestMemory:
+    """An aged guest brought near its min watermark, with page cache and swap to reclaim (or
+    none: the sleeping takes then fail)."""
+    rng = np.random.default_rng(seed)
+    m = _aged(seed)
+    above = int(rng.choice([0, int(rng.integers(0, 100))]))  # at the watermark: reclaim first
+    m.alloc_nosleep(max(0, m.free_pages - m.watermarks.min - above))
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.integers(1, 3000),
+       st.one_of(st.integers(0, 3000), st.integers(0, 8).map(lambda j: 32 * j)))
+def test_sleeping_takes_in_bulk_are_the_single_sleeping_takes(seed: int, n: int, k: int) -> None:
+    # alloc_sleep_each(n): the frames of n calls of alloc_sleep(1) (those that reclaim too:
+    # their stalls, events, the cache and swap they free), the same state after; a frame the
+    # caller declines is as if never taken, or returned apart once a reclaiming call took it
+    one, bulk = _pressed_guest(seed), _pressed_guest(seed)
+    singles, taken, failed = _sleeping_takes(one, n, k)
+    offered: list[int] = []
+
+    def keep(frames: PfnArray) -> int:
+        offered.extend(frames.tolist())
+        return max(0, min(int(frames.size), k - (len(offered) - int(frames.size))))
+
+    got, b_taken, b_failed = bulk.alloc_sleep_each(n, keep)
+    assert got.tolist() == singles
+    assert (b_taken, b_failed) == (taken, failed)
+    assert state_diff(state_of(one), state_of(bulk)) == []
+    assert bulk.check_invariants() == []
+
+
+def test_sleeping_takes_in_bulk_reclaim_and_refuse_huge_host_pages() -> None:
+    m = _pressed_guest(3)
+    before = m.events.alloc_stalls
+    got, taken, failed = m.alloc_sleep_each(500, lambda f: int(f.size))
+    assert got.size == 500 and taken == -1 and not failed
+    assert m.events.alloc_stalls > before  # the run went past the watermark: it reclaimed
+    with pytest.raises(UsageError, match="4 KiB host pages only"):
+        GuestMemory(16384, host_page_frames=512).alloc_sleep_each(10, lambda f: 0)
+    with pytest.raises(UsageError, match="keep answered"):
+        GuestMemory(16384).alloc_sleep_each(10, lambda f: 99)

@@ -623,6 +623,70 @@ class GuestMemory:
         self._forget(frames)
         return frames
 
+    def alloc_sleep_each(
+        self, n: int, keep: Callable[[PfnArray], int]
+    ) -> tuple[PfnArray, int, bool]:
+        """What up to ``n`` calls of ``alloc_sleep(1)`` take, each frame offered to ``keep``
+        (``alloc_nosleep_each``'s) in order, in few calls: a call that finds a frame above the
+        min watermark takes what ``alloc_nosleep_each`` would, and one that must reclaim
+        stalls and reclaims as ``alloc_sleep(1)`` does (its events and stall), its frame the
+        first of the single takes after it, offered with them. Stops at the first frame
+        ``keep`` declines: one taken without reclaim is as if never taken; one a reclaiming
+        call took stays taken and is returned apart (the caller goes on with it as after
+        ``alloc_sleep(1)``), else -1. Returns the frames kept, that frame, and whether the
+        last call found none (as ``alloc_sleep(1)`` does, its stall and reclaim done). The
+        same state after as those calls (a property test holds it to that). 4 KiB host pages
+        only."""
+        if self.host_page_frames != 1:
+            raise UsageError("alloc_sleep_each: 4 KiB host pages only")
+        parts: list[PfnArray] = []
+        got = 0
+        floor = self.watermarks.min
+        while got < n:
+            room = self._free - floor
+            reclaimed = room <= 0
+            if reclaimed:
+                # alloc_sleep(1): its take finds nothing above the watermark, so it stalls and
+                # reclaims; the take after that is the first of the single takes below
+                tally = _Tally()
+                self.events.alloc_stalls += 1
+                self._reclaim(max(1, SWAP_CLUSTER_MAX), direct=True, tally=tally)
+                self._account_stall(tally.stall_s)
+                room = self._free - floor
+                if room <= 0:
+                    return self._joined(parts), -1, True
+            saved = (self._hint, self._hint_free, self._hint_pos, self.reported.copy())
+            frames = self._take_singles(min(room, n - got), floor)
+            kept = keep(frames)
+            if not 0 <= kept <= frames.size:
+                raise UsageError(f"keep answered {kept} of {frames.size} frames")
+            declined = kept < frames.size
+            if declined:
+                # undo, and take what the first ``kept`` single takes would have; a frame
+                # that a reclaiming call took stays taken, returned apart
+                self._give_free(frames)
+                self._hint, self._hint_free, self._hint_pos = saved[:3]
+                self.reported[:] = saved[3]
+                if kept == 0 and reclaimed:
+                    head = self._take_singles(1, floor)
+                    self._balloon += 1
+                    self._forget(head)
+                    return self._joined(parts), int(head[0]), False
+                frames = self._take_singles(kept, floor)
+            self._balloon += int(frames.size)
+            self._forget(frames)
+            parts.append(frames)
+            got += int(frames.size)
+            if declined:
+                break
+        return self._joined(parts), -1, False
+
+    @staticmethod
+    def _joined(parts: list[PfnArray]) -> PfnArray:
+        if not parts:
+            return _EMPTY
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _take_singles(self, n: int, floor: int) -> PfnArray:
         """``n`` calls of ``_take_free(1, floor, BALLOON)`` at once: the walk of the cached
         free frames of the current block vectorized, the rest by the single take itself."""

@@ -579,9 +579,15 @@ class VmwBalloonDriver:
                 self.seed_stats.alloc_fail += 1
         return got
 
-    def _reserve_page(self, can_sleep: bool) -> int:
+    def _reserve_page(self, can_sleep: bool, taken: int = -1) -> int:
+        """The seed's allocate-and-lock of one page; ``taken``: the first allocation's frame,
+        already taken (and counted) by a bulk run (``_lock_run``)."""
         while True:
-            page = self._alloc_one(can_sleep)
+            if taken >= 0:
+                page = np.array([taken], dtype=np.int64)
+                taken = -1
+            else:
+                page = self._alloc_one(can_sleep)
             if page.size == 0:
                 return _ENOMEM
             pfn = int(page[0])
@@ -632,11 +638,12 @@ class VmwBalloonDriver:
         bulk = self._bulk() is not None and self.mem.host_page_frames == 1
         while i < goal:
             if bulk:
-                # the pages up to the cycle's end that the allocator gives without reclaim and
-                # the host takes, in one go (a bulk host), as the loop below would take them;
-                # the page where that stops (reclaim, a refusal, none left) goes on its own
+                # the pages up to the cycle's end that the allocator gives (sleeping ones with
+                # the reclaims they need) and the host takes, in one go (a bulk host), as the
+                # loop below would take them; the page where that stops (a refusal, none left
+                # without sleeping) goes on its own, or the cycle fails as the seed's would
                 want = min(goal, rate + 1) - i
-                n = self._lock_run(want, can_sleep)
+                n, taken, failed = self._lock_run(want, can_sleep)
                 if n:
                     error = _OK
                     allocations += n
@@ -649,7 +656,13 @@ class VmwBalloonDriver:
                     i += n
                     if n == want:
                         break
-            error = self._reserve_page(can_sleep)
+                if failed:  # a sleeping allocation found nothing: the seed's ENOMEM
+                    error = _ENOMEM
+                    self._allocation_failed(i, can_sleep)
+                    break
+            else:
+                taken = -1
+            error = self._reserve_page(can_sleep, taken)
             if error != _OK:
                 if error != _ENOMEM:
                     break  # the host said stop; maybe a new target comes soon
@@ -691,29 +704,37 @@ class VmwBalloonDriver:
             return cast(BulkBackdoor, port)
         return None
 
-    def _lock_run(self, k: int, can_sleep: bool = False) -> int:
+    def _lock_run(self, k: int, can_sleep: bool = False) -> tuple[int, int, bool]:
         """The next ``k`` pages of an inflate cycle, allocated and locked, in one go as far
-        as every one would succeed; returns how many. A sleeping allocation that finds a free
-        frame above the min watermark takes what a non-sleeping one would (no reclaim, no
-        stall): the run stops where one would have to reclaim."""
+        as every one would succeed; returns how many, the frame of a sleeping allocation that
+        reclaimed when the host would not lock it (taken and counted: the caller locks it the
+        seed's way) or -1, and whether a sleeping allocation found nothing (counted; the
+        caller fails the cycle as the seed does). Non-sleeping allocations stop where one
+        would find no frame above the min watermark; sleeping ones reclaim as they would one
+        at a time (``GuestMemory.alloc_sleep_each``)."""
         port = self._bulk()
         if port is None or self.mem.host_page_frames != 1:
-            return 0
+            return 0, -1, False
         mem = self.mem
-        k = min(k, mem.free_pages - mem.watermarks.min)  # past that: none, or reclaim
-        if k <= 0:
-            return 0
-        frames = mem.alloc_nosleep_each(k, port.lock_run)
+        stats = self.seed_stats
+        taken, failed = -1, False
+        if can_sleep:
+            frames, taken, failed = mem.alloc_sleep_each(k, port.lock_run)
+            stats.sleep_alloc += int(frames.size) + (taken >= 0) + failed
+            if failed:
+                stats.sleep_alloc_fail += 1
+        else:
+            k = min(k, mem.free_pages - mem.watermarks.min)  # past that: none
+            if k <= 0:
+                return 0, -1, False
+            frames = mem.alloc_nosleep_each(k, port.lock_run)
+            stats.alloc += int(frames.size)
         n = int(frames.size)
         if n:
             self.pages.extend(frames)
             self.size += n
-            if can_sleep:
-                self.seed_stats.sleep_alloc += n
-            else:
-                self.seed_stats.alloc += n
-            self.seed_stats.lock += n
-        return n
+            stats.lock += n
+        return n, taken, failed
 
     def _unlock_run(self, k: int) -> int:
         """The first ``k`` pages of a deflate cycle, newest first, unlocked and freed in one
