@@ -27,7 +27,9 @@ it to that) and costs nothing in between. ``sleep=False`` ticks every guest ever
 Every ``report_every_s`` each live guest pushes a ``PressureReport`` as the local guest process
 does: built by ``guest.report.guest_report``, its ``stall_pct`` taken over the time since the
 guest's previous report, stamped ``report_time`` by the clock; a sleeping guest's report is
-built from its state (which its idle periods do not change) at the report's time. With an
+built from its state (which its idle periods do not change) at the report's time: where
+nothing ran on the guest since its last report, that report's figures again
+(``report_unchanged``; the pairs change only through the backend). With an
 ``rng``, each report carries an ESX-style active-page sample (Waldspurger 2002:
 ``ESX_SAMPLE_PAGES`` random frames).
 
