@@ -1,4 +1,4 @@
-from memballoon.guest.report import guest_report, refused_pages
+from memballoon.guest.report import guest_report, refused_pages, report_unchanged
 from memballoon.guest.workload import Steady
 from memballoon.harness.pair import make_pair, virtio_pair, vmw_pair
 from memballoon.model.units import PAGE_SIZE, mib_to_pages
@@ -28,6 +28,21 @@ def test_a_report_carries_the_guest_and_its_balloon_and_round_trips() -> None:
     assert r.refused_pages == 0  # the seed's errAlloc
     assert (r.active_sampled, r.active_touched) == (100, 7)
     assert PressureReport.decode(r.encode()) == r
+
+
+def test_a_report_of_an_unchanged_guest_is_the_report_its_state_makes() -> None:
+    for protocol in ("vmw", "virtio"):
+        pair = make_pair(protocol, mib_to_pages(64), Steady(anon_mib=16, file_mib=4))
+        pair.set_target(1000)
+        for _ in range(10):
+            pair.tick()
+        prev = guest_report("g", pair.now, pair.mem, pair.driver, stall_pct=3.0)
+        again = report_unchanged(prev, pair.now + 2.0, stall_pct=-1.0, active_sampled=100,
+                                 active_touched=9)
+        assert again == guest_report("g", pair.now + 2.0, pair.mem, pair.driver,
+                                     stall_pct=-1.0, active_sampled=100, active_touched=9)
+        assert again.time_s == pair.now + 2.0 and again.stall_pct == 0.0  # clamped
+        assert again.balloon_actual_pages == 1000 and again != prev
 
 
 def test_refused_pages_by_driver_kind() -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import memballoon.sim.backend as sim_backend
 from memballoon.edge.journal import Journal
+from memballoon.guest.report import guest_report
 from memballoon.guest.workload import Bursts, Diurnal, Idle, Steady, Toucher
 from memballoon.harness.pair import make_pair
 from memballoon.harness.state import state_diff, state_of
@@ -109,6 +113,48 @@ def test_sleeping_guests_end_where_ticking_guests_end(protocol: str) -> None:
     assert sleeping.counters["sim_idle_periods"] > 0
     assert sleeping.counters["sim_ticks"] < ticking.counters["sim_ticks"]
     assert sleeping.violations() == []
+
+
+@settings(max_examples=6, deadline=None)
+@given(protocol=st.sampled_from(["vmw", "vmw-batched", "virtio"]),
+       seed=st.integers(0, 10_000), sample=st.booleans())
+def test_a_sleeping_guest_repeats_the_report_its_state_makes(
+        protocol: str, seed: int, sample: bool) -> None:
+    # every report, repeated from the last one (nothing ran on the guest) or not, is the
+    # report the guest's model and driver make at that moment; and reports were repeated
+    b, e = _world(True, protocol, seed)
+    b.rng = random.Random(seed) if sample else None
+    pairs = b.pairs  # held from here on: asking the backend would mark them changed
+    seen: list[PressureReport] = []
+
+    def sink(name: str, r: PressureReport) -> None:
+        p = pairs[name]
+        assert r == guest_report(name, r.time_s, p.mem, p.driver, stall_pct=r.stall_pct,
+                                 active_sampled=r.active_sampled,
+                                 active_touched=r.active_touched)
+        assert r.stall_pct == 0.0 or r.stall_us > 0
+        seen.append(r)
+
+    b.on_report = sink
+    repeated = 0
+    original = sim_backend.report_unchanged
+
+    def counting(*args: object, **kw: object) -> PressureReport:
+        nonlocal repeated
+        repeated += 1
+        return original(*args, **kw)  # type: ignore[arg-type]
+
+    sim_backend.report_unchanged = counting  # type: ignore[assignment]
+    try:
+        for step in range(150):
+            b.advance(1.0)
+            e.step()
+            if step == 100:
+                b.kill("g2")
+    finally:
+        sim_backend.report_unchanged = original
+    assert len(seen) == 4 * 50 + 3 * 25  # every live guest, every 2 s
+    assert 0 < repeated < len(seen)
 
 
 def test_a_host_short_of_memory_kills_the_largest_guest() -> None:

@@ -480,6 +480,27 @@ def test_rounds_of_buffers_end_where_doorbell_by_doorbell_ends(
     diff = state_diff(state_of(one), state_of(bulk))
     assert diff == [], diff
     assert check_pair(bulk) == []
+    # a bulk call's rounds reach the driver as that many used interrupts (at once)
+    assert (bulk.driver.used_interrupts == one.driver.used_interrupts
+            == bulk.transport.used_interrupts == one.transport.used_interrupts)
+
+
+def test_a_bulk_calls_used_interrupts_reach_the_driver_at_once() -> None:
+    pair = virtio_pair(SMALL * 4)
+    heard: list[tuple[int, int]] = []
+    pair.transport.set_used_many_handler(lambda q, n: heard.append((q, n)))
+    pair.set_target(SMALL * 3)
+    pair.tick()
+    assert heard and all(q == 0 and n >= 1 for q, n in heard)
+    assert max(n for _, n in heard) >= 2  # rounds in one call, one call to the handler
+    assert pair.driver.used_interrupts == 0  # the handler above took them
+    # a new pair of handlers drops the old one: each round calls the used handler
+    singles: list[int] = []
+    pair.transport.set_interrupt_handlers(lambda: None, singles.append)
+    pair.set_target(0)
+    pair.driver.work(pair.now + pair.period_s)  # reads the new target itself
+    assert len(singles) == pair.transport.used_interrupts - sum(n for _, n in heard)
+    assert len(singles) >= 2
 
 
 def test_bulk_rounds_are_taken_only_where_every_frame_goes_through() -> None:

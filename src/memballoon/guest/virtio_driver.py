@@ -82,7 +82,7 @@ from memballoon.protocol.virtio_balloon import (
     has,
     queue_indices,
 )
-from memballoon.protocol.virtio_transport import BulkRounds, VirtioTransport
+from memballoon.protocol.virtio_transport import BulkRounds, DirectTransport, VirtioTransport
 from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 
@@ -311,6 +311,8 @@ class VirtioBalloonDriver:
         self._reporting = self.has_feature(VIRTIO_BALLOON_F_REPORTING)
         t.set_driver_features(self.features)
         t.set_interrupt_handlers(self._irq_config, self._irq_used)
+        if isinstance(t, DirectTransport):
+            t.set_used_many_handler(self._irq_used_many)  # a bulk call's rounds at once
         cursor = self._area
         for role, q in queue_indices(self.features).items():
             size = min(t.queue_max_size(q), DRIVER_QUEUE_SIZE_MAX)
@@ -415,6 +417,9 @@ class VirtioBalloonDriver:
 
     def _irq_used(self, queue: int) -> None:
         self.used_interrupts += 1  # the next collect picks the buffers up
+
+    def _irq_used_many(self, queue: int, n: int) -> None:
+        self.used_interrupts += n  # ``_irq_used`` ``n`` times
 
     # ------------------------------------------------------------------ config
     def _read_config(self) -> BalloonConfig | None:

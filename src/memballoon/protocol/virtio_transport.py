@@ -29,6 +29,8 @@ from memballoon.protocol.virtqueue import DriverQueue, GuestRamView, QueueLayout
 
 ConfigHandler = Callable[[], None]
 UsedHandler = Callable[[int], None]
+#: ``n`` used-buffer interrupts on a queue at once (``DirectTransport.take_rounds``'s rounds)
+UsedManyHandler = Callable[[int, int], None]
 
 
 class VirtioTransport(Protocol):
@@ -162,6 +164,7 @@ class DirectTransport:
         self._kicks: list[int] = []
         self._on_config: ConfigHandler | None = None
         self._on_used: UsedHandler | None = None
+        self._on_used_many: UsedManyHandler | None = None
         self.notifies = 0
         self.config_interrupts = 0
         self.used_interrupts = 0
@@ -209,6 +212,14 @@ class DirectTransport:
     def set_interrupt_handlers(self, config_changed: ConfigHandler, used: UsedHandler) -> None:
         self._on_config = config_changed
         self._on_used = used
+        self._on_used_many = None  # a new used handler: its own, if any, comes after
+
+    def set_used_many_handler(self, used_many: UsedManyHandler | None) -> None:
+        """What ``used(queue)`` called ``n`` times does, as one call ``used_many(queue, n)``:
+        ``take_rounds`` then tells the driver of its rounds' interrupts at once (a bulk call
+        of the fleet's first minutes carries hundreds). Set after ``set_interrupt_handlers``,
+        which drops it."""
+        self._on_used_many = used_many
 
     def can_take_rounds(self, queue: int) -> bool:
         """Whether ``take_rounds`` may carry the next rounds on ``queue``."""
@@ -227,7 +238,9 @@ class DirectTransport:
         cast(BulkRounds, dev).take_rounds(queue, driver, chains, lengths, rounds, frames)
         self.notifies += rounds
         self.used_interrupts += rounds  # one used interrupt a round (used_buffers, inlined)
-        if self._on_used is not None:
+        if self._on_used_many is not None:
+            self._on_used_many(queue, rounds)
+        elif self._on_used is not None:
             for _ in range(rounds):
                 self._on_used(queue)
 

@@ -27,7 +27,9 @@ it to that) and costs nothing in between. ``sleep=False`` ticks every guest ever
 Every ``report_every_s`` each live guest pushes a ``PressureReport`` as the local guest process
 does: built by ``guest.report.guest_report``, its ``stall_pct`` taken over the time since the
 guest's previous report, stamped ``report_time`` by the clock; a sleeping guest's report is
-built from its state (which its idle periods do not change) at the report's time. With an
+built from its state (which its idle periods do not change) at the report's time: where
+nothing ran on the guest since its last report, that report's figures again
+(``report_unchanged``; the pairs change only through the backend). With an
 ``rng``, each report carries an ESX-style active-page sample (Waldspurger 2002:
 ``ESX_SAMPLE_PAGES`` random frames).
 
@@ -52,7 +54,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.guest.report import guest_report
+from memballoon.guest.report import guest_report, report_unchanged
 from memballoon.guest.workload import next_change
 from memballoon.harness.pair import Pair, check_pair
 from memballoon.manager.engine import Engine
@@ -101,6 +103,9 @@ class _SimGuest:
     # cached until it changes (then the guest is on the backend's list of stale samples)
     sample: GuestSample | None = field(default=None, repr=False)
     signalled: bool = False  # a signalled target waits for its driver's work
+    # nothing ran on the pair since ``report`` was built from it (no tick, wake, catch-up,
+    # target or kill, and nobody was handed the pair): the next report repeats its figures
+    unchanged: bool = False
 
 
 class SimBackend:
@@ -169,10 +174,14 @@ class SimBackend:
         return "sim"
 
     def pair(self, name: str) -> Pair:
-        return self._by_name[name].pair
+        g = self._by_name[name]
+        g.unchanged = False  # the caller may change it
+        return g.pair
 
     @property
     def pairs(self) -> dict[str, Pair]:
+        for g in self._guests:
+            g.unchanged = False
         return {g.name: g.pair for g in self._guests}
 
     def alive(self, name: str) -> bool:
@@ -188,6 +197,7 @@ class SimBackend:
 
     def _catch_up(self, g: _SimGuest, until: float) -> None:
         """Account the periods ``g`` slept through whose ticks fall at or before ``until``."""
+        g.unchanged = False
         n = g.pair.idle_until(until + TIME_EPS)
         if n:
             self.counters.inc(SimCounter.IDLE_PERIODS, n)
@@ -199,6 +209,7 @@ class SimBackend:
         period = p.period_s
         if p.now + period <= g.due - period + TIME_EPS:  # it slept (``_catch_up``)
             self._catch_up(g, g.due - period)
+        g.unchanged = False
         p.tick(check=self.check)
         resident = p.ram.resident_bytes()
         self._resident += resident - g.resident
@@ -247,7 +258,7 @@ class SimBackend:
             if not g.alive:
                 continue
             p = g.pair
-            self._catch_up(g, now)
+            self._catch_up(g, now)  # (no longer ``unchanged``)
             p.wake(now)
             self.counters.inc(SimCounter.SIGNALLED)
             resident = p.ram.resident_bytes()
@@ -320,8 +331,13 @@ class SimBackend:
             else:
                 stall_pct = p.last_step.stall_pct if p.last_step is not None else 0.0
             touched = mem.sample_active(rng, sampled) if rng is not None else 0
-            r = g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
-                                        active_sampled=sampled, active_touched=touched)
+            if g.unchanged and prev is not None:  # a sleeping guest: the same figures
+                r = g.report = report_unchanged(prev, t, stall_pct=stall_pct,
+                                                active_sampled=sampled, active_touched=touched)
+            else:
+                r = g.report = guest_report(g.name, t, mem, p.driver, stall_pct=stall_pct,
+                                            active_sampled=sampled, active_touched=touched)
+                g.unchanged = True
             g.report_time = stamp
             if g.sample is not None:
                 g.sample = None
@@ -367,7 +383,9 @@ class SimBackend:
 
     # ------------------------------------------------------------------ the Backend port
     def _stale_sample(self, g: _SimGuest) -> None:
-        """``g`` changed: its sample is rebuilt at the next ``guests()``."""
+        """``g`` changed: its sample is rebuilt at the next ``guests()``, its report from
+        its state at the next report round."""
+        g.unchanged = False
         if g.sample is not None:
             g.sample = None
             self._stale.append(g)
