@@ -4,8 +4,8 @@ A frozen dataclass sets each field in its ``__init__`` through ``object.__setatt
 1.2 us for a record of ten fields against 0.2 us for a plain one with ``__slots__``. The
 simulator builds a ``GuestSample`` per changed guest every step, a ``PressureReport`` per
 guest every report round and a policy ``Decision`` per guest it moves, most of a fleet each
-time, so the difference is a second or more of a simulated hour. A named tuple builds as fast but reads its fields at half the speed,
-which every policy would pay.
+time, so the difference is a second or more of a simulated hour. A named tuple builds as
+fast but reads its fields at half the speed, which every policy would pay.
 
 The record is frozen where it matters to the code: to the type checker
 (``dataclass_transform(frozen_default=True)``: ``mypy --strict`` refuses any assignment to a
