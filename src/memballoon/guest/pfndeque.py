@@ -132,24 +132,33 @@ class PfnDeque:
                 return int(np.searchsorted(cum, k)) + 1
             w *= 4
 
+    def _pop_within_oldest(self, k: int) -> int | None:
+        """When the oldest run holds at least ``k`` (> 0) frames: remove its first ``k``
+        and return the first of them; else None, nothing changed."""
+        h = self._head
+        first, held = int(self._starts[h]), int(self._lens[h])
+        if held < k:
+            return None
+        if held > k:
+            self._starts[h] = first + k
+            self._lens[h] = held - k
+        else:
+            self._head += 1
+            self._n -= 1
+            if self._n == 0:
+                self._head = 0
+        self._len -= k
+        return first
+
     def pop_front(self, k: int) -> npt.NDArray[np.int64]:
         """Remove and return up to ``k`` of the oldest PFNs, oldest first."""
         k = min(k, self._len)
         if k <= 0:
             return _EMPTY.copy()
-        h = self._head
-        first, held = int(self._starts[h]), int(self._lens[h])
-        if held >= k:  # within the oldest run (the usual): scalars, no run arrays
-            if held > k:
-                self._starts[h] = first + k
-                self._lens[h] = held - k
-            else:
-                self._head += 1
-                self._n -= 1
-                if self._n == 0:
-                    self._head = 0
-            self._len -= k
+        first = self._pop_within_oldest(k)
+        if first is not None:  # the usual: scalars, no run arrays
             return np.arange(first, first + k, dtype=np.int64)
+        h = self._head
         r = self._front_runs(k)
         starts = self._starts[h : h + r].copy()
         lens = self._lens[h : h + r].copy()
@@ -173,19 +182,10 @@ class PfnDeque:
         k = min(k, self._len)
         if k <= 0:
             return []
-        h = self._head
-        first, held = int(self._starts[h]), int(self._lens[h])
-        if held >= k:  # within the oldest run (the usual)
-            if held > k:
-                self._starts[h] = first + k
-                self._lens[h] = held - k
-            else:
-                self._head += 1
-                self._n -= 1
-                if self._n == 0:
-                    self._head = 0
-            self._len -= k
+        first = self._pop_within_oldest(k)
+        if first is not None:  # the usual
             return [(first, k)]
+        h = self._head
         r = self._front_runs(k)
         starts = self._starts[h : h + r].tolist()
         lens = self._lens[h : h + r].tolist()
