@@ -158,23 +158,8 @@ class PfnDeque:
         first = self._pop_within_oldest(k)
         if first is not None:  # the usual: scalars, no run arrays
             return np.arange(first, first + k, dtype=np.int64)
-        h = self._head
-        r = self._front_runs(k)
-        starts = self._starts[h : h + r].copy()
-        lens = self._lens[h : h + r].copy()
-        extra = int(lens.sum()) - k  # what the last run keeps
-        lens[-1] -= extra
-        out = expand_runs(starts, lens)
-        if extra:
-            self._starts[h + r - 1] += lens[-1]
-            self._lens[h + r - 1] = extra
-            r -= 1
-        self._head += r
-        self._n -= r
-        self._len -= k
-        if self._n == 0:
-            self._head = 0
-        return out
+        runs = np.array(self.pop_front_runs(k), dtype=np.int64)
+        return expand_runs(runs[:, 0], runs[:, 1])
 
     def pop_front_runs(self, k: int) -> list[tuple[int, int]]:
         """``pop_front(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
