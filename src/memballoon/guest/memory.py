@@ -88,6 +88,8 @@ SWAP_CLUSTER_MAX = 32
 _EMPTY = np.empty(0, dtype=np.int64)
 # Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
 _FREE = int(PageState.FREE)
+_ANON = int(PageState.ANON)
+_CACHE = int(PageState.CACHE)
 _BALLOON = int(PageState.BALLOON)
 _ISOLATED = int(PageState.ISOLATED)
 
@@ -326,6 +328,65 @@ class GuestMemory:
                 self._hint_pos = 0
                 if self._hint_free.size:
                     return self._take_free(1, floor, new)
+        else:
+            first = self._take_run(n, v)
+            if first >= 0:
+                return np.arange(first, first + n, dtype=np.int64)
+        return self._take_search(n, v)
+
+    def _take_run(self, n: int, v: int) -> int:
+        """When the ``n`` (> 1, at most the free frames) frames ``_take_free`` would take are
+        one ascending run, found with a look at one or two blocks: take them as it would (the
+        same state, counts and cursor) and return the first; else -1, nothing changed.
+
+        The usual refill of a page cache or a heap: the block the last allocation took from
+        is filled from its bottom, so its free frames are one run at its top. Either it holds
+        all ``n`` (``_take_search``'s first case), or it is the lowest candidate block and the
+        next block, not reported, holds the rest from its bottom (its general case, the
+        frames of two blocks in a row)."""
+        if n < 2:  # a single take has its own path (a cursor over cached free frames)
+            return -1
+        b = self._hint
+        bfree = self._bfree
+        have = int(bfree[b])
+        if have == 0 or self.reported[b]:
+            return -1
+        state = self.state
+        lo = b * BLOCK_PAGES
+        end = min(lo + BLOCK_PAGES, self.total_pages)
+        if have >= n:
+            if have == BLOCK_PAGES:
+                first = lo
+            else:
+                first = lo + int(state[lo:end].argmin())  # the first free frame (FREE is 0)
+                if first + n > end or state[first : first + n].any():
+                    return -1  # its first n free frames are not one run
+            state[first : first + n] = v
+            bfree[b] = have - n
+            self._free -= n
+            return first
+        # the block's free frames are one run at its top; it is the lowest block with free
+        # frames not reported, so the next block comes after it in the search's order
+        c = b + 1
+        m = n - have
+        first = end - have
+        if (c >= bfree.size or int(bfree[c]) < m or self.reported[c]
+                or state[first:end].any()):
+            return -1
+        clo = c * BLOCK_PAGES
+        if int(bfree[c]) != BLOCK_PAGES and state[clo : clo + m].any():
+            return -1
+        if int(((bfree > 0) > self.reported).argmax()) != b:
+            return -1
+        state[first : clo + m] = v
+        bfree[b] = 0
+        bfree[c] -= m
+        self._hint = c
+        self._free -= n
+        return first
+
+    def _take_search(self, n: int, v: int) -> PfnArray:
+        """``_take_free``'s take of ``n`` (at most the free frames) frames in general."""
         b = self._hint
         have = int(self._bfree[b])
         if have >= n and not self.reported[b]:
@@ -902,6 +963,18 @@ class GuestMemory:
         if self.store is not None and pfns.size:
             self.store.touch(pfns, self.generation)
 
+    def _touch_run(self, first: int, k: int) -> None:
+        """``_touch`` of the frames ``first, ..., first + k - 1`` (a store that can take them
+        as a run is not handed an array of them)."""
+        store = self.store
+        if store is None:
+            return
+        touch_run = getattr(store, "touch_run", None)
+        if touch_run is not None:
+            touch_run(first, k, self.generation)
+        else:
+            store.touch(np.arange(first, first + k, dtype=np.int64), self.generation)
+
     def _user_alloc(self, n: int, tally: _Tally) -> tuple[PfnArray, bool]:
         """Frames for the workload's anonymous memory: reclaim, then OOM notifiers, then OOM.
 
@@ -932,6 +1005,13 @@ class GuestMemory:
         self.events.oom_kills += 1
 
     def _grow_anon(self, n: int, tally: _Tally) -> bool:
+        if n <= self._free - self.watermarks.min:  # no reclaim: maybe one run, no arrays
+            first = self._take_run(n, _ANON)
+            if first >= 0:
+                self.anon.push_run(first, n)
+                self._touch_run(first, n)
+                self.events.minor_faults += n
+                return False
         pfns, oom = self._user_alloc(n, tally)
         if pfns.size:
             self.anon.push_back(pfns)
@@ -960,6 +1040,17 @@ class GuestMemory:
         """Read ``n`` file pages into the page cache (major faults); evicts cold cache if full."""
         if n <= 0:
             return
+        if n <= self._free - self.watermarks.low:  # no eviction: maybe one run, no arrays
+            first = self._take_run(n, _CACHE)
+            if first >= 0:
+                self.events.major_faults += n
+                tally.major += n
+                refaults = min(n, self._file_evicted)
+                self._file_evicted -= refaults
+                tally.stall_s += refaults * MAJOR_FAULT_S
+                self.cache.push_run(first, n)
+                self._touch_run(first, n)
+                return
         pfns = self._take_free(n, self.watermarks.low, PageState.CACHE)
         short = n - int(pfns.size)
         if short > 0:

@@ -138,6 +138,20 @@ class NullRam:
             self._resident_pages += new
             self._resident[pfns] = 1
 
+    def touch_run(self, first: int, k: int, generation: int) -> None:
+        """``touch`` of the frames ``first, ..., first + k - 1``: slices, no frame list (a
+        subclass's own ``touch`` is honoured)."""
+        if type(self).touch is not NullRam.touch:
+            self.touch(np.arange(first, first + k, dtype=np.int64), generation)
+            return
+        if k <= 0:
+            return
+        seg = self._resident[first : first + k]
+        new = k - int(np.count_nonzero(seg))
+        if new:
+            self._resident_pages += new
+            seg.fill(1)
+
     def verify(self, pfns: PfnArray) -> int:
         return 0  # no content to lose
 
