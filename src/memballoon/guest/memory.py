@@ -341,9 +341,10 @@ class GuestMemory:
 
         The usual refill of a page cache or a heap: the block the last allocation took from
         is filled from its bottom, so its free frames are one run at its top. Either it holds
-        all ``n`` (``_take_search``'s first case), or it is the lowest candidate block and the
-        next block, not reported, holds the rest from its bottom (its general case, the
-        frames of two blocks in a row)."""
+        all ``n`` (``_take_search``'s first case), or it is the first block of the search's
+        order and the rest is the bottom of the blocks right after it, wholly free but the
+        last: the next ones in that order when none of them is reported, or when all are and
+        no other block not reported and none below has free frames (its general case)."""
         if n < 2:  # a single take has its own path (a cursor over cached free frames)
             return -1
         b = self._hint
@@ -365,23 +366,36 @@ class GuestMemory:
             bfree[b] = have - n
             self._free -= n
             return first
-        # the block's free frames are one run at its top; it is the lowest block with free
-        # frames not reported, so the next block comes after it in the search's order
+        # the block's free frames must be one run at its top, the blocks after it up to the
+        # last the run reaches wholly free, and the last's first free frames the rest
         c = b + 1
         m = n - have
+        e = c + (m - 1) // BLOCK_PAGES  # the last block the run reaches into
+        m_last = m - (e - c) * BLOCK_PAGES
         first = end - have
-        if (c >= bfree.size or int(bfree[c]) < m or self.reported[c]
-                or state[first:end].any()):
+        if e >= bfree.size or int(bfree[e]) < m_last or state[first:end].any():
             return -1
-        clo = c * BLOCK_PAGES
-        if int(bfree[c]) != BLOCK_PAGES and state[clo : clo + m].any():
+        if e > c and not bool((bfree[c:e] == BLOCK_PAGES).all()):
             return -1
-        if int(((bfree > 0) > self.reported).argmax()) != b:
+        elo = e * BLOCK_PAGES
+        if int(bfree[e]) != BLOCK_PAGES and state[elo : elo + m_last].any():
             return -1
-        state[first : clo + m] = v
-        bfree[b] = 0
-        bfree[c] -= m
-        self._hint = c
+        # and they must come right after it in the search's order (unreported blocks first)
+        reported = self.reported
+        rep = reported[c : e + 1]
+        has = bfree > 0
+        unreported = has > reported
+        if not rep.any():
+            if int(unreported.argmax()) != b:
+                return -1
+        elif not (rep.all() and int(np.count_nonzero(unreported)) == 1
+                  and not has[:b].any()):
+            return -1
+        state[first : elo + m_last] = v
+        bfree[b:e] = 0
+        bfree[e] -= m_last
+        rep[:] = False  # the host refaults these blocks' pages on touch
+        self._hint = e
         self._free -= n
         return first
 
