@@ -587,3 +587,86 @@ def test_sleeping_takes_in_bulk_reclaim_and_refuse_huge_host_pages() -> None:
         GuestMemory(16384, host_page_frames=512).alloc_sleep_each(10, lambda f: 0)
     with pytest.raises(UsageError, match="keep answered"):
         GuestMemory(16384).alloc_sleep_each(10, lambda f: 99)
+
+
+# ------------------------------------------------------------------ takes of one run
+def _refilling(seed: int) -> GuestMemory:
+    """An aged guest whose page cache then grew by takes of a few hundred frames (the
+    cursor's block filled from its bottom), some blocks above reported, maybe all of them."""
+    rng = np.random.default_rng(seed)
+    m = _aged(seed)
+    for _ in range(int(rng.integers(0, 12))):
+        got = m._take_free(int(rng.integers(2, 700)), m.watermarks.low, PageState.CACHE)
+        m.cache.push_back(got)
+    if rng.random() < 0.7:
+        m.return_isolated(m.isolate_reportable(int(rng.integers(1, 10_000)), 0), True)
+    return m
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**20), st.integers(2, 2000), st.sampled_from(["any", "top", "spill"]))
+def test_a_take_of_one_run_is_the_search_s_take(seed: int, n: int, size: str) -> None:
+    # _take_run takes what the general search takes when that is one run (the same frames,
+    # state, counts, cursor and reported blocks), and changes nothing when it declines
+    run, search = _refilling(seed), _refilling(seed)
+    have = int(run._bfree[run._hint])
+    if size == "top":
+        n = max(2, min(n, have))  # the cursor's block holds them all
+    elif size == "spill":
+        n = max(2, have + n % 1500)  # they reach into the blocks after it
+    n = min(n, run.free_pages)
+    if n < 2:
+        return
+    first = run._take_run(n, int(PageState.CACHE))
+    if first < 0:
+        assert state_diff(state_of(run), state_of(search)) == []
+        return
+    want = search._take_search(n, int(PageState.CACHE))
+    assert want.tolist() == list(range(first, first + n))
+    assert state_diff(state_of(run), state_of(search)) == []
+    assert run._free == int(np.count_nonzero(run.state == PageState.FREE))
+
+
+def _bottom_filled(blocks: int, used: int, report: str) -> GuestMemory:
+    """A guest whose first ``blocks`` blocks are used but for ``used`` frames of the last,
+    the cursor there; ``report``: none, the blocks above ("above"), or those and one far one
+    left unreported ("all_but_one")."""
+    m = GuestMemory(16 * BLOCK_PAGES, reserved_pages=BLOCK_PAGES)
+    m.cache.push_back(m._take_free((blocks - 1) * BLOCK_PAGES + used, 0, PageState.CACHE))
+    if report != "none":
+        m.return_isolated(m.isolate_reportable(16, 0), True)
+        if report == "all_but_one":
+            m.reported[14] = False
+    return m
+
+
+@pytest.mark.parametrize(("n", "report", "taken"), [
+    (100, "none", True),  # the cursor's block holds them, at its top
+    (400, "none", True),  # its top and the bottom of the next block
+    (1500, "none", True),  # and wholly free blocks between
+    (400, "above", True),  # the next blocks are reported, and no other block is not
+    (400, "all_but_one", False),  # a block not reported comes first in the search's order
+])
+def test_a_take_of_one_run_covers_the_refill_of_a_block_filled_from_its_bottom(
+        n: int, report: str, taken: bool) -> None:
+    m = _bottom_filled(4, 200, report)
+    twin = _bottom_filled(4, 200, report)
+    first = m._take_run(n, int(PageState.CACHE))
+    assert (first >= 0) == taken
+    want = twin._take_search(n, int(PageState.CACHE))
+    if taken:
+        assert first == 4 * BLOCK_PAGES + 200
+        assert want.tolist() == list(range(first, first + n))
+        assert state_diff(state_of(m), state_of(twin)) == []
+        m.cache.push_run(first, n)
+    assert m.check_invariants() == []
+
+
+def test_reads_and_growth_of_one_run_touch_the_store_as_a_run() -> None:
+    ram = NullRam(16 * BLOCK_PAGES)
+    m = GuestMemory(16 * BLOCK_PAGES, reserved_pages=BLOCK_PAGES, store=ram)
+    m.step(1.0, 1.0, demand(300, 700))
+    assert m.anon.runs()[1].tolist() == [300] and m.cache.runs()[1].tolist() == [700]
+    assert ram.resident_bytes() == 1000 * 4096
+    assert ram.resident_pages_of(m.anon.to_array()) == 300
+    assert m.check_invariants() == []

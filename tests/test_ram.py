@@ -53,3 +53,25 @@ def test_touch_counts_resident_pages_once() -> None:
     ram.touch(np.array([3, 4], dtype=np.int64), 3)
     assert ram.resident_bytes() == 4 * PAGE_SIZE
     assert ram.resident_pages_of(np.array([0, 1, 4, 5], dtype=np.int64)) == 2
+
+
+def test_touching_a_run_is_touching_its_frames() -> None:
+    a, b = NullRam(4096), NullRam(4096)
+    for first, k in ((10, 100), (50, 200), (0, 1), (4000, 96)):
+        a.touch_run(first, k, 1)
+        b.touch(np.arange(first, first + k, dtype=np.int64), 1)
+        assert a.resident_bytes() == b.resident_bytes()
+        assert np.array_equal(a._resident, b._resident)
+
+
+def test_touching_a_run_honours_a_subclass_s_touch() -> None:
+    seen: list[list[int]] = []
+
+    class Logging(NullRam):
+        def touch(self, pfns: np.ndarray, generation: int) -> None:  # type: ignore[type-arg]
+            seen.append(pfns.tolist())
+            super().touch(pfns, generation)
+
+    ram = Logging(1024)
+    ram.touch_run(5, 3, 1)
+    assert seen == [[5, 6, 7]] and ram.resident_bytes() == 3 * PAGE_SIZE
