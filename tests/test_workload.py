@@ -136,3 +136,12 @@ def test_a_spike_grows_over_its_ramp() -> None:
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     assert sizes[-1] == mib_to_pages(64 + extra)
     assert w.next_change(start + 1) == start + 1  # growing: any moment
+
+
+def test_steady_workloads_hand_back_one_demand_built_from_their_sizes() -> None:
+    w = Steady(anon_mib=100, file_mib=40, hot=0.5, cold_access_per_s=0.02)
+    d = w.demand(0.0)
+    assert d == Demand(25600, 12800, 10240, 5120, 0.02)
+    assert w.demand(3600.0) is d  # the same object: the guest model's quiet check is `is`
+    assert Idle(anon_mib=8, file_mib=4).demand(1.0) == Demand(2048, 204, 1024, 102, 0.0)
+    assert Steady(anon_mib=100) == Steady(anon_mib=100)  # the built demand is no field

@@ -360,7 +360,7 @@ class GuestMemory:
                 first = lo
             else:
                 first = lo + int(state[lo:end].argmin())  # the first free frame (FREE is 0)
-                if first + n > end or state[first : first + n].any():
+                if first + n > end or np.count_nonzero(state[first : first + n]):
                     return -1  # its first n free frames are not one run
             state[first : first + n] = v
             bfree[b] = have - n
@@ -373,23 +373,24 @@ class GuestMemory:
         e = c + (m - 1) // BLOCK_PAGES  # the last block the run reaches into
         m_last = m - (e - c) * BLOCK_PAGES
         first = end - have
-        if e >= bfree.size or int(bfree[e]) < m_last or state[first:end].any():
+        if e >= bfree.size or int(bfree[e]) < m_last or np.count_nonzero(state[first:end]):
             return -1
-        if e > c and not bool((bfree[c:e] == BLOCK_PAGES).all()):
+        if e > c and np.count_nonzero(bfree[c:e] == BLOCK_PAGES) != e - c:
             return -1
         elo = e * BLOCK_PAGES
-        if int(bfree[e]) != BLOCK_PAGES and state[elo : elo + m_last].any():
+        if int(bfree[e]) != BLOCK_PAGES and np.count_nonzero(state[elo : elo + m_last]):
             return -1
         # and they must come right after it in the search's order (unreported blocks first)
         reported = self.reported
         rep = reported[c : e + 1]
         has = bfree > 0
         unreported = has > reported
-        if not rep.any():
+        reps = np.count_nonzero(rep)
+        if reps == 0:
             if int(unreported.argmax()) != b:
                 return -1
-        elif not (rep.all() and int(np.count_nonzero(unreported)) == 1
-                  and not has[:b].any()):
+        elif not (reps == rep.size and np.count_nonzero(unreported) == 1
+                  and np.count_nonzero(has[:b]) == 0):
             return -1
         state[first : elo + m_last] = v
         bfree[b:e] = 0
@@ -934,7 +935,8 @@ class GuestMemory:
         if (self._free - keep_free) // BLOCK_PAGES <= 0:
             return False
         # wholly free and not reported: for booleans ``a & ~b`` is ``a > b`` (one call less)
-        return bool(((self._bfree == BLOCK_PAGES) > self.reported).any())
+        # (count_nonzero: a C call, where ``any`` is a Python wrapper around a reduction)
+        return int(np.count_nonzero((self._bfree == BLOCK_PAGES) > self.reported)) > 0
 
     def isolate_reportable(self, max_blocks: int, keep_free: int) -> npt.NDArray[np.int64]:
         """Take up to ``max_blocks`` wholly free, not yet reported 2 MiB blocks off the free lists.

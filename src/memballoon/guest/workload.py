@@ -101,9 +101,15 @@ class Idle:
     anon_mib: float = 64
     file_mib: float = 32
     name: str = "idle"
+    # its one demand, built once: a guest model asks for it twice a period
+    _fixed: Demand = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fixed", _demand(
+            mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), 0.1, 0.0))
 
     def demand(self, now: float) -> Demand:
-        return _demand(mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), 0.1, 0.0)
+        return self._fixed
 
     def next_change(self, now: float) -> float:
         return NEVER_CHANGES
@@ -118,12 +124,16 @@ class Steady:
     hot: float = 0.5
     cold_access_per_s: float = 0.01
     name: str = "steady"
+    # its one demand, built once: a busy guest model asks for it twice a period
+    _fixed: Demand = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fixed", _demand(
+            mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), self.hot,
+            self.cold_access_per_s))
 
     def demand(self, now: float) -> Demand:
-        return _demand(
-            mib_to_pages(self.anon_mib), mib_to_pages(self.file_mib), self.hot,
-            self.cold_access_per_s,
-        )
+        return self._fixed
 
     def next_change(self, now: float) -> float:
         return NEVER_CHANGES
