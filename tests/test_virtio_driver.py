@@ -662,3 +662,24 @@ def test_a_reset_with_an_inflate_buffer_still_out_is_acknowledged_once_it_is_bac
     assert r.check() == []
     assert r.device.balloon_pfns().size == r.driver.balloon_pages
     assert set(r.device.balloon_pfns().tolist()) == set(r.driver.balloon_pfns().tolist())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.booleans(), st.sampled_from([1.0, 0.2, 0.3, 5.0]), st.floats(0.0, 60.0),
+       st.floats(0.0, 10.0))
+def test_idle_run_is_the_idle_work_of_each_period(
+        reporting: bool, period: float, span: float, due: float) -> None:
+    # the periods a quiet guest slept through, in one call: the same clock (float additions)
+    # and reporting clock as one idle_work a period
+    one, bulk = make_pair(), make_pair()
+    for p in (one, bulk):
+        p.driver._reporting = reporting
+        p.driver._next_report = due
+    now = limit = 1.0
+    limit += span
+    while now + period <= limit:
+        now += period
+        one.driver.idle_work(now)
+    got = bulk.driver.idle_run(1.0, period, limit)
+    assert got == (now, round((now - 1.0) / period))
+    assert state_diff(state_of(one.driver), state_of(bulk.driver)) == []

@@ -797,3 +797,21 @@ def test_sleeping_runs_reclaim_as_page_by_page_and_a_tap_sees_every_lock() -> No
     assert one_by_one.port.commands().count(Command.LOCK) == st_.lock
     assert bulk.device.counters["cmd_lock"] == st_.lock
     assert state_diff(_bulk_state(one_by_one), _bulk_state(bulk)) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 5), st.sampled_from([1.0, 0.2, 0.3]), st.floats(0.0, 40.0))
+def test_idle_run_is_the_idle_work_of_each_period(slow: int, period: float, span: float) -> None:
+    # the periods a quiet guest slept through, in one call: the same clock (float additions),
+    # timer and GET_TARGET counts and slow cycles as one idle_work a period
+    one, bulk = make_pair(), make_pair()
+    for p in (one, bulk):
+        p.driver.slow_allocation_cycles = slow
+    now = limit = 3.0
+    limit += span
+    while now + period <= limit:
+        now += period
+        one.driver.idle_work(now)
+    got = bulk.driver.idle_run(3.0, period, limit)
+    assert got == (now, round((now - 3.0) / period))
+    assert state_diff(state_of(one.driver), state_of(bulk.driver)) == []

@@ -399,6 +399,25 @@ class VirtioBalloonDriver:
         if self._reporting and now >= self._next_report:
             self._next_report = now + PAGE_REPORTING_DELAY_S
 
+    def idle_run(self, now: float, period: float, limit: float) -> tuple[float, int]:
+        """``idle_work`` of every period after ``now`` whose time falls at or before
+        ``limit``, in one call: returns the last period's time (``now`` plus ``period`` as
+        many times, added one at a time as the calls would be) and how many."""
+        n = 0
+        if not self._reporting:
+            while now + period <= limit:
+                now += period
+                n += 1
+            return now, n
+        due = self._next_report
+        while now + period <= limit:
+            now += period
+            n += 1
+            if now >= due:
+                due = now + PAGE_REPORTING_DELAY_S
+        self._next_report = due
+        return now, n
+
     def unload(self, now: float) -> None:
         """Deflate everything, telling the host (Linux remove_common)."""
         if not self._loaded:

@@ -538,6 +538,21 @@ class VmwBalloonDriver:
             self.slow_allocation_cycles -= 1
         self.seed_stats.target += 1
 
+    def idle_run(self, now: float, period: float, limit: float) -> tuple[float, int]:
+        """``idle_work`` of every period after ``now`` whose time falls at or before
+        ``limit``, in one call: returns the last period's time (``now`` plus ``period`` as
+        many times, added one at a time as the calls would be) and how many."""
+        n = 0
+        while now + period <= limit:
+            now += period
+            n += 1
+        st = self.seed_stats
+        st.timer += n
+        if self.slow_allocation_cycles > 0:
+            self.slow_allocation_cycles = max(0, self.slow_allocation_cycles - n)
+        st.target += n
+        return now, n
+
     def _yield(self) -> None:
         if self.cond_resched is not None:
             self.cond_resched()
