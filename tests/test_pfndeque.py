@@ -135,3 +135,22 @@ def test_pop_front_runs_are_the_frames_pop_front_returns(script: list[tuple[str,
         assert [f for s, n in runs for f in range(s, s + n)] == b.pop_front(k).tolist()
         assert all(n > 0 for _, n in runs)
         assert len(a) == len(b) and a.to_array().tolist() == b.to_array().tolist()
+
+
+@given(scattered_ops, st.lists(st.integers(0, 80), min_size=1, max_size=4))
+def test_pop_back_runs_are_the_frames_pop_back_returns(script: list[tuple[str, object]],
+                                                      ks: list[int]) -> None:
+    a, b = PfnDeque(), PfnDeque()
+    for op, arg in script:
+        if op == "push":
+            a.push_back(np.array(arg, dtype=np.int64))
+            b.push_back(np.array(arg, dtype=np.int64))
+    for k in ks:
+        runs = a.pop_back_runs(k)
+        assert [f for s, n in runs for f in range(s, s + n)] == b.pop_back(k).tolist()
+        assert all(n > 0 for _, n in runs)
+        assert len(a) == len(b) and a.to_array().tolist() == b.to_array().tolist()
+        assert a.runs()[1].tolist() == b.runs()[1].tolist()
+    a.push_run(5, 3)  # the deque goes on as usual after emptying
+    b.push_back(np.arange(5, 8, dtype=np.int64))
+    assert a.to_array().tolist() == b.to_array().tolist()

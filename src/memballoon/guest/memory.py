@@ -1122,10 +1122,9 @@ class GuestMemory:
             oom = self._grow_anon(demand.anon_pages - anon_have, tally)
         elif demand.anon_pages < anon_have:
             drop = anon_have - demand.anon_pages
-            gone = self.anon.pop_back(drop)
-            if gone.size:
-                self._give_free(gone)
-            self.swapped -= min(self.swapped, drop - int(gone.size))
+            # as runs: a large shrink gives back slices, not an array of every frame
+            gone = self._give_runs(self.anon.pop_back_runs(drop))
+            self.swapped -= min(self.swapped, drop - gone)
         # 2. touched swapped-out pages refault: the hot part at once, the cold part at a rate
         if not oom and self.swapped:
             resident = len(self.anon)

@@ -228,6 +228,35 @@ class PfnDeque:
             self._head = 0
         return out
 
+    def pop_back_runs(self, k: int) -> list[tuple[int, int]]:
+        """``pop_back(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
+        frames in order are what ``pop_back`` returns (no array of the frames)."""
+        k = min(k, self._len)
+        if k <= 0:
+            return []
+        end = self._head + self._n
+        held = int(self._lens[end - 1])
+        if held < k:
+            starts, lens, r = self._newest(k)
+            kept = int(self._lens[end - r]) - int(lens[0])  # what stays of the oldest touched
+            if kept:
+                self._lens[end - r] = kept
+                r -= 1
+            self._n -= r
+            self._len -= k
+            if self._n == 0:
+                self._head = 0
+            return list(zip(starts.tolist(), lens.tolist(), strict=True))
+        first = int(self._starts[end - 1]) + held - k  # within the newest run (the usual)
+        if held > k:
+            self._lens[end - 1] = held - k
+        else:
+            self._n -= 1
+            if self._n == 0:
+                self._head = 0
+        self._len -= k
+        return [(first, k)]
+
     def newest(self) -> int:
         """The newest PFN (the deque must not be empty)."""
         last = self._head + self._n - 1
