@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -589,7 +591,7 @@ def test_sleeping_takes_in_bulk_reclaim_and_refuse_huge_host_pages() -> None:
         GuestMemory(16384).alloc_sleep_each(10, lambda f: 99)
 
 
-# ------------------------------------------------------------------ takes of one run
+# ------------------------------------------------------------------ takes of a few runs
 def _refilling(seed: int) -> GuestMemory:
     """An aged guest whose page cache then grew by takes of a few hundred frames (the
     cursor's block filled from its bottom), some blocks above reported, maybe all of them."""
@@ -605,9 +607,9 @@ def _refilling(seed: int) -> GuestMemory:
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(0, 2**20), st.integers(2, 2000), st.sampled_from(["any", "top", "spill"]))
-def test_a_take_of_one_run_is_the_search_s_take(seed: int, n: int, size: str) -> None:
-    # _take_run takes what the general search takes when that is one run (the same frames,
-    # state, counts, cursor and reported blocks), and changes nothing when it declines
+def test_a_take_of_a_few_runs_is_the_search_s_take(seed: int, n: int, size: str) -> None:
+    # _take_runs takes what the general search takes when that is a few runs (the same
+    # frames, state, counts, cursor and reported blocks), and changes nothing when it declines
     run, search = _refilling(seed), _refilling(seed)
     have = int(run._bfree[run._hint])
     if size == "top":
@@ -617,12 +619,13 @@ def test_a_take_of_one_run_is_the_search_s_take(seed: int, n: int, size: str) ->
     n = min(n, run.free_pages)
     if n < 2:
         return
-    first = run._take_run(n, int(PageState.CACHE))
-    if first < 0:
+    runs = run._take_runs(n, int(PageState.CACHE))
+    if not runs:
         assert state_diff(state_of(run), state_of(search)) == []
         return
     want = search._take_search(n, int(PageState.CACHE))
-    assert want.tolist() == list(range(first, first + n))
+    assert want.tolist() == [f for first, k in runs for f in range(first, first + k)]
+    assert all(a + k != b for (a, k), (b, _) in itertools.pairwise(runs))  # merged
     assert state_diff(state_of(run), state_of(search)) == []
     assert run._free == int(np.count_nonzero(run.state == PageState.FREE))
 
@@ -640,26 +643,26 @@ def _bottom_filled(blocks: int, used: int, report: str) -> GuestMemory:
     return m
 
 
-@pytest.mark.parametrize(("n", "report", "taken"), [
-    (100, "none", True),  # the cursor's block holds them, at its top
-    (400, "none", True),  # its top and the bottom of the next block
-    (1500, "none", True),  # and wholly free blocks between
-    (400, "above", True),  # the next blocks are reported, and no other block is not
-    (400, "all_but_one", False),  # a block not reported comes first in the search's order
+@pytest.mark.parametrize(("n", "report", "runs"), [
+    (100, "none", [(2248, 100)]),  # the cursor's block holds them, at its top
+    (400, "none", [(2248, 400)]),  # its top and the bottom of the next block
+    (1500, "none", [(2248, 1500)]),  # and wholly free blocks between
+    (400, "above", [(2248, 400)]),  # the next blocks are reported, and no other block is not
+    (400, "all_but_one", [(2248, 312), (14 * BLOCK_PAGES, 88)]),  # one not reported first
+    (5000, "none", []),  # beyond the few blocks looked at: the search's bulk take
 ])
-def test_a_take_of_one_run_covers_the_refill_of_a_block_filled_from_its_bottom(
-        n: int, report: str, taken: bool) -> None:
+def test_a_take_of_a_few_runs_covers_the_refill_of_a_block_filled_from_its_bottom(
+        n: int, report: str, runs: list[tuple[int, int]]) -> None:
     m = _bottom_filled(4, 200, report)
     twin = _bottom_filled(4, 200, report)
-    first = m._take_run(n, int(PageState.CACHE))
-    assert (first >= 0) == taken
+    assert m._take_runs(n, int(PageState.CACHE)) == runs
     want = twin._take_search(n, int(PageState.CACHE))
-    if taken:
-        assert first == 4 * BLOCK_PAGES + 200
-        assert want.tolist() == list(range(first, first + n))
+    if runs:
+        assert want.tolist() == [f for first, k in runs for f in range(first, first + k)]
         assert state_diff(state_of(m), state_of(twin)) == []
-        m.cache.push_run(first, n)
-    assert m.check_invariants() == []
+        for first, k in runs:
+            m.cache.push_run(first, k)
+        assert m.check_invariants() == []
 
 
 def test_reads_and_growth_of_one_run_touch_the_store_as_a_run() -> None:

@@ -86,12 +86,22 @@ MAJOR_FAULT_S = 100e-6
 SWAP_CLUSTER_MAX = 32
 
 _EMPTY = np.empty(0, dtype=np.int64)
+# blocks a take of a few runs looks at (``GuestMemory._take_runs``): more is a bulk take
+_FEW_BLOCKS = 8
 # Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
 _FREE = int(PageState.FREE)
 _ANON = int(PageState.ANON)
 _CACHE = int(PageState.CACHE)
 _BALLOON = int(PageState.BALLOON)
 _ISOLATED = int(PageState.ISOLATED)
+
+
+def _run_frames(runs: list[tuple[int, int]]) -> PfnArray:
+    """The frames of ``(first, length)`` runs, in order."""
+    if len(runs) == 1:
+        first, k = runs[0]
+        return np.arange(first, first + k, dtype=np.int64)
+    return np.concatenate([np.arange(f, f + k, dtype=np.int64) for f, k in runs])
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,76 +339,85 @@ class GuestMemory:
                 if self._hint_free.size:
                     return self._take_free(1, floor, new)
         else:
-            first = self._take_run(n, v)
-            if first >= 0:
-                return np.arange(first, first + n, dtype=np.int64)
+            runs = self._take_runs(n, v)
+            if runs:
+                return _run_frames(runs)
         return self._take_search(n, v)
 
-    def _take_run(self, n: int, v: int) -> int:
+    def _take_runs(self, n: int, v: int) -> list[tuple[int, int]]:
         """When the ``n`` (> 1, at most the free frames) frames ``_take_free`` would take are
-        one ascending run, found with a look at one or two blocks: take them as it would (the
-        same state, counts and cursor) and return the first; else -1, nothing changed.
+        a few runs found with a look at a few blocks: take them as it would (the same state,
+        counts, cursor and reported blocks) and return them as ``(first, length)`` runs in
+        its order; else nothing changed and no runs.
 
-        The usual refill of a page cache or a heap: the block the last allocation took from
-        is filled from its bottom, so its free frames are one run at its top. Either it holds
-        all ``n`` (``_take_search``'s first case), or it is the first block of the search's
-        order and the rest is the bottom of the blocks right after it, wholly free but the
-        last: the next ones in that order when none of them is reported, or when all are and
-        no other block not reported and none below has free frames (its general case)."""
-        if n < 2:  # a single take has its own path (a cursor over cached free frames)
-            return -1
+        The usual refill of a page cache or a heap: a block is filled from its bottom, so the
+        free frames of the block the last allocation took from are one run at its top, and a
+        take goes on at the bottom of the next block in the search's order (``_take_search``:
+        blocks not reported first, each ascending). Each block's part must be one run, and
+        at most ``_FEW_BLOCKS`` blocks are looked at; a bulk take is the search's.
+        """
+        if n < 2 or n > _FEW_BLOCKS * BLOCK_PAGES:  # a single take: its own cursor
+            return []
+        bfree, state, reported = self._bfree, self.state, self.reported
         b = self._hint
-        bfree = self._bfree
         have = int(bfree[b])
-        if have == 0 or self.reported[b]:
-            return -1
-        state = self.state
-        lo = b * BLOCK_PAGES
-        end = min(lo + BLOCK_PAGES, self.total_pages)
-        if have >= n:
-            if have == BLOCK_PAGES:
-                first = lo
-            else:
-                first = lo + int(state[lo:end].argmin())  # the first free frame (FREE is 0)
-                if first + n > end or np.count_nonzero(state[first : first + n]):
-                    return -1  # its first n free frames are not one run
+        if have >= n and not reported[b]:  # the search's first case: this block alone
+            lo = b * BLOCK_PAGES
+            first = lo if have == BLOCK_PAGES else lo + int(state[lo : lo + BLOCK_PAGES].argmin())
+            # (argmin: the first free frame, FREE being 0; count_nonzero, not ``any``: a C
+            # call, where ``any`` is a Python wrapper around a reduction)
+            if have != BLOCK_PAGES and (first + n > lo + BLOCK_PAGES
+                                        or np.count_nonzero(state[first : first + n])):
+                return []
             state[first : first + n] = v
             bfree[b] = have - n
             self._free -= n
-            return first
-        # the block's free frames must be one run at its top, the blocks after it up to the
-        # last the run reaches wholly free, and the last's first free frames the rest
-        c = b + 1
-        m = n - have
-        e = c + (m - 1) // BLOCK_PAGES  # the last block the run reaches into
-        m_last = m - (e - c) * BLOCK_PAGES
-        first = end - have
-        if e >= bfree.size or int(bfree[e]) < m_last or np.count_nonzero(state[first:end]):
-            return -1
-        if e > c and np.count_nonzero(bfree[c:e] == BLOCK_PAGES) != e - c:
-            return -1
-        elo = e * BLOCK_PAGES
-        if int(bfree[e]) != BLOCK_PAGES and np.count_nonzero(state[elo : elo + m_last]):
-            return -1
-        # and they must come right after it in the search's order (unreported blocks first)
-        reported = self.reported
-        rep = reported[c : e + 1]
+            return [(first, n)]
+        # the search's order: blocks with free frames not reported, then reported ones
         has = bfree > 0
         unreported = has > reported
-        reps = np.count_nonzero(rep)
-        if reps == 0:
-            if int(unreported.argmax()) != b:
-                return -1
-        elif not (reps == rep.size and np.count_nonzero(unreported) == 1
-                  and np.count_nonzero(has[:b]) == 0):
-            return -1
-        state[first : elo + m_last] = v
-        bfree[b:e] = 0
-        bfree[e] -= m_last
-        rep[:] = False  # the host refaults these blocks' pages on touch
-        self._hint = e
+        ucand = unreported.nonzero()[0]
+        pieces: list[tuple[int, int, int]] = []  # (block, first frame, frames)
+        got = self._pieces(ucand[:_FEW_BLOCKS].tolist(), n, pieces)
+        if 0 <= got < n and ucand.size < _FEW_BLOCKS:  # every unreported one looked at
+            more = (has & reported).nonzero()[0][: _FEW_BLOCKS - int(ucand.size)]
+            got = self._pieces(more.tolist(), n, pieces, got)
+        if got != n:
+            return []  # a part not one run, or beyond the blocks looked at
+        runs: list[tuple[int, int]] = []
+        for y, f, t in pieces:
+            state[f : f + t] = v
+            bfree[y] -= t
+            reported[y] = False  # the host refaults these blocks' pages on touch
+            if runs and runs[-1][0] + runs[-1][1] == f:
+                runs[-1] = (runs[-1][0], runs[-1][1] + t)
+            else:
+                runs.append((f, t))
+        self._hint = pieces[-1][0]
         self._free -= n
-        return first
+        return runs
+
+    def _pieces(self, blocks: list[int], n: int, pieces: list[tuple[int, int, int]],
+                got: int = 0) -> int:
+        """``_take_runs``' parts of ``blocks`` in order, each block's first free frames up to
+        ``n`` in all, appended to ``pieces`` (nothing taken yet); returns the frames they
+        make, or -1 when a part is not one run."""
+        bfree, state, tp = self._bfree, self.state, self.total_pages
+        for y in blocks:
+            if got >= n:
+                break
+            c = int(bfree[y])
+            t = min(c, n - got)
+            ylo = y * BLOCK_PAGES
+            f = ylo
+            if c != BLOCK_PAGES:
+                yend = min(ylo + BLOCK_PAGES, tp)
+                f += int(state[ylo:yend].argmin())
+                if f + t > yend or np.count_nonzero(state[f : f + t]):
+                    return -1
+            pieces.append((y, f, t))
+            got += t
+        return got
 
     def _take_search(self, n: int, v: int) -> PfnArray:
         """``_take_free``'s take of ``n`` (at most the free frames) frames in general."""
@@ -1021,11 +1040,12 @@ class GuestMemory:
         self.events.oom_kills += 1
 
     def _grow_anon(self, n: int, tally: _Tally) -> bool:
-        if n <= self._free - self.watermarks.min:  # no reclaim: maybe one run, no arrays
-            first = self._take_run(n, _ANON)
-            if first >= 0:
-                self.anon.push_run(first, n)
-                self._touch_run(first, n)
+        if n <= self._free - self.watermarks.min:  # no reclaim: maybe a few runs, no arrays
+            runs = self._take_runs(n, _ANON)
+            if runs:
+                for first, k in runs:
+                    self.anon.push_run(first, k)
+                    self._touch_run(first, k)
                 self.events.minor_faults += n
                 return False
         pfns, oom = self._user_alloc(n, tally)
@@ -1056,16 +1076,17 @@ class GuestMemory:
         """Read ``n`` file pages into the page cache (major faults); evicts cold cache if full."""
         if n <= 0:
             return
-        if n <= self._free - self.watermarks.low:  # no eviction: maybe one run, no arrays
-            first = self._take_run(n, _CACHE)
-            if first >= 0:
+        if n <= self._free - self.watermarks.low:  # no eviction: maybe a few runs, no arrays
+            runs = self._take_runs(n, _CACHE)
+            if runs:
                 self.events.major_faults += n
                 tally.major += n
                 refaults = min(n, self._file_evicted)
                 self._file_evicted -= refaults
                 tally.stall_s += refaults * MAJOR_FAULT_S
-                self.cache.push_run(first, n)
-                self._touch_run(first, n)
+                for first, k in runs:
+                    self.cache.push_run(first, k)
+                    self._touch_run(first, k)
                 return
         pfns = self._take_free(n, self.watermarks.low, PageState.CACHE)
         short = n - int(pfns.size)
