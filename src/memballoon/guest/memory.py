@@ -8,7 +8,10 @@ Anonymous and page-cache frames are kept in LRU order (``PfnDeque``: cold at the
 frames are found through per-block free counts over 2 MiB blocks (512 pages, the x86-64
 ``page_reporting_order``), so finding free pages costs the blocks visited, not the guest size;
 blocks that free page reporting handed to the host are used last, as Linux puts reported pages
-at the tail of its free lists.
+at the tail of its free lists. A block is filled from its bottom, so a small take (a page cache
+refill, a growing heap) is usually a few runs: the top of the block the last take was in and
+the bottom of the next blocks in that order; such takes are found with a look at those blocks,
+and the page lists and the store are handed runs, not frame lists.
 
 Watermarks follow Linux (mm/page_alloc.c, ``__setup_per_zone_wmarks`` before 5.x's scale
 factor): ``min = sqrt(16 * lowmem_kbytes)`` KiB clamped to [128 KiB, 256 MiB], ``low = min *
