@@ -48,8 +48,9 @@ import heapq
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -74,6 +75,18 @@ TIME_EPS: Final = 1e-9
 HostUsage = Callable[[float], int]
 #: Told of every report a guest pushes (the runner keeps the stall samples).
 ReportSink = Callable[[str, PressureReport], None]
+#: A ``PressureReport``'s fields but the guest's name, in their order: the report as a tuple
+#: (``SimBackend.changed_rows``), rebuilt with ``PressureReport(name, *fields)``.
+REPORT_FIELDS: Final = tuple(f.name for f in fields(PressureReport))[1:]
+_report_fields = attrgetter(*REPORT_FIELDS)
+#: One changed guest as plain values (cheap to send to another process): index, RAM pages,
+#: balloon pages (0 dead), target pages, report fields (or None), report time, alive,
+#: resident bytes.
+SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | None", "float | None", bool, int]
+
+
+#: ``changed_rows`` marks a guest's sample as sent with this (any non-None sample will do).
+_SHIPPED: Final = GuestSample("", 0, 0, 0)
 
 
 class SimCounter(CounterName):
@@ -106,6 +119,33 @@ class _SimGuest:
     # nothing ran on the pair since ``report`` was built from it (no tick, wake, catch-up,
     # target or kill, and nobody was handed the pair): the next report repeats its figures
     unchanged: bool = False
+
+
+class SimGuests(Protocol):
+    """What a run (``sim.run``) reads of the guests besides the manager's ``Backend`` port:
+    ``SimBackend`` in process, or the sharded backend of ``edge.sim_shards``."""
+
+    clock: ManualClock
+    counters: Counters
+    host_oom_kills: int
+
+    def advance(self, seconds: float) -> float: ...
+
+    def host_resident_bytes(self) -> int: ...
+
+    def sample_figures(
+        self, samples: Mapping[str, GuestSample],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None: ...
+
+    def alive(self, name: str) -> bool: ...
+
+    def sync(self) -> None: ...
+
+    def check_guest(self, name: str) -> list[str]: ...
+
+    def violations(self, *, full: bool = True) -> list[str]: ...
+
+    def guest_oom_kills(self) -> list[int]: ...
 
 
 class SimBackend:
@@ -310,6 +350,15 @@ class SimBackend:
             if g.alive:
                 self._catch_up(g, now)
 
+    def check_guest(self, name: str) -> list[str]:
+        """``sync``, then a full ``check_pair`` of ``name``'s pair (a run's spot check)."""
+        self.sync()
+        return check_pair(self._by_name[name].pair)
+
+    def guest_oom_kills(self) -> list[int]:
+        """OOM kills inside each guest, in the guests' order."""
+        return [g.pair.mem.events.oom_kills for g in self._guests]
+
     # ------------------------------------------------------------------ reports
     def _report_round(self, t: float) -> None:
         """Every live guest pushes its report of time ``t`` (one loop over the fleet: a
@@ -409,6 +458,20 @@ class SimBackend:
         snap = self._returned = dict(out)  # the caller's own
         return snap
 
+    def changed_rows(self) -> list[SampleRow]:
+        """The guests whose sample changed since the last call, as ``SampleRow``s (a shard
+        worker's answer; instead of ``guests()``, never mixed with it)."""
+        out: list[SampleRow] = []
+        for g in self._stale:
+            p, rep = g.pair, g.report
+            out.append((g.index, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
+                        p.device.target_pages,
+                        None if rep is None else _report_fields(rep), g.report_time, g.alive,
+                        g.resident))
+            g.sample = _SHIPPED  # sent: the next change puts it on the list again
+        self._stale.clear()
+        return out
+
     def sample_figures(
         self, samples: Mapping[str, GuestSample],
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
@@ -450,10 +513,20 @@ class SimBackend:
         return out
 
 
+class SimHost(Protocol):
+    """What ``SimHostProbe`` reads of a backend."""
+
+    host_bytes: int | None
+
+    def host_resident_bytes(self) -> int: ...
+
+    def usage_bytes(self) -> int: ...
+
+
 class SimHostProbe:
     """The simulated host's memory, read as the daemon reads the real one's."""
 
-    def __init__(self, backend: SimBackend) -> None:
+    def __init__(self, backend: SimHost) -> None:
         self.backend = backend
 
     def read(self) -> HostMemory:
@@ -484,4 +557,5 @@ def run(
             on_step(engine)
 
 
-__all__ = ["ESX_SAMPLE_PAGES", "SimBackend", "SimCounter", "SimHostProbe", "run"]
+__all__ = ["ESX_SAMPLE_PAGES", "REPORT_FIELDS", "SampleRow", "SimBackend", "SimCounter",
+           "SimGuests", "SimHost", "SimHostProbe", "run"]
