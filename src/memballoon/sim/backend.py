@@ -505,11 +505,17 @@ class SimBackend:
     def violations(self, *, full: bool = True) -> list[str]:
         """Every broken invariant of every live pair: those seen while running, and with
         ``full`` a full ``check_pair`` of each now."""
-        out: list[str] = []
+        return [f"{g.name}: {v}" for g, vs in zip(self._guests, self.guest_violations(full=full))
+                for v in vs]
+
+    def guest_violations(self, *, full: bool = True) -> list[list[str]]:
+        """``violations`` by guest, in the guests' order, without the names."""
+        out: list[list[str]] = []
         for g in self._guests:
-            out.extend(f"{g.name}: {v}" for v in g.pair.violations)
+            vs = list(g.pair.violations)
             if full and g.alive:
-                out.extend(f"{g.name}: {v}" for v in check_pair(g.pair))
+                vs.extend(check_pair(g.pair))
+            out.append(vs)
         return out
 
 
