@@ -505,7 +505,8 @@ class SimBackend:
     def violations(self, *, full: bool = True) -> list[str]:
         """Every broken invariant of every live pair: those seen while running, and with
         ``full`` a full ``check_pair`` of each now."""
-        return [f"{g.name}: {v}" for g, vs in zip(self._guests, self.guest_violations(full=full))
+        by_guest = self.guest_violations(full=full)
+        return [f"{g.name}: {v}" for g, vs in zip(self._guests, by_guest, strict=True)
                 for v in vs]
 
     def guest_violations(self, *, full: bool = True) -> list[list[str]]:
