@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from itertools import chain
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -125,24 +125,47 @@ def _worker(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool
 
 
 def _serve(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool) -> None:
-    specs = sc.guests[shard::shards]
-    index = {g.name: shard + k * shards for k, g in enumerate(specs)}
-    stalls: list[tuple[float, int, float]] = []
-
-    def on_report(name: str, r: PressureReport) -> None:
-        stalls.append((r.time_s, index[name], r.stall_pct))
-
-    b = SimBackend(make_pairs(sc, specs), ManualClock(), report_every_s=sc.report_every_s,
-                   check=sc.check == "every", settings={g.name: g.settings for g in specs},
-                   sleep=sleep, on_report=on_report)
+    """A worker's loop: build the shard, then answer each message (after ``close``, stop)."""
+    s = _Shard(sc, shard, shards, sleep)
     gc.freeze()  # as an in-process run does: the guests' models out of the collector's scans
-
-    def counts() -> tuple[int, ...]:
-        return tuple(b.counters[c] for c in WORKER_COUNTERS)
-
-    conn.send(("ok", b.changed_rows(), counts()))
+    conn.send(s.hello())
     while True:
-        op, kills, targets, arg = conn.recv()
+        msg = conn.recv()
+        conn.send(s.handle(msg))
+        if msg[0] == "close":
+            return
+
+
+class _Shard:
+    """The guests ``shard::shards`` of ``sc`` under a ``SimBackend`` of their own, answering
+    the parent's messages: in a worker, or in the parent itself (``_LocalShard``)."""
+
+    def __init__(self, sc: Scenario, shard: int, shards: int, sleep: bool) -> None:
+        specs = sc.guests[shard::shards]
+        self.index = index = {g.name: shard + k * shards for k, g in enumerate(specs)}
+        self.stalls: list[tuple[float, int, float]] = []
+        stalls = self.stalls
+
+        def on_report(name: str, r: PressureReport) -> None:
+            stalls.append((r.time_s, index[name], r.stall_pct))
+
+        self.backend = SimBackend(
+            make_pairs(sc, specs), ManualClock(), report_every_s=sc.report_every_s,
+            check=sc.check == "every", settings={g.name: g.settings for g in specs},
+            sleep=sleep, on_report=on_report)
+
+    def counts(self) -> tuple[int, ...]:
+        return tuple(self.backend.counters[c] for c in WORKER_COUNTERS)
+
+    def hello(self) -> tuple[str, Any, tuple[int, ...]]:
+        """The first answer: every guest's row."""
+        return ("ok", self.backend.changed_rows(), self.counts())
+
+    def handle(self, msg: tuple[str, list[str], list[tuple[str, int]], Any],
+               ) -> tuple[str, Any, tuple[int, ...]]:
+        """Apply the kills and targets ``msg`` carries, then do what it asks."""
+        op, kills, targets, arg = msg
+        b = self.backend
         for name in kills:
             b.kill(name)
         for name, pages in targets:
@@ -150,12 +173,12 @@ def _serve(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool)
         payload: Any = None
         if op == "advance":
             b.advance(arg)
-            payload = (b.changed_rows(), stalls[:])
-            stalls.clear()
+            payload = (b.changed_rows(), self.stalls[:])
+            self.stalls.clear()
         elif op == "sync":
             b.sync()
-        elif op == "check":  # every worker syncs, as ``SimBackend.check_guest`` syncs all
-            if arg in index:
+        elif op == "check":  # every shard syncs, as ``SimBackend.check_guest`` syncs all
+            if arg in self.index:
                 payload = b.check_guest(arg)
             else:
                 b.sync()
@@ -164,12 +187,43 @@ def _serve(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool)
         elif op == "oom":
             payload = b.guest_oom_kills()
         elif op == "close":
-            conn.send(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       counts()))
-            return
+            payload = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         else:
             raise UsageError(f"unknown message {op!r}")
-        conn.send(("ok", payload, counts()))
+        return ("ok", payload, self.counts())
+
+
+class _Link(Protocol):
+    """What the parent uses of a shard's end of the pipe."""
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
+
+    def poll(self, timeout: float = 0.0) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class _LocalShard:
+    """A shard in the parent, behind the part of ``Connection`` the parent uses: a message
+    is handled as it is sent (after the workers' are sent: they run meanwhile)."""
+
+    def __init__(self, shard: _Shard) -> None:
+        self.shard = shard
+        self.answer: Any = shard.hello()
+
+    def send(self, msg: Any) -> None:
+        self.answer = self.shard.handle(msg)
+
+    def recv(self) -> Any:
+        return self.answer
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------- parent
@@ -177,7 +231,7 @@ class ShardedBackend:
     """The guests of ``sc`` in ``shards`` worker processes (module docstring)."""
 
     def __init__(self, sc: Scenario, shards: int, *, stalls: StallSink,
-                 sleep: bool = True) -> None:
+                 sleep: bool = True, local: bool = True) -> None:
         n = len(sc.guests)
         if not 1 <= shards <= n:
             raise UsageError(f"shards must be 1 to {n} (the guests), got {shards}")
@@ -215,14 +269,22 @@ class ShardedBackend:
         self._kills: list[list[str]] = [[] for _ in range(shards)]
         self._targets: list[list[tuple[str, int]]] = [[] for _ in range(shards)]
         self._counts: list[tuple[int, ...]] = [(0,) * len(WORKER_COUNTERS)] * shards
-        self._conns: list[Connection] = []
-        self._procs: list[BaseProcess] = []
+        # shard 0 in this process (``local``) or a worker like the others; the local one is
+        # sent its messages last, so that it runs while the workers do
+        self._conns: list[_Link] = []
+        self._procs: list[BaseProcess | None] = []
+        self._order = [*range(1, shards), 0] if local else list(range(shards))
         self._closed = False
         try:
             for k in range(shards):
+                if k == 0 and local:
+                    self._conns.append(_LocalShard(_Shard(sc, 0, shards, sleep)))  # below
+                    self._procs.append(None)
+                    continue
                 mine, theirs = _CTX.Pipe()
                 p = _CTX.Process(target=_worker, name=f"memballoon-sim-shard-{k}", daemon=True,
-                                 args=(theirs, sc, k, shards, sleep, list(self._conns)))
+                                 args=(theirs, sc, k, shards, sleep,
+                                       [c for c in self._conns if isinstance(c, Connection)]))
                 p.start()
                 theirs.close()  # the worker's end: ours closed, its death reads as EOF here
                 self._conns.append(mine)
@@ -244,7 +306,8 @@ class ShardedBackend:
     # ------------------------------------------------------------------ messages
     def _ask(self, op: str, arg: Any = None) -> list[Any]:
         """Send ``op`` (after what is queued) to every worker; their answers, by shard."""
-        for k, c in enumerate(self._conns):
+        for k in self._order:
+            c = self._conns[k]
             msg = (op, self._kills[k], self._targets[k], arg)
             self._kills[k], self._targets[k] = [], []
             try:
@@ -254,12 +317,11 @@ class ShardedBackend:
         return [self._recv(k) for k in range(self._n)]
 
     def _recv(self, k: int) -> Any:
-        c = self._conns[k]
-        if not c.poll(0):  # wait for the answer or the worker's end, whichever comes first
-            wait([c, self._procs[k].sentinel], ANSWER_TIMEOUT_S)
-            if not c.poll(0):
-                if self._procs[k].is_alive():
-                    self._fail(k, f"no answer in {ANSWER_TIMEOUT_S:g} s")
+        c, p = self._conns[k], self._procs[k]
+        if isinstance(c, Connection) and p is not None and not c.poll(0):  # answer or end
+            if not wait([c, p.sentinel], ANSWER_TIMEOUT_S):
+                self._fail(k, f"no answer in {ANSWER_TIMEOUT_S:g} s")
+            if not c.poll(0):  # its end came first (what it wrote before is readable)
                 self._fail(k, f"died; {self._exit(k)}")
         try:
             msg = c.recv()
@@ -279,6 +341,8 @@ class ShardedBackend:
 
     def _exit(self, k: int) -> str:
         p = self._procs[k]
+        if p is None:
+            return "in this process"
         p.join(1.0)
         return f"exit code {p.exitcode}" if p.exitcode is not None else "still running"
 
@@ -357,7 +421,9 @@ class ShardedBackend:
             return
         self._closed = True
         peaks: list[int] = []
-        for c in [] if force else self._conns:
+        for c, p in zip(self._conns, self._procs, strict=True):
+            if force or p is None:
+                continue
             try:
                 c.send(("close", [], [], None))
                 if c.poll(10.0):
@@ -366,7 +432,7 @@ class ShardedBackend:
             except (OSError, EOFError, TypeError, ValueError, IndexError):
                 peaks.append(0)
         self.worker_peak_rss_bytes = peaks
-        for p in self._procs:
+        for p in filter(None, self._procs):
             p.join(0 if force else 10.0)
             if p.is_alive():
                 p.terminate()
@@ -464,37 +530,39 @@ class ShardWorld:
 
 
 class Shards:
-    """A ``sim.run.BuildWorld`` spreading a run's guests over ``shards`` worker processes
-    (1: in this process); after a run, ``worker_peak_rss_bytes`` holds each worker's peak."""
+    """A ``sim.run.BuildWorld`` spreading a run's guests over ``shards`` processes: with
+    ``local``, this one (which runs the engine too) and ``shards - 1`` workers, else
+    ``shards`` workers; 1: in this process, as ``scenario.build``. After a run, ``used`` is
+    the shards it had and ``worker_peak_rss_bytes`` each worker's peak memory."""
 
-    def __init__(self, shards: int) -> None:
+    def __init__(self, shards: int, *, local: bool = True) -> None:
         if shards < 1:
             raise UsageError(f"shards must be positive, got {shards}")
         self.shards = shards
-        self.used = 1  # the shards the last run had (1: it ran in this process)
+        self.local = local
+        self.used = 1
         self.worker_peak_rss_bytes: list[int] = []
 
     def __call__(self, sc: Scenario, stalls: StallSink,
                  sleep: bool) -> contextlib.AbstractContextManager[RunWorld]:
         pol = make_scenario_policy(sc)
-        n = min(self.shards, len(sc.guests))
         self.worker_peak_rss_bytes = []
-        self.used = 1 if pol.name == "esx" else n  # ESX samples from one rng in guest order
-        if self.used <= 1:
+        self.used = 1 if pol.name == "esx" else min(self.shards, len(sc.guests))
+        if self.used <= 1:  # ESX samples from one rng in guest order: in this process
             w = build(sc, on_report=lambda name, r: stalls((r.stall_pct,)), sleep=sleep,
                       policy=pol)
             return contextlib.nullcontext(w)
-        return self._sharded(sc, pol, stalls, sleep)
+        # built now, as ``scenario.build`` builds (a run freezes the collector after)
+        b = ShardedBackend(sc, self.used, stalls=stalls, sleep=sleep, local=self.local)
+        return self._closing(ShardWorld(b, make_engine(sc, b, SimHostProbe(b), pol), pol))
 
     @contextlib.contextmanager
-    def _sharded(self, sc: Scenario, pol: Policy, stalls: StallSink,
-                 sleep: bool) -> Iterator[RunWorld]:
-        b = ShardedBackend(sc, self.used, stalls=stalls, sleep=sleep)
+    def _closing(self, w: ShardWorld) -> Iterator[RunWorld]:
         try:
-            yield ShardWorld(b, make_engine(sc, b, SimHostProbe(b), pol), pol)
+            yield w
         finally:
-            b.close()
-            self.worker_peak_rss_bytes = b.worker_peak_rss_bytes
+            w.backend.close()
+            self.worker_peak_rss_bytes = w.backend.worker_peak_rss_bytes
 
 
 def default_shards() -> int:
