@@ -82,6 +82,19 @@ def test_a_sweep_in_two_processes_gives_the_same_answer(
         out.append(json.loads(capsys.readouterr().out)["runs"][0])
     assert out[0]["sweep"] == out[1]["sweep"]
     assert out[0]["min_safe_budget_ratio"] == 1.0  # 10% of the RAM is too little
+    assert main(["sim", "run", str(tiny), "--duration", "20s", "--shards", "2", "--json",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["sweep"] == out[0]["sweep"]
+
+
+def test_a_run_in_two_shards_gives_the_same_answer(
+        tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = []
+    for shards in ("1", "2"):
+        assert main(["sim", "run", str(tiny), "--shards", shards, "--json",
+                     "--no-progress"]) == 0
+        out.append(json.loads(capsys.readouterr().out))
+    assert out[0] == out[1]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -89,6 +102,7 @@ def test_a_sweep_in_two_processes_gives_the_same_answer(
     (["sim", "compare", "--scenario", "idle-tax", "--policies", "greedy"],
      "--policies: unknown policy 'greedy'"),
     (["sim", "run", "idle-tax", "--duration", "soon"], "--duration: 'soon' is not a duration"),
+    (["sim", "run", "idle-tax", "--shards", "2", "--jobs", "2"], "--shards and --jobs"),
 ])
 def test_bad_input_exits_2_naming_it(argv: list[str], needle: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:

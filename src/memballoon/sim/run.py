@@ -278,13 +278,19 @@ def _run_json(sc: Scenario) -> dict[str, Any]:
     return run_scenario(sc).to_json(guests=True)
 
 
-def sweep(sc: Scenario, *, map_runs: MapRuns = map,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """``sc`` on hosts of each of its ``sweep_shares`` (module docstring)."""
+def sweep(sc: Scenario, *, map_runs: MapRuns = map, progress: Progress | None = None,
+          build_world: BuildWorld | None = None) -> dict[str, Any]:
+    """``sc`` on hosts of each of its ``sweep_shares`` (module docstring); each run in a world
+    of ``build_world`` (then one after the other: not with a parallel ``map_runs``)."""
     shares = sorted(sc.sweep_shares, reverse=True)
     points = [sc.with_host_share(s) for s in shares]
     results: list[dict[str, Any]] = []
-    for i, r in enumerate(map_runs(_run_json, points)):
+    run_json = _run_json
+    if build_world is not None:
+        def run_json(sc: Scenario) -> dict[str, Any]:
+            return run_scenario(sc, build_world=build_world).to_json(guests=True)
+
+    for i, r in enumerate(map_runs(run_json, points)):
         results.append({"share": shares[i], **{k: v for k, v in r.items() if k != "per_guest"}})
         if progress is not None:
             progress(f"{sc.name} {sc.policy}", i + 1, len(points))
