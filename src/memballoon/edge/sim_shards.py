@@ -73,7 +73,7 @@ from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Policy
 from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
-from memballoon.sim.backend import SampleRow, SimBackend, SimCounter, SimHostProbe
+from memballoon.sim.backend import REPORT_FIELDS, SampleRow, SimBackend, SimCounter, SimHostProbe
 from memballoon.sim.run import RunWorld, StallSink
 from memballoon.sim.scenario import (
     Scenario,
@@ -246,14 +246,11 @@ class ShardedBackend:
         self._names = [g.name for g in sc.guests]
         self._settings = [g.settings for g in sc.guests]
         self._by_name = {name: i for i, name in enumerate(self._names)}
-        # each guest as of its last row: RAM, balloon, target, report (and its fields), the
-        # report's time, alive, resident bytes
-        self._ram = [0] * n
-        self._balloon = [0] * n
-        self._target = [0] * n
+        # each guest's last row as its worker sent it, and what this process changed since:
+        # alive, resident bytes (a kill); the report built from the row's fields
+        self._rows: list[SampleRow] = [(0, 0, 0, 0, None, None, True, 0)] * n
         self._report: list[PressureReport | None] = [None] * n
         self._fields: list[tuple[Any, ...] | None] = [None] * n
-        self._report_time: list[float | None] = [None] * n
         self._alive = [True] * n
         self._resident = [0] * n
         self._resident_sum = 0
@@ -358,26 +355,32 @@ class ShardedBackend:
         self._counts[k] = counts
 
     def _apply(self, k: int, rows: list[SampleRow]) -> None:
-        """The rows of worker ``k``'s changed guests (local indices: guest ``k + j * N``)."""
+        """The rows of worker ``k``'s changed guests (local indices: guest ``k + j * N``);
+        the samples are built from them at the next ``guests()`` (a fleet's worth a step:
+        kept to a few list stores a row)."""
+        n, last, alive, resident = self._n, self._rows, self._alive, self._resident
+        sampled, stale = self._sampled, self._stale
+        delta = 0
         try:
-            for j, ram, balloon, target, fields, report_time, alive, resident in rows:
-                i = k + j * self._n
-                if not alive and not self._alive[i]:
+            for row in rows:
+                i = k + row[0] * n
+                f = row[4]
+                if len(row) != 8 or (f is not None and len(f) != len(REPORT_FIELDS)):
+                    raise ValueError(f"a row of {len(row)} values")
+                live = row[6]
+                if not live and not alive[i]:
                     continue  # the worker's echo of a kill made here: nothing new
-                self._ram[i], self._balloon[i], self._target[i] = ram, balloon, target
-                if fields != self._fields[i]:
-                    self._fields[i] = fields
-                    self._report[i] = (None if fields is None
-                                       else PressureReport(self._names[i], *fields))
-                self._report_time[i] = report_time
-                self._alive[i] = alive
-                self._resident_sum += resident - self._resident[i]
-                self._resident[i] = resident
-                if self._sampled[i]:
-                    self._sampled[i] = False
-                    self._stale.append(i)
+                last[i] = row
+                alive[i] = live
+                delta += row[7] - resident[i]
+                resident[i] = row[7]
+                if sampled[i]:
+                    sampled[i] = False
+                    stale.append(i)
         except (TypeError, ValueError, IndexError) as exc:
             self._fail(k, f"answered garbage rows ({exc})")
+        finally:
+            self._resident_sum += delta
 
     # ------------------------------------------------------------------ the run
     def advance(self, seconds: float) -> float:
@@ -450,11 +453,17 @@ class ShardedBackend:
     def guests(self) -> dict[str, GuestSample]:
         out, balloons, residents = self._samples, self._balloon_arr, self._resident_arr
         names, settings = self._names, self._settings
+        rows, reports, fields, alives = self._rows, self._report, self._fields, self._alive
         for i in self._stale:
-            rep, alive = self._report[i], self._alive[i]
+            row, alive = rows[i], alives[i]
+            f = row[4]
+            if f != fields[i]:  # a new report (mostly: time first, so told at once)
+                fields[i] = f
+                reports[i] = None if f is None else PressureReport(names[i], *f)
+            rep = reports[i]
             s = GuestSample(
-                names[i], self._ram[i], self._balloon[i] if alive else 0, self._target[i],
-                settings[i], rep, self._report_time[i], alive, self._resident[i],
+                names[i], row[1], row[2] if alive else 0, row[3], settings[i], rep, row[5],
+                alive, self._resident[i],
                 rep.active_sampled if rep is not None else 0,
                 rep.active_touched if rep is not None else 0,
             )
@@ -476,7 +485,7 @@ class ShardedBackend:
 
     def set_target(self, guest: str, balloon_pages: int) -> bool:
         i = self._by_name.get(guest)
-        if i is None or not self._alive[i] or not 0 <= balloon_pages <= self._ram[i]:
+        if i is None or not self._alive[i] or not 0 <= balloon_pages <= self._rows[i][1]:
             self.counters.inc(SimCounter.SET_TARGET_REFUSED)
             return False
         self._targets[i % self._n].append((guest, balloon_pages))
@@ -515,7 +524,6 @@ class ShardedBackend:
         self._alive[i] = False
         self._resident_sum -= self._resident[i]
         self._resident[i] = 0
-        self._balloon[i] = 0
         self._mark(i)
         self._kills[i % self._n].append(self._names[i])
 
