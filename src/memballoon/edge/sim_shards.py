@@ -9,11 +9,14 @@ whole run (round-robin: a scenario lists its guests by kind, and kinds cost very
 differently), while this process runs the engine (manager core and policy) as an in-process
 run does. A run's results are exactly the in-process run's (a test holds them to it).
 
-Each worker is forked from this process when the world is entered and builds the pairs of
-its own guests only (``scenario.make_pairs``: a pair depends on its own spec, whose workload
-carries its seed, so a subset's pairs are the full build's) under a ``SimBackend`` of its own,
-without a host. ``ShardedBackend``, here, is the manager's ``Backend`` and the run's
-``SimGuests``:
+Shard 0 lives in this process (``local``, the default): it is sent its messages after the
+workers, so it runs while they do, and N shards keep N processes busy (the engine runs
+between two advances, when the workers wait anyway). The others are workers forked from this
+process when the world is built; each builds the pairs of its own guests only
+(``scenario.make_pairs``: a pair depends on its own spec, whose workload carries its seed, so
+a subset's pairs are the full build's) under a ``SimBackend`` of its own, without a host.
+Every shard answers the same messages (``_Shard.handle``); ``ShardedBackend``, here, is the
+manager's ``Backend`` and the run's ``SimGuests``:
 
 - ``advance``: every worker is sent the kills and targets queued for it since its last
   message, then the seconds; it applies them in the order they were made (nothing reads the
@@ -25,7 +28,8 @@ without a host. ``ShardedBackend``, here, is the manager's ``Backend`` and the r
   as (report time, guest index, stall) and its counters. Stalls are merged by report time
   and guest index, the in-process order, so their mean and percentiles are bit-identical.
 - ``guests()`` rebuilds the samples of the changed guests from their rows as ``SimBackend``
-  does (the same values; a report object is kept while its fields stand).
+  does: the same values, for the same guests (a policy that re-reads only the samples that
+  are new objects sees the same ones); a report object is kept while its fields stand.
 - ``set_target`` is checked here (a known, live guest; 0 to its RAM), counted when refused,
   and queued for the guest's worker.
 - The host is this process's: it sums the guests' resident bytes and, past the host's memory,
@@ -46,6 +50,12 @@ ended (terminate, then kill, then join), as they are at the end of a run (the wo
 context). Workers are daemonic (they die with this process) and exit when their pipe closes.
 Memory: each worker reports its peak resident set (``ru_maxrss``) when the world closes;
 what a worker inherited from this process at the fork is counted in both.
+
+Speed: a step costs the engine's step, then the slowest shard's advance, then this process
+reading the answers (about a microsecond a changed guest: the rows unpickled and kept, the
+samples built as in process); the workers wait during the engine's step. On a machine whose
+cores are busy with other work, each hand-over waits for a core, and a sharded run can be
+slower than one in a single process.
 """
 
 from __future__ import annotations

@@ -40,6 +40,14 @@ so a manager with an "auto" budget reads it as the daemon reads /proc/meminfo. W
 guests and the host's own usage pass the host's memory at the end of an ``advance``, the host
 OOM-kills the guest holding the most (as a memory cgroup kills the largest process): it is dead
 from then on (``alive=False``) and its memory is the host's again (``host_oom_kills``).
+
+Shards: no guest reads another between two ``advance`` calls (only the host's sum at the end
+of one, and the ESX sample's shared ``rng``), so a fleet's guests can be split over several
+backends, each a subset of the pairs without a host, in processes of their own
+(``edge.sim_shards``). Such a backend answers with ``changed_rows`` (the changed guests'
+samples as plain tuples) instead of ``guests()``, and a run reads either kind through
+``SimGuests`` (``check_guest``, ``guest_violations``, ``guest_oom_kills`` instead of the
+pairs).
 """
 
 from __future__ import annotations
