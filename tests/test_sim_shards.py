@@ -1,4 +1,4 @@
-"""The sharded simulation (``edge.sim_shards``): the same run as in process, exactly, on fleet
+"""The sharded simulation (``app.sim_shards``): the same run as in process, exactly, on fleet
 slices of every protocol (pressed hosts, so that the policy reclaims and the host OOM-kills);
 a worker's failure is a ``ShardError`` naming it, with no process left behind."""
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-import memballoon.edge.sim_shards as shards_mod
+import memballoon.app.sim_shards as shards_mod
+from memballoon.app.sim_shards import ShardCounter, ShardedBackend, ShardError, Shards
 from memballoon.bench.sim import fleet
-from memballoon.edge.sim_shards import ShardCounter, ShardedBackend, ShardError, Shards
 from memballoon.guest.report import guest_report
 from memballoon.sim.backend import SimCounter
 from memballoon.sim.run import run_scenario

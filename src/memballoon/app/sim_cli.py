@@ -4,7 +4,7 @@ A scenario is a built-in name (``sim list``) or a TOML file (``app/scenario.py``
 format; ``sim show NAME`` prints a built-in one to start from). Results go to stdout (one JSON
 object with ``--json``), a progress bar to stderr. ``--jobs N`` runs the runs of a comparison
 or a sweep in N processes (they are independent; each is deterministic). ``sim run --shards N``
-instead spreads each run's guests over N processes (``edge.sim_shards``: the same results
+instead spreads each run's guests over N processes (``app.sim_shards``: the same results
 exactly; a run whose policy samples active pages, ESX's, stays in one); the two do not nest.
 """
 
@@ -22,8 +22,8 @@ from dataclasses import replace
 from typing import Any
 
 from memballoon.app.scenario import BUILTIN, builtin_text, duration, load_scenario
+from memballoon.app.sim_shards import Shards
 from memballoon.cliargs import positive_int
-from memballoon.edge.sim_shards import Shards
 from memballoon.guest.workload import Toucher
 from memballoon.model.errors import ConfigError
 from memballoon.policy.registry import POLICIES

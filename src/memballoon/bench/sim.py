@@ -22,7 +22,7 @@ peak memory is its own. Per protocol:
 ``--guests K`` takes every (1000/K)-th guest (the same mix), ``--duration`` another length,
 ``--repeat N`` runs each protocol N times and reports the run with the median wall time (every
 run's wall time under ``runs``), ``--shards N`` runs the guests in N worker processes
-(``edge.sim_shards``: the same results exactly; default the CPUs the process may use, at most
+(``app.sim_shards``: the same results exactly; default the CPUs the process may use, at most
 4). The wall clock is read here, at the edge, never inside the simulation.
 """
 
@@ -68,7 +68,7 @@ def run_one(protocol: str, guests: int | None, seconds: float | None,
             progress: bool, shards: int = 1) -> dict[str, Any]:
     """One protocol's run, in this process and ``shards`` workers (the child's side)."""
     from memballoon.app.sim_cli import progress_bar
-    from memballoon.edge.sim_shards import Shards
+    from memballoon.app.sim_shards import Shards
     from memballoon.sim.run import run_scenario
 
     t0 = time.perf_counter()
@@ -152,8 +152,8 @@ def _protocols(text: str) -> list[str]:
 def register(bsub: Any) -> None:
     """Add ``bench sim`` to the ``bench`` subparsers."""
     from memballoon.app.scenario import duration
+    from memballoon.app.sim_shards import MAX_DEFAULT_SHARDS, default_shards
     from memballoon.cliargs import positive_int
-    from memballoon.edge.sim_shards import MAX_DEFAULT_SHARDS, default_shards
 
     def cmd(a: argparse.Namespace) -> int:
         secs = None if a.duration is None else duration(a.duration, "--duration")

@@ -44,7 +44,7 @@ from then on (``alive=False``) and its memory is the host's again (``host_oom_ki
 Shards: no guest reads another between two ``advance`` calls (only the host's sum at the end
 of one, and the ESX sample's shared ``rng``), so a fleet's guests can be split over several
 backends, each a subset of the pairs without a host, in processes of their own
-(``edge.sim_shards``). Such a backend answers with ``changed_rows`` (the changed guests'
+(``app.sim_shards``). Such a backend answers with ``changed_rows`` (the changed guests'
 samples as plain tuples) instead of ``guests()``, and a run reads either kind through
 ``SimGuests`` (``check_guest``, ``guest_violations``, ``guest_oom_kills`` instead of the
 pairs).
@@ -131,7 +131,7 @@ class _SimGuest:
 
 class SimGuests(Protocol):
     """What a run (``sim.run``) reads of the guests besides the manager's ``Backend`` port:
-    ``SimBackend`` in process, or the sharded backend of ``edge.sim_shards``."""
+    ``SimBackend`` in process, or the sharded backend of ``app.sim_shards``."""
 
     clock: ManualClock
     counters: Counters

@@ -22,7 +22,7 @@ No wall clock is read here: a caller that wants the engine's step times passes i
 ``stopwatch`` (the bench passes ``time.perf_counter``), and runs happen one after the other
 unless the caller hands ``compare`` a parallel ``map``. Nor are processes started here: a
 caller that wants a run's guests spread over processes passes a ``build_world`` (the sharded
-world of ``edge.sim_shards``); the run reads the guests only through ``SimGuests``, which both
+world of ``app.sim_shards``); the run reads the guests only through ``SimGuests``, which both
 backends implement, so the loop and its figures are the same either way.
 """
 

@@ -65,6 +65,7 @@ import gc
 import multiprocessing
 import os
 import resource
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -123,6 +124,9 @@ def _worker(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool
     """A worker's life: build its guests, then answer messages until told to close."""
     for c in others:  # the other workers' pipes, inherited through the fork
         c.close()
+    # A worker writes nothing, and must not touch the streams it inherited: a thread of the
+    # parent (a progress bar's) may have held their locks at the fork, for ever in the copy.
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the worker's to its end
     try:
         _serve(conn, sc, shard, shards, sleep)
     except (EOFError, KeyboardInterrupt):
