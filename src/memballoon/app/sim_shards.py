@@ -154,7 +154,9 @@ class _Shard:
     """The guests ``shard::shards`` of ``sc`` under a ``SimBackend`` of their own, answering
     the parent's messages: in a worker, or in the parent itself (``_LocalShard``)."""
 
-    def __init__(self, sc: Scenario, shard: int, shards: int, sleep: bool) -> None:
+    def __init__(self, sc: Scenario, shard: int, shards: int, sleep: bool, *,
+                 fields: bool = True) -> None:
+        self.fields = fields  # reports as their fields (to another process), or as they are
         specs = sc.guests[shard::shards]
         self.index = index = {g.name: shard + k * shards for k, g in enumerate(specs)}
         self.stalls: list[tuple[float, int, float]] = []
@@ -173,7 +175,7 @@ class _Shard:
 
     def hello(self) -> tuple[str, Any, tuple[int, ...]]:
         """The first answer: every guest's row."""
-        return ("ok", self.backend.changed_rows(), self.counts())
+        return ("ok", self.backend.changed_rows(fields=self.fields), self.counts())
 
     def handle(self, msg: tuple[str, list[str], list[tuple[str, int]], Any],
                ) -> tuple[str, Any, tuple[int, ...]]:
@@ -187,7 +189,7 @@ class _Shard:
         payload: Any = None
         if op == "advance":
             b.advance(arg)
-            payload = (b.changed_rows(), self.stalls[:])
+            payload = (b.changed_rows(fields=self.fields), self.stalls[:])
             self.stalls.clear()
         elif op == "sync":
             b.sync()
@@ -264,7 +266,7 @@ class ShardedBackend:
         # alive, resident bytes (a kill); the report built from the row's fields
         self._rows: list[SampleRow] = [(0, 0, 0, 0, None, None, True, 0)] * n
         self._report: list[PressureReport | None] = [None] * n
-        self._fields: list[tuple[Any, ...] | None] = [None] * n
+        self._fields: list[tuple[Any, ...] | PressureReport | None] = [None] * n
         self._alive = [True] * n
         self._resident = [0] * n
         self._resident_sum = 0
@@ -289,7 +291,7 @@ class ShardedBackend:
         try:
             for k in range(shards):
                 if k == 0 and local:
-                    self._conns.append(_LocalShard(_Shard(sc, 0, shards, sleep)))  # below
+                    self._conns.append(_LocalShard(_Shard(sc, 0, shards, sleep, fields=False)))
                     self._procs.append(None)
                     continue
                 mine, theirs = _CTX.Pipe()
@@ -379,7 +381,8 @@ class ShardedBackend:
             for row in rows:
                 i = k + row[0] * n
                 f = row[4]
-                if len(row) != 8 or (f is not None and len(f) != len(REPORT_FIELDS)):
+                if len(row) != 8 or not (f is None or type(f) is PressureReport
+                                         or (type(f) is tuple and len(f) == len(REPORT_FIELDS))):
                     raise ValueError(f"a row of {len(row)} values")
                 live = row[6]
                 if not live and not alive[i]:
@@ -471,9 +474,12 @@ class ShardedBackend:
         for i in self._stale:
             row, alive = rows[i], alives[i]
             f = row[4]
-            if f != fields[i]:  # a new report (mostly: time first, so told at once)
+            if f is not fields[i]:
+                if f is None or isinstance(f, PressureReport):  # the local shard's, as it is
+                    reports[i] = f
+                elif f != fields[i]:  # new fields (mostly: the time first, told at once)
+                    reports[i] = PressureReport(names[i], *f)
                 fields[i] = f
-                reports[i] = None if f is None else PressureReport(names[i], *f)
             rep = reports[i]
             s = GuestSample(
                 names[i], row[1], row[2] if alive else 0, row[3], settings[i], rep, row[5],

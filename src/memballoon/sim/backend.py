@@ -88,9 +88,10 @@ ReportSink = Callable[[str, PressureReport], None]
 REPORT_FIELDS: Final = tuple(f.name for f in fields(PressureReport))[1:]
 _report_fields = attrgetter(*REPORT_FIELDS)
 #: One changed guest as plain values (cheap to send to another process): index, RAM pages,
-#: balloon pages (0 dead), target pages, report fields (or None), report time, alive,
-#: resident bytes.
-SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | None", "float | None", bool, int]
+#: balloon pages (0 dead), target pages, report fields (or, within one process, the report
+#: itself; None without one), report time, alive, resident bytes.
+SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | PressureReport | None", "float | None",
+                  bool, int]
 
 
 #: ``changed_rows`` marks a guest's sample as sent with this (any non-None sample will do).
@@ -466,16 +467,17 @@ class SimBackend:
         snap = self._returned = dict(out)  # the caller's own
         return snap
 
-    def changed_rows(self) -> list[SampleRow]:
-        """The guests whose sample changed since the last call, as ``SampleRow``s (a shard
-        worker's answer; instead of ``guests()``, never mixed with it)."""
+    def changed_rows(self, *, fields: bool = True) -> list[SampleRow]:
+        """The guests whose sample changed since the last call, as ``SampleRow``s (a shard's
+        answer; instead of ``guests()``, never mixed with it); the reports as their fields
+        (to another process), or as they are."""
         out: list[SampleRow] = []
         for g in self._stale:
             p, rep = g.pair, g.report
             out.append((g.index, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
                         p.device.target_pages,
-                        None if rep is None else _report_fields(rep), g.report_time, g.alive,
-                        g.resident))
+                        _report_fields(rep) if fields and rep is not None else rep,
+                        g.report_time, g.alive, g.resident))
             g.sample = _SHIPPED  # sent: the next change puts it on the list again
         self._stale.clear()
         return out
