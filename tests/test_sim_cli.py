@@ -141,6 +141,17 @@ def test_a_run_draws_a_progress_bar_on_a_terminal(tiny: Path) -> None:
         run_scenario(load_scenario(str(tiny)), progress=both)
     assert seen and seen[-1] == ("tiny", 30.0, 30.0)
     assert "memballoon: tiny" in buf.getvalue() and "100%" in buf.getvalue()
+    # with the guests in two processes (a worker forked while the bar's thread draws), too
+    from memballoon.app.sim_shards import Shards
+
+    seen.clear()
+    with progress_bar(True, console=term) as prog:
+        def again(label: str, done: float, total: float) -> None:
+            seen.append((label, done, total))
+            prog(label, done, total)
+
+        run_scenario(load_scenario(str(tiny)), progress=again, build_world=Shards(2))
+    assert len(seen) == 30 and seen[-1] == ("tiny", 30.0, 30.0)
 
 
 def test_the_commands_show_progress_unless_told_not_to(
