@@ -42,12 +42,28 @@ def test_each_protocol_runs_in_a_process_of_its_own(capsys: pytest.CaptureFixtur
     assert json.loads(capsys.readouterr().out)["protocol"] == "vmw"
 
 
+def test_shards_run_the_same_fleet_and_add_the_workers_memory() -> None:
+    one = run_one("vmw-batched", 8, 30.0, progress=False)
+    two = run_one("vmw-batched", 8, 30.0, progress=False, shards=2)
+    assert one["shards"] == 1 and two["shards"] == 2
+    for k in ("decisions", "guest_ticks", "guest_idle_periods", "mean_stall_pct",
+              "p99_stall_pct", "mean_released_bytes", "guest_oom_kills", "invariant_violations"):
+        assert one[k] == two[k], k
+    assert two["peak_rss_bytes"] > 0
+    res = run_bench(["virtio"], guests=4, seconds=5.0, progress=False, shards=2)
+    assert res["protocols"]["virtio"]["shards"] == 2
+
+
 def test_the_command_prints_json_and_refuses_bad_protocols(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "sim", "--protocols", "virtio", "--guests", "2", "--duration",
                      "5s", "--json", "--no-progress"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["protocols"]) == {"virtio"}
+    assert 1 <= doc["protocols"]["virtio"]["shards"] <= 2  # the default: the CPUs, 2 guests
+    assert cli_main(["bench", "sim", "--protocols", "vmw", "--guests", "2", "--duration",
+                     "5s", "--shards", "1", "--no-progress"]) == 0
+    assert "1 shard)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(["bench", "sim", "--protocols", "xen"])
     assert "unknown protocol 'xen'" in capsys.readouterr().err

@@ -239,3 +239,49 @@ def test_samples_are_rebuilt_only_for_guests_that_changed(protocol: str) -> None
             b.kill("g1")
             dead = b.guests()["g1"]
             assert not dead.alive and dead.balloon_pages == 0 and dead.resident_bytes == 0
+
+
+def _twins() -> tuple[SimBackend, SimBackend]:
+    def one() -> SimBackend:
+        pairs = {"web": make_pair("vmw-batched", mib_to_pages(128),
+                                  Steady(anon_mib=32, file_mib=16)),
+                 "idle": make_pair("virtio", mib_to_pages(64), Idle(anon_mib=8, file_mib=4))}
+        return SimBackend(pairs, ManualClock())
+    return one(), one()
+
+
+def test_changed_rows_carry_what_guests_builds_for_the_same_guests() -> None:
+    a, b = _twins()
+    names = list(a.guests())
+    rows = b.changed_rows()
+    assert [r[0] for r in rows] == [0, 1]  # every guest at first
+    for step in range(6):
+        if step == 2:
+            assert a.set_target("web", 1000) and b.set_target("web", 1000)
+        a.advance(1.0)
+        b.advance(1.0)
+        stale = {g.index for g in a._stale}  # rebuilt at the next guests()
+        samples = a.guests()
+        rows = b.changed_rows(fields=step % 2 == 0)
+        assert {r[0] for r in rows} == stale
+        for i, ram, balloon, target, fields, report_time, alive, resident in rows:
+            s = samples[names[i]]
+            assert (ram, balloon, target, report_time, alive, resident) == (
+                s.ram_pages, s.balloon_pages, s.target_pages, s.report_time, s.alive,
+                s.resident_bytes)
+            rep = fields if isinstance(fields, PressureReport) or fields is None \
+                else PressureReport(names[i], *fields)
+            assert rep == s.report
+    assert b.changed_rows() == []  # nothing changed since
+
+
+def test_the_run_reads_checks_and_oom_kills_by_guest() -> None:
+    a, _ = _twins()
+    a.advance(3.0)
+    assert a.check_guest("web") == []
+    assert a.guest_violations(full=True) == [[], []]
+    assert a.violations() == []
+    assert a.guest_oom_kills() == [0, 0]
+    a.pair("idle").violations.append("made up")
+    assert a.guest_violations(full=False) == [[], ["made up"]]
+    assert a.violations(full=False) == ["idle: made up"]

@@ -82,6 +82,19 @@ def test_a_sweep_in_two_processes_gives_the_same_answer(
         out.append(json.loads(capsys.readouterr().out)["runs"][0])
     assert out[0]["sweep"] == out[1]["sweep"]
     assert out[0]["min_safe_budget_ratio"] == 1.0  # 10% of the RAM is too little
+    assert main(["sim", "run", str(tiny), "--duration", "20s", "--shards", "2", "--json",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["sweep"] == out[0]["sweep"]
+
+
+def test_a_run_in_two_shards_gives_the_same_answer(
+        tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = []
+    for shards in ("1", "2"):
+        assert main(["sim", "run", str(tiny), "--shards", shards, "--json",
+                     "--no-progress"]) == 0
+        out.append(json.loads(capsys.readouterr().out))
+    assert out[0] == out[1]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -89,6 +102,7 @@ def test_a_sweep_in_two_processes_gives_the_same_answer(
     (["sim", "compare", "--scenario", "idle-tax", "--policies", "greedy"],
      "--policies: unknown policy 'greedy'"),
     (["sim", "run", "idle-tax", "--duration", "soon"], "--duration: 'soon' is not a duration"),
+    (["sim", "run", "idle-tax", "--shards", "2", "--jobs", "2"], "--shards and --jobs"),
 ])
 def test_bad_input_exits_2_naming_it(argv: list[str], needle: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,6 +141,17 @@ def test_a_run_draws_a_progress_bar_on_a_terminal(tiny: Path) -> None:
         run_scenario(load_scenario(str(tiny)), progress=both)
     assert seen and seen[-1] == ("tiny", 30.0, 30.0)
     assert "memballoon: tiny" in buf.getvalue() and "100%" in buf.getvalue()
+    # with the guests in two processes (a worker forked while the bar's thread draws), too
+    from memballoon.app.sim_shards import Shards
+
+    seen.clear()
+    with progress_bar(True, console=term) as prog:
+        def again(label: str, done: float, total: float) -> None:
+            seen.append((label, done, total))
+            prog(label, done, total)
+
+        run_scenario(load_scenario(str(tiny)), progress=again, build_world=Shards(2))
+    assert len(seen) == 30 and seen[-1] == ("tiny", 30.0, 30.0)
 
 
 def test_the_commands_show_progress_unless_told_not_to(

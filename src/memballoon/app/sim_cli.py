@@ -3,7 +3,9 @@
 A scenario is a built-in name (``sim list``) or a TOML file (``app/scenario.py`` documents the
 format; ``sim show NAME`` prints a built-in one to start from). Results go to stdout (one JSON
 object with ``--json``), a progress bar to stderr. ``--jobs N`` runs the runs of a comparison
-or a sweep in N processes (they are independent; each is deterministic).
+or a sweep in N processes (they are independent; each is deterministic). ``sim run --shards N``
+instead spreads each run's guests over N processes (``app.sim_shards``: the same results
+exactly; a run whose policy samples active pages, ESX's, stays in one); the two do not nest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from memballoon.app.scenario import BUILTIN, builtin_text, duration, load_scenario
+from memballoon.app.sim_shards import Shards
 from memballoon.cliargs import positive_int
 from memballoon.guest.workload import Toucher
 from memballoon.model.errors import ConfigError
@@ -118,16 +121,20 @@ _HEADER = (f"{'run':<10} {'peak MiB':>9} {'released':>9} {'OOM':>5} {'stall%':>7
 
 def _cmd_run(a: argparse.Namespace) -> int:
     sc = _scenario(a)
+    if a.shards > 1 and a.jobs > 1:
+        raise ConfigError("--shards and --jobs: one or the other (a run's guests in processes, "
+                          "or runs in processes)")
+    world = Shards(a.shards) if a.shards > 1 else None
     results = []
     with progress_bar(not a.no_progress) as prog, parallel_map(a.jobs) as map_runs:
         for one in runs_of(sc):
             if one.sweep_shares:
-                res = sweep(one, map_runs=map_runs, progress=prog)
+                res = sweep(one, map_runs=map_runs, progress=prog, build_world=world)
                 best = next((r for r in res["sweep"]
                              if r["share"] == res["min_safe_budget_ratio"]), res["sweep"][0])
                 results.append({**best, **res})
             else:
-                r = run_scenario(one, progress=prog).to_json()
+                r = run_scenario(one, progress=prog, build_world=world).to_json()
                 steps = toucher_steps(one, r)
                 if steps:
                     r["estimate_steps"] = steps
@@ -215,6 +222,8 @@ def register(sub: Any) -> None:
                                     "policy, once per variant, or over its host sweep.")
     r.add_argument("scenario", metavar="SCENARIO")
     r.add_argument("--policy", choices=POLICIES, help="overrides the scenario's policy")
+    r.add_argument("--shards", type=_jobs, default=1,
+                   help="processes for each run's guests (default 1; not with --jobs)")
     common(r)
     r.set_defaults(func=_cmd_run)
 

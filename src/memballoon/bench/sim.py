@@ -11,14 +11,19 @@ peak memory is its own. Per protocol:
   driver period, slept through or run; ``guest_ticks`` of them were run);
 - ``engine_step_ms_p50``/``_p99``: one manager step (collect, decide, act, journal) over all
   guests;
-- ``peak_rss_bytes``: the process's peak resident memory (``ru_maxrss``);
+- ``shards``: the processes the guests ran in (``--shards``; 1: with the engine, in the run's
+  process);
+- ``peak_rss_bytes``: the run's peak resident memory (``ru_maxrss``): its process's, plus each
+  shard worker's own peak (a sum: each holds its guests; what a worker shares with the
+  process it was forked from is counted twice);
 - ``invariant_violations``: every pair checked in full at the end (must be 0);
 - what the run did: decisions, OOM kills, mean and p99 stall.
 
 ``--guests K`` takes every (1000/K)-th guest (the same mix), ``--duration`` another length,
 ``--repeat N`` runs each protocol N times and reports the run with the median wall time (every
-run's wall time under ``runs``). The wall clock is read here, at the edge, never inside the
-simulation.
+run's wall time under ``runs``), ``--shards N`` runs the guests in N worker processes
+(``app.sim_shards``: the same results exactly; default the CPUs the process may use, at most
+4). The wall clock is read here, at the edge, never inside the simulation.
 """
 
 from __future__ import annotations
@@ -60,17 +65,19 @@ def fleet(protocol: str, guests: int | None = None, seconds: float | None = None
 
 
 def run_one(protocol: str, guests: int | None, seconds: float | None,
-            progress: bool) -> dict[str, Any]:
-    """One protocol's run, in this process (the child's side)."""
+            progress: bool, shards: int = 1) -> dict[str, Any]:
+    """One protocol's run, in this process and ``shards`` workers (the child's side)."""
     from memballoon.app.sim_cli import progress_bar
+    from memballoon.app.sim_shards import Shards
     from memballoon.sim.run import run_scenario
 
     t0 = time.perf_counter()
     sc = fleet(protocol, guests, seconds)
     build = time.perf_counter() - t0
+    world = Shards(shards)
     with progress_bar(progress) as prog:
         t1 = time.perf_counter()
-        r = run_scenario(sc, stopwatch=time.perf_counter,
+        r = run_scenario(sc, stopwatch=time.perf_counter, build_world=world,
                          progress=lambda label, done, total: prog(
                              f"bench sim {protocol}", done, total))
         wall = time.perf_counter() - t1
@@ -86,7 +93,9 @@ def run_one(protocol: str, guests: int | None, seconds: float | None,
         "guest_steps_per_second": round(steps / wall, 1),
         "engine_step_ms_p50": res.get("engine_step_ms_p50"),
         "engine_step_ms_p99": res.get("engine_step_ms_p99"),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "shards": world.used,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        + sum(world.worker_peak_rss_bytes),
         "invariant_violations": res["invariant_violations"],
         "violations_sample": res["violations_sample"],
         "guest_ticks": res["guest_ticks"], "guest_idle_periods": res["guest_idle_periods"],
@@ -97,9 +106,10 @@ def run_one(protocol: str, guests: int | None, seconds: float | None,
 
 
 def run_child(protocol: str, guests: int | None, seconds: float | None,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, shards: int = 1) -> dict[str, Any]:
     """One protocol's run in a fresh process (its peak memory its own)."""
-    cmd = [sys.executable, "-m", "memballoon.bench.sim", "--child", protocol]
+    cmd = [sys.executable, "-m", "memballoon.bench.sim", "--child", protocol,
+           "--shards", str(shards)]
     if guests is not None:
         cmd += ["--guests", str(guests)]
     if seconds is not None:
@@ -114,10 +124,10 @@ def run_child(protocol: str, guests: int | None, seconds: float | None,
 
 
 def run_bench(protocols: list[str], *, guests: int | None = None, seconds: float | None = None,
-              repeat: int = 1, progress: bool = True) -> dict[str, Any]:
+              repeat: int = 1, progress: bool = True, shards: int = 1) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for p in protocols:
-        runs = [run_child(p, guests, seconds, progress) for _ in range(repeat)]
+        runs = [run_child(p, guests, seconds, progress, shards) for _ in range(repeat)]
         walls = [r["wall_seconds"] for r in runs]
         med = statistics.median_low(walls)
         best = next(r for r in runs if r["wall_seconds"] == med)
@@ -142,19 +152,22 @@ def _protocols(text: str) -> list[str]:
 def register(bsub: Any) -> None:
     """Add ``bench sim`` to the ``bench`` subparsers."""
     from memballoon.app.scenario import duration
+    from memballoon.app.sim_shards import MAX_DEFAULT_SHARDS, default_shards
     from memballoon.cliargs import positive_int
 
     def cmd(a: argparse.Namespace) -> int:
         secs = None if a.duration is None else duration(a.duration, "--duration")
+        shards = a.shards if a.shards is not None else default_shards()
         res = run_bench(a.protocols, guests=a.guests, seconds=secs, repeat=a.repeat,
-                        progress=not a.no_progress)
+                        progress=not a.no_progress, shards=shards)
         if a.json:
             print(json.dumps(res))
         else:
             for p, r in res["protocols"].items():
                 print(f"{p:<12} {r['guests']} guests, {r['simulated_seconds']:g} s simulated "
                       f"in {r['wall_seconds']:.1f} s ({r['guest_steps_per_second']:.0f} guest "
-                      f"steps/s), engine step p99 {r['engine_step_ms_p99']} ms, peak RSS "
+                      f"steps/s, {r['shards']} shard{'s' if r['shards'] != 1 else ''}), "
+                      f"engine step p99 {r['engine_step_ms_p99']} ms, peak RSS "
                       f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, "
                       f"{r['invariant_violations']} violations")
         bad = sum(r["invariant_violations"] for r in res["protocols"].values())
@@ -169,20 +182,25 @@ def register(bsub: Any) -> None:
     p.add_argument("--duration", help="simulated time (default the scenario's hour)")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="runs per protocol; report the median (default 1)")
+    p.add_argument("--shards", type=positive_int,
+                   help="worker processes for the guests (1: in the run's process; default the "
+                        f"CPUs available, at most {MAX_DEFAULT_SHARDS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child process: ``--child PROTOCOL [--guests K] [--seconds S] [--progress]``."""
+    """The child process: ``--child PROTOCOL [--guests K] [--seconds S] [--shards N]
+    [--progress]``."""
     ap = argparse.ArgumentParser(prog="memballoon.bench.sim")
     ap.add_argument("--child", required=True, choices=PROTOCOLS)
     ap.add_argument("--guests", type=int)
     ap.add_argument("--seconds", type=float)
+    ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
     a = ap.parse_args(argv)
-    print(json.dumps(run_one(a.child, a.guests, a.seconds, a.progress)))
+    print(json.dumps(run_one(a.child, a.guests, a.seconds, a.progress, a.shards)))
     return 0
 
 

@@ -40,6 +40,14 @@ so a manager with an "auto" budget reads it as the daemon reads /proc/meminfo. W
 guests and the host's own usage pass the host's memory at the end of an ``advance``, the host
 OOM-kills the guest holding the most (as a memory cgroup kills the largest process): it is dead
 from then on (``alive=False``) and its memory is the host's again (``host_oom_kills``).
+
+Shards: no guest reads another between two ``advance`` calls (only the host's sum at the end
+of one, and the ESX sample's shared ``rng``), so a fleet's guests can be split over several
+backends, each a subset of the pairs without a host, in processes of their own
+(``app.sim_shards``). Such a backend answers with ``changed_rows`` (the changed guests'
+samples as plain tuples) instead of ``guests()``, and a run reads either kind through
+``SimGuests`` (``check_guest``, ``guest_violations``, ``guest_oom_kills`` instead of the
+pairs).
 """
 
 from __future__ import annotations
@@ -48,8 +56,9 @@ import heapq
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -74,6 +83,19 @@ TIME_EPS: Final = 1e-9
 HostUsage = Callable[[float], int]
 #: Told of every report a guest pushes (the runner keeps the stall samples).
 ReportSink = Callable[[str, PressureReport], None]
+#: A ``PressureReport``'s fields but the guest's name, in their order: the report as a tuple
+#: (``SimBackend.changed_rows``), rebuilt with ``PressureReport(name, *fields)``.
+REPORT_FIELDS: Final = tuple(f.name for f in fields(PressureReport))[1:]
+_report_fields = attrgetter(*REPORT_FIELDS)
+#: One changed guest as plain values (cheap to send to another process): index, RAM pages,
+#: balloon pages (0 dead), target pages, report fields (or, within one process, the report
+#: itself; None without one), report time, alive, resident bytes.
+SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | PressureReport | None", "float | None",
+                  bool, int]
+
+
+#: ``changed_rows`` marks a guest's sample as sent with this (any non-None sample will do).
+_SHIPPED: Final = GuestSample("", 0, 0, 0)
 
 
 class SimCounter(CounterName):
@@ -106,6 +128,33 @@ class _SimGuest:
     # nothing ran on the pair since ``report`` was built from it (no tick, wake, catch-up,
     # target or kill, and nobody was handed the pair): the next report repeats its figures
     unchanged: bool = False
+
+
+class SimGuests(Protocol):
+    """What a run (``sim.run``) reads of the guests besides the manager's ``Backend`` port:
+    ``SimBackend`` in process, or the sharded backend of ``app.sim_shards``."""
+
+    clock: ManualClock
+    counters: Counters
+    host_oom_kills: int
+
+    def advance(self, seconds: float) -> float: ...
+
+    def host_resident_bytes(self) -> int: ...
+
+    def sample_figures(
+        self, samples: Mapping[str, GuestSample],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None: ...
+
+    def alive(self, name: str) -> bool: ...
+
+    def sync(self) -> None: ...
+
+    def check_guest(self, name: str) -> list[str]: ...
+
+    def violations(self, *, full: bool = True) -> list[str]: ...
+
+    def guest_oom_kills(self) -> list[int]: ...
 
 
 class SimBackend:
@@ -310,6 +359,15 @@ class SimBackend:
             if g.alive:
                 self._catch_up(g, now)
 
+    def check_guest(self, name: str) -> list[str]:
+        """``sync``, then a full ``check_pair`` of ``name``'s pair (a run's spot check)."""
+        self.sync()
+        return check_pair(self._by_name[name].pair)
+
+    def guest_oom_kills(self) -> list[int]:
+        """OOM kills inside each guest, in the guests' order."""
+        return [g.pair.mem.events.oom_kills for g in self._guests]
+
     # ------------------------------------------------------------------ reports
     def _report_round(self, t: float) -> None:
         """Every live guest pushes its report of time ``t`` (one loop over the fleet: a
@@ -409,6 +467,21 @@ class SimBackend:
         snap = self._returned = dict(out)  # the caller's own
         return snap
 
+    def changed_rows(self, *, fields: bool = True) -> list[SampleRow]:
+        """The guests whose sample changed since the last call, as ``SampleRow``s (a shard's
+        answer; instead of ``guests()``, never mixed with it); the reports as their fields
+        (to another process), or as they are."""
+        out: list[SampleRow] = []
+        for g in self._stale:
+            p, rep = g.pair, g.report
+            out.append((g.index, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
+                        p.device.target_pages,
+                        _report_fields(rep) if fields and rep is not None else rep,
+                        g.report_time, g.alive, g.resident))
+            g.sample = _SHIPPED  # sent: the next change puts it on the list again
+        self._stale.clear()
+        return out
+
     def sample_figures(
         self, samples: Mapping[str, GuestSample],
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
@@ -442,18 +515,35 @@ class SimBackend:
     def violations(self, *, full: bool = True) -> list[str]:
         """Every broken invariant of every live pair: those seen while running, and with
         ``full`` a full ``check_pair`` of each now."""
-        out: list[str] = []
+        by_guest = self.guest_violations(full=full)
+        return [f"{g.name}: {v}" for g, vs in zip(self._guests, by_guest, strict=True)
+                for v in vs]
+
+    def guest_violations(self, *, full: bool = True) -> list[list[str]]:
+        """``violations`` by guest, in the guests' order, without the names."""
+        out: list[list[str]] = []
         for g in self._guests:
-            out.extend(f"{g.name}: {v}" for v in g.pair.violations)
+            vs = list(g.pair.violations)
             if full and g.alive:
-                out.extend(f"{g.name}: {v}" for v in check_pair(g.pair))
+                vs.extend(check_pair(g.pair))
+            out.append(vs)
         return out
+
+
+class SimHost(Protocol):
+    """What ``SimHostProbe`` reads of a backend."""
+
+    host_bytes: int | None
+
+    def host_resident_bytes(self) -> int: ...
+
+    def usage_bytes(self) -> int: ...
 
 
 class SimHostProbe:
     """The simulated host's memory, read as the daemon reads the real one's."""
 
-    def __init__(self, backend: SimBackend) -> None:
+    def __init__(self, backend: SimHost) -> None:
         self.backend = backend
 
     def read(self) -> HostMemory:
@@ -484,4 +574,5 @@ def run(
             on_step(engine)
 
 
-__all__ = ["ESX_SAMPLE_PAGES", "SimBackend", "SimCounter", "SimHostProbe", "run"]
+__all__ = ["ESX_SAMPLE_PAGES", "REPORT_FIELDS", "SampleRow", "SimBackend", "SimCounter",
+           "SimGuests", "SimHost", "SimHostProbe", "run"]

@@ -20,7 +20,10 @@ it (None: not even the largest was safe).
 
 No wall clock is read here: a caller that wants the engine's step times passes its own
 ``stopwatch`` (the bench passes ``time.perf_counter``), and runs happen one after the other
-unless the caller hands ``compare`` a parallel ``map``.
+unless the caller hands ``compare`` a parallel ``map``. Nor are processes started here: a
+caller that wants a run's guests spread over processes passes a ``build_world`` (the sharded
+world of ``app.sim_shards``); the run reads the guests only through ``SimGuests``, which both
+backends implement, so the loop and its figures are the same either way.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ from __future__ import annotations
 import gc
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
-from memballoon.harness.pair import check_pair
+from memballoon.manager.engine import Engine
 from memballoon.model.units import PAGE_SIZE
+from memballoon.policy.base import Policy
 from memballoon.policy.esx import EsxSnapshot
 from memballoon.protocol.pressure import PressureReport
-from memballoon.sim.backend import SimCounter
-from memballoon.sim.scenario import SPOT_CHECK_S, Scenario, World, build, runs_of
+from memballoon.sim.backend import SimCounter, SimGuests
+from memballoon.sim.scenario import SPOT_CHECK_S, Scenario, build, runs_of
 
 #: ``progress(label, done, total)``: a run's simulated seconds, or a comparison's runs.
 Progress = Callable[[str, float, float], None]
@@ -49,6 +54,26 @@ MapRuns = Callable[[Callable[[Scenario], dict[str, Any]], Iterable[Scenario]],
                    Iterator[dict[str, Any]]]
 
 VIOLATIONS_KEPT: Final = 5
+
+
+class RunWorld(Protocol):
+    """What a run reads of a built world (``scenario.World``, or a sharded one)."""
+
+    @property
+    def backend(self) -> SimGuests: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+#: Told every report's ``stall_pct``, in the order an in-process run's guests report them.
+StallSink = Callable[[Iterable[float]], None]
+#: ``build_world(scenario, stalls, sleep)``: a world of the scenario, alive while its context
+#: lasts, in place of ``scenario.build``.
+BuildWorld = Callable[[Scenario, StallSink, bool], AbstractContextManager[RunWorld]]
 
 
 @dataclass
@@ -122,14 +147,19 @@ class RunResult:
 
 
 def run_scenario(sc: Scenario, *, progress: Progress | None = None,
-                 stopwatch: Stopwatch | None = None, sleep: bool = True) -> RunResult:
-    """One run of ``sc`` (its policy and params as they are: see ``runs_of`` for variants)."""
+                 stopwatch: Stopwatch | None = None, sleep: bool = True,
+                 build_world: BuildWorld | None = None) -> RunResult:
+    """One run of ``sc`` (its policy and params as they are: see ``runs_of`` for variants), in
+    a world of ``build_world`` (default: ``scenario.build``, in this process)."""
     stalls = array("d")
+    world: AbstractContextManager[RunWorld]
+    if build_world is None:
+        def on_report(name: str, r: PressureReport) -> None:
+            stalls.append(r.stall_pct)
 
-    def on_report(name: str, r: PressureReport) -> None:
-        stalls.append(r.stall_pct)
-
-    w = build(sc, on_report=on_report, sleep=sleep)
+        world = nullcontext(build(sc, on_report=on_report, sleep=sleep))
+    else:
+        world = build_world(sc, stalls.extend, sleep)
     # The guests' models live as long as the run and, outside the simulator, in processes of
     # their own: kept out of the collector's scans (a full collection of a fleet's world, 85
     # thousand objects, stopped a manager step for tens of ms), back in when the run ends. A
@@ -138,13 +168,14 @@ def run_scenario(sc: Scenario, *, progress: Progress | None = None,
     if freeze:
         gc.freeze()
     try:
-        return _run_world(sc, w, stalls, progress, stopwatch)
+        with world as w:
+            return _run_world(sc, w, stalls, progress, stopwatch)
     finally:
         if freeze:
             gc.unfreeze()
 
 
-def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress | None,
+def _run_world(sc: Scenario, w: RunWorld, stalls: array[float], progress: Progress | None,
                stopwatch: Stopwatch | None) -> RunResult:
     b, e = w.backend, w.engine
     names = [g.name for g in sc.guests]
@@ -160,7 +191,6 @@ def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress 
     spot_every = max(1, round(SPOT_CHECK_S / sc.period_s))
     violations: list[str] = []
     check_s = 0.0
-    pairs = [b.pair(n) for n in names]
     for k in range(steps):
         b.advance(sc.period_s)
         peak = max(peak, b.host_resident_bytes())
@@ -188,8 +218,7 @@ def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress 
             i = (k // spot_every) % len(names)
             if b.alive(names[i]):
                 c0 = stopwatch() if stopwatch is not None else 0.0
-                b.sync()
-                violations.extend(f"{names[i]}: {v}" for v in check_pair(pairs[i]))
+                violations.extend(f"{names[i]}: {v}" for v in b.check_guest(names[i]))
                 check_s += stopwatch() - c0 if stopwatch is not None else 0.0
         if progress is not None:
             progress(sc.name, (k + 1) * sc.period_s, steps * sc.period_s)
@@ -197,7 +226,7 @@ def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress 
     b.sync()
     violations.extend(b.violations(full=True))
     check_s += stopwatch() - c0 if stopwatch is not None else 0.0
-    in_guest = [p.mem.events.oom_kills for p in pairs]
+    in_guest = b.guest_oom_kills()
     st = np.frombuffer(stalls, dtype=np.float64) if len(stalls) else np.zeros(1)
     p99 = float(np.percentile(st, 99))
     oom = sum(in_guest) + b.host_oom_kills
@@ -227,7 +256,7 @@ def _run_world(sc: Scenario, w: World, stalls: array[float], progress: Progress 
     )
 
 
-def _record(series: dict[str, list[list[float]]], w: Any, now: float) -> None:
+def _record(series: dict[str, list[list[float]]], w: RunWorld, now: float) -> None:
     """One row per guest: time, size, balloon, resident (MiB), and the ESX estimate if any."""
     estimates: Mapping[str, Any] = {}
     if w.policy.name == "esx":
@@ -249,13 +278,19 @@ def _run_json(sc: Scenario) -> dict[str, Any]:
     return run_scenario(sc).to_json(guests=True)
 
 
-def sweep(sc: Scenario, *, map_runs: MapRuns = map,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """``sc`` on hosts of each of its ``sweep_shares`` (module docstring)."""
+def sweep(sc: Scenario, *, map_runs: MapRuns = map, progress: Progress | None = None,
+          build_world: BuildWorld | None = None) -> dict[str, Any]:
+    """``sc`` on hosts of each of its ``sweep_shares`` (module docstring); each run in a world
+    of ``build_world`` (then one after the other: not with a parallel ``map_runs``)."""
     shares = sorted(sc.sweep_shares, reverse=True)
     points = [sc.with_host_share(s) for s in shares]
     results: list[dict[str, Any]] = []
-    for i, r in enumerate(map_runs(_run_json, points)):
+    run_json = _run_json
+    if build_world is not None:
+        def run_json(sc: Scenario) -> dict[str, Any]:
+            return run_scenario(sc, build_world=build_world).to_json(guests=True)
+
+    for i, r in enumerate(map_runs(run_json, points)):
         results.append({"share": shares[i], **{k: v for k, v in r.items() if k != "per_guest"}})
         if progress is not None:
             progress(f"{sc.name} {sc.policy}", i + 1, len(points))
@@ -311,5 +346,5 @@ def step_response(rows: Sequence[Sequence[float]], column: int, t_step: float,
     return None
 
 
-__all__ = ["GuestResult", "Progress", "RunResult", "compare", "run_scenario", "runs_of",
-           "step_response", "sweep"]
+__all__ = ["BuildWorld", "GuestResult", "Progress", "RunResult", "RunWorld", "StallSink",
+           "compare", "run_scenario", "runs_of", "step_response", "sweep"]

@@ -20,20 +20,27 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from memballoon.edge.journal import Journal
 from memballoon.guest.workload import Workload
-from memballoon.harness.pair import PROTOCOLS, make_pair
+from memballoon.harness.pair import PROTOCOLS, Pair, make_pair
 from memballoon.manager.core import ManagerCore
 from memballoon.manager.engine import Engine
-from memballoon.manager.port import ManualClock
+from memballoon.manager.port import Backend, ManualClock
 from memballoon.model.errors import UsageError
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Policy
 from memballoon.policy.registry import make_policy
 from memballoon.policy.sample import GuestSettings
-from memballoon.sim.backend import ESX_SAMPLE_PAGES, HostUsage, ReportSink, SimBackend
+from memballoon.sim.backend import (
+    ESX_SAMPLE_PAGES,
+    HostUsage,
+    ReportSink,
+    SimBackend,
+    SimGuests,
+    SimHostProbe,
+)
 
 #: Invariant checks: after every period (slow), one guest in turn every ``SPOT_CHECK_S`` and
 #: all at the end, or only the cheap per-period size check and all at the end.
@@ -127,6 +134,10 @@ class Scenario:
         return replace(self, policy=policy, policy_params=dict(params or {}), variants=())
 
 
+class SimEngineBackend(Backend, SimGuests, Protocol):
+    """A backend a scenario's manager steps over (``SimBackend``, or a sharded one)."""
+
+
 @dataclass
 class World:
     """A scenario built: the backend, the engine over it, and its clock."""
@@ -146,23 +157,42 @@ def build(sc: Scenario, *, on_report: ReportSink | None = None, sleep: bool = Tr
           policy: Policy | None = None) -> World:
     """The world of ``sc`` at time 0 (module docstring)."""
     clock = ManualClock()
-    pairs = {g.name: make_pair(g.protocol, g.ram_pages, g.workload, swap_pages=g.swap_pages,
-                               period_s=sc.driver_period_s)
-             for g in sc.guests}
+    pairs = make_pairs(sc, sc.guests)
     settings = {g.name: g.settings for g in sc.guests}
     pol = policy if policy is not None else make_scenario_policy(sc)
-    usage: HostUsage | None = sc.host_use if sc.host_use.spans else None
     # ESX samples active pages (Waldspurger 2002): only its policy reads them, and they cost
     rng = random.Random(sc.seed * 7919 + 17) if pol.name == "esx" else None
     backend = SimBackend(pairs, clock, report_every_s=sc.report_every_s, rng=rng,
                          active_samples=ESX_SAMPLE_PAGES, check=sc.check == "every",
-                         settings=settings, host_bytes=sc.host_bytes, host_usage=usage,
-                         sleep=sleep, on_report=on_report)
+                         settings=settings, host_bytes=sc.host_bytes,
+                         host_usage=host_usage(sc), sleep=sleep, on_report=on_report)
+    engine = make_engine(sc, backend, SimHostProbe(backend), pol)
+    return World(sc, clock, backend, engine, pol)
+
+
+def make_pairs(sc: Scenario, specs: Sequence[GuestSpec]) -> dict[str, Pair]:
+    """The driver/device pairs of ``specs`` (guests of ``sc``): each pair depends on its own
+    spec only (its workload carries its seed), so a subset builds exactly the pairs the whole
+    fleet's build holds (a shard's)."""
+    return {g.name: make_pair(g.protocol, g.ram_pages, g.workload, swap_pages=g.swap_pages,
+                              period_s=sc.driver_period_s)
+            for g in specs}
+
+
+def host_usage(sc: Scenario) -> HostUsage | None:
+    """What the host of ``sc`` takes for itself over time (None: nothing)."""
+    return sc.host_use if sc.host_use.spans else None
+
+
+def make_engine(sc: Scenario, backend: SimEngineBackend, probe: SimHostProbe,
+                pol: Policy) -> Engine:
+    """The manager of ``sc`` over ``backend``, sharing its counters (``probe`` read only with a
+    host of known memory)."""
+    settings = {g.name: g.settings for g in sc.guests}
     core = ManagerCore(pol, settings, sc.budget_pages, reserve_pages=sc.reserve_pages,
                        counters=backend.counters)
-    probe = backend.probe() if sc.host_bytes is not None else None
-    engine = Engine(backend, core, Journal(None), clock, host_probe=probe)
-    return World(sc, clock, backend, engine, pol)
+    return Engine(backend, core, Journal(None), backend.clock,
+                  host_probe=probe if sc.host_bytes is not None else None)
 
 
 def runs_of(sc: Scenario) -> Sequence[Scenario]:
@@ -172,4 +202,5 @@ def runs_of(sc: Scenario) -> Sequence[Scenario]:
     return [sc.with_policy(sc.policy, {**sc.policy_params, **v}) for v in sc.variants]
 
 
-__all__ = ["CHECKS", "GuestSpec", "HostUse", "Scenario", "World", "build", "runs_of"]
+__all__ = ["CHECKS", "GuestSpec", "HostUse", "Scenario", "SimEngineBackend", "World", "build",
+           "host_usage", "make_engine", "make_pairs", "runs_of"]
