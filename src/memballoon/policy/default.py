@@ -18,14 +18,26 @@ read one ``Figures`` record computed once a call):
    or an OOM kill since last time: deflate at once by what restores the full margin (so a
    ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
    margin (an OOM kill still gets the whole balloon back).
-3. **own_pressure**: the trouble of rule 5 in a guest with no balloon and no target: hold (the
+3. **own_pressure**: the trouble of rule 6 in a guest with no balloon and no target: hold (the
    pressure is the guest's own; remembering it as a size that hurt would stop probing).
-4. **reclaiming**: the trouble of rule 5 while the balloon grew since the last call, with no
+4. **reclaiming**: the trouble of rule 6 while the balloon grew since the last call, with no
    major fault and no swap-in since the last report and MemAvailable above the margin: hold.
    The stall is the guest reclaiming cache nobody reads to hand the balloon its pages (PSI
    counts that direct reclaim too); a workload that missed what the balloon took would refault
    it. Backing off would give a paused file server its cold cache back, and remember its size.
-5. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
+5. **room**: the trouble of rule 6 (no swap-in since the last report) in a guest that holds
+   idle free memory (MemFree, not MemAvailable, less what an inflation in progress will still
+   take) beyond its margin by at least the back-off rule 6 would give, its balloon not above
+   its target: hold. More memory cannot relieve a stall the guest has room to absorb: its
+   kernel reclaims nothing while MemFree is that high, so the stall is the guest refaulting,
+   at its workload's own pace, page cache an earlier probe evicted (PSI counts those refaults
+   as stall) or PSI's average still carrying an old stall; deflating does not speed that up
+   (session 7's fleet: a steady web server backed off call after call to an empty balloon,
+   and every probe after evicted its cache again). A swap-in (anonymous memory gone), an OOM
+   kill or MemAvailable under the small margin (rule 2) and a balloon still deflating toward
+   a lower target (the memory is not there yet) go to rule 6. Nothing is remembered as a size
+   that hurt: probing waits for the guest to be quiet again, as after any trouble.
+6. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
    probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``;
    when the guest was refaulting, only until it has gone ``REFAULT_MEMORY_S`` without a major
@@ -33,12 +45,12 @@ read one ``Figures`` record computed once a call):
    idle guest's nightly job, a file server's run, has ended); the back-offs while a probe's
    refaults tail off remember sizes up to the guest's whole RAM, which would otherwise stand
    for all of ``PRESSURE_MEMORY_S``).
-6. **stalled** inflation: the target is above the balloon and the balloon has not grown for
+7. **stalled** inflation: the target is above the balloon and the balloon has not grown for
    ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
    actual balloon (give the guest back the rest), halve the probe step.
-7. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
+8. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
    plus margin): grow it back to the floor.
-8. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
+9. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
    balloon at its target: probe down by the step (by half the MemFree beyond the margin when
    that is more than twice the margin: idle memory; not MemAvailable, whose page cache may be
    hot: a big step into it evicts what the guest reads), never below the floor. Only on a new
@@ -48,7 +60,7 @@ read one ``Figures`` record computed once a call):
    by ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
    ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
    are the model: slow growth while things go well, halving on failure).
-9. **hold**: otherwise.
+10. **hold**: otherwise.
 
 The safety floor is ``max(settings.min_pages, peak working set over WS_WINDOW_S + margin, the
 size that last hurt)``; the working set is the guest's size minus MemAvailable (what it cannot
@@ -164,6 +176,7 @@ NEVER: Final = float("-inf")  # the moment of something that never happened
 class Verdict(Enum):
     BLIND = "blind"
     EMERGENCY = "emergency"
+    ROOM = "room"
     TROUBLE = "trouble"
     STALLED = "stalled"
     UNDER_FLOOR = "under_floor"
@@ -173,6 +186,9 @@ class Verdict(Enum):
 
 #: Verdicts whose deflation is never cut for the host budget.
 URGENT: Final = frozenset({Verdict.EMERGENCY, Verdict.TROUBLE})
+#: Verdicts whose change under ``MIN_CHANGE_PAGES`` is not made.
+SMALL_SKIPS: Final = frozenset({Verdict.PROBE, Verdict.HOLD, Verdict.ROOM,
+                                Verdict.UNDER_FLOOR})
 
 
 class DefaultCounter(CounterName):
@@ -181,6 +197,8 @@ class DefaultCounter(CounterName):
     BLIND = "default_blind"  # guests seen without a fresh report (one per guest per call)
     # guests under pressure with no balloon at all: held, the pressure not remembered
     PRESSURE_WITHOUT_BALLOON = "default_pressure_without_balloon"
+    # guests under pressure with idle free memory beyond margin and back-off: held, not deflated
+    TROUBLE_WITH_ROOM = "default_trouble_with_room"
 
 
 # ---------------------------------------------------------------------- memory between calls
@@ -371,6 +389,19 @@ class Figures:
         return BUDGET_MARGIN_PAGES + self.ahead
 
     @property
+    def backoff(self) -> int:
+        """The deflation the trouble rule gives: at least ``BACKOFF_MIN_FRACTION`` of RAM or
+        twice the step, times the pressure over the thresholds (senpai)."""
+        scale = min(BACKOFF_MAX_SCALE, max(1.0, self.severity))
+        return int(max(BACKOFF_MIN_FRACTION * self.ram, 2 * self.step) * scale)
+
+    @property
+    def room(self) -> int:
+        """MemFree now, less what an inflation in progress will still take from it."""
+        g = self.g
+        return self.free_now - max(0, g.target_pages - g.balloon_pages)
+
+    @property
     def troubled(self) -> bool:
         return self.stall_pct > self.stall_trouble_pct or self.swapin_rate > SWAPIN_TROUBLE_PER_S
 
@@ -483,11 +514,18 @@ def _reclaiming(f: Figures) -> bool:
             and f.last_balloon is not None and f.g.balloon_pages > f.last_balloon)
 
 
+def _has_room(f: Figures) -> bool:
+    # troubled, no swap-in, and idle free memory beyond the margin by a whole back-off, with
+    # the balloon not above its target (a deflation in progress: the memory is not there yet)
+    g = f.g
+    return (f.troubled and f.d_swapin == 0 and g.balloon_pages <= g.target_pages
+            and f.room >= f.margin + f.backoff)
+
+
 def _trouble(f: Figures) -> Ruling:
     # senpai: a back-off that grows with the pressure; the deflation may go below the size
     # remembered as hurting (plus the margin), to relieve the pressure now
-    scale = min(BACKOFF_MAX_SCALE, max(1.0, f.severity))
-    new = f.size + int(max(BACKOFF_MIN_FRACTION * f.ram, 2 * f.step) * scale)
+    new = f.size + f.backoff
     hurt = min(new, f.size + f.margin, f.g.ceiling_pages())
     return Ruling(new, max(f.floor, new), f.severity, hurt=hurt,
                   refaulted=f.fault_rate > 0 or f.d_swapin > 0)
@@ -535,6 +573,12 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f, r: f"default: stall {f.stall_pct:.2f}% while the balloon grew by "
                       f"{f.g.balloon_pages - (f.last_balloon or 0)} pages, no refault: hold "
                       f"(the inflation's own reclaim)", troubled=True),
+    Rule("room", Verdict.ROOM, _has_room,
+         lambda f: Ruling(f.target_size, f.floor, f.severity),
+         lambda f, r: f"default: stall {f.stall_pct:.2f}% with {f.room} pages free beyond "
+                      f"what the balloon takes (margin {f.margin}, back-off {f.backoff}): "
+                      f"hold (more memory cannot help)",
+         DefaultCounter.TROUBLE_WITH_ROOM, troubled=True),
     Rule("trouble", Verdict.TROUBLE, lambda f: f.troubled, _trouble,
          lambda f, r: f"default: back off: stall {f.stall_pct:.2f}%, swap-in "
                       f"{f.swapin_rate:.0f} pages/s", troubled=True),
@@ -879,7 +923,7 @@ class DefaultPolicy:
             balloon = clamp_balloon(g, balloon)
             if balloon == g.target_pages:
                 continue
-            if (p.verdict in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR)
+            if (p.verdict in SMALL_SKIPS
                     and abs(balloon - g.target_pages) < MIN_CHANGE_PAGES):
                 continue
             inputs = p.f.inputs()
@@ -919,7 +963,7 @@ class DefaultPolicy:
         Two passes: first MemFree beyond the margin (memory nobody uses), then page cache down
         to the floor; in each, the guests with the least pressure and most idle memory first.
         """
-        cands = [p for p in plans if p.verdict in (Verdict.PROBE, Verdict.HOLD)
+        cands = [p for p in plans if p.verdict in (Verdict.PROBE, Verdict.HOLD, Verdict.ROOM)
                  and p.balloon is None]
         for soft in (True, False):
             def low(p: _Plan, soft: bool = soft) -> int:

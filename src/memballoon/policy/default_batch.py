@@ -50,6 +50,7 @@ from memballoon.policy.default import (
     QUIET_CALLS_BEFORE_BIG_STEP,
     REFAULT_MEMORY_S,
     RULES,
+    SMALL_SKIPS,
     STUCK_AFTER_S,
     SWAPIN_TROUBLE_PER_S,
     URGENT,
@@ -271,6 +272,15 @@ class FigureColumns:
     inflating: B
     free_now: I64
     idle: B
+    backoff: I64
+
+
+def backoff_of(severity: F64, ram: I64, step: I64) -> I64:
+    """``Figures.backoff`` of every guest."""
+    scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, severity))
+    out: I64 = np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale
+                        ).astype(np.int64)
+    return out
 
 
 @dataclass(slots=True)
@@ -510,12 +520,15 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     settled = np.abs(target - balloon) < MIN_CHANGE_PAGES
     free_now = np.maximum(0, free - np.maximum(0, balloon - r_balloon))
     idle = (free_now > 2 * margin) & (m.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP)
+    backoff = backoff_of(severity, ram, step)
     whens: dict[str, B] = {
         "blind": blind,
         "emergency": (d_oom > 0) | (avail < EMERGENCY_MARGIN_PAGES + ahead),
         "own_pressure": troubled & (balloon == 0) & (target == 0),
         "reclaiming": (troubled & (d_swapin == 0) & (fault_rate == 0.0) & (avail >= margin)
                        & has_last_balloon & (balloon > last_balloon)),
+        "room": (troubled & (d_swapin == 0) & (balloon <= target)
+                 & (free_now - np.maximum(0, target - balloon) >= margin + backoff)),
         "trouble": troubled,
         "stalled": stuck | ((d_refused > 0) & inflating),
         "under_floor": target_size < floor,
@@ -534,7 +547,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
         repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling,
         balloon=balloon, target_size=target_size, inflating=inflating, free_now=free_now,
-        idle=idle)
+        idle=idle, backoff=backoff)
 
 
 @dataclass(slots=True)
@@ -566,9 +579,7 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
     e_hurt = np.minimum(e_new, cap)
     e_size = np.maximum(np.where(f.d_oom > 0, ceiling, e_new), floor)
     # _trouble: a back-off growing with the pressure
-    scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, f.severity))
-    t_new = size + np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale
-                            ).astype(np.int64)
+    t_new = size + f.backoff
     # _probe: the step (none on a repeated report), or half the idle MemFree
     p_step = np.where(f.repeated, 0, step)
     big = np.minimum((f.free_now - margin) // 2,
@@ -578,7 +589,8 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
     r_size = np.select(
         [is_["blind"], is_["emergency"], is_["own_pressure"], is_["trouble"], is_["stalled"],
          is_["under_floor"], is_["probe"]],
-        [size, e_size, size, t_new, size, floor, p_size], f.target_size)  # reclaiming, hold
+        [size, e_size, size, t_new, size, floor, p_size], f.target_size)  # reclaiming, room,
+    # hold
     r_floor = np.select([is_["blind"], is_["trouble"]], [np.zeros_like(floor),
                                                          np.maximum(floor, t_new)], floor)
     pressure = np.select([is_["blind"], is_["emergency"]],
@@ -715,10 +727,10 @@ def _exact(inp: GuestInputs, now: float) -> bool:
 
 #: ``RULES``' verdicts by rule index, and which of them a too small change skips
 _VERDICTS: Final = tuple(r.verdict for r in RULES)
-_SMALL_SKIPS: Final = np.array(
-    [v in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR) for v in _VERDICTS], np.bool_)
+_SMALL_SKIPS: Final = np.array([v in SMALL_SKIPS for v in _VERDICTS], np.bool_)
 _BLIND: Final = RULE_INDEX["blind"]
 _OWN_PRESSURE: Final = RULE_INDEX["own_pressure"]
+_ROOM: Final = RULE_INDEX["room"]
 
 
 def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[GuestSample],
@@ -761,8 +773,8 @@ def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[Guest
         bm.cols.put(rows, memo)
     bm.now = now
     rule = fc.rule
-    for index, counter in ((_BLIND, RULES[_BLIND].counter),
-                           (_OWN_PRESSURE, RULES[_OWN_PRESSURE].counter)):
+    for index in (_BLIND, _OWN_PRESSURE, _ROOM):  # the rules that count (in RULES' order)
+        counter = RULES[index].counter
         k = int(np.count_nonzero(rule == index))
         if k and counter is not None:
             counters.inc(counter, k)
@@ -815,7 +827,7 @@ _UNDER_FLOOR: Final = RULE_INDEX["under_floor"]
 _PROBE: Final = RULE_INDEX["probe"]
 _HOLD: Final = RULE_INDEX["hold"]
 #: the rules whose reason ``_emit`` writes from the columns (``why_of``); the others' (rare:
-#: blind, own_pressure, reclaiming, stalled) come from their ``Rule.why`` over a ``_Plan``
+#: blind, own_pressure, reclaiming, room, stalled) come from their ``Rule.why`` over a ``_Plan``
 _COLUMN_WHY: Final = np.array([i in (_EMERGENCY, _TROUBLE, _UNDER_FLOOR, _PROBE, _HOLD)
                                for i in range(len(RULES))], np.bool_)
 
