@@ -21,6 +21,7 @@ from memballoon.policy import default as default_module
 from memballoon.policy.base import Decision, Policy
 from memballoon.policy.default import (
     BACKOFF_MIN_FRACTION,
+    BAND_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
@@ -384,9 +385,9 @@ def test_blind_guest_is_never_inflated() -> None:
 
 def test_never_below_min_pages() -> None:
     p = DefaultPolicy()
-    floor = RAM - 1000
+    floor = RAM - 4 * int(BAND_FRACTION * RAM)  # (a probe needs two bands above the floor)
     d = one(p, sample(report(0, avail=RAM * 9 // 10), min_pages=floor), 0.0)
-    assert d is not None and d.balloon_pages == 1000
+    assert d is not None and d.balloon_pages == RAM - floor
 
 
 def test_lying_report_is_counted_not_raised() -> None:
@@ -814,10 +815,19 @@ def test_rule_under_floor() -> None:
     r = RULE["under_floor"]
     floor = RAM // 4 + MARGIN
     assert r.when(figs(balloon=RAM - floor + 1)) and not r.when(figs(balloon=RAM - floor))
+    # back to the floor and a band above it, to the ceiling at most
+    band = int(BAND_FRACTION * RAM)
     f = figs(balloon=RAM - floor + 500, severity=0.1)
     ruling = r.decide(f)
-    assert ruling == Ruling(floor, floor, 0.1)
+    assert ruling == Ruling(floor + band, floor, 0.1)
     assert r.why(f, ruling) == f"default: size {floor - 500} under safety floor {floor}: grow"
+    capped = r.decide(figs(balloon=RAM - floor + 500, max_pages=floor + 10))
+    assert capped is not None and capped.size == floor + 10
+    # a deficit under MIN_CHANGE_PAGES is noise: to the floor only (too small a change)
+    noise = r.decide(figs(balloon=RAM - floor + MIN_CHANGE_PAGES - 1))
+    assert noise is not None and noise.size == floor
+    edge = r.decide(figs(balloon=RAM - floor + MIN_CHANGE_PAGES))
+    assert edge is not None and edge.size == floor + band
 
 
 def test_rule_probe() -> None:
@@ -947,3 +957,91 @@ def test_snapshot_of_a_new_guest_says_never() -> None:
     blind = DefaultPolicy()
     one(blind, sample(None), 0.0)
     assert blind.snapshot(0.0).guests["g"].last_report is None  # rates start over
+
+
+# ---------------------------------------------------------------------- room, bands
+def _roomy(**kw: Any) -> Figures:
+    """A guest at half its RAM, stalling (refaults, no swap-in) with idle free memory of
+    exactly its margin plus a back-off, its balloon at its target, but for ``kw``."""
+    b = RAM // 2
+    base: dict[str, Any] = {"stall_pct": 2.0, "severity": 2.0, "fault_rate": 50.0,
+                            "avail": RAM // 4}
+    f = figs(balloon=b, **(base | kw))
+    if "free" not in kw:
+        f.free = MARGIN + f.backoff
+    return f
+
+
+def test_rule_room_holds_a_troubled_guest_with_idle_free_memory() -> None:
+    r = RULE["room"]
+    f = _roomy()
+    assert f.troubled and f.backoff == int(max(BACKOFF_MIN_FRACTION * RAM, 2 * STEP) * 2.0)
+    assert f.room == f.margin + f.backoff
+    assert r.when(f) and judge(f)[0].name == "room"
+    ruling = r.decide(f)
+    assert ruling == Ruling(f.target_size, f.floor, f.severity)  # hold, nothing remembered
+    assert r.verdict is Verdict.ROOM and r.counter is DefaultCounter.TROUBLE_WITH_ROOM
+    assert r.why(f, ruling) == (
+        f"default: stall 2.00% with {f.room} pages free beyond what the balloon takes "
+        f"(margin {MARGIN}, back-off {f.backoff}): hold (more memory cannot help)")
+
+
+def test_rule_room_does_not_hold_on_each_edge() -> None:
+    # the rule after it, trouble, backs off in each case
+    just_under = _roomy()
+    just_under.free -= 1  # one page short of margin plus back-off
+    deflating = _roomy(target=RAM // 4)  # balloon above its target: the memory is not there
+    swapin = _roomy(d_swapin=10, swapin_rate=5.0)  # anonymous memory came back from swap
+    quiet = _roomy(stall_pct=STALL_TROUBLE_PCT, severity=1.0)  # not troubled: no rule of it
+    for f in (just_under, deflating, swapin):
+        assert not RULE["room"].when(f)
+        assert judge(f)[0].name == "trouble", f
+    assert not RULE["room"].when(quiet) and judge(quiet)[0].name != "trouble"
+    # an emergency (MemAvailable under the small margin, or an OOM kill) comes first
+    for f in (_roomy(avail=EMERGENCY_MARGIN_PAGES - 1), _roomy(d_oom=1)):
+        assert RULE["room"].when(f) and judge(f)[0].name == "emergency"
+
+
+def test_rule_room_counts_an_inflation_in_progress_against_the_free_memory() -> None:
+    # the balloon still has pages to take: they come out of MemFree
+    b = RAM // 2
+    f = _roomy(target=b + 100)
+    assert f.room == f.free - 100 and not RULE["room"].when(f)
+    f.free += 100
+    assert RULE["room"].when(f)
+    # the balloon's growth since the report was taken from MemFree too
+    grown = _roomy(report_balloon=b - 100)
+    assert grown.room == grown.free - 100 and not RULE["room"].when(grown)
+
+
+def test_a_refaulting_guest_with_free_memory_is_held_not_deflated_to_empty() -> None:
+    # session 7's fleet: a steady web server's cache, evicted by a probe, refaults at the
+    # workload's own pace; with MemFree well beyond its margin the stall stays over the
+    # trouble line for a minute and each call backed off again, down to an empty balloon
+    p = DefaultPolicy()
+    b = RAM // 2
+    ws = RAM // 4
+    free = RAM // 4 - RAM // 32  # the rest of the guest is its (partly refilled) cache
+    major = 0
+    held = 0
+    for t in range(0, 60, 2):
+        major += 200
+        d = one(p, sample(report(t, avail=RAM - b - ws, balloon=b, stall=1.5, major=major,
+                                 free=free), balloon=b), float(t))
+        assert d is None  # held: the target stays
+        held += 1
+    assert p.counters[DefaultCounter.TROUBLE_WITH_ROOM] == held
+    # its free memory gone (the cache refilled it), the same stall backs off
+    d = one(p, sample(report(60, avail=RAM - b - ws, balloon=b, stall=1.5, major=major + 200,
+                             free=MARGIN), balloon=b), 60.0)
+    assert d is not None and "back off" in d.reason and d.balloon_pages < b
+
+
+def test_rule_probe_waits_for_two_bands_above_the_floor() -> None:
+    # a working set that moves every second is followed in bands, not in MiB
+    r = RULE["probe"]
+    band = int(BAND_FRACTION * RAM)
+    floor = RAM // 4 + MARGIN
+    assert r.when(figs(balloon=RAM - floor - 2 * band))
+    assert not r.when(figs(balloon=RAM - floor - 2 * band + 1))
+    assert judge(figs(balloon=RAM - floor - 2 * band + 1))[0].name == "hold"

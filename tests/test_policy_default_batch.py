@@ -110,6 +110,7 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
     picked = set()
     seen = Counters()
     cases: set[tuple[str, bool, bool, bool]] = set()  # (rule, None, idle, OOM kill)
+    bands: set[bool] = set()
     now = 0.0
     for call in range(40):
         now += rng.choice([1.0, 1.0, 0.2])
@@ -129,6 +130,8 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
             assert RULES[int(batch.rule[i])] is rule, (call, g.name)
             assert ruling_of(rulings, i) == ruling, (call, g.name, rule.name)
             cases.add((rule.name, ruling is None, f.fresh and f.idle, f.fresh and f.d_oom > 0))
+            if rule.name == "under_floor" and ruling is not None:
+                bands.add(ruling.size > f.floor)  # a band above, or a deficit too small
             assert bool(batch.fresh[i]) is f.fresh
             if f.fresh:
                 for k in FIELDS:
@@ -147,7 +150,9 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
         assert counters.as_dict() == scalar.counters.as_dict()
         for k, v in counters.as_dict().items():
             seen.inc(PolicyReportCounter(k), v)
-    assert {"blind", "emergency", "trouble", "stalled", "probe", "hold"} <= picked
+    assert {"blind", "emergency", "room", "trouble", "stalled", "under_floor", "probe",
+            "hold"} <= picked
+    assert bands == {True, False}
     assert all(seen[c] > 0 for c in PolicyReportCounter), seen.as_dict()
     # the rulings' branches: blind with and without a ruling, a big probe step into idle
     # memory, an emergency for an OOM kill and one for MemAvailable

@@ -160,6 +160,11 @@ PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this l
 REFAULT_MEMORY_S: Final = 30.0
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
+# A guest grown back to its floor gets this share of its RAM above it, and a probe waits for
+# twice it above the floor: a working set that moves every second (a diurnal demand) is
+# followed in steps of a band, not of MIN_CHANGE_PAGES (in the fleet a batch guest was moved
+# every ~14 s, growth and probe alternating by a few MiB); the seed's smallest probe step
+BAND_FRACTION: Final = PROBE_STEP_MIN
 # An inflation is stalled once its balloon has not grown for this long under the same target:
 # one period of the daemon's; a short host's early steps come every 0.2 s, and a balloon that
 # did not move in 0.2 s (a slow guest, libvirt's 2 s stats) is not yet stuck.
@@ -402,6 +407,11 @@ class Figures:
         return self.free_now - max(0, g.target_pages - g.balloon_pages)
 
     @property
+    def band(self) -> int:
+        """The hysteresis around the floor (``BAND_FRACTION`` of RAM)."""
+        return int(BAND_FRACTION * self.g.ram_pages)
+
+    @property
     def troubled(self) -> bool:
         return self.stall_pct > self.stall_trouble_pct or self.swapin_rate > SWAPIN_TROUBLE_PER_S
 
@@ -538,11 +548,21 @@ def _why_stalled(f: Figures, _: Ruling) -> str:
     return f"default: inflation stalled: {why}: target := actual"
 
 
+def _under_floor(f: Figures) -> Ruling:
+    # back to the floor and a band above it (the next growth waits for the floor to pass the
+    # band); a deficit under MIN_CHANGE_PAGES is the working set's noise: to the floor only
+    # (a change too small to make, unless the host's budget needs it)
+    size = f.floor
+    if f.floor - f.target_size >= MIN_CHANGE_PAGES:
+        size = min(f.floor + f.band, f.g.ceiling_pages())
+    return Ruling(size, f.floor, f.severity)
+
+
 def _probes(f: Figures) -> bool:
     # a report the last call read already shows nothing of that call's probe: probe again
     # only into free memory that is idle still (the balloon's growth since taken off)
-    return (f.probe and f.quiet and f.settled and f.target_size > f.floor
-            and (not f.repeated or f.idle))
+    return (f.probe and f.quiet and f.settled and f.target_size - f.floor >= 2 * f.band
+            and f.target_size > f.floor and (not f.repeated or f.idle))
 
 
 def _probe(f: Figures) -> Ruling:
@@ -586,7 +606,7 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f: Ruling(f.size, f.floor, f.severity, balloon=f.g.balloon_pages, hurt=f.size),
          _why_stalled),
     Rule("under_floor", Verdict.UNDER_FLOOR, lambda f: f.target_size < f.floor,
-         lambda f: Ruling(f.floor, f.floor, f.severity),
+         _under_floor,
          lambda f, r: f"default: size {f.target_size} under safety floor {f.floor}: grow"),
     Rule("probe", Verdict.PROBE,
          _probes, _probe,

@@ -32,6 +32,7 @@ from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Decision
 from memballoon.policy.default import (
     BACKOFF_MAX_SCALE,
+    BAND_FRACTION,
     BACKOFF_MIN_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
@@ -273,6 +274,7 @@ class FigureColumns:
     free_now: I64
     idle: B
     backoff: I64
+    band: I64
 
 
 def backoff_of(severity: F64, ram: I64, step: I64) -> I64:
@@ -521,6 +523,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     free_now = np.maximum(0, free - np.maximum(0, balloon - r_balloon))
     idle = (free_now > 2 * margin) & (m.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP)
     backoff = backoff_of(severity, ram, step)
+    band = np.trunc(BAND_FRACTION * ram).astype(np.int64)
     whens: dict[str, B] = {
         "blind": blind,
         "emergency": (d_oom > 0) | (avail < EMERGENCY_MARGIN_PAGES + ahead),
@@ -532,8 +535,8 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         "trouble": troubled,
         "stalled": stuck | ((d_refused > 0) & inflating),
         "under_floor": target_size < floor,
-        "probe": (policy.probe & quiet & settled & (target_size > floor)
-                  & (~repeated | idle)),
+        "probe": (policy.probe & quiet & settled & (target_size - floor >= 2 * band)
+                  & (target_size > floor) & (~repeated | idle)),
         "hold": np.ones(n, np.bool_),
     }
     stack = np.stack([whens[r.name] for r in RULES])
@@ -547,7 +550,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
         repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling,
         balloon=balloon, target_size=target_size, inflating=inflating, free_now=free_now,
-        idle=idle, backoff=backoff)
+        idle=idle, backoff=backoff, band=band)
 
 
 @dataclass(slots=True)
@@ -580,6 +583,9 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
     e_size = np.maximum(np.where(f.d_oom > 0, ceiling, e_new), floor)
     # _trouble: a back-off growing with the pressure
     t_new = size + f.backoff
+    # _under_floor: the floor and a band (a deficit under MIN_CHANGE_PAGES: the floor only)
+    u_size = np.where(floor - f.target_size >= MIN_CHANGE_PAGES,
+                      np.minimum(floor + f.band, ceiling), floor)
     # _probe: the step (none on a repeated report), or half the idle MemFree
     p_step = np.where(f.repeated, 0, step)
     big = np.minimum((f.free_now - margin) // 2,
@@ -589,7 +595,8 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
     r_size = np.select(
         [is_["blind"], is_["emergency"], is_["own_pressure"], is_["trouble"], is_["stalled"],
          is_["under_floor"], is_["probe"]],
-        [size, e_size, size, t_new, size, floor, p_size], f.target_size)  # reclaiming, room,
+        [size, e_size, size, t_new, size, u_size, p_size],
+        f.target_size)  # reclaiming, room,
     # hold
     r_floor = np.select([is_["blind"], is_["trouble"]], [np.zeros_like(floor),
                                                          np.maximum(floor, t_new)], floor)
