@@ -40,6 +40,7 @@ from memballoon.policy.default import (
     PROBE_STEP_START,
     QUIET_CALLS_BEFORE_BIG_STEP,
     REFAULT_MEMORY_S,
+    REFAULTING_MEMORY_S,
     RULES,
     STALL_QUIET_PCT,
     STALL_TROUBLE_PCT,
@@ -702,8 +703,8 @@ def figs(*, balloon: int = 0, target: int | None = None, max_pages: int | None =
 
 def test_rules_table_follows_the_module_docstring() -> None:
     names = [r.name for r in RULES]
-    assert names == ["blind", "emergency", "own_pressure", "reclaiming", "room", "trouble",
-                     "stalled", "under_floor", "probe", "hold"]
+    assert names == ["blind", "emergency", "own_pressure", "reclaiming", "room", "reread",
+                     "trouble", "stalled", "under_floor", "probe", "hold"]
     doc = default_module.__doc__ or ""
     at = [doc.index(f"**{n}**") for n in names]
     assert at == sorted(at)  # documented in the same order
@@ -715,7 +716,8 @@ def test_rules_table_follows_the_module_docstring() -> None:
 def test_rules_marked_troubled_apply_only_to_a_troubled_guest() -> None:
     # ``judge`` skips them for a quiet guest: each must ask for ``Figures.troubled`` itself
     flagged = [r for r in RULES if r.troubled]
-    assert {r.name for r in flagged} == {"own_pressure", "reclaiming", "room", "trouble"}
+    assert {r.name for r in flagged} == {"own_pressure", "reclaiming", "room", "reread",
+                                         "trouble"}
     for balloon in (0, RAM // 4):
         for kw in ({}, {"stall_pct": STALL_TROUBLE_PCT}, {"swapin_rate": SWAPIN_TROUBLE_PER_S}):
             f = figs(balloon=balloon, last_balloon=0, **kw)
@@ -1045,3 +1047,69 @@ def test_rule_probe_waits_for_two_bands_above_the_floor() -> None:
     assert r.when(figs(balloon=RAM - floor - 2 * band))
     assert not r.when(figs(balloon=RAM - floor - 2 * band + 1))
     assert judge(figs(balloon=RAM - floor - 2 * band + 1))[0].name == "hold"
+
+
+def test_rule_reread_holds_trouble_in_the_report_the_last_call_read() -> None:
+    r = RULE["reread"]
+    f = figs(balloon=RAM // 2, stall_pct=3.0, severity=3.0, repeated=True, avail=MARGIN,
+             free=0)
+    assert r.when(f) and judge(f)[0].name == "reread"
+    ruling = r.decide(f)
+    assert ruling == Ruling(f.target_size, f.floor, 3.0)  # hold, nothing remembered
+    assert r.why(f, ruling) == ("default: stall 3.00% in the report the last call read: hold "
+                                "(its back-off is not in it yet)")
+    fresh = figs(balloon=RAM // 2, stall_pct=3.0, severity=3.0, avail=MARGIN, free=0)
+    assert not r.when(fresh) and judge(fresh)[0].name == "trouble"
+    # an emergency in it still deflates
+    tight = figs(balloon=RAM // 2, stall_pct=3.0, repeated=True, avail=0, free=0)
+    assert judge(tight)[0].name == "emergency"
+
+
+def test_one_back_off_a_report() -> None:
+    # calls every second, reports every 2 s: the second call reads the first's report again
+    p = DefaultPolicy()
+    b = RAM // 2
+    ws = RAM // 2 - RAM // 16
+    r0 = report(0, avail=RAM - b - ws, balloon=b, free=0)
+    one(p, sample(r0, balloon=b), 0.0)
+    r2 = report(2, avail=RAM - b - ws, balloon=b, stall=3.0, major=500, free=0)
+    d = one(p, sample(r2, balloon=b), 2.0)
+    assert d is not None and "back off" in d.reason
+    m = p.state["g"]
+    hurt, hurt_at = m.hurt_size, m.hurt_at
+    assert m.hurt_refaulted
+    # the balloon deflated at once (vmw-batched does); the report is the same
+    again = one(p, GuestSample("g", RAM, d.balloon_pages, d.balloon_pages, GuestSettings(),
+                               r2, 2.0), 3.0)
+    assert again is None
+    # the memory of it is the back-off's: a report's counters against themselves show no
+    # refault, and it did not say the guest stopped refaulting
+    m = p.state["g"]
+    assert (m.hurt_size, m.hurt_at, m.hurt_refaulted) == (hurt, hurt_at, True)
+
+
+def test_a_size_that_hurt_is_remembered_longer_while_the_guest_still_refaults() -> None:
+    # a probe evicted a cache the guest reads: it refaults it back at its own pace, for many
+    # minutes; probing again after PRESSURE_MEMORY_S would evict the same pages again
+    assert REFAULTING_MEMORY_S > PRESSURE_MEMORY_S
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 4
+    major = 0
+    one(p, sample(report(0, avail=RAM - ws - b, balloon=b), balloon=b), 0.0)
+    major += 5000
+    d = one(p, sample(report(5, avail=RAM - ws - b, balloon=b, stall=5.0, major=major,
+                             free=RAM // 64), balloon=b), 5.0)
+    assert d is not None and "back off" in d.reason
+    hurt = p.state["g"].hurt_size
+    b = d.balloon_pages
+    sizes: dict[float, int] = {}
+    for t in range(10, int(5 + REFAULTING_MEMORY_S + 60), 10):
+        major += 100  # 10 a second: quiet enough to probe, but still reading back
+        d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, major=major), balloon=b),
+                float(t))
+        b = d.balloon_pages if d is not None else b
+        sizes[t] = RAM - b
+    within = [s for t, s in sizes.items() if t < 5 + REFAULTING_MEMORY_S]
+    assert min(within) == hurt  # held at the size that hurt past PRESSURE_MEMORY_S
+    assert min(sizes.values()) < hurt  # probed below it once the longer memory ends

@@ -150,8 +150,8 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
         assert counters.as_dict() == scalar.counters.as_dict()
         for k, v in counters.as_dict().items():
             seen.inc(PolicyReportCounter(k), v)
-    assert {"blind", "emergency", "room", "trouble", "stalled", "under_floor", "probe",
-            "hold"} <= picked
+    assert {"blind", "emergency", "room", "reread", "trouble", "stalled", "under_floor",
+            "probe", "hold"} <= picked
     assert bands == {True, False}
     assert all(seen[c] > 0 for c in PolicyReportCounter), seen.as_dict()
     # the rulings' branches: blind with and without a ruling, a big probe step into idle

@@ -18,16 +18,16 @@ read one ``Figures`` record computed once a call):
    or an OOM kill since last time: deflate at once by what restores the full margin (so a
    ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
    margin (an OOM kill still gets the whole balloon back).
-3. **own_pressure**: the trouble of rule 6 in a guest with no balloon and no target: hold (the
+3. **own_pressure**: the trouble of rule 7 in a guest with no balloon and no target: hold (the
    pressure is the guest's own; remembering it as a size that hurt would stop probing).
-4. **reclaiming**: the trouble of rule 6 while the balloon grew since the last call, with no
+4. **reclaiming**: the trouble of rule 7 while the balloon grew since the last call, with no
    major fault and no swap-in since the last report and MemAvailable above the margin: hold.
    The stall is the guest reclaiming cache nobody reads to hand the balloon its pages (PSI
    counts that direct reclaim too); a workload that missed what the balloon took would refault
    it. Backing off would give a paused file server its cold cache back, and remember its size.
-5. **room**: the trouble of rule 6 (no swap-in since the last report) in a guest that holds
+5. **room**: the trouble of rule 7 (no swap-in since the last report) in a guest that holds
    idle free memory (MemFree, not MemAvailable, less what an inflation in progress will still
-   take) beyond its margin by at least the back-off rule 6 would give, its balloon not above
+   take) beyond its margin by at least the back-off rule 7 would give, its balloon not above
    its target: hold. More memory cannot relieve a stall the guest has room to absorb: its
    kernel reclaims nothing while MemFree is that high, so the stall is the guest refaulting,
    at its workload's own pace, page cache an earlier probe evicted (PSI counts those refaults
@@ -35,32 +35,41 @@ read one ``Figures`` record computed once a call):
    (session 7's fleet: a steady web server backed off call after call to an empty balloon,
    and every probe after evicted its cache again). A swap-in (anonymous memory gone), an OOM
    kill or MemAvailable under the small margin (rule 2) and a balloon still deflating toward
-   a lower target (the memory is not there yet) go to rule 6. Nothing is remembered as a size
+   a lower target (the memory is not there yet) go to rule 7. Nothing is remembered as a size
    that hurt: probing waits for the guest to be quiet again, as after any trouble.
-6. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
+6. **reread**: the trouble of rule 7 in the report the last call read (reports every 2 s,
+   calls every second): hold. That call ruled on the same evidence already, and its back-off
+   is not in the report yet; a second back-off on it doubled every one (and, the report's
+   counters against themselves showing no refault, forgot that the guest was refaulting).
+7. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
    probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``;
-   when the guest was refaulting, only until it has gone ``REFAULT_MEMORY_S`` without a major
-   fault or swap-in: it reads nothing back any more, so what it re-read then is cold now (an
-   idle guest's nightly job, a file server's run, has ended); the back-offs while a probe's
-   refaults tail off remember sizes up to the guest's whole RAM, which would otherwise stand
-   for all of ``PRESSURE_MEMORY_S``).
-7. **stalled** inflation: the target is above the balloon and the balloon has not grown for
+   when the guest was refaulting, for ``REFAULTING_MEMORY_S`` while it still refaults (it is
+   still reading back what the probe took: a probe would evict the same pages again) but only
+   until it has gone ``REFAULT_MEMORY_S`` without a major fault or swap-in: it reads nothing
+   back any more, so what it re-read then is cold now (an idle guest's nightly job, a file
+   server's run, has ended); the back-offs while a probe's refaults tail off remember sizes up
+   to the guest's whole RAM, which would otherwise stand for all that time).
+8. **stalled** inflation: the target is above the balloon and the balloon has not grown for
    ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
    actual balloon (give the guest back the rest), halve the probe step.
-8. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
-   plus margin): grow it back to the floor.
-9. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
-   balloon at its target: probe down by the step (by half the MemFree beyond the margin when
-   that is more than twice the margin: idle memory; not MemAvailable, whose page cache may be
-   hot: a big step into it evicts what the guest reads), never below the floor. Only on a new
-   report (libvirt's come every 2 s, the daemon decides every second): one the last call read
-   shows nothing of that call's probe, so it allows only a big step into the MemFree idle still
-   once the balloon's growth since the report is taken off. The step grows
-   by ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
-   ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
-   are the model: slow growth while things go well, halving on failure).
-10. **hold**: otherwise.
+9. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
+   plus margin): grow it back to the floor and a band (``BAND_FRACTION`` of its RAM) above it;
+   a deficit under ``MIN_CHANGE_PAGES`` is the working set's noise: to the floor only.
+10. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults), the
+   balloon at its target and the guest two bands above its floor: probe down by the step (by
+   half the MemFree beyond the margin when that is more than twice the margin: idle memory;
+   not MemAvailable, whose page cache may be hot: a big step into it evicts what the guest
+   reads), never below the floor. The band is hysteresis: a working set that moves every
+   second (a diurnal demand) is followed in steps of a band, growth and probe no longer
+   alternating by a few MiB every few seconds. Only on a new report (libvirt's come every
+   2 s, the daemon decides every second): one the last call read shows nothing of that
+   call's probe, so it allows only a big step into the MemFree idle still once the balloon's
+   growth since the report is taken off. The step grows by ``PROBE_STEP_INC`` each quiet
+   probe up to ``PROBE_STEP_MAX`` and halves on trouble down to ``PROBE_STEP_MIN`` (the seed
+   vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC, are the model: slow
+   growth while things go well, halving on failure).
+11. **hold**: otherwise.
 
 The safety floor is ``max(settings.min_pages, peak working set over WS_WINDOW_S + margin, the
 size that last hurt)``; the working set is the guest's size minus MemAvailable (what it cannot
@@ -158,6 +167,11 @@ PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this l
 # long since: it reads nothing back any more, so what it re-read then is cold now (an idle
 # guest's nightly job or a file server's run has ended), and a probe may find it out
 REFAULT_MEMORY_S: Final = 30.0
+# ... and while it still refaults, for this long: it is still reading back what the probe took,
+# and a probe after PRESSURE_MEMORY_S would evict the same pages again (the fleet's steady web
+# servers refill an evicted cache at their cold-read rate for ~15 min: probed every 5 min, they
+# never stopped refaulting); a guest that always reads is probed again after this
+REFAULTING_MEMORY_S: Final = 4 * PRESSURE_MEMORY_S
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
 # A guest grown back to its floor gets this share of its RAM above it, and a probe waits for
@@ -599,6 +613,10 @@ RULES: Final[tuple[Rule, ...]] = (
                       f"what the balloon takes (margin {f.margin}, back-off {f.backoff}): "
                       f"hold (more memory cannot help)",
          DefaultCounter.TROUBLE_WITH_ROOM, troubled=True),
+    Rule("reread", Verdict.HOLD, lambda f: f.troubled and f.repeated,
+         lambda f: Ruling(f.target_size, f.floor, f.severity),
+         lambda f, r: f"default: stall {f.stall_pct:.2f}% in the report the last call read: "
+                      f"hold (its back-off is not in it yet)", troubled=True),
     Rule("trouble", Verdict.TROUBLE, lambda f: f.troubled, _trouble,
          lambda f, r: f"default: back off: stall {f.stall_pct:.2f}%, swap-in "
                       f"{f.swapin_rate:.0f} pages/s", troubled=True),
@@ -812,7 +830,8 @@ class DefaultPolicy:
         if d_major or d_swapin:
             m.faulted_at = now
         if m.hurt_size and (
-                now >= m.hurt_at + PRESSURE_MEMORY_S
+                now >= m.hurt_at + (REFAULTING_MEMORY_S if m.hurt_refaulted
+                                    else PRESSURE_MEMORY_S)
                 or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)
                 or (m.hurt_refaulted and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)):
             # the pain is old, the working set shrank well below it, or it was refaults and

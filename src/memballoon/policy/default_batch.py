@@ -32,8 +32,8 @@ from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Decision
 from memballoon.policy.default import (
     BACKOFF_MAX_SCALE,
-    BAND_FRACTION,
     BACKOFF_MIN_FRACTION,
+    BAND_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
@@ -50,6 +50,7 @@ from memballoon.policy.default import (
     PROBE_STEP_MIN,
     QUIET_CALLS_BEFORE_BIG_STEP,
     REFAULT_MEMORY_S,
+    REFAULTING_MEMORY_S,
     RULES,
     SMALL_SKIPS,
     STUCK_AFTER_S,
@@ -479,7 +480,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
                       ).astype(np.int64) + ahead
     m.faulted_at[fresh & ((d_major != 0) | (d_swapin != 0))] = now
     forget = fresh & (m.hurt_size != 0) & (
-        (now >= m.hurt_at + PRESSURE_MEMORY_S)
+        (now >= m.hurt_at + np.where(m.hurt_refaulted, REFAULTING_MEMORY_S, PRESSURE_MEMORY_S))
         | ((now >= m.oom_at + PRESSURE_MEMORY_S) & (ws + margin < m.hurt_ws))
         | (m.hurt_refaulted & (now >= np.maximum(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)))
     m.hurt_size[forget] = 0
@@ -532,6 +533,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
                        & has_last_balloon & (balloon > last_balloon)),
         "room": (troubled & (d_swapin == 0) & (balloon <= target)
                  & (free_now - np.maximum(0, target - balloon) >= margin + backoff)),
+        "reread": troubled & repeated,
         "trouble": troubled,
         "stalled": stuck | ((d_refused > 0) & inflating),
         "under_floor": target_size < floor,
