@@ -386,7 +386,8 @@ def test_blind_guest_is_never_inflated() -> None:
 
 def test_never_below_min_pages() -> None:
     p = DefaultPolicy()
-    floor = RAM - 4 * int(BAND_FRACTION * RAM)  # (a probe needs two bands above the floor)
+    floor = RAM - 2 * int(BAND_FRACTION * RAM)  # (a probe needs two bands above the floor)
+    assert 2 * int(BAND_FRACTION * RAM) <= int(PROBE_STEP_START * RAM)  # one step reaches it
     d = one(p, sample(report(0, avail=RAM * 9 // 10), min_pages=floor), 0.0)
     assert d is not None and d.balloon_pages == RAM - floor
 
