@@ -178,7 +178,7 @@ MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not 
 # twice it above the floor: a working set that moves every second (a diurnal demand) is
 # followed in steps of a band, not of MIN_CHANGE_PAGES (in the fleet a batch guest was moved
 # every ~14 s by a few MiB). Measured on a fleet slice: a band of 0.5% of RAM halved the batch
-# guests' target changes, 1% halved them again, each for 0.2% of the memory released
+# guests' target changes, 1% halved them again, each for 0.2-0.3% of the memory released
 BAND_FRACTION: Final = 0.01
 # An inflation is stalled once its balloon has not grown for this long under the same target:
 # one period of the daemon's; a short host's early steps come every 0.2 s, and a balloon that
