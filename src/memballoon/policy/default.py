@@ -49,7 +49,13 @@ read one ``Figures`` record computed once a call):
    until it has gone ``REFAULT_MEMORY_S`` without a major fault or swap-in: it reads nothing
    back any more, so what it re-read then is cold now (an idle guest's nightly job, a file
    server's run, has ended); the back-offs while a probe's refaults tail off remember sizes up
-   to the guest's whole RAM, which would otherwise stand for all that time).
+   to the guest's whole RAM, which would otherwise stand for all that time). A probe that
+   hurts again (this rule, not an emergency's burst), once the size was forgotten, at about the size that hurt last (within the
+   margin), shows it was forgotten too soon (a steady web server's cache refilled, its refaults
+   stopped, and the next probe evicted it again): that size is remembered twice as long as the
+   last, refaults or not, up to ``HURT_MEMORY_MAX_S`` (exponential back-off); a first hurt, a
+   size far from the last, or one ``HURT_AGAIN_WITHIN_S`` after the last's memory ran out
+   starts over, and the working set shrinking a margin below it forgets size and back-off.
 8. **stalled** inflation: the target is above the balloon and the balloon has not grown for
    ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
    actual balloon (give the guest back the rest), halve the probe step.
@@ -172,6 +178,19 @@ REFAULT_MEMORY_S: Final = 30.0
 # servers refill an evicted cache at their cold-read rate for ~15 min: probed every 5 min, they
 # never stopped refaulting); a guest that always reads is probed again after this
 REFAULTING_MEMORY_S: Final = 4 * PRESSURE_MEMORY_S
+# A size that hurts again, by a probe after it was forgotten, at about the size that hurt last
+# (within the guest's margin), was forgotten too soon: it is remembered twice as long as the
+# last time (at least twice PRESSURE_MEMORY_S, or REFAULTING_MEMORY_S when it hurt by refaults),
+# whatever the refaults do, up to this (TCP's and senpai's exponential back-off; the seed's
+# adaptive rates halve on failure). Two hours: a steady guest whose every probe evicts a cache
+# it reads back for ~15 min is probed a few times a day, not four times an hour, and a guest
+# whose workload changed is found out within a couple of hours (the fleet's hour: its web
+# servers stop being re-probed after their second or third hurt)
+HURT_MEMORY_MAX_S: Final = 7200.0
+# ... and a hurt this long after the last one's memory ran out is a first again (a quiet spell:
+# what hurt then says little now); the working set moving away (shrinking by more than a
+# margin below the size that hurt's) forgets the size and its back-off at once
+HURT_AGAIN_WITHIN_S: Final = HURT_MEMORY_MAX_S
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
 # A guest grown back to its floor gets this share of its RAM above it, and a probe waits for
@@ -257,6 +276,10 @@ class GuestMemo:
     hurt_refaulted: bool = False  # the guest refaulted when it last hurt
     faulted_at: float = NEVER  # its last major fault or swap-in
     quiet_calls: int = 0  # probes in a row without trouble (a new guest starts at 0)
+    # how long the size that hurt is remembered (0: PRESSURE_MEMORY_S, or REFAULTING_MEMORY_S
+    # with REFAULT_MEMORY_S's early forgetting; else this, doubled each time it hurts again)
+    hurt_hold_s: float = 0.0
+    hurt_mark: int = 0  # the size the last probe hurt at (kept once forgotten; 0: none)
 
     def see_working_set(self, ws: int, now: float, dt: float) -> tuple[float, int]:
         """Record ``ws`` at ``now``: its growth rate (pages/s, never negative) since the last
@@ -278,6 +301,12 @@ class GuestMemo:
     def remember(self, f: Figures, ruling: Ruling) -> None:
         """Carry out what ``ruling`` asks this memory to keep."""
         if ruling.hurt is not None:
+            if not self.hurt_size:  # a first hurt since the last was forgotten
+                # (an emergency or a stalled inflation starts the back-off over: the
+                # workload's burst or a guest's refusal, not a probe going too far)
+                probed = ruling.probed
+                self.hurt_hold_s = self.hold_after(f, ruling.hurt) if probed else 0.0
+                self.hurt_mark = ruling.hurt if probed else 0
             # no probing back below where it hurt for a while (the seed's adaptive rate: the
             # step halves on failure)
             self.step = max(PROBE_STEP_MIN, self.step / 2)
@@ -288,6 +317,18 @@ class GuestMemo:
         if ruling.quiet:
             self.quiet_calls += 1
             self.step = min(PROBE_STEP_MAX, self.step + PROBE_STEP_INC)
+
+    def hold_after(self, f: Figures, hurt: int) -> float:
+        """How long ``hurt`` is remembered, a probe's hurting while nothing is (it went below
+        a size forgotten): twice as long as the last size that hurt, if about that size
+        (within the margin) and not long after its memory ran out, else the base rules'
+        (0)."""
+        held = self.hurt_hold_s or (REFAULTING_MEMORY_S if self.hurt_refaulted
+                                    else PRESSURE_MEMORY_S)
+        if (self.hurt_mark and abs(hurt - self.hurt_mark) <= f.margin
+                and f.now - self.hurt_at <= held + HURT_AGAIN_WITHIN_S):
+            return min(HURT_MEMORY_MAX_S, 2.0 * held)
+        return 0.0
 
     def snapshot(self, now: float) -> DefaultGuestSnapshot:
         last = None
@@ -304,7 +345,8 @@ class GuestMemo:
             oom_age_s=_age_or_never(now, self.oom_at), quiet_calls=self.quiet_calls,
             still_age_s=_age_or_never(now, self.still_since), last_target=self.last_target,
             hurt_refaulted=self.hurt_refaulted,
-            faulted_age_s=_age_or_never(now, self.faulted_at))
+            faulted_age_s=_age_or_never(now, self.faulted_at), hurt_hold_s=self.hurt_hold_s,
+            hurt_mark=self.hurt_mark)
 
     @classmethod
     def restored(cls, snap: DefaultGuestSnapshot, now: float) -> GuestMemo:
@@ -320,7 +362,8 @@ class GuestMemo:
             hurt_at=_time_or_never(now, snap.hurt_age_s), hurt_ws=snap.hurt_ws,
             oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls,
             hurt_refaulted=snap.hurt_refaulted,
-            faulted_at=_time_or_never(now, snap.faulted_age_s))
+            faulted_at=_time_or_never(now, snap.faulted_age_s), hurt_hold_s=snap.hurt_hold_s,
+            hurt_mark=snap.hurt_mark)
 
 
 _second: Final = itemgetter(1)
@@ -480,6 +523,7 @@ class Ruling:
     oom: bool = False  # an OOM kill: the shrunk working set says nothing for a while
     refaulted: bool = False  # it hurt by refaults: forgotten once they stop (REFAULT_MEMORY_S)
     quiet: bool = False  # a quiet probe: one more in a row; the step grows
+    probed: bool = False  # it hurt where a probe took it (rule 7): its memory may back off
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,7 +597,7 @@ def _trouble(f: Figures) -> Ruling:
     new = f.size + f.backoff
     hurt = min(new, f.size + f.margin, f.g.ceiling_pages())
     return Ruling(new, max(f.floor, new), f.severity, hurt=hurt,
-                  refaulted=f.fault_rate > 0 or f.d_swapin > 0)
+                  refaulted=f.fault_rate > 0 or f.d_swapin > 0, probed=True)
 
 
 def _why_stalled(f: Figures, _: Ruling) -> str:
@@ -677,6 +721,10 @@ class DefaultGuestSnapshot(SnapshotPart):
     # not refaulted, never)
     hurt_refaulted: bool = False
     faulted_age_s: Seconds | None = None
+    # how long the size that hurt is remembered (0: the base rules), and the size the last
+    # probe hurt at (older snapshots: no back-off, none)
+    hurt_hold_s: Annotated[float, Field(ge=0.0, le=HURT_MEMORY_MAX_S, allow_inf_nan=False)] = 0.0
+    hurt_mark: Pages = 0
 
 
 class DefaultSnapshot(PolicySnapshot):
@@ -830,14 +878,19 @@ class DefaultPolicy:
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if d_major or d_swapin:
             m.faulted_at = now
-        if m.hurt_size and (
-                now >= m.hurt_at + (REFAULTING_MEMORY_S if m.hurt_refaulted
-                                    else PRESSURE_MEMORY_S)
-                or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)
-                or (m.hurt_refaulted and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)):
-            # the pain is old, the working set shrank well below it, or it was refaults and
-            # they stopped
-            m.hurt_size = 0
+        if m.hurt_size:
+            hold = m.hurt_hold_s
+            if now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws:
+                # the working set shrank well below it: the size and its back-off go
+                m.hurt_size, m.hurt_hold_s, m.hurt_mark = 0, 0.0, 0
+            elif (now >= m.hurt_at + hold if hold else (
+                    now >= m.hurt_at + (REFAULTING_MEMORY_S if m.hurt_refaulted
+                                        else PRESSURE_MEMORY_S)
+                    or (m.hurt_refaulted
+                        and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S))):
+                # the pain is old, or it was refaults and they stopped (a size that hurt again
+                # is kept its whole back-off: the refaults stopping did not mean it was cold)
+                m.hurt_size = 0
         settings = g.settings
         min_pages, hurt_size, ceiling = settings.min_pages, m.hurt_size, settings.max_pages
         if ceiling is None or ceiling > ram:  # ``g.ceiling_pages()``, without the call
