@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ from memballoon.policy.default import (
     EMERGENCY_MARGIN_PAGES,
     HOST_PSI_RECLAIM_FRACTION,
     HOST_PSI_SOME_PCT,
+    HURT_AGAIN_WITHIN_S,
+    HURT_MEMORY_MAX_S,
     LOOKAHEAD_S,
     MAJOR_FAULTS_QUIET_PER_S,
     MARGIN_FRACTION,
@@ -790,7 +792,7 @@ def test_rule_trouble() -> None:
     ruling = r.decide(f)
     backoff = int(max(BACKOFF_MIN_FRACTION * RAM, 2 * STEP) * 2.0)
     assert ruling == Ruling(RAM - b + backoff, RAM - b + backoff, 2.0,
-                            hurt=RAM - b + min(backoff, MARGIN))
+                            hurt=RAM - b + min(backoff, MARGIN), probed=True)
     assert r.why(f, ruling) == "default: back off: stall 2.00%, swap-in 10 pages/s"
     huge = r.decide(figs(balloon=b, stall_pct=100.0, severity=100.0))
     assert huge is not None
@@ -1114,3 +1116,148 @@ def test_a_size_that_hurt_is_remembered_longer_while_the_guest_still_refaults() 
     within = [s for t, s in sizes.items() if t < 5 + REFAULTING_MEMORY_S]
     assert min(within) == hurt  # held at the size that hurt past PRESSURE_MEMORY_S
     assert min(sizes.values()) < hurt  # probed below it once the longer memory ends
+
+
+# ---------------------------------------------------------------------- back-off of a repeat
+def hurt_at(m: GuestMemo, now: float, hurt: int, *, probed: bool = True,
+            refaulted: bool = True) -> None:
+    """``m`` remembers a ruling that ``hurt`` at ``now`` (a probe's back-off, by default)."""
+    m.remember(replace(figs(), now=now),
+               Ruling(1, 1, 0.0, hurt=hurt, refaulted=refaulted, probed=probed))
+
+
+def test_a_probe_that_hurts_again_at_the_same_size_is_remembered_twice_as_long() -> None:
+    assert 2 * REFAULTING_MEMORY_S < HURT_MEMORY_MAX_S
+    m = GuestMemo()
+    hurt_at(m, 0.0, 5000)
+    assert (m.hurt_hold_s, m.hurt_mark) == (0.0, 5000)  # a first: the base rules
+    hurt_at(m, 10.0, 9000)  # a back-off while it is remembered: the same episode
+    assert (m.hurt_size, m.hurt_hold_s, m.hurt_mark) == (9000, 0.0, 5000)
+    holds = []
+    t = 10.0
+    for k in range(5):
+        m.hurt_size = 0  # forgotten (``figures``), and the next probe hurts about there
+        t += max(m.hurt_hold_s, REFAULT_MEMORY_S)
+        hurt_at(m, t, 5000 + (k + 1) * MARGIN)  # each within a margin of the last
+        holds.append(m.hurt_hold_s)
+    assert holds == [2 * REFAULTING_MEMORY_S, 4 * REFAULTING_MEMORY_S, HURT_MEMORY_MAX_S,
+                     HURT_MEMORY_MAX_S, HURT_MEMORY_MAX_S]
+    # without refaults the base is PRESSURE_MEMORY_S
+    m = GuestMemo()
+    hurt_at(m, 0.0, 5000, refaulted=False)
+    m.hurt_size = 0
+    hurt_at(m, PRESSURE_MEMORY_S, 5000)
+    assert m.hurt_hold_s == 2 * PRESSURE_MEMORY_S
+
+
+def test_a_hurt_far_from_the_last_late_or_not_a_probes_starts_the_back_off_over() -> None:
+    def again(now: float, hurt: int, **kw: bool) -> float:
+        m = GuestMemo()
+        hurt_at(m, 0.0, 5000)
+        m.hurt_size = 0
+        hurt_at(m, now, hurt, **kw)
+        return m.hurt_hold_s
+
+    doubled = 2 * REFAULTING_MEMORY_S
+    assert again(100.0, 5000 + MARGIN) == again(100.0, 5000 - MARGIN) == doubled
+    assert again(100.0, 5000 + MARGIN + 1) == again(100.0, 5000 - MARGIN - 1) == 0.0
+    late = REFAULTING_MEMORY_S + HURT_AGAIN_WITHIN_S  # a quiet spell after its memory
+    assert again(late, 5000) == doubled and again(late + 1.0, 5000) == 0.0
+    # an emergency (a burst of the workload's) or a stalled inflation: no back-off, and the
+    # next probe's hurt is a first again
+    m = GuestMemo()
+    hurt_at(m, 0.0, 5000)
+    m.hurt_size = 0
+    hurt_at(m, 100.0, 5000, probed=False)
+    assert (m.hurt_hold_s, m.hurt_mark) == (0.0, 0)
+    m.hurt_size = 0
+    hurt_at(m, 200.0, 5000)
+    assert (m.hurt_hold_s, m.hurt_mark) == (0.0, 5000)
+
+
+def test_a_size_backed_off_is_kept_its_whole_hold_refaults_or_not() -> None:
+    p = DefaultPolicy()
+    ws = RAM // 4
+    hold = 2 * REFAULTING_MEMORY_S
+
+    def memo() -> GuestMemo:
+        return GuestMemo(hurt_size=RAM // 2, hurt_at=0.0, hurt_ws=ws, hurt_refaulted=True,
+                         faulted_at=0.0, hurt_hold_s=hold, hurt_mark=RAM // 2)
+
+    m = memo()
+    # no refault for far more than REFAULT_MEMORY_S: the back-off still holds the size
+    f = p.figures(sample(report(100, avail=RAM - ws)), m, 100.0)
+    assert m.hurt_size == RAM // 2 and f.floor == RAM // 2
+    p.figures(sample(report(hold - 1, avail=RAM - ws)), m, hold - 1.0)
+    assert m.hurt_size == RAM // 2
+    p.figures(sample(report(hold, avail=RAM - ws)), m, hold)
+    assert (m.hurt_size, m.hurt_hold_s, m.hurt_mark) == (0, hold, RAM // 2)  # the back-off
+    # stays for the next hurt to double; the working set shrinking a margin below the one
+    # it hurt with forgets the size and its back-off at once
+    m = memo()
+    m.hurt_ws = ws + MARGIN + 1
+    p.figures(sample(report(100, avail=RAM - ws)), m, 100.0)
+    assert (m.hurt_size, m.hurt_hold_s, m.hurt_mark) == (0, 0.0, 0)
+
+
+def test_a_cache_evicted_again_at_the_same_size_is_not_probed_again_for_twice_as_long() -> None:
+    # the fleet's web servers: a probe evicts the cache, the guest refaults it back for a
+    # while and stops; the size is forgotten and the next probe evicts it again. The second
+    # time, the refaults stopping no longer forgets it: it is held 2 * REFAULTING_MEMORY_S
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 4
+    major = 0
+    one(p, sample(report(0, avail=RAM - ws - b, balloon=b), balloon=b), 0.0)
+    hurts: list[float] = []
+    hurt_sizes: list[int] = []
+    sizes: dict[int, int] = {}
+    t = 5
+    while t < 3 * REFAULTING_MEMORY_S:
+        m = p.state["g"]
+        if len(hurts) < 2 and m.hurt_size == 0 and m.hurt_mark and RAM - b < m.hurt_mark:
+            pass  # probed below the size forgotten: this call hurts
+        elif hurts:
+            if t <= hurts[-1] + 50:
+                major += 100  # reading back what the probe took, then no more
+            # (its page cache is MemAvailable, not MemFree: probed by the step alone)
+            d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, major=major,
+                                     free=RAM // 64), balloon=b), float(t))
+            b = d.balloon_pages if d is not None else b
+            sizes[t] = RAM - b
+            t += 5
+            continue
+        major += 5000
+        d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, stall=5.0, major=major,
+                                 free=RAM // 64), balloon=b), float(t))
+        assert d is not None and "back off" in d.reason
+        hurts.append(float(t))
+        hurt_sizes.append(p.state["g"].hurt_size)
+        b = d.balloon_pages
+        t += 5
+    m = p.state["g"]
+    assert len(hurts) == 2 and m.hurt_hold_s == 2 * REFAULTING_MEMORY_S
+    # the first: forgotten REFAULT_MEMORY_S after the refaults stopped, probed below
+    assert hurts[1] == hurts[0] + 50 + REFAULT_MEMORY_S + 5
+    # the second: held at the size through the doubled memory though the refaults stopped
+    held = [s for at, s in sizes.items() if hurts[1] < at < hurts[1] + m.hurt_hold_s]
+    after = [s for at, s in sizes.items() if at >= hurts[1] + m.hurt_hold_s]
+    assert min(held) == hurt_sizes[1]
+    assert after and min(after) < hurt_sizes[1]  # probed again once the memory ends
+
+
+def test_snapshot_carries_the_back_off_and_an_old_one_has_none() -> None:
+    p = DefaultPolicy()
+    one(p, sample(report(0, avail=RAM // 2)), 0.0)
+    m = p.state["g"]
+    m.hurt_hold_s, m.hurt_mark = 2 * REFAULTING_MEMORY_S, RAM // 3
+    snap = p.snapshot(1.0)
+    q = DefaultPolicy()
+    q.restore(DefaultSnapshot.model_validate_json(snap.model_dump_json()), 5.0)
+    assert (q.state["g"].hurt_hold_s, q.state["g"].hurt_mark) == (2 * REFAULTING_MEMORY_S,
+                                                                  RAM // 3)
+    old = snap.model_dump(mode="json")
+    for key in ("hurt_hold_s", "hurt_mark"):
+        del old["guests"]["g"][key]
+    q.restore(DefaultSnapshot.model_validate(old), 5.0)
+    assert (q.state["g"].hurt_hold_s, q.state["g"].hurt_mark) == (0.0, 0)

@@ -50,12 +50,13 @@ read one ``Figures`` record computed once a call):
    back any more, so what it re-read then is cold now (an idle guest's nightly job, a file
    server's run, has ended); the back-offs while a probe's refaults tail off remember sizes up
    to the guest's whole RAM, which would otherwise stand for all that time). A probe that
-   hurts again (this rule, not an emergency's burst), once the size was forgotten, at about the size that hurt last (within the
-   margin), shows it was forgotten too soon (a steady web server's cache refilled, its refaults
-   stopped, and the next probe evicted it again): that size is remembered twice as long as the
-   last, refaults or not, up to ``HURT_MEMORY_MAX_S`` (exponential back-off); a first hurt, a
-   size far from the last, or one ``HURT_AGAIN_WITHIN_S`` after the last's memory ran out
-   starts over, and the working set shrinking a margin below it forgets size and back-off.
+   hurts again (this rule: not an emergency's burst), once the size was forgotten, at about
+   the size the last probe hurt at (within the margin), shows it was forgotten too soon (a
+   steady web server's cache refilled, its refaults stopped, and the next probe evicted it
+   again): that size is remembered twice as long as the last, refaults or not, up to
+   ``HURT_MEMORY_MAX_S`` (exponential back-off); a first hurt, a size far from the last, or
+   one ``HURT_AGAIN_WITHIN_S`` after the last's memory ran out starts over, and the working
+   set shrinking a margin below it forgets size and back-off.
 8. **stalled** inflation: the target is above the balloon and the balloon has not grown for
    ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
    actual balloon (give the guest back the rest), halve the probe step.
