@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,14 @@ from memballoon.policy import default as default_module
 from memballoon.policy.base import Decision, Policy
 from memballoon.policy.default import (
     BACKOFF_MIN_FRACTION,
+    BAND_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
     HOST_PSI_RECLAIM_FRACTION,
     HOST_PSI_SOME_PCT,
+    HURT_AGAIN_WITHIN_S,
+    HURT_MEMORY_MAX_S,
     LOOKAHEAD_S,
     MAJOR_FAULTS_QUIET_PER_S,
     MARGIN_FRACTION,
@@ -39,6 +42,7 @@ from memballoon.policy.default import (
     PROBE_STEP_START,
     QUIET_CALLS_BEFORE_BIG_STEP,
     REFAULT_MEMORY_S,
+    REFAULTING_MEMORY_S,
     RULES,
     STALL_QUIET_PCT,
     STALL_TROUBLE_PCT,
@@ -230,8 +234,9 @@ def test_a_size_that_hurt_by_refaults_is_forgotten_once_they_stop() -> None:
     assert d is not None
     b = d.balloon_pages
     major += 5000
-    d = one(p, sample(report(5, avail=RAM - ws - b, balloon=b, stall=5.0, major=major),
-                      balloon=b), 5.0)
+    # (the probe took the free memory and evicted the cache: MemFree is low, no room)
+    d = one(p, sample(report(5, avail=RAM - ws - b, balloon=b, stall=5.0, major=major,
+                             free=RAM // 64), balloon=b), 5.0)
     assert d is not None and "back off" in d.reason
     hurt = p.state["g"].hurt_size
     assert hurt == RAM - b + int(MARGIN_FRACTION * RAM) and p.state["g"].hurt_refaulted
@@ -383,9 +388,10 @@ def test_blind_guest_is_never_inflated() -> None:
 
 def test_never_below_min_pages() -> None:
     p = DefaultPolicy()
-    floor = RAM - 1000
+    floor = RAM - 2 * int(BAND_FRACTION * RAM)  # (a probe needs two bands above the floor)
+    assert 2 * int(BAND_FRACTION * RAM) <= int(PROBE_STEP_START * RAM)  # one step reaches it
     d = one(p, sample(report(0, avail=RAM * 9 // 10), min_pages=floor), 0.0)
-    assert d is not None and d.balloon_pages == 1000
+    assert d is not None and d.balloon_pages == RAM - floor
 
 
 def test_lying_report_is_counted_not_raised() -> None:
@@ -700,8 +706,8 @@ def figs(*, balloon: int = 0, target: int | None = None, max_pages: int | None =
 
 def test_rules_table_follows_the_module_docstring() -> None:
     names = [r.name for r in RULES]
-    assert names == ["blind", "emergency", "own_pressure", "reclaiming", "trouble", "stalled",
-                     "under_floor", "probe", "hold"]
+    assert names == ["blind", "emergency", "own_pressure", "reclaiming", "room", "reread",
+                     "trouble", "stalled", "under_floor", "probe", "hold"]
     doc = default_module.__doc__ or ""
     at = [doc.index(f"**{n}**") for n in names]
     assert at == sorted(at)  # documented in the same order
@@ -713,7 +719,8 @@ def test_rules_table_follows_the_module_docstring() -> None:
 def test_rules_marked_troubled_apply_only_to_a_troubled_guest() -> None:
     # ``judge`` skips them for a quiet guest: each must ask for ``Figures.troubled`` itself
     flagged = [r for r in RULES if r.troubled]
-    assert {r.name for r in flagged} == {"own_pressure", "reclaiming", "trouble"}
+    assert {r.name for r in flagged} == {"own_pressure", "reclaiming", "room", "reread",
+                                         "trouble"}
     for balloon in (0, RAM // 4):
         for kw in ({}, {"stall_pct": STALL_TROUBLE_PCT}, {"swapin_rate": SWAPIN_TROUBLE_PER_S}):
             f = figs(balloon=balloon, last_balloon=0, **kw)
@@ -785,7 +792,7 @@ def test_rule_trouble() -> None:
     ruling = r.decide(f)
     backoff = int(max(BACKOFF_MIN_FRACTION * RAM, 2 * STEP) * 2.0)
     assert ruling == Ruling(RAM - b + backoff, RAM - b + backoff, 2.0,
-                            hurt=RAM - b + min(backoff, MARGIN))
+                            hurt=RAM - b + min(backoff, MARGIN), probed=True)
     assert r.why(f, ruling) == "default: back off: stall 2.00%, swap-in 10 pages/s"
     huge = r.decide(figs(balloon=b, stall_pct=100.0, severity=100.0))
     assert huge is not None
@@ -813,10 +820,19 @@ def test_rule_under_floor() -> None:
     r = RULE["under_floor"]
     floor = RAM // 4 + MARGIN
     assert r.when(figs(balloon=RAM - floor + 1)) and not r.when(figs(balloon=RAM - floor))
+    # back to the floor and a band above it, to the ceiling at most
+    band = int(BAND_FRACTION * RAM)
     f = figs(balloon=RAM - floor + 500, severity=0.1)
     ruling = r.decide(f)
-    assert ruling == Ruling(floor, floor, 0.1)
+    assert ruling == Ruling(floor + band, floor, 0.1)
     assert r.why(f, ruling) == f"default: size {floor - 500} under safety floor {floor}: grow"
+    capped = r.decide(figs(balloon=RAM - floor + 500, max_pages=floor + 10))
+    assert capped is not None and capped.size == floor + 10
+    # a deficit under MIN_CHANGE_PAGES is noise: to the floor only (too small a change)
+    noise = r.decide(figs(balloon=RAM - floor + MIN_CHANGE_PAGES - 1))
+    assert noise is not None and noise.size == floor
+    edge = r.decide(figs(balloon=RAM - floor + MIN_CHANGE_PAGES))
+    assert edge is not None and edge.size == floor + band
 
 
 def test_rule_probe() -> None:
@@ -946,3 +962,302 @@ def test_snapshot_of_a_new_guest_says_never() -> None:
     blind = DefaultPolicy()
     one(blind, sample(None), 0.0)
     assert blind.snapshot(0.0).guests["g"].last_report is None  # rates start over
+
+
+# ---------------------------------------------------------------------- room, bands
+def _roomy(**kw: Any) -> Figures:
+    """A guest at half its RAM, stalling (refaults, no swap-in) with idle free memory of
+    exactly its margin plus a back-off, its balloon at its target, but for ``kw``."""
+    b = RAM // 2
+    base: dict[str, Any] = {"stall_pct": 2.0, "severity": 2.0, "fault_rate": 50.0,
+                            "avail": RAM // 4}
+    f = figs(balloon=b, **(base | kw))
+    if "free" not in kw:
+        f.free = MARGIN + f.backoff
+    return f
+
+
+def test_rule_room_holds_a_troubled_guest_with_idle_free_memory() -> None:
+    r = RULE["room"]
+    f = _roomy()
+    assert f.troubled and f.backoff == int(max(BACKOFF_MIN_FRACTION * RAM, 2 * STEP) * 2.0)
+    assert f.room == f.margin + f.backoff
+    assert r.when(f) and judge(f)[0].name == "room"
+    ruling = r.decide(f)
+    assert ruling == Ruling(f.target_size, f.floor, f.severity)  # hold, nothing remembered
+    assert r.verdict is Verdict.ROOM and r.counter is DefaultCounter.TROUBLE_WITH_ROOM
+    assert r.why(f, ruling) == (
+        f"default: stall 2.00% with {f.room} pages free beyond what the balloon takes "
+        f"(margin {MARGIN}, back-off {f.backoff}): hold (more memory cannot help)")
+
+
+def test_rule_room_does_not_hold_on_each_edge() -> None:
+    # the rule after it, trouble, backs off in each case
+    just_under = _roomy()
+    just_under.free -= 1  # one page short of margin plus back-off
+    deflating = _roomy(target=RAM // 4)  # balloon above its target: the memory is not there
+    swapin = _roomy(d_swapin=10, swapin_rate=5.0)  # anonymous memory came back from swap
+    quiet = _roomy(stall_pct=STALL_TROUBLE_PCT, severity=1.0)  # not troubled: no rule of it
+    for f in (just_under, deflating, swapin):
+        assert not RULE["room"].when(f)
+        assert judge(f)[0].name == "trouble", f
+    assert not RULE["room"].when(quiet) and judge(quiet)[0].name != "trouble"
+    # an emergency (MemAvailable under the small margin, or an OOM kill) comes first
+    for f in (_roomy(avail=EMERGENCY_MARGIN_PAGES - 1), _roomy(d_oom=1)):
+        assert RULE["room"].when(f) and judge(f)[0].name == "emergency"
+
+
+def test_rule_room_counts_an_inflation_in_progress_against_the_free_memory() -> None:
+    # the balloon still has pages to take: they come out of MemFree
+    b = RAM // 2
+    f = _roomy(target=b + 100)
+    assert f.room == f.free - 100 and not RULE["room"].when(f)
+    f.free += 100
+    assert RULE["room"].when(f)
+    # the balloon's growth since the report was taken from MemFree too
+    grown = _roomy(report_balloon=b - 100)
+    assert grown.room == grown.free - 100 and not RULE["room"].when(grown)
+
+
+def test_a_refaulting_guest_with_free_memory_is_held_not_deflated_to_empty() -> None:
+    # session 7's fleet: a steady web server's cache, evicted by a probe, refaults at the
+    # workload's own pace; with MemFree well beyond its margin the stall stays over the
+    # trouble line for a minute and each call backed off again, down to an empty balloon
+    p = DefaultPolicy()
+    b = RAM // 2
+    ws = RAM // 4
+    free = RAM // 4 - RAM // 32  # the rest of the guest is its (partly refilled) cache
+    major = 0
+    held = 0
+    for t in range(0, 60, 2):
+        major += 200
+        d = one(p, sample(report(t, avail=RAM - b - ws, balloon=b, stall=1.5, major=major,
+                                 free=free), balloon=b), float(t))
+        assert d is None  # held: the target stays
+        held += 1
+    assert p.counters[DefaultCounter.TROUBLE_WITH_ROOM] == held
+    # its free memory gone (the cache refilled it), the same stall backs off
+    d = one(p, sample(report(60, avail=RAM - b - ws, balloon=b, stall=1.5, major=major + 200,
+                             free=MARGIN), balloon=b), 60.0)
+    assert d is not None and "back off" in d.reason and d.balloon_pages < b
+
+
+def test_rule_probe_waits_for_two_bands_above_the_floor() -> None:
+    # a working set that moves every second is followed in bands, not in MiB
+    r = RULE["probe"]
+    band = int(BAND_FRACTION * RAM)
+    floor = RAM // 4 + MARGIN
+    assert r.when(figs(balloon=RAM - floor - 2 * band))
+    assert not r.when(figs(balloon=RAM - floor - 2 * band + 1))
+    assert judge(figs(balloon=RAM - floor - 2 * band + 1))[0].name == "hold"
+
+
+def test_rule_reread_holds_trouble_in_the_report_the_last_call_read() -> None:
+    r = RULE["reread"]
+    f = figs(balloon=RAM // 2, stall_pct=3.0, severity=3.0, repeated=True, avail=MARGIN,
+             free=0)
+    assert r.when(f) and judge(f)[0].name == "reread"
+    ruling = r.decide(f)
+    assert ruling == Ruling(f.target_size, f.floor, 3.0)  # hold, nothing remembered
+    assert r.why(f, ruling) == ("default: stall 3.00% in the report the last call read: hold "
+                                "(its back-off is not in it yet)")
+    fresh = figs(balloon=RAM // 2, stall_pct=3.0, severity=3.0, avail=MARGIN, free=0)
+    assert not r.when(fresh) and judge(fresh)[0].name == "trouble"
+    # an emergency in it still deflates
+    tight = figs(balloon=RAM // 2, stall_pct=3.0, repeated=True, avail=0, free=0)
+    assert judge(tight)[0].name == "emergency"
+
+
+def test_one_back_off_a_report() -> None:
+    # calls every second, reports every 2 s: the second call reads the first's report again
+    p = DefaultPolicy()
+    b = RAM // 2
+    ws = RAM // 2 - RAM // 16
+    r0 = report(0, avail=RAM - b - ws, balloon=b, free=0)
+    one(p, sample(r0, balloon=b), 0.0)
+    r2 = report(2, avail=RAM - b - ws, balloon=b, stall=3.0, major=500, free=0)
+    d = one(p, sample(r2, balloon=b), 2.0)
+    assert d is not None and "back off" in d.reason
+    m = p.state["g"]
+    hurt, hurt_at = m.hurt_size, m.hurt_at
+    assert m.hurt_refaulted
+    # the balloon deflated at once (vmw-batched does); the report is the same
+    again = one(p, GuestSample("g", RAM, d.balloon_pages, d.balloon_pages, GuestSettings(),
+                               r2, 2.0), 3.0)
+    assert again is None
+    # the memory of it is the back-off's: a report's counters against themselves show no
+    # refault, and it did not say the guest stopped refaulting
+    m = p.state["g"]
+    assert (m.hurt_size, m.hurt_at, m.hurt_refaulted) == (hurt, hurt_at, True)
+
+
+def test_a_size_that_hurt_is_remembered_longer_while_the_guest_still_refaults() -> None:
+    # a probe evicted a cache the guest reads: it refaults it back at its own pace, for many
+    # minutes; probing again after PRESSURE_MEMORY_S would evict the same pages again
+    assert REFAULTING_MEMORY_S > PRESSURE_MEMORY_S
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 4
+    major = 0
+    one(p, sample(report(0, avail=RAM - ws - b, balloon=b), balloon=b), 0.0)
+    major += 5000
+    d = one(p, sample(report(5, avail=RAM - ws - b, balloon=b, stall=5.0, major=major,
+                             free=RAM // 64), balloon=b), 5.0)
+    assert d is not None and "back off" in d.reason
+    hurt = p.state["g"].hurt_size
+    b = d.balloon_pages
+    sizes: dict[float, int] = {}
+    for t in range(10, int(5 + REFAULTING_MEMORY_S + 60), 10):
+        major += 100  # 10 a second: quiet enough to probe, but still reading back
+        d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, major=major), balloon=b),
+                float(t))
+        b = d.balloon_pages if d is not None else b
+        sizes[t] = RAM - b
+    within = [s for t, s in sizes.items() if t < 5 + REFAULTING_MEMORY_S]
+    assert min(within) == hurt  # held at the size that hurt past PRESSURE_MEMORY_S
+    assert min(sizes.values()) < hurt  # probed below it once the longer memory ends
+
+
+# ---------------------------------------------------------------------- back-off of a repeat
+def hurt_at(m: GuestMemo, now: float, hurt: int, *, probed: bool = True,
+            refaulted: bool = True) -> None:
+    """``m`` remembers a ruling that ``hurt`` at ``now`` (a probe's back-off, by default)."""
+    m.remember(replace(figs(), now=now),
+               Ruling(1, 1, 0.0, hurt=hurt, refaulted=refaulted, probed=probed))
+
+
+def test_a_probe_that_hurts_again_at_the_same_size_is_remembered_twice_as_long() -> None:
+    assert 2 * REFAULTING_MEMORY_S < HURT_MEMORY_MAX_S
+    m = GuestMemo()
+    hurt_at(m, 0.0, 5000)
+    assert (m.hurt_hold_s, m.hurt_mark) == (0.0, 5000)  # a first: the base rules
+    hurt_at(m, 10.0, 9000)  # a back-off while it is remembered: the same episode
+    assert (m.hurt_size, m.hurt_hold_s, m.hurt_mark) == (9000, 0.0, 5000)
+    holds = []
+    t = 10.0
+    for k in range(5):
+        m.hurt_size = 0  # forgotten (``figures``), and the next probe hurts about there
+        t += max(m.hurt_hold_s, REFAULT_MEMORY_S)
+        hurt_at(m, t, 5000 + (k + 1) * MARGIN)  # each within a margin of the last
+        holds.append(m.hurt_hold_s)
+    assert holds == [2 * REFAULTING_MEMORY_S, 4 * REFAULTING_MEMORY_S, HURT_MEMORY_MAX_S,
+                     HURT_MEMORY_MAX_S, HURT_MEMORY_MAX_S]
+    # without refaults the base is PRESSURE_MEMORY_S
+    m = GuestMemo()
+    hurt_at(m, 0.0, 5000, refaulted=False)
+    m.hurt_size = 0
+    hurt_at(m, PRESSURE_MEMORY_S, 5000)
+    assert m.hurt_hold_s == 2 * PRESSURE_MEMORY_S
+
+
+def test_a_hurt_far_from_the_last_late_or_not_a_probes_starts_the_back_off_over() -> None:
+    def again(now: float, hurt: int, **kw: bool) -> float:
+        m = GuestMemo()
+        hurt_at(m, 0.0, 5000)
+        m.hurt_size = 0
+        hurt_at(m, now, hurt, **kw)
+        return m.hurt_hold_s
+
+    doubled = 2 * REFAULTING_MEMORY_S
+    assert again(100.0, 5000 + MARGIN) == again(100.0, 5000 - MARGIN) == doubled
+    assert again(100.0, 5000 + MARGIN + 1) == again(100.0, 5000 - MARGIN - 1) == 0.0
+    late = REFAULTING_MEMORY_S + HURT_AGAIN_WITHIN_S  # a quiet spell after its memory
+    assert again(late, 5000) == doubled and again(late + 1.0, 5000) == 0.0
+    # an emergency (a burst of the workload's) or a stalled inflation: no back-off, and the
+    # next probe's hurt is a first again
+    m = GuestMemo()
+    hurt_at(m, 0.0, 5000)
+    m.hurt_size = 0
+    hurt_at(m, 100.0, 5000, probed=False)
+    assert (m.hurt_hold_s, m.hurt_mark) == (0.0, 0)
+    m.hurt_size = 0
+    hurt_at(m, 200.0, 5000)
+    assert (m.hurt_hold_s, m.hurt_mark) == (0.0, 5000)
+
+
+def test_a_size_backed_off_is_kept_its_whole_hold_refaults_or_not() -> None:
+    p = DefaultPolicy()
+    ws = RAM // 4
+    hold = 2 * REFAULTING_MEMORY_S
+
+    def memo() -> GuestMemo:
+        return GuestMemo(hurt_size=RAM // 2, hurt_at=0.0, hurt_ws=ws, hurt_refaulted=True,
+                         faulted_at=0.0, hurt_hold_s=hold, hurt_mark=RAM // 2)
+
+    m = memo()
+    # no refault for far more than REFAULT_MEMORY_S: the back-off still holds the size
+    f = p.figures(sample(report(100, avail=RAM - ws)), m, 100.0)
+    assert m.hurt_size == RAM // 2 and f.floor == RAM // 2
+    p.figures(sample(report(hold - 1, avail=RAM - ws)), m, hold - 1.0)
+    assert m.hurt_size == RAM // 2
+    p.figures(sample(report(hold, avail=RAM - ws)), m, hold)
+    assert (m.hurt_size, m.hurt_hold_s, m.hurt_mark) == (0, hold, RAM // 2)  # the back-off
+    # stays for the next hurt to double; the working set shrinking a margin below the one
+    # it hurt with forgets the size and its back-off at once
+    m = memo()
+    m.hurt_ws = ws + MARGIN + 1
+    p.figures(sample(report(100, avail=RAM - ws)), m, 100.0)
+    assert (m.hurt_size, m.hurt_hold_s, m.hurt_mark) == (0, 0.0, 0)
+
+
+def test_a_cache_evicted_again_at_the_same_size_is_not_probed_again_for_twice_as_long() -> None:
+    # the fleet's web servers: a probe evicts the cache, the guest refaults it back for a
+    # while and stops; the size is forgotten and the next probe evicts it again. The second
+    # time, the refaults stopping no longer forgets it: it is held 2 * REFAULTING_MEMORY_S
+    p = DefaultPolicy()
+    ws = RAM // 4
+    b = RAM // 4
+    major = 0
+    one(p, sample(report(0, avail=RAM - ws - b, balloon=b), balloon=b), 0.0)
+    hurts: list[float] = []
+    hurt_sizes: list[int] = []
+    sizes: dict[int, int] = {}
+    t = 5
+    while t < 3 * REFAULTING_MEMORY_S:
+        m = p.state["g"]
+        if len(hurts) < 2 and m.hurt_size == 0 and m.hurt_mark and RAM - b < m.hurt_mark:
+            pass  # probed below the size forgotten: this call hurts
+        elif hurts:
+            if t <= hurts[-1] + 50:
+                major += 100  # reading back what the probe took, then no more
+            # (its page cache is MemAvailable, not MemFree: probed by the step alone)
+            d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, major=major,
+                                     free=RAM // 64), balloon=b), float(t))
+            b = d.balloon_pages if d is not None else b
+            sizes[t] = RAM - b
+            t += 5
+            continue
+        major += 5000
+        d = one(p, sample(report(t, avail=RAM - ws - b, balloon=b, stall=5.0, major=major,
+                                 free=RAM // 64), balloon=b), float(t))
+        assert d is not None and "back off" in d.reason
+        hurts.append(float(t))
+        hurt_sizes.append(p.state["g"].hurt_size)
+        b = d.balloon_pages
+        t += 5
+    m = p.state["g"]
+    assert len(hurts) == 2 and m.hurt_hold_s == 2 * REFAULTING_MEMORY_S
+    # the first: forgotten REFAULT_MEMORY_S after the refaults stopped, probed below
+    assert hurts[1] == hurts[0] + 50 + REFAULT_MEMORY_S + 5
+    # the second: held at the size through the doubled memory though the refaults stopped
+    held = [s for at, s in sizes.items() if hurts[1] < at < hurts[1] + m.hurt_hold_s]
+    after = [s for at, s in sizes.items() if at >= hurts[1] + m.hurt_hold_s]
+    assert min(held) == hurt_sizes[1]
+    assert after and min(after) < hurt_sizes[1]  # probed again once the memory ends
+
+
+def test_snapshot_carries_the_back_off_and_an_old_one_has_none() -> None:
+    p = DefaultPolicy()
+    one(p, sample(report(0, avail=RAM // 2)), 0.0)
+    m = p.state["g"]
+    m.hurt_hold_s, m.hurt_mark = 2 * REFAULTING_MEMORY_S, RAM // 3
+    snap = p.snapshot(1.0)
+    q = DefaultPolicy()
+    q.restore(DefaultSnapshot.model_validate_json(snap.model_dump_json()), 5.0)
+    assert (q.state["g"].hurt_hold_s, q.state["g"].hurt_mark) == (2 * REFAULTING_MEMORY_S,
+                                                                  RAM // 3)
+    old = snap.model_dump(mode="json")
+    for key in ("hurt_hold_s", "hurt_mark"):
+        del old["guests"]["g"][key]
+    q.restore(DefaultSnapshot.model_validate(old), 5.0)
+    assert (q.state["g"].hurt_hold_s, q.state["g"].hurt_mark) == (0.0, 0)

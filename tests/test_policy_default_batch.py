@@ -52,7 +52,7 @@ FIELDS = ("stall_pct", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_r
           "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor", "budget_floor",
           "step", "severity", "quiet_calls", "free", "repeated", "report_balloon")
 REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt_ws",
-              "hurt_refaulted", "oom_at", "quiet_calls")
+              "hurt_refaulted", "oom_at", "quiet_calls", "hurt_hold_s", "hurt_mark")
 RAM = 262144  # 1 GiB
 
 
@@ -104,12 +104,19 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
         if i % 4 == 0:
             m.hurt_size, m.hurt_at, m.hurt_ws = 150000, -100.0 * (i % 8), 90000
             m.hurt_refaulted, m.oom_at = i % 8 == 0, -400.0
+            m.hurt_hold_s = 2400.0 if i % 8 == 4 else 0.0  # held by a back-off
+        elif i % 4 == 1:  # a size that hurt, forgotten: the next probe's hurt may double
+            m.hurt_at, m.hurt_refaulted = -50.0 * (i % 3), i % 3 == 0
+            m.hurt_mark = RAM - rng.choice([0, 1000, 50000, 200000]) + 3000
+            m.hurt_hold_s = rng.choice([0.0, 600.0, 7200.0])
     last: dict[str, GuestSample] = {}
     # the columns carry the memory on alone (figures_batch, remember_batch) from the start
     cols = MemoColumns.from_memos(list(memos.values()))
     picked = set()
     seen = Counters()
     cases: set[tuple[str, bool, bool, bool]] = set()  # (rule, None, idle, OOM kill)
+    bands: set[bool] = set()
+    backoffs: set[bool] = set()
     now = 0.0
     for call in range(40):
         now += rng.choice([1.0, 1.0, 0.2])
@@ -129,6 +136,8 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
             assert RULES[int(batch.rule[i])] is rule, (call, g.name)
             assert ruling_of(rulings, i) == ruling, (call, g.name, rule.name)
             cases.add((rule.name, ruling is None, f.fresh and f.idle, f.fresh and f.d_oom > 0))
+            if rule.name == "under_floor" and ruling is not None:
+                bands.add(ruling.size > f.floor)  # a band above, or a deficit too small
             assert bool(batch.fresh[i]) is f.fresh
             if f.fresh:
                 for k in FIELDS:
@@ -141,13 +150,19 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
                 assert cols.quiet_calls[i].item() == m.quiet_calls
                 assert [w for w in cols.ws_of(i) if w[0] >= now - 5.0] == list(m.ws)
             if ruling is not None:
+                first = ruling.probed and m.hurt_size == 0
                 m.remember(f, ruling)  # what the next call's memory starts from
+                if first:
+                    backoffs.add(m.hurt_hold_s > 0)  # hurt again (doubled), or a first
             last[g.name] = g
         remember_batch(cols, batch, rulings, now)
         assert counters.as_dict() == scalar.counters.as_dict()
         for k, v in counters.as_dict().items():
             seen.inc(PolicyReportCounter(k), v)
-    assert {"blind", "emergency", "trouble", "stalled", "probe", "hold"} <= picked
+    assert {"blind", "emergency", "room", "reread", "trouble", "stalled", "under_floor",
+            "probe", "hold"} <= picked
+    assert bands == {True, False}
+    assert backoffs == {True, False}
     assert all(seen[c] > 0 for c in PolicyReportCounter), seen.as_dict()
     # the rulings' branches: blind with and without a ruling, a big probe step into idle
     # memory, an emergency for an OOM kill and one for MemAvailable

@@ -63,7 +63,7 @@ MEMO_FIELDS = ("still_since", "faulted_at", "hurt_size", "quiet_calls", "last_ba
 
 #: ``GuestMemo`` fields compared before each call when the columns persist
 REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt_ws",
-              "hurt_refaulted", "oom_at", "quiet_calls")
+              "hurt_refaulted", "oom_at", "quiet_calls", "hurt_hold_s", "hurt_mark")
 
 
 #: a ``BATCH_MIN_GUESTS`` no fleet reaches: the scalar path

@@ -18,37 +18,65 @@ read one ``Figures`` record computed once a call):
    or an OOM kill since last time: deflate at once by what restores the full margin (so a
    ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
    margin (an OOM kill still gets the whole balloon back).
-3. **own_pressure**: the trouble of rule 5 in a guest with no balloon and no target: hold (the
+3. **own_pressure**: the trouble of rule 7 in a guest with no balloon and no target: hold (the
    pressure is the guest's own; remembering it as a size that hurt would stop probing).
-4. **reclaiming**: the trouble of rule 5 while the balloon grew since the last call, with no
+4. **reclaiming**: the trouble of rule 7 while the balloon grew since the last call, with no
    major fault and no swap-in since the last report and MemAvailable above the margin: hold.
    The stall is the guest reclaiming cache nobody reads to hand the balloon its pages (PSI
    counts that direct reclaim too); a workload that missed what the balloon took would refault
    it. Backing off would give a paused file server its cold cache back, and remember its size.
-5. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
+5. **room**: the trouble of rule 7 (no swap-in since the last report) in a guest that holds
+   idle free memory (MemFree, not MemAvailable, less what an inflation in progress will still
+   take) beyond its margin by at least the back-off rule 7 would give, its balloon not above
+   its target: hold. More memory cannot relieve a stall the guest has room to absorb: its
+   kernel reclaims nothing while MemFree is that high, so the stall is the guest refaulting,
+   at its workload's own pace, page cache an earlier probe evicted (PSI counts those refaults
+   as stall) or PSI's average still carrying an old stall; deflating does not speed that up
+   (session 7's fleet: a steady web server backed off call after call to an empty balloon,
+   and every probe after evicted its cache again). A swap-in (anonymous memory gone), an OOM
+   kill or MemAvailable under the small margin (rule 2) and a balloon still deflating toward
+   a lower target (the memory is not there yet) go to rule 7. Nothing is remembered as a size
+   that hurt: probing waits for the guest to be quiet again, as after any trouble.
+6. **reread**: the trouble of rule 7 in the report the last call read (reports every 2 s,
+   calls every second): hold. That call ruled on the same evidence already, and its back-off
+   is not in the report yet; a second back-off on it doubled every one (and, the report's
+   counters against themselves showing no refault, forgot that the guest was refaulting).
+7. **trouble**: stall above ``STALL_TROUBLE_PCT`` or swap-ins above ``SWAPIN_TROUBLE_PER_S``:
    back off at once (senpai): deflate by a back-off that grows with the pressure, halve the
    probe step, and remember the size that hurt (no probing below it for ``PRESSURE_MEMORY_S``;
-   when the guest was refaulting, only until it has gone ``REFAULT_MEMORY_S`` without a major
-   fault or swap-in: it reads nothing back any more, so what it re-read then is cold now (an
-   idle guest's nightly job, a file server's run, has ended); the back-offs while a probe's
-   refaults tail off remember sizes up to the guest's whole RAM, which would otherwise stand
-   for all of ``PRESSURE_MEMORY_S``).
-6. **stalled** inflation: the target is above the balloon and the balloon has not grown for
+   when the guest was refaulting, for ``REFAULTING_MEMORY_S`` while it still refaults (it is
+   still reading back what the probe took: a probe would evict the same pages again) but only
+   until it has gone ``REFAULT_MEMORY_S`` without a major fault or swap-in: it reads nothing
+   back any more, so what it re-read then is cold now (an idle guest's nightly job, a file
+   server's run, has ended); the back-offs while a probe's refaults tail off remember sizes up
+   to the guest's whole RAM, which would otherwise stand for all that time). A probe that
+   hurts again (this rule: not an emergency's burst), once the size was forgotten, at about
+   the size the last probe hurt at (within the margin), shows it was forgotten too soon (a
+   steady web server's cache refilled, its refaults stopped, and the next probe evicted it
+   again): that size is remembered twice as long as the last, refaults or not, up to
+   ``HURT_MEMORY_MAX_S`` (exponential back-off); a first hurt, a size far from the last, or
+   one ``HURT_AGAIN_WITHIN_S`` after the last's memory ran out starts over, and the working
+   set shrinking a margin below it forgets size and back-off.
+8. **stalled** inflation: the target is above the balloon and the balloon has not grown for
    ``STUCK_AFTER_S`` under that target, or the guest refused pages: lower the target to the
    actual balloon (give the guest back the rest), halve the probe step.
-7. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
-   plus margin): grow it back to the floor.
-8. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults) and the
-   balloon at its target: probe down by the step (by half the MemFree beyond the margin when
-   that is more than twice the margin: idle memory; not MemAvailable, whose page cache may be
-   hot: a big step into it evicts what the guest reads), never below the floor. Only on a new
-   report (libvirt's come every 2 s, the daemon decides every second): one the last call read
-   shows nothing of that call's probe, so it allows only a big step into the MemFree idle still
-   once the balloon's growth since the report is taken off. The step grows
-   by ``PROBE_STEP_INC`` each quiet probe up to ``PROBE_STEP_MAX`` and halves on trouble down to
-   ``PROBE_STEP_MIN`` (the seed vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC,
-   are the model: slow growth while things go well, halving on failure).
-9. **hold**: otherwise.
+9. **under_floor**: the guest keeps less than its safety floor (the recent peak working set
+   plus margin): grow it back to the floor and a band (``BAND_FRACTION`` of its RAM) above it;
+   a deficit under ``MIN_CHANGE_PAGES`` is the working set's noise: to the floor only.
+10. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults), the
+   balloon at its target and the guest two bands above its floor: probe down by the step (by
+   half the MemFree beyond the margin when that is more than twice the margin: idle memory;
+   not MemAvailable, whose page cache may be hot: a big step into it evicts what the guest
+   reads), never below the floor. The band is hysteresis: a working set that moves every
+   second (a diurnal demand) is followed in steps of a band, growth and probe no longer
+   alternating by a few MiB every few seconds. Only on a new report (libvirt's come every
+   2 s, the daemon decides every second): one the last call read shows nothing of that
+   call's probe, so it allows only a big step into the MemFree idle still once the balloon's
+   growth since the report is taken off. The step grows by ``PROBE_STEP_INC`` each quiet
+   probe up to ``PROBE_STEP_MAX`` and halves on trouble down to ``PROBE_STEP_MIN`` (the seed
+   vmw_balloon's adaptive rates, VMW_BALLOON_RATE_ALLOC_MIN/MAX/INC, are the model: slow
+   growth while things go well, halving on failure).
+11. **hold**: otherwise.
 
 The safety floor is ``max(settings.min_pages, peak working set over WS_WINDOW_S + margin, the
 size that last hurt)``; the working set is the guest's size minus MemAvailable (what it cannot
@@ -146,8 +174,32 @@ PRESSURE_MEMORY_S: Final = 300.0  # no probing below a size that hurt for this l
 # long since: it reads nothing back any more, so what it re-read then is cold now (an idle
 # guest's nightly job or a file server's run has ended), and a probe may find it out
 REFAULT_MEMORY_S: Final = 30.0
+# ... and while it still refaults, for this long: it is still reading back what the probe took,
+# and a probe after PRESSURE_MEMORY_S would evict the same pages again (the fleet's steady web
+# servers refill an evicted cache at their cold-read rate for ~15 min: probed every 5 min, they
+# never stopped refaulting); a guest that always reads is probed again after this
+REFAULTING_MEMORY_S: Final = 4 * PRESSURE_MEMORY_S
+# A size that hurts again, by a probe after it was forgotten, at about the size that hurt last
+# (within the guest's margin), was forgotten too soon: it is remembered twice as long as the
+# last time (at least twice PRESSURE_MEMORY_S, or REFAULTING_MEMORY_S when it hurt by refaults),
+# whatever the refaults do, up to this (TCP's and senpai's exponential back-off; the seed's
+# adaptive rates halve on failure). Two hours: a steady guest whose every probe evicts a cache
+# it reads back for ~15 min is probed a few times a day, not four times an hour, and a guest
+# whose workload changed is found out within a couple of hours (the fleet's hour: its web
+# servers stop being re-probed after their second or third hurt)
+HURT_MEMORY_MAX_S: Final = 7200.0
+# ... and a hurt this long after the last one's memory ran out is a first again (a quiet spell:
+# what hurt then says little now); the working set moving away (shrinking by more than a
+# margin below the size that hurt's) forgets the size and its back-off at once
+HURT_AGAIN_WITHIN_S: Final = HURT_MEMORY_MAX_S
 MAX_REPORT_AGE_S: Final = 10.0  # an older report is no report (never inflate a blind guest)
 MIN_CHANGE_PAGES: Final = mib_to_pages(1)  # smaller probes and growths are not worth a change
+# A guest grown back to its floor gets this share of its RAM above it, and a probe waits for
+# twice it above the floor: a working set that moves every second (a diurnal demand) is
+# followed in steps of a band, not of MIN_CHANGE_PAGES (in the fleet a batch guest was moved
+# every ~14 s by a few MiB). Measured on a fleet slice: a band of 0.5% of RAM halved the batch
+# guests' target changes, 1% halved them again, each for 0.2-0.3% of the memory released
+BAND_FRACTION: Final = 0.01
 # An inflation is stalled once its balloon has not grown for this long under the same target:
 # one period of the daemon's; a short host's early steps come every 0.2 s, and a balloon that
 # did not move in 0.2 s (a slow guest, libvirt's 2 s stats) is not yet stuck.
@@ -164,6 +216,7 @@ NEVER: Final = float("-inf")  # the moment of something that never happened
 class Verdict(Enum):
     BLIND = "blind"
     EMERGENCY = "emergency"
+    ROOM = "room"
     TROUBLE = "trouble"
     STALLED = "stalled"
     UNDER_FLOOR = "under_floor"
@@ -173,6 +226,9 @@ class Verdict(Enum):
 
 #: Verdicts whose deflation is never cut for the host budget.
 URGENT: Final = frozenset({Verdict.EMERGENCY, Verdict.TROUBLE})
+#: Verdicts whose change under ``MIN_CHANGE_PAGES`` is not made.
+SMALL_SKIPS: Final = frozenset({Verdict.PROBE, Verdict.HOLD, Verdict.ROOM,
+                                Verdict.UNDER_FLOOR})
 
 
 class DefaultCounter(CounterName):
@@ -181,6 +237,8 @@ class DefaultCounter(CounterName):
     BLIND = "default_blind"  # guests seen without a fresh report (one per guest per call)
     # guests under pressure with no balloon at all: held, the pressure not remembered
     PRESSURE_WITHOUT_BALLOON = "default_pressure_without_balloon"
+    # guests under pressure with idle free memory beyond margin and back-off: held, not deflated
+    TROUBLE_WITH_ROOM = "default_trouble_with_room"
 
 
 # ---------------------------------------------------------------------- memory between calls
@@ -219,6 +277,10 @@ class GuestMemo:
     hurt_refaulted: bool = False  # the guest refaulted when it last hurt
     faulted_at: float = NEVER  # its last major fault or swap-in
     quiet_calls: int = 0  # probes in a row without trouble (a new guest starts at 0)
+    # how long the size that hurt is remembered (0: PRESSURE_MEMORY_S, or REFAULTING_MEMORY_S
+    # with REFAULT_MEMORY_S's early forgetting; else this, doubled each time it hurts again)
+    hurt_hold_s: float = 0.0
+    hurt_mark: int = 0  # the size the last probe hurt at (kept once forgotten; 0: none)
 
     def see_working_set(self, ws: int, now: float, dt: float) -> tuple[float, int]:
         """Record ``ws`` at ``now``: its growth rate (pages/s, never negative) since the last
@@ -240,6 +302,12 @@ class GuestMemo:
     def remember(self, f: Figures, ruling: Ruling) -> None:
         """Carry out what ``ruling`` asks this memory to keep."""
         if ruling.hurt is not None:
+            if not self.hurt_size:  # a first hurt since the last was forgotten
+                # (an emergency or a stalled inflation starts the back-off over: the
+                # workload's burst or a guest's refusal, not a probe going too far)
+                probed = ruling.probed
+                self.hurt_hold_s = self.hold_after(f, ruling.hurt) if probed else 0.0
+                self.hurt_mark = ruling.hurt if probed else 0
             # no probing back below where it hurt for a while (the seed's adaptive rate: the
             # step halves on failure)
             self.step = max(PROBE_STEP_MIN, self.step / 2)
@@ -250,6 +318,18 @@ class GuestMemo:
         if ruling.quiet:
             self.quiet_calls += 1
             self.step = min(PROBE_STEP_MAX, self.step + PROBE_STEP_INC)
+
+    def hold_after(self, f: Figures, hurt: int) -> float:
+        """How long ``hurt`` is remembered, a probe's hurting while nothing is (it went below
+        a size forgotten): twice as long as the last size that hurt, if about that size
+        (within the margin) and not long after its memory ran out, else the base rules'
+        (0)."""
+        held = self.hurt_hold_s or (REFAULTING_MEMORY_S if self.hurt_refaulted
+                                    else PRESSURE_MEMORY_S)
+        if (self.hurt_mark and abs(hurt - self.hurt_mark) <= f.margin
+                and f.now - self.hurt_at <= held + HURT_AGAIN_WITHIN_S):
+            return min(HURT_MEMORY_MAX_S, 2.0 * held)
+        return 0.0
 
     def snapshot(self, now: float) -> DefaultGuestSnapshot:
         last = None
@@ -266,7 +346,8 @@ class GuestMemo:
             oom_age_s=_age_or_never(now, self.oom_at), quiet_calls=self.quiet_calls,
             still_age_s=_age_or_never(now, self.still_since), last_target=self.last_target,
             hurt_refaulted=self.hurt_refaulted,
-            faulted_age_s=_age_or_never(now, self.faulted_at))
+            faulted_age_s=_age_or_never(now, self.faulted_at), hurt_hold_s=self.hurt_hold_s,
+            hurt_mark=self.hurt_mark)
 
     @classmethod
     def restored(cls, snap: DefaultGuestSnapshot, now: float) -> GuestMemo:
@@ -282,7 +363,8 @@ class GuestMemo:
             hurt_at=_time_or_never(now, snap.hurt_age_s), hurt_ws=snap.hurt_ws,
             oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls,
             hurt_refaulted=snap.hurt_refaulted,
-            faulted_at=_time_or_never(now, snap.faulted_age_s))
+            faulted_at=_time_or_never(now, snap.faulted_age_s), hurt_hold_s=snap.hurt_hold_s,
+            hurt_mark=snap.hurt_mark)
 
 
 _second: Final = itemgetter(1)
@@ -371,6 +453,24 @@ class Figures:
         return BUDGET_MARGIN_PAGES + self.ahead
 
     @property
+    def backoff(self) -> int:
+        """The deflation the trouble rule gives: at least ``BACKOFF_MIN_FRACTION`` of RAM or
+        twice the step, times the pressure over the thresholds (senpai)."""
+        scale = min(BACKOFF_MAX_SCALE, max(1.0, self.severity))
+        return int(max(BACKOFF_MIN_FRACTION * self.ram, 2 * self.step) * scale)
+
+    @property
+    def room(self) -> int:
+        """MemFree now, less what an inflation in progress will still take from it."""
+        g = self.g
+        return self.free_now - max(0, g.target_pages - g.balloon_pages)
+
+    @property
+    def band(self) -> int:
+        """The hysteresis around the floor (``BAND_FRACTION`` of RAM)."""
+        return int(BAND_FRACTION * self.g.ram_pages)
+
+    @property
     def troubled(self) -> bool:
         return self.stall_pct > self.stall_trouble_pct or self.swapin_rate > SWAPIN_TROUBLE_PER_S
 
@@ -424,6 +524,7 @@ class Ruling:
     oom: bool = False  # an OOM kill: the shrunk working set says nothing for a while
     refaulted: bool = False  # it hurt by refaults: forgotten once they stop (REFAULT_MEMORY_S)
     quiet: bool = False  # a quiet probe: one more in a row; the step grows
+    probed: bool = False  # it hurt where a probe took it (rule 7): its memory may back off
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,14 +584,21 @@ def _reclaiming(f: Figures) -> bool:
             and f.last_balloon is not None and f.g.balloon_pages > f.last_balloon)
 
 
+def _has_room(f: Figures) -> bool:
+    # troubled, no swap-in, and idle free memory beyond the margin by a whole back-off, with
+    # the balloon not above its target (a deflation in progress: the memory is not there yet)
+    g = f.g
+    return (f.troubled and f.d_swapin == 0 and g.balloon_pages <= g.target_pages
+            and f.room >= f.margin + f.backoff)
+
+
 def _trouble(f: Figures) -> Ruling:
     # senpai: a back-off that grows with the pressure; the deflation may go below the size
     # remembered as hurting (plus the margin), to relieve the pressure now
-    scale = min(BACKOFF_MAX_SCALE, max(1.0, f.severity))
-    new = f.size + int(max(BACKOFF_MIN_FRACTION * f.ram, 2 * f.step) * scale)
+    new = f.size + f.backoff
     hurt = min(new, f.size + f.margin, f.g.ceiling_pages())
     return Ruling(new, max(f.floor, new), f.severity, hurt=hurt,
-                  refaulted=f.fault_rate > 0 or f.d_swapin > 0)
+                  refaulted=f.fault_rate > 0 or f.d_swapin > 0, probed=True)
 
 
 def _why_stalled(f: Figures, _: Ruling) -> str:
@@ -500,11 +608,21 @@ def _why_stalled(f: Figures, _: Ruling) -> str:
     return f"default: inflation stalled: {why}: target := actual"
 
 
+def _under_floor(f: Figures) -> Ruling:
+    # back to the floor and a band above it (the next growth waits for the floor to pass the
+    # band); a deficit under MIN_CHANGE_PAGES is the working set's noise: to the floor only
+    # (a change too small to make, unless the host's budget needs it)
+    size = f.floor
+    if f.floor - f.target_size >= MIN_CHANGE_PAGES:
+        size = min(f.floor + f.band, f.g.ceiling_pages())
+    return Ruling(size, f.floor, f.severity)
+
+
 def _probes(f: Figures) -> bool:
     # a report the last call read already shows nothing of that call's probe: probe again
     # only into free memory that is idle still (the balloon's growth since taken off)
-    return (f.probe and f.quiet and f.settled and f.target_size > f.floor
-            and (not f.repeated or f.idle))
+    return (f.probe and f.quiet and f.settled and f.target_size - f.floor >= 2 * f.band
+            and f.target_size > f.floor and (not f.repeated or f.idle))
 
 
 def _probe(f: Figures) -> Ruling:
@@ -535,6 +653,16 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f, r: f"default: stall {f.stall_pct:.2f}% while the balloon grew by "
                       f"{f.g.balloon_pages - (f.last_balloon or 0)} pages, no refault: hold "
                       f"(the inflation's own reclaim)", troubled=True),
+    Rule("room", Verdict.ROOM, _has_room,
+         lambda f: Ruling(f.target_size, f.floor, f.severity),
+         lambda f, r: f"default: stall {f.stall_pct:.2f}% with {f.room} pages free beyond "
+                      f"what the balloon takes (margin {f.margin}, back-off {f.backoff}): "
+                      f"hold (more memory cannot help)",
+         DefaultCounter.TROUBLE_WITH_ROOM, troubled=True),
+    Rule("reread", Verdict.HOLD, lambda f: f.troubled and f.repeated,
+         lambda f: Ruling(f.target_size, f.floor, f.severity),
+         lambda f, r: f"default: stall {f.stall_pct:.2f}% in the report the last call read: "
+                      f"hold (its back-off is not in it yet)", troubled=True),
     Rule("trouble", Verdict.TROUBLE, lambda f: f.troubled, _trouble,
          lambda f, r: f"default: back off: stall {f.stall_pct:.2f}%, swap-in "
                       f"{f.swapin_rate:.0f} pages/s", troubled=True),
@@ -542,7 +670,7 @@ RULES: Final[tuple[Rule, ...]] = (
          lambda f: Ruling(f.size, f.floor, f.severity, balloon=f.g.balloon_pages, hurt=f.size),
          _why_stalled),
     Rule("under_floor", Verdict.UNDER_FLOOR, lambda f: f.target_size < f.floor,
-         lambda f: Ruling(f.floor, f.floor, f.severity),
+         _under_floor,
          lambda f, r: f"default: size {f.target_size} under safety floor {f.floor}: grow"),
     Rule("probe", Verdict.PROBE,
          _probes, _probe,
@@ -594,6 +722,10 @@ class DefaultGuestSnapshot(SnapshotPart):
     # not refaulted, never)
     hurt_refaulted: bool = False
     faulted_age_s: Seconds | None = None
+    # how long the size that hurt is remembered (0: the base rules), and the size the last
+    # probe hurt at (older snapshots: no back-off, none)
+    hurt_hold_s: Annotated[float, Field(ge=0.0, le=HURT_MEMORY_MAX_S, allow_inf_nan=False)] = 0.0
+    hurt_mark: Pages = 0
 
 
 class DefaultSnapshot(PolicySnapshot):
@@ -747,13 +879,19 @@ class DefaultPolicy:
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if d_major or d_swapin:
             m.faulted_at = now
-        if m.hurt_size and (
-                now >= m.hurt_at + PRESSURE_MEMORY_S
-                or (now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws)
-                or (m.hurt_refaulted and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)):
-            # the pain is old, the working set shrank well below it, or it was refaults and
-            # they stopped
-            m.hurt_size = 0
+        if m.hurt_size:
+            hold = m.hurt_hold_s
+            if now >= m.oom_at + PRESSURE_MEMORY_S and ws + margin < m.hurt_ws:
+                # the working set shrank well below it: the size and its back-off go
+                m.hurt_size, m.hurt_hold_s, m.hurt_mark = 0, 0.0, 0
+            elif (now >= m.hurt_at + hold if hold else (
+                    now >= m.hurt_at + (REFAULTING_MEMORY_S if m.hurt_refaulted
+                                        else PRESSURE_MEMORY_S)
+                    or (m.hurt_refaulted
+                        and now >= max(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S))):
+                # the pain is old, or it was refaults and they stopped (a size that hurt again
+                # is kept its whole back-off: the refaults stopping did not mean it was cold)
+                m.hurt_size = 0
         settings = g.settings
         min_pages, hurt_size, ceiling = settings.min_pages, m.hurt_size, settings.max_pages
         if ceiling is None or ceiling > ram:  # ``g.ceiling_pages()``, without the call
@@ -879,7 +1017,7 @@ class DefaultPolicy:
             balloon = clamp_balloon(g, balloon)
             if balloon == g.target_pages:
                 continue
-            if (p.verdict in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR)
+            if (p.verdict in SMALL_SKIPS
                     and abs(balloon - g.target_pages) < MIN_CHANGE_PAGES):
                 continue
             inputs = p.f.inputs()
@@ -919,7 +1057,7 @@ class DefaultPolicy:
         Two passes: first MemFree beyond the margin (memory nobody uses), then page cache down
         to the floor; in each, the guests with the least pressure and most idle memory first.
         """
-        cands = [p for p in plans if p.verdict in (Verdict.PROBE, Verdict.HOLD)
+        cands = [p for p in plans if p.verdict in (Verdict.PROBE, Verdict.HOLD, Verdict.ROOM)
                  and p.balloon is None]
         for soft in (True, False):
             def low(p: _Plan, soft: bool = soft) -> int:

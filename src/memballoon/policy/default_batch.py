@@ -33,10 +33,13 @@ from memballoon.policy.base import Decision
 from memballoon.policy.default import (
     BACKOFF_MAX_SCALE,
     BACKOFF_MIN_FRACTION,
+    BAND_FRACTION,
     BIG_STEP_MAX_FRACTION,
     BUDGET_MARGIN_PAGES,
     EMERGENCY_MARGIN_PAGES,
     HOST_PSI_SOME_PCT,
+    HURT_AGAIN_WITHIN_S,
+    HURT_MEMORY_MAX_S,
     LOOKAHEAD_MAX_FRACTION,
     LOOKAHEAD_S,
     MAJOR_FAULTS_QUIET_PER_S,
@@ -49,7 +52,9 @@ from memballoon.policy.default import (
     PROBE_STEP_MIN,
     QUIET_CALLS_BEFORE_BIG_STEP,
     REFAULT_MEMORY_S,
+    REFAULTING_MEMORY_S,
     RULES,
+    SMALL_SKIPS,
     STUCK_AFTER_S,
     SWAPIN_TROUBLE_PER_S,
     URGENT,
@@ -122,6 +127,8 @@ class MemoColumns:
     hurt_refaulted: B
     faulted_at: F64
     quiet_calls: I64
+    hurt_hold_s: F64
+    hurt_mark: I64
 
     @classmethod
     def from_memos(cls, memos: Sequence[GuestMemo]) -> MemoColumns:
@@ -165,6 +172,8 @@ class MemoColumns:
             hurt_refaulted=np.array([m.hurt_refaulted for m in memos], np.bool_),
             faulted_at=_f([m.faulted_at for m in memos]),
             quiet_calls=_i([m.quiet_calls for m in memos]),
+            hurt_hold_s=_f([m.hurt_hold_s for m in memos]),
+            hurt_mark=_i([m.hurt_mark for m in memos]),
         )
 
     def memos(self) -> list[GuestMemo]:
@@ -179,11 +188,12 @@ class MemoColumns:
         has_t, last_t = self.has_last_target.tolist(), self.last_target.tolist()
         out: list[GuestMemo] = []
         for (i, step, still, hurt, hurt_at, hurt_ws, oom_at, refaulted, faulted,
-             quiet) in zip(range(n), self.step.tolist(), self.still_since.tolist(),
-                           self.hurt_size.tolist(), self.hurt_at.tolist(),
-                           self.hurt_ws.tolist(), self.oom_at.tolist(),
-                           self.hurt_refaulted.tolist(), self.faulted_at.tolist(),
-                           self.quiet_calls.tolist(), strict=True):
+             quiet, hold, mark) in zip(range(n), self.step.tolist(), self.still_since.tolist(),
+                                       self.hurt_size.tolist(), self.hurt_at.tolist(),
+                                       self.hurt_ws.tolist(), self.oom_at.tolist(),
+                                       self.hurt_refaulted.tolist(), self.faulted_at.tolist(),
+                                       self.quiet_calls.tolist(), self.hurt_hold_s.tolist(),
+                                       self.hurt_mark.tolist(), strict=True):
             ts, vs, p, c = ws_t[i], ws_v[i], pos[i], cut[i]
             ws: deque[tuple[float, int]] = deque()
             for j in range(p, p + WS_RING):  # insertion order: the slot ``ws_pos`` is oldest
@@ -197,7 +207,7 @@ class MemoColumns:
                 last_balloon=last_b[i] if has_b[i] else None, still_since=still,
                 last_target=last_t[i] if has_t[i] else None, hurt_size=hurt, hurt_at=hurt_at,
                 hurt_ws=hurt_ws, oom_at=oom_at, hurt_refaulted=refaulted, faulted_at=faulted,
-                quiet_calls=quiet))
+                quiet_calls=quiet, hurt_hold_s=hold, hurt_mark=mark))
         return out
 
     def concat(self, more: MemoColumns) -> MemoColumns:
@@ -271,6 +281,16 @@ class FigureColumns:
     inflating: B
     free_now: I64
     idle: B
+    backoff: I64
+    band: I64
+
+
+def backoff_of(severity: F64, ram: I64, step: I64) -> I64:
+    """``Figures.backoff`` of every guest."""
+    scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, severity))
+    out: I64 = np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale
+                        ).astype(np.int64)
+    return out
 
 
 @dataclass(slots=True)
@@ -466,11 +486,16 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     margin = np.trunc(np.maximum(float(MARGIN_MIN_PAGES), policy.margin_fraction * ram)
                       ).astype(np.int64) + ahead
     m.faulted_at[fresh & ((d_major != 0) | (d_swapin != 0))] = now
-    forget = fresh & (m.hurt_size != 0) & (
-        (now >= m.hurt_at + PRESSURE_MEMORY_S)
-        | ((now >= m.oom_at + PRESSURE_MEMORY_S) & (ws + margin < m.hurt_ws))
-        | (m.hurt_refaulted & (now >= np.maximum(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S)))
+    hurting = fresh & (m.hurt_size != 0)
+    moved = hurting & (now >= m.oom_at + PRESSURE_MEMORY_S) & (ws + margin < m.hurt_ws)
+    held = m.hurt_hold_s != 0.0
+    forget = moved | (hurting & np.where(
+        held, now >= m.hurt_at + m.hurt_hold_s,
+        (now >= m.hurt_at + np.where(m.hurt_refaulted, REFAULTING_MEMORY_S, PRESSURE_MEMORY_S))
+        | (m.hurt_refaulted & (now >= np.maximum(m.hurt_at, m.faulted_at) + REFAULT_MEMORY_S))))
     m.hurt_size[forget] = 0
+    m.hurt_hold_s[moved] = 0.0  # the working set moved away: the back-off goes too
+    m.hurt_mark[moved] = 0
     hurt_size = m.hurt_size
     ceiling = np.where((max_pages < 0) | (max_pages > ram), ram, max_pages)
     floor = np.minimum(np.maximum(np.maximum(min_pages, peak + margin), hurt_size), ceiling)
@@ -510,17 +535,22 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     settled = np.abs(target - balloon) < MIN_CHANGE_PAGES
     free_now = np.maximum(0, free - np.maximum(0, balloon - r_balloon))
     idle = (free_now > 2 * margin) & (m.quiet_calls + 1 > QUIET_CALLS_BEFORE_BIG_STEP)
+    backoff = backoff_of(severity, ram, step)
+    band = np.trunc(BAND_FRACTION * ram).astype(np.int64)
     whens: dict[str, B] = {
         "blind": blind,
         "emergency": (d_oom > 0) | (avail < EMERGENCY_MARGIN_PAGES + ahead),
         "own_pressure": troubled & (balloon == 0) & (target == 0),
         "reclaiming": (troubled & (d_swapin == 0) & (fault_rate == 0.0) & (avail >= margin)
                        & has_last_balloon & (balloon > last_balloon)),
+        "room": (troubled & (d_swapin == 0) & (balloon <= target)
+                 & (free_now - np.maximum(0, target - balloon) >= margin + backoff)),
+        "reread": troubled & repeated,
         "trouble": troubled,
         "stalled": stuck | ((d_refused > 0) & inflating),
         "under_floor": target_size < floor,
-        "probe": (policy.probe & quiet & settled & (target_size > floor)
-                  & (~repeated | idle)),
+        "probe": (policy.probe & quiet & settled & (target_size - floor >= 2 * band)
+                  & (target_size > floor) & (~repeated | idle)),
         "hold": np.ones(n, np.bool_),
     }
     stack = np.stack([whens[r.name] for r in RULES])
@@ -534,7 +564,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
         repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling,
         balloon=balloon, target_size=target_size, inflating=inflating, free_now=free_now,
-        idle=idle)
+        idle=idle, backoff=backoff, band=band)
 
 
 @dataclass(slots=True)
@@ -553,6 +583,7 @@ class RulingColumns:
     oom: B
     refaulted: B
     quiet: B
+    probed: B
 
 
 def rulings_batch(f: FigureColumns) -> RulingColumns:
@@ -566,9 +597,10 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
     e_hurt = np.minimum(e_new, cap)
     e_size = np.maximum(np.where(f.d_oom > 0, ceiling, e_new), floor)
     # _trouble: a back-off growing with the pressure
-    scale = np.minimum(BACKOFF_MAX_SCALE, np.maximum(1.0, f.severity))
-    t_new = size + np.trunc(np.maximum(BACKOFF_MIN_FRACTION * ram, 2 * step) * scale
-                            ).astype(np.int64)
+    t_new = size + f.backoff
+    # _under_floor: the floor and a band (a deficit under MIN_CHANGE_PAGES: the floor only)
+    u_size = np.where(floor - f.target_size >= MIN_CHANGE_PAGES,
+                      np.minimum(floor + f.band, ceiling), floor)
     # _probe: the step (none on a repeated report), or half the idle MemFree
     p_step = np.where(f.repeated, 0, step)
     big = np.minimum((f.free_now - margin) // 2,
@@ -578,7 +610,9 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
     r_size = np.select(
         [is_["blind"], is_["emergency"], is_["own_pressure"], is_["trouble"], is_["stalled"],
          is_["under_floor"], is_["probe"]],
-        [size, e_size, size, t_new, size, floor, p_size], f.target_size)  # reclaiming, hold
+        [size, e_size, size, t_new, size, u_size, p_size],
+        f.target_size)  # reclaiming, room,
+    # hold
     r_floor = np.select([is_["blind"], is_["trouble"]], [np.zeros_like(floor),
                                                          np.maximum(floor, t_new)], floor)
     pressure = np.select([is_["blind"], is_["emergency"]],
@@ -591,7 +625,7 @@ def rulings_batch(f: FigureColumns) -> RulingColumns:
         has_balloon=is_["blind"] | is_["stalled"], balloon=f.balloon, has_hurt=has_hurt,
         hurt=hurt, oom=is_["emergency"] & (f.d_oom > 0),
         refaulted=is_["trouble"] & ((f.fault_rate > 0) | (f.d_swapin > 0)),
-        quiet=is_["probe"])
+        quiet=is_["probe"], probed=is_["trouble"])
 
 
 def ruling_of(r: RulingColumns, i: int) -> Ruling | None:
@@ -602,13 +636,24 @@ def ruling_of(r: RulingColumns, i: int) -> Ruling | None:
     return Ruling(int(r.size[i]), int(r.floor[i]), float(r.pressure[i]),
                   balloon=int(r.balloon[i]) if r.has_balloon[i] else None,
                   hurt=int(r.hurt[i]) if r.has_hurt[i] else None, oom=bool(r.oom[i]),
-                  refaulted=bool(r.refaulted[i]), quiet=bool(r.quiet[i]))
+                  refaulted=bool(r.refaulted[i]), quiet=bool(r.quiet[i]),
+                  probed=bool(r.probed[i]))
 
 
 def remember_batch(memo: MemoColumns, f: FigureColumns, r: RulingColumns, now: float) -> None:
     """``GuestMemo.remember`` of every guest's ruling: the size that hurt (its step halves),
     an OOM kill, a quiet probe (its step grows)."""
     rows = r.has_hurt & ~r.none
+    # a hurt while nothing is remembered: its memory (``GuestMemo.hold_after``; only a
+    # probe's backs off)
+    first = rows & (memo.hurt_size == 0)
+    held = np.where(memo.hurt_hold_s != 0.0, memo.hurt_hold_s,
+                    np.where(memo.hurt_refaulted, REFAULTING_MEMORY_S, PRESSURE_MEMORY_S))
+    again = ((memo.hurt_mark != 0) & (np.abs(r.hurt - memo.hurt_mark) <= f.margin)
+             & (now - memo.hurt_at <= held + HURT_AGAIN_WITHIN_S))
+    memo.hurt_hold_s[first] = np.where(r.probed & again,
+                                       np.minimum(HURT_MEMORY_MAX_S, 2.0 * held), 0.0)[first]
+    memo.hurt_mark[first] = np.where(r.probed, r.hurt, 0)[first]
     memo.step[rows] = np.maximum(PROBE_STEP_MIN, memo.step[rows] / 2)
     memo.hurt_size[rows] = r.hurt[rows]
     memo.hurt_at[rows] = now
@@ -715,10 +760,10 @@ def _exact(inp: GuestInputs, now: float) -> bool:
 
 #: ``RULES``' verdicts by rule index, and which of them a too small change skips
 _VERDICTS: Final = tuple(r.verdict for r in RULES)
-_SMALL_SKIPS: Final = np.array(
-    [v in (Verdict.PROBE, Verdict.HOLD, Verdict.UNDER_FLOOR) for v in _VERDICTS], np.bool_)
+_SMALL_SKIPS: Final = np.array([v in SMALL_SKIPS for v in _VERDICTS], np.bool_)
 _BLIND: Final = RULE_INDEX["blind"]
 _OWN_PRESSURE: Final = RULE_INDEX["own_pressure"]
+_ROOM: Final = RULE_INDEX["room"]
 
 
 def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[GuestSample],
@@ -761,8 +806,8 @@ def decide_batch(policy: DefaultPolicy, host: HostSample, guests: Sequence[Guest
         bm.cols.put(rows, memo)
     bm.now = now
     rule = fc.rule
-    for index, counter in ((_BLIND, RULES[_BLIND].counter),
-                           (_OWN_PRESSURE, RULES[_OWN_PRESSURE].counter)):
+    for index in (_BLIND, _OWN_PRESSURE, _ROOM):  # the rules that count (in RULES' order)
+        counter = RULES[index].counter
         k = int(np.count_nonzero(rule == index))
         if k and counter is not None:
             counters.inc(counter, k)
@@ -815,7 +860,7 @@ _UNDER_FLOOR: Final = RULE_INDEX["under_floor"]
 _PROBE: Final = RULE_INDEX["probe"]
 _HOLD: Final = RULE_INDEX["hold"]
 #: the rules whose reason ``_emit`` writes from the columns (``why_of``); the others' (rare:
-#: blind, own_pressure, reclaiming, stalled) come from their ``Rule.why`` over a ``_Plan``
+#: blind, own_pressure, reclaiming, room, stalled) come from their ``Rule.why`` over a ``_Plan``
 _COLUMN_WHY: Final = np.array([i in (_EMERGENCY, _TROUBLE, _UNDER_FLOOR, _PROBE, _HOLD)
                                for i in range(len(RULES))], np.bool_)
 
@@ -900,8 +945,8 @@ def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns
                                    rc.pressure[sel].tolist())
     r_has_b, r_b = rc.has_balloon[sel].tolist(), rc.balloon[sel].tolist()
     r_has_h, r_h = rc.has_hurt[sel].tolist(), rc.hurt[sel].tolist()
-    r_oom, r_ref, r_quiet = (rc.oom[sel].tolist(), rc.refaulted[sel].tolist(),
-                             rc.quiet[sel].tolist())
+    r_oom, r_ref, r_quiet, r_probed = (rc.oom[sel].tolist(), rc.refaulted[sel].tolist(),
+                                       rc.quiet[sel].tolist(), rc.probed[sel].tolist())
     probe, quiet_pct, trouble_pct = (policy.probe, policy.stall_quiet_pct,
                                      policy.stall_trouble_pct)
     out: list[_Plan] = []
@@ -926,7 +971,7 @@ def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns
         ruling = Ruling(r_size[j], r_floor[j], r_pressure[j],
                         balloon=r_b[j] if r_has_b[j] else None,
                         hurt=r_h[j] if r_has_h[j] else None, oom=r_oom[j],
-                        refaulted=r_ref[j], quiet=r_quiet[j])
+                        refaulted=r_ref[j], quiet=r_quiet[j], probed=r_probed[j])
         p = _Plan(g, rule.verdict, ruling.size, ruling.floor, ruling.pressure, f, rule, ruling,
                   ruling.balloon, budget_floor=f.budget_floor)
         if rule.verdict is Verdict.EMERGENCY and f.d_oom == 0:
