@@ -490,8 +490,15 @@ class GuestMemory:
             parts.append(head)
         mid = blocks[p:-1]
         if mid.size:
-            self._state_rows[mid] = new
-            parts.append(block_frames(mid, BLOCK_ORDER))
+            lo, hi = int(mid[0]), int(mid[-1]) + 1
+            # consecutive blocks (the usual; the order may go back to reported ones, so the
+            # steps are checked, not only the ends): a slice and a range, not an index
+            if hi - lo == mid.size and bool((mid[1:] - mid[:-1] == 1).all()):
+                self.state[lo * BLOCK_PAGES : hi * BLOCK_PAGES] = new
+                parts.append(np.arange(lo * BLOCK_PAGES, hi * BLOCK_PAGES, dtype=np.int64))
+            else:
+                self._state_rows[mid] = new
+                parts.append(block_frames(mid, BLOCK_ORDER))
         tail = self._free_frames_of(int(blocks[-1]), m)
         self.state[tail] = new
         parts.append(tail)
@@ -915,6 +922,25 @@ class GuestMemory:
             raise UsageError("free_balloon: a frame given twice")
         self._give_free(pfns)
         self._balloon -= int(pfns.size)
+
+    def free_balloon_runs(self, runs: list[tuple[int, int]]) -> None:
+        """``free_balloon`` of the frames of ``(first, length)`` runs (a balloon deque's
+        ``pop_back_runs``): a slice of the state a run, not a gather and a scatter of every
+        frame (a deflate of whole rounds gives back a few long runs). The same state, counts
+        and errors."""
+        tp, state = self.total_pages, self.state
+        if len(runs) > 16 or any(f < 0 or k <= 0 or f + k > tp for f, k in runs):
+            self.free_balloon(_run_frames(runs) if runs else _EMPTY)  # frame by frame
+            return
+        for f, k in runs:
+            if np.count_nonzero(state[f : f + k] != _BALLOON):
+                raise UsageError("free_balloon: a frame that the balloon does not own")
+        end = -1
+        for f, k in sorted(runs):  # disjoint runs: no frame given twice
+            if f < end:
+                raise UsageError("free_balloon: a frame given twice")
+            end = f + k
+        self._balloon -= self._give_runs(runs)
 
     def free_balloon_blocks(self, heads: PfnArray) -> None:
         """``free_balloon`` of every frame of the 2 MiB blocks starting at ``heads`` (a

@@ -55,7 +55,7 @@ from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
-from memballoon.model.pages import PfnArray, sorted_pfns
+from memballoon.model.pages import PfnArray, expand_runs, sorted_pfns
 from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
@@ -656,11 +656,12 @@ class VirtioBalloonDriver:
                 or any(r is role for r, _ in self._pending)
                 or not t.can_take_rounds(self._qidx[role])):
             return 0
-        every = self._balloon.pop_back(rounds * a)  # the rounds took it newest first
+        runs = self._balloon.pop_back_runs(rounds * a)  # the rounds took it newest first
+        every = expand_runs(*np.array(runs, dtype=np.int64).reshape(-1, 2).T)
         t.take_rounds(self._qidx[role], q, [[(slots[0].gpa, 4 * a, False)]], [0], rounds,
                       every)
         self.view.write(slots[0].gpa, every[:a].astype("<u4").tobytes())  # the last array
-        self._give_back(every)
+        self._give_back(every, runs)
         self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS, rounds)
         return int(every.size)
 
@@ -698,8 +699,13 @@ class VirtioBalloonDriver:
         self._kick(BalloonQueue.DEFLATEQ)
         return n
 
-    def _give_back(self, pfns: PfnArray) -> None:
-        self.mem.free_balloon(pfns)
+    def _give_back(self, pfns: PfnArray, runs: list[tuple[int, int]] | None = None) -> None:
+        """Frames out of the balloon, back to the guest; ``runs``: ``pfns`` as
+        ``(first, length)`` runs, if the caller has them (a slice of the guest's state each)."""
+        if runs is None:
+            self.mem.free_balloon(pfns)
+        else:
+            self.mem.free_balloon_runs(runs)
         k = int(pfns.size)
         if not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             self.mem.adjust_managed(-k)
