@@ -16,7 +16,7 @@ from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
-from memballoon.model.pages import PfnArray, block_frames
+from memballoon.model.pages import PfnArray, block_frames, coalesce
 from memballoon.model.units import PageState, mib_to_pages
 
 G64 = mib_to_pages(64)
@@ -136,6 +136,44 @@ def test_free_balloon_refuses_frames_the_balloon_does_not_own() -> None:
         m.free_balloon(np.concatenate((p[:1], p[:1])))
     m.free_balloon(p)
     assert m.balloon_pages == 0
+
+
+def test_free_balloon_runs_is_free_balloon_of_their_frames() -> None:
+    # runs across blocks, newest first as a deflate pops them, and one outside a block's start
+    a, b = GuestMemory(G64), GuestMemory(G64)
+    for m in (a, b):
+        m.alloc_nosleep(300)  # a partly used first block
+        m.alloc_sleep(3 * BLOCK_PAGES + 77)
+    held = a.alloc_sleep(3 * BLOCK_PAGES)
+    assert np.array_equal(held, b.alloc_sleep(3 * BLOCK_PAGES))
+    runs = []  # each range of them in thirds, not in order (a deflate pops newest first)
+    for lo, hi in coalesce(held).tolist():
+        x, y = lo + (hi - lo) // 3, lo + 2 * (hi - lo) // 3
+        runs += [(y, hi - y), (lo, x - lo), (x, y - x)]
+    runs = [r for r in runs if r[1] > 0]
+    assert len(runs) > 2 and sum(k for _, k in runs) == held.size
+    frames = np.concatenate([np.arange(f, f + k, dtype=np.int64) for f, k in runs])
+    a.free_balloon(frames)
+    b.free_balloon_runs(runs)
+    assert np.array_equal(a.state, b.state)
+    assert np.array_equal(a._bfree, b._bfree)
+    assert (a.free_pages, a.balloon_pages) == (b.free_pages, b.balloon_pages)
+    assert b.check_invariants() == []
+
+
+def test_free_balloon_runs_refuses_as_free_balloon_does_and_changes_nothing() -> None:
+    m = GuestMemory(G64)
+    p = m.alloc_sleep(100)
+    first = int(p[0])
+    before = (m.state.copy(), m._bfree.copy(), m.free_pages, m.balloon_pages)
+    for bad in ([(0, 1)],  # a reserved frame
+                [(first, 50), (first + 40, 20)]):  # a frame given twice
+        with pytest.raises(UsageError):
+            m.free_balloon_runs(bad)
+        assert np.array_equal(m.state, before[0]) and np.array_equal(m._bfree, before[1])
+        assert (m.free_pages, m.balloon_pages) == before[2:]
+    m.free_balloon_runs([(first, 100)])
+    assert m.balloon_pages == 0 and m.check_invariants() == []
 
 
 def test_reporting_isolates_whole_free_blocks_and_reported_blocks_go_last() -> None:

@@ -89,6 +89,7 @@ MAJOR_FAULT_S = 100e-6
 SWAP_CLUSTER_MAX = 32
 
 _EMPTY = np.empty(0, dtype=np.int64)
+FEW_RUNS = 16  # up to this many runs, a slice of the state each beats a pass over their frames
 # blocks a take of a few runs looks at (``GuestMemory._take_runs``): more is a bulk take
 _FEW_BLOCKS = 8
 # Plain ints for the hot paths: an IntEnum member lookup costs a metaclass __getattr__ call.
@@ -534,11 +535,15 @@ class GuestMemory:
     def _give_runs(self, runs: list[tuple[int, int]]) -> int:
         """``_give_free`` of the frames of ``(first, length)`` runs (a deque's oldest): a
         slice and block counts from their bounds a run; returns the frames given."""
-        if len(runs) > 16:  # many short runs: one pass over their frames costs less
+        if len(runs) > FEW_RUNS:  # many short runs: one pass over their frames costs less
             starts, lens = np.array(runs, dtype=np.int64).T
             pfns = expand_runs(starts, lens)
             self._give_free(pfns)
             return int(pfns.size)
+        return self._give_slices(runs)
+
+    def _give_slices(self, runs: list[tuple[int, int]]) -> int:
+        """``_give_runs``, a slice of the state and block counts from its bounds a run."""
         state, bfree, n = self.state, self._bfree, 0
         for first, k in runs:
             end = first + k
@@ -929,8 +934,9 @@ class GuestMemory:
         frame (a deflate of whole rounds gives back a few long runs). The same state, counts
         and errors."""
         tp, state = self.total_pages, self.state
-        if len(runs) > 16 or any(f < 0 or k <= 0 or f + k > tp for f, k in runs):
-            self.free_balloon(_run_frames(runs) if runs else _EMPTY)  # frame by frame
+        if any(f < 0 or k <= 0 or f + k > tp for f, k in runs):
+            starts, lens = np.array(runs, dtype=np.int64).reshape(-1, 2).T
+            self.free_balloon(expand_runs(starts, lens))  # frame by frame
             return
         for f, k in runs:
             if np.count_nonzero(state[f : f + k] != _BALLOON):
@@ -940,7 +946,7 @@ class GuestMemory:
             if f < end:
                 raise UsageError("free_balloon: a frame given twice")
             end = f + k
-        self._balloon -= self._give_runs(runs)
+        self._balloon -= self._give_slices(runs)
 
     def free_balloon_blocks(self, heads: PfnArray) -> None:
         """``free_balloon`` of every frame of the 2 MiB blocks starting at ``heads`` (a

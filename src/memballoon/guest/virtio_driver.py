@@ -140,6 +140,7 @@ PFN_SLOTS: Final = 64
 #: (VIRTIO 1.2 2.7.13), and per-buffer costs in Python (allocate, kick, wait, collect) are
 #: what bound a local guest's inflate speed.
 FILL_BATCH: Final = 8
+RUN_FRAMES_MIN: Final = 64  # frames a run on average, at least, for a give-back a slice a run
 #: The longest array the driver sends: what the device reads of one chain (64 KiB).
 X_ARRAY_PFNS_MAX: Final = 16384
 #: PFNs an array when the host's pages are 2 MiB: sixteen whole host pages (module docstring;
@@ -701,8 +702,9 @@ class VirtioBalloonDriver:
 
     def _give_back(self, pfns: PfnArray, runs: list[tuple[int, int]] | None = None) -> None:
         """Frames out of the balloon, back to the guest; ``runs``: ``pfns`` as
-        ``(first, length)`` runs, if the caller has them (a slice of the guest's state each)."""
-        if runs is None:
+        ``(first, length)`` runs, if the caller has them (long ones: a slice of the guest's
+        state each; short ones cost less frame by frame)."""
+        if runs is None or len(runs) * RUN_FRAMES_MIN > pfns.size:
             self.mem.free_balloon(pfns)
         else:
             self.mem.free_balloon_runs(runs)
