@@ -344,22 +344,3 @@ def test_step_looks_only_at_guests_with_something_to_do(
             want.append((n, "correction", clamp_balloon(s, s.target_pages)))
     assert [(a.guest, a.kind, a.new_pages) for a in acts] == want
     assert c.counters["sample_out_of_range"] == sum(1 for t, *_ in guests if not 0 <= t <= RAM)
-
-
-def test_a_sample_handed_back_unchanged_gives_the_same_view_until_its_settings_change() -> None:
-    # the simulator hands back the same sample object while nothing changed: the core reuses
-    # what it made of it, but new settings, a correction and a clamp still apply every step
-    p = Fixed({})
-    c = core(p, a=GuestSettings(max_pages=60000))
-    a = state("a", target=0)
-    b = state("b", target=100)
-    liar = GuestSample("liar", RAM, 0xFFFFFFFF, 0, report=report("liar"), report_time=100.0)
-    guests = {"a": a, "b": b, "liar": liar}
-    first = c.step(101.0, guests, 0)
-    again = c.step(102.0, guests, 0)
-    assert [x.guest for x in first] == [x.guest for x in again] == ["a"]  # corrected twice
-    assert c.counters["sample_out_of_range"] == 2  # the liar clamped at every step
-    assert p.seen[1][1][1] is b  # as it came (a, with settings to give, is a copy)
-    c.settings["b"] = GuestSettings(min_pages=RAM)  # an administrator's change, same sample
-    (fix,) = [x for x in c.step(103.0, guests, 0) if x.guest == "b"]
-    assert fix.new_pages == 0 and p.seen[2][1][1].settings == GuestSettings(min_pages=RAM)

@@ -217,9 +217,6 @@ class ManagerCore:
         # the guests whose target is outside their floor/ceiling, last step (corrected when
         # the policy says nothing)
         self._out_of_limits: set[str] = set()
-        # by guest: the last sample ``_samples`` took as it was, the settings it was taken
-        # under, and whether its target was outside them
-        self._seen: dict[str, tuple[GuestSample, GuestSettings, bool]] = {}
 
     # ------------------------------------------------------------------ views
     def sample(self, s: GuestSample) -> GuestSample:
@@ -311,18 +308,8 @@ class ManagerCore:
         cur, prev = self._cur_report, self._prev_report
         out_of_limits: set[str] = set()
         samples: dict[str, GuestSample] = {}
-        # a backend that keeps a guest's sample object while nothing changed (the simulator)
-        # hands most of the fleet back as it was: the same object under the same settings
-        # gives the same result, and its report was noted already
-        seen, seen_get = self._seen, self._seen.get
         for name, s in guests.items():
             want = settings_get(s.name, NO_SETTINGS)
-            last = seen_get(name)
-            if last is not None and last[0] is s and last[1] is want:
-                samples[name] = s
-                if last[2]:
-                    out_of_limits.add(name)
-                continue
             ram, tgt = s.ram_pages, s.target_pages
             if s.settings is not want or not (0 <= s.balloon_pages <= ram and 0 <= tgt <= ram):
                 s = self.sample(s)  # settings to give, or figures to clamp: the general case
@@ -344,8 +331,6 @@ class ManagerCore:
                     if old is not None:
                         prev[name] = old
                     cur[name] = r
-            if s is guests[name]:  # unchanged here (a clamped or re-set one is built again)
-                seen[name] = (s, want, name in out_of_limits)
         self._out_of_limits = out_of_limits
         return samples
 
