@@ -215,5 +215,5 @@ def test_every_guest_has_one_shard_and_shard_0_a_lighter_share() -> None:
     w0, w = shards_mod.SHARD0_WEIGHT
     sizes = [len(m) for m in shard_members(1000, 3)]
     assert sizes[0] < sizes[1] and abs(sizes[0] * w - sizes[1] * w0) <= w
-    kinds = shard_members(1000, 2)[0][:100]  # dealt in turn: every stretch of a kind split
-    assert 40 <= len(kinds) and max(kinds) < 220
+    # dealt in turn, not in blocks: shard 0's first 100 guests lie in the fleet's first 220
+    assert max(shard_members(1000, 2)[0][:100]) < 220
