@@ -203,17 +203,3 @@ def test_the_in_process_world_is_still_the_default() -> None:
     assert run_scenario(sc, build_world=Shards(1)).to_json() == \
         run_scenario(fleet("virtio", 4, 20.0)).to_json()
     assert build(fleet("virtio", 4, 20.0)).backend.name == "sim"
-
-
-def test_every_guest_has_one_shard_and_shard_0_a_lighter_share() -> None:
-    shard_members = shards_mod.shard_members
-    for n, shards in ((2, 2), (3, 3), (5, 4), (7, 2), (1000, 2), (1000, 3)):
-        members = shard_members(n, shards)
-        assert sorted(i for m in members for i in m) == list(range(n))
-        assert all(m and m == sorted(m) for m in members)  # none empty, in guest order
-        assert members == shard_members(n, shards)  # the workers deal it again alike
-    w0, w = shards_mod.SHARD0_WEIGHT
-    sizes = [len(m) for m in shard_members(1000, 3)]
-    assert sizes[0] < sizes[1] and abs(sizes[0] * w - sizes[1] * w0) <= w
-    # dealt in turn, not in blocks: shard 0's first 100 guests lie in the fleet's first 220
-    assert max(shard_members(1000, 2)[0][:100]) < 220

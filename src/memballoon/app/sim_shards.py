@@ -4,11 +4,10 @@ Theory of operation
 -------------------
 Between two manager steps the simulated guests are independent: ``SimBackend.advance`` runs
 each guest's ticks, signalled driver work and reports without reading another guest. So the
-guests can live in N worker processes, each owning its guests for the whole run (dealt in
-turn, ``shard_members``: a scenario lists its guests by kind, and kinds cost very
-differently; shard 0, this process's, a little fewer), while this process runs the engine
-(manager core and policy) as an in-process run does. A run's results are exactly the
-in-process run's (a test holds them to it).
+guests can live in N worker processes, worker k owning the guests ``i % N == k`` for the
+whole run (round-robin: a scenario lists its guests by kind, and kinds cost very
+differently), while this process runs the engine (manager core and policy) as an in-process
+run does. A run's results are exactly the in-process run's (a test holds them to it).
 
 Shard 0 lives in this process (``local``, the default): it is sent its messages after the
 workers, so it runs while they do, and N shards keep N processes busy (the engine runs
@@ -103,10 +102,6 @@ WORKER_COUNTERS: Final = (SimCounter.TICKS, SimCounter.IDLE_PERIODS, SimCounter.
 ANSWER_TIMEOUT_S: Final = 600.0
 #: The most shards a default picks (the guests' side stops halving long before).
 MAX_DEFAULT_SHARDS: Final = 4
-#: Shard 0's guests to every other shard's: shard 0 is the parent's (``local``), which also
-#: runs the engine and reads the answers, and advances the same guests at ~15% more CPU than
-#: a worker (measured on the fleet): a lighter share evens the step out.
-SHARD0_WEIGHT: Final = (9, 10)
 
 _CTX = multiprocessing.get_context("fork")  # the scenario is in memory already: no pickling
 
@@ -162,9 +157,8 @@ class _Shard:
     def __init__(self, sc: Scenario, shard: int, shards: int, sleep: bool, *,
                  fields: bool = True) -> None:
         self.fields = fields  # reports as their fields (to another process), or as they are
-        members = shard_members(len(sc.guests), shards)[shard]
-        specs = [sc.guests[i] for i in members]
-        self.index = index = {g.name: i for i, g in zip(members, specs, strict=True)}
+        specs = sc.guests[shard::shards]
+        self.index = index = {g.name: shard + k * shards for k, g in enumerate(specs)}
         self.stalls: list[tuple[float, int, float]] = []
         stalls = self.stalls
 
@@ -268,13 +262,6 @@ class ShardedBackend:
         self._names = [g.name for g in sc.guests]
         self._settings = [g.settings for g in sc.guests]
         self._by_name = {name: i for i, name in enumerate(self._names)}
-        # which shard holds each guest, and where in its list (a row's guest index)
-        self._members = shard_members(n, shards)
-        self._shard_of = [0] * n
-        self._pos = [0] * n
-        for k, members in enumerate(self._members):
-            for j, i in enumerate(members):
-                self._shard_of[i], self._pos[i] = k, j
         # each guest's last row as its worker sent it, and what this process changed since:
         # alive, resident bytes (a kill); the report built from the row's fields
         self._rows: list[SampleRow] = [(0, 0, 0, 0, None, None, True, 0)] * n
@@ -384,18 +371,15 @@ class ShardedBackend:
         self._counts[k] = counts
 
     def _apply(self, k: int, rows: list[SampleRow]) -> None:
-        """The rows of worker ``k``'s changed guests (local indices: its ``j``-th guest);
+        """The rows of worker ``k``'s changed guests (local indices: guest ``k + j * N``);
         the samples are built from them at the next ``guests()`` (a fleet's worth a step:
         kept to a few list stores a row)."""
-        members, last, alive, resident = self._members[k], self._rows, self._alive, self._resident
+        n, last, alive, resident = self._n, self._rows, self._alive, self._resident
         sampled, stale = self._sampled, self._stale
         delta = 0
         try:
             for row in rows:
-                j = row[0]
-                if j < 0:
-                    raise ValueError(f"guest {j}")
-                i = members[j]
+                i = k + row[0] * n
                 f = row[4]
                 if len(row) != 8 or not (f is None or type(f) is PressureReport
                                          or (type(f) is tuple and len(f) == len(REPORT_FIELDS))):
@@ -439,17 +423,17 @@ class ShardedBackend:
 
     def check_guest(self, name: str) -> list[str]:
         i = self._by_name[name]
-        out: list[str] = self._ask("check", name)[self._shard_of[i]]
+        out: list[str] = self._ask("check", name)[i % self._n]
         return out
 
     def violations(self, *, full: bool = True) -> list[str]:
         by_shard = self._ask("violations", full)
         return [f"{name}: {v}" for i, name in enumerate(self._names)
-                for v in by_shard[self._shard_of[i]][self._pos[i]]]
+                for v in by_shard[i % self._n][i // self._n]]
 
     def guest_oom_kills(self) -> list[int]:
         by_shard = self._ask("oom")
-        return [int(by_shard[self._shard_of[i]][self._pos[i]]) for i in range(len(self._names))]
+        return [int(by_shard[i % self._n][i // self._n]) for i in range(len(self._names))]
 
     def close(self, *, force: bool = False) -> None:
         """End every worker (asked, and its peak memory kept; with ``force``, at once)."""
@@ -532,7 +516,7 @@ class ShardedBackend:
         if i is None or not self._alive[i] or not 0 <= balloon_pages <= self._rows[i][1]:
             self.counters.inc(SimCounter.SET_TARGET_REFUSED)
             return False
-        self._targets[self._shard_of[i]].append((guest, balloon_pages))
+        self._targets[i % self._n].append((guest, balloon_pages))
         self._mark(i)
         return True
 
@@ -569,7 +553,7 @@ class ShardedBackend:
         self._resident_sum -= self._resident[i]
         self._resident[i] = 0
         self._mark(i)
-        self._kills[self._shard_of[i]].append(self._names[i])
+        self._kills[i % self._n].append(self._names[i])
 
 
 @dataclass
@@ -617,24 +601,6 @@ class Shards:
             self.worker_peak_rss_bytes = w.backend.worker_peak_rss_bytes
 
 
-def shard_members(n: int, shards: int) -> list[list[int]]:
-    """The guests (indices of ``n``) each of ``shards`` owns for a whole run: dealt in turn
-    (a scenario lists its guests by kind, and kinds cost very differently), by smooth
-    weighted round-robin at ``SHARD0_WEIGHT``; every shard gets one of the first ``shards``."""
-    w0, w = SHARD0_WEIGHT
-    weights = [w0] + [w] * (shards - 1)
-    total = sum(weights)
-    credit = [0] * shards
-    out: list[list[int]] = [[] for _ in range(shards)]
-    for i in range(n):
-        for k in range(shards):
-            credit[k] += weights[k]
-        k = max(range(shards), key=lambda k: (credit[k], -k))
-        credit[k] -= total
-        out[k].append(i)
-    return out
-
-
 def default_shards() -> int:
     """The CPUs this process may run on, at most ``MAX_DEFAULT_SHARDS``."""
     try:
@@ -645,4 +611,4 @@ def default_shards() -> int:
 
 
 __all__ = ["ShardCounter", "ShardError", "ShardWorld", "ShardedBackend", "Shards",
-           "default_shards", "shard_members"]
+           "default_shards"]
