@@ -468,10 +468,21 @@ class ShardedBackend:
         return self._alive[self._by_name[name]]
 
     def guests(self) -> dict[str, GuestSample]:
-        out, balloons, residents = self._samples, self._balloon_arr, self._resident_arr
-        names, settings = self._names, self._settings
+        stale = self._stale
+        if stale:
+            self._build_samples(stale)
+            stale.clear()
+        snap = self._returned = dict(self._samples)
+        return snap
+
+    def _build_samples(self, stale: list[int]) -> None:
+        """The samples of the guests ``stale`` from their rows; the per-guest figures stored
+        into the arrays at once (a numpy store a guest costs as much as the sample)."""
+        out, names, settings = self._samples, self._names, self._settings
         rows, reports, fields, alives = self._rows, self._report, self._fields, self._alive
-        for i in self._stale:
+        resident, sampled = self._resident, self._sampled
+        balloons: list[int] = []
+        for i in stale:
             row, alive = rows[i], alives[i]
             f = row[4]
             if f is not fields[i]:
@@ -481,19 +492,16 @@ class ShardedBackend:
                     reports[i] = PressureReport(names[i], *f)
                 fields[i] = f
             rep = reports[i]
-            s = GuestSample(
-                names[i], row[1], row[2] if alive else 0, row[3], settings[i], rep, row[5],
-                alive, self._resident[i],
+            bal = row[2] if alive else 0
+            out[names[i]] = GuestSample(
+                names[i], row[1], bal, row[3], settings[i], rep, row[5], alive, resident[i],
                 rep.active_sampled if rep is not None else 0,
                 rep.active_touched if rep is not None else 0,
             )
-            out[names[i]] = s
-            balloons[i] = s.balloon_pages
-            residents[i] = self._resident[i]
-            self._sampled[i] = True
-        self._stale.clear()
-        snap = self._returned = dict(out)
-        return snap
+            balloons.append(bal)
+            sampled[i] = True
+        self._balloon_arr[stale] = balloons
+        self._resident_arr[stale] = [resident[i] for i in stale]
 
     def sample_figures(
         self, samples: Mapping[str, GuestSample],
