@@ -20,23 +20,12 @@ from memballoon.guest.report import guest_report
 from memballoon.sim.backend import SimCounter
 from memballoon.sim.run import run_scenario
 from memballoon.sim.scenario import Scenario, build, make_pairs
+from test_sim_decisions import Recorder
 
 #: (protocol, guests, simulated seconds, host share): shares that press the host (the 0.15
 #: vmw slice ends in host OOM kills)
 SLICES = (("virtio", 30, 300.0, 0.2), ("vmw", 40, 300.0, 0.15),
           ("vmw-batched", 30, 400.0, 0.2))
-
-
-class Recorder:
-    """A ``JournalSink`` keeping every record (as ``test_sim_decisions``' recorder)."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, rec: dict[str, Any], *, mono: float) -> dict[str, Any]:
-        full = {"mono": round(mono, 6), **rec}
-        self.records.append(full)
-        return full
 
 
 def _slice(protocol: str, guests: int, seconds: float, share: float) -> Scenario:

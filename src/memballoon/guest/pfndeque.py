@@ -201,32 +201,14 @@ class PfnDeque:
 
     def pop_back(self, k: int) -> npt.NDArray[np.int64]:
         """Remove and return up to ``k`` of the newest PFNs, oldest of them first."""
-        k = min(k, self._len)
-        if k <= 0:
+        runs = self.pop_back_runs(k)
+        if len(runs) == 1:  # within the newest run (the usual): no run arrays
+            first, n = runs[0]
+            return np.arange(first, first + n, dtype=np.int64)
+        if not runs:
             return _EMPTY.copy()
-        end = self._head + self._n
-        held = int(self._lens[end - 1])
-        if held >= k:  # within the newest run (the usual): scalars, no run arrays
-            first = int(self._starts[end - 1]) + held - k
-            if held > k:
-                self._lens[end - 1] = held - k
-            else:
-                self._n -= 1
-                if self._n == 0:
-                    self._head = 0
-            self._len -= k
-            return np.arange(first, first + k, dtype=np.int64)
-        starts, lens, r = self._newest(k)
-        out = expand_runs(starts, lens)
-        kept = int(self._lens[end - r]) - int(lens[0])  # what stays of the oldest run touched
-        if kept:
-            self._lens[end - r] = kept
-            r -= 1
-        self._n -= r
-        self._len -= k
-        if self._n == 0:
-            self._head = 0
-        return out
+        starts, lens = np.array(runs, dtype=np.int64).T
+        return expand_runs(starts, lens)
 
     def pop_back_runs(self, k: int) -> list[tuple[int, int]]:
         """``pop_back(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
