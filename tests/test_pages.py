@@ -15,6 +15,7 @@ from memballoon.model.pages import (
     merge_range_lists,
     merge_ranges,
     range_pages,
+    run_list_frames,
     sorted_pfns,
     sorted_runs,
 )
@@ -131,3 +132,11 @@ def test_sorted_runs_is_a_sort_of_the_runs_frames(runs: list[tuple[int, int]]) -
     lens = np.array([n for _, n in runs], dtype=np.int64)
     frames = [f for s, n in runs for f in range(s, s + n)]
     assert sorted_runs(starts, lens).tolist() == sorted(frames)
+
+
+@pytest.mark.parametrize("runs", [[], [(7, 1)], [(100, 5)], [(40, 3), (2, 2), (90, 4)]])
+def test_run_list_frames_are_the_runs_frames_in_order(runs: list[tuple[int, int]]) -> None:
+    want = [f + i for f, k in runs for i in range(k)]
+    got = run_list_frames(runs)
+    assert got.dtype == np.int64
+    assert got.tolist() == want

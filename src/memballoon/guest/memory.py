@@ -69,9 +69,9 @@ from memballoon.model.pages import (
     PfnArray,
     block_frames,
     coalesce,
-    expand_runs,
     has_repeats,
     merge_ranges,
+    run_list_frames,
 )
 from memballoon.model.units import MIB, PAGE_SIZE, PageState
 
@@ -98,14 +98,6 @@ _ANON = int(PageState.ANON)
 _CACHE = int(PageState.CACHE)
 _BALLOON = int(PageState.BALLOON)
 _ISOLATED = int(PageState.ISOLATED)
-
-
-def _run_frames(runs: list[tuple[int, int]]) -> PfnArray:
-    """The frames of ``(first, length)`` runs, in order."""
-    if len(runs) == 1:
-        first, k = runs[0]
-        return np.arange(first, first + k, dtype=np.int64)
-    return np.concatenate([np.arange(f, f + k, dtype=np.int64) for f, k in runs])
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +337,7 @@ class GuestMemory:
         else:
             runs = self._take_runs(n, v)
             if runs:
-                return _run_frames(runs)
+                return run_list_frames(runs)
         return self._take_search(n, v)
 
     def _take_runs(self, n: int, v: int) -> list[tuple[int, int]]:
@@ -536,8 +528,7 @@ class GuestMemory:
         """``_give_free`` of the frames of ``(first, length)`` runs (a deque's oldest): a
         slice and block counts from their bounds a run; returns the frames given."""
         if len(runs) > FEW_RUNS:  # many short runs: one pass over their frames costs less
-            starts, lens = np.array(runs, dtype=np.int64).T
-            pfns = expand_runs(starts, lens)
+            pfns = run_list_frames(runs)
             self._give_free(pfns)
             return int(pfns.size)
         return self._give_slices(runs)
@@ -935,8 +926,7 @@ class GuestMemory:
         and errors."""
         tp, state = self.total_pages, self.state
         if any(f < 0 or k <= 0 or f + k > tp for f, k in runs):
-            starts, lens = np.array(runs, dtype=np.int64).reshape(-1, 2).T
-            self.free_balloon(expand_runs(starts, lens))  # frame by frame
+            self.free_balloon(run_list_frames(runs))  # frame by frame
             return
         for f, k in runs:
             if np.count_nonzero(state[f : f + k] != _BALLOON):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memballoon.model.pages import expand_runs, sorted_runs
+from memballoon.model.pages import expand_runs, run_list_frames, sorted_runs
 
 _MIN_RUNS = 16
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -201,14 +201,7 @@ class PfnDeque:
 
     def pop_back(self, k: int) -> npt.NDArray[np.int64]:
         """Remove and return up to ``k`` of the newest PFNs, oldest of them first."""
-        runs = self.pop_back_runs(k)
-        if len(runs) == 1:  # within the newest run (the usual): no run arrays
-            first, n = runs[0]
-            return np.arange(first, first + n, dtype=np.int64)
-        if not runs:
-            return _EMPTY.copy()
-        starts, lens = np.array(runs, dtype=np.int64).T
-        return expand_runs(starts, lens)
+        return run_list_frames(self.pop_back_runs(k))
 
     def pop_back_runs(self, k: int) -> list[tuple[int, int]]:
         """``pop_back(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose

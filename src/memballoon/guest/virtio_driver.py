@@ -55,7 +55,7 @@ from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
-from memballoon.model.pages import PfnArray, expand_runs, sorted_pfns
+from memballoon.model.pages import PfnArray, run_list_frames, sorted_pfns
 from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
@@ -658,7 +658,7 @@ class VirtioBalloonDriver:
                 or not t.can_take_rounds(self._qidx[role])):
             return 0
         runs = self._balloon.pop_back_runs(rounds * a)  # the rounds took it newest first
-        every = expand_runs(*np.array(runs, dtype=np.int64).reshape(-1, 2).T)
+        every = run_list_frames(runs)
         t.take_rounds(self._qidx[role], q, [[(slots[0].gpa, 4 * a, False)]], [0], rounds,
                       every)
         self.view.write(slots[0].gpa, every[:a].astype("<u4").tobytes())  # the last array

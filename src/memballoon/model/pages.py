@@ -9,6 +9,7 @@ checked (the memfd backend writes real data, ``NullRam`` counts resident pages).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -108,6 +109,16 @@ def expand_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
     total = int(lens.sum())
     offsets = np.cumsum(lens) - lens
     return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
+
+
+def run_list_frames(runs: Sequence[tuple[int, int]]) -> npt.NDArray[np.int64]:
+    """The frames of ``(first, length)`` runs, in order: ``expand_runs`` of a list of pairs
+    (as ``PfnDeque.pop_back_runs`` and the guest model's run takes give them)."""
+    if len(runs) == 1:  # the usual: no arrays of the runs
+        first, k = runs[0]
+        return np.arange(first, first + k, dtype=np.int64)
+    starts, lens = np.array(runs, dtype=np.int64).reshape(-1, 2).T
+    return expand_runs(starts, lens)
 
 
 def sorted_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
