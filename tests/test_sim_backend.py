@@ -23,7 +23,7 @@ from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
 from memballoon.policy.default import DefaultPolicy
 from memballoon.policy.observe import working_set_pages
 from memballoon.protocol.pressure import PressureReport
-from memballoon.sim.backend import ESX_SAMPLE_PAGES, SimBackend
+from memballoon.sim.backend import ESX_SAMPLE_PAGES, SimBackend, host_oom_victim, usage_at
 
 
 def test_samples_report_what_the_guest_model_holds() -> None:
@@ -285,3 +285,15 @@ def test_the_run_reads_checks_and_oom_kills_by_guest() -> None:
     a.pair("idle").violations.append("made up")
     assert a.guest_violations(full=False) == [[], ["made up"]]
     assert a.violations(full=False) == ["idle: made up"]
+
+
+def test_the_host_kills_the_guest_holding_the_most_the_name_breaking_ties() -> None:
+    assert host_oom_victim([(5, "a"), (9, "b"), (9, "c"), (1, "d")]) == "c"
+    assert host_oom_victim([(0, "a"), (0, "b")]) is None
+    assert host_oom_victim([]) is None
+
+
+def test_host_usage_at_a_moment_is_never_negative() -> None:
+    assert usage_at(None, 3.0) == 0
+    assert usage_at(lambda t: int(t * 10), 3.0) == 30
+    assert usage_at(lambda t: -5, 3.0) == 0

@@ -84,7 +84,16 @@ from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Policy
 from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
-from memballoon.sim.backend import REPORT_FIELDS, SampleRow, SimBackend, SimCounter, SimHostProbe
+from memballoon.sim.backend import (
+    REPORT_FIELDS,
+    SampleRow,
+    SimBackend,
+    SimCounter,
+    SimHostProbe,
+    guest_sample,
+    host_oom_victim,
+    usage_at,
+)
 from memballoon.sim.run import RunWorld, StallSink
 from memballoon.sim.scenario import (
     Scenario,
@@ -491,13 +500,9 @@ class ShardedBackend:
                 elif f != fields[i]:  # new fields (mostly: the time first, told at once)
                     reports[i] = PressureReport(names[i], *f)
                 fields[i] = f
-            rep = reports[i]
             bal = row[2] if alive else 0
-            out[names[i]] = GuestSample(
-                names[i], row[1], bal, row[3], settings[i], rep, row[5], alive, resident[i],
-                rep.active_sampled if rep is not None else 0,
-                rep.active_touched if rep is not None else 0,
-            )
+            out[names[i]] = guest_sample(names[i], row[1], bal, row[3], settings[i], reports[i],
+                                         row[5], alive, resident[i])
             balloons.append(bal)
             sampled[i] = True
         self._balloon_arr[stale] = balloons
@@ -529,7 +534,7 @@ class ShardedBackend:
     # ------------------------------------------------------------------ the host
     def usage_bytes(self) -> int:
         """What the host takes for itself now."""
-        return 0 if self.host_usage is None else max(0, int(self.host_usage(self.clock.now())))
+        return usage_at(self.host_usage, self.clock.now())
 
     def _mark(self, i: int) -> None:
         if self._sampled[i]:
@@ -540,10 +545,12 @@ class ShardedBackend:
         if self.host_bytes is None:
             return
         while self._resident_sum + self.usage_bytes() > self.host_bytes:
-            live = [i for i, r in enumerate(self._resident) if r > 0 and self._alive[i]]
-            if not live:
+            alive, names = self._alive, self._names
+            victim = host_oom_victim((r, names[i]) for i, r in enumerate(self._resident)
+                                     if alive[i])
+            if victim is None:
                 return
-            self._kill(max(live, key=lambda i: (self._resident[i], self._names[i])))
+            self._kill(self._by_name[victim])
             self.host_oom_kills += 1
             self.counters.inc(SimCounter.HOST_OOM_KILLS)
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any, Final, Protocol
@@ -96,6 +96,31 @@ SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | PressureReport | None",
 
 #: ``changed_rows`` marks a guest's sample as sent with this (any non-None sample will do).
 _SHIPPED: Final = GuestSample("", 0, 0, 0)
+
+
+def guest_sample(name: str, ram_pages: int, balloon_pages: int, target_pages: int,
+                 settings: GuestSettings, report: PressureReport | None,
+                 report_time: float | None, alive: bool, resident: int) -> GuestSample:
+    """A simulated guest's sample (the active-page sample its report's); positional, in the
+    order of the fields: a fleet builds a thousand a report round, in one process or sharded."""
+    return GuestSample(
+        name, ram_pages, balloon_pages, target_pages, settings, report, report_time, alive,
+        resident,
+        report.active_sampled if report is not None else 0,  # active_sampled
+        report.active_touched if report is not None else 0,  # active_touched
+    )
+
+
+def host_oom_victim(held: Iterable[tuple[int, str]]) -> str | None:
+    """The live guest the host kills when the guests pass its memory, of ``(resident bytes,
+    name)`` pairs: the one holding the most (the name breaks ties), as a memory cgroup kills
+    its largest process; None when none holds anything."""
+    return max(((r, n) for r, n in held if r > 0), default=(0, None))[1]
+
+
+def usage_at(usage: HostUsage | None, now: float) -> int:
+    """What the host takes for itself at ``now`` (bytes, never negative)."""
+    return 0 if usage is None else max(0, int(usage(now)))
 
 
 class SimCounter(CounterName):
@@ -409,7 +434,7 @@ class SimBackend:
     # ------------------------------------------------------------------ the host
     def usage_bytes(self) -> int:
         """What the host takes for itself now."""
-        return 0 if self.host_usage is None else max(0, int(self.host_usage(self.clock.now())))
+        return usage_at(self.host_usage, self.clock.now())
 
     def probe(self) -> SimHostProbe:
         """A ``HostProbe`` of the simulated host (``host_bytes`` must be set)."""
@@ -421,10 +446,10 @@ class SimBackend:
         if self.host_bytes is None:
             return
         while self._resident + self.usage_bytes() > self.host_bytes:
-            live = [g for g in self._guests if g.alive and g.resident > 0]
-            if not live:
+            victim = host_oom_victim((g.resident, g.name) for g in self._guests if g.alive)
+            if victim is None:
                 return
-            self.kill(max(live, key=lambda g: (g.resident, g.name)).name)
+            self.kill(victim)
             self.host_oom_kills += 1
             self.counters.inc(SimCounter.HOST_OOM_KILLS)
 
@@ -452,14 +477,10 @@ class SimBackend:
         # only the samples of guests that changed are built again: the rest stand
         out, balloons, residents = self._samples, self._balloon_arr, self._resident_arr
         for g in self._stale:
-            p, rep = g.pair, g.report
-            # positional, in the order of the fields (a fleet rebuilds them all per report)
-            s = g.sample = GuestSample(
+            p = g.pair
+            s = g.sample = guest_sample(
                 g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
-                p.device.target_pages, g.settings, rep, g.report_time, g.alive, g.resident,
-                rep.active_sampled if rep is not None else 0,  # active_sampled
-                rep.active_touched if rep is not None else 0,  # active_touched
-            )
+                p.device.target_pages, g.settings, g.report, g.report_time, g.alive, g.resident)
             out[g.name] = s
             balloons[g.index] = s.balloon_pages
             residents[g.index] = g.resident
@@ -575,4 +596,5 @@ def run(
 
 
 __all__ = ["ESX_SAMPLE_PAGES", "REPORT_FIELDS", "SampleRow", "SimBackend", "SimCounter",
-           "SimGuests", "SimHost", "SimHostProbe", "run"]
+           "SimGuests", "SimHost", "SimHostProbe", "guest_sample", "host_oom_victim", "run",
+           "usage_at"]
