@@ -8,6 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from memballoon.guest.driver import idle_each
 from memballoon.guest.memory import BLOCK_PAGES
 from memballoon.guest.virtio_driver import (
     DEFAULT_FEATURES,
@@ -675,11 +676,8 @@ def test_idle_run_is_the_idle_work_of_each_period(
     for p in (one, bulk):
         p.driver._reporting = reporting
         p.driver._next_report = due
-    now = limit = 1.0
-    limit += span
-    while now + period <= limit:
-        now += period
-        one.driver.idle_work(now)
+    limit = 1.0 + span
+    now, n = idle_each(one.driver.idle_work, 1.0, period, limit)
     got = bulk.driver.idle_run(1.0, period, limit)
-    assert got == (now, round((now - 1.0) / period))
+    assert got == (now, n) and n == round((now - 1.0) / period)
     assert state_diff(state_of(one.driver), state_of(bulk.driver)) == []

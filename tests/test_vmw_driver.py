@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memballoon.guest.driver import BalloonDriver
+from memballoon.guest.driver import BalloonDriver, idle_each
 from memballoon.guest.memory import GuestMemory
 from memballoon.guest.vmw_driver import (
     VMW_BALLOON_MAX_REFUSED,
@@ -807,11 +807,8 @@ def test_idle_run_is_the_idle_work_of_each_period(slow: int, period: float, span
     one, bulk = make_pair(), make_pair()
     for p in (one, bulk):
         p.driver.slow_allocation_cycles = slow
-    now = limit = 3.0
-    limit += span
-    while now + period <= limit:
-        now += period
-        one.driver.idle_work(now)
+    limit = 3.0 + span
+    now, n = idle_each(one.driver.idle_work, 3.0, period, limit)
     got = bulk.driver.idle_run(3.0, period, limit)
-    assert got == (now, round((now - 3.0) / period))
+    assert got == (now, n) and n == round((now - 3.0) / period)
     assert state_diff(state_of(one.driver), state_of(bulk.driver)) == []

@@ -7,9 +7,24 @@ be freed at the end of the cycle, or sent and not yet acknowledged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from memballoon.model.pages import PfnArray
+
+
+def idle_each(work: Callable[[float], None], now: float, period: float,
+              limit: float) -> tuple[float, int]:
+    """``work`` (a driver's idle work) for every period after ``now`` whose time falls at or
+    before ``limit``, one call a period: the clock after them (``period`` added once a period,
+    as the ticks add it) and how many. The reference a driver's one-call ``idle_run`` must
+    match."""
+    n = 0
+    while now + period <= limit:
+        now += period
+        work(now)
+        n += 1
+    return now, n
 
 
 class BalloonDriver(Protocol):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memballoon.guest.driver import BalloonDriver
+from memballoon.guest.driver import BalloonDriver, idle_each
 from memballoon.guest.memory import GuestMemory, StepReport
 from memballoon.guest.virtio_driver import (
     VIRTIO_BALLOON_X_MAX_REFUSED_HELD,
@@ -204,14 +204,7 @@ class Pair:
         """The driver's idle work of every period after ``now`` whose tick falls at or
         before ``limit``: the clock after them (the same float additions) and how many. A
         driver that can account them in one call does (``idle_run``)."""
-        p = self.period_s
-        work = self._link_idle_work()
-        n = 0
-        while now + p <= limit:
-            now += p
-            work(now)
-            n += 1
-        return now, n
+        return idle_each(self._link_idle_work(), now, self.period_s, limit)
 
     def _link_idle_periods(self, n: int) -> None:
         """The protocol's bookkeeping of ``n`` idle periods beyond the driver's (counters)."""
