@@ -53,7 +53,8 @@ what a worker inherited from this process at the fork is counted in both.
 
 Speed: a step costs the engine's step, then the slowest shard's advance, then this process
 reading the answers (about a microsecond a changed guest: the rows unpickled and kept, the
-samples built as in process); the workers wait during the engine's step. On a machine whose
+samples built as in process; shard 0's samples are built as soon as its answer is in, while
+the workers still run); the workers wait during the engine's step. On a machine whose
 cores are busy with other work, each hand-over waits for a core, and a sharded run can be
 slower than one in a single process.
 """
@@ -282,7 +283,7 @@ class ShardedBackend:
         # ``guests()`` as ``SimBackend.guests``: cached samples, the guests whose sample must be
         # built again, the last answer and its figures by guest
         self._sampled = [False] * n
-        self._stale: list[int] = list(range(n))  # every sample built at the first call
+        self._stale: list[int] = list(range(n))  # every sample built once the rows are in
         self._samples: dict[str, GuestSample] = {}
         self._returned: Mapping[str, GuestSample] | None = None
         self._balloon_arr: npt.NDArray[np.int64] = np.zeros(n, dtype=np.int64)
@@ -313,6 +314,10 @@ class ShardedBackend:
                 self._procs.append(p)
             for k in range(shards):
                 self._apply(k, self._recv(k))
+            # every sample built now, in guest order (the order of the samples' mapping, which
+            # ``advance`` keeps while it builds shard 0's first)
+            self._build_samples(self._stale)
+            self._stale.clear()
         except BaseException:
             self.close(force=True)
             raise
@@ -328,6 +333,12 @@ class ShardedBackend:
     # ------------------------------------------------------------------ messages
     def _ask(self, op: str, arg: Any = None) -> list[Any]:
         """Send ``op`` (after what is queued) to every worker; their answers, by shard."""
+        self._send(op, arg)
+        return [self._recv(k) for k in range(self._n)]
+
+    def _send(self, op: str, arg: Any) -> None:
+        """Send ``op`` (after what is queued) to every shard, the local one last (it answers
+        as it is sent, while the workers run)."""
         for k in self._order:
             c = self._conns[k]
             msg = (op, self._kills[k], self._targets[k], arg)
@@ -336,7 +347,6 @@ class ShardedBackend:
                 c.send(msg)
             except OSError as exc:
                 self._fail(k, f"cannot be written to ({exc}); {self._exit(k)}")
-        return [self._recv(k) for k in range(self._n)]
 
     def _recv(self, k: int) -> Any:
         c, p = self._conns[k], self._procs[k]
@@ -413,11 +423,22 @@ class ShardedBackend:
         """Every worker advances its guests by ``seconds`` (module docstring); then the host
         takes its memory back if it must."""
         end = self.clock.now() + seconds
-        answers = self._ask("advance", seconds)
-        for k, answer in enumerate(answers):
+        self._send("advance", seconds)
+        answers: list[Any] = []
+        for k in range(self._n):
+            answer = self._recv(k)
             if not (type(answer) is tuple and len(answer) == 2):
                 self._fail(k, f"answered garbage: {answer!r:.80}")
             self._apply(k, answer[0])
+            answers.append(answer)
+            if k == 0 and self._n > 1:
+                # shard 0's answer is in while the others still run: build the samples of its
+                # guests now, in what would be a wait (the rest wait for their rows)
+                n, stale = self._n, self._stale
+                mine = [i for i in stale if i % n == 0]
+                if mine:
+                    self._build_samples(mine)
+                    stale[:] = [i for i in stale if i % n]
         try:
             merged = sorted(chain.from_iterable(a[1] for a in answers))
             self._stalls([s for _, _, s in merged])
