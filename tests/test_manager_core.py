@@ -344,3 +344,23 @@ def test_step_looks_only_at_guests_with_something_to_do(
             want.append((n, "correction", clamp_balloon(s, s.target_pages)))
     assert [(a.guest, a.kind, a.new_pages) for a in acts] == want
     assert c.counters["sample_out_of_range"] == sum(1 for t, *_ in guests if not 0 <= t <= RAM)
+
+
+def test_a_sample_handed_over_again_gives_what_it_gave_and_settings_still_apply() -> None:
+    # the simulator keeps a guest's sample object while nothing of it changes: the core's
+    # shortcut for it must answer as a new object with the same figures would
+    p = Fixed({})
+    c = core(p)
+    a, b = state("a", target=70_000 - 5000), state("b", target=1000, balloon=-5)
+    seen = []
+    for _ in range(2):
+        c.step(101.0, {"a": a, "b": b}, 0)
+        seen.append(p.seen[-1][1])
+    assert seen[0] == seen[1] and seen[1][0] is seen[0][0]
+    # b's balloon out of range is clamped, and counted, each time it comes
+    assert seen[1][1].balloon_pages == 0 and c.counters["sample_out_of_range"] == 2
+    # new settings for the same object take effect at once: a's target is now above its ceiling
+    c.settings["a"] = GuestSettings(min_pages=RAM - 1000)
+    acts = c.step(102.0, {"a": a, "b": b}, 0)
+    assert p.seen[-1][1][0].settings.min_pages == RAM - 1000
+    assert [(x.guest, x.new_pages, x.kind) for x in acts] == [("a", 1000, "correction")]

@@ -298,6 +298,8 @@ class GuestInputs:
     """What ``figures`` reads of the guests' samples and reports, as columns (a columnar
     backend would hand these over; here ``gather`` reads them off the objects)."""
 
+    guests: list[GuestSample]  # the samples read (held: while held, an id names one alone)
+    g_id: I64  # id() of each sample
     reps: list[PressureReport]  # each guest's report (a placeholder where it has none)
     ram: I64
     balloon: I64
@@ -323,8 +325,11 @@ _NO_REPORT: Final = PressureReport("", 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0
 #: ``GuestInputs``' columns read off the reports alone (one report: the same figures)
 _REPORT_COLUMNS: Final = ("r_time", "r_swapin", "r_major", "r_oom", "r_has_refused",
                           "r_refused", "r_avail_b", "r_free_b", "r_balloon", "stall")
-#: the share of new reports up to which ``gather`` re-reads only theirs
+#: the share of new samples (new reports) up to which ``gather`` re-reads only theirs
 _REREAD_MAX: Final = 0.75
+#: ``GuestInputs``' columns of one value a guest (``reps`` and the samples apart)
+_ROW_COLUMNS: Final = ("ram", "balloon", "target", "min_pages", "max_pages", "has_report",
+                       "report_time", "r_id", *_REPORT_COLUMNS)
 
 
 def _report_columns(reps: Sequence[PressureReport]) -> tuple[Any, ...]:
@@ -347,10 +352,16 @@ def _report_columns(reps: Sequence[PressureReport]) -> tuple[Any, ...]:
 
 def gather(guests: Sequence[GuestSample], prev: GuestInputs | None = None) -> GuestInputs:
     """``guests``' columns: the one per-guest Python loop left. With ``prev`` (the columns
-    of as many guests, say the last call's), a row whose report is the same object as in
-    ``prev`` keeps ``prev``'s report figures (a report is immutable; ``prev.reps`` holds it,
-    so an equal id is the same report) and only the new reports are read."""
+    of as many guests, say the last call's), a row whose sample is the same object as in
+    ``prev`` keeps ``prev``'s row, and a row whose report is the same object keeps ``prev``'s
+    report figures (samples and reports are immutable; ``prev`` holds them, so an equal id is
+    the same object): only the new samples, and their new reports, are read."""
     n = len(guests)
+    if prev is not None and len(prev.guests) == n and n:
+        g_id = np.fromiter(map(id, guests), np.int64, n)
+        rows = np.flatnonzero(g_id != prev.g_id)
+        if len(rows) <= _REREAD_MAX * n:
+            return _gather_rows(guests, prev, g_id, rows)
     reps = [g.report if g.report is not None else _NO_REPORT for g in guests]
     r_id = _i([id(r) for r in reps])
     report_cols: tuple[Any, ...] | None = None
@@ -371,14 +382,47 @@ def gather(guests: Sequence[GuestSample], prev: GuestInputs | None = None) -> Gu
     if None in rt:
         has_report &= np.array([t is not None for t in rt], np.bool_)
         rt = [0.0 if t is None else t for t in rt]
+    g = list(guests)
     return GuestInputs(
-        reps=reps, ram=_i([g.ram_pages for g in guests]),
+        guests=g, g_id=np.fromiter(map(id, g), np.int64, n), reps=reps,
+        ram=_i([g.ram_pages for g in guests]),
         balloon=_i([g.balloon_pages for g in guests]),
         target=_i([g.target_pages for g in guests]),
         min_pages=_i([g.settings.min_pages for g in guests]),
         max_pages=_i([-1 if x is None else x for x in mx]), has_report=has_report,
         report_time=_f(rt),  # type: ignore[arg-type]
         r_id=r_id, **dict(zip(_REPORT_COLUMNS, report_cols, strict=True)))
+
+
+def _gather_rows(guests: Sequence[GuestSample], prev: GuestInputs, g_id: I64,
+                 rows: I64) -> GuestInputs:
+    """``gather(guests)`` from ``prev``, the rows ``rows`` (those whose sample is new) read
+    again: ``gather`` of them alone, with ``prev``'s figures of the reports they share."""
+    new = rows.tolist()
+    part = [guests[i] for i in new]
+    sub: GuestInputs | None = None
+    if new:
+        # the part's own ``prev``: its rows of ``prev`` (their reports, to keep the ones
+        # that stand; samples all new, so no row is kept whole)
+        sub = gather(part, _rows_of(prev, rows))
+    out = GuestInputs(
+        guests=list(guests), g_id=g_id, reps=list(prev.reps),
+        **{k: getattr(prev, k).copy() for k in _ROW_COLUMNS})
+    if sub is not None:
+        for i, r in zip(new, sub.reps, strict=True):
+            out.reps[i] = r
+        for k in _ROW_COLUMNS:
+            getattr(out, k)[rows] = getattr(sub, k)
+    return out
+
+
+def _rows_of(inp: GuestInputs, rows: I64) -> GuestInputs:
+    """The rows ``rows`` of ``inp`` (for ``gather``'s ``prev``: its samples' ids set apart,
+    so that no sample of it is taken for another's)."""
+    k = len(rows)
+    return GuestInputs(
+        guests=[], g_id=np.full(k, -1, np.int64), reps=[inp.reps[i] for i in rows.tolist()],
+        **{c: getattr(inp, c)[rows] for c in _ROW_COLUMNS})
 
 
 def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
