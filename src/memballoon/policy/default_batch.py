@@ -370,8 +370,8 @@ def gather(guests: Sequence[GuestSample], prev: GuestInputs | None = None) -> Gu
         if len(fresh) <= _REREAD_MAX * n:
             report_cols = tuple(getattr(prev, k).copy() for k in _REPORT_COLUMNS)
             if len(fresh):
-                rows = fresh.tolist()
-                for col, part in zip(report_cols, _report_columns([reps[i] for i in rows]),
+                for col, part in zip(report_cols,
+                                     _report_columns([reps[i] for i in fresh.tolist()]),
                                      strict=True):
                     col[fresh] = part
     if report_cols is None:
