@@ -857,24 +857,28 @@ class GuestMemory:
         cum = np.cumsum(counts)
         last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
         blocks = cand[: last + 1]
-        frees = self._free_frames_in(blocks)
-        take = frees[:k]
         m_last = k - (int(cum[last - 1]) if last else 0)
-        self.state[take] = _BALLOON
+        # the cache as the single takes leave it: the free frames of the last block they took
+        # a second frame from, after its first, walked as far as they went (listed before
+        # the take marks them)
+        if m_last >= 2:
+            j, walked = last, m_last
+        else:
+            twice = (counts[:last] >= 2).nonzero()[0]
+            j = int(twice[-1]) if twice.size else -1
+            walked = int(counts[j]) if j >= 0 else 0
+        hint_free = self._free_frames_of(int(blocks[j]), BLOCK_PAGES) if j >= 0 else _EMPTY
+        # every free frame of the blocks before the last, then the first m_last of it: the
+        # partly used blocks looked at, the wholly free ones marked a slice or a row each
+        take = self._take_blocks_free(blocks, m_last, _BALLOON)
         self._bfree[blocks[:-1]] = 0
         self._bfree[blocks[-1]] -= m_last
         self.reported[blocks] = False
         self._free -= k
         self._hint = int(blocks[-1])
-        # the cache as the single takes leave it: the free frames of the last block they took
-        # a second frame from, after its first, walked as far as they went
-        taken = np.append(counts[:last], m_last)
-        twice = (taken >= 2).nonzero()[0]
-        if twice.size:
-            j = int(twice[-1])
-            start = int(cum[j - 1]) if j else 0
-            self._hint_free = frees[start + 1 : start + int(counts[j])]
-            self._hint_pos = int(taken[j]) - 1
+        if j >= 0:
+            self._hint_free = hint_free[1:]
+            self._hint_pos = walked - 1
         return take
 
     def alloc_sleep(self, n: int) -> PfnArray:
