@@ -851,7 +851,7 @@ class GuestMemory:
                     self._hint_pos = hf.size
                     continue
                 head = rest[: n - got]
-                if bool((self.state[head] == _FREE).all()):
+                if not np.count_nonzero(self.state[head]):  # FREE is 0 (one C call)
                     # the next cached frames are all still free (the usual): they are the take
                     take = head.copy()
                     k = int(take.size)

@@ -109,6 +109,7 @@ _I_PPN_NOTNEEDED, _I_BUSY = int(_PPN_NOTNEEDED), int(_BUSY)
 # runs of frames a version-2 run of LOCKs or UNLOCKs checks with slices of the tables, one
 # each (``lock_run``); more go frame by frame
 _FEW_RUNS = 32
+_FEW_FRAMES = 64  # up to this many frames, their runs are found in plain Python
 
 
 class VmwDeviceCounter(CounterName):
@@ -523,7 +524,8 @@ class VmwBalloonDevice:
         locked, pinned = self._locked, self._pinned
         take: list[tuple[int, int]] = []
         for lo, hi in runs:  # a few runs of free frames (the usual): slices of the tables
-            if locked[lo:hi].any() or pinned[lo:hi].any():
+            # (count_nonzero: a C call, where ``any`` is a Python wrapper around a reduction)
+            if np.count_nonzero(locked[lo:hi]) or np.count_nonzero(pinned[lo:hi]):
                 lo, hi = self._before_first(locked[lo:hi] | pinned[lo:hi], lo, hi, ascending)
                 if hi > lo:
                     take.append((lo, hi))
@@ -560,14 +562,14 @@ class VmwBalloonDevice:
             return self._unlock_run_checked(pfns)
         runs, ascending = cut
         huge = self._huge
-        if any(huge[lo >> VMW_BALLOON_2M_ORDER : ((hi - 1) >> VMW_BALLOON_2M_ORDER) + 1].any()
-               for lo, hi in runs):
+        if any(np.count_nonzero(huge[lo >> VMW_BALLOON_2M_ORDER :
+                                     ((hi - 1) >> VMW_BALLOON_2M_ORDER) + 1]) for lo, hi in runs):
             return self._unlock_run_checked(pfns)  # a 2 MiB page among them: never in v2
         locked = self._locked
         give: list[tuple[int, int]] = []
         for lo, hi in runs:  # a few runs of a stack's newest first (the usual): slices
             seg = locked[lo:hi]
-            if not seg.all():
+            if np.count_nonzero(seg) != hi - lo:
                 lo, hi = self._before_first(~seg, lo, hi, ascending)
                 if hi > lo:
                     give.append((lo, hi))
@@ -600,8 +602,10 @@ class VmwBalloonDevice:
         the guest: then the run's checks go frame by frame. The seed driver's runs are a
         few blocks' free frames, so a slice of the tables a run beats a gather per frame."""
         k = int(p.size)
-        if k == 1:
-            ascending, edges = True, [0, 1]
+        if k <= _FEW_FRAMES:
+            runs, ascending = self._runs_of_few(p.tolist())
+            if len(runs) >= _FEW_RUNS:
+                return None
         else:
             steps = p[1:] - p[:-1]
             ascending = int(steps[0]) >= 0  # the first run's way (runs may go back)
@@ -609,16 +613,33 @@ class VmwBalloonDevice:
             if brk.size >= _FEW_RUNS:
                 return None
             edges = [0, *(brk + 1).tolist(), k]
-        heads = p[edges[:-1]].tolist()
-        runs = [(h, h + b - a) if ascending else (h - (b - a) + 1, h + 1)
-                for h, a, b in zip(heads, edges[:-1], edges[1:], strict=True)]
-        end = 0
-        for lo, hi in sorted(runs):
+            heads = p[edges[:-1]].tolist()
+            runs = [(h, h + b - a) if ascending else (h - (b - a) + 1, h + 1)
+                    for h, a, b in zip(heads, edges[:-1], edges[1:], strict=True)]
+        ordered = sorted(runs)
+        end = ordered[0][0]
+        if end < 0:
+            return None
+        for lo, hi in ordered:
             if lo < end:
                 return None  # overlapping runs: a frame named twice
             end = hi
-        if runs and (min(lo for lo, _ in runs) < 0 or end > self._guest_pages):
-            return None
+        return (runs, ascending) if end <= self._guest_pages else None
+
+    @staticmethod
+    def _runs_of_few(frames: list[int]) -> tuple[list[tuple[int, int]], bool]:
+        """``_runs_of``'s runs of a few frames (not none), in plain Python (numpy calls on a
+        few frames, a sleeping allocation's, cost more than a walk over them)."""
+        head = prev = frames[0]
+        ascending = len(frames) == 1 or frames[1] >= head
+        step = 1 if ascending else -1
+        runs: list[tuple[int, int]] = []
+        for f in frames[1:]:
+            if f != prev + step:
+                runs.append((head, prev + 1) if ascending else (prev, head + 1))
+                head = f
+            prev = f
+        runs.append((head, prev + 1) if ascending else (prev, head + 1))
         return runs, ascending
 
     @staticmethod
