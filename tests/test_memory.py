@@ -711,3 +711,57 @@ def test_reads_and_growth_of_one_run_touch_the_store_as_a_run() -> None:
     assert ram.resident_bytes() == 1000 * 4096
     assert ram.resident_pages_of(m.anon.to_array()) == 300
     assert m.check_invariants() == []
+
+
+# ------------------------------------------------------------------ frames as runs and groups
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**20),
+       st.lists(st.tuples(st.integers(0, 3 * 16384), st.integers(1, 3000)), min_size=1,
+                max_size=40),
+       st.integers(0, 2**16), st.booleans())
+def test_frames_given_back_as_runs_end_as_their_scatter(
+        seed: int, runs: list[tuple[int, int]], order: int, shuffle: bool) -> None:
+    # _give_free hands a few long runs (a workload's whole LRU, a balloon's rounds) to slices:
+    # the same state, block counts and free count as its scatter reference, whatever the runs
+    # (in any order, overlapping, or outside the guest: the same error)
+    one, ref = _aged(seed), _aged(seed)
+    parts = [np.arange(f, f + k, dtype=np.int64) for f, k in runs]
+    if shuffle:
+        parts = [parts[i] for i in np.random.default_rng(order).permutation(len(parts))]
+    pfns = np.concatenate(parts)
+    errors = []
+    for give in (one._give_free, ref._give_free_each):
+        try:
+            give(pfns)
+            errors.append("")
+        except IndexError:
+            errors.append("IndexError")
+    assert errors[0] == errors[1]
+    assert state_diff(state_of(one), state_of(ref)) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**20))
+def test_a_workload_killed_gives_back_its_frames_as_their_scatter(seed: int) -> None:
+    # an OOM kill gives back the whole LRU at once: as runs, the state of the scatter
+    one, ref = _aged(seed), _aged(seed)
+    for m, give in ((one, one._give_free), (ref, ref._give_free_each)):
+        victims = m.anon.pop_front(len(m.anon))
+        if victims.size:
+            give(victims)
+    assert state_diff(state_of(one), state_of(ref)) == []
+    assert one.check_invariants() == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 3)), max_size=12),
+       st.integers(0, 3), st.integers(1, 511), st.lists(st.integers(0, 12), min_size=1,
+                                                        max_size=60))
+def test_free_frames_of_groups_of_blocks_are_those_of_their_rows(
+        script: list[tuple[int, int]], report: int, odd: int, blocks: list[int]) -> None:
+    # _free_frames_in looks at a few groups of consecutive blocks with a slice of the state
+    # each: the frames its pass over their rows (the reference) finds, in the same order (the
+    # partial last block, block 12, included)
+    m = _odd_guest(script, report, odd)
+    b = np.array(blocks, dtype=np.intp)
+    assert m._free_frames_in(b).tolist() == m._free_frames_in_rows(b).tolist()

@@ -810,3 +810,43 @@ def test_a_batch_unlock_ends_as_its_page_by_page_checks(
         ends.append((st_.tolist(), state_of((dev, ram))))
     assert ends[0][0] == ends[1][0]
     assert state_diff(ends[0][1], ends[1][1]) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, PAGES + 3), st.integers(1, 700)), min_size=1,
+                max_size=6),
+       st.booleans(), st.integers(0, 3000),
+       st.lists(st.integers(0, PAGES - 1), max_size=3),
+       st.lists(st.integers(0, PAGES - 1), max_size=3), st.booleans(), st.booleans())
+def test_a_run_of_a_few_runs_ends_as_its_frame_by_frame_reference(
+        runs: list[tuple[int, int]], descending: bool, target: int, pinned: list[int],
+        locked: list[int], unlock: bool, held: bool) -> None:
+    # lock_run/unlock_run check a few runs of consecutive frames (a few blocks' free frames,
+    # a stack's newest first) with a slice of the tables each: the same count, state and
+    # counters as their frame-by-frame reference and as a command per frame (runs that
+    # overlap, touch or reach outside the guest included)
+    parts = [np.arange(f, f + n, dtype=np.int64) for f, n in runs]
+    pfns = np.concatenate([q[::-1] for q in parts[::-1]] if descending else parts)
+    one, _ = started(target=target)
+    run, _ = started(target=target)
+    ref, _ = started(target=target)
+    for dev in (one, run, ref):
+        dev.set_pinned(pinned)
+        for p in locked:
+            send(dev, Request(Command.LOCK, p))
+        if held:  # the runs' frames locked first, so an unlock run has work
+            for p in sorted({int(p) for p in pfns if 0 <= p < PAGES})[: target // 2]:
+                send(dev, Request(Command.LOCK, p))
+    cmd = Command.UNLOCK if unlock else Command.LOCK
+    if unlock:
+        got, want = run.unlock_run(pfns), ref._unlock_run_checked(pfns)
+    else:
+        got = run.lock_run(pfns)
+        want = ref._lock_run_checked(pfns[: max(0, ref.target_pages - ref.actual_pages)])
+    assert got == want
+    assert state_diff(state_of(ref), state_of(run)) == []
+    for p in pfns[:got].tolist():
+        assert send(one, Request(cmd, p)).status is Status.SUCCESS
+    assert state_diff(state_of(one), state_of(run)) == []
+    if got < pfns.size:
+        assert send(one, Request(cmd, int(pfns[got]))).status is not Status.SUCCESS

@@ -500,6 +500,25 @@ class GuestMemory:
     def _free_frames_in(self, blocks: npt.NDArray[np.intp]) -> PfnArray:
         """Every free frame of ``blocks``, block by block in their order, ascending in each
         (the guest's partial last block may be anywhere among them: before reported ones)."""
+        k = int(blocks.size)
+        brk = ((blocks[1:] - blocks[:-1]) != 1).nonzero()[0] if k > 1 else _EMPTY
+        if k > 0 and brk.size < 2 * FEW_RUNS:
+            # a few groups of consecutive blocks (the usual): a slice of the state each, its
+            # free frames found in place (no gather of rows, no arithmetic per frame; a slice
+            # stops at the guest's end by itself)
+            edges = [0, *(brk + 1).tolist(), k]
+            state = self.state
+            parts: list[PfnArray] = []
+            for first, a, b in zip(blocks[edges[:-1]].tolist(), edges[:-1], edges[1:],
+                                   strict=True):
+                lo = first * BLOCK_PAGES
+                parts.append((state[lo : lo + (b - a) * BLOCK_PAGES] == _FREE).nonzero()[0] + lo)
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._free_frames_in_rows(blocks)
+
+    def _free_frames_in_rows(self, blocks: npt.NDArray[np.intp]) -> PfnArray:
+        """``_free_frames_in`` of blocks in many groups, in one pass over their rows (the
+        reference its slices keep)."""
         if int(blocks.max()) < len(self._state_rows):  # whole blocks: rows of the state
             # one flat nonzero over the rows (a 2-D one costs several times more)
             idx = (self._state_rows[blocks] == _FREE).reshape(-1).nonzero()[0]
@@ -520,9 +539,36 @@ class GuestMemory:
         return out
 
     def _give_free(self, pfns: PfnArray) -> None:
+        runs = self._long_runs(pfns)
+        if runs is not None:  # a slice of the state and block counts from its bounds a run
+            self._give_slices(runs)
+            return
+        self._give_free_each(pfns)
+
+    def _give_free_each(self, pfns: PfnArray) -> None:
+        """``_give_free`` with a scatter and a count per frame (the reference of its runs)."""
         self.state[pfns] = _FREE
         self._block_add(pfns)
         self._free += int(pfns.size)
+
+    def _long_runs(self, pfns: PfnArray) -> list[tuple[int, int]] | None:
+        """``pfns`` as ``(first, length)`` runs of consecutive ascending frames when they are
+        a few or long ones (a workload's whole LRU, a balloon's rounds) inside the guest: a
+        slice each then costs less than a scatter and a count per frame; else None."""
+        k = int(pfns.size)
+        if k < 4 * FEW_RUNS:
+            return None
+        brk = ((pfns[1:] - pfns[:-1]) != 1).nonzero()[0]
+        r = int(brk.size) + 1
+        if r > FEW_RUNS and r * BLOCK_PAGES > k:  # short runs: a pass over the frames
+            return None
+        edges = np.empty(r + 1, dtype=np.int64)
+        edges[0], edges[-1] = 0, k
+        edges[1:-1] = brk + 1
+        starts, lens = pfns[edges[:-1]], edges[1:] - edges[:-1]
+        if int(starts.min()) < 0 or int((starts + lens).max()) > self.total_pages:
+            return None  # (the state's negative indices, or an IndexError, as a scatter)
+        return list(zip(starts.tolist(), lens.tolist(), strict=True))
 
     def _give_runs(self, runs: list[tuple[int, int]]) -> int:
         """``_give_free`` of the frames of ``(first, length)`` runs (a deque's oldest): a
@@ -805,7 +851,7 @@ class GuestMemory:
                     self._hint_pos = hf.size
                     continue
                 head = rest[: n - got]
-                if bool((self.state[head] == _FREE).all()):
+                if not np.count_nonzero(self.state[head]):  # FREE is 0 (one C call)
                     # the next cached frames are all still free (the usual): they are the take
                     take = head.copy()
                     k = int(take.size)
@@ -857,24 +903,28 @@ class GuestMemory:
         cum = np.cumsum(counts)
         last = int(np.searchsorted(cum, k))  # the block the k-th take ends in
         blocks = cand[: last + 1]
-        frees = self._free_frames_in(blocks)
-        take = frees[:k]
         m_last = k - (int(cum[last - 1]) if last else 0)
-        self.state[take] = _BALLOON
+        # the cache as the single takes leave it: the free frames of the last block they took
+        # a second frame from, after its first, walked as far as they went (listed before
+        # the take marks them)
+        if m_last >= 2:
+            j, walked = last, m_last
+        else:
+            twice = (counts[:last] >= 2).nonzero()[0]
+            j = int(twice[-1]) if twice.size else -1
+            walked = int(counts[j]) if j >= 0 else 0
+        hint_free = self._free_frames_of(int(blocks[j]), BLOCK_PAGES) if j >= 0 else _EMPTY
+        # every free frame of the blocks before the last, then the first m_last of it: the
+        # partly used blocks looked at, the wholly free ones marked a slice or a row each
+        take = self._take_blocks_free(blocks, m_last, _BALLOON)
         self._bfree[blocks[:-1]] = 0
         self._bfree[blocks[-1]] -= m_last
         self.reported[blocks] = False
         self._free -= k
         self._hint = int(blocks[-1])
-        # the cache as the single takes leave it: the free frames of the last block they took
-        # a second frame from, after its first, walked as far as they went
-        taken = np.append(counts[:last], m_last)
-        twice = (taken >= 2).nonzero()[0]
-        if twice.size:
-            j = int(twice[-1])
-            start = int(cum[j - 1]) if j else 0
-            self._hint_free = frees[start + 1 : start + int(counts[j])]
-            self._hint_pos = int(taken[j]) - 1
+        if j >= 0:
+            self._hint_free = hint_free[1:]
+            self._hint_pos = walked - 1
         return take
 
     def alloc_sleep(self, n: int) -> PfnArray:

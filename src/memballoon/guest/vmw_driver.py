@@ -292,6 +292,11 @@ class PfnStack:
         """Remove and return the ``k`` newest PFNs, newest first."""
         return self._d.pop_back(k)[::-1]
 
+    def pop_runs(self, k: int) -> list[tuple[int, int]]:
+        """Remove the ``k`` newest PFNs; returns them as ``(first, length)`` runs of
+        consecutive frames, oldest first (``pop(k)`` reversed, as runs)."""
+        return self._d.pop_back_runs(k)
+
     def to_array(self) -> PfnArray:
         return self._d.to_array()
 
@@ -759,7 +764,8 @@ class VmwBalloonDriver:
             return 0
         n = port.unlock_run(self.pages.peek(k))
         if n:
-            self.mem.free_balloon(self.pages.pop(n)[::-1])  # oldest first: in order, cheap
+            # as the stack's runs: a slice of the guest's state each, not a list of frames
+            self.mem.free_balloon_runs(self.pages.pop_runs(n))
             self.seed_stats.unlock += n
             self.seed_stats.free += n
             self.size -= n

@@ -106,6 +106,10 @@ _BATCHED_BIT, _BATCHED_2M_BIT = int(Capability.BATCHED_CMDS), int(Capability.BAT
 _I_SUCCESS, _I_PPN_INVALID, _I_PPN_LOCKED, _I_PPN_UNLOCKED, _I_PPN_PINNED = (
     int(_SUCCESS), int(_PPN_INVALID), int(_PPN_LOCKED), int(_PPN_UNLOCKED), int(_PPN_PINNED))
 _I_PPN_NOTNEEDED, _I_BUSY = int(_PPN_NOTNEEDED), int(_BUSY)
+# runs of frames a version-2 run of LOCKs or UNLOCKs checks with slices of the tables, one
+# each (``lock_run``); more go frame by frame
+_FEW_RUNS = 32
+_FEW_FRAMES = 64  # up to this many frames, their runs are found in plain Python
 
 
 class VmwDeviceCounter(CounterName):
@@ -511,19 +515,39 @@ class VmwBalloonDevice:
         if not self.plain or self._host.frames != 1 or pfns.size == 0:
             return 0
         p = pfns[: max(0, self._target - self._n_locked)]  # the rest: PPN_NOTNEEDED
-        span = self._span(p)
-        if span is not None and not (self._locked[span[0]:span[1]].any()
-                                     or self._pinned[span[0]:span[1]].any()):
-            n = int(p.size)  # one run of free frames, none pinned: every LOCK passes
-            self._host.take(np.array([span], dtype=np.int64))
-            self._locked[span[0]:span[1]] = True
-        else:
-            n = self._run_length(p, locked=False)
-            if n:
-                take = p[:n]
-                self._host.take(coalesce(take))
-                self._locked[take] = True
+        if p.size == 0:
+            return 0
+        cut = self._runs_of(p)
+        if cut is None:
+            return self._lock_run_checked(p)
+        runs, ascending = cut
+        locked, pinned = self._locked, self._pinned
+        take: list[tuple[int, int]] = []
+        for lo, hi in runs:  # a few runs of free frames (the usual): slices of the tables
+            # (count_nonzero: a C call, where ``any`` is a Python wrapper around a reduction)
+            if np.count_nonzero(locked[lo:hi]) or np.count_nonzero(pinned[lo:hi]):
+                lo, hi = self._before_first(locked[lo:hi] | pinned[lo:hi], lo, hi, ascending)
+                if hi > lo:
+                    take.append((lo, hi))
+                break
+            take.append((lo, hi))
+        n = sum(hi - lo for lo, hi in take)
         if n:
+            self._host.take(self._ranges(take))
+            for lo, hi in take:
+                locked[lo:hi] = True
+            self._n_locked += n
+            self.counters.inc(VmwDeviceCounter.CMD_LOCK, n)
+        return n
+
+    def _lock_run_checked(self, p: PfnArray) -> int:
+        """``lock_run`` of ``p`` (at most the room under the target) frame by frame: the
+        reference its slices of runs keep."""
+        n = self._run_length(p, locked=False)
+        if n:
+            take = p[:n]
+            self._host.take(coalesce(take))
+            self._locked[take] = True
             self._n_locked += n
             self.counters.inc(VmwDeviceCounter.CMD_LOCK, n)
         return n
@@ -533,23 +557,112 @@ class VmwBalloonDevice:
         before the first that would not be SUCCESS."""
         if not self.plain or self._host.frames != 1 or pfns.size == 0:
             return 0
-        span = self._span(pfns)
-        if span is not None and bool(self._locked[span[0]:span[1]].all()) and not bool(
-                self._huge[span[0] >> VMW_BALLOON_2M_ORDER:
-                           ((span[1] - 1) >> VMW_BALLOON_2M_ORDER) + 1].any()):
-            n = int(pfns.size)  # one run of frames locked as 4 KiB pages: every UNLOCK passes
-            self._host.give(np.array([span], dtype=np.int64))
-            self._locked[span[0]:span[1]] = False
-        else:
-            n = self._run_length(pfns, locked=True)
-            if n:
-                give = pfns[:n]
-                self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
-                self._locked[give] = False
+        cut = self._runs_of(pfns)
+        if cut is None:
+            return self._unlock_run_checked(pfns)
+        runs, ascending = cut
+        huge = self._huge
+        if any(np.count_nonzero(huge[lo >> VMW_BALLOON_2M_ORDER :
+                                     ((hi - 1) >> VMW_BALLOON_2M_ORDER) + 1]) for lo, hi in runs):
+            return self._unlock_run_checked(pfns)  # a 2 MiB page among them: never in v2
+        locked = self._locked
+        give: list[tuple[int, int]] = []
+        for lo, hi in runs:  # a few runs of a stack's newest first (the usual): slices
+            seg = locked[lo:hi]
+            if np.count_nonzero(seg) != hi - lo:
+                lo, hi = self._before_first(~seg, lo, hi, ascending)
+                if hi > lo:
+                    give.append((lo, hi))
+                break
+            give.append((lo, hi))
+        n = sum(hi - lo for lo, hi in give)
         if n:
+            self._host.give(self._ranges(give))  # 4 KiB host pages: every frame leaves
+            for lo, hi in give:
+                locked[lo:hi] = False
             self._n_locked -= n
             self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
         return n
+
+    def _unlock_run_checked(self, pfns: PfnArray) -> int:
+        """``unlock_run`` frame by frame: the reference its slices of runs keep."""
+        n = self._run_length(pfns, locked=True)
+        if n:
+            give = pfns[:n]
+            self._host.give(coalesce(give[::-1]))  # newest first: ascending when reversed
+            self._locked[give] = False
+            self._n_locked -= n
+            self.counters.inc(VmwDeviceCounter.CMD_UNLOCK, n)
+        return n
+
+    def _runs_of(self, p: PfnArray) -> tuple[list[tuple[int, int]], bool] | None:
+        """``p`` (not empty) as its runs of consecutive frames in its order, each ``[first,
+        end)``, and whether they are named ascending (else descending: a stack's newest
+        first); None when the runs are many, overlap (a frame named twice) or reach outside
+        the guest: then the run's checks go frame by frame. The seed driver's runs are a
+        few blocks' free frames, so a slice of the tables a run beats a gather per frame."""
+        k = int(p.size)
+        if k <= _FEW_FRAMES:
+            runs, ascending = self._runs_of_few(p.tolist())
+            if len(runs) >= _FEW_RUNS:
+                return None
+        else:
+            steps = p[1:] - p[:-1]
+            ascending = int(steps[0]) >= 0  # the first run's way (runs may go back)
+            brk = (steps != (1 if ascending else -1)).nonzero()[0]
+            if brk.size >= _FEW_RUNS:
+                return None
+            edges = [0, *(brk + 1).tolist(), k]
+            heads = p[edges[:-1]].tolist()
+            runs = [(h, h + b - a) if ascending else (h - (b - a) + 1, h + 1)
+                    for h, a, b in zip(heads, edges[:-1], edges[1:], strict=True)]
+        ordered = sorted(runs)
+        end = ordered[0][0]
+        if end < 0:
+            return None
+        for lo, hi in ordered:
+            if lo < end:
+                return None  # overlapping runs: a frame named twice
+            end = hi
+        return (runs, ascending) if end <= self._guest_pages else None
+
+    @staticmethod
+    def _runs_of_few(frames: list[int]) -> tuple[list[tuple[int, int]], bool]:
+        """``_runs_of``'s runs of a few frames (not none), in plain Python (numpy calls on a
+        few frames, a sleeping allocation's, cost more than a walk over them)."""
+        head = prev = frames[0]
+        ascending = len(frames) == 1 or frames[1] >= head
+        step = 1 if ascending else -1
+        runs: list[tuple[int, int]] = []
+        for f in frames[1:]:
+            if f != prev + step:
+                runs.append((head, prev + 1) if ascending else (prev, head + 1))
+                head = f
+            prev = f
+        runs.append((head, prev + 1) if ascending else (prev, head + 1))
+        return runs, ascending
+
+    @staticmethod
+    def _before_first(bad: npt.NDArray[np.bool_], lo: int, hi: int, ascending: bool
+                      ) -> tuple[int, int]:
+        """The frames of the run ``[lo, hi)`` named before the first of it that is ``bad``
+        (flags of its frames, ascending, one at least set): the run's head up to it when
+        the run is named ascending, else its top down to it."""
+        if ascending:
+            return lo, lo + int(bad.argmax())
+        return hi - int(bad[::-1].argmax()), hi
+
+    @staticmethod
+    def _ranges(runs: list[tuple[int, int]]) -> RangeArray:
+        """Disjoint ``[first, end)`` runs as the sorted, merged ranges ``coalesce`` makes of
+        their frames (a few runs: plain Python)."""
+        out: list[list[int]] = []
+        for lo, hi in sorted(runs):
+            if out and out[-1][1] == lo:
+                out[-1][1] = hi
+            else:
+                out.append([lo, hi])
+        return np.array(out, dtype=np.int64)
 
     def _span(self, p: PfnArray, limit: int | None = None) -> tuple[int, int] | None:
         """``[first, end)`` when ``p`` is one run of consecutive frames inside the guest (or
