@@ -12,6 +12,7 @@ from memballoon.guest.memory import (
     GuestMemory,
     linux_watermarks,
 )
+from memballoon.guest.pfndeque import PfnDeque
 from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
@@ -710,4 +711,62 @@ def test_reads_and_growth_of_one_run_touch_the_store_as_a_run() -> None:
     assert m.anon.runs()[1].tolist() == [300] and m.cache.runs()[1].tolist() == [700]
     assert ram.resident_bytes() == 1000 * 4096
     assert ram.resident_pages_of(m.anon.to_array()) == 300
+    assert m.check_invariants() == []
+
+
+# ------------------------------------------------------------------ a squeezed page cache
+def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, Demand]:
+    """An aged guest over a ``NullRam`` whose workload wants more file data than fits: after
+    a first step its page cache recycles its own coldest pages every step (a busy fleet
+    guest under a balloon)."""
+    m = _aged(seed)
+    m.store = NullRam(m.total_pages)
+    room = m.total_pages - m.reserved_pages
+    anon = room // 3
+    file = int(room * file_frac)
+    d = Demand(anon, anon // 2, file, file // 4, cold)
+    m.step(100.0, 1.0, d)
+    return m, d
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.floats(0.5, 1.2), st.sampled_from([0.001, 0.01, 0.05, 0.3]),
+       st.integers(1, 12))
+def test_reads_of_a_squeezed_cache_as_runs_end_where_frame_lists_end(
+        seed: int, file_frac: float, cold: float, steps: int) -> None:
+    # _read_file's takes as runs (none evicted, or the cache's recycle of its coldest pages:
+    # ``_read_runs``) end in exactly the state of the general path, which takes frame lists
+    # from the search and pushes and touches them (the reference: no take as runs at all)
+    fast, d = _squeezed(seed, file_frac, cold)
+    ref, _ = _squeezed(seed, file_frac, cold)
+    for i in range(steps):
+        now = 101.0 + i
+        got = fast.step(now, 1.0, d)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(GuestMemory, "_take_runs", lambda self, n, v: [])
+            want = ref.step(now, 1.0, d)
+        assert got == want
+        assert state_diff(state_of(fast), state_of(ref)) == []
+    assert fast.check_invariants() == []
+
+
+def test_a_squeezed_cache_recycles_its_coldest_pages_as_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the steady state of a busy guest under a balloon: each step evicts the cache's
+    # coldest pages and reads as many back, and takes, pushes and touches runs, no frame list
+    m = GuestMemory(64 * BLOCK_PAGES, store=NullRam(64 * BLOCK_PAGES))
+    d = Demand(20 * BLOCK_PAGES, 10 * BLOCK_PAGES, 60 * BLOCK_PAGES, 40 * BLOCK_PAGES, 0.05)
+    m.step(1.0, 1.0, d)
+    assert m.free_pages < m.watermarks.low + 100  # squeezed
+    def no_list(*args: object) -> None:
+        raise AssertionError("a frame list")
+
+    monkeypatch.setattr(PfnDeque, "push_back", no_list)
+    monkeypatch.setattr(GuestMemory, "_touch", no_list)
+    evicted = m.events.direct_reclaim
+    for t in range(2, 6):
+        r = m.step(float(t), 1.0, d)
+        assert r.major_faults > 1
+    assert m.events.direct_reclaim > evicted
+    monkeypatch.undo()
     assert m.check_invariants() == []

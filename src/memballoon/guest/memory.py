@@ -1104,14 +1104,7 @@ class GuestMemory:
         if n <= self._free - self.watermarks.low:  # no eviction: maybe a few runs, no arrays
             runs = self._take_runs(n, _CACHE)
             if runs:
-                self.events.major_faults += n
-                tally.major += n
-                refaults = min(n, self._file_evicted)
-                self._file_evicted -= refaults
-                tally.stall_s += refaults * MAJOR_FAULT_S
-                for first, k in runs:
-                    self.cache.push_run(first, k)
-                    self._touch_run(first, k)
+                self._read_runs(n, runs, tally)
                 return
         pfns = self._take_free(n, self.watermarks.low, PageState.CACHE)
         short = n - int(pfns.size)
@@ -1122,6 +1115,13 @@ class GuestMemory:
                 self._file_evicted += gone
                 self.events.direct_reclaim += gone
                 tally.stall_s += gone * DIRECT_RECLAIM_S_PER_PAGE
+                if not pfns.size:
+                    # the steady state of a squeezed cache (nothing free above the low
+                    # watermark): what ``_take_free`` takes first, when a few runs, as runs
+                    runs = self._take_runs(gone, _CACHE)
+                    if runs:
+                        self._read_runs(n, runs, tally)
+                        return
                 more = self._take_free(gone, 0, PageState.CACHE)
                 pfns = np.concatenate((pfns, more)) if pfns.size else more
         k = int(pfns.size)
@@ -1136,6 +1136,20 @@ class GuestMemory:
             self.cache.push_back(pfns)
             self._touch(pfns)
 
+    def _read_runs(self, n: int, runs: list[tuple[int, int]], tally: _Tally) -> None:
+        """The end of ``_read_file(n)`` when the frames it took are ``runs`` (taken, in the
+        take's order): the faults counted, the runs pushed to the cache and touched as
+        ``push_back`` and ``_touch`` of their frames would."""
+        self.events.major_faults += n
+        tally.major += n
+        refaults = min(n, self._file_evicted)
+        self._file_evicted -= refaults
+        tally.stall_s += refaults * MAJOR_FAULT_S
+        cache = self.cache
+        for first, k in runs:
+            cache.push_run(first, k)
+            self._touch_run(first, k)
+
     def _quiet(self, d: Demand) -> bool:
         """Nothing to do for ``d``: no growth or shrink, no refault, no read, kswapd asleep."""
         last = self._last_demand
@@ -1143,12 +1157,12 @@ class GuestMemory:
         # comparison builds two tuples)
         if (d is not last and d != last) or self._free < self.watermarks.low:
             return False
-        resident = len(self.anon)
+        resident = self.anon.size
         if resident + self.swapped != d.anon_pages:
             return False
         if self.swapped and (resident < d.hot_anon_pages or d.cold_access_per_s > 0):
             return False
-        cache = len(self.cache)
+        cache = self.cache.size
         return cache >= d.file_pages or (cache >= d.hot_file_pages and d.cold_access_per_s == 0)
 
     def step(self, now: float, dt: float, demand: Demand) -> StepReport:
@@ -1157,7 +1171,7 @@ class GuestMemory:
             raise UsageError(f"step: dt must be positive, got {dt}")
         if self._quiet(demand):
             return StepReport(now, dt, 0.0, 0, 0, 0, False, 0, True)
-        anon_have = len(self.anon) + self.swapped
+        anon_have = self.anon.size + self.swapped
         wm = self.watermarks
         self._last_demand = demand
         self.generation += 1
@@ -1173,7 +1187,7 @@ class GuestMemory:
             self.swapped -= min(self.swapped, drop - gone)
         # 2. touched swapped-out pages refault: the hot part at once, the cold part at a rate
         if not oom and self.swapped:
-            resident = len(self.anon)
+            resident = self.anon.size
             hot_missing = max(0, min(demand.hot_anon_pages, demand.anon_pages) - resident)
             cold_swapped = max(0, self.swapped - hot_missing)
             self._carry_anon += cold_swapped * demand.cold_access_per_s * dt
@@ -1183,7 +1197,7 @@ class GuestMemory:
         if oom:
             self._oom_kill()
         # 3. file reads: hot file data not in the cache is read now, cold data at a rate
-        cache = len(self.cache)
+        cache = self.cache.size
         self._file_evicted = min(self._file_evicted, max(0, demand.file_pages - cache))
         if demand.file_pages > cache:
             hot_missing = max(0, demand.hot_file_pages - cache)
