@@ -57,6 +57,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -149,9 +150,9 @@ class VmEvents:
     stall_us: int = 0  # PSI-like "some" stall, microseconds, cumulative
 
 
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    """What one ``step`` did: enough for a pressure report and for the tests."""
+class StepReport(NamedTuple):
+    """What one ``step`` did: enough for a pressure report and for the tests (a named tuple:
+    a busy guest builds one a period, at a fraction of a frozen dataclass's cost)."""
 
     now: float
     dt: float
@@ -361,9 +362,11 @@ class GuestMemory:
             lo = b * BLOCK_PAGES
             first = lo if have == BLOCK_PAGES else lo + int(state[lo : lo + BLOCK_PAGES].argmin())
             # (argmin: the first free frame, FREE being 0; count_nonzero, not ``any``: a C
-            # call, where ``any`` is a Python wrapper around a reduction)
-            if have != BLOCK_PAGES and (first + n > lo + BLOCK_PAGES
-                                        or np.count_nonzero(state[first : first + n])):
+            # call, where ``any`` is a Python wrapper around a reduction.) A block filled from
+            # its bottom (wholly free, too) has its free frames from the first to its top:
+            # their count tells, without that look
+            if first + have != lo + BLOCK_PAGES and (
+                    first + n > lo + BLOCK_PAGES or np.count_nonzero(state[first : first + n])):
                 return []
             state[first : first + n] = v
             bfree[b] = have - n
@@ -409,7 +412,9 @@ class GuestMemory:
             if c != BLOCK_PAGES:
                 yend = min(ylo + BLOCK_PAGES, tp)
                 f += int(state[ylo:yend].argmin())
-                if f + t > yend or np.count_nonzero(state[f : f + t]):
+                # (free from the first free frame to its top: the count tells, no look)
+                if f + c != ylo + BLOCK_PAGES and (
+                        f + t > yend or np.count_nonzero(state[f : f + t])):
                     return -1
             pieces.append((y, f, t))
             got += t
@@ -969,11 +974,6 @@ class GuestMemory:
         self._oom_notifiers.append(fn)
 
     # ------------------------------------------------------------------ free page reporting
-    def steady(self, demand: Demand) -> bool:
-        """A ``step`` with ``demand`` would change nothing (its fast path): the simulator lets
-        a guest sleep while this holds."""
-        return self._quiet(demand)
-
     def has_reportable(self, keep_free: int) -> bool:
         """Whether ``isolate_reportable(n, keep_free)`` would isolate a block (for any n > 0)."""
         if (self._free - keep_free) // BLOCK_PAGES <= 0:
@@ -1115,7 +1115,7 @@ class GuestMemory:
                 self._file_evicted += gone
                 self.events.direct_reclaim += gone
                 tally.stall_s += gone * DIRECT_RECLAIM_S_PER_PAGE
-                if not pfns.size:
+                if not pfns.size and gone > 1:
                     # the steady state of a squeezed cache (nothing free above the low
                     # watermark): what ``_take_free`` takes first, when a few runs, as runs
                     runs = self._take_runs(gone, _CACHE)
@@ -1125,6 +1125,9 @@ class GuestMemory:
                 more = self._take_free(gone, 0, PageState.CACHE)
                 pfns = np.concatenate((pfns, more)) if pfns.size else more
         k = int(pfns.size)
+        if k == 1:  # a read of one page (a slow cold rate): a run of one, no frame list
+            self._read_runs(n, [(int(pfns[0]), 1)], tally)
+            return
         self.events.major_faults += n
         tally.major += n
         # PSI counts a refault of a page the guest evicted (thrashing) as a memory stall; a
@@ -1164,6 +1167,11 @@ class GuestMemory:
             return False
         cache = self.cache.size
         return cache >= d.file_pages or (cache >= d.hot_file_pages and d.cold_access_per_s == 0)
+
+    #: ``steady(demand)``: a ``step`` with ``demand`` would change nothing (its fast path):
+    #: the simulator lets a guest sleep while this holds (``_quiet`` itself: asked every
+    #: period of a busy guest, one call less)
+    steady = _quiet
 
     def step(self, now: float, dt: float, demand: Demand) -> StepReport:
         """Run the workload's demand for ``dt`` seconds ending at ``now``."""
