@@ -10,6 +10,7 @@ from memballoon.guest.memory import (
     BLOCK_PAGES,
     MAJOR_FAULT_S,
     GuestMemory,
+    _Tally,
     linux_watermarks,
 )
 from memballoon.guest.pfndeque import PfnDeque
@@ -17,7 +18,7 @@ from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
-from memballoon.model.pages import PfnArray, block_frames, coalesce
+from memballoon.model.pages import PfnArray, block_frames, coalesce, run_list_frames
 from memballoon.model.units import PageState, mib_to_pages
 
 G64 = mib_to_pages(64)
@@ -729,14 +730,29 @@ def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, De
     return m, d
 
 
+def _read_frames(m: GuestMemory, n: int, runs: list[tuple[int, int]], tally: _Tally) -> None:
+    """``_read_runs`` as the general path of ``_read_file`` ends: a frame list pushed and
+    touched (the reference of a read of one page)."""
+    m.events.major_faults += n
+    tally.major += n
+    refaults = min(n, m._file_evicted)
+    m._file_evicted -= refaults
+    tally.stall_s += refaults * MAJOR_FAULT_S
+    pfns = run_list_frames(runs)
+    m.cache.push_back(pfns)
+    m._touch(pfns)
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**20), st.floats(0.5, 1.2), st.sampled_from([0.001, 0.01, 0.05, 0.3]),
+@given(st.integers(0, 2**20), st.floats(0.5, 1.2),
+       st.sampled_from([0.0001, 0.0003, 0.001, 0.01, 0.05, 0.3]),
        st.integers(1, 12))
 def test_reads_of_a_squeezed_cache_as_runs_end_where_frame_lists_end(
         seed: int, file_frac: float, cold: float, steps: int) -> None:
-    # _read_file's takes as runs (none evicted, or the cache's recycle of its coldest pages:
-    # ``_read_runs``) end in exactly the state of the general path, which takes frame lists
-    # from the search and pushes and touches them (the reference: no take as runs at all)
+    # _read_file's takes as runs (none evicted, or the cache's recycle of its coldest pages;
+    # a read of one page a run of one: ``_read_runs``) end in exactly the state of the
+    # general path, which takes frame lists from the search and pushes and touches them (the
+    # reference: no take as runs, no run of one)
     fast, d = _squeezed(seed, file_frac, cold)
     ref, _ = _squeezed(seed, file_frac, cold)
     for i in range(steps):
@@ -744,6 +760,7 @@ def test_reads_of_a_squeezed_cache_as_runs_end_where_frame_lists_end(
         got = fast.step(now, 1.0, d)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(GuestMemory, "_take_runs", lambda self, n, v: [])
+            mp.setattr(GuestMemory, "_read_runs", _read_frames)
             want = ref.step(now, 1.0, d)
         assert got == want
         assert state_diff(state_of(fast), state_of(ref)) == []
