@@ -1148,10 +1148,14 @@ class GuestMemory:
         refaults = min(n, self._file_evicted)
         self._file_evicted -= refaults
         tally.stall_s += refaults * MAJOR_FAULT_S
-        cache = self.cache
+        cache, store = self.cache, self.store
+        touch_run = getattr(store, "touch_run", None)  # (``_touch_run``, looked up once)
         for first, k in runs:
             cache.push_run(first, k)
-            self._touch_run(first, k)
+            if touch_run is not None:
+                touch_run(first, k, self.generation)
+            else:
+                self._touch_run(first, k)
 
     def _quiet(self, d: Demand) -> bool:
         """Nothing to do for ``d``: no growth or shrink, no refault, no read, kswapd asleep."""
@@ -1218,7 +1222,7 @@ class GuestMemory:
         if self._free < wm.low:
             self._reclaim(wm.high - self._free, direct=False, tally=tally)
         stall = min(tally.stall_s, dt)
-        self._account_stall(stall)
+        self.events.stall_us += int(stall * 1e6)  # (``_account_stall``, written out)
         return StepReport(
             now, dt, stall, tally.major, tally.swap_in, tally.swap_out, oom, tally.oom_deflated,
             False,
