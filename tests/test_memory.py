@@ -10,13 +10,15 @@ from memballoon.guest.memory import (
     BLOCK_PAGES,
     MAJOR_FAULT_S,
     GuestMemory,
+    _Tally,
     linux_watermarks,
 )
+from memballoon.guest.pfndeque import PfnDeque
 from memballoon.guest.workload import Demand
 from memballoon.harness.state import state_diff, state_of
 from memballoon.host.ram import NullRam
 from memballoon.model.errors import UsageError
-from memballoon.model.pages import PfnArray, block_frames, coalesce
+from memballoon.model.pages import PfnArray, block_frames, coalesce, run_list_frames
 from memballoon.model.units import PageState, mib_to_pages
 
 G64 = mib_to_pages(64)
@@ -765,3 +767,77 @@ def test_free_frames_of_groups_of_blocks_are_those_of_their_rows(
     m = _odd_guest(script, report, odd)
     b = np.array(blocks, dtype=np.intp)
     assert m._free_frames_in(b).tolist() == m._free_frames_in_rows(b).tolist()
+
+
+# ------------------------------------------------------------------ a squeezed page cache
+def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, Demand]:
+    """An aged guest over a ``NullRam`` whose workload wants more file data than fits: after
+    a first step its page cache recycles its own coldest pages every step (a busy fleet
+    guest under a balloon)."""
+    m = _aged(seed)
+    m.store = NullRam(m.total_pages)
+    room = m.total_pages - m.reserved_pages
+    anon = room // 3
+    file = int(room * file_frac)
+    d = Demand(anon, anon // 2, file, file // 4, cold)
+    m.step(100.0, 1.0, d)
+    return m, d
+
+
+def _read_frames(m: GuestMemory, n: int, runs: list[tuple[int, int]], tally: _Tally) -> None:
+    """``_read_runs`` as the general path of ``_read_file`` ends: a frame list pushed and
+    touched (the reference of a read of one page)."""
+    m.events.major_faults += n
+    tally.major += n
+    refaults = min(n, m._file_evicted)
+    m._file_evicted -= refaults
+    tally.stall_s += refaults * MAJOR_FAULT_S
+    pfns = run_list_frames(runs)
+    m.cache.push_back(pfns)
+    m._touch(pfns)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**20), st.floats(0.5, 1.2),
+       st.sampled_from([0.0001, 0.0003, 0.001, 0.01, 0.05, 0.3]),
+       st.integers(1, 12))
+def test_reads_of_a_squeezed_cache_as_runs_end_where_frame_lists_end(
+        seed: int, file_frac: float, cold: float, steps: int) -> None:
+    # _read_file's takes as runs (none evicted, or the cache's recycle of its coldest pages;
+    # a read of one page a run of one: ``_read_runs``) end in exactly the state of the
+    # general path, which takes frame lists from the search and pushes and touches them (the
+    # reference: no take as runs, no run of one)
+    fast, d = _squeezed(seed, file_frac, cold)
+    ref, _ = _squeezed(seed, file_frac, cold)
+    for i in range(steps):
+        now = 101.0 + i
+        got = fast.step(now, 1.0, d)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(GuestMemory, "_take_runs", lambda self, n, v: [])
+            mp.setattr(GuestMemory, "_read_runs", _read_frames)
+            want = ref.step(now, 1.0, d)
+        assert got == want
+        assert state_diff(state_of(fast), state_of(ref)) == []
+    assert fast.check_invariants() == []
+
+
+def test_a_squeezed_cache_recycles_its_coldest_pages_as_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the steady state of a busy guest under a balloon: each step evicts the cache's
+    # coldest pages and reads as many back, and takes, pushes and touches runs, no frame list
+    m = GuestMemory(64 * BLOCK_PAGES, store=NullRam(64 * BLOCK_PAGES))
+    d = Demand(20 * BLOCK_PAGES, 10 * BLOCK_PAGES, 60 * BLOCK_PAGES, 40 * BLOCK_PAGES, 0.05)
+    m.step(1.0, 1.0, d)
+    assert m.free_pages < m.watermarks.low + 100  # squeezed
+    def no_list(*args: object) -> None:
+        raise AssertionError("a frame list")
+
+    monkeypatch.setattr(PfnDeque, "push_back", no_list)
+    monkeypatch.setattr(GuestMemory, "_touch", no_list)
+    evicted = m.events.direct_reclaim
+    for t in range(2, 6):
+        r = m.step(float(t), 1.0, d)
+        assert r.major_faults > 1
+    assert m.events.direct_reclaim > evicted
+    monkeypatch.undo()
+    assert m.check_invariants() == []

@@ -187,6 +187,25 @@ def test_a_tick_that_skips_the_drivers_idle_work_ends_where_working_ends(
     assert check_pair(fast) == []
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(PROTOCOLS), workloads,
+       st.lists(st.tuples(st.integers(1, 8), st.integers(0, mib_to_pages(G) - 1)), max_size=5))
+def test_a_tick_handed_its_demand_ends_where_a_tick_that_asks_ends(
+        protocol: str, workload: Steady, steps: list[tuple[int, int]]) -> None:
+    # the simulator hands a tick the demand it asked for ``quiet`` (the same time): the same
+    # answer, and exactly the state of ticks that ask the workload themselves
+    handed, asking = make_pair(protocol, SMALL, workload), make_pair(protocol, SMALL, workload)
+    for periods, target in [*steps, (10, 0)]:
+        handed.set_target(target)
+        asking.set_target(target)
+        for _ in range(periods):
+            d = handed.workload.demand(handed.now + handed.period_s)
+            assert handed.quiet(d) == asking.quiet()
+            handed.tick(check=False, demand=d)
+            asking.tick(check=False)
+        assert state_diff(state_of(asking), state_of(handed)) == []
+
+
 def test_a_busy_guest_at_its_target_skips_the_drivers_round_trip(
         monkeypatch: pytest.MonkeyPatch) -> None:
     pair = vmw_pair(SMALL, Steady(anon_mib=20, file_mib=30, cold_access_per_s=0.2))

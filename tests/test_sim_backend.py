@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import memballoon.sim.backend as sim_backend
 from memballoon.edge.journal import Journal
 from memballoon.guest.report import guest_report
-from memballoon.guest.workload import Bursts, Diurnal, Idle, Steady, Toucher
-from memballoon.harness.pair import make_pair
+from memballoon.guest.workload import Bursts, Demand, Diurnal, Idle, Steady, Toucher
+from memballoon.harness.pair import Pair, make_pair
 from memballoon.harness.state import state_diff, state_of
 from memballoon.manager.core import ManagerCore
 from memballoon.manager.engine import Engine
@@ -155,6 +155,41 @@ def test_a_sleeping_guest_repeats_the_report_its_state_makes(
         sim_backend.report_unchanged = original
     assert len(seen) == 4 * 50 + 3 * 25  # every live guest, every 2 s
     assert 0 < repeated < len(seen)
+
+
+@settings(max_examples=6, deadline=None)
+@given(protocol=st.sampled_from(["vmw", "vmw-batched", "virtio"]), seed=st.integers(0, 10_000))
+def test_a_tick_handed_the_demand_its_quiet_check_asked_ends_where_asking_again_ends(
+        protocol: str, seed: int) -> None:
+    # ``_next_tick`` asks the workload's demand at the next tick and that tick is handed it
+    # (a busy guest asks once a period, not twice): exactly the state of ticks that ask again
+    ends, handed = [], 0
+    real = Pair.tick
+
+    def asking(self: Pair, *, check: bool = True, demand: Demand | None = None) -> None:
+        real(self, check=check)
+
+    def counting(self: Pair, *, check: bool = True, demand: Demand | None = None) -> None:
+        nonlocal handed
+        handed += demand is not None
+        real(self, check=check, demand=demand)
+
+    for tick in (counting, asking):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Pair, "tick", tick)
+            b, e = _world(True, protocol, seed)
+            busy = make_pair(protocol, mib_to_pages(64),
+                             Steady(anon_mib=20, file_mib=40, cold_access_per_s=0.2))
+            b = SimBackend({**b.pairs, "busy": busy}, b.clock, report_every_s=2.0)
+            e = Engine(b, ManagerCore(DefaultPolicy(), {}, mib_to_pages(200)), Journal(None),
+                       b.clock)
+            for _ in range(90):
+                b.advance(1.0)
+                e.step()
+            b.sync()
+            ends.append({n: state_of(p) for n, p in b.pairs.items()})
+    assert state_diff(ends[0], ends[1]) == []
+    assert handed > 90  # the busy guest's ticks at least
 
 
 def test_a_host_short_of_memory_kills_the_largest_guest() -> None:

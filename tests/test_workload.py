@@ -145,3 +145,23 @@ def test_steady_workloads_hand_back_one_demand_built_from_their_sizes() -> None:
     assert w.demand(3600.0) is d  # the same object: the guest model's quiet check is `is`
     assert Idle(anon_mib=8, file_mib=4).demand(1.0) == Demand(2048, 204, 1024, 102, 0.0)
     assert Steady(anon_mib=100) == Steady(anon_mib=100)  # the built demand is no field
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0, 20_000), st.integers(0, 10_000))
+def test_demands_sized_in_mib_are_built_from_their_pages(now: float, seed: int) -> None:
+    # Diurnal, Bursts and Toucher ask one cached call of their sizes in MiB: the demand the
+    # sizes in pages build (the reference: mib_to_pages of each, then the demand)
+    def built(anon_mib: float, file_mib: float, hot: float, cold: float) -> Demand:
+        anon, file = mib_to_pages(anon_mib), mib_to_pages(file_mib)
+        return Demand(anon, int(anon * hot), file, int(file * hot), cold)
+
+    d = Diurnal(low_mib=50, high_mib=333.3, file_mib=77.7, period_s=900, seed=seed)
+    assert d.demand(now) == built(d._level(now) * d.step_mib, 77.7, 0.3, 0.001)
+    b = Bursts(base_mib=100.5, spike_mib=300, file_mib=40, every_s=60, seed=seed)
+    _, spike = b._at(now)
+    extra = 0.0 if spike is None else spike[2] * min(1.0, (now - spike[0] + 1.0) / b.ramp_s)
+    assert b.demand(now) == built(100.5 + extra, 40, 0.8, 0.05)
+    t = Toucher(low_mib=51.2, high_mib=204.8, period_s=90)
+    anon = 204.8 if int(now // 90) % 2 else 51.2
+    assert t.demand(now) == built(anon, 8, 1.0, 0.0)

@@ -57,6 +57,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -149,9 +150,9 @@ class VmEvents:
     stall_us: int = 0  # PSI-like "some" stall, microseconds, cumulative
 
 
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    """What one ``step`` did: enough for a pressure report and for the tests."""
+class StepReport(NamedTuple):
+    """What one ``step`` did: enough for a pressure report and for the tests (a named tuple:
+    a busy guest builds one a period, at a fraction of a frozen dataclass's cost)."""
 
     now: float
     dt: float
@@ -361,9 +362,11 @@ class GuestMemory:
             lo = b * BLOCK_PAGES
             first = lo if have == BLOCK_PAGES else lo + int(state[lo : lo + BLOCK_PAGES].argmin())
             # (argmin: the first free frame, FREE being 0; count_nonzero, not ``any``: a C
-            # call, where ``any`` is a Python wrapper around a reduction)
-            if have != BLOCK_PAGES and (first + n > lo + BLOCK_PAGES
-                                        or np.count_nonzero(state[first : first + n])):
+            # call, where ``any`` is a Python wrapper around a reduction.) A block filled from
+            # its bottom (wholly free, too) has its free frames from the first to its top:
+            # their count tells, without that look
+            if first + have != lo + BLOCK_PAGES and (
+                    first + n > lo + BLOCK_PAGES or np.count_nonzero(state[first : first + n])):
                 return []
             state[first : first + n] = v
             bfree[b] = have - n
@@ -409,7 +412,9 @@ class GuestMemory:
             if c != BLOCK_PAGES:
                 yend = min(ylo + BLOCK_PAGES, tp)
                 f += int(state[ylo:yend].argmin())
-                if f + t > yend or np.count_nonzero(state[f : f + t]):
+                # (free from the first free frame to its top: the count tells, no look)
+                if f + c != ylo + BLOCK_PAGES and (
+                        f + t > yend or np.count_nonzero(state[f : f + t])):
                     return -1
             pieces.append((y, f, t))
             got += t
@@ -1019,11 +1024,6 @@ class GuestMemory:
         self._oom_notifiers.append(fn)
 
     # ------------------------------------------------------------------ free page reporting
-    def steady(self, demand: Demand) -> bool:
-        """A ``step`` with ``demand`` would change nothing (its fast path): the simulator lets
-        a guest sleep while this holds."""
-        return self._quiet(demand)
-
     def has_reportable(self, keep_free: int) -> bool:
         """Whether ``isolate_reportable(n, keep_free)`` would isolate a block (for any n > 0)."""
         if (self._free - keep_free) // BLOCK_PAGES <= 0:
@@ -1154,14 +1154,7 @@ class GuestMemory:
         if n <= self._free - self.watermarks.low:  # no eviction: maybe a few runs, no arrays
             runs = self._take_runs(n, _CACHE)
             if runs:
-                self.events.major_faults += n
-                tally.major += n
-                refaults = min(n, self._file_evicted)
-                self._file_evicted -= refaults
-                tally.stall_s += refaults * MAJOR_FAULT_S
-                for first, k in runs:
-                    self.cache.push_run(first, k)
-                    self._touch_run(first, k)
+                self._read_runs(n, runs, tally)
                 return
         pfns = self._take_free(n, self.watermarks.low, PageState.CACHE)
         short = n - int(pfns.size)
@@ -1172,9 +1165,19 @@ class GuestMemory:
                 self._file_evicted += gone
                 self.events.direct_reclaim += gone
                 tally.stall_s += gone * DIRECT_RECLAIM_S_PER_PAGE
+                if not pfns.size and gone > 1:
+                    # the steady state of a squeezed cache (nothing free above the low
+                    # watermark): what ``_take_free`` takes first, when a few runs, as runs
+                    runs = self._take_runs(gone, _CACHE)
+                    if runs:
+                        self._read_runs(n, runs, tally)
+                        return
                 more = self._take_free(gone, 0, PageState.CACHE)
                 pfns = np.concatenate((pfns, more)) if pfns.size else more
         k = int(pfns.size)
+        if k == 1:  # a read of one page (a slow cold rate): a run of one, no frame list
+            self._read_runs(n, [(int(pfns[0]), 1)], tally)
+            return
         self.events.major_faults += n
         tally.major += n
         # PSI counts a refault of a page the guest evicted (thrashing) as a memory stall; a
@@ -1186,6 +1189,24 @@ class GuestMemory:
             self.cache.push_back(pfns)
             self._touch(pfns)
 
+    def _read_runs(self, n: int, runs: list[tuple[int, int]], tally: _Tally) -> None:
+        """The end of ``_read_file(n)`` when the frames it took are ``runs`` (taken, in the
+        take's order): the faults counted, the runs pushed to the cache and touched as
+        ``push_back`` and ``_touch`` of their frames would."""
+        self.events.major_faults += n
+        tally.major += n
+        refaults = min(n, self._file_evicted)
+        self._file_evicted -= refaults
+        tally.stall_s += refaults * MAJOR_FAULT_S
+        cache, store = self.cache, self.store
+        touch_run = getattr(store, "touch_run", None)  # (``_touch_run``, looked up once)
+        for first, k in runs:
+            cache.push_run(first, k)
+            if touch_run is not None:
+                touch_run(first, k, self.generation)
+            else:
+                self._touch_run(first, k)
+
     def _quiet(self, d: Demand) -> bool:
         """Nothing to do for ``d``: no growth or shrink, no refault, no read, kswapd asleep."""
         last = self._last_demand
@@ -1193,13 +1214,18 @@ class GuestMemory:
         # comparison builds two tuples)
         if (d is not last and d != last) or self._free < self.watermarks.low:
             return False
-        resident = len(self.anon)
+        resident = self.anon.size
         if resident + self.swapped != d.anon_pages:
             return False
         if self.swapped and (resident < d.hot_anon_pages or d.cold_access_per_s > 0):
             return False
-        cache = len(self.cache)
+        cache = self.cache.size
         return cache >= d.file_pages or (cache >= d.hot_file_pages and d.cold_access_per_s == 0)
+
+    #: ``steady(demand)``: a ``step`` with ``demand`` would change nothing (its fast path):
+    #: the simulator lets a guest sleep while this holds (``_quiet`` itself: asked every
+    #: period of a busy guest, one call less)
+    steady = _quiet
 
     def step(self, now: float, dt: float, demand: Demand) -> StepReport:
         """Run the workload's demand for ``dt`` seconds ending at ``now``."""
@@ -1207,7 +1233,7 @@ class GuestMemory:
             raise UsageError(f"step: dt must be positive, got {dt}")
         if self._quiet(demand):
             return StepReport(now, dt, 0.0, 0, 0, 0, False, 0, True)
-        anon_have = len(self.anon) + self.swapped
+        anon_have = self.anon.size + self.swapped
         wm = self.watermarks
         self._last_demand = demand
         self.generation += 1
@@ -1223,7 +1249,7 @@ class GuestMemory:
             self.swapped -= min(self.swapped, drop - gone)
         # 2. touched swapped-out pages refault: the hot part at once, the cold part at a rate
         if not oom and self.swapped:
-            resident = len(self.anon)
+            resident = self.anon.size
             hot_missing = max(0, min(demand.hot_anon_pages, demand.anon_pages) - resident)
             cold_swapped = max(0, self.swapped - hot_missing)
             self._carry_anon += cold_swapped * demand.cold_access_per_s * dt
@@ -1233,7 +1259,7 @@ class GuestMemory:
         if oom:
             self._oom_kill()
         # 3. file reads: hot file data not in the cache is read now, cold data at a rate
-        cache = len(self.cache)
+        cache = self.cache.size
         self._file_evicted = min(self._file_evicted, max(0, demand.file_pages - cache))
         if demand.file_pages > cache:
             hot_missing = max(0, demand.hot_file_pages - cache)
@@ -1246,7 +1272,7 @@ class GuestMemory:
         if self._free < wm.low:
             self._reclaim(wm.high - self._free, direct=False, tally=tally)
         stall = min(tally.stall_s, dt)
-        self._account_stall(stall)
+        self.events.stall_us += int(stall * 1e6)  # (``_account_stall``, written out)
         return StepReport(
             now, dt, stall, tally.major, tally.swap_in, tally.swap_out, oom, tally.oom_deflated,
             False,

@@ -32,17 +32,17 @@ def _runs(p: npt.NDArray[np.int64], brk: npt.NDArray[np.intp]
 
 
 class PfnDeque:
-    __slots__ = ("_head", "_len", "_lens", "_n", "_starts")
+    __slots__ = ("_head", "_lens", "_n", "_starts", "size")
 
     def __init__(self) -> None:
         self._starts: npt.NDArray[np.int64] = np.empty(_MIN_RUNS, dtype=np.int64)
         self._lens: npt.NDArray[np.int64] = np.empty(_MIN_RUNS, dtype=np.int64)
         self._head = 0  # the oldest run's slot
         self._n = 0  # runs held, from _head on
-        self._len = 0  # frames held
+        self.size = 0  # frames held (``len``; an attribute read costs the hot paths less)
 
     def __len__(self) -> int:
-        return self._len
+        return self.size
 
     def _room(self, more: int) -> None:
         """Slots for ``more`` runs after the newest (slide to the start, or grow)."""
@@ -84,7 +84,7 @@ class PfnDeque:
             self._starts[i] = first
             self._lens[i] = k
             self._n += 1
-        self._len += k
+        self.size += k
 
     def push_back(self, pfns: npt.NDArray[np.int64]) -> None:
         k = int(pfns.size)
@@ -110,7 +110,7 @@ class PfnDeque:
             self._starts[i : i + m] = starts
             self._lens[i : i + m] = lens
             self._n += m
-        self._len += k
+        self.size += k
 
     def _front_runs(self, k: int) -> int:
         """How many runs from the oldest hold the oldest ``k`` frames (the last maybe partly)."""
@@ -147,12 +147,12 @@ class PfnDeque:
             self._n -= 1
             if self._n == 0:
                 self._head = 0
-        self._len -= k
+        self.size -= k
         return first
 
     def pop_front(self, k: int) -> npt.NDArray[np.int64]:
         """Remove and return up to ``k`` of the oldest PFNs, oldest first."""
-        k = min(k, self._len)
+        k = min(k, self.size)
         if k <= 0:
             return _EMPTY.copy()
         first = self._pop_within_oldest(k)
@@ -164,7 +164,7 @@ class PfnDeque:
     def pop_front_runs(self, k: int) -> list[tuple[int, int]]:
         """``pop_front(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
         frames in order are what ``pop_front`` returns (no array of the frames)."""
-        k = min(k, self._len)
+        k = min(k, self.size)
         if k <= 0:
             return []
         first = self._pop_within_oldest(k)
@@ -182,7 +182,7 @@ class PfnDeque:
             r -= 1
         self._head += r
         self._n -= r
-        self._len -= k
+        self.size -= k
         if self._n == 0:
             self._head = 0
         return list(zip(starts, lens, strict=True))
@@ -206,7 +206,7 @@ class PfnDeque:
     def pop_back_runs(self, k: int) -> list[tuple[int, int]]:
         """``pop_back(k)`` as runs: ``(first frame, length)`` pairs, oldest first, whose
         frames in order are what ``pop_back`` returns (no array of the frames)."""
-        k = min(k, self._len)
+        k = min(k, self.size)
         if k <= 0:
             return []
         end = self._head + self._n
@@ -218,7 +218,7 @@ class PfnDeque:
                 self._lens[end - r] = kept
                 r -= 1
             self._n -= r
-            self._len -= k
+            self.size -= k
             if self._n == 0:
                 self._head = 0
             return list(zip(starts.tolist(), lens.tolist(), strict=True))
@@ -229,7 +229,7 @@ class PfnDeque:
             self._n -= 1
             if self._n == 0:
                 self._head = 0
-        self._len -= k
+        self.size -= k
         return [(first, k)]
 
     def newest(self) -> int:
@@ -239,7 +239,7 @@ class PfnDeque:
 
     def tail(self, k: int) -> npt.NDArray[np.int64]:
         """The newest ``k`` PFNs (a copy), without removing them."""
-        k = min(max(k, 0), self._len)
+        k = min(max(k, 0), self.size)
         if k == 0:
             return _EMPTY.copy()
         last = self._head + self._n - 1

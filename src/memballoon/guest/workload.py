@@ -94,6 +94,12 @@ def _demand(anon: int, file: int, hot: float, cold: float) -> Demand:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _demand_mib(anon_mib: float, file_mib: float, hot: float, cold: float) -> Demand:
+    """``_demand`` of sizes in MiB: one cached call for a workload asked every period."""
+    return _demand(mib_to_pages(anon_mib), mib_to_pages(file_mib), hot, cold)
+
+
 @dataclass(frozen=True)
 class Idle:
     """A guest with a small resident set that barely changes."""
@@ -232,8 +238,7 @@ class Diurnal:
         return round((self.low_mib + (self.high_mib - self.low_mib) * wave) / self.step_mib)
 
     def demand(self, now: float) -> Demand:
-        anon = self._level(now) * self.step_mib
-        return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 0.3, 0.001)
+        return _demand_mib(self._level(now) * self.step_mib, self.file_mib, 0.3, 0.001)
 
     def next_change(self, now: float) -> float:
         amp = self.high_mib - self.low_mib
@@ -317,8 +322,7 @@ class Bursts:
         if spike is not None:
             grown = 1.0 if self.ramp_s <= 0 else min(1.0, (now - spike[0] + 1.0) / self.ramp_s)
             extra = spike[2] * grown
-        return _demand(mib_to_pages(self.base_mib + extra), mib_to_pages(self.file_mib), 0.8,
-                       0.05)
+        return _demand_mib(self.base_mib + extra, self.file_mib, 0.8, 0.05)
 
     def next_change(self, now: float) -> float:
         i, spike = self._at(now)
@@ -379,7 +383,7 @@ class Toucher:
 
     def demand(self, now: float) -> Demand:
         anon = self.high_mib if int(now // self.period_s) % 2 else self.low_mib
-        return _demand(mib_to_pages(anon), mib_to_pages(self.file_mib), 1.0, 0.0)
+        return _demand_mib(anon, self.file_mib, 1.0, 0.0)
 
     def next_change(self, now: float) -> float:
         return (math.floor(now / self.period_s) + 1) * self.period_s

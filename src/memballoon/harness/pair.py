@@ -44,7 +44,7 @@ from memballoon.guest.virtio_driver import (
     driver_area_view,
 )
 from memballoon.guest.vmw_driver import VmwBalloonDriver
-from memballoon.guest.workload import Idle, Workload
+from memballoon.guest.workload import Demand, Idle, Workload
 from memballoon.host.device import BalloonDevice
 from memballoon.host.ram import NullRam
 from memballoon.host.virtio_device import (
@@ -111,15 +111,19 @@ class Pair:
                 f"{self.device.actual_pages} after a wake"
             )
 
-    def tick(self, *, check: bool = True) -> None:
+    def tick(self, *, check: bool = True, demand: Demand | None = None) -> None:
         """One period: the workload runs for ``period_s``, then the driver's work function.
 
         When the protocol has nothing to do (``_link_quiet``, asked after the workload ran:
         the balloon at its target, nothing in flight or to report) the driver's work is what
         it does in an idle period, and that is what runs (``_link_idle_work``): a busy guest
-        at its target costs its workload, not a round trip to the device per period."""
+        at its target costs its workload, not a round trip to the device per period.
+        ``demand``: the workload's demand at this tick's time, when the caller has it already
+        (it asked ``quiet`` with it): a workload answers the same for the same time."""
         now = self.now = self.now + self.period_s
-        self.last_step = self.mem.step(now, self.period_s, self.workload.demand(now))
+        if demand is None:
+            demand = self.workload.demand(now)
+        self.last_step = self.mem.step(now, self.period_s, demand)
         if self._link_quiet():
             self._link_idle_work()(now)
             self._link_idle_periods(1)
@@ -164,12 +168,14 @@ class Pair:
         the same RAM, and the link is joined to it; the driver goes on as if nothing happened."""
         raise UsageError(f"{type(self).__name__} has no device to restart")
 
-    def quiet(self) -> bool:
+    def quiet(self, demand: Demand | None = None) -> bool:
         """The next ``tick`` would change nothing but bookkeeping: the guest model is steady
         under the workload's demand then, and the protocol has nothing to do (each pair's own
-        test, ``_link_quiet``). The simulator lets a quiet pair sleep."""
-        nxt = self.now + self.period_s
-        return self.mem.steady(self.workload.demand(nxt)) and self._link_quiet()
+        test, ``_link_quiet``). The simulator lets a quiet pair sleep. ``demand``: the
+        workload's at the next tick's time, when the caller has it (it hands it to that tick)."""
+        if demand is None:
+            demand = self.workload.demand(self.now + self.period_s)
+        return self.mem.steady(demand) and self._link_quiet()
 
     def idle_period(self) -> None:
         """One period of a quiet pair without running it: exactly what ``tick`` (unchecked)

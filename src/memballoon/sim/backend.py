@@ -64,7 +64,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memballoon.guest.report import guest_report, report_unchanged
-from memballoon.guest.workload import next_change
+from memballoon.guest.workload import Demand, Workload, next_change
 from memballoon.harness.pair import Pair, check_pair
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import HostMemory, ManualClock
@@ -153,6 +153,9 @@ class _SimGuest:
     # nothing ran on the pair since ``report`` was built from it (no tick, wake, catch-up,
     # target or kill, and nobody was handed the pair): the next report repeats its figures
     unchanged: bool = False
+    # the workload's demand at the next tick as ``_next_tick`` asked it (that tick's time,
+    # the workload, the demand): the tick hands it on rather than ask again
+    pending: tuple[float, Workload, Demand] | None = field(default=None, repr=False)
 
 
 class SimGuests(Protocol):
@@ -284,7 +287,11 @@ class SimBackend:
         if p.now + period <= g.due - period + TIME_EPS:  # it slept (``_catch_up``)
             self._catch_up(g, g.due - period)
         g.unchanged = False
-        p.tick(check=self.check)
+        pend = g.pending
+        if pend is not None and pend[0] == p.now + period and pend[1] is p.workload:
+            p.tick(check=self.check, demand=pend[2])
+        else:
+            p.tick(check=self.check)
         resident = p.ram.resident_bytes()
         self._resident += resident - g.resident
         g.resident = resident
@@ -302,9 +309,14 @@ class SimBackend:
         """When ``g`` ticks next: one period on, or, quiet, when its demand next changes."""
         p = g.pair
         nxt = p.now + p.period_s
-        if not self.sleep or not p.quiet():
+        if not self.sleep:
             return nxt
-        change = next_change(p.workload, nxt)
+        w = p.workload
+        d = w.demand(nxt)
+        g.pending = (nxt, w, d)
+        if not p.quiet(d):
+            return nxt
+        change = next_change(w, nxt)
         if change <= nxt + TIME_EPS:
             return nxt
         if change == math.inf:
