@@ -498,54 +498,32 @@ def test_the_lookahead_is_the_growth_over_the_reports_interval_not_the_calls() -
     assert f.ahead == int(600 / 2.0 * LOOKAHEAD_S)  # not 600 / 0.2 s
 
 
-def test_a_probe_starts_above_the_floor_with_the_largest_lookahead_held() -> None:
+def test_the_largest_lookahead_is_held_for_its_memory() -> None:
     # a working set growing in steps (a diurnal demand) has no growth between two steps: the
-    # probe's floor keeps the lookahead of the last step for AHEAD_MEMORY_S, or the next probe
-    # took back what the floor had just grown the guest by (the fleet's batch guests flapped);
-    # the floor itself keeps the lookahead of now
+    # lookahead of the last step stays in the margin for AHEAD_MEMORY_S, or the next probe
+    # took back what the floor had just grown the guest by (the fleet's batch guests flapped)
     p = DefaultPolicy(probe=False)
     m = GuestMemo()
     p.figures(sample(report(0.0, avail=RAM // 2)), m, 0.0)
     f = p.figures(sample(report(2.0, avail=RAM // 2 - 600)), m, 2.0)
     step = int(600 / 2.0 * LOOKAHEAD_S)
-    assert f.ahead == step and f.probe_floor == f.floor and (m.ahead, m.ahead_at) == (step, 2.0)
+    assert f.ahead == step and (m.ahead, m.ahead_at) == (step, 2.0)
+    base = f.margin - step
     for t in (4.0, 30.0, 61.0):  # no growth since: held, from when it was seen
         f = p.figures(sample(report(t, avail=RAM // 2 - 600)), m, t)
-        assert f.ahead == 0 and f.probe_floor == f.floor + step
+        assert (f.ahead, f.margin) == (step, base + step)
     f = p.figures(sample(report(62.0, avail=RAM // 2 - 600)), m, 62.0)
-    assert f.probe_floor == f.floor  # AHEAD_MEMORY_S after it: gone
+    assert (f.ahead, f.margin) == (0, base)  # AHEAD_MEMORY_S after it: gone
     f = p.figures(sample(report(64.0, avail=RAM // 2 - 700)), m, 64.0)
-    small = int(100 / 2.0 * LOOKAHEAD_S)
-    assert f.ahead == small == m.ahead and f.probe_floor == f.floor  # a smaller one, after
-    f = p.figures(sample(report(66.0, avail=RAM // 2 - 700)), m, 66.0)
-    assert f.probe_floor == f.floor + small
-    f = p.figures(sample(report(68.0, avail=RAM // 2 - 1300)), m, 68.0)
-    assert f.ahead == step == m.ahead and m.ahead_at == 68.0  # a larger one takes over at once
+    assert f.ahead == int(100 / 2.0 * LOOKAHEAD_S) == m.ahead  # a smaller one, after: its own
+    f = p.figures(sample(report(66.0, avail=RAM // 2 - 1300)), m, 66.0)
+    assert f.ahead == step == m.ahead and m.ahead_at == 66.0  # a larger one takes over at once
     # a snapshot keeps it, with its age
     snap = m.snapshot(70.0)
-    assert (snap.ahead_pages, snap.ahead_age_s) == (step, 2.0)
+    assert (snap.ahead_pages, snap.ahead_age_s) == (step, 4.0)
     back = GuestMemo.restored(snap, 1000.0)
-    assert (back.ahead, back.ahead_at) == (step, 998.0)
+    assert (back.ahead, back.ahead_at) == (step, 996.0)
     assert AHEAD_MEMORY_S == 60.0
-
-
-def test_a_working_set_growing_in_steps_is_not_probed_back_after_each() -> None:
-    # grown to its floor and a band by a step of its working set, the guest is not probed a
-    # report later, when the step's growth (its lookahead) is 0 again
-    p = DefaultPolicy()
-    ws = RAM // 4
-    d = None
-    b = 0
-    for t in range(0, 40, 2):
-        grow = 2000 if t == 20 else 0
-        ws += grow
-        d = one(p, sample(report(float(t), avail=RAM - ws - b, balloon=b), balloon=b), float(t))
-        if t == 20:
-            assert d is not None and "under safety floor" in d.reason
-        elif t > 20:
-            assert d is None, (t, d)
-        if d is not None:
-            b = d.balloon_pages
 
 
 def test_host_memory_pressure_reclaims_a_step_with_memory_available() -> None:
@@ -752,7 +730,6 @@ def figs(*, balloon: int = 0, target: int | None = None, max_pages: int | None =
                             "floor": RAM // 4 + MARGIN, "budget_floor": RAM // 4 + MARGIN,
                             "step": STEP, "report_balloon": balloon}
     base["free"] = kw.get("avail", base["avail"])  # no page cache unless ``free`` says so
-    base["probe_floor"] = kw.get("floor", base["floor"])  # no lookahead held unless said so
     return Figures(g, 100.0, **(base | kw))
 
 
@@ -1102,9 +1079,6 @@ def test_rule_probe_waits_for_two_bands_above_the_floor() -> None:
     assert r.when(figs(balloon=RAM - floor - 2 * band))
     assert not r.when(figs(balloon=RAM - floor - 2 * band + 1))
     assert judge(figs(balloon=RAM - floor - 2 * band + 1))[0].name == "hold"
-    # two bands above the floor with the lookahead held (``probe_floor``), not the floor alone
-    held = figs(balloon=RAM - floor - 2 * band, probe_floor=floor + 1)
-    assert not r.when(held) and judge(held)[0].name == "hold"
 
 
 def test_rule_reread_holds_trouble_in_the_report_the_last_call_read() -> None:

@@ -50,7 +50,7 @@ from test_sim_decisions import SLICES, fixture, run_slice
 
 FIELDS = ("stall_pct", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_rate", "stuck",
           "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor", "budget_floor",
-          "step", "severity", "quiet_calls", "free", "repeated", "report_balloon", "probe_floor")
+          "step", "severity", "quiet_calls", "free", "repeated", "report_balloon")
 REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt_ws",
               "hurt_refaulted", "oom_at", "quiet_calls", "hurt_hold_s", "hurt_mark", "ahead",
               "ahead_at")

@@ -14,7 +14,8 @@ read one ``Figures`` record computed once a call):
 1. **blind**: no report, or one older than ``max_report_age_s``: never inflate; an inflation in
    progress stops where it is (target := actual).
 2. **emergency**: MemAvailable under the small margin (``EMERGENCY_MARGIN_PAGES``, half the
-   budget's ``BUDGET_MARGIN_PAGES``, plus ``LOOKAHEAD_S`` of the working set's recent growth),
+   budget's ``BUDGET_MARGIN_PAGES``, plus ``LOOKAHEAD_S`` of the working set's recent growth,
+   the largest of the last ``AHEAD_MEMORY_S``),
    or an OOM kill since last time: deflate at once by what restores the full margin (so a
    ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
    margin (an OOM kill still gets the whole balloon back).
@@ -64,9 +65,7 @@ read one ``Figures`` record computed once a call):
    plus margin): grow it back to the floor and a band (``BAND_FRACTION`` of its RAM) above it;
    a deficit under ``MIN_CHANGE_PAGES`` is the working set's noise: to the floor only.
 10. **probe**: quiet (stall under ``STALL_QUIET_PCT``, no swap-in, few major faults), the
-   balloon at its target and the guest two bands above its floor (its floor with the largest
-   lookahead of the last ``AHEAD_MEMORY_S``: a working set growing in steps has a lookahead
-   only in the report of the step): probe down by the step (by
+   balloon at its target and the guest two bands above its floor: probe down by the step (by
    half the MemFree beyond the margin when that is more than twice the margin: idle memory;
    not MemAvailable, whose page cache may be hot: a big step into it evicts what the guest
    reads), never below the floor. The band is hysteresis: a working set that moves every
@@ -155,13 +154,10 @@ MARGIN_FRACTION: Final = 0.10
 MARGIN_MIN_PAGES: Final = mib_to_pages(32)
 LOOKAHEAD_S: Final = 10.0
 LOOKAHEAD_MAX_FRACTION: Final = 0.25  # the lookahead never asks for more than this of RAM
-# A probe starts only from two bands above the floor with the largest lookahead of this long
-# (a larger one takes its place at once): a working set that grows in steps (a diurnal demand:
-# a step every 20-60 s) has a growth rate of 0 between two steps, and the floor without its
-# lookahead let the next probe take back what the floor had just grown the guest by (the
-# fleet's batch guests were grown and probed every ~10 s). Only the probe's start: the floor
-# itself, the margin and the emergency keep the lookahead of now (held in them too, a burst's
-# lookahead grew the guests again and again after the burst).
+# The largest lookahead is held this long (a larger one takes its place at once): a working set
+# that grows in steps (a diurnal demand: a step every 20-60 s) has a growth rate between two
+# steps of 0, and a margin without its lookahead let the next probe take back what the floor
+# had just grown the guest by (the fleet's batch guests were grown and probed every ~10 s).
 AHEAD_MEMORY_S: Final = 60.0
 # A guest seen quiet for more than this many calls in a row may be probed by half its idle free
 # memory at once, at most BIG_STEP_MAX_FRACTION of its RAM a call (a new guest never is).
@@ -442,10 +438,6 @@ class Figures:
     free: int = 0  # MemFree: memory nobody uses (not even the page cache)
     repeated: bool = False  # the report is the one the last call read (reports every 2 s)
     report_balloon: int = 0  # the balloon the report saw
-    # the floor with the largest lookahead of the last AHEAD_MEMORY_S: a probe starts only
-    # from two bands above it (so a probe does not take back what a floor grown by a working
-    # set's step, whose growth is 0 a report later, just gave)
-    probe_floor: int = 0
 
     @property
     def size(self) -> int:
@@ -647,7 +639,7 @@ def _under_floor(f: Figures) -> Ruling:
 def _probes(f: Figures) -> bool:
     # a report the last call read already shows nothing of that call's probe: probe again
     # only into free memory that is idle still (the balloon's growth since taken off)
-    return (f.probe and f.quiet and f.settled and f.target_size - f.probe_floor >= 2 * f.band
+    return (f.probe and f.quiet and f.settled and f.target_size - f.floor >= 2 * f.band
             and f.target_size > f.floor and (not f.repeated or f.idle))
 
 
@@ -904,8 +896,8 @@ class DefaultPolicy:
         avail = available_pages(g, r, c)
         growth, peak = m.see_working_set(ws, now, dt)
         # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
-        ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
-        held = m.hold_ahead(ahead, now)
+        ahead = m.hold_ahead(min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram)),
+                             now)
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if d_major or d_swapin:
             m.faulted_at = now
@@ -927,8 +919,6 @@ class DefaultPolicy:
         if ceiling is None or ceiling > ram:  # ``g.ceiling_pages()``, without the call
             ceiling = ram
         floor = min(max(min_pages, peak + margin, hurt_size), ceiling)
-        # the floor a probe starts from: with the lookahead held (``AHEAD_MEMORY_S``)
-        probe_floor = min(max(min_pages, peak + margin + held - ahead, hurt_size), ceiling)
         stall_pct, trouble_pct = r.stall_pct, self.stall_trouble_pct
         if stall_pct > self.stall_quiet_pct or d_swapin or d_oom or avail < margin:
             m.quiet_calls = 0  # anything but quiet starts the count again
@@ -942,7 +932,7 @@ class DefaultPolicy:
             max(stall_pct / trouble_pct if trouble_pct else 0.0,
                 swapin_rate / SWAPIN_TROUBLE_PER_S),  # severity
             m.quiet_calls, self.probe, self.stall_quiet_pct, trouble_pct,
-            free_pages(g, r, c), repeated, r.balloon_actual_pages, probe_floor)
+            free_pages(g, r, c), repeated, r.balloon_actual_pages)
 
     def _plan(self, g: GuestSample, now: float) -> _Plan | None:
         m = self._state.get(g.name)  # (``decide`` made sure the memory is ``GuestMemo``s)

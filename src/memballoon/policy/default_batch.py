@@ -270,7 +270,6 @@ class FigureColumns:
     ahead: I64
     margin: I64
     floor: I64
-    probe_floor: I64
     budget_floor: I64
     step: I64
     severity: F64
@@ -538,7 +537,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     renew = fresh & ((ahead >= m.ahead) | (now >= m.ahead_at + AHEAD_MEMORY_S))
     m.ahead[renew] = ahead[renew]
     m.ahead_at[renew] = now
-    ahead_held = np.where(fresh & ~renew, m.ahead, ahead)
+    ahead = np.where(fresh & ~renew, m.ahead, ahead)
     margin = np.trunc(np.maximum(float(MARGIN_MIN_PAGES), policy.margin_fraction * ram)
                       ).astype(np.int64) + ahead
     m.faulted_at[fresh & ((d_major != 0) | (d_swapin != 0))] = now
@@ -555,8 +554,6 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     hurt_size = m.hurt_size
     ceiling = np.where((max_pages < 0) | (max_pages > ram), ram, max_pages)
     floor = np.minimum(np.maximum(np.maximum(min_pages, peak + margin), hurt_size), ceiling)
-    probe_floor = np.minimum(np.maximum(np.maximum(min_pages, peak + margin + ahead_held - ahead),
-                                        hurt_size), ceiling)
     unquiet = fresh & ((stall > policy.stall_quiet_pct) | (d_swapin != 0) | (d_oom != 0)
                        | (avail < margin))
     m.quiet_calls[unquiet] = 0
@@ -607,7 +604,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         "trouble": troubled,
         "stalled": stuck | ((d_refused > 0) & inflating),
         "under_floor": target_size < floor,
-        "probe": (policy.probe & quiet & settled & (target_size - probe_floor >= 2 * band)
+        "probe": (policy.probe & quiet & settled & (target_size - floor >= 2 * band)
                   & (target_size > floor) & (~repeated | idle)),
         "hold": np.ones(n, np.bool_),
     }
@@ -618,8 +615,7 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
         fresh=fresh, stall_pct=stall, d_swapin=d_swapin, d_oom=d_oom, d_refused=d_refused,
         swapin_rate=swapin_rate, fault_rate=fault_rate, stuck=stuck,
         has_last_balloon=has_last_balloon, last_balloon=last_balloon, ws=ws, avail=avail,
-        peak=peak, ahead=ahead, margin=margin, floor=floor, probe_floor=probe_floor,
-        budget_floor=budget_floor,
+        peak=peak, ahead=ahead, margin=margin, floor=floor, budget_floor=budget_floor,
         step=step, severity=severity, quiet_calls=m.quiet_calls.copy(), free=free,
         repeated=repeated, report_balloon=r_balloon, rule=rule, size=size, ram=ram, ceiling=ceiling,
         balloon=balloon, target_size=target_size, inflating=inflating, free_now=free_now,
@@ -998,8 +994,7 @@ def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns
     cols = {k: getattr(fc, k)[sel].tolist() for k in (
         "fresh", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_rate", "stuck",
         "has_last_balloon", "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor",
-        "budget_floor", "step", "severity", "quiet_calls", "free", "repeated", "rule",
-        "probe_floor")}
+        "budget_floor", "step", "severity", "quiet_calls", "free", "repeated", "rule")}
     r_none = rc.none[sel].tolist()
     r_size, r_floor, r_pressure = (rc.size[sel].tolist(), rc.floor[sel].tolist(),
                                    rc.pressure[sel].tolist())
@@ -1024,8 +1019,7 @@ def _plans(policy: DefaultPolicy, live: Sequence[GuestSample], fc: FigureColumns
                 cols["ws"][j], cols["avail"][j], cols["peak"][j], cols["ahead"][j],
                 cols["margin"][j], cols["floor"][j], cols["budget_floor"][j], cols["step"][j],
                 cols["severity"][j], cols["quiet_calls"][j], probe, quiet_pct, trouble_pct,
-                cols["free"][j], cols["repeated"][j], r.balloon_actual_pages,
-                cols["probe_floor"][j])
+                cols["free"][j], cols["repeated"][j], r.balloon_actual_pages)
         else:
             f = Figures(g, now, fresh=False)
         rule = RULES[cols["rule"][j]]
