@@ -20,7 +20,6 @@ from memballoon.model.units import PAGE_SIZE, mib_to_pages
 from memballoon.policy import default as default_module
 from memballoon.policy.base import Decision, Policy
 from memballoon.policy.default import (
-    AHEAD_MEMORY_S,
     BACKOFF_MIN_FRACTION,
     BAND_FRACTION,
     BIG_STEP_MAX_FRACTION,
@@ -496,34 +495,6 @@ def test_the_lookahead_is_the_growth_over_the_reports_interval_not_the_calls() -
     f = p.figures(sample(report(12.0, avail=RAM // 2 - 600)), m, 12.0)
     assert f.ws - RAM // 2 == 600
     assert f.ahead == int(600 / 2.0 * LOOKAHEAD_S)  # not 600 / 0.2 s
-
-
-def test_the_largest_lookahead_is_held_for_its_memory() -> None:
-    # a working set growing in steps (a diurnal demand) has no growth between two steps: the
-    # lookahead of the last step stays in the margin for AHEAD_MEMORY_S, or the next probe
-    # took back what the floor had just grown the guest by (the fleet's batch guests flapped)
-    p = DefaultPolicy(probe=False)
-    m = GuestMemo()
-    p.figures(sample(report(0.0, avail=RAM // 2)), m, 0.0)
-    f = p.figures(sample(report(2.0, avail=RAM // 2 - 600)), m, 2.0)
-    step = int(600 / 2.0 * LOOKAHEAD_S)
-    assert f.ahead == step and (m.ahead, m.ahead_at) == (step, 2.0)
-    base = f.margin - step
-    for t in (4.0, 30.0, 61.0):  # no growth since: held, from when it was seen
-        f = p.figures(sample(report(t, avail=RAM // 2 - 600)), m, t)
-        assert (f.ahead, f.margin) == (step, base + step)
-    f = p.figures(sample(report(62.0, avail=RAM // 2 - 600)), m, 62.0)
-    assert (f.ahead, f.margin) == (0, base)  # AHEAD_MEMORY_S after it: gone
-    f = p.figures(sample(report(64.0, avail=RAM // 2 - 700)), m, 64.0)
-    assert f.ahead == int(100 / 2.0 * LOOKAHEAD_S) == m.ahead  # a smaller one, after: its own
-    f = p.figures(sample(report(66.0, avail=RAM // 2 - 1300)), m, 66.0)
-    assert f.ahead == step == m.ahead and m.ahead_at == 66.0  # a larger one takes over at once
-    # a snapshot keeps it, with its age
-    snap = m.snapshot(70.0)
-    assert (snap.ahead_pages, snap.ahead_age_s) == (step, 4.0)
-    back = GuestMemo.restored(snap, 1000.0)
-    assert (back.ahead, back.ahead_at) == (step, 996.0)
-    assert AHEAD_MEMORY_S == 60.0
 
 
 def test_host_memory_pressure_reclaims_a_step_with_memory_available() -> None:

@@ -52,8 +52,7 @@ FIELDS = ("stall_pct", "d_swapin", "d_oom", "d_refused", "swapin_rate", "fault_r
           "last_balloon", "ws", "avail", "peak", "ahead", "margin", "floor", "budget_floor",
           "step", "severity", "quiet_calls", "free", "repeated", "report_balloon")
 REMEMBERED = ("step", "still_since", "faulted_at", "hurt_size", "hurt_at", "hurt_ws",
-              "hurt_refaulted", "oom_at", "quiet_calls", "hurt_hold_s", "hurt_mark", "ahead",
-              "ahead_at")
+              "hurt_refaulted", "oom_at", "quiet_calls", "hurt_hold_s", "hurt_mark")
 RAM = 262144  # 1 GiB
 
 
@@ -110,8 +109,6 @@ def test_columns_equal_the_scalar_figures_call_after_call() -> None:
             m.hurt_at, m.hurt_refaulted = -50.0 * (i % 3), i % 3 == 0
             m.hurt_mark = RAM - rng.choice([0, 1000, 50000, 200000]) + 3000
             m.hurt_hold_s = rng.choice([0.0, 600.0, 7200.0])
-        elif i % 4 == 2:  # a lookahead held, for a while yet or not
-            m.ahead, m.ahead_at = rng.choice([300, 5000, 60000]), rng.choice([-70.0, -20.0])
     last: dict[str, GuestSample] = {}
     # the columns carry the memory on alone (figures_batch, remember_batch) from the start
     cols = MemoColumns.from_memos(list(memos.values()))

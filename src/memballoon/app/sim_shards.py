@@ -513,17 +513,17 @@ class ShardedBackend:
         resident, sampled = self._resident, self._sampled
         balloons: list[int] = []
         for i in stale:
-            row, alive, name = rows[i], alives[i], names[i]
+            row, alive = rows[i], alives[i]
             f = row[4]
             if f is not fields[i]:
                 if f is None or isinstance(f, PressureReport):  # the local shard's, as it is
                     reports[i] = f
                 elif f != fields[i]:  # new fields (mostly: the time first, told at once)
-                    reports[i] = PressureReport(name, *f)
+                    reports[i] = PressureReport(names[i], *f)
                 fields[i] = f
             bal = row[2] if alive else 0
-            out[name] = guest_sample(name, row[1], bal, row[3], settings[i], reports[i], row[5],
-                                     alive, resident[i])
+            out[names[i]] = guest_sample(names[i], row[1], bal, row[3], settings[i], reports[i],
+                                         row[5], alive, resident[i])
             balloons.append(bal)
             sampled[i] = True
         self._balloon_arr[stale] = balloons

@@ -14,8 +14,7 @@ read one ``Figures`` record computed once a call):
 1. **blind**: no report, or one older than ``max_report_age_s``: never inflate; an inflation in
    progress stops where it is (target := actual).
 2. **emergency**: MemAvailable under the small margin (``EMERGENCY_MARGIN_PAGES``, half the
-   budget's ``BUDGET_MARGIN_PAGES``, plus ``LOOKAHEAD_S`` of the working set's recent growth,
-   the largest of the last ``AHEAD_MEMORY_S``),
+   budget's ``BUDGET_MARGIN_PAGES``, plus ``LOOKAHEAD_S`` of the working set's recent growth),
    or an OOM kill since last time: deflate at once by what restores the full margin (so a
    ramping guest gets ahead of its ramp); while the host is short itself, only to the budget's
    margin (an OOM kill still gets the whole balloon back).
@@ -154,11 +153,6 @@ MARGIN_FRACTION: Final = 0.10
 MARGIN_MIN_PAGES: Final = mib_to_pages(32)
 LOOKAHEAD_S: Final = 10.0
 LOOKAHEAD_MAX_FRACTION: Final = 0.25  # the lookahead never asks for more than this of RAM
-# The largest lookahead is held this long (a larger one takes its place at once): a working set
-# that grows in steps (a diurnal demand: a step every 20-60 s) has a growth rate between two
-# steps of 0, and a margin without its lookahead let the next probe take back what the floor
-# had just grown the guest by (the fleet's batch guests were grown and probed every ~10 s).
-AHEAD_MEMORY_S: Final = 60.0
 # A guest seen quiet for more than this many calls in a row may be probed by half its idle free
 # memory at once, at most BIG_STEP_MAX_FRACTION of its RAM a call (a new guest never is).
 QUIET_CALLS_BEFORE_BIG_STEP: Final = 3
@@ -287,16 +281,6 @@ class GuestMemo:
     # with REFAULT_MEMORY_S's early forgetting; else this, doubled each time it hurts again)
     hurt_hold_s: float = 0.0
     hurt_mark: int = 0  # the size the last probe hurt at (kept once forgotten; 0: none)
-    ahead: int = 0  # the lookahead held (the largest within AHEAD_MEMORY_S), and since when
-    ahead_at: float = NEVER
-
-    def hold_ahead(self, ahead: int, now: float) -> int:
-        """The lookahead to use at ``now``: ``ahead``, or a larger one held less than
-        ``AHEAD_MEMORY_S`` (``ahead`` is held from now if it is the larger)."""
-        if ahead >= self.ahead or now >= self.ahead_at + AHEAD_MEMORY_S:
-            self.ahead, self.ahead_at = ahead, now
-            return ahead
-        return self.ahead
 
     def see_working_set(self, ws: int, now: float, dt: float) -> tuple[float, int]:
         """Record ``ws`` at ``now``: its growth rate (pages/s, never negative) since the last
@@ -363,8 +347,7 @@ class GuestMemo:
             still_age_s=_age_or_never(now, self.still_since), last_target=self.last_target,
             hurt_refaulted=self.hurt_refaulted,
             faulted_age_s=_age_or_never(now, self.faulted_at), hurt_hold_s=self.hurt_hold_s,
-            hurt_mark=self.hurt_mark, ahead_pages=self.ahead,
-            ahead_age_s=_age_or_never(now, self.ahead_at))
+            hurt_mark=self.hurt_mark)
 
     @classmethod
     def restored(cls, snap: DefaultGuestSnapshot, now: float) -> GuestMemo:
@@ -381,8 +364,7 @@ class GuestMemo:
             oom_at=_time_or_never(now, snap.oom_age_s), quiet_calls=snap.quiet_calls,
             hurt_refaulted=snap.hurt_refaulted,
             faulted_at=_time_or_never(now, snap.faulted_age_s), hurt_hold_s=snap.hurt_hold_s,
-            hurt_mark=snap.hurt_mark, ahead=snap.ahead_pages,
-            ahead_at=_time_or_never(now, snap.ahead_age_s))
+            hurt_mark=snap.hurt_mark)
 
 
 _second: Final = itemgetter(1)
@@ -744,9 +726,6 @@ class DefaultGuestSnapshot(SnapshotPart):
     # probe hurt at (older snapshots: no back-off, none)
     hurt_hold_s: Annotated[float, Field(ge=0.0, le=HURT_MEMORY_MAX_S, allow_inf_nan=False)] = 0.0
     hurt_mark: Pages = 0
-    # the lookahead held and its age (older snapshots: none)
-    ahead_pages: Pages = 0
-    ahead_age_s: Seconds | None = None
 
 
 class DefaultSnapshot(PolicySnapshot):
@@ -896,8 +875,7 @@ class DefaultPolicy:
         avail = available_pages(g, r, c)
         growth, peak = m.see_working_set(ws, now, dt)
         # the lookahead covers a ramp's next LOOKAHEAD_S, but never more than the guest's RAM
-        ahead = m.hold_ahead(min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram)),
-                             now)
+        ahead = min(int(growth * LOOKAHEAD_S), int(LOOKAHEAD_MAX_FRACTION * ram))
         margin = int(max(MARGIN_MIN_PAGES, self.margin_fraction * ram)) + ahead
         if d_major or d_swapin:
             m.faulted_at = now

@@ -31,7 +31,6 @@ from memballoon.model.counters import Counters
 from memballoon.model.units import PAGE_SIZE
 from memballoon.policy.base import Decision
 from memballoon.policy.default import (
-    AHEAD_MEMORY_S,
     BACKOFF_MAX_SCALE,
     BACKOFF_MIN_FRACTION,
     BAND_FRACTION,
@@ -130,8 +129,6 @@ class MemoColumns:
     quiet_calls: I64
     hurt_hold_s: F64
     hurt_mark: I64
-    ahead: I64
-    ahead_at: F64
 
     @classmethod
     def from_memos(cls, memos: Sequence[GuestMemo]) -> MemoColumns:
@@ -177,8 +174,6 @@ class MemoColumns:
             quiet_calls=_i([m.quiet_calls for m in memos]),
             hurt_hold_s=_f([m.hurt_hold_s for m in memos]),
             hurt_mark=_i([m.hurt_mark for m in memos]),
-            ahead=_i([m.ahead for m in memos]),
-            ahead_at=_f([m.ahead_at for m in memos]),
         )
 
     def memos(self) -> list[GuestMemo]:
@@ -193,12 +188,12 @@ class MemoColumns:
         has_t, last_t = self.has_last_target.tolist(), self.last_target.tolist()
         out: list[GuestMemo] = []
         for (i, step, still, hurt, hurt_at, hurt_ws, oom_at, refaulted, faulted,
-             quiet, hold, mark, ahead, ahead_at) in zip(
-                range(n), self.step.tolist(), self.still_since.tolist(),
-                self.hurt_size.tolist(), self.hurt_at.tolist(), self.hurt_ws.tolist(),
-                self.oom_at.tolist(), self.hurt_refaulted.tolist(), self.faulted_at.tolist(),
-                self.quiet_calls.tolist(), self.hurt_hold_s.tolist(), self.hurt_mark.tolist(),
-                self.ahead.tolist(), self.ahead_at.tolist(), strict=True):
+             quiet, hold, mark) in zip(range(n), self.step.tolist(), self.still_since.tolist(),
+                                       self.hurt_size.tolist(), self.hurt_at.tolist(),
+                                       self.hurt_ws.tolist(), self.oom_at.tolist(),
+                                       self.hurt_refaulted.tolist(), self.faulted_at.tolist(),
+                                       self.quiet_calls.tolist(), self.hurt_hold_s.tolist(),
+                                       self.hurt_mark.tolist(), strict=True):
             ts, vs, p, c = ws_t[i], ws_v[i], pos[i], cut[i]
             ws: deque[tuple[float, int]] = deque()
             for j in range(p, p + WS_RING):  # insertion order: the slot ``ws_pos`` is oldest
@@ -212,8 +207,7 @@ class MemoColumns:
                 last_balloon=last_b[i] if has_b[i] else None, still_since=still,
                 last_target=last_t[i] if has_t[i] else None, hurt_size=hurt, hurt_at=hurt_at,
                 hurt_ws=hurt_ws, oom_at=oom_at, hurt_refaulted=refaulted, faulted_at=faulted,
-                quiet_calls=quiet, hurt_hold_s=hold, hurt_mark=mark, ahead=ahead,
-                ahead_at=ahead_at))
+                quiet_calls=quiet, hurt_hold_s=hold, hurt_mark=mark))
         return out
 
     def concat(self, more: MemoColumns) -> MemoColumns:
@@ -533,11 +527,6 @@ def figures_batch(policy: DefaultPolicy, inp: GuestInputs, memo: MemoColumns,
     # ---- margin, floor
     ahead = np.minimum(np.trunc(growth * LOOKAHEAD_S),
                        np.trunc(LOOKAHEAD_MAX_FRACTION * ram)).astype(np.int64)
-    # GuestMemo.hold_ahead (fresh guests: a blind one's figures have no lookahead)
-    renew = fresh & ((ahead >= m.ahead) | (now >= m.ahead_at + AHEAD_MEMORY_S))
-    m.ahead[renew] = ahead[renew]
-    m.ahead_at[renew] = now
-    ahead = np.where(fresh & ~renew, m.ahead, ahead)
     margin = np.trunc(np.maximum(float(MARGIN_MIN_PAGES), policy.margin_fraction * ram)
                       ).astype(np.int64) + ahead
     m.faulted_at[fresh & ((d_major != 0) | (d_swapin != 0))] = now
