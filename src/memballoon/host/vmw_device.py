@@ -54,6 +54,7 @@ releasing or readmitting anything (that memory is released already); counters st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal, Self
 
 import numpy as np
@@ -522,15 +523,15 @@ class VmwBalloonDevice:
             return self._lock_run_checked(p)
         runs, ascending = cut
         locked, pinned = self._locked, self._pinned
-        take: list[tuple[int, int]] = []
-        for lo, hi in runs:  # a few runs of free frames (the usual): slices of the tables
+
+        def taken(lo: int, hi: int) -> npt.NDArray[np.bool_] | None:
             # (count_nonzero: a C call, where ``any`` is a Python wrapper around a reduction)
             if np.count_nonzero(locked[lo:hi]) or np.count_nonzero(pinned[lo:hi]):
-                lo, hi = self._before_first(locked[lo:hi] | pinned[lo:hi], lo, hi, ascending)
-                if hi > lo:
-                    take.append((lo, hi))
-                break
-            take.append((lo, hi))
+                return locked[lo:hi] | pinned[lo:hi]
+            return None
+
+        # a few runs of free frames (the usual): slices of the tables
+        take = self._runs_until(runs, ascending, taken)
         n = sum(hi - lo for lo, hi in take)
         if n:
             self._host.take(self._ranges(take))
@@ -566,15 +567,13 @@ class VmwBalloonDevice:
                                      ((hi - 1) >> VMW_BALLOON_2M_ORDER) + 1]) for lo, hi in runs):
             return self._unlock_run_checked(pfns)  # a 2 MiB page among them: never in v2
         locked = self._locked
-        give: list[tuple[int, int]] = []
-        for lo, hi in runs:  # a few runs of a stack's newest first (the usual): slices
+
+        def not_locked(lo: int, hi: int) -> npt.NDArray[np.bool_] | None:
             seg = locked[lo:hi]
-            if np.count_nonzero(seg) != hi - lo:
-                lo, hi = self._before_first(~seg, lo, hi, ascending)
-                if hi > lo:
-                    give.append((lo, hi))
-                break
-            give.append((lo, hi))
+            return ~seg if np.count_nonzero(seg) != hi - lo else None
+
+        # a few runs of a stack's newest first (the usual): slices of the table
+        give = self._runs_until(runs, ascending, not_locked)
         n = sum(hi - lo for lo, hi in give)
         if n:
             self._host.give(self._ranges(give))  # 4 KiB host pages: every frame leaves
@@ -641,6 +640,24 @@ class VmwBalloonDevice:
             prev = f
         runs.append((head, prev + 1) if ascending else (prev, head + 1))
         return runs, ascending
+
+    @classmethod
+    def _runs_until(cls, runs: list[tuple[int, int]], ascending: bool,
+                    bad: Callable[[int, int], npt.NDArray[np.bool_] | None],
+                    ) -> list[tuple[int, int]]:
+        """``runs``, in turn, up to the first frame ``bad`` flags (``bad(lo, hi)``: the flags of
+        the run's frames, or None when none is): a command per frame stops there (LOCK on a
+        locked or pinned frame, UNLOCK on one not locked)."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in runs:
+            flags = bad(lo, hi)
+            if flags is not None:
+                lo, hi = cls._before_first(flags, lo, hi, ascending)
+                if hi > lo:
+                    out.append((lo, hi))
+                break
+            out.append((lo, hi))
+        return out
 
     @staticmethod
     def _before_first(bad: npt.NDArray[np.bool_], lo: int, hi: int, ascending: bool
