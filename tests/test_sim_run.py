@@ -13,7 +13,7 @@ from memballoon.app.scenario import load_scenario
 from memballoon.guest.workload import Idle, Ramp, Steady
 from memballoon.model.units import MIB, PAGE_SIZE, mib_to_pages
 from memballoon.policy.sample import GuestSettings
-from memballoon.sim.run import compare, run_scenario, step_response, sweep
+from memballoon.sim.run import RUN_GC_THRESHOLD, compare, run_scenario, step_response, sweep
 from memballoon.sim.scenario import GuestSpec, Scenario, runs_of
 
 RAM = mib_to_pages(128)
@@ -142,6 +142,12 @@ def test_a_run_gives_its_world_back_to_the_collector() -> None:
         gc.get_freeze_count()) or 0.0)
     assert r.seconds == 5.0 and min(frozen) > 0  # frozen while it ran
     assert gc.get_freeze_count() == 0
+    # the young generation is collected less often while it runs, as before after
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+    run_scenario(small(seconds=3.0), stopwatch=lambda: seen.append(gc.get_threshold()) or 0.0)
+    assert set(seen) == {(RUN_GC_THRESHOLD, *before[1:])} and before[0] < RUN_GC_THRESHOLD
+    assert gc.get_threshold() == before
     # a caller's own frozen objects stay frozen, and the run does not unfreeze them
     gc.freeze()
     try:

@@ -62,7 +62,6 @@ slower than one in a single process.
 from __future__ import annotations
 
 import contextlib
-import gc
 import multiprocessing
 import os
 import resource
@@ -95,7 +94,7 @@ from memballoon.sim.backend import (
     host_oom_victim,
     usage_at,
 )
-from memballoon.sim.run import RunWorld, StallSink
+from memballoon.sim.run import RunWorld, StallSink, collector_for_run
 from memballoon.sim.scenario import (
     Scenario,
     build,
@@ -151,13 +150,15 @@ def _worker(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool
 def _serve(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool) -> None:
     """A worker's loop: build the shard, then answer each message (after ``close``, stop)."""
     s = _Shard(sc, shard, shards, sleep)
-    gc.freeze()  # as an in-process run does: the guests' models out of the collector's scans
-    conn.send(s.hello())
-    while True:
-        msg = conn.recv()
-        conn.send(s.handle(msg))
-        if msg[0] == "close":
-            return
+    # as an in-process run does: the guests' models out of the collector's scans, its young
+    # generation collected less often
+    with collector_for_run():
+        conn.send(s.hello())
+        while True:
+            msg = conn.recv()
+            conn.send(s.handle(msg))
+            if msg[0] == "close":
+                return
 
 
 class _Shard:
