@@ -80,6 +80,33 @@ def test_a_sharded_run_has_exactly_the_in_process_result(
         assert got.to_json() == want
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_every_step_the_parent_samples_exactly_what_the_in_process_backend_does(
+        local: bool) -> None:
+    # the samples rebuilt from the rows (``SampleRow``s, and ``ReportRow``s repeating a
+    # sleeping guest's report, as fields from a worker or as the report from the local
+    # shard) against ``SimBackend.guests()``: equal, new objects for the same guests, the
+    # same figures, step by step (with the host's kills)
+    spec = ("virtio", 24, 150.0, 0.15)
+    w = build(_slice(*spec))
+    with Shards(2, local=local)(_slice(*spec), lambda xs: None, True) as sw:
+        worlds = [(w.backend, w.engine), (sw.backend, sw.engine)]
+        last: list[dict[str, object]] = [{}, {}]
+        for _ in range(150):
+            got = []
+            for k, (b, e) in enumerate(worlds):
+                b.advance(1.0)
+                samples = b.guests()  # what the engine's step collects (targets come after)
+                new = [n for n, s in samples.items() if last[k].get(n) is not s]
+                last[k] = dict(samples)
+                fig = b.sample_figures(samples)
+                assert fig is not None
+                decisions = [(a.guest, a.new_pages) for a in e.step()]
+                got.append((decisions, samples, new, fig[0].tolist(), fig[1].tolist()))
+            assert got[0] == got[1]
+        assert sw.backend.host_oom_kills == w.backend.host_oom_kills
+
+
 def test_a_subset_builds_each_guest_exactly_the_pair_the_full_build_gives() -> None:
     sc = fleet("virtio", 20, 60.0)
     full = make_pairs(sc, sc.guests)
