@@ -27,8 +27,9 @@ manager's ``Backend`` and the run's ``SimGuests``:
   fields: a tenth of the cost of pickling the records; a sleeping guest, whose report alone
   is new, as that report's time, stall and active sample, rebuilt here with
   ``report_unchanged`` of the report its last row made), the stall of every report it pushed
-  as (report time, guest index, stall) and its counters. Stalls are merged by report time
-  and guest index, the in-process order, so their mean and percentiles are bit-identical.
+  as three arrays (report times, guest indices, stalls) and its counters. Stalls are merged
+  by report time and guest index (``merge_stalls``), the in-process order, so their mean and
+  percentiles are bit-identical.
 - ``guests()`` rebuilds the samples of the changed guests from their rows as ``SimBackend``
   does (where only the report is new, from the last sample's figures): the same values, for
   the same guests (a policy that re-reads only the samples that are new objects sees the same
@@ -72,7 +73,6 @@ import resource
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Final, NoReturn, Protocol
@@ -133,6 +133,37 @@ class ShardError(MemballoonError):
         super().__init__(f"simulation shard {shard}: {detail}")
 
 
+#: A shard's stalls since its last answer: report times, guest indices, stalls.
+StallColumns = tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64]]
+
+
+def merge_stalls(parts: Sequence[StallColumns]) -> list[float]:
+    """The stalls of ``parts`` in the in-process order: by report time, then guest index (a
+    report round pushes its reports in guest order), as ``sorted`` of the (time, index,
+    stall) tuples of every part in turn gives them (``lexsort`` is stable: equal keys keep
+    that order too); the reference is the property test's. No time or stall is NaN (a
+    report's stall is clamped to 0-100)."""
+    if len(parts) == 1:
+        times, indices, pcts = parts[0]
+    else:
+        times, indices, pcts = (np.concatenate(col) for col in zip(*parts, strict=True))
+    if len(pcts) != len(times) or len(indices) != len(times):
+        raise ValueError("stall columns of different lengths")
+    order = np.lexsort((pcts, indices, times))
+    out: list[float] = pcts[order].tolist()
+    return out
+
+
+def _stall_columns(cols: Any) -> StallColumns:
+    """``cols`` if it is a shard's ``StallColumns``, else ``ValueError``."""
+    if not (type(cols) is tuple and len(cols) == 3
+            and all(type(c) is np.ndarray and c.ndim == 1 for c in cols)
+            and cols[0].dtype == np.float64 and cols[1].dtype == np.int64
+            and cols[2].dtype == np.float64):
+        raise ValueError("not stall columns")
+    return cols
+
+
 # ---------------------------------------------------------------------------------- worker
 def _worker(conn: Connection, sc: Scenario, shard: int, shards: int, sleep: bool,
             others: Sequence[Connection]) -> None:
@@ -174,16 +205,29 @@ class _Shard:
         self.fields = fields  # reports as their fields (to another process), or as they are
         specs = sc.guests[shard::shards]
         self.index = index = {g.name: shard + k * shards for k, g in enumerate(specs)}
-        self.stalls: list[tuple[float, int, float]] = []
-        stalls = self.stalls
+        # every report's (time, guest index, stall) since the last answer, as three columns
+        self.stalls: tuple[list[float], list[int], list[float]] = ([], [], [])
+        times, indices, pcts = self.stalls
 
         def on_report(name: str, r: PressureReport) -> None:
-            stalls.append((r.time_s, index[name], r.stall_pct))
+            times.append(r.time_s)
+            indices.append(index[name])
+            pcts.append(r.stall_pct)
 
         self.backend = SimBackend(
             make_pairs(sc, specs), ManualClock(), report_every_s=sc.report_every_s,
             check=sc.check == "every", settings={g.name: g.settings for g in specs},
             sleep=sleep, on_report=on_report)
+
+    def stall_columns(self) -> StallColumns:
+        """The stalls since the last answer as arrays (a few bytes a report to pickle, and
+        ``merge_stalls`` sorts them without a tuple a report); the lists emptied."""
+        times, indices, pcts = self.stalls
+        cols = (np.array(times, dtype=np.float64), np.array(indices, dtype=np.int64),
+                np.array(pcts, dtype=np.float64))
+        for col in self.stalls:
+            col.clear()
+        return cols
 
     def counts(self) -> tuple[int, ...]:
         return tuple(self.backend.counters[c] for c in WORKER_COUNTERS)
@@ -204,8 +248,7 @@ class _Shard:
         payload: Any = None
         if op == "advance":
             b.advance(arg)
-            payload = (b.changed_rows(fields=self.fields), self.stalls[:])
-            self.stalls.clear()
+            payload = (b.changed_rows(fields=self.fields), self.stall_columns())
         elif op == "sync":
             b.sync()
         elif op == "check":  # every shard syncs, as ``SimBackend.check_guest`` syncs all
@@ -474,10 +517,10 @@ class ShardedBackend:
                     self._build_samples(mine)
                     stale[:] = [i for i in stale if i % n]
         try:
-            merged = sorted(chain.from_iterable(a[1] for a in answers))
-            self._stalls([s for _, _, s in merged])
+            merged = merge_stalls([_stall_columns(a[1]) for a in answers])
         except (TypeError, ValueError) as exc:  # which worker's, the merge cannot tell
             self._fail(0, f"(or another) answered garbage stalls ({exc})")
+        self._stalls(merged)
         self.clock.set(max(self.clock.now(), end))
         self._enforce_host()
         return end
@@ -682,4 +725,4 @@ def default_shards() -> int:
 
 
 __all__ = ["ShardCounter", "ShardError", "ShardWorld", "ShardedBackend", "Shards",
-           "default_shards"]
+           "StallColumns", "default_shards", "merge_stalls"]
