@@ -337,23 +337,27 @@ def test_changed_rows_carry_what_guests_builds_for_the_same_guests() -> None:
     assert [r[0] for r in rows] == [0, 1]  # every guest at first
     last = {r[0]: r for r in rows}
     reports: dict[int, PressureReport | None] = {}
-    repeated = 0
-    for step in range(12):
-        if step == 2:
+    repeated = shipped = 0
+    for step in range(24):  # half a report period a step: a row between two rounds too
+        if step == 4:
             assert a.set_target("web", 1000) and b.set_target("web", 1000)
-        a.advance(1.0)
-        b.advance(1.0)
+        a.advance(0.5)
+        b.advance(0.5)
         stale = {g.index for g in a._stale}  # rebuilt at the next guests()
         samples = a.guests()
-        rows = b.changed_rows(fields=step % 2 == 0)
+        rows = b.changed_rows(fields=step % 4 < 2)
         assert {r[0] for r in rows} == stale
         for row in rows:
             i = row[0]
             s = samples[names[i]]
             if len(row) == 8:
                 _, ram, balloon, target, fields, report_time, alive, resident = row
-                rep = fields if isinstance(fields, PressureReport) or fields is None \
-                    else PressureReport(names[i], *fields)
+                if fields == ():  # the report of the guest's last row
+                    shipped += 1
+                    rep = reports[i]
+                else:
+                    rep = fields if isinstance(fields, PressureReport) or fields is None \
+                        else PressureReport(names[i], *fields)
                 last[i] = row
             else:
                 repeated += 1
@@ -369,6 +373,7 @@ def test_changed_rows_carry_what_guests_builds_for_the_same_guests() -> None:
                 s.resident_bytes)
             assert rep == s.report
     assert repeated > 0  # the idle guest's reports, at least
+    assert shipped > 0  # the busy guest's ticks between two report rounds
     assert b.changed_rows() == []  # nothing changed since
 
 

@@ -24,9 +24,10 @@ manager's ``Backend`` and the run's ``SimGuests``:
   late changes nothing; a target's signalled driver work runs at the start of the next
   advance in ``SimBackend`` anyway) and advances, all workers at once. Each answers with its
   guests whose sample changed (``SimBackend.changed_rows``: plain tuples, a report as its
-  fields: a tenth of the cost of pickling the records; a sleeping guest, whose report alone
-  is new, as that report's time, stall and active sample, rebuilt here with
-  ``report_unchanged`` of the report its last row made), the stall of every report it pushed
+  fields: a tenth of the cost of pickling the records; () where the guest's last row carried
+  that report already, as a guest ticked between two report rounds does; a sleeping guest,
+  whose report alone is new, as that report's time, stall and active sample, rebuilt here
+  with ``report_unchanged`` of the report its last row made), the stall of every report it pushed
   as three arrays (report times, guest indices, stalls) and its counters. Stalls are merged
   by report time and guest index (``merge_stalls``), the in-process order, so their mean and
   percentiles are bit-identical.
@@ -456,7 +457,7 @@ class ShardedBackend:
                 if len(row) == 8:  # a ``SampleRow``
                     f = row[4]
                     if not (f is None or type(f) is PressureReport
-                            or (type(f) is tuple and len(f) == len(REPORT_FIELDS))):
+                            or (type(f) is tuple and len(f) in (0, len(REPORT_FIELDS)))):
                         raise ValueError("a row without a report's fields")
                     live = row[6]
                     if not live and not alive[i]:
@@ -466,7 +467,10 @@ class ShardedBackend:
                     delta += row[7] - resident[i]
                     resident[i] = row[7]
                     renew[i] = True
-                    if f is not fields[i]:
+                    if type(f) is tuple and not f:  # its last row's (or ``ReportRow``'s) report
+                        if reports[i] is None:
+                            raise ValueError("a report repeated without one")
+                    elif f is not fields[i]:
                         if f is None or isinstance(f, PressureReport):  # the local shard's
                             reports[i] = f
                         elif f != fields[i]:  # new fields (mostly: the time first, told at once)

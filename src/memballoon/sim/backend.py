@@ -90,8 +90,9 @@ ReportSink = Callable[[str, PressureReport], None]
 REPORT_FIELDS: Final = tuple(f.name for f in fields(PressureReport))[1:]
 _report_fields = attrgetter(*REPORT_FIELDS)
 #: One changed guest as plain values (cheap to send to another process): index, RAM pages,
-#: balloon pages (0 dead), target pages, report fields (or, within one process, the report
-#: itself; None without one), report time, alive, resident bytes.
+#: balloon pages (0 dead), target pages, report fields (() when the guest's last row carried
+#: the same report; within one process, the report itself; None without one), report time,
+#: alive, resident bytes.
 SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | PressureReport | None", "float | None",
                   bool, int]
 #: A guest whose only change since its last row is its report, repeated by report rounds
@@ -168,6 +169,9 @@ class _SimGuest:
     # ``unchanged`` only its report is new (``guests()`` copies the rest, ``changed_rows``
     # sends a ``ReportRow``)
     base: GuestSample | None = field(default=None, repr=False)
+    # the report the guest's last row carried (``changed_rows``): a row whose report it
+    # still is sends () for its fields, which the reader has
+    shipped: PressureReport | None = field(default=None, repr=False)
 
 
 class SimGuests(Protocol):
@@ -558,13 +562,19 @@ class SimBackend:
                             rep.active_sampled, rep.active_touched) if fields
                            else (g.index, g.report_time, rep))
                 g.sample = _SHIPPED
+                g.shipped = rep
                 continue
             p = g.pair
+            if not fields or rep is None:
+                sent: tuple[Any, ...] | PressureReport | None = rep
+            elif rep is g.shipped:  # a guest ticked between two report rounds (half of them)
+                sent = ()
+            else:
+                sent = _report_fields(rep)
             out.append((g.index, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
-                        p.device.target_pages,
-                        _report_fields(rep) if fields and rep is not None else rep,
-                        g.report_time, g.alive, g.resident))
+                        p.device.target_pages, sent, g.report_time, g.alive, g.resident))
             g.sample = _SHIPPED  # sent: the next change puts it on the list again
+            g.shipped = rep
         self._stale.clear()
         return out
 
