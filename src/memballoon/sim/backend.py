@@ -385,21 +385,22 @@ class SimBackend:
         limit = end + TIME_EPS
         heap, guests, pop, tick = self._heap, self._guests, heapq.heappop, self._tick
         ticks = 0
+        t_rep = self._next_report  # (only a report round moves it)
         try:
             while True:
-                t_tick = heap[0][0] if heap else math.inf
-                t_rep = self._next_report
-                if t_tick > limit and t_rep > limit:
-                    break
-                if t_tick <= t_rep + TIME_EPS:
+                # the ticks due up to the next report round (within TIME_EPS: a tick at the
+                # round's time runs first), or up to the limit when that round is past it
+                bound = t_rep + TIME_EPS if t_rep <= limit else limit
+                while heap and heap[0][0] <= bound:
                     _, _, idx, version = pop(heap)
                     g = guests[idx]
                     if version == g.version and g.alive:
                         tick(g)
                         ticks += 1
-                else:
-                    self._report_round(t_rep)
-                    self._next_report = t_rep + self.report_every_s
+                if t_rep > limit:
+                    break
+                self._report_round(t_rep)
+                t_rep = self._next_report = t_rep + self.report_every_s
         finally:
             if ticks:
                 self.counters.inc(SimCounter.TICKS, ticks)
