@@ -1,3 +1,8 @@
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from memballoon.guest.report import guest_report, refused_pages, report_unchanged
 from memballoon.guest.workload import Steady
 from memballoon.harness.pair import make_pair, virtio_pair, vmw_pair
@@ -82,3 +87,16 @@ def test_refused_pages_read_directly_agree_with_the_drivers_statistics() -> None
         want = (st["errAlloc"] + (st.get("err2mAlloc", 0) << 9) if "errAlloc" in st
                 else st["refused_pages"])
         assert refused_pages(pair.driver) == want and want > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(stall=st.floats(allow_nan=True, allow_infinity=True)
+       | st.sampled_from([0.0, -0.0, 100.0, 99.99999999999999, 1e-300, math.nan]))
+def test_the_stall_share_is_clamped_exactly_as_min_max_clamps_it(stall: float) -> None:
+    # the reports clamp without calling min and max: the same float, to the sign of a zero
+    pair = make_pair("virtio", mib_to_pages(64), Steady(anon_mib=4, file_mib=0))
+    want = min(100.0, max(0.0, stall))
+    r = guest_report("g", 1.0, pair.mem, pair.driver, stall_pct=stall)
+    again = report_unchanged(r, 2.0, stall_pct=stall)
+    for got in (r.stall_pct, again.stall_pct):
+        assert repr(got) == repr(want) and math.copysign(1.0, got) == math.copysign(1.0, want)

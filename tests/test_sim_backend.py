@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import memballoon.sim.backend as sim_backend
 from memballoon.edge.journal import Journal
-from memballoon.guest.report import guest_report
+from memballoon.guest.report import guest_report, report_unchanged
 from memballoon.guest.workload import Bursts, Demand, Diurnal, Idle, Steady, Toucher
 from memballoon.harness.pair import Pair, make_pair
 from memballoon.harness.state import state_diff, state_of
@@ -276,6 +276,50 @@ def test_samples_are_rebuilt_only_for_guests_that_changed(protocol: str) -> None
             assert not dead.alive and dead.balloon_pages == 0 and dead.resident_bytes == 0
 
 
+@settings(max_examples=8, deadline=None)
+@given(protocol=st.sampled_from(["vmw", "vmw-batched", "virtio"]),
+       seed=st.integers(0, 10_000), sample=st.booleans(), kill_at=st.integers(0, 120),
+       every=st.sampled_from([1.0, 2.0, 3.0]))
+def test_quick_reports_and_samples_are_exactly_those_read_from_the_pairs(
+        protocol: str, seed: int, sample: bool, kill_at: int, every: float) -> None:
+    # a sleeping guest's report and sample repeated from its last ones (``quick_reports``)
+    # against the reference that builds every report and sample from the pair: the same
+    # reports, samples (new objects for the same guests), decisions and guests at the end
+    runs = []
+    for quick in (True, False):
+        b, e = _world(True, protocol, seed)
+        b.quick_reports = quick
+        b.report_every_s = every
+        b.rng = random.Random(seed) if sample else None
+        reports: list[tuple[str, PressureReport]] = []
+        b.on_report = lambda name, r, seen=reports: seen.append((name, r))
+        steps = []
+        last: dict[str, object] = {}
+        for step in range(120):
+            b.advance(0.5 if step % 7 == 3 else 1.0)
+            decisions = [(a.guest, a.new_pages) for a in e.step()]
+            samples = b.guests()
+            new = sorted(n for n, s in samples.items() if last.get(n) is not s)
+            last = dict(samples)
+            steps.append((decisions, dict(samples), new, b.sample_figures(samples)))
+            if step == kill_at:
+                b.kill("g3")
+        runs.append((b, steps, reports))
+    (qb, qsteps, qreports), (rb, rsteps, rreports) = runs
+    assert any(g.base is not None for g in qb._guests)  # repeated (the idle guest's at least)
+    assert not any(g.base is not None for g in rb._guests)
+    assert qreports == rreports
+    for (qd, qs, qn, qf), (rd, rs, rn, rf) in zip(qsteps, rsteps, strict=True):
+        assert (qd, qs, qn) == (rd, rs, rn)
+        assert qf is not None and rf is not None
+        assert qf[0].tolist() == rf[0].tolist() and qf[1].tolist() == rf[1].tolist()
+    assert qb.counters.as_dict() == rb.counters.as_dict()
+    qb.sync()
+    rb.sync()
+    assert state_diff({n: state_of(p) for n, p in qb.pairs.items()},
+                      {n: state_of(p) for n, p in rb.pairs.items()}) == []
+
+
 def _twins() -> tuple[SimBackend, SimBackend]:
     def one() -> SimBackend:
         pairs = {"web": make_pair("vmw-batched", mib_to_pages(128),
@@ -286,27 +330,50 @@ def _twins() -> tuple[SimBackend, SimBackend]:
 
 
 def test_changed_rows_carry_what_guests_builds_for_the_same_guests() -> None:
+    # a ``ReportRow`` (only the report new) read with the guest's last ``SampleRow``
     a, b = _twins()
     names = list(a.guests())
     rows = b.changed_rows()
     assert [r[0] for r in rows] == [0, 1]  # every guest at first
-    for step in range(6):
-        if step == 2:
+    last = {r[0]: r for r in rows}
+    reports: dict[int, PressureReport | None] = {}
+    repeated = shipped = 0
+    for step in range(24):  # half a report period a step: a row between two rounds too
+        if step == 4:
             assert a.set_target("web", 1000) and b.set_target("web", 1000)
-        a.advance(1.0)
-        b.advance(1.0)
+        a.advance(0.5)
+        b.advance(0.5)
         stale = {g.index for g in a._stale}  # rebuilt at the next guests()
         samples = a.guests()
-        rows = b.changed_rows(fields=step % 2 == 0)
+        rows = b.changed_rows(fields=step % 4 < 2)
         assert {r[0] for r in rows} == stale
-        for i, ram, balloon, target, fields, report_time, alive, resident in rows:
+        for row in rows:
+            i = row[0]
             s = samples[names[i]]
+            if len(row) == 8:
+                _, ram, balloon, target, fields, report_time, alive, resident = row
+                if fields == ():  # the report of the guest's last row
+                    shipped += 1
+                    rep = reports[i]
+                else:
+                    rep = fields if isinstance(fields, PressureReport) or fields is None \
+                        else PressureReport(names[i], *fields)
+                last[i] = row
+            else:
+                repeated += 1
+                _, ram, balloon, target, _, _, alive, resident = last[i]
+                report_time, prev = row[1], reports[i]  # the report of the rows before
+                assert prev is not None
+                rep = row[2] if len(row) == 3 else report_unchanged(
+                    prev, row[2], stall_pct=row[3], active_sampled=row[4],
+                    active_touched=row[5])
+            reports[i] = rep
             assert (ram, balloon, target, report_time, alive, resident) == (
                 s.ram_pages, s.balloon_pages, s.target_pages, s.report_time, s.alive,
                 s.resident_bytes)
-            rep = fields if isinstance(fields, PressureReport) or fields is None \
-                else PressureReport(names[i], *fields)
             assert rep == s.report
+    assert repeated > 0  # the idle guest's reports, at least
+    assert shipped > 0  # the busy guest's ticks between two report rounds
     assert b.changed_rows() == []  # nothing changed since
 
 

@@ -11,10 +11,20 @@ from array import array
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import memballoon.app.sim_shards as shards_mod
-from memballoon.app.sim_shards import ShardCounter, ShardedBackend, ShardError, Shards
+from memballoon.app.sim_shards import (
+    ShardCounter,
+    ShardedBackend,
+    ShardError,
+    Shards,
+    StallColumns,
+    merge_stalls,
+)
 from memballoon.bench.sim import fleet
 from memballoon.guest.report import guest_report
 from memballoon.sim.backend import SimCounter
@@ -78,6 +88,33 @@ def test_a_sharded_run_has_exactly_the_in_process_result(
         assert len(shards.worker_peak_rss_bytes) == n - 1  # shard 0 is this process
         assert all(rss > 0 for rss in shards.worker_peak_rss_bytes)
         assert got.to_json() == want
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_every_step_the_parent_samples_exactly_what_the_in_process_backend_does(
+        local: bool) -> None:
+    # the samples rebuilt from the rows (``SampleRow``s, and ``ReportRow``s repeating a
+    # sleeping guest's report, as fields from a worker or as the report from the local
+    # shard) against ``SimBackend.guests()``: equal, new objects for the same guests, the
+    # same figures, step by step (with the host's kills)
+    spec = ("virtio", 24, 150.0, 0.15)
+    w = build(_slice(*spec))
+    with Shards(2, local=local)(_slice(*spec), lambda xs: None, True) as sw:
+        worlds = [(w.backend, w.engine), (sw.backend, sw.engine)]
+        last: list[dict[str, object]] = [{}, {}]
+        for _ in range(150):
+            got = []
+            for k, (b, e) in enumerate(worlds):
+                b.advance(1.0)
+                samples = b.guests()  # what the engine's step collects (targets come after)
+                new = [n for n, s in samples.items() if last[k].get(n) is not s]
+                last[k] = dict(samples)
+                fig = b.sample_figures(samples)
+                assert fig is not None
+                decisions = [(a.guest, a.new_pages) for a in e.step()]
+                got.append((decisions, samples, new, fig[0].tolist(), fig[1].tolist()))
+            assert got[0] == got[1]
+        assert sw.backend.host_oom_kills == w.backend.host_oom_kills
 
 
 def test_a_subset_builds_each_guest_exactly_the_pair_the_full_build_gives() -> None:
@@ -192,3 +229,35 @@ def test_the_in_process_world_is_still_the_default() -> None:
     assert run_scenario(sc, build_world=Shards(1)).to_json() == \
         run_scenario(fleet("virtio", 4, 20.0)).to_json()
     assert build(fleet("virtio", 4, 20.0)).backend.name == "sim"
+
+
+# reports of few times and guests (so that keys repeat), stalls of every sign of zero
+_STALL = st.tuples(st.sampled_from([0.0, 5.0, 5.000000001, 10.0]), st.integers(0, 6),
+                   st.sampled_from([0.0, -0.0, 1e-300, 0.5, 33.3, 100.0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_STALL, max_size=12), min_size=1, max_size=3))
+def test_merged_stalls_are_the_sorted_tuples_stalls(
+        parts: list[list[tuple[float, int, float]]]) -> None:
+    """``merge_stalls`` of each shard's columns gives exactly (to the sign of a zero) the
+    stalls of the reference: ``sorted`` of every shard's (time, index, stall) tuples."""
+    want = [s for _, _, s in sorted(t for part in parts for t in part)]
+    cols: list[StallColumns] = [
+        (np.array([t for t, _, _ in p], dtype=np.float64),
+         np.array([i for _, i, _ in p], dtype=np.int64),
+         np.array([s for _, _, s in p], dtype=np.float64)) for p in parts]
+    got = merge_stalls(cols)
+    assert [(type(x), repr(x)) for x in got] == [(float, repr(x)) for x in want]
+
+
+def test_a_shard_sends_its_stalls_as_columns_and_empties_them() -> None:
+    sh = shards_mod._Shard(fleet("virtio", 4, 20.0), 1, 2, True)
+    sh.handle(("advance", [], [], 20.0))
+    sh.stalls[0].extend([5.0, 5.0])
+    sh.stalls[1].extend([3, 1])
+    sh.stalls[2].extend([1.5, 2.5])
+    times, indices, pcts = sh.stall_columns()
+    assert (times.tolist(), indices.tolist(), pcts.tolist()) == ([5.0, 5.0], [3, 1], [1.5, 2.5])
+    assert sh.stall_columns()[0].size == 0
+    assert merge_stalls([(times, indices, pcts)]) == [2.5, 1.5]

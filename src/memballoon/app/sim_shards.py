@@ -24,12 +24,17 @@ manager's ``Backend`` and the run's ``SimGuests``:
   late changes nothing; a target's signalled driver work runs at the start of the next
   advance in ``SimBackend`` anyway) and advances, all workers at once. Each answers with its
   guests whose sample changed (``SimBackend.changed_rows``: plain tuples, a report as its
-  fields: a tenth of the cost of pickling the records), the stall of every report it pushed
-  as (report time, guest index, stall) and its counters. Stalls are merged by report time
-  and guest index, the in-process order, so their mean and percentiles are bit-identical.
+  fields: a tenth of the cost of pickling the records; () where the guest's last row carried
+  that report already, as a guest ticked between two report rounds does; a sleeping guest,
+  whose report alone is new, as that report's time, stall and active sample, rebuilt here
+  with ``report_unchanged`` of the report its last row made), the stall of every report it pushed
+  as three arrays (report times, guest indices, stalls) and its counters. Stalls are merged
+  by report time and guest index (``merge_stalls``), the in-process order, so their mean and
+  percentiles are bit-identical.
 - ``guests()`` rebuilds the samples of the changed guests from their rows as ``SimBackend``
-  does: the same values, for the same guests (a policy that re-reads only the samples that
-  are new objects sees the same ones); a report object is kept while its fields stand.
+  does (where only the report is new, from the last sample's figures): the same values, for
+  the same guests (a policy that re-reads only the samples that are new objects sees the same
+  ones); a report object is kept while its fields stand.
 - ``set_target`` is checked here (a known, live guest; 0 to its RAM), counted when refused,
   and queued for the guest's worker.
 - The host is this process's: it sums the guests' resident bytes and, past the host's memory,
@@ -68,7 +73,6 @@ import resource
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Final, NoReturn, Protocol
@@ -76,6 +80,7 @@ from typing import Any, Final, NoReturn, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from memballoon.guest.report import report_unchanged
 from memballoon.manager.engine import Engine
 from memballoon.manager.port import ManualClock
 from memballoon.model.counters import CounterName, Counters
@@ -86,6 +91,7 @@ from memballoon.policy.sample import GuestSample
 from memballoon.protocol.pressure import PressureReport
 from memballoon.sim.backend import (
     REPORT_FIELDS,
+    ReportRow,
     SampleRow,
     SimBackend,
     SimCounter,
@@ -125,6 +131,37 @@ class ShardError(MemballoonError):
     def __init__(self, shard: int, detail: str) -> None:
         self.shard = shard
         super().__init__(f"simulation shard {shard}: {detail}")
+
+
+#: A shard's stalls since its last answer: report times, guest indices, stalls.
+StallColumns = tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64]]
+
+
+def merge_stalls(parts: Sequence[StallColumns]) -> list[float]:
+    """The stalls of ``parts`` in the in-process order: by report time, then guest index (a
+    report round pushes its reports in guest order), as ``sorted`` of the (time, index,
+    stall) tuples of every part in turn gives them (``lexsort`` is stable: equal keys keep
+    that order too); the reference is the property test's. No time or stall is NaN (a
+    report's stall is clamped to 0-100)."""
+    if len(parts) == 1:
+        times, indices, pcts = parts[0]
+    else:
+        times, indices, pcts = (np.concatenate(col) for col in zip(*parts, strict=True))
+    if len(pcts) != len(times) or len(indices) != len(times):
+        raise ValueError("stall columns of different lengths")
+    order = np.lexsort((pcts, indices, times))
+    out: list[float] = pcts[order].tolist()
+    return out
+
+
+def _stall_columns(cols: Any) -> StallColumns:
+    """``cols`` if it is a shard's ``StallColumns``, else ``ValueError``."""
+    if not (type(cols) is tuple and len(cols) == 3
+            and all(type(c) is np.ndarray and c.ndim == 1 for c in cols)
+            and cols[0].dtype == np.float64 and cols[1].dtype == np.int64
+            and cols[2].dtype == np.float64):
+        raise ValueError("not stall columns")
+    return cols
 
 
 # ---------------------------------------------------------------------------------- worker
@@ -170,16 +207,29 @@ class _Shard:
         self.fields = fields  # reports as their fields (to another process), or as they are
         specs = sc.guests[shard::shards]
         self.index = index = {g.name: shard + k * shards for k, g in enumerate(specs)}
-        self.stalls: list[tuple[float, int, float]] = []
-        stalls = self.stalls
+        # every report's (time, guest index, stall) since the last answer, as three columns
+        self.stalls: tuple[list[float], list[int], list[float]] = ([], [], [])
+        times, indices, pcts = self.stalls
 
         def on_report(name: str, r: PressureReport) -> None:
-            stalls.append((r.time_s, index[name], r.stall_pct))
+            times.append(r.time_s)
+            indices.append(index[name])
+            pcts.append(r.stall_pct)
 
         self.backend = SimBackend(
             make_pairs(sc, specs), ManualClock(), report_every_s=sc.report_every_s,
             check=sc.check == "every", settings={g.name: g.settings for g in specs},
             sleep=sleep, on_report=on_report)
+
+    def stall_columns(self) -> StallColumns:
+        """The stalls since the last answer as arrays (a few bytes a report to pickle, and
+        ``merge_stalls`` sorts them without a tuple a report); the lists emptied."""
+        times, indices, pcts = self.stalls
+        cols = (np.array(times, dtype=np.float64), np.array(indices, dtype=np.int64),
+                np.array(pcts, dtype=np.float64))
+        for col in self.stalls:
+            col.clear()
+        return cols
 
     def counts(self) -> tuple[int, ...]:
         return tuple(self.backend.counters[c] for c in WORKER_COUNTERS)
@@ -200,8 +250,7 @@ class _Shard:
         payload: Any = None
         if op == "advance":
             b.advance(arg)
-            payload = (b.changed_rows(fields=self.fields), self.stalls[:])
-            self.stalls.clear()
+            payload = (b.changed_rows(fields=self.fields), self.stall_columns())
         elif op == "sync":
             b.sync()
         elif op == "check":  # every shard syncs, as ``SimBackend.check_guest`` syncs all
@@ -273,11 +322,16 @@ class ShardedBackend:
         self._names = [g.name for g in sc.guests]
         self._settings = [g.settings for g in sc.guests]
         self._by_name = {name: i for i, name in enumerate(self._names)}
-        # each guest's last row as its worker sent it, and what this process changed since:
-        # alive, resident bytes (a kill); the report built from the row's fields
+        # each guest's last ``SampleRow`` as its worker sent it, and what this process changed
+        # since: alive, resident bytes (a kill); its report and report time (of that row, or
+        # of a ``ReportRow`` since), the fields that report was built from (None: from a
+        # ``ReportRow``); whether its sample must be built from the row again (a row or a
+        # kill since the last build; else only the report is new)
         self._rows: list[SampleRow] = [(0, 0, 0, 0, None, None, True, 0)] * n
         self._report: list[PressureReport | None] = [None] * n
+        self._report_time: list[float | None] = [None] * n
         self._fields: list[tuple[Any, ...] | PressureReport | None] = [None] * n
+        self._renew = [True] * n
         self._alive = [True] * n
         self._resident = [0] * n
         self._resident_sum = 0
@@ -390,27 +444,54 @@ class ShardedBackend:
                 self.counters.inc(name, new - old)
         self._counts[k] = counts
 
-    def _apply(self, k: int, rows: list[SampleRow]) -> None:
+    def _apply(self, k: int, rows: list[SampleRow | ReportRow]) -> None:
         """The rows of worker ``k``'s changed guests (local indices: guest ``k + j * N``);
-        the samples are built from them at the next ``guests()`` (a fleet's worth a step:
-        kept to a few list stores a row)."""
+        the reports are built from them now, the samples at the next ``guests()`` (a
+        fleet's worth a step: kept to a few list stores a row)."""
         n, last, alive, resident = self._n, self._rows, self._alive, self._resident
-        sampled, stale = self._sampled, self._stale
+        reports, times, fields, names = self._report, self._report_time, self._fields, self._names
+        renew, sampled, stale = self._renew, self._sampled, self._stale
         delta = 0
         try:
             for row in rows:
                 i = k + row[0] * n
-                f = row[4]
-                if len(row) != 8 or not (f is None or type(f) is PressureReport
-                                         or (type(f) is tuple and len(f) == len(REPORT_FIELDS))):
-                    raise ValueError(f"a row of {len(row)} values")
-                live = row[6]
-                if not live and not alive[i]:
-                    continue  # the worker's echo of a kill made here: nothing new
-                last[i] = row
-                alive[i] = live
-                delta += row[7] - resident[i]
-                resident[i] = row[7]
+                if len(row) == 8:  # a ``SampleRow``
+                    f = row[4]
+                    if not (f is None or type(f) is PressureReport
+                            or (type(f) is tuple and len(f) in (0, len(REPORT_FIELDS)))):
+                        raise ValueError("a row without a report's fields")
+                    live = row[6]
+                    if not live and not alive[i]:
+                        continue  # the worker's echo of a kill made here: nothing new
+                    last[i] = row
+                    alive[i] = live
+                    delta += row[7] - resident[i]
+                    resident[i] = row[7]
+                    renew[i] = True
+                    if type(f) is tuple and not f:  # its last row's (or ``ReportRow``'s) report
+                        if reports[i] is None:
+                            raise ValueError("a report repeated without one")
+                    elif f is not fields[i]:
+                        if f is None or isinstance(f, PressureReport):  # the local shard's
+                            reports[i] = f
+                        elif f != fields[i]:  # new fields (mostly: the time first, told at once)
+                            reports[i] = PressureReport(names[i], *f)
+                        fields[i] = f
+                    times[i] = row[5]
+                else:  # a ``ReportRow``: the report repeated, of a guest alive with one
+                    prev = reports[i]
+                    if prev is None or not alive[i]:
+                        raise ValueError("a repeated report without one")
+                    if len(row) == 6:
+                        reports[i] = report_unchanged(prev, row[2], stall_pct=row[3],
+                                                      active_sampled=row[4],
+                                                      active_touched=row[5])
+                    elif len(row) == 3 and type(row[2]) is PressureReport:
+                        reports[i] = row[2]
+                    else:
+                        raise ValueError(f"a row of {len(row)} values")
+                    fields[i] = None
+                    times[i] = row[1]
                 if sampled[i]:
                     sampled[i] = False
                     stale.append(i)
@@ -441,10 +522,10 @@ class ShardedBackend:
                     self._build_samples(mine)
                     stale[:] = [i for i in stale if i % n]
         try:
-            merged = sorted(chain.from_iterable(a[1] for a in answers))
-            self._stalls([s for _, _, s in merged])
+            merged = merge_stalls([_stall_columns(a[1]) for a in answers])
         except (TypeError, ValueError) as exc:  # which worker's, the merge cannot tell
             self._fail(0, f"(or another) answered garbage stalls ({exc})")
+        self._stalls(merged)
         self.clock.set(max(self.clock.now(), end))
         self._enforce_host()
         return end
@@ -507,28 +588,36 @@ class ShardedBackend:
         return snap
 
     def _build_samples(self, stale: list[int]) -> None:
-        """The samples of the guests ``stale`` from their rows; the per-guest figures stored
-        into the arrays at once (a numpy store a guest costs as much as the sample)."""
+        """The samples of the guests ``stale``: from their rows where those are new (the
+        per-guest figures stored into the arrays at once: a numpy store a guest costs as
+        much as the sample), else the last sample's figures with the new report."""
         out, names, settings = self._samples, self._names, self._settings
-        rows, reports, fields, alives = self._rows, self._report, self._fields, self._alive
-        resident, sampled = self._resident, self._sampled
+        rows, reports, times, alives = self._rows, self._report, self._report_time, self._alive
+        resident, renew, sampled = self._resident, self._renew, self._sampled
+        built: list[int] = []
         balloons: list[int] = []
         for i in stale:
-            row, alive = rows[i], alives[i]
-            f = row[4]
-            if f is not fields[i]:
-                if f is None or isinstance(f, PressureReport):  # the local shard's, as it is
-                    reports[i] = f
-                elif f != fields[i]:  # new fields (mostly: the time first, told at once)
-                    reports[i] = PressureReport(names[i], *f)
-                fields[i] = f
-            bal = row[2] if alive else 0
-            out[names[i]] = guest_sample(names[i], row[1], bal, row[3], settings[i], reports[i],
-                                         row[5], alive, resident[i])
-            balloons.append(bal)
+            name = names[i]
             sampled[i] = True
-        self._balloon_arr[stale] = balloons
-        self._resident_arr[stale] = [resident[i] for i in stale]
+            if not renew[i]:  # only the report is new (or nothing: a target set here)
+                b, r = out[name], reports[i]
+                out[name] = guest_sample(
+                    name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings, r,
+                    times[i], b.alive, resident[i],
+                ) if r is None else GuestSample(  # (``guest_sample``, written out)
+                    name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings, r,
+                    times[i], b.alive, resident[i], r.active_sampled, r.active_touched)
+                continue
+            renew[i] = False
+            row, alive = rows[i], alives[i]
+            bal = row[2] if alive else 0
+            out[name] = guest_sample(name, row[1], bal, row[3], settings[i], reports[i],
+                                     times[i], alive, resident[i])
+            built.append(i)
+            balloons.append(bal)
+        if built:
+            self._balloon_arr[built] = balloons
+            self._resident_arr[built] = [resident[i] for i in built]
 
     def sample_figures(
         self, samples: Mapping[str, GuestSample],
@@ -581,6 +670,7 @@ class ShardedBackend:
         self._alive[i] = False
         self._resident_sum -= self._resident[i]
         self._resident[i] = 0
+        self._renew[i] = True
         self._mark(i)
         self._kills[i % self._n].append(self._names[i])
 
@@ -640,4 +730,4 @@ def default_shards() -> int:
 
 
 __all__ = ["ShardCounter", "ShardError", "ShardWorld", "ShardedBackend", "Shards",
-           "default_shards"]
+           "StallColumns", "default_shards", "merge_stalls"]

@@ -62,7 +62,8 @@ def guest_report(
         ev.major_faults,  # major_faults
         ev.oom_kills,  # oom_kills
         ev.stall_us,  # stall_us
-        min(100.0, max(0.0, stall_pct)),  # stall_pct
+        # stall_pct: min(100.0, max(0.0, stall_pct)) (NaN and -0.0 as 0.0), without the calls
+        stall_pct if 0.0 < stall_pct < 100.0 else 100.0 if stall_pct >= 100.0 else 0.0,
         driver.target_pages,  # balloon_target_pages
         balloon,  # balloon_actual_pages
         refused_pages(driver),  # refused_pages
@@ -97,7 +98,7 @@ def report_unchanged(
         prev.major_faults,
         prev.oom_kills,
         prev.stall_us,
-        min(100.0, max(0.0, stall_pct)),
+        stall_pct if 0.0 < stall_pct < 100.0 else 100.0 if stall_pct >= 100.0 else 0.0,
         prev.balloon_target_pages,
         prev.balloon_actual_pages,
         prev.refused_pages,

@@ -29,7 +29,8 @@ does: built by ``guest.report.guest_report``, its ``stall_pct`` taken over the t
 guest's previous report, stamped ``report_time`` by the clock; a sleeping guest's report is
 built from its state (which its idle periods do not change) at the report's time: where
 nothing ran on the guest since its last report, that report's figures again
-(``report_unchanged``; the pairs change only through the backend). With an
+(``report_unchanged``; the pairs change only through the backend), and its sample the last
+one's figures with the new report (``quick_reports``: neither reads the pair). With an
 ``rng``, each report carries an ESX-style active-page sample (Waldspurger 2002:
 ``ESX_SAMPLE_PAGES`` random frames).
 
@@ -45,7 +46,8 @@ Shards: no guest reads another between two ``advance`` calls (only the host's su
 of one, and the ESX sample's shared ``rng``), so a fleet's guests can be split over several
 backends, each a subset of the pairs without a host, in processes of their own
 (``app.sim_shards``). Such a backend answers with ``changed_rows`` (the changed guests'
-samples as plain tuples) instead of ``guests()``, and a run reads either kind through
+samples as plain tuples; a guest whose report alone is new, as its report's time, stall and
+active sample) instead of ``guests()``, and a run reads either kind through
 ``SimGuests`` (``check_guest``, ``guest_violations``, ``guest_oom_kills`` instead of the
 pairs).
 """
@@ -88,10 +90,17 @@ ReportSink = Callable[[str, PressureReport], None]
 REPORT_FIELDS: Final = tuple(f.name for f in fields(PressureReport))[1:]
 _report_fields = attrgetter(*REPORT_FIELDS)
 #: One changed guest as plain values (cheap to send to another process): index, RAM pages,
-#: balloon pages (0 dead), target pages, report fields (or, within one process, the report
-#: itself; None without one), report time, alive, resident bytes.
+#: balloon pages (0 dead), target pages, report fields (() when the guest's last row carried
+#: the same report; within one process, the report itself; None without one), report time,
+#: alive, resident bytes.
 SampleRow = tuple[int, int, int, int, "tuple[Any, ...] | PressureReport | None", "float | None",
                   bool, int]
+#: A guest whose only change since its last row is its report, repeated by report rounds
+#: while nothing ran on it (``report_unchanged``; most of a fleet): index, report time, and
+#: the report's time, stall share and active sample (to another process; rebuilt with
+#: ``report_unchanged`` of the report the last row made), or the report itself.
+ReportRow = (tuple[int, "float | None", float, float, int, int]
+             | tuple[int, "float | None", PressureReport])
 
 
 #: ``changed_rows`` marks a guest's sample as sent with this (any non-None sample will do).
@@ -156,6 +165,13 @@ class _SimGuest:
     # the workload's demand at the next tick as ``_next_tick`` asked it (that tick's time,
     # the workload, the demand): the tick hands it on rather than ask again
     pending: tuple[float, Workload, Demand] | None = field(default=None, repr=False)
+    # the sample a report round of an ``unchanged`` guest made stale: while the guest stays
+    # ``unchanged`` only its report is new (``guests()`` copies the rest, ``changed_rows``
+    # sends a ``ReportRow``)
+    base: GuestSample | None = field(default=None, repr=False)
+    # the report the guest's last row carried (``changed_rows``): a row whose report it
+    # still is sends () for its fields, which the reader has
+    shipped: PressureReport | None = field(default=None, repr=False)
 
 
 class SimGuests(Protocol):
@@ -218,6 +234,10 @@ class SimBackend:
         self.host_usage = host_usage
         self.sleep = sleep
         self.on_report = on_report
+        # a sleeping guest's report and sample repeated from its last ones without reading
+        # its pair (False: every report from the pair's state, every sample from the pair:
+        # the reference the tests hold the repetition to)
+        self.quick_reports = True
         self.host_oom_kills = 0
         now = clock.now()
         settings = settings or {}
@@ -365,21 +385,22 @@ class SimBackend:
         limit = end + TIME_EPS
         heap, guests, pop, tick = self._heap, self._guests, heapq.heappop, self._tick
         ticks = 0
+        t_rep = self._next_report  # (only a report round moves it)
         try:
             while True:
-                t_tick = heap[0][0] if heap else math.inf
-                t_rep = self._next_report
-                if t_tick > limit and t_rep > limit:
-                    break
-                if t_tick <= t_rep + TIME_EPS:
+                # the ticks due up to the next report round (within TIME_EPS: a tick at the
+                # round's time runs first), or up to the limit when that round is past it
+                bound = t_rep + TIME_EPS if t_rep <= limit else limit
+                while heap and heap[0][0] <= bound:
                     _, _, idx, version = pop(heap)
                     g = guests[idx]
                     if version == g.version and g.alive:
                         tick(g)
                         ticks += 1
-                else:
-                    self._report_round(t_rep)
-                    self._next_report = t_rep + self.report_every_s
+                if t_rep > limit:
+                    break
+                self._report_round(t_rep)
+                t_rep = self._next_report = t_rep + self.report_every_s
         finally:
             if ticks:
                 self.counters.inc(SimCounter.TICKS, ticks)
@@ -412,14 +433,32 @@ class SimBackend:
         stamp = max(self.clock.now(), t)
         rng = self.rng if self.active_samples > 0 else None
         sampled = self.active_samples if rng is not None else 0
-        sink, stale = self.on_report, self._stale
+        sink, stale, quick = self.on_report, self._stale, self.quick_reports
         n = 0
         for g in self._guests:
             if not g.alive:
                 continue
+            prev = g.report
+            if quick and g.unchanged and prev is not None and t > prev.time_s:
+                # a sleeping guest (most of a fleet): nothing ran on it since ``prev``, so
+                # no stall either (its model's ``stall_us`` is ``prev``'s), and its sample
+                # stands but for the report (``base``): the pair is not read
+                touched = g.pair.mem.sample_active(rng, sampled) if rng is not None else 0
+                r = g.report = report_unchanged(prev, t, stall_pct=0.0,
+                                                active_sampled=sampled, active_touched=touched)
+                g.report_time = stamp
+                s = g.sample
+                if s is not None:
+                    g.base = s
+                    g.sample = None
+                    stale.append(g)
+                n += 1
+                if sink is not None:
+                    sink(g.name, r)
+                continue
+            # the reference: the report of the guest's state
             p = g.pair
             mem = p.mem
-            prev = g.report
             if prev is not None and t > prev.time_s:
                 d_us = max(0, mem.events.stall_us - prev.stall_us)
                 stall_pct = 100.0 * d_us / ((t - prev.time_s) * 1e6)
@@ -434,6 +473,7 @@ class SimBackend:
                                             active_sampled=sampled, active_touched=touched)
                 g.unchanged = True
             g.report_time = stamp
+            g.base = None
             if g.sample is not None:
                 g.sample = None
                 stale.append(g)
@@ -489,6 +529,16 @@ class SimBackend:
         # only the samples of guests that changed are built again: the rest stand
         out, balloons, residents = self._samples, self._balloon_arr, self._resident_arr
         for g in self._stale:
+            b = g.base
+            if b is not None and g.unchanged:  # only the report is new: the figures stand
+                r = g.report
+                assert r is not None
+                s = g.sample = GuestSample(
+                    b.name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings, r,
+                    g.report_time, b.alive, b.resident_bytes, r.active_sampled,
+                    r.active_touched)
+                out[g.name] = s
+                continue
             p = g.pair
             s = g.sample = guest_sample(
                 g.name, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
@@ -500,18 +550,32 @@ class SimBackend:
         snap = self._returned = dict(out)  # the caller's own
         return snap
 
-    def changed_rows(self, *, fields: bool = True) -> list[SampleRow]:
-        """The guests whose sample changed since the last call, as ``SampleRow``s (a shard's
-        answer; instead of ``guests()``, never mixed with it); the reports as their fields
-        (to another process), or as they are."""
-        out: list[SampleRow] = []
+    def changed_rows(self, *, fields: bool = True) -> list[SampleRow | ReportRow]:
+        """The guests whose sample changed since the last call, as ``SampleRow``s, or as
+        ``ReportRow``s where only the report is new (a shard's answer; instead of
+        ``guests()``, never mixed with it); the reports as their fields (to another
+        process), or as they are."""
+        out: list[SampleRow | ReportRow] = []
         for g in self._stale:
-            p, rep = g.pair, g.report
+            rep = g.report
+            if g.base is not None and g.unchanged and rep is not None:
+                out.append((g.index, g.report_time, rep.time_s, rep.stall_pct,
+                            rep.active_sampled, rep.active_touched) if fields
+                           else (g.index, g.report_time, rep))
+                g.sample = _SHIPPED
+                g.shipped = rep
+                continue
+            p = g.pair
+            if not fields or rep is None:
+                sent: tuple[Any, ...] | PressureReport | None = rep
+            elif rep is g.shipped:  # a guest ticked between two report rounds (half of them)
+                sent = ()
+            else:
+                sent = _report_fields(rep)
             out.append((g.index, p.mem.total_pages, p.device.actual_pages if g.alive else 0,
-                        p.device.target_pages,
-                        _report_fields(rep) if fields and rep is not None else rep,
-                        g.report_time, g.alive, g.resident))
+                        p.device.target_pages, sent, g.report_time, g.alive, g.resident))
             g.sample = _SHIPPED  # sent: the next change puts it on the list again
+            g.shipped = rep
         self._stale.clear()
         return out
 
@@ -607,6 +671,6 @@ def run(
             on_step(engine)
 
 
-__all__ = ["ESX_SAMPLE_PAGES", "REPORT_FIELDS", "SampleRow", "SimBackend", "SimCounter",
-           "SimGuests", "SimHost", "SimHostProbe", "guest_sample", "host_oom_victim", "run",
-           "usage_at"]
+__all__ = ["ESX_SAMPLE_PAGES", "REPORT_FIELDS", "ReportRow", "SampleRow", "SimBackend",
+           "SimCounter", "SimGuests", "SimHost", "SimHostProbe", "guest_sample",
+           "host_oom_victim", "run", "usage_at"]
