@@ -786,6 +786,12 @@ class VirtioBalloonDevice:
     def held_deflates(self) -> int:
         return len(self._held)
 
+    @property
+    def settled(self) -> bool:
+        """No reset pending and no deflate held: nothing the device waits to finish (asked
+        every period of a busy guest, in one call)."""
+        return not self._held and self._reset_ack == self._reset_generation
+
     # ------------------------------------------------------------------ host side
     def _has(self, feature: int) -> bool:
         return has(self.features, feature)

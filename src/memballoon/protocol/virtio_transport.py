@@ -271,6 +271,12 @@ class DirectTransport:
     def pending_kicks(self) -> tuple[int, ...]:
         return tuple(self._kicks)
 
+    @property
+    def idle(self) -> bool:
+        """Not deferred and no kick queued: a doorbell reaches the device at once (asked
+        every period of a busy guest: no tuple of the kicks)."""
+        return not self.deferred and not self._kicks
+
     def run_device(self) -> int:
         """Deliver queued kicks to the device; returns how many queues it ran."""
         kicks, self._kicks = self._kicks, []
