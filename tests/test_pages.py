@@ -48,6 +48,20 @@ def test_coalesce_covers_exactly_the_pfns(pfns: set[int]) -> None:
         assert bool((r[1:, 0] > r[:-1, 1]).all())  # maximal: no two ranges touch
 
 
+@given(_runs_in_any_order, st.booleans())
+def test_coalesce_of_runs_in_any_order_is_the_ranges_of_their_sorted_frames(
+        pfns: list[int], reverse: bool) -> None:
+    # the reference: the sorted, de-duplicated frames, cut where a frame does not follow
+    # the one before
+    p = np.array(pfns[::-1] if reverse else pfns, dtype=np.int64)
+    u = np.unique(p)
+    cut = np.flatnonzero(np.diff(u) != 1) + 1
+    want = [[int(r[0]), int(r[-1]) + 1] for r in np.split(u, cut)] if u.size else []
+    got = coalesce(p)
+    assert got.dtype == np.int64 and got.shape == (len(want), 2)
+    assert got.tolist() == want
+
+
 def test_merge_ranges_folds_extents_without_expanding_them() -> None:
     assert merge_ranges([8, 0, 2], [10, 2, 4]).tolist() == [[0, 4], [8, 10]]
     assert merge_ranges([0, 1], [5, 3]).tolist() == [[0, 5]]  # overlap inside

@@ -521,7 +521,11 @@ class VirtioBalloonDriver:
             self._free_refused(len(self._refused) - VIRTIO_BALLOON_X_MAX_REFUSED_HELD)
 
     def _free_slot(self, role: BalloonQueue) -> _Slot | None:
-        slots = self._free_slots(role, 1)
+        """``_free_slots(role, 1)``'s slot: the first idle one, found without a list of all."""
+        for s in self._slots[role]:
+            if not s.busy:
+                return s
+        slots = self._free_slots(role, 1)  # none idle: collect, then look again
         return slots[0] if slots else None
 
     def _free_slots(self, role: BalloonQueue, k: int) -> list[_Slot]:

@@ -813,7 +813,8 @@ class VirtioBalloonDevice:
         """The driver's ``actual``, never more than the pages the device holds released: a
         guest that claims a bigger balloon (``0xFFFFFFFF``) must not make the manager think
         the host has that memory back."""
-        return min(self._actual, self._inflated_count)
+        actual, held = self._actual, self._inflated_count
+        return actual if actual < held else held  # (asked every period: no call of ``min``)
 
     @property
     def inflated_pages(self) -> int:
