@@ -16,6 +16,7 @@ from memballoon.model.pages import (
     merge_ranges,
     range_pages,
     run_list_frames,
+    run_list_ranges,
     sorted_pfns,
     sorted_runs,
 )
@@ -60,6 +61,15 @@ def test_coalesce_of_runs_in_any_order_is_the_ranges_of_their_sorted_frames(
     got = coalesce(p)
     assert got.dtype == np.int64 and got.shape == (len(want), 2)
     assert got.tolist() == want
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 40)), max_size=12))
+def test_run_list_ranges_are_the_ranges_of_the_runs_frames(runs: list[tuple[int, int]]) -> None:
+    # what a bulk deflate hands the device with its frames: coalesce of them, from the runs
+    got = run_list_ranges(runs)
+    want = coalesce(run_list_frames(runs))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tolist() == want.tolist()
 
 
 def test_merge_ranges_folds_extents_without_expanding_them() -> None:

@@ -55,7 +55,7 @@ from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
-from memballoon.model.pages import PfnArray, run_list_frames, sorted_pfns
+from memballoon.model.pages import PfnArray, run_list_frames, run_list_ranges, sorted_pfns
 from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
@@ -269,7 +269,7 @@ class VirtioBalloonDriver:
     # ------------------------------------------------------------------ BalloonDriver
     @property
     def balloon_pages(self) -> int:
-        return len(self._balloon)
+        return self._balloon.size  # (``len``: asked every period, an attribute costs less)
 
     @property
     def target_pages(self) -> int:
@@ -401,9 +401,9 @@ class VirtioBalloonDriver:
         """``quiet`` but for free page reporting: loaded, no config change or used buffer
         unseen, nothing to adjust, nothing in flight but the stats buffer the device holds,
         no refused frame held."""
-        if (not self._loaded or self._adjust_pending or self._stalled or len(self._refused)
+        if (not self._loaded or self._adjust_pending or self._stalled or self._refused.size
                 or self.used_interrupts != self._used_seen
-                or self._target != len(self._balloon)):
+                or self._target != self._balloon.size):
             return False
         stats = BalloonQueue.STATSQ
         # (a loop: ``all`` of a generator costs a frame more)
@@ -682,7 +682,7 @@ class VirtioBalloonDriver:
         runs = self._balloon.pop_back_runs(rounds * a)  # the rounds took it newest first
         every = run_list_frames(runs)
         t.take_rounds(self._qidx[role], q, [[(slots[0].gpa, 4 * a, False)]], [0], rounds,
-                      every)
+                      every, ranges=run_list_ranges(runs))
         self.view.write(slots[0].gpa, every[:a].astype("<u4").tobytes())  # the last array
         self._give_back(every, runs)
         self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS, rounds)

@@ -648,14 +648,16 @@ class VirtioBalloonDevice:
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
-                    rounds: int, frames: PfnArray) -> None:
+                    rounds: int, frames: PfnArray, *, ranges: RangeArray | None = None) -> None:
         """Take (inflateq) or give back (deflateq) ``frames`` as ``rounds`` doorbells of
         ``chains`` would, every frame going through, every buffer returned used with its
         status bytes written (``BulkRounds``; only after ``can_take_rounds``): the bitmap,
-        counters, host memory and both ends of the queue as that many doorbells leave them."""
+        counters, host memory and both ends of the queue as that many doorbells leave them.
+        ``ranges``: ``coalesce(frames)``, if the caller has it (a deflate of the balloon's
+        runs: no pass over every frame to find them again)."""
         n = int(frames.size)
         inflate = self._roles[queue] is BalloonQueue.INFLATEQ
-        runs = coalesce(frames)
+        runs = coalesce(frames) if ranges is None else ranges
         few = len(runs) <= _FEW_RUNS and (inflate or not n or int(runs[0, 0]) >= 0)
         if n and few:
             # the usual rounds: a few runs of frames, checked (and marked) a slice each

@@ -153,6 +153,16 @@ def run_list_frames(runs: Sequence[tuple[int, int]]) -> npt.NDArray[np.int64]:
     return expand_runs(starts, lens)
 
 
+def run_list_ranges(runs: Sequence[tuple[int, int]]) -> RangeArray:
+    """``coalesce(run_list_frames(runs))`` from the runs alone: their sorted, merged
+    ``[start, end)`` ranges, at the cost of the runs, not of their frames."""
+    if len(runs) == 1 and runs[0][1] > 0:  # the usual: one run
+        first, k = runs[0]
+        return np.array([[first, first + k]], dtype=np.int64)
+    r = np.array(runs, dtype=np.int64).reshape(-1, 2)
+    return merge_ranges(r[:, 0], r[:, 0] + r[:, 1])
+
+
 def sorted_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]
                 ) -> npt.NDArray[np.int64]:
     """The frames of runs, ascending (``np.sort`` of their frames, repeats kept): the runs are
