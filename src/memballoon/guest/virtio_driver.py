@@ -45,6 +45,7 @@ survived; a used ring that breaks stops that queue, its frames stay transient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -372,10 +373,23 @@ class VirtioBalloonDriver:
         """The next ``work`` changes nothing but when the next free-page report is due:
         loaded, no config change or used buffer unseen, nothing to adjust, nothing in flight
         but the stats buffer the device holds, no refused frame held, no free block to
-        report."""
-        if not self._settled():
+        report (``quiet_at`` a time at which a reporting pass is always due)."""
+        return self.quiet_at(math.inf)
+
+    def quiet_at(self, now: float) -> bool:
+        """``quiet`` for the period at ``now`` alone: whether ``work(now)`` would be
+        ``idle_work(now)``. A reporting pass not due then does not run, so whether free
+        blocks wait for the next one does not matter: their search (``has_reportable``, the
+        costly part of ``quiet``) is left to the periods a pass is due."""
+        if (not self._loaded or self._adjust_pending or self._stalled or self._refused.size
+                or self.used_interrupts != self._used_seen
+                or self._target != self._balloon.size):
             return False
-        if not self._reporting:
+        stats = BalloonQueue.STATSQ
+        for role, _ in self._pending:  # (a loop: ``any`` of a generator costs a frame more)
+            if role is not stats:
+                return False
+        if not self._reporting or now < self._next_report:
             return True
         # _report_room, inlined (this runs for every guest that might sleep, every period):
         # no report is in flight here, so only the queue and the zone's free pages decide
@@ -387,30 +401,6 @@ class VirtioBalloonDriver:
         if free < low + PAGE_REPORTING_CAPACITY * BLOCK_PAGES or free // 16 // BLOCK_PAGES <= 0:
             return True
         return not mem.has_reportable(low)
-
-    def quiet_at(self, now: float) -> bool:
-        """``quiet`` for the period at ``now`` alone: whether ``work(now)`` would be
-        ``idle_work(now)``. A reporting pass not due then does not run, so whether free
-        blocks wait for the next one does not matter: their search (``has_reportable``, the
-        costly part of ``quiet``) is left to the periods a pass is due."""
-        if self._reporting and now >= self._next_report:
-            return self.quiet()
-        return self._settled()
-
-    def _settled(self) -> bool:
-        """``quiet`` but for free page reporting: loaded, no config change or used buffer
-        unseen, nothing to adjust, nothing in flight but the stats buffer the device holds,
-        no refused frame held."""
-        if (not self._loaded or self._adjust_pending or self._stalled or self._refused.size
-                or self.used_interrupts != self._used_seen
-                or self._target != self._balloon.size):
-            return False
-        stats = BalloonQueue.STATSQ
-        # (a loop: ``all`` of a generator costs a frame more)
-        for role, _ in self._pending:  # noqa: SIM110
-            if role is not stats:
-                return False
-        return True
 
     def idle_work(self, now: float) -> None:
         """What ``work`` does in a quiet period (``quiet`` held): a reporting pass, if due,

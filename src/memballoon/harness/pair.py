@@ -125,8 +125,7 @@ class Pair:
             demand = self.workload.demand(now)
         self.last_step = self.mem.step(now, self.period_s, demand)
         if self._link_quiet_at(now):
-            self._link_idle_work()(now)
-            self._link_idle_periods(1)
+            self._link_idle_tick(now)
         else:
             self.driver.work(now)
         self.cycles += 1
@@ -211,6 +210,12 @@ class Pair:
     def _link_idle_work(self) -> Callable[[float], None]:
         """What the driver does in each idle period, given that period's time."""
         raise UsageError(f"{type(self).__name__} cannot skip a period")
+
+    def _link_idle_tick(self, now: float) -> None:
+        """The driver's idle work of the period at ``now`` and the protocol's bookkeeping of
+        it (``tick`` of a quiet link; a protocol may do both in one call)."""
+        self._link_idle_work()(now)
+        self._link_idle_periods(1)
 
     def _link_idle_run(self, now: float, limit: float) -> tuple[float, int]:
         """The driver's idle work of every period after ``now`` whose tick falls at or
@@ -447,6 +452,9 @@ class VirtioPair(Pair):
 
     def _link_idle_work(self) -> Callable[[float], None]:
         return self.driver.idle_work
+
+    def _link_idle_tick(self, now: float) -> None:
+        self.driver.idle_work(now)  # no bookkeeping beyond the driver's
 
     def _link_idle_run(self, now: float, limit: float) -> tuple[float, int]:
         return self.driver.idle_run(now, self.period_s, limit)
