@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from memballoon.model.errors import GuestAddressError
 from memballoon.model.pages import (
     as_pfns,
+    ascending_ranges,
     block_frames,
     check_ranges,
     coalesce,
@@ -70,6 +71,20 @@ def test_run_list_ranges_are_the_ranges_of_the_runs_frames(runs: list[tuple[int,
     want = coalesce(run_list_frames(runs))
     assert got.dtype == want.dtype and got.shape == want.shape
     assert got.tolist() == want.tolist()
+
+
+@given(_runs_in_any_order)
+def test_ascending_ranges_are_coalesce_of_ascending_frames_and_none_otherwise(
+        pfns: list[int]) -> None:
+    p = np.array(pfns, dtype=np.int64)
+    got = ascending_ranges(p)
+    if p.size > 1 and not bool((np.diff(p) > 0).all()):
+        assert got is None
+    else:
+        assert got is not None and got.dtype == np.int64
+        assert got.tolist() == coalesce(p).tolist()
+        # in order, as the frames run: their frames again
+        assert run_list_frames([(a, b - a) for a, b in got.tolist()]).tolist() == pfns
 
 
 def test_merge_ranges_folds_extents_without_expanding_them() -> None:

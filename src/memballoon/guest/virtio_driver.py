@@ -56,7 +56,14 @@ from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
-from memballoon.model.pages import PfnArray, run_list_frames, run_list_ranges, sorted_pfns
+from memballoon.model.pages import (
+    PfnArray,
+    RangeArray,
+    ascending_ranges,
+    run_list_frames,
+    run_list_ranges,
+    sorted_pfns,
+)
 from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
@@ -142,6 +149,7 @@ PFN_SLOTS: Final = 64
 #: what bound a local guest's inflate speed.
 FILL_BATCH: Final = 8
 RUN_FRAMES_MIN: Final = 64  # frames a run on average, at least, for a give-back a slice a run
+FEW_RUNS: Final = 64  # runs of frames, at most, pushed into the balloon one by one
 #: The longest array the driver sends: what the device reads of one chain (64 KiB).
 X_ARRAY_PFNS_MAX: Final = 16384
 #: PFNs an array when the host's pages are 2 MiB: sixteen whole host pages (module docstring;
@@ -584,12 +592,13 @@ class VirtioBalloonDriver:
             sizes = [int(pfns[i * a : (i + 1) * a].size) for i in range(-(-k // a))]
             chains = [[(s.gpa, 4 * m, False), *([(s.status_gpa, m, True)] if refuse else [])]
                       for s, m in zip(slots, sizes, strict=False)]
+            ranges = ascending_ranges(pfns)
             cast(BulkRounds, self.transport).take_rounds(
                 self._qidx[BalloonQueue.INFLATEQ], q, chains,
-                [m if refuse else 0 for m in sizes], 1, pfns)
+                [m if refuse else 0 for m in sizes], 1, pfns, ranges=ranges)
             for i, slot in enumerate(slots[: len(sizes)]):
                 self.view.write(slot.gpa, wire[i * a : (i + 1) * a].tobytes())
-            self._into_balloon(pfns)
+            self._into_balloon(pfns, ranges)
             self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, len(sizes))
             return k
         for i, slot in enumerate(slots):
@@ -645,12 +654,13 @@ class VirtioBalloonDriver:
         else:
             frames = [self.mem.alloc_sleep(k) for _ in range(rounds)]  # whole: no reclaim
             every, last = np.concatenate(frames), frames[-1]
+        ranges = ascending_ranges(every)  # the usual: a few runs, found once for both ends
         t.take_rounds(self._qidx[role], q, chains, [a if refuse else 0] * FILL_BATCH, rounds,
-                      every)
+                      every, ranges=ranges)
         wire = last.astype("<u4")
         for i, s in enumerate(slots):  # the arrays hold the last round's frames
             self.view.write(s.gpa, wire[i * a : (i + 1) * a].tobytes())
-        self._into_balloon(every)
+        self._into_balloon(every, ranges)
         self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, rounds * FILL_BATCH)
         return int(every.size)
 
@@ -832,10 +842,17 @@ class VirtioBalloonDriver:
             # brings a doorbell's worth, FILL_BATCH buffers)
             self._into_balloon(taken[0] if len(taken) == 1 else np.concatenate(taken))
 
-    def _into_balloon(self, pfns: PfnArray) -> None:
+    def _into_balloon(self, pfns: PfnArray, runs: RangeArray | None = None) -> None:
         """Frames the device took (a collect's used buffers, or a bulk call's): into the
-        balloon, and out of MemTotal unless DEFLATE_ON_OOM."""
-        self._balloon.push_back(pfns)
+        balloon, and out of MemTotal unless DEFLATE_ON_OOM. ``runs``: ``pfns``'s runs in
+        order (``ascending_ranges``), if the caller has them: a few are pushed one by one,
+        with no pass over every frame to find them again."""
+        if runs is not None and len(runs) <= FEW_RUNS:
+            push_run = self._balloon.push_run
+            for first, end in runs.tolist():
+                push_run(first, end - first)
+        else:
+            self._balloon.push_back(pfns)
         if pfns.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             self.mem.adjust_managed(int(pfns.size))
         self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(pfns.size))

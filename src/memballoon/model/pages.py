@@ -62,6 +62,25 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     return merge_ranges(starts, ends)
 
 
+def ascending_ranges(pfns: PfnArray) -> RangeArray | None:
+    """``coalesce(pfns)`` if ``pfns`` strictly ascend (then its ranges are their runs, in
+    order); None, having done no more than ``coalesce`` would, if they do not.
+
+    >>> ascending_ranges(np.array([3, 4, 5, 9])).tolist(), ascending_ranges(np.array([4, 3]))
+    ([[3, 6], [9, 10]], None)
+    """
+    k = pfns.size
+    if k < 2:
+        return coalesce(pfns)
+    steps = pfns[1:] - pfns[:-1]
+    cuts = (steps != 1).nonzero()[0]
+    if not bool((steps[cuts] > 0).all()):  # every step inside a run is 1
+        return None
+    if cuts.size == 0:
+        return np.array([[int(pfns[0]), int(pfns[-1]) + 1]], dtype=np.int64)
+    return np.stack(_bounds_at(pfns, cuts), axis=1)
+
+
 #: Up to this many PFNs, ``coalesce`` folds ascending ones in Python: cheaper than the numpy
 #: calls (a free page report's blocks, a few dozen at most).
 _FEW_PFNS = 32
