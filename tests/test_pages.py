@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from memballoon.model.errors import GuestAddressError
 from memballoon.model.pages import (
     as_pfns,
+    ascending_ranges,
     block_frames,
     check_ranges,
     coalesce,
@@ -16,6 +17,7 @@ from memballoon.model.pages import (
     merge_ranges,
     range_pages,
     run_list_frames,
+    run_list_ranges,
     sorted_pfns,
     sorted_runs,
 )
@@ -46,6 +48,43 @@ def test_coalesce_covers_exactly_the_pfns(pfns: set[int]) -> None:
     assert range_pages(r) == len(pfns)
     if len(r) > 1:
         assert bool((r[1:, 0] > r[:-1, 1]).all())  # maximal: no two ranges touch
+
+
+@given(_runs_in_any_order, st.booleans())
+def test_coalesce_of_runs_in_any_order_is_the_ranges_of_their_sorted_frames(
+        pfns: list[int], reverse: bool) -> None:
+    # the reference: the sorted, de-duplicated frames, cut where a frame does not follow
+    # the one before
+    p = np.array(pfns[::-1] if reverse else pfns, dtype=np.int64)
+    u = np.unique(p)
+    cut = np.flatnonzero(np.diff(u) != 1) + 1
+    want = [[int(r[0]), int(r[-1]) + 1] for r in np.split(u, cut)] if u.size else []
+    got = coalesce(p)
+    assert got.dtype == np.int64 and got.shape == (len(want), 2)
+    assert got.tolist() == want
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 40)), max_size=12))
+def test_run_list_ranges_are_the_ranges_of_the_runs_frames(runs: list[tuple[int, int]]) -> None:
+    # what a bulk deflate hands the device with its frames: coalesce of them, from the runs
+    got = run_list_ranges(runs)
+    want = coalesce(run_list_frames(runs))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tolist() == want.tolist()
+
+
+@given(_runs_in_any_order)
+def test_ascending_ranges_are_coalesce_of_ascending_frames_and_none_otherwise(
+        pfns: list[int]) -> None:
+    p = np.array(pfns, dtype=np.int64)
+    got = ascending_ranges(p)
+    if p.size > 1 and not bool((np.diff(p) > 0).all()):
+        assert got is None
+    else:
+        assert got is not None and got.dtype == np.int64
+        assert got.tolist() == coalesce(p).tolist()
+        # in order, as the frames run: their frames again
+        assert run_list_frames([(a, b - a) for a, b in got.tolist()]).tolist() == pfns
 
 
 def test_merge_ranges_folds_extents_without_expanding_them() -> None:

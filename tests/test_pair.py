@@ -187,6 +187,49 @@ def test_a_tick_that_skips_the_drivers_idle_work_ends_where_working_ends(
     assert check_pair(fast) == []
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([
+        Bursty(base_mib=16, peak_mib=160, file_mib=8, period_s=5, burst_s=2, ramp_s=1),
+        Toucher(low_mib=16, high_mib=150, period_s=3),
+        Ramp(start_mib=8, peak_mib=200, mib_per_s=40, file_mib=4),
+    ]),
+    st.lists(st.tuples(st.integers(1, 25), st.integers(0, mib_to_pages(128))), max_size=5),
+    st.sampled_from([1, HPAGE_PMD_NR]),
+)
+def test_a_virtio_tick_between_reporting_passes_ends_where_working_ends(
+        workload: Steady, steps: list[tuple[int, int]], host_page_frames: int) -> None:
+    # a guest large enough to report free blocks: between two reporting passes a tick
+    # whose driver is settled runs the idle work even with free blocks waiting
+    # (``quiet_at``), and ends in exactly the state of the driver's full work
+    big = mib_to_pages(256)
+    fast = virtio_pair(big, workload, host_page_frames=host_page_frames)
+    slow = virtio_pair(big, workload, host_page_frames=host_page_frames)
+    for periods, target in [*steps, (30, 0)]:
+        for p in (fast, slow):
+            p.set_target(target)
+        for _ in range(periods):
+            fast.tick(check=False)
+            _tick_with_work(slow)
+        assert state_diff(state_of(slow), state_of(fast)) == []
+    assert check_pair(fast) == []
+
+
+def test_a_virtio_tick_skips_the_search_for_free_blocks_until_a_pass_is_due() -> None:
+    pair = virtio_pair(mib_to_pages(256), Idle(anon_mib=16, file_mib=8))
+    pair.run_until(lambda p: False, 3, check=False)
+    drv = pair.driver
+    assert drv.quiet_at(pair.now + pair.period_s) and not drv.quiet()  # blocks to report
+    assert not drv.quiet_at(drv._next_report)  # the pass is due: it finds them
+    skipped = 0
+    for _ in range(40):
+        nxt = pair.now + pair.period_s
+        skipped += drv.quiet_at(nxt) and not drv.quiet()
+        pair.tick()
+    assert skipped > 0 and pair.violations == []
+    assert drv.counters["reported_blocks"] > 0
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(PROTOCOLS), workloads,
        st.lists(st.tuples(st.integers(1, 8), st.integers(0, mib_to_pages(G) - 1)), max_size=5))

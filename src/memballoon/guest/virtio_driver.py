@@ -45,6 +45,7 @@ survived; a used ring that breaks stops that queue, its frames stay transient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -55,7 +56,14 @@ from memballoon.guest.memory import BLOCK_PAGES, GuestMemory
 from memballoon.guest.pfndeque import PfnDeque
 from memballoon.model.counters import CounterName, Counters
 from memballoon.model.errors import DescriptorError, DeviceConfigError, PeerError, UsageError
-from memballoon.model.pages import PfnArray, run_list_frames, sorted_pfns
+from memballoon.model.pages import (
+    PfnArray,
+    RangeArray,
+    ascending_ranges,
+    run_list_frames,
+    run_list_ranges,
+    sorted_pfns,
+)
 from memballoon.model.units import HPAGE_PMD_NR, KIB, MIB, PAGE_SIZE
 from memballoon.protocol.virtio_balloon import (
     OFFSET_ACTUAL,
@@ -141,6 +149,7 @@ PFN_SLOTS: Final = 64
 #: what bound a local guest's inflate speed.
 FILL_BATCH: Final = 8
 RUN_FRAMES_MIN: Final = 64  # frames a run on average, at least, for a give-back a slice a run
+FEW_RUNS: Final = 64  # runs of frames, at most, pushed into the balloon one by one
 #: The longest array the driver sends: what the device reads of one chain (64 KiB).
 X_ARRAY_PFNS_MAX: Final = 16384
 #: PFNs an array when the host's pages are 2 MiB: sixteen whole host pages (module docstring;
@@ -269,7 +278,7 @@ class VirtioBalloonDriver:
     # ------------------------------------------------------------------ BalloonDriver
     @property
     def balloon_pages(self) -> int:
-        return len(self._balloon)
+        return self._balloon.size  # (``len``: asked every period, an attribute costs less)
 
     @property
     def target_pages(self) -> int:
@@ -372,16 +381,23 @@ class VirtioBalloonDriver:
         """The next ``work`` changes nothing but when the next free-page report is due:
         loaded, no config change or used buffer unseen, nothing to adjust, nothing in flight
         but the stats buffer the device holds, no refused frame held, no free block to
-        report."""
-        if (not self._loaded or self._adjust_pending or self._stalled or len(self._refused)
+        report (``quiet_at`` a time at which a reporting pass is always due)."""
+        return self.quiet_at(math.inf)
+
+    def quiet_at(self, now: float) -> bool:
+        """``quiet`` for the period at ``now`` alone: whether ``work(now)`` would be
+        ``idle_work(now)``. A reporting pass not due then does not run, so whether free
+        blocks wait for the next one does not matter: their search (``has_reportable``, the
+        costly part of ``quiet``) is left to the periods a pass is due."""
+        if (not self._loaded or self._adjust_pending or self._stalled or self._refused.size
                 or self.used_interrupts != self._used_seen
-                or self._target != len(self._balloon)):
+                or self._target != self._balloon.size):
             return False
         stats = BalloonQueue.STATSQ
         for role, _ in self._pending:  # (a loop: ``any`` of a generator costs a frame more)
             if role is not stats:
                 return False
-        if not self._reporting:
+        if not self._reporting or now < self._next_report:
             return True
         # _report_room, inlined (this runs for every guest that might sleep, every period):
         # no report is in flight here, so only the queue and the zone's free pages decide
@@ -503,7 +519,11 @@ class VirtioBalloonDriver:
             self._free_refused(len(self._refused) - VIRTIO_BALLOON_X_MAX_REFUSED_HELD)
 
     def _free_slot(self, role: BalloonQueue) -> _Slot | None:
-        slots = self._free_slots(role, 1)
+        """``_free_slots(role, 1)``'s slot: the first idle one, found without a list of all."""
+        for s in self._slots[role]:
+            if not s.busy:
+                return s
+        slots = self._free_slots(role, 1)  # none idle: collect, then look again
         return slots[0] if slots else None
 
     def _free_slots(self, role: BalloonQueue, k: int) -> list[_Slot]:
@@ -572,12 +592,13 @@ class VirtioBalloonDriver:
             sizes = [int(pfns[i * a : (i + 1) * a].size) for i in range(-(-k // a))]
             chains = [[(s.gpa, 4 * m, False), *([(s.status_gpa, m, True)] if refuse else [])]
                       for s, m in zip(slots, sizes, strict=False)]
+            ranges = ascending_ranges(pfns)
             cast(BulkRounds, self.transport).take_rounds(
                 self._qidx[BalloonQueue.INFLATEQ], q, chains,
-                [m if refuse else 0 for m in sizes], 1, pfns)
+                [m if refuse else 0 for m in sizes], 1, pfns, ranges=ranges)
             for i, slot in enumerate(slots[: len(sizes)]):
                 self.view.write(slot.gpa, wire[i * a : (i + 1) * a].tobytes())
-            self._into_balloon(pfns)
+            self._into_balloon(pfns, ranges)
             self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, len(sizes))
             return k
         for i, slot in enumerate(slots):
@@ -633,12 +654,13 @@ class VirtioBalloonDriver:
         else:
             frames = [self.mem.alloc_sleep(k) for _ in range(rounds)]  # whole: no reclaim
             every, last = np.concatenate(frames), frames[-1]
+        ranges = ascending_ranges(every)  # the usual: a few runs, found once for both ends
         t.take_rounds(self._qidx[role], q, chains, [a if refuse else 0] * FILL_BATCH, rounds,
-                      every)
+                      every, ranges=ranges)
         wire = last.astype("<u4")
         for i, s in enumerate(slots):  # the arrays hold the last round's frames
             self.view.write(s.gpa, wire[i * a : (i + 1) * a].tobytes())
-        self._into_balloon(every)
+        self._into_balloon(every, ranges)
         self.counters.inc(VirtioDriverCounter.INFLATE_BUFFERS, rounds * FILL_BATCH)
         return int(every.size)
 
@@ -660,7 +682,7 @@ class VirtioBalloonDriver:
         runs = self._balloon.pop_back_runs(rounds * a)  # the rounds took it newest first
         every = run_list_frames(runs)
         t.take_rounds(self._qidx[role], q, [[(slots[0].gpa, 4 * a, False)]], [0], rounds,
-                      every)
+                      every, ranges=run_list_ranges(runs))
         self.view.write(slots[0].gpa, every[:a].astype("<u4").tobytes())  # the last array
         self._give_back(every, runs)
         self.counters.inc(VirtioDriverCounter.DEFLATE_BUFFERS, rounds)
@@ -820,10 +842,17 @@ class VirtioBalloonDriver:
             # brings a doorbell's worth, FILL_BATCH buffers)
             self._into_balloon(taken[0] if len(taken) == 1 else np.concatenate(taken))
 
-    def _into_balloon(self, pfns: PfnArray) -> None:
+    def _into_balloon(self, pfns: PfnArray, runs: RangeArray | None = None) -> None:
         """Frames the device took (a collect's used buffers, or a bulk call's): into the
-        balloon, and out of MemTotal unless DEFLATE_ON_OOM."""
-        self._balloon.push_back(pfns)
+        balloon, and out of MemTotal unless DEFLATE_ON_OOM. ``runs``: ``pfns``'s runs in
+        order (``ascending_ranges``), if the caller has them: a few are pushed one by one,
+        with no pass over every frame to find them again."""
+        if runs is not None and len(runs) <= FEW_RUNS:
+            push_run = self._balloon.push_run
+            for first, end in runs.tolist():
+                push_run(first, end - first)
+        else:
+            self._balloon.push_back(pfns)
         if pfns.size and not self.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             self.mem.adjust_managed(int(pfns.size))
         self.counters.inc(VirtioDriverCounter.INFLATED_PAGES, int(pfns.size))

@@ -648,14 +648,16 @@ class VirtioBalloonDevice:
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
-                    rounds: int, frames: PfnArray) -> None:
+                    rounds: int, frames: PfnArray, *, ranges: RangeArray | None = None) -> None:
         """Take (inflateq) or give back (deflateq) ``frames`` as ``rounds`` doorbells of
         ``chains`` would, every frame going through, every buffer returned used with its
         status bytes written (``BulkRounds``; only after ``can_take_rounds``): the bitmap,
-        counters, host memory and both ends of the queue as that many doorbells leave them."""
+        counters, host memory and both ends of the queue as that many doorbells leave them.
+        ``ranges``: ``coalesce(frames)``, if the caller has it (a deflate of the balloon's
+        runs: no pass over every frame to find them again)."""
         n = int(frames.size)
         inflate = self._roles[queue] is BalloonQueue.INFLATEQ
-        runs = coalesce(frames)
+        runs = coalesce(frames) if ranges is None else ranges
         few = len(runs) <= _FEW_RUNS and (inflate or not n or int(runs[0, 0]) >= 0)
         if n and few:
             # the usual rounds: a few runs of frames, checked (and marked) a slice each
@@ -786,6 +788,12 @@ class VirtioBalloonDevice:
     def held_deflates(self) -> int:
         return len(self._held)
 
+    @property
+    def settled(self) -> bool:
+        """No reset pending and no deflate held: nothing the device waits to finish (asked
+        every period of a busy guest, in one call)."""
+        return not self._held and self._reset_ack == self._reset_generation
+
     # ------------------------------------------------------------------ host side
     def _has(self, feature: int) -> bool:
         return has(self.features, feature)
@@ -807,7 +815,8 @@ class VirtioBalloonDevice:
         """The driver's ``actual``, never more than the pages the device holds released: a
         guest that claims a bigger balloon (``0xFFFFFFFF``) must not make the manager think
         the host has that memory back."""
-        return min(self._actual, self._inflated_count)
+        actual, held = self._actual, self._inflated_count
+        return actual if actual < held else held  # (asked every period: no call of ``min``)
 
     @property
     def inflated_pages(self) -> int:

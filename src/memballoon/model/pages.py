@@ -40,6 +40,10 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     first, last = int(p[0]), int(p[-1])
     if k == 1:
         return np.array([[first, first + 1]], dtype=np.int64)
+    if k <= _FEW_PFNS and last - first >= k - 1:
+        runs = _ascending_runs(p.tolist())
+        if runs is not None:
+            return np.array(runs, dtype=np.int64)
     steps = p[1:] - p[:-1]
     # one run (the usual batch): its ends say whether to check its steps
     if last - first == k - 1 and bool((steps == 1).all()):
@@ -47,19 +51,66 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     if first - last == k - 1 and bool((steps == -1).all()):
         # one descending run: a VMware driver's stack, newest first
         return np.array([[last, first + 1]], dtype=np.int64)
-    starts, ends = _run_bounds(p, steps)
-    if bool((steps > 0).all()):
+    cuts = (steps != 1).nonzero()[0]
+    starts, ends = _bounds_at(p, cuts)
+    # every step inside a run is 1: the frames ascend if the steps between runs do (no pass
+    # over every frame again, as ``(steps > 0).all()`` would be)
+    if bool((steps[cuts] > 0).all()):
         return np.stack((starts, ends), axis=1)
     # ascending runs in any order (a balloon's newest rounds, frames from several blocks):
     # sort the runs, not the frames (a repeat is an overlap that the merge folds away)
     return merge_ranges(starts, ends)
 
 
+def ascending_ranges(pfns: PfnArray) -> RangeArray | None:
+    """``coalesce(pfns)`` if ``pfns`` strictly ascend (then its ranges are their runs, in
+    order); None, having done no more than ``coalesce`` would, if they do not.
+
+    >>> ascending_ranges(np.array([3, 4, 5, 9])).tolist(), ascending_ranges(np.array([4, 3]))
+    ([[3, 6], [9, 10]], None)
+    """
+    k = pfns.size
+    if k < 2:
+        return coalesce(pfns)
+    steps = pfns[1:] - pfns[:-1]
+    cuts = (steps != 1).nonzero()[0]
+    if not bool((steps[cuts] > 0).all()):  # every step inside a run is 1
+        return None
+    if cuts.size == 0:
+        return np.array([[int(pfns[0]), int(pfns[-1]) + 1]], dtype=np.int64)
+    return np.stack(_bounds_at(pfns, cuts), axis=1)
+
+
+#: Up to this many PFNs, ``coalesce`` folds ascending ones in Python: cheaper than the numpy
+#: calls (a free page report's blocks, a few dozen at most).
+_FEW_PFNS = 32
+
+
+def _ascending_runs(pfns: list[int]) -> list[list[int]] | None:
+    """The ``[start, end)`` runs of strictly ascending ``pfns``; None if they do not ascend."""
+    runs = [[pfns[0], pfns[0] + 1]]
+    run = runs[0]
+    for p in pfns[1:]:
+        if p == run[1]:
+            run[1] = p + 1
+        elif p > run[1]:
+            run = [p, p + 1]
+            runs.append(run)
+        else:
+            return None
+    return runs
+
+
 def _run_bounds(p: PfnArray, steps: npt.NDArray[np.int64]) -> tuple[PfnArray, PfnArray]:
     """The first frames and ends of ``p``'s runs of consecutive ascending frames."""
-    breaks = (steps != 1).nonzero()[0] + 1
+    return _bounds_at(p, (steps != 1).nonzero()[0])
+
+
+def _bounds_at(p: PfnArray, cuts: npt.NDArray[np.intp]) -> tuple[PfnArray, PfnArray]:
+    """``_run_bounds`` given the steps that are not 1 (a run ends at each)."""
+    breaks = cuts + 1
     starts = p[np.concatenate(([0], breaks))]
-    ends = p[np.concatenate((breaks - 1, [p.size - 1]))] + 1
+    ends = p[np.concatenate((cuts, [p.size - 1]))] + 1
     return starts, ends
 
 
@@ -119,6 +170,16 @@ def run_list_frames(runs: Sequence[tuple[int, int]]) -> npt.NDArray[np.int64]:
         return np.arange(first, first + k, dtype=np.int64)
     starts, lens = np.array(runs, dtype=np.int64).reshape(-1, 2).T
     return expand_runs(starts, lens)
+
+
+def run_list_ranges(runs: Sequence[tuple[int, int]]) -> RangeArray:
+    """``coalesce(run_list_frames(runs))`` from the runs alone: their sorted, merged
+    ``[start, end)`` ranges, at the cost of the runs, not of their frames."""
+    if len(runs) == 1 and runs[0][1] > 0:  # the usual: one run
+        first, k = runs[0]
+        return np.array([[first, first + k]], dtype=np.int64)
+    r = np.array(runs, dtype=np.int64).reshape(-1, 2)
+    return merge_ranges(r[:, 0], r[:, 0] + r[:, 1])
 
 
 def sorted_runs(starts: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]

@@ -121,10 +121,12 @@ class BulkRounds(Protocol):
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
-                    rounds: int, frames: npt.NDArray[np.int64]) -> None:
+                    rounds: int, frames: npt.NDArray[np.int64], *,
+                    ranges: npt.NDArray[np.int64] | None = None) -> None:
         """Take (inflateq) or give back (deflateq) ``frames`` as ``rounds`` doorbells of
         ``chains`` would, each buffer used with its length in ``lengths``: both ends of the
-        queue as those round trips leave them."""
+        queue as those round trips leave them. ``ranges``: ``coalesce(frames)``, if the
+        caller has it."""
         ...
 
     def report_blocks(self, queue: int, head: int, blocks: npt.NDArray[np.int64],
@@ -229,13 +231,15 @@ class DirectTransport:
 
     def take_rounds(self, queue: int, driver: DriverQueue,
                     chains: Sequence[Sequence[tuple[int, int, bool]]], lengths: Sequence[int],
-                    rounds: int, frames: npt.NDArray[np.int64]) -> None:
+                    rounds: int, frames: npt.NDArray[np.int64], *,
+                    ranges: npt.NDArray[np.int64] | None = None) -> None:
         """``rounds`` times: publish ``chains``, ring the doorbell, the device takes or gives
         back its part of ``frames`` and returns every buffer used, one interrupt; in one call
-        (only after ``can_take_rounds``)."""
+        (only after ``can_take_rounds``; ``ranges``: ``coalesce(frames)``, if known)."""
         dev = self.device
         assert _takes_rounds(dev)
-        cast(BulkRounds, dev).take_rounds(queue, driver, chains, lengths, rounds, frames)
+        cast(BulkRounds, dev).take_rounds(queue, driver, chains, lengths, rounds, frames,
+                                          ranges=ranges)
         self.notifies += rounds
         self.used_interrupts += rounds  # one used interrupt a round (used_buffers, inlined)
         if self._on_used_many is not None:
@@ -270,6 +274,12 @@ class DirectTransport:
     @property
     def pending_kicks(self) -> tuple[int, ...]:
         return tuple(self._kicks)
+
+    @property
+    def idle(self) -> bool:
+        """Not deferred and no kick queued: a doorbell reaches the device at once (asked
+        every period of a busy guest: no tuple of the kicks)."""
+        return not self.deferred and not self._kicks
 
     def run_device(self) -> int:
         """Deliver queued kicks to the device; returns how many queues it ran."""
