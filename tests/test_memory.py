@@ -680,6 +680,7 @@ def _bottom_filled(blocks: int, used: int, report: str) -> GuestMemory:
         m.return_isolated(m.isolate_reportable(16, 0), True)
         if report == "all_but_one":
             m.reported[14] = False
+            m._reportable = m._count_reportable()  # (the count kept where the model writes)
     return m
 
 
@@ -841,3 +842,73 @@ def test_a_squeezed_cache_recycles_its_coldest_pages_as_runs(
     assert m.events.direct_reclaim > evicted
     monkeypatch.undo()
     assert m.check_invariants() == []
+
+
+# ------------------------------------------------------------------ reportable blocks, counted
+def _runs_of(pfns: PfnArray) -> list[tuple[int, int]]:
+    """``pfns`` as ``(first, length)`` runs of consecutive frames, in their order."""
+    runs: list[tuple[int, int]] = []
+    for f in pfns.tolist():
+        if runs and runs[-1][0] + runs[-1][1] == f:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((f, 1))
+    return runs
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["step", "nosleep", "sleep", "huge", "free", "free_runs",
+                             "free_blocks", "report", "nosleep_each", "sleep_each"]),
+            st.integers(0, 9000), st.integers(0, 60), st.floats(0, 1)),
+        max_size=30,
+    ),
+    st.sampled_from([0, mib_to_pages(16)]),
+    st.sampled_from([1, BLOCK_PAGES]),
+)
+def test_the_count_of_reportable_blocks_answers_as_the_pass_over_them(
+        script: list[tuple[str, int, int, float]], swap: int, host: int) -> None:
+    # has_reportable answers from a count of the wholly free, not reported blocks kept where
+    # the blocks change (asked every period of a busy virtio guest): after any sequence of
+    # takes, gives, workload steps and reports, it is what a pass over the blocks answers
+    m = GuestMemory(G64, swap_pages=swap, store=NullRam(G64), host_page_frames=host)
+    held = np.empty(0, dtype=np.int64)
+    heads = np.empty(0, dtype=np.int64)  # alloc_huge's blocks, held whole
+    now = 0.0
+    for op, a, b, f in script:
+        keep = lambda frames, a=a: min(a % 700, int(frames.size))  # noqa: E731
+        if op == "step":
+            now += 1.0
+            m.step(now, 1.0, demand(mib_to_pages(a % 70), mib_to_pages(b % 30), hot=f,
+                                    cold=f / 2))
+        elif op == "nosleep":
+            held = np.concatenate((held, m.alloc_nosleep(a)))
+        elif op == "sleep":
+            held = np.concatenate((held, m.alloc_sleep(a)))
+        elif op == "huge":
+            heads = np.concatenate((heads, m.alloc_huge(a % 20)))
+        elif op == "free":
+            m.free_balloon(held[:a])
+            held = held[a:]
+        elif op == "free_runs":
+            m.free_balloon_runs(_runs_of(held[-a:] if a else held[:0]))
+            held = held[: held.size - min(a, held.size)] if a else held
+        elif op == "free_blocks":
+            m.free_balloon_blocks(heads[: b % 8])
+            heads = heads[b % 8 :]
+        elif op == "report":
+            blocks = m.isolate_reportable(b % 9, keep_free=a % 3 * m.watermarks.low)
+            m.return_isolated(blocks, reported=f < 0.7)
+        elif op in ("nosleep_each", "sleep_each") and host == 1:
+            if op == "nosleep_each":
+                got = m.alloc_nosleep_each(a, keep)
+            else:
+                got, taken, _ = m.alloc_sleep_each(a, keep)
+                if taken >= 0:
+                    got = np.concatenate((got, [taken]))
+            held = np.concatenate((held, got))
+        for keep_free in (0, m.watermarks.low, m.free_pages - BLOCK_PAGES, m.free_pages):
+            assert m.has_reportable(keep_free) == m.has_reportable_scan(keep_free)
+        assert m.check_invariants() == []
