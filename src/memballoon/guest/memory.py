@@ -1143,20 +1143,27 @@ class GuestMemory:
         Returns the frames (already ``ANON``) and whether the guest is out of memory.
         """
         pfns = self._alloc(n, self.watermarks.min, PageState.ANON, reclaim=True, tally=tally)
+        got = int(pfns.size)
+        if got >= n:
+            return pfns, False
+        # deflate-on-OOM frees a few hundred frames a call: a large growth goes round many
+        # times, so the parts are joined once at the end (not the frames so far each round)
+        parts = [pfns]
         oom = False
-        while pfns.size < n:
+        while got < n:
             freed = 0
             for fn in self._oom_notifiers:
                 freed += fn()
             tally.oom_deflated += freed
             if freed > 0:
-                more = self._alloc(n - int(pfns.size), self.watermarks.min, PageState.ANON,
+                more = self._alloc(n - got, self.watermarks.min, PageState.ANON,
                                    reclaim=True, tally=tally)
-                pfns = np.concatenate((pfns, more))
+                parts.append(more)
+                got += int(more.size)
                 continue
             oom = True
             break
-        return pfns, oom
+        return np.concatenate(parts), oom
 
     def _oom_kill(self) -> None:
         """Kill the workload: its anonymous memory (resident and swapped) goes away."""
