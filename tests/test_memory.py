@@ -770,6 +770,28 @@ def test_free_frames_of_groups_of_blocks_are_those_of_their_rows(
     assert m._free_frames_in(b).tolist() == m._free_frames_in_rows(b).tolist()
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 3)), max_size=12),
+       st.integers(0, 3), st.integers(1, 511), st.integers(1, 13), st.integers(1, 512))
+def test_a_bulk_take_made_as_one_range_is_its_parts_joined(
+        script: list[tuple[int, int]], report: int, odd: int, k: int, m: int) -> None:
+    # _take_blocks_free makes the output at its final size when the wholly free blocks are
+    # consecutive: the frames, state and counts of the parts joined (the reference), for the
+    # first k blocks in the search's order (partly used ones, reported ones after, the
+    # partial last block), m frames of the last
+    one, ref = _odd_guest(script, report, odd), _odd_guest(script, report, odd)
+    cand = (one._bfree > 0).nonzero()[0]
+    rep = one.reported[cand]
+    blocks = np.concatenate((cand[~rep], cand[rep]))[:k]
+    if blocks.size == 0:
+        return
+    m = min(m, int(one._bfree[blocks[-1]]))
+    got = one._take_blocks_free(blocks, m, int(PageState.BALLOON))
+    want = ref._take_blocks_free_parts(blocks, m, int(PageState.BALLOON))
+    assert got.dtype == want.dtype and got.tolist() == want.tolist()
+    assert state_diff(state_of(one), state_of(ref)) == []
+
+
 # ------------------------------------------------------------------ a squeezed page cache
 def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, Demand]:
     """An aged guest over a ``NullRam`` whose workload wants more file data than fits: after
