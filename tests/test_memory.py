@@ -792,6 +792,46 @@ def test_a_bulk_take_made_as_one_range_is_its_parts_joined(
     assert state_diff(state_of(one), state_of(ref)) == []
 
 
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, 2**20), st.booleans(), st.lists(st.tuples(
+    st.sampled_from(["state", "nostate", "twice", "other", "outside", "bfree", "count",
+                     "isolated"]),
+    st.integers(0, 2**31)), max_size=3))
+def test_invariants_checked_by_runs_are_those_of_the_scan(
+        seed: int, odd: bool, breaks: list[tuple[str, int]]) -> None:
+    # check_invariants (a count per state, page lists by their runs, block sums eight bytes
+    # at a time) says what check_invariants_scan (the reference) says, of a consistent guest
+    # (an aged one, or one with a partial last block) and of one broken in a few ways
+    m = _odd_guest([(700, 2), (900, 0), (300, 3)], 1, 1 + seed % 511) if odd else _aged(seed)
+    for how, r in breaks:
+        tp = m.total_pages
+        if how == "state":
+            m.state[r % tp] = r % 6  # any state
+        elif how == "nostate":
+            m.state[r % tp] = 6 + r % 250  # a byte that is no state
+        elif how == "twice" and len(m.cache):
+            m.cache.push_back(m.cache.to_array()[r % len(m.cache) :][:3])
+        elif how == "other":
+            m.anon.push_run(r % tp, 1 + r % 40)  # frames of any state, maybe listed already
+        elif how == "outside":
+            m.cache.push_run(tp - r % 5, 1 + r % 9)  # running past the guest's end
+        elif how == "bfree":
+            m._bfree[r % m._bfree.size] -= 1
+        elif how == "count":
+            m._reportable += 1
+        else:
+            m._isolated += 1
+    try:
+        want = m.check_invariants_scan()
+    except IndexError:  # a frame past the end, as the scan indexes the state with it
+        with pytest.raises(IndexError):
+            m.check_invariants()
+        return
+    assert m.check_invariants() == want
+    if not breaks:
+        assert want == []
+
+
 # ------------------------------------------------------------------ a squeezed page cache
 def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, Demand]:
     """An aged guest over a ``NullRam`` whose workload wants more file data than fits: after
