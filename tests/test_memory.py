@@ -832,6 +832,36 @@ def test_invariants_checked_by_runs_are_those_of_the_scan(
         assert want == []
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**20), st.lists(st.tuples(st.integers(1, 40), st.booleans(),
+                                                  st.integers(0, 2**31)), max_size=6))
+def test_reporting_by_slices_is_reporting_by_index(
+        seed: int, rounds: list[tuple[int, bool, int]]) -> None:
+    # isolate_reportable and return_isolated write consecutive blocks as slices: the blocks
+    # the scan finds, isolated, and returned as the index of each (the reference) returns
+    # them, in whole or in part, in any order
+    m, ref = _aged(seed), _aged(seed)
+    for k, reported, r in rounds:
+        cand = ((m._bfree == BLOCK_PAGES) & ~m.reported).nonzero()[0]
+        room = (m.free_pages - m.watermarks.low) // BLOCK_PAGES
+        want = cand[: max(0, min(k, room))]
+        got = m.isolate_reportable(k, m.watermarks.low)
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+        assert ref.isolate_reportable(k, ref.watermarks.low).tolist() == want.tolist()
+        part = got[r % 3 :] if r % 2 else got[::-1]  # some, reversed: the general path
+        m.return_isolated(part, reported)
+        ref._return_isolated_each(part.copy(), reported)
+        assert state_diff(state_of(m), state_of(ref)) == []
+        assert m.check_invariants_scan() == []
+    # a block not isolated, alone or next to an isolated one: refused, nothing changed
+    blocks = m.isolate_reportable(1, 0)
+    for bad in ([0], [int(b) for b in blocks] + [int(blocks[0]) + 1] if blocks.size else [1, 2]):
+        before = state_of(m)
+        with pytest.raises(UsageError, match="not isolated"):
+            m.return_isolated(np.array(bad, dtype=np.int64), True)
+        assert state_diff(state_of(m), before) == []
+
+
 # ------------------------------------------------------------------ a squeezed page cache
 def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, Demand]:
     """An aged guest over a ``NullRam`` whose workload wants more file data than fits: after
