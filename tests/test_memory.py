@@ -680,6 +680,7 @@ def _bottom_filled(blocks: int, used: int, report: str) -> GuestMemory:
         m.return_isolated(m.isolate_reportable(16, 0), True)
         if report == "all_but_one":
             m.reported[14] = False
+            m._reportable = m._count_reportable()  # (the count kept where the model writes)
     return m
 
 
@@ -769,6 +770,98 @@ def test_free_frames_of_groups_of_blocks_are_those_of_their_rows(
     assert m._free_frames_in(b).tolist() == m._free_frames_in_rows(b).tolist()
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(0, 3)), max_size=12),
+       st.integers(0, 3), st.integers(1, 511), st.integers(1, 13), st.integers(1, 512))
+def test_a_bulk_take_made_as_one_range_is_its_parts_joined(
+        script: list[tuple[int, int]], report: int, odd: int, k: int, m: int) -> None:
+    # _take_blocks_free makes the output at its final size when the wholly free blocks are
+    # consecutive: the frames, state and counts of the parts joined (the reference), for the
+    # first k blocks in the search's order (partly used ones, reported ones after, the
+    # partial last block), m frames of the last
+    one, ref = _odd_guest(script, report, odd), _odd_guest(script, report, odd)
+    cand = (one._bfree > 0).nonzero()[0]
+    rep = one.reported[cand]
+    blocks = np.concatenate((cand[~rep], cand[rep]))[:k]
+    if blocks.size == 0:
+        return
+    m = min(m, int(one._bfree[blocks[-1]]))
+    got = one._take_blocks_free(blocks, m, int(PageState.BALLOON))
+    want = ref._take_blocks_free_parts(blocks, m, int(PageState.BALLOON))
+    assert got.dtype == want.dtype and got.tolist() == want.tolist()
+    assert state_diff(state_of(one), state_of(ref)) == []
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, 2**20), st.booleans(), st.lists(st.tuples(
+    st.sampled_from(["state", "nostate", "twice", "other", "outside", "bfree", "count",
+                     "isolated"]),
+    st.integers(0, 2**31)), max_size=3))
+def test_invariants_checked_by_runs_are_those_of_the_scan(
+        seed: int, odd: bool, breaks: list[tuple[str, int]]) -> None:
+    # check_invariants (a count per state, page lists by their runs, block sums eight bytes
+    # at a time) says what check_invariants_scan (the reference) says, of a consistent guest
+    # (an aged one, or one with a partial last block) and of one broken in a few ways
+    m = _odd_guest([(700, 2), (900, 0), (300, 3)], 1, 1 + seed % 511) if odd else _aged(seed)
+    for how, r in breaks:
+        tp = m.total_pages
+        if how == "state":
+            m.state[r % tp] = r % 6  # any state
+        elif how == "nostate":
+            m.state[r % tp] = 6 + r % 250  # a byte that is no state
+        elif how == "twice" and len(m.cache):
+            m.cache.push_back(m.cache.to_array()[r % len(m.cache) :][:3])
+        elif how == "other":
+            m.anon.push_run(r % tp, 1 + r % 40)  # frames of any state, maybe listed already
+        elif how == "outside":
+            m.cache.push_run(tp - r % 5, 1 + r % 9)  # running past the guest's end
+        elif how == "bfree":
+            m._bfree[r % m._bfree.size] -= 1
+        elif how == "count":
+            m._reportable += 1
+        else:
+            m._isolated += 1
+    try:
+        want = m.check_invariants_scan()
+    except IndexError:  # a frame past the end, as the scan indexes the state with it
+        with pytest.raises(IndexError):
+            m.check_invariants()
+        return
+    assert m.check_invariants() == want
+    if not breaks:
+        assert want == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**20), st.lists(st.tuples(st.integers(1, 40), st.booleans(),
+                                                  st.integers(0, 2**31)), max_size=6))
+def test_reporting_by_slices_is_reporting_by_index(
+        seed: int, rounds: list[tuple[int, bool, int]]) -> None:
+    # isolate_reportable and return_isolated write consecutive blocks as slices: the blocks
+    # the scan finds, isolated, and returned as the index of each (the reference) returns
+    # them, in whole or in part, in any order
+    m, ref = _aged(seed), _aged(seed)
+    for k, reported, r in rounds:
+        cand = ((m._bfree == BLOCK_PAGES) & ~m.reported).nonzero()[0]
+        room = (m.free_pages - m.watermarks.low) // BLOCK_PAGES
+        want = cand[: max(0, min(k, room))]
+        got = m.isolate_reportable(k, m.watermarks.low)
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+        assert ref.isolate_reportable(k, ref.watermarks.low).tolist() == want.tolist()
+        part = got[r % 3 :] if r % 2 else got[::-1]  # some, reversed: the general path
+        m.return_isolated(part, reported)
+        ref._return_isolated_each(part.copy(), reported)
+        assert state_diff(state_of(m), state_of(ref)) == []
+        assert m.check_invariants_scan() == []
+    # a block not isolated, alone or next to an isolated one: refused, nothing changed
+    blocks = m.isolate_reportable(1, 0)
+    for bad in ([0], [int(b) for b in blocks] + [int(blocks[0]) + 1] if blocks.size else [1, 2]):
+        before = state_of(m)
+        with pytest.raises(UsageError, match="not isolated"):
+            m.return_isolated(np.array(bad, dtype=np.int64), True)
+        assert state_diff(state_of(m), before) == []
+
+
 # ------------------------------------------------------------------ a squeezed page cache
 def _squeezed(seed: int, file_frac: float, cold: float) -> tuple[GuestMemory, Demand]:
     """An aged guest over a ``NullRam`` whose workload wants more file data than fits: after
@@ -841,3 +934,73 @@ def test_a_squeezed_cache_recycles_its_coldest_pages_as_runs(
     assert m.events.direct_reclaim > evicted
     monkeypatch.undo()
     assert m.check_invariants() == []
+
+
+# ------------------------------------------------------------------ reportable blocks, counted
+def _runs_of(pfns: PfnArray) -> list[tuple[int, int]]:
+    """``pfns`` as ``(first, length)`` runs of consecutive frames, in their order."""
+    runs: list[tuple[int, int]] = []
+    for f in pfns.tolist():
+        if runs and runs[-1][0] + runs[-1][1] == f:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((f, 1))
+    return runs
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["step", "nosleep", "sleep", "huge", "free", "free_runs",
+                             "free_blocks", "report", "nosleep_each", "sleep_each"]),
+            st.integers(0, 9000), st.integers(0, 60), st.floats(0, 1)),
+        max_size=30,
+    ),
+    st.sampled_from([0, mib_to_pages(16)]),
+    st.sampled_from([1, BLOCK_PAGES]),
+)
+def test_the_count_of_reportable_blocks_answers_as_the_pass_over_them(
+        script: list[tuple[str, int, int, float]], swap: int, host: int) -> None:
+    # has_reportable answers from a count of the wholly free, not reported blocks kept where
+    # the blocks change (asked every period of a busy virtio guest): after any sequence of
+    # takes, gives, workload steps and reports, it is what a pass over the blocks answers
+    m = GuestMemory(G64, swap_pages=swap, store=NullRam(G64), host_page_frames=host)
+    held = np.empty(0, dtype=np.int64)
+    heads = np.empty(0, dtype=np.int64)  # alloc_huge's blocks, held whole
+    now = 0.0
+    for op, a, b, f in script:
+        keep = lambda frames, a=a: min(a % 700, int(frames.size))  # noqa: E731
+        if op == "step":
+            now += 1.0
+            m.step(now, 1.0, demand(mib_to_pages(a % 70), mib_to_pages(b % 30), hot=f,
+                                    cold=f / 2))
+        elif op == "nosleep":
+            held = np.concatenate((held, m.alloc_nosleep(a)))
+        elif op == "sleep":
+            held = np.concatenate((held, m.alloc_sleep(a)))
+        elif op == "huge":
+            heads = np.concatenate((heads, m.alloc_huge(a % 20)))
+        elif op == "free":
+            m.free_balloon(held[:a])
+            held = held[a:]
+        elif op == "free_runs":
+            m.free_balloon_runs(_runs_of(held[-a:] if a else held[:0]))
+            held = held[: held.size - min(a, held.size)] if a else held
+        elif op == "free_blocks":
+            m.free_balloon_blocks(heads[: b % 8])
+            heads = heads[b % 8 :]
+        elif op == "report":
+            blocks = m.isolate_reportable(b % 9, keep_free=a % 3 * m.watermarks.low)
+            m.return_isolated(blocks, reported=f < 0.7)
+        elif op in ("nosleep_each", "sleep_each") and host == 1:
+            if op == "nosleep_each":
+                got = m.alloc_nosleep_each(a, keep)
+            else:
+                got, taken, _ = m.alloc_sleep_each(a, keep)
+                if taken >= 0:
+                    got = np.concatenate((got, [taken]))
+            held = np.concatenate((held, got))
+        for keep_free in (0, m.watermarks.low, m.free_pages - BLOCK_PAGES, m.free_pages):
+            assert m.has_reportable(keep_free) == m.has_reportable_scan(keep_free)
+        assert m.check_invariants() == []
