@@ -174,14 +174,15 @@ def collector_for_run() -> Iterator[None]:
     objects, stopped a manager step for tens of ms), back in when the run ends; a caller that
     froze objects itself is left as it is (``unfreeze`` takes all or nothing). A step makes
     thousands of short-lived objects (reports, samples, rows), none in a cycle: the young
-    generation is collected every ``RUN_GC_THRESHOLD`` allocations, not Python's 700 (which
-    collected every few hundred guests and handed the live ones on to the older generations
-    to scan again: 3% of the fleet's CPU). The thresholds are put back after."""
+    generation is collected every ``RUN_GC_THRESHOLD`` allocations (or as the caller set it,
+    if rarer), not Python's 700 (which collected every few hundred guests and handed the live
+    ones on to the older generations to scan again: 3% of the fleet's CPU). The thresholds are
+    put back after."""
     freeze = gc.get_freeze_count() == 0
     old = gc.get_threshold()
     if freeze:
         gc.freeze()
-    gc.set_threshold(RUN_GC_THRESHOLD, *old[1:])
+    gc.set_threshold(max(RUN_GC_THRESHOLD, old[0]), *old[1:])  # (never more often)
     try:
         yield
     finally:
