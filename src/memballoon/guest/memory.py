@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -1428,20 +1428,9 @@ class GuestMemory:
         a comparison per state, not ``bincount`` (which widens every byte to 8), the page
         lists checked by their runs, the free counts per block summed eight bytes at a time.
         ``check_invariants_scan`` is the reference (a property test holds the two equal)."""
-        errs: list[str] = []
         state = self.state
         counts = [int(np.count_nonzero(state == v)) for v in range(len(PageState))]
-        want = {
-            PageState.FREE: self._free,
-            PageState.ANON: len(self.anon),
-            PageState.CACHE: len(self.cache),
-            PageState.BALLOON: self._balloon,
-            PageState.RESERVED: self.reserved_pages,
-            PageState.ISOLATED: self._isolated,
-        }
-        for st, n in want.items():
-            if counts[st] != n:
-                errs.append(f"{st.name}: {counts[st]} frames in that state, {n} accounted")
+        errs = self._count_errs(counts)
         if sum(counts) != self.total_pages:  # a byte that is no state
             errs.append("page states do not partition the guest's frames")
         for name, dq, st in (("anon", self.anon, PageState.ANON),
@@ -1457,13 +1446,7 @@ class GuestMemory:
             axis=1, dtype=np.int64)
         if whole < per_block.size:  # the guest's partial last block
             per_block[whole] = int(np.count_nonzero(free[whole * BLOCK_PAGES :]))
-        if not np.array_equal(per_block, self._bfree):
-            errs.append("per-block free counts disagree with page states")
-        if self._reportable != self._count_reportable():
-            errs.append(f"{self._reportable} blocks counted wholly free and not reported, "
-                        f"{self._count_reportable()} are")
-        if not 0 <= self.swapped <= self.swap_total_pages:
-            errs.append(f"swapped {self.swapped} outside [0, {self.swap_total_pages}]")
+        errs.extend(self._block_errs(per_block))
         return errs
 
     def _list_errs(self, name: str, dq: PfnDeque, st: PageState) -> list[str]:
@@ -1479,12 +1462,7 @@ class GuestMemory:
         if starts.size and (int(lens.min()) <= 0 or int(starts[0]) < 0
                             or int(ends.max()) > self.total_pages
                             or bool((starts[1:] < ends[:-1]).any())):
-            arr = dq.sorted_array()  # sorted by its runs: a frame twice is two neighbours
-            if bool((arr[1:] == arr[:-1]).any()):
-                errs.append(f"{name} list holds a frame twice")
-            if arr.size and not bool((self.state[arr] == st).all()):
-                errs.append(f"{name} list holds a frame in another state")
-            return errs
+            return self._list_errs_scan(name, dq, st)
         if starts.size:
             ok = np.empty(self.total_pages + 1, dtype=np.bool_)  # one past: a run's end
             np.equal(self.state, int(st), out=ok[:-1])
@@ -1496,11 +1474,8 @@ class GuestMemory:
                 errs.append(f"{name} list holds a frame in another state")
         return errs
 
-    def check_invariants_scan(self) -> list[str]:
-        """``check_invariants`` by a count per state, every listed frame and a sum per block
-        row (the reference of its passes)."""
-        errs: list[str] = []
-        counts = np.bincount(self.state, minlength=len(PageState))
+    def _count_errs(self, counts: Sequence[int] | npt.NDArray[np.int64]) -> list[str]:
+        """The invariants' sentences on ``counts``, the frames in each state."""
         want = {
             PageState.FREE: self._free,
             PageState.ANON: len(self.anon),
@@ -1509,25 +1484,23 @@ class GuestMemory:
             PageState.RESERVED: self.reserved_pages,
             PageState.ISOLATED: self._isolated,
         }
-        for st, n in want.items():
-            if counts[st] != n:
-                errs.append(f"{st.name}: {counts[st]} frames in that state, {n} accounted")
-        if counts.sum() != self.total_pages or counts.size > len(PageState):
-            errs.append("page states do not partition the guest's frames")
-        for name, dq, st in (("anon", self.anon, PageState.ANON),
-                             ("cache", self.cache, PageState.CACHE)):
-            arr = dq.sorted_array()  # sorted by its runs: a frame twice is two neighbours
-            if bool((arr[1:] == arr[:-1]).any()):
-                errs.append(f"{name} list holds a frame twice")
-            if arr.size and not bool((self.state[arr] == st).all()):
-                errs.append(f"{name} list holds a frame in another state")
-        free = self.state == _FREE
-        whole = len(self._state_rows)
-        per_block = np.empty(self._bfree.size, dtype=np.int64)  # rows of bools, summed
-        per_block[:whole] = free[: whole * BLOCK_PAGES].reshape(whole, BLOCK_PAGES).sum(
-            axis=1, dtype=np.int64)
-        if whole < per_block.size:  # the guest's partial last block
-            per_block[whole] = int(np.count_nonzero(free[whole * BLOCK_PAGES :]))
+        return [f"{st.name}: {counts[st]} frames in that state, {n} accounted"
+                for st, n in want.items() if counts[st] != n]
+
+    def _list_errs_scan(self, name: str, dq: PfnDeque, st: PageState) -> list[str]:
+        """``_list_errs`` frame by frame."""
+        errs: list[str] = []
+        arr = dq.sorted_array()  # sorted by its runs: a frame twice is two neighbours
+        if bool((arr[1:] == arr[:-1]).any()):
+            errs.append(f"{name} list holds a frame twice")
+        if arr.size and not bool((self.state[arr] == st).all()):
+            errs.append(f"{name} list holds a frame in another state")
+        return errs
+
+    def _block_errs(self, per_block: npt.NDArray[np.int64]) -> list[str]:
+        """The invariants' sentences on the blocks (``per_block``: the free frames of each,
+        counted from the page states) and the swap."""
+        errs: list[str] = []
         if not np.array_equal(per_block, self._bfree):
             errs.append("per-block free counts disagree with page states")
         if self._reportable != self._count_reportable():
@@ -1535,4 +1508,24 @@ class GuestMemory:
                         f"{self._count_reportable()} are")
         if not 0 <= self.swapped <= self.swap_total_pages:
             errs.append(f"swapped {self.swapped} outside [0, {self.swap_total_pages}]")
+        return errs
+
+    def check_invariants_scan(self) -> list[str]:
+        """``check_invariants`` by a count per state, every listed frame and a sum per block
+        row (the reference of its passes)."""
+        counts = np.bincount(self.state, minlength=len(PageState))
+        errs = self._count_errs(counts)
+        if counts.sum() != self.total_pages or counts.size > len(PageState):
+            errs.append("page states do not partition the guest's frames")
+        for name, dq, st in (("anon", self.anon, PageState.ANON),
+                             ("cache", self.cache, PageState.CACHE)):
+            errs.extend(self._list_errs_scan(name, dq, st))
+        free = self.state == _FREE
+        whole = len(self._state_rows)
+        per_block = np.empty(self._bfree.size, dtype=np.int64)  # rows of bools, summed
+        per_block[:whole] = free[: whole * BLOCK_PAGES].reshape(whole, BLOCK_PAGES).sum(
+            axis=1, dtype=np.int64)
+        if whole < per_block.size:  # the guest's partial last block
+            per_block[whole] = int(np.count_nonzero(free[whole * BLOCK_PAGES :]))
+        errs.extend(self._block_errs(per_block))
         return errs
