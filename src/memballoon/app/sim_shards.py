@@ -600,13 +600,10 @@ class ShardedBackend:
             name = names[i]
             sampled[i] = True
             if not renew[i]:  # only the report is new (or nothing: a target set here)
-                b, r = out[name], reports[i]
-                out[name] = guest_sample(
-                    name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings, r,
-                    times[i], b.alive, resident[i],
-                ) if r is None else GuestSample(  # (``guest_sample``, written out)
-                    name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings, r,
-                    times[i], b.alive, resident[i], r.active_sampled, r.active_touched)
+                b = out[name]
+                out[name] = guest_sample(name, b.ram_pages, b.balloon_pages, b.target_pages,
+                                         b.settings, reports[i], times[i], b.alive,
+                                         resident[i])
                 continue
             renew[i] = False
             row, alive = rows[i], alives[i]

@@ -531,12 +531,9 @@ class SimBackend:
         for g in self._stale:
             b = g.base
             if b is not None and g.unchanged:  # only the report is new: the figures stand
-                r = g.report
-                assert r is not None
-                s = g.sample = GuestSample(
-                    b.name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings, r,
-                    g.report_time, b.alive, b.resident_bytes, r.active_sampled,
-                    r.active_touched)
+                s = g.sample = guest_sample(
+                    b.name, b.ram_pages, b.balloon_pages, b.target_pages, b.settings,
+                    g.report, g.report_time, b.alive, g.resident)
                 out[g.name] = s
                 continue
             p = g.pair
