@@ -51,11 +51,8 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
     if first - last == k - 1 and bool((steps == -1).all()):
         # one descending run: a VMware driver's stack, newest first
         return np.array([[last, first + 1]], dtype=np.int64)
-    cuts = (steps != 1).nonzero()[0]
-    starts, ends = _bounds_at(p, cuts)
-    # every step inside a run is 1: the frames ascend if the steps between runs do (no pass
-    # over every frame again, as ``(steps > 0).all()`` would be)
-    if bool((steps[cuts] > 0).all()):
+    starts, ends, ascending = _runs_and_order(p, steps)
+    if ascending:
         return np.stack((starts, ends), axis=1)
     # ascending runs in any order (a balloon's newest rounds, frames from several blocks):
     # sort the runs, not the frames (a repeat is an overlap that the merge folds away)
@@ -64,21 +61,16 @@ def coalesce(pfns: npt.ArrayLike) -> RangeArray:
 
 def ascending_ranges(pfns: PfnArray) -> RangeArray | None:
     """``coalesce(pfns)`` if ``pfns`` strictly ascend (then its ranges are their runs, in
-    order); None, having done no more than ``coalesce`` would, if they do not.
+    order); None, having done no more than ``coalesce`` would, if they do not (its runs
+    found, not merged).
 
     >>> ascending_ranges(np.array([3, 4, 5, 9])).tolist(), ascending_ranges(np.array([4, 3]))
     ([[3, 6], [9, 10]], None)
     """
-    k = pfns.size
-    if k < 2:
+    if pfns.size < 2:
         return coalesce(pfns)
-    steps = pfns[1:] - pfns[:-1]
-    cuts = (steps != 1).nonzero()[0]
-    if not bool((steps[cuts] > 0).all()):  # every step inside a run is 1
-        return None
-    if cuts.size == 0:
-        return np.array([[int(pfns[0]), int(pfns[-1]) + 1]], dtype=np.int64)
-    return np.stack(_bounds_at(pfns, cuts), axis=1)
+    starts, ends, ascending = _runs_and_order(pfns, pfns[1:] - pfns[:-1])
+    return np.stack((starts, ends), axis=1) if ascending else None
 
 
 #: Up to this many PFNs, ``coalesce`` folds ascending ones in Python: cheaper than the numpy
@@ -99,6 +91,16 @@ def _ascending_runs(pfns: list[int]) -> list[list[int]] | None:
         else:
             return None
     return runs
+
+
+def _runs_and_order(p: PfnArray, steps: npt.NDArray[np.int64]
+                    ) -> tuple[PfnArray, PfnArray, bool]:
+    """``_run_bounds`` of ``p``, and whether ``p`` strictly ascends: every step inside a run
+    is 1, so the frames ascend if the steps between runs do (no pass over every frame again,
+    as ``(steps > 0).all()`` would be)."""
+    cuts = (steps != 1).nonzero()[0]
+    starts, ends = _bounds_at(p, cuts)
+    return starts, ends, bool((steps[cuts] > 0).all())
 
 
 def _run_bounds(p: PfnArray, steps: npt.NDArray[np.int64]) -> tuple[PfnArray, PfnArray]:
